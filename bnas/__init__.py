@@ -1,0 +1,29 @@
+"""bnas: neural architecture search over binary neural networks.
+
+The data flows one way: genotype YAML -> ``Genotype`` -> networkx cell DAGs -> ``nn.Module``
+-> trainer -> metrics and reports.
+"""
+from .binarize import BinarizeConfig, BinaryConv2d, BinaryLinear
+from .builder import build
+from .errors import BnasError, GenotypeError
+from .genotype import Genotype, load_genotype
+from .metrics import summarize
+from .registry import get_primitive, list_primitives, register_primitive
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BinarizeConfig",
+    "BinaryConv2d",
+    "BinaryLinear",
+    "BnasError",
+    "Genotype",
+    "GenotypeError",
+    "build",
+    "get_primitive",
+    "list_primitives",
+    "load_genotype",
+    "register_primitive",
+    "summarize",
+    "__version__",
+]

@@ -1,0 +1,183 @@
+"""Genotype -> networkx cell DAGs -> ``torch.nn.Module``.
+
+The network is ``stem -> body -> head``. Every body entry is a *unit* that sees the outputs
+of the two previous units (DARTS's cells k-2 and k-1); a plain op is a one-node cell that
+reads only k-1. Shapes are tracked by running each new unit once on a zero tensor, so channel
+and shape mismatches surface at build time with the YAML path of the culprit.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .binarize import set_binarization
+from .errors import GenotypeError
+from .genotype import CellSpec, Genotype, LayerSpec, cell_graph, load_genotype
+from .registry import build_op
+
+__all__ = ["build", "BinaryNetwork", "Cell", "OpUnit"]
+
+Shape = tuple[int, ...]
+
+
+def _make_op(name: str, c_in: int, c_out: int, stride: int, options: Mapping[str, Any], path: str) -> nn.Module:
+    try:
+        return build_op(name, c_in, c_out, stride, **dict(options))
+    except GenotypeError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise GenotypeError(f"cannot build {name} ({c_in} -> {c_out} channels, stride {stride}): {exc}", path) from None
+
+
+def _probe(module: nn.Module, shapes: Sequence[Shape], path: str, what: str) -> Shape:
+    """Run ``module`` once on zeros (eval mode, batch 2) and return the per-sample output shape."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(*(torch.zeros(2, *s) for s in shapes))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        got = " and ".join(str(list(s)) for s in shapes)
+        raise GenotypeError(f"{what} cannot take input of shape {got}: {first}", path) from None
+    finally:
+        module.train(was_training)
+    return tuple(out.shape[1:])
+
+
+class OpUnit(nn.Module):
+    """A plain op in the body: reads only the previous unit's output."""
+
+    def __init__(self, op: nn.Module):
+        super().__init__()
+        self.op = op
+
+    def forward(self, s0: Tensor, s1: Tensor) -> Tensor:
+        return self.op(s1)
+
+
+class Cell(nn.Module):
+    """A cell DAG: inputs aligned to the cell width, each node the sum of its edges."""
+
+    def __init__(self, spec: CellSpec, shape0: Shape, shape1: Shape, channels: int, stride: int, path: str):
+        super().__init__()
+        self.spec = spec
+        self.graph = cell_graph(spec)
+        self.order = list(spec.nodes)
+        # Align inputs to (channels, resolution of in1), as DARTS's preprocessing does.
+        self.pre0 = self._align(shape0, shape1, channels, f"{path} (aligning in0)") if spec.inputs == 2 else None
+        self.pre1 = self._align(shape1, shape1, channels, f"{path} (aligning in1)")
+        self.edges = nn.ModuleDict()
+        for node, edges in spec.nodes.items():
+            for i, edge in enumerate(edges):
+                edge_stride = stride if edge.source in ("in0", "in1") else 1
+                cell_path = f"cells.{spec.name}.nodes.{node}[{i}]"
+                self.edges[f"{node}_{i}"] = _make_op(edge.op, channels, channels, edge_stride, edge.options, cell_path)
+
+    @staticmethod
+    def _align(shape: Shape, target: Shape, channels: int, path: str) -> nn.Module:
+        if len(shape) != 3:
+            raise GenotypeError(f"a cell needs a feature map (C, H, W) as input, got shape {list(shape)}", path)
+        if shape[1] > target[1]:  # still at twice the resolution: halve it on the way
+            return _make_op("factorized_reduce", shape[0], channels, 2, {}, path)
+        if shape[0] != channels:
+            return _make_op("conv_downsample", shape[0], channels, 1, {}, path)
+        return nn.Identity()
+
+    def forward(self, s0: Tensor, s1: Tensor) -> Tensor:
+        states = {"in1": self.pre1(s1)}
+        if self.pre0 is not None:
+            states["in0"] = self.pre0(s0)
+        for node in self.order:
+            edges = self.spec.nodes[node]
+            total = self.edges[f"{node}_0"](states[edges[0].source])
+            for i in range(1, len(edges)):
+                total = total + self.edges[f"{node}_{i}"](states[edges[i].source])
+            states[node] = total
+        outs = [states[n] for n in self.spec.output]
+        if self.spec.combine == "concat":
+            return torch.cat(outs, dim=1)
+        result = outs[0]
+        for extra in outs[1:]:
+            result = result + extra
+        return result
+
+
+class BinaryNetwork(nn.Module):
+    """A network built from a genotype: ``stem -> body units -> head``."""
+
+    def __init__(self, genotype: Genotype, stem: nn.Sequential, body: nn.ModuleList, head: nn.Sequential):
+        super().__init__()
+        self.genotype = genotype
+        self.stem = stem
+        self.body = body
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.stem(x)
+        s0 = s1 = s
+        for unit in self.body:
+            s0, s1 = s1, unit(s0, s1)
+        return self.head(s1)
+
+
+def _build_sequence(layers: Sequence[LayerSpec], shape: Shape, section: str, num_classes: int) -> tuple[list[nn.Module], Shape]:
+    modules: list[nn.Module] = []
+    for i, layer in enumerate(layers):
+        path = f"{section}[{i}]"
+        for r in range(layer.repeat):
+            c_in = shape[0]
+            is_last = section == "head" and i == len(layers) - 1 and r == layer.repeat - 1
+            c_out = layer.channels if layer.channels is not None else (num_classes if is_last else c_in)
+            op = _make_op(layer.op or "", c_in, c_out, layer.stride if r == 0 else 1, layer.options, path)
+            shape = _probe(op, [shape], path, layer.label)
+            modules.append(op)
+    return modules, shape
+
+
+def _build(genotype: Genotype) -> BinaryNetwork:
+    shape: Shape = tuple(genotype.input)
+    stem_modules, shape = _build_sequence(genotype.stem, shape, "stem", genotype.num_classes)
+    units: list[nn.Module] = []
+    shape0 = shape1 = shape
+    for i, layer in enumerate(genotype.body):
+        path = f"body[{i}]"
+        for r in range(layer.repeat):
+            stride = layer.stride if r == 0 else 1
+            if layer.cell is not None:
+                channels = layer.channels or shape1[0]
+                unit: nn.Module = Cell(genotype.cells[layer.cell], shape0, shape1, channels, stride, path)
+            else:
+                c_out = layer.channels if layer.channels is not None else shape1[0]
+                unit = OpUnit(_make_op(layer.op or "", shape1[0], c_out, stride, layer.options, path))
+            new_shape = _probe(unit, [shape0, shape1], path, layer.label)
+            units.append(unit)
+            shape0, shape1 = shape1, new_shape
+    head_modules, out_shape = _build_sequence(genotype.head, shape1, "head", genotype.num_classes)
+    if out_shape != (genotype.num_classes,):
+        raise GenotypeError(
+            f"the network outputs shape {list(out_shape)} per sample, expected [{genotype.num_classes}] "
+            "(num_classes); end the head with e.g. {op: global_avgpool} and {op: linear}",
+            "head",
+        )
+    return BinaryNetwork(genotype, nn.Sequential(*stem_modules), nn.ModuleList(units), nn.Sequential(*head_modules))
+
+
+def build(genotype: Genotype | Mapping[str, Any] | str | os.PathLike[str], binarize: bool = True) -> BinaryNetwork:
+    """Build a ``torch.nn.Module`` from a genotype, a genotype mapping or a YAML path.
+
+    ``binarize=False`` gives the full-precision twin (same topology, every quantizer off):
+    the teacher for distillation and the float baseline for benchmarks.
+    """
+    if not isinstance(genotype, Genotype):
+        genotype = load_genotype(genotype)
+    try:
+        model = _build(genotype)
+    except GenotypeError as exc:
+        raise exc.in_file(genotype.source) if genotype.source else exc
+    if not binarize:
+        set_binarization(model, activations=False, weights=False)
+    return model

@@ -1,0 +1,114 @@
+"""The ``bnas`` command (also ``python -m bnas``).
+
+User errors (``BnasError``) print one line, ``error: ...``, and exit with code 2; there is
+never a Python traceback for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from .errors import BnasError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_primitives(args: argparse.Namespace) -> int:
+    from .registry import list_primitives
+
+    specs = list_primitives()
+    if args.json:
+        print(json.dumps([{"name": s.name, "family": s.family, "binarize": s.binarize, "description": s.description} for s in specs]))
+        return 0
+    width = max(len(s.name) for s in specs)
+    fwidth = max(len(s.family) for s in specs)
+    bwidth = max(len(s.binarize) for s in specs)
+    print(f"{'name'.ljust(width)}  {'family'.ljust(fwidth)}  {'binarize'.ljust(bwidth)}  description")
+    for s in specs:
+        print(f"{s.name.ljust(width)}  {s.family.ljust(fwidth)}  {s.binarize.ljust(bwidth)}  {s.description}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .builder import build
+    from .genotype import load_genotype
+    from .metrics import summarize
+
+    genotype = load_genotype(args.genotype)
+    model = build(genotype)
+    summary = summarize(model, genotype.input)
+    if args.graph:
+        from .visualize import draw_cells
+
+        try:
+            path = draw_cells(genotype, args.graph)
+        except ValueError as exc:
+            raise BnasError(str(exc)) from None
+        print(f"cell graph written to {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"name": genotype.name, **summary.to_dict()}))
+    else:
+        print(f"{genotype.name}  (input {'x'.join(map(str, genotype.input))}, {genotype.num_classes} classes)")
+        print(summary.table())
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="per-layer and total summary of a genotype (params, BOPs, FLOPs, OPs, size)")
+    p.add_argument("genotype", help="genotype YAML file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--graph", metavar="FILE", help="also draw each cell DAG into FILE (.png, .svg, .pdf)")
+    p.set_defaults(handler=_cmd_info)
+
+
+def _add_primitives(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("primitives", help="list the registered primitives (name, family, binarization)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(handler=_cmd_primitives)
+
+
+def _add_optional(sub: argparse._SubParsersAction, module: str, name: str, help_text: str) -> None:
+    """Subcommands whose logic lives in their own module (``add_*_arguments`` / ``run_*``)."""
+    import importlib
+
+    mod = importlib.import_module(f"bnas.{module}")
+    p = sub.add_parser(name, help=help_text)
+    getattr(mod, f"add_{name}_arguments")(p)
+    p.set_defaults(handler=getattr(mod, f"run_{name}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bnas", description="Neural architecture search over binary neural networks.")
+    parser.add_argument("--version", action="version", version=f"bnas {__import__('bnas').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_primitives(sub)
+    _add_info(sub)
+    for module, name, help_text in _SUBCOMMANDS:
+        _add_optional(sub, module, name, help_text)
+    return parser
+
+
+# (module, command, help): commands implemented in their own modules.
+_SUBCOMMANDS: list[tuple[str, str, str]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except BnasError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

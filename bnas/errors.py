@@ -1,0 +1,35 @@
+"""User-facing errors: the CLI prints them as one line (no traceback) and exits with code 2."""
+from __future__ import annotations
+
+
+class BnasError(Exception):
+    """An error caused by user input (a file, a flag, the environment), with a message that
+    says what is wrong and what to do."""
+
+
+class GenotypeError(BnasError, ValueError):
+    """A genotype or search-space file that cannot be used.
+
+    Carries the file, the YAML path of the culprit (``cells.normal.nodes.n1[0]``) and what
+    was expected, and renders them as ``file: path: message`` on one line.
+    """
+
+    def __init__(self, message: str, path: str = "", file: str | None = None):
+        self.message = message
+        self.path = path
+        self.file = file
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = ": ".join(part for part in (self.file, self.path) if part)
+        return f"{where}: {self.message}" if where else self.message
+
+    def __str__(self) -> str:
+        return self._render()
+
+    def in_file(self, file: str) -> "GenotypeError":
+        """The same error, attributed to ``file`` (set once, by whoever read the file)."""
+        if self.file is None:
+            self.file = file
+            self.args = (self._render(),)
+        return self

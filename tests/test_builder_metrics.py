@@ -1,0 +1,149 @@
+"""Genotype -> nn.Module, and the metric counts against hand-computed values."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bnas
+from bnas.binarize import BinarizeConfig, BinaryConv2d, binary_layers
+from bnas.cli import main
+from bnas.genotype import loads_genotype
+from bnas.metrics import summarize
+
+REPO = Path(__file__).resolve().parents[1]
+GENOTYPES = sorted((REPO / "search_spaces" / "genotypes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GENOTYPES, ids=lambda p: p.stem)
+def test_every_shipped_genotype_builds_and_runs(path: Path) -> None:
+    genotype = bnas.load_genotype(path)
+    model = bnas.build(genotype)
+    model.eval()
+    x = torch.randn(2, *genotype.input)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, genotype.num_classes)
+    assert torch.isfinite(out).all()
+    assert any(True for _ in binary_layers(model)), "a binary network without binary layers"
+
+
+@pytest.mark.parametrize("path", GENOTYPES, ids=lambda p: p.stem)
+def test_bnas_info_works_on_every_genotype(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in ("params_real", "params_binary", "bops", "flops", "ops", "size_bytes"):
+        assert key in info
+    assert info["params_binary"] > 0 and info["bops"] > 0
+    assert info["ops"] == pytest.approx(info["bops"] / 64 + info["flops"])
+
+
+def test_cell_network_trains_one_step() -> None:
+    model = bnas.build(REPO / "search_spaces" / "genotypes" / "example_cells.yaml")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    opt.step()
+
+
+def test_odd_sizes_through_reduce_cells() -> None:
+    text = """
+name: odd
+input: [3, 5, 5]
+num_classes: 2
+stem:
+  - {op: conv_bn, channels: 8}
+cells:
+  c:
+    inputs: 2
+    nodes:
+      n0: [[binary_conv_3x3, in1], [factorized_reduce, in0]]
+    output: {combine: sum, nodes: [n0]}
+body:
+  - {cell: c, channels: 8, stride: 2}
+  - {cell: c, channels: 16}
+  - {cell: c, channels: 16, stride: 2}
+head:
+  - {op: global_avgpool}
+  - {op: linear}
+"""
+    model = bnas.build(loads_genotype(text))
+    assert model(torch.randn(2, 3, 5, 5)).shape == (2, 2)
+    # The second cell's in0 is still at 5x5 while in1 is 3x3: aligned by a factorized reduce.
+    second = model.body[1]
+    assert second.pre0 is not None and not isinstance(second.pre0, nn.Identity)
+
+
+def test_full_precision_twin_has_no_binarization() -> None:
+    genotype = bnas.load_genotype(REPO / "search_spaces" / "genotypes" / "binary_lenet5.yaml")
+    real = bnas.build(genotype, binarize=False)
+    for layer in binary_layers(real):
+        assert not layer.input_quantizer.enabled and not layer.kernel_quantizer.enabled
+    summary = summarize(real, genotype.input)
+    assert summary.bops == 0 and summary.params_binary == 0 and summary.flops > 0
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv = BinaryConv2d(c_in, c_out, 3, stride, 1, config=BinarizeConfig("ste", "xnor"))
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_user_primitive_in_genotype_and_hand_computed_metrics() -> None:
+    @bnas.register_primitive("test_user_conv_bn", override=True)
+    def user_conv_bn(C_in: int, C_out: int, stride: int = 1) -> nn.Module:
+        return _ConvBN(C_in, C_out, stride)
+
+    with pytest.raises(ValueError, match="already registered"):
+        bnas.register_primitive("test_user_conv_bn", user_conv_bn)
+
+    text = """
+name: hand
+input: [1, 4, 4]
+num_classes: 3
+body:
+  - {op: test_user_conv_bn, channels: 2}
+head:
+  - {op: flatten}
+  - {op: linear}
+"""
+    genotype = loads_genotype(text)
+    model = bnas.build(genotype)
+    s = summarize(model, genotype.input)
+    # Binary conv 1->2, 3x3, padding 1 on 4x4: 18 binary weights, 2*4*4 outputs x 9 taps = 288 BOPs.
+    assert s.params_binary == 18
+    assert s.bops == 288
+    # BN: 2 weights + 2 biases (real params), 2 running means + 2 variances (buffers).
+    # Linear 32 -> 3: 96 weights + 3 biases, 96 MACs.
+    assert s.params_real == 4 + 99
+    assert s.buffers_real == 4
+    assert s.flops == 96
+    assert s.ops == pytest.approx(288 / 64 + 96)
+    assert s.size_bytes == pytest.approx(18 / 8 + (103 + 4) * 4)
+    assert s.float32_size_bytes == (18 + 103 + 4) * 4
+    assert s.compression == pytest.approx(500 / 430.25)
+    assert "OPs = BOPs/64 + FLOPs" in s.table()
+
+
+def test_info_graph_draws_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cells.png"
+    assert main(["info", str(REPO / "search_spaces" / "genotypes" / "example_cells.yaml"), "--graph", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_primitives_command_lists_catalog(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["primitives"]) == 0
+    text = capsys.readouterr().out
+    for name in ("xnor_resnet_block", "bireal_block", "skip_connect", "zero", "factorized_reduce"):
+        assert any(line.split()[0] == name for line in text.splitlines()[1:])

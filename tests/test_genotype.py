@@ -1,0 +1,170 @@
+"""Genotype YAML: round trips, validation errors that name file and path, the CLI's exit code."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bnas
+from bnas.cli import main
+from bnas.errors import GenotypeError
+from bnas.genotype import cell_graph, load_genotype, loads_genotype
+
+REPO = Path(__file__).resolve().parents[1]
+GENOTYPES = sorted((REPO / "search_spaces" / "genotypes").glob("*.yaml"))
+
+VALID = """
+name: tiny
+input: [3, 8, 8]
+num_classes: 4
+stem:
+  - {op: conv_bn, channels: 8, kernel: 3}
+cells:
+  normal:
+    inputs: 2
+    nodes:
+      n0: [[binary_conv_3x3, in1], [skip_connect, in0]]
+      n1: [[skip_connect, n0]]
+    output: {combine: concat, nodes: [n0, n1]}
+body:
+  - {cell: normal, channels: 8}
+head:
+  - {op: global_avgpool}
+  - {op: linear}
+"""
+
+
+def test_shipped_genotypes_exist() -> None:
+    names = {p.stem for p in GENOTYPES}
+    assert {"binarynet_mlp", "bnn_mlp_2048", "binary_lenet5", "xnor_resnet18", "bireal_resnet18",
+            "binary_vgg_small", "binary_nin", "example_cells"} <= names
+
+
+@pytest.mark.parametrize("path", GENOTYPES, ids=lambda p: p.stem)
+def test_load_save_load_is_identity(path: Path, tmp_path: Path) -> None:
+    first = load_genotype(path)
+    out = tmp_path / "g.yaml"
+    first.to_yaml(out)
+    second = load_genotype(out)
+    assert second == first
+    assert second.to_dict() == first.to_dict()
+    assert second.canonical_hash() == first.canonical_hash()
+
+
+def test_cell_graph_structure() -> None:
+    g = loads_genotype(VALID)
+    graph = cell_graph(g.cells["normal"])
+    assert set(graph.nodes) == {"in0", "in1", "n0", "n1", "out"}
+    ops = sorted(d["op"] for _, _, d in graph.edges(data=True))
+    assert ops == ["binary_conv_3x3", "concat", "concat", "skip_connect", "skip_connect"]
+
+
+def _error(text: str) -> GenotypeError:
+    with pytest.raises(GenotypeError) as info:
+        loads_genotype(text, file="bad.yaml")
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "old,new,path,fragment",
+    [
+        ("binary_conv_3x3, in1", "binary_conv_3x4, in1", "cells.normal.nodes.n0[0][0]", "did you mean binary_conv_3x3"),
+        ("[skip_connect, n0]", "[skip_connect, n9]", "cells.normal.nodes.n1[0][1]", "unknown input or node 'n9'"),
+        ("{cell: normal, channels: 8}", "{cell: normal2, channels: 8}", "body[0].cell", "unknown cell 'normal2'"),
+        ("{cell: normal, channels: 8}", "{cell: normal, channels: -8}", "body[0].channels", "positive integer"),
+        ("{cell: normal, channels: 8}", "{cell: normal, channels: eight}", "body[0].channels", "positive integer, got 'eight'"),
+        ("{cell: normal, channels: 8}", "{cell: normal, channels: 8, repeat: 0}", "body[0].repeat", "positive integer"),
+        ("num_classes: 4", "num_classes: 0", "num_classes", "positive integer"),
+        ("combine: concat", "combine: product", "cells.normal.output.combine", "invalid combine 'product'"),
+        ("input: [3, 8, 8]", "input: [3, 8]", "input", "expected [C, H, W]"),
+        ("[skip_connect, in0]]", "[skip_connect, n1]]", "cells.normal.nodes", "cycle"),
+        ("inputs: 2", "inputs: 3", "cells.normal.inputs", "expected inputs: 1 or 2"),
+        ("name: tiny", "nmae: tiny", "nmae", "did you mean 'name'"),
+        ("{cell: normal, channels: 8}", "{cell: normal, channels: 8, stride: 3}", "body[0].stride", "stride 1 or 2"),
+    ],
+)
+def test_bad_genotypes_name_file_path_and_culprit(old: str, new: str, path: str, fragment: str) -> None:
+    assert old in VALID
+    err = _error(VALID.replace(old, new, 1))
+    assert err.file == "bad.yaml"
+    assert err.path == path
+    assert fragment in err.message
+    assert str(err).startswith(f"bad.yaml: {path}: ")
+    assert "\n" not in str(err)
+
+
+def test_forward_reference_to_later_node() -> None:
+    text = VALID.replace("n0: [[binary_conv_3x3, in1], [skip_connect, in0]]", "n0: [[binary_conv_3x3, n1]]")
+    text = text.replace("n1: [[skip_connect, n0]]", "n1: [[skip_connect, in1]]")
+    err = _error(text)
+    assert err.path == "cells.normal.nodes.n0[0][1]"
+    assert "not an earlier node" in err.message
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("", "the file is empty"),
+        ("- 1\n- 2\n", "expected a YAML mapping at the top level, got a list"),
+        ("name: [unclosed\n", "invalid YAML"),
+        ("name: !!python/object/apply:os.system ['echo hacked']\n", "YAML tags that construct Python objects are not allowed"),
+    ],
+)
+def test_unreadable_yaml(text: str, fragment: str) -> None:
+    err = _error(text)
+    assert fragment in str(err)
+    assert str(err).startswith("bad.yaml")
+
+
+def test_missing_file_is_a_genotype_error(tmp_path: Path) -> None:
+    with pytest.raises(GenotypeError, match="no such genotype file"):
+        load_genotype(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_bad_genotype_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(VALID.replace("binary_conv_3x3, in1", "binary_conv_3x4, in1"))
+    proc = subprocess.run([sys.executable, "-m", "bnas", "info", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert str(bad) in lines[0] and "cells.normal.nodes.n0[0][0]" in lines[0] and "binary_conv_3x4" in lines[0]
+
+
+def test_cli_rejects_python_tags_without_running_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "tag.yaml"
+    bad.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main(["info", str(bad)]) == 2
+    assert not marker.exists()
+    assert "not allowed" in capsys.readouterr().err
+
+
+def test_shape_mismatch_names_the_layer() -> None:
+    text = """
+name: bad_shapes
+input: [1, 8, 8]
+num_classes: 3
+body:
+  - {op: binary_linear, channels: 16}
+head:
+  - {op: linear}
+"""
+    with pytest.raises(GenotypeError) as info:
+        bnas.build(loads_genotype(text, file="shapes.yaml"))
+    assert info.value.path == "body[0]"
+
+
+def test_head_must_produce_class_scores() -> None:
+    text = """
+name: no_head
+input: [3, 8, 8]
+num_classes: 3
+body:
+  - {op: conv_bn, channels: 4}
+"""
+    with pytest.raises(GenotypeError, match="expected \\[3\\]"):
+        bnas.build(loads_genotype(text))
