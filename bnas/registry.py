@@ -57,6 +57,8 @@ class PrimitiveSpec:
 
 
 _REGISTRY: dict[str, PrimitiveSpec] = {}
+# Named binarizations of the catalog (``xnor``, ``bireal``, ...): ops accept these names too.
+BINARIZE_PRESETS: dict[str, BinarizeConfig] = {}
 _catalog_loaded = False
 
 
@@ -169,6 +171,7 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
             configs[key] = BinarizeConfig.from_dict(value or {})
         except (ValueError, TypeError) as exc:
             raise CatalogError(f"{path}: binarize.{key}: {exc}") from None
+    BINARIZE_PRESETS.update(configs)
     added = []
     for name, entry in (data.get("ops") or {}).items():
         if not isinstance(entry, dict) or "family" not in entry:
