@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # (module, command, help): commands implemented in their own modules.
-_SUBCOMMANDS: list[tuple[str, str, str]] = []
+_SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("evaluate", "eval", "train a genotype on a dataset, test it, and write report.json / report.md / curves.png"),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,188 @@
+"""``bnas eval``: train a genotype with its recipe, test it, write a report.
+
+Outputs in ``--out`` (default ``runs/eval-<name>-<time>``): ``checkpoint.pt`` (every
+epoch, atomic), ``report.json``, ``report.md`` and ``curves.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .builder import build
+from .data import DataSplits, load_dataset
+from .errors import BnasError
+from .genotype import Genotype, load_genotype
+from .metrics import summarize
+from .report import write_report
+from .train import Recipe, Trainer, TrainingError, evaluate_accuracy, load_checkpoint, seed_everything
+
+__all__ = ["evaluate", "add_eval_arguments", "run_eval", "resolve_device", "check_input_shape"]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BnasError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def check_input_shape(genotype: Genotype, data: DataSplits) -> None:
+    if tuple(genotype.input) != tuple(data.input_shape):
+        raise BnasError(
+            f"genotype {genotype.name!r} takes input {list(genotype.input)} but dataset {data.name!r} gives "
+            f"{list(data.input_shape)}; set `input: {list(data.input_shape)}` in the genotype or pick a matching dataset"
+        )
+    if genotype.num_classes != data.num_classes:
+        raise BnasError(
+            f"genotype {genotype.name!r} has num_classes {genotype.num_classes} but dataset {data.name!r} has {data.num_classes} classes"
+        )
+
+
+def _teacher(recipe: Recipe, data: DataSplits, device: torch.device, out: Path | None, progress: bool) -> nn.Module | None:
+    """The real-valued teacher for distillation: loaded from a checkpoint, or trained first."""
+    spec = recipe.distill
+    if not spec:
+        return None
+    if "teacher" not in spec:
+        raise TrainingError("distill: needs `teacher: GENOTYPE.yaml` (built with binarization off)")
+    teacher = build(load_genotype(spec["teacher"]), binarize=False)
+    if spec.get("checkpoint"):
+        state = load_checkpoint(spec["checkpoint"])
+        teacher.load_state_dict(state.get("model", state))
+        return teacher
+    teacher_recipe = recipe.merged({"distill": None})
+    teacher_recipe.distill = None
+    Trainer(teacher, data, teacher_recipe, device, out / "teacher" if out else None, progress=progress).fit()
+    return teacher
+
+
+def evaluate(
+    genotype: Genotype | str | os.PathLike[str],
+    dataset: str = "digits",
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    device: str | None = "cpu",
+    out: str | os.PathLike[str] | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    download: bool = False,
+    data: DataSplits | None = None,
+    callbacks: list[Any] | None = None,
+    test: bool = True,
+) -> dict[str, Any]:
+    """Train and test ``genotype``; returns the report (and writes it when ``out`` is set)."""
+    if not isinstance(genotype, Genotype):
+        genotype = load_genotype(genotype)
+    recipe = Recipe.from_dict(genotype.training, f"{genotype.source or genotype.name}: training").merged(dict(overrides or {}))
+    dev = resolve_device(device)
+    if data is None:
+        data = load_dataset(dataset, data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
+                            shape=tuple(genotype.input), num_classes=genotype.num_classes, download=download)
+    check_input_shape(genotype, data)
+    data = data.to(dev)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and not resume and (out_dir / "checkpoint.pt").exists():
+        raise BnasError(f"{out_dir} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+    seed_everything(recipe.seed)
+    model = build(genotype)
+    teacher = _teacher(recipe, data, dev, out_dir, progress)
+    trainer = Trainer(model, data, recipe, dev, out_dir, teacher=teacher, progress=progress, callbacks=callbacks)
+    if resume and not trainer.resume():
+        raise BnasError(f"--resume: no checkpoint in {out_dir}; run without --resume to start")
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - start
+    report: dict[str, Any] = {
+        "genotype_name": genotype.name,
+        "dataset": data.name,
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "final_val_acc": result.history[-1]["val_acc"] if result.history else 0.0,
+        "history": result.history,
+        "wall_time_s": wall,
+        "samples_per_s": result.samples_per_s,
+        "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "recipe": recipe.to_dict(),
+        "metrics": {k: v for k, v in summarize(model, genotype.input).to_dict().items() if k != "layers"},
+        "genotype": genotype.to_dict(),
+    }
+    if test:
+        test_loader = data.loader("test", 512)
+        report["test_acc"], report["test_loss"] = evaluate_accuracy(model, test_loader, dev)
+        if trainer.best_state is not None:
+            final = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(trainer.best_state)
+            report["test_acc_best_val_checkpoint"], _ = evaluate_accuracy(model, test_loader, dev)
+            model.load_state_dict(final)
+    if out_dir is not None:
+        torch.save(model.state_dict(), out_dir / ".model.pt.tmp")
+        os.replace(out_dir / ".model.pt.tmp", out_dir / "model.pt")
+        write_report(out_dir, report)
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import networkx
+    import optuna
+
+    import bnas
+
+    return {"bnas": bnas.__version__, "torch": torch.__version__, "networkx": networkx.__version__,
+            "optuna": optuna.__version__, "python": platform.python_version()}
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("genotype", help="genotype YAML file")
+    p.add_argument("--dataset", default="digits", help="digits (default), mnist, fashion_mnist, cifar10, imagefolder:PATH, synthetic")
+    p.add_argument("--epochs", type=int, help="override the genotype's training.epochs")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--out", help="run folder (default runs/eval-<name>-<time>)")
+    p.add_argument("--data-root", help="data folder (default $BNAS_DATA, else ~/.cache/bnas/data)")
+    p.add_argument("--download", action="store_true", help="download torchvision datasets when missing (needs internet)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (optimizer.lr)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"])
+    p.add_argument("--schedule", choices=["cosine", "step", "linear", "exponential", "constant"])
+    p.add_argument("--loss", choices=["cross_entropy", "squared_hinge"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--patience", type=int, help="early stopping patience in epochs (LeNet tutorial rule)")
+    p.add_argument("--two-step", type=int, help="epochs with real weights before binarizing them (ReActNet)")
+    p.add_argument("--teacher", help="real-valued teacher genotype for knowledge distillation")
+    p.add_argument("--teacher-checkpoint", help="trained teacher weights (else the teacher is trained first)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    genotype = load_genotype(args.genotype)
+    overrides: dict[str, Any] = {
+        "epochs": args.epochs, "batch_size": args.batch_size, "optimizer.lr": args.lr, "optimizer.name": args.optimizer,
+        "schedule.name": args.schedule, "loss": args.loss, "seed": args.seed, "patience": args.patience,
+        "two_step": args.two_step,
+    }
+    if args.teacher:
+        overrides["distill"] = {"teacher": args.teacher, **({"checkpoint": args.teacher_checkpoint} if args.teacher_checkpoint else {})}
+    out = args.out or f"runs/eval-{genotype.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = evaluate(genotype, args.dataset, overrides=overrides, device=args.device, out=out, data_root=args.data_root,
+                      resume=args.resume, progress=not args.quiet, download=args.download)
+    print(
+        f"{genotype.name} on {report['dataset']}: test accuracy {report['test_acc']:.4f}, best validation accuracy "
+        f"{report['best_val_acc']:.4f} (epoch {report['best_epoch']}), {report['epochs_run']} epochs in {report['wall_time_s']:.1f} s "
+        f"({report['samples_per_s']:.0f} samples/s); report in {out}/report.md"
+    )
+    return 0
