@@ -161,7 +161,9 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     opt = recipe.optimizer
     groups = _param_groups(model, recipe)
     if opt.get("name", "adam") == "adam":
-        return torch.optim.Adam(groups, lr=float(opt.get("lr", 1e-3)))
+        # The fused kernel does Adam's element-wise update in one pass per tensor: on CPU it
+        # roughly halves the optimiser's share of a step for large binary MLPs.
+        return torch.optim.Adam(groups, lr=float(opt.get("lr", 1e-3)), fused=True)
     return torch.optim.SGD(groups, lr=float(opt.get("lr", 0.1)), momentum=float(opt.get("momentum", 0.9)), nesterov=bool(opt.get("nesterov", False)))
 
 
