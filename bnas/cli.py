@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 # (module, command, help): commands implemented in their own modules.
 _SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("evaluate", "eval", "train a genotype on a dataset, test it, and write report.json / report.md / curves.png"),
+    ("search.command", "search", "architecture search with Optuna: sample, train briefly, prune, write genotypes"),
 ]
 
 
