@@ -214,7 +214,8 @@ def _parse(data: Mapping[str, Any]) -> SearchSpace:
         if key not in _CONSTRAINTS:
             raise _err(f"unknown constraint {key!r}; expected some of {', '.join(_CONSTRAINTS)}", f"constraints.{key}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise _err(f"expected a positive number, got {value!r}", f"constraints.{key}")
+            hint = " (YAML reads 3.0e7 as text: write 3.0e+7)" if isinstance(value, str) and "e" in value.lower() else ""
+            raise _err(f"expected a positive number, got {value!r}{hint}", f"constraints.{key}")
     pruner = data.get("pruner", "median")
     if pruner not in ("median", "hyperband", "none"):
         raise _err(f"expected median, hyperband or none, got {pruner!r}", "pruner")
