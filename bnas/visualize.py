@@ -53,6 +53,8 @@ def draw_cells(genotype: Genotype, path: str | os.PathLike[str]) -> Path:
                 g, pos, edgelist=[(u, v)], ax=ax, arrows=True, arrowsize=14, node_size=1400,
                 connectionstyle=f"arc3,rad={rad}", edge_color="#555555",
             )
+            if v == "out":
+                continue  # output edges carry the combine, shown in the title
             (x0, y0), (x1, y1) = pos[u], pos[v]
             mx, my = (x0 + x1) / 2, (y0 + y1) / 2
             # Put the label near the middle of the arc (offset perpendicular to the chord).
