@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ import optuna
 
 from ..errors import BnasError
 from .outputs import summary_text, write_outputs
-from .runner import SearchConfig, epochs_saved, run_search_study
+from .runner import SearchConfig, epochs_saved, open_study, run_search_study
 from .space import load_space
 
 __all__ = ["add_search_arguments", "run_search"]
@@ -30,6 +32,10 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--data-root", help="data folder (default $BNAS_DATA, else ~/.cache/bnas/data)")
+    p.add_argument("--workers", type=int, default=1, help="start K local worker processes on one shared study (default 1)")
+    p.add_argument("--devices", help="comma-separated GPU ids; worker i gets CUDA_VISIBLE_DEVICES=devices[i %% len]")
+    p.add_argument("--heartbeat", type=int, help="seconds between trial heartbeats on a database storage (default 10 with --storage)")
+    p.add_argument("--artifacts", help="artifact store folder shared by the workers (default RUN/artifacts)")
     p.add_argument("--show", metavar="RUN", help="print the summary of a finished or running search again")
     p.add_argument("--quiet", action="store_true")
 
@@ -55,6 +61,31 @@ def _show(run: Path, storage: str | None) -> int:
     return 0
 
 
+def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> optuna.Study:
+    """Start ``--workers`` processes on one study; each has its own sampler seed and, with
+    ``--devices``, its own GPU."""
+    study = open_study(cfg)  # created once here, so the workers never race to create it
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else []
+    procs = []
+    for i in range(args.workers):
+        cmd = [sys.executable, "-m", "bnas", "search", args.space, "--trials", str(cfg.trials), "--out", str(cfg.out),
+               "--storage", cfg.storage_url, "--study", cfg.name, "--seed", str(cfg.seed + i), "--device", cfg.device]
+        for flag, value in (("--timeout", args.timeout), ("--sampler", args.sampler), ("--pruner", args.pruner),
+                            ("--data-root", args.data_root), ("--heartbeat", cfg.heartbeat), ("--artifacts", args.artifacts)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        if i > 0 or args.quiet:
+            cmd.append("--quiet")
+        env = dict(os.environ)
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"warning: worker exit codes {codes}; finished trials are kept in the study", file=sys.stderr)
+    return study
+
+
 def run_search(args: argparse.Namespace) -> int:
     if args.show:
         return _show(Path(args.show), args.storage)
@@ -62,15 +93,28 @@ def run_search(args: argparse.Namespace) -> int:
         raise BnasError("give a search-space file (e.g. search_spaces/quickstart.yaml), or --show RUN")
     if args.trials <= 0:
         raise BnasError(f"--trials must be positive, got {args.trials}")
+    if args.workers <= 0:
+        raise BnasError(f"--workers must be positive, got {args.workers}")
     space = load_space(args.space)
     out = Path(args.out or f"runs/{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = SearchConfig(space=space, out=out, trials=args.trials, timeout=args.timeout, storage=args.storage,
+    storage = args.storage
+    if args.workers > 1 and storage is None:
+        # Several processes on one machine share Optuna's journal file: no server needed.
+        storage = f"journal:{(out / 'study.journal').resolve()}"
+    heartbeat = args.heartbeat
+    if heartbeat is None and storage is not None and not storage.startswith("journal:"):
+        heartbeat = 10
+    cfg = SearchConfig(space=space, out=out, trials=args.trials, timeout=args.timeout, storage=storage,
                        study_name=args.study, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
-                       device=args.device, data_root=args.data_root, progress=not args.quiet)
+                       device=args.device, data_root=args.data_root, progress=not args.quiet, heartbeat=heartbeat,
+                       artifacts=Path(args.artifacts) if args.artifacts else None)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"storage": _mask(cfg.storage_url), "study": cfg.name, "space": str(Path(args.space).resolve())}
     start = time.perf_counter()
-    study = run_search_study(cfg)
+    if args.workers > 1:
+        study = _run_workers(args, cfg)
+    else:
+        study = run_search_study(cfg)
     (out / "run.json").write_text(json.dumps(meta, indent=2))
     write_outputs(study, out)
     trained, saved = epochs_saved(study)

@@ -8,6 +8,8 @@ accuracy every epoch so the pruner can stop hopeless trials early.
 from __future__ import annotations
 
 import fcntl
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ class SearchConfig:
     progress: bool = True
     heartbeat: int | None = None
     retries: int = 1
+    artifacts: Path | None = None
     extra_callbacks: list[Callable[..., None]] = field(default_factory=list)
 
     @property
@@ -94,12 +97,14 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 def _storage(cfg: SearchConfig) -> optuna.storages.BaseStorage | str:
     url = cfg.storage_url
-    if url.startswith(("journal:", "journal+file:")):
-        path = url.split(":", 1)[1].removeprefix("//")
+    if url.startswith("journal:"):
+        # Optuna's journal file: several workers on one machine, no server needed.
         from optuna.storages import journal
 
-        backend = journal.JournalFileBackend(path) if hasattr(journal, "JournalFileBackend") else journal.JournalFileStorage(path)
-        return optuna.storages.JournalStorage(backend)
+        path = Path(url.split(":", 1)[1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = journal.JournalFileOpenLock(str(path))
+        return optuna.storages.JournalStorage(journal.JournalFileBackend(str(path), lock_obj=lock))
     kwargs: dict[str, Any] = {}
     if cfg.heartbeat:
         kwargs = {"heartbeat_interval": cfg.heartbeat, "grace_period": cfg.heartbeat * 3,
@@ -199,14 +204,29 @@ class Objective:
         (cfg.out / "genotypes").mkdir(parents=True, exist_ok=True)
 
     def _duplicate_of(self, trial: optuna.Trial, digest: str) -> FrozenTrial | None:
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if t.user_attrs.get("genotype_hash") == digest and t.number != trial.number:
-                return t
-        return None
+        """A finished trial with the same genotype; a twin still running in another worker
+        is waited for, so no genotype is trained twice."""
+        while True:
+            twins = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                     if t.user_attrs.get("genotype_hash") == digest and t.number < trial.number]
+            done = [t for t in twins if t.state == TrialState.COMPLETE]
+            if done:
+                return done[0]
+            if not twins:
+                return None
+            time.sleep(1.0)
 
     def _write_genotype(self, trial: optuna.Trial, genotype: Genotype, note: str) -> None:
         header = f"bnas search: study {self.cfg.name!r}, trial {trial.number} ({note})"
-        genotype.to_yaml(self.cfg.out / "genotypes" / f"trial-{trial.number}.yaml", header=header)
+        path = self.cfg.out / "genotypes" / f"trial-{trial.number}.yaml"
+        genotype.to_yaml(path, header=header)
+        # Also into the study's artifact store, shared by all workers (a folder on a shared path).
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        store_dir = self.cfg.artifacts or self.cfg.out / "artifacts"
+        store_dir.mkdir(parents=True, exist_ok=True)
+        artifact = upload_artifact(artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=str(path), study_or_trial=trial)
+        trial.set_user_attr("genotype_artifact", artifact)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         space = self.space
@@ -304,49 +324,128 @@ class _ProgressLine:
         )
 
 
-class _StopAtTotal:
-    """Stops this worker once the study holds the requested number of finished trials."""
+def _retry_db(what: str, fn: Callable[[], Any], patience_s: float = 90.0) -> Any:
+    """Run a storage operation, riding out transient database errors with back-off.
 
-    def __init__(self, total: int):
-        self.total = total
+    A database that stays away longer than ``patience_s`` ends the worker with a clear
+    message; everything the study committed before stays in the database.
+    """
+    from sqlalchemy.exc import DBAPIError, OperationalError
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if finished_count(study) >= self.total:
-            study.stop()
+    delay, waited = 0.5, 0.0
+    while True:
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if waited >= patience_s:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SearchError(
+                    f"lost the study database for {waited:.0f} s while trying to {what} ({first}); stopping this worker. "
+                    "Every finished trial is kept in the database: rerun the same command when it is back"
+                ) from None
+            print(f"database unavailable ({type(exc).__name__}); retrying in {delay:.1f} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 8.0)
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_dead_local_workers(study: optuna.Study) -> int:
+    """RUNNING trials of a worker process on this host that no longer exists are failed and
+    queued again once (storages without heartbeats, e.g. the journal file, need this)."""
+    host = socket.gethostname()
+    failed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        name, _, pid = worker.rpartition(":")
+        if name != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "error", f"interrupted: worker {worker} was killed during this trial")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if t.user_attrs.get("retry_of") is None:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        failed += 1
+    return failed
+
+
+class _Surplus(Exception):
+    """This trial would take the study past its requested total (a race between workers)."""
+
+
+def _guard_total(objective: Callable[[optuna.Trial], Any], total: int) -> Callable[[optuna.Trial], Any]:
+    """The requested count is study-wide: two workers racing for the last slot are ordered
+    by trial number, and the later one steps back."""
+
+    def run(trial: optuna.Trial) -> Any:
+        trial.set_user_attr("worker", _worker_id())
+        trials = trial.study.get_trials(deepcopy=False)
+        ahead = sum(t.state in FINISHED or (t.state == TrialState.RUNNING and t.number < trial.number) for t in trials)
+        if ahead >= total:
+            trial.set_user_attr("error", f"surplus: the study already had {total} trials finished or running")
+            raise _Surplus()
+        return objective(trial)
+
+    return run
 
 
 def run_search_study(cfg: SearchConfig) -> optuna.Study:
-    """Run (or resume) the study until it holds ``cfg.trials`` finished trials."""
+    """Run (or resume, or join) the study until it holds ``cfg.trials`` finished trials."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg.out.mkdir(parents=True, exist_ok=True)
     lock = _RunLock(cfg.out) if cfg.local_storage else None
     if lock is not None:
         lock.__enter__()
     try:
-        study = open_study(cfg)
+        study = _retry_db("open the study", lambda: open_study(cfg))
         if lock is not None:
             stale = _fail_stale_local(study)
             if stale:
                 print(f"marked {stale} trial(s) left running by a killed search as failed", file=sys.stderr)
-        elif cfg.heartbeat:
-            optuna.storages.fail_stale_trials(study)
         data = load_dataset(cfg.space.dataset, cfg.data_root, val_fraction=float(cfg.space.budget.get("val_fraction", 0.1)),
                             seed=cfg.seed, shape=cfg.space.input, num_classes=cfg.space.num_classes)
         probe = sample_genotype(optuna.trial.FixedTrial(_first_choices(cfg.space)), cfg.space)
         check_input_shape(probe, data)
-        remaining = cfg.trials - finished_count(study)
-        if remaining <= 0:
-            return study
         if cfg.space.multi_objective and cfg.progress:
             print("note: Optuna cannot prune multi-objective studies; every trial trains its full budget. "
                   "For pruning, use objectives: [val_acc] with an OPs constraint (constraints: {max_ops: ...}).", file=sys.stderr)
-        objective = Objective(cfg, data, study)
-        callbacks = [_StopAtTotal(cfg.trials), _ProgressLine(cfg.trials, cfg.progress), *cfg.extra_callbacks]
-        # A crashed trial is recorded as FAIL with its error, and the study goes on.
-        # n_trials counts failed trials too; _StopAtTotal ends the run at the finished total,
-        # and the headroom bounds a run whose every trial crashes.
-        study.optimize(_recording_errors(objective), n_trials=remaining + max(10, remaining), timeout=cfg.timeout,
-                       callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+        objective = _guard_total(_recording_errors(Objective(cfg, data, study)), cfg.trials)
+        callbacks = [_ProgressLine(cfg.trials, cfg.progress), *cfg.extra_callbacks]
+        deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+        failures_in_a_row = 0
+        while True:
+            finished = _retry_db("count trials", lambda: finished_count(study))
+            if finished >= cfg.trials or (deadline is not None and time.monotonic() > deadline):
+                break
+            running = _retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
+            if finished + running >= cfg.trials:
+                # Other workers hold the remaining slots: wait, and take over a slot whose
+                # worker died (heartbeats where the storage has them, PIDs on this host).
+                _retry_db("check for dead workers", lambda: _fail_dead_local_workers(study))
+                if cfg.heartbeat:
+                    _retry_db("check for stale trials", lambda: optuna.storages.fail_stale_trials(study))
+                time.sleep(1.0)
+                continue
+            # One trial per optimize() call: Optuna runs the heartbeat and stale-trial checks,
+            # and a crashed trial is recorded as FAIL with its error while the study goes on.
+            before = _retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
+            _retry_db("run a trial", lambda: study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(Exception,), gc_after_trial=False))
+            after = _retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
+            failures_in_a_row = failures_in_a_row + 1 if after > before else 0
+            if failures_in_a_row >= 10:
+                raise SearchError("10 trials in a row failed; see the `error` column of trials.csv for why")
         return study
     finally:
         if lock is not None:
@@ -358,6 +457,8 @@ def _recording_errors(objective: Objective) -> Callable[[optuna.Trial], Any]:
         try:
             return objective(trial)
         except optuna.TrialPruned:
+            raise
+        except _Surplus:
             raise
         except Exception as exc:
             if "error" not in trial.user_attrs:
