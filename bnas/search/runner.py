@@ -138,7 +138,11 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
                 "pick another --study name (nothing was changed)"
             )
         return existing
-    study = optuna.create_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner, directions=space.directions)
+    try:
+        study = optuna.create_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner, directions=space.directions)
+    except optuna.exceptions.DuplicatedStudyError:
+        # Another worker created it a moment ago: join it.
+        return open_study(cfg)
     study.set_user_attr("objectives", list(space.objectives))
     study.set_user_attr("space", space.name)
     study.set_user_attr("epochs_per_trial", space.epochs)

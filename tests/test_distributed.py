@@ -1,0 +1,178 @@
+"""Distributed search: several workers on one study (PostgreSQL, journal file), a worker
+killed mid-trial, and a database restart in the middle of a search."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = """
+name: dist
+dataset: digits
+input: [1, 8, 8]
+num_classes: 10
+stem:
+  - {op: conv_bn, channels: 8}
+cells:
+  ops: [binary_conv_3x3, skip_connect, bireal_block, binary_dil_conv_3x3]
+  nodes: 2
+  inputs: 2
+  edges_per_node: 1
+  combine: sum
+macro:
+  stages: 2
+  channels: [8, 16]
+  cells_per_stage: [1, 2]
+head:
+  - {op: global_avgpool}
+  - {op: linear}
+budget:
+  epochs: 3
+  batch_size: 128
+  optimizer: {name: adam, lr: 0.01}
+pruner: none
+"""
+
+
+def _pg_url() -> str:
+    url = os.environ.get("BNAS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL server: set BNAS_TEST_POSTGRES_URL (scripts/pg_test_server.sh start prints one)")
+    try:
+        import sqlalchemy
+
+        sqlalchemy.create_engine(url).connect().close()
+    except Exception as exc:  # any driver error means: not reachable
+        if os.environ.get("CI"):
+            raise AssertionError(f"CI must reach its PostgreSQL server at {url}: {exc}")
+        pytest.skip(f"PostgreSQL at {url} is not reachable: {exc}")
+    return url
+
+
+def _space(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    return path
+
+
+def _cmd(space: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bnas", "search", str(space), "--out", str(out), "--quiet", *extra]
+
+
+def _check_study(study: optuna.Study, out: Path, total: int) -> None:
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == total
+    trained = [t.user_attrs["genotype_hash"] for t in complete if "duplicate_of" not in t.user_attrs]
+    assert len(trained) == len(set(trained)), "a genotype was trained twice"
+    for t in complete:
+        assert (out / "genotypes" / f"trial-{t.number}.yaml").is_file()
+
+
+def test_journal_file_workers_without_server(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(_cmd(_space(tmp_path), out, "--workers", "2", "--trials", "5"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
+    study = optuna.load_study(study_name="dist", storage=storage)
+    _check_study(study, out, 5)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+
+
+@pytest.mark.postgres
+def test_three_workers_on_postgres(tmp_path: Path) -> None:
+    url = _pg_url()
+    name = f"three-{os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "run"
+    proc = subprocess.run(_cmd(_space(tmp_path), out, "--workers", "3", "--trials", "6", "--storage", url, "--study", name),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    study = optuna.load_study(study_name=name, storage=url)
+    _check_study(study, out, 6)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 3
+
+
+def _trials(name: str, storage: optuna.storages.BaseStorage) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=storage).trials
+    except KeyError:  # the workers have not created the study yet
+        return []
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.postgres
+def test_sigkill_one_worker_mid_trial(tmp_path: Path) -> None:
+    url = _pg_url()
+    name = f"kill-{os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "run"
+    space = _space(tmp_path)
+    optuna.create_study(study_name=name, storage=url, direction="maximize")
+    cmd = _cmd(space, out, "--trials", "6", "--storage", url, "--study", name, "--heartbeat", "2")
+    workers = [subprocess.Popen(cmd + ["--seed", str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(3)]
+    storage = optuna.storages.RDBStorage(url)
+
+    def running_after_a_completion() -> bool:
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+        return any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and "worker" in t.user_attrs for t in trials)
+
+    _wait_for(running_after_a_completion, 300, "a running trial after a completed one")
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    victim = next(t for t in trials if t.state.name == "RUNNING" and "worker" in t.user_attrs)
+    completed_before = {t.number: t.values for t in trials if t.state.name == "COMPLETE"}
+    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    for w in workers:
+        w.wait(timeout=600)
+    study = optuna.load_study(study_name=name, storage=storage)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[victim.number].state.name == "FAIL"
+    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == victim.number or t.system_attrs.get("failed_trial") == victim.number]
+    assert retried, "the killed trial was not retried"
+    for number, values in completed_before.items():
+        assert by_number[number].state.name == "COMPLETE" and by_number[number].values == values
+    _check_study(study, out, 6)
+
+
+@pytest.mark.postgres
+def test_database_restart_during_search(tmp_path: Path) -> None:
+    url = _pg_url()
+    data_dir = os.environ.get("BNAS_TEST_POSTGRES_DIR")
+    if not data_dir:
+        pytest.skip("set BNAS_TEST_POSTGRES_DIR (the server's data folder) to test a restart")
+    name = f"restart-{os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "run"
+    cmd = _cmd(_space(tmp_path), out, "--workers", "2", "--trials", "6", "--storage", url, "--study", name, "--heartbeat", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    storage = optuna.storages.RDBStorage(url)
+    _wait_for(lambda: any(t.state.name == "COMPLETE" for t in _trials(name, storage)), 300, "a completed trial")
+    before = {t.number: t.values for t in optuna.load_study(study_name=name, storage=storage).trials if t.state.name == "COMPLETE"}
+    storage.remove_session()
+    storage.engine.dispose()
+    script = REPO / "scripts" / "pg_test_server.sh"
+    subprocess.run(["bash", str(script), "stop", data_dir], check=True)
+    time.sleep(3)
+    subprocess.run(["bash", str(script), "start", data_dir], check=True, capture_output=True)
+    proc.wait(timeout=900)
+    # The workers rode it out or stopped cleanly; rerunning the command finishes the study.
+    if proc.returncode != 0:
+        assert "Traceback" not in (proc.stderr or "") or "lost the study database" in proc.stderr
+        assert subprocess.run(cmd, capture_output=True, timeout=900).returncode == 0
+    study = optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(url))
+    by_number = {t.number: t for t in study.trials}
+    for number, values in before.items():
+        assert by_number[number].state.name == "COMPLETE" and by_number[number].values == values
+    _check_study(study, out, 6)
