@@ -1,0 +1,165 @@
+"""The x86 CPU backend: a C++ extension built on first use, with three code paths.
+
+``csrc/xnor_cpu.cpp`` is compiled once by ``torch.utils.cpp_extension.load`` into
+``$BNAS_CACHE/extensions`` (default ``~/.cache/bnas/extensions``; ``$XDG_CACHE_HOME`` is
+honoured) and reused by later processes. The binary holds an AVX-512 VPOPCNTDQ, an AVX2 and
+a plain-popcnt path; which ones this CPU can run is asked of the binary itself
+(``__builtin_cpu_supports``). When nothing can be built (no compiler, no OpenMP) the caller
+gets ``None`` and one warning, and the dispatcher falls back to the reference.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
+EXTENSION_NAME = "bnas_xnor_cpu"
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # no FMA contraction: epilogue is exact
+
+# Backend name -> the extension's code-path constant name, fastest first.
+ISA_OF_BACKEND = {"cpu-avx512": "ISA_AVX512", "cpu-avx2": "ISA_AVX2", "cpu-popcnt": "ISA_POPCNT"}
+REQUIREMENT = {
+    "cpu-avx512": "AVX-512F, AVX-512BW and AVX-512 VPOPCNTDQ",
+    "cpu-avx2": "AVX2",
+    "cpu-popcnt": "the POPCNT instruction",
+}
+
+_lock = threading.Lock()
+_extension: ModuleType | None = None
+_build_error: str | None = None
+_supported: list[str] | None = None
+_repacked: OrderedDict[tuple, tuple[int, Tensor]] = OrderedDict()
+_REPACK_CACHE_SIZE = 256
+
+
+def cache_dir() -> Path:
+    """Where the compiled extension lives: ``$BNAS_CACHE/extensions`` or the user cache."""
+    root = os.environ.get("BNAS_CACHE")
+    if root:
+        base = Path(root)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnas"
+    # One folder per torch/python build: the binary links against both.
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    return base / "extensions" / tag.replace("+", "_")
+
+
+def extension() -> ModuleType | None:
+    """The compiled extension, building it on first call; ``None`` if it cannot be built."""
+    global _extension, _build_error
+    if _extension is not None or _build_error is not None:
+        return _extension
+    with _lock:
+        if _extension is not None or _build_error is not None:
+            return _extension
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            _build_error = f"the CPU kernels need an x86-64 CPU, this is {platform.machine()}"
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                build_dir = cache_dir()
+                build_dir.mkdir(parents=True, exist_ok=True)
+                _extension = load(name=EXTENSION_NAME, sources=[str(SOURCE)],
+                                  extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(build_dir), verbose=False)
+            except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as exc:
+                _build_error = _first_error_line(exc)
+        if _build_error is not None:
+            warnings.warn(
+                f"bnas.kernels: the CPU XNOR kernels are unavailable ({_build_error}); using "
+                "the slow float reference. Install a C++ compiler with OpenMP (e.g. g++) "
+                "and ninja to enable them.", RuntimeWarning, stacklevel=3)
+        return _extension
+
+
+def _first_error_line(exc: BaseException) -> str:
+    """The compiler's first ``error:`` line (the build log is long), else the last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or [type(exc).__name__])[0 if errors else -1]
+
+
+def build_error() -> str | None:
+    """Why the extension could not be built (``None`` if it was, or was not tried yet)."""
+    return _build_error
+
+
+def supported_backends() -> list[str]:
+    """CPU backend names this machine can run, fastest first (empty without the extension)."""
+    global _supported
+    if _supported is None:
+        ext = extension()
+        _supported = [] if ext is None else [
+            name for name, isa in ISA_OF_BACKEND.items() if ext.isa_supported(getattr(ext, isa))]
+    return _supported
+
+
+def _isa(name: str) -> int:
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"backend {name!r} needs the CPU extension, which could not be "
+                           f"built: {_build_error}")
+    return getattr(ext, ISA_OF_BACKEND[name])
+
+
+def _repacked_weights(wp: Tensor, groups: int, name: str) -> Tensor:
+    """Weights in the kernel's lane layout, cached: a network reuses the same packed weights
+    on every call. Entries are keyed on the tensor's identity, checked against its version
+    counter (an in-place update bumps it), and dropped when the tensor is freed, so
+    temporary weights (``xnor_conv2d`` on float tensors) do not pile up."""
+    key = (id(wp), groups, name)
+    hit = _repacked.get(key)
+    if hit is not None and hit[0] == wp._version:
+        return hit[1]
+    out = extension().repack_weights(wp.contiguous(), groups, _isa(name))
+    if hit is None:
+        weakref.finalize(wp, _repacked.pop, key, None)
+    _repacked[key] = (wp._version, out)
+    if len(_repacked) > _REPACK_CACHE_SIZE:
+        _repacked.popitem(last=False)
+    return out
+
+
+def pack_weights(w: Tensor, name: str) -> Tensor:
+    """Float (K, Cg, kh, kw) weights are an NCHW image batch of K: packing them gives
+    (K, kh, kw, Wg) directly; (K, F) gives (K, words)."""
+    return extension().pack_signs(w, 1, _isa(name), torch.get_num_threads())
+
+
+def pack_signs(x: Tensor, groups: int, name: str) -> Tensor:
+    """Float NCHW -> packed NHWC, or (N, F) -> (N, words), with code path ``name``."""
+    return extension().pack_signs(x, groups, _isa(name), torch.get_num_threads())
+
+
+def xnor_conv2d_packed(xp: Tensor, wp: Tensor, in_channels: int, kernel_size: tuple[int, int],
+                       stride: tuple[int, int], padding: tuple[int, int],
+                       dilation: tuple[int, int], groups: int, scale: Tensor | None,
+                       bias: Tensor | None, pack_output: bool, name: str) -> Tensor:
+    """Packed conv with code path ``name``: float output (N, K, OH, OW) in channels_last
+    memory (the kernel writes NHWC), or packed NHWC words."""
+    return extension().conv2d_packed(
+        xp.contiguous(), _repacked_weights(wp, groups, name), in_channels, wp.shape[0],
+        kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
+        dilation[0], dilation[1], groups, scale, bias, pack_output, _isa(name),
+        torch.get_num_threads())
+
+
+def xnor_linear_packed(xp: Tensor, wp: Tensor, in_features: int, scale: Tensor | None,
+                       bias: Tensor | None, pack_output: bool, name: str) -> Tensor:
+    """Packed linear with code path ``name`` (a 1x1 convolution over N samples)."""
+    return extension().linear_packed(
+        xp.contiguous(), _repacked_weights(wp, 1, name), in_features, wp.shape[0], scale, bias,
+        pack_output, _isa(name), torch.get_num_threads())

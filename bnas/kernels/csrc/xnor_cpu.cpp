@@ -1,0 +1,716 @@
+// XNOR-popcount convolution and linear kernels for x86 CPUs.
+//
+// One binary, three code paths chosen at run time (the caller passes the ISA it wants; the
+// Python side checks `isa_supported` first):
+//   ISA_AVX512  AVX-512 VPOPCNTDQ, 16 output channels per zmm register
+//   ISA_AVX2    AVX2, popcount by a nibble lookup table (pshufb), 8 channels per ymm
+//   ISA_POPCNT  scalar 64-bit popcnt, 4 output channels per step
+//
+// Packed format (see KERNELS_CONTRACT): int32 words along channels, bit 1 = +1, NHWC, group g
+// in words [g*Wg, (g+1)*Wg), padding bits 0. Because padding bits are 0 in both operands,
+// dot = K_valid - 2 * popc(x XOR w), where K_valid counts only the taps inside the image
+// (zero padding contributes 0, so out-of-image taps are skipped, never read as -1).
+//
+// Convolution is an implicit GEMM: for every output position the reduction runs over
+// "segments" of contiguous words (one per valid tap, or one per tap row when the taps of a
+// row are adjacent in memory). Output channels sit in SIMD lanes ("vectors" of L channels):
+// 4 vectors per step reuse each broadcast input word, and 4 output positions per step reuse
+// each weight load, with all 16 accumulators in registers. The epilogue (scale, bias, float
+// store or sign + pack) is fused into the same step. OpenMP splits (channel block, output
+// row) items, so a thread keeps one block's weights in L1 while it walks the rows.
+#include <torch/extension.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Isa : int { ISA_POPCNT = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+bool isa_supported(int64_t isa) {
+  __builtin_cpu_init();
+  switch (isa) {
+    case ISA_AVX512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vpopcntdq");
+    case ISA_AVX2:
+      return __builtin_cpu_supports("avx2");
+    case ISA_POPCNT:
+      return __builtin_cpu_supports("popcnt");
+    default:
+      return false;
+  }
+}
+
+int lanes_of(int isa) { return isa == ISA_AVX512 ? 16 : (isa == ISA_AVX2 ? 8 : 1); }
+
+// Output channel vectors per step (register blocking): 4 x 16 channels for AVX-512 with 4
+// positions uses 16 accumulators of the 32 zmm registers.
+constexpr int kVectorsPerBlock = 4;
+
+struct Geometry {
+  int64_t N, H, W;        // input
+  int64_t G, Cg, Wg;      // groups, channels per group, words per group
+  int64_t Ctot;           // words per input pixel = G * Wg
+  int64_t K, Kg;          // output channels, per group
+  int64_t KH, KW, sh, sw, ph, pw, dh, dw;
+  int64_t OH, OW;
+};
+
+// A run of `len` contiguous words: input at base + x_off, weights at w + w_off * L.
+struct Segment {
+  int64_t x_off;
+  int64_t w_off;
+  int64_t len;
+};
+
+struct Epilogue {
+  const float* scale;     // K or nullptr
+  const float* bias;      // K or nullptr
+  float* out_f;           // (pixels, K) NHWC float, or nullptr
+  int32_t* out_p;         // (pixels, Kw) packed signs, or nullptr
+  int64_t K;              // output channels
+  int64_t Kw;             // words per packed output pixel
+  bool atomic_bits;       // this block shares packed words with another block
+};
+
+// One step of work: P output positions x (up to Q vectors of L) output channels.
+struct Block {
+  const int32_t* x[4];    // per position: input base the segment offsets are relative to
+  int64_t pos[4];         // per position: output pixel index
+  int64_t kvalid[4];      // per position: real +-1 terms summed (taps inside the image)
+  const int32_t* w;       // weights of the block's first vector
+  int64_t vstride;        // words between consecutive vectors
+  const Segment* segs;
+  int nseg;
+  int64_t k0;             // first output channel of the block
+  int64_t nch;            // output channels in the block (<= Q * L)
+};
+
+// ORs up to 64 sign bits into a packed row starting at bit k0.
+inline void or_bits(int32_t* row, int64_t k0, uint64_t bits, bool atomic) {
+  if (bits == 0) return;
+  const unsigned __int128 v = static_cast<unsigned __int128>(bits) << (k0 & 31);
+  uint32_t* words = reinterpret_cast<uint32_t*>(row) + (k0 >> 5);
+  for (int i = 0; i < 3; ++i) {
+    const uint32_t part = static_cast<uint32_t>(v >> (32 * i));
+    if (part == 0) continue;
+    if (atomic)
+      __atomic_fetch_or(words + i, part, __ATOMIC_RELAXED);
+    else
+      words[i] |= part;
+  }
+}
+
+// value = K_valid - 2 * popcount, then * scale + bias (two roundings, no FMA: it matches the
+// float computation bit for bit), stored as float NHWC or as packed signs.
+// acc holds P rows of `stride` counts, channel c of the block at [p * stride + c].
+inline void epilogue_scalar(const int32_t* acc, int P, int64_t stride, const Block& b,
+                            const Epilogue& e) {
+  for (int p = 0; p < P; ++p) {
+    uint64_t bits = 0;
+    for (int64_t c = 0; c < b.nch; ++c) {
+      const int64_t k = b.k0 + c;
+      float v = static_cast<float>(b.kvalid[p] - 2 * static_cast<int64_t>(acc[p * stride + c]));
+      if (e.scale) v = v * e.scale[k];
+      if (e.bias) v = v + e.bias[k];
+      if (e.out_f)
+        e.out_f[b.pos[p] * e.K + k] = v;
+      else if (v >= 0.0f)
+        bits |= uint64_t{1} << c;
+    }
+    if (!e.out_f) or_bits(e.out_p + b.pos[p] * e.Kw, b.k0, bits, e.atomic_bits);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Block kernels: accumulate popc(x XOR w) for P positions x Q vectors, then the epilogue.
+// ---------------------------------------------------------------------------------------
+template <int P, int Q>
+__attribute__((target("avx512f,avx512vpopcntdq,avx512bw"))) void block_avx512(
+    const Block& b, const Epilogue& e) {
+  __m512i acc[P][Q];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) acc[p][q] = _mm512_setzero_si512();
+  for (int s = 0; s < b.nseg; ++s) {
+    const int32_t* xs[P];
+    for (int p = 0; p < P; ++p) xs[p] = b.x[p] + b.segs[s].x_off;
+    const int32_t* ws = b.w + b.segs[s].w_off * 16;
+    const int64_t len = b.segs[s].len;
+    for (int64_t c = 0; c < len; ++c) {
+      __m512i wv[Q];
+      for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_si512(ws + q * b.vstride + c * 16);
+      for (int p = 0; p < P; ++p) {
+        const __m512i xv = _mm512_set1_epi32(xs[p][c]);
+        for (int q = 0; q < Q; ++q)
+          acc[p][q] = _mm512_add_epi32(acc[p][q],
+                                       _mm512_popcnt_epi32(_mm512_xor_si512(xv, wv[q])));
+      }
+    }
+  }
+  // Epilogue, vectorized: 16 channels per step, per-channel scale and bias loaded once.
+  __mmask16 lanes[Q];
+  __m512 sc[Q], bi[Q];
+  for (int q = 0; q < Q; ++q) {
+    const int64_t nl = std::min<int64_t>(16, b.nch - 16 * q);
+    lanes[q] = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+    const int64_t k = b.k0 + 16 * q;
+    sc[q] = e.scale ? _mm512_maskz_loadu_ps(lanes[q], e.scale + k) : _mm512_set1_ps(1.0f);
+    bi[q] = e.bias ? _mm512_maskz_loadu_ps(lanes[q], e.bias + k) : _mm512_setzero_ps();
+  }
+  for (int p = 0; p < P; ++p) {
+    const __m512i kv = _mm512_set1_epi32(static_cast<int32_t>(b.kvalid[p]));
+    uint64_t bits = 0;
+    for (int q = 0; q < Q; ++q) {
+      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(kv, _mm512_slli_epi32(acc[p][q], 1)));
+      if (e.scale) v = _mm512_mul_ps(v, sc[q]);
+      if (e.bias) v = _mm512_add_ps(v, bi[q]);
+      if (e.out_f) {
+        _mm512_mask_storeu_ps(e.out_f + b.pos[p] * e.K + b.k0 + 16 * q, lanes[q], v);
+      } else {
+        const __mmask16 m = _mm512_mask_cmp_ps_mask(lanes[q], v, _mm512_setzero_ps(),
+                                                    _CMP_GE_OQ);
+        bits |= static_cast<uint64_t>(m) << (16 * q);
+      }
+    }
+    if (!e.out_f) or_bits(e.out_p + b.pos[p] * e.Kw, b.k0, bits, e.atomic_bits);
+  }
+}
+
+// Adds the byte counters into the 32-bit lanes and clears them.
+template <int P, int Q>
+__attribute__((target("avx2"))) inline void avx2_widen(__m256i (&acc)[P][Q],
+                                                       __m256i (&accb)[P][Q]) {
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) {
+      const __m256i s16 = _mm256_maddubs_epi16(accb[p][q], ones8);
+      acc[p][q] = _mm256_add_epi32(acc[p][q], _mm256_madd_epi16(s16, ones16));
+      accb[p][q] = _mm256_setzero_si256();
+    }
+}
+
+// Byte-wise popcount through a 16-entry nibble table (pshufb); bytes are summed for at most
+// 31 words (31 * 8 < 256) and then widened to 32-bit lanes.
+template <int P, int Q>
+__attribute__((target("avx2"))) void block_avx2(const Block& b, const Epilogue& e) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1,
+                                       2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  __m256i acc[P][Q], accb[P][Q];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) acc[p][q] = accb[p][q] = _mm256_setzero_si256();
+  int pending = 0;
+  for (int s = 0; s < b.nseg; ++s) {
+    const int32_t* xs[P];
+    for (int p = 0; p < P; ++p) xs[p] = b.x[p] + b.segs[s].x_off;
+    const int32_t* ws = b.w + b.segs[s].w_off * 8;
+    const int64_t len = b.segs[s].len;
+    for (int64_t c = 0; c < len; ++c) {
+      __m256i wv[Q];
+      for (int q = 0; q < Q; ++q)
+        wv[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + q * b.vstride + c * 8));
+      for (int p = 0; p < P; ++p) {
+        const __m256i xv = _mm256_set1_epi32(xs[p][c]);
+        for (int q = 0; q < Q; ++q) {
+          const __m256i t = _mm256_xor_si256(xv, wv[q]);
+          const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(t, low4));
+          const __m256i hi =
+              _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(t, 4), low4));
+          accb[p][q] = _mm256_add_epi8(accb[p][q], _mm256_add_epi8(lo, hi));
+        }
+      }
+      if (++pending == 31) {
+        avx2_widen<P, Q>(acc, accb);
+        pending = 0;
+      }
+    }
+  }
+  avx2_widen<P, Q>(acc, accb);
+  alignas(32) int32_t counts[P * Q * 8];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(counts + (p * Q + q) * 8), acc[p][q]);
+  epilogue_scalar(counts, P, Q * 8, b, e);
+}
+
+// Scalar: one output channel per "vector" (L = 1), words taken two at a time as 64 bits.
+template <int P, int Q>
+__attribute__((target("popcnt"))) void block_popcnt(const Block& b, const Epilogue& e) {
+  int64_t acc[P][Q] = {};
+  for (int s = 0; s < b.nseg; ++s) {
+    const int32_t* xs[P];
+    for (int p = 0; p < P; ++p) xs[p] = b.x[p] + b.segs[s].x_off;
+    const int32_t* ws = b.w + b.segs[s].w_off;
+    const int64_t len = b.segs[s].len;
+    int64_t c = 0;
+    for (; c + 2 <= len; c += 2) {
+      uint64_t wv[Q];
+      for (int q = 0; q < Q; ++q) std::memcpy(&wv[q], ws + q * b.vstride + c, 8);
+      for (int p = 0; p < P; ++p) {
+        uint64_t xv;
+        std::memcpy(&xv, xs[p] + c, 8);
+        for (int q = 0; q < Q; ++q) acc[p][q] += __builtin_popcountll(xv ^ wv[q]);
+      }
+    }
+    if (c < len) {
+      for (int p = 0; p < P; ++p) {
+        const uint32_t xv = static_cast<uint32_t>(xs[p][c]);
+        for (int q = 0; q < Q; ++q)
+          acc[p][q] += __builtin_popcount(xv ^ static_cast<uint32_t>(ws[q * b.vstride + c]));
+      }
+    }
+  }
+  int32_t counts[P * Q];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) counts[p * Q + q] = static_cast<int32_t>(acc[p][q]);
+  epilogue_scalar(counts, P, Q, b, e);
+}
+
+using BlockFn = void (*)(const Block&, const Epilogue&);
+
+template <int P>
+BlockFn pick_block(int isa, int q) {
+  switch (isa) {
+    case ISA_AVX512:
+      switch (q) {
+        case 1: return block_avx512<P, 1>;
+        case 2: return block_avx512<P, 2>;
+        case 3: return block_avx512<P, 3>;
+        default: return block_avx512<P, 4>;
+      }
+    case ISA_AVX2:
+      switch (q) {
+        case 1: return block_avx2<P, 1>;
+        case 2: return block_avx2<P, 2>;
+        case 3: return block_avx2<P, 3>;
+        default: return block_avx2<P, 4>;
+      }
+    default:
+      switch (q) {
+        case 1: return block_popcnt<P, 1>;
+        case 2: return block_popcnt<P, 2>;
+        case 3: return block_popcnt<P, 3>;
+        default: return block_popcnt<P, 4>;
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Driver: work items are (group, channel block, output row); a thread keeps one channel
+// block's weights hot in L1 while it walks many rows.
+// ---------------------------------------------------------------------------------------
+void conv_driver(const int32_t* x, const int32_t* wrep, const Geometry& g, int isa,
+                 const Epilogue& base_epi, int num_threads) {
+  const int L = lanes_of(isa);
+  const int Qmax = kVectorsPerBlock;
+  const int64_t nv = (g.Kg + L - 1) / L;                  // vectors per group
+  const int64_t nblocks = (nv + Qmax - 1) / Qmax;         // channel blocks per group
+  const int64_t vstride = g.KH * g.KW * g.Wg * L;         // words between vectors
+  const int64_t rows = g.N * g.OH;
+  const int64_t items = g.G * nblocks * rows;
+  const bool contiguous_taps = (g.G == 1 && g.dw == 1);   // a tap row is one run of words
+  constexpr int PB = 4;                                   // positions per interior step
+
+  // Output columns whose taps all fall inside the image horizontally.
+  int64_t ow_lo = g.OW, ow_hi = g.OW;
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const int64_t iw0 = ow * g.sw - g.pw, iw1 = iw0 + (g.KW - 1) * g.dw;
+    if (iw0 >= 0 && iw1 < g.W) {
+      if (ow_lo == g.OW) ow_lo = ow;
+      ow_hi = ow + 1;
+    }
+  }
+  // Never split the work finer than the machine: tiny problems run on fewer threads.
+  const int64_t work = rows * g.OW * g.K * g.KH * g.KW * g.Wg;
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({num_threads, items, work / 4096 + 1})));
+
+  // Dynamic chunks of consecutive items (same channel block, neighbouring rows): a thread
+  // that the OS pauses (a shared machine) does not hold up a fixed half of the work.
+  const int64_t chunk = std::max<int64_t>(1, items / (8 * static_cast<int64_t>(threads)));
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<Segment> segs(g.KH * g.KW + 1), bsegs(g.KH * g.KW + 1);
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t row = item % rows;
+      const int64_t gb = item / rows;
+      const int64_t grp = gb / nblocks, blk = gb % nblocks;
+      const int64_t n = row / g.OH, oh = row % g.OH;
+      const int64_t v0 = blk * Qmax;
+      const int Q = static_cast<int>(std::min<int64_t>(Qmax, nv - v0));
+
+      Block b{};
+      b.w = wrep + (grp * nv + v0) * vstride;
+      b.vstride = vstride;
+      b.k0 = grp * g.Kg + v0 * L;
+      b.nch = std::min<int64_t>(static_cast<int64_t>(Q) * L, g.Kg - v0 * L);
+      const int64_t kend = b.k0 + b.nch;
+      Epilogue e = base_epi;
+      e.atomic_bits = e.out_p != nullptr &&
+                      ((b.k0 & 31) != 0 || ((kend & 31) != 0 && kend != g.K));
+
+      const int32_t* ximg = x + n * g.H * g.W * g.Ctot + grp * g.Wg;
+      // Segments of the valid tap rows for interior columns, relative to the position's
+      // first tap column; K_valid counts exactly what is summed.
+      int nseg = 0;
+      int64_t ni_valid = 0;
+      for (int64_t i = 0; i < g.KH; ++i) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        ++ni_valid;
+        if (contiguous_taps) {
+          segs[nseg++] = {ih * g.W * g.Ctot, i * g.KW * g.Wg, g.KW * g.Wg};
+        } else {
+          for (int64_t j = 0; j < g.KW; ++j)
+            segs[nseg++] = {(ih * g.W + j * g.dw) * g.Ctot, (i * g.KW + j) * g.Wg, g.Wg};
+        }
+      }
+      const int64_t kvalid_full = ni_valid * g.KW * g.Cg;
+      const int64_t pos_row = row * g.OW;
+      const BlockFn block_p = pick_block<PB>(isa, Q);
+      const BlockFn block_1 = pick_block<1>(isa, Q);
+
+      // Interior columns, PB at a time (SIMD paths: reuses each weight load PB times; the
+      // scalar path has too few registers for PB x Q accumulators), then one at a time.
+      b.segs = segs.data();
+      b.nseg = nseg;
+      int64_t ow = ow_lo;
+      for (; isa != ISA_POPCNT && ow + PB <= ow_hi; ow += PB) {
+        for (int p = 0; p < PB; ++p) {
+          b.x[p] = ximg + ((ow + p) * g.sw - g.pw) * g.Ctot;
+          b.pos[p] = pos_row + ow + p;
+          b.kvalid[p] = kvalid_full;
+        }
+        block_p(b, e);
+      }
+      for (; ow < ow_hi; ++ow) {
+        b.x[0] = ximg + (ow * g.sw - g.pw) * g.Ctot;
+        b.pos[0] = pos_row + ow;
+        b.kvalid[0] = kvalid_full;
+        block_1(b, e);
+      }
+      // Border columns: only the taps inside the image, addressed from the image origin
+      // (valid taps of a row are one run of words when taps are adjacent in memory).
+      b.segs = bsegs.data();
+      for (int64_t owb = 0; owb < g.OW; ++owb) {
+        if (owb >= ow_lo && owb < ow_hi) continue;
+        int64_t j_lo = g.KW, j_hi = 0;
+        for (int64_t j = 0; j < g.KW; ++j) {
+          const int64_t iw = owb * g.sw - g.pw + j * g.dw;
+          if (iw >= 0 && iw < g.W) {
+            j_lo = std::min(j_lo, j);
+            j_hi = j + 1;
+          }
+        }
+        const int64_t nj = j_hi > j_lo ? j_hi - j_lo : 0;
+        int nb = 0;
+        for (int64_t i = 0; i < g.KH && nj > 0; ++i) {
+          const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+          if (ih < 0 || ih >= g.H) continue;
+          const int64_t iw_lo = owb * g.sw - g.pw + j_lo * g.dw;
+          if (contiguous_taps) {
+            bsegs[nb++] = {(ih * g.W + iw_lo) * g.Ctot, (i * g.KW + j_lo) * g.Wg, nj * g.Wg};
+          } else {
+            for (int64_t j = j_lo; j < j_hi; ++j)
+              bsegs[nb++] = {(ih * g.W + iw_lo + (j - j_lo) * g.dw) * g.Ctot,
+                             (i * g.KW + j) * g.Wg, g.Wg};
+          }
+        }
+        const int64_t taps = ni_valid * nj;
+        b.nseg = nb;
+        b.x[0] = ximg;
+        b.pos[0] = pos_row + owb;
+        b.kvalid[0] = taps * g.Cg;
+        block_1(b, e);
+      }
+    }
+  }
+}
+
+void check_packed(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == torch::kInt32, name, " must be int32 packed words");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// ---------------------------------------------------------------------------------------
+// Python entry points
+// ---------------------------------------------------------------------------------------
+
+// Weights (K, KH, KW, Wg) -> (G, nv, KH, KW, Wg, L): L output channels interleaved per word,
+// channels past Kg in a group zero-filled (their results are never stored). Linear weights
+// (K, words) are 1x1 convolution weights.
+torch::Tensor repack_weights(const torch::Tensor& wp_in, int64_t groups, int64_t isa) {
+  check_packed(wp_in, "packed weights");
+  TORCH_CHECK(wp_in.dim() == 4 || wp_in.dim() == 2,
+              "packed weights must be (K, kh, kw, words) or (K, words)");
+  const torch::Tensor wp =
+      wp_in.dim() == 2 ? wp_in.view({wp_in.size(0), 1, 1, wp_in.size(1)}) : wp_in;
+  const int64_t K = wp.size(0), KH = wp.size(1), KW = wp.size(2), Wg = wp.size(3);
+  TORCH_CHECK(K % groups == 0, "output channels must divide by groups");
+  const int64_t L = lanes_of(static_cast<int>(isa));
+  const int64_t Kg = K / groups, nv = (Kg + L - 1) / L, T = KH * KW * Wg;
+  auto out = torch::zeros({groups, nv, KH, KW, Wg, L}, wp.options());
+  const int32_t* src = wp.data_ptr<int32_t>();
+  int32_t* dst = out.data_ptr<int32_t>();
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t k = 0; k < Kg; ++k) {
+      const int64_t v = k / L, l = k % L;
+      const int32_t* s = src + (g * Kg + k) * T;
+      int32_t* d = dst + (g * nv + v) * T * L + l;
+      for (int64_t t = 0; t < T; ++t) d[t * L] = s[t];
+    }
+  return out;
+}
+
+// Output NHWC: float (N, OH, OW, K) (or viewed as (N, K, OH, OW) channels_last), or packed
+// (N, OH, OW, ceil(K / 32)).
+torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int64_t in_channels,
+                        int64_t out_channels, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                        int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t groups,
+                        const c10::optional<torch::Tensor>& scale,
+                        const c10::optional<torch::Tensor>& bias, bool pack_output,
+                        bool nchw_channels_last, int64_t isa, int64_t num_threads) {
+  check_packed(xp, "packed input");
+  check_packed(wrep, "repacked weights");
+  TORCH_CHECK(xp.dim() == 4, "packed input must be (N, H, W, words)");
+  TORCH_CHECK(isa_supported(isa), "this CPU does not support the requested instruction set");
+  Geometry g{};
+  g.N = xp.size(0);
+  g.H = xp.size(1);
+  g.W = xp.size(2);
+  g.G = groups;
+  g.Cg = in_channels / groups;
+  g.Wg = (g.Cg + 31) / 32;
+  g.Ctot = xp.size(3);
+  TORCH_CHECK(g.Ctot == g.G * g.Wg, "packed input has ", g.Ctot, " words per pixel, expected ",
+              g.G * g.Wg, " for ", in_channels, " channels in ", groups, " groups");
+  g.K = out_channels;
+  g.Kg = out_channels / groups;
+  g.KH = kh; g.KW = kw; g.sh = sh; g.sw = sw; g.ph = ph; g.pw = pw; g.dh = dh; g.dw = dw;
+  g.OH = (g.H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  g.OW = (g.W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "the kernel does not fit in the padded input");
+  const int64_t L = lanes_of(static_cast<int>(isa));
+  TORCH_CHECK(wrep.numel() == g.G * ((g.Kg + L - 1) / L) * kh * kw * g.Wg * L,
+              "repacked weights do not match the geometry");
+
+  Epilogue e{};
+  torch::Tensor sc, bi, out;
+  if (scale.has_value()) {
+    sc = scale->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(sc.numel() == g.K, "scale must have one value per output channel");
+    e.scale = sc.data_ptr<float>();
+  }
+  if (bias.has_value()) {
+    bi = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(bi.numel() == g.K, "bias must have one value per output channel");
+    e.bias = bi.data_ptr<float>();
+  }
+  if (pack_output) {
+    e.Kw = (g.K + 31) / 32;
+    out = torch::zeros({g.N, g.OH, g.OW, e.Kw}, xp.options());
+    e.out_p = out.data_ptr<int32_t>();
+  } else if (nchw_channels_last) {
+    // (N, K, OH, OW) whose memory is NHWC: what the kernel writes, no permute needed.
+    out = torch::empty({g.N, g.K, g.OH, g.OW}, xp.options().dtype(torch::kFloat32)
+                                                   .memory_format(at::MemoryFormat::ChannelsLast));
+    e.out_f = out.data_ptr<float>();
+  } else {
+    out = torch::empty({g.N, g.OH, g.OW, g.K}, xp.options().dtype(torch::kFloat32));
+    e.out_f = out.data_ptr<float>();
+  }
+  e.K = g.K;
+  conv_driver(xp.data_ptr<int32_t>(), wrep.data_ptr<int32_t>(), g, static_cast<int>(isa), e,
+              static_cast<int>(std::max<int64_t>(1, num_threads)));
+  return out;
+}
+
+// Float output as (N, K, OH, OW) in channels_last memory; packed output NHWC.
+torch::Tensor conv2d_packed(const torch::Tensor& xp, const torch::Tensor& wrep, int64_t in_channels,
+                            int64_t out_channels, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                            int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t groups,
+                            const c10::optional<torch::Tensor>& scale,
+                            const c10::optional<torch::Tensor>& bias, bool pack_output,
+                            int64_t isa, int64_t num_threads) {
+  return conv_nhwc(xp, wrep, in_channels, out_channels, kh, kw, sh, sw, ph, pw, dh, dw, groups,
+                   scale, bias, pack_output, true, isa, num_threads);
+}
+
+// Linear = 1x1 convolution over a (1, 1, N) image of N samples.
+torch::Tensor linear_packed(const torch::Tensor& xp, const torch::Tensor& wrep,
+                            int64_t in_features, int64_t out_features,
+                            const c10::optional<torch::Tensor>& scale,
+                            const c10::optional<torch::Tensor>& bias, bool pack_output,
+                            int64_t isa, int64_t num_threads) {
+  TORCH_CHECK(xp.dim() == 2, "packed linear input must be (N, words)");
+  const int64_t n = xp.size(0);
+  torch::Tensor out = conv_nhwc(xp.view({1, 1, n, xp.size(1)}), wrep, in_features, out_features,
+                                1, 1, 1, 1, 0, 0, 1, 1, 1, scale, bias, pack_output, false,
+                                isa, num_threads);
+  return out.view({n, out.size(3)});
+}
+
+// ---------------------------------------------------------------------------------------
+// Packing signs of a float NCHW tensor into NHWC words (bit 1 where x >= 0). A task is one
+// image and a run of pixels; every word of those pixels is built, then written out in
+// NHWC order as one contiguous stretch.
+// ---------------------------------------------------------------------------------------
+struct PackGeometry {
+  int64_t C, HW, Cg, Wg, Ctot;
+};
+
+// Generic: 32 channels at a time, bits gathered per pixel (the compiler vectorizes the
+// pixel loop).
+void pack_pixels_generic(const float* img, const PackGeometry& g, int64_t p0, int64_t np,
+                         uint32_t* out) {
+  for (int64_t word = 0; word < g.Ctot; ++word) {
+    const int64_t grp = word / g.Wg, wi = word % g.Wg;
+    const int64_t c0 = grp * g.Cg + wi * 32;
+    const int64_t nch = std::min<int64_t>(32, g.Cg - wi * 32);
+    uint32_t bits[64] = {};
+    for (int64_t j = 0; j < nch; ++j) {
+      const float* r = img + (c0 + j) * g.HW + p0;
+      const uint32_t bit = 1u << j;
+      for (int64_t p = 0; p < np; ++p) bits[p] |= (r[p] >= 0.0f) ? bit : 0u;
+    }
+    for (int64_t p = 0; p < np; ++p) out[(p0 + p) * g.Ctot + word] = bits[p];
+  }
+}
+
+// AVX-512: 16 pixels per register, up to 4 registers (64 pixels) per channel so every
+// channel is read as one contiguous run; a channel's signs become one compare mask that
+// sets bit j in those pixels' words.
+__attribute__((target("avx512f,avx512bw"))) void pack_pixels_avx512(const float* img,
+                                                                    const PackGeometry& g,
+                                                                    int64_t p0, int64_t np,
+                                                                    uint32_t* out) {
+  __mmask16 live[4];
+  for (int b = 0; b < 4; ++b) {
+    const int64_t n16 = std::max<int64_t>(0, std::min<int64_t>(16, np - 16 * b));
+    live[b] = static_cast<__mmask16>(n16 >= 16 ? 0xFFFFu : ((1u << n16) - 1u));
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  alignas(64) uint32_t words[64];
+  for (int64_t word = 0; word < g.Ctot; ++word) {
+    const int64_t grp = word / g.Wg, wi = word % g.Wg;
+    const int64_t c0 = grp * g.Cg + wi * 32;
+    const int64_t nch = std::min<int64_t>(32, g.Cg - wi * 32);
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                      _mm512_setzero_si512()};
+    const float* r = img + c0 * g.HW + p0;
+    for (int64_t j = 0; j < nch; ++j, r += g.HW) {
+      const __m512i bit = _mm512_set1_epi32(static_cast<int>(1u << j));
+      for (int b = 0; b < 4; ++b) {
+        const __m512 v = _mm512_maskz_loadu_ps(live[b], r + 16 * b);
+        const __mmask16 ge = _mm512_mask_cmp_ps_mask(live[b], v, zero, _CMP_GE_OQ);
+        acc[b] = _mm512_mask_or_epi32(acc[b], ge, acc[b], bit);
+      }
+    }
+    if (g.Ctot == 1) {
+      for (int b = 0; b < 4; ++b) _mm512_mask_storeu_epi32(out + p0 + 16 * b, live[b], acc[b]);
+    } else {
+      for (int b = 0; b < 4; ++b) _mm512_store_si512(words + 16 * b, acc[b]);
+      for (int64_t i = 0; i < np; ++i) out[(p0 + i) * g.Ctot + word] = words[i];
+    }
+  }
+}
+
+// Rows of contiguous features (linear layers): 32 neighbouring floats make one word.
+void pack_row_generic(const float* x, int64_t F, uint32_t* out) {
+  for (int64_t w = 0; w * 32 < F; ++w) {
+    const int64_t nch = std::min<int64_t>(32, F - w * 32);
+    uint32_t bits = 0;
+    for (int64_t j = 0; j < nch; ++j) bits |= (x[w * 32 + j] >= 0.0f) ? (1u << j) : 0u;
+    out[w] = bits;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void pack_row_avx512(const float* x, int64_t F,
+                                                                 uint32_t* out) {
+  for (int64_t w = 0; w * 32 < F; ++w) {
+    const int64_t nch = std::min<int64_t>(32, F - w * 32);
+    const int64_t lo = std::min<int64_t>(16, nch), hi = nch - lo;
+    const __mmask16 mlo = static_cast<__mmask16>(lo >= 16 ? 0xFFFFu : ((1u << lo) - 1u));
+    const __mmask16 mhi = static_cast<__mmask16>(hi >= 16 ? 0xFFFFu : ((1u << hi) - 1u));
+    const __m512 zero = _mm512_setzero_ps();
+    const uint32_t blo = _mm512_mask_cmp_ps_mask(mlo, _mm512_maskz_loadu_ps(mlo, x + w * 32),
+                                                 zero, _CMP_GE_OQ);
+    const uint32_t bhi = _mm512_mask_cmp_ps_mask(
+        mhi, _mm512_maskz_loadu_ps(mhi, x + w * 32 + 16), zero, _CMP_GE_OQ);
+    out[w] = blo | (bhi << 16);
+  }
+}
+
+torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
+                         int64_t num_threads) {
+  TORCH_CHECK(x_in.device().is_cpu(), "pack_signs: input must be on the CPU");
+  TORCH_CHECK(x_in.dim() == 4 || x_in.dim() == 2, "pack_signs: input must be NCHW or (N, F)");
+  const bool avx512 = isa == ISA_AVX512 && isa_supported(ISA_AVX512);
+  if (x_in.dim() == 2) {
+    auto x = x_in.to(torch::kFloat32).contiguous();
+    const int64_t n = x.size(0), f = x.size(1), words = (f + 31) / 32;
+    auto out = torch::empty({n, words}, x.options().dtype(torch::kInt32));
+    const float* src = x.data_ptr<float>();
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+    const int threads = static_cast<int>(
+        std::max<int64_t>(1, std::min<int64_t>({num_threads, n, n * f / 32768 + 1})));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      if (avx512)
+        pack_row_avx512(src + i * f, f, dst + i * words);
+      else
+        pack_row_generic(src + i * f, f, dst + i * words);
+    }
+    return out;
+  }
+  auto x = x_in.to(torch::kFloat32).contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(C % groups == 0, "channels must divide by groups");
+  PackGeometry g{C, H * W, C / groups, (C / groups + 31) / 32, 0};
+  g.Ctot = groups * g.Wg;
+  auto out = torch::empty({N, H, W, g.Ctot}, x.options().dtype(torch::kInt32));
+  const float* src = x.data_ptr<float>();
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  constexpr int64_t kPixelsPerTask = 64;
+  const int64_t blocks = (g.HW + kPixelsPerTask - 1) / kPixelsPerTask;
+  const int64_t tasks = N * blocks;
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({num_threads, tasks, N * C * g.HW / 32768 + 1})));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n = t / blocks, p0 = (t % blocks) * kPixelsPerTask;
+    const int64_t np = std::min<int64_t>(kPixelsPerTask, g.HW - p0);
+    const float* img = src + n * C * g.HW;
+    uint32_t* o = dst + n * g.HW * g.Ctot;
+    if (avx512)
+      pack_pixels_avx512(img, g, p0, np, o);
+    else
+      pack_pixels_generic(img, g, p0, np, o);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bnas XNOR-popcount CPU kernels";
+  m.attr("ISA_POPCNT") = static_cast<int>(ISA_POPCNT);
+  m.attr("ISA_AVX2") = static_cast<int>(ISA_AVX2);
+  m.attr("ISA_AVX512") = static_cast<int>(ISA_AVX512);
+  m.def("isa_supported", &isa_supported, "whether this CPU runs the given code path");
+  m.def("lanes", [](int64_t isa) { return lanes_of(static_cast<int>(isa)); },
+        "output channels per SIMD vector for a code path");
+  m.def("repack_weights", &repack_weights, "packed conv weights -> the kernel's lane layout");
+  m.def("conv2d_packed", &conv2d_packed, "XNOR-popcount conv2d on packed NHWC input");
+  m.def("linear_packed", &linear_packed, "XNOR-popcount linear on packed (N, words) input");
+  m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
+}

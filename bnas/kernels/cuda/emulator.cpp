@@ -1,0 +1,498 @@
+// Host warp emulator of the CUDA XNOR kernels (used by the tests; never by the fast paths).
+//
+// It runs the BNAS_HD kernel bodies of xnor_conv.cuh unchanged, with EmuCtx in place of the
+// device context: every CUDA thread of a block is a cooperative fiber (ucontext) with its own
+// stack and registers, shared memory is one byte array per block, and
+//   - __syncthreads is a barrier: no thread passes until every live thread of the block
+//     has arrived (a barrier reached after some thread exited is reported as an error);
+//   - the 1-bit mma is warp-collective: each lane deposits its fragment registers and waits;
+//     once all 32 lanes of the warp arrived at the same mma (same per-lane call count), the
+//     exact software model of mma.m16n8k256 .b1 .and.popc (mma_b1.cuh) computes D for all
+//     lanes;
+//   - cp.async copies are queued per thread and land in shared memory only at the
+//     cp.async.wait_group that retires their commit group, so a wait/commit accounting
+//     mistake reads stale or poisoned shared memory, as it would on the device;
+//   - shared memory starts filled with a poison pattern, and every global load/store is
+//     checked against the tensors passed in.
+// Exposed through a C ABI (loaded with ctypes by bnas/kernels/cuda_backend.py).
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "mma_b1.cuh"
+#include "tiles.h"
+#include "xnor_conv.cuh"
+
+namespace bnas_cuda {
+namespace emu {
+
+struct Span {
+  const uint8_t* lo;
+  const uint8_t* hi;
+  bool writable;
+};
+
+class EmuError {
+ public:
+  explicit EmuError(std::string m) : msg(std::move(m)) {}
+  std::string msg;
+};
+
+enum class State { Ready, AtSync, AtMma, Done };
+
+struct Copy {
+  uint8_t* dst;
+  const uint8_t* src;
+  int bytes;
+  bool pred;
+};
+
+class BlockRunner;
+
+// The per-thread context the kernel bodies see (same interface as DeviceCtx).
+class EmuCtx {
+ public:
+  BlockRunner* run = nullptr;
+  int thread = 0;
+
+  int tid() const { return thread; }
+  int block_x() const;
+  int block_y() const;
+  uint8_t* smem() const;
+  void sync();
+  void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]);
+  template <int BYTES>
+  void cp_async(void* dst, const void* src, bool pred);
+  void cp_commit();
+  template <int N>
+  void cp_wait() { wait_groups(N); }
+  template <class T>
+  T ld(const T* p) const {
+    check_global(p, sizeof(T), false);
+    return *p;
+  }
+  template <class T>
+  void st(T* p, T v) const {
+    check_global(p, sizeof(T), true);
+    *p = v;
+  }
+  void atomic_or(uint32_t* p, uint32_t v) const {
+    check_global(p, sizeof(uint32_t), true);
+    *p |= v;   // fibers never interleave inside this call
+  }
+
+  // emulator state of this thread
+  State state = State::Ready;
+  std::vector<std::vector<Copy>> groups;
+  std::vector<Copy> open;
+  long mma_calls = 0;
+  uint32_t a_reg[4] = {0, 0, 0, 0}, b_reg[2] = {0, 0};
+  int32_t c_reg[4] = {0, 0, 0, 0};
+
+ private:
+  void wait_groups(int keep);
+  void check_global(const void* p, size_t bytes, bool write) const;
+};
+
+class BlockRunner {
+ public:
+  BlockRunner(int threads, size_t smem_bytes, std::vector<Span> spans)
+      : threads_(threads), spans_(std::move(spans)), smem_(smem_bytes + 16), ctxs_(threads),
+        fibers_(threads), stacks_(threads) {
+    for (int i = 0; i < threads; ++i) {
+      ctxs_[i].run = this;
+      ctxs_[i].thread = i;
+      stacks_[i].resize(kStackBytes);
+    }
+  }
+
+  // Runs one block to completion; throws EmuError on a detected problem.
+  void run_block(int bx, int by, const std::function<void(EmuCtx&)>& body) {
+    bx_ = bx;
+    by_ = by;
+    body_ = &body;
+    error_.clear();
+    std::memset(smem_.data(), 0xA5, smem_.size());   // shared memory starts as garbage
+    for (int i = 0; i < threads_; ++i) {
+      EmuCtx& c = ctxs_[i];
+      c.state = State::Ready;
+      c.groups.clear();
+      c.open.clear();
+      c.mma_calls = 0;
+      getcontext(&fibers_[i]);
+      fibers_[i].uc_stack.ss_sp = stacks_[i].data();
+      fibers_[i].uc_stack.ss_size = stacks_[i].size();
+      fibers_[i].uc_link = nullptr;
+      makecontext(&fibers_[i], reinterpret_cast<void (*)()>(&BlockRunner::entry), 0);
+    }
+    for (;;) {
+      bool ran = false;
+      for (int i = 0; i < threads_; ++i) {
+        if (ctxs_[i].state != State::Ready) continue;
+        current_ = i;
+        active_ = this;
+        swapcontext(&main_, &fibers_[i]);
+        ran = true;
+        if (!error_.empty()) throw EmuError(error_);
+      }
+      if (resolve_mma()) continue;
+      int live = 0, at_sync = 0, done = 0;
+      for (const EmuCtx& c : ctxs_) {
+        if (c.state == State::Done) ++done;
+        else ++live;
+        if (c.state == State::AtSync) ++at_sync;
+      }
+      if (live == 0) return;
+      if (at_sync == live) {
+        if (done > 0) throw EmuError("__syncthreads reached after some threads of the block exited");
+        for (EmuCtx& c : ctxs_) c.state = State::Ready;
+        continue;
+      }
+      if (!ran)
+        throw EmuError("deadlock: some threads wait at __syncthreads while others wait in a warp mma "
+                       "(divergent mma.sync or barrier)");
+    }
+  }
+
+  uint8_t* smem() { return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_.data()) + 15) & ~uintptr_t(15)); }
+  size_t smem_size() const { return smem_.size() - 16; }
+  int bx() const { return bx_; }
+  int by() const { return by_; }
+  const std::vector<Span>& spans() const { return spans_; }
+
+  // Called from a fiber: park it in `s` and return to the scheduler.
+  void park(EmuCtx& c, State s) {
+    c.state = s;
+    swapcontext(&fibers_[c.thread], &main_);
+  }
+  [[noreturn]] void fail(EmuCtx& c, const std::string& msg) {
+    if (error_.empty()) error_ = msg;
+    c.state = State::Done;
+    setcontext(&main_);
+    __builtin_unreachable();
+  }
+
+ private:
+  static constexpr size_t kStackBytes = 256 * 1024;
+
+  static void entry() {
+    BlockRunner* r = active_;
+    EmuCtx& c = r->ctxs_[r->current_];
+    (*r->body_)(c);
+    c.state = State::Done;
+    if (!c.groups.empty() || !c.open.empty()) {
+      // copies never waited for: harmless on the device only if nobody reads them; the kernels
+      // always drain with cp.async.wait_group 0, so treat leftovers as a bug.
+      if (r->error_.empty()) r->error_ = "thread exited with cp.async copies never waited for";
+    }
+    setcontext(&r->main_);
+  }
+
+  // Completes every warp whose 32 lanes all wait in an mma.  Returns whether any did.
+  bool resolve_mma() {
+    bool any = false;
+    for (int w0 = 0; w0 < threads_; w0 += 32) {
+      int at = 0;
+      for (int l = 0; l < 32; ++l) at += ctxs_[w0 + l].state == State::AtMma;
+      if (at == 0) continue;
+      if (at < 32) {
+        bool others_blocked = true;
+        for (int l = 0; l < 32; ++l) {
+          const State s = ctxs_[w0 + l].state;
+          if (s == State::Ready) others_blocked = false;
+        }
+        if (others_blocked) {
+          char buf[160];
+          std::snprintf(buf, sizeof buf, "warp %d: mma.sync reached by %d of 32 lanes (the others are at a barrier or exited)",
+                        w0 / 32, at);
+          throw EmuError(buf);
+        }
+        continue;
+      }
+      uint32_t a[32][4], b[32][2];
+      int32_t c[32][4], d[32][4];
+      for (int l = 0; l < 32; ++l) {
+        const EmuCtx& x = ctxs_[w0 + l];
+        if (x.mma_calls != ctxs_[w0].mma_calls) throw EmuError("lanes of one warp met at different mma instructions");
+        std::memcpy(a[l], x.a_reg, sizeof a[l]);
+        std::memcpy(b[l], x.b_reg, sizeof b[l]);
+        std::memcpy(c[l], x.c_reg, sizeof c[l]);
+      }
+      mma_m16n8k256_b1_and_popc_model(a, b, c, d);
+      for (int l = 0; l < 32; ++l) {
+        std::memcpy(ctxs_[w0 + l].c_reg, d[l], sizeof d[l]);
+        ctxs_[w0 + l].state = State::Ready;
+      }
+      any = true;
+    }
+    return any;
+  }
+
+  int threads_;
+  std::vector<Span> spans_;
+  std::vector<uint8_t> smem_;
+  std::vector<EmuCtx> ctxs_;
+  std::vector<ucontext_t> fibers_;
+  std::vector<std::vector<char>> stacks_;
+  ucontext_t main_;
+  int current_ = 0, bx_ = 0, by_ = 0;
+  const std::function<void(EmuCtx&)>* body_ = nullptr;
+  std::string error_;
+  static thread_local BlockRunner* active_;
+};
+
+thread_local BlockRunner* BlockRunner::active_ = nullptr;
+
+int EmuCtx::block_x() const { return run->bx(); }
+int EmuCtx::block_y() const { return run->by(); }
+uint8_t* EmuCtx::smem() const { return run->smem(); }
+void EmuCtx::sync() { run->park(*this, State::AtSync); }
+
+void EmuCtx::mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
+  std::memcpy(a_reg, a, sizeof a_reg);
+  std::memcpy(b_reg, b, sizeof b_reg);
+  std::memcpy(c_reg, c, sizeof c_reg);
+  ++mma_calls;
+  run->park(*this, State::AtMma);
+  std::memcpy(c, c_reg, sizeof c_reg);
+}
+
+template <int BYTES>
+void EmuCtx::cp_async(void* dst, const void* src, bool pred) {
+  static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async size");
+  uint8_t* d = static_cast<uint8_t*>(dst);
+  if (d < run->smem() || d + BYTES > run->smem() + run->smem_size())
+    run->fail(*this, "cp.async destination outside the block's shared memory");
+  if (reinterpret_cast<uintptr_t>(d) % BYTES != 0 || reinterpret_cast<uintptr_t>(src) % BYTES != 0)
+    run->fail(*this, "cp.async address not aligned to the copy size");
+  if (pred) check_global(src, BYTES, false);
+  open.push_back(Copy{d, static_cast<const uint8_t*>(src), BYTES, pred});
+}
+
+void EmuCtx::cp_commit() {
+  groups.push_back(open);
+  open.clear();
+}
+
+void EmuCtx::wait_groups(int keep) {
+  while ((int)groups.size() > keep) {
+    for (const Copy& c : groups.front()) {
+      if (c.pred) std::memcpy(c.dst, c.src, c.bytes);
+      else std::memset(c.dst, 0, c.bytes);
+    }
+    groups.erase(groups.begin());
+  }
+}
+
+void EmuCtx::check_global(const void* p, size_t bytes, bool write) const {
+  const uint8_t* q = static_cast<const uint8_t*>(p);
+  for (const Span& s : run->spans())
+    if (q >= s.lo && q + bytes <= s.hi) {
+      if (write && !s.writable) break;
+      return;
+    }
+  run->fail(const_cast<EmuCtx&>(*this), write ? "global store outside the output tensors" : "global load outside the input tensors");
+}
+
+// A context for the barrier-free pack kernel: bounds-checked loads and stores only.
+struct PlainCtx {
+  std::vector<Span> spans;
+  std::string error;
+  bool inside(const void* p, size_t n, bool write) const {
+    const uint8_t* q = static_cast<const uint8_t*>(p);
+    for (const Span& s : spans)
+      if (q >= s.lo && q + n <= s.hi && (s.writable || !write)) return true;
+    return false;
+  }
+  template <class T>
+  T ld(const T* p) {
+    if (!inside(p, sizeof(T), false)) throw EmuError("pack: load outside the input tensor");
+    return *p;
+  }
+  template <class T>
+  void st(T* p, T v) {
+    if (!inside(p, sizeof(T), true)) throw EmuError("pack: store outside the output tensor");
+    *p = v;
+  }
+};
+
+template <class Tile>
+void run_conv(const ConvArgs& a, const std::vector<Span>& spans) {
+  const ConvShape& s = a.s;
+  const ConvSmem L = conv_smem_layout<Tile>(s.T);
+  BlockRunner runner(Tile::THREADS, L.total, spans);
+  const std::function<void(EmuCtx&)> body = [&a](EmuCtx& c) { xnor_conv_block<Tile>(a, c); };
+  const int gx = ceil_div(s.M, Tile::BM), gy = s.G * ceil_div(s.Kg, Tile::BN);
+  for (int by = 0; by < gy; ++by)
+    for (int bx = 0; bx < gx; ++bx) runner.run_block(bx, by, body);
+}
+
+template <template <int> class TileOf>
+void run_conv_vw(const ConvArgs& a, int vw, const std::vector<Span>& spans) {
+  switch (vw) {
+    case 4: run_conv<TileOf<4>>(a, spans); break;
+    case 2: run_conv<TileOf<2>>(a, spans); break;
+    default: run_conv<TileOf<1>>(a, spans); break;
+  }
+}
+
+void set_error(char* err, int errlen, const std::string& msg) {
+  if (err && errlen > 0) std::snprintf(err, (size_t)errlen, "%s", msg.c_str());
+}
+
+Span span_of(const void* p, int64_t bytes, bool writable) {
+  const uint8_t* q = static_cast<const uint8_t*>(p);
+  return Span{q, q + bytes, writable};
+}
+
+}  // namespace emu
+}  // namespace bnas_cuda
+
+using namespace bnas_cuda;
+
+extern "C" {
+
+// One warp-wide mma.m16n8k256 .b1 .and.popc through the software model.
+// a: 32x4 words, b: 32x2 words, c and d: 32x4 int32, in lane-major order.
+int bnas_emu_mma(const uint32_t* a, const uint32_t* b, const int32_t* c, int32_t* d) {
+  mma_m16n8k256_b1_and_popc_model(reinterpret_cast<const uint32_t(*)[4]>(a), reinterpret_cast<const uint32_t(*)[2]>(b),
+                                  reinterpret_cast<const int32_t(*)[4]>(c), reinterpret_cast<int32_t(*)[4]>(d));
+  return 0;
+}
+
+int bnas_emu_conv_dims_count() { return kDimCount; }
+
+// Output spatial size and packed-output words per pixel for dims (or an error).
+int bnas_emu_conv_shape(const int64_t* dims, int64_t* out4, char* err, int errlen) {
+  ConvShape s;
+  if (const char* e = conv_shape_from_dims(dims, s)) {
+    emu::set_error(err, errlen, e);
+    return 1;
+  }
+  out4[0] = s.OH;
+  out4[1] = s.OW;
+  out4[2] = s.out_GW;
+  out4[3] = s.Wg;
+  return 0;
+}
+
+// Emulated launch of the conv kernel, mirroring launch_xnor_conv: tile = 0 small, 1 large,
+// -1 the launcher's rule for `sm_count` SMs; vw = 1/2/4 words per copy, 0 the launcher's rule.
+// x_words / w_words: sizes of the packed tensors in words (for bounds checks).
+int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t w_words, const float* scale,
+                  const float* bias, float* out, uint32_t* out_packed, const int64_t* dims, int tile, int vw,
+                  int sm_count, char* err, int errlen) {
+  ConvArgs a;
+  if (const char* e = conv_shape_from_dims(dims, a.s)) {
+    emu::set_error(err, errlen, e);
+    return 1;
+  }
+  const ConvShape& s = a.s;
+  a.x = x; a.w = w; a.scale = scale; a.bias = bias; a.out = out; a.out_packed = out_packed;
+  if (x_words != (int64_t)s.N * s.H * s.W * s.GW || w_words != (int64_t)s.K * s.Q) {
+    emu::set_error(err, errlen, "packed tensor sizes do not match the conv dims");
+    return 1;
+  }
+  std::vector<emu::Span> spans = {emu::span_of(x, x_words * 4, false), emu::span_of(w, w_words * 4, false)};
+  if (scale) spans.push_back(emu::span_of(scale, (int64_t)s.K * 4, false));
+  if (bias) spans.push_back(emu::span_of(bias, (int64_t)s.K * 4, false));
+  // outputs start as poison (NaN / 0xFFFFFFFF) so an element the kernel never writes shows up;
+  // the packed output is zeroed exactly when the launcher zeroes it
+  if (out) {
+    spans.push_back(emu::span_of(out, (int64_t)s.M * s.K * 4, true));
+    std::memset(out, 0xFF, sizeof(float) * (size_t)s.M * s.K);
+  }
+  if (out_packed) {
+    spans.push_back(emu::span_of(out_packed, (int64_t)s.M * s.out_GW * 4, true));
+    std::memset(out_packed, packed_output_needs_zeroing(s) ? 0 : 0xFF, sizeof(uint32_t) * (size_t)s.M * s.out_GW);
+  }
+  if (vw == 0) vw = copy_width(s, x, w);
+  if (vw != 1 && vw != 2 && vw != 4) {
+    emu::set_error(err, errlen, "vw must be 0, 1, 2 or 4");
+    return 1;
+  }
+  if (s.Wg % vw != 0) {
+    emu::set_error(err, errlen, "vw must divide the words per group");
+    return 1;
+  }
+  const bool large = tile < 0 ? use_large_tile(s, sm_count) : tile == 1;
+  try {
+    if (large) emu::run_conv_vw<LargeTile>(a, vw, spans);
+    else emu::run_conv_vw<SmallTile>(a, vw, spans);
+  } catch (const emu::EmuError& e) {
+    emu::set_error(err, errlen, e.msg);
+    return 2;
+  }
+  return 0;
+}
+
+// Worst shared-memory bank conflict (ways) of the 64-bit fragment loads of one tile
+// configuration (0 small, 1 large), over every warp, depth step and fragment: 1 = conflict-free.
+// A 64-bit load is served per half-warp; its ways = most distinct words in one bank.
+int bnas_emu_fragment_bank_ways(int tile) {
+  auto ways = [](auto tile_tag) {
+    using Tile = decltype(tile_tag);
+    int worst = 0;
+    for (int warp = 0; warp < Tile::WARPS; ++warp) {
+      const int wm = warp % Tile::WARPS_M, wn = warp / Tile::WARPS_M;
+      for (int ks = 0; ks < Tile::KSTEPS; ++ks) {
+        // each access: (base row of the fragment, row offset of lane group)
+        std::vector<std::pair<int, int>> loads;   // (tile 0 = A / 1 = B, first row)
+        for (int mt = 0; mt < Tile::MT; ++mt) {
+          loads.push_back({0, wm * Tile::WM + mt * 16});
+          loads.push_back({0, wm * Tile::WM + mt * 16 + 8});
+        }
+        for (int nt = 0; nt < Tile::NT; ++nt) loads.push_back({1, wn * Tile::WN + nt * 8});
+        for (const auto& ld : loads) {
+          for (int half = 0; half < 2; ++half) {
+            std::vector<std::vector<int>> bank(32);
+            for (int lane = 16 * half; lane < 16 * half + 16; ++lane) {
+              const int row = ld.second + (lane >> 2), word = ks * 8 + 2 * (lane & 3);
+              const int base = ld.first == 0 ? 0 : Tile::BM * Tile::BKW;
+              for (int j = 0; j < 2; ++j) {
+                const int addr = base + tile_word<Tile>(row, word) + j;
+                std::vector<int>& b = bank[addr % 32];
+                bool seen = false;
+                for (int v : b) seen |= v == addr;
+                if (!seen) b.push_back(addr);
+              }
+            }
+            for (const auto& b : bank) worst = b.size() > (size_t)worst ? (int)b.size() : worst;
+          }
+        }
+      }
+    }
+    return worst;
+  };
+  return tile == 1 ? ways(LargeTile<4>{}) : ways(SmallTile<4>{});
+}
+
+// Emulated fused sign + pack of a float32 tensor with sizes (N, C, H, W) and element strides.
+int bnas_emu_pack(const float* x, int64_t x_elems, const int64_t* sizes, const int64_t* strides, int groups,
+                  uint32_t* out, int64_t out_words, char* err, int errlen) {
+  PackArgs p;
+  if (const char* e = pack_args_init(p, (int)sizes[0], (int)sizes[1], (int)sizes[2], (int)sizes[3], groups)) {
+    emu::set_error(err, errlen, e);
+    return 1;
+  }
+  if (out_words != p.total) {
+    emu::set_error(err, errlen, "pack: output size does not match");
+    return 1;
+  }
+  p.x = x; p.sn = strides[0]; p.sc = strides[1]; p.sh = strides[2]; p.sw = strides[3]; p.out = out;
+  emu::PlainCtx ctx;
+  ctx.spans = {emu::span_of(x, x_elems * 4, false), emu::span_of(out, out_words * 4, true)};
+  try {
+    for (int64_t i = 0; i < p.total; ++i) pack_signs_word<float>(p, i, ctx);
+  } catch (const emu::EmuError& e) {
+    emu::set_error(err, errlen, e.msg);
+    return 2;
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,35 @@
+// The tile configurations and the rules that pick one; shared by the CUDA launcher and the
+// host emulator so both run the same instantiations.
+#pragma once
+
+#include "xnor_conv.cuh"
+
+namespace bnas_cuda {
+
+// 128x128 block, 2x2 warps of 64x64 (32 mma per 256-bit step per warp): large problems.
+template <int VW>
+using LargeTile = ConvTile<128, 128, 64, 64, 16, 3, VW>;
+// 64x64 block, 2x2 warps of 32x32: more blocks for small problems (batch 1, 7x7 maps).
+template <int VW>
+using SmallTile = ConvTile<64, 64, 32, 32, 16, 3, VW>;
+
+// Widest copy (words) that keeps every chunk inside one tap and aligned in global memory.
+inline int copy_width(const ConvShape& s, const void* x, const void* w) {
+  const unsigned long long ax = (unsigned long long)x, aw = (unsigned long long)w;
+  for (int vw = 4; vw > 1; vw /= 2)
+    if (s.Wg % vw == 0 && ax % (4 * vw) == 0 && aw % (4 * vw) == 0) return vw;
+  return 1;
+}
+
+// The large tile when it still gives at least one block per SM.
+inline bool use_large_tile(const ConvShape& s, int sm_count) {
+  const long long blocks = (long long)ceil_div(s.M, 128) * s.G * ceil_div(s.Kg, 128);
+  return blocks >= sm_count;
+}
+
+// Whether some packed-output word gets bits from two blocks (a group or channel-tile boundary
+// inside a word): those words are OR-ed into a zeroed output; otherwise every word is stored
+// whole by exactly one block (tile widths are multiples of 32) and no zeroing is needed.
+inline bool packed_output_needs_zeroing(const ConvShape& s) { return s.Kg % 32 != 0 || s.out_Kg % 32 != 0; }
+
+}  // namespace bnas_cuda

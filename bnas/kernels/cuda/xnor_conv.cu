@@ -1,0 +1,97 @@
+// CUDA build of the XNOR convolution and the fused sign-packing kernel.  The kernel bodies
+// live in xnor_conv.cuh (shared with the host warp emulator); this file instantiates them
+// with DeviceCtx, picks the tile configuration and launches.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "device_ctx.cuh"
+#include "launch.h"
+#include "tiles.h"
+#include "xnor_conv.cuh"
+
+namespace bnas_cuda {
+
+template <class Tile>
+__global__ void __launch_bounds__(Tile::THREADS) xnor_conv_kernel(ConvArgs a) {
+  extern __shared__ __align__(16) uint8_t bnas_smem[];
+  DeviceCtx ctx{bnas_smem};
+  xnor_conv_block<Tile>(a, ctx);
+}
+
+template <class T>
+__global__ void __launch_bounds__(256) pack_signs_kernel(PackArgs p) {
+  DeviceCtx ctx{nullptr};
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.total; i += stride)
+    pack_signs_word<T>(p, i, ctx);
+}
+
+namespace {
+
+template <class Tile>
+const char* launch_tile(const ConvArgs& a, cudaStream_t stream) {
+  const ConvShape& s = a.s;
+  const ConvSmem L = conv_smem_layout<Tile>(s.T);
+  const int nblk = ceil_div(s.Kg, Tile::BN);
+  const long long gy = (long long)s.G * nblk;
+  if (gy > 65535) return "xnor_conv: too many (group, channel-tile) blocks for one launch (grid.y > 65535)";
+  const dim3 grid(ceil_div(s.M, Tile::BM), (unsigned)gy);
+  // opt in to more than 48 KB of dynamic shared memory, once per device and size
+  constexpr int kMaxDevices = 64;
+  static int configured[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return cudaGetErrorString(e);
+  if (dev >= kMaxDevices || configured[dev] < L.total) {
+    e = cudaFuncSetAttribute(xnor_conv_kernel<Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize, L.total);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    if (dev < kMaxDevices) configured[dev] = L.total;
+  }
+  xnor_conv_kernel<Tile><<<grid, Tile::THREADS, L.total, stream>>>(a);
+  e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+template <template <int> class TileOf>
+const char* launch_vw(const ConvArgs& a, int vw, cudaStream_t stream) {
+  switch (vw) {
+    case 4: return launch_tile<TileOf<4>>(a, stream);
+    case 2: return launch_tile<TileOf<2>>(a, stream);
+    default: return launch_tile<TileOf<1>>(a, stream);
+  }
+}
+
+}  // namespace
+
+const char* launch_xnor_conv(const ConvArgs& a, cudaStream_t stream) {
+  int dev = 0, major = 0, sms = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return cudaGetErrorString(e);
+  if (major < 8) return "xnor_conv: 1-bit mma.sync .and.popc needs compute capability 8.0 or newer";
+  if (a.out_packed && packed_output_needs_zeroing(a.s)) {
+    e = cudaMemsetAsync(a.out_packed, 0, sizeof(uint32_t) * (size_t)a.s.M * a.s.out_GW, stream);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+  }
+  const int vw = copy_width(a.s, a.x, a.w);
+  if (use_large_tile(a.s, sms)) return launch_vw<LargeTile>(a, vw, stream);
+  return launch_vw<SmallTile>(a, vw, stream);
+}
+
+const char* launch_pack_signs(const PackArgs& p, int dtype, cudaStream_t stream) {
+  const int threads = 256;
+  const long long want = (p.total + threads - 1) / threads;
+  const unsigned blocks = (unsigned)(want < 65535 * 8 ? want : 65535 * 8);
+  switch (dtype) {
+    case kPackFloat32: pack_signs_kernel<float><<<blocks, threads, 0, stream>>>(p); break;
+    case kPackFloat16: pack_signs_kernel<__half><<<blocks, threads, 0, stream>>>(p); break;
+    case kPackBFloat16: pack_signs_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(p); break;
+    default: return "pack_signs: dtype must be float32, float16 or bfloat16";
+  }
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+}  // namespace bnas_cuda

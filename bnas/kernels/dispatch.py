@@ -1,0 +1,289 @@
+"""Which implementation runs a call, and the public entry points that route to it.
+
+CPU tensors go to the fastest code path of the C++ extension this CPU runs (or the one
+forced with :func:`use_backend`), else to the float reference. CUDA tensors go to
+``bnas.kernels.cuda_backend`` (imported lazily, only for CUDA tensors) when it imports and
+reports the device as supported, else to the reference with one warning. Every backend
+takes and returns the same packed format (see :mod:`bnas.kernels.packing`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import warnings
+from types import ModuleType
+from typing import Iterator, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import cpu_backend, reference
+from .packing import pack_signs_reference, pack_weights_reference, words_for
+
+CPU_BACKENDS = ("cpu-avx512", "cpu-avx2", "cpu-popcnt")
+CUDA_BACKEND = "cuda-tensor-core"
+REFERENCE = "reference"
+BACKENDS = CPU_BACKENDS + (REFERENCE, CUDA_BACKEND)
+
+IntPair = Union[int, Sequence[int]]
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("bnas_kernel_backend",
+                                                                     default=None)
+_cuda_module: ModuleType | None = None
+_cuda_import_error: str | None = None
+_warned_cuda_fallback = False
+
+
+# --------------------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------------------
+def _cuda_backend() -> ModuleType | None:
+    global _cuda_module, _cuda_import_error
+    if _cuda_module is None and _cuda_import_error is None:
+        try:
+            _cuda_module = importlib.import_module("bnas.kernels.cuda_backend")
+        except (ImportError, OSError, RuntimeError) as exc:  # missing, or its build failed
+            _cuda_import_error = f"{type(exc).__name__}: {exc}"
+    return _cuda_module
+
+
+def _cuda_supported(device: torch.device) -> bool:
+    module = _cuda_backend()
+    return module is not None and bool(module.is_supported(device))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Force backend ``name`` inside the ``with`` block (tests, benchmarks).
+
+    Raises at entry when this machine cannot run it, so a forced test never silently runs a
+    different implementation.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name in CPU_BACKENDS and name not in cpu_backend.supported_backends():
+        why = cpu_backend.build_error()
+        raise RuntimeError(
+            f"backend {name!r} cannot run here: "
+            + (f"the CPU extension could not be built ({why})" if why
+               else f"this CPU lacks {cpu_backend.REQUIREMENT[name]}"))
+    if name == CUDA_BACKEND and not (torch.cuda.is_available()
+                                     and _cuda_supported(torch.device("cuda"))):
+        reason = _cuda_import_error or "no supported CUDA device"
+        raise RuntimeError(f"backend {CUDA_BACKEND!r} cannot run here: {reason}")
+    token = _forced.set(name)
+    try:
+        yield name
+    finally:
+        _forced.reset(token)
+
+
+def backend(device: Union[str, torch.device] = "cpu") -> str:
+    """The implementation that runs calls on ``device``: ``cpu-avx512``, ``cpu-avx2``,
+    ``cpu-popcnt``, ``reference`` or ``cuda-tensor-core``."""
+    return _resolve(torch.device(device))
+
+
+def _resolve(device: torch.device) -> str:
+    forced = _forced.get()
+    if device.type == "cpu":
+        if forced is None:
+            available = cpu_backend.supported_backends()
+            return available[0] if available else REFERENCE
+        if forced == CUDA_BACKEND:
+            raise ValueError(f"backend {CUDA_BACKEND!r} is forced but the tensors are on the CPU")
+        return forced
+    if device.type == "cuda":
+        if forced in CPU_BACKENDS:
+            raise ValueError(f"backend {forced!r} is forced but the tensors are on {device}; "
+                             "move them to the CPU or force 'reference'")
+        if forced == REFERENCE:
+            return REFERENCE
+        return CUDA_BACKEND if _cuda_supported(device) else REFERENCE
+    return REFERENCE
+
+
+def _route(device: torch.device) -> str:
+    if device.type == "cpu" and _forced.get() is None:
+        available = cpu_backend.supported_backends()
+        return available[0] if available else REFERENCE
+    name = _resolve(device)
+    if name == REFERENCE and device.type == "cuda" and _forced.get() != REFERENCE:
+        global _warned_cuda_fallback
+        if not _warned_cuda_fallback:
+            _warned_cuda_fallback = True
+            reason = _cuda_import_error or f"{device} is not supported by the CUDA kernel"
+            warnings.warn(f"bnas.kernels: no CUDA XNOR kernel ({reason}); using the slow "
+                          "float reference on the GPU", RuntimeWarning, stacklevel=3)
+    return name
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------
+def _pair(value: IntPair, what: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"{what} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _check_words(t: Tensor, dims: int, what: str) -> None:
+    if t.dtype != torch.int32:
+        raise TypeError(f"{what} must be int32 packed words (from bnas.kernels.pack_signs / "
+                        f"pack_weights), got {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{what} must have {dims} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(xp: Tensor, wp: Tensor, scale: Tensor | None, bias: Tensor | None,
+                       channels: int) -> None:
+    """Epilogue vectors hold one value per output channel; everything is on one device."""
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise ValueError(f"{name} must hold one value per output channel ({channels}), "
+                             f"got shape {tuple(t.shape)}")
+    if xp.is_cpu and wp.is_cpu and (scale is None or scale.is_cpu) \
+            and (bias is None or bias.is_cpu):
+        return
+    for name, t in (("packed weights", wp), ("scale", scale), ("bias", bias)):
+        if t is not None and t.device != xp.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {xp.device}")
+
+
+def _check_float(t: Tensor, what: str) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{what} must be a float tensor, got {t.dtype}")
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+def pack_signs(x: Tensor, groups: int = 1) -> Tensor:
+    """Float NCHW -> packed NHWC int32 ``(N, H, W, groups * ceil(C / groups / 32))``;
+    float ``(N, F)`` -> ``(N, ceil(F / 32))``. Bit 1 where ``x >= 0``."""
+    _check_float(x, "pack_signs input")
+    if x.dim() == 4 and (groups < 1 or x.shape[1] % groups):
+        raise ValueError(f"pack_signs: {x.shape[1]} channels do not split into {groups} groups")
+    if x.dim() not in (2, 4):
+        raise ValueError(f"pack_signs expects NCHW or (N, F) input, got shape {tuple(x.shape)}")
+    name = _route(x.device)
+    if name in CPU_BACKENDS:
+        return cpu_backend.pack_signs(x, groups, name)
+    if name == CUDA_BACKEND and hasattr(_cuda_module, "pack_signs"):
+        return _cuda_module.pack_signs(x, groups)
+    return pack_signs_reference(x, groups)
+
+
+def pack_weights(w: Tensor, groups: int = 1) -> Tensor:
+    """Float conv weights ``(K, C/groups, kh, kw)`` -> ``(K, kh, kw, Wg)``; linear ``(K, F)``
+    -> ``(K, ceil(F / 32))``."""
+    _check_float(w, "pack_weights input")
+    if w.dim() == 4 and (groups < 1 or w.shape[0] % groups):
+        raise ValueError(f"pack_weights: {w.shape[0]} output channels do not split into "
+                         f"{groups} groups")
+    if w.dim() not in (2, 4):
+        raise ValueError(f"pack_weights expects (K, C/groups, kh, kw) or (K, F) weights, "
+                         f"got shape {tuple(w.shape)}")
+    name = _route(w.device)
+    if name in CPU_BACKENDS:
+        return cpu_backend.pack_weights(w, name)
+    if name == CUDA_BACKEND and hasattr(_cuda_module, "pack_weights"):
+        return _cuda_module.pack_weights(w, groups)
+    return pack_weights_reference(w, groups)
+
+
+def xnor_conv2d_packed(xp: Tensor, wp: Tensor, in_channels: int, kernel_size: IntPair,
+                       stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                       groups: int = 1, scale: Tensor | None = None, bias: Tensor | None = None,
+                       pack_output: bool = False) -> Tensor:
+    """XNOR-popcount conv2d on packed input and weights, with a fused epilogue.
+
+    Returns ``conv2d(sign(x), sign(w)) * scale + bias`` (scale and bias per output channel,
+    both optional) as a float ``(N, K, OH, OW)`` tensor (the CPU kernel writes it in
+    channels_last memory), or with ``pack_output=True`` its signs packed NHWC
+    ``(N, OH, OW, ceil(K / 32))`` for the next binary layer (packed for ``groups=1``).
+    """
+    _check_words(xp, 4, "packed input")
+    _check_words(wp, 4, "packed weights")
+    kernel = _pair(kernel_size, "kernel_size")
+    stride_, padding_, dilation_ = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                    _pair(dilation, "dilation"))
+    xs, ws = xp.shape, wp.shape
+    if groups < 1 or in_channels % groups or ws[0] % groups:
+        raise ValueError(f"groups={groups} must divide in_channels={in_channels} and the "
+                         f"{ws[0]} output channels")
+    wg = words_for(in_channels // groups)
+    if xs[3] != groups * wg:
+        raise ValueError(f"packed input has {xs[3]} words per pixel; {in_channels} "
+                         f"channels in {groups} groups need {groups * wg}")
+    if ws[1] != kernel[0] or ws[2] != kernel[1] or ws[3] != wg:
+        raise ValueError(f"packed weights have shape {tuple(ws)}; expected "
+                         f"(K, {kernel[0]}, {kernel[1]}, {wg}) for kernel_size {kernel} and "
+                         f"{in_channels // groups} channels per group")
+    if min(stride_) < 1 or min(dilation_) < 1 or min(padding_) < 0:
+        raise ValueError("stride and dilation must be >= 1 and padding >= 0")
+    _check_same_device(xp, wp, scale, bias, ws[0])
+    name = _route(xp.device)
+    args = (xp, wp, in_channels, kernel, stride_, padding_, dilation_, groups, scale, bias,
+            pack_output)
+    if name in CPU_BACKENDS:
+        return cpu_backend.xnor_conv2d_packed(*args, name)
+    if name == CUDA_BACKEND:
+        return _cuda_module.xnor_conv2d_packed(*args)
+    return reference.xnor_conv2d_packed(*args)
+
+
+def xnor_linear_packed(xp: Tensor, wp: Tensor, in_features: int, scale: Tensor | None = None,
+                       bias: Tensor | None = None, pack_output: bool = False) -> Tensor:
+    """XNOR-popcount linear on packed ``(N, words)`` input and ``(K, words)`` weights:
+    ``linear(sign(x), sign(w)) * scale + bias`` as float ``(N, K)``, or packed signs
+    ``(N, ceil(K / 32))`` with ``pack_output=True``."""
+    _check_words(xp, 2, "packed input")
+    _check_words(wp, 2, "packed weights")
+    words = words_for(in_features)
+    if xp.shape[1] != words or wp.shape[1] != words:
+        raise ValueError(f"{in_features} features pack into {words} words; got input "
+                         f"{tuple(xp.shape)} and weights {tuple(wp.shape)}")
+    _check_same_device(xp, wp, scale, bias, wp.shape[0])
+    name = _route(xp.device)
+    args = (xp, wp, in_features, scale, bias, pack_output)
+    if name in CPU_BACKENDS:
+        return cpu_backend.xnor_linear_packed(*args, name)
+    if name == CUDA_BACKEND:
+        return _cuda_module.xnor_linear_packed(*args)
+    return reference.xnor_linear_packed(*args)
+
+
+def xnor_conv2d(x: Tensor, w: Tensor, stride: IntPair = 1, padding: IntPair = 0,
+                dilation: IntPair = 1, groups: int = 1) -> Tensor:
+    """Exactly ``conv2d(sign(x), sign(w), None, stride, padding, dilation, groups)`` with
+    ``sign(0) = +1`` (integers in a float32 tensor), computed by XNOR-popcount."""
+    _check_float(x, "input")
+    _check_float(w, "weight")
+    if x.dim() != 4 or w.dim() != 4:
+        raise ValueError(f"xnor_conv2d expects NCHW input and (K, C/groups, kh, kw) weights, "
+                         f"got {tuple(x.shape)} and {tuple(w.shape)}")
+    if groups < 1 or x.shape[1] % groups or x.shape[1] // groups != w.shape[1]:
+        raise ValueError(f"input has {x.shape[1]} channels, weights expect {w.shape[1]} per "
+                         f"group with groups={groups}")
+    if _route(x.device) == REFERENCE:
+        return reference.xnor_conv2d(x, w, _pair(stride, "stride"), _pair(padding, "padding"),
+                                     _pair(dilation, "dilation"), groups)
+    return xnor_conv2d_packed(pack_signs(x, groups), pack_weights(w, groups), x.shape[1],
+                              (w.shape[2], w.shape[3]), stride, padding, dilation, groups)
+
+
+def xnor_linear(x: Tensor, w: Tensor) -> Tensor:
+    """Exactly ``linear(sign(x), sign(w))`` with ``sign(0) = +1``, by XNOR-popcount."""
+    _check_float(x, "input")
+    _check_float(w, "weight")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"xnor_linear expects (N, F) input and (K, F) weights, got "
+                         f"{tuple(x.shape)} and {tuple(w.shape)}")
+    if _route(x.device) == REFERENCE:
+        return reference.xnor_linear(x, w)
+    return xnor_linear_packed(pack_signs(x), pack_weights(w), x.shape[1])

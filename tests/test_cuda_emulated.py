@@ -1,0 +1,339 @@
+"""The CUDA XNOR kernel, proven on the CPU: the host warp emulator runs the kernel's own
+__host__ __device__ code for every thread of every block, with an exact software model of
+mma.m16n8k256 .b1 .and.popc.  Everything is checked bit-exactly against float references."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnas.kernels import cuda_backend as cb
+
+
+def _compiler_or_skip() -> None:
+    try:
+        cb.load_emulator()
+    except RuntimeError as exc:   # no C++ compiler on this machine
+        pytest.skip(f"cannot build the CUDA kernel emulator: {exc}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulator():
+    _compiler_or_skip()
+
+
+def sign(t: torch.Tensor) -> torch.Tensor:
+    """The contract's sign: +1 for x >= 0 (so sign(0) = +1), else -1."""
+    return torch.where(t >= 0, 1.0, -1.0)
+
+
+def words_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., 32*w) 0/1 -> (..., w) int32 words, bit j of word i = element 32*i + j."""
+    shape = bits.shape[:-1] + (bits.shape[-1] // 32, 32)
+    weights = (1 << torch.arange(32, dtype=torch.int64))
+    words = (bits.reshape(shape).to(torch.int64) * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def reference_pack(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Independent packing of the contract: NCHW float -> NHWC words, per group, zero pad bits."""
+    n, c, h, w = x.shape
+    cg = c // groups
+    wg = (cg + 31) // 32
+    bits = (x >= 0).permute(0, 2, 3, 1).reshape(n, h, w, groups, cg)
+    padded = torch.zeros(n, h, w, groups, wg * 32, dtype=torch.bool)
+    padded[..., :cg] = bits
+    return words_from_bits(padded).reshape(n, h, w, groups * wg)
+
+
+def random_input(shape, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(shape, generator=gen)
+    x[torch.rand(shape, generator=gen) < 0.05] = 0.0   # exact zeros must count as +1
+    return x
+
+
+# ------------------------------------------------------------------------------------------
+# (1) the mma model alone against a naive popcount matrix product
+def fragments_from_matrices(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+    """Distribute A (16x256 bits), B (256x8 bits), C (16x8) into per-lane registers following
+    the PTX ISA fragment tables for m16n8k256 .b1 (written here independently of the C++)."""
+    a = torch.zeros(32, 4, dtype=torch.int32)
+    b = torch.zeros(32, 2, dtype=torch.int32)
+    c = torch.zeros(32, 4, dtype=torch.int32)
+    for lane in range(32):
+        gid, tig = lane // 4, lane % 4
+        for i in range(4):
+            row = gid if i in (0, 2) else gid + 8      # a0..a31, a64..a95 -> groupID
+            k0 = tig * 32 + (128 if i >= 2 else 0)
+            a[lane, i] = words_from_bits(A[row, k0:k0 + 32])[0]
+            c[lane, i] = C[gid + (8 if i >= 2 else 0), tig * 2 + (i & 1)]
+        for i in range(2):
+            k0 = tig * 32 + 128 * i
+            b[lane, i] = words_from_bits(B[k0:k0 + 32, gid])[0]
+    return a, b, c
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.9])
+def test_mma_model_matches_naive_popcount_product(density):
+    gen = torch.Generator().manual_seed(int(density * 100))
+    for _ in range(4):
+        A = (torch.rand(16, 256, generator=gen) < density).to(torch.int64)
+        B = (torch.rand(256, 8, generator=gen) < density).to(torch.int64)
+        C = torch.randint(-1000, 1000, (16, 8), generator=gen)
+        a, b, c = fragments_from_matrices(A, B, C)
+        d = cb.emulated_mma(a, b, c)
+        expected = C + A @ B   # AND then popcount of 0/1 entries = the integer product
+        for lane in range(32):
+            gid, tig = lane // 4, lane % 4
+            for i in range(4):
+                assert d[lane, i].item() == expected[gid + (8 if i >= 2 else 0), tig * 2 + (i & 1)].item()
+
+
+def test_mma_model_single_bits_land_in_one_output():
+    # one set bit per operand: the only nonzero output is at (row of A bit, column of B bit)
+    for r, k, n in [(0, 0, 0), (9, 200, 5), (15, 255, 7), (3, 127, 2), (12, 128, 1)]:
+        A = torch.zeros(16, 256, dtype=torch.int64)
+        B = torch.zeros(256, 8, dtype=torch.int64)
+        A[r, k] = 1
+        B[k, n] = 1
+        a, b, c = fragments_from_matrices(A, B, torch.zeros(16, 8, dtype=torch.int64))
+        d = cb.emulated_mma(a, b, c)
+        assert d.sum().item() == 1
+        lane_i = (d == 1).nonzero()[0].tolist()
+        lane, i = lane_i
+        assert (lane // 4 + (8 if i >= 2 else 0), (lane % 4) * 2 + (i & 1)) == (r, n)
+
+
+# ------------------------------------------------------------------------------------------
+# the fused bit-packing kernel
+@pytest.mark.parametrize("n,c,h,w,groups", [(1, 1, 1, 1, 1), (2, 3, 5, 4, 1), (1, 33, 3, 7, 1), (2, 100, 2, 3, 2),
+                                            (1, 64, 4, 4, 4), (3, 65, 1, 1, 5)])
+def test_pack_kernel_matches_contract_packing(n, c, h, w, groups):
+    gen = torch.Generator().manual_seed(n * 1000 + c)
+    x = random_input((n, c, h, w), gen)
+    x[0, 0, 0, 0] = -0.0                 # -0.0 >= 0: +1
+    got = cb.emulated_pack_signs(x, groups)
+    assert got.dtype == torch.int32 and got.shape == (n, h, w, groups * ((c // groups + 31) // 32))
+    assert torch.equal(got, reference_pack(x, groups))
+    # any strides: channels_last and a transposed view give the same words
+    assert torch.equal(cb.emulated_pack_signs(x.contiguous(memory_format=torch.channels_last), groups), got)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(cb.emulated_pack_signs(xt, groups), got)
+
+
+def test_pack_kernel_linear_and_nan():
+    x = torch.tensor([[1.0, -1.0, 0.0, float("nan"), -0.0] + [2.0] * 30])
+    got = cb.emulated_pack_signs(x)
+    assert got.shape == (1, 2)
+    bits = [(int(got[0, i // 32]) >> (i % 32)) & 1 for i in range(35)]
+    assert bits[:5] == [1, 0, 1, 0, 1]   # NaN -> -1, like torch.where(x >= 0, 1, -1)
+    assert all(bits[5:]) and int(got[0, 1]) >> 3 == 0   # padding bits are 0
+
+
+# ------------------------------------------------------------------------------------------
+# (2) the emulated convolution, bit-exact against conv2d(sign(x), sign(w))
+# (N, C, H, W, K, kernel, stride, padding, dilation, groups)
+CONV_CASES = [
+    (1, 1, 5, 5, 3, 3, 1, 1, 1, 1),
+    (2, 3, 7, 6, 5, 3, 1, 0, 1, 1),
+    (1, 31, 9, 7, 8, 3, 2, 1, 1, 1),
+    (2, 33, 7, 9, 20, 3, 1, 2, 1, 1),
+    (1, 65, 6, 5, 17, 3, 2, 2, 1, 1),
+    (2, 100, 9, 8, 70, 3, 1, 2, 2, 1),
+    (1, 33, 11, 9, 9, 3, 1, 2, 2, 1),
+    (3, 64, 5, 5, 24, 3, 1, 1, 1, 2),
+    (1, 96, 5, 7, 12, 3, 2, 1, 1, 3),
+    (1, 16, 6, 6, 16, 3, 1, 1, 1, 16),     # depthwise
+    (2, 40, 5, 5, 30, 1, 1, 0, 1, 1),      # 1x1
+    (1, 24, 9, 9, 10, 5, 1, 2, 1, 1),      # 5x5
+    (1, 7, 8, 13, 6, (1, 3), (1, 2), (0, 1), 1, 1),   # rectangular kernel, anisotropic stride
+    (1, 256, 4, 3, 8, 3, 1, 1, 1, 1),      # Q = 72 words: several pipeline stages
+]
+
+
+def _conv_case(case, seed: int):
+    n, c, h, w, k, ks, stride, pad, dil, groups = case
+    kh, kw = (ks, ks) if isinstance(ks, int) else ks
+    gen = torch.Generator().manual_seed(seed)
+    x = random_input((n, c, h, w), gen)
+    wt = random_input((k, c // groups, kh, kw), gen)
+    ref = F.conv2d(sign(x), sign(wt), None, stride, pad, dil, groups)
+    return x, wt, ref, (stride, pad, dil, groups)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+@pytest.mark.parametrize("tile", ["small", "large"])
+def test_emulated_conv_is_bit_exact(case, tile):
+    x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=CONV_CASES.index(case) * 2 + (tile == "large"))
+    xp, wp = cb.emulated_pack_signs(x, groups), cb.emulated_pack_weights(wt)
+    assert torch.equal(xp, reference_pack(x, groups))
+    out = cb.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], wt.shape[2:], stride, pad, dil, groups, tile=tile)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("c,vw", [(128, 4), (128, 2), (128, 1), (64, 2), (64, 1), (320, 2)])
+def test_emulated_conv_every_copy_width(c, vw):
+    # vectorized 16/8-byte cp.async paths need Wg % vw == 0
+    x, wt, ref, (stride, pad, dil, groups) = _conv_case((2, c, 5, 4, 12, 3, 1, 1, 1, 1), seed=c + vw)
+    out = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt), c, 3, stride, pad,
+                                         dil, groups, tile="small", vw=vw)
+    assert torch.equal(out, ref)
+
+
+def test_emulated_conv_many_blocks_both_directions():
+    # M = 2*9*9 = 162 pixels -> 3 row blocks of 64; K = 150 -> 3 channel blocks of 64
+    x, wt, ref, (stride, pad, dil, groups) = _conv_case((2, 40, 9, 9, 150, 3, 1, 1, 1, 1), seed=7)
+    out = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt), 40, 3, stride, pad,
+                                         dil, groups, tile="small")
+    assert torch.equal(out, ref)
+
+
+def test_randomized_conv_shapes():
+    rnd = random.Random(2024)
+    for trial in range(10):
+        groups = rnd.choice([1, 1, 2, 3])
+        c = groups * rnd.choice([1, 3, 31, 33, 65, 100]) // (1 if groups == 1 else rnd.choice([1, groups]))
+        c = max(groups, c - c % groups)
+        k = groups * rnd.randint(1, 12)
+        ks = rnd.choice([1, 3, 3, 5])
+        dil = rnd.choice([1, 2])
+        pad = rnd.choice([0, 1, 2])
+        h = rnd.randint(max(1, dil * (ks - 1) + 1 - 2 * pad), 9)
+        w = rnd.randint(max(1, dil * (ks - 1) + 1 - 2 * pad), 9)
+        case = (rnd.choice([1, 2]), c, h, w, k, ks, rnd.choice([1, 2]), pad, dil, groups)
+        x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=trial)
+        out = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x, groups), cb.emulated_pack_weights(wt), c,
+                                             ks, stride, pad, dil, groups, tile=rnd.choice(["small", "large"]))
+        assert torch.equal(out, ref), case
+
+
+# ------------------------------------------------------------------------------------------
+# fused epilogue: scale (alpha / folded BN), bias, sign -> packed output
+def test_emulated_epilogue_scale_and_bias():
+    x, wt, ref, (stride, pad, dil, groups) = _conv_case((2, 33, 6, 5, 20, 3, 1, 1, 1, 1), seed=11)
+    gen = torch.Generator().manual_seed(3)
+    scale = torch.randn(20, generator=gen)
+    bias = torch.randn(20, generator=gen)
+    xp, wp = cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt)
+    out = cb.emulated_xnor_conv2d_packed(xp, wp, 33, 3, stride, pad, dil, groups, scale=scale, bias=bias)
+    assert torch.equal(out, ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+    only_scale = cb.emulated_xnor_conv2d_packed(xp, wp, 33, 3, stride, pad, dil, groups, scale=scale)
+    assert torch.equal(only_scale, ref * scale.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("case,out_groups", [
+    ((2, 33, 6, 5, 20, 3, 1, 1, 1, 1), 1),
+    ((1, 40, 7, 7, 100, 3, 2, 1, 1, 1), 1),     # 2 channel blocks, 4 output words
+    ((2, 24, 5, 5, 40, 3, 1, 1, 1, 2), 1),      # group boundary inside an output word: OR-ed
+    ((2, 24, 5, 5, 40, 3, 1, 1, 1, 2), 2),      # packed for a next layer with 2 groups
+    ((1, 30, 5, 6, 90, 3, 1, 0, 1, 3), 3),
+])
+def test_emulated_packed_output(case, out_groups):
+    x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=5)
+    k = case[4]
+    gen = torch.Generator().manual_seed(9)
+    scale = torch.randn(k, generator=gen)
+    bias = torch.randint(-3, 4, (k,), generator=gen).float()   # exact zeros happen: sign(0) = +1
+    xp, wp = cb.emulated_pack_signs(x, groups), cb.emulated_pack_weights(wt)
+    for tile in ("small", "large"):
+        got = cb.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], 3, stride, pad, dil, groups, scale=scale, bias=bias,
+                                             pack_output=True, out_groups=out_groups, tile=tile)
+        y = ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+        assert torch.equal(got, reference_pack(y, out_groups))
+        plain = cb.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], 3, stride, pad, dil, groups, pack_output=True,
+                                               out_groups=out_groups, tile=tile)
+        assert torch.equal(plain, reference_pack(ref, out_groups))
+
+
+def test_emulated_chained_binary_layers():
+    # layer 1 writes packed output that layer 2 consumes directly
+    gen = torch.Generator().manual_seed(21)
+    x = random_input((1, 20, 6, 6), gen)
+    w1, w2 = random_input((36, 20, 3, 3), gen), random_input((12, 36, 3, 3), gen)
+    bias1 = torch.randint(-2, 3, (36,), generator=gen).float()
+    h = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x), cb.emulated_pack_weights(w1), 20, 3, padding=1,
+                                       bias=bias1, pack_output=True)
+    out = cb.emulated_xnor_conv2d_packed(h, cb.emulated_pack_weights(w2), 36, 3, stride=2, padding=1)
+    y1 = F.conv2d(sign(x), sign(w1), None, 1, 1) + bias1.view(1, -1, 1, 1)
+    assert torch.equal(out, F.conv2d(sign(y1), sign(w2), None, 2, 1))
+
+
+# ------------------------------------------------------------------------------------------
+# xnor_linear on the same kernel
+@pytest.mark.parametrize("n,f,k", [(1, 1, 1), (3, 31, 5), (2, 33, 70), (5, 100, 9), (1, 300, 130)])
+def test_emulated_linear(n, f, k):
+    gen = torch.Generator().manual_seed(f)
+    x, w = random_input((n, f), gen), random_input((k, f), gen)
+    ref = F.linear(sign(x), sign(w))
+    xp, wp = cb.emulated_pack_signs(x), cb.emulated_pack_weights(w)
+    assert xp.shape == (n, (f + 31) // 32) and wp.shape == (k, (f + 31) // 32)
+    assert torch.equal(cb.emulated_xnor_linear_packed(xp, wp, f), ref)
+    scale, bias = torch.randn(k, generator=gen), torch.randint(-2, 3, (k,), generator=gen).float()
+    y = ref * scale + bias
+    assert torch.equal(cb.emulated_xnor_linear_packed(xp, wp, f, scale=scale, bias=bias), y)
+    packed = cb.emulated_xnor_linear_packed(xp, wp, f, scale=scale, bias=bias, pack_output=True)
+    assert torch.equal(packed, reference_pack(y[:, :, None, None]).reshape(n, -1))
+
+
+# ------------------------------------------------------------------------------------------
+# properties of the kernel beyond the values
+@pytest.mark.parametrize("tile", [0, 1])
+def test_fragment_loads_are_bank_conflict_free(tile):
+    assert cb.load_emulator().bnas_emu_fragment_bank_ways(tile) == 1
+
+
+def test_launcher_rule_picks_tiles_and_copy_width():
+    # auto mode (the GPU launcher's rule) is exact whichever tile and width it picks
+    for case in [(2, 128, 6, 6, 12, 3, 1, 1, 1, 1), (1, 33, 5, 5, 7, 3, 1, 1, 1, 1)]:
+        x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=1)
+        for sms in (1, 1000):
+            out = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt), case[1], 3,
+                                                 stride, pad, dil, groups, sm_count=sms)
+            assert torch.equal(out, ref)
+
+
+def test_argument_errors_say_what_is_wrong():
+    xp = torch.zeros(1, 5, 5, 2, dtype=torch.int32)
+    wp = torch.zeros(4, 3, 3, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="words per pixel"):
+        cb.emulated_xnor_conv2d_packed(xp, wp, 100, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        cb.emulated_xnor_conv2d_packed(torch.zeros(1, 1, 1, 2, dtype=torch.int32), wp, 64, 3)
+    with pytest.raises(ValueError, match="taps"):
+        cb.emulated_xnor_conv2d_packed(torch.zeros(1, 9, 9, 1, dtype=torch.int32),
+                                       torch.zeros(1, 9, 9, 1, dtype=torch.int32), 3, 9)
+    with pytest.raises(ValueError, match="int32"):
+        cb.emulated_xnor_conv2d_packed(xp.float(), wp, 64, 3)
+    with pytest.raises(ValueError, match="out_groups"):
+        cb.emulated_xnor_conv2d_packed(xp, wp, 64, 3, out_groups=3)
+    with pytest.raises(ValueError, match="one value per output channel"):
+        cb.emulated_xnor_conv2d_packed(xp, wp, 64, 3, scale=torch.ones(3))
+    with pytest.raises(RuntimeError, match="vw must divide"):
+        cb.emulated_xnor_conv2d_packed(torch.zeros(1, 5, 5, 1, dtype=torch.int32),
+                                       torch.zeros(4, 3, 3, 1, dtype=torch.int32), 32, 3, vw=2)
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        cb.emulated_xnor_conv2d_packed(xp, wp, 64, (1, 3))
+
+
+# ------------------------------------------------------------------------------------------
+# agreement with the project's shared format and packed-API reference (bnas.kernels)
+def test_matches_project_packing_and_packed_reference():
+    from bnas.kernels import packing, reference
+
+    gen = torch.Generator().manual_seed(33)
+    x, wt = random_input((2, 50, 6, 7), gen), random_input((36, 25, 3, 3), gen)
+    scale, bias = torch.randn(36, generator=gen), torch.randint(-2, 3, (36,), generator=gen).float()
+    xp = cb.emulated_pack_signs(x, 2)
+    wp = cb.emulated_pack_weights(wt)
+    assert torch.equal(xp, packing.pack_signs_reference(x, 2))
+    assert torch.equal(wp, packing.pack_weights_reference(wt, 2))
+    args = (xp, wp, 50, (3, 3), (2, 1), (1, 2), (1, 1), 2, scale, bias)
+    assert torch.equal(cb.emulated_xnor_conv2d_packed(*args), reference.xnor_conv2d_packed(*args))
+    assert torch.equal(cb.emulated_xnor_conv2d_packed(*args, True), reference.xnor_conv2d_packed(*args, True))
+    xl, wl = random_input((3, 70), gen), random_input((40, 70), gen)
+    largs = (packing.pack_signs_reference(xl), packing.pack_weights_reference(wl), 70, scale[:1].expand(40).clone(), None)
+    assert torch.equal(cb.emulated_xnor_linear_packed(*largs), reference.xnor_linear_packed(*largs))
+    assert torch.equal(cb.emulated_xnor_linear_packed(*largs, True), reference.xnor_linear_packed(*largs, True))

@@ -1,0 +1,288 @@
+"""XNOR-popcount kernels: bit-exact against the float reference on every CPU code path.
+
+The C++ extension is built once per session (cached across sessions in the bnas cache);
+each backend this machine can run is forced in turn and compared with
+``conv2d(sign(x), sign(w))`` (``sign(0) = +1``, zero padding contributing 0).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnas.kernels as kernels
+from bnas.binarize import sign
+from bnas.kernels import cpu_backend
+from bnas.kernels.packing import pack_signs_reference, pack_weights_reference
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_CPU = ["cpu-avx512", "cpu-avx2", "cpu-popcnt"]
+CPU_FLAGS = {"cpu-avx512": {"avx512f", "avx512bw", "avx512_vpopcntdq"}, "cpu-avx2": {"avx2"},
+             "cpu-popcnt": {"popcnt"}}
+
+# (N, C, H, W, K, kernel, stride, padding, dilation, groups)
+CONV_CASES = [
+    (1, 1, 5, 7, 3, 3, 1, 1, 1, 1),
+    (3, 3, 9, 7, 8, 3, 1, 0, 1, 1),
+    (1, 31, 7, 9, 17, 3, 2, 1, 1, 1),
+    (3, 33, 11, 5, 40, 3, 1, 2, 1, 1),
+    (1, 65, 9, 9, 70, 3, 2, 2, 2, 1),
+    (3, 100, 7, 7, 36, 3, 1, 1, 2, 1),
+    (1, 64, 8, 8, 48, 3, 1, 1, 1, 2),
+    (3, 100, 9, 7, 100, 3, 2, 1, 1, 4),
+    (1, 66, 6, 6, 66, 1, 1, 0, 1, 2),
+    (1, 128, 5, 5, 64, 5, 1, 2, 1, 1),
+    (3, 256, 5, 5, 130, 3, 1, 1, 1, 1),
+    (1, 5, 3, 3, 4, 1, 1, 2, 1, 1),        # whole output rows made only of padding
+    (1, 96, 13, 11, 24, 3, 2, 1, 1, 4),    # 4 groups of 24 channels: word-crossing blocks
+]
+LINEAR_CASES = [(1, 1, 1), (3, 31, 5), (5, 65, 33), (2, 100, 70), (4, 2048, 10)]
+
+
+@pytest.fixture(scope="session")
+def cpu_backends() -> list[str]:
+    """Builds (or loads) the extension once for the whole session."""
+    return cpu_backend.supported_backends()
+
+
+@pytest.fixture(params=ALL_CPU + ["reference"])
+def backend_name(request, cpu_backends) -> str:
+    name = request.param
+    if name != "reference" and name not in cpu_backends:
+        pytest.skip(f"{name} cannot run on this machine "
+                    f"({cpu_backend.build_error() or 'CPU feature missing'})")
+    with kernels.use_backend(name):
+        yield name
+
+
+def small_ints(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """Values in {-2, ..., 2}: many exact zeros, which must binarize to +1."""
+    return torch.randint(-2, 3, shape, generator=generator).float()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_every_backend_the_cpu_supports_is_offered(cpu_backends):
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    if cpu_backend.build_error():
+        pytest.skip(f"extension not built: {cpu_backend.build_error()}")
+    expected = [name for name in ALL_CPU if CPU_FLAGS[name] <= flags]
+    assert cpu_backends == expected
+    assert kernels.backend() == (expected[0] if expected else "reference")
+
+
+def test_use_backend_forces_and_restores(cpu_backends):
+    default = kernels.backend()
+    for name in cpu_backends + ["reference"]:
+        with kernels.use_backend(name):
+            assert kernels.backend("cpu") == name
+        assert kernels.backend() == default
+
+
+def test_use_backend_rejects_unknown_and_unavailable():
+    with pytest.raises(ValueError, match="unknown kernel backend 'avx9000'; choose one of"):
+        with kernels.use_backend("avx9000"):
+            pass
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda-tensor-core' cannot run here"):
+            with kernels.use_backend("cuda-tensor-core"):
+                pass
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_conv2d_bit_exact(backend_name, case):
+    n, c, h, w, k, ks, stride, padding, dilation, groups = case
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    x = small_ints(n, c, h, w, generator=gen)
+    weight = small_ints(k, c // groups, ks, ks, generator=gen)
+    expected = F.conv2d(sign(x), sign(weight), None, stride, padding, dilation, groups)
+    out = kernels.xnor_conv2d(x, weight, stride, padding, dilation, groups)
+    assert out.dtype == torch.float32
+    assert out.shape == expected.shape
+    assert torch.equal(out, expected)
+
+
+def test_conv2d_rectangular_kernel_stride_padding(backend_name):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 45, 10, 9, generator=gen)
+    weight = torch.randn(20, 45, 1, 3, generator=gen)
+    expected = F.conv2d(sign(x), sign(weight), None, (2, 1), (1, 0), (1, 2))
+    out = kernels.xnor_conv2d(x, weight, stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_linear_bit_exact(backend_name, case):
+    n, f, k = case
+    gen = torch.Generator().manual_seed(f * 1000 + k)
+    x = small_ints(n, f, generator=gen)
+    weight = small_ints(k, f, generator=gen)
+    out = kernels.xnor_linear(x, weight)
+    assert out.shape == (n, k)
+    assert torch.equal(out, F.linear(sign(x), sign(weight)))
+
+
+@pytest.mark.parametrize("groups,k", [(1, 70), (2, 100), (4, 96)])
+def test_conv2d_epilogue_scale_bias_and_packed_output(backend_name, groups, k):
+    gen = torch.Generator().manual_seed(groups * 100 + k)
+    x = small_ints(3, 40 * groups // 2 * 2, 7, 9, generator=gen)
+    c = x.shape[1]
+    weight = small_ints(k, c // groups, 3, 3, generator=gen)
+    # Exactly representable scales and integer biases make many outputs exactly zero.
+    scale = torch.tensor([0.5, -1.25, 2.0, 1.0])[torch.randint(0, 4, (k,), generator=gen)]
+    bias = torch.randint(-3, 4, (k,), generator=gen).float()
+    conv = F.conv2d(sign(x), sign(weight), None, 1, 1, 1, groups)
+    expected = conv * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    assert (expected == 0).any()
+    xp = kernels.pack_signs(x, groups)
+    wp = kernels.pack_weights(weight, groups)
+    out = kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, 1, groups, scale=scale, bias=bias)
+    assert torch.equal(out, expected)
+    packed = kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, 1, groups, scale=scale, bias=bias,
+                                        pack_output=True)
+    assert packed.dtype == torch.int32
+    assert torch.equal(packed, pack_signs_reference(expected))
+    # Random real-valued scale and bias: still the same float operations, bit for bit.
+    scale = torch.randn(k, generator=gen)
+    bias = torch.randn(k, generator=gen)
+    out = kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, 1, groups, scale=scale, bias=bias)
+    assert torch.equal(out, conv * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+    only_bias = kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, 1, groups, bias=bias)
+    assert torch.equal(only_bias, conv + bias.view(1, -1, 1, 1))
+
+
+def test_linear_epilogue_and_packed_output(backend_name):
+    gen = torch.Generator().manual_seed(3)
+    x = small_ints(6, 300, generator=gen)
+    weight = small_ints(77, 300, generator=gen)
+    scale = torch.randn(77, generator=gen)
+    bias = torch.randint(-4, 5, (77,), generator=gen).float()
+    expected = F.linear(sign(x), sign(weight)) * scale + bias
+    xp, wp = kernels.pack_signs(x), kernels.pack_weights(weight)
+    assert torch.equal(kernels.xnor_linear_packed(xp, wp, 300, scale, bias), expected)
+    packed = kernels.xnor_linear_packed(xp, wp, 300, scale, bias, pack_output=True)
+    assert packed.shape == (6, 3)
+    assert torch.equal(packed, pack_signs_reference(expected))
+
+
+def test_packed_layers_chain_like_the_float_network(backend_name):
+    """conv -> BN-folded epilogue -> sign -> conv, all on packed tensors."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 50, 9, 9, generator=gen)
+    w1 = torch.randn(70, 50, 3, 3, generator=gen)
+    w2 = torch.randn(33, 70, 3, 3, generator=gen)
+    scale, bias = torch.rand(70, generator=gen) + 0.5, torch.randn(70, generator=gen) * 4
+    hidden = F.conv2d(sign(x), sign(w1), None, 1, 1) * scale.view(1, -1, 1, 1) \
+        + bias.view(1, -1, 1, 1)
+    expected = F.conv2d(sign(hidden), sign(w2), None, 2, 1)
+    h = kernels.xnor_conv2d_packed(kernels.pack_signs(x), kernels.pack_weights(w1), 50, 3, 1, 1,
+                                   scale=scale, bias=bias, pack_output=True)
+    assert h.shape == (2, 9, 9, 3)
+    out = kernels.xnor_conv2d_packed(h, kernels.pack_weights(w2), 70, 3, 2, 1)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 1, 3, 5), 1), ((1, 33, 4, 3), 1),
+                                          ((2, 100, 5, 2), 4), ((1, 64, 3, 3), 2),
+                                          ((3, 257, 1, 1), 1), ((4, 70), 1),
+                                          ((2, 70, 9, 11), 2), ((3, 1000), 1)])
+def test_pack_signs_matches_reference_format(backend_name, shape, groups):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = small_ints(*shape, generator=gen)
+    packed = kernels.pack_signs(x, groups)
+    assert packed.dtype == torch.int32
+    assert torch.equal(packed, pack_signs_reference(x, groups))
+    channels = shape[1]
+    assert torch.equal(kernels.unpack_signs(packed, channels, groups), sign(x))
+
+
+def test_packed_bit_layout_by_hand():
+    x = -torch.ones(1, 40, 1, 1)
+    x[0, [0, 31, 33, 39], 0, 0] = 0.0     # zeros are +1 -> bit set
+    words = pack_signs_reference(x)[0, 0, 0]
+    assert words.tolist() == [1 | -(2**31), (1 << 1) | (1 << 7)]  # bits past 40 stay 0
+    grouped = pack_signs_reference(x, groups=2)[0, 0, 0]  # 20 channels per group, 1 word each
+    assert grouped.tolist() == [1, (1 << 11) | (1 << 13) | (1 << 19)]
+    w = pack_weights_reference(torch.ones(2, 3, 1, 2))
+    assert w.shape == (2, 1, 2, 1) and w.unique().tolist() == [0b111]
+
+
+def test_inplace_update_of_packed_weights_is_seen(backend_name):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 40, 6, 6, generator=gen)
+    w = torch.randn(24, 40, 3, 3, generator=gen)
+    xp, wp = kernels.pack_signs(x), kernels.pack_weights(w)
+    kernels.xnor_conv2d_packed(xp, wp, 40, 3, padding=1)
+    wp.copy_(kernels.pack_weights(-w))     # new weights in the same tensor
+    out = kernels.xnor_conv2d_packed(xp, wp, 40, 3, padding=1)
+    assert torch.equal(out, F.conv2d(sign(x), sign(-w), None, 1, 1))
+    # Weights packed inside xnor_conv2d are temporaries: their cache entries go with them.
+    cached = len(cpu_backend._repacked)
+    for _ in range(3):
+        kernels.xnor_conv2d(x, w, padding=1)
+    assert len(cpu_backend._repacked) == cached
+
+
+def test_argument_errors_say_what_to_do():
+    x = torch.randn(1, 40, 5, 5)
+    w = torch.randn(8, 40, 3, 3)
+    xp, wp = kernels.pack_signs(x), kernels.pack_weights(w)
+    with pytest.raises(TypeError, match="int32 packed words"):
+        kernels.xnor_conv2d_packed(xp.float(), wp, 40, 3)
+    with pytest.raises(ValueError, match="40 channels in 4 groups need 4"):
+        kernels.xnor_conv2d_packed(xp, wp, 40, 3, groups=4)
+    with pytest.raises(ValueError, match=r"expected \(K, 5, 5, 2\)"):
+        kernels.xnor_conv2d_packed(xp, wp, 40, 5)
+    with pytest.raises(ValueError, match="one value per output channel"):
+        kernels.xnor_conv2d_packed(xp, wp, 40, 3, scale=torch.ones(7))
+    with pytest.raises(ValueError, match="weights expect 40 per group with groups=2"):
+        kernels.xnor_conv2d(x, w, groups=2)
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        kernels.pack_signs(x, groups=3)
+    with pytest.raises(TypeError, match="must be a float tensor"):
+        kernels.pack_signs(x.to(torch.int64))
+    with pytest.raises(ValueError, match="40 features pack into 2 words"):
+        kernels.xnor_linear_packed(xp.reshape(25, 2), kernels.pack_weights(torch.randn(3, 70)),
+                                   40)
+
+
+def test_without_a_compiler_one_warning_and_the_reference(tmp_path):
+    """A fresh cache and no usable compiler: backend() is 'reference', one clear warning,
+    results are still exact, and CPU calls never import the CUDA backend."""
+    script = (
+        "import sys, warnings, torch, torch.nn.functional as F\n"
+        "import bnas.kernels as K\n"
+        "from bnas.binarize import sign\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    name = K.backend()\n"
+        "    x, w = torch.randn(2, 33, 5, 5), torch.randn(7, 33, 3, 3)\n"
+        "    ok = torch.equal(K.xnor_conv2d(x, w, padding=1), F.conv2d(sign(x), sign(w), None, 1, 1))\n"
+        "msgs = [str(c.message) for c in caught if 'bnas.kernels' in str(c.message)]\n"
+        "cuda_imported = 'bnas.kernels.cuda_backend' in sys.modules\n"
+        "print(name, ok, len(msgs), cuda_imported); print(msgs[0] if msgs else '')\n")
+    env = dict(os.environ, BNAS_CACHE=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"),
+               PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, message = result.stdout.strip().splitlines()[-2:]
+    assert first == "reference True 1 False"
+    assert "CPU XNOR kernels are unavailable" in message
+    assert "Install a C++ compiler" in message
