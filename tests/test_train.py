@@ -200,3 +200,37 @@ def test_mnist_from_gzipped_idx() -> None:
     assert len(data.train_x) + len(data.val_x) == 60000 and len(data.test_x) == 10000
     assert data.train_x.dtype == torch.uint8
     assert 0.12 < data.mean.item() < 0.14
+
+
+def test_distillation_from_a_real_valued_teacher(tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher.yaml"
+    teacher.write_text(MLP)
+    genotype = loads_genotype(MLP)
+    report = evaluate(genotype, "digits", progress=False, out=tmp_path / "run",
+                      overrides={"epochs": 2, "distill": {"teacher": str(teacher), "temperature": 2.0, "alpha": 0.5}})
+    # The teacher (binarization off) was trained first, then distilled into the binary net.
+    assert (tmp_path / "run" / "teacher" / "checkpoint.pt").is_file()
+    teacher_state = load_checkpoint(tmp_path / "run" / "teacher" / "checkpoint.pt")
+    assert teacher_state["epoch"] == 2
+    assert report["test_acc"] > 0.5
+
+
+def test_two_step_schedule_binarizes_weights_later() -> None:
+    genotype = loads_genotype(MLP)
+    recipe = Recipe.from_dict({**genotype.training, "two_step": 1, "epochs": 2})
+    model = bnas.build(genotype)
+    seen: list[tuple[bool, bool]] = []
+    trainer = Trainer(model, load_dataset("digits"), recipe, progress=False)
+    trainer.callbacks.append(lambda epoch, row: seen.append(
+        tuple({(l.input_quantizer.enabled, l.kernel_quantizer.enabled) for l in bnas.binarize.binary_layers(model)})[0]))
+    trainer.fit()
+    assert seen == [(True, False), (True, True)]
+
+
+def test_patience_stops_early_by_the_lenet_rule() -> None:
+    genotype = loads_genotype(MLP)
+    recipe = Recipe.from_dict({**genotype.training, "epochs": 30, "patience": 2, "patience_increase": 1.0,
+                               "optimizer": {"name": "adam", "lr": 1e-9}})
+    result = Trainer(bnas.build(genotype), load_dataset("digits"), recipe, progress=False).fit()
+    # With a learning rate too small to improve anything, patience is never extended.
+    assert result.stopped_early and result.epochs_run == 2
