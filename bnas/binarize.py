@@ -200,6 +200,10 @@ class BinarizeConfig:
                  ``"glorot"`` (BinaryNet's H = sqrt(1.5 / (fan_in + fan_out)), which also gives
                  the layer a learning-rate scale 1/H), or None for no clipping.
     swish_beta:  the slope of ``swish_sign``.
+    lr_scale:    a per-layer learning-rate multiplier for the latent weights: a number, or
+                 ``"glorot"`` (1 / sqrt(1.5 / (fan_in + fan_out)): BinaryNet's MNIST recipe,
+                 which keeps H = 1 but scales the learning rate). Default: 1, or 1/H when
+                 ``latent_clip`` is ``"glorot"``.
     """
 
     activation: str = "ste"
@@ -208,6 +212,7 @@ class BinarizeConfig:
     weight_clip: float = 1.0
     latent_clip: float | str | None = None
     swish_beta: float = 5.0
+    lr_scale: float | str | None = None
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATION_QUANTIZERS:
@@ -225,6 +230,9 @@ class BinarizeConfig:
         lc = self.latent_clip
         if not (lc is None or lc == "glorot" or (isinstance(lc, (int, float)) and not isinstance(lc, bool) and lc > 0)):
             raise ValueError(f"latent_clip must be a positive number, 'glorot' or null, got {lc!r}")
+        ls = self.lr_scale
+        if not (ls is None or ls == "glorot" or (isinstance(ls, (int, float)) and not isinstance(ls, bool) and ls > 0)):
+            raise ValueError(f"lr_scale must be a positive number, 'glorot' or null, got {ls!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BinarizeConfig":
@@ -352,6 +360,10 @@ class _BinaryLayer:
         else:
             self.latent_clip_value = None if config.latent_clip is None else float(config.latent_clip)
             self.lr_scale = 1.0
+        if config.lr_scale == "glorot":
+            self.lr_scale = 1.0 / glorot_h
+        elif config.lr_scale is not None:
+            self.lr_scale = float(config.lr_scale)
 
     def binary_weight(self) -> Tensor:
         """The weight the forward pass uses (alpha * sign(W) for xnor)."""

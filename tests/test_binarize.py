@@ -257,3 +257,11 @@ def test_two_step_schedule_switch() -> None:
     set_binarization(layer, activations=True, weights=True)
     alpha = layer.weight.abs().mean(dim=1, keepdim=True)
     assert torch.allclose(layer(x), sign(x) @ (alpha * sign(layer.weight)).T)
+
+
+def test_glorot_lr_scale_with_unit_latent_clip() -> None:
+    layer = BinaryLinear(100, 50, config=BinarizeConfig("ste", "sign", latent_clip=1.0, lr_scale="glorot"))
+    assert layer.latent_clip_value == 1.0
+    assert layer.lr_scale == pytest.approx(1 / math.sqrt(1.5 / 150))
+    with pytest.raises(ValueError, match="lr_scale"):
+        BinarizeConfig(lr_scale=0)
