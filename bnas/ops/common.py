@@ -1,47 +1,63 @@
-"""Pieces shared by the op families: binarize-config coercion, activations, channel checks."""
+"""Pieces shared by the op families: binarize-config coercion, activations, argument checks."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..binarize import BinarizeConfig
 
-DEFAULT_BINARIZE = BinarizeConfig(activation="ste", weight="xnor")
+# The binarizations the families default to. Defined here, not looked up in the catalog, so a
+# user catalog that redefines ``xnor`` cannot change what an op built without options means.
+XNOR = BinarizeConfig(activation="ste", weight="xnor")
+BIREAL = BinarizeConfig(activation="approx_sign", weight="bireal")
+BINARYNET = BinarizeConfig(activation="ste", weight="sign")
+
+Binarize = Union[BinarizeConfig, Mapping[str, Any], str, None]
 ACTIVATIONS = ("none", "relu", "prelu", "rprelu", "hardtanh")
+ORDERS = ("bn_conv_act", "conv_bn_act")
 
 
-def as_config(value: BinarizeConfig | Mapping[str, Any] | str | None, default: BinarizeConfig = DEFAULT_BINARIZE) -> BinarizeConfig:
-    """Accept a ``BinarizeConfig``, a mapping of its fields, or a catalog name (``xnor``)."""
+def as_config(value: Binarize, default: BinarizeConfig = XNOR) -> BinarizeConfig:
+    """Accept a ``BinarizeConfig``, a mapping of its fields, or a catalog name (``xnor``).
+
+    A mapping is read, never changed; the result is frozen, so layers cannot share state.
+    """
     if value is None:
         return default
     if isinstance(value, BinarizeConfig):
         return value
     if isinstance(value, str):
-        from ..registry import BINARIZE_PRESETS, get_spec
+        from ..registry import BINARIZE_PRESETS, list_primitives
 
-        get_spec("skip_connect")  # make sure the catalog (and its binarize presets) is loaded
+        list_primitives()  # loads the catalog, which defines the named binarizations
         if value not in BINARIZE_PRESETS:
             raise ValueError(f"unknown binarization {value!r}; the catalog defines {', '.join(sorted(BINARIZE_PRESETS))}")
         return BINARIZE_PRESETS[value]
     if isinstance(value, Mapping):
-        return BinarizeConfig.from_dict(value)
-    raise TypeError(f"binarize must be a name, a mapping or a BinarizeConfig, got {type(value).__name__}")
+        return BinarizeConfig.from_dict(dict(value))
+    raise TypeError(f"binarize must be a catalog name, a mapping or a BinarizeConfig, got {type(value).__name__}")
 
 
 class RPReLU(nn.Module):
-    """ReActNet's RPReLU: a learnable shift, PReLU, and another shift, per channel."""
+    """ReActNet's RPReLU: per channel, shift, PReLU, shift.
 
-    def __init__(self, channels: int):
+    The PReLU slope lives here rather than in a child ``nn.PReLU`` so the module is one leaf
+    and the metrics count its three parameter vectors together.
+    """
+
+    def __init__(self, channels: int, init: float = 0.25):
         super().__init__()
         self.shift_in = nn.Parameter(torch.zeros(channels))
-        self.prelu = nn.PReLU(channels, init=0.25)
+        self.slope = nn.Parameter(torch.full((channels,), init))
         self.shift_out = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return self.prelu(x - self.shift_in.view(shape)) + self.shift_out.view(shape)
+        y = x - self.shift_in.view(shape)
+        y = torch.where(y >= 0, y, self.slope.view(shape) * y)
+        return y + self.shift_out.view(shape)
 
 
 def make_activation(name: str, channels: int) -> nn.Module:
@@ -60,14 +76,48 @@ def make_activation(name: str, channels: int) -> nn.Module:
 
 
 def check_stride(stride: int) -> int:
-    if stride not in (1, 2):
+    if isinstance(stride, bool) or stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride!r}")
     return stride
 
 
+def check_channels(op: str, c_in: int, c_out: int) -> None:
+    for label, value in (("C_in", c_in), ("C_out", c_out)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {label} must be a positive integer, got {value!r}")
+
+
+def check_same_channels(op: str, c_in: int, c_out: int, hint: str) -> None:
+    """Ops that cannot change the channel count say so, and what to use instead."""
+    if c_in != c_out:
+        raise ValueError(f"{op} keeps the channel count (got {c_in} -> {c_out}); {hint}")
+
+
+def check_kernel(kernel: int, dilation: int = 1) -> None:
+    # "Same" padding only exists for odd kernels; an even one would silently shift the map.
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be an odd positive integer (1, 3, 5, ...), got {kernel!r}")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be a positive integer, got {dilation!r}")
+
+
 def check_groups(c_in: int, c_out: int, groups: int) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
     if c_in % groups or c_out % groups:
         raise ValueError(f"groups={groups} must divide both C_in={c_in} and C_out={c_out}")
+
+
+def check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    return order
+
+
+def check_dropout(name: str, p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+    return float(p)
 
 
 def same_padding(kernel: int, dilation: int) -> int:
