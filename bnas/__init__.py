@@ -6,6 +6,7 @@ The data flows one way: genotype YAML -> ``Genotype`` -> networkx cell DAGs -> `
 from .binarize import BinarizeConfig, BinaryConv2d, BinaryLinear
 from .builder import build
 from .errors import BnasError, GenotypeError
+from .export import load_packed, pack_model
 from .genotype import Genotype, load_genotype
 from .metrics import summarize
 from .registry import get_primitive, list_primitives, register_primitive
@@ -23,6 +24,8 @@ __all__ = [
     "get_primitive",
     "list_primitives",
     "load_genotype",
+    "load_packed",
+    "pack_model",
     "register_primitive",
     "summarize",
     "__version__",

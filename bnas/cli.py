@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("evaluate", "eval", "train a genotype on a dataset, test it, and write report.json / report.md / curves.png"),
     ("search.command", "search", "architecture search with Optuna: sample, train briefly, prune, write genotypes"),
+    ("export", "export", "pack a trained checkpoint into a 1-bit inference model file (.bnas) for the XNOR kernels"),
 ]
 
 
