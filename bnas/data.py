@@ -1,25 +1,54 @@
 """Datasets and loaders.
 
-Names: ``digits`` (scikit-learn's bundled 8x8 digits, no download: the default), ``mnist``,
-``fashion_mnist``, ``cifar10``, ``imagefolder:PATH``, ``synthetic``. Every dataset is held as
-one uint8/float tensor (on the training device when it fits), so small datasets need no
-DataLoader workers; batches are normalised and, for CIFAR, augmented (random crop with 4
-pixels of padding + horizontal flip) on the device.
+Names (``DATASETS``):
 
-The validation split is carved from the *training* set with a seeded permutation, so a
-search never looks at the test set.
+=====================  ===================================================================
+``digits``             scikit-learn's bundled 8x8 digits (1x8x8, 1797 images, no files,
+                       no download): the default. Pixels 0..16 are scaled to [0, 1]. The
+                       test set is a fixed 20% (seed 1234, independent of the run's seed).
+``mnist``              1x28x28. The four idx files, gzipped or not, in
+``fashion_mnist``      ``<root>/MNIST/raw`` / ``<root>/FashionMNIST/raw`` (torchvision's
+                       layout; ``<root>/MNIST``, ``<root>/mnist`` and ``<root>`` work too).
+                       Fashion-MNIST is also found in ``/usr/share/datasets/fashion-mnist``
+                       (Debian's ``dataset-fashion-mnist``).
+``cifar10``            3x32x32, in this order: torchvision's ``<root>/cifar-10-batches-py``;
+                       an ImageFolder tree ``<root>/cifar10-jpeg/{train,test}/<class>/*.jpg``;
+                       or the archive of that tree itself (``<root>/cifar10-jpeg/*.tar.xz``,
+                       read without extracting). Class indices are the alphabetical class
+                       names, which is torchvision's CIFAR-10 order too.
+``imagefolder:PATH``   ``PATH/train/<class>/*`` and ``PATH/test/<class>/*``, or
+                       ``PATH/<class>/*`` with a fixed 20% test split (seed 1234). All images
+                       must have one size; they are held in memory.
+``synthetic``          class prototypes plus noise, any shape (for tests; learnable).
+=====================  ===================================================================
+
+Decoded image trees and archives are cached as tensors in ``~/.cache/bnas/decoded``
+(``$XDG_CACHE_HOME`` is honoured), keyed by path, size and modification time.
+
+Every dataset is held as one uint8 (images) or float tensor, on the training device when it
+fits, so small datasets need no DataLoader workers: batches are indexed out of the tensor,
+converted to float, augmented (CIFAR: random crop with 4 pixels of zero padding and a
+horizontal flip) and normalised with the training split's per-channel mean and std, all on
+the device.
+
+The validation split is carved from the *training* set with a permutation seeded by the
+run's seed, so a search never looks at the test set.
 
 Data root: ``--data-root``, else ``$BNAS_DATA``, else ``~/.cache/bnas/data``.
 """
 from __future__ import annotations
 
+import difflib
 import gzip
+import hashlib
+import io
 import os
 import pickle
 import struct
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +59,12 @@ from .errors import BnasError
 __all__ = ["DataError", "DataSplits", "TensorLoader", "load_dataset", "data_root", "DATASETS"]
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder:PATH", "synthetic")
+_NAMED = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "imagefolder")
 _FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
+_TEST_SPLIT_SEED = 1234  # fixed: the test set must not move with the run's seed
 
 
 class DataError(BnasError):
@@ -43,12 +77,28 @@ def data_root(root: str | os.PathLike[str] | None = None) -> Path:
         return Path(root).expanduser()
     if os.environ.get("BNAS_DATA"):
         return Path(os.environ["BNAS_DATA"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnas" / "data"
+    return _cache_home() / "bnas" / "data"
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def _root_origin(root: str | os.PathLike[str] | None) -> str:
+    if root is not None:
+        return "--data-root"
+    if os.environ.get("BNAS_DATA"):
+        return "$BNAS_DATA"
+    return "the default data root; set --data-root or $BNAS_DATA to use another"
 
 
 @dataclass
 class DataSplits:
-    """Train / validation / test tensors (uint8 or float images, int64 labels)."""
+    """Train / validation / test tensors (uint8 images or float values, int64 labels).
+
+    ``mean`` and ``std`` are per channel, on the [0, 1] scale, from the training split.
+    ``source`` says in words where the data came from (for reports).
+    """
 
     name: str
     train_x: Tensor
@@ -61,30 +111,60 @@ class DataSplits:
     mean: Tensor
     std: Tensor
     augment: bool = False
+    source: str = ""
+
+    _TENSORS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS)
+
     def to(self, device: torch.device | str) -> "DataSplits":
-        for field in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"):
-            setattr(self, field, getattr(self, field).to(device))
+        for name in self._TENSORS:
+            setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> "TensorLoader":
-        x, y = {"train": (self.train_x, self.train_y), "val": (self.val_x, self.val_y), "test": (self.test_x, self.test_y)}[split]
-        return TensorLoader(x, y, self.mean, self.std, batch_size, shuffle, seed, augment=self.augment and split == "train")
+    def loader(
+        self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, device: torch.device | str | None = None
+    ) -> "TensorLoader":
+        """Batches of ``split`` (train, val or test), delivered on ``device`` (default: where
+        the tensors are)."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        return TensorLoader(x, y, self.mean, self.std, batch_size, shuffle, seed, augment=self.augment and split == "train", device=device)
 
 
 class TensorLoader:
-    """Batches from in-memory tensors: normalisation and augmentation on the device.
+    """Batches out of in-memory tensors; conversion, augmentation and normalisation per batch.
 
-    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same
-    batches as an uninterrupted one.
+    The order and the augmentation draws of epoch ``e`` depend only on ``(seed, e)``, so a
+    resumed run sees exactly the batches an uninterrupted one would. When the tensors live
+    on the CPU and the model on a GPU, ``device`` moves each batch before it is processed.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, mean: Tensor, std: Tensor, batch_size: int, shuffle: bool, seed: int, augment: bool):
-        self.x, self.y, self.mean, self.std = x, y, mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        mean: Tensor,
+        std: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        augment: bool,
+        device: torch.device | str | None = None,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.x, self.y = x, y
+        self.device = torch.device(device) if device is not None else x.device
+        self.mean = mean.view(1, -1, 1, 1).to(self.device)
+        self.std = std.view(1, -1, 1, 1).to(self.device)
         self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
         self.epoch = 0
 
@@ -99,9 +179,8 @@ class TensorLoader:
         self.epoch = epoch
 
     def _prepare(self, xb: Tensor, gen: torch.Generator | None) -> Tensor:
-        xb = xb.float()
-        if xb.dtype != self.x.dtype and self.x.dtype == torch.uint8:
-            xb = xb / 255.0
+        xb = xb.to(self.device, non_blocking=True)
+        xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
         if self.augment and gen is not None:
             xb = _crop_flip(xb, gen)
         return (xb - self.mean) / self.std
@@ -109,43 +188,52 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         gen = None
         if self.shuffle or self.augment:
+            # CPU generator: the same stream on every device, cheap to seed per epoch.
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.x), generator=gen).to(self.x.device) if self.shuffle else None
         for start in range(0, len(self.x), self.batch_size):
             idx = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-            yield self._prepare(self.x[idx], gen), self.y[idx]
+            yield self._prepare(self.x[idx], gen), self.y[idx].to(self.device, non_blocking=True)
 
 
 def _crop_flip(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
-    """Random crop after zero padding, and a random horizontal flip, per image."""
-    n, _, h, w = x.shape
+    """Per image: a random crop of the zero-padded image (offsets 0..2*pad), then a random
+    horizontal flip with probability 1/2. Draws come from ``gen`` (CPU) in a fixed order."""
+    n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w)
-    cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-    # gather rows then columns (two 1-D gathers are cheaper than building a 2-D index)
-    tmp = padded.gather(2, rows[..., :1].expand(n, x.shape[1], h, w + 2 * pad))
-    out = tmp.gather(3, cols)
     flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    # Two 1-D gathers (rows, then columns) are cheaper than building a 2-D index.
+    out = padded.gather(2, rows).gather(3, cols)
     return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
 
 
 # --------------------------------------------------------------------------------------
-# Sources
+# idx files (MNIST, Fashion-MNIST)
 # --------------------------------------------------------------------------------------
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc}); replace the file") from None
+    if len(data) < 4:
+        raise DataError(f"{path}: not an idx file (only {len(data)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise DataError(f"{path} is not an idx file of unsigned bytes")
+        raise DataError(f"{path}: not an idx file of unsigned bytes (header {data[:4].hex()})")
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    expected = int(np.prod(dims)) + 4 + 4 * ndim
+    if len(data) != expected:
+        raise DataError(f"{path}: {len(data)} bytes where its header promises {expected}; the file is truncated")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+def _find_idx(dirs: Iterable[Path], stem: str) -> Path | None:
     for d in dirs:
         for name in (stem, stem + ".gz"):
             if (d / name).is_file():
@@ -153,144 +241,252 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
     return None
 
 
-def _load_idx_dataset(name: str, root: Path, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _load_idx_dataset(name: str, root: Path, origin: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
     folder = "MNIST" if name == "mnist" else "FashionMNIST"
-    dirs = [root / folder / "raw", root / folder, root / name, root / name.replace("_", "-"), root]
+    dirs = list(dict.fromkeys([root / folder / "raw", root / folder, root / name, root / name.replace("_", "-"), root]))
     if name == "fashion_mnist":
         dirs.append(_FASHION_SYSTEM_DIR)
-    files = {s: _find_idx(dirs, s) for s in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    files = {s: _find_idx(dirs, s) for s in _IDX_FILES}
     if any(f is None for f in files.values()) and download:
         import torchvision
 
         cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
+        try:
+            cls(str(root), train=True, download=True)
+            cls(str(root), train=False, download=True)
+        except (OSError, RuntimeError) as exc:
+            raise DataError(f"{name}: download into {root} failed ({exc}); is this machine online?") from None
         files = {s: _find_idx(dirs, s) for s in files}
     missing = [s for s, f in files.items() if f is None]
     if missing:
-        hint = (
-            "apt-get install dataset-fashion-mnist (Debian), or " if name == "fashion_mnist" else ""
-        ) + f"put the four idx files (.gz or not) in {root / folder / 'raw'}, or pass --download on a machine that is online"
-        looked = ", ".join(str(d) for d in dirs)
-        raise DataError(f"{name}: missing {', '.join(missing)}; looked in {looked}. To get the data: {hint}")
+        debian = "install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist), or " if name == "fashion_mnist" else ""
+        raise DataError(
+            f"{name}: missing {', '.join(m + '[.gz]' for m in missing)}; looked in {', '.join(str(d) for d in dirs)} "
+            f"(data root {root}, from {origin}). To get the data: {debian}put the four idx files (gzipped or not) "
+            f"in {root / folder / 'raw'}, or pass --data-root with a folder that has them, or add --download on a "
+            "machine that is online (torchvision downloads them there)"
+        )
     arrays = {s: torch.from_numpy(_read_idx(f).copy()) for s, f in files.items()}  # type: ignore[arg-type]
-    return (
-        arrays["train-images-idx3-ubyte"].unsqueeze(1),
-        arrays["train-labels-idx1-ubyte"].long(),
-        arrays["t10k-images-idx3-ubyte"].unsqueeze(1),
-        arrays["t10k-labels-idx1-ubyte"].long(),
-    )
+    train_x, train_y = arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]
+    test_x, test_y = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]
+    for images, labels, split in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if images.dim() != 3 or len(images) != len(labels):
+            raise DataError(f"{name}: {split} images {list(images.shape)} do not match {len(labels)} labels")
+    where = sorted({str(f.parent) for f in files.values() if f is not None})
+    return train_x.unsqueeze(1), train_y.long(), test_x.unsqueeze(1), test_y.long(), f"idx files in {', '.join(where)}"
 
 
-def _load_digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    y = torch.from_numpy(bunch.target.astype(np.int64))
-    # sklearn ships no test split: a fixed, seeded 20% is held out as the test set.
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    n_test = len(x) // 5
+# --------------------------------------------------------------------------------------
+# Bundled and generated data
+# --------------------------------------------------------------------------------------
+def _fixed_test_split(x: Tensor, y: Tensor, fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED))
+    n_test = int(len(x) * fraction)
     test, train = perm[:n_test], perm[n_test:]
     return x[train], y[train], x[test], y[test]
 
 
-def _load_synthetic(shape: tuple[int, int, int], num_classes: int, seed: int, n_train: int = 2048, n_test: int = 512) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Class prototypes plus noise: learnable, any shape, no files."""
+def _load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # 0..16 -> [0, 1]
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return _fixed_test_split(x, y)
+
+
+def _load_synthetic(shape: tuple[int, ...], num_classes: int, seed: int, n_train: int = 2048, n_test: int = 512) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Class prototypes plus Gaussian noise: learnable, any shape, no files."""
+    if len(shape) != 3 or any(int(s) <= 0 for s in shape):
+        raise DataError(f"synthetic: the shape must be three positive sizes (C, H, W), got {list(shape)}")
+    if num_classes < 2:
+        raise DataError(f"synthetic: needs at least 2 classes, got {num_classes}")
     gen = torch.Generator().manual_seed(seed + 7)
     prototypes = torch.randn(num_classes, *shape, generator=gen)
+
     def draw(n: int) -> tuple[Tensor, Tensor]:
         y = torch.randint(0, num_classes, (n,), generator=gen)
         return prototypes[y] + 0.8 * torch.randn(n, *shape, generator=gen), y
+
     xtr, ytr = draw(n_train)
     xte, yte = draw(n_test)
     return xtr, ytr, xte, yte
 
 
-def _load_cifar10(root: Path, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# --------------------------------------------------------------------------------------
+# Image trees and archives (CIFAR-10 JPEG copy, imagefolder:PATH)
+# --------------------------------------------------------------------------------------
+def _decode(data: bytes | Path, where: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{where}: not a readable image ({exc})") from None
+
+
+def _stack(samples: list[tuple[str, str, np.ndarray]], classes: list[str], where: str) -> tuple[Tensor, Tensor]:
+    """(class, file name, HxWx3 array) samples -> N x 3 x H x W uint8 and labels, sorted."""
+    if not samples:
+        raise DataError(f"{where}: no images found (expected <class>/<image> with {', '.join(_IMAGE_SUFFIXES)})")
+    samples.sort(key=lambda s: (classes.index(s[0]), s[1]))
+    shapes = {s[2].shape for s in samples}
+    if len(shapes) > 1:
+        raise DataError(f"{where}: images of several sizes {sorted(shapes)[:4]}; all images must have one size")
+    x = torch.from_numpy(np.stack([s[2] for s in samples])).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor([classes.index(s[0]) for s in samples], dtype=torch.int64)
+    return x, y
+
+
+def _cached(key_parts: list[str], what: str, make: Callable[[], dict[str, object]]) -> dict[str, object]:
+    """Decode once: the tensors of ``make()`` are kept in the bnas cache under a stable key."""
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:24]
+    cache = _cache_home() / "bnas" / "decoded" / f"{what}-{key}.pt"
+    if cache.is_file():
+        try:
+            return torch.load(cache, weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+            pass  # a damaged cache entry is simply rebuilt
+    blob = make()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, cache)
+    return blob
+
+
+def _tree_signature(folder: Path) -> list[str]:
+    parts = [str(folder.resolve())]
+    for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
+        names = os.listdir(cls)
+        parts.append(f"{cls.name}:{len(names)}:{cls.stat().st_mtime_ns}")
+    return parts
+
+
+def _read_tree(folder: Path, classes: list[str] | None = None) -> tuple[Tensor, Tensor, list[str]]:
+    """An ImageFolder tree (class folders of images of one size) as uint8 tensors."""
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = classes or found
+    if not classes:
+        raise DataError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{folder}: class folders {', '.join(unknown)} are not in the training classes {', '.join(classes)}")
+
+    def make() -> dict[str, object]:
+        samples = []
+        for cls in classes:
+            if not (folder / cls).is_dir():
+                continue
+            for path in sorted((folder / cls).iterdir()):
+                if path.suffix.lower() in _IMAGE_SUFFIXES:
+                    samples.append((cls, path.name, _decode(path, str(path))))
+        x, y = _stack(samples, classes, str(folder))
+        return {"x": x, "y": y, "classes": list(classes)}
+
+    blob = _cached(_tree_signature(folder) + classes, "tree", make)
+    return blob["x"], blob["y"], list(blob["classes"])  # type: ignore[return-value,arg-type]
+
+
+def _read_archive(archive: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """A tar archive of ``[prefix/]{train,test}/<class>/<image>``, read without extracting."""
+
+    def make() -> dict[str, object]:
+        samples: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
+        try:
+            with tarfile.open(archive, "r|*") as tar:  # streaming: one pass through the archive
+                for member in tar:
+                    parts = Path(member.name).parts
+                    if not member.isfile() or len(parts) < 3 or Path(parts[-1]).suffix.lower() not in _IMAGE_SUFFIXES:
+                        continue
+                    split, cls, name = parts[-3:]
+                    if split in samples:
+                        fh = tar.extractfile(member)
+                        if fh is not None:
+                            samples[split].append((cls, name, _decode(fh.read(), f"{archive}:{member.name}")))
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{archive}: cannot be read as a tar archive ({exc})") from None
+        classes = sorted({s[0] for s in samples["train"]})
+        if not samples["train"] or not samples["test"]:
+            raise DataError(f"{archive}: expected train/<class>/<image> and test/<class>/<image> inside")
+        stray = sorted({s[0] for s in samples["test"]} - set(classes))
+        if stray:
+            raise DataError(f"{archive}: test classes {', '.join(stray)} have no training images")
+        xtr, ytr = _stack(samples["train"], classes, f"{archive}:train")
+        xte, yte = _stack(samples["test"], classes, f"{archive}:test")
+        return {"train_x": xtr, "train_y": ytr, "test_x": xte, "test_y": yte, "classes": classes}
+
+    st = archive.stat()
+    blob = _cached([str(archive.resolve()), str(st.st_size), str(st.st_mtime_ns)], "archive", make)
+    return blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], list(blob["classes"])  # type: ignore[return-value,arg-type]
+
+
+def _archives(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_ARCHIVE_SUFFIXES))
+
+
+def _load_cifar10(root: Path, origin: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
     batches = root / "cifar-10-batches-py"
     jpeg = root / "cifar10-jpeg"
-    if not batches.is_dir() and download:
+    if not batches.is_dir() and not (jpeg / "train").is_dir() and not _archives(jpeg) and download:
         import torchvision
 
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        try:
+            torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as exc:
+            raise DataError(f"cifar10: download into {root} failed ({exc}); is this machine online?") from None
     if batches.is_dir():
         def read(names: list[str]) -> tuple[Tensor, Tensor]:
             xs, ys = [], []
             for n in names:
-                with open(batches / n, "rb") as fh:
-                    d = pickle.load(fh, encoding="latin1")  # torchvision's own format: plain arrays
+                path = batches / n
+                if not path.is_file():
+                    raise DataError(f"cifar10: {path} is missing; {batches} is incomplete (download it again)")
+                with open(path, "rb") as fh:
+                    # torchvision's own format is a pickle of plain arrays and lists.
+                    d = pickle.load(fh, encoding="latin1")
                 xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(d["labels"], dtype=np.int64))
             return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
         xtr, ytr = read([f"data_batch_{i}" for i in range(1, 6)])
         xte, yte = read(["test_batch"])
-        return xtr, ytr, xte, yte
+        return xtr, ytr, xte, yte, f"torchvision CIFAR-10 batches in {batches}"
     if (jpeg / "train").is_dir() and (jpeg / "test").is_dir():
-        xtr, ytr, classes = _read_image_tree(jpeg / "train")
-        xte, yte, _ = _read_image_tree(jpeg / "test", classes)
-        return xtr, ytr, xte, yte
+        xtr, ytr, classes = _read_tree(jpeg / "train")
+        xte, yte, _ = _read_tree(jpeg / "test", classes)
+        return xtr, ytr, xte, yte, f"CIFAR-10 (JPEG copy, lossy) from the image tree {jpeg}"
+    archives = _archives(jpeg)
+    if archives:
+        xtr, ytr, xte, yte, _ = _read_archive(archives[0])
+        return xtr, ytr, xte, yte, f"CIFAR-10 (JPEG copy, lossy) from the archive {archives[0]}"
     raise DataError(
-        f"cifar10: found neither {batches} (torchvision's CIFAR-10 format) nor {jpeg}/train and {jpeg}/test "
-        "(an ImageFolder tree of JPEGs). To get the data: pass --download on a machine that is online, or extract "
-        "shared/data/cifar10-jpeg/cifar10_jpeg_yoongikim.tar.xz into <data root>/cifar10-jpeg"
+        f"cifar10: found none of {batches} (torchvision's format), {jpeg}/train + {jpeg}/test (a JPEG image tree) "
+        f"or an archive {jpeg}/*.tar.xz (data root {root}, from {origin}). To get the data: add --download on a "
+        f"machine that is online, or put the JPEG archive (e.g. shared/data/cifar10-jpeg/cifar10_jpeg_yoongikim.tar.xz) "
+        f"in {jpeg} (bnas reads it without extracting), or extract it there: "
+        f"mkdir -p {jpeg} && tar xJf cifar10_jpeg_yoongikim.tar.xz -C {jpeg}"
     )
 
 
-def _read_image_tree(folder: Path, classes: list[str] | None = None) -> tuple[Tensor, Tensor, list[str]]:
-    """Decode an ImageFolder tree (class folders of images of one size) into a uint8 tensor.
-
-    Decoding is cached next to nothing the user owns: in the bnas cache, keyed by the path.
-    """
-    from PIL import Image
-
-    cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnas" / "decoded"
-    key = str(folder.resolve()).replace(os.sep, "_")
-    cache = cache_dir / f"{key}.pt"
-    if cache.is_file():
-        blob = torch.load(cache, weights_only=True)
-        return blob["x"], blob["y"], list(blob["classes"])
-    classes = classes or sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{folder}: no class folders found (expected {folder}/<class>/<image>)")
-    images, labels = [], []
-    size = None
-    for label, cls in enumerate(classes):
-        for path in sorted((folder / cls).iterdir()):
-            if path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp"):
-                continue
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-            if size is None:
-                size = arr.shape
-            elif arr.shape != size:
-                raise DataError(f"{path}: image of shape {arr.shape} while others are {size}; all images must have one size")
-            images.append(arr)
-            labels.append(label)
-    if not images:
-        raise DataError(f"{folder}: no images found")
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor(labels, dtype=torch.int64)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"x": x, "y": y, "classes": classes}, tmp)
-    os.replace(tmp, cache)
-    return x, y, classes
-
-
-def _load_imagefolder(path: Path, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+def _load_imagefolder(path: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, int, str]:
     if not path.is_dir():
-        raise DataError(f"imagefolder: {path} is not a folder (expected PATH/train/<class>/... or PATH/<class>/...)")
+        raise DataError(f"imagefolder: {path} is not a folder (expected PATH/train/<class>/<image> and PATH/test/<class>/<image>, or PATH/<class>/<image>)")
     if (path / "train").is_dir() and (path / "test").is_dir():
-        xtr, ytr, classes = _read_image_tree(path / "train")
-        xte, yte, _ = _read_image_tree(path / "test", classes)
-        return xtr, ytr, xte, yte, len(classes)
-    x, y, classes = _read_image_tree(path)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    n_test = len(x) // 5
-    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]], len(classes)
+        xtr, ytr, classes = _read_tree(path / "train")
+        xte, yte, _ = _read_tree(path / "test", classes)
+        return xtr, ytr, xte, yte, len(classes), f"image tree {path}/train, {path}/test"
+    x, y, classes = _read_tree(path)
+    xtr, ytr, xte, yte = _fixed_test_split(x, y)
+    return xtr, ytr, xte, yte, len(classes), f"image tree {path} (20% held out as the test set, seed {_TEST_SPLIT_SEED})"
 
 
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
 def load_dataset(
     name: str,
     root: str | os.PathLike[str] | None = None,
@@ -301,35 +497,39 @@ def load_dataset(
     num_classes: int = 10,
     download: bool = False,
 ) -> DataSplits:
-    """Load ``name`` as train / validation / test tensors (see the module doc for names).
+    """Load ``name`` as train / validation / test splits (see the module doc for names).
 
-    ``shape`` and ``num_classes`` only matter for ``synthetic``.
+    ``val_fraction`` of the training set, drawn with ``seed``, becomes the validation split.
+    ``shape`` and ``num_classes`` only matter for ``synthetic``. ``download`` lets torchvision
+    fetch MNIST, Fashion-MNIST or CIFAR-10 into the data root when they are missing.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    base = data_root(root)
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    base, origin = data_root(root), _root_origin(root)
     augment = False
     classes = 10
     if name == "digits":
-        xtr, ytr, xte, yte = _load_digits(seed)
+        xtr, ytr, xte, yte = _load_digits()
+        source = "scikit-learn's bundled 8x8 digits (20% held out as the test set, seed 1234)"
     elif name in ("mnist", "fashion_mnist"):
-        xtr, ytr, xte, yte = _load_idx_dataset(name, base, download)
+        xtr, ytr, xte, yte, source = _load_idx_dataset(name, base, origin, download)
     elif name == "cifar10":
-        xtr, ytr, xte, yte = _load_cifar10(base, download)
+        xtr, ytr, xte, yte, source = _load_cifar10(base, origin, download)
         augment = True
-    elif name.startswith("imagefolder:"):
-        xtr, ytr, xte, yte, classes = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), seed)
+    elif name.startswith("imagefolder:") and name.split(":", 1)[1]:
+        xtr, ytr, xte, yte, classes, source = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser())
     elif name == "synthetic":
-        xtr, ytr, xte, yte = _load_synthetic(tuple(shape), num_classes, seed)  # type: ignore[arg-type]
-        classes = num_classes
+        xtr, ytr, xte, yte = _load_synthetic(tuple(shape), int(num_classes), seed)
+        classes = int(num_classes)
+        source = f"synthetic prototypes + noise, shape {list(shape)}, {classes} classes"
     else:
-        import difflib
-
-        close = difflib.get_close_matches(name, ["digits", "mnist", "fashion_mnist", "cifar10", "synthetic"], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = difflib.get_close_matches(name.split(":", 1)[0], _NAMED, n=1)
+        hint = f"; did you mean {close[0] + (':PATH' if close[0] == 'imagefolder' else '')!r}?" if close else ""
         raise DataError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASETS)})")
-    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(xtr) * val_fraction))
+    if n_val >= len(xtr):
+        raise DataError(f"{name}: val_fraction {val_fraction} leaves no training images out of {len(xtr)}")
+    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     train_x = xtr[train_idx]
     scaled = train_x.float() / 255.0 if train_x.dtype == torch.uint8 else train_x.float()
@@ -337,5 +537,5 @@ def load_dataset(
     std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-6)
     return DataSplits(
         name=name, train_x=train_x, train_y=ytr[train_idx], val_x=xtr[val_idx], val_y=ytr[val_idx],
-        test_x=xte, test_y=yte, num_classes=classes, mean=mean, std=std, augment=augment,
+        test_x=xte, test_y=yte, num_classes=classes, mean=mean, std=std, augment=augment, source=source,
     )
