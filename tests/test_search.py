@@ -1,8 +1,8 @@
-"""Architecture search: space validation, reproducibility, constraints, duplicates, crashes,
-SIGKILL + resume, bad storage and conflicting studies."""
+"""The study runner and `bnas search`: outputs, constraints before training, duplicates,
+crashes, SIGKILL + resume, seeds, retraining the best genotype, bad storage and studies."""
 from __future__ import annotations
 
-import os
+import json
 import signal
 import sqlite3
 import subprocess
@@ -13,15 +13,15 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from optuna.distributions import CategoricalDistribution
 from torch import nn
 
 import bnas
 from bnas.cli import main
-from bnas.errors import GenotypeError
-from bnas.search.runner import SearchConfig, SearchError, make_sampler, run_search_study
+from bnas.evaluate import evaluate
+from bnas.search.runner import SearchConfig, run_search_study
 from bnas.search.space import load_space, sample_genotype
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = """
 name: tiny
 dataset: digits
@@ -38,7 +38,7 @@ cells:
 macro:
   stages: 2
   channels: [8, 16]
-  cells_per_stage: [1]
+  cells_per_stage: [1, 2]
 head:
   - {op: global_avgpool}
   - {op: linear}
@@ -46,6 +46,18 @@ budget:
   epochs: 2
   batch_size: 128
   optimizer: {name: adam, lr: 0.01}
+"""
+# Two genotypes in all (one edge, two ops): a search of several trials must meet duplicates.
+TWO_GENOTYPES = """
+name: two
+dataset: digits
+input: [1, 8, 8]
+num_classes: 10
+stem: [{op: conv_bn, channels: 8}]
+cells: {ops: [skip_connect, binary_conv_3x3], nodes: 1, inputs: 1, edges_per_node: 1, combine: sum}
+macro: {stages: 1, channels: [8], cells_per_stage: [1]}
+head: [{op: global_avgpool}, {op: linear}]
+budget: {epochs: 1, batch_size: 256, optimizer: {name: adam, lr: 0.01}}
 """
 
 
@@ -55,83 +67,83 @@ def _space(tmp_path: Path, text: str = TINY, name: str = "space.yaml") -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "old,new,path,fragment",
-    [
-        ("binary_conv_3x3, skip", "binary_conv_3x4, skip", "cells.ops[0]", "did you mean binary_conv_3x3"),
-        ("nodes: 2", "nodes: 0", "cells.nodes", "positive integer"),
-        ("combine: sum", "combine: max", "cells.combine", "invalid combine"),
-        ("channels: [8, 16]", "channels: [8, -1]", "macro.channels", "positive integer"),
-        ("epochs: 2", "epochs: two", "budget", "positive integer"),
-        ("name: tiny", "name: tiny\nobjectives: [ops]", "objectives", "starting with val_acc"),
-        ("name: tiny", "name: tiny\nconstraints: {max_flops: 3}", "constraints.max_flops", "unknown constraint"),
-        ("name: tiny", "name: tiny\nsampler: cmaes", "sampler", "tpe, random, nsga2 or gp"),
-    ],
-)
-def test_invalid_space_files(tmp_path: Path, old: str, new: str, path: str, fragment: str) -> None:
-    file = _space(tmp_path, TINY.replace(old, new, 1))
-    with pytest.raises(GenotypeError) as info:
-        load_space(file)
-    assert info.value.path == path and fragment in info.value.message
-    assert str(info.value).startswith(str(file))
+def _study(out: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
 
 
-def test_shipped_spaces_load_and_sample() -> None:
-    spaces = sorted((REPO / "search_spaces").glob("*.yaml"))
-    assert {p.stem for p in spaces} >= {"quickstart", "mnist_cells", "fashion_mnist_cells", "bars_macro", "darts_binary"}
-    for path in spaces:
-        space = load_space(path)
-        study = optuna.create_study(directions=space.directions, sampler=optuna.samplers.RandomSampler(seed=0))
-        for _ in range(3):
-            genotype = sample_genotype(study.ask(), space)
-            model = bnas.build(genotype)
-            assert model(torch.zeros(2, *genotype.input)).shape == (2, space.num_classes)
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
 
 
-def _first_genotypes(space_path: Path, sampler: str, seed: int, n: int = 4) -> list[str]:
-    space = load_space(space_path)
-    study = optuna.create_study(directions=space.directions, sampler=make_sampler(sampler, seed, False))
-    hashes = []
-    for _ in range(n):
-        trial = study.ask()
-        hashes.append(sample_genotype(trial, space).canonical_hash())
-        study.tell(trial, 0.5)
-    return hashes
-
-
-@pytest.mark.parametrize("sampler", ["tpe", "random"])
-def test_same_seed_same_first_genotypes(sampler: str) -> None:
-    path = REPO / "search_spaces" / "quickstart.yaml"
-    assert _first_genotypes(path, sampler, 7) == _first_genotypes(path, sampler, 7)
-    assert _first_genotypes(path, sampler, 7) != _first_genotypes(path, sampler, 8)
-
-
-def test_search_writes_outputs_and_skips_over_budget_and_duplicates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = TINY.replace("name: tiny", "name: tiny\nconstraints: {max_ops: 60000}")
-    space = _space(tmp_path, text)
+def test_search_outputs_constraints_before_training_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = _space(tmp_path, TINY.replace("name: tiny", "name: tiny\nconstraints: {max_ops: 60000}"))
     out = tmp_path / "run"
-    assert main(["search", str(space), "--trials", "8", "--out", str(out), "--quiet", "--pruner", "none"]) == 0
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    assert len(finished) == 8
+    assert main(["search", str(space), "--trials", "6", "--out", str(out), "--seed", "3"]) == 0
+    captured = capsys.readouterr()
+    study = _study(out)
+    finished = _finished(study)
+    assert len(finished) == 6
+    # Over-budget genotypes: pruned at step 0 with the reason, never trained.
     over = [t for t in study.trials if "constraint" in t.user_attrs]
-    assert over and all(t.user_attrs["epochs"] == 0 and t.state.name == "PRUNED" for t in over)
-    assert all(t.user_attrs["ops"] > 60000 for t in over)
-    dups = [t for t in study.trials if "duplicate_of" in t.user_attrs]
-    assert all(t.user_attrs["epochs"] == 0 for t in dups)
-    hashes = [t.user_attrs["genotype_hash"] for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
-    assert len(hashes) == len(set(hashes)), "a genotype was trained twice"
+    assert over, "the OPs budget should exclude some of this space"
+    for t in over:
+        assert t.state.name == "PRUNED" and t.user_attrs["epochs"] == 0 and t.user_attrs["ops"] > 60000
+        assert "max_ops" in t.user_attrs["constraint"] and not t.intermediate_values and "train_time_s" not in t.user_attrs
+    trained = [t for t in finished if "constraint" not in t.user_attrs]
+    assert all(t.user_attrs["ops"] <= 60000 and t.user_attrs["epochs"] >= 1 for t in trained)
+    # Every finished trial's genotype is a loadable, buildable file carrying the search's seed.
     for t in finished:
         g = bnas.load_genotype(out / "genotypes" / f"trial-{t.number}.yaml")
+        assert g.canonical_hash() == t.user_attrs["genotype_hash"] and g.training["seed"] == 3
         assert bnas.build(g)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
-    assert (out / "best.yaml").is_file() and (out / "summary.md").is_file()
+    best = bnas.load_genotype(out / "best.yaml")
+    assert best.canonical_hash() == study.best_trial.user_attrs["genotype_hash"]
     for png in ("history.png", "pareto.png", "importances.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     rows = (out / "trials.csv").read_text().splitlines()
-    assert rows[0].startswith("number,state,values,val_acc,ops") and len(rows) == len(study.trials) + 1
-    capsys.readouterr()
+    assert rows[0].startswith("number,state,values,val_acc,ops,size_bytes,params") and len(rows) == len(study.trials) + 1
+    assert json.loads((out / "run.json").read_text())["study"] == "tiny"
+    # Progress lines and the epochs-saved figure.
+    assert "[6/6]" in captured.err and "best val acc" in captured.err and "ETA" in captured.err
+    assert "saved (" in captured.err and "by constraints checked before training" in captured.err
+    summary = (out / "summary.md").read_text()
+    assert "## Best: trial" in summary and "over budget, never trained" in summary
     assert main(["search", "--show", str(out)]) == 0
     assert "Search 'tiny'" in capsys.readouterr().out
+
+
+def test_duplicate_genotypes_are_not_trained_twice(tmp_path: Path) -> None:
+    space = load_space(_space(tmp_path, TWO_GENOTYPES))
+    study = run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=5, progress=False, sampler="random", pruner="none"))
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 5
+    trained = [t for t in complete if "duplicate_of" not in t.user_attrs]
+    assert len({t.user_attrs["genotype_hash"] for t in trained}) == len(trained) <= 2
+    dups = [t for t in complete if "duplicate_of" in t.user_attrs]
+    assert len(dups) >= 3
+    by_number = {t.number: t for t in study.trials}
+    for t in dups:
+        twin = by_number[t.user_attrs["duplicate_of"]]
+        assert t.user_attrs["genotype_hash"] == twin.user_attrs["genotype_hash"] and t.values == twin.values
+        assert t.user_attrs["epochs"] == 0 and "train_time_s" not in t.user_attrs
+
+
+def test_duplicate_of_a_pruned_trial_is_pruned_without_training(tmp_path: Path) -> None:
+    text = TWO_GENOTYPES.replace("ops: [skip_connect, binary_conv_3x3]", "ops: [skip_connect]")
+    space = load_space(_space(tmp_path, text))
+    choices = {"channels": 8, "normal.n0.e0.input": "in1", "normal.n0.e0.op": "skip_connect", "stage0.cells": 1}
+    digest = sample_genotype(optuna.trial.FixedTrial(choices), space).canonical_hash()  # the space's only genotype
+    out = tmp_path / "run"
+    out.mkdir()
+    planted = optuna.create_study(study_name="two", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    planted.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.PRUNED, params=choices,
+        distributions={k: CategoricalDistribution([v]) for k, v in choices.items()}, intermediate_values={1: 0.125},
+        user_attrs={"genotype_hash": digest, "epochs": 1, "val_acc": 0.125}))
+    study = run_search_study(SearchConfig(space=space, out=out, trials=2, progress=False))
+    new = study.trials[1]
+    assert new.state.name == "PRUNED" and new.user_attrs["duplicate_of"] == 0 and new.user_attrs["epochs"] == 0
+    assert new.intermediate_values == {1: 0.125} and "train_time_s" not in new.user_attrs
 
 
 @bnas.register_primitive("test_crashing_op", override=True)
@@ -146,22 +158,48 @@ def _crashing_op(C_in: int, C_out: int, stride: int = 1) -> nn.Module:
 
 
 def test_crashed_trial_is_recorded_and_study_goes_on(tmp_path: Path) -> None:
-    text = TINY.replace("ops: [binary_conv_3x3, skip_connect, bireal_block]", "ops: [test_crashing_op, binary_conv_3x3]")
-    text = text.replace("nodes: 2", "nodes: 1").replace("stages: 2", "stages: 1")
+    text = TWO_GENOTYPES.replace("ops: [skip_connect, binary_conv_3x3]", "ops: [test_crashing_op, binary_conv_3x3]")
     space = load_space(_space(tmp_path, text))
-    cfg = SearchConfig(space=space, out=tmp_path / "run", trials=4, progress=False, sampler="random", pruner="none")
-    study = run_search_study(cfg)
+    out = tmp_path / "run"
+    study = run_search_study(SearchConfig(space=space, out=out, trials=3, progress=False, sampler="random", pruner="none", seed=1))
     failed = [t for t in study.trials if t.state.name == "FAIL"]
-    assert failed and all("deliberate crash" in t.user_attrs["error"] for t in failed)
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+    assert failed and all(t.user_attrs["error"] == "RuntimeError: deliberate crash in training" for t in failed)
+    assert all("deliberate crash" in (out / "errors" / f"trial-{t.number}.txt").read_text() for t in failed)
+    assert len(_finished(study)) == 3
 
 
-def test_unreachable_storage_and_conflicting_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    space = _space(tmp_path)
+def test_same_seed_same_first_trials_through_the_runner(tmp_path: Path) -> None:
+    space = load_space(_space(tmp_path, TINY.replace("epochs: 2", "epochs: 1")))
+
+    def hashes(out: str, seed: int) -> list[str]:
+        study = run_search_study(SearchConfig(space=space, out=tmp_path / out, trials=3, progress=False, seed=seed, pruner="none"))
+        return [t.user_attrs["genotype_hash"] for t in study.trials]
+
+    first = hashes("a", 11)
+    assert hashes("b", 11) == first
+    assert hashes("c", 12) != first
+
+
+def test_best_genotype_retrains_to_the_reported_accuracy(tmp_path: Path) -> None:
+    space = load_space(_space(tmp_path, TINY))
+    out = tmp_path / "run"
+    study = run_search_study(SearchConfig(space=space, out=out, trials=3, progress=False, seed=4, pruner="none"))
+    report = evaluate(out / "best.yaml" if (out / "best.yaml").exists() else out / "genotypes" / f"trial-{study.best_trial.number}.yaml",
+                      "digits", progress=False, test=False)
+    # Same split, seed, recipe and thread count: the very same number.
+    assert report["best_val_acc"] == pytest.approx(study.best_value, abs=1e-12)
+
+
+def test_unreachable_storage_conflicting_study_and_changed_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = _space(tmp_path, TINY.replace("epochs: 2", "epochs: 1"))
     assert main(["search", str(space), "--trials", "1", "--out", str(tmp_path / "a"), "--quiet",
                  "--storage", "sqlite:////nonexistent-dir/x/study.db"]) == 2
     err = capsys.readouterr().err
     assert "cannot open the study storage" in err and "Traceback" not in err
+    assert main(["search", str(space), "--trials", "1", "--out", str(tmp_path / "b"), "--quiet",
+                 "--storage", "postgresql://bnas:secret@127.0.0.1:1/none"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the study storage 'postgresql://bnas:***@127.0.0.1:1/none'" in err and "secret" not in err
     out = tmp_path / "run"
     assert main(["search", str(space), "--trials", "2", "--out", str(out), "--quiet"]) == 0
     before = (out / "study.db").read_bytes()
@@ -169,54 +207,91 @@ def test_unreachable_storage_and_conflicting_study(tmp_path: Path, capsys: pytes
     capsys.readouterr()
     assert main(["search", str(multi), "--trials", "3", "--out", str(out), "--quiet", "--study", "tiny"]) == 2
     assert "exists with objectives ['val_acc'], not ['val_acc', 'ops']" in capsys.readouterr().err
+    changed = _space(tmp_path, TINY.replace("epochs: 2", "epochs: 3"), "changed.yaml")
+    assert main(["search", str(changed), "--trials", "3", "--out", str(out), "--quiet"]) == 2
+    assert "different version of the search space 'tiny'" in capsys.readouterr().err
+    assert main(["search", str(space), "--trials", "3", "--out", str(out), "--quiet", "--seed", "9"]) == 2
+    assert "resume it with --seed 0" in capsys.readouterr().err
     assert (out / "study.db").read_bytes() == before
+    assert main(["search", "--show", str(tmp_path / "nowhere")]) == 2
+    assert "not a bnas search folder" in capsys.readouterr().err
 
 
 def test_multi_objective_returns_pareto_front(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    multi = _space(tmp_path, TINY.replace("name: tiny", "name: tiny\nobjectives: [val_acc, ops]"))
+    multi = _space(tmp_path, TINY.replace("name: tiny", "name: tiny\nobjectives: [val_acc, ops]").replace("epochs: 2", "epochs: 1"))
     out = tmp_path / "run"
-    assert main(["search", str(multi), "--trials", "3", "--out", str(out), "--sampler", "nsga2"]) == 0
+    assert main(["search", str(multi), "--trials", "4", "--out", str(out), "--sampler", "nsga2"]) == 0
     captured = capsys.readouterr()
     assert "cannot prune multi-objective studies" in captured.err
-    front = list((out / "pareto").glob("*.yaml"))
-    assert front and all(bnas.load_genotype(p) for p in front)
+    study = _study(out)
+    assert len(study.directions) == 2
+    front = sorted((out / "pareto").glob("*.yaml"))
+    assert {p.name for p in front} == {f"trial-{t.number}.yaml" for t in study.best_trials}
+    for t in study.best_trials:  # values are (val acc, OPs) and the OPs are the genotype's
+        assert t.values[1] == t.user_attrs["ops"]
+        assert bnas.load_genotype(out / "pareto" / f"trial-{t.number}.yaml").canonical_hash() == t.user_attrs["genotype_hash"]
+    assert "cannot prune multi-objective" in (out / "summary.md").read_text()
 
 
-@pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
-    text = TINY.replace("epochs: 2", "epochs: 3")
-    space = _space(tmp_path, text)
+    space = _space(tmp_path, TINY.replace("epochs: 2", "epochs: 3"))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "bnas", "search", str(space), "--trials", "4", "--out", str(out), "--quiet", "--pruner", "none"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / "study.db"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     killed = False
     while time.time() < deadline and proc.poll() is None:
+        rows: list[tuple[int, str]] = []
         if db.is_file():
             try:
                 with sqlite3.connect(db) as con:
                     rows = con.execute("select number, state from trials").fetchall()
             except sqlite3.Error:
                 rows = []
-            if any(n >= 1 and s == "RUNNING" for n, s in rows) and any(s == "COMPLETE" for _, s in rows):
-                time.sleep(0.3)
-                proc.send_signal(signal.SIGKILL)
-                killed = True
-                break
-        time.sleep(0.1)
+        if any(s == "RUNNING" for _, s in rows) and any(s == "COMPLETE" for _, s in rows):
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
     proc.wait()
     assert killed, "the search finished before it could be killed"
     with sqlite3.connect(db) as con:
         before = dict(con.execute("select number, state from trials").fetchall())
     completed_before = {n for n, s in before.items() if s == "COMPLETE"}
     running = {n for n, s in before.items() if s == "RUNNING"}
-    assert running
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    assert running and completed_before
+    rerun = subprocess.run(cmd[:-3] + ["--pruner", "none"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "marked 1 trial(s) left running by a killed search as failed" in rerun.stderr
+    study = _study(out)
     states = {t.number: t for t in study.trials}
     for n in running:
         assert states[n].state.name == "FAIL" and "killed" in states[n].user_attrs["error"]
     for n in completed_before:
         assert states[n].state.name == "COMPLETE"
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+    assert len(_finished(study)) == 4
+    assert "FAIL" in (out / "trials.csv").read_text()
+
+
+def test_rerun_with_a_larger_count_continues_the_study(tmp_path: Path) -> None:
+    space = _space(tmp_path, TWO_GENOTYPES)
+    out = tmp_path / "run"
+    assert main(["search", str(space), "--trials", "2", "--out", str(out), "--quiet"]) == 0
+    first = [(t.number, t.state.name, t.values) for t in _study(out, "two").trials]
+    assert main(["search", str(space), "--trials", "2", "--out", str(out), "--quiet"]) == 0
+    assert len(_study(out, "two").trials) == 2  # already complete: nothing more runs
+    assert main(["search", str(space), "--trials", "4", "--out", str(out), "--quiet"]) == 0
+    study = _study(out, "two")
+    assert [(t.number, t.state.name, t.values) for t in study.trials[:2]] == first
+    assert len(_finished(study)) == 4
+
+
+@pytest.mark.slow
+def test_latency_objective_measures_the_packed_model(tmp_path: Path) -> None:
+    text = TWO_GENOTYPES.replace("name: two", "name: two\nobjectives: [val_acc, latency]\nconstraints: {max_latency_ms: 1000}")
+    space = load_space(_space(tmp_path, text))
+    study = run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=2, progress=False, sampler="random"))
+    for t in _finished(study):
+        assert 0 < t.user_attrs["latency_ms"] < 1000 and t.values[1] == t.user_attrs["latency_ms"]

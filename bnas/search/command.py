@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -13,9 +12,10 @@ from pathlib import Path
 import optuna
 
 from ..errors import BnasError
-from .outputs import summary_text, write_outputs
-from .runner import SearchConfig, epochs_saved, open_study, run_search_study
-from .space import load_space
+from .outputs import saved_line, summary_text, write_outputs
+from .runner import SearchConfig, open_study, run_search_study
+from .space import PRUNERS, SAMPLERS, load_space
+from .storage import open_storage
 
 __all__ = ["add_search_arguments", "run_search"]
 
@@ -25,53 +25,55 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total (default 20)")
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--out", help="run folder (default runs/<space>-<time>); rerunning with the same --out resumes")
-    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN/study.db)")
+    p.add_argument("--storage", help="Optuna storage URL: sqlite:///PATH, postgresql://USER@HOST/DB, journal:PATH "
+                                     "(default sqlite:///RUN/study.db)")
     p.add_argument("--study", help="study name (default: the space's name)")
-    p.add_argument("--sampler", choices=["tpe", "random", "nsga2", "gp"], help="default: the space's, else tpe")
-    p.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: the space's, else median")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the space's, else tpe")
+    p.add_argument("--pruner", choices=PRUNERS, help="default: the space's, else median (single-objective only)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed, data split and training seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--threads", type=int, help="CPU threads per worker for training (default 1: trials are small; "
+                                               "use --workers to use more cores)")
     p.add_argument("--data-root", help="data folder (default $BNAS_DATA, else ~/.cache/bnas/data)")
     p.add_argument("--workers", type=int, default=1, help="start K local worker processes on one shared study (default 1)")
     p.add_argument("--devices", help="comma-separated GPU ids; worker i gets CUDA_VISIBLE_DEVICES=devices[i %% len]")
     p.add_argument("--heartbeat", type=int, help="seconds between trial heartbeats on a database storage (default 10 with --storage)")
     p.add_argument("--artifacts", help="artifact store folder shared by the workers (default RUN/artifacts)")
-    p.add_argument("--show", metavar="RUN", help="print the summary of a finished or running search again")
-    p.add_argument("--quiet", action="store_true")
-
-
-def _mask(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    p.add_argument("--show", metavar="RUN", help="print the summary of a finished or running search again (and refresh its files)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by --workers for its children
 
 
 def _show(run: Path, storage: str | None) -> int:
     meta_path = run / "run.json"
     if not meta_path.is_file():
-        raise BnasError(f"{run} is not a bnas search folder (no run.json)")
+        raise BnasError(f"{run} is not a bnas search folder (no run.json); give the --out folder of a search")
     meta = json.loads(meta_path.read_text())
     url = storage or meta["storage"]
     if "***" in url:
         raise BnasError("the study's storage URL holds a password that is not saved; pass it again with --storage")
     try:
-        study = optuna.load_study(study_name=meta["study"], storage=url)
+        study = optuna.load_study(study_name=meta["study"], storage=open_storage(url))
     except KeyError:
-        raise BnasError(f"no study {meta['study']!r} in {_mask(url)}") from None
+        raise BnasError(f"no study {meta['study']!r} in {meta['storage']}") from None
     write_outputs(study, run)
     print(summary_text(study, run))
     return 0
 
 
 def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> optuna.Study:
-    """Start ``--workers`` processes on one study; each has its own sampler seed and, with
-    ``--devices``, its own GPU."""
+    """Start ``--workers`` processes on one study; worker i samples with seed + i (all train
+    and validate with the same seed and split) and, with ``--devices``, has its own GPU."""
     study = open_study(cfg)  # created once here, so the workers never race to create it
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else []
     procs = []
     for i in range(args.workers):
         cmd = [sys.executable, "-m", "bnas", "search", args.space, "--trials", str(cfg.trials), "--out", str(cfg.out),
-               "--storage", cfg.storage_url, "--study", cfg.name, "--seed", str(cfg.seed + i), "--device", cfg.device]
+               "--storage", cfg.storage_url, "--study", cfg.name, "--seed", str(cfg.seed), "--worker-index", str(i),
+               "--device", cfg.device]
         for flag, value in (("--timeout", args.timeout), ("--sampler", args.sampler), ("--pruner", args.pruner),
-                            ("--data-root", args.data_root), ("--heartbeat", cfg.heartbeat), ("--artifacts", args.artifacts)):
+                            ("--data-root", args.data_root), ("--heartbeat", cfg.heartbeat), ("--artifacts", args.artifacts),
+                            ("--threads", args.threads)):
             if value is not None:
                 cmd += [flag, str(value)]
         if i > 0 or args.quiet:
@@ -91,10 +93,12 @@ def run_search(args: argparse.Namespace) -> int:
         return _show(Path(args.show), args.storage)
     if not args.space:
         raise BnasError("give a search-space file (e.g. search_spaces/quickstart.yaml), or --show RUN")
-    if args.trials <= 0:
-        raise BnasError(f"--trials must be positive, got {args.trials}")
-    if args.workers <= 0:
-        raise BnasError(f"--workers must be positive, got {args.workers}")
+    for flag in ("trials", "workers", "threads", "heartbeat"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise BnasError(f"--{flag} must be positive, got {value}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise BnasError(f"--timeout must be positive, got {args.timeout}")
     space = load_space(args.space)
     out = Path(args.out or f"runs/{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     storage = args.storage
@@ -106,22 +110,18 @@ def run_search(args: argparse.Namespace) -> int:
         heartbeat = 10
     cfg = SearchConfig(space=space, out=out, trials=args.trials, timeout=args.timeout, storage=storage,
                        study_name=args.study, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
-                       device=args.device, data_root=args.data_root, progress=not args.quiet, heartbeat=heartbeat,
+                       worker_index=args.worker_index, device=args.device, threads=args.threads,
+                       data_root=args.data_root, progress=not args.quiet, heartbeat=heartbeat,
                        artifacts=Path(args.artifacts) if args.artifacts else None)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"storage": _mask(cfg.storage_url), "study": cfg.name, "space": str(Path(args.space).resolve())}
     start = time.perf_counter()
     if args.workers > 1:
         study = _run_workers(args, cfg)
     else:
         study = run_search_study(cfg)
-    (out / "run.json").write_text(json.dumps(meta, indent=2))
+    if args.worker_index > 0:
+        return 0  # the parent of --workers writes the outputs once, when all are done
     write_outputs(study, out)
-    trained, saved = epochs_saved(study)
     print(summary_text(study, out))
-    print(f"search finished in {time.perf_counter() - start:.1f} s; pruning, constraints and duplicate detection saved "
-          f"{saved} of {trained + saved} training epochs", file=sys.stderr)
+    print(f"search finished in {time.perf_counter() - start:.1f} s; {saved_line(study)}", file=sys.stderr)
     return 0
-
-
 

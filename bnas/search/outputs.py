@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..genotype import load_genotype
 from ..yaml_io import write_text_atomic
-from .runner import epochs_saved
+from .runner import epochs_saved, saved_by_reason
 
-__all__ = ["write_outputs", "summary_text"]
+__all__ = ["write_outputs", "summary_text", "saved_line", "COLUMNS"]
 
-_COLUMNS = ["number", "state", "values", "val_acc", "ops", "size_bytes", "params", "epochs", "duration_s",
-            "genotype_hash", "duplicate_of", "constraint", "error"]
+COLUMNS = ["number", "state", "values", "val_acc", "ops", "size_bytes", "params", "latency_ms", "epochs", "duration_s",
+           "genotype_hash", "duplicate_of", "constraint", "error", "choices"]
+MULTI_OBJECTIVE_NOTE = ("Optuna cannot prune multi-objective studies, so every trial trained its full budget; "
+                        "for pruning use objectives: [val_acc] with a constraint such as {max_ops: ...}")
 
 
 def _row(t: FrozenTrial) -> dict[str, Any]:
@@ -30,9 +33,11 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
     return {
         "number": t.number, "state": t.state.name, "values": json.dumps(t.values) if t.values else "",
         "val_acc": a.get("val_acc", ""), "ops": a.get("ops", ""), "size_bytes": a.get("size", ""),
-        "params": a.get("params", ""), "epochs": a.get("epochs", ""), "duration_s": round(duration, 3) if duration != "" else "",
+        "params": a.get("params", ""), "latency_ms": a.get("latency_ms", ""), "epochs": a.get("epochs", ""),
+        "duration_s": round(duration, 3) if duration != "" else "",
         "genotype_hash": a.get("genotype_hash", ""), "duplicate_of": a.get("duplicate_of", ""),
         "constraint": a.get("constraint", ""), "error": a.get("error", ""),
+        "choices": json.dumps(t.params, sort_keys=True),
     }
 
 
@@ -43,35 +48,67 @@ def _best_trials(study: optuna.Study) -> list[FrozenTrial]:
         return []
 
 
+def saved_line(study: optuna.Study) -> str:
+    trained, saved = epochs_saved(study)
+    why = saved_by_reason(study)
+    return (f"{trained} training epochs run; {saved} of {trained + saved} saved ({why['pruning']} by pruning, "
+            f"{why['constraints']} by constraints checked before training, {why['duplicates']} by duplicate genotypes)")
+
+
 def summary_text(study: optuna.Study, out: Path) -> str:
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
-    trained, saved = epochs_saved(study)
+    over = sum("constraint" in t.user_attrs for t in trials)
+    dups = sum("duplicate_of" in t.user_attrs for t in trials)
     objectives = study.user_attrs.get("objectives", ["val_acc"])
     lines = [
         f"# Search {study.study_name!r}",
         "",
         f"- objectives: {', '.join(objectives)} ({', '.join(d.name.lower() for d in study.directions)})",
-        f"- trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned or over budget, "
-        f"{count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running",
-        f"- training epochs: {trained} trained; {saved} saved by pruning, budget constraints and duplicate detection "
-        f"(of {trained + saved} that full training of every finished trial would take)",
+        f"- trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned "
+        f"({over} of them over budget, never trained), {count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running; "
+        f"{dups} duplicate genotypes reused an earlier result",
+        f"- training epochs: {saved_line(study)}",
     ]
     if len(study.directions) > 1:
-        lines.append("- multi-objective: Optuna cannot prune multi-objective studies, so every trial trained its full budget")
+        lines.append(f"- multi-objective: {MULTI_OBJECTIVE_NOTE}")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    for t in failed[:5]:
+        lines.append(f"- trial {t.number} failed: {t.user_attrs.get('error', 'no error recorded')}")
     best = _best_trials(study)
     if best and len(study.directions) == 1:
         b = best[0]
         lines += ["", f"## Best: trial {b.number}", "",
-                  f"validation accuracy {b.values[0]:.4f}, OPs {b.user_attrs.get('ops', 0):,.0f}, "
+                  f"validation accuracy {b.values[0]:.4f}, OPs {b.user_attrs.get('ops', 0):,.0f} (BOPs/64 + FLOPs), "
                   f"size {b.user_attrs.get('size', 0) / 1024:,.1f} KiB; genotype: `{out / 'best.yaml'}`"]
+        top = sorted((t for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs),
+                     key=lambda t: -t.values[0])[:5]
+        lines += ["", "| trial | val acc | OPs | size (KiB) | epochs |", "|---|---|---|---|---|"]
+        lines += [f"| {t.number} | {t.values[0]:.4f} | {t.user_attrs.get('ops', 0):,.0f} | "
+                  f"{t.user_attrs.get('size', 0) / 1024:,.1f} | {t.user_attrs.get('epochs', '')} |" for t in top]
     elif best:
         lines += ["", f"## Pareto front ({len(best)} genotypes, in `{out / 'pareto'}`)", "",
                   "| trial | " + " | ".join(objectives) + " |", "|---" * (len(objectives) + 1) + "|"]
         for t in sorted(best, key=lambda t: -t.values[0]):
             lines.append(f"| {t.number} | " + " | ".join(f"{v:.4g}" for v in t.values) + " |")
-    lines += ["", "Plots: `history.png`, `pareto.png`, `importances.png`; all trials: `trials.csv`.", ""]
+    lines += ["", "Plots: `history.png`, `pareto.png`, `importances.png`; every trial: `trials.csv` and "
+              "`genotypes/trial-N.yaml`. Retrain a genotype with `bnas eval GENOTYPE.yaml --dataset D`; its `training:` "
+              "holds the search's recipe and seed.", ""]
     return "\n".join(lines)
+
+
+def _importances(study: optuna.Study) -> dict[str, float]:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(complete) < 3:
+        return {}
+    target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target)
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return {}  # e.g. every completed trial made the same choices
 
 
 def _plots(study: optuna.Study, out: Path) -> None:
@@ -80,50 +117,51 @@ def _plots(study: optuna.Study, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "val_acc" in t.user_attrs and t.user_attrs["val_acc"] is not None]
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("val_acc") is not None]
     # Optimisation history: every trial's validation accuracy and the running best.
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [t.number for t in finished]
-    ys = [t.user_attrs["val_acc"] for t in finished]
-    colors = ["tab:blue" if t.state == TrialState.COMPLETE else "tab:gray" for t in finished]
-    ax.scatter(xs, ys, c=colors, s=20, label="trials (gray: pruned)")
-    best, run = [], -1.0
+    ax.scatter([t.number for t in scored], [t.user_attrs["val_acc"] for t in scored], s=20,
+               c=["tab:blue" if t.state == TrialState.COMPLETE else "tab:gray" for t in scored],
+               label="trials (gray: pruned, at the epoch it stopped)")
+    best, running = [], -1.0
     for t in sorted(complete, key=lambda t: t.number):
-        run = max(run, t.values[0])
-        best.append((t.number, run))
+        running = max(running, t.values[0])
+        best.append((t.number, running))
     if best:
         ax.step([b[0] for b in best], [b[1] for b in best], where="post", color="tab:red", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")
+    ax.set_title(f"optimisation history: {study.study_name}")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "history.png", dpi=100)
     plt.close(fig)
-    # Accuracy vs OPs, with the Pareto-optimal trials marked.
+    # Accuracy vs OPs, with the non-dominated trained trials joined.
     fig, ax = plt.subplots(figsize=(7, 4))
-    pts = [(t.user_attrs.get("ops", 0), t.user_attrs["val_acc"], t.number) for t in finished]
+    pts = [(t.user_attrs.get("ops", 0.0), t.values[0]) for t in complete]
     if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=20, color="tab:blue", label="trials")
-        front, best_acc = [], -1.0
-        for ops, acc, num in sorted(pts):
-            if acc > best_acc:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=20, color="tab:blue", label="trained trials")
+        front, top = [], -1.0
+        for ops, acc in sorted(pts, key=lambda p: (p[0], -p[1])):
+            if acc > top:
                 front.append((ops, acc))
-                best_acc = acc
+                top = acc
         ax.plot([f[0] for f in front], [f[1] for f in front], "o-", color="tab:red", label="Pareto front (accuracy vs OPs)")
         ax.set_xscale("log")
+    max_ops = (study.user_attrs.get("constraints") or {}).get("max_ops")
+    if max_ops:
+        ax.axvline(max_ops, color="tab:gray", linestyle="--", label=f"OPs budget {max_ops:,.0f}")
     ax.set_xlabel("OPs (BOPs/64 + FLOPs)")
     ax.set_ylabel("validation accuracy")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=100)
     plt.close(fig)
-    # Parameter importances (fANOVA) need a few completed trials with varying parameters.
+    # Parameter importances (fANOVA over the completed trials).
     fig, ax = plt.subplots(figsize=(7, 4))
-    try:
-        importances = optuna.importance.get_param_importances(study, target=(lambda t: t.values[0]) if len(study.directions) > 1 else None)
-    except (RuntimeError, ValueError, ZeroDivisionError):
-        importances = {}
+    importances = _importances(study)
     if importances:
         names = list(importances)[:15][::-1]
         ax.barh(names, [importances[n] for n in names], color="tab:green")
@@ -139,23 +177,29 @@ def _plots(study: optuna.Study, out: Path) -> None:
 def write_outputs(study: optuna.Study, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
     for t in study.get_trials(deepcopy=False):
         writer.writerow(_row(t))
     write_text_atomic(out / "trials.csv", buf.getvalue())
     best = _best_trials(study)
     genotypes = out / "genotypes"
+    objectives = study.user_attrs.get("objectives", ["val_acc"])
     if len(study.directions) == 1 and best:
         source = genotypes / f"trial-{best[0].number}.yaml"
         if source.is_file():
-            g = load_genotype(source)
-            g.to_yaml(out / "best.yaml", header=f"best of study {study.study_name!r}: trial {best[0].number}, val acc {best[0].values[0]:.4f}")
+            load_genotype(source).to_yaml(out / "best.yaml", header=(
+                f"best of study {study.study_name!r}: trial {best[0].number}, validation accuracy {best[0].values[0]:.4f}"))
     elif best:
+        front = {f"trial-{t.number}.yaml" for t in best}
+        for old in (out / "pareto").glob("trial-*.yaml"):
+            if old.name not in front:  # dominated since the last write (a resumed study)
+                old.unlink()
         for t in best:
             source = genotypes / f"trial-{t.number}.yaml"
             if source.is_file():
-                values = ", ".join(f"{o}={v:.4g}" for o, v in zip(study.user_attrs.get("objectives", []), t.values))
-                load_genotype(source).to_yaml(out / "pareto" / f"trial-{t.number}.yaml", header=f"Pareto-optimal in study {study.study_name!r}: {values}")
+                values = ", ".join(f"{o}={v:.4g}" for o, v in zip(objectives, t.values))
+                load_genotype(source).to_yaml(out / "pareto" / f"trial-{t.number}.yaml",
+                                              header=f"Pareto-optimal in study {study.study_name!r}: {values}")
     write_text_atomic(out / "summary.md", summary_text(study, out))
     _plots(study, out)

@@ -1,20 +1,30 @@
-"""The study runner: samplers, pruners, storage, the trial objective, resumption.
+"""The study runner: samplers, pruners, the trial objective, resumption, workers.
 
-A trial: sample a genotype (define-by-run), check the constraints *before* training (an
-over-budget genotype costs no training), skip duplicates (same canonical hash as a finished
-trial: its result is reused), then train for the space's budget, reporting validation
-accuracy every epoch so the pruner can stop hopeless trials early.
+A trial: sample a genotype (define-by-run), measure it and check the constraints *before*
+training (an over-budget genotype costs no training: it is recorded as PRUNED at step 0,
+with the violated bound in its ``constraint`` attribute), skip duplicates (same canonical
+hash as an earlier trial: its result is reused, nothing is trained), then train for the
+space's budget, reporting validation accuracy every epoch so the pruner can stop hopeless
+trials early. A trial that raises is recorded as FAIL with its error and the study goes on.
+
+Storage lives in ``storage.py``; this module only talks to an ``optuna.Study``.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
+import traceback
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 import torch
@@ -27,15 +37,13 @@ from ..evaluate import check_input_shape, evaluate
 from ..genotype import Genotype
 from ..metrics import summarize
 from ..yaml_io import write_text_atomic
-from .space import SearchSpace, sample_genotype
+from .space import CONSTRAINTS, SearchSpace, sample_genotype
+from .storage import SearchError, mask_url, open_storage, retry_db
 
-__all__ = ["SearchConfig", "SearchError", "run_search_study", "make_sampler", "make_pruner", "open_study", "finished_count"]
+__all__ = ["SearchConfig", "SearchError", "run_search_study", "make_sampler", "make_pruner", "open_study",
+           "finished_count", "epochs_saved", "search_data"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class SearchError(BnasError):
-    pass
 
 
 @dataclass
@@ -49,7 +57,9 @@ class SearchConfig:
     sampler: str | None = None
     pruner: str | None = None
     seed: int = 0
+    worker_index: int = 0          # sampler seed = seed + worker_index; data and training use seed
     device: str = "cpu"
+    threads: int | None = None     # intra-op CPU threads per worker (default 1, see _set_threads)
     data_root: str | None = None
     progress: bool = True
     heartbeat: int | None = None
@@ -71,23 +81,32 @@ class SearchConfig:
         return self.storage is None
 
 
-def make_sampler(name: str, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "gp":
-        if not hasattr(optuna.samplers, "GPSampler"):
-            raise SearchError(f"the gp sampler needs optuna >= 3.6 (this is {optuna.__version__}); use tpe")
-        return optuna.samplers.GPSampler(seed=seed)
+def make_sampler(name: str, seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
+    """Seeded samplers: the same seed gives the same first genotypes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            # Multivariate TPE models the joint choices of a cell (ops and inputs interact);
+            # constant_liar keeps parallel workers from sampling the same point.
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if name == "gp":
+            if not hasattr(optuna.samplers, "GPSampler"):
+                raise SearchError(f"the gp sampler needs optuna >= 3.6 (this is {optuna.__version__}); use tpe")
+            if multi_objective and tuple(int(p) for p in optuna.__version__.split(".")[:2]) < (4, 2):
+                raise SearchError(f"the gp sampler handles several objectives from optuna 4.2 on (this is {optuna.__version__}); use nsga2")
+            return optuna.samplers.GPSampler(seed=seed)
     raise SearchError(f"unknown sampler {name!r}; expected tpe, random, nsga2 or gp")
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        # Three trained trials set the median before anything is pruned; epochs are reported
+        # from 1, so every epoch is judged (a search's budgets are a few epochs).
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
     if name == "none":
@@ -95,58 +114,54 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     raise SearchError(f"unknown pruner {name!r}; expected median, hyperband or none")
 
 
-def _storage(cfg: SearchConfig) -> optuna.storages.BaseStorage | str:
-    url = cfg.storage_url
-    if url.startswith("journal:"):
-        # Optuna's journal file: several workers on one machine, no server needed.
-        from optuna.storages import journal
-
-        path = Path(url.split(":", 1)[1])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = journal.JournalFileOpenLock(str(path))
-        return optuna.storages.JournalStorage(journal.JournalFileBackend(str(path), lock_obj=lock))
-    kwargs: dict[str, Any] = {}
-    if cfg.heartbeat:
-        kwargs = {"heartbeat_interval": cfg.heartbeat, "grace_period": cfg.heartbeat * 3,
-                  "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=cfg.retries)}
-    engine_kwargs = {"pool_pre_ping": True} if url.startswith("postgresql") else {}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except Exception as exc:  # sqlalchemy raises many driver-specific types here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SearchError(f"cannot open the study storage {url!r}: {first}. Check the URL, that the server is running and reachable, and the credentials") from None
-
-
 def open_study(cfg: SearchConfig) -> optuna.Study:
-    """Create or load the study; a stored study with other objectives is an error."""
+    """Create, resume or join the study.
+
+    A stored study with other objectives, or made from a different search space, is refused
+    before anything is written: its trials would not be comparable with new ones.
+    """
     space = cfg.space
-    sampler = make_sampler(cfg.sampler or space.sampler, cfg.seed, space.multi_objective)
-    pruner_name = cfg.pruner or space.pruner
-    pruner = optuna.pruners.NopPruner() if space.multi_objective else make_pruner(pruner_name, space.epochs)
-    storage = _storage(cfg)
+    sampler = make_sampler(cfg.sampler or space.sampler, cfg.seed + cfg.worker_index, space.multi_objective)
+    # Optuna cannot prune multi-objective studies (Trial.should_prune raises there).
+    pruner = optuna.pruners.NopPruner() if space.multi_objective else make_pruner(cfg.pruner or space.pruner, space.epochs)
+    storage = open_storage(cfg.storage_url, heartbeat=cfg.heartbeat, retries=cfg.retries)
     try:
         existing = optuna.load_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
         existing = None
     if existing is not None:
-        stored = existing.user_attrs.get("objectives")
-        want = list(space.objectives)
-        directions = [d.name.lower() for d in existing.directions]
-        if (stored is not None and stored != want) or directions != space.directions:
-            raise SearchError(
-                f"study {cfg.name!r} in {cfg.storage_url} exists with objectives {stored or directions}, not {want}; "
-                "pick another --study name (nothing was changed)"
-            )
+        _check_compatible(existing, cfg)
         return existing
     try:
         study = optuna.create_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner, directions=space.directions)
     except optuna.exceptions.DuplicatedStudyError:
-        # Another worker created it a moment ago: join it.
-        return open_study(cfg)
+        return open_study(cfg)  # another worker created it a moment ago: join it
     study.set_user_attr("objectives", list(space.objectives))
     study.set_user_attr("space", space.name)
+    study.set_user_attr("space_fingerprint", space.fingerprint())
     study.set_user_attr("epochs_per_trial", space.epochs)
+    study.set_user_attr("seed", cfg.seed)
+    study.set_user_attr("constraints", dict(space.constraints))
     return study
+
+
+def _check_compatible(study: optuna.Study, cfg: SearchConfig) -> None:
+    space = cfg.space
+    stored = study.user_attrs.get("objectives")
+    directions = [d.name.lower() for d in study.directions]
+    where = f"study {cfg.name!r} in {mask_url(cfg.storage_url)}"
+    if (stored is not None and stored != list(space.objectives)) or directions != space.directions:
+        raise SearchError(f"{where} exists with objectives {stored or directions}, not {list(space.objectives)}; "
+                          "pick another --study name or --out folder (nothing was changed)")
+    fingerprint = study.user_attrs.get("space_fingerprint")
+    if fingerprint is not None and fingerprint != space.fingerprint():
+        raise SearchError(f"{where} was made from a different version of the search space {space.name!r} "
+                          "(other choices, budget or constraints); its trials would not compare with new ones. "
+                          "Pick another --study name or --out folder (nothing was changed)")
+    seed = study.user_attrs.get("seed")
+    if seed is not None and seed != cfg.seed:
+        raise SearchError(f"{where} trains every trial with seed {seed} (data split and initialisation), not {cfg.seed}; "
+                          f"resume it with --seed {seed}, or pick another --study name (nothing was changed)")
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -159,7 +174,7 @@ def _fail_stale_local(study: optuna.Study) -> int:
     count = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted: the search process was killed during this trial")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         count += 1
     return count
 
@@ -175,6 +190,7 @@ class _RunLock:
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self.fh.close()
             raise SearchError(
                 f"another bnas search is running in {Path(self.fh.name).parent}; wait for it, or share a study across "
                 "processes with --storage (PostgreSQL or journal file) and --workers"
@@ -187,37 +203,92 @@ class _RunLock:
 
 
 # --------------------------------------------------------------------------------------
-# The objective
+# Data, threads and measurements
 # --------------------------------------------------------------------------------------
-def _trial_metrics(genotype: Genotype) -> dict[str, float]:
+def search_data(space: SearchSpace, seed: int, data_root: str | None = None) -> DataSplits:
+    """The splits every trial of a study trains and validates on (never the test set's labels).
+
+    The validation split is carved from the training set with the study's seed, exactly as
+    ``bnas eval`` carves it from the genotype's recipe, so a trial's genotype file retrained
+    with ``bnas eval`` sees the same split. ``train_subset`` (a proxy task) keeps a seeded
+    subset of the remaining training images.
+    """
+    data = load_dataset(space.dataset, data_root, val_fraction=float(space.budget.get("val_fraction", 0.1)),
+                        seed=seed, shape=space.input, num_classes=space.num_classes)
+    if space.train_subset is not None and space.train_subset < len(data.train_y):
+        keep = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed + 1))[: space.train_subset]
+        data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+    return data
+
+
+def _set_threads(cfg: SearchConfig) -> None:
+    """One intra-op thread per worker by default: trials are small networks whose per-op
+    cost is dominated by overheads that more threads do not reduce, and on a shared CPU
+    oversubscribed threads spin against each other (a 10x slowdown measured here). Use
+    ``--workers`` to spread trials over cores, or ``--threads`` for big per-trial models."""
+    if torch.device(cfg.device).type == "cpu":
+        torch.set_num_threads(cfg.threads or 1)
+
+
+def _trial_metrics(genotype: Genotype, with_latency: bool) -> dict[str, float]:
     model = build(genotype)
     s = summarize(model, genotype.input)
-    return {"ops": float(s.ops), "size": float(s.size_bytes), "params": float(s.params_binary + s.params_real),
-            "bops": float(s.bops), "flops": float(s.flops)}
+    metrics = {"ops": float(s.ops), "size": float(s.size_bytes), "params": float(s.params_binary + s.params_real),
+               "bops": float(s.bops), "flops": float(s.flops)}
+    if with_latency:
+        metrics["latency_ms"] = packed_latency_ms(model, genotype.input)
+    return metrics
+
+
+def packed_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], repeats: int = 15) -> float:
+    """Batch-1 CPU latency (ms) of the packed 1-bit inference network (``bnas export``'s
+    model on the XNOR kernels): the median of repeats after warm-up. Weights do not change
+    the time, so the untrained network is measured before any training."""
+    from ..export import pack_model
+
+    packed = pack_model(model)
+    x = torch.randn(1, *shape)
+    with torch.no_grad():
+        for _ in range(3):
+            packed(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            packed(x)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def _violations(metrics: dict[str, float], constraints: dict[str, float]) -> list[str]:
-    checks = {"max_ops": "ops", "max_size_bytes": "size", "max_params": "params"}
-    return [f"{metrics[m]:.4g} {m} > {key} {constraints[key]:.4g}" for key, m in checks.items() if key in constraints and metrics[m] > constraints[key]]
+    return [f"{metrics[m]:.4g} {m} > {key} {constraints[key]:.4g}"
+            for key, m in CONSTRAINTS.items() if key in constraints and metrics[m] > constraints[key]]
 
 
+# --------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------
 class Objective:
     def __init__(self, cfg: SearchConfig, data: DataSplits, study: optuna.Study):
         self.cfg, self.data, self.study = cfg, data, study
         self.space = cfg.space
         (cfg.out / "genotypes").mkdir(parents=True, exist_ok=True)
 
-    def _duplicate_of(self, trial: optuna.Trial, digest: str) -> FrozenTrial | None:
-        """A finished trial with the same genotype; a twin still running in another worker
-        is waited for, so no genotype is trained twice."""
+    def _earlier_twin(self, trial: optuna.Trial, digest: str) -> FrozenTrial | None:
+        """An earlier finished trial with the same genotype. A twin still running in another
+        worker is waited for (its worker is checked for death meanwhile), so no genotype is
+        trained twice."""
         while True:
-            twins = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                     if t.user_attrs.get("genotype_hash") == digest and t.number < trial.number]
-            done = [t for t in twins if t.state == TrialState.COMPLETE]
+            twins = [t for t in self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                     if t.user_attrs.get("genotype_hash") == digest and t.number < trial.number
+                     and "constraint" not in t.user_attrs]
+            done = [t for t in twins if t.state in FINISHED]
             if done:
                 return done[0]
             if not twins:
                 return None
+            _fail_dead_local_workers(self.study)
+            if self.cfg.heartbeat:
+                optuna.storages.fail_stale_trials(self.study)
             time.sleep(1.0)
 
     def _write_genotype(self, trial: optuna.Trial, genotype: Genotype, note: str) -> None:
@@ -229,43 +300,43 @@ class Objective:
 
         store_dir = self.cfg.artifacts or self.cfg.out / "artifacts"
         store_dir.mkdir(parents=True, exist_ok=True)
-        artifact = upload_artifact(artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=str(path), study_or_trial=trial)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            artifact = upload_artifact(artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=str(path), study_or_trial=trial)
         trial.set_user_attr("genotype_artifact", artifact)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         space = self.space
-        genotype = sample_genotype(trial, space)
+        genotype = sample_genotype(trial, space, training={"seed": self.cfg.seed})
         digest = genotype.canonical_hash()
         trial.set_user_attr("genotype_hash", digest)
+        trial.set_user_attr("epochs", 0)
         try:
-            metrics = _trial_metrics(genotype)
+            metrics = _trial_metrics(genotype, with_latency=space.needs_latency)
         except BnasError as exc:
-            trial.set_user_attr("error", f"the sampled genotype does not build: {exc}")
-            raise
+            raise BnasError(f"the sampled genotype does not build: {exc}") from None
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr("epochs", 0)
-        self._write_genotype(trial, genotype, "sampled")
         violations = _violations(metrics, dict(space.constraints))
         if violations:
-            # Checked before any training: an over-budget genotype costs nothing.
+            # Checked before any training: an over-budget genotype costs nothing. PRUNED (not
+            # FAIL) at step 0 with no value: samplers rank it below every trained trial and
+            # learn to leave that region; the pruner's statistics are untouched.
             trial.set_user_attr("constraint", "; ".join(violations))
+            self._write_genotype(trial, genotype, "over budget, not trained: " + "; ".join(violations))
             raise optuna.TrialPruned("over budget: " + "; ".join(violations))
-        duplicate = self._duplicate_of(trial, digest)
-        if duplicate is not None:
-            trial.set_user_attr("duplicate_of", duplicate.number)
-            trial.set_user_attr("val_acc", duplicate.user_attrs.get("val_acc"))
-            self._write_genotype(trial, genotype, f"same genotype as trial {duplicate.number}; not trained again")
-            return tuple(duplicate.values) if space.multi_objective else duplicate.values[0]
-        epochs = {"n": 0}
+        twin = self._earlier_twin(trial, digest)
+        if twin is not None:
+            return self._reuse(trial, genotype, twin)
+        self._write_genotype(trial, genotype, "sampled")
 
         def report(epoch: int, row: dict[str, float]) -> None:
-            epochs["n"] = epoch
             trial.set_user_attr("epochs", epoch)
+            trial.set_user_attr("val_acc", max(row["val_acc"], trial.user_attrs.get("val_acc") or 0.0))
             if not space.multi_objective:
                 trial.report(row["val_acc"], epoch)
-                if trial.should_prune():
-                    trial.set_user_attr("val_acc", row["val_acc"])
+                # After the last epoch there is nothing left to save: the trial completes.
+                if epoch < space.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch} (val acc {row['val_acc']:.4f})")
 
         start = time.perf_counter()
@@ -274,33 +345,29 @@ class Objective:
         trial.set_user_attr("train_time_s", time.perf_counter() - start)
         val_acc = float(result["best_val_acc"])
         trial.set_user_attr("val_acc", val_acc)
-        values = [val_acc]
-        for objective in space.objectives[1:]:
-            values.append(metrics[objective] if objective != "latency" else _latency(genotype))
-        if "latency" in space.objectives:
-            trial.set_user_attr("latency_ms", values[space.objectives.index("latency")])
+        values = [val_acc] + [metrics["latency_ms" if o == "latency" else o] for o in space.objectives[1:]]
         return tuple(values) if space.multi_objective else val_acc
 
-
-def _latency(genotype: Genotype) -> float:
-    """Batch-1 latency (ms) of the network in eval mode on this CPU: median of repeats."""
-    model = build(genotype).eval()
-    x = torch.randn(1, *genotype.input)
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
+    def _reuse(self, trial: optuna.Trial, genotype: Genotype, twin: FrozenTrial) -> float | tuple[float, ...]:
+        """The same genotype as ``twin``: its result stands for this trial, nothing is trained."""
+        trial.set_user_attr("duplicate_of", twin.number)
+        trial.set_user_attr("val_acc", twin.user_attrs.get("val_acc"))
+        if twin.state == TrialState.PRUNED:
+            self._write_genotype(trial, genotype, f"same genotype as trial {twin.number}, which was pruned; not trained again")
+            # Its learning curve, so the sampler ranks this trial as it ranked the twin.
+            for step, value in sorted(twin.intermediate_values.items()):
+                trial.report(value, step)
+            raise optuna.TrialPruned(f"same genotype as trial {twin.number}, which was pruned")
+        self._write_genotype(trial, genotype, f"same genotype as trial {twin.number}; not trained again")
+        return tuple(twin.values) if self.space.multi_objective else twin.values[0]
 
 
 # --------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------
 class _ProgressLine:
+    """One line per finished trial: done / pruned / failed, best so far, epochs saved, ETA."""
+
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled = total, enabled
         self.start = time.perf_counter()
@@ -320,37 +387,28 @@ class _ProgressLine:
         if complete:
             top = max(complete, key=lambda t: t.values[0])
             best = f" | best val acc {top.values[0]:.4f} (trial {top.number})"
+        trained, saved = epochs_saved(study)
+        what = _trial_note(trial)
         print(
-            f"[{finished}/{self.total}] done {n[TrialState.COMPLETE]}, pruned {n[TrialState.PRUNED]}, failed {n[TrialState.FAIL]}"
-            f"{best} | ETA {eta:.0f} s",
+            f"[{finished}/{self.total}] trial {trial.number} {what} | done {n[TrialState.COMPLETE]}, "
+            f"pruned {n[TrialState.PRUNED]}, failed {n[TrialState.FAIL]}{best} | epochs {trained} trained, "
+            f"{saved} saved | ETA {eta:.0f} s",
             file=sys.stderr,
             flush=True,
         )
 
 
-def _retry_db(what: str, fn: Callable[[], Any], patience_s: float = 90.0) -> Any:
-    """Run a storage operation, riding out transient database errors with back-off.
-
-    A database that stays away longer than ``patience_s`` ends the worker with a clear
-    message; everything the study committed before stays in the database.
-    """
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
-    delay, waited = 0.5, 0.0
-    while True:
-        try:
-            return fn()
-        except (OperationalError, DBAPIError) as exc:
-            if waited >= patience_s:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise SearchError(
-                    f"lost the study database for {waited:.0f} s while trying to {what} ({first}); stopping this worker. "
-                    "Every finished trial is kept in the database: rerun the same command when it is back"
-                ) from None
-            print(f"database unavailable ({type(exc).__name__}); retrying in {delay:.1f} s", file=sys.stderr, flush=True)
-            time.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 8.0)
+def _trial_note(t: FrozenTrial) -> str:
+    a = t.user_attrs
+    if t.state == TrialState.FAIL:
+        return f"failed ({a.get('error', 'unknown error')})"
+    if "constraint" in a:
+        return f"over budget ({a['constraint']})"
+    if "duplicate_of" in a:
+        return f"same genotype as trial {a['duplicate_of']}"
+    if t.state == TrialState.PRUNED:
+        return f"pruned after epoch {a.get('epochs', 0)} (val acc {a.get('val_acc') or 0:.4f})"
+    return f"val acc {t.values[0]:.4f} in {a.get('epochs', 0)} epochs"
 
 
 def _worker_id() -> str:
@@ -378,7 +436,7 @@ def _fail_dead_local_workers(study: optuna.Study) -> int:
         if name != host or not pid.isdigit() or _pid_alive(int(pid)):
             continue
         study._storage.set_trial_user_attr(t._trial_id, "error", f"interrupted: worker {worker} was killed during this trial")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         if t.user_attrs.get("retry_of") is None:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         failed += 1
@@ -405,75 +463,48 @@ def _guard_total(objective: Callable[[optuna.Trial], Any], total: int) -> Callab
     return run
 
 
-def run_search_study(cfg: SearchConfig) -> optuna.Study:
-    """Run (or resume, or join) the study until it holds ``cfg.trials`` finished trials."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    lock = _RunLock(cfg.out) if cfg.local_storage else None
-    if lock is not None:
-        lock.__enter__()
-    try:
-        study = _retry_db("open the study", lambda: open_study(cfg))
-        if lock is not None:
-            stale = _fail_stale_local(study)
-            if stale:
-                print(f"marked {stale} trial(s) left running by a killed search as failed", file=sys.stderr)
-        data = load_dataset(cfg.space.dataset, cfg.data_root, val_fraction=float(cfg.space.budget.get("val_fraction", 0.1)),
-                            seed=cfg.seed, shape=cfg.space.input, num_classes=cfg.space.num_classes)
-        probe = sample_genotype(optuna.trial.FixedTrial(_first_choices(cfg.space)), cfg.space)
-        check_input_shape(probe, data)
-        if cfg.space.multi_objective and cfg.progress:
-            print("note: Optuna cannot prune multi-objective studies; every trial trains its full budget. "
-                  "For pruning, use objectives: [val_acc] with an OPs constraint (constraints: {max_ops: ...}).", file=sys.stderr)
-        objective = _guard_total(_recording_errors(Objective(cfg, data, study)), cfg.trials)
-        callbacks = [_ProgressLine(cfg.trials, cfg.progress), *cfg.extra_callbacks]
-        deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
-        failures_in_a_row = 0
-        while True:
-            finished = _retry_db("count trials", lambda: finished_count(study))
-            if finished >= cfg.trials or (deadline is not None and time.monotonic() > deadline):
-                break
-            running = _retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
-            if finished + running >= cfg.trials:
-                # Other workers hold the remaining slots: wait, and take over a slot whose
-                # worker died (heartbeats where the storage has them, PIDs on this host).
-                _retry_db("check for dead workers", lambda: _fail_dead_local_workers(study))
-                if cfg.heartbeat:
-                    _retry_db("check for stale trials", lambda: optuna.storages.fail_stale_trials(study))
-                time.sleep(1.0)
-                continue
-            # One trial per optimize() call: Optuna runs the heartbeat and stale-trial checks,
-            # and a crashed trial is recorded as FAIL with its error while the study goes on.
-            before = _retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
-            _retry_db("run a trial", lambda: study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(Exception,), gc_after_trial=False))
-            after = _retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
-            failures_in_a_row = failures_in_a_row + 1 if after > before else 0
-            if failures_in_a_row >= 10:
-                raise SearchError("10 trials in a row failed; see the `error` column of trials.csv for why")
-        return study
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
+def _recording_errors(objective: Callable[[optuna.Trial], Any], out: Path, progress: bool) -> Callable[[optuna.Trial], Any]:
+    """A crashed trial keeps its error (one line in the study, the traceback in
+    RUN/errors/trial-N.txt); Optuna then records it as FAIL and the study goes on."""
 
-
-def _recording_errors(objective: Objective) -> Callable[[optuna.Trial], Any]:
     def run(trial: optuna.Trial) -> Any:
         try:
             return objective(trial)
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, _Surplus):
             raise
-        except _Surplus:
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted: the search was stopped during this trial")
             raise
         except Exception as exc:
             if "error" not in trial.user_attrs:
-                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            write_text_atomic(out / "errors" / f"trial-{trial.number}.txt", traceback.format_exc())
             raise
 
     return run
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job) ends the running trial as FAIL with a reason,
+    like Ctrl-C, instead of leaving it RUNNING in the study."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _first_choices(space: SearchSpace) -> dict[str, Any]:
     """Parameters for a FixedTrial that picks the first choice everywhere (a shape probe)."""
+
     class _Recorder:
         number = 0
 
@@ -489,17 +520,91 @@ def _first_choices(space: SearchSpace) -> dict[str, Any]:
     return rec.params
 
 
+def _write_run_meta(cfg: SearchConfig) -> None:
+    """RUN/run.json: where the study lives, so `bnas search --show RUN` finds it (no password)."""
+    meta = {"storage": mask_url(cfg.storage_url), "study": cfg.name,
+            "space": str(Path(cfg.space.source).resolve()) if cfg.space.source else None, "seed": cfg.seed}
+    write_text_atomic(cfg.out / "run.json", json.dumps(meta, indent=2) + "\n")
+
+
+def run_search_study(cfg: SearchConfig) -> optuna.Study:
+    """Run (or resume, or join) the study until it holds ``cfg.trials`` finished trials."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # bnas prints its own progress and failures
+    _set_threads(cfg)
+    lock = _RunLock(cfg.out) if cfg.local_storage else None
+    if lock is not None:
+        lock.__enter__()
+    try:
+        study = retry_db("open the study", lambda: open_study(cfg))
+        _write_run_meta(cfg)
+        if lock is not None:
+            stale = _fail_stale_local(study)
+            if stale:
+                print(f"marked {stale} trial(s) left running by a killed search as failed", file=sys.stderr)
+        data = search_data(cfg.space, cfg.seed, cfg.data_root)
+        probe = sample_genotype(optuna.trial.FixedTrial(_first_choices(cfg.space)), cfg.space)
+        check_input_shape(probe, data)
+        if cfg.space.multi_objective and cfg.progress:
+            print("note: Optuna cannot prune multi-objective studies; every trial trains its full budget. "
+                  "For pruning, use objectives: [val_acc] with a constraint (constraints: {max_ops: ...}).", file=sys.stderr)
+        objective = _guard_total(_recording_errors(Objective(cfg, data, study), cfg.out, cfg.progress), cfg.trials)
+        callbacks = [_ProgressLine(cfg.trials, cfg.progress), *cfg.extra_callbacks]
+        deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+        failures_in_a_row = 0
+        with _sigterm_as_interrupt():
+            while True:
+                finished = retry_db("count trials", lambda: finished_count(study))
+                if finished >= cfg.trials or (deadline is not None and time.monotonic() > deadline):
+                    break
+                running = retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
+                if finished + running >= cfg.trials:
+                    # Other workers hold the remaining slots: wait, and take over a slot whose
+                    # worker died (heartbeats where the storage has them, PIDs on this host).
+                    retry_db("check for dead workers", lambda: _fail_dead_local_workers(study))
+                    if cfg.heartbeat:
+                        retry_db("check for stale trials", lambda: optuna.storages.fail_stale_trials(study))
+                    time.sleep(1.0)
+                    continue
+                # One trial per optimize() call: Optuna runs the heartbeat and stale-trial checks,
+                # and a crashed trial is recorded as FAIL with its error while the study goes on.
+                before = retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
+                retry_db("run a trial", lambda: study.optimize(objective, n_trials=1, callbacks=callbacks,
+                                                                catch=(Exception,), gc_after_trial=False))
+                after = retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
+                failures_in_a_row = failures_in_a_row + 1 if after > before else 0
+                if failures_in_a_row >= 10:
+                    raise SearchError(f"10 trials in a row failed; see the `error` column of {cfg.out / 'trials.csv'} "
+                                      f"and the tracebacks in {cfg.out / 'errors'}")
+        return study
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
 def epochs_saved(study: optuna.Study) -> tuple[int, int]:
-    """(epochs trained, epochs that pruning and constraints saved) over finished trials."""
+    """(epochs trained, epochs saved) over finished trials.
+
+    Saved = what full training of every finished trial would have cost minus what was
+    trained: epochs cut by pruning, over-budget trials never trained, duplicates reused.
+    """
     per_trial = int(study.user_attrs.get("epochs_per_trial", 0))
     trained = saved = 0
     for t in study.get_trials(deepcopy=False, states=FINISHED):
-        if "duplicate_of" in t.user_attrs:
-            saved += per_trial
-            continue
-        e = int(t.user_attrs.get("epochs", 0))
+        e = 0 if "duplicate_of" in t.user_attrs else int(t.user_attrs.get("epochs", 0))
         trained += e
-        if t.state == TrialState.PRUNED:
-            saved += max(0, per_trial - e)
+        saved += max(0, per_trial - e)
     return trained, saved
 
+
+def saved_by_reason(study: optuna.Study) -> dict[str, int]:
+    """Epochs saved, split into pruning, constraints and duplicates."""
+    per_trial = int(study.user_attrs.get("epochs_per_trial", 0))
+    out = {"pruning": 0, "constraints": 0, "duplicates": 0}
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        if "constraint" in t.user_attrs:
+            out["constraints"] += per_trial
+        elif "duplicate_of" in t.user_attrs:
+            out["duplicates"] += per_trial
+        elif t.state == TrialState.PRUNED:
+            out["pruning"] += max(0, per_trial - int(t.user_attrs.get("epochs", 0)))
+    return out

@@ -6,7 +6,7 @@ the choices its genotype made.
 
 ```yaml
 name: quickstart
-dataset: digits
+dataset: digits             # digits | mnist | fashion_mnist | cifar10 | imagefolder:PATH | synthetic
 input: [1, 8, 8]
 num_classes: 10
 stem: [{op: conv_bn, channels: 16}]
@@ -14,41 +14,60 @@ cells:                      # searched micro-architecture (DARTS-style)
   ops: [binary_conv_3x3, skip_connect, zero, ...]
   nodes: 2                  # intermediate nodes per cell
   inputs: 2                 # cell inputs (k-2, k-1), or 1
-  edges_per_node: 2
-  combine: concat           # or sum
-  reduce_cell: true         # search a separate reduce cell for stride-2 stages
+  edges_per_node: 2         # each node sums this many (input, op) edges
+  combine: concat           # or sum: how the cell output joins its nodes
+  reduce_cell: true         # search a separate reduce cell for the stride-2 stage entries
 macro:                      # searched macro-architecture (BARS-style)
-  stages: 2                 # a reduction between consecutive stages
-  channels: [16, 32]        # choices for the first stage's width (doubling per stage)
-  cells_per_stage: [1, 2]   # choices of depth, per stage
+  stages: 2                 # a reduction (stride 2) opens every stage after the first
+  channels: [16, 32]        # choices of the first stage's width (doubling per stage), or
+                            # one choice list per stage: [[16, 24], [32, 48]]
+  cells_per_stage: [1, 2]   # choices of depth for every stage, or one list per stage
+  stage_ops: []             # optional: search one plain block op per stage instead of cells
 head: [{op: global_avgpool}, {op: linear}]
 budget:                     # the training recipe of every trial (bnas.train.Recipe keys)
   epochs: 4
   batch_size: 64
   optimizer: {name: adam, lr: 0.005}
+train_subset: 10000         # optional: trials train on this many training images (a seeded
+                            # subset; a proxy task), validation stays the full split
 objectives: [val_acc]       # or [val_acc, ops] / [val_acc, size] / [val_acc, latency]
-constraints: {max_ops: 2.0e6, max_size_bytes: 100000}
-pruner: median              # default pruner for single-objective studies
+constraints: {max_ops: 2.0e+6, max_size_bytes: 100000}   # checked before any training
+pruner: median              # median | hyperband | none (single-objective studies)
+sampler: tpe                # tpe | random | nsga2 | gp
 ```
+
+Depth per stage decides where the reductions fall in the sequence of cells, so searching
+it searches the macro layout, as BARS does.
 """
 from __future__ import annotations
 
 import copy
+import difflib
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from ..errors import GenotypeError
-from ..genotype import Genotype, genotype_from_dict
+from ..genotype import COMBINES, Genotype, genotype_from_dict
 from ..yaml_io import read_yaml_mapping
 
-__all__ = ["SearchSpace", "load_space", "sample_genotype", "OBJECTIVES"]
+__all__ = ["SearchSpace", "CellChoices", "MacroChoices", "load_space", "parse_space", "sample_genotype", "OBJECTIVES",
+           "CONSTRAINTS", "SAMPLERS", "PRUNERS"]
 
-# objective name -> (optuna direction, metric key in the trial's metrics)
+# objective name -> Optuna direction
 OBJECTIVES: dict[str, str] = {"val_acc": "maximize", "ops": "minimize", "size": "minimize", "latency": "minimize"}
-_TOP = ("name", "dataset", "input", "num_classes", "stem", "cells", "macro", "head", "budget", "objectives", "constraints", "pruner", "sampler")
-_CONSTRAINTS = ("max_ops", "max_size_bytes", "max_params", "max_latency_ms")
+# constraint -> the trial metric it bounds (all measured before training)
+CONSTRAINTS: dict[str, str] = {"max_ops": "ops", "max_size_bytes": "size", "max_params": "params", "max_latency_ms": "latency_ms"}
+SAMPLERS = ("tpe", "random", "nsga2", "gp")
+PRUNERS = ("median", "hyperband", "none")
+_TOP = ("name", "dataset", "input", "num_classes", "stem", "cells", "macro", "head", "budget", "train_subset",
+        "objectives", "constraints", "pruner", "sampler")
+_CELL_KEYS = ("ops", "nodes", "inputs", "edges_per_node", "combine", "reduce_cell")
+_MACRO_KEYS = ("stages", "channels", "cells_per_stage", "stage_ops")
+_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -64,8 +83,11 @@ class CellChoices:
 @dataclass(frozen=True)
 class MacroChoices:
     stages: int = 2
-    channels: tuple[int, ...] = (16,)
-    cells_per_stage: tuple[int, ...] = (1,)
+    # One tuple of width choices per stage; ``doubling`` means a single choice (the first
+    # stage's width) with every later stage at twice the previous one.
+    channels: tuple[tuple[int, ...], ...] = ((16,),)
+    doubling: bool = True
+    cells_per_stage: tuple[tuple[int, ...], ...] = ((1,),)
     stage_ops: tuple[str, ...] = ()  # optional: a plain op per stage instead of cells
 
 
@@ -84,6 +106,7 @@ class SearchSpace:
     constraints: Mapping[str, float] = field(default_factory=dict)
     pruner: str = "median"
     sampler: str = "tpe"
+    train_subset: int | None = None
     source: str | None = None
 
     @property
@@ -98,22 +121,60 @@ class SearchSpace:
     def epochs(self) -> int:
         return int(self.budget.get("epochs", 10))
 
+    @property
+    def needs_latency(self) -> bool:
+        return "latency" in self.objectives or "max_latency_ms" in self.constraints
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides what a trial is and how it is scored.
+
+        The sampler and pruner are left out (switching them on a resumed study is fine); the
+        file path and the comments too. A study remembers this, so resuming it with a
+        different space is refused instead of mixing incomparable trials.
+        """
+        data = asdict(self)
+        for key in ("source", "sampler", "pruner"):
+            data.pop(key)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
 
 def _err(message: str, path: str) -> GenotypeError:
     return GenotypeError(message, path)
 
 
-def _int_list(value: Any, path: str) -> tuple[int, ...]:
-    items = value if isinstance(value, list) else [value]
-    if not items or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in items):
-        raise _err(f"expected a positive integer or a non-empty list of them, got {value!r}", path)
-    return tuple(items)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_int(value) or value <= 0:
         raise _err(f"expected a positive integer, got {value!r}", path)
     return value
+
+
+def _choices(value: Any, path: str) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise _err("expected a positive integer or a non-empty list of them, got []", path)
+    for i, v in enumerate(items):
+        if not _is_int(v) or v <= 0:
+            where = f"{path}[{i}]" if isinstance(value, list) else path
+            raise _err(f"expected a positive integer or a non-empty list of them, got {v!r}", where)
+    if len(set(items)) != len(items):
+        raise _err(f"repeated choices in {value!r}", path)
+    return tuple(items)
+
+
+def _per_stage(value: Any, stages: int, path: str) -> tuple[tuple[tuple[int, ...], ...], bool]:
+    """A flat choice list (shared) or one choice list per stage; returns (per stage, shared)."""
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        if len(value) != stages:
+            raise _err(f"expected one choice list per stage ({stages} stages), got {len(value)}", path)
+        return tuple(_choices(v, f"{path}[{i}]") for i, v in enumerate(value)), False
+    if isinstance(value, list) and any(isinstance(v, list) for v in value):
+        raise _err("expected a list of integers, or a list of integer lists (one per stage), not a mixture", path)
+    shared = _choices(value, path)
+    return tuple(shared for _ in range(stages)), True
 
 
 def _check_op(name: Any, path: str) -> str:
@@ -128,109 +189,145 @@ def _check_op(name: Any, path: str) -> str:
     return name
 
 
-def _parse(data: Mapping[str, Any]) -> SearchSpace:
+def _unknown_keys(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
     for key in data:
-        if key not in _TOP:
-            import difflib
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; expected some of {', '.join(allowed)}"
+            raise _err(f"unknown key {key!r}{hint}", f"{prefix}{key}")
 
-            close = difflib.get_close_matches(str(key), _TOP, n=1)
-            raise _err(f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else f"; expected some of {', '.join(_TOP)}"), str(key))
+
+def _parse_cells(raw: Any) -> CellChoices:
+    if not isinstance(raw, dict):
+        raise _err(f"expected a mapping with {', '.join(_CELL_KEYS)}", "cells")
+    _unknown_keys(raw, _CELL_KEYS, "cells.")
+    ops = raw.get("ops")
+    if not isinstance(ops, list) or not ops:
+        raise _err("expected a non-empty list of op names (see `bnas primitives`)", "cells.ops")
+    ops_t = tuple(_check_op(op, f"cells.ops[{i}]") for i, op in enumerate(ops))
+    if len(set(ops_t)) != len(ops_t):
+        raise _err(f"repeated ops in {list(ops_t)}", "cells.ops")
+    inputs = raw.get("inputs", 2)
+    if not _is_int(inputs) or inputs not in (1, 2):
+        raise _err(f"expected 1 or 2, got {inputs!r}", "cells.inputs")
+    combine = raw.get("combine", "concat")
+    if combine not in COMBINES:
+        raise _err(f"invalid combine {combine!r}; expected {' or '.join(COMBINES)}", "cells.combine")
+    reduce_cell = raw.get("reduce_cell", True)
+    if not isinstance(reduce_cell, bool):
+        raise _err(f"expected true or false, got {reduce_cell!r}", "cells.reduce_cell")
+    return CellChoices(
+        ops=ops_t,
+        nodes=_positive(raw.get("nodes", 2), "cells.nodes"),
+        inputs=inputs,
+        edges_per_node=_positive(raw.get("edges_per_node", 2), "cells.edges_per_node"),
+        combine=combine,
+        reduce_cell=reduce_cell,
+    )
+
+
+def _parse_macro(raw: Any, has_cells: bool) -> MacroChoices:
+    if not isinstance(raw, dict):
+        raise _err(f"expected a mapping with {', '.join(_MACRO_KEYS)}", "macro")
+    _unknown_keys(raw, _MACRO_KEYS, "macro.")
+    stages = _positive(raw.get("stages", 2), "macro.stages")
+    stage_ops_raw = raw.get("stage_ops") or []
+    if not isinstance(stage_ops_raw, list):
+        raise _err(f"expected a list of op names, got {stage_ops_raw!r}", "macro.stage_ops")
+    stage_ops = tuple(_check_op(op, f"macro.stage_ops[{i}]") for i, op in enumerate(stage_ops_raw))
+    if has_cells == bool(stage_ops):
+        raise _err("a space searches either cells (`cells:`) or one block op per stage (`macro.stage_ops`); "
+                   f"this one has {'both' if has_cells else 'neither'}", "macro.stage_ops" if has_cells else "macro")
+    channels, doubling = _per_stage(raw.get("channels", 16), stages, "macro.channels")
+    depths, _ = _per_stage(raw.get("cells_per_stage", 1), stages, "macro.cells_per_stage")
+    if doubling:
+        channels = channels[:1]
+    return MacroChoices(stages=stages, channels=channels, doubling=doubling, cells_per_stage=depths, stage_ops=stage_ops)
+
+
+def _parse_budget(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise _err("expected a mapping of training recipe keys (epochs, batch_size, optimizer, ...)", "budget")
+    from ..train import Recipe, TrainingError
+
+    try:
+        Recipe.from_dict(raw, "budget")
+    except TrainingError as exc:
+        # The trainer's message starts with the dotted key ("budget.epochs: expected ..."):
+        # keep that as the YAML path.
+        where, _, message = str(exc).partition(": ")
+        raise _err(message, where if where.startswith("budget") else "budget") from None
+    return copy.deepcopy(raw)
+
+
+def _parse_objectives(raw: Any) -> tuple[str, ...]:
+    objectives = [raw] if isinstance(raw, str) else raw
+    if not isinstance(objectives, list) or not objectives or objectives[0] != "val_acc":
+        raise _err(f"expected a list starting with val_acc, e.g. [val_acc] or [val_acc, ops]; got {raw!r}", "objectives")
+    for i, o in enumerate(objectives):
+        if o not in OBJECTIVES:
+            raise _err(f"unknown objective {o!r}; expected one of {', '.join(OBJECTIVES)}", f"objectives[{i}]")
+    if len(set(objectives)) != len(objectives):
+        raise _err(f"repeated objectives in {objectives!r}", "objectives")
+    return tuple(objectives)
+
+
+def _parse_constraints(raw: Any) -> dict[str, float]:
+    constraints = raw or {}
+    if not isinstance(constraints, dict):
+        raise _err("expected a mapping like {max_ops: 1.0e+6}", "constraints")
+    for key, value in constraints.items():
+        if key not in CONSTRAINTS:
+            raise _err(f"unknown constraint {key!r}; expected some of {', '.join(CONSTRAINTS)}", f"constraints.{key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            # PyYAML (YAML 1.1) reads 3.0e7 as a string; only 3.0e+7 is a float.
+            hint = " (YAML reads 3.0e7 as text: write 3.0e+7)" if isinstance(value, str) and "e" in value.lower() else ""
+            raise _err(f"expected a positive number, got {value!r}{hint}", f"constraints.{key}")
+    return {k: float(v) for k, v in constraints.items()}
+
+
+def parse_space(data: Mapping[str, Any]) -> SearchSpace:
+    """Validate a search-space mapping (errors carry the YAML path; ``load_space`` adds the file)."""
+    _unknown_keys(data, _TOP, "")
     for key in ("input", "num_classes", "macro", "budget"):
         if key not in data:
             raise _err(f"missing required key {key!r}", key)
     name = data.get("name", "space")
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+        raise _err(f"expected a name without spaces or slashes (it names the study and the run folder), got {name!r}", "name")
     dataset = data.get("dataset", "digits")
-    if not isinstance(dataset, str):
-        raise _err(f"expected a dataset name, got {dataset!r}", "dataset")
+    if not isinstance(dataset, str) or not (dataset in _DATASETS or dataset.startswith("imagefolder:")):
+        close = difflib.get_close_matches(str(dataset), _DATASETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise _err(f"unknown dataset {dataset!r}{hint}; expected one of {', '.join(_DATASETS)} or imagefolder:PATH", "dataset")
     shape = data["input"]
     if not isinstance(shape, list) or len(shape) != 3:
         raise _err(f"expected [C, H, W], got {shape!r}", "input")
     shape_t = tuple(_positive(v, f"input[{i}]") for i, v in enumerate(shape))
     num_classes = _positive(data["num_classes"], "num_classes")
-
-    cells = None
-    raw_cells = data.get("cells")
-    if raw_cells is not None:
-        if not isinstance(raw_cells, dict):
-            raise _err("expected a mapping with ops, nodes, inputs, edges_per_node, combine", "cells")
-        allowed = ("ops", "nodes", "inputs", "edges_per_node", "combine", "reduce_cell")
-        for key in raw_cells:
-            if key not in allowed:
-                raise _err(f"unknown key {key!r}; expected some of {', '.join(allowed)}", f"cells.{key}")
-        ops = raw_cells.get("ops")
-        if not isinstance(ops, list) or not ops:
-            raise _err("expected a non-empty list of op names", "cells.ops")
-        ops_t = tuple(_check_op(op, f"cells.ops[{i}]") for i, op in enumerate(ops))
-        inputs = raw_cells.get("inputs", 2)
-        if inputs not in (1, 2) or isinstance(inputs, bool):
-            raise _err(f"expected 1 or 2, got {inputs!r}", "cells.inputs")
-        combine = raw_cells.get("combine", "concat")
-        if combine not in ("concat", "sum"):
-            raise _err(f"invalid combine {combine!r}; expected concat or sum", "cells.combine")
-        cells = CellChoices(
-            ops=ops_t,
-            nodes=_positive(raw_cells.get("nodes", 2), "cells.nodes"),
-            inputs=inputs,
-            edges_per_node=_positive(raw_cells.get("edges_per_node", 2), "cells.edges_per_node"),
-            combine=combine,
-            reduce_cell=bool(raw_cells.get("reduce_cell", True)),
-        )
-    macro = data["macro"]
-    if not isinstance(macro, dict):
-        raise _err("expected a mapping with stages, channels, cells_per_stage", "macro")
-    for key in macro:
-        if key not in ("stages", "channels", "cells_per_stage", "stage_ops"):
-            raise _err(f"unknown key {key!r}; expected stages, channels, cells_per_stage or stage_ops", f"macro.{key}")
-    stage_ops = tuple(_check_op(op, f"macro.stage_ops[{i}]") for i, op in enumerate(macro.get("stage_ops") or []))
-    if cells is None and not stage_ops:
-        raise _err("a space needs searched cells (`cells:`) or a list of block ops (`macro.stage_ops`)", "macro")
-    macro_t = MacroChoices(
-        stages=_positive(macro.get("stages", 2), "macro.stages"),
-        channels=_int_list(macro.get("channels", 16), "macro.channels"),
-        cells_per_stage=_int_list(macro.get("cells_per_stage", 1), "macro.cells_per_stage"),
-        stage_ops=stage_ops,
-    )
-    budget = data["budget"]
-    if not isinstance(budget, dict):
-        raise _err("expected a mapping of training recipe keys (epochs, batch_size, optimizer, ...)", "budget")
-    from ..train import Recipe, TrainingError
-
-    try:
-        Recipe.from_dict(budget, "budget")
-    except TrainingError as exc:
-        raise _err(str(exc).split(": ", 1)[-1], "budget") from None
-    objectives = data.get("objectives", ["val_acc"])
-    if isinstance(objectives, str):
-        objectives = [objectives]
-    if not isinstance(objectives, list) or not objectives or objectives[0] != "val_acc":
-        raise _err(f"expected a list starting with val_acc, e.g. [val_acc] or [val_acc, ops]; got {objectives!r}", "objectives")
-    for i, o in enumerate(objectives):
-        if o not in OBJECTIVES:
-            raise _err(f"unknown objective {o!r}; expected one of {', '.join(OBJECTIVES)}", f"objectives[{i}]")
-    constraints = data.get("constraints") or {}
-    if not isinstance(constraints, dict):
-        raise _err("expected a mapping like {max_ops: 1.0e6}", "constraints")
-    for key, value in constraints.items():
-        if key not in _CONSTRAINTS:
-            raise _err(f"unknown constraint {key!r}; expected some of {', '.join(_CONSTRAINTS)}", f"constraints.{key}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            hint = " (YAML reads 3.0e7 as text: write 3.0e+7)" if isinstance(value, str) and "e" in value.lower() else ""
-            raise _err(f"expected a positive number, got {value!r}{hint}", f"constraints.{key}")
+    cells = _parse_cells(data["cells"]) if data.get("cells") is not None else None
+    macro = _parse_macro(data["macro"], cells is not None)
+    budget = _parse_budget(data["budget"])
+    subset = data.get("train_subset")
+    if subset is not None:
+        subset = _positive(subset, "train_subset")
+    objectives = _parse_objectives(data.get("objectives", ["val_acc"]))
+    constraints = _parse_constraints(data.get("constraints"))
     pruner = data.get("pruner", "median")
-    if pruner not in ("median", "hyperband", "none"):
-        raise _err(f"expected median, hyperband or none, got {pruner!r}", "pruner")
+    if pruner not in PRUNERS:
+        raise _err(f"expected {', '.join(PRUNERS[:-1])} or {PRUNERS[-1]}, got {pruner!r}", "pruner")
     sampler = data.get("sampler", "tpe")
-    if sampler not in ("tpe", "random", "nsga2", "gp"):
-        raise _err(f"expected tpe, random, nsga2 or gp, got {sampler!r}", "sampler")
+    if sampler not in SAMPLERS:
+        raise _err(f"expected {', '.join(SAMPLERS[:-1])} or {SAMPLERS[-1]}, got {sampler!r}", "sampler")
     for section in ("stem", "head"):
         if not isinstance(data.get(section, []), list):
             raise _err("expected a list of layers", section)
     space = SearchSpace(
-        name=str(name), dataset=dataset, input=shape_t, num_classes=num_classes,  # type: ignore[arg-type]
-        stem=tuple(copy.deepcopy(data.get("stem") or [])), cells=cells, macro=macro_t,
+        name=name, dataset=dataset, input=shape_t, num_classes=num_classes,  # type: ignore[arg-type]
+        stem=tuple(copy.deepcopy(data.get("stem") or [])), cells=cells, macro=macro,
         head=tuple(copy.deepcopy(data.get("head") or [{"op": "global_avgpool"}, {"op": "linear"}])),
-        budget=copy.deepcopy(budget), objectives=tuple(objectives), constraints=dict(constraints),
-        pruner=pruner, sampler=sampler,
+        budget=budget, objectives=objectives, constraints=constraints, pruner=pruner, sampler=sampler,
+        train_subset=subset,
     )
     _validate_layers(space)
     return space
@@ -248,14 +345,20 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
     path = Path(path)
     data = read_yaml_mapping(path, what="search space")
     try:
-        space = _parse(data)
+        space = parse_space(data)
     except GenotypeError as exc:
         raise exc.in_file(str(path)) from None
     object.__setattr__(space, "source", str(path))
     return space
 
 
-def _sample_cell(trial: Any, cells: CellChoices, prefix: str) -> dict[str, Any]:
+class ChoiceSource(Protocol):
+    """What ``sample_genotype`` needs from a trial: ``optuna.Trial``, ``FixedTrial``, ..."""
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any: ...
+
+
+def _sample_cell(trial: ChoiceSource, cells: CellChoices, prefix: str) -> dict[str, Any]:
     inputs = ["in0", "in1"] if cells.inputs == 2 else ["in1"]
     nodes: dict[str, list[list[str]]] = {}
     for i in range(cells.nodes):
@@ -267,33 +370,41 @@ def _sample_cell(trial: Any, cells: CellChoices, prefix: str) -> dict[str, Any]:
             op = trial.suggest_categorical(f"{prefix}.{node}.e{e}.op", list(cells.ops))
             edges.append([op, source])
         nodes[node] = edges
-    # Every node feeds the output (DARTS concatenates all intermediate nodes), so every
-    # sampled cell is a valid DAG.
+    # Every node feeds the output (DARTS combines all intermediate nodes), so every sampled
+    # cell is a valid DAG: acyclic by construction, each node reachable and used.
     return {"inputs": cells.inputs, "nodes": nodes, "output": {"combine": cells.combine, "nodes": list(nodes)}}
 
 
-def sample_genotype(trial: Any, space: SearchSpace) -> Genotype:
-    """Ask ``trial`` (an ``optuna.Trial``, or anything with ``suggest_categorical``) for every
-    choice of ``space`` and return the genotype those choices describe."""
+def _stage_widths(trial: ChoiceSource, macro: MacroChoices) -> list[int]:
+    if macro.doubling:
+        width = trial.suggest_categorical("channels", list(macro.channels[0]))
+        return [width * 2 ** s for s in range(macro.stages)]
+    return [trial.suggest_categorical(f"stage{s}.channels", list(macro.channels[s])) for s in range(macro.stages)]
+
+
+def sample_genotype(trial: ChoiceSource, space: SearchSpace, training: Mapping[str, Any] | None = None) -> Genotype:
+    """Ask ``trial`` for every choice of ``space`` and return the genotype those choices describe.
+
+    ``training`` entries are added to the genotype's recipe (the search records its seed
+    there, so ``bnas eval`` on the genotype file repeats the trial's training exactly).
+    """
     macro = space.macro
-    width = trial.suggest_categorical("channels", list(macro.channels))
+    widths = _stage_widths(trial, macro)
     body: list[dict[str, Any]] = []
     cells: dict[str, Any] = {}
     if space.cells is not None:
         cells["normal"] = _sample_cell(trial, space.cells, "normal")
         if space.cells.reduce_cell and macro.stages > 1:
             cells["reduce"] = _sample_cell(trial, space.cells, "reduce")
-    for stage in range(macro.stages):
-        channels = width * 2 ** stage
-        depth = trial.suggest_categorical(f"stage{stage}.cells", list(macro.cells_per_stage))
+    for stage, channels in enumerate(widths):
+        depth = trial.suggest_categorical(f"stage{stage}.cells", list(macro.cells_per_stage[stage]))
         if macro.stage_ops:
             op = trial.suggest_categorical(f"stage{stage}.op", list(macro.stage_ops))
             body.append({"op": op, "channels": channels, **({"stride": 2} if stage else {}), **({"repeat": depth} if depth > 1 else {})})
             continue
-        if stage and "reduce" in cells:
-            body.append({"cell": "reduce", "channels": channels, "stride": 2})
-        elif stage:
-            body.append({"cell": "normal", "channels": channels, "stride": 2})
+        if stage:
+            # The stage opens with its reduction: the reduce cell, else a stride-2 normal cell.
+            body.append({"cell": "reduce" if "reduce" in cells else "normal", "channels": channels, "stride": 2})
             depth -= 1
         if depth > 0:
             body.append({"cell": "normal", "channels": channels, **({"repeat": depth} if depth > 1 else {})})
@@ -305,6 +416,6 @@ def sample_genotype(trial: Any, space: SearchSpace) -> Genotype:
         **({"cells": cells} if cells else {}),
         "body": body,
         "head": [dict(x) for x in space.head],
-        "training": copy.deepcopy(dict(space.budget)),
+        "training": {**copy.deepcopy(dict(space.budget)), **dict(training or {})},
     }
     return genotype_from_dict(data)

@@ -1,0 +1,108 @@
+"""Where a study lives: Optuna storage URLs, heartbeats, and riding out database hiccups.
+
+Every storage the search opens goes through ``open_storage``:
+
+- ``sqlite:///RUN/study.db`` (the default): an embedded file in the run folder, one process;
+- ``postgresql://user@host/db`` (or any SQLAlchemy URL): many workers on many hosts, with
+  heartbeats so a dead worker's trial is failed and retried by another one;
+- ``journal:PATH``: Optuna's journal file, several workers on one machine without a server.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import optuna
+
+from ..errors import BnasError
+
+__all__ = ["SearchError", "open_storage", "retry_db", "mask_url"]
+
+T = TypeVar("T")
+
+
+class SearchError(BnasError):
+    """A search that cannot start or go on; the message says what to do."""
+
+
+def mask_url(url: str) -> str:
+    """The URL without its password (for messages and run.json)."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _heartbeat_kwargs(heartbeat: int, retries: int) -> dict[str, Any]:
+    """Heartbeats, and a stale trial (its worker died) retried ``retries`` times.
+
+    Optuna 4.9 renamed the retry hook (``failed_trial_callback`` ->
+    ``heartbeat_stale_trial_callback``); use whichever this Optuna has.
+    """
+    kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat, "grace_period": heartbeat * 3}
+    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    if "heartbeat_stale_trial_callback" in params and hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
+    else:
+        kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=retries)
+    return kwargs
+
+
+def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> optuna.storages.BaseStorage:
+    """Open ``url`` (see the module doc); an unreachable or malformed one is a clear ``SearchError``."""
+    if url.startswith("journal:"):
+        from optuna.storages import journal
+
+        path = Path(url.split(":", 1)[1])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                lock = journal.JournalFileOpenLock(str(path))
+                return optuna.storages.JournalStorage(journal.JournalFileBackend(str(path), lock_obj=lock))
+        except OSError as exc:
+            raise SearchError(f"cannot open the journal file {path}: {_first_line(exc)}") from None
+    engine_kwargs = {"pool_pre_ping": True} if url.startswith("postgresql") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            kwargs = _heartbeat_kwargs(heartbeat, retries) if heartbeat else {}
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except Exception as exc:  # SQLAlchemy and every driver raise their own types here
+        raise SearchError(
+            f"cannot open the study storage {mask_url(url)!r}: {_first_line(exc)}. Check the URL "
+            "(sqlite:///PATH, postgresql://USER@HOST/DB, journal:PATH), that the server is running and reachable, "
+            "and the credentials"
+        ) from None
+
+
+def retry_db(what: str, fn: Callable[[], T], patience_s: float = 90.0) -> T:
+    """Run a storage operation, riding out transient database errors with back-off.
+
+    A database that stays away longer than ``patience_s`` ends the worker with a clear
+    message; everything the study committed before stays in the database.
+    """
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    delay, waited = 0.5, 0.0
+    while True:
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if waited >= patience_s:
+                raise SearchError(
+                    f"lost the study database for {waited:.0f} s while trying to {what} ({_first_line(exc)}); stopping this "
+                    "worker. Every finished trial is kept in the database: rerun the same command when it is back"
+                ) from None
+            print(f"database unavailable ({type(exc).__name__}); retrying in {delay:.1f} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 8.0)
