@@ -3,7 +3,11 @@
 Both are measured in the same run (interleaved repeats), so the ratio is comparable even on
 a noisy machine. Prints one JSON line per network.
 
-    python benchmarks/train_step.py [--device cpu] [--repeats 10]
+On CPU the step is timed as ``bnas eval`` runs it: after ``tune_cpu_allocator()``, which the
+trainer calls (glibc otherwise maps fresh pages for every large tensor, and ``sign(W)`` of a
+4096x4096 layer is one each step). ``--untuned-allocator`` measures glibc's defaults instead.
+
+    python benchmarks/train_step.py [--device cpu] [--repeats 10] [--untuned-allocator]
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from common import emit, machine, median_time  # noqa: E402
 
 import bnas  # noqa: E402
 from bnas.binarize import clip_latent_weights  # noqa: E402
-from bnas.train import Recipe, make_optimizer, task_loss  # noqa: E402
+from bnas.train import Recipe, make_optimizer, task_loss, tune_cpu_allocator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NETWORKS = {"binarynet_mlp": 100, "bireal_resnet18": 32, "bnn_mlp_2048": 100}
@@ -49,8 +53,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--networks", nargs="*", default=list(NETWORKS))
+    parser.add_argument("--untuned-allocator", action="store_true", help="keep glibc's malloc defaults (the trainer tunes them)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    tuned = device.type == "cpu" and not args.untuned_allocator and tune_cpu_allocator()
     for name in args.networks:
         genotype = bnas.load_genotype(REPO / "search_spaces" / "genotypes" / f"{name}.yaml")
         batch = NETWORKS.get(name, 32)
@@ -65,7 +71,7 @@ def main() -> None:
         emit({
             "benchmark": "train_step", "network": name, "batch": batch, "input": list(genotype.input),
             "device": str(device), "baseline": "same network, binarization off", "baseline_ms": round(tr * 1e3, 2),
-            "ours_ms": round(tb * 1e3, 2), "ratio_binary_over_float": round(tb / tr, 3), **machine(),
+            "ours_ms": round(tb * 1e3, 2), "ratio_binary_over_float": round(tb / tr, 3), "allocator_tuned": tuned, **machine(),
         })
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,24 @@ def test_patience_stops_early_by_the_lenet_rule() -> None:
     result = Trainer(bnas.build(genotype), load_dataset("digits"), recipe, progress=False).fit()
     # With a learning rate too small to improve anything, patience is never extended.
     assert result.stopped_early and result.epochs_run == 2
+
+
+def _allocator_probe(env: dict[str, str]) -> list[str]:
+    """Run tune_cpu_allocator in a fresh process (it changes process-wide malloc settings)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from bnas.train import tune_cpu_allocator as t\n"
+        "print(t(), t(), t(enable=False))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_cpu_allocator_tuning_is_switchable() -> None:
+    # Tuned (idempotent on a second call), then restored to glibc's defaults.
+    assert _allocator_probe({"BNAS_MALLOC_TUNE": "1"}) == ["True", "True", "False"]
+    # The environment switch turns it off for users who want glibc's defaults.
+    assert _allocator_probe({"BNAS_MALLOC_TUNE": "0"})[:2] == ["False", "False"]
