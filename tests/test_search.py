@@ -295,3 +295,28 @@ def test_latency_objective_measures_the_packed_model(tmp_path: Path) -> None:
     study = run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=2, progress=False, sampler="random"))
     for t in _finished(study):
         assert 0 < t.user_attrs["latency_ms"] < 1000 and t.values[1] == t.user_attrs["latency_ms"]
+
+
+def test_latency_constraint_is_checked_before_training(tmp_path: Path) -> None:
+    # No network runs in a nanosecond: every trial is over budget and none is trained.
+    text = TWO_GENOTYPES.replace("name: two", "name: two\nconstraints: {max_latency_ms: 1.0e-6}")
+    space = load_space(_space(tmp_path, text))
+    study = run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=2, progress=False, sampler="random"))
+    for t in study.trials:
+        assert t.state.name == "PRUNED" and t.user_attrs["epochs"] == 0 and not t.intermediate_values
+        assert "latency_ms > max_latency_ms" in t.user_attrs["constraint"] and t.user_attrs["latency_ms"] > 0
+
+
+def test_train_subset_is_a_seeded_subset_and_validation_is_untouched(tmp_path: Path) -> None:
+    from bnas.search.runner import search_data
+
+    full = load_space(_space(tmp_path, TINY, "full.yaml"))
+    proxy = load_space(_space(tmp_path, TINY.replace("name: tiny", "name: tiny\ntrain_subset: 300"), "proxy.yaml"))
+    a, b, whole = search_data(proxy, seed=0), search_data(proxy, seed=0), search_data(full, seed=0)
+    assert len(a.train_y) == 300 and torch.equal(a.train_x, b.train_x)
+    assert torch.equal(a.val_x, whole.val_x) and torch.equal(a.test_y, whole.test_y)
+    # Every kept image comes from the full training split.
+    rows = {bytes(x.numpy().tobytes()) for x in whole.train_x}
+    assert all(bytes(x.numpy().tobytes()) in rows for x in a.train_x)
+    assert not torch.equal(search_data(proxy, seed=1).train_y, a.train_y)
+
