@@ -231,3 +231,16 @@ def test_darts_space_uses_the_ops_of_kim_et_al() -> None:
     assert set(space.cells.ops) == {"binary_conv_3x3", "binary_conv_5x5", "binary_dil_conv_3x3", "binary_dil_conv_5x5",
                                     "max_pool_3x3", "avg_pool_3x3", "skip_connect", "zero"}
     assert space.cells.nodes == 4 and space.cells.combine == "concat"
+
+
+def test_fashion_searched_vs_handcrafted_is_a_fair_pair() -> None:
+    # The README compares these two: same recipe, the searched one within the handcrafted
+    # one's OPs, which is also the search space's budget.
+    genotypes = REPO / "search_spaces" / "genotypes"
+    searched = bnas.load_genotype(genotypes / "fashion_searched.yaml")
+    handcrafted = bnas.load_genotype(genotypes / "fashion_handcrafted.yaml")
+    space = load_space(REPO / "search_spaces" / "fashion_mnist_cells.yaml")
+    assert searched.training == handcrafted.training
+    ops = {g.name: bnas.summarize(bnas.build(g), g.input).ops for g in (searched, handcrafted)}
+    assert ops == {"fashion_searched": 267_664, "fashion_handcrafted": 369_120}
+    assert space.constraints["max_ops"] == ops["fashion_handcrafted"]
