@@ -23,6 +23,7 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -425,19 +426,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fail_dead_local_workers(study: optuna.Study) -> int:
-    """RUNNING trials of a worker process on this host that no longer exists are failed and
-    queued again once (storages without heartbeats, e.g. the journal file, need this)."""
+# A worker names itself on its trial the moment the trial exists. A RUNNING trial still
+# without a name this long after it started lost its worker in between (for example the
+# database went away right after the trial was created): nobody will ever finish it, and
+# without a heartbeat row Optuna's stale-trial check never sees it either.
+ORPHAN_GRACE_S = 120.0
+
+
+def _orphaned(t: FrozenTrial, grace_s: float) -> bool:
+    started = t.datetime_start
+    return "worker" not in t.user_attrs and started is not None and (datetime.now() - started).total_seconds() > grace_s
+
+
+def _fail_dead_local_workers(study: optuna.Study, orphan_grace_s: float = ORPHAN_GRACE_S) -> int:
+    """RUNNING trials of a worker process on this host that no longer exists (storages
+    without heartbeats, e.g. the journal file, need this), and orphaned trials (see
+    ``ORPHAN_GRACE_S``) are failed and queued again once."""
     host = socket.gethostname()
     failed = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         name, _, pid = worker.rpartition(":")
-        if name != host or not pid.isdigit() or _pid_alive(int(pid)):
+        if _orphaned(t, orphan_grace_s):
+            why = f"interrupted: its worker never registered ({orphan_grace_s:.0f} s after the trial started)"
+        elif name == host and pid.isdigit() and not _pid_alive(int(pid)):
+            why = f"interrupted: worker {worker} was killed during this trial"
+        else:
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "error", f"interrupted: worker {worker} was killed during this trial")
+        study._storage.set_trial_user_attr(t._trial_id, "error", why)
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        if t.user_attrs.get("retry_of") is None:
+        if t.params and t.user_attrs.get("retry_of") is None:  # an orphan may not have sampled yet
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         failed += 1
     return failed
