@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 import pytest
@@ -114,6 +115,25 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _freeze_a_worker_mid_trial(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.trial.FrozenTrial, int]:
+    """Stop (SIGSTOP) a worker and return the trial it is running and its PID.
+
+    A trial seen RUNNING may finish before a kill lands; a stopped worker cannot write, so a
+    trial still RUNNING after the stop is certain to be cut off by the kill."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        running = [t for t in _trials(name, storage) if t.state.name == "RUNNING" and "worker" in t.user_attrs]
+        for candidate in running:
+            pid = int(candidate.user_attrs["worker"].rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGSTOP)
+            now = next(t for t in _trials(name, storage) if t.number == candidate.number)
+            if now.state.name == "RUNNING":
+                return now, pid
+            os.kill(pid, signal.SIGCONT)  # it finished in between: let it go on
+        time.sleep(0.2)
+    raise AssertionError("no worker could be stopped in the middle of a trial")
+
+
 @pytest.mark.postgres
 def test_sigkill_one_worker_mid_trial(tmp_path: Path) -> None:
     url = _pg_url()
@@ -130,10 +150,8 @@ def test_sigkill_one_worker_mid_trial(tmp_path: Path) -> None:
         return any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and "worker" in t.user_attrs for t in trials)
 
     _wait_for(running_after_a_completion, 300, "a running trial after a completed one")
-    trials = optuna.load_study(study_name=name, storage=storage).trials
-    victim = next(t for t in trials if t.state.name == "RUNNING" and "worker" in t.user_attrs)
-    completed_before = {t.number: t.values for t in trials if t.state.name == "COMPLETE"}
-    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    victim, pid = _freeze_a_worker_mid_trial(name, storage)
+    completed_before = {t.number: t.values for t in _trials(name, storage) if t.state.name == "COMPLETE"}
     os.kill(pid, signal.SIGKILL)
     for w in workers:
         w.wait(timeout=600)
@@ -163,9 +181,10 @@ def test_database_restart_during_search(tmp_path: Path) -> None:
     storage.remove_session()
     storage.engine.dispose()
     script = REPO / "scripts" / "pg_test_server.sh"
-    subprocess.run(["bash", str(script), "stop", data_dir], check=True)
+    server_env = {**os.environ, "BNAS_PG_PORT": str(urlsplit(url).port or 5432)}  # restart it where it was
+    subprocess.run(["bash", str(script), "stop", data_dir], check=True, env=server_env)
     time.sleep(3)
-    subprocess.run(["bash", str(script), "start", data_dir], check=True, capture_output=True)
+    subprocess.run(["bash", str(script), "start", data_dir], check=True, capture_output=True, env=server_env)
     proc.wait(timeout=900)
     # The workers rode it out or stopped cleanly; rerunning the command finishes the study.
     if proc.returncode != 0:
