@@ -157,7 +157,10 @@ def _preset_factory(family: PrimitiveFactory, preset: Mapping[str, Any]) -> Prim
 
 
 def load_catalog(path: str | Path, override: bool = False) -> list[str]:
-    """Register the named presets of one catalog YAML file; returns the names added."""
+    """Register the named presets of one catalog YAML file; returns the names added.
+
+    All or nothing: a file with a mistake registers none of its presets. A binarization or
+    op name that is already defined differently is an error unless ``override=True``."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -171,8 +174,11 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
             configs[key] = BinarizeConfig.from_dict(value or {})
         except (ValueError, TypeError) as exc:
             raise CatalogError(f"{path}: binarize.{key}: {exc}") from None
-    BINARIZE_PRESETS.update(configs)
-    added = []
+        known = BINARIZE_PRESETS.get(key)
+        if known is not None and known != configs[key] and not override:
+            raise CatalogError(f"{path}: binarize.{key}: the name is already defined differently ({known}); "
+                               "rename it, or load the catalog with override=True to replace it")
+    specs: dict[str, PrimitiveSpec] = {}
     for name, entry in (data.get("ops") or {}).items():
         if not isinstance(entry, dict) or "family" not in entry:
             raise CatalogError(f"{path}: ops.{name}: expected a mapping with a 'family' key")
@@ -196,8 +202,9 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
         elif family.binarize != "real":
             binarize_label = family.binarize
         if name in _REGISTRY and not override:
-            raise CatalogError(f"{path}: ops.{name}: the name is already registered")
-        _REGISTRY[name] = PrimitiveSpec(
+            raise CatalogError(f"{path}: ops.{name}: the name is already registered; "
+                               "rename it, or load the catalog with override=True to replace it")
+        specs[name] = PrimitiveSpec(
             name=name,
             factory=_preset_factory(family.factory, options),
             family=family.family,
@@ -206,8 +213,9 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
             options=options,
             source=str(path),
         )
-        added.append(name)
-    return added
+    BINARIZE_PRESETS.update(configs)
+    _REGISTRY.update(specs)
+    return list(specs)
 
 
 def _ensure_catalog() -> None:

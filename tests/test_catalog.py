@@ -193,6 +193,32 @@ def test_catalog_mistakes_name_the_file_and_key(tmp_path: Path, isolated_registr
     assert str(path) in str(info.value) and fragment in str(info.value)
 
 
+def test_catalog_cannot_silently_redefine_a_binarization(tmp_path: Path, isolated_registry: None) -> None:
+    before = registry.BINARIZE_PRESETS["xnor"]
+    path = _write(tmp_path, "binarize:\n  xnor: {activation: ste, weight: sign}\n")
+    with pytest.raises(CatalogError, match=r"binarize\.xnor: the name is already defined differently.*override=True"):
+        load_catalog(path)
+    assert registry.BINARIZE_PRESETS["xnor"] == before
+    load_catalog(path, override=True)
+    assert registry.BINARIZE_PRESETS["xnor"] == BinarizeConfig(activation="ste", weight="sign")
+    same = _write(tmp_path, "binarize:\n  again: {activation: ste, weight: sign}\n  xnor: {activation: ste, weight: sign}\n")
+    assert load_catalog(same) == []  # an identical definition is no conflict
+
+
+def test_catalog_with_a_mistake_registers_nothing(tmp_path: Path, isolated_registry: None) -> None:
+    path = _write(tmp_path, """
+binarize:
+  fresh: {activation: ste, weight: sign}
+ops:
+  fine_op: {family: conv_unit, binarize: fresh}
+  broken_op: {family: conv_unitt}
+""")
+    with pytest.raises(CatalogError, match="ops.broken_op.family"):
+        load_catalog(path)
+    assert "fresh" not in registry.BINARIZE_PRESETS
+    assert "fine_op" not in list_primitives()
+
+
 def test_catalog_yaml_cannot_construct_python_objects(tmp_path: Path, isolated_registry: None) -> None:
     path = _write(tmp_path, "ops:\n  a: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(CatalogError, match="invalid YAML"):
