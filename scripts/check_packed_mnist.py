@@ -1,5 +1,8 @@
 """Export a network trained with `bnas eval` and compare the packed model with it on every
-MNIST test image: same predicted class, largest relative logit difference, file sizes.
+MNIST test image: same predicted class, largest relative logit difference, file sizes, and
+where the two disagree on the sign of a binary layer's input (and how close to zero the
+trained model's value was there: flips within float rounding of zero are the expected cause
+of logit differences, since the packed model folds BatchNorm and computes in a new order).
 
     python scripts/check_packed_mnist.py GENOTYPE.yaml RUN_DIR [--data-root P]
 """
@@ -15,7 +18,37 @@ from pathlib import Path
 import torch
 
 import bnas
+from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
+from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear
+
+_PACKED_TYPES = (PackedConv2d, PackedLinear, SignConv2d, SignLinear)
+
+
+def _sign_inputs(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[str], list]:
+    """Hooks that keep, for every layer with binary activations (by path), the value whose
+    sign the layer takes: its input less the learnt threshold where it has one."""
+    seen: dict[str, torch.Tensor] = {}
+    paths, handles = [], []
+
+    def keep(path: str, threshold: torch.Tensor | None):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if threshold is not None:
+                x = x - threshold.detach().view((1, -1) + (1,) * (x.dim() - 2))
+            seen[path] = x
+        return hook
+
+    for path, layer in model.named_modules():
+        if isinstance(layer, (BinaryConv2d, BinaryLinear)) and layer.input_quantizer.name != "none":
+            threshold = getattr(layer.input_quantizer, "threshold", None)
+        elif isinstance(layer, _PACKED_TYPES):
+            threshold = layer.threshold
+        else:
+            continue
+        paths.append(path)
+        handles.append(layer.register_forward_pre_hook(keep(path, threshold)))
+    return seen, paths, handles
 
 
 def main() -> None:
@@ -36,15 +69,33 @@ def main() -> None:
         data = load_dataset("mnist", args.data_root)
         same = total = 0
         worst = 0.0
+        trained_in, trained_paths, trained_hooks = _sign_inputs(model)
+        packed_in, packed_paths, packed_hooks = _sign_inputs(packed.net)
+        paths = [p for p in trained_paths if p in packed_paths]
+        flips = {p: 0 for p in paths}
+        first_flip_margin = 0.0  # largest |input| of the trained model at a flip whose inputs all agreed
         with torch.no_grad():
             for x, y in data.loader("test", 1000):
                 a, b = model(x), packed(x)
                 same += (a.argmax(1) == b.argmax(1)).sum().item()
                 total += len(y)
                 worst = max(worst, ((a - b).abs() / a.abs().clamp_min(1e-6)).max().item())
+                clean = torch.ones(len(y), dtype=torch.bool)  # images whose earlier binary inputs all agreed
+                for path in paths:
+                    differs = sign(trained_in[path]) != sign(packed_in[path])
+                    per_image = differs.flatten(1).any(1)
+                    flips[path] += int(differs.sum())
+                    origin = differs & clean.view((-1,) + (1,) * (differs.dim() - 1))
+                    if origin.any():
+                        first_flip_margin = max(first_flip_margin, trained_in[path][origin].abs().max().item())
+                    clean &= ~per_image
+        for h in trained_hooks + packed_hooks:
+            h.remove()
         size, float_size = os.path.getsize(packed_path), os.path.getsize(weights)
     print(f"{genotype.name}: same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
           f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)")
+    print("sign disagreements at binary layer inputs: " + ", ".join(f"{p} {n}" for p, n in flips.items())
+          + f"; where they start, the trained model's input was at most {first_flip_margin:.2e} from zero")
 
 
 if __name__ == "__main__":
