@@ -9,7 +9,7 @@ from .errors import BnasError, GenotypeError
 from .export import load_packed, pack_model
 from .genotype import Genotype, load_genotype
 from .metrics import summarize
-from .registry import get_primitive, list_primitives, register_primitive
+from .registry import get_primitive, list_primitives, load_catalog, register_primitive
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "build",
     "get_primitive",
     "list_primitives",
+    "load_catalog",
     "load_genotype",
     "load_packed",
     "pack_model",

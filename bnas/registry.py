@@ -161,11 +161,14 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
 
     All or nothing: a file with a mistake registers none of its presets. A binarization or
     op name that is already defined differently is an error unless ``override=True``."""
+    _ensure_catalog()  # the op families and the shipped presets come first
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: invalid YAML: {exc}") from None
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read the catalog ({exc.strerror}); check the path") from None
     if not isinstance(data, dict):
         raise CatalogError(f"{path}: expected a mapping with 'binarize' and 'ops' sections")
     configs: dict[str, BinarizeConfig] = {}
@@ -174,10 +177,11 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
             configs[key] = BinarizeConfig.from_dict(value or {})
         except (ValueError, TypeError) as exc:
             raise CatalogError(f"{path}: binarize.{key}: {exc}") from None
-        known = BINARIZE_PRESETS.get(key)
-        if known is not None and known != configs[key] and not override:
-            raise CatalogError(f"{path}: binarize.{key}: the name is already defined differently ({known}); "
+        earlier = BINARIZE_PRESETS.get(key)
+        if earlier is not None and earlier != configs[key] and not override:
+            raise CatalogError(f"{path}: binarize.{key}: the name is already defined differently ({earlier}); "
                                "rename it, or load the catalog with override=True to replace it")
+    known = {**BINARIZE_PRESETS, **configs}  # an op may name this file's binarizations or earlier ones
     specs: dict[str, PrimitiveSpec] = {}
     for name, entry in (data.get("ops") or {}).items():
         if not isinstance(entry, dict) or "family" not in entry:
@@ -192,9 +196,9 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
         if "binarize" in options:
             ref = options["binarize"]
             if isinstance(ref, str):
-                if ref not in configs:
-                    raise CatalogError(f"{path}: ops.{name}.binarize: unknown binarization {ref!r}; defined: {', '.join(configs)}")
-                options["binarize"] = configs[ref]
+                if ref not in known:
+                    raise CatalogError(f"{path}: ops.{name}.binarize: unknown binarization {ref!r}; defined: {', '.join(sorted(known))}")
+                options["binarize"] = known[ref]
                 binarize_label = ref
             elif isinstance(ref, dict):
                 options["binarize"] = BinarizeConfig.from_dict(ref)

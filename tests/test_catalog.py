@@ -2,6 +2,8 @@
 user primitives, re-registration, unknown names, and catalog files with mistakes."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,6 +207,20 @@ def test_catalog_cannot_silently_redefine_a_binarization(tmp_path: Path, isolate
     assert load_catalog(same) == []  # an identical definition is no conflict
 
 
+def test_user_catalog_can_be_the_first_thing_loaded(tmp_path: Path) -> None:
+    path = _write(tmp_path, "ops:\n  first_conv: {family: conv_unit, kernel: 5, binarize: xnor}\n")
+    code = (f"import bnas; print(bnas.load_catalog({str(path)!r})); "
+            "print(bnas.get_primitive('first_conv') is not None, 'xnor_resnet_block' in [s.name for s in bnas.list_primitives()])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["['first_conv']", "True True"]
+
+
+def test_missing_catalog_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match=r"nope\.yaml: cannot read the catalog \(No such file or directory\)"):
+        load_catalog(tmp_path / "nope.yaml")
+
+
 def test_catalog_with_a_mistake_registers_nothing(tmp_path: Path, isolated_registry: None) -> None:
     path = _write(tmp_path, """
 binarize:
@@ -216,7 +232,7 @@ ops:
     with pytest.raises(CatalogError, match="ops.broken_op.family"):
         load_catalog(path)
     assert "fresh" not in registry.BINARIZE_PRESETS
-    assert "fine_op" not in list_primitives()
+    assert "fine_op" not in [spec.name for spec in list_primitives()]
 
 
 def test_catalog_yaml_cannot_construct_python_objects(tmp_path: Path, isolated_registry: None) -> None:
