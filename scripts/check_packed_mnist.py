@@ -20,7 +20,7 @@ import torch
 import bnas
 from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
-from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear
+from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
 
 _PACKED_TYPES = (PackedConv2d, PackedLinear, SignConv2d, SignLinear)
 
@@ -35,7 +35,7 @@ def _sign_inputs(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0].detach()
             if threshold is not None:
-                x = x - threshold.detach().view((1, -1) + (1,) * (x.dim() - 2))
+                x = x - _as_channel_view(threshold.detach(), x.dim())
             seen[path] = x
         return hook
 

@@ -3,7 +3,9 @@ crashes, SIGKILL + resume, seeds, retraining the best genotype, bad storage and 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from torch import nn
 import bnas
 from bnas.cli import main
 from bnas.evaluate import evaluate
-from bnas.search.runner import SearchConfig, run_search_study
+from bnas.search.runner import SearchConfig, _fail_dead_local_workers, run_search_study
 from bnas.search.space import load_space, sample_genotype
 
 TINY = """
@@ -321,15 +323,9 @@ def test_train_subset_is_a_seeded_subset_and_validation_is_untouched(tmp_path: P
     assert not torch.equal(search_data(proxy, seed=1).train_y, a.train_y)
 
 
-
 def test_orphaned_running_trial_is_failed_after_the_grace_period(tmp_path: Path) -> None:
     # A trial whose worker vanished before naming itself (the database went away right after
     # the trial was created) would hold a slot of the study forever; it is failed instead.
-    import os
-    import socket
-
-    from bnas.search.runner import _fail_dead_local_workers
-
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
     orphan = study.ask()
     alive = study.ask()
