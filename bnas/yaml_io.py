@@ -6,12 +6,12 @@ error, never a call. Every failure becomes a one-line ``GenotypeError`` naming t
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .atomic import write_text_atomic as _atomic_write_text
 from .errors import GenotypeError
 
 
@@ -79,14 +79,6 @@ def dump_yaml(data: dict[str, Any]) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write via a temp file in the same folder + rename, so readers never see half a file;
+    the file gets 0666 & ~umask like a plain open() (see bnas.atomic)."""
+    _atomic_write_text(path, text)
