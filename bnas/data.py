@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .atomic import atomic_path
 from .errors import BnasError
 
 __all__ = ["DataError", "DataSplits", "TensorLoader", "load_dataset", "data_root", "DATASETS"]
@@ -349,10 +350,8 @@ def _cached(key_parts: list[str], what: str, make: Callable[[], dict[str, object
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
             pass  # a damaged cache entry is simply rebuilt
     blob = make()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, cache)
+    with atomic_path(cache, "decoded-data cache file") as tmp:
+        torch.save(blob, tmp)
     return blob
 
 
