@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..atomic import atomic_path
 from .packing import words_for
 
 BACKEND_NAME = "cuda-tensor-core"
@@ -361,17 +362,12 @@ def load_emulator() -> ctypes.CDLL:
         digest.update(" ".join([cxx, *flags]).encode())
         lib = _cache_dir() / f"bnas_xnor_emulator_{digest.hexdigest()[:16]}.so"
         if not lib.exists():
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-            os.close(fd)
-            try:
-                proc = subprocess.run([cxx, *flags, "-I", str(SOURCE_DIR), "-o", tmp, str(SOURCE_DIR / "emulator.cpp")],
+            # a temp file with the umask's mode (not mkstemp's 0600): a shared cache stays usable
+            with atomic_path(lib, "compiled kernel emulator") as tmp:
+                proc = subprocess.run([cxx, *flags, "-I", str(SOURCE_DIR), "-o", str(tmp), str(SOURCE_DIR / "emulator.cpp")],
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"building the CUDA kernel emulator failed:\n{proc.stderr[-4000:]}")
-                os.replace(tmp, lib)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         _emulator = _bind_emulator(ctypes.CDLL(str(lib)))
         return _emulator
 
