@@ -1,0 +1,125 @@
+"""Every code block in README.md runs as written.
+
+Python blocks run in a fresh interpreter in a scratch folder that sees the repository's
+``search_spaces/`` and ``primitives/``; a YAML block whose first line is ``# NAME.yaml`` is
+written there first (the README shows such files before the code that reads them). Genotype
+YAML blocks build, the ``bnas info`` output block matches the real output, and every ``bnas``
+command in a shell block parses; the quickstart commands run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from bnas.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
+
+
+def _blocks(language: str) -> list[str]:
+    return [body for lang, body in FENCE.findall(README.read_text(encoding="utf-8")) if lang == language]
+
+
+def _named_files(block: str) -> str | None:
+    first = block.splitlines()[0].strip()
+    match = re.fullmatch(r"#\s*([\w.-]+\.ya?ml)", first)
+    return match.group(1) if match else None
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    for folder in ("search_spaces", "primitives"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    for block in _blocks("yaml"):
+        name = _named_files(block)
+        if name:
+            (tmp_path / name).write_text(block, encoding="utf-8")
+    return tmp_path
+
+
+def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_readme_has_the_blocks_this_file_checks() -> None:
+    assert len(_blocks("python")) >= 2
+    assert any(_named_files(b) == "my_presets.yaml" for b in _blocks("yaml"))
+    assert len(_blocks("text")) >= 1
+    assert len(_blocks("bash")) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+def test_python_block_runs_as_written(index: int, scratch: Path) -> None:
+    block = _blocks("python")[index]
+    result = _run_python(block, scratch)
+    assert result.returncode == 0, f"README python block {index} failed:\n{block}\n--- stderr ---\n{result.stderr[-3000:]}"
+
+
+def test_genotype_yaml_blocks_build() -> None:
+    import bnas
+    from bnas.genotype import loads_genotype
+
+    texts = [b for b in _blocks("yaml") if _named_files(b) is None]
+    assert texts, "the README shows the genotype schema"
+    for text in texts:
+        model = bnas.build(loads_genotype(text, "README.md"))
+        assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_catalog_block_loads(scratch: Path) -> None:
+    code = ("import bnas\n"
+            "added = bnas.load_catalog('my_presets.yaml')\n"
+            "assert 'my_rsign_conv_3x3' in added, added\n"
+            "assert 'my_rsign_conv_3x3' in [s.name for s in bnas.list_primitives()]\n")
+    result = _run_python(code, scratch)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_info_output_block_matches_the_real_output(capsys: pytest.CaptureFixture[str]) -> None:
+    (block,) = [b for b in _blocks("text") if b.startswith("layer ")]
+    assert main(["info", str(ROOT / "search_spaces/genotypes/bireal_resnet18.yaml")]) == 0
+    actual = capsys.readouterr().out.splitlines()
+    shown = [line for line in block.splitlines() if line.strip() and line.strip() != "..."]
+    missing = [line for line in shown if line not in actual]
+    assert not missing, f"README lines not in today's `bnas info` output: {missing}"
+
+
+def _commands() -> list[list[str]]:
+    lines = [line.strip() for block in _blocks("bash") for line in block.splitlines()]
+    return [shlex.split(line) for line in lines if line and not line.startswith("#")]
+
+
+def test_every_bnas_command_in_the_readme_parses() -> None:
+    parser = build_parser()
+    bnas_commands = [c for c in _commands() if c[0] == "bnas"]
+    assert len(bnas_commands) >= 2
+    for command in bnas_commands:
+        parser.parse_args(command[1:])  # argparse exits (SystemExit) on an unknown flag
+
+
+def test_the_readme_test_command_is_what_ci_runs() -> None:
+    pytest_commands = [c for c in _commands() if c[:3] == ["python", "-m", "pytest"]]
+    assert pytest_commands, "the README gives the test command"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert " ".join(pytest_commands[0]) in ci
+
+
+@pytest.mark.slow
+def test_quickstart_commands_run_as_written(scratch: Path) -> None:
+    quickstart = [c for c in _commands() if c[0] == "bnas" and "--out" in c and "runs/quickstart" in " ".join(c)]
+    assert len(quickstart) == 2, quickstart
+    for command in quickstart:
+        result = subprocess.run([sys.executable, "-m", "bnas", *command[1:]], cwd=scratch,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-3000:]}"
+    assert (scratch / "runs/quickstart/report.json").is_file()
+    assert (scratch / "runs/quickstart-search/best.yaml").is_file()
