@@ -59,18 +59,18 @@ import copy
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import yaml
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .atomic import atomic_path, check_writable_file
 from .binarize import BinaryConv2d, BinaryLinear, sign
 from .errors import BnasError
 from .genotype import Genotype, genotype_from_dict, load_genotype
+from .yaml_io import parse_yaml_mapping
 
 __all__ = [
     "FORMAT",
@@ -224,7 +224,7 @@ def _make_layer(entry: Mapping[str, Any]) -> nn.Module:
     if kind in ("linear", "sign_linear"):
         args = dict(in_features=entry["in_features"], out_features=entry["out_features"], bias=bool(entry["bias"]))
         return nn.Linear(**args) if kind == "linear" else SignLinear(**args, threshold=bool(entry["threshold"]))
-    raise ExportError(f"unknown layer kind {kind!r} in the layer table; this file needs a newer bnas")
+    raise ExportError(f"unknown layer kind {kind!r} in the layer table; this bnas reads {', '.join(KINDS)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -463,8 +463,10 @@ def freeze_model(model: nn.Module) -> PackedNetwork:
 # The file
 # --------------------------------------------------------------------------------------
 def save_packed(packed: PackedNetwork, path: str | os.PathLike[str]) -> Path:
-    """Write ``packed`` to ``path`` (atomically) in the ``bnas-packed`` format."""
-    from safetensors.torch import save_file
+    """Write ``packed`` to ``path`` (atomically, with the umask's mode) in the ``bnas-packed``
+    format. A full disk or an unwritable folder is a one-line ``WriteError``; an existing
+    file at ``path`` then stays as it was."""
+    from safetensors.torch import save
 
     import bnas
 
@@ -475,15 +477,14 @@ def save_packed(packed: PackedNetwork, path: str | os.PathLike[str]) -> Path:
     metadata = {"format": FORMAT, "version": VERSION, "genotype": packed.genotype.to_yaml(),
                 "layers": json.dumps(packed.layers), "bnas_version": bnas.__version__,
                 "torch_version": torch.__version__}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if path.is_dir():
+        raise ExportError(f"{path} is an existing folder; the packed model is written to a file "
+                          f"path, e.g. {path / 'model.bnas'}")
+    # Serialised in memory (the packed model is small), so every failure of the disk is an
+    # OSError that atomic_path turns into one line.
+    blob = save(tensors, metadata=metadata)
+    with atomic_path(path, "packed model") as tmp:
+        tmp.write_bytes(blob)
     return path
 
 
@@ -509,37 +510,121 @@ def _read_header(path: Path) -> dict[str, str]:
 
 def load_packed(path: str | os.PathLike[str]) -> PackedNetwork:
     """Read a ``.bnas`` file written by ``bnas export`` / ``save_packed`` (no unpickling)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .builder import build
 
     path = Path(path)
     meta = _read_header(path)
+    for key in ("genotype", "layers"):
+        if not isinstance(meta.get(key), str):
+            raise ExportError(f"{path}: damaged header (no {key!r} entry); export the model again")
+    # The header is untrusted text: the genotype goes through the same safe YAML reader as a
+    # genotype file (tags refused, one-line errors), the table through json and _check_entry.
+    where = f"{path} (header: genotype)"
+    genotype = genotype_from_dict(parse_yaml_mapping(meta["genotype"], where), where)
     try:
-        genotype = genotype_from_dict(yaml.safe_load(meta["genotype"]), f"{path} (genotype)")
         table = json.loads(meta["layers"])
-    except (KeyError, yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: damaged header ({type(exc).__name__}: {exc}); export the model again") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise ExportError(f"{path}: damaged header (the layer table is not JSON: {reason}); "
+                          "export the model again") from None
+    if not isinstance(table, list):
+        raise ExportError(f"{path}: damaged header (the layer table is a JSON {type(table).__name__}, "
+                          "expected a list); export the model again")
     net = build(genotype).eval()
-    try:
-        for entry in table:
-            _set_module(net, entry["path"], _make_layer(entry))
-    except (KeyError, AttributeError, TypeError) as exc:
-        raise ExportError(f"{path}: the layer table does not fit the genotype ({type(exc).__name__}: {exc})") from None
+    for entry in table:
+        _check_entry(net, entry, path, meta.get("bnas_version", "unknown"))
+        _set_module(net, entry["path"], _make_layer(entry))
     left = [n for n, m in net.named_modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
     if left:
         raise ExportError(f"{path}: the layer table leaves binary layers unconverted ({', '.join(left[:3])}); "
                           "export the model again")
-    _load_state(net, load_file(str(path)), f"{path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ExportError(f"{path}: the tensors cannot be read ({_first_line(exc)}); "
+                          "export the model again") from None
+    _load_state(net, state, f"{path}", exact_dtypes=True)
     return PackedNetwork(net.eval(), genotype, table)
 
 
-def _load_state(net: nn.Module, state: Mapping[str, Tensor], what: str, hint: str = "") -> None:
-    """``load_state_dict(strict=True)`` with one readable error for every kind of mismatch."""
+_CONV_KINDS = ("packed_conv2d", "conv2d", "sign_conv2d")
+_LINEAR_KINDS = ("packed_linear", "linear", "sign_linear")
+KINDS = _CONV_KINDS + _LINEAR_KINDS + ("identity",)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict, int, float, bool, str, type(None))) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_entry(net: nn.Module, entry: Any, file: Path, writer: str) -> None:
+    """One layer-table entry must name a layer of the genotype's network, of a kind this bnas
+    knows, with the same arguments: so a damaged or hostile table can neither allocate
+    tensors the genotype does not imply nor replace the wrong module."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("kind"), str)):
+        raise ExportError(f"{file}: damaged layer table (entry {_short(entry)} is not an object with "
+                          "'path' and 'kind' strings); export the model again")
+    where, kind = entry["path"], entry["kind"]
+    if kind not in KINDS:
+        raise ExportError(f"{file}: unknown packed layer kind {_short(kind)} at layer {_short(where)}; this bnas "
+                          f"reads {', '.join(KINDS)} (the file was written by bnas {writer}): "
+                          "upgrade bnas or export the model again")
+    try:
+        target = net.get_submodule(where)
+    except AttributeError:
+        raise ExportError(f"{file}: the layer table names layer {_short(where)}, which the genotype in the header "
+                          "does not have; export the model again") from None
+    if kind == "identity":
+        expected: dict[str, Any] = {}
+        fits = isinstance(target, _BatchNorm)
+    elif kind in _CONV_KINDS:
+        fits = isinstance(target, nn.Conv2d)
+        expected = _conv_args(target) if fits else {}
+    else:
+        fits = isinstance(target, nn.Linear)
+        expected = {"in_features": target.in_features, "out_features": target.out_features} if fits else {}
+    if not fits:
+        raise ExportError(f"{file}: the layer table makes {_short(where)} a {kind}, but in the genotype it is a "
+                          f"{type(target).__name__}; export the model again")
+    flags = () if kind == "identity" else ("threshold",) if kind.startswith("packed") else ("threshold", "bias")
+    for name in flags:
+        if not isinstance(entry.get(name), bool):
+            expected[name] = "true or false"
+    for name, value in expected.items():
+        # json.dumps tells 1 from true and [3, 3] from [3, 3.0], as the layer constructors would not
+        if name not in entry or json.dumps(entry[name]) != json.dumps(value):
+            raise ExportError(f"{file}: the layer table does not fit the genotype: layer {where} ({kind}) has "
+                              f"{name}={_short(entry.get(name))}, expected {_short(value)}; export the model again")
+
+
+def _load_state(net: nn.Module, state: Mapping[str, Tensor], what: str, hint: str = "",
+                exact_dtypes: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with one readable error for every kind of mismatch.
+
+    ``exact_dtypes``: a tensor must also have the dtype the module holds (a ``.bnas`` file),
+    since ``load_state_dict`` would silently convert, e.g. packed int32 words re-saved as
+    float32 (rounded above 2**24, so different weights); a checkpoint may be converted."""
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if exact_dtypes and not (missing or unexpected or wrong):
+        other = sorted(k for k in own if own[k].dtype != state[k].dtype)
+        if other:
+            k = other[0]
+            role = " (packed sign bits)" if k.endswith("weight_packed") else ""
+            more = f"; {len(other) - 1} more tensor(s) of another dtype" if len(other) > 1 else ""
+            raise ExportError(f"{what}: tensor {k} is {str(state[k].dtype).removeprefix('torch.')}, expected "
+                              f"{str(own[k].dtype).removeprefix('torch.')}{role}{more}; the file was changed "
+                              "after export: export the model again")
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected)):
@@ -589,6 +674,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    # before reading the checkpoint: --out is a file, and its folder must take one
+    check_writable_file(Path(args.out), "--out", example="model.bnas")
     packed, path = export(args.genotype, args.checkpoint, args.out)
     kinds: dict[str, int] = {}
     for entry in packed.layers:

@@ -9,6 +9,7 @@ gets ``None`` and one warning, and the dispatcher falls back to the reference.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
@@ -19,6 +20,7 @@ import weakref
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -68,8 +70,7 @@ def extension() -> ModuleType | None:
             _build_error = f"the CPU kernels need an x86-64 CPU, this is {platform.machine()}"
         else:
             try:
-                from torch.utils.cpp_extension import load
-
+                load = _import_cpp_extension_load()
                 build_dir = cache_dir()
                 build_dir.mkdir(parents=True, exist_ok=True)
                 _extension = load(name=EXTENSION_NAME, sources=[str(SOURCE)],
@@ -83,6 +84,27 @@ def extension() -> ModuleType | None:
                 "the slow float reference. Install a C++ compiler with OpenMP (e.g. g++) "
                 "and ninja to enable them.", RuntimeWarning, stacklevel=3)
         return _extension
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops the "No CUDA runtime is found, using CUDA_HOME=..." warning that
+    ``torch.utils.cpp_extension`` logs on import where a CUDA toolkit is installed but torch
+    sees no GPU: building the CPU kernels needs no CUDA, so there it is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _import_cpp_extension_load() -> Callable[..., ModuleType]:
+    """``torch.utils.cpp_extension.load``, imported without torch's CUDA_HOME notice."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _NoCudaRuntimeNotice()
+    log.addFilter(quiet)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        log.removeFilter(quiet)
+    return load
 
 
 def _first_error_line(exc: BaseException) -> str:
