@@ -33,3 +33,23 @@ class GenotypeError(BnasError, ValueError):
             self.file = file
             self.args = (self._render(),)
         return self
+
+
+class LimitError(GenotypeError):
+    """A file or network past one of the size caps of ``bnas.yaml_io.LIMITS`` (or past the
+    machine's memory); the message names the cap and the variable that raises it."""
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, without walking a huge value.
+
+    Error messages quote user values; an alias-expanded YAML list can be gigabytes when
+    printed in full, so only the first few elements and levels are looked at.
+    """
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 6, 6
+    r.maxstring, r.maxother, r.maxlong = limit, limit, 40
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

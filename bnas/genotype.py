@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import networkx as nx
 
-from .errors import GenotypeError
-from .yaml_io import dump_yaml, parse_yaml_mapping, read_yaml_mapping, write_text_atomic
+from .errors import GenotypeError, short_repr
+from .yaml_io import check_limit, dump_yaml, parse_yaml_mapping, read_yaml_mapping, write_text_atomic
 
 __all__ = [
     "Edge",
@@ -165,10 +165,15 @@ def _type_name(value: Any) -> str:
 
 def _positive_int(value: Any, path: str, what: str = "a positive integer") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise GenotypeError(f"expected {what}, got {value!r} ({_type_name(value)})", path)
+        raise GenotypeError(f"expected {what}, got {short_repr(value)} ({_type_name(value)})", path)
     if value <= 0:
         raise GenotypeError(f"expected {what}, got {value}", path)
     return value
+
+
+def _key_path(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
@@ -178,18 +183,19 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], path: str) ->
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; expected some of {', '.join(allowed)}"
-            raise GenotypeError(f"unknown key {key!r}{hint}", f"{path}.{key}" if path else str(key))
+            raise GenotypeError(f"unknown key {short_repr(key)}{hint}", f"{path}.{_key_path(key)}" if path else _key_path(key))
 
 
 def _check_op(name: Any, path: str) -> str:
     from .registry import UnknownPrimitiveError, get_spec
 
     if not isinstance(name, str):
-        raise GenotypeError(f"expected an op name (a string), got {name!r} ({_type_name(name)})", path)
+        raise GenotypeError(f"expected an op name (a string), got {short_repr(name)} ({_type_name(name)})", path)
     try:
         get_spec(name)
     except UnknownPrimitiveError as exc:
-        raise GenotypeError(str(exc), path) from None
+        message = str(exc)  # quotes the name, which may be as long as the file
+        raise GenotypeError(message if len(message) <= 200 else message[:197] + "...", path) from None
     return name
 
 
@@ -197,6 +203,45 @@ def _options(value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise GenotypeError(f"expected a mapping of op options, got {_type_name(value)}", path)
     return copy.deepcopy(value)
+
+
+def _op_options(op: str) -> tuple[str, ...] | None:
+    """The keyword options ``op``'s factory takes, or None when it takes any (``**options``)."""
+    import inspect
+
+    from .registry import get_spec
+
+    try:
+        params = list(inspect.signature(get_spec(op).factory).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    # The first three are C_in, C_out and stride: the builder passes them.
+    return tuple(p.name for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _check_options(op: str, options: Mapping[str, Any], path: str, layer_keys: tuple[str, ...] = ()) -> None:
+    """Unknown option names are caught here, with the closest valid one, not as a TypeError at build."""
+    import difflib
+
+    valid = _op_options(op)
+    for key, value in options.items():
+        if key in ("kernel", "kernel_size") and isinstance(value, int) and not isinstance(value, bool):
+            check_limit("KERNEL", value, f"{path}.{key}")
+        if valid is None or key in valid:
+            continue
+        if not layer_keys and key in ("stride", "C_in", "C_out", "channels"):
+            raise GenotypeError(
+                f"a cell edge cannot set {key!r}: the builder owns it (edges from the cell inputs get stride 2 when the "
+                "body entry has stride: 2, and every edge works at the entry's channels); remove it",
+                f"{path}.{key}",
+            )
+        names = tuple(layer_keys) + valid
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        listed = ", ".join(names) if names else "none"
+        raise GenotypeError(f"unknown option {short_repr(key, 40)} for {op}; {hint}valid: {listed}", f"{path}.{_key_path(key)}")
 
 
 def _parse_layer(data: Any, path: str, cells: Mapping[str, CellSpec], allow_cells: bool) -> LayerSpec:
@@ -214,19 +259,22 @@ def _parse_layer(data: Any, path: str, cells: Mapping[str, CellSpec], allow_cell
         cell = data["cell"]
         if cell not in cells:
             known = ", ".join(cells) or "none defined"
-            raise GenotypeError(f"unknown cell {cell!r}; cells defined under 'cells': {known}", f"{path}.cell")
+            raise GenotypeError(f"unknown cell {short_repr(cell)}; cells defined under 'cells': {known}", f"{path}.cell")
     channels = data.get("channels")
     if channels is not None:
-        channels = _positive_int(channels, f"{path}.channels")
+        channels = check_limit("CHANNELS", _positive_int(channels, f"{path}.channels"), f"{path}.channels")
     elif cell is not None:
         raise GenotypeError("a cell entry needs 'channels' (the width every node of the cell works at)", f"{path}.channels")
     stride = data.get("stride", 1)
     if isinstance(stride, bool) or stride not in (1, 2):
-        raise GenotypeError(f"expected stride 1 or 2, got {stride!r}", f"{path}.stride")
-    repeat = _positive_int(data.get("repeat", 1), f"{path}.repeat")
+        raise GenotypeError(f"expected stride 1 or 2, got {short_repr(stride)}", f"{path}.stride")
+    repeat = check_limit("REPEAT", _positive_int(data.get("repeat", 1), f"{path}.repeat"), f"{path}.repeat")
     options = {k: copy.deepcopy(v) for k, v in data.items() if k not in _LAYER_KEYS}
     if cell is not None and options:
-        raise GenotypeError(f"unknown key(s) {', '.join(options)} for a cell entry; expected cell, channels, stride, repeat", path)
+        raise GenotypeError(f"unknown key(s) {short_repr(', '.join(map(str, options)))} for a cell entry; "
+                            "expected cell, channels, stride, repeat", path)
+    if op is not None:
+        _check_options(op, options, path, layer_keys=("channels", "stride", "repeat"))
     return LayerSpec(op=op, cell=cell, channels=channels, stride=stride, repeat=repeat, options=options)
 
 
@@ -240,12 +288,13 @@ def _parse_layers(data: Any, path: str, cells: Mapping[str, CellSpec], allow_cel
 
 def _parse_edge(data: Any, path: str) -> Edge:
     if not isinstance(data, list) or len(data) not in (2, 3):
-        raise GenotypeError(f"expected an edge [op, input] or [op, input, {{options}}], got {data!r}", path)
+        raise GenotypeError(f"expected an edge [op, input] or [op, input, {{options}}], got {short_repr(data)}", path)
     op = _check_op(data[0], f"{path}[0]")
     source = data[1]
     if not isinstance(source, str):
-        raise GenotypeError(f"expected the name of an input or node, got {source!r} ({_type_name(source)})", f"{path}[1]")
+        raise GenotypeError(f"expected the name of an input or node, got {short_repr(source)} ({_type_name(source)})", f"{path}[1]")
     options = _options(data[2], f"{path}[2]") if len(data) == 3 else {}
+    _check_options(op, options, f"{path}[2]")
     return Edge(op=op, source=source, options=options)
 
 
@@ -255,18 +304,20 @@ def _parse_cell(name: str, data: Any, path: str) -> CellSpec:
     _check_keys(data, ("inputs", "nodes", "output"), path)
     inputs = data.get("inputs", 2)
     if isinstance(inputs, bool) or inputs not in (1, 2):
-        raise GenotypeError(f"expected inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1), got {inputs!r}", f"{path}.inputs")
+        raise GenotypeError(f"expected inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1), got {short_repr(inputs)}", f"{path}.inputs")
     input_names = ("in0", "in1") if inputs == 2 else ("in1",)
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
         raise GenotypeError("expected a non-empty mapping of nodes, e.g. {n0: [[skip_connect, in1]]}", f"{path}.nodes")
+    check_limit("NODES", len(raw_nodes), f"{path}.nodes", "the number of nodes in the cell")
     nodes: dict[str, tuple[Edge, ...]] = {}
     for node, edges in raw_nodes.items():
         npath = f"{path}.nodes.{node}"
         if not isinstance(node, str) or node in input_names or node == "out":
-            raise GenotypeError(f"invalid node name {node!r} (in0, in1 and out are reserved)", npath)
+            raise GenotypeError(f"invalid node name {short_repr(node)} (in0, in1 and out are reserved)", npath)
         if not isinstance(edges, list) or not edges:
             raise GenotypeError("expected a non-empty list of edges [[op, input], ...]", npath)
+        check_limit("NODES", len(edges), npath, "the number of edges into the node")
         nodes[node] = tuple(_parse_edge(e, f"{npath}[{i}]") for i, e in enumerate(edges))
     known = set(input_names) | set(nodes)
     for node, edges in nodes.items():
@@ -275,7 +326,7 @@ def _parse_cell(name: str, data: Any, path: str) -> CellSpec:
                 hint = "in1" if inputs == 1 and edge.source == "in0" else None
                 extra = " (this cell has inputs: 1, so only in1 exists)" if hint else ""
                 raise GenotypeError(
-                    f"unknown input or node {edge.source!r}{extra}; known: {', '.join(sorted(known))}",
+                    f"unknown input or node {short_repr(edge.source)}{extra}; known: {', '.join(sorted(known))}",
                     f"{path}.nodes.{node}[{i}][1]",
                 )
     output = data.get("output")
@@ -284,13 +335,13 @@ def _parse_cell(name: str, data: Any, path: str) -> CellSpec:
     _check_keys(output, ("combine", "nodes"), f"{path}.output")
     combine = output.get("combine", "concat")
     if combine not in COMBINES:
-        raise GenotypeError(f"invalid combine {combine!r}; expected one of {', '.join(COMBINES)}", f"{path}.output.combine")
+        raise GenotypeError(f"invalid combine {short_repr(combine)}; expected one of {', '.join(COMBINES)}", f"{path}.output.combine")
     out_nodes = output.get("nodes")
     if not isinstance(out_nodes, list) or not out_nodes:
         raise GenotypeError("expected a non-empty list of node names", f"{path}.output.nodes")
     for i, node in enumerate(out_nodes):
         if node not in nodes:
-            raise GenotypeError(f"unknown node {node!r}; nodes: {', '.join(nodes)}", f"{path}.output.nodes[{i}]")
+            raise GenotypeError(f"unknown node {short_repr(node)}; nodes: {', '.join(nodes)}", f"{path}.output.nodes[{i}]")
     spec = CellSpec(name=name, inputs=inputs, nodes=nodes, combine=combine, output=tuple(out_nodes))
     _check_dag(spec, path)
     return spec
@@ -338,12 +389,15 @@ def _genotype_from_dict(data: Mapping[str, Any]) -> Genotype:
             raise GenotypeError(f"missing required key {key!r}", key)
     name = data.get("name", "genotype")
     if not isinstance(name, str) or not name:
-        raise GenotypeError(f"expected a non-empty string, got {name!r}", "name")
+        raise GenotypeError(f"expected a non-empty string, got {short_repr(name)}", "name")
     shape = data["input"]
     if not isinstance(shape, list) or len(shape) != 3:
-        raise GenotypeError(f"expected [C, H, W], got {shape!r}", "input")
+        raise GenotypeError(f"expected [C, H, W], got {short_repr(shape)}", "input")
     shape_t = tuple(_positive_int(v, f"input[{i}]") for i, v in enumerate(shape))
-    num_classes = _positive_int(data["num_classes"], "num_classes")
+    check_limit("CHANNELS", shape_t[0], "input[0]", "the number of input channels")
+    for i in (1, 2):
+        check_limit("INPUT_SIZE", shape_t[i], f"input[{i}]")
+    num_classes = check_limit("CLASSES", _positive_int(data["num_classes"], "num_classes"), "num_classes")
     raw_cells = data.get("cells") or {}
     if not isinstance(raw_cells, dict):
         raise GenotypeError(f"expected a mapping of named cells, got {_type_name(raw_cells)}", "cells")
@@ -353,6 +407,8 @@ def _genotype_from_dict(data: Mapping[str, Any]) -> Genotype:
     if not body:
         raise GenotypeError("expected at least one layer", "body")
     head = _parse_layers(data.get("head"), "head", cells)
+    check_limit("LAYERS", sum(layer.repeat for layer in (*stem, *body, *head)), "body",
+                "the number of layers and cells (every repeat counted)")
     training = data.get("training")
     if training is not None and not isinstance(training, dict):
         raise GenotypeError(f"expected a mapping of recipe defaults, got {_type_name(training)}", "training")

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
 from torch import nn
 
 from .binarize import BinarizeConfig
@@ -163,10 +162,13 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
     op name that is already defined differently is an error unless ``override=True``."""
     _ensure_catalog()  # the op families and the shipped presets come first
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CatalogError(f"{path}: invalid YAML: {exc}") from None
+    from .errors import GenotypeError
+    from .yaml_io import load_yaml_text
+
+    try:  # bnas's safe loader: a size cap, duplicate keys refused, one-line errors
+        data = load_yaml_text(path.read_text(), str(path), what="catalog")
+    except GenotypeError as exc:
+        raise CatalogError(str(exc)) from None
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read the catalog ({exc.strerror}); check the path") from None
     if not isinstance(data, dict):

@@ -109,7 +109,7 @@ def test_forward_reference_to_later_node() -> None:
         ("", "the file is empty"),
         ("- 1\n- 2\n", "expected a YAML mapping at the top level, got a list"),
         ("name: [unclosed\n", "invalid YAML"),
-        ("name: !!python/object/apply:os.system ['echo hacked']\n", "YAML tags that construct Python objects are not allowed"),
+        ("name: !!python/object/apply:os.system ['echo hacked']\n", "invalid YAML: tags that construct Python objects are not allowed"),
     ],
 )
 def test_unreadable_yaml(text: str, fragment: str) -> None:

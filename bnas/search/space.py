@@ -50,9 +50,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-from ..errors import GenotypeError
+from ..errors import GenotypeError, short_repr
 from ..genotype import COMBINES, Genotype, genotype_from_dict
-from ..yaml_io import read_yaml_mapping
+from ..yaml_io import check_limit, read_yaml_mapping
 
 __all__ = ["SearchSpace", "CellChoices", "MacroChoices", "load_space", "parse_space", "sample_genotype", "OBJECTIVES",
            "CONSTRAINTS", "SAMPLERS", "PRUNERS"]
@@ -148,7 +148,7 @@ def _is_int(value: Any) -> bool:
 
 def _positive(value: Any, path: str) -> int:
     if not _is_int(value) or value <= 0:
-        raise _err(f"expected a positive integer, got {value!r}", path)
+        raise _err(f"expected a positive integer, got {short_repr(value)}", path)
     return value
 
 
@@ -159,9 +159,9 @@ def _choices(value: Any, path: str) -> tuple[int, ...]:
     for i, v in enumerate(items):
         if not _is_int(v) or v <= 0:
             where = f"{path}[{i}]" if isinstance(value, list) else path
-            raise _err(f"expected a positive integer or a non-empty list of them, got {v!r}", where)
+            raise _err(f"expected a positive integer or a non-empty list of them, got {short_repr(v)}", where)
     if len(set(items)) != len(items):
-        raise _err(f"repeated choices in {value!r}", path)
+        raise _err(f"repeated choices in {short_repr(value)}", path)
     return tuple(items)
 
 
@@ -181,7 +181,7 @@ def _check_op(name: Any, path: str) -> str:
     from ..registry import UnknownPrimitiveError, get_spec
 
     if not isinstance(name, str):
-        raise _err(f"expected an op name, got {name!r}", path)
+        raise _err(f"expected an op name, got {short_repr(name)}", path)
     try:
         get_spec(name)
     except UnknownPrimitiveError as exc:
@@ -194,7 +194,7 @@ def _unknown_keys(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; expected some of {', '.join(allowed)}"
-            raise _err(f"unknown key {key!r}{hint}", f"{prefix}{key}")
+            raise _err(f"unknown key {short_repr(key)}{hint}", f"{prefix}{str(key)[:40]}")
 
 
 def _parse_cells(raw: Any) -> CellChoices:
@@ -209,18 +209,19 @@ def _parse_cells(raw: Any) -> CellChoices:
         raise _err(f"repeated ops in {list(ops_t)}", "cells.ops")
     inputs = raw.get("inputs", 2)
     if not _is_int(inputs) or inputs not in (1, 2):
-        raise _err(f"expected 1 or 2, got {inputs!r}", "cells.inputs")
+        raise _err(f"expected 1 or 2, got {short_repr(inputs)}", "cells.inputs")
     combine = raw.get("combine", "concat")
     if combine not in COMBINES:
-        raise _err(f"invalid combine {combine!r}; expected {' or '.join(COMBINES)}", "cells.combine")
+        raise _err(f"invalid combine {short_repr(combine)}; expected {' or '.join(COMBINES)}", "cells.combine")
     reduce_cell = raw.get("reduce_cell", True)
     if not isinstance(reduce_cell, bool):
-        raise _err(f"expected true or false, got {reduce_cell!r}", "cells.reduce_cell")
+        raise _err(f"expected true or false, got {short_repr(reduce_cell)}", "cells.reduce_cell")
     return CellChoices(
         ops=ops_t,
-        nodes=_positive(raw.get("nodes", 2), "cells.nodes"),
+        nodes=check_limit("NODES", _positive(raw.get("nodes", 2), "cells.nodes"), "cells.nodes", "the number of nodes per cell"),
         inputs=inputs,
-        edges_per_node=_positive(raw.get("edges_per_node", 2), "cells.edges_per_node"),
+        edges_per_node=check_limit("NODES", _positive(raw.get("edges_per_node", 2), "cells.edges_per_node"),
+                                   "cells.edges_per_node", "the number of edges per node"),
         combine=combine,
         reduce_cell=reduce_cell,
     )
@@ -230,10 +231,10 @@ def _parse_macro(raw: Any, has_cells: bool) -> MacroChoices:
     if not isinstance(raw, dict):
         raise _err(f"expected a mapping with {', '.join(_MACRO_KEYS)}", "macro")
     _unknown_keys(raw, _MACRO_KEYS, "macro.")
-    stages = _positive(raw.get("stages", 2), "macro.stages")
+    stages = check_limit("STAGES", _positive(raw.get("stages", 2), "macro.stages"), "macro.stages")
     stage_ops_raw = raw.get("stage_ops") or []
     if not isinstance(stage_ops_raw, list):
-        raise _err(f"expected a list of op names, got {stage_ops_raw!r}", "macro.stage_ops")
+        raise _err(f"expected a list of op names, got {short_repr(stage_ops_raw)}", "macro.stage_ops")
     stage_ops = tuple(_check_op(op, f"macro.stage_ops[{i}]") for i, op in enumerate(stage_ops_raw))
     if has_cells == bool(stage_ops):
         raise _err("a space searches either cells (`cells:`) or one block op per stage (`macro.stage_ops`); "
@@ -242,7 +243,23 @@ def _parse_macro(raw: Any, has_cells: bool) -> MacroChoices:
     depths, _ = _per_stage(raw.get("cells_per_stage", 1), stages, "macro.cells_per_stage")
     if doubling:
         channels = channels[:1]
+    _check_macro_caps(channels, doubling, depths, stages)
     return MacroChoices(stages=stages, channels=channels, doubling=doubling, cells_per_stage=depths, stage_ops=stage_ops)
+
+
+def _check_macro_caps(channels: tuple[tuple[int, ...], ...], doubling: bool, depths: tuple[tuple[int, ...], ...],
+                      stages: int) -> None:
+    """Every width and depth a trial may sample is within the caps a built network must meet."""
+    for s, choices in enumerate(channels):
+        path = "macro.channels" if doubling else f"macro.channels[{s}]"
+        # With doubling, the last stage is 2**(stages-1) times the first choice.
+        widest = max(choices) * (2 ** (stages - 1) if doubling else 1)
+        what = f"the last stage's width ({max(choices)} doubled over {stages} stages)" if doubling and stages > 1 else None
+        check_limit("CHANNELS", widest, path, what)
+    for s, choices in enumerate(depths):
+        check_limit("REPEAT", max(choices), f"macro.cells_per_stage[{s}]", "the number of cells in a stage")
+    check_limit("LAYERS", sum(max(c) for c in depths), "macro.cells_per_stage",
+                "the number of cells of the deepest network (every stage at its largest depth)")
 
 
 def _parse_budget(raw: Any) -> dict[str, Any]:
@@ -263,12 +280,12 @@ def _parse_budget(raw: Any) -> dict[str, Any]:
 def _parse_objectives(raw: Any) -> tuple[str, ...]:
     objectives = [raw] if isinstance(raw, str) else raw
     if not isinstance(objectives, list) or not objectives or objectives[0] != "val_acc":
-        raise _err(f"expected a list starting with val_acc, e.g. [val_acc] or [val_acc, ops]; got {raw!r}", "objectives")
+        raise _err(f"expected a list starting with val_acc, e.g. [val_acc] or [val_acc, ops]; got {short_repr(raw)}", "objectives")
     for i, o in enumerate(objectives):
         if o not in OBJECTIVES:
-            raise _err(f"unknown objective {o!r}; expected one of {', '.join(OBJECTIVES)}", f"objectives[{i}]")
+            raise _err(f"unknown objective {short_repr(o)}; expected one of {', '.join(OBJECTIVES)}", f"objectives[{i}]")
     if len(set(objectives)) != len(objectives):
-        raise _err(f"repeated objectives in {objectives!r}", "objectives")
+        raise _err(f"repeated objectives in {short_repr(objectives)}", "objectives")
     return tuple(objectives)
 
 
@@ -278,11 +295,11 @@ def _parse_constraints(raw: Any) -> dict[str, float]:
         raise _err("expected a mapping like {max_ops: 1.0e+6}", "constraints")
     for key, value in constraints.items():
         if key not in CONSTRAINTS:
-            raise _err(f"unknown constraint {key!r}; expected some of {', '.join(CONSTRAINTS)}", f"constraints.{key}")
+            raise _err(f"unknown constraint {short_repr(key)}; expected some of {', '.join(CONSTRAINTS)}", f"constraints.{key}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             # PyYAML (YAML 1.1) reads 3.0e7 as a string; only 3.0e+7 is a float.
             hint = " (YAML reads 3.0e7 as text: write 3.0e+7)" if isinstance(value, str) and "e" in value.lower() else ""
-            raise _err(f"expected a positive number, got {value!r}{hint}", f"constraints.{key}")
+            raise _err(f"expected a positive number, got {short_repr(value)}{hint}", f"constraints.{key}")
     return {k: float(v) for k, v in constraints.items()}
 
 
@@ -291,18 +308,18 @@ def parse_space(data: Mapping[str, Any]) -> SearchSpace:
     _unknown_keys(data, _TOP, "")
     for key in ("input", "num_classes", "macro", "budget"):
         if key not in data:
-            raise _err(f"missing required key {key!r}", key)
+            raise _err(f"missing required key {short_repr(key)}", key)
     name = data.get("name", "space")
     if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
-        raise _err(f"expected a name without spaces or slashes (it names the study and the run folder), got {name!r}", "name")
+        raise _err(f"expected a name without spaces or slashes (it names the study and the run folder), got {short_repr(name)}", "name")
     dataset = data.get("dataset", "digits")
     if not isinstance(dataset, str) or not (dataset in _DATASETS or dataset.startswith("imagefolder:")):
         close = difflib.get_close_matches(str(dataset), _DATASETS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise _err(f"unknown dataset {dataset!r}{hint}; expected one of {', '.join(_DATASETS)} or imagefolder:PATH", "dataset")
+        raise _err(f"unknown dataset {short_repr(dataset)}{hint}; expected one of {', '.join(_DATASETS)} or imagefolder:PATH", "dataset")
     shape = data["input"]
     if not isinstance(shape, list) or len(shape) != 3:
-        raise _err(f"expected [C, H, W], got {shape!r}", "input")
+        raise _err(f"expected [C, H, W], got {short_repr(shape)}", "input")
     shape_t = tuple(_positive(v, f"input[{i}]") for i, v in enumerate(shape))
     num_classes = _positive(data["num_classes"], "num_classes")
     cells = _parse_cells(data["cells"]) if data.get("cells") is not None else None
@@ -315,10 +332,10 @@ def parse_space(data: Mapping[str, Any]) -> SearchSpace:
     constraints = _parse_constraints(data.get("constraints"))
     pruner = data.get("pruner", "median")
     if pruner not in PRUNERS:
-        raise _err(f"expected {', '.join(PRUNERS[:-1])} or {PRUNERS[-1]}, got {pruner!r}", "pruner")
+        raise _err(f"expected {', '.join(PRUNERS[:-1])} or {PRUNERS[-1]}, got {short_repr(pruner)}", "pruner")
     sampler = data.get("sampler", "tpe")
     if sampler not in SAMPLERS:
-        raise _err(f"expected {', '.join(SAMPLERS[:-1])} or {SAMPLERS[-1]}, got {sampler!r}", "sampler")
+        raise _err(f"expected {', '.join(SAMPLERS[:-1])} or {SAMPLERS[-1]}, got {short_repr(sampler)}", "sampler")
     for section in ("stem", "head"):
         if not isinstance(data.get(section, []), list):
             raise _err("expected a list of layers", section)
