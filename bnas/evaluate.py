@@ -6,8 +6,10 @@ epoch, atomic), ``report.json``, ``report.md`` and ``curves.png``.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,24 +17,52 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .atomic import WriteError, atomic_path, check_writable_dir
 from .builder import build
 from .data import DataSplits, load_dataset
 from .errors import BnasError
 from .genotype import Genotype, load_genotype
 from .metrics import summarize
 from .report import write_report
-from .train import Recipe, Trainer, TrainingError, evaluate_accuracy, load_checkpoint, seed_everything
+from .train import Recipe, Trainer, TrainingError, _state_mismatch, evaluate_accuracy, load_checkpoint, seed_everything
 
 __all__ = ["evaluate", "add_eval_arguments", "run_eval", "resolve_device", "check_input_shape"]
 
 
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+_ACCEPTED_DEVICES = "cpu, cuda, cuda:N (a GPU index) or auto"
+
+
 def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
+    """The torch device for ``--device``: cpu, cuda, cuda:N or auto (a GPU when torch sees one).
+
+    Anything else is refused here, before data is loaded or a trial runs: torch accepts
+    ``meta`` (no storage, so nothing trains) and raises its own multi-line errors for the rest.
+    """
+    if name is None or name.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BnasError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
-    return device
+    text = name.strip().lower()
+    match = _DEVICE.fullmatch(text)
+    if text == "meta":
+        raise BnasError(f"--device meta holds no data (shapes only), so nothing can train on it; use {_ACCEPTED_DEVICES}")
+    if match is None:
+        raise BnasError(f"--device {name!r} is not a device bnas can train on; use {_ACCEPTED_DEVICES}")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cpu":
+        if index not in (None, "0"):
+            raise BnasError(f"--device {name!r}: there is one CPU device; use --device cpu")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise BnasError(f"--device {name} was asked for, but torch sees no CUDA device here; use --device cpu")
+    if index is None:
+        return torch.device("cuda")
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        raise BnasError(
+            f"--device {name}: torch sees {count} CUDA device(s) here (cuda:0 to cuda:{count - 1}); "
+            "pick one of those, or check CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", int(index))
 
 
 def check_input_shape(genotype: Genotype, data: DataSplits) -> None:
@@ -56,8 +86,14 @@ def _teacher(recipe: Recipe, data: DataSplits, device: torch.device, out: Path |
         raise TrainingError("distill: needs `teacher: GENOTYPE.yaml` (built with binarization off)")
     teacher = build(load_genotype(spec["teacher"]), binarize=False)
     if spec.get("checkpoint"):
-        state = load_checkpoint(spec["checkpoint"])
-        teacher.load_state_dict(state.get("model", state))
+        advice = "pass the checkpoint.pt of a bnas eval run of the teacher genotype"
+        state = load_checkpoint(spec["checkpoint"], advice)
+        weights = state.get("model", state)
+        mismatch = _state_mismatch(teacher, weights)
+        if mismatch is not None:
+            raise TrainingError(f"teacher checkpoint {spec['checkpoint']} does not fit the teacher "
+                                f"{spec['teacher']}: {mismatch}; {advice}")
+        teacher.load_state_dict(weights)
         return teacher
     teacher_recipe = recipe.merged({"distill": None})
     teacher_recipe.distill = None
@@ -85,14 +121,20 @@ def evaluate(
         genotype = load_genotype(genotype)
     recipe = Recipe.from_dict(genotype.training, f"{genotype.source or genotype.name}: training").merged(dict(overrides or {}))
     dev = resolve_device(device)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        if resume and not (out_dir / "checkpoint.pt").is_file():
+            raise BnasError(f"--resume: no checkpoint in {out_dir}; run without --resume to start")
+        if not resume and (out_dir / "checkpoint.pt").exists():
+            raise BnasError(f"{out_dir} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+        # Before loading data and training: a read-only --out would otherwise fail only at
+        # the first checkpoint, after an epoch of work.
+        check_writable_dir(out_dir, "--out")
     if data is None:
         data = load_dataset(dataset, data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
                             shape=tuple(genotype.input), num_classes=genotype.num_classes, download=download)
     check_input_shape(genotype, data)
     data = data.to(dev)
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None and not resume and (out_dir / "checkpoint.pt").exists():
-        raise BnasError(f"{out_dir} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
     seed_everything(recipe.seed)
     model = build(genotype)
     teacher = _teacher(recipe, data, dev, out_dir, progress)
@@ -130,9 +172,17 @@ def evaluate(
             report["test_acc_best_val_checkpoint"], _ = evaluate_accuracy(model, test_loader, dev)
             model.load_state_dict(final)
     if out_dir is not None:
-        torch.save(model.state_dict(), out_dir / ".model.pt.tmp")
-        os.replace(out_dir / ".model.pt.tmp", out_dir / "model.pt")
-        write_report(out_dir, report)
+        try:
+            with atomic_path(out_dir / "model.pt", "model") as tmp:
+                torch.save(model.state_dict(), tmp)
+            write_report(out_dir, report)
+        except (WriteError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Training is over and checkpoint.pt holds it: --resume only redoes the test and the outputs.
+            what = str(exc) if isinstance(exc, WriteError) else f"cannot write the report in {out_dir}: {exc.strerror}"
+            raise BnasError(f"{what}; training finished and {trainer.checkpoint_path} holds it: free some space, "
+                            "then rerun the same command with --resume to write model.pt and the report") from exc
     return report
 
 

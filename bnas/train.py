@@ -50,13 +50,16 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import logging
 import math
 import os
+import pickle
 import random
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import FrameType
@@ -67,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .atomic import WriteError, atomic_path
 from .binarize import binary_layers, clip_latent_weights, set_binarization
 from .data import DataSplits, TensorLoader
 from .errors import BnasError
@@ -97,6 +101,11 @@ _DISTILL_KEYS = {"teacher", "checkpoint", "temperature", "alpha"}
 # Keys that may change when a run is resumed (to extend it); any other change is an error.
 _RESUMABLE_CHANGES = {"epochs", "patience"}
 CHECKPOINT_FORMAT = 1
+# Entries every trainer checkpoint has (``Trainer.state``); a file without them cannot resume.
+_STATE_KEYS = ("model", "optimizer", "epoch", "history", "best_val_acc", "best_epoch", "patience", "best_state", "rng")
+_RESUME_ADVICE = "delete it (or choose another --out) and run without --resume to start again"
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(BnasError):
@@ -446,27 +455,76 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` via a temp file + rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Write ``payload`` via a temp file + rename: a crash or a full disk never leaves half a
+    checkpoint, and the previous one stays intact (a failure is a ``WriteError``)."""
+    with atomic_path(path, "checkpoint") as tmp:
         torch.save(dict(payload), tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A checkpoint written by ``save_checkpoint`` (or any ``weights_only``-safe file)."""
+def load_checkpoint(path: str | os.PathLike[str], advice: str = "delete it or pass another file") -> dict[str, Any]:
+    """A checkpoint written by ``save_checkpoint`` (or any ``weights_only``-safe file).
+
+    Every way the file can be bad (missing, empty, truncated, foreign bytes, pickled code,
+    not a mapping) is one ``TrainingError`` naming the file and ending with ``advice``. Torch's
+    own text is never repeated: for a file with pickled objects it suggests
+    ``weights_only=False``, which would run whatever code a hostile file holds.
+    """
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise TrainingError(f"{path}: not a readable bnas checkpoint ({str(exc).splitlines()[0]})") from None
+        with path.open("rb") as f:
+            head = f.read(4)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise TrainingError(f"cannot read {path}: {exc.strerror or type(exc).__name__}; {advice}") from None
+    if size == 0:
+        raise TrainingError(f"{path} is empty (0 bytes): its write was cut short; {advice}")
+    try:
+        # weights_only: tensors and plain values only, never code from the file. Torch's
+        # warnings about a foreign file's pickle protocol would only precede our error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the file is readable, so any failure is its content's
+        is_zip, is_pickle = head == b"PK\x03\x04", head[:1] == b"\x80"  # torch.save's formats, new and legacy
+        if isinstance(exc, pickle.UnpicklingError) and (is_zip or is_pickle):
+            what = "not a bnas checkpoint: it holds Python objects other than tensors and plain values, which bnas never loads"
+        elif is_zip:
+            what = "truncated or damaged (an incomplete PyTorch file)"
+        else:
+            what = "not a PyTorch checkpoint (foreign or random bytes)"
+        raise TrainingError(f"{path} ({size} bytes) is {what}; {advice}") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"{path} holds a {type(state).__name__}, not a bnas checkpoint (a mapping); {advice}")
+    return state
+
+
+def _state_mismatch(model: nn.Module, saved: Any) -> str | None:
+    """The first difference between ``model``'s tensors and the checkpoint's ``saved`` ones."""
+    if not isinstance(saved, Mapping):
+        return f"its 'model' entry is a {type(saved).__name__}, not a state_dict"
+    mine = model.state_dict()
+    for key, tensor in mine.items():
+        if key not in saved:
+            return f"this network's tensor {key} {list(tensor.shape)} is missing from the checkpoint"
+        other = saved[key]
+        if not isinstance(other, Tensor):
+            return f"its {key} is a {type(other).__name__}, not a tensor"
+        if other.shape != tensor.shape:
+            return f"tensor {key} has shape {list(other.shape)} in the checkpoint but {list(tensor.shape)} in this network"
+    extra = [key for key in saved if key not in mine]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        return f"the checkpoint has tensor {extra[0]}{more}, which this network does not"
+    return None
+
+
+def _write_reason(exc: BaseException) -> str:
+    """Why a write failed, in words (torch's stream errors say "unexpected pos 704 vs 598")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return "the file could not be written in full; the disk may be full"
 
 
 # --------------------------------------------------------------------------------------
@@ -609,6 +667,8 @@ class Trainer:
         # Position inside an interrupted epoch (Ctrl-C saves mid-epoch; resume skips ahead).
         self.step_in_epoch = 0
         self.partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
+        # (epoch, step) of the checkpoint on disk, for messages about what a failure keeps.
+        self.saved_position: tuple[int, int] | None = None
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -633,7 +693,13 @@ class Trainer:
             "partial": dict(self.partial),
         }
 
-    def load_state(self, state: Mapping[str, Any], where: str = "checkpoint") -> None:
+    def load_state(self, state: Mapping[str, Any], where: str = "checkpoint", advice: str = _RESUME_ADVICE) -> None:
+        if not isinstance(state, Mapping):
+            raise TrainingError(f"{where} holds a {type(state).__name__}, not a bnas training checkpoint; {advice}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise TrainingError(f"{where} is not a bnas training checkpoint (no {', '.join(missing)} entries; "
+                                f"a bare model.pt or another program's file?); {advice}")
         if state.get("dataset", self.data.name) != self.data.name:
             raise TrainingError(f"{where} was trained on {state['dataset']!r}, not {self.data.name!r}; pass --dataset {state['dataset']}")
         saved = state.get("recipe")
@@ -644,11 +710,25 @@ class Trainer:
                 details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {mine.get(k)!r} now" for k in changed)
                 raise TrainingError(f"{where}: the recipe differs from the one the run started with ({details}); "
                                     "only epochs and patience may change when resuming")
+        mismatch = _state_mismatch(self.model, state["model"])
+        if mismatch is not None:
+            raise TrainingError(f"{where} does not fit this network: {mismatch}; it was trained from another genotype "
+                                "or width: resume with that genotype, or choose another --out")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise TrainingError(f"{where} does not fit this network ({str(exc).splitlines()[0]})") from None
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(f"{where}: the optimizer state does not fit this network and recipe ({first}); {advice}") from None
+        try:
+            self._restore_progress(state)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise TrainingError(f"{where}: its training position is damaged ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); {advice}") from None
+        self.saved_position = (self.epoch, self.step_in_epoch)
+
+    def _restore_progress(self, state: Mapping[str, Any]) -> None:
+        """The epoch, history, best state, patience and RNG states of a checkpoint."""
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_val_acc = float(state["best_val_acc"])
@@ -671,12 +751,26 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.is_file():
             return False
-        self.load_state(load_checkpoint(path), str(path))
+        self.load_state(load_checkpoint(path, _RESUME_ADVICE), str(path))
         return True
 
     def _save(self) -> None:
-        if self.checkpoint_path is not None:
-            save_checkpoint(self.checkpoint_path, self.state())
+        path = self.checkpoint_path
+        if path is None:
+            return
+        try:
+            save_checkpoint(path, self.state())
+        except WriteError as exc:
+            # atomic_path kept the previous file: say which position it holds and how to go on.
+            if self.saved_position is not None and path.is_file():
+                epoch, step = self.saved_position
+                at = f"after epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+                kept = (f"the last good checkpoint ({at}) is intact: free some space, then rerun the same "
+                        "command with --resume to continue from it")
+            else:
+                kept = "no checkpoint was saved yet: free some space (or choose another --out) and start again"
+            raise TrainingError(f"cannot write the checkpoint {path} ({_write_reason(exc.__cause__ or exc)}); {kept}") from exc
+        self.saved_position = (self.epoch, self.step_in_epoch)
 
     def _binarization_for(self, epoch: int) -> None:
         if self.recipe.two_step:
@@ -725,13 +819,11 @@ class Trainer:
         except KeyboardInterrupt:
             progress.close()
             # Save the exact position (epoch, step, RNG states): --resume continues from here.
+            # The caller (the CLI) says "interrupted"; this only says what was kept.
             if self.checkpoint_path is not None:
                 self._save()
-                print(
-                    f"\ninterrupted: checkpoint saved at {self.checkpoint_path} (epoch {self.epoch + 1}, "
-                    f"step {self.step_in_epoch}); rerun with --resume to continue",
-                    file=sys.stderr,
-                )
+                logger.warning("checkpoint saved at %s (epoch %d, step %d); rerun with --resume to continue",
+                               self.checkpoint_path, self.epoch + 1, self.step_in_epoch)
             raise
         finally:
             progress.close()
