@@ -220,12 +220,15 @@ def test_two_step_schedule_binarizes_weights_later() -> None:
     genotype = loads_genotype(MLP)
     recipe = Recipe.from_dict({**genotype.training, "two_step": 1, "epochs": 2})
     model = bnas.build(genotype)
-    seen: list[tuple[bool, bool]] = []
+    layers = list(bnas.binarize.binary_layers(model))
+    assert len(layers) == 2
+    seen: list[list[tuple[bool, bool]]] = []
     trainer = Trainer(model, load_dataset("digits"), recipe, progress=False)
+    # Every binary layer, after each epoch: (activations binarized, weights binarized).
     trainer.callbacks.append(lambda epoch, row: seen.append(
-        tuple({(l.input_quantizer.enabled, l.kernel_quantizer.enabled) for l in bnas.binarize.binary_layers(model)})[0]))
+        [(l.input_quantizer.enabled, l.kernel_quantizer.enabled) for l in layers]))
     trainer.fit()
-    assert seen == [(True, False), (True, True)]
+    assert seen == [[(True, False)] * len(layers), [(True, True)] * len(layers)]
 
 
 def test_patience_stops_early_by_the_lenet_rule() -> None:
