@@ -58,7 +58,6 @@ import argparse
 import copy
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -70,6 +69,7 @@ from .atomic import atomic_path, check_writable_file
 from .binarize import BinaryConv2d, BinaryLinear, sign
 from .errors import BnasError
 from .genotype import Genotype, genotype_from_dict, load_genotype
+from .train import load_checkpoint
 from .yaml_io import parse_yaml_mapping
 
 __all__ = [
@@ -648,11 +648,10 @@ def export(genotype: Genotype | str | os.PathLike[str], checkpoint: str | os.Pat
     ckpt = Path(checkpoint)
     if not ckpt.is_file():
         raise ExportError(f"no checkpoint at {ckpt}")
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{ckpt}: not a readable PyTorch checkpoint ({first})") from None
+    # the trainer's reader: weights_only, and one line for random, empty or truncated bytes
+    # (torch's unpickler raises IndexError and the like on those, and its own advice,
+    # weights_only=False, would run a hostile file's code)
+    state = load_checkpoint(ckpt, advice="pass the checkpoint.pt or model.pt that `bnas eval` wrote")
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -232,5 +232,5 @@ def test_wrong_genotype_checkpoint_pair(trained: dict, tmp_path: Path, capsys) -
     assert not (tmp_path / "x.bnas").exists()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(ExportError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(bnas.errors.BnasError, match="is not a PyTorch checkpoint"):
         bnas.export.export(trained["genotype"], bad, tmp_path / "y.bnas")

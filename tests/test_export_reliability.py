@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -206,6 +207,19 @@ def test_export_disk_full_is_one_line_and_keeps_the_old_file(checkpoint: Path, t
     assert f"cannot write the packed model {out}: no space left on device; the previous file there is unchanged" in err
     assert out.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bnas", "model.pt"]
+
+
+@pytest.mark.parametrize("content", [random.Random(0).randbytes(5000),  # torch: UnpicklingError
+                                     random.Random(2).randbytes(5000),  # torch: IndexError
+                                     b""], ids=["random-bytes", "random-bytes-indexerror", "empty"])
+def test_export_bad_checkpoint_bytes_are_one_line(tmp_path: Path, capsys, content: bytes) -> None:
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(content)
+    assert main(["export", str(GENOTYPE), str(bad), "--out", str(tmp_path / "m.bnas")]) == 2
+    err = one_line_error(capsys)
+    assert str(bad) in err and "bnas eval" in err
+    assert "weights_only" not in err  # torch's advice to load untrusted pickles must not be passed on
+    assert not (tmp_path / "m.bnas").exists()
 
 
 # --------------------------------------------------------------------------------------
