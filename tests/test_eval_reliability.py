@@ -174,6 +174,17 @@ def test_resume_with_another_genotype_names_the_missing_tensor(tmp_path: Path, c
     assert "this network's tensor body.1.op.0.weight [64, 64] is missing from the checkpoint" in err
 
 
+def test_teacher_checkpoint_of_another_width_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = _genotype(tmp_path, name="teacher.yaml")
+    narrow = tmp_path / "narrow"
+    _trainer_checkpoint(narrow, MLP.replace("{op: binary_linear, channels: 64}", "{op: binary_linear, channels: 32}"))
+    assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--teacher", str(teacher),
+                 "--teacher-checkpoint", str(narrow / "checkpoint.pt")]) == 2
+    err = _one_line_error(capsys)
+    assert f"teacher checkpoint {narrow / 'checkpoint.pt'} does not fit the teacher {teacher}" in err
+    assert "[32, 64] in the checkpoint but [64, 64]" in err
+
+
 # --------------------------------------------------------------------------------------
 # An unwritable --out is refused before training
 # --------------------------------------------------------------------------------------
