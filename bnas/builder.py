@@ -7,6 +7,7 @@ and shape mismatches surface at build time with the YAML path of the culprit.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping, Sequence
 
@@ -14,13 +15,58 @@ import torch
 from torch import Tensor, nn
 
 from .binarize import set_binarization
-from .errors import GenotypeError
+from .errors import GenotypeError, LimitError
 from .genotype import CellSpec, Genotype, LayerSpec, cell_graph, load_genotype
 from .registry import build_op
 
-__all__ = ["build", "BinaryNetwork", "Cell", "OpUnit"]
+__all__ = ["build", "BinaryNetwork", "Cell", "OpUnit", "estimate_memory", "memory_limit"]
 
 Shape = tuple[int, ...]
+log = logging.getLogger(__name__)
+
+
+def memory_limit() -> int | None:
+    """Bytes of parameters and buffers a network may have: ``BNAS_MAX_PARAM_BYTES``, else the
+    machine's physical memory (None when neither is known)."""
+    raw = os.environ.get("BNAS_MAX_PARAM_BYTES", "").strip()
+    if raw:
+        try:
+            value = int(float(raw))
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise LimitError(f"BNAS_MAX_PARAM_BYTES={raw[:40]!r}: expected a positive number of bytes")
+        return value
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+class _MemoryBudget:
+    """Adds up parameter and buffer bytes as modules are made; refuses past ``cap``."""
+
+    def __init__(self, cap: int, from_env: bool):
+        self.cap = cap
+        self.from_env = from_env
+        self.total = 0
+
+    def add(self, module: nn.Module, path: str) -> None:
+        self.total += sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        if self.total > self.cap:
+            where = "the limit BNAS_MAX_PARAM_BYTES" if self.from_env else "this machine's memory"
+            raise LimitError(
+                f"the network's parameters need more than {_gib(self.total)} by this layer, past {where} "
+                f"({_gib(self.cap)}); make it narrower or shallower (or set BNAS_MAX_PARAM_BYTES=N if the memory is there)",
+                path,
+            )
+        # The meta-device probe cannot run the sign's data-dependent checks; shapes do not
+        # depend on binarization, so probe this throwaway copy with its quantizers off.
+        set_binarization(module, activations=False, weights=False)
 
 
 def _make_op(name: str, c_in: int, c_out: int, stride: int, options: Mapping[str, Any], path: str) -> nn.Module:
@@ -124,7 +170,8 @@ class BinaryNetwork(nn.Module):
         return self.head(s1)
 
 
-def _build_sequence(layers: Sequence[LayerSpec], shape: Shape, section: str, num_classes: int) -> tuple[list[nn.Module], Shape]:
+def _build_sequence(layers: Sequence[LayerSpec], shape: Shape, section: str, num_classes: int,
+                    budget: _MemoryBudget | None = None) -> tuple[list[nn.Module], Shape]:
     modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
         path = f"{section}[{i}]"
@@ -133,14 +180,16 @@ def _build_sequence(layers: Sequence[LayerSpec], shape: Shape, section: str, num
             is_last = section == "head" and i == len(layers) - 1 and r == layer.repeat - 1
             c_out = layer.channels if layer.channels is not None else (num_classes if is_last else c_in)
             op = _make_op(layer.op or "", c_in, c_out, layer.stride if r == 0 else 1, layer.options, path)
+            if budget is not None:
+                budget.add(op, path)
             shape = _probe(op, [shape], path, layer.label)
             modules.append(op)
     return modules, shape
 
 
-def _build(genotype: Genotype) -> BinaryNetwork:
+def _build(genotype: Genotype, budget: _MemoryBudget | None = None) -> BinaryNetwork:
     shape: Shape = tuple(genotype.input)
-    stem_modules, shape = _build_sequence(genotype.stem, shape, "stem", genotype.num_classes)
+    stem_modules, shape = _build_sequence(genotype.stem, shape, "stem", genotype.num_classes, budget)
     units: list[nn.Module] = []
     shape0 = shape1 = shape
     for i, layer in enumerate(genotype.body):
@@ -153,10 +202,12 @@ def _build(genotype: Genotype) -> BinaryNetwork:
             else:
                 c_out = layer.channels if layer.channels is not None else shape1[0]
                 unit = OpUnit(_make_op(layer.op or "", shape1[0], c_out, stride, layer.options, path))
+            if budget is not None:
+                budget.add(unit, path)
             new_shape = _probe(unit, [shape0, shape1], path, layer.label)
             units.append(unit)
             shape0, shape1 = shape1, new_shape
-    head_modules, out_shape = _build_sequence(genotype.head, shape1, "head", genotype.num_classes)
+    head_modules, out_shape = _build_sequence(genotype.head, shape1, "head", genotype.num_classes, budget)
     if out_shape != (genotype.num_classes,):
         raise GenotypeError(
             f"the network outputs shape {list(out_shape)} per sample, expected [{genotype.num_classes}] "
@@ -164,6 +215,24 @@ def _build(genotype: Genotype) -> BinaryNetwork:
             "head",
         )
     return BinaryNetwork(genotype, nn.Sequential(*stem_modules), nn.ModuleList(units), nn.Sequential(*head_modules))
+
+
+def estimate_memory(genotype: Genotype, cap: int | None = None) -> int | None:
+    """Bytes of parameters and buffers of ``genotype``'s network, found by building it on the
+    ``meta`` device (no memory is allocated); a ``LimitError`` as soon as the running total
+    passes ``cap``. None when an op cannot be built on ``meta`` (then nothing is known)."""
+    budget = _MemoryBudget(cap if cap is not None else 2**63, from_env=bool(os.environ.get("BNAS_MAX_PARAM_BYTES", "").strip()))
+    try:
+        with torch.device("meta"):
+            _build(genotype, budget)
+    except LimitError:
+        raise
+    except (GenotypeError, RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        # A custom op that needs real data (``.item()``) cannot be sized this way; the real
+        # build reports any genuine mistake in the genotype.
+        log.debug("no meta-device size estimate for %s: %s", genotype.name, exc)
+        return None
+    return budget.total
 
 
 def build(genotype: Genotype | Mapping[str, Any] | str | os.PathLike[str], binarize: bool = True) -> BinaryNetwork:
@@ -175,6 +244,9 @@ def build(genotype: Genotype | Mapping[str, Any] | str | os.PathLike[str], binar
     if not isinstance(genotype, Genotype):
         genotype = load_genotype(genotype)
     try:
+        # Size the network before allocating it: a width or depth within the caps can still
+        # add up to more parameters than the machine holds.
+        estimate_memory(genotype, memory_limit())
         model = _build(genotype)
     except GenotypeError as exc:
         raise exc.in_file(genotype.source) if genotype.source else exc

@@ -49,7 +49,18 @@ def test_cell_network_trains_one_step() -> None:
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    # Every binary layer learns: its latent (real) weights get a nonzero gradient through the
+    # straight-through estimator. One dead layer (a detached path, a zero STE window) fails.
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = list(binary_layers(model))
+    assert len(layers) >= 8, f"expected the cells' binary convs, found {len(layers)} binary layers"
+    for layer in layers:
+        g = layer.weight.grad
+        assert g is not None, f"{names[id(layer)]}: no gradient reaches the latent weights"
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{names[id(layer)]}: zero gradient on the latent weights"
+    before = [layer.weight.detach().clone() for layer in layers]
     opt.step()
+    assert all(not torch.equal(b, layer.weight) for b, layer in zip(before, layers))
 
 
 def test_odd_sizes_through_reduce_cells() -> None:
@@ -147,3 +158,64 @@ def test_primitives_command_lists_catalog(capsys: pytest.CaptureFixture[str]) ->
     text = capsys.readouterr().out
     for name in ("xnor_resnet_block", "bireal_block", "skip_connect", "zero", "factorized_reduce"):
         assert any(line.split()[0] == name for line in text.splitlines()[1:])
+
+
+def _path_enters(path, box) -> bool:  # noqa: ANN001 (matplotlib Path and Bbox)
+    """Whether any point of the drawn path (curves evaluated, not their control points) is in the box."""
+    import numpy as np
+
+    ts = np.linspace(0.0, 1.0, 40)
+    for bezier, _ in path.iter_bezier():
+        points = bezier(ts)
+        if box.count_contains(points) > 0:
+            return True
+    return False
+
+
+def test_cell_picture_labels_sit_on_their_own_edge_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each op label of `bnas info --graph` touches its own arc and no other (issue 11: the
+    bireal_resnet_block label of n0->n1 sat on the n0->out edge)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch
+
+    from bnas.visualize import _layout, draw_cells
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    genotype = bnas.load_genotype(REPO / "search_spaces" / "genotypes" / "example_cells.yaml")
+    draw_cells(genotype, tmp_path / "cells.png")
+    monkeypatch.setattr(plt, "close", real_close)
+    (fig,) = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.patches]
+    checked = 0
+    for ax, (name, g) in zip(axes, genotype.cell_graphs().items()):
+        pos = {n: ax.transData.transform(p) for n, p in _layout(g).items()}
+        # Which edge is each drawn arc? The nearest nodes to its two ends.
+        arcs: dict[tuple[str, str], list] = {}
+        for patch in ax.patches:
+            if not isinstance(patch, FancyArrowPatch):
+                continue
+            path = patch.get_transform().transform_path(patch.get_path())
+            # The arc is the first curve of the path (after a move-to); the arrow head follows.
+            arc = next(b for b, _ in path.iter_bezier() if len(b.control_points) > 1)
+            start, end = arc.control_points[0], arc.control_points[-1]
+            u = min(pos, key=lambda n: float(((pos[n] - start) ** 2).sum()))
+            v = min((n for n in pos if n != u), key=lambda n: float(((pos[n] - end) ** 2).sum()))
+            arcs.setdefault((u, v), []).append(path)
+        assert len(sum(arcs.values(), [])) == g.number_of_edges()
+        for text in ax.texts:
+            label = text.get_text()
+            if label in g.nodes:
+                continue
+            own = [(u, v) for u, v, data in g.edges(data=True) if data["op"] == label]
+            box = text.get_window_extent(renderer)
+            touching = {key for key, paths in arcs.items() for p in paths if _path_enters(p, box)}
+            assert touching and touching <= set(own), f"cell {name}: label {label!r} of {own} touches the arcs {sorted(touching)}"
+            checked += 1
+    assert checked == sum(1 for g in genotype.cell_graphs().values() for _, v in g.edges() if v != "out")
