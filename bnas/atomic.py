@@ -1,9 +1,9 @@
 """Atomic file writes that honour the umask, and up-front checks that an output is writable.
 
-Every file bnas writes (genotypes, checkpoints, reports, ``.bnas`` exports, the decoded-data
-cache, the compiled kernel emulator) goes through :func:`atomic_path`: the data is written to
-a temp file in the destination folder, then renamed over the destination, so a reader (or a
-crash, or a full disk) never leaves half a file and the previous version stays intact.
+The files bnas writes whole (genotypes, checkpoints, ``model.pt``, ``.bnas`` exports, the
+decoded-data cache, the compiled kernel emulator) go through :func:`atomic_path`: the data is
+written to a temp file in the destination folder, then renamed over the destination, so a
+reader never sees half a file and a crash or a full disk leaves the previous version intact.
 
 The temp file is created with ``os.open(..., 0o666)`` rather than ``tempfile.mkstemp``
 (which forces mode 0600): the kernel then applies the umask exactly as for a plain

@@ -51,6 +51,11 @@ little-endian tensor data; reading it executes no code. Tensors: the inference n
   - ``identity``: a folded BatchNorm (no tensors).
 
 ``bnas_version`` and ``torch_version`` record the writer.
+
+``load_packed`` trusts nothing in the file: the genotype is read by the safe YAML reader, every
+layer-table entry must name a layer of that genotype with the same arguments, and every tensor
+must have the shape and the dtype its layer implies (packed int32 words re-saved as float32
+would otherwise be converted silently, and rounded). Each failure is one line naming the file.
 """
 from __future__ import annotations
 
