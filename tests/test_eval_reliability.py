@@ -24,7 +24,6 @@ from bnas.evaluate import resolve_device
 from bnas.genotype import loads_genotype
 from bnas.train import Recipe, Trainer, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 MLP = """
 name: digits_mlp
 input: [1, 8, 8]
