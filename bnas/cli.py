@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import BnasError
@@ -37,6 +38,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .metrics import summarize
 
     genotype = load_genotype(args.genotype)
+    if args.graph:
+        from .atomic import check_writable_file
+
+        check_writable_file(Path(args.graph), "--graph", example="cells.png")
     model = build(genotype)
     summary = summarize(model, genotype.input)
     if args.graph:

@@ -27,26 +27,6 @@ def umask():
     os.umask(old)
 
 
-def readonly_dir(tmp_path: Path) -> Path:
-    """A folder no file can be created in: chmod 555, or, as root (who ignores modes), a
-    sysfs folder, which is read-only for everyone."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        (ro / "probe").touch()
-    except OSError:
-        return ro
-    (ro / "probe").unlink()
-    ro.chmod(0o755)
-    for candidate in (Path("/sys/kernel"), Path("/proc/self")):
-        try:
-            (candidate / "bnas-probe").touch()
-        except OSError:
-            return candidate
-    pytest.skip("no read-only folder available on this machine")
-
-
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_write_text_atomic_honours_umask(tmp_path, umask, mask, expected):
     umask(mask)
@@ -123,8 +103,8 @@ def test_check_writable_dir_makes_a_missing_folder(tmp_path):
     assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
 
 
-def test_check_writable_dir_refuses_a_read_only_folder(tmp_path):
-    ro = readonly_dir(tmp_path)
+def test_check_writable_dir_refuses_a_read_only_folder(read_only_dir):
+    ro = read_only_dir
     with pytest.raises(WriteError) as info:
         check_writable_dir(ro, "--out")
     assert str(info.value).startswith(f"--out {ro} is not writable: ")
@@ -140,11 +120,11 @@ def test_check_writable_dir_refuses_a_file(tmp_path):
         check_writable_dir(tmp_path / "f" / "sub", "--out")
 
 
-def test_check_writable_file(tmp_path):
+def test_check_writable_file(tmp_path, read_only_dir):
     check_writable_file(tmp_path / "new" / "model.bnas", "--out")
     assert (tmp_path / "new").is_dir()
     with pytest.raises(WriteError, match=r"is an existing folder; --out takes a file path, e\.g\. .*model\.bnas"):
         check_writable_file(tmp_path, "--out", example="model.bnas")
-    ro = readonly_dir(tmp_path)
+    ro = read_only_dir
     with pytest.raises(WriteError, match="is not writable: its folder"):
         check_writable_file(ro / "graph.png", "--graph")

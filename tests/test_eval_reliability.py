@@ -204,15 +204,10 @@ def test_out_that_cannot_be_a_folder_is_refused_up_front(tmp_path: Path, capsys:
     assert f"--out {blocker / 'run'} is not writable" in err
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_out_is_refused_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None) -> None:
-    out = tmp_path / "ro"
-    out.mkdir()
-    out.chmod(0o555)
-    try:
-        assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(out)]) == 2
-    finally:
-        out.chmod(0o755)
+def test_read_only_out_is_refused_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None,
+                                           read_only_dir: Path) -> None:
+    out = read_only_dir
+    assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(out)]) == 2
     assert f"--out {out} is not writable" in _one_line_error(capsys)
 
 

@@ -57,26 +57,6 @@ def rewrite(src: Path, dst: Path, tensors=None, metadata=None) -> Path:
     return dst
 
 
-def readonly_dir(tmp_path: Path) -> Path:
-    """A folder no file can be created in: chmod 555, or, as root (who ignores modes), a
-    sysfs folder, which is read-only for everyone."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        (ro / "probe").touch()
-    except OSError:
-        return ro
-    (ro / "probe").unlink()
-    ro.chmod(0o755)
-    for candidate in (Path("/sys/kernel"), Path("/proc/self")):
-        try:
-            (candidate / "bnas-probe").touch()
-        except OSError:
-            return candidate
-    pytest.skip("no read-only folder available on this machine")
-
-
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
@@ -181,8 +161,8 @@ def test_export_out_existing_folder_is_one_line(checkpoint: Path, tmp_path: Path
     assert list(folder.iterdir()) == []
 
 
-def test_export_out_read_only_folder_is_one_line(tmp_path: Path, capsys) -> None:
-    ro = readonly_dir(tmp_path)
+def test_export_out_read_only_folder_is_one_line(tmp_path: Path, capsys, read_only_dir: Path) -> None:
+    ro = read_only_dir
     # the checkpoint does not even exist: the write check comes before any work
     assert main(["export", str(GENOTYPE), str(tmp_path / "missing.pt"), "--out", str(ro / "m.bnas")]) == 2
     err = one_line_error(capsys)

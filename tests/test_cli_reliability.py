@@ -1,0 +1,29 @@
+"""The CLI's own commands (``info``) on bad output locations: one line, exit 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bnas.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_CELLS = ROOT / "search_spaces" / "genotypes" / "example_cells.yaml"
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    return err
+
+
+def test_info_graph_into_a_read_only_folder_is_one_line(capsys: pytest.CaptureFixture[str], read_only_dir: Path) -> None:
+    target = read_only_dir / "cells.png"
+    assert main(["info", str(EXAMPLE_CELLS), "--graph", str(target)]) == 2
+    assert f"--graph {target} is not writable" in _one_line_error(capsys)
+
+
+def test_info_graph_onto_an_existing_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(EXAMPLE_CELLS), "--graph", str(tmp_path)]) == 2
+    assert "is an existing folder" in _one_line_error(capsys)
