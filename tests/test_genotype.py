@@ -168,3 +168,44 @@ body:
 """
     with pytest.raises(GenotypeError, match="expected \\[3\\]"):
         bnas.build(loads_genotype(text))
+
+
+def test_op_option_typo_suggests_the_closest_option() -> None:
+    text = "name: t\ninput: [3, 8, 8]\nnum_classes: 10\nbody:\n  - {op: bireal_block, chanels: 16}\n"
+    err = _error(text)
+    assert err.path == "body[0].chanels"
+    assert err.message == ("unknown option 'chanels' for bireal_block; did you mean 'channels'? "
+                           "valid: channels, stride, repeat, activation, binarize")
+    # An edge option typo in a cell lists the op's own options.
+    cell = """
+name: t
+input: [3, 8, 8]
+num_classes: 10
+cells:
+  c:
+    nodes:
+      n0: [[pool, in1, {kernal: 5}]]
+    output: {nodes: [n0]}
+body: [{cell: c, channels: 8}]
+"""
+    err = _error(cell)
+    assert err.path == "cells.c.nodes.n0[0][2].kernal"
+    assert "did you mean 'kernel'? valid: mode, kernel" in err.message
+
+
+def test_stride_on_a_cell_edge_says_the_builder_owns_it() -> None:
+    cell = """
+name: t
+input: [3, 8, 8]
+num_classes: 10
+cells:
+  c:
+    nodes:
+      n0: [[binary_conv_3x3, in1, {stride: 2}]]
+    output: {nodes: [n0]}
+body: [{cell: c, channels: 8}]
+"""
+    err = _error(cell)
+    assert err.path == "cells.c.nodes.n0[0][2].stride"
+    assert "a cell edge cannot set 'stride': the builder owns it" in err.message
+    assert "body entry has stride: 2" in err.message
