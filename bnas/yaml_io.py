@@ -75,6 +75,10 @@ class _TooLargeError(yaml.YAMLError):
     pass
 
 
+class _RecursiveAliasError(yaml.YAMLError):
+    pass
+
+
 # libyaml's parser when present: it composes a 1 MiB file in about a second, the pure-Python
 # one in twenty. Both are safe loaders (only the SafeConstructor builds values).
 _SafeBase: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -137,7 +141,7 @@ def _check_expanded_size(root: yaml.Node, cap: int) -> None:
                 raise _TooLargeError(f"the document holds more than {cap:,} values; write a smaller one, "
                                      "or raise the cap with BNAS_MAX_YAML_NODES=N")
             if id(node) in open_:
-                raise _TooLargeError(f"line {node.start_mark.line + 1}: an alias refers to the value that contains it "
+                raise _RecursiveAliasError(f"line {node.start_mark.line + 1}: an alias refers to the value that contains it "
                                      "(a recursive structure); write the value out plainly")
             open_.add(id(node))
             stack.append((node, True))
@@ -165,6 +169,8 @@ def load_yaml_text(text: str, file: str, what: str = "genotype") -> Any:
         raise GenotypeError(exc.problem or "duplicate key", _line_of(exc), file) from None
     except _TooLargeError as exc:
         raise LimitError(str(exc), "", file) from None
+    except _RecursiveAliasError as exc:
+        raise GenotypeError(str(exc), "", file) from None
     except yaml.constructor.ConstructorError as exc:
         tag = getattr(exc, "problem", "") or str(exc)
         raise GenotypeError(

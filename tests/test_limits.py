@@ -60,7 +60,7 @@ def test_alias_bomb_is_refused_in_one_short_line(tmp_path: Path, key: str, capsy
 
 
 def test_recursive_alias_is_an_error() -> None:
-    with pytest.raises(LimitError, match="line 1: an alias refers to the value that contains it"):
+    with pytest.raises(GenotypeError, match="rec.yaml: line 1: an alias refers to the value that contains it"):
         loads_genotype("name: &a [x, *a]\ninput: [3, 8, 8]\nnum_classes: 10\nbody: [{op: skip_connect}]\n", "rec.yaml")
 
 
