@@ -1,0 +1,45 @@
+"""Trained binary network -> packed inference network that runs on the XNOR-popcount kernels.
+
+``pack_model(model)`` converts an in-memory network; ``bnas export GENOTYPE CHECKPOINT --out
+model.bnas`` does the same for a checkpoint and writes a file; ``load_packed(path)`` reads it
+back as an inference module.
+
+One job per module:
+
+* :mod:`~bnas.export.layers`: the packed inference layers (``PackedConv2d``, ``PackedLinear``)
+  and the float layers on signs (``SignConv2d``, ``SignLinear``);
+* :mod:`~bnas.export.folding`: which BatchNorm folds into which layer (torch.fx tracing);
+* :mod:`~bnas.export.convert`: ``pack_model``, ``freeze_model`` and ``export`` (what becomes
+  what);
+* :mod:`~bnas.export.format`: the ``.bnas`` file (``save_packed``, ``load_packed``, the layer
+  table and every check on reading);
+* :mod:`~bnas.export.command`: the ``bnas export`` command line.
+"""
+from __future__ import annotations
+
+from .command import add_export_arguments, run_export
+from .convert import export, freeze_model, pack_model
+from .folding import find_bn_folds
+from .format import FORMAT, KINDS, VERSION, ExportError, PackedNetwork, load_packed, save_packed
+from .layers import PackedConv2d, PackedLinear, SignConv2d, SignLinear
+from .layers import _as_channel_view as _as_channel_view  # scripts/check_packed_mnist.py
+
+__all__ = [
+    "FORMAT",
+    "KINDS",
+    "VERSION",
+    "ExportError",
+    "PackedConv2d",
+    "PackedLinear",
+    "PackedNetwork",
+    "SignConv2d",
+    "SignLinear",
+    "add_export_arguments",
+    "export",
+    "find_bn_folds",
+    "freeze_model",
+    "load_packed",
+    "pack_model",
+    "run_export",
+    "save_packed",
+]

@@ -1,0 +1,32 @@
+"""``bnas export GENOTYPE CHECKPOINT --out model.bnas``: the command line of the export.
+
+``bnas.cli`` finds ``add_export_arguments`` / ``run_export`` as attributes of ``bnas.export``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..atomic import check_writable_file
+from .convert import export
+
+__all__ = ["add_export_arguments", "run_export"]
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("genotype", help="genotype YAML file the checkpoint was trained from")
+    p.add_argument("checkpoint", help="checkpoint.pt (trainer checkpoint) or model.pt (state_dict) from bnas eval")
+    p.add_argument("--out", required=True, help="packed model file to write (e.g. model.bnas)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    # before reading the checkpoint: --out is a file, and its folder must take one
+    check_writable_file(Path(args.out), "--out", example="model.bnas")
+    packed, path = export(args.genotype, args.checkpoint, args.out)
+    kinds: dict[str, int] = {}
+    for entry in packed.layers:
+        kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB; {summary}); "
+          f"checkpoint {Path(args.checkpoint).stat().st_size / 1024:.1f} KiB")
+    return 0

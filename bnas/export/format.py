@@ -1,0 +1,309 @@
+"""The ``.bnas`` packed-model file: ``save_packed`` writes it, ``load_packed`` checks and reads it.
+
+File format (``.bnas``, version 1)
+----------------------------------
+A safetensors file (https://github.com/huggingface/safetensors): a JSON header, then raw
+little-endian tensor data; reading it executes no code. Tensors: the inference network's
+``state_dict`` (dotted module paths, e.g. ``body.0.op.conv.weight_packed``). Metadata
+(string -> string) in the header:
+
+* ``format``: ``"bnas-packed"``;
+* ``version``: ``"1"`` (a reader refuses other versions);
+* ``genotype``: the genotype YAML; the float skeleton is rebuilt from it with ``bnas.build``;
+* ``layers``: a JSON list, one object per replaced module, with ``path`` (dotted module path),
+  ``kind`` and the kind's arguments:
+
+  - ``packed_conv2d``: ``in_channels, out_channels, kernel_size, stride, padding, dilation,
+    groups, threshold`` (bool), ``folded_bn`` (the BN's path or null), ``activation``,
+    ``weight`` (the binarizer names, informative). Tensors: ``weight_packed`` int32
+    ``(K, kh, kw, ceil(C/groups/32))`` (bit j of word i = input channel 32*i + j, 1 = +1,
+    padding bits 0: the packed format of ``bnas.kernels``), ``scale`` and ``bias`` float32
+    ``(K,)``, ``threshold`` float32 ``(C,)`` when ``threshold`` is true;
+  - ``packed_linear``: ``in_features, out_features, threshold, folded_bn, activation, weight``;
+    ``weight_packed`` int32 ``(K, ceil(F/32))``, ``scale``, ``bias``, optional ``threshold``;
+  - ``conv2d`` / ``linear``: a float ``nn.Conv2d`` / ``nn.Linear`` (its usual arguments, plus
+    ``bias`` true and ``folded_bn``); tensors ``weight``, ``bias``;
+  - ``sign_conv2d`` / ``sign_linear``: the same, applied to ``sign(x - threshold)``;
+  - ``identity``: a folded BatchNorm (no tensors).
+
+``bnas_version`` and ``torch_version`` record the writer.
+
+``load_packed`` trusts nothing in the file: the genotype is read by the safe YAML reader, every
+layer-table entry must name a layer of that genotype with the same arguments, and every tensor
+must have the shape and the dtype its layer implies (packed int32 words re-saved as float32
+would otherwise be converted silently, and rounded). Each failure is one line naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..atomic import atomic_path
+from ..binarize import BinaryConv2d, BinaryLinear
+from ..builder import build
+from ..errors import BnasError
+from ..genotype import Genotype, genotype_from_dict
+from ..yaml_io import parse_yaml_mapping
+from .layers import PackedConv2d, PackedLinear, SignConv2d, SignLinear
+
+__all__ = ["FORMAT", "KINDS", "VERSION", "ExportError", "PackedNetwork", "load_packed", "load_state", "make_layer",
+           "save_packed", "set_module"]
+
+FORMAT = "bnas-packed"
+VERSION = "1"
+
+_CONV_KINDS = ("packed_conv2d", "conv2d", "sign_conv2d")
+_LINEAR_KINDS = ("packed_linear", "linear", "sign_linear")
+KINDS = _CONV_KINDS + _LINEAR_KINDS + ("identity",)
+
+
+class ExportError(BnasError):
+    """A checkpoint, genotype or packed file that cannot be exported or loaded."""
+
+
+# --------------------------------------------------------------------------------------
+# The layer table: one entry per replaced module
+# --------------------------------------------------------------------------------------
+def conv_args(m: nn.Conv2d) -> dict[str, Any]:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups}
+
+
+def make_layer(entry: Mapping[str, Any]) -> nn.Module:
+    """An empty module of the kind a layer-table entry describes (its tensors come later)."""
+    kind = entry["kind"]
+    if kind == "identity":
+        return nn.Identity()
+    if kind == "packed_conv2d":
+        return PackedConv2d(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
+                            tuple(entry["stride"]), tuple(entry["padding"]), tuple(entry["dilation"]),
+                            entry["groups"], bool(entry["threshold"]))
+    if kind == "packed_linear":
+        return PackedLinear(entry["in_features"], entry["out_features"], bool(entry["threshold"]))
+    if kind in ("conv2d", "sign_conv2d"):
+        args = {"in_channels": entry["in_channels"], "out_channels": entry["out_channels"],
+                "kernel_size": tuple(entry["kernel_size"]), "stride": tuple(entry["stride"]),
+                "padding": tuple(entry["padding"]), "dilation": tuple(entry["dilation"]), "groups": entry["groups"],
+                "bias": bool(entry["bias"])}
+        return nn.Conv2d(**args) if kind == "conv2d" else SignConv2d(**args, threshold=bool(entry["threshold"]))
+    if kind in ("linear", "sign_linear"):
+        args = {"in_features": entry["in_features"], "out_features": entry["out_features"], "bias": bool(entry["bias"])}
+        return nn.Linear(**args) if kind == "linear" else SignLinear(**args, threshold=bool(entry["threshold"]))
+    raise ExportError(f"unknown layer kind {kind!r} in the layer table; this bnas reads {', '.join(KINDS)}")
+
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+
+class PackedNetwork(nn.Module):
+    """An inference network whose binary layers run on the packed kernels.
+
+    Always in eval mode (``train()`` keeps it there) and without gradients. ``genotype`` and
+    ``layers`` (the layer table) describe it; ``save(path)`` writes the ``.bnas`` file.
+    """
+
+    def __init__(self, net: nn.Module, genotype: Genotype | None, layers: list[dict[str, Any]]):
+        super().__init__()
+        self.net = net
+        self.genotype = genotype
+        self.layers = layers
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> PackedNetwork:
+        return super().train(False)  # BN statistics are folded; there is nothing to train
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.net(x)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return save_packed(self, path)
+
+
+
+# --------------------------------------------------------------------------------------
+# Writing and reading the file
+# --------------------------------------------------------------------------------------
+def save_packed(packed: PackedNetwork, path: str | os.PathLike[str]) -> Path:
+    """Write ``packed`` to ``path`` (atomically, with the umask's mode) in the ``bnas-packed``
+    format. A full disk or an unwritable folder is a one-line ``WriteError``; an existing
+    file at ``path`` then stays as it was."""
+    from safetensors.torch import save
+
+    import bnas  # the version string (bnas/__init__ imports this package: read at call time)
+
+    if packed.genotype is None:
+        raise ExportError("the packed network has no genotype to store; pack a network built with bnas.build")
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in packed.net.state_dict().items()}
+    metadata = {"format": FORMAT, "version": VERSION, "genotype": packed.genotype.to_yaml(),
+                "layers": json.dumps(packed.layers), "bnas_version": bnas.__version__,
+                "torch_version": torch.__version__}
+    if path.is_dir():
+        raise ExportError(f"{path} is an existing folder; the packed model is written to a file "
+                          f"path, e.g. {path / 'model.bnas'}")
+    # Serialised in memory (the packed model is small), so every failure of the disk is an
+    # OSError that atomic_path turns into one line.
+    blob = save(tensors, metadata=metadata)
+    with atomic_path(path, "packed model") as tmp:
+        tmp.write_bytes(blob)
+    return path
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ExportError(f"no packed model at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"{path}: not a bnas packed model (not a safetensors file: {exc}); "
+                          "write one with `bnas export`") from None
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{path}: a safetensors file but not a bnas packed model (format "
+                          f"{meta.get('format')!r}, expected {FORMAT!r}); write one with `bnas export`")
+    if meta.get("version") != VERSION:
+        raise ExportError(f"{path}: bnas-packed version {meta.get('version')!r}; this bnas reads version {VERSION}, "
+                          "upgrade bnas or export the model again")
+    return meta
+
+
+def load_packed(path: str | os.PathLike[str]) -> PackedNetwork:
+    """Read a ``.bnas`` file written by ``bnas export`` / ``save_packed`` (no unpickling)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = _read_header(path)
+    for key in ("genotype", "layers"):
+        if not isinstance(meta.get(key), str):
+            raise ExportError(f"{path}: damaged header (no {key!r} entry); export the model again")
+    # The header is untrusted text: the genotype goes through the same safe YAML reader as a
+    # genotype file (tags refused, one-line errors), the table through json and _check_entry.
+    where = f"{path} (header: genotype)"
+    genotype = genotype_from_dict(parse_yaml_mapping(meta["genotype"], where), where)
+    try:
+        table = json.loads(meta["layers"])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise ExportError(f"{path}: damaged header (the layer table is not JSON: {reason}); "
+                          "export the model again") from None
+    if not isinstance(table, list):
+        raise ExportError(f"{path}: damaged header (the layer table is a JSON {type(table).__name__}, "
+                          "expected a list); export the model again")
+    net = build(genotype).eval()
+    for entry in table:
+        _check_entry(net, entry, path, meta.get("bnas_version", "unknown"))
+        set_module(net, entry["path"], make_layer(entry))
+    left = [n for n, m in net.named_modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
+    if left:
+        raise ExportError(f"{path}: the layer table leaves binary layers unconverted ({', '.join(left[:3])}); "
+                          "export the model again")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ExportError(f"{path}: the tensors cannot be read ({_first_line(exc)}); "
+                          "export the model again") from None
+    load_state(net, state, f"{path}", exact_dtypes=True)
+    return PackedNetwork(net.eval(), genotype, table)
+
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict, int, float, bool, str, type(None))) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_entry(net: nn.Module, entry: Any, file: Path, writer: str) -> None:
+    """One layer-table entry must name a layer of the genotype's network, of a kind this bnas
+    knows, with the same arguments: so a damaged or hostile table can neither allocate
+    tensors the genotype does not imply nor replace the wrong module."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("kind"), str)):
+        raise ExportError(f"{file}: damaged layer table (entry {_short(entry)} is not an object with "
+                          "'path' and 'kind' strings); export the model again")
+    where, kind = entry["path"], entry["kind"]
+    if kind not in KINDS:
+        raise ExportError(f"{file}: unknown packed layer kind {_short(kind)} at layer {_short(where)}; this bnas "
+                          f"reads {', '.join(KINDS)} (the file was written by bnas {writer}): "
+                          "upgrade bnas or export the model again")
+    try:
+        target = net.get_submodule(where)
+    except AttributeError:
+        raise ExportError(f"{file}: the layer table names layer {_short(where)}, which the genotype in the header "
+                          "does not have; export the model again") from None
+    expected: dict[str, Any] = {}
+    if kind == "identity":
+        fits = isinstance(target, _BatchNorm)
+    elif kind in _CONV_KINDS:
+        fits = isinstance(target, nn.Conv2d)
+        if isinstance(target, nn.Conv2d):
+            expected = conv_args(target)
+    else:
+        fits = isinstance(target, nn.Linear)
+        if isinstance(target, nn.Linear):
+            expected = {"in_features": target.in_features, "out_features": target.out_features}
+    if not fits:
+        raise ExportError(f"{file}: the layer table makes {_short(where)} a {kind}, but in the genotype it is a "
+                          f"{type(target).__name__}; export the model again")
+    flags = () if kind == "identity" else ("threshold",) if kind.startswith("packed") else ("threshold", "bias")
+    for name in flags:
+        if not isinstance(entry.get(name), bool):
+            expected[name] = "true or false"
+    for name, value in expected.items():
+        # json.dumps tells 1 from true and [3, 3] from [3, 3.0], as the layer constructors would not
+        if name not in entry or json.dumps(entry[name]) != json.dumps(value):
+            raise ExportError(f"{file}: the layer table does not fit the genotype: layer {where} ({kind}) has "
+                              f"{name}={_short(entry.get(name))}, expected {_short(value)}; export the model again")
+
+
+def load_state(net: nn.Module, state: Mapping[str, Tensor], what: str, hint: str = "",
+                exact_dtypes: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with one readable error for every kind of mismatch.
+
+    ``exact_dtypes``: a tensor must also have the dtype the module holds (a ``.bnas`` file),
+    since ``load_state_dict`` would silently convert, e.g. packed int32 words re-saved as
+    float32 (rounded above 2**24, so different weights); a checkpoint may be converted."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if exact_dtypes and not (missing or unexpected or wrong):
+        other = sorted(k for k in own if own[k].dtype != state[k].dtype)
+        if other:
+            k = other[0]
+            role = " (packed sign bits)" if k.endswith("weight_packed") else ""
+            more = f"; {len(other) - 1} more tensor(s) of another dtype" if len(other) > 1 else ""
+            raise ExportError(f"{what}: tensor {k} is {str(state[k].dtype).removeprefix('torch.')}, expected "
+                              f"{str(own[k].dtype).removeprefix('torch.')}{role}{more}; the file was changed "
+                              "after export: export the model again")
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {label} tensor(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape ({k}: {list(state[k].shape)} vs {list(own[k].shape)})")
+        raise ExportError(f"{what} does not match the network: {'; '.join(parts)}{hint}")
+    net.load_state_dict(state, strict=True)
+
