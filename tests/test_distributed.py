@@ -86,6 +86,32 @@ def test_journal_file_workers_without_server(tmp_path: Path) -> None:
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2
 
 
+def test_two_hosts_with_the_same_command_replay_nothing(tmp_path: Path) -> None:
+    # The README's several-hosts recipe on one machine: the very same `bnas search` command
+    # started twice on one shared storage. Each trial number is drawn once, so together they
+    # propose what one uninterrupted process proposes (a sampler seeded once per process made
+    # the second host repeat the first one's proposals).
+    from bnas.search.runner import SearchConfig, run_search_study
+    from bnas.search.space import load_space
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.replace("epochs: 3", "epochs: 1").replace("name: dist", "name: dist\ntrain_subset: 128"))
+    journal = tmp_path / "study.journal"
+    cmd = _cmd(space, tmp_path / "run", "--trials", "6", "--storage", f"journal:{journal}", "--study", "s1", "--sampler", "random")
+    hosts = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for h in hosts:
+        assert h.wait(timeout=600) == 0, h.stderr.read()[-2000:]
+    study = optuna.load_study(study_name="s1", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    shared = {t.number: t.user_attrs["genotype_hash"] for t in study.trials if t.state.name == "COMPLETE"}
+    assert len(shared) == 6 and len({t.user_attrs["worker"] for t in study.trials}) == 2
+    alone_study = run_search_study(SearchConfig(space=load_space(space), out=tmp_path / "alone", trials=max(shared) + 1,
+                                                sampler="random", progress=False))
+    alone = {t.number: t.user_attrs["genotype_hash"] for t in alone_study.trials}
+    assert all(shared[n] == alone[n] for n in shared)
+    assert len(shared) - len(set(shared.values())) <= len(alone) - len(set(alone.values()))
+
+
 @pytest.mark.postgres
 def test_three_workers_on_postgres(tmp_path: Path) -> None:
     url = _pg_url()

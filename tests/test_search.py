@@ -21,7 +21,7 @@ from torch import nn
 import bnas
 from bnas.cli import main
 from bnas.evaluate import evaluate
-from bnas.search.runner import SearchConfig, _fail_dead_local_workers, run_search_study
+from bnas.search.runner import SearchConfig, SearchError, _fail_dead_local_workers, run_search_study
 from bnas.search.space import load_space, sample_genotype
 
 TINY = """
@@ -275,6 +275,12 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
         assert states[n].state.name == "COMPLETE"
     assert len(_finished(study)) == 4
     assert "FAIL" in (out / "trials.csv").read_text()
+    # The rerun drew fresh proposals: no trial after the restart is the same genotype as one
+    # before it (a sampler seeded once per process replayed trial 0, 1, ... here).
+    first_new = max(before) + 1
+    old = {t.user_attrs.get("genotype_hash") for t in study.trials if t.number < first_new} - {None}
+    new = [t for t in study.trials if t.number >= first_new]
+    assert old and new and not any(t.user_attrs["genotype_hash"] in old or "duplicate_of" in t.user_attrs for t in new)
 
 
 def test_rerun_with_a_larger_count_continues_the_study(tmp_path: Path) -> None:
@@ -300,10 +306,14 @@ def test_latency_objective_measures_the_packed_model(tmp_path: Path) -> None:
 
 
 def test_latency_constraint_is_checked_before_training(tmp_path: Path) -> None:
-    # No network runs in a nanosecond: every trial is over budget and none is trained.
+    # No network runs in a nanosecond: every trial is over budget, none is trained, and the
+    # search says that no sampled genotype meets the constraint.
     text = TWO_GENOTYPES.replace("name: two", "name: two\nconstraints: {max_latency_ms: 1.0e-6}")
     space = load_space(_space(tmp_path, text))
-    study = run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=2, progress=False, sampler="random"))
+    with pytest.raises(SearchError, match=r"none of the 2 sampled genotypes meets the constraints.*max_latency_ms 1e-06"):
+        run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=2, progress=False, sampler="random"))
+    study = _study(tmp_path / "run", "two")
+    assert len(study.trials) == 2
     for t in study.trials:
         assert t.state.name == "PRUNED" and t.user_attrs["epochs"] == 0 and not t.intermediate_values
         assert "latency_ms > max_latency_ms" in t.user_attrs["constraint"] and t.user_attrs["latency_ms"] > 0

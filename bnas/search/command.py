@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import optuna
 
+from ..atomic import check_writable_dir
 from ..errors import BnasError
+from ..evaluate import resolve_device
 from .outputs import saved_line, summary_text, write_outputs
 from .runner import SearchConfig, open_study, run_search_study
 from .space import PRUNERS, SAMPLERS, load_space
-from .storage import open_storage
+from .storage import SearchError, is_disk_full, open_storage
 
 __all__ = ["add_search_arguments", "run_search"]
 
@@ -62,8 +65,9 @@ def _show(run: Path, storage: str | None) -> int:
 
 
 def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> optuna.Study:
-    """Start ``--workers`` processes on one study; worker i samples with seed + i (all train
-    and validate with the same seed and split) and, with ``--devices``, has its own GPU."""
+    """Start ``--workers`` processes on one study (all train and validate with the same seed
+    and split; the sampler draws per trial number, so no two propose alike) and, with
+    ``--devices``, each has its own GPU."""
     study = open_study(cfg)  # created once here, so the workers never race to create it
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else []
     procs = []
@@ -88,6 +92,21 @@ def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> optuna.Study:
     return study
 
 
+def _check_devices(args: argparse.Namespace, device: str) -> None:
+    """``--devices`` hands out GPUs to ``--workers`` processes: anything else would be ignored."""
+    if args.devices is None:
+        return
+    ids = [d.strip() for d in args.devices.split(",")]
+    if not all(d.isdigit() for d in ids):
+        raise BnasError(f"--devices takes comma-separated GPU numbers such as 0,1, got {args.devices!r}")
+    if not device.startswith("cuda"):
+        raise BnasError(f"--devices {args.devices} gives each worker a GPU, but this run uses --device {device}; "
+                        "add --device cuda, or drop --devices")
+    if args.workers < 2:
+        raise BnasError(f"--devices {args.devices} spreads --workers K processes over GPUs, but this run has one "
+                        "process; add --workers K, or pick its GPU with --device cuda:N")
+
+
 def run_search(args: argparse.Namespace) -> int:
     if args.show:
         return _show(Path(args.show), args.storage)
@@ -97,10 +116,18 @@ def run_search(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise BnasError(f"--{flag} must be positive, got {value}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise BnasError(f"--timeout must be positive, got {args.timeout}")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise BnasError(f"--timeout must be a positive, finite number of seconds, got {args.timeout}; "
+                        "leave it out to run until --trials are finished")
+    device = str(resolve_device(args.device))  # before anything is written: cuda without a GPU, tpu, cuda:abc
+    _check_devices(args, device)
+    if args.workers > 1 and args.storage and args.storage.startswith("sqlite"):
+        raise BnasError(f"--workers {args.workers} with an SQLite --storage: SQLite locks the file against several "
+                        "writing processes; leave --storage out (the workers then share RUN/study.journal), or give "
+                        "journal:PATH or a postgresql:// URL")
     space = load_space(args.space)
     out = Path(args.out or f"runs/{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_writable_dir(out, "--out")
     storage = args.storage
     if args.workers > 1 and storage is None:
         # Several processes on one machine share Optuna's journal file: no server needed.
@@ -110,7 +137,7 @@ def run_search(args: argparse.Namespace) -> int:
         heartbeat = 10
     cfg = SearchConfig(space=space, out=out, trials=args.trials, timeout=args.timeout, storage=storage,
                        study_name=args.study, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
-                       worker_index=args.worker_index, device=args.device, threads=args.threads,
+                       worker_index=args.worker_index, device=device, threads=args.threads,
                        data_root=args.data_root, progress=not args.quiet, heartbeat=heartbeat,
                        artifacts=Path(args.artifacts) if args.artifacts else None)
     start = time.perf_counter()
@@ -120,7 +147,13 @@ def run_search(args: argparse.Namespace) -> int:
         study = run_search_study(cfg)
     if args.worker_index > 0:
         return 0  # the parent of --workers writes the outputs once, when all are done
-    write_outputs(study, out)
+    try:
+        write_outputs(study, out)
+    except (OSError, BnasError) as exc:
+        if is_disk_full(exc):
+            raise SearchError(f"the disk is full while writing the search's outputs in {out} ({exc}); the study keeps "
+                              "every finished trial: free some space and run `bnas search --show RUN` to write them") from exc
+        raise
     print(summary_text(study, out))
     print(f"search finished in {time.perf_counter() - start:.1f} s; {saved_line(study)}", file=sys.stderr)
     return 0

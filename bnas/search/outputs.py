@@ -19,7 +19,7 @@ from ..genotype import load_genotype
 from ..yaml_io import write_text_atomic
 from .runner import epochs_saved, saved_by_reason
 
-__all__ = ["write_outputs", "summary_text", "saved_line", "COLUMNS"]
+__all__ = ["write_outputs", "summary_text", "saved_line", "history_figure", "COLUMNS"]
 
 COLUMNS = ["number", "state", "values", "val_acc", "ops", "size_bytes", "params", "latency_ms", "epochs", "duration_s",
            "genotype_hash", "duplicate_of", "constraint", "error", "choices"]
@@ -111,17 +111,19 @@ def _importances(study: optuna.Study) -> dict[str, float]:
         return {}  # e.g. every completed trial made the same choices
 
 
-def _plots(study: optuna.Study, out: Path) -> None:
+def history_figure(study: optuna.Study) -> Any:
+    """The optimisation history (a matplotlib Figure): every scored trial's validation
+    accuracy and the best so far, drawn to the last trial of the study."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("val_acc") is not None]
-    # Optimisation history: every trial's validation accuracy and the running best.
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.4))
     ax.scatter([t.number for t in scored], [t.user_attrs["val_acc"] for t in scored], s=20,
                c=["tab:blue" if t.state == TrialState.COMPLETE else "tab:gray" for t in scored],
                label="trials (gray: pruned, at the epoch it stopped)")
@@ -130,12 +132,29 @@ def _plots(study: optuna.Study, out: Path) -> None:
         running = max(running, t.values[0])
         best.append((t.number, running))
     if best:
+        # The best so far holds until the study's last trial, not only its last completed one.
+        last = max(t.number for t in trials if t.state.is_finished())
+        best.append((max(last, best[-1][0]), running))
         ax.step([b[0] for b in best], [b[1] for b in best], where="post", color="tab:red", label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers are whole
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(f"optimisation history: {study.study_name}")
-    ax.legend(loc="lower right")
+    ax.set_title(f"optimisation history: {study.study_name}", pad=28)
+    # Above the axes, between the title and the plot: it can never hide a point.
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def _plots(study: optuna.Study, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    fig = history_figure(study)
     fig.savefig(out / "history.png", dpi=100)
     plt.close(fig)
     # Accuracy vs OPs, with the non-dominated trained trials joined.
@@ -155,7 +174,8 @@ def _plots(study: optuna.Study, out: Path) -> None:
         ax.axvline(max_ops, color="tab:gray", linestyle="--", label=f"OPs budget {max_ops:,.0f}")
     ax.set_xlabel("OPs (BOPs/64 + FLOPs)")
     ax.set_ylabel("validation accuracy")
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # nothing trained and no budget: no legend to draw
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=100)
     plt.close(fig)

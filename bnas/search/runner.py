@@ -11,8 +11,11 @@ Storage lives in ``storage.py``; this module only talks to an ``optuna.Study``.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -34,17 +37,19 @@ from optuna.trial import FrozenTrial, TrialState
 from ..builder import build
 from ..data import DataSplits, load_dataset
 from ..errors import BnasError
-from ..evaluate import check_input_shape, evaluate
+from ..atomic import check_writable_dir
+from ..evaluate import check_input_shape, evaluate, resolve_device
 from ..genotype import Genotype
 from ..metrics import summarize
 from ..yaml_io import write_text_atomic
 from .space import CONSTRAINTS, SearchSpace, sample_genotype
-from .storage import SearchError, mask_url, open_storage, retry_db
+from .storage import SearchError, _first_line, is_disk_full, mask_url, open_storage, retry_db
 
-__all__ = ["SearchConfig", "SearchError", "run_search_study", "make_sampler", "make_pruner", "open_study",
+__all__ = ["SearchConfig", "SearchError", "run_search_study", "make_sampler", "PerTrialSeeded", "trial_seed", "make_pruner", "open_study",
            "finished_count", "epochs_saved", "search_data"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +63,7 @@ class SearchConfig:
     sampler: str | None = None
     pruner: str | None = None
     seed: int = 0
-    worker_index: int = 0          # sampler seed = seed + worker_index; data and training use seed
+    worker_index: int = 0          # which of --workers K this process is (0 writes the outputs)
     device: str = "cpu"
     threads: int | None = None     # intra-op CPU threads per worker (default 1, see _set_threads)
     data_root: str | None = None
@@ -83,7 +88,8 @@ class SearchConfig:
 
 
 def make_sampler(name: str, seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
-    """Seeded samplers: the same seed gives the same first genotypes."""
+    """One sampler seeded with ``seed`` (the search seeds a fresh one per trial, see
+    ``PerTrialSeeded``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
@@ -101,6 +107,53 @@ def make_sampler(name: str, seed: int, multi_objective: bool = False) -> optuna.
                 raise SearchError(f"the gp sampler handles several objectives from optuna 4.2 on (this is {optuna.__version__}); use nsga2")
             return optuna.samplers.GPSampler(seed=seed)
     raise SearchError(f"unknown sampler {name!r}; expected tpe, random, nsga2 or gp")
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number`` in a study searched with ``seed``."""
+    digest = hashlib.sha256(f"bnas-sampler:{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class PerTrialSeeded(optuna.samplers.BaseSampler):
+    """A sampler whose random stream is a function of (seed, trial number), not of the process.
+
+    A sampler seeded once per process replays its first proposals on every start: a resumed
+    study (Ctrl-C, rerun) or a second host running the same command proposed trial 0's
+    genotype again, trial 1's, and so on. Trial numbers are handed out by the storage, unique
+    within the study, so seeding a fresh sampler for each trial with ``trial_seed(seed,
+    number)`` gives every start of every process fresh proposals. What the proposals depend
+    on is then the seed, the trial number and the study's history (which TPE, NSGA-II and GP
+    condition on anyway): one process from scratch with a seed is reproducible, and a study
+    resumed after an interruption proposes what one uninterrupted run would have.
+    """
+
+    def __init__(self, name: str, seed: int, multi_objective: bool = False):
+        self.name, self.seed, self.multi_objective = name, seed, multi_objective
+        self._inner = make_sampler(name, seed, multi_objective)  # also validates the name
+
+    @property
+    def inner(self) -> optuna.samplers.BaseSampler:
+        return self._inner
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner = make_sampler(self.name, trial_seed(self.seed, trial.number), self.multi_objective)
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -122,7 +175,7 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     before anything is written: its trials would not be comparable with new ones.
     """
     space = cfg.space
-    sampler = make_sampler(cfg.sampler or space.sampler, cfg.seed + cfg.worker_index, space.multi_objective)
+    sampler = PerTrialSeeded(cfg.sampler or space.sampler, cfg.seed, space.multi_objective)
     # Optuna cannot prune multi-objective studies (Trial.should_prune raises there).
     pruner = optuna.pruners.NopPruner() if space.multi_objective else make_pruner(cfg.pruner or space.pruner, space.epochs)
     storage = open_storage(cfg.storage_url, heartbeat=cfg.heartbeat, retries=cfg.retries)
@@ -481,9 +534,13 @@ def _guard_total(objective: Callable[[optuna.Trial], Any], total: int) -> Callab
     return run
 
 
-def _recording_errors(objective: Callable[[optuna.Trial], Any], out: Path, progress: bool) -> Callable[[optuna.Trial], Any]:
+def _recording_errors(objective: Callable[[optuna.Trial], Any], out: Path, progress: bool,
+                      disk_full: list[BaseException] | None = None) -> Callable[[optuna.Trial], Any]:
     """A crashed trial keeps its error (one line in the study, the traceback in
-    RUN/errors/trial-N.txt); Optuna then records it as FAIL and the study goes on."""
+    RUN/errors/trial-N.txt); Optuna then records it as FAIL and the study goes on.
+
+    A full disk is not the trial's fault and every next trial would meet it too: it is
+    appended to ``disk_full`` so the runner stops with one line instead of failing on."""
 
     def run(trial: optuna.Trial) -> Any:
         try:
@@ -494,6 +551,11 @@ def _recording_errors(objective: Callable[[optuna.Trial], Any], out: Path, progr
             trial.set_user_attr("error", "interrupted: the search was stopped during this trial")
             raise
         except Exception as exc:
+            if is_disk_full(exc):
+                trial.set_user_attr("error", f"disk full: {exc}".splitlines()[0][:500])
+                if disk_full is not None:
+                    disk_full.append(exc)
+                raise  # no traceback file: there is no room for it
             if "error" not in trial.user_attrs:
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
             write_text_atomic(out / "errors" / f"trial-{trial.number}.txt", traceback.format_exc())
@@ -545,9 +607,54 @@ def _write_run_meta(cfg: SearchConfig) -> None:
     write_text_atomic(cfg.out / "run.json", json.dumps(meta, indent=2) + "\n")
 
 
+# Constraint checks cost no training, so a space whose sampled genotypes all break the
+# constraints is given this many draws before the search says none meets them.
+UNSATISFIABLE_AFTER = 25
+FAILURES_IN_A_ROW = 10
+
+
+def _disk_full_error(cfg: SearchConfig, exc: BaseException) -> SearchError:
+    return SearchError(
+        f"the disk is full ({_first_line(exc)}); the study in {mask_url(cfg.storage_url)} keeps every trial finished so far "
+        f"and the files already in {cfg.out} are intact; free some space and rerun the same command to resume")
+
+
+def _unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
+    """Why to stop, once every sampled genotype has broken the constraints many times over:
+    the study would otherwise end with zero trained trials and nothing to report."""
+    if not cfg.space.constraints:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    over = [t for t in trials if "constraint" in t.user_attrs]
+    met = [t for t in trials if "ops" in t.user_attrs and "constraint" not in t.user_attrs]
+    if met or len(over) < min(UNSATISFIABLE_AFTER, cfg.trials):
+        return None
+    smallest = {m: min(t.user_attrs[m] for t in over if m in t.user_attrs) for key, m in CONSTRAINTS.items()
+                if key in cfg.space.constraints and any(m in t.user_attrs for t in over)}
+    bounds = ", ".join(f"{key} {cfg.space.constraints[key]:.4g} (smallest sampled: {smallest[m]:.4g})"
+                       for key, m in CONSTRAINTS.items() if m in smallest)
+    return (f"none of the {len(over)} sampled genotypes meets the constraints of {cfg.space.source or cfg.space.name}: "
+            f"{bounds}; nothing was trained. Loosen `constraints:` or offer smaller choices (channels, cells, ops), "
+            "then search again with another --out or --study")
+
+
+def _write_outputs_before_stopping(study: optuna.Study, cfg: SearchConfig) -> None:
+    """The files an abort message points to (trials.csv, summary.md) exist when it is read."""
+    from .outputs import write_outputs
+
+    try:
+        write_outputs(study, cfg.out)
+    except (OSError, BnasError) as exc:
+        logger.warning("could not write the search's outputs to %s: %s", cfg.out, _first_line(exc))
+
+
 def run_search_study(cfg: SearchConfig) -> optuna.Study:
     """Run (or resume, or join) the study until it holds ``cfg.trials`` finished trials."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # bnas prints its own progress and failures
+    # Up front, before any storage, data or training: a wrong device or an unwritable run
+    # folder would otherwise show up trial after trial.
+    resolve_device(cfg.device)
+    check_writable_dir(cfg.out, "--out")
     _set_threads(cfg)
     lock = _RunLock(cfg.out) if cfg.local_storage else None
     if lock is not None:
@@ -565,12 +672,17 @@ def run_search_study(cfg: SearchConfig) -> optuna.Study:
         if cfg.space.multi_objective and cfg.progress:
             print("note: Optuna cannot prune multi-objective studies; every trial trains its full budget. "
                   "For pruning, use objectives: [val_acc] with a constraint (constraints: {max_ops: ...}).", file=sys.stderr)
-        objective = _guard_total(_recording_errors(Objective(cfg, data, study), cfg.out, cfg.progress), cfg.trials)
+        disk_full: list[BaseException] = []
+        objective = _guard_total(_recording_errors(Objective(cfg, data, study), cfg.out, cfg.progress, disk_full), cfg.trials)
         callbacks = [_ProgressLine(cfg.trials, cfg.progress), *cfg.extra_callbacks]
         deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
         failures_in_a_row = 0
         with _sigterm_as_interrupt():
             while True:
+                unsatisfiable = retry_db("check the constraints", lambda: _unsatisfiable(study, cfg))
+                if unsatisfiable:
+                    _write_outputs_before_stopping(study, cfg)
+                    raise SearchError(unsatisfiable)
                 finished = retry_db("count trials", lambda: finished_count(study))
                 if finished >= cfg.trials or (deadline is not None and time.monotonic() > deadline):
                     break
@@ -588,12 +700,19 @@ def run_search_study(cfg: SearchConfig) -> optuna.Study:
                 before = retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
                 retry_db("run a trial", lambda: study.optimize(objective, n_trials=1, callbacks=callbacks,
                                                                 catch=(Exception,), gc_after_trial=False))
+                if disk_full:
+                    raise _disk_full_error(cfg, disk_full[0]) from disk_full[0]
                 after = retry_db("count trials", lambda: len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
                 failures_in_a_row = failures_in_a_row + 1 if after > before else 0
-                if failures_in_a_row >= 10:
-                    raise SearchError(f"10 trials in a row failed; see the `error` column of {cfg.out / 'trials.csv'} "
-                                      f"and the tracebacks in {cfg.out / 'errors'}")
+                if failures_in_a_row >= FAILURES_IN_A_ROW:
+                    _write_outputs_before_stopping(study, cfg)
+                    raise SearchError(f"{FAILURES_IN_A_ROW} trials in a row failed; see the `error` column of "
+                                      f"{cfg.out / 'trials.csv'} and the tracebacks in {cfg.out / 'errors'}")
         return study
+    except (OSError, BnasError) as exc:
+        if is_disk_full(exc) and not isinstance(exc, SearchError):
+            raise _disk_full_error(cfg, exc) from exc
+        raise
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)

@@ -9,6 +9,7 @@ Every storage the search opens goes through ``open_storage``:
 """
 from __future__ import annotations
 
+import errno
 import inspect
 import re
 import sys
@@ -21,7 +22,7 @@ import optuna
 
 from ..errors import BnasError
 
-__all__ = ["SearchError", "open_storage", "retry_db", "mask_url"]
+__all__ = ["SearchError", "open_storage", "retry_db", "mask_url", "is_disk_full"]
 
 T = TypeVar("T")
 
@@ -38,6 +39,21 @@ def mask_url(url: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A full disk or quota, raised directly, wrapped by bnas's atomic writer (its cause),
+    or reported by SQLite ("database or disk is full")."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _heartbeat_kwargs(heartbeat: int, retries: int) -> dict[str, Any]:
@@ -76,6 +92,14 @@ def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> op
             warnings.simplefilter("ignore", FutureWarning)
             kwargs = _heartbeat_kwargs(heartbeat, retries) if heartbeat else {}
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except ImportError as exc:  # optuna's "Please install appropriate one": name the extra
+        if url.startswith("postgres"):
+            raise SearchError(
+                f"cannot open the study storage {mask_url(url)!r}: the PostgreSQL driver is not installed; "
+                'install it with pip install -e ".[postgres]" (psycopg 3)') from None
+        raise SearchError(f"cannot open the study storage {mask_url(url)!r}: {_first_line(exc)} "
+                          f"({_first_line(exc.__cause__) if exc.__cause__ else 'no driver'}); install the database "
+                          "driver this URL names") from None
     except Exception as exc:  # SQLAlchemy and every driver raise their own types here
         raise SearchError(
             f"cannot open the study storage {mask_url(url)!r}: {_first_line(exc)}. Check the URL "
@@ -97,6 +121,10 @@ def retry_db(what: str, fn: Callable[[], T], patience_s: float = 90.0) -> T:
         try:
             return fn()
         except (OperationalError, DBAPIError) as exc:
+            if is_disk_full(exc):  # waiting does not free space
+                raise SearchError(
+                    f"the disk holding the study database is full while trying to {what} ({_first_line(exc)}); every "
+                    "finished trial is kept in the database; free some space and rerun the same command to resume") from None
             if waited >= patience_s:
                 raise SearchError(
                     f"lost the study database for {waited:.0f} s while trying to {what} ({_first_line(exc)}); stopping this "
