@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnas.kernels import cuda_backend as cb
+from bnas.kernels import emulator as emu
 
 
 def _compiler_or_skip() -> None:
     try:
-        cb.load_emulator()
+        emu.load_emulator()
     except RuntimeError as exc:   # no C++ compiler on this machine
         pytest.skip(f"cannot build the CUDA kernel emulator: {exc}")
 
@@ -83,7 +83,7 @@ def test_mma_model_matches_naive_popcount_product(density):
         B = (torch.rand(256, 8, generator=gen) < density).to(torch.int64)
         C = torch.randint(-1000, 1000, (16, 8), generator=gen)
         a, b, c = fragments_from_matrices(A, B, C)
-        d = cb.emulated_mma(a, b, c)
+        d = emu.emulated_mma(a, b, c)
         expected = C + A @ B   # AND then popcount of 0/1 entries = the integer product
         for lane in range(32):
             gid, tig = lane // 4, lane % 4
@@ -99,7 +99,7 @@ def test_mma_model_single_bits_land_in_one_output():
         A[r, k] = 1
         B[k, n] = 1
         a, b, c = fragments_from_matrices(A, B, torch.zeros(16, 8, dtype=torch.int64))
-        d = cb.emulated_mma(a, b, c)
+        d = emu.emulated_mma(a, b, c)
         assert d.sum().item() == 1
         lane_i = (d == 1).nonzero()[0].tolist()
         lane, i = lane_i
@@ -114,18 +114,18 @@ def test_pack_kernel_matches_contract_packing(n, c, h, w, groups):
     gen = torch.Generator().manual_seed(n * 1000 + c)
     x = random_input((n, c, h, w), gen)
     x[0, 0, 0, 0] = -0.0                 # -0.0 >= 0: +1
-    got = cb.emulated_pack_signs(x, groups)
+    got = emu.emulated_pack_signs(x, groups)
     assert got.dtype == torch.int32 and got.shape == (n, h, w, groups * ((c // groups + 31) // 32))
     assert torch.equal(got, reference_pack(x, groups))
     # any strides: channels_last and a transposed view give the same words
-    assert torch.equal(cb.emulated_pack_signs(x.contiguous(memory_format=torch.channels_last), groups), got)
+    assert torch.equal(emu.emulated_pack_signs(x.contiguous(memory_format=torch.channels_last), groups), got)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)
-    assert torch.equal(cb.emulated_pack_signs(xt, groups), got)
+    assert torch.equal(emu.emulated_pack_signs(xt, groups), got)
 
 
 def test_pack_kernel_linear_and_nan():
     x = torch.tensor([[1.0, -1.0, 0.0, float("nan"), -0.0] + [2.0] * 30])
-    got = cb.emulated_pack_signs(x)
+    got = emu.emulated_pack_signs(x)
     assert got.shape == (1, 2)
     bits = [(int(got[0, i // 32]) >> (i % 32)) & 1 for i in range(35)]
     assert bits[:5] == [1, 0, 1, 0, 1]   # NaN -> -1, like torch.where(x >= 0, 1, -1)
@@ -167,9 +167,9 @@ def _conv_case(case, seed: int):
 @pytest.mark.parametrize("tile", ["small", "large"])
 def test_emulated_conv_is_bit_exact(case, tile):
     x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=CONV_CASES.index(case) * 2 + (tile == "large"))
-    xp, wp = cb.emulated_pack_signs(x, groups), cb.emulated_pack_weights(wt)
+    xp, wp = emu.emulated_pack_signs(x, groups), emu.emulated_pack_weights(wt)
     assert torch.equal(xp, reference_pack(x, groups))
-    out = cb.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], wt.shape[2:], stride, pad, dil, groups, tile=tile)
+    out = emu.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], wt.shape[2:], stride, pad, dil, groups, tile=tile)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert torch.equal(out, ref)
 
@@ -178,7 +178,7 @@ def test_emulated_conv_is_bit_exact(case, tile):
 def test_emulated_conv_every_copy_width(c, vw):
     # vectorized 16/8-byte cp.async paths need Wg % vw == 0
     x, wt, ref, (stride, pad, dil, groups) = _conv_case((2, c, 5, 4, 12, 3, 1, 1, 1, 1), seed=c + vw)
-    out = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt), c, 3, stride, pad,
+    out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), c, 3, stride, pad,
                                          dil, groups, tile="small", vw=vw)
     assert torch.equal(out, ref)
 
@@ -186,7 +186,7 @@ def test_emulated_conv_every_copy_width(c, vw):
 def test_emulated_conv_many_blocks_both_directions():
     # M = 2*9*9 = 162 pixels -> 3 row blocks of 64; K = 150 -> 3 channel blocks of 64
     x, wt, ref, (stride, pad, dil, groups) = _conv_case((2, 40, 9, 9, 150, 3, 1, 1, 1, 1), seed=7)
-    out = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt), 40, 3, stride, pad,
+    out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), 40, 3, stride, pad,
                                          dil, groups, tile="small")
     assert torch.equal(out, ref)
 
@@ -205,7 +205,7 @@ def test_randomized_conv_shapes():
         w = rnd.randint(max(1, dil * (ks - 1) + 1 - 2 * pad), 9)
         case = (rnd.choice([1, 2]), c, h, w, k, ks, rnd.choice([1, 2]), pad, dil, groups)
         x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=trial)
-        out = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x, groups), cb.emulated_pack_weights(wt), c,
+        out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x, groups), emu.emulated_pack_weights(wt), c,
                                              ks, stride, pad, dil, groups, tile=rnd.choice(["small", "large"]))
         assert torch.equal(out, ref), case
 
@@ -217,10 +217,10 @@ def test_emulated_epilogue_scale_and_bias():
     gen = torch.Generator().manual_seed(3)
     scale = torch.randn(20, generator=gen)
     bias = torch.randn(20, generator=gen)
-    xp, wp = cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt)
-    out = cb.emulated_xnor_conv2d_packed(xp, wp, 33, 3, stride, pad, dil, groups, scale=scale, bias=bias)
+    xp, wp = emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt)
+    out = emu.emulated_xnor_conv2d_packed(xp, wp, 33, 3, stride, pad, dil, groups, scale=scale, bias=bias)
     assert torch.equal(out, ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
-    only_scale = cb.emulated_xnor_conv2d_packed(xp, wp, 33, 3, stride, pad, dil, groups, scale=scale)
+    only_scale = emu.emulated_xnor_conv2d_packed(xp, wp, 33, 3, stride, pad, dil, groups, scale=scale)
     assert torch.equal(only_scale, ref * scale.view(1, -1, 1, 1))
 
 
@@ -237,13 +237,13 @@ def test_emulated_packed_output(case, out_groups):
     gen = torch.Generator().manual_seed(9)
     scale = torch.randn(k, generator=gen)
     bias = torch.randint(-3, 4, (k,), generator=gen).float()   # exact zeros happen: sign(0) = +1
-    xp, wp = cb.emulated_pack_signs(x, groups), cb.emulated_pack_weights(wt)
+    xp, wp = emu.emulated_pack_signs(x, groups), emu.emulated_pack_weights(wt)
     for tile in ("small", "large"):
-        got = cb.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], 3, stride, pad, dil, groups, scale=scale, bias=bias,
+        got = emu.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], 3, stride, pad, dil, groups, scale=scale, bias=bias,
                                              pack_output=True, out_groups=out_groups, tile=tile)
         y = ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
         assert torch.equal(got, reference_pack(y, out_groups))
-        plain = cb.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], 3, stride, pad, dil, groups, pack_output=True,
+        plain = emu.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], 3, stride, pad, dil, groups, pack_output=True,
                                                out_groups=out_groups, tile=tile)
         assert torch.equal(plain, reference_pack(ref, out_groups))
 
@@ -254,9 +254,9 @@ def test_emulated_chained_binary_layers():
     x = random_input((1, 20, 6, 6), gen)
     w1, w2 = random_input((36, 20, 3, 3), gen), random_input((12, 36, 3, 3), gen)
     bias1 = torch.randint(-2, 3, (36,), generator=gen).float()
-    h = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x), cb.emulated_pack_weights(w1), 20, 3, padding=1,
+    h = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(w1), 20, 3, padding=1,
                                        bias=bias1, pack_output=True)
-    out = cb.emulated_xnor_conv2d_packed(h, cb.emulated_pack_weights(w2), 36, 3, stride=2, padding=1)
+    out = emu.emulated_xnor_conv2d_packed(h, emu.emulated_pack_weights(w2), 36, 3, stride=2, padding=1)
     y1 = F.conv2d(sign(x), sign(w1), None, 1, 1) + bias1.view(1, -1, 1, 1)
     assert torch.equal(out, F.conv2d(sign(y1), sign(w2), None, 2, 1))
 
@@ -268,13 +268,13 @@ def test_emulated_linear(n, f, k):
     gen = torch.Generator().manual_seed(f)
     x, w = random_input((n, f), gen), random_input((k, f), gen)
     ref = F.linear(sign(x), sign(w))
-    xp, wp = cb.emulated_pack_signs(x), cb.emulated_pack_weights(w)
+    xp, wp = emu.emulated_pack_signs(x), emu.emulated_pack_weights(w)
     assert xp.shape == (n, (f + 31) // 32) and wp.shape == (k, (f + 31) // 32)
-    assert torch.equal(cb.emulated_xnor_linear_packed(xp, wp, f), ref)
+    assert torch.equal(emu.emulated_xnor_linear_packed(xp, wp, f), ref)
     scale, bias = torch.randn(k, generator=gen), torch.randint(-2, 3, (k,), generator=gen).float()
     y = ref * scale + bias
-    assert torch.equal(cb.emulated_xnor_linear_packed(xp, wp, f, scale=scale, bias=bias), y)
-    packed = cb.emulated_xnor_linear_packed(xp, wp, f, scale=scale, bias=bias, pack_output=True)
+    assert torch.equal(emu.emulated_xnor_linear_packed(xp, wp, f, scale=scale, bias=bias), y)
+    packed = emu.emulated_xnor_linear_packed(xp, wp, f, scale=scale, bias=bias, pack_output=True)
     assert torch.equal(packed, reference_pack(y[:, :, None, None]).reshape(n, -1))
 
 
@@ -282,7 +282,7 @@ def test_emulated_linear(n, f, k):
 # properties of the kernel beyond the values
 @pytest.mark.parametrize("tile", [0, 1])
 def test_fragment_loads_are_bank_conflict_free(tile):
-    assert cb.load_emulator().bnas_emu_fragment_bank_ways(tile) == 1
+    assert emu.load_emulator().bnas_emu_fragment_bank_ways(tile) == 1
 
 
 def test_launcher_rule_picks_tiles_and_copy_width():
@@ -290,7 +290,7 @@ def test_launcher_rule_picks_tiles_and_copy_width():
     for case in [(2, 128, 6, 6, 12, 3, 1, 1, 1, 1), (1, 33, 5, 5, 7, 3, 1, 1, 1, 1)]:
         x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=1)
         for sms in (1, 1000):
-            out = cb.emulated_xnor_conv2d_packed(cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt), case[1], 3,
+            out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), case[1], 3,
                                                  stride, pad, dil, groups, sm_count=sms)
             assert torch.equal(out, ref)
 
@@ -299,23 +299,23 @@ def test_argument_errors_say_what_is_wrong():
     xp = torch.zeros(1, 5, 5, 2, dtype=torch.int32)
     wp = torch.zeros(4, 3, 3, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="words per pixel"):
-        cb.emulated_xnor_conv2d_packed(xp, wp, 100, 3)
+        emu.emulated_xnor_conv2d_packed(xp, wp, 100, 3)
     with pytest.raises(ValueError, match="does not fit"):
-        cb.emulated_xnor_conv2d_packed(torch.zeros(1, 1, 1, 2, dtype=torch.int32), wp, 64, 3)
+        emu.emulated_xnor_conv2d_packed(torch.zeros(1, 1, 1, 2, dtype=torch.int32), wp, 64, 3)
     with pytest.raises(ValueError, match="taps"):
-        cb.emulated_xnor_conv2d_packed(torch.zeros(1, 9, 9, 1, dtype=torch.int32),
+        emu.emulated_xnor_conv2d_packed(torch.zeros(1, 9, 9, 1, dtype=torch.int32),
                                        torch.zeros(1, 9, 9, 1, dtype=torch.int32), 3, 9)
     with pytest.raises(ValueError, match="int32"):
-        cb.emulated_xnor_conv2d_packed(xp.float(), wp, 64, 3)
+        emu.emulated_xnor_conv2d_packed(xp.float(), wp, 64, 3)
     with pytest.raises(ValueError, match="out_groups"):
-        cb.emulated_xnor_conv2d_packed(xp, wp, 64, 3, out_groups=3)
+        emu.emulated_xnor_conv2d_packed(xp, wp, 64, 3, out_groups=3)
     with pytest.raises(ValueError, match="one value per output channel"):
-        cb.emulated_xnor_conv2d_packed(xp, wp, 64, 3, scale=torch.ones(3))
+        emu.emulated_xnor_conv2d_packed(xp, wp, 64, 3, scale=torch.ones(3))
     with pytest.raises(RuntimeError, match="vw must divide"):
-        cb.emulated_xnor_conv2d_packed(torch.zeros(1, 5, 5, 1, dtype=torch.int32),
+        emu.emulated_xnor_conv2d_packed(torch.zeros(1, 5, 5, 1, dtype=torch.int32),
                                        torch.zeros(4, 3, 3, 1, dtype=torch.int32), 32, 3, vw=2)
     with pytest.raises(ValueError, match="3x3 kernel"):
-        cb.emulated_xnor_conv2d_packed(xp, wp, 64, (1, 3))
+        emu.emulated_xnor_conv2d_packed(xp, wp, 64, (1, 3))
 
 
 # ------------------------------------------------------------------------------------------
@@ -326,14 +326,14 @@ def test_matches_project_packing_and_packed_reference():
     gen = torch.Generator().manual_seed(33)
     x, wt = random_input((2, 50, 6, 7), gen), random_input((36, 25, 3, 3), gen)
     scale, bias = torch.randn(36, generator=gen), torch.randint(-2, 3, (36,), generator=gen).float()
-    xp = cb.emulated_pack_signs(x, 2)
-    wp = cb.emulated_pack_weights(wt)
+    xp = emu.emulated_pack_signs(x, 2)
+    wp = emu.emulated_pack_weights(wt)
     assert torch.equal(xp, packing.pack_signs_reference(x, 2))
     assert torch.equal(wp, packing.pack_weights_reference(wt, 2))
     args = (xp, wp, 50, (3, 3), (2, 1), (1, 2), (1, 1), 2, scale, bias)
-    assert torch.equal(cb.emulated_xnor_conv2d_packed(*args), reference.xnor_conv2d_packed(*args))
-    assert torch.equal(cb.emulated_xnor_conv2d_packed(*args, True), reference.xnor_conv2d_packed(*args, True))
+    assert torch.equal(emu.emulated_xnor_conv2d_packed(*args), reference.xnor_conv2d_packed(*args))
+    assert torch.equal(emu.emulated_xnor_conv2d_packed(*args, True), reference.xnor_conv2d_packed(*args, True))
     xl, wl = random_input((3, 70), gen), random_input((40, 70), gen)
     largs = (packing.pack_signs_reference(xl), packing.pack_weights_reference(wl), 70, scale[:1].expand(40).clone(), None)
-    assert torch.equal(cb.emulated_xnor_linear_packed(*largs), reference.xnor_linear_packed(*largs))
-    assert torch.equal(cb.emulated_xnor_linear_packed(*largs, True), reference.xnor_linear_packed(*largs, True))
+    assert torch.equal(emu.emulated_xnor_linear_packed(*largs), reference.xnor_linear_packed(*largs))
+    assert torch.equal(emu.emulated_xnor_linear_packed(*largs, True), reference.xnor_linear_packed(*largs, True))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bnas.kernels import cuda_backend as cb
+from bnas.kernels import emulator as emu
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,7 +44,7 @@ def test_hardware_mma_matches_the_emulator_model(extension):
         c = torch.randint(-10**6, 10**6, (32, 4), generator=gen, dtype=torch.int32)
         d = torch.empty(32, 4, dtype=torch.int32, device=DEV)
         extension.mma_single(a.to(DEV), b.to(DEV), c.to(DEV), d)
-        assert torch.equal(d.cpu(), cb.emulated_mma(a, b, c))
+        assert torch.equal(d.cpu(), emu.emulated_mma(a, b, c))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -51,7 +52,7 @@ def test_pack_signs_on_device(dtype):
     gen = torch.Generator().manual_seed(1)
     x = random_input((3, 70, 5, 7), gen)
     got = cb.pack_signs(x.to(DEV, dtype), groups=2)
-    assert torch.equal(got.cpu(), cb.emulated_pack_signs(x, groups=2))
+    assert torch.equal(got.cpu(), emu.emulated_pack_signs(x, groups=2))
     got_cl = cb.pack_signs(x.to(DEV, dtype).contiguous(memory_format=torch.channels_last), groups=2)
     assert torch.equal(got_cl, got)
 
@@ -106,7 +107,7 @@ def test_epilogue_and_packed_output_on_device():
     for out_groups in (1, 2):
         packed = cb.xnor_conv2d_packed(xp, wp, 64, 3, 1, 1, 1, 2, scale=scale.to(DEV), bias=bias.to(DEV),
                                        pack_output=True, out_groups=out_groups)
-        assert torch.equal(packed.cpu(), cb.emulated_pack_signs(y, out_groups))
+        assert torch.equal(packed.cpu(), emu.emulated_pack_signs(y, out_groups))
 
 
 @pytest.mark.parametrize("n,f,k", [(1, 33, 10), (7, 512, 1000), (256, 4096, 1000)])
@@ -121,10 +122,10 @@ def test_device_matches_emulator_exactly():
     gen = torch.Generator().manual_seed(9)
     x, wt = random_input((2, 48, 7, 7), gen), random_input((40, 48, 3, 3), gen)
     scale, bias = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
-    xp, wp = cb.emulated_pack_signs(x), cb.emulated_pack_weights(wt)
-    emu = cb.emulated_xnor_conv2d_packed(xp, wp, 48, 3, 2, 1, scale=scale, bias=bias)
+    xp, wp = emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt)
+    emulated = emu.emulated_xnor_conv2d_packed(xp, wp, 48, 3, 2, 1, scale=scale, bias=bias)
     dev = cb.xnor_conv2d_packed(xp.to(DEV), wp.to(DEV), 48, 3, 2, 1, scale=scale.to(DEV), bias=bias.to(DEV))
-    assert torch.equal(dev.cpu(), emu)
+    assert torch.equal(dev.cpu(), emulated)
 
 
 def test_dispatcher_routes_cuda_tensors_to_tensor_cores():
@@ -139,7 +140,7 @@ def test_dispatcher_routes_cuda_tensors_to_tensor_cores():
         packed = K.xnor_conv2d_packed(xp, K.pack_weights(wt.to(DEV)), 96, 3, 1, 1, pack_output=True)
     ref = F.conv2d(sign(x), sign(wt), None, 1, 1)
     assert torch.equal(out.cpu(), ref)
-    assert torch.equal(packed.cpu(), cb.emulated_pack_signs(ref))
+    assert torch.equal(packed.cpu(), emu.emulated_pack_signs(ref))
     xl, wl = x.reshape(2, -1), random_input((64, x[0].numel()), gen)
     with K.use_backend("cuda-tensor-core"):
         lin = K.xnor_linear(xl.to(DEV), wl.to(DEV))

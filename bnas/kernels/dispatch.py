@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_backend, reference
+from .conv_plan import pair as _pair
 from .packing import pack_signs_reference, pack_weights_reference, words_for
 
 CPU_BACKENDS = ("cpu-avx512", "cpu-avx2", "cpu-popcnt")
@@ -122,15 +123,6 @@ def _route(device: torch.device) -> str:
 # --------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------
-def _pair(value: IntPair, what: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2:
-        raise ValueError(f"{what} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
 def _check_words(t: Tensor, dims: int, what: str) -> None:
     if t.dtype != torch.int32:
         raise TypeError(f"{what} must be int32 packed words (from bnas.kernels.pack_signs / "

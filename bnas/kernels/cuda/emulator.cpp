@@ -14,7 +14,7 @@
 //     mistake reads stale or poisoned shared memory, as it would on the device;
 //   - shared memory starts filled with a poison pattern, and every global load/store is
 //     checked against the tensors passed in.
-// Exposed through a C ABI (loaded with ctypes by bnas/kernels/cuda_backend.py).
+// Exposed through a C ABI (loaded with ctypes by bnas/kernels/emulator.py).
 #include <ucontext.h>
 
 #include <cstdio>

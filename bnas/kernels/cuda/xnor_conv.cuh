@@ -31,7 +31,7 @@
 namespace bnas_cuda {
 
 // ----------------------------------------------------------------------------------------
-// Shapes.  Python passes the raw integers in this order (cuda_backend.CONV_DIMS mirrors it).
+// Shapes.  Python passes the raw integers in this order (conv_plan.CONV_DIMS mirrors it).
 enum ConvDim {
   kDimN, kDimH, kDimW, kDimC, kDimGroups, kDimK, kDimKH, kDimKW,
   kDimSH, kDimSW, kDimPH, kDimPW, kDimDH, kDimDW, kDimOutGroups, kDimCount
