@@ -40,7 +40,6 @@ __all__ = [
     "binary_layers",
     "clip_latent_weights",
     "set_binarization",
-    "latent_lr_groups",
 ]
 
 
@@ -445,24 +444,3 @@ def set_binarization(model: nn.Module, activations: bool = True, weights: bool =
     for layer in binary_layers(model):
         layer.input_quantizer.enabled = activations
         layer.kernel_quantizer.enabled = weights
-
-
-def latent_lr_groups(model: nn.Module, base: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Parameter groups that carry each binary layer's learning-rate scale (BinaryNet "glorot").
-
-    Returns groups with an ``lr_scale`` key; the trainer multiplies the learning rate by it.
-    Parameters of layers without a scale share one group with ``lr_scale = 1``.
-    """
-    base = dict(base or {})
-    groups: list[dict[str, Any]] = []
-    scaled: set[int] = set()
-    for layer in binary_layers(model):
-        if layer.lr_scale != 1.0:
-            params = [p for p in layer.parameters(recurse=False) if p.requires_grad]
-            scaled.update(id(p) for p in params)
-            groups.append({**base, "params": params, "lr_scale": layer.lr_scale})
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in scaled]
-    if rest:
-        groups.insert(0, {**base, "params": rest, "lr_scale": 1.0})
-    return groups
-

@@ -1,6 +1,7 @@
 """Data and trainer: learning, exact resume, NaN handling, recipe rules, clear errors."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -10,12 +11,13 @@ import torch
 from torch import nn
 
 import bnas
+from bnas.binarize import BinarizeConfig, BinaryLinear
 from bnas.cli import main
 from bnas.data import DataError, load_dataset
-from bnas.errors import BnasError
 from bnas.evaluate import evaluate
 from bnas.genotype import loads_genotype
-from bnas.train import Recipe, Trainer, TrainingError, _param_groups, load_checkpoint, lr_factor, seed_everything, task_loss
+from bnas.train import Recipe, Trainer, TrainingError, load_checkpoint, lr_factor, make_optimizer, param_groups, seed_everything, task_loss
+from bnas.train import loop as train_loop
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -134,9 +136,9 @@ def test_squared_hinge_loss_formula() -> None:
 def test_weight_decay_only_where_it_belongs() -> None:
     model = bnas.build(loads_genotype(MLP))
     recipe = Recipe.from_dict({"optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4}})
-    groups = _param_groups(model, recipe)
+    groups = param_groups(model, recipe)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
-    latent = {id(l.weight) for l in bnas.binarize.binary_layers(model)}
+    latent = {id(layer.weight) for layer in bnas.binarize.binary_layers(model)}
     for p in model.parameters():
         if p.dim() == 1 or id(p) in latent:
             assert id(p) not in decayed
@@ -145,6 +147,20 @@ def test_weight_decay_only_where_it_belongs() -> None:
     # BinaryNet's glorot learning-rate scale reaches the first layer's weights only.
     scales = {g["lr_scale"] for g in groups}
     assert len(scales) == 2
+
+
+def test_glorot_lr_scale_reaches_the_optimizer() -> None:
+    layer = BinaryLinear(100, 50, config=BinarizeConfig("ste", "sign", latent_clip="glorot"))
+    h = math.sqrt(1.5 / 150)
+    model = nn.Sequential(layer, nn.BatchNorm1d(50))
+    recipe = Recipe.from_dict({"optimizer": {"name": "sgd", "lr": 0.1}})
+    groups = param_groups(model, recipe)
+    assert sorted(g["lr_scale"] for g in groups) == pytest.approx([1.0, 1 / h])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # The scaled group holds the latent weight, and its learning rate is scaled from the first step.
+    scaled = next(g for g in make_optimizer(model, recipe).param_groups if g["lr_scale"] != 1.0)
+    assert [id(p) for p in scaled["params"]] == [id(layer.weight)]
+    assert scaled["lr"] == pytest.approx(0.1 / h)
 
 
 def test_recipe_errors() -> None:
@@ -226,7 +242,7 @@ def test_two_step_schedule_binarizes_weights_later() -> None:
     trainer = Trainer(model, load_dataset("digits"), recipe, progress=False)
     # Every binary layer, after each epoch: (activations binarized, weights binarized).
     trainer.callbacks.append(lambda epoch, row: seen.append(
-        [(l.input_quantizer.enabled, l.kernel_quantizer.enabled) for l in layers]))
+        [(layer.input_quantizer.enabled, layer.kernel_quantizer.enabled) for layer in layers]))
     trainer.fit()
     assert seen == [[(True, False)] * len(layers), [(True, True)] * len(layers)]
 
@@ -238,6 +254,70 @@ def test_patience_stops_early_by_the_lenet_rule() -> None:
     result = Trainer(bnas.build(genotype), load_dataset("digits"), recipe, progress=False).fit()
     # With a learning rate too small to improve anything, patience is never extended.
     assert result.stopped_early and result.epochs_run == 2
+
+
+# Validation accuracy after epochs 1, 2, ...: clear improvements at 1-3 and 5, and one at 8 too small
+# for the 0.995 improvement threshold (error 0.1995 against 0.2 x 0.995 = 0.199), then none.
+VAL_SCRIPT = [0.5, 0.6, 0.7, 0.7, 0.8, 0.8, 0.8, 0.8005] + [0.8005] * 22
+
+
+def _scripted_trainer(monkeypatch: pytest.MonkeyPatch, recipe: Recipe, out: Path | None = None) -> Trainer:
+    """A trainer on digits whose validation accuracy after epoch e is VAL_SCRIPT[e - 1]."""
+    trainer = Trainer(bnas.build(loads_genotype(MLP)), load_dataset("digits"), recipe, out_dir=out, progress=False)
+    # Keyed by the trainer's own history, so a resumed trainer continues the script where it stopped.
+    monkeypatch.setattr(train_loop, "evaluate_accuracy", lambda model, loader, device: (VAL_SCRIPT[len(trainer.history)], 1.0))
+    return trainer
+
+
+def _patience_recipe(patience_increase: float, epochs: int = 30) -> Recipe:
+    return Recipe.from_dict({**loads_genotype(MLP).training, "epochs": epochs, "patience": 2,
+                             "patience_increase": patience_increase})
+
+
+# Stop after epoch e once e >= patience; an improvement at epoch e raises patience to
+# max(patience, ceil(e * patience_increase)). Patience starts at 2:
+#   1.0: epoch 2 improves -> max(2, 2) = 2 -> stops after epoch 2;
+#   1.5: epochs 1-3 -> 2, 3, ceil(4.5) = 5; epoch 5 -> ceil(7.5) = 8 -> stops after epoch 8;
+#   2.0: epochs 1-3 -> 2, 4, 6; epoch 5 -> 10; epoch 8's small gain would make it 16 -> stops after epoch 10.
+# Epoch 8's gain is still the best accuracy, so it is the best epoch once the run reaches it.
+@pytest.mark.parametrize(("patience_increase", "stop_epoch", "best_epoch"), [(1.0, 2, 2), (1.5, 8, 8), (2.0, 10, 8)])
+def test_patience_increase_extends_patience(monkeypatch: pytest.MonkeyPatch, patience_increase: float, stop_epoch: int,
+                                            best_epoch: int) -> None:
+    result = _scripted_trainer(monkeypatch, _patience_recipe(patience_increase)).fit()
+    assert result.stopped_early and result.epochs_run == stop_epoch
+    assert [row["val_acc"] for row in result.history] == VAL_SCRIPT[:stop_epoch]
+    assert result.best_epoch == best_epoch and result.best_val_acc == VAL_SCRIPT[best_epoch - 1]
+
+
+@pytest.mark.parametrize("how", ["epochs_extended", "ctrl_c_mid_epoch"])
+def test_extended_patience_survives_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, how: str) -> None:
+    reference = _scripted_trainer(monkeypatch, _patience_recipe(2.0)).fit()
+    assert reference.epochs_run == 10
+    out = tmp_path / "run"
+    if how == "epochs_extended":
+        # A run of 5 epochs ends with patience 10 (raised at epoch 5); it is then extended to 30.
+        first = _scripted_trainer(monkeypatch, _patience_recipe(2.0, epochs=5), out).fit()
+        assert not first.stopped_early and first.epochs_run == 5
+    else:
+        # Ctrl-C at the 4th step of epoch 7, after patience was raised to 10 at epoch 5.
+        trainer = _scripted_trainer(monkeypatch, _patience_recipe(2.0), out)
+
+        def interrupt(module: nn.Module, args: object) -> None:
+            if trainer.epoch == 6 and trainer.step_in_epoch == 3:
+                raise KeyboardInterrupt
+
+        trainer.model.register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert saved["patience"] == 10
+    resumed = _scripted_trainer(monkeypatch, _patience_recipe(2.0), out)
+    assert resumed.resume()
+    result = resumed.fit()
+    # Had the resumed run fallen back to the recipe's patience of 2, it would stop at once (epoch 6 or 7).
+    assert result.stopped_early and result.epochs_run == reference.epochs_run == 10
+    assert result.best_epoch == reference.best_epoch == 8
+    assert [row["val_acc"] for row in result.history] == [row["val_acc"] for row in reference.history]
 
 
 def _allocator_probe(env: dict[str, str]) -> list[str]:
