@@ -11,7 +11,6 @@ Storage lives in ``storage.py``; this module only talks to an ``optuna.Study``.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -34,19 +33,19 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from ..atomic import check_writable_dir
 from ..builder import build
 from ..data import DataSplits, load_dataset
 from ..errors import BnasError
-from ..atomic import check_writable_dir
 from ..evaluate import check_input_shape, evaluate, resolve_device
 from ..genotype import Genotype
 from ..metrics import summarize
 from ..yaml_io import write_text_atomic
 from .space import CONSTRAINTS, SearchSpace, sample_genotype
-from .storage import SearchError, _first_line, is_disk_full, mask_url, open_storage, retry_db
+from .storage import SearchError, first_line, is_disk_full, mask_url, open_storage, retry_db
 
-__all__ = ["SearchConfig", "SearchError", "run_search_study", "make_sampler", "PerTrialSeeded", "trial_seed", "make_pruner", "open_study",
-           "finished_count", "epochs_saved", "search_data"]
+__all__ = ["SearchConfig", "SearchError", "run_search_study", "make_sampler", "PerTrialSeeded", "trial_seed", "make_pruner",
+           "open_study", "finished_count", "epochs_saved", "search_data"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 logger = logging.getLogger(__name__)
@@ -615,7 +614,7 @@ FAILURES_IN_A_ROW = 10
 
 def _disk_full_error(cfg: SearchConfig, exc: BaseException) -> SearchError:
     return SearchError(
-        f"the disk is full ({_first_line(exc)}); the study in {mask_url(cfg.storage_url)} keeps every trial finished so far "
+        f"the disk is full ({first_line(exc)}); the study in {mask_url(cfg.storage_url)} keeps every trial finished so far "
         f"and the files already in {cfg.out} are intact; free some space and rerun the same command to resume")
 
 
@@ -645,7 +644,7 @@ def _write_outputs_before_stopping(study: optuna.Study, cfg: SearchConfig) -> No
     try:
         write_outputs(study, cfg.out)
     except (OSError, BnasError) as exc:
-        logger.warning("could not write the search's outputs to %s: %s", cfg.out, _first_line(exc))
+        logger.warning("could not write the search's outputs to %s: %s", cfg.out, first_line(exc))
 
 
 def run_search_study(cfg: SearchConfig) -> optuna.Study:

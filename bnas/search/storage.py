@@ -22,7 +22,7 @@ import optuna
 
 from ..errors import BnasError
 
-__all__ = ["SearchError", "open_storage", "retry_db", "mask_url", "is_disk_full"]
+__all__ = ["SearchError", "open_storage", "retry_db", "mask_url", "is_disk_full", "first_line"]
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ def mask_url(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -84,7 +84,7 @@ def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> op
                 lock = journal.JournalFileOpenLock(str(path))
                 return optuna.storages.JournalStorage(journal.JournalFileBackend(str(path), lock_obj=lock))
         except OSError as exc:
-            raise SearchError(f"cannot open the journal file {path}: {_first_line(exc)}") from None
+            raise SearchError(f"cannot open the journal file {path}: {first_line(exc)}") from None
     engine_kwargs = {"pool_pre_ping": True} if url.startswith("postgresql") else {}
     try:
         with warnings.catch_warnings():
@@ -97,12 +97,12 @@ def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> op
             raise SearchError(
                 f"cannot open the study storage {mask_url(url)!r}: the PostgreSQL driver is not installed; "
                 'install it with pip install -e ".[postgres]" (psycopg 3)') from None
-        raise SearchError(f"cannot open the study storage {mask_url(url)!r}: {_first_line(exc)} "
-                          f"({_first_line(exc.__cause__) if exc.__cause__ else 'no driver'}); install the database "
+        raise SearchError(f"cannot open the study storage {mask_url(url)!r}: {first_line(exc)} "
+                          f"({first_line(exc.__cause__) if exc.__cause__ else 'no driver'}); install the database "
                           "driver this URL names") from None
     except Exception as exc:  # SQLAlchemy and every driver raise their own types here
         raise SearchError(
-            f"cannot open the study storage {mask_url(url)!r}: {_first_line(exc)}. Check the URL "
+            f"cannot open the study storage {mask_url(url)!r}: {first_line(exc)}. Check the URL "
             "(sqlite:///PATH, postgresql://USER@HOST/DB, journal:PATH), that the server is running and reachable, "
             "and the credentials"
         ) from None
@@ -123,11 +123,11 @@ def retry_db(what: str, fn: Callable[[], T], patience_s: float = 90.0) -> T:
         except (OperationalError, DBAPIError) as exc:
             if is_disk_full(exc):  # waiting does not free space
                 raise SearchError(
-                    f"the disk holding the study database is full while trying to {what} ({_first_line(exc)}); every "
+                    f"the disk holding the study database is full while trying to {what} ({first_line(exc)}); every "
                     "finished trial is kept in the database; free some space and rerun the same command to resume") from None
             if waited >= patience_s:
                 raise SearchError(
-                    f"lost the study database for {waited:.0f} s while trying to {what} ({_first_line(exc)}); stopping this "
+                    f"lost the study database for {waited:.0f} s while trying to {what} ({first_line(exc)}); stopping this "
                     "worker. Every finished trial is kept in the database: rerun the same command when it is back"
                 ) from None
             print(f"database unavailable ({type(exc).__name__}); retrying in {delay:.1f} s", file=sys.stderr, flush=True)
