@@ -3,6 +3,12 @@
 The C++ extension is built once per session (cached across sessions in the bnas cache);
 each backend this machine can run is forced in turn and compared with
 ``conv2d(sign(x), sign(w))`` (``sign(0) = +1``, zero padding contributing 0).
+
+The expected values are computed here, independently of bnas: ``sign`` and the packed
+format are written out below rather than taken from ``bnas.binarize`` or
+``bnas.kernels.packing``, which the ``reference`` backend itself uses. With
+``BNAS_REQUIRE_EXTENSION=1`` (CI) an extension that cannot be built fails the session
+instead of skipping every CPU backend.
 """
 from __future__ import annotations
 
@@ -15,10 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bnas.errors
 import bnas.kernels as kernels
-from bnas.binarize import sign
 from bnas.kernels import cpu_backend
-from bnas.kernels.packing import pack_signs_reference, pack_weights_reference
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_CPU = ["cpu-avx512", "cpu-avx2", "cpu-popcnt"]
@@ -44,9 +49,42 @@ CONV_CASES = [
 LINEAR_CASES = [(1, 1, 1), (3, 31, 5), (5, 65, 33), (2, 100, 70), (4, 2048, 10)]
 
 
+def sign(t: torch.Tensor) -> torch.Tensor:
+    """The contract's sign: +1 for x >= 0 (so sign(0) = +1), else -1."""
+    return torch.where(t >= 0, 1.0, -1.0)
+
+
+def words_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., 32*w) 0/1 -> (..., w) int32 words, bit j of word i = element 32*i + j."""
+    shape = bits.shape[:-1] + (bits.shape[-1] // 32, 32)
+    weights = 1 << torch.arange(32, dtype=torch.int64)
+    words = (bits.reshape(shape).to(torch.int64) * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_signs_reference(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The packed format, written out: NCHW -> NHWC words per group ((N, F) -> (N, words)),
+    bit 1 where x >= 0, padding bits 0."""
+    x4 = x if x.dim() == 4 else x[:, :, None, None]
+    n, c, h, w = x4.shape
+    cg = c // groups
+    wg = (cg + 31) // 32
+    bits = (x4 >= 0).permute(0, 2, 3, 1).reshape(n, h, w, groups, cg)
+    padded = torch.zeros(n, h, w, groups, wg * 32, dtype=torch.bool)
+    padded[..., :cg] = bits
+    words = words_from_bits(padded).reshape(n, h, w, groups * wg)
+    return words if x.dim() == 4 else words.reshape(n, -1)
+
+
+def pack_weights_reference(w: torch.Tensor) -> torch.Tensor:
+    """Conv weights (K, C/groups, kh, kw) are packed like an NCHW batch of K images."""
+    return pack_signs_reference(w)
+
+
 @pytest.fixture(scope="session")
 def cpu_backends() -> list[str]:
-    """Builds (or loads) the extension once for the whole session."""
+    """Builds (or loads) the extension once for the whole session; with
+    BNAS_REQUIRE_EXTENSION=1 a failed build raises here, failing every test that uses it."""
     return cpu_backend.supported_backends()
 
 
@@ -221,6 +259,11 @@ def test_packed_bit_layout_by_hand():
     assert grouped.tolist() == [1, (1 << 11) | (1 << 13) | (1 << 19)]
     w = pack_weights_reference(torch.ones(2, 3, 1, 2))
     assert w.shape == (2, 1, 2, 1) and w.unique().tolist() == [0b111]
+    # the project's packer (the reference backend's) writes the same words
+    from bnas.kernels import packing
+    assert torch.equal(packing.pack_signs_reference(x), pack_signs_reference(x))
+    assert torch.equal(packing.pack_signs_reference(x, groups=2), pack_signs_reference(x, groups=2))
+    assert torch.equal(packing.pack_weights_reference(torch.ones(2, 3, 1, 2)), w)
 
 
 def test_inplace_update_of_packed_weights_is_seen(backend_name):
@@ -268,7 +311,7 @@ def test_without_a_compiler_one_warning_and_the_reference(tmp_path):
     script = (
         "import sys, warnings, torch, torch.nn.functional as F\n"
         "import bnas.kernels as K\n"
-        "from bnas.binarize import sign\n"
+        "def sign(t): return torch.where(t >= 0, 1.0, -1.0)\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    name = K.backend()\n"
@@ -279,6 +322,7 @@ def test_without_a_compiler_one_warning_and_the_reference(tmp_path):
         "print(name, ok, len(msgs), cuda_imported); print(msgs[0] if msgs else '')\n")
     env = dict(os.environ, BNAS_CACHE=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"),
                PYTHONPATH=str(REPO))
+    env.pop(cpu_backend.REQUIRE_ENV, None)  # the fallback is what is tested here
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -286,3 +330,59 @@ def test_without_a_compiler_one_warning_and_the_reference(tmp_path):
     assert first == "reference True 1 False"
     assert "CPU XNOR kernels are unavailable" in message
     assert "Install a C++ compiler" in message
+
+
+@pytest.fixture
+def failed_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh extension state whose build fails the way a missing compiler does (the module
+    state is restored afterwards)."""
+    def load(**kwargs: object) -> None:
+        raise RuntimeError("g++: error: no such file or directory")
+
+    monkeypatch.setattr(cpu_backend, "_extension", None)
+    monkeypatch.setattr(cpu_backend, "_build_error", None)
+    monkeypatch.setattr(cpu_backend, "_supported", None)
+    monkeypatch.setattr(cpu_backend, "_import_cpp_extension_load", lambda: load)
+    monkeypatch.setattr(cpu_backend.platform, "machine", lambda: "x86_64")  # reach the build on any CPU
+
+
+def test_failed_build_warns_and_falls_back_without_require(failed_build, monkeypatch):
+    monkeypatch.delenv(cpu_backend.REQUIRE_ENV, raising=False)
+    x, w = torch.randn(2, 33, 5, 5), torch.randn(7, 33, 3, 3)
+    with pytest.warns(RuntimeWarning, match="CPU XNOR kernels are unavailable"):
+        assert kernels.backend() == "reference"
+    assert torch.equal(kernels.xnor_conv2d(x, w, padding=1), F.conv2d(sign(x), sign(w), None, 1, 1))
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_failed_build_raises_with_require(failed_build, monkeypatch, value):
+    monkeypatch.setenv(cpu_backend.REQUIRE_ENV, value)
+    x, w = torch.randn(2, 33, 5, 5), torch.randn(7, 33, 3, 3)
+    with pytest.raises(cpu_backend.ExtensionUnavailableError, match="BNAS_REQUIRE_EXTENSION is set") as info:
+        kernels.backend()
+    assert "no such file or directory" in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, bnas.errors.BnasError)
+    # every later call raises too (no silent reference after the first failure)
+    with pytest.raises(cpu_backend.ExtensionUnavailableError):
+        kernels.xnor_conv2d(x, w, padding=1)
+    with pytest.raises(cpu_backend.ExtensionUnavailableError):
+        kernels.pack_signs(x)
+    with pytest.raises(cpu_backend.ExtensionUnavailableError):
+        with kernels.use_backend("cpu-popcnt"):
+            pass
+    # the reference stays available when asked for by name
+    with kernels.use_backend("reference"):
+        assert torch.equal(kernels.xnor_conv2d(x, w, padding=1), F.conv2d(sign(x), sign(w), None, 1, 1))
+
+
+def test_require_set_to_zero_is_off(failed_build, monkeypatch):
+    monkeypatch.setenv(cpu_backend.REQUIRE_ENV, "0")
+    with pytest.warns(RuntimeWarning):
+        assert kernels.backend() == "reference"
+
+
+@pytest.mark.skipif(not cpu_backend.extension_required(), reason="BNAS_REQUIRE_EXTENSION is not set")
+def test_required_extension_runs_a_cpu_kernel(cpu_backends):
+    # what CI relies on: the default CPU path is a compiled kernel, not the reference
+    assert cpu_backends
+    assert kernels.backend() in ALL_CPU

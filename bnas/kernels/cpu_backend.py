@@ -5,7 +5,9 @@
 honoured) and reused by later processes. The binary holds an AVX-512 VPOPCNTDQ, an AVX2 and
 a plain-popcnt path; which ones this CPU can run is asked of the binary itself
 (``__builtin_cpu_supports``). When nothing can be built (no compiler, no OpenMP) the caller
-gets ``None`` and one warning, and the dispatcher falls back to the reference.
+gets ``None`` and one warning, and the dispatcher falls back to the reference; with
+``BNAS_REQUIRE_EXTENSION=1`` (CI) every such call raises :class:`ExtensionUnavailableError`
+instead, so a machine without the kernels cannot pass on the reference.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from ..errors import BnasError
 
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
@@ -44,6 +48,23 @@ _build_error: str | None = None
 _supported: list[str] | None = None
 _repacked: OrderedDict[tuple, tuple[int, Tensor]] = OrderedDict()
 _REPACK_CACHE_SIZE = 256
+REQUIRE_ENV = "BNAS_REQUIRE_EXTENSION"
+
+
+class ExtensionUnavailableError(BnasError):
+    """The CPU extension could not be built or loaded while ``BNAS_REQUIRE_EXTENSION`` is set."""
+
+
+def extension_required() -> bool:
+    """True when ``$BNAS_REQUIRE_EXTENSION`` is set to anything but empty or ``0``."""
+    return os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0")
+
+
+def _raise_if_required() -> None:
+    if extension_required():
+        raise ExtensionUnavailableError(
+            f"the CPU XNOR kernels are unavailable ({_build_error}) and {REQUIRE_ENV} is set: "
+            "install a C++ compiler with OpenMP (e.g. g++) and ninja, or unset it to use the slow reference")
 
 
 def cache_dir() -> Path:
@@ -59,12 +80,17 @@ def cache_dir() -> Path:
 
 
 def extension() -> ModuleType | None:
-    """The compiled extension, building it on first call; ``None`` if it cannot be built."""
+    """The compiled extension, building it on first call; ``None`` if it cannot be built
+    (then :class:`ExtensionUnavailableError` instead, on every call, under ``BNAS_REQUIRE_EXTENSION``)."""
     global _extension, _build_error
     if _extension is not None or _build_error is not None:
+        if _extension is None:
+            _raise_if_required()
         return _extension
     with _lock:
         if _extension is not None or _build_error is not None:
+            if _extension is None:
+                _raise_if_required()
             return _extension
         if platform.machine().lower() not in ("x86_64", "amd64"):
             _build_error = f"the CPU kernels need an x86-64 CPU, this is {platform.machine()}"
@@ -79,6 +105,7 @@ def extension() -> ModuleType | None:
             except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as exc:
                 _build_error = _first_error_line(exc)
         if _build_error is not None:
+            _raise_if_required()
             warnings.warn(
                 f"bnas.kernels: the CPU XNOR kernels are unavailable ({_build_error}); using "
                 "the slow float reference. Install a C++ compiler with OpenMP (e.g. g++) "
