@@ -7,11 +7,12 @@ class BnasError(Exception):
     says what is wrong and what to do."""
 
 
-class GenotypeError(BnasError, ValueError):
-    """A genotype or search-space file that cannot be used.
+class LocatedError(BnasError):
+    """An error about one value of a file the user wrote, located by structured fields.
 
     Carries the file, the YAML path of the culprit (``cells.normal.nodes.n1[0]``) and what
-    was expected, and renders them as ``file: path: message`` on one line.
+    was expected, and renders them as ``file: path: message`` on one line. Code that needs
+    the path reads ``.path``, never the rendered text.
     """
 
     def __init__(self, message: str, path: str = "", file: str | None = None):
@@ -27,11 +28,19 @@ class GenotypeError(BnasError, ValueError):
     def __str__(self) -> str:
         return self._render()
 
-    def in_file(self, file: str) -> "GenotypeError":
+    def in_file(self, file: str) -> "LocatedError":
         """The same error, attributed to ``file`` (set once, by whoever read the file)."""
         if self.file is None:
             self.file = file
             self.args = (self._render(),)
+        return self
+
+
+class GenotypeError(LocatedError, ValueError):
+    """A genotype or search-space file that cannot be used (see ``LocatedError``)."""
+
+    def in_file(self, file: str) -> "GenotypeError":
+        super().in_file(file)
         return self
 
 

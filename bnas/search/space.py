@@ -270,10 +270,8 @@ def _parse_budget(raw: Any) -> dict[str, Any]:
     try:
         Recipe.from_dict(raw, "budget")
     except TrainingError as exc:
-        # The trainer's message starts with the dotted key ("budget.epochs: expected ..."):
-        # keep that as the YAML path.
-        where, _, message = str(exc).partition(": ")
-        raise _err(message, where if where.startswith("budget") else "budget") from None
+        # The recipe error carries its dotted key ("budget.epochs"): that is the YAML path.
+        raise _err(exc.message, exc.path or "budget") from None
     return copy.deepcopy(raw)
 
 

@@ -54,7 +54,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..errors import BnasError
+from ..errors import LocatedError
 
 __all__ = ["LOSSES", "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "Recipe", "TrainingError"]
 
@@ -68,8 +68,9 @@ _DISTILL_KEYS = {"teacher", "checkpoint", "temperature", "alpha"}
 RESUMABLE_CHANGES = frozenset({"epochs", "patience"})
 
 
-class TrainingError(BnasError):
-    """Training cannot go on (a bad recipe, a diverged loss, a missing checkpoint)."""
+class TrainingError(LocatedError):
+    """Training cannot go on (a bad recipe, a diverged loss, a missing checkpoint); a recipe
+    error carries the dotted key in ``.path``."""
 
 
 def _is_number(value: Any) -> bool:
@@ -104,12 +105,12 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "training") -> Recipe:
         """A validated recipe; errors name the key as ``where.key``."""
         if data is not None and not isinstance(data, Mapping):
-            raise TrainingError(f"{where}: expected a mapping of recipe keys, got {type(data).__name__}")
+            raise TrainingError(f"expected a mapping of recipe keys, got {type(data).__name__}", where)
         data = dict(data or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise TrainingError(f"{where}: unknown recipe key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+            raise TrainingError(f"unknown recipe key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}", where)
         recipe = cls(**{k: copy.deepcopy(v) for k, v in data.items()})
         recipe.validate(where)
         return recipe
@@ -137,12 +138,12 @@ class Recipe:
 
     def validate(self, where: str) -> None:
         def bad(key: str, expected: str, got: Any) -> TrainingError:
-            return TrainingError(f"{where}.{key}: expected {expected}, got {got!r}")
+            return TrainingError(f"expected {expected}, got {got!r}", f"{where}.{key}")
 
         def check_keys(key: str, value: Mapping[str, Any], allowed: set[str]) -> None:
             extra = sorted(set(value) - allowed)
             if extra:
-                raise TrainingError(f"{where}.{key}: unknown key(s) {', '.join(extra)}; expected some of {', '.join(sorted(allowed))}")
+                raise TrainingError(f"unknown key(s) {', '.join(extra)}; expected some of {', '.join(sorted(allowed))}", f"{where}.{key}")
 
         opt = self.optimizer
         if not isinstance(opt, dict):
