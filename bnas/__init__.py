@@ -3,6 +3,7 @@
 The data flows one way: genotype YAML -> ``Genotype`` -> networkx cell DAGs -> ``nn.Module``
 -> trainer -> metrics and reports.
 """
+from . import catalog as _catalog  # noqa: F401  (registers the op families and the shipped catalog)
 from .binarize import BinarizeConfig, BinaryConv2d, BinaryLinear
 from .builder import build
 from .errors import BnasError, GenotypeError

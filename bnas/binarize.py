@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ACTIVATION_QUANTIZERS",
+    "BINARIZE_PRESETS",
     "WEIGHT_BINARIZERS",
     "BinarizeConfig",
     "BinaryConv2d",
@@ -39,6 +40,7 @@ __all__ = [
     "hard_sigmoid",
     "binary_layers",
     "clip_latent_weights",
+    "named_binarization",
     "set_binarization",
 ]
 
@@ -254,6 +256,19 @@ class BinarizeConfig:
 
 
 FULL_PRECISION = BinarizeConfig(activation="none", weight="none")
+
+# Named binarizations (``xnor``, ``bireal``, ...): the ``binarize:`` sections of the catalog
+# files fill this (``bnas.registry.load_catalog``), and ops accept the names too. It lives
+# here, below the registry and the ops, so both can read it without importing each other.
+BINARIZE_PRESETS: dict[str, BinarizeConfig] = {}
+
+
+def named_binarization(name: str) -> BinarizeConfig:
+    """The binarization the loaded catalog names ``name`` (a ValueError listing the names)."""
+    config = BINARIZE_PRESETS.get(name)
+    if config is None:
+        raise ValueError(f"unknown binarization {name!r}; the catalog defines {', '.join(sorted(BINARIZE_PRESETS))}")
+    return config
 
 
 # --------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""The primitive registry: op families from Python, named presets from ``primitives/*.yaml``.
+"""The primitive registry: op families from Python, named presets from catalog YAML files.
 
 A primitive is a factory ``f(C_in, C_out, stride, **options) -> nn.Module`` (timm's
-``register_model`` idea applied to ops). Python modules in ``bnas.ops`` register the op
-*families*; the YAML catalog registers *named presets* that fix a family's options and its
-binarization, e.g. ``xnor_resnet_block = resnet_block(binarize=xnor)``.
+``register_model`` idea applied to ops). The registry is a leaf: it imports no op. The
+modules of ``bnas.ops`` register the op *families* as they are imported; catalog files
+register *named presets* that fix a family's options and its binarization, e.g.
+``xnor_resnet_block = resnet_block(binarize=xnor)``. ``bnas.catalog`` (imported by ``import
+bnas``) imports the families and installs the loader of the shipped ``primitives/*.yaml``,
+which runs on the first query, so every name is known by the time anyone asks.
 """
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +19,15 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from . import binarize as _binarize
 from .binarize import BinarizeConfig
-from .resources import resource_dir
+from .errors import BnasError, GenotypeError
+from .yaml_io import load_yaml_text
 
 __all__ = [
     "PrimitiveFactory",
     "PrimitiveSpec",
+    "CatalogError",
     "UnknownPrimitiveError",
     "register_primitive",
     "get_primitive",
@@ -30,13 +37,18 @@ __all__ = [
     "closest_primitives",
     "load_catalog",
     "register_family",
+    "ensure_catalog",
+    "set_catalog_loader",
 ]
 
 PrimitiveFactory = Callable[..., nn.Module]
 
 
-class UnknownPrimitiveError(KeyError):
-    """An op name that is not registered; the message lists the closest known names."""
+class UnknownPrimitiveError(BnasError, KeyError):
+    """An op name that is not registered; the message lists the closest known names.
+
+    Still a ``KeyError`` (a failed lookup by name), as it was before it became a ``BnasError``.
+    """
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -56,9 +68,34 @@ class PrimitiveSpec:
 
 
 _REGISTRY: dict[str, PrimitiveSpec] = {}
-# Named binarizations of the catalog (``xnor``, ``bireal``, ...): ops accept these names too.
-BINARIZE_PRESETS: dict[str, BinarizeConfig] = {}
 _catalog_loaded = False
+# Set by ``bnas.catalog``: registers the shipped presets. A hook rather than an import, so
+# the registry never imports the ops that register into it.
+_catalog_loader: Callable[[], None] | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # The named binarizations live in ``bnas.binarize`` now; ``registry.BINARIZE_PRESETS``
+    # still reads the live table.
+    if name == "BINARIZE_PRESETS":
+        return _binarize.BINARIZE_PRESETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def set_catalog_loader(loader: Callable[[], None]) -> None:
+    """Install the function that registers the shipped catalog (run once, on first use)."""
+    global _catalog_loader
+    _catalog_loader = loader
+
+
+def ensure_catalog() -> None:
+    """Run the shipped catalog's loader once, before the first query needs its names."""
+    global _catalog_loaded
+    if _catalog_loaded:
+        return
+    _catalog_loaded = True  # first: the loader's own load_catalog calls come back here
+    if _catalog_loader is not None:
+        _catalog_loader()
 
 
 def register_primitive(
@@ -82,7 +119,7 @@ def register_primitive(
     def register(fn: PrimitiveFactory) -> PrimitiveFactory:
         if not callable(fn):
             raise TypeError(f"primitive {name!r}: the factory must be callable, got {type(fn).__name__}")
-        _ensure_catalog()
+        ensure_catalog()  # a user name that clashes with a shipped one is refused now, not later
         if name in _REGISTRY and not override:
             raise ValueError(f"primitive {name!r} is already registered; pass override=True to replace it")
         doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
@@ -109,12 +146,14 @@ def register_family(name: str, *, binarize: str = "-", description: str = "") ->
 
 
 def closest_primitives(name: str, n: int = 3) -> list[str]:
-    _ensure_catalog()
+    """Up to ``n`` registered names close to ``name`` (for "did you mean" hints)."""
+    ensure_catalog()
     return difflib.get_close_matches(name, list(_REGISTRY), n=n, cutoff=0.5)
 
 
 def get_spec(name: str) -> PrimitiveSpec:
-    _ensure_catalog()
+    """The entry registered under ``name``; an ``UnknownPrimitiveError`` names the closest."""
+    ensure_catalog()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -128,10 +167,14 @@ def get_primitive(name: str) -> PrimitiveFactory:
     return get_spec(name).factory
 
 
-def list_primitives() -> list[PrimitiveSpec]:
-    """Every registered primitive, families and catalog presets, sorted by name."""
-    _ensure_catalog()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+def list_primitives(pattern: str | None = None) -> list[PrimitiveSpec]:
+    """Every registered primitive, families and catalog presets, sorted by name; with
+    ``pattern`` (shell-style, e.g. ``xnor_*``), only the names it matches."""
+    ensure_catalog()
+    names = sorted(_REGISTRY)
+    if pattern is not None:
+        names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return [_REGISTRY[n] for n in names]
 
 
 def build_op(name: str, C_in: int, C_out: int, stride: int = 1, **options: Any) -> nn.Module:
@@ -142,8 +185,10 @@ def build_op(name: str, C_in: int, C_out: int, stride: int = 1, **options: Any) 
 # --------------------------------------------------------------------------------------
 # The YAML catalog
 # --------------------------------------------------------------------------------------
-class CatalogError(ValueError):
-    pass
+class CatalogError(BnasError, ValueError):
+    """A catalog file that cannot be registered; the message names the file and the key.
+
+    Still a ``ValueError``, as it was before it became a ``BnasError``."""
 
 
 def _preset_factory(family: PrimitiveFactory, preset: Mapping[str, Any]) -> PrimitiveFactory:
@@ -160,11 +205,8 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
 
     All or nothing: a file with a mistake registers none of its presets. A binarization or
     op name that is already defined differently is an error unless ``override=True``."""
-    _ensure_catalog()  # the op families and the shipped presets come first
+    ensure_catalog()  # the shipped presets come first
     path = Path(path)
-    from .errors import GenotypeError
-    from .yaml_io import load_yaml_text
-
     try:  # bnas's safe loader: a size cap, duplicate keys refused, one-line errors
         data = load_yaml_text(path.read_text(), str(path), what="catalog")
     except GenotypeError as exc:
@@ -173,17 +215,18 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
         raise CatalogError(f"{path}: cannot read the catalog ({exc.strerror}); check the path") from None
     if not isinstance(data, dict):
         raise CatalogError(f"{path}: expected a mapping with 'binarize' and 'ops' sections")
+    presets = _binarize.BINARIZE_PRESETS
     configs: dict[str, BinarizeConfig] = {}
     for key, value in (data.get("binarize") or {}).items():
         try:
             configs[key] = BinarizeConfig.from_dict(value or {})
         except (ValueError, TypeError) as exc:
             raise CatalogError(f"{path}: binarize.{key}: {exc}") from None
-        earlier = BINARIZE_PRESETS.get(key)
+        earlier = presets.get(key)
         if earlier is not None and earlier != configs[key] and not override:
             raise CatalogError(f"{path}: binarize.{key}: the name is already defined differently ({earlier}); "
                                "rename it, or load the catalog with override=True to replace it")
-    known = {**BINARIZE_PRESETS, **configs}  # an op may name this file's binarizations or earlier ones
+    known = {**presets, **configs}  # an op may name this file's binarizations or earlier ones
     specs: dict[str, PrimitiveSpec] = {}
     for name, entry in (data.get("ops") or {}).items():
         if not isinstance(entry, dict) or "family" not in entry:
@@ -219,18 +262,6 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
             options=options,
             source=str(path),
         )
-    BINARIZE_PRESETS.update(configs)
+    presets.update(configs)
     _REGISTRY.update(specs)
     return list(specs)
-
-
-def _ensure_catalog() -> None:
-    """Register the op families and the shipped catalog once, on first use."""
-    global _catalog_loaded
-    if _catalog_loaded:
-        return
-    _catalog_loaded = True
-    from . import ops  # noqa: F401  (importing registers the families)
-
-    for path in sorted(resource_dir("primitives").glob("*.yaml")):
-        load_catalog(path)

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 
 import bnas
-from bnas import registry
+from bnas import binarize, registry
 from bnas.binarize import BinarizeConfig, binary_layers
 from bnas.registry import (
     CatalogError,
@@ -45,7 +45,7 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test vanish after it, so tests can be re-run in one process."""
     list_primitives()  # load the shipped catalog first
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "BINARIZE_PRESETS", dict(registry.BINARIZE_PRESETS))
+    monkeypatch.setattr(binarize, "BINARIZE_PRESETS", dict(binarize.BINARIZE_PRESETS))
 
 
 def test_catalog_holds_every_required_name() -> None:

@@ -6,7 +6,8 @@ from typing import Any, Mapping, Union
 import torch
 from torch import Tensor, nn
 
-from ..binarize import BinarizeConfig
+from ..binarize import BinarizeConfig, named_binarization
+from ..registry import ensure_catalog
 
 # The binarizations the families default to. Defined here, not looked up in the catalog, so a
 # user catalog that redefines ``xnor`` cannot change what an op built without options means.
@@ -29,12 +30,8 @@ def as_config(value: Binarize, default: BinarizeConfig = XNOR) -> BinarizeConfig
     if isinstance(value, BinarizeConfig):
         return value
     if isinstance(value, str):
-        from ..registry import BINARIZE_PRESETS, list_primitives
-
-        list_primitives()  # loads the catalog, which defines the named binarizations
-        if value not in BINARIZE_PRESETS:
-            raise ValueError(f"unknown binarization {value!r}; the catalog defines {', '.join(sorted(BINARIZE_PRESETS))}")
-        return BINARIZE_PRESETS[value]
+        ensure_catalog()  # the shipped catalog defines the named binarizations
+        return named_binarization(value)
     if isinstance(value, Mapping):
         return BinarizeConfig.from_dict(dict(value))
     raise TypeError(f"binarize must be a catalog name, a mapping or a BinarizeConfig, got {type(value).__name__}")
