@@ -1,25 +1,30 @@
 """Genotype -> networkx cell DAGs -> ``torch.nn.Module``.
 
-The network is ``stem -> body -> head``. Every body entry is a *unit* that sees the outputs
+The builder is where op names meet the registry: ``check_ops`` resolves every op of a
+genotype (plain data) and checks its options, with errors that name the file and the YAML
+path. The network is ``stem -> body -> head``. Every body entry is a *unit* that sees the outputs
 of the two previous units (DARTS's cells k-2 and k-1); a plain op is a one-node cell that
 reads only k-1. Shapes are tracked by running each new unit once on a zero tensor, so channel
 and shape mismatches surface at build time with the YAML path of the culprit.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 from typing import Any, Mapping, Sequence
 
+import networkx as nx
 import torch
 from torch import Tensor, nn
 
 from .binarize import set_binarization
-from .errors import GenotypeError, LimitError
+from .errors import GenotypeError, LimitError, short_repr
 from .genotype import CellSpec, Genotype, LayerSpec, cell_graph, load_genotype
-from .registry import build_op
+from .registry import UnknownPrimitiveError, build_op, get_spec
 
-__all__ = ["build", "BinaryNetwork", "Cell", "OpUnit", "estimate_memory", "memory_limit"]
+__all__ = ["build", "BinaryNetwork", "Cell", "OpUnit", "check_op_name", "check_ops", "estimate_memory", "memory_limit"]
 
 Shape = tuple[int, ...]
 log = logging.getLogger(__name__)
@@ -69,13 +74,93 @@ class _MemoryBudget:
         set_binarization(module, activations=False, weights=False)
 
 
+# --------------------------------------------------------------------------------------
+# Op names and options: the genotype is plain data, resolved against the registry here
+# --------------------------------------------------------------------------------------
+_LAYER_KEYS = ("channels", "stride", "repeat")
+
+
+def check_op_name(name: str, path: str) -> str:
+    """``name`` if the registry knows it, else a ``GenotypeError`` at ``path`` naming the
+    closest names (the one check of op names, for genotypes and search spaces alike)."""
+    try:
+        get_spec(name)
+    except UnknownPrimitiveError as exc:
+        message = str(exc)  # quotes the name, which may be as long as the file
+        raise GenotypeError(message if len(message) <= 200 else message[:197] + "...", path) from None
+    return name
+
+
+def _op_options(op: str) -> tuple[str, ...] | None:
+    """The keyword options ``op``'s factory takes, or None when it takes any (``**options``)."""
+    try:
+        params = list(inspect.signature(get_spec(op).factory).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    # The first three are C_in, C_out and stride: the builder passes them.
+    return tuple(p.name for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _key_path(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_options(op: str, options: Mapping[str, Any], path: str, layer_keys: tuple[str, ...] = ()) -> None:
+    """Unknown option names are caught here, with the closest valid one, not as a TypeError at build."""
+    valid = _op_options(op)
+    if valid is None:
+        return
+    for key in options:
+        if key in valid:
+            continue
+        if not layer_keys and key in ("stride", "C_in", "C_out", "channels"):
+            raise GenotypeError(
+                f"a cell edge cannot set {key!r}: the builder owns it (edges from the cell inputs get stride 2 when the "
+                "body entry has stride: 2, and every edge works at the entry's channels); remove it",
+                f"{path}.{key}",
+            )
+        names = tuple(layer_keys) + valid
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        listed = ", ".join(names) if names else "none"
+        raise GenotypeError(f"unknown option {short_repr(key, 40)} for {op}; {hint}valid: {listed}", f"{path}.{_key_path(key)}")
+
+
+def check_ops(genotype: Genotype, file: str | None = None) -> Genotype:
+    """Resolve every op of ``genotype`` against the registry and check the options it is
+    given; a ``GenotypeError`` names ``file`` (default: the genotype's source) and the YAML
+    path (``cells.normal.nodes.n0[0][0]``, ``body[2].chanels``). Returns the genotype."""
+    try:
+        for name, cell in genotype.cells.items():
+            for node, edges in cell.nodes.items():
+                for i, edge in enumerate(edges):
+                    path = f"cells.{name}.nodes.{node}[{i}]"
+                    check_op_name(edge.op, f"{path}[0]")
+                    _check_options(edge.op, edge.options, f"{path}[2]")
+        for section in ("stem", "body", "head"):
+            layers: Sequence[LayerSpec] = getattr(genotype, section)
+            for i, layer in enumerate(layers):
+                if layer.op is not None:
+                    check_op_name(layer.op, f"{section}[{i}].op")
+                    _check_options(layer.op, layer.options, f"{section}[{i}]", layer_keys=_LAYER_KEYS)
+    except GenotypeError as exc:
+        where = file or genotype.source
+        raise exc.in_file(where) if where else exc
+    return genotype
+
+
 def _make_op(name: str, c_in: int, c_out: int, stride: int, options: Mapping[str, Any], path: str) -> nn.Module:
     try:
         return build_op(name, c_in, c_out, stride, **dict(options))
     except GenotypeError:
         raise
     except (ValueError, TypeError) as exc:
-        raise GenotypeError(f"cannot build {name} ({c_in} -> {c_out} channels, stride {stride}): {exc}", path) from None
+        # Chained, not ``from None``: when the TypeError comes from a bug inside a user's
+        # primitive, its traceback is what they need (the CLI prints one line regardless).
+        raise GenotypeError(f"cannot build {name} ({c_in} -> {c_out} channels, stride {stride}): {exc}", path) from exc
 
 
 def _probe(module: nn.Module, shapes: Sequence[Shape], path: str, what: str) -> Shape:
@@ -106,13 +191,16 @@ class OpUnit(nn.Module):
 
 
 class Cell(nn.Module):
-    """A cell DAG: inputs aligned to the cell width, each node the sum of its edges."""
+    """A cell DAG: inputs aligned to the cell width, each node the sum of its edges.
+
+    The evaluation plan is compiled once from the networkx DAG (a topological order, as
+    DARTS's ``_compile``), so ``forward`` is a short loop over it.
+    """
 
     def __init__(self, spec: CellSpec, shape0: Shape, shape1: Shape, channels: int, stride: int, path: str):
         super().__init__()
         self.spec = spec
         self.graph = cell_graph(spec)
-        self.order = list(spec.nodes)
         # Align inputs to (channels, resolution of in1), as DARTS's preprocessing does.
         self.pre0 = self._align(shape0, shape1, channels, f"{path} (aligning in0)") if spec.inputs == 2 else None
         self.pre1 = self._align(shape1, shape1, channels, f"{path} (aligning in1)")
@@ -122,6 +210,24 @@ class Cell(nn.Module):
                 edge_stride = stride if edge.source in ("in0", "in1") else 1
                 cell_path = f"cells.{spec.name}.nodes.{node}[{i}]"
                 self.edges[f"{node}_{i}"] = _make_op(edge.op, channels, channels, edge_stride, edge.options, cell_path)
+        self.plan, self.outputs = self._compile(self.graph)
+        self.order = [node for node, _ in self.plan]
+        self.combine = spec.combine
+
+    @staticmethod
+    def _compile(graph: nx.MultiDiGraph) -> tuple[list[tuple[str, list[tuple[str, str]]]], list[str]]:
+        """``[(node, [(edge module key, source), ...]), ...]`` in topological order, and the
+        nodes the output combines; edges in their YAML order (``slot``), so sums add up in
+        the same order as the file lists them."""
+        def inputs(node: str) -> list[tuple[int, str]]:
+            return sorted((slot, source) for source, _, slot in graph.in_edges(node, data="slot"))
+
+        plan = [
+            (node, [(f"{node}_{slot}", source) for slot, source in inputs(node)])
+            for node in nx.topological_sort(graph)
+            if graph.nodes[node]["kind"] == "node"
+        ]
+        return plan, [source for _, source in inputs("out")]
 
     @staticmethod
     def _align(shape: Shape, target: Shape, channels: int, path: str) -> nn.Module:
@@ -137,14 +243,14 @@ class Cell(nn.Module):
         states = {"in1": self.pre1(s1)}
         if self.pre0 is not None:
             states["in0"] = self.pre0(s0)
-        for node in self.order:
-            edges = self.spec.nodes[node]
-            total = self.edges[f"{node}_0"](states[edges[0].source])
-            for i in range(1, len(edges)):
-                total = total + self.edges[f"{node}_{i}"](states[edges[i].source])
+        for node, edges in self.plan:
+            (key, source), *rest = edges
+            total = self.edges[key](states[source])
+            for key, source in rest:
+                total = total + self.edges[key](states[source])
             states[node] = total
-        outs = [states[n] for n in self.spec.output]
-        if self.spec.combine == "concat":
+        outs = [states[n] for n in self.outputs]
+        if self.combine == "concat":
             return torch.cat(outs, dim=1)
         result = outs[0]
         for extra in outs[1:]:
@@ -244,6 +350,7 @@ def build(genotype: Genotype | Mapping[str, Any] | str | os.PathLike[str], binar
     if not isinstance(genotype, Genotype):
         genotype = load_genotype(genotype)
     try:
+        check_ops(genotype)
         # Size the network before allocating it: a width or depth within the caps can still
         # add up to more parameters than the machine holds.
         estimate_memory(genotype, memory_limit())

@@ -19,7 +19,9 @@ Handler = Callable[[argparse.Namespace], int]
 def _cmd_primitives(args: argparse.Namespace) -> int:
     from .registry import list_primitives
 
-    specs = list_primitives()
+    specs = list_primitives(args.filter)
+    if not specs:
+        raise BnasError(f"no primitive matches {args.filter!r}; run `bnas primitives` for the list")
     if args.json:
         print(json.dumps([{"name": s.name, "family": s.family, "binarize": s.binarize, "description": s.description} for s in specs]))
         return 0
@@ -71,6 +73,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _add_primitives(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("primitives", help="list the registered primitives (name, family, binarization)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--filter", metavar="PATTERN", help="only names matching a shell-style pattern, e.g. 'xnor_*'")
     p.set_defaults(handler=_cmd_primitives)
 
 

@@ -1,8 +1,10 @@
 """Genotype YAML <-> ``Genotype``: the one schema for handcrafted and searched networks.
 
 A genotype is plain data (like DARTS's ``Genotype``): which op runs on which edge, and the
-macro layout. Validation happens here, once, and every error names the file, the YAML path
-of the culprit and what was expected. ``load -> save -> load`` is the identity.
+macro layout. Parsing checks structure (keys, types, caps, the cell DAG) and never consults
+the op registry: the builder resolves op names and their options (``bnas.builder.check_ops``).
+Every error names the file, the YAML path of the culprit and what was expected.
+``load -> save -> load`` is the identity.
 """
 from __future__ import annotations
 
@@ -142,17 +144,21 @@ class Genotype:
 
 
 def cell_graph(cell: CellSpec) -> nx.MultiDiGraph:
-    """The cell as a networkx DAG: inputs, nodes, and an ``out`` node; edges carry ``op``."""
+    """The cell as a networkx DAG: inputs, nodes, and an ``out`` node.
+
+    Edges carry ``op`` and ``slot``, their position in the YAML list (the edge's index into
+    its node, or the node's place in ``output.nodes``): sums and concatenations follow it.
+    """
     g = nx.MultiDiGraph(name=cell.name)
     for name in cell.input_names:
         g.add_node(name, kind="input")
     for node, edges in cell.nodes.items():
         g.add_node(node, kind="node")
-        for edge in edges:
-            g.add_edge(edge.source, node, op=edge.op)
+        for slot, edge in enumerate(edges):
+            g.add_edge(edge.source, node, op=edge.op, slot=slot)
     g.add_node("out", kind="output", combine=cell.combine)
-    for node in cell.output:
-        g.add_edge(node, "out", op=cell.combine)
+    for slot, node in enumerate(cell.output):
+        g.add_edge(node, "out", op=cell.combine, slot=slot)
     return g
 
 
@@ -187,15 +193,9 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], path: str) ->
 
 
 def _check_op(name: Any, path: str) -> str:
-    from .registry import UnknownPrimitiveError, get_spec
-
+    # Structure only: the builder resolves the name against the registry (``check_ops``).
     if not isinstance(name, str):
         raise GenotypeError(f"expected an op name (a string), got {short_repr(name)} ({_type_name(name)})", path)
-    try:
-        get_spec(name)
-    except UnknownPrimitiveError as exc:
-        message = str(exc)  # quotes the name, which may be as long as the file
-        raise GenotypeError(message if len(message) <= 200 else message[:197] + "...", path) from None
     return name
 
 
@@ -205,43 +205,12 @@ def _options(value: Any, path: str) -> dict[str, Any]:
     return copy.deepcopy(value)
 
 
-def _op_options(op: str) -> tuple[str, ...] | None:
-    """The keyword options ``op``'s factory takes, or None when it takes any (``**options``)."""
-    import inspect
-
-    from .registry import get_spec
-
-    try:
-        params = list(inspect.signature(get_spec(op).factory).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    # The first three are C_in, C_out and stride: the builder passes them.
-    return tuple(p.name for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-
-
-def _check_options(op: str, options: Mapping[str, Any], path: str, layer_keys: tuple[str, ...] = ()) -> None:
-    """Unknown option names are caught here, with the closest valid one, not as a TypeError at build."""
-    import difflib
-
-    valid = _op_options(op)
+def _check_option_caps(options: Mapping[str, Any], path: str) -> None:
+    """Kernel sizes past the cap are refused on load, whatever the op (its options are the
+    builder's to check)."""
     for key, value in options.items():
         if key in ("kernel", "kernel_size") and isinstance(value, int) and not isinstance(value, bool):
             check_limit("KERNEL", value, f"{path}.{key}")
-        if valid is None or key in valid:
-            continue
-        if not layer_keys and key in ("stride", "C_in", "C_out", "channels"):
-            raise GenotypeError(
-                f"a cell edge cannot set {key!r}: the builder owns it (edges from the cell inputs get stride 2 when the "
-                "body entry has stride: 2, and every edge works at the entry's channels); remove it",
-                f"{path}.{key}",
-            )
-        names = tuple(layer_keys) + valid
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        listed = ", ".join(names) if names else "none"
-        raise GenotypeError(f"unknown option {short_repr(key, 40)} for {op}; {hint}valid: {listed}", f"{path}.{_key_path(key)}")
 
 
 def _parse_layer(data: Any, path: str, cells: Mapping[str, CellSpec], allow_cells: bool) -> LayerSpec:
@@ -274,7 +243,7 @@ def _parse_layer(data: Any, path: str, cells: Mapping[str, CellSpec], allow_cell
         raise GenotypeError(f"unknown key(s) {short_repr(', '.join(map(str, options)))} for a cell entry; "
                             "expected cell, channels, stride, repeat", path)
     if op is not None:
-        _check_options(op, options, path, layer_keys=("channels", "stride", "repeat"))
+        _check_option_caps(options, path)
     return LayerSpec(op=op, cell=cell, channels=channels, stride=stride, repeat=repeat, options=options)
 
 
@@ -294,7 +263,7 @@ def _parse_edge(data: Any, path: str) -> Edge:
     if not isinstance(source, str):
         raise GenotypeError(f"expected the name of an input or node, got {short_repr(source)} ({_type_name(source)})", f"{path}[1]")
     options = _options(data[2], f"{path}[2]") if len(data) == 3 else {}
-    _check_options(op, options, f"{path}[2]")
+    _check_option_caps(options, f"{path}[2]")
     return Edge(op=op, source=source, options=options)
 
 

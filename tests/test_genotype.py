@@ -9,6 +9,7 @@ import pytest
 
 import bnas
 from bnas.cli import main
+from bnas.builder import check_ops
 from bnas.errors import GenotypeError
 from bnas.genotype import cell_graph, load_genotype, loads_genotype
 
@@ -62,9 +63,27 @@ def test_cell_graph_structure() -> None:
 
 
 def _error(text: str) -> GenotypeError:
+    """The first error of loading ``text`` and resolving its ops (the builder's part)."""
     with pytest.raises(GenotypeError) as info:
-        loads_genotype(text, file="bad.yaml")
+        check_ops(loads_genotype(text, file="bad.yaml"), file="bad.yaml")
     return info.value
+
+
+def test_parsing_checks_structure_only_and_the_builder_resolves_op_names(tmp_path: Path) -> None:
+    # A genotype is plain data: an unknown op loads, and building it names file and path.
+    text = VALID.replace("binary_conv_3x3, in1", "binary_conv_3x4, in1")
+    genotype = loads_genotype(text, file="bad.yaml")
+    assert genotype.cells["normal"].nodes["n0"][0].op == "binary_conv_3x4"
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(GenotypeError) as info:
+        bnas.build(path)
+    assert info.value.file == str(path) and info.value.path == "cells.normal.nodes.n0[0][0]"
+    assert "unknown op 'binary_conv_3x4'; did you mean binary_conv_3x3" in info.value.message
+    # Layer ops too, at the op key.
+    with pytest.raises(GenotypeError) as info:
+        bnas.build(loads_genotype(VALID.replace("{op: linear}", "{op: linaer}")))
+    assert info.value.path == "head[1].op" and "did you mean linear" in info.value.message
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
+from ..builder import check_op_name, check_ops
 from ..errors import GenotypeError, short_repr
 from ..genotype import COMBINES, Genotype, genotype_from_dict
 from ..yaml_io import check_limit, read_yaml_mapping
@@ -178,15 +179,10 @@ def _per_stage(value: Any, stages: int, path: str) -> tuple[tuple[tuple[int, ...
 
 
 def _check_op(name: Any, path: str) -> str:
-    from ..registry import UnknownPrimitiveError, get_spec
-
+    # The space is the search's input, so its ops are resolved on load, by the builder's check.
     if not isinstance(name, str):
         raise _err(f"expected an op name, got {short_repr(name)}", path)
-    try:
-        get_spec(name)
-    except UnknownPrimitiveError as exc:
-        raise _err(str(exc), path) from None
-    return name
+    return check_op_name(name, path)
 
 
 def _unknown_keys(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
@@ -349,10 +345,11 @@ def parse_space(data: Mapping[str, Any]) -> SearchSpace:
 
 
 def _validate_layers(space: SearchSpace) -> None:
-    """Stem and head entries are checked by building a genotype from them (same errors)."""
+    """Stem and head entries are checked as a genotype's are: parsed, and their ops resolved
+    (same errors)."""
     probe = {"name": "probe", "input": list(space.input), "num_classes": space.num_classes,
              "stem": list(space.stem), "body": [{"op": "skip_connect"}], "head": list(space.head)}
-    genotype_from_dict(probe)
+    check_ops(genotype_from_dict(probe))
 
 
 def load_space(path: str | os.PathLike[str]) -> SearchSpace:
