@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .atomic import WriteError, atomic_path, check_writable_dir
-from .builder import build
+from .builder import build, check_ops
 from .data import DataSplits, load_dataset
 from .errors import BnasError
 from .genotype import Genotype, load_genotype
@@ -119,6 +119,7 @@ def evaluate(
     """Train and test ``genotype``; returns the report (and writes it when ``out`` is set)."""
     if not isinstance(genotype, Genotype):
         genotype = load_genotype(genotype)
+    check_ops(genotype)  # op names and options before any data is loaded, as on load before
     recipe = Recipe.from_dict(genotype.training, f"{genotype.source or genotype.name}: training").merged(dict(overrides or {}))
     dev = resolve_device(device)
     out_dir = Path(out) if out is not None else None
