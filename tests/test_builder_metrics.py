@@ -10,6 +10,7 @@ from torch import nn
 
 import bnas
 from bnas.binarize import BinarizeConfig, BinaryConv2d, binary_layers
+from bnas.builder import Cell
 from bnas.cli import main
 from bnas.genotype import loads_genotype
 from bnas.metrics import summarize
@@ -219,3 +220,74 @@ def test_cell_picture_labels_sit_on_their_own_edge_only(tmp_path: Path, monkeypa
             assert touching and touching <= set(own), f"cell {name}: label {label!r} of {own} touches the arcs {sorted(touching)}"
             checked += 1
     assert checked == sum(1 for g in genotype.cell_graphs().values() for _, v in g.edges() if v != "out")
+
+
+def test_a_type_error_inside_a_user_primitive_keeps_its_traceback() -> None:
+    @bnas.register_primitive("test_buggy_op", override=True)
+    def buggy(C_in: int, C_out: int, stride: int = 1) -> nn.Module:
+        return nn.Conv2d(C_in, C_out, 3, stride, padding="same", bogus=1)  # a bug in the user's own code
+
+    text = "name: b\ninput: [1, 4, 4]\nnum_classes: 3\nbody: [{op: test_buggy_op, channels: 2}]\nhead: [{op: flatten}, {op: linear}]\n"
+    with pytest.raises(bnas.GenotypeError) as info:
+        bnas.build(loads_genotype(text))
+    err = info.value
+    assert err.path == "body[0]" and "cannot build test_buggy_op" in err.message
+    assert isinstance(err.__cause__, TypeError) and "bogus" in str(err.__cause__)
+    # The chained traceback reaches into the user's function.
+    frames = []
+    tb = err.__cause__.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "buggy" in frames
+
+
+def _reference_cell_forward(cell: Cell, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+    """The cell as the YAML reads: nodes in file order, edges summed in list order."""
+    states = {"in1": cell.pre1(s1)}
+    if cell.pre0 is not None:
+        states["in0"] = cell.pre0(s0)
+    for node, edges in cell.spec.nodes.items():
+        total = cell.edges[f"{node}_0"](states[edges[0].source])
+        for i in range(1, len(edges)):
+            total = total + cell.edges[f"{node}_{i}"](states[edges[i].source])
+        states[node] = total
+    outs = [states[n] for n in cell.spec.output]
+    return torch.cat(outs, dim=1) if cell.spec.combine == "concat" else torch.stack(outs).sum(0)
+
+
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_cell_runs_the_plan_compiled_from_its_graph(combine: str) -> None:
+    # Nodes with several edges, some from the same source, and an output list in another
+    # order than the nodes: the compiled plan must follow the graph and the edge slots.
+    text = f"""
+name: plan
+input: [3, 8, 8]
+num_classes: 4
+stem: [{{op: conv_bn, channels: 8}}]
+cells:
+  c:
+    nodes:
+      n0: [[binary_conv_3x3, in1], [skip_connect, in0]]
+      n1: [[max_pool_3x3, n0], [binary_conv_3x3, in1], [skip_connect, n0]]
+      n2: [[skip_connect, n1], [avg_pool_3x3, n0]]
+    output: {{combine: {combine}, nodes: [n2, n0, n1]}}
+body: [{{cell: c, channels: 8}}, {{cell: c, channels: 8, stride: 2}}]
+head: [{{op: global_avgpool}}, {{op: linear}}]
+"""
+    genotype = loads_genotype(text)
+    model = bnas.build(genotype).eval()
+    cells = [unit for unit in model.body if isinstance(unit, Cell)]
+    assert len(cells) == 2
+    cell = cells[0]
+    assert cell.order == ["n0", "n1", "n2"] and cell.outputs == ["n2", "n0", "n1"]
+    assert cell.plan[1] == ("n1", [("n1_0", "n0"), ("n1_1", "in1"), ("n1_2", "n0")])
+    # The modules keep their names, as before the plan was compiled, so checkpoints still load.
+    assert list(cell.edges) == ["n0_0", "n0_1", "n1_0", "n1_1", "n1_2", "n2_0", "n2_1"]
+    assert {k.split(".")[1] for k in cell.state_dict() if k.startswith("edges.")} == {"n0_0", "n1_1"}
+    with torch.no_grad():
+        s0 = s1 = model.stem(torch.randn(2, 3, 8, 8))
+        for unit in cells:
+            out = unit(s0, s1)
+            assert torch.equal(out, _reference_cell_forward(unit, s0, s1))
+            s0, s1 = s1, out

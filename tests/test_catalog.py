@@ -239,3 +239,45 @@ def test_catalog_yaml_cannot_construct_python_objects(tmp_path: Path, isolated_r
     path = _write(tmp_path, "ops:\n  a: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(CatalogError, match="invalid YAML"):
         load_catalog(path)
+
+
+def test_registry_errors_are_bnas_errors_and_keep_their_builtin_bases() -> None:
+    assert issubclass(CatalogError, bnas.BnasError) and issubclass(CatalogError, ValueError)
+    assert issubclass(UnknownPrimitiveError, bnas.BnasError) and issubclass(UnknownPrimitiveError, KeyError)
+    with pytest.raises(bnas.BnasError, match="unknown op 'xnor_resnet_blok'"):
+        get_spec("xnor_resnet_blok")
+
+
+def test_list_primitives_filters_by_shell_pattern() -> None:
+    names = [s.name for s in list_primitives("xnor_*")]
+    assert names == sorted(names) and "xnor_resnet_block" in names and "xnor_vgg_block" in names
+    assert all(n.startswith("xnor_") for n in names)
+    assert [s.name for s in list_primitives("*_block")] == sorted(n for n in (s.name for s in list_primitives()) if n.endswith("_block"))
+    assert list_primitives("no_such_*") == []
+    assert len(list_primitives(None)) == len(list_primitives())
+
+
+def test_primitives_command_filter(capsys: pytest.CaptureFixture[str]) -> None:
+    from bnas.cli import main
+
+    assert main(["primitives", "--filter", "xnor_*"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [s.name for s in list_primitives("xnor_*")]
+    assert main(["primitives", "--filter", "qqq*"]) == 2
+    assert "no primitive matches 'qqq*'" in capsys.readouterr().err
+
+
+def test_named_binarizations_live_in_binarize() -> None:
+    list_primitives()  # the shipped catalog is loaded on first use
+    assert binarize.named_binarization("xnor") == XNOR
+    assert registry.BINARIZE_PRESETS is binarize.BINARIZE_PRESETS  # the old name reads the same table
+    with pytest.raises(ValueError, match="unknown binarization 'xnr'; the catalog defines .*xnor"):
+        binarize.named_binarization("xnr")
+
+
+def test_a_user_catalog_binarization_is_usable_by_name(isolated_registry: None, tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("binarize:\n  mysign: {activation: ste, weight: sign}\nops: {}\n")
+    assert load_catalog(path) == []
+    conv = next(binary_layers(build_op("conv_unit", 8, 8, 1, binarize="mysign")))
+    assert conv.config == BinarizeConfig(activation="ste", weight="sign")
