@@ -29,3 +29,45 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
             yield candidate
             return
     pytest.skip("no read-only folder on this machine")
+
+
+# --------------------------------------------------------------------------------------
+# Search spaces: one small space, tests/data/tiny_space.yaml, in the variants tests need
+# --------------------------------------------------------------------------------------
+DATA = Path(__file__).resolve().parent / "data"
+TINY_SPACE = DATA / "tiny_space.yaml"
+
+
+def _flow(value: object) -> str:
+    """A value as the fixture writes it: lists in flow style, ``[a, b]``."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return str(value)
+
+
+def tiny_space(name: str = "tiny", **changes: object) -> str:
+    """The text of tests/data/tiny_space.yaml with ``name`` and the keys in ``changes`` set.
+
+    A key already in the file (``epochs``, ``ops``, ``cells_per_stage``, ...) is set on its
+    line; any other key (``train_subset``, ``pruner``, ...) is added at the top level. The
+    layout stays one key per line, so tests can go on editing the text by replacement.
+    """
+    lines = [line for line in TINY_SPACE.read_text().splitlines() if not line.startswith("#")]
+    changes = {"name": name, **changes}
+    for key, value in changes.items():
+        hits = [i for i, line in enumerate(lines) if line.lstrip().startswith(f"{key}:")]
+        if len(hits) > 1:
+            raise ValueError(f"{key!r} is on several lines of {TINY_SPACE}")
+        if hits:
+            indent = lines[hits[0]][: len(lines[hits[0]]) - len(lines[hits[0]].lstrip())]
+            lines[hits[0]] = f"{indent}{key}: {_flow(value)}"
+        else:
+            lines.append(f"{key}: {_flow(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_space(folder: Path, text: str | None = None, name: str = "space.yaml") -> Path:
+    """Write a search-space file (default: the tiny space) into ``folder``; returns its path."""
+    path = folder / name
+    path.write_text(tiny_space() if text is None else text)
+    return path

@@ -21,34 +21,12 @@ from torch import nn
 import bnas
 from bnas.cli import main
 from bnas.evaluate import evaluate
-from bnas.search.runner import SearchConfig, SearchError, _fail_dead_local_workers, run_search_study
+from bnas.search.runner import SearchConfig, SearchError, run_search_study
 from bnas.search.space import load_space, sample_genotype
+from bnas.search.workers import fail_dead_local_workers
+from conftest import tiny_space, write_space
 
-TINY = """
-name: tiny
-dataset: digits
-input: [1, 8, 8]
-num_classes: 10
-stem:
-  - {op: conv_bn, channels: 8}
-cells:
-  ops: [binary_conv_3x3, skip_connect, bireal_block]
-  nodes: 2
-  inputs: 2
-  edges_per_node: 1
-  combine: sum
-macro:
-  stages: 2
-  channels: [8, 16]
-  cells_per_stage: [1, 2]
-head:
-  - {op: global_avgpool}
-  - {op: linear}
-budget:
-  epochs: 2
-  batch_size: 128
-  optimizer: {name: adam, lr: 0.01}
-"""
+TINY = tiny_space()
 # Two genotypes in all (one edge, two ops): a search of several trials must meet duplicates.
 TWO_GENOTYPES = """
 name: two
@@ -64,9 +42,7 @@ budget: {epochs: 1, batch_size: 256, optimizer: {name: adam, lr: 0.01}}
 
 
 def _space(tmp_path: Path, text: str = TINY, name: str = "space.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+    return write_space(tmp_path, text, name)
 
 
 def _study(out: Path, name: str = "tiny") -> optuna.Study:
@@ -219,12 +195,12 @@ def test_unreachable_storage_conflicting_study_and_changed_space(tmp_path: Path,
     assert "not a bnas search folder" in capsys.readouterr().err
 
 
-def test_multi_objective_returns_pareto_front(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_multi_objective_returns_pareto_front(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     multi = _space(tmp_path, TINY.replace("name: tiny", "name: tiny\nobjectives: [val_acc, ops]").replace("epochs: 2", "epochs: 1"))
     out = tmp_path / "run"
     assert main(["search", str(multi), "--trials", "4", "--out", str(out), "--sampler", "nsga2"]) == 0
-    captured = capsys.readouterr()
-    assert "cannot prune multi-objective studies" in captured.err
+    # A warning of the library's log (the CLI shows warnings on stderr).
+    assert any(r.levelname == "WARNING" and "cannot prune multi-objective studies" in r.getMessage() for r in caplog.records)
     study = _study(out)
     assert len(study.directions) == 2
     front = sorted((out / "pareto").glob("*.yaml"))
@@ -340,8 +316,8 @@ def test_orphaned_running_trial_is_failed_after_the_grace_period(tmp_path: Path)
     orphan = study.ask()
     alive = study.ask()
     alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    assert _fail_dead_local_workers(study) == 0  # both just started: within the grace period
-    assert _fail_dead_local_workers(study, orphan_grace_s=0.0) == 1
+    assert fail_dead_local_workers(study) == 0  # both just started: within the grace period
+    assert fail_dead_local_workers(study, orphan_grace_s=0.0) == 1
     states = {t.number: t for t in study.trials}
     assert states[orphan.number].state.name == "FAIL" and "never registered" in states[orphan.number].user_attrs["error"]
     assert states[alive.number].state.name == "RUNNING"

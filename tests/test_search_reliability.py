@@ -21,41 +21,14 @@ from bnas.search.outputs import history_figure
 from bnas.search.runner import Objective, SearchConfig, run_search_study
 from bnas.search.space import load_space
 from bnas.search.storage import SearchError, retry_db
+from conftest import tiny_space, write_space
 
 # Small and quick: one epoch on a 128-image proxy of digits.
-SPACE = """
-name: rel
-dataset: digits
-input: [1, 8, 8]
-num_classes: 10
-train_subset: 128
-stem:
-  - {op: conv_bn, channels: 8}
-cells:
-  ops: [binary_conv_3x3, skip_connect, bireal_block]
-  nodes: 2
-  inputs: 2
-  edges_per_node: 1
-  combine: sum
-macro:
-  stages: 2
-  channels: [8, 16]
-  cells_per_stage: [1, 2]
-head:
-  - {op: global_avgpool}
-  - {op: linear}
-budget:
-  epochs: 1
-  batch_size: 128
-  optimizer: {name: adam, lr: 0.01}
-pruner: none
-"""
+SPACE = tiny_space("rel", epochs=1, train_subset=128, pruner="none")
 
 
 def _space(tmp_path: Path, text: str = SPACE, name: str = "space.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+    return write_space(tmp_path, text, name)
 
 
 def _hashes(study: optuna.Study) -> list[str]:
@@ -169,9 +142,9 @@ def test_unsatisfiable_constraint_stops_with_one_line(tmp_path: Path, capsys: py
 
 
 def test_many_over_budget_draws_stop_before_the_trial_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bnas.search.runner as runner
+    import bnas.search.constraints as constraints
 
-    monkeypatch.setattr(runner, "UNSATISFIABLE_AFTER", 5)  # 25 in use; fewer draws keep the test quick
+    monkeypatch.setattr(constraints, "UNSATISFIABLE_AFTER", 5)  # 25 in use; fewer draws keep the test quick
     text = SPACE.replace("name: rel", "name: rel\nconstraints: {max_ops: 10}")
     space = load_space(_space(tmp_path, text))
     with pytest.raises(SearchError, match="none of the 5 sampled genotypes"):

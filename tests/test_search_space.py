@@ -12,39 +12,14 @@ import bnas
 from bnas.errors import GenotypeError
 from bnas.search.runner import make_sampler
 from bnas.search.space import load_space, parse_space, sample_genotype
+from conftest import tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = """
-name: tiny
-dataset: digits
-input: [1, 8, 8]
-num_classes: 10
-stem:
-  - {op: conv_bn, channels: 8}
-cells:
-  ops: [binary_conv_3x3, skip_connect, bireal_block]
-  nodes: 2
-  inputs: 2
-  edges_per_node: 1
-  combine: sum
-macro:
-  stages: 2
-  channels: [8, 16]
-  cells_per_stage: [1]
-head:
-  - {op: global_avgpool}
-  - {op: linear}
-budget:
-  epochs: 2
-  batch_size: 128
-  optimizer: {name: adam, lr: 0.01}
-"""
+TINY = tiny_space(cells_per_stage=[1])
 
 
 def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "space.yaml"
-    path.write_text(text)
-    return path
+    return write_space(tmp_path, text)
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..genotype import load_genotype
 from ..yaml_io import write_text_atomic
-from .runner import epochs_saved, saved_by_reason
+from .stats import epochs_saved, saved_by_reason
 
-__all__ = ["write_outputs", "summary_text", "saved_line", "history_figure", "COLUMNS"]
+__all__ = ["COLUMNS", "history_figure", "saved_line", "summary_text", "write_outputs"]
 
 COLUMNS = ["number", "state", "values", "val_acc", "ops", "size_bytes", "params", "latency_ms", "epochs", "duration_s",
            "genotype_hash", "duplicate_of", "constraint", "error", "choices"]
@@ -29,12 +29,12 @@ MULTI_OBJECTIVE_NOTE = ("Optuna cannot prune multi-objective studies, so every t
 
 def _row(t: FrozenTrial) -> dict[str, Any]:
     a = t.user_attrs
-    duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else ""
+    duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
     return {
         "number": t.number, "state": t.state.name, "values": json.dumps(t.values) if t.values else "",
         "val_acc": a.get("val_acc", ""), "ops": a.get("ops", ""), "size_bytes": a.get("size", ""),
         "params": a.get("params", ""), "latency_ms": a.get("latency_ms", ""), "epochs": a.get("epochs", ""),
-        "duration_s": round(duration, 3) if duration != "" else "",
+        "duration_s": round(duration, 3) if duration is not None else "",
         "genotype_hash": a.get("genotype_hash", ""), "duplicate_of": a.get("duplicate_of", ""),
         "constraint": a.get("constraint", ""), "error": a.get("error", ""),
         "choices": json.dumps(t.params, sort_keys=True),
@@ -65,9 +65,9 @@ def summary_text(study: optuna.Study, out: Path) -> str:
         f"# Search {study.study_name!r}",
         "",
         f"- objectives: {', '.join(objectives)} ({', '.join(d.name.lower() for d in study.directions)})",
-        f"- trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned "
-        f"({over} of them over budget, never trained), {count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running; "
-        f"{dups} duplicate genotypes reused an earlier result",
+        (f"- trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned "
+         f"({over} of them over budget, never trained), {count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running; "
+         f"{dups} duplicate genotypes reused an earlier result"),
         f"- training epochs: {saved_line(study)}",
     ]
     if len(study.directions) > 1:
@@ -79,8 +79,8 @@ def summary_text(study: optuna.Study, out: Path) -> str:
     if best and len(study.directions) == 1:
         b = best[0]
         lines += ["", f"## Best: trial {b.number}", "",
-                  f"validation accuracy {b.values[0]:.4f}, OPs {b.user_attrs.get('ops', 0):,.0f} (BOPs/64 + FLOPs), "
-                  f"size {b.user_attrs.get('size', 0) / 1024:,.1f} KiB; genotype: `{out / 'best.yaml'}`"]
+                  (f"validation accuracy {b.values[0]:.4f}, OPs {b.user_attrs.get('ops', 0):,.0f} (BOPs/64 + FLOPs), "
+                   f"size {b.user_attrs.get('size', 0) / 1024:,.1f} KiB; genotype: `{out / 'best.yaml'}`")]
         top = sorted((t for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs),
                      key=lambda t: -t.values[0])[:5]
         lines += ["", "| trial | val acc | OPs | size (KiB) | epochs |", "|---|---|---|---|---|"]
@@ -91,9 +91,9 @@ def summary_text(study: optuna.Study, out: Path) -> str:
                   "| trial | " + " | ".join(objectives) + " |", "|---" * (len(objectives) + 1) + "|"]
         for t in sorted(best, key=lambda t: -t.values[0]):
             lines.append(f"| {t.number} | " + " | ".join(f"{v:.4g}" for v in t.values) + " |")
-    lines += ["", "Plots: `history.png`, `pareto.png`, `importances.png`; every trial: `trials.csv` and "
-              "`genotypes/trial-N.yaml`. Retrain a genotype with `bnas eval GENOTYPE.yaml --dataset D`; its `training:` "
-              "holds the search's recipe and seed.", ""]
+    lines += ["", ("Plots: `history.png`, `pareto.png`, `importances.png`; every trial: `trials.csv` and "
+                   "`genotypes/trial-N.yaml`. Retrain a genotype with `bnas eval GENOTYPE.yaml --dataset D`; its `training:` "
+                   "holds the search's recipe and seed."), ""]
     return "\n".join(lines)
 
 

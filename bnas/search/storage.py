@@ -11,20 +11,29 @@ from __future__ import annotations
 
 import errno
 import inspect
+import logging
+import math
+import os
 import re
-import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import optuna
 
 from ..errors import BnasError
 
-__all__ = ["SearchError", "open_storage", "retry_db", "mask_url", "is_disk_full", "first_line"]
+__all__ = ["SearchError", "db_patience_s", "first_line", "is_disk_full", "mask_url", "open_storage", "retry_db"]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+# How long a worker waits for a database that went away before it stops (seconds). The
+# environment variable shortens it for tests and lengthens it for flaky networks.
+DB_PATIENCE_S = 90.0
+DB_PATIENCE_ENV = "BNAS_DB_PATIENCE_S"
 
 
 class SearchError(BnasError):
@@ -100,7 +109,7 @@ def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> op
         raise SearchError(f"cannot open the study storage {mask_url(url)!r}: {first_line(exc)} "
                           f"({first_line(exc.__cause__) if exc.__cause__ else 'no driver'}); install the database "
                           "driver this URL names") from None
-    except Exception as exc:  # SQLAlchemy and every driver raise their own types here
+    except Exception as exc:  # noqa: BLE001 (SQLAlchemy and every driver raise their own types here)
         raise SearchError(
             f"cannot open the study storage {mask_url(url)!r}: {first_line(exc)}. Check the URL "
             "(sqlite:///PATH, postgresql://USER@HOST/DB, journal:PATH), that the server is running and reachable, "
@@ -108,14 +117,30 @@ def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> op
         ) from None
 
 
-def retry_db(what: str, fn: Callable[[], T], patience_s: float = 90.0) -> T:
+def db_patience_s() -> float:
+    """``$BNAS_DB_PATIENCE_S`` when set, else ``DB_PATIENCE_S``."""
+    text = os.environ.get(DB_PATIENCE_ENV)
+    if text is None or not text.strip():
+        return DB_PATIENCE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise SearchError(f"{DB_PATIENCE_ENV} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def retry_db(what: str, fn: Callable[[], T], patience_s: float | None = None) -> T:
     """Run a storage operation, riding out transient database errors with back-off.
 
-    A database that stays away longer than ``patience_s`` ends the worker with a clear
-    message; everything the study committed before stays in the database.
+    A database that stays away longer than ``patience_s`` (default ``db_patience_s()``)
+    ends the worker with a clear message; everything the study committed before stays in
+    the database.
     """
     from sqlalchemy.exc import DBAPIError, OperationalError
 
+    patience = db_patience_s() if patience_s is None else patience_s
     delay, waited = 0.5, 0.0
     while True:
         try:
@@ -125,12 +150,12 @@ def retry_db(what: str, fn: Callable[[], T], patience_s: float = 90.0) -> T:
                 raise SearchError(
                     f"the disk holding the study database is full while trying to {what} ({first_line(exc)}); every "
                     "finished trial is kept in the database; free some space and rerun the same command to resume") from None
-            if waited >= patience_s:
+            if waited >= patience:
                 raise SearchError(
                     f"lost the study database for {waited:.0f} s while trying to {what} ({first_line(exc)}); stopping this "
                     "worker. Every finished trial is kept in the database: rerun the same command when it is back"
                 ) from None
-            print(f"database unavailable ({type(exc).__name__}); retrying in {delay:.1f} s", file=sys.stderr, flush=True)
+            logger.warning("database unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
             time.sleep(delay)
             waited += delay
             delay = min(delay * 2, 8.0)

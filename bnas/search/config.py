@@ -1,0 +1,45 @@
+"""What one ``bnas search`` process is asked to do: the search's settings in one record."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .space import SearchSpace
+
+__all__ = ["SearchConfig"]
+
+
+@dataclass
+class SearchConfig:
+    space: SearchSpace
+    out: Path
+    trials: int = 20
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    sampler: str | None = None
+    pruner: str | None = None
+    seed: int = 0
+    worker_index: int = 0          # which of --workers K this process is (0 writes the outputs)
+    device: str = "cpu"
+    threads: int | None = None     # intra-op CPU threads per worker (default 1, see runner.set_threads)
+    data_root: str | None = None
+    progress: bool = True
+    heartbeat: int | None = None
+    retries: int = 1
+    artifacts: Path | None = None
+    extra_callbacks: list[Callable[..., None]] = field(default_factory=list)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+
+    @property
+    def name(self) -> str:
+        return self.study_name or self.space.name
+
+    @property
+    def local_storage(self) -> bool:
+        """The default embedded SQLite file of the run folder (one process owns it)."""
+        return self.storage is None
