@@ -4,6 +4,7 @@ The data flows one way: genotype YAML -> ``Genotype`` -> networkx cell DAGs -> `
 -> trainer -> metrics and reports.
 """
 from . import catalog as _catalog  # noqa: F401  (registers the op families and the shipped catalog)
+from ._version import __version__
 from .binarize import BinarizeConfig, BinaryConv2d, BinaryLinear
 from .builder import build
 from .errors import BnasError, GenotypeError
@@ -11,8 +12,6 @@ from .export import load_packed, pack_model
 from .genotype import Genotype, load_genotype
 from .metrics import summarize
 from .registry import get_primitive, list_primitives, load_catalog, register_primitive
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BinarizeConfig",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import bnas
-from bnas.cli import main
 from bnas.builder import check_ops
+from bnas.cli import main
 from bnas.errors import GenotypeError
 from bnas.genotype import cell_graph, load_genotype, loads_genotype
 

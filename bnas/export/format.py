@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._version import __version__
 from ..atomic import atomic_path
 from ..binarize import BinaryConv2d, BinaryLinear
 from ..builder import build
@@ -143,14 +144,12 @@ def save_packed(packed: PackedNetwork, path: str | os.PathLike[str]) -> Path:
     file at ``path`` then stays as it was."""
     from safetensors.torch import save
 
-    import bnas  # the version string (bnas/__init__ imports this package: read at call time)
-
     if packed.genotype is None:
         raise ExportError("the packed network has no genotype to store; pack a network built with bnas.build")
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in packed.net.state_dict().items()}
     metadata = {"format": FORMAT, "version": VERSION, "genotype": packed.genotype.to_yaml(),
-                "layers": json.dumps(packed.layers), "bnas_version": bnas.__version__,
+                "layers": json.dumps(packed.layers), "bnas_version": __version__,
                 "torch_version": torch.__version__}
     if path.is_dir():
         raise ExportError(f"{path} is an existing folder; the packed model is written to a file "
