@@ -1,6 +1,8 @@
 """Published binary blocks: the ResNet basic block, Bi-Real Net's unit, and the VGG block."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from ..binarize import BinarizeConfig, BinaryConv2d
@@ -21,7 +23,7 @@ class ResNetBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, *, order: str, reduction: str, activation: str,
                  shortcut_per_conv: bool, config: BinarizeConfig):
         super().__init__()
-        unit = dict(kernel=3, order=order, reduction=reduction, config=config, shortcut=shortcut_per_conv)
+        unit: dict[str, Any] = dict(kernel=3, order=order, reduction=reduction, config=config, shortcut=shortcut_per_conv)
         # With one block shortcut the activation comes after the addition, once.
         inner_act = activation if shortcut_per_conv else "none"
         self.conv1 = ConvUnit(c_in, c_out, stride, activation=activation, **unit)

@@ -1,6 +1,8 @@
 """Network-in-Network unit: a binary k x k conv, then two binary 1x1 convs (the "mlpconv")."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..registry import register_family
@@ -26,7 +28,7 @@ def nin(
     convs keep ``C_out``.
     """
     check_channels("nin", C_in, C_out)
-    unit = dict(order=check_order(order), shortcut=False, activation=activation, config=as_config(binarize))
+    unit: dict[str, Any] = dict(order=check_order(order), shortcut=False, activation=activation, config=as_config(binarize))
     return nn.Sequential(
         ConvUnit(C_in, C_out, check_stride(stride), kernel=kernel, **unit),
         ConvUnit(C_out, C_out, 1, kernel=1, **unit),
