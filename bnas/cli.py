@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -77,6 +78,30 @@ def _add_primitives(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_primitives)
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .schemas import json_schema_text
+
+    text = json_schema_text(args.kind)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    from .atomic import check_writable_file, write_text_atomic
+
+    check_writable_file(Path(args.out), "--out", example=f"{args.kind}.schema.json")
+    write_text_atomic(args.out, text)
+    print(f"JSON Schema written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _add_schema(sub: argparse._SubParsersAction) -> None:
+    from .schemas import KINDS
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a file format, for editors with a YAML language server")
+    p.add_argument("kind", choices=KINDS, help="the file format")
+    p.add_argument("--out", metavar="FILE", help="write the schema to FILE instead of printing it")
+    p.set_defaults(handler=_cmd_schema)
+
+
 def _add_optional(sub: argparse._SubParsersAction, module: str, name: str, help_text: str) -> None:
     """Subcommands whose logic lives in their own module (``add_*_arguments`` / ``run_*``)."""
     import importlib
@@ -90,9 +115,14 @@ def _add_optional(sub: argparse._SubParsersAction, module: str, name: str, help_
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnas", description="Neural architecture search over binary neural networks.")
     parser.add_argument("--version", action="version", version=f"bnas {__import__('bnas').__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", dest="log_verbose", action="store_true", help="also log debug messages")
+    verbosity.add_argument("-q", "--quiet", dest="log_quiet", action="store_true",
+                           help="log warnings and errors only (progress bars: each command's own --quiet)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_primitives(sub)
     _add_info(sub)
+    _add_schema(sub)
     for module, name, help_text in _SUBCOMMANDS:
         _add_optional(sub, module, name, help_text)
     return parser
@@ -106,9 +136,27 @@ _SUBCOMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """bnas's library modules log under ``bnas.*``; the CLI shows them on stderr as plain
+    lines: INFO by default, DEBUG with ``-v``, warnings only with ``-q``."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logger = logging.getLogger("bnas")
+    logger.setLevel(level)
+    # One handler, renewed on every call so that it writes to the sys.stderr of this call
+    # (tests and embedding programs swap sys.stderr between calls).
+    for old in [h for h in logger.handlers if getattr(h, "_bnas_cli", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._bnas_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(verbose=args.log_verbose, quiet=args.log_quiet)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2

@@ -27,3 +27,19 @@ def test_info_graph_into_a_read_only_folder_is_one_line(capsys: pytest.CaptureFi
 def test_info_graph_onto_an_existing_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(EXAMPLE_CELLS), "--graph", str(tmp_path)]) == 2
     assert "is an existing folder" in _one_line_error(capsys)
+
+
+DIGITS_SMALL = ROOT / "search_spaces" / "genotypes" / "digits_small.yaml"
+
+
+@pytest.mark.parametrize("flags, epoch_lines", [([], True), (["-q"], False), (["-v"], True)])
+def test_log_level_flags(flags: list[str], epoch_lines: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*flags, "eval", str(DIGITS_SMALL), "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert ("epoch 1/1" in err) is epoch_lines, err
+
+
+def test_verbose_and_quiet_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["-v", "-q", "primitives"])
+    assert "not allowed with argument" in capsys.readouterr().err
