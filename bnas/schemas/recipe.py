@@ -125,8 +125,18 @@ class RecipeSchema(_Section):
     not_a_mapping: ClassVar[str] = "expected a mapping of recipe keys, got {type}"
     unknown_label: ClassVar[str] = "recipe key(s)"
 
-    optimizer: Optimizer = Field(Optimizer.model_validate({}), description=Optimizer.__doc__)
-    schedule: Schedule = Field(Schedule.model_validate({}), description=Schedule.__doc__)
+    optimizer: Optimizer = Field(
+        Optimizer.model_validate({}),
+        json_schema_extra={"default": {"name": "adam", "lr": 0.001}},
+        description="{name: adam | adamw | sgd, lr, weight_decay, betas, eps, momentum, nesterov}; "
+        "default {name: adam, lr: 0.001}.",
+    )
+    schedule: Schedule = Field(
+        Schedule.model_validate({}),
+        json_schema_extra={"default": {"name": "cosine"}},
+        description="{name: cosine | linear | step | exponential | constant, warmup_epochs, final_lr, step_size, "
+        "gamma}; default cosine.",
+    )
     epochs: PositiveInt = Field(10, description="Training epochs.")
     batch_size: PositiveInt = Field(64, description="Images per step.")
     loss: Annotated[LossName, expect(" or ".join(LOSSES))] = Field(
@@ -146,7 +156,11 @@ class RecipeSchema(_Section):
         description="Epochs with binary activations and real weights before the weights are binarized "
         "too (ReActNet's two-step schedule); 0 = off.",
     )
-    distill: Distill | None = Field(None, description=Distill.__doc__)
+    distill: Distill | None = Field(
+        None,
+        description="{teacher: GENOTYPE.yaml, checkpoint: PATH, temperature: 4, alpha: 0.9}: knowledge "
+        "distillation from a real-valued teacher; null = off.",
+    )
     patience: Annotated[int, Strict(), Field(gt=0), expect("a positive integer or null")] | None = Field(
         None, description="Early stopping on validation accuracy, in epochs (LeNet-5 tutorial rule); null = off."
     )

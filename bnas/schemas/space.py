@@ -254,8 +254,10 @@ class SpaceSchema(Schema):
     )
     num_classes: PositiveInt = Field(description="Classes of the dataset.")
     stem: SpaceLayers = Field(default_factory=list, description="Fixed layers before the searched body.")
-    cells: CellChoices | None = Field(None, description=CellChoices.__doc__)
-    macro: Macro = Field(description=Macro.__doc__)
+    cells: CellChoices | None = Field(
+        None, description="The searched cell: ops, nodes, inputs, edges_per_node, combine, reduce_cell."
+    )
+    macro: Macro = Field(description="The searched macro layout: stages, channels, cells_per_stage, stage_ops.")
     head: SpaceLayers = Field(
         [OpEntry.model_validate({"op": "global_avgpool"}), OpEntry.model_validate({"op": "linear"})],
         json_schema_extra={"default": [{"op": "global_avgpool"}, {"op": "linear"}]},
@@ -278,7 +280,9 @@ class SpaceSchema(Schema):
         Field(json_schema_extra=_objectives_schema),
         BeforeValidator(_objectives_start_with_val_acc),
     ] = Field(["val_acc"], description="[val_acc], or val_acc and one or more of ops, size, latency.")
-    constraints: Constraints | None = Field(None, description=Constraints.__doc__)
+    constraints: Constraints | None = Field(
+        None, description="Bounds checked before any training: max_ops, max_size_bytes, max_params, max_latency_ms."
+    )
     pruner: Annotated[PrunerName, expect("median, hyperband or none")] = Field(
         "median", description="Stops poor trials early (single-objective studies): median | hyperband | none."
     )
