@@ -16,8 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
-from bnas.search.runner import SearchConfig, epochs_saved, run_search_study  # noqa: E402
+from bnas.search import SearchConfig, run_search_study  # noqa: E402
 from bnas.search.space import load_space  # noqa: E402
+from bnas.search.stats import epochs_saved  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"tpe+median_pruning": ("tpe", "median"), "random_no_pruning": ("random", "none")}

@@ -14,30 +14,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
-SPACE = """
-name: workers_bench
-dataset: digits
-input: [1, 8, 8]
-num_classes: 10
-stem: [{op: conv_bn, channels: 8}]
-cells:
-  ops: [binary_conv_3x3, skip_connect, bireal_block, binary_dil_conv_3x3]
-  nodes: 2
-  edges_per_node: 1
-  combine: sum
-macro: {stages: 2, channels: [8, 16], cells_per_stage: [1, 2]}
-head: [{op: global_avgpool}, {op: linear}]
-budget: {epochs: 2, batch_size: 128, optimizer: {name: adam, lr: 0.01}}
-pruner: none
-"""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def space_text() -> str:
+    """The small space the search tests share (tests/data/tiny_space.yaml), with four ops,
+    two epochs per trial and no pruning."""
+    space = yaml.safe_load((REPO / "tests" / "data" / "tiny_space.yaml").read_text())
+    space["name"] = "workers_bench"
+    space["cells"]["ops"] = ["binary_conv_3x3", "skip_connect", "bireal_block", "binary_dil_conv_3x3"]
+    space["budget"]["epochs"] = 2
+    space["pruner"] = "none"
+    return yaml.safe_dump(space, sort_keys=False)
 
 
 def run(workers: int, trials: int, tmp: Path) -> float:
     space = tmp / "space.yaml"
-    space.write_text(SPACE)
+    space.write_text(space_text())
     out = tmp / f"run-{workers}"
     cmd = [sys.executable, "-m", "bnas", "search", str(space), "--trials", str(trials), "--out", str(out), "--quiet",
            "--workers", str(workers), "--storage", f"journal:{out / 'study.journal'}"]

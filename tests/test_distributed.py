@@ -1,8 +1,10 @@
 """Distributed search: several workers on one study (PostgreSQL, journal file), a worker
-killed mid-trial, and a database restart in the middle of a search."""
+killed mid-trial, workers riding out a short database outage, and a worker stopping cleanly
+when the database stays away past its limit."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,34 +14,11 @@ from urllib.parse import urlsplit
 
 import optuna
 import pytest
+from conftest import tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE = """
-name: dist
-dataset: digits
-input: [1, 8, 8]
-num_classes: 10
-stem:
-  - {op: conv_bn, channels: 8}
-cells:
-  ops: [binary_conv_3x3, skip_connect, bireal_block, binary_dil_conv_3x3]
-  nodes: 2
-  inputs: 2
-  edges_per_node: 1
-  combine: sum
-macro:
-  stages: 2
-  channels: [8, 16]
-  cells_per_stage: [1, 2]
-head:
-  - {op: global_avgpool}
-  - {op: linear}
-budget:
-  epochs: 3
-  batch_size: 128
-  optimizer: {name: adam, lr: 0.01}
-pruner: none
-"""
+SPACE = tiny_space("dist", ops=["binary_conv_3x3", "skip_connect", "bireal_block", "binary_dil_conv_3x3"], epochs=3,
+                   pruner="none")
 
 
 def _pg_url() -> str:
@@ -58,13 +37,11 @@ def _pg_url() -> str:
 
 
 def _space(tmp_path: Path) -> Path:
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE)
-    return path
+    return write_space(tmp_path, SPACE)
 
 
-def _cmd(space: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "bnas", "search", str(space), "--out", str(out), "--quiet", *extra]
+def _cmd(space: Path, out: Path, *extra: str, quiet: bool = True) -> list[str]:
+    return [sys.executable, "-m", "bnas", "search", str(space), "--out", str(out), *(["--quiet"] if quiet else []), *extra]
 
 
 def _check_study(study: optuna.Study, out: Path, total: int) -> None:
@@ -191,33 +168,93 @@ def test_sigkill_one_worker_mid_trial(tmp_path: Path) -> None:
     _check_study(study, out, 6)
 
 
-@pytest.mark.postgres
-def test_database_restart_during_search(tmp_path: Path) -> None:
+def _server(action: str, data_dir: str, url: str) -> None:
+    """Stop or start the test server where it was (its data folder and port)."""
+    env = {**os.environ, "BNAS_PG_PORT": str(urlsplit(url).port or 5432)}
+    subprocess.run(["bash", str(REPO / "scripts" / "pg_test_server.sh"), action, data_dir], check=True, capture_output=True,
+                   env=env)
+
+
+def _restartable_server() -> tuple[str, str]:
     url = _pg_url()
     data_dir = os.environ.get("BNAS_TEST_POSTGRES_DIR")
     if not data_dir:
-        pytest.skip("set BNAS_TEST_POSTGRES_DIR (the server's data folder) to test a restart")
-    name = f"restart-{os.getpid()}-{time.time_ns()}"
-    out = tmp_path / "run"
-    cmd = _cmd(_space(tmp_path), out, "--workers", "2", "--trials", "6", "--storage", url, "--study", name, "--heartbeat", "2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        pytest.skip("set BNAS_TEST_POSTGRES_DIR (the server's data folder) to stop and start the server")
+    return url, data_dir
+
+
+def _completed_before_outage(name: str, url: str) -> dict[int, list[float] | None]:
+    """Wait for a completed trial, then let go of this process's connections (the server is
+    about to stop); returns the completed trials' values."""
     storage = optuna.storages.RDBStorage(url)
     _wait_for(lambda: any(t.state.name == "COMPLETE" for t in _trials(name, storage)), 300, "a completed trial")
-    before = {t.number: t.values for t in optuna.load_study(study_name=name, storage=storage).trials if t.state.name == "COMPLETE"}
+    before = {t.number: t.values for t in _trials(name, storage) if t.state.name == "COMPLETE"}
     storage.remove_session()
     storage.engine.dispose()
-    script = REPO / "scripts" / "pg_test_server.sh"
-    server_env = {**os.environ, "BNAS_PG_PORT": str(urlsplit(url).port or 5432)}  # restart it where it was
-    subprocess.run(["bash", str(script), "stop", data_dir], check=True, env=server_env)
-    time.sleep(3)
-    subprocess.run(["bash", str(script), "start", data_dir], check=True, capture_output=True, env=server_env)
-    proc.wait(timeout=900)
-    # The workers rode it out or stopped cleanly; rerunning the command finishes the study.
-    if proc.returncode != 0:
-        assert "Traceback" not in (proc.stderr or "") or "lost the study database" in proc.stderr
-        assert subprocess.run(cmd, capture_output=True, timeout=900).returncode == 0
+    return before
+
+
+def _assert_kept(name: str, url: str, before: dict[int, list[float] | None]) -> optuna.Study:
     study = optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(url))
     by_number = {t.number: t for t in study.trials}
     for number, values in before.items():
         assert by_number[number].state.name == "COMPLETE" and by_number[number].values == values
-    _check_study(study, out, 6)
+    return study
+
+
+RETRY = re.compile(r"database unavailable \((\w+)\); retrying in ([0-9.]+) s")
+
+
+@pytest.mark.postgres
+def test_workers_ride_out_a_short_database_outage(tmp_path: Path) -> None:
+    url, data_dir = _restartable_server()
+    name = f"outage-{os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "run"
+    # Not --quiet: whatever --quiet hides, the retries this test counts must be shown.
+    cmd = _cmd(_space(tmp_path), out, "--workers", "2", "--trials", "6", "--storage", url, "--study", name, "--heartbeat", "2",
+               quiet=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    before = _completed_before_outage(name, url)
+    _server("stop", data_dir, url)
+    try:
+        # Longer than the first back-off steps (0.5 + 1 + 2 s): a worker that meets the
+        # outage must wait more than once; far shorter than the 90 s it waits at most.
+        time.sleep(6)
+    finally:
+        _server("start", data_dir, url)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    delays = [float(d) for _, d in RETRY.findall(err)]
+    assert delays, f"no worker retried while the database was down:\n{err[-3000:]}"
+    assert max(delays) > min(delays) == 0.5, f"no back-off in the retries: {delays}"
+    assert "lost the study database" not in err
+    _check_study(_assert_kept(name, url, before), out, 6)
+
+
+@pytest.mark.postgres
+def test_worker_stops_cleanly_after_the_outage_limit(tmp_path: Path) -> None:
+    url, data_dir = _restartable_server()
+    name = f"lost-{os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "run"
+    space = _space(tmp_path)
+    cmd = _cmd(space, out, "--trials", "6", "--storage", url, "--study", name, "--heartbeat", "2", quiet=False)
+    env = {**os.environ, "BNAS_DB_PATIENCE_S": "2"}  # 90 s in use; the limit is what is tested
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    before = _completed_before_outage(name, url)
+    _server("stop", data_dir, url)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        _server("start", data_dir, url)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err[-3000:]
+    assert errors[0].startswith("error: lost the study database for ")
+    assert "stopping this worker" in errors[0] and "rerun the same command when it is back" in errors[0]
+    waited = [float(d) for _, d in RETRY.findall(err)]
+    assert waited and sum(waited) >= 2, f"stopped before the limit: {waited}"
+    _assert_kept(name, url, before)
+    # What it said: the same command, rerun with the database back, finishes the study.
+    assert subprocess.run(cmd, capture_output=True, timeout=900).returncode == 0
+    _check_study(_assert_kept(name, url, before), out, 6)

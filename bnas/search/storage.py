@@ -131,6 +131,26 @@ def db_patience_s() -> float:
     return value
 
 
+def _database_error(exc: BaseException) -> BaseException | None:
+    """The SQLAlchemy database error behind ``exc``, if any.
+
+    Optuna 5.0 can hide one: when telling a trial's result fails and reading the trial back
+    fails too, the cleanup of ``_run_trial`` raises UnboundLocalError with the database
+    error as its context. A ``BnasError`` is a final verdict, and a context suppressed with
+    ``from None`` is not followed.
+    """
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen and not isinstance(cur, BnasError):
+        seen.add(id(cur))
+        if isinstance(cur, (OperationalError, DBAPIError)):
+            return cur
+        cur = cur.__cause__ if cur.__cause__ is not None or cur.__suppress_context__ else cur.__context__
+    return None
+
+
 def retry_db(what: str, fn: Callable[[], T], patience_s: float | None = None) -> T:
     """Run a storage operation, riding out transient database errors with back-off.
 
@@ -138,14 +158,15 @@ def retry_db(what: str, fn: Callable[[], T], patience_s: float | None = None) ->
     ends the worker with a clear message; everything the study committed before stays in
     the database.
     """
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
     patience = db_patience_s() if patience_s is None else patience_s
     delay, waited = 0.5, 0.0
     while True:
         try:
             return fn()
-        except (OperationalError, DBAPIError) as exc:
+        except Exception as caught:
+            exc = _database_error(caught)
+            if exc is None:
+                raise
             if is_disk_full(exc):  # waiting does not free space
                 raise SearchError(
                     f"the disk holding the study database is full while trying to {what} ({first_line(exc)}); every "
