@@ -1,40 +1,43 @@
 """Genotype YAML <-> ``Genotype``: the one schema for handcrafted and searched networks.
 
 A genotype is plain data (like DARTS's ``Genotype``): which op runs on which edge, and the
-macro layout. Parsing checks structure (keys, types, caps, the cell DAG) and never consults
-the op registry: the builder resolves op names and their options (``bnas.builder.check_ops``).
+macro layout. Parsing checks structure (the schema ``bnas.schemas.genotype``: keys, types,
+references), the size caps and the cell DAG, and never consults the op registry: the
+builder resolves op names and their options (``bnas.builder.check_ops``).
 Every error names the file, the YAML path of the culprit and what was expected.
 ``load -> save -> load`` is the identity.
 """
+
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import networkx as nx
 
-from .errors import GenotypeError, short_repr
+from .errors import GenotypeError
+from .schemas import validate
+from .schemas.genotype import COMBINES
 from .yaml_io import check_limit, dump_yaml, parse_yaml_mapping, read_yaml_mapping, write_text_atomic
 
 __all__ = [
-    "Edge",
-    "CellSpec",
-    "LayerSpec",
-    "Genotype",
-    "load_genotype",
-    "genotype_from_dict",
-    "cell_graph",
     "COMBINES",
+    "CellSpec",
+    "Edge",
+    "Genotype",
+    "LayerSpec",
+    "cell_graph",
+    "genotype_from_dict",
+    "load_genotype",
 ]
 
-COMBINES = ("concat", "sum")
 _LAYER_KEYS = ("op", "cell", "channels", "stride", "repeat")
-_TOP_KEYS = ("name", "input", "num_classes", "stem", "cells", "body", "head", "training")
 
 
 @dataclass(frozen=True)
@@ -165,46 +168,11 @@ def cell_graph(cell: CellSpec) -> nx.MultiDiGraph:
 # --------------------------------------------------------------------------------------
 # Validation: dict -> Genotype
 # --------------------------------------------------------------------------------------
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _positive_int(value: Any, path: str, what: str = "a positive integer") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise GenotypeError(f"expected {what}, got {short_repr(value)} ({_type_name(value)})", path)
-    if value <= 0:
-        raise GenotypeError(f"expected {what}, got {value}", path)
-    return value
-
-
-def _key_path(key: Any) -> str:
-    text = str(key)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
-    import difflib
-
-    for key in data:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; expected some of {', '.join(allowed)}"
-            raise GenotypeError(f"unknown key {short_repr(key)}{hint}", f"{path}.{_key_path(key)}" if path else _key_path(key))
-
-
-def _check_op(name: Any, path: str) -> str:
-    # Structure only: the builder resolves the name against the registry (``check_ops``).
-    if not isinstance(name, str):
-        raise GenotypeError(f"expected an op name (a string), got {short_repr(name)} ({_type_name(name)})", path)
-    return name
-
-
-def _options(value: Any, path: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise GenotypeError(f"expected a mapping of op options, got {_type_name(value)}", path)
-    return copy.deepcopy(value)
-
-
+# The structure (keys, types, references between parts of the file) is the schema's
+# (``bnas.schemas.genotype``); what is left here needs more than a schema: the size caps,
+# which are environment variables, and the cell DAG's graph properties. The dataclasses
+# are built from the data as written, not from the validated model, which would turn
+# ``lr: 1`` into ``1.0`` and move a genotype's hash.
 def _check_option_caps(options: Mapping[str, Any], path: str) -> None:
     """Kernel sizes past the cap are refused on load, whatever the op (its options are the
     builder's to check)."""
@@ -213,105 +181,49 @@ def _check_option_caps(options: Mapping[str, Any], path: str) -> None:
             check_limit("KERNEL", value, f"{path}.{key}")
 
 
-def _parse_layer(data: Any, path: str, cells: Mapping[str, CellSpec], allow_cells: bool) -> LayerSpec:
-    if not isinstance(data, dict):
-        raise GenotypeError(f"expected a mapping like {{op: NAME, channels: C}}, got {_type_name(data)}", path)
-    has_op, has_cell = "op" in data, "cell" in data
-    if has_op == has_cell:
-        raise GenotypeError("expected exactly one of 'op' or 'cell'", path)
-    op = cell = None
-    if has_op:
-        op = _check_op(data["op"], f"{path}.op")
-    else:
-        if not allow_cells:
-            raise GenotypeError("cells are only allowed in 'body'", f"{path}.cell")
-        cell = data["cell"]
-        if cell not in cells:
-            known = ", ".join(cells) or "none defined"
-            raise GenotypeError(f"unknown cell {short_repr(cell)}; cells defined under 'cells': {known}", f"{path}.cell")
+def _layer(data: Mapping[str, Any], path: str) -> LayerSpec:
     channels = data.get("channels")
     if channels is not None:
-        channels = check_limit("CHANNELS", _positive_int(channels, f"{path}.channels"), f"{path}.channels")
-    elif cell is not None:
-        raise GenotypeError("a cell entry needs 'channels' (the width every node of the cell works at)", f"{path}.channels")
-    stride = data.get("stride", 1)
-    if isinstance(stride, bool) or stride not in (1, 2):
-        raise GenotypeError(f"expected stride 1 or 2, got {short_repr(stride)}", f"{path}.stride")
-    repeat = check_limit("REPEAT", _positive_int(data.get("repeat", 1), f"{path}.repeat"), f"{path}.repeat")
+        check_limit("CHANNELS", channels, f"{path}.channels")
+    repeat = check_limit("REPEAT", data.get("repeat", 1), f"{path}.repeat")
     options = {k: copy.deepcopy(v) for k, v in data.items() if k not in _LAYER_KEYS}
-    if cell is not None and options:
-        raise GenotypeError(f"unknown key(s) {short_repr(', '.join(map(str, options)))} for a cell entry; "
-                            "expected cell, channels, stride, repeat", path)
-    if op is not None:
-        _check_option_caps(options, path)
-    return LayerSpec(op=op, cell=cell, channels=channels, stride=stride, repeat=repeat, options=options)
+    _check_option_caps(options, path)  # a cell entry has no options (the schema refuses them)
+    return LayerSpec(
+        op=data.get("op"),
+        cell=data.get("cell"),
+        channels=channels,
+        stride=data.get("stride", 1),
+        repeat=repeat,
+        options=options,
+    )
 
 
-def _parse_layers(data: Any, path: str, cells: Mapping[str, CellSpec], allow_cells: bool = False) -> tuple[LayerSpec, ...]:
-    if data is None:
-        return ()
-    if not isinstance(data, list):
-        raise GenotypeError(f"expected a list of layers, got {_type_name(data)}", path)
-    return tuple(_parse_layer(item, f"{path}[{i}]", cells, allow_cells) for i, item in enumerate(data))
+def _layers(data: list[Mapping[str, Any]] | None, path: str) -> tuple[LayerSpec, ...]:
+    return tuple(_layer(item, f"{path}[{i}]") for i, item in enumerate(data or ()))
 
 
-def _parse_edge(data: Any, path: str) -> Edge:
-    if not isinstance(data, list) or len(data) not in (2, 3):
-        raise GenotypeError(f"expected an edge [op, input] or [op, input, {{options}}], got {short_repr(data)}", path)
-    op = _check_op(data[0], f"{path}[0]")
-    source = data[1]
-    if not isinstance(source, str):
-        raise GenotypeError(f"expected the name of an input or node, got {short_repr(source)} ({_type_name(source)})", f"{path}[1]")
-    options = _options(data[2], f"{path}[2]") if len(data) == 3 else {}
+def _edge(data: list[Any], path: str) -> Edge:
+    options = copy.deepcopy(data[2]) if len(data) == 3 else {}
     _check_option_caps(options, f"{path}[2]")
-    return Edge(op=op, source=source, options=options)
+    return Edge(op=data[0], source=data[1], options=options)
 
 
-def _parse_cell(name: str, data: Any, path: str) -> CellSpec:
-    if not isinstance(data, dict):
-        raise GenotypeError(f"expected a mapping with inputs, nodes, output; got {_type_name(data)}", path)
-    _check_keys(data, ("inputs", "nodes", "output"), path)
-    inputs = data.get("inputs", 2)
-    if isinstance(inputs, bool) or inputs not in (1, 2):
-        raise GenotypeError(f"expected inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1), got {short_repr(inputs)}", f"{path}.inputs")
-    input_names = ("in0", "in1") if inputs == 2 else ("in1",)
-    raw_nodes = data.get("nodes")
-    if not isinstance(raw_nodes, dict) or not raw_nodes:
-        raise GenotypeError("expected a non-empty mapping of nodes, e.g. {n0: [[skip_connect, in1]]}", f"{path}.nodes")
+def _cell(name: str, data: Mapping[str, Any], path: str) -> CellSpec:
+    raw_nodes: Mapping[str, list[Any]] = data["nodes"]
     check_limit("NODES", len(raw_nodes), f"{path}.nodes", "the number of nodes in the cell")
     nodes: dict[str, tuple[Edge, ...]] = {}
     for node, edges in raw_nodes.items():
         npath = f"{path}.nodes.{node}"
-        if not isinstance(node, str) or node in input_names or node == "out":
-            raise GenotypeError(f"invalid node name {short_repr(node)} (in0, in1 and out are reserved)", npath)
-        if not isinstance(edges, list) or not edges:
-            raise GenotypeError("expected a non-empty list of edges [[op, input], ...]", npath)
         check_limit("NODES", len(edges), npath, "the number of edges into the node")
-        nodes[node] = tuple(_parse_edge(e, f"{npath}[{i}]") for i, e in enumerate(edges))
-    known = set(input_names) | set(nodes)
-    for node, edges in nodes.items():
-        for i, edge in enumerate(edges):
-            if edge.source not in known:
-                hint = "in1" if inputs == 1 and edge.source == "in0" else None
-                extra = " (this cell has inputs: 1, so only in1 exists)" if hint else ""
-                raise GenotypeError(
-                    f"unknown input or node {short_repr(edge.source)}{extra}; known: {', '.join(sorted(known))}",
-                    f"{path}.nodes.{node}[{i}][1]",
-                )
-    output = data.get("output")
-    if not isinstance(output, dict):
-        raise GenotypeError("expected output: {combine: concat|sum, nodes: [...]}", f"{path}.output")
-    _check_keys(output, ("combine", "nodes"), f"{path}.output")
-    combine = output.get("combine", "concat")
-    if combine not in COMBINES:
-        raise GenotypeError(f"invalid combine {short_repr(combine)}; expected one of {', '.join(COMBINES)}", f"{path}.output.combine")
-    out_nodes = output.get("nodes")
-    if not isinstance(out_nodes, list) or not out_nodes:
-        raise GenotypeError("expected a non-empty list of node names", f"{path}.output.nodes")
-    for i, node in enumerate(out_nodes):
-        if node not in nodes:
-            raise GenotypeError(f"unknown node {short_repr(node)}; nodes: {', '.join(nodes)}", f"{path}.output.nodes[{i}]")
-    spec = CellSpec(name=name, inputs=inputs, nodes=nodes, combine=combine, output=tuple(out_nodes))
+        nodes[node] = tuple(_edge(e, f"{npath}[{i}]") for i, e in enumerate(edges))
+    output = data["output"]
+    spec = CellSpec(
+        name=name,
+        inputs=data.get("inputs", 2),
+        nodes=nodes,
+        combine=output.get("combine", "concat"),
+        output=tuple(output["nodes"]),
+    )
     _check_dag(spec, path)
     return spec
 
@@ -324,13 +236,16 @@ def _check_dag(cell: CellSpec, path: str) -> None:
         cycle = None
     if cycle:
         loop = " -> ".join([cycle[0][0]] + [edge[1] for edge in cycle])
-        raise GenotypeError(f"the cell has a cycle: {loop}; edges may only point to earlier nodes or inputs", f"{path}.nodes")
+        raise GenotypeError(
+            f"the cell has a cycle: {loop}; edges may only point to earlier nodes or inputs", f"{path}.nodes"
+        )
     order = list(cell.nodes)
     for node, edges in cell.nodes.items():
         for i, edge in enumerate(edges):
             if edge.source in cell.nodes and order.index(edge.source) >= order.index(node):
                 raise GenotypeError(
-                    f"edge into {node} comes from {edge.source}, which is not an earlier node", f"{path}.nodes.{node}[{i}][1]"
+                    f"edge into {node} comes from {edge.source}, which is not an earlier node",
+                    f"{path}.nodes.{node}[{i}][1]",
                 )
     reachable = set().union(*(nx.descendants(g, i) for i in cell.input_names))
     feeding = nx.ancestors(g, "out")
@@ -338,7 +253,10 @@ def _check_dag(cell: CellSpec, path: str) -> None:
         if node not in reachable:
             raise GenotypeError(f"node {node} is not reachable from any cell input", f"{path}.nodes.{node}")
         if node not in feeding:
-            raise GenotypeError(f"node {node} does not feed the cell output; add it to output.nodes or remove it", f"{path}.nodes.{node}")
+            raise GenotypeError(
+                f"node {node} does not feed the cell output; add it to output.nodes or remove it",
+                f"{path}.nodes.{node}",
+            )
 
 
 def genotype_from_dict(data: Mapping[str, Any], file: str | None = None) -> Genotype:
@@ -351,45 +269,33 @@ def genotype_from_dict(data: Mapping[str, Any], file: str | None = None) -> Geno
 
 def _genotype_from_dict(data: Mapping[str, Any]) -> Genotype:
     if not isinstance(data, dict):
-        raise GenotypeError(f"expected a YAML mapping at the top level, got a {_type_name(data)}", "(top level)")
-    _check_keys(data, _TOP_KEYS, "")
-    for key in ("input", "num_classes", "body"):
-        if key not in data:
-            raise GenotypeError(f"missing required key {key!r}", key)
-    name = data.get("name", "genotype")
-    if not isinstance(name, str) or not name:
-        raise GenotypeError(f"expected a non-empty string, got {short_repr(name)}", "name")
-    shape = data["input"]
-    if not isinstance(shape, list) or len(shape) != 3:
-        raise GenotypeError(f"expected [C, H, W], got {short_repr(shape)}", "input")
-    shape_t = tuple(_positive_int(v, f"input[{i}]") for i, v in enumerate(shape))
-    check_limit("CHANNELS", shape_t[0], "input[0]", "the number of input channels")
+        # The words of ``parse_yaml_mapping``, for a caller that hands over parsed data.
+        raise GenotypeError(f"expected a YAML mapping at the top level, got a {type(data).__name__}", "(top level)")
+    validate("genotype", data)
+    shape: tuple[int, int, int] = tuple(data["input"])  # type: ignore[assignment]
+    check_limit("CHANNELS", shape[0], "input[0]", "the number of input channels")
     for i in (1, 2):
-        check_limit("INPUT_SIZE", shape_t[i], f"input[{i}]")
-    num_classes = check_limit("CLASSES", _positive_int(data["num_classes"], "num_classes"), "num_classes")
-    raw_cells = data.get("cells") or {}
-    if not isinstance(raw_cells, dict):
-        raise GenotypeError(f"expected a mapping of named cells, got {_type_name(raw_cells)}", "cells")
-    cells = {str(n): _parse_cell(str(n), c, f"cells.{n}") for n, c in raw_cells.items()}
-    stem = _parse_layers(data.get("stem"), "stem", cells)
-    body = _parse_layers(data["body"], "body", cells, allow_cells=True)
-    if not body:
-        raise GenotypeError("expected at least one layer", "body")
-    head = _parse_layers(data.get("head"), "head", cells)
-    check_limit("LAYERS", sum(layer.repeat for layer in (*stem, *body, *head)), "body",
-                "the number of layers and cells (every repeat counted)")
-    training = data.get("training")
-    if training is not None and not isinstance(training, dict):
-        raise GenotypeError(f"expected a mapping of recipe defaults, got {_type_name(training)}", "training")
+        check_limit("INPUT_SIZE", shape[i], f"input[{i}]")
+    num_classes = check_limit("CLASSES", data["num_classes"], "num_classes")
+    cells = {name: _cell(name, cell, f"cells.{name}") for name, cell in (data.get("cells") or {}).items()}
+    stem = _layers(data.get("stem"), "stem")
+    body = _layers(data["body"], "body")
+    head = _layers(data.get("head"), "head")
+    check_limit(
+        "LAYERS",
+        sum(layer.repeat for layer in (*stem, *body, *head)),
+        "body",
+        "the number of layers and cells (every repeat counted)",
+    )
     return Genotype(
-        name=name,
-        input=shape_t,  # type: ignore[arg-type]
+        name=data.get("name", "genotype"),
+        input=shape,
         num_classes=num_classes,
         stem=stem,
         cells=cells,
         body=body,
         head=head,
-        training=copy.deepcopy(training),
+        training=copy.deepcopy(data.get("training")),
     )
 
 

@@ -38,7 +38,7 @@ __all__ = [
     "Schema",
     "expect",
     "fail",
-    "no_bool",
+    "int_only",
     "says",
     "type_name",
 ]
@@ -108,15 +108,16 @@ def expect(what: str, got: GotStyle = "repr", whole: bool = False) -> WrapValida
     return says(f"expected {what}", got=got, whole=whole)
 
 
-def _reject_bool(value: Any) -> Any:
-    # YAML's true/false are Python bools, which are ints: no count or choice may be one.
-    # A ValueError, as pydantic reports only that (not a TypeError) as a validation error.
-    if isinstance(value, bool):
-        raise ValueError("a boolean is not a number here")  # noqa: TRY004
+def _int_only(value: Any) -> Any:
+    # For a choice of integers (``Literal[1, 2]``), which pydantic matches by equality: YAML's
+    # true/false are Python bools, and 2.0 == 2, but neither is an integer choice. A
+    # ValueError, as pydantic reports only that (not a TypeError) as a validation error.
+    if isinstance(value, (bool, float)):
+        raise ValueError("not an integer")  # noqa: TRY004
     return value
 
 
-no_bool = BeforeValidator(_reject_bool)
+int_only = BeforeValidator(_int_only)
 
 # Leaf types shared by several schemas. ``Strict`` keeps YAML's text "8" from becoming 8
 # (and a number from becoming a string); a float field still takes an integer.

@@ -31,7 +31,7 @@ from .common import (
     StrictStr,
     expect,
     fail,
-    no_bool,
+    int_only,
     says,
     type_name,
 )
@@ -43,7 +43,7 @@ CombineName = Literal["concat", "sum"]
 COMBINES: tuple[str, ...] = ("concat", "sum")
 
 OpName = Annotated[StrictStr, expect("an op name (a string)", got="typed")]
-Stride = Annotated[Literal[1, 2], no_bool, expect("stride 1 or 2")]
+Stride = Annotated[Literal[1, 2], int_only, expect("stride 1 or 2")]
 
 
 def mapping_or(message: str, allow_none: bool = True) -> BeforeValidator:
@@ -167,7 +167,7 @@ class Cell(Schema):
         "output": "expected output: {combine: concat|sum, nodes: [...]}",
     }
 
-    inputs: Annotated[Literal[1, 2], no_bool, expect("inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1)")] = Field(
+    inputs: Annotated[Literal[1, 2], int_only, expect("inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1)")] = Field(
         2, description="2: in0 = cell k-2, in1 = cell k-1; 1: in1 only."
     )
     nodes: Annotated[

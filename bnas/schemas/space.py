@@ -23,7 +23,7 @@ from .common import (
     TrueOrFalse,
     expect,
     fail,
-    no_bool,
+    int_only,
     says,
 )
 from .genotype import CombineName, OpEntry, mapping_or
@@ -108,7 +108,7 @@ class CellChoices(Schema):
         list[SpaceOpName], Field(min_length=1), says("expected a non-empty list of op names (see `bnas primitives`)")
     ] = Field(description="The ops an edge may take (`bnas primitives` lists them), each once.")
     nodes: PositiveInt = Field(2, description="Intermediate nodes per cell (BNAS_MAX_NODES).")
-    inputs: Annotated[Literal[1, 2], no_bool, expect("1 or 2")] = Field(
+    inputs: Annotated[Literal[1, 2], int_only, expect("1 or 2")] = Field(
         2, description="Cell inputs: 2 (cells k-2 and k-1) or 1 (cell k-1)."
     )
     edges_per_node: PositiveInt = Field(2, description="Edges each node sums (BNAS_MAX_NODES).")
