@@ -256,6 +256,42 @@ def test_full_study_database_is_not_retried(tmp_path: Path) -> None:
     assert calls == [1]  # waiting does not free space
 
 
+def test_retry_db_sees_the_database_error_behind_another_and_stops_at_its_patience(monkeypatch: pytest.MonkeyPatch,
+                                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setattr("bnas.search.storage.time.sleep", lambda s: None)
+    calls: list[int] = []
+
+    def tell_failed() -> None:
+        # As Optuna 5.0's _run_trial raises when the tell and the read-back both fail.
+        calls.append(1)
+        try:
+            raise OperationalError("UPDATE trials", {}, Exception("server closed the connection"))
+        except OperationalError:
+            raise UnboundLocalError("cannot access local variable 'updated_state'")  # noqa: B904 (as Optuna does)
+
+    monkeypatch.setenv("BNAS_DB_PATIENCE_S", "3")
+    with pytest.raises(SearchError, match="lost the study database for 4 s while trying to run a trial"):
+        retry_db("run a trial", tell_failed)
+    assert len(calls) == 4  # back-off 0.5 + 1 + 2 s, then past the 3 s limit
+    delays = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert [d.rsplit(" ", 2)[1] for d in delays] == ["0.5", "1.0", "2.0"]
+
+    def own_error() -> None:  # a bnas error is final, whatever it was raised from
+        try:
+            raise OperationalError("SELECT", {}, Exception("gone"))
+        except OperationalError:
+            raise SearchError("cannot open the study storage") from None
+
+    calls.clear()
+    with pytest.raises(SearchError, match="cannot open the study storage"):
+        retry_db("open the study", own_error)
+    monkeypatch.setenv("BNAS_DB_PATIENCE_S", "soon")
+    with pytest.raises(SearchError, match="BNAS_DB_PATIENCE_S must be a number of seconds"):
+        retry_db("open the study", lambda: None)
+
+
 # --------------------------------------------------------------------------------------
 # Defect 10: history.png
 # --------------------------------------------------------------------------------------
