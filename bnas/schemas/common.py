@@ -36,6 +36,7 @@ __all__ = [
     "ERROR_TYPE",
     "UNION_TAGS",
     "Schema",
+    "chw",
     "expect",
     "fail",
     "int_only",
@@ -118,6 +119,17 @@ def _int_only(value: Any) -> Any:
 
 
 int_only = BeforeValidator(_int_only)
+
+
+def _three_items(value: Any) -> Any:
+    # The shape before its items: [[8], [16]] is two items short before it holds a list.
+    if not isinstance(value, list) or len(value) != 3:
+        raise fail(f"expected [C, H, W], got {short_repr(value)}")
+    return value
+
+
+# An image shape [C, H, W] (the items' own type is added by each schema).
+chw = BeforeValidator(_three_items)
 
 # Leaf types shared by several schemas. ``Strict`` keeps YAML's text "8" from becoming 8
 # (and a number from becoming a string); a float field still takes an integer.

@@ -29,6 +29,7 @@ from .common import (
     PositiveIntTyped,
     Schema,
     StrictStr,
+    chw,
     expect,
     fail,
     int_only,
@@ -43,6 +44,7 @@ CombineName = Literal["concat", "sum"]
 COMBINES: tuple[str, ...] = ("concat", "sum")
 
 OpName = Annotated[StrictStr, expect("an op name (a string)", got="typed")]
+CellName = Annotated[StrictStr, expect("a cell name (a string)", got="typed")]
 Stride = Annotated[Literal[1, 2], int_only, expect("stride 1 or 2")]
 
 
@@ -87,9 +89,7 @@ class CellEntry(Schema):
         "channels": "a cell entry needs 'channels' (the width every node of the cell works at)"
     }
 
-    cell: Annotated[StrictStr, expect("a cell name (a string)", got="typed")] = Field(
-        description="A cell defined under `cells:`."
-    )
+    cell: CellName = Field(description="A cell defined under `cells:`.")
     channels: PositiveIntTyped = Field(description="The width every node of the cell works at (BNAS_MAX_CHANNELS).")
     stride: Stride = Field(1, description="2 makes this a reduction cell: edges from the cell inputs run at stride 2.")
     repeat: PositiveIntTyped = Field(1, description="How many copies of the cell in a row (BNAS_MAX_REPEAT).")
@@ -189,7 +189,8 @@ class Cell(Schema):
         reserved = ("in0", "in1") if info.data.get("inputs", 2) == 2 else ("in1",)
         for node in value if isinstance(value, dict) else ():
             if not isinstance(node, str) or node in reserved or node == "out":
-                raise fail(f"invalid node name {short_repr(node)} (in0, in1 and out are reserved)", node)
+                # str: a key, even an int one, is a name in the path ("nodes.5", not "nodes[5]")
+                raise fail(f"invalid node name {short_repr(node)} (in0, in1 and out are reserved)", str(node))
         return value
 
     @model_validator(mode="after")
@@ -224,12 +225,12 @@ class GenotypeSchema(Schema):
     name: Annotated[StrictStr, Field(min_length=1), expect("a non-empty string")] = Field(
         "genotype", description="The network's name (reports and run folders use it)."
     )
-    input: Annotated[list[PositiveIntTyped], Field(min_length=3, max_length=3), expect("[C, H, W]")] = Field(
+    input: Annotated[list[PositiveIntTyped], Field(min_length=3, max_length=3), chw, expect("[C, H, W]")] = Field(
         description="[C, H, W]: input channels, height and width (BNAS_MAX_CHANNELS, BNAS_MAX_INPUT_SIZE)."
     )
     num_classes: PositiveIntTyped = Field(description="Classes the head scores (BNAS_MAX_CLASSES).")
     stem: Layers | None = Field(None, description="Real-valued layers before the binary body.")
-    cells: Annotated[dict[str, Cell], expect("a mapping of named cells", got="type")] | None = Field(
+    cells: Annotated[dict[CellName, Cell], expect("a mapping of named cells", got="type")] | None = Field(
         None, description="Named cell DAGs the body may use."
     )
     body: Annotated[list[BodyEntry], Field(min_length=1), says(_layers_message)] = Field(

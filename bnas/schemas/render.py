@@ -43,10 +43,13 @@ _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "l
 def yaml_path(loc: Iterable[Any], prefix: str = "") -> str:
     """``("cells", "normal", "nodes", "n1", 0)`` -> ``cells.normal.nodes.n1[0]``, after ``prefix``."""
     path = prefix
-    for part in loc:
+    parts = list(loc)
+    for i, part in enumerate(parts):
         if part in UNION_TAGS or part == "[key]":
             continue  # a union's branch, or pydantic's marker of a key (vs its value)
-        if isinstance(part, int):
+        # An int is a list index, unless pydantic marks it as a mapping's key ({5: ...}).
+        is_key = i + 1 < len(parts) and parts[i + 1] == "[key]"
+        if isinstance(part, int) and not is_key:
             path += f"[{part}]"
         else:
             path += f".{part}" if path else str(part)

@@ -21,9 +21,11 @@ from .common import (
     Schema,
     StrictStr,
     TrueOrFalse,
+    chw,
     expect,
     fail,
     int_only,
+    no_default_in_schema,
     says,
 )
 from .genotype import CombineName, OpEntry, mapping_or
@@ -103,6 +105,7 @@ class CellChoices(Schema):
     """The searched cell (DARTS-style): each node sums `edges_per_node` (input, op) edges."""
 
     not_a_mapping: ClassVar[str] = "expected a mapping with ops, nodes, inputs, edges_per_node, combine, reduce_cell"
+    missing: ClassVar[dict[str, str]] = {"ops": "expected a non-empty list of op names (see `bnas primitives`)"}
 
     ops: Annotated[
         list[SpaceOpName], Field(min_length=1), says("expected a non-empty list of op names (see `bnas primitives`)")
@@ -178,10 +181,20 @@ class Constraints(Schema):
 
     not_a_mapping: ClassVar[str] = "expected a mapping like {max_ops: 1.0e+6}"
 
-    max_ops: Bound | None = Field(None, description="Operations per image (binary ops counted at 1/64).")
-    max_size_bytes: Bound | None = Field(None, description="Model size in bytes (1 bit per binary weight).")
-    max_params: Bound | None = Field(None, description="Parameters.")
-    max_latency_ms: Bound | None = Field(None, description="Measured latency per batch, in milliseconds.")
+    # Every bound is optional, but an explicit null is refused: pydantic validates a given
+    # value, not the default.
+    max_ops: Bound = Field(  # type: ignore[assignment]
+        None, json_schema_extra=no_default_in_schema, description="Operations per image (binary ops counted at 1/64)."
+    )
+    max_size_bytes: Bound = Field(  # type: ignore[assignment]
+        None, json_schema_extra=no_default_in_schema, description="Model size in bytes (1 bit per binary weight)."
+    )
+    max_params: Bound = Field(  # type: ignore[assignment]
+        None, json_schema_extra=no_default_in_schema, description="Parameters."
+    )
+    max_latency_ms: Bound = Field(  # type: ignore[assignment]
+        None, json_schema_extra=no_default_in_schema, description="Measured latency per batch, in milliseconds."
+    )
 
     @classmethod
     def unknown_keys_error(cls, unknown: list[Any]) -> Any:
@@ -249,7 +262,7 @@ class SpaceSchema(Schema):
         json_schema_extra=_dataset_schema,
         description="digits | mnist | fashion_mnist | cifar10 | synthetic | imagefolder:PATH",
     )
-    input: Annotated[list[PositiveInt], Field(min_length=3, max_length=3), expect("[C, H, W]")] = Field(
+    input: Annotated[list[PositiveInt], Field(min_length=3, max_length=3), chw, expect("[C, H, W]")] = Field(
         description="[C, H, W] of the dataset's images."
     )
     num_classes: PositiveInt = Field(description="Classes of the dataset.")
