@@ -5,7 +5,6 @@ epoch, atomic), ``report.json``, ``report.md`` and ``curves.png``.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import platform
@@ -26,7 +25,7 @@ from .metrics import summarize
 from .report import write_report
 from .train import Recipe, Trainer, TrainingError, _state_mismatch, evaluate_accuracy, load_checkpoint, seed_everything
 
-__all__ = ["evaluate", "add_eval_arguments", "run_eval", "resolve_device", "check_input_shape"]
+__all__ = ["evaluate", "resolve_device", "check_input_shape"]
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
@@ -195,45 +194,3 @@ def _versions() -> dict[str, str]:
 
     return {"bnas": bnas.__version__, "torch": torch.__version__, "networkx": networkx.__version__,
             "optuna": optuna.__version__, "python": platform.python_version()}
-
-
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("genotype", help="genotype YAML file")
-    p.add_argument("--dataset", default="digits", help="digits (default), mnist, fashion_mnist, cifar10, imagefolder:PATH, synthetic")
-    p.add_argument("--epochs", type=int, help="override the genotype's training.epochs")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--out", help="run folder (default runs/eval-<name>-<time>)")
-    p.add_argument("--data-root", help="data folder (default $BNAS_DATA, else ~/.cache/bnas/data)")
-    p.add_argument("--download", action="store_true", help="download torchvision datasets when missing (needs internet)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="learning rate (optimizer.lr)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"])
-    p.add_argument("--schedule", choices=["cosine", "step", "linear", "exponential", "constant"])
-    p.add_argument("--loss", choices=["cross_entropy", "squared_hinge"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--patience", type=int, help="early stopping patience in epochs (LeNet tutorial rule)")
-    p.add_argument("--two-step", type=int, help="epochs with real weights before binarizing them (ReActNet)")
-    p.add_argument("--teacher", help="real-valued teacher genotype for knowledge distillation")
-    p.add_argument("--teacher-checkpoint", help="trained teacher weights (else the teacher is trained first)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    genotype = load_genotype(args.genotype)
-    overrides: dict[str, Any] = {
-        "epochs": args.epochs, "batch_size": args.batch_size, "optimizer.lr": args.lr, "optimizer.name": args.optimizer,
-        "schedule.name": args.schedule, "loss": args.loss, "seed": args.seed, "patience": args.patience,
-        "two_step": args.two_step,
-    }
-    if args.teacher:
-        overrides["distill"] = {"teacher": args.teacher, **({"checkpoint": args.teacher_checkpoint} if args.teacher_checkpoint else {})}
-    out = args.out or f"runs/eval-{genotype.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = evaluate(genotype, args.dataset, overrides=overrides, device=args.device, out=out, data_root=args.data_root,
-                      resume=args.resume, progress=not args.quiet, download=args.download)
-    print(
-        f"{genotype.name} on {report['dataset']}: test accuracy {report['test_acc']:.4f}, best validation accuracy "
-        f"{report['best_val_acc']:.4f} (epoch {report['best_epoch']}), {report['epochs_run']} epochs in {report['wall_time_s']:.1f} s "
-        f"({report['samples_per_s']:.0f} samples/s); report in {out}/report.md"
-    )
-    return 0

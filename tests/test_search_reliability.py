@@ -320,3 +320,20 @@ def test_history_picture_best_line_to_the_last_trial_integer_ticks_legend_clear(
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_workers_parent_exits_2_when_a_worker_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The --workers parent writes the outputs of what finished, then says which worker stopped
+    early and exits 2: a worker's failure is not hidden behind exit code 0."""
+    import bnas.cli.search as search_command
+
+    def one_worker_fails(args: object, cfg: SearchConfig) -> tuple[optuna.Study, list[int]]:
+        return run_search_study(cfg), [0, 2]
+
+    monkeypatch.setattr(search_command, "_run_workers", one_worker_fails)
+    out = tmp_path / "run"
+    assert main(["search", str(_space(tmp_path)), "--trials", "1", "--workers", "2", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: worker(s) 1 (exit 2) stopped early" in err and "Traceback" not in err
+    assert (out / "trials.csv").is_file()

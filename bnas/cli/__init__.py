@@ -1,139 +1,40 @@
-"""The ``bnas`` command (also ``python -m bnas``).
+"""The ``bnas`` command (also ``python -m bnas``): every argparse line of bnas lives here.
 
-User errors (``BnasError``) print one line, ``error: ...``, and exit with code 2; there is
-never a Python traceback for bad input.
+One module per subcommand (``primitives``, ``info``, ``schema``, ``eval``, ``search``,
+``export``), each with ``add_parser(subparsers)``; the library they call knows nothing of
+argparse. User errors (``BnasError``) print one line, ``error: ...``, and exit with code 2;
+there is never a Python traceback for bad input (the exception keeps its chained cause for
+Python callers; the command shows the one line).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
-from .errors import BnasError
+from .._version import __version__
+from ..errors import BnasError
+from . import eval as eval_command
+from . import export, info, primitives, schema, search
 
-Handler = Callable[[argparse.Namespace], int]
+__all__ = ["build_parser", "configure_logging", "main"]
 
-
-def _cmd_primitives(args: argparse.Namespace) -> int:
-    from .registry import list_primitives
-
-    specs = list_primitives(args.filter)
-    if not specs:
-        raise BnasError(f"no primitive matches {args.filter!r}; run `bnas primitives` for the list")
-    if args.json:
-        print(json.dumps([{"name": s.name, "family": s.family, "binarize": s.binarize, "description": s.description} for s in specs]))
-        return 0
-    width = max(len(s.name) for s in specs)
-    fwidth = max(len(s.family) for s in specs)
-    bwidth = max(len(s.binarize) for s in specs)
-    print(f"{'name'.ljust(width)}  {'family'.ljust(fwidth)}  {'binarize'.ljust(bwidth)}  description")
-    for s in specs:
-        print(f"{s.name.ljust(width)}  {s.family.ljust(fwidth)}  {s.binarize.ljust(bwidth)}  {s.description}")
-    return 0
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    from .builder import build
-    from .genotype import load_genotype
-    from .metrics import summarize
-
-    genotype = load_genotype(args.genotype)
-    if args.graph:
-        from .atomic import check_writable_file
-
-        check_writable_file(Path(args.graph), "--graph", example="cells.png")
-    model = build(genotype)
-    summary = summarize(model, genotype.input)
-    if args.graph:
-        from .visualize import draw_cells
-
-        try:
-            path = draw_cells(genotype, args.graph)
-        except ValueError as exc:
-            raise BnasError(str(exc)) from None
-        print(f"cell graph written to {path}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({"name": genotype.name, **summary.to_dict()}))
-    else:
-        print(f"{genotype.name}  (input {'x'.join(map(str, genotype.input))}, {genotype.num_classes} classes)")
-        print(summary.table())
-    return 0
-
-
-def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="per-layer and total summary of a genotype (params, BOPs, FLOPs, OPs, size)")
-    p.add_argument("genotype", help="genotype YAML file")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--graph", metavar="FILE", help="also draw each cell DAG into FILE (.png, .svg, .pdf)")
-    p.set_defaults(handler=_cmd_info)
-
-
-def _add_primitives(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("primitives", help="list the registered primitives (name, family, binarization)")
-    p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--filter", metavar="PATTERN", help="only names matching a shell-style pattern, e.g. 'xnor_*'")
-    p.set_defaults(handler=_cmd_primitives)
-
-
-def _cmd_schema(args: argparse.Namespace) -> int:
-    from .schemas import json_schema_text
-
-    text = json_schema_text(args.kind)
-    if args.out is None:
-        sys.stdout.write(text)
-        return 0
-    from .atomic import check_writable_file, write_text_atomic
-
-    check_writable_file(Path(args.out), "--out", example=f"{args.kind}.schema.json")
-    write_text_atomic(args.out, text)
-    print(f"JSON Schema written to {args.out}", file=sys.stderr)
-    return 0
-
-
-def _add_schema(sub: argparse._SubParsersAction) -> None:
-    from .schemas import KINDS
-
-    p = sub.add_parser("schema", help="print the JSON Schema of a file format, for editors with a YAML language server")
-    p.add_argument("kind", choices=KINDS, help="the file format")
-    p.add_argument("--out", metavar="FILE", help="write the schema to FILE instead of printing it")
-    p.set_defaults(handler=_cmd_schema)
-
-
-def _add_optional(sub: argparse._SubParsersAction, module: str, name: str, help_text: str) -> None:
-    """Subcommands whose logic lives in their own module (``add_*_arguments`` / ``run_*``)."""
-    import importlib
-
-    mod = importlib.import_module(f"bnas.{module}")
-    p = sub.add_parser(name, help=help_text)
-    getattr(mod, f"add_{name}_arguments")(p)
-    p.set_defaults(handler=getattr(mod, f"run_{name}"))
+# In the order `bnas --help` lists them.
+_COMMANDS = (primitives, info, schema, eval_command, search, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnas", description="Neural architecture search over binary neural networks.")
-    parser.add_argument("--version", action="version", version=f"bnas {__import__('bnas').__version__}")
+    parser.add_argument("--version", action="version", version=f"bnas {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", dest="log_verbose", action="store_true", help="also log debug messages")
     verbosity.add_argument("-q", "--quiet", dest="log_quiet", action="store_true",
                            help="log warnings and errors only (progress bars: each command's own --quiet)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_primitives(sub)
-    _add_info(sub)
-    _add_schema(sub)
-    for module, name, help_text in _SUBCOMMANDS:
-        _add_optional(sub, module, name, help_text)
+    for command in _COMMANDS:
+        command.add_parser(sub)
     return parser
-
-
-# (module, command, help): commands implemented in their own modules.
-_SUBCOMMANDS: list[tuple[str, str, str]] = [
-    ("evaluate", "eval", "train a genotype on a dataset, test it, and write report.json / report.md / curves.png"),
-    ("search.command", "search", "architecture search with Optuna: sample, train briefly, prune, write genotypes"),
-    ("export", "export", "pack a trained checkpoint into a 1-bit inference model file (.bnas) for the XNOR kernels"),
-]
 
 
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:

@@ -1,22 +1,21 @@
-"""``bnas export GENOTYPE CHECKPOINT --out model.bnas``: the command line of the export.
-
-``bnas.cli`` finds ``add_export_arguments`` / ``run_export`` as attributes of ``bnas.export``.
-"""
+"""``bnas export GENOTYPE CHECKPOINT --out model.bnas``: pack a trained checkpoint."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from ..atomic import check_writable_file
-from .convert import export
+from ..export import export
 
-__all__ = ["add_export_arguments", "run_export"]
+__all__ = ["add_parser"]
 
 
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="pack a trained checkpoint into a 1-bit inference model file (.bnas) for the XNOR kernels")
     p.add_argument("genotype", help="genotype YAML file the checkpoint was trained from")
     p.add_argument("checkpoint", help="checkpoint.pt (trainer checkpoint) or model.pt (state_dict) from bnas eval")
     p.add_argument("--out", required=True, help="packed model file to write (e.g. model.bnas)")
+    p.set_defaults(handler=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""``bnas search``: the command line of the architecture search."""
+"""``bnas search SPACE.yaml``: the command line of the architecture search (one process,
+``--workers`` local processes, or a worker joining a shared study)."""
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,16 @@ import optuna
 from ..atomic import check_writable_dir
 from ..errors import BnasError
 from ..evaluate import resolve_device
-from .outputs import saved_line, summary_text, write_outputs
-from .runner import SearchConfig, open_study, run_search_study
-from .space import PRUNERS, SAMPLERS, load_space
-from .storage import SearchError, is_disk_full, open_storage
+from ..search.outputs import saved_line, summary_text, write_outputs
+from ..search.runner import SearchConfig, open_study, run_search_study
+from ..search.space import PRUNERS, SAMPLERS, load_space
+from ..search.storage import SearchError, is_disk_full, open_storage, retry_db
 
-__all__ = ["add_search_arguments", "run_search"]
+__all__ = ["add_parser"]
 
 
-def add_search_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="architecture search with Optuna: sample, train briefly, prune, write genotypes")
     p.add_argument("space", nargs="?", help="search-space YAML (see search_spaces/)")
     p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total (default 20)")
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
@@ -45,6 +47,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", metavar="RUN", help="print the summary of a finished or running search again (and refresh its files)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by --workers for its children
+    p.set_defaults(handler=run_search)
 
 
 def _show(run: Path, storage: str | None) -> int:
@@ -64,7 +67,7 @@ def _show(run: Path, storage: str | None) -> int:
     return 0
 
 
-def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> optuna.Study:
+def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> tuple[optuna.Study, list[int]]:
     """Start ``--workers`` processes on one study (all train and validate with the same seed
     and split; the sampler draws per trial number, so no two propose alike) and, with
     ``--devices``, each has its own GPU."""
@@ -86,10 +89,7 @@ def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> optuna.Study:
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
         procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        print(f"warning: worker exit codes {codes}; finished trials are kept in the study", file=sys.stderr)
-    return study
+    return study, [p.wait() for p in procs]
 
 
 def _check_devices(args: argparse.Namespace, device: str) -> None:
@@ -141,14 +141,15 @@ def run_search(args: argparse.Namespace) -> int:
                        data_root=args.data_root, progress=not args.quiet, heartbeat=heartbeat,
                        artifacts=Path(args.artifacts) if args.artifacts else None)
     start = time.perf_counter()
+    worker_codes: list[int] = []
     if args.workers > 1:
-        study = _run_workers(args, cfg)
+        study, worker_codes = _run_workers(args, cfg)
     else:
         study = run_search_study(cfg)
     if args.worker_index > 0:
         return 0  # the parent of --workers writes the outputs once, when all are done
     try:
-        write_outputs(study, out)
+        retry_db("write the search's outputs", lambda: write_outputs(study, out))
     except (OSError, BnasError) as exc:
         if is_disk_full(exc):
             raise SearchError(f"the disk is full while writing the search's outputs in {out} ({exc}); the study keeps "
@@ -156,5 +157,10 @@ def run_search(args: argparse.Namespace) -> int:
         raise
     print(summary_text(study, out))
     print(f"search finished in {time.perf_counter() - start:.1f} s; {saved_line(study)}", file=sys.stderr)
+    failed = {i: code for i, code in enumerate(worker_codes) if code != 0}
+    if failed:
+        # Each worker printed its own error; the parent's exit code must not hide them.
+        raise SearchError(f"worker(s) {', '.join(f'{i} (exit {c})' for i, c in failed.items())} stopped early, see their "
+                          "messages above; every finished trial is kept in the study: rerun the same command to continue")
     return 0
 

@@ -13,11 +13,9 @@ One job per module:
   what);
 * :mod:`~bnas.export.format`: the ``.bnas`` file (``save_packed``, ``load_packed``, the layer
   table and every check on reading);
-* :mod:`~bnas.export.command`: the ``bnas export`` command line.
 """
 from __future__ import annotations
 
-from .command import add_export_arguments, run_export
 from .convert import export, freeze_model, pack_model
 from .folding import find_bn_folds
 from .format import FORMAT, KINDS, VERSION, ExportError, PackedNetwork, load_packed, save_packed
@@ -34,12 +32,10 @@ __all__ = [
     "PackedNetwork",
     "SignConv2d",
     "SignLinear",
-    "add_export_arguments",
     "export",
     "find_bn_folds",
     "freeze_model",
     "load_packed",
     "pack_model",
-    "run_export",
     "save_packed",
 ]
