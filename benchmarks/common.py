@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -36,6 +37,43 @@ def median_time(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> fl
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3,
+                      burst_seconds: float = 2e-3) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``repeats`` samples each. Each round times every
+    function once, in a rotating order (no function always follows another one's cache
+    footprint), over a burst of calls lasting about ``burst_seconds``, so load from other
+    processes on a shared machine hits all of them alike."""
+    bursts = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        single = max(time.perf_counter() - t0, 1e-7)
+        bursts[name] = max(1, min(50, int(burst_seconds / single)))
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, calls = fns[name], bursts[name]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls)
+    return times
+
+
+def median_p90(samples: list[float]) -> tuple[float, float]:
+    """The median and the 90th percentile of ``samples``."""
+    ordered = sorted(samples)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return statistics.median(ordered), p90
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def emit(record: dict[str, Any]) -> None:

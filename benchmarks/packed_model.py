@@ -21,18 +21,17 @@ kernel backend, shapes.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from common import emit, machine  # noqa: E402
+from common import emit, interleaved_times, load_average, machine, median_p90  # noqa: E402
 
 import bnas  # noqa: E402
 from bnas.export import freeze_model, pack_model  # noqa: E402
@@ -55,20 +54,6 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
                 m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
 
 
-def interleaved_medians(fns: Sequence[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:
-    """Median seconds per call of each fn, calls interleaved round by round (CPU)."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
 def run_cpu(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     genotype = bnas.load_genotype(args.genotype)
@@ -83,12 +68,17 @@ def run_cpu(args: argparse.Namespace) -> None:
             ref, out = model(x), packed(x)
             same_class = bool((ref.argmax(1) == out.argmax(1)).all())
             err = float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12))
-            base, ours, froz = interleaved_medians([lambda: model(x), lambda: packed(x), lambda: frozen(x)], args.repeats)
+            load_start = load_average()
+            times = interleaved_times({"built": lambda: model(x), "packed": lambda: packed(x), "frozen": lambda: frozen(x)},
+                                      args.repeats, burst_seconds=0.0)
+        (base, base_p90), (ours, ours_p90), (froz, froz_p90) = (median_p90(times[k]) for k in ("built", "packed", "frozen"))
         emit({
             "benchmark": "packed_model", "device": "cpu", "genotype": genotype.name, "batch": batch,
             "input": list(genotype.input), "baseline": "float32 model (bnas.build, eval)", "ours": "packed (XNOR kernels)",
             "baseline_ms": round(base * 1e3, 3), "ours_ms": round(ours * 1e3, 3), "ratio": round(base / ours, 2),
             "frozen_ms": round(froz * 1e3, 3), "ratio_vs_frozen": round(froz / ours, 2),
+            "p90_ms": {"baseline": round(base_p90 * 1e3, 3), "ours": round(ours_p90 * 1e3, 3), "frozen": round(froz_p90 * 1e3, 3)},
+            "load_average_1min": [load_start, load_average()],
             "max_rel_logit_diff": err, "same_class": same_class, "repeats": args.repeats,
             "backend": backend("cpu"), "machine": machine(),
         })

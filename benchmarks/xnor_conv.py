@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine  # noqa: E402
+from common import emit, interleaved_times, load_average, machine, median_p90  # noqa: E402
 
 import bnas.kernels as kernels  # noqa: E402
 from bnas.binarize import sign  # noqa: E402
@@ -43,34 +40,9 @@ SHAPES = [
 TARGET_RATIO = 10.0
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                        burst_seconds: float = 2e-3) -> dict[str, float]:
-    """Median seconds per call of each function. Each round times every function once, in a
-    rotating order (no function always follows another one's cache footprint), over a burst
-    of calls lasting about ``burst_seconds``, so load from other processes hits all alike."""
-    bursts = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        single = max(time.perf_counter() - t0, 1e-7)
-        bursts[name] = max(1, min(50, int(burst_seconds / single)))
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn, calls = fns[name], bursts[name]
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - t0) / calls)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def run_cpu(shapes: list[tuple[int, int, int, int, int]], repeats: int, warmup: int) -> None:
     info = machine()
-    info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    info["load_average_1min_at_start"] = load_average()
     name = kernels.backend("cpu")
     packed_ratios, e2e_ratios = [], []
     for n, c, h, w, k in shapes:
@@ -81,12 +53,14 @@ def run_cpu(shapes: list[tuple[int, int, int, int, int]], repeats: int, warmup: 
         wp = kernels.pack_weights(weight)
         exact = torch.equal(kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1),
                             F.conv2d(sign(x), sign(weight), None, 1, 1))
-        medians = interleaved_medians({
+        times = interleaved_times({
             "float32": lambda: F.conv2d(x, weight, None, 1, 1),
             "packed": lambda: kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1),
             "end_to_end": lambda: kernels.xnor_conv2d_packed(kernels.pack_signs(x), wp, c, 3,
                                                              1, 1),
         }, repeats, warmup)
+        stats = {name: median_p90(ts) for name, ts in times.items()}
+        medians = {name: m for name, (m, _) in stats.items()}
         macs = n * k * h * w * c * 9
         packed_ratio = medians["float32"] / medians["packed"]
         e2e_ratio = medians["float32"] / medians["end_to_end"]
@@ -99,6 +73,7 @@ def run_cpu(shapes: list[tuple[int, int, int, int, int]], repeats: int, warmup: 
             "float32_conv2d_ms": round(medians["float32"] * 1e3, 4),
             "xnor_packed_ms": round(medians["packed"] * 1e3, 4),
             "xnor_end_to_end_ms": round(medians["end_to_end"] * 1e3, 4),
+            "p90_ms": {name: round(p90 * 1e3, 4) for name, (_, p90) in stats.items()},
             "ratio_packed": round(packed_ratio, 2),
             "ratio_end_to_end": round(e2e_ratio, 2),
             "float32_gmacs": round(macs / medians["float32"] / 1e9, 1),
@@ -111,7 +86,7 @@ def run_cpu(shapes: list[tuple[int, int, int, int, int]], repeats: int, warmup: 
         "shapes": len(shapes), "median_ratio_packed": round(median_packed, 2),
         "median_ratio_end_to_end": round(statistics.median(e2e_ratios), 2),
         "target_ratio_packed": TARGET_RATIO, "target_met": median_packed >= TARGET_RATIO,
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2), "machine": info,
+        "load_average_1min_at_end": load_average(), "machine": info,
     })
 
 
