@@ -307,6 +307,11 @@ class ActivationQuantizer(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return approx_sign(x - self.threshold.view(shape))
 
+    @property
+    def precision(self) -> int:
+        """Bits of what the quantizer passes on: 1 while it binarizes, else 32 (larq's ``precision``)."""
+        return 1 if self.enabled and self.name != "none" else 32
+
     def extra_repr(self) -> str:
         return self.name
 
@@ -336,15 +341,20 @@ class WeightBinarizer(nn.Module):
         if self.name == "stochastic":
             return stochastic_sign(w, self.clip, self.training)
         binary = ste_sign(w, self.clip)
-        if self.name == "sign":
-            return binary
         alpha = self.scale(w)
+        if alpha is None:  # sign: no scale
+            return binary
         if self.name == "bireal":
             # Bi-Real's magnitude-aware gradient: alpha is a constant in backward, so
             # dL/dW = dL/dWb * alpha * 1{|W| <= clip}.
             alpha = alpha.detach()
         # xnor / xnor_tensor: autograd also carries the gradient through alpha (XNOR-Net).
         return alpha * binary
+
+    @property
+    def precision(self) -> int:
+        """Bits of the weights the layer computes with: 1 while it binarizes, else 32."""
+        return 1 if self.enabled and self.name != "none" else 32
 
     def extra_repr(self) -> str:
         return self.name
@@ -378,6 +388,33 @@ class _BinaryLayer:
             self.lr_scale = 1.0 / glorot_h
         elif config.lr_scale is not None:
             self.lr_scale = float(config.lr_scale)
+
+    # What the layer computes, asked of its quantizers' ``precision``: metrics (BOPs, 1-bit
+    # parameters), export (packed or float) and the optimiser (latent weights) all ask here.
+    @property
+    def binarizes_input(self) -> bool:
+        """The layer takes the sign of its input now (quantizer set and switched on)."""
+        return self.input_quantizer.precision == 1
+
+    @property
+    def binarizes_weights(self) -> bool:
+        """The layer computes with binarized weights now (binarizer set and switched on)."""
+        return self.kernel_quantizer.precision == 1
+
+    @property
+    def fully_binary(self) -> bool:
+        """Both operands binary: its MACs are BOPs and it packs to XNOR-popcount."""
+        return self.binarizes_input and self.binarizes_weights
+
+    @property
+    def has_latent_weights(self) -> bool:
+        """Its weight is a latent binary weight (no decay by default, the layer's lr_scale).
+
+        True as soon as any binarization is on, so under the two-step schedule (binary
+        activations first, weights later) the weights are latent from the start; False for the
+        full-precision twin (``bnas.build(..., binarize=False)``), whose quantizers are all off.
+        """
+        return self.kernel_quantizer.name != "none" and (self.kernel_quantizer.enabled or self.input_quantizer.enabled)
 
     def binary_weight(self) -> Tensor:
         """The weight the forward pass uses (alpha * sign(W) for xnor)."""
@@ -439,8 +476,8 @@ class BinaryLinear(nn.Linear, _BinaryLayer):
 BinaryLayer = (BinaryConv2d, BinaryLinear)
 
 
-def binary_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """Every binary conv / linear layer of ``model``."""
+def binary_layers(model: nn.Module) -> Iterator[BinaryConv2d | BinaryLinear]:
+    """Every binary conv / linear layer of ``model`` (binarizing or switched off)."""
     return (m for m in model.modules() if isinstance(m, BinaryLayer))
 
 

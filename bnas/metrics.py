@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .binarize import BinaryConv2d, BinaryLinear, binary_layers
+from .binarize import BinaryLayer, binary_layers
 
 __all__ = ["LayerStats", "Summary", "summarize", "OPS_CONVENTION"]
 
@@ -123,19 +123,9 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-def _is_binary_weight(layer: nn.Module) -> bool:
-    q = layer.kernel_quantizer
-    return q.enabled and q.name != "none"
-
-
-def _is_binary_input(layer: nn.Module) -> bool:
-    q = layer.input_quantizer
-    return q.enabled and q.name != "none"
-
-
 def _counted_leaf(module: nn.Module) -> bool:
     """Modules counted as one row: binary layers (with their quantizers) and parameter leaves."""
-    if isinstance(module, (BinaryConv2d, BinaryLinear)):
+    if isinstance(module, BinaryLayer):
         return True
     if any(True for _ in module.children()):
         return False
@@ -155,7 +145,6 @@ def _macs(module: nn.Module, out: torch.Tensor) -> int:
 @torch.no_grad()
 def summarize(model: nn.Module, input_shape: Sequence[int]) -> Summary:
     """Count parameters, MACs and size per layer by running one sample through ``model``."""
-    binary_ids = {id(m) for m in binary_layers(model)}
     summary = Summary(input_shape=list(input_shape))
     stats: dict[int, LayerStats] = {}
     hooks = []
@@ -168,7 +157,7 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> Summary:
         entry = stats[id(module)]
         entry.output_shape = list(out.shape[1:])
         macs = _macs(module, out)
-        if id(module) in binary_ids and _is_binary_weight(module) and _is_binary_input(module):
+        if isinstance(module, BinaryLayer) and module.fully_binary:
             entry.bops += macs
         else:
             entry.flops += macs
@@ -177,8 +166,9 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> Summary:
         if id(module) in inside_binary or not _counted_leaf(module):
             continue
         entry = LayerStats(name=names.get(id(module), ""), kind=type(module).__name__, output_shape=[])
+        one_bit_weight = isinstance(module, BinaryLayer) and module.binarizes_weights
         for pname, p in module.named_parameters():
-            if id(module) in binary_ids and pname == "weight" and _is_binary_weight(module):
+            if one_bit_weight and pname == "weight":
                 entry.params_binary += p.numel()
             else:
                 entry.params_real += p.numel()

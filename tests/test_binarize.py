@@ -12,6 +12,7 @@ from bnas.binarize import (
     BinaryConv2d,
     BinaryLinear,
     WeightBinarizer,
+    binary_layers,
     clip_latent_weights,
     hard_sigmoid,
     set_binarization,
@@ -260,3 +261,47 @@ def test_glorot_lr_scale_with_unit_latent_clip() -> None:
     assert layer.lr_scale == pytest.approx(1 / math.sqrt(1.5 / 150))
     with pytest.raises(ValueError, match="lr_scale"):
         BinarizeConfig(lr_scale=0)
+
+
+# --------------------------------------------------------------------------------------
+# The one answer to "is this layer binary": the quantizers' precision, the layer's flags.
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [ActivationQuantizer, WeightBinarizer])
+def test_quantizer_precision_is_one_bit_only_while_it_binarizes(cls: type) -> None:
+    binarizing = cls("stochastic")
+    assert binarizing.precision == 1
+    binarizing.enabled = False
+    assert binarizing.precision == 32
+    assert cls("none").precision == 32
+
+
+@pytest.mark.parametrize(
+    ("activation", "weight", "acts_on", "weights_on", "flags"),
+    [
+        # (binarizes_input, binarizes_weights, fully_binary, has_latent_weights)
+        ("ste", "xnor", True, True, (True, True, True, True)),
+        ("rsign", "bireal", True, True, (True, True, True, True)),
+        ("none", "sign", True, True, (False, True, False, True)),  # a binary-weight first layer
+        ("ste", "none", True, True, (True, False, False, False)),  # binary activations, real weights
+        ("none", "none", True, True, (False, False, False, False)),
+        # the two-step schedule's first step: weights off, yet already latent binary weights
+        ("ste", "xnor", True, False, (True, False, False, True)),
+        # the full-precision twin: every quantizer off, plain real weights
+        ("ste", "xnor", False, False, (False, False, False, False)),
+        ("ste", "xnor", False, True, (False, True, False, True)),
+    ],
+)
+def test_binary_layer_flags_follow_its_quantizers(activation: str, weight: str, acts_on: bool, weights_on: bool,
+                                                  flags: tuple[bool, bool, bool, bool]) -> None:
+    for layer in (BinaryConv2d(4, 4, 3, config=BinarizeConfig(activation, weight)),
+                  BinaryLinear(4, 4, config=BinarizeConfig(activation, weight))):
+        set_binarization(layer, activations=acts_on, weights=weights_on)
+        assert (layer.binarizes_input, layer.binarizes_weights, layer.fully_binary, layer.has_latent_weights) == flags
+
+
+def test_binary_layers_finds_switched_off_layers_too() -> None:
+    model = torch.nn.Sequential(BinaryConv2d(1, 2, 3), torch.nn.Conv2d(2, 2, 1), torch.nn.Flatten(),
+                                BinaryLinear(8, 3, config=BinarizeConfig("none", "none")))
+    set_binarization(model, activations=False, weights=False)
+    assert [type(m) for m in binary_layers(model)] == [BinaryConv2d, BinaryLinear]
+    assert not any(layer.fully_binary for layer in binary_layers(model))

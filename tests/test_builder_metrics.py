@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bnas
-from bnas.binarize import BinarizeConfig, BinaryConv2d, binary_layers
+from bnas.binarize import BinarizeConfig, BinaryConv2d, BinaryLinear, binary_layers, set_binarization
 from bnas.builder import Cell
 from bnas.cli import main
 from bnas.genotype import loads_genotype
@@ -146,6 +146,20 @@ head:
     assert s.compression == pytest.approx(500 / 430.25)
     assert "OPs = BOPs/64 + FLOPs" in s.table()
 
+
+def test_metrics_count_what_each_binary_layer_computes() -> None:
+    # A binary-weight first layer on real pixels, then an XNOR layer: 1-bit weights in both,
+    # but only the second one's MACs are BOPs. Hand counts on a 1x4x4 input, padding 1:
+    # conv1 1->2 3x3: 18 weights, 2*16*9 = 288 MACs; conv2 2->2 3x3: 36 weights, 2*16*18 = 576.
+    model = nn.Sequential(BinaryConv2d(1, 2, 3, padding=1, config=BinarizeConfig("none", "sign")),
+                          BinaryConv2d(2, 2, 3, padding=1, config=BinarizeConfig("ste", "xnor")),
+                          nn.Flatten(), BinaryLinear(32, 3, config=BinarizeConfig("ste", "none")))
+    s = summarize(model, [1, 4, 4])
+    assert (s.params_binary, s.params_real, s.bops, s.flops) == (18 + 36, 96, 576, 288 + 96)
+    # The two-step schedule's first step: weights real again, no layer is fully binary.
+    set_binarization(model, activations=True, weights=False)
+    s = summarize(model, [1, 4, 4])
+    assert (s.params_binary, s.params_real, s.bops, s.flops) == (0, 18 + 36 + 96, 0, 288 + 576 + 96)
 
 def test_info_graph_draws_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cells.png"

@@ -51,15 +51,6 @@ def _alpha(layer: BinaryConv2d | BinaryLinear, out_features: int) -> Tensor:
     return a.detach().double().reshape(-1).expand(out_features).clone()
 
 
-def _binary_flags(layer: nn.Module) -> tuple[bool, bool]:
-    """(activations binarized, weights binarized) as the layer computes in eval mode."""
-    if not isinstance(layer, (BinaryConv2d, BinaryLinear)):
-        return False, False
-    acts = layer.input_quantizer.enabled and layer.input_quantizer.name != "none"
-    weights = layer.kernel_quantizer.enabled and layer.kernel_quantizer.name != "none"
-    return acts, weights
-
-
 def _convert(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm | None, path: str, bn_path: str | None,
              packed: bool = True) -> tuple[nn.Module, dict[str, Any]] | None:
     """The inference module for one conv / linear (with its BN folded), and its table entry;
@@ -68,7 +59,9 @@ def _convert(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm | None, path: str, bn_
     is_conv = isinstance(layer, nn.Conv2d)
     k = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
     binary = layer if isinstance(layer, (BinaryConv2d, BinaryLinear)) else None
-    acts, weights = _binary_flags(layer)  # both False for a float layer
+    # as the layer computes in eval mode; both False for a float layer
+    acts = binary is not None and binary.binarizes_input
+    weights = binary is not None and binary.binarizes_weights
     if binary is None and bn is None:
         return None
     s, t = bn_affine(bn) if bn is not None else (torch.ones(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))

@@ -7,8 +7,7 @@ scale (BinaryNet's "glorot") rides along as ``lr_scale`` in its parameter group.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,21 +17,10 @@ from .recipe import Recipe
 
 __all__ = ["lr_factor", "make_optimizer", "param_groups", "set_lr"]
 
-_BinaryLayer = BinaryConv2d | BinaryLinear
-
-
-def _binarized_weight_layers(model: nn.Module) -> dict[int, _BinaryLayer]:
-    """Binary layers whose weight is a latent binary weight, by ``id`` of the weight.
-
-    The full-precision twin (``bnas.build(..., binarize=False)``) has every quantizer
-    switched off: its weights are ordinary real weights (decayed, no learning-rate scale).
-    Under the two-step schedule the weights are latent binary weights from the start.
-    """
-    return {
-        id(layer.weight): layer
-        for layer in cast("Iterator[_BinaryLayer]", binary_layers(model))
-        if layer.kernel_quantizer.name != "none" and (layer.kernel_quantizer.enabled or layer.input_quantizer.enabled)
-    }
+def _binarized_weight_layers(model: nn.Module) -> dict[int, BinaryConv2d | BinaryLinear]:
+    """Binary layers whose weight is a latent binary weight (``has_latent_weights``), by
+    ``id`` of the weight; the full-precision twin's weights are ordinary real weights."""
+    return {id(layer.weight): layer for layer in binary_layers(model) if layer.has_latent_weights}
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
