@@ -22,8 +22,9 @@ Names (``DATASETS``):
 ``synthetic``          class prototypes plus noise, any shape (for tests; learnable).
 =====================  ===================================================================
 
-Decoded image trees and archives are cached as tensors in ``~/.cache/bnas/decoded``
-(``$XDG_CACHE_HOME`` is honoured), keyed by path, size and modification time.
+Decoded image trees and archives are cached as tensors in ``bnas.paths.cache_dir("decoded")``
+(``$BNAS_CACHE/decoded``, else ``~/.cache/bnas/decoded``; ``$XDG_CACHE_HOME`` is honoured),
+keyed by path, size and modification time.
 
 Every dataset is held as one uint8 (images) or float tensor, on the training device when it
 fits, so small datasets need no DataLoader workers: batches are indexed out of the tensor,
@@ -34,7 +35,8 @@ the device.
 The validation split is carved from the *training* set with a permutation seeded by the
 run's seed, so a search never looks at the test set.
 
-Data root: ``--data-root``, else ``$BNAS_DATA``, else ``~/.cache/bnas/data``.
+Data root: ``--data-root``, else ``$BNAS_DATA``, else ``bnas.paths.cache_dir("data")``
+(``~/.cache/bnas/data`` unless ``$BNAS_CACHE`` or ``$XDG_CACHE_HOME`` is set).
 """
 from __future__ import annotations
 
@@ -56,11 +58,17 @@ from torch import Tensor
 
 from .atomic import atomic_path
 from .errors import BnasError
+from .paths import cache_dir
 
-__all__ = ["DataError", "DataSplits", "TensorLoader", "load_dataset", "data_root", "DATASETS"]
+__all__ = ["DATASETS", "DATASET_NAMES", "IMAGEFOLDER", "DataError", "DataSplits", "TensorLoader", "data_root",
+           "load_dataset"]
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder:PATH", "synthetic")
-_NAMED = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "imagefolder")
+# The one list of dataset names (the search space and the schemas import it): the fixed
+# names, and ``imagefolder:PATH``, which takes a folder after the prefix.
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+IMAGEFOLDER = "imagefolder:"
+# Every form a dataset name takes, as the docs and error messages list them.
+DATASETS = (*DATASET_NAMES[:4], f"{IMAGEFOLDER}PATH", *DATASET_NAMES[4:])
 _FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -78,11 +86,7 @@ def data_root(root: str | os.PathLike[str] | None = None) -> Path:
         return Path(root).expanduser()
     if os.environ.get("BNAS_DATA"):
         return Path(os.environ["BNAS_DATA"]).expanduser()
-    return _cache_home() / "bnas" / "data"
-
-
-def _cache_home() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_dir("data")
 
 
 def _root_origin(root: str | os.PathLike[str] | None) -> str:
@@ -343,7 +347,7 @@ def _stack(samples: list[tuple[str, str, np.ndarray]], classes: list[str], where
 def _cached(key_parts: list[str], what: str, make: Callable[[], dict[str, object]]) -> dict[str, object]:
     """Decode once: the tensors of ``make()`` are kept in the bnas cache under a stable key."""
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:24]
-    cache = _cache_home() / "bnas" / "decoded" / f"{what}-{key}.pt"
+    cache = cache_dir("decoded") / f"{what}-{key}.pt"
     if cache.is_file():
         try:
             return torch.load(cache, weights_only=True)
@@ -515,15 +519,16 @@ def load_dataset(
     elif name == "cifar10":
         xtr, ytr, xte, yte, source = _load_cifar10(base, origin, download)
         augment = True
-    elif name.startswith("imagefolder:") and name.split(":", 1)[1]:
+    elif name.startswith(IMAGEFOLDER) and name[len(IMAGEFOLDER):]:
         xtr, ytr, xte, yte, classes, source = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser())
     elif name == "synthetic":
         xtr, ytr, xte, yte = _load_synthetic(tuple(shape), int(num_classes), seed)
         classes = int(num_classes)
         source = f"synthetic prototypes + noise, shape {list(shape)}, {classes} classes"
     else:
-        close = difflib.get_close_matches(name.split(":", 1)[0], _NAMED, n=1)
-        hint = f"; did you mean {close[0] + (':PATH' if close[0] == 'imagefolder' else '')!r}?" if close else ""
+        imagefolder = IMAGEFOLDER.rstrip(":")
+        close = difflib.get_close_matches(name.split(":", 1)[0], (*DATASET_NAMES, imagefolder), n=1)
+        hint = f"; did you mean {close[0] + (':PATH' if close[0] == imagefolder else '')!r}?" if close else ""
         raise DataError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASETS)})")
     n_val = int(round(len(xtr) * val_fraction))
     if n_val >= len(xtr):

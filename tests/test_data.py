@@ -40,7 +40,7 @@ def _archive(path: Path, splits: dict[str, dict[tuple[str, str], np.ndarray]]) -
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("BNAS_CACHE", str(tmp_path / "cache"))
 
 
 def test_cifar10_from_its_jpeg_archive_without_extracting(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_cifar10_from_its_jpeg_archive_without_extracting(tmp_path: Path) -> Non
     assert [p.name for p in (tmp_path / "cifar10-jpeg").iterdir()] == ["copy.tar.xz"]  # nothing was extracted
     # A second load comes from the decoded cache and is identical.
     again = load_dataset("cifar10", tmp_path, val_fraction=0.0)
-    assert torch.equal(again.test_x, data.test_x) and list((tmp_path / "cache" / "bnas" / "decoded").glob("archive-*.pt"))
+    assert torch.equal(again.test_x, data.test_x) and list((tmp_path / "cache" / "decoded").glob("archive-*.pt"))
 
 
 def test_archive_with_a_test_class_missing_from_train_is_refused(tmp_path: Path) -> None:

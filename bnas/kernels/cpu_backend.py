@@ -1,8 +1,8 @@
 """The x86 CPU backend: a C++ extension built on first use, with three code paths.
 
 ``csrc/xnor_cpu.cpp`` is compiled once by ``torch.utils.cpp_extension.load`` into
-``$BNAS_CACHE/extensions`` (default ``~/.cache/bnas/extensions``; ``$XDG_CACHE_HOME`` is
-honoured) and reused by later processes. The binary holds an AVX-512 VPOPCNTDQ, an AVX2 and
+``bnas.paths.cache_dir("extensions")`` (``$BNAS_CACHE/extensions``, else
+``~/.cache/bnas/extensions``; ``$XDG_CACHE_HOME`` is honoured) and reused by later processes. The binary holds an AVX-512 VPOPCNTDQ, an AVX2 and
 a plain-popcnt path; which ones this CPU can run is asked of the binary itself
 (``__builtin_cpu_supports``). When nothing can be built (no compiler, no OpenMP) the caller
 gets ``None`` and one warning, and the dispatcher falls back to the reference; with
@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import paths
 from ..errors import BnasError
 
 
@@ -68,15 +69,11 @@ def _raise_if_required() -> None:
 
 
 def cache_dir() -> Path:
-    """Where the compiled extension lives: ``$BNAS_CACHE/extensions`` or the user cache."""
-    root = os.environ.get("BNAS_CACHE")
-    if root:
-        base = Path(root)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnas"
+    """Where the compiled extension lives: ``paths.cache_dir("extensions")``, one folder per
+    torch / Python build."""
     # One folder per torch/python build: the binary links against both.
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return base / "extensions" / tag.replace("+", "_")
+    return paths.cache_dir("extensions") / tag.replace("+", "_")
 
 
 def extension() -> ModuleType | None:

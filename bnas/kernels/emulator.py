@@ -3,7 +3,8 @@
 Everything in the CUDA kernel except the ``mma`` instruction is host/device C++, so
 ``cuda/emulator.cpp`` runs the same kernel bodies on the CPU (one fiber per CUDA thread) with
 an exact software model of ``mma.m16n8k256 .b1 .and.popc``. It is compiled with the system
-C++ compiler (``CXX`` or g++), cached by source hash, and loaded with ctypes.
+C++ compiler (``CXX`` or g++), cached by source hash in ``bnas.paths.cache_dir("kernels")``
+(``$BNAS_CACHE/kernels``, else ``~/.cache/bnas/kernels``), and loaded with ctypes.
 
 The ``emulated_*`` functions take the same arguments as the GPU entry points of
 :mod:`bnas.kernels.cuda_backend` and share its argument checks (:mod:`bnas.kernels.conv_plan`),
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import paths
 from ..atomic import atomic_path
 from .conv_plan import CONV_DIMS, ConvPlan, ConvRunner, IntPair, as_nchw, linear_as_conv, plan_conv, run_conv
 from .packing import words_for
@@ -35,13 +37,6 @@ _EMULATOR_SOURCES = ("common.cuh", "mma_b1.cuh", "xnor_conv.cuh", "tiles.h", "em
 
 _emu_lock = threading.Lock()
 _emulator: ctypes.CDLL | None = None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("BNAS_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bnas", "kernels")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def load_emulator() -> ctypes.CDLL:
@@ -61,7 +56,9 @@ def load_emulator() -> ctypes.CDLL:
         for name in _EMULATOR_SOURCES:
             digest.update((SOURCE_DIR / name).read_bytes())
         digest.update(" ".join([cxx, *flags]).encode())
-        lib = _cache_dir() / f"bnas_xnor_emulator_{digest.hexdigest()[:16]}.so"
+        cache = paths.cache_dir("kernels")
+        cache.mkdir(parents=True, exist_ok=True)
+        lib = cache / f"bnas_xnor_emulator_{digest.hexdigest()[:16]}.so"
         if not lib.exists():
             # a temp file with the umask's mode (not mkstemp's 0600): a shared cache stays usable
             with atomic_path(lib, "compiled kernel emulator") as tmp:
