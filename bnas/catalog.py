@@ -5,6 +5,7 @@ This module sits above both the registry and the ops: importing it imports the f
 ``primitives/*.yaml`` in the registry, which runs on the first query. ``import bnas``
 imports it, so no caller has to.
 """
+
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (importing registers the op families)

@@ -8,36 +8,39 @@ register *named presets* that fix a family's options and its binarization, e.g.
 bnas``) imports the families and installs the loader of the shipped ``primitives/*.yaml``,
 which runs on the first query, so every name is known by the time anyone asks.
 """
+
 from __future__ import annotations
 
 import difflib
 import fnmatch
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from torch import nn
 
 from . import binarize as _binarize
 from .binarize import BinarizeConfig
 from .errors import BnasError, GenotypeError
+from .schemas import validate
 from .yaml_io import load_yaml_text
 
 __all__ = [
+    "CatalogError",
     "PrimitiveFactory",
     "PrimitiveSpec",
-    "CatalogError",
     "UnknownPrimitiveError",
-    "register_primitive",
+    "build_op",
+    "closest_primitives",
+    "ensure_catalog",
     "get_primitive",
     "get_spec",
     "list_primitives",
-    "build_op",
-    "closest_primitives",
     "load_catalog",
     "register_family",
-    "ensure_catalog",
+    "register_primitive",
     "set_catalog_loader",
 ]
 
@@ -123,7 +126,9 @@ def register_primitive(
         if name in _REGISTRY and not override:
             raise ValueError(f"primitive {name!r} is already registered; pass override=True to replace it")
         doc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        _REGISTRY[name] = PrimitiveSpec(name=name, factory=fn, family=family or name, binarize=binarize, description=doc)
+        _REGISTRY[name] = PrimitiveSpec(
+            name=name, factory=fn, family=family or name, binarize=binarize, description=doc
+        )
         return fn
 
     if factory is not None:
@@ -131,7 +136,9 @@ def register_primitive(
     return register
 
 
-def register_family(name: str, *, binarize: str = "-", description: str = "") -> Callable[[PrimitiveFactory], PrimitiveFactory]:
+def register_family(
+    name: str, *, binarize: str = "-", description: str = ""
+) -> Callable[[PrimitiveFactory], PrimitiveFactory]:
     """Register an op family from ``bnas.ops`` (internal: does not trigger catalog loading,
     since the catalog's presets are built on top of the families)."""
 
@@ -213,24 +220,25 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
         raise CatalogError(str(exc)) from None
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read the catalog ({exc.strerror}); check the path") from None
-    if not isinstance(data, dict):
-        raise CatalogError(f"{path}: expected a mapping with 'binarize' and 'ops' sections")
+    # The file's structure is the catalog schema's (bnas.schemas.catalog); what is left here
+    # is what the registry knows: families, names already taken.
+    try:
+        validate("catalog", data, str(path))
+    except GenotypeError as exc:
+        raise CatalogError(str(exc)) from exc
     presets = _binarize.BINARIZE_PRESETS
     configs: dict[str, BinarizeConfig] = {}
     for key, value in (data.get("binarize") or {}).items():
-        try:
-            configs[key] = BinarizeConfig.from_dict(value or {})
-        except (ValueError, TypeError) as exc:
-            raise CatalogError(f"{path}: binarize.{key}: {exc}") from None
+        configs[key] = BinarizeConfig.from_dict(value or {})
         earlier = presets.get(key)
         if earlier is not None and earlier != configs[key] and not override:
-            raise CatalogError(f"{path}: binarize.{key}: the name is already defined differently ({earlier}); "
-                               "rename it, or load the catalog with override=True to replace it")
+            raise CatalogError(
+                f"{path}: binarize.{key}: the name is already defined differently ({earlier}); "
+                "rename it, or load the catalog with override=True to replace it"
+            )
     known = {**presets, **configs}  # an op may name this file's binarizations or earlier ones
     specs: dict[str, PrimitiveSpec] = {}
     for name, entry in (data.get("ops") or {}).items():
-        if not isinstance(entry, dict) or "family" not in entry:
-            raise CatalogError(f"{path}: ops.{name}: expected a mapping with a 'family' key")
         options = dict(entry)
         family_name = options.pop("family")
         description = options.pop("description", "")
@@ -242,7 +250,9 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
             ref = options["binarize"]
             if isinstance(ref, str):
                 if ref not in known:
-                    raise CatalogError(f"{path}: ops.{name}.binarize: unknown binarization {ref!r}; defined: {', '.join(sorted(known))}")
+                    raise CatalogError(
+                        f"{path}: ops.{name}.binarize: unknown binarization {ref!r}; defined: {', '.join(sorted(known))}"
+                    )
                 options["binarize"] = known[ref]
                 binarize_label = ref
             elif isinstance(ref, dict):
@@ -251,8 +261,10 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
         elif family.binarize != "real":
             binarize_label = family.binarize
         if name in _REGISTRY and not override:
-            raise CatalogError(f"{path}: ops.{name}: the name is already registered; "
-                               "rename it, or load the catalog with override=True to replace it")
+            raise CatalogError(
+                f"{path}: ops.{name}: the name is already registered; "
+                "rename it, or load the catalog with override=True to replace it"
+            )
         specs[name] = PrimitiveSpec(
             name=name,
             factory=_preset_factory(family.factory, options),
