@@ -102,3 +102,15 @@ def test_truncated_idx_file_names_the_file(tmp_path: Path) -> None:
     _idx_set(tmp_path / "MNIST" / "raw", truncate=7)
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: \d+ bytes where its header promises \d+; the file is truncated"):
         load_dataset("mnist", tmp_path)
+
+
+def test_one_dataset_list_for_the_loader_the_search_space_and_the_schema() -> None:
+    from bnas import data
+    from bnas.schemas import space
+
+    assert data.DATASETS == ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder:PATH", "synthetic")
+    assert set(data.DATASETS) == {*data.DATASET_NAMES, data.IMAGEFOLDER + "PATH"}
+    assert space.DATASETS is data.DATASET_NAMES
+    with pytest.raises(DataError, match=r"did you mean 'imagefolder:PATH'\?.*known: digits, mnist, fashion_mnist, "
+                                        r"cifar10, imagefolder:PATH, synthetic"):
+        load_dataset("imagefolders")

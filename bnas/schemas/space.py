@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, field_validator, model_validator
 
+from ..data import DATASET_NAMES
 from ..errors import short_repr
 from .common import (
     FLAT_CHOICES,
@@ -50,7 +51,7 @@ OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 PRUNERS: tuple[str, ...] = get_args(PrunerName)
 # Built-in datasets; ``imagefolder:PATH`` names a folder of class subfolders.
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+DATASETS: tuple[str, ...] = DATASET_NAMES  # bnas.data owns the list
 CONSTRAINTS: tuple[str, ...] = ("max_ops", "max_size_bytes", "max_params", "max_latency_ms")
 
 SpaceOpName = Annotated[StrictStr, expect("an op name")]
