@@ -350,6 +350,7 @@ def _cached(key_parts: list[str], what: str, make: Callable[[], dict[str, object
     cache = cache_dir("decoded") / f"{what}-{key}.pt"
     if cache.is_file():
         try:
+            # a cache entry, not a checkpoint (bnas.train.load_checkpoint): a bad one is rebuilt
             return torch.load(cache, weights_only=True)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
             pass  # a damaged cache entry is simply rebuilt

@@ -21,6 +21,7 @@ import bnas
 from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
 from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
+from bnas.train import load_checkpoint
 
 _PACKED_TYPES = (PackedConv2d, PackedLinear, SignConv2d, SignLinear)
 
@@ -63,7 +64,7 @@ def main() -> None:
         packed_path = Path(tmp) / "model.bnas"
         subprocess.run([sys.executable, "-m", "bnas", "export", args.genotype, str(weights), "--out", str(packed_path)], check=True)
         model = bnas.build(genotype)
-        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.load_state_dict(load_checkpoint(weights, advice="pass the folder of a finished `bnas eval` run"))
         model.eval()
         packed = bnas.load_packed(packed_path)
         data = load_dataset("mnist", args.data_root)
