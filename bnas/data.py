@@ -50,7 +50,8 @@ import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 import numpy as np
 import torch
@@ -390,7 +391,8 @@ def _read_tree(folder: Path, classes: list[str] | None = None) -> tuple[Tensor, 
         return {"x": x, "y": y, "classes": list(classes)}
 
     blob = _cached(_tree_signature(folder) + classes, "tree", make)
-    return blob["x"], blob["y"], list(blob["classes"])  # type: ignore[return-value,arg-type]
+    # the cache holds what make() returned: tensors and a list of class names
+    return cast(Tensor, blob["x"]), cast(Tensor, blob["y"]), list(cast("list[str]", blob["classes"]))
 
 
 def _read_archive(archive: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
@@ -423,7 +425,8 @@ def _read_archive(archive: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[s
 
     st = archive.stat()
     blob = _cached([str(archive.resolve()), str(st.st_size), str(st.st_mtime_ns)], "archive", make)
-    return blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], list(blob["classes"])  # type: ignore[return-value,arg-type]
+    train_x, train_y, test_x, test_y = (cast(Tensor, blob[k]) for k in ("train_x", "train_y", "test_x", "test_y"))
+    return train_x, train_y, test_x, test_y, list(cast("list[str]", blob["classes"]))
 
 
 def _archives(folder: Path) -> list[Path]:

@@ -153,12 +153,17 @@ def supported_backends() -> list[str]:
     return _supported
 
 
-def _isa(name: str) -> int:
+def _built(name: str) -> ModuleType:
+    """The extension, for backend ``name`` (a RuntimeError where it could not be built)."""
     ext = extension()
     if ext is None:
         raise RuntimeError(f"backend {name!r} needs the CPU extension, which could not be "
                            f"built: {_build_error}")
-    return getattr(ext, ISA_OF_BACKEND[name])
+    return ext
+
+
+def _isa(name: str) -> int:
+    return int(getattr(_built(name), ISA_OF_BACKEND[name]))
 
 
 def _repacked_weights(wp: Tensor, groups: int, name: str) -> Tensor:
@@ -170,7 +175,7 @@ def _repacked_weights(wp: Tensor, groups: int, name: str) -> Tensor:
     hit = _repacked.get(key)
     if hit is not None and hit[0] == wp._version:
         return hit[1]
-    out = extension().repack_weights(wp.contiguous(), groups, _isa(name))
+    out = _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
     if hit is None:
         weakref.finalize(wp, _repacked.pop, key, None)
     _repacked[key] = (wp._version, out)
@@ -182,12 +187,12 @@ def _repacked_weights(wp: Tensor, groups: int, name: str) -> Tensor:
 def pack_weights(w: Tensor, name: str) -> Tensor:
     """Float (K, Cg, kh, kw) weights are an NCHW image batch of K: packing them gives
     (K, kh, kw, Wg) directly; (K, F) gives (K, words)."""
-    return extension().pack_signs(w, 1, _isa(name), torch.get_num_threads())
+    return _built(name).pack_signs(w, 1, _isa(name), torch.get_num_threads())
 
 
 def pack_signs(x: Tensor, groups: int, name: str) -> Tensor:
     """Float NCHW -> packed NHWC, or (N, F) -> (N, words), with code path ``name``."""
-    return extension().pack_signs(x, groups, _isa(name), torch.get_num_threads())
+    return _built(name).pack_signs(x, groups, _isa(name), torch.get_num_threads())
 
 
 def xnor_conv2d_packed(xp: Tensor, wp: Tensor, in_channels: int, kernel_size: tuple[int, int],
@@ -196,7 +201,7 @@ def xnor_conv2d_packed(xp: Tensor, wp: Tensor, in_channels: int, kernel_size: tu
                        bias: Tensor | None, pack_output: bool, name: str) -> Tensor:
     """Packed conv with code path ``name``: float output (N, K, OH, OW) in channels_last
     memory (the kernel writes NHWC), or packed NHWC words."""
-    return extension().conv2d_packed(
+    return _built(name).conv2d_packed(
         xp.contiguous(), _repacked_weights(wp, groups, name), in_channels, wp.shape[0],
         kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], groups, scale, bias, pack_output, _isa(name),
@@ -206,6 +211,6 @@ def xnor_conv2d_packed(xp: Tensor, wp: Tensor, in_channels: int, kernel_size: tu
 def xnor_linear_packed(xp: Tensor, wp: Tensor, in_features: int, scale: Tensor | None,
                        bias: Tensor | None, pack_output: bool, name: str) -> Tensor:
     """Packed linear with code path ``name`` (a 1x1 convolution over N samples)."""
-    return extension().linear_packed(
+    return _built(name).linear_packed(
         xp.contiguous(), _repacked_weights(wp, 1, name), in_features, wp.shape[0], scale, bias,
         pack_output, _isa(name), torch.get_num_threads())
