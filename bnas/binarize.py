@@ -252,6 +252,8 @@ class BinarizeConfig:
 
     @property
     def is_binary(self) -> bool:
+        """The config asks for some binarization. What a layer computes at the moment (its
+        quantizers may be switched off) is the layer's ``binarizes_input`` / ``binarizes_weights``."""
         return self.activation != "none" or self.weight != "none"
 
 
