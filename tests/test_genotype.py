@@ -54,6 +54,26 @@ def test_load_save_load_is_identity(path: Path, tmp_path: Path) -> None:
     assert second.canonical_hash() == first.canonical_hash()
 
 
+def test_a_genotype_keeps_its_values_as_written() -> None:
+    """The schema validates the file, but the genotype is built from the values as written:
+    the schema's model would turn ``lr: 1`` into 1.0, and a hash must not move."""
+    text = VALID + "training: {epochs: 2, optimizer: {name: sgd, lr: 1}}\n"
+    g = loads_genotype(text)
+    assert g.training == {"epochs": 2, "optimizer": {"name": "sgd", "lr": 1}}
+    assert type(g.training["optimizer"]["lr"]) is int
+    assert g.stem[0].options == {"kernel": 3} and g.cells["normal"].inputs == 2
+    assert g.canonical_hash() == loads_genotype(g.to_yaml()).canonical_hash()
+    assert loads_genotype(text.replace("nodes: [n0, n1]", "nodes: [n1, n0]")).canonical_hash() != g.canonical_hash()
+
+
+def test_parsed_data_that_is_not_a_mapping_is_one_line() -> None:
+    from bnas.genotype import genotype_from_dict
+
+    with pytest.raises(GenotypeError) as info:
+        genotype_from_dict([1, 2], "g.yaml")  # type: ignore[arg-type]
+    assert str(info.value) == "g.yaml: (top level): expected a YAML mapping at the top level, got a list"
+
+
 def test_cell_graph_structure() -> None:
     g = loads_genotype(VALID)
     graph = cell_graph(g.cells["normal"])

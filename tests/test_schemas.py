@@ -1,6 +1,8 @@
 """The file formats' one definition (bnas.schemas): the shipped files validate, typical mistakes
-are refused with the file, the YAML path and the loaders' message, the committed JSON Schemas
-are what the models emit, and the schemas' closed choices and defaults are the loaders'."""
+are refused with the file, the YAML path and the message, the loaders (genotype, search space,
+recipe, catalog) give those very errors since they validate with the schemas, the committed
+JSON Schemas are what the models emit, and the schemas' closed choices and defaults are the
+loaders'."""
 from __future__ import annotations
 
 import copy
@@ -132,6 +134,13 @@ GENOTYPE_MISTAKES = [
     ("combine: concat", "combine: product", "cells.normal.output.combine",
      "invalid combine 'product'; expected one of concat, sum"),
     ("nodes: [n0, n1]", "nodes: [n0, n5]", "cells.normal.output.nodes[1]", "unknown node 'n5'; nodes: n0, n1"),
+    ("channels: 8}\nhead", "channels: 8, stride: 2.0}\nhead", "body[0].stride", "expected stride 1 or 2, got 2.0"),
+    ("inputs: 2", "inputs: 2.0", "cells.normal.inputs",
+     "expected inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1), got 2.0"),
+    ("input: [3, 8, 8]", "input: [[3], [8]]", "input", "expected [C, H, W], got [[3], [8]]"),
+    ("  normal:\n", "  5:\n", "cells.5", "expected a cell name (a string), got 5 (int)"),
+    ("n1: [[skip_connect, n0]]", "5: [[skip_connect, n0]]", "cells.normal.nodes.5",
+     "invalid node name 5 (in0, in1 and out are reserved)"),
     ("epochs: 2", "epochs: two", "training.epochs", "expected a positive integer, got 'two'"),
     ("name: adam, lr: 0.01", "name: adm, lr: 0.01", "training.optimizer.name",
      "expected adam or adamw or sgd, got 'adm'"),
@@ -187,6 +196,14 @@ SPACE_MISTAKES = [
     ("  - {op: global_avgpool}", "  - {op: global_avgpool, cell: x}", "head[0]",
      "expected exactly one of 'op' or 'cell'"),
     ("num_classes: 10\n", "", "num_classes", "missing required key 'num_classes'"),
+    ("name: tiny", "name: tiny\nconstraints: {max_ops: null}", "constraints.max_ops",
+     "expected a positive number, got None"),
+    ("name: tiny", "name: tiny\nconstraints: []", "constraints", "expected a mapping like {max_ops: 1.0e+6}"),
+    ("input: [1, 8, 8]", "input: [[1], [8]]", "input", "expected [C, H, W], got [[1], [8]]"),
+    ("inputs: 2", "inputs: 2.0", "cells.inputs", "expected 1 or 2, got 2.0"),
+    ("  ops: [binary_conv_3x3, skip_connect, bireal_block]\n", "", "cells.ops",
+     "expected a non-empty list of op names (see `bnas primitives`)"),
+    ("stages: 2", "stages: 2\n  stage_ops: {}", "macro.stage_ops", "expected a list of op names, got {}"),
 ]
 
 
@@ -215,11 +232,22 @@ def test_space_mistakes(old: str, new: str, path: str, message: str) -> None:
           "weight, weight_clip")),
         ("ops:\n  a: {family: resnet_block, binarize: {weight: sgn}}\n", "ops.a.binarize",
          "unknown weight binarizer 'sgn'; expected one of sign, xnor, xnor_tensor, bireal, stochastic, none"),
+        ("binarize: []\n", "binarize", "expected a mapping of named binarizations, got list"),
+        ("ops:\n  a: {family: resnet_block, binarize: 5}\n", "ops.a.binarize",
+         "expected a binarization name or mapping, got 5"),
     ],
 )
-def test_catalog_mistakes(text: str, path: str, message: str) -> None:
+def test_catalog_mistakes(text: str, path: str, message: str, tmp_path: Path) -> None:
     err = _error("catalog", text, "mine.yaml")
     assert (err.file, err.path, err.message) == ("mine.yaml", path, message)
+    # load_catalog says the same, as a one-line CatalogError.
+    from bnas.registry import CatalogError, load_catalog
+
+    file = tmp_path / "mine.yaml"
+    file.write_text(text)
+    with pytest.raises(CatalogError) as info:
+        load_catalog(file)
+    assert str(info.value) == ": ".join(part for part in (str(file), path, message) if part)
 
 
 def test_recipe_mistakes_take_the_path_of_their_section() -> None:
@@ -255,35 +283,104 @@ def test_yaml_paths_come_from_the_location_not_from_text() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Where the loaders check the same thing, they say the same thing
+# The loaders validate with the schema: their errors are the schema's, word for word
+# (pinned here, so a change of wording in either place fails)
 # --------------------------------------------------------------------------------------
-_BAD_RECIPES: list[dict[str, Any]] = [
-    {"epoch": 3}, {"epoch": 3, "zzz": 1}, {"optimizer": "adam"}, {"optimizer": None}, {"optimizer": {"name": "adm"}},
-    {"optimizer": {"lr": -1}}, {"optimizer": {"lr": "0.1"}}, {"optimizer": {"lr": True}}, {"optimizer": {"lr": float("inf")}},
-    {"optimizer": {"weight_decay": -1}}, {"optimizer": {"momentum": 1}}, {"optimizer": {"nesterov": 1}},
-    {"optimizer": {"betas": [0.9]}}, {"optimizer": {"betas": [0.9, 1.0]}}, {"optimizer": {"eps": 0}},
-    {"optimizer": {"foo": 1}}, {"schedule": [1]}, {"schedule": {"name": "cos"}}, {"schedule": {"warmup_epochs": -1}},
-    {"schedule": {"warmup_epochs": 1.5}}, {"schedule": {"step_size": 0}}, {"schedule": {"gamma": 0}},
-    {"schedule": {"final_lr": -1}}, {"schedule": {"final_lr": None}}, {"schedule": {"name": "exponential", "final_lr": 0}},
-    {"schedule": {"bar": 1}}, {"epochs": 0}, {"epochs": "two"}, {"epochs": 2.0}, {"batch_size": None},
-    {"loss": "hinge"}, {"label_smoothing": 1}, {"label_smoothing": 0.1, "loss": "squared_hinge"},
-    {"decay_binary_weights": "yes"}, {"two_step": -1}, {"distill": []}, {"distill": {}}, {"distill": {"teacher": ""}},
-    {"distill": {"teacher": "t.yaml", "checkpoint": 5}}, {"distill": {"teacher": "t.yaml", "checkpoint": None}},
-    {"distill": {"teacher": "t.yaml", "temperature": 0}}, {"distill": {"teacher": "t.yaml", "alpha": 2}},
-    {"distill": {"teacher": "t", "x": 1}}, {"patience": 0}, {"patience_increase": 0.5}, {"improvement_threshold": 0},
-    {"seed": -1}, {"amp": "no"}, {"val_fraction": 1.0}, {"val_fraction": float("nan")}, [],
+_KEYS = ("amp, batch_size, decay_binary_weights, distill, epochs, improvement_threshold, label_smoothing, loss, "
+         "optimizer, patience, patience_increase, schedule, seed, two_step, val_fraction")
+_OPT = "expected a mapping {name: adam|adamw|sgd, lr: ...}, got"
+_BAD_RECIPES: list[tuple[Any, str, str]] = [
+    ({"epoch": 3}, "", f"unknown recipe key(s) epoch; expected some of {_KEYS}"),
+    ({"epoch": 3, "zzz": 1}, "", f"unknown recipe key(s) epoch, zzz; expected some of {_KEYS}"),
+    ({"optimizer": "adam"}, ".optimizer", f"{_OPT} 'adam'"),
+    ({"optimizer": None}, ".optimizer", f"{_OPT} None"),
+    ({"optimizer": {"name": "adm"}}, ".optimizer.name", "expected adam or adamw or sgd, got 'adm'"),
+    ({"optimizer": {"lr": -1}}, ".optimizer.lr", "expected a positive number, got -1"),
+    ({"optimizer": {"lr": "0.1"}}, ".optimizer.lr", "expected a positive number, got '0.1'"),
+    ({"optimizer": {"lr": True}}, ".optimizer.lr", "expected a positive number, got True"),
+    ({"optimizer": {"lr": float("inf")}}, ".optimizer.lr", "expected a positive number, got inf"),
+    ({"optimizer": {"weight_decay": -1}}, ".optimizer.weight_decay", "expected a number >= 0, got -1"),
+    ({"optimizer": {"momentum": 1}}, ".optimizer.momentum", "expected a number in [0, 1), got 1"),
+    ({"optimizer": {"nesterov": 1}}, ".optimizer.nesterov", "expected true or false, got 1"),
+    ({"optimizer": {"betas": [0.9]}}, ".optimizer.betas", "expected two numbers in [0, 1), got [0.9]"),
+    ({"optimizer": {"betas": [0.9, 1.0]}}, ".optimizer.betas", "expected two numbers in [0, 1), got [0.9, 1.0]"),
+    ({"optimizer": {"eps": 0}}, ".optimizer.eps", "expected a positive number, got 0"),
+    ({"optimizer": {"foo": 1}}, ".optimizer",
+     "unknown key(s) foo; expected some of betas, eps, lr, momentum, name, nesterov, weight_decay"),
+    ({"schedule": [1]}, ".schedule", "expected a mapping {name: cosine|linear|step|exponential|constant}, got [1]"),
+    ({"schedule": {"name": "cos"}}, ".schedule.name",
+     "expected cosine or linear or step or exponential or constant, got 'cos'"),
+    ({"schedule": {"warmup_epochs": -1}}, ".schedule.warmup_epochs", "expected an integer >= 0, got -1"),
+    ({"schedule": {"warmup_epochs": 1.5}}, ".schedule.warmup_epochs", "expected an integer >= 0, got 1.5"),
+    ({"schedule": {"step_size": 0}}, ".schedule.step_size", "expected a positive integer, got 0"),
+    ({"schedule": {"gamma": 0}}, ".schedule.gamma", "expected a positive number, got 0"),
+    ({"schedule": {"final_lr": -1}}, ".schedule.final_lr", "expected a number >= 0, got -1"),
+    ({"schedule": {"final_lr": None}}, ".schedule.final_lr", "expected a number >= 0, got None"),
+    ({"schedule": {"name": "exponential", "final_lr": 0}}, ".schedule.final_lr",
+     "expected a positive number for the exponential schedule, got 0"),
+    ({"schedule": {"bar": 1}}, ".schedule",
+     "unknown key(s) bar; expected some of final_lr, gamma, name, step_size, warmup_epochs"),
+    ({"epochs": 0}, ".epochs", "expected a positive integer, got 0"),
+    ({"epochs": "two"}, ".epochs", "expected a positive integer, got 'two'"),
+    ({"epochs": 2.0}, ".epochs", "expected a positive integer, got 2.0"),
+    ({"batch_size": None}, ".batch_size", "expected a positive integer, got None"),
+    ({"loss": "hinge"}, ".loss", "expected cross_entropy or squared_hinge, got 'hinge'"),
+    ({"label_smoothing": 1}, ".label_smoothing", "expected a number in [0, 1), got 1"),
+    ({"label_smoothing": 0.1, "loss": "squared_hinge"}, ".label_smoothing",
+     "expected 0 with the squared_hinge loss (it applies to cross_entropy), got 0.1"),
+    ({"decay_binary_weights": "yes"}, ".decay_binary_weights", "expected true or false, got 'yes'"),
+    ({"two_step": -1}, ".two_step", "expected an integer >= 0 (epochs before the weights are binarized), got -1"),
+    ({"distill": []}, ".distill",
+     "expected {teacher: GENOTYPE.yaml, checkpoint: PATH, temperature: T, alpha: A}, got []"),
+    ({"distill": {}}, ".distill.teacher", "expected the path of a teacher genotype YAML, got None"),
+    ({"distill": {"teacher": ""}}, ".distill.teacher", "expected the path of a teacher genotype YAML, got ''"),
+    ({"distill": {"teacher": "t.yaml", "checkpoint": 5}}, ".distill.checkpoint",
+     "expected the path of the teacher's checkpoint, got 5"),
+    ({"distill": {"teacher": "t.yaml", "checkpoint": None}}, ".distill.checkpoint",
+     "expected the path of the teacher's checkpoint, got None"),
+    ({"distill": {"teacher": "t.yaml", "temperature": 0}}, ".distill.temperature", "expected a positive number, got 0"),
+    ({"distill": {"teacher": "t.yaml", "alpha": 2}}, ".distill.alpha", "expected a number in [0, 1], got 2"),
+    ({"distill": {"teacher": "t", "x": 1}}, ".distill",
+     "unknown key(s) x; expected some of alpha, checkpoint, teacher, temperature"),
+    ({"patience": 0}, ".patience", "expected a positive integer or null, got 0"),
+    ({"patience_increase": 0.5}, ".patience_increase", "expected a number >= 1, got 0.5"),
+    ({"improvement_threshold": 0}, ".improvement_threshold", "expected a number in (0, 1], got 0"),
+    ({"seed": -1}, ".seed", "expected an integer >= 0, got -1"),
+    ({"amp": "no"}, ".amp", "expected true or false, got 'no'"),
+    ({"val_fraction": 1.0}, ".val_fraction", "expected a number in [0, 1), got 1.0"),
+    ({"val_fraction": float("nan")}, ".val_fraction", "expected a number in [0, 1), got nan"),
+    ([], "", "expected a mapping of recipe keys, got list"),
 ]
 
 
-@pytest.mark.parametrize("data", _BAD_RECIPES, ids=lambda d: json.dumps(d, default=str)[:60])
-def test_recipe_errors_are_the_trainers(data: Any) -> None:
+@pytest.mark.parametrize("data,path,message", _BAD_RECIPES, ids=lambda d: json.dumps(d, default=str)[:60])
+def test_recipe_errors(data: Any, path: str, message: str) -> None:
     from bnas.train import Recipe, TrainingError
 
-    with pytest.raises(TrainingError) as want:
+    with pytest.raises(TrainingError) as info:
         Recipe.from_dict(data, "training")
-    with pytest.raises(GenotypeError) as got:
-        validate("recipe", data, None, "training")
-    assert (got.value.path, got.value.message) == (want.value.path, want.value.message)
+    assert (info.value.path, info.value.message) == ("training" + path, message)
+    # The schema says the same at any prefix (a space's budget, a genotype's training).
+    with pytest.raises(GenotypeError) as info2:
+        validate("recipe", data, "s.yaml", "budget")
+    assert (info2.value.file, info2.value.path, info2.value.message) == ("s.yaml", "budget" + path, message)
+
+
+def test_flag_overrides_are_validated() -> None:
+    from bnas.train import Recipe, TrainingError
+
+    recipe = Recipe.from_dict({"epochs": 2, "optimizer": {"name": "sgd", "lr": 1}})
+    assert recipe.optimizer == {"name": "sgd", "lr": 1}  # as written: the schema's 1.0 is not kept
+    assert recipe.merged({"optimizer.lr": 0.5, "epochs": None}).optimizer == {"name": "sgd", "lr": 0.5}
+    with pytest.raises(TrainingError) as info:
+        recipe.merged({"optimizer.lr": -0.1})
+    assert (info.value.path, info.value.message) == ("flags.optimizer.lr", "expected a positive number, got -0.1")
+    with pytest.raises(TrainingError) as info:
+        recipe.merged({"epochs": 0}, where="cli")
+    assert str(info.value) == "cli.epochs: expected a positive integer, got 0"
+    bad = Recipe(epochs=0)  # built directly: validate() checks it
+    with pytest.raises(TrainingError, match=r"^training\.epochs: expected a positive integer, got 0$"):
+        bad.validate("training")
 
 
 def _mutated(text: str, old: str, new: str) -> dict[str, Any]:
@@ -292,31 +389,23 @@ def _mutated(text: str, old: str, new: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("case", GENOTYPE_MISTAKES, ids=lambda c: c[2])
-def test_genotype_errors_are_the_loaders(case: tuple[str, str, str, str]) -> None:
+def test_genotype_loader_errors(case: tuple[str, str, str, str]) -> None:
     from bnas.genotype import genotype_from_dict
 
-    data = _mutated(GENOTYPE, case[0], case[1])
-    with pytest.raises(GenotypeError) as got:
-        validate("genotype", copy.deepcopy(data))
-    try:
-        genotype_from_dict(data)
-    except GenotypeError as want:
-        assert (got.value.path, got.value.message) == (want.path, want.message)
-    else:
-        # The loader leaves the recipe to the trainer; the schema checks it with the file.
-        assert got.value.path.startswith("training.")
+    with pytest.raises(GenotypeError) as info:
+        genotype_from_dict(_mutated(GENOTYPE, case[0], case[1]), "bad.yaml")
+    assert (info.value.file, info.value.path, info.value.message) == ("bad.yaml", case[2], case[3])
 
 
 @pytest.mark.parametrize("case", SPACE_MISTAKES, ids=lambda c: c[2])
-def test_space_errors_are_the_loaders(case: tuple[str, str, str, str]) -> None:
-    from bnas.search.space import parse_space
+def test_space_loader_errors(case: tuple[str, str, str, str], tmp_path: Path) -> None:
+    from bnas.search.space import load_space
 
-    data = _mutated(SPACE, case[0], case[1])
-    with pytest.raises(GenotypeError) as got:
-        validate("space", copy.deepcopy(data))
-    with pytest.raises(GenotypeError) as want:
-        parse_space(data)
-    assert (got.value.path, got.value.message) == (want.value.path, want.value.message)
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.replace(case[0], case[1], 1))
+    with pytest.raises(GenotypeError) as info:
+        load_space(path)
+    assert (info.value.file, info.value.path, info.value.message) == (str(path), case[2], case[3])
 
 
 # --------------------------------------------------------------------------------------

@@ -168,6 +168,31 @@ def test_fingerprint_tracks_what_decides_a_trial() -> None:
     assert parse_space({**base, "cells": {**base["cells"], "ops": ["skip_connect", "binary_conv_3x3"]}}).fingerprint() != ref
 
 
+def test_the_space_is_built_from_the_values_as_written() -> None:
+    """The schema validates, but the space keeps what the file says (the schema's model would
+    turn an integer lr into a float, and move the fingerprint)."""
+    import yaml
+
+    base = yaml.safe_load(TINY)
+    space = parse_space({**base, "budget": {"epochs": 2, "optimizer": {"name": "sgd", "lr": 1}},
+                         "constraints": {"max_ops": 1000000}, "objectives": "val_acc"})
+    assert space.budget == {"epochs": 2, "optimizer": {"name": "sgd", "lr": 1}}
+    assert type(space.budget["optimizer"]["lr"]) is int
+    assert space.constraints == {"max_ops": 1e6} and space.objectives == ("val_acc",)
+    assert space.cells is not None and space.cells.ops == ("binary_conv_3x3", "skip_connect", "bireal_block")
+    assert space.macro.channels == ((8, 16),) and space.macro.doubling
+    # An empty stem or head is what it always was: no stem, the default head.
+    empty = parse_space({**base, "stem": [], "head": []})
+    assert empty.stem == () and empty.head == ({"op": "global_avgpool"}, {"op": "linear"})
+    g = sample_genotype(optuna.trial.FixedTrial({"channels": 8, "normal.n0.e0.input": "in1",
+                                                 "normal.n0.e0.op": "skip_connect", "normal.n1.e0.input": "n0",
+                                                 "normal.n1.e0.op": "skip_connect", "reduce.n0.e0.input": "in1",
+                                                 "reduce.n0.e0.op": "skip_connect", "reduce.n1.e0.input": "n0",
+                                                 "reduce.n1.e0.op": "skip_connect", "stage0.cells": 1,
+                                                 "stage1.cells": 1}), space)
+    assert g.training is not None and type(g.training["optimizer"]["lr"]) is int
+
+
 def _first_hashes(space_path: Path, sampler: str, seed: int, n: int = 4) -> list[str]:
     space = load_space(space_path)
     study = optuna.create_study(directions=space.directions, sampler=make_sampler(sampler, seed, space.multi_objective))

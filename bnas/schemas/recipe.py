@@ -1,7 +1,7 @@
 """The training recipe: a genotype's ``training:`` section, a search space's ``budget:``.
 
-Every key is optional; the defaults are those of ``bnas.train.Recipe``. Messages follow
-``Recipe.validate``: ``<where>.<key>: expected <what>, got <value>``.
+Every key is optional; the defaults are those of ``bnas.train.Recipe``, which validates
+with this schema. Messages read ``<where>.<key>: expected <what>, got <value>``.
 """
 
 from __future__ import annotations
