@@ -3,6 +3,7 @@
 The data flows one way: genotype YAML -> ``Genotype`` -> networkx cell DAGs -> ``nn.Module``
 -> trainer -> metrics and reports.
 """
+
 from . import catalog as _catalog  # noqa: F401  (registers the op families and the shipped catalog)
 from ._version import __version__
 from .binarize import BinarizeConfig, BinaryConv2d, BinaryLinear

@@ -14,14 +14,15 @@ a shared group) stays readable by all of them.
 (training, searching, packing), that an ``--out`` location can be written, and turn the
 failure into a one-line :class:`~bnas.errors.BnasError` that names the flag and the path.
 """
+
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import BnasError
 
@@ -35,13 +36,22 @@ __all__ = [
 ]
 
 # OSError numbers that mean "this location cannot take the file" (as opposed to a bug).
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                 errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG}
+_WRITE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOENT,
+    errno.ENAMETOOLONG,
+}
 # What torch.save raises (a RuntimeError, not an OSError) when the stream cannot be written,
 # e.g. on a full disk: "[enforce fail at inline_container.cc] . basic_ios::clear" or
 # "PytorchStreamWriter failed writing file data/0: file write failed".
-_TORCH_WRITE_FAILURES = ("basic_ios::clear", "PytorchStreamWriter failed", "file write failed",
-                         "unexpected pos")
+_TORCH_WRITE_FAILURES = ("basic_ios::clear", "PytorchStreamWriter failed", "file write failed", "unexpected pos")
 
 
 class WriteError(BnasError):
@@ -97,8 +107,9 @@ def atomic_path(path: str | os.PathLike[str], what: str = "file") -> Iterator[Pa
         if not _is_write_failure(exc):
             raise
         kept = "the previous file there is unchanged" if path.is_file() else "nothing was written there"
-        raise WriteError(f"cannot write the {what} {path}: {_reason(exc)}; {kept}; "
-                         "free some space or choose another location") from exc
+        raise WriteError(
+            f"cannot write the {what} {path}: {_reason(exc)}; {kept}; free some space or choose another location"
+        ) from exc
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -152,5 +163,4 @@ def check_writable_file(path: Path, flag: str, *, example: str = "") -> None:
         raise WriteError(f"{flag} {path} is an existing folder; {flag} takes a file path{hint}")
     why = _probe_dir(path.parent)
     if why is not None:
-        raise WriteError(f"{flag} {path} is not writable: its folder {path.parent}: {why}; "
-                         "choose another folder")
+        raise WriteError(f"{flag} {path} is not writable: its folder {path.parent}: {why}; choose another folder")

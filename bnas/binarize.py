@@ -12,11 +12,13 @@ Two kinds of quantizer, composed into layers the way larq composes ``input_quant
 frozen ``BinarizeConfig``, so binarization is orthogonal to topology and no two layers can
 share mutable state.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -236,18 +238,20 @@ class BinarizeConfig:
             raise ValueError(f"lr_scale must be a positive number, 'glorot' or null, got {ls!r}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BinarizeConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> BinarizeConfig:
         """Build from a YAML mapping; unknown keys are an error that names the valid ones."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown binarize option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown binarize option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+            )
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def replace(self, **changes: Any) -> "BinarizeConfig":
+    def replace(self, **changes: Any) -> BinarizeConfig:
         return replace(self, **changes)
 
     @property
@@ -282,7 +286,9 @@ class ActivationQuantizer(nn.Module):
     def __init__(self, name: str = "ste", channels: int | None = None, clip: float = 1.0, swish_beta: float = 5.0):
         super().__init__()
         if name not in ACTIVATION_QUANTIZERS:
-            raise ValueError(f"unknown activation quantizer {name!r}; expected one of {', '.join(ACTIVATION_QUANTIZERS)}")
+            raise ValueError(
+                f"unknown activation quantizer {name!r}; expected one of {', '.join(ACTIVATION_QUANTIZERS)}"
+            )
         self.name = name
         self.clip = float(clip)
         self.swish_beta = float(swish_beta)
@@ -452,7 +458,15 @@ class BinaryConv2d(nn.Conv2d, _BinaryLayer):
         self._setup_binarization(config, in_channels, in_channels // groups * kh * kw, out_channels // groups * kh * kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(self.input_quantizer(x), self.binary_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(
+            self.input_quantizer(x),
+            self.binary_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.config.activation}, weight={self.config.weight}"
@@ -461,7 +475,9 @@ class BinaryConv2d(nn.Conv2d, _BinaryLayer):
 class BinaryLinear(nn.Linear, _BinaryLayer):
     """Linear layer on binarized inputs and binarized weights."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, config: BinarizeConfig = BinarizeConfig()):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, config: BinarizeConfig = BinarizeConfig()
+    ):
         super().__init__(in_features, out_features, bias)
         self._setup_binarization(config, in_features, in_features, out_features)
 

@@ -7,13 +7,15 @@ of the two previous units (DARTS's cells k-2 and k-1); a plain op is a one-node 
 reads only k-1. Shapes are tracked by running each new unit once on a zero tensor, so channel
 and shape mismatches surface at build time with the YAML path of the culprit.
 """
+
 from __future__ import annotations
 
 import difflib
 import inspect
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -126,7 +128,9 @@ def _check_options(op: str, options: Mapping[str, Any], path: str, layer_keys: t
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         listed = ", ".join(names) if names else "none"
-        raise GenotypeError(f"unknown option {short_repr(key, 40)} for {op}; {hint}valid: {listed}", f"{path}.{_key_path(key)}")
+        raise GenotypeError(
+            f"unknown option {short_repr(key, 40)} for {op}; {hint}valid: {listed}", f"{path}.{_key_path(key)}"
+        )
 
 
 def check_ops(genotype: Genotype, file: str | None = None) -> Genotype:
@@ -148,7 +152,9 @@ def check_ops(genotype: Genotype, file: str | None = None) -> Genotype:
                     _check_options(layer.op, layer.options, f"{section}[{i}]", layer_keys=_LAYER_KEYS)
     except GenotypeError as exc:
         where = file or genotype.source
-        raise exc.in_file(where) if where else exc
+        if where:
+            exc.in_file(where)
+        raise
     return genotype
 
 
@@ -219,6 +225,7 @@ class Cell(nn.Module):
         """``[(node, [(edge module key, source), ...]), ...]`` in topological order, and the
         nodes the output combines; edges in their YAML order (``slot``), so sums add up in
         the same order as the file lists them."""
+
         def inputs(node: str) -> list[tuple[int, str]]:
             return sorted((slot, source) for source, _, slot in graph.in_edges(node, data="slot"))
 
@@ -276,8 +283,9 @@ class BinaryNetwork(nn.Module):
         return self.head(s1)
 
 
-def _build_sequence(layers: Sequence[LayerSpec], shape: Shape, section: str, num_classes: int,
-                    budget: _MemoryBudget | None = None) -> tuple[list[nn.Module], Shape]:
+def _build_sequence(
+    layers: Sequence[LayerSpec], shape: Shape, section: str, num_classes: int, budget: _MemoryBudget | None = None
+) -> tuple[list[nn.Module], Shape]:
     modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
         path = f"{section}[{i}]"
@@ -327,7 +335,9 @@ def estimate_memory(genotype: Genotype, cap: int | None = None) -> int | None:
     """Bytes of parameters and buffers of ``genotype``'s network, found by building it on the
     ``meta`` device (no memory is allocated); a ``LimitError`` as soon as the running total
     passes ``cap``. None when an op cannot be built on ``meta`` (then nothing is known)."""
-    budget = _MemoryBudget(cap if cap is not None else 2**63, from_env=bool(os.environ.get("BNAS_MAX_PARAM_BYTES", "").strip()))
+    budget = _MemoryBudget(
+        cap if cap is not None else 2**63, from_env=bool(os.environ.get("BNAS_MAX_PARAM_BYTES", "").strip())
+    )
     try:
         with torch.device("meta"):
             _build(genotype, budget)
@@ -356,7 +366,9 @@ def build(genotype: Genotype | Mapping[str, Any] | str | os.PathLike[str], binar
         estimate_memory(genotype, memory_limit())
         model = _build(genotype)
     except GenotypeError as exc:
-        raise exc.in_file(genotype.source) if genotype.source else exc
+        if genotype.source:
+            exc.in_file(genotype.source)
+        raise
     if not binarize:
         set_binarization(model, activations=False, weights=False)
     return model

@@ -38,6 +38,7 @@ run's seed, so a search never looks at the test set.
 Data root: ``--data-root``, else ``$BNAS_DATA``, else ``bnas.paths.cache_dir("data")``
 (``~/.cache/bnas/data`` unless ``$BNAS_CACHE`` or ``$XDG_CACHE_HOME`` is set).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -48,9 +49,9 @@ import os
 import pickle
 import struct
 import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable, Iterator
 from typing import cast
 
 import numpy as np
@@ -61,8 +62,16 @@ from .atomic import atomic_path
 from .errors import BnasError
 from .paths import cache_dir
 
-__all__ = ["DATASETS", "DATASET_NAMES", "IMAGEFOLDER", "DataError", "DataSplits", "TensorLoader", "data_root",
-           "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "DATASET_NAMES",
+    "IMAGEFOLDER",
+    "DataError",
+    "DataSplits",
+    "TensorLoader",
+    "data_root",
+    "load_dataset",
+]
 
 # The one list of dataset names (the search space and the schemas import it): the fixed
 # names, and ``imagefolder:PATH``, which takes a folder after the prefix.
@@ -129,20 +138,35 @@ class DataSplits:
     def nbytes(self) -> int:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS)
 
-    def to(self, device: torch.device | str) -> "DataSplits":
+    def to(self, device: torch.device | str) -> DataSplits:
         for name in self._TENSORS:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     def loader(
-        self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, device: torch.device | str | None = None
-    ) -> "TensorLoader":
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> TensorLoader:
         """Batches of ``split`` (train, val or test), delivered on ``device`` (default: where
         the tensors are)."""
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
-        return TensorLoader(x, y, self.mean, self.std, batch_size, shuffle, seed, augment=self.augment and split == "train", device=device)
+        return TensorLoader(
+            x,
+            y,
+            self.mean,
+            self.std,
+            batch_size,
+            shuffle,
+            seed,
+            augment=self.augment and split == "train",
+            device=device,
+        )
 
 
 class TensorLoader:
@@ -265,7 +289,11 @@ def _load_idx_dataset(name: str, root: Path, origin: str, download: bool) -> tup
         files = {s: _find_idx(dirs, s) for s in files}
     missing = [s for s, f in files.items() if f is None]
     if missing:
-        debian = "install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist), or " if name == "fashion_mnist" else ""
+        debian = (
+            "install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist), or "
+            if name == "fashion_mnist"
+            else ""
+        )
         raise DataError(
             f"{name}: missing {', '.join(m + '[.gz]' for m in missing)}; looked in {', '.join(str(d) for d in dirs)} "
             f"(data root {root}, from {origin}). To get the data: {debian}put the four idx files (gzipped or not) "
@@ -301,7 +329,9 @@ def _load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _fixed_test_split(x, y)
 
 
-def _load_synthetic(shape: tuple[int, ...], num_classes: int, seed: int, n_train: int = 2048, n_test: int = 512) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _load_synthetic(
+    shape: tuple[int, ...], num_classes: int, seed: int, n_train: int = 2048, n_test: int = 512
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Class prototypes plus Gaussian noise: learnable, any shape, no files."""
     if len(shape) != 3 or any(int(s) <= 0 for s in shape):
         raise DataError(f"synthetic: the shape must be three positive sizes (C, H, W), got {list(shape)}")
@@ -377,7 +407,9 @@ def _read_tree(folder: Path, classes: list[str] | None = None) -> tuple[Tensor, 
         raise DataError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise DataError(f"{folder}: class folders {', '.join(unknown)} are not in the training classes {', '.join(classes)}")
+        raise DataError(
+            f"{folder}: class folders {', '.join(unknown)} are not in the training classes {', '.join(classes)}"
+        )
 
     def make() -> dict[str, object]:
         samples = []
@@ -446,6 +478,7 @@ def _load_cifar10(root: Path, origin: str, download: bool) -> tuple[Tensor, Tens
         except (OSError, RuntimeError) as exc:
             raise DataError(f"cifar10: download into {root} failed ({exc}); is this machine online?") from None
     if batches.is_dir():
+
         def read(names: list[str]) -> tuple[Tensor, Tensor]:
             xs, ys = [], []
             for n in names:
@@ -481,14 +514,23 @@ def _load_cifar10(root: Path, origin: str, download: bool) -> tuple[Tensor, Tens
 
 def _load_imagefolder(path: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, int, str]:
     if not path.is_dir():
-        raise DataError(f"imagefolder: {path} is not a folder (expected PATH/train/<class>/<image> and PATH/test/<class>/<image>, or PATH/<class>/<image>)")
+        raise DataError(
+            f"imagefolder: {path} is not a folder (expected PATH/train/<class>/<image> and PATH/test/<class>/<image>, or PATH/<class>/<image>)"
+        )
     if (path / "train").is_dir() and (path / "test").is_dir():
         xtr, ytr, classes = _read_tree(path / "train")
         xte, yte, _ = _read_tree(path / "test", classes)
         return xtr, ytr, xte, yte, len(classes), f"image tree {path}/train, {path}/test"
     x, y, classes = _read_tree(path)
     xtr, ytr, xte, yte = _fixed_test_split(x, y)
-    return xtr, ytr, xte, yte, len(classes), f"image tree {path} (20% held out as the test set, seed {_TEST_SPLIT_SEED})"
+    return (
+        xtr,
+        ytr,
+        xte,
+        yte,
+        len(classes),
+        f"image tree {path} (20% held out as the test set, seed {_TEST_SPLIT_SEED})",
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -523,7 +565,7 @@ def load_dataset(
     elif name == "cifar10":
         xtr, ytr, xte, yte, source = _load_cifar10(base, origin, download)
         augment = True
-    elif name.startswith(IMAGEFOLDER) and name[len(IMAGEFOLDER):]:
+    elif name.startswith(IMAGEFOLDER) and name[len(IMAGEFOLDER) :]:
         xtr, ytr, xte, yte, classes, source = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser())
     elif name == "synthetic":
         xtr, ytr, xte, yte = _load_synthetic(tuple(shape), int(num_classes), seed)
@@ -544,6 +586,16 @@ def load_dataset(
     mean = scaled.mean(dim=(0, 2, 3))
     std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-6)
     return DataSplits(
-        name=name, train_x=train_x, train_y=ytr[train_idx], val_x=xtr[val_idx], val_y=ytr[val_idx],
-        test_x=xte, test_y=yte, num_classes=classes, mean=mean, std=std, augment=augment, source=source,
+        name=name,
+        train_x=train_x,
+        train_y=ytr[train_idx],
+        val_x=xtr[val_idx],
+        val_y=ytr[val_idx],
+        test_x=xte,
+        test_y=yte,
+        num_classes=classes,
+        mean=mean,
+        std=std,
+        augment=augment,
+        source=source,
     )

@@ -1,4 +1,5 @@
 """User-facing errors: the CLI prints them as one line (no traceback) and exits with code 2."""
+
 from __future__ import annotations
 
 
@@ -28,7 +29,7 @@ class LocatedError(BnasError):
     def __str__(self) -> str:
         return self._render()
 
-    def in_file(self, file: str) -> "LocatedError":
+    def in_file(self, file: str) -> LocatedError:
         """The same error, attributed to ``file`` (set once, by whoever read the file)."""
         if self.file is None:
             self.file = file
@@ -39,7 +40,7 @@ class LocatedError(BnasError):
 class GenotypeError(LocatedError, ValueError):
     """A genotype or search-space file that cannot be used (see ``LocatedError``)."""
 
-    def in_file(self, file: str) -> "GenotypeError":
+    def in_file(self, file: str) -> GenotypeError:
         super().in_file(file)
         return self
 

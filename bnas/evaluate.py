@@ -3,6 +3,7 @@
 Outputs in ``--out`` (default ``runs/eval-<name>-<time>``): ``checkpoint.pt`` (every
 epoch, atomic), ``report.json``, ``report.md`` and ``curves.png``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -10,8 +11,9 @@ import os
 import platform
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +45,9 @@ def resolve_device(name: str | None) -> torch.device:
     text = name.strip().lower()
     match = _DEVICE.fullmatch(text)
     if text == "meta":
-        raise BnasError(f"--device meta holds no data (shapes only), so nothing can train on it; use {_ACCEPTED_DEVICES}")
+        raise BnasError(
+            f"--device meta holds no data (shapes only), so nothing can train on it; use {_ACCEPTED_DEVICES}"
+        )
     if match is None:
         raise BnasError(f"--device {name!r} is not a device bnas can train on; use {_ACCEPTED_DEVICES}")
     kind, index = match.group(1), match.group(2)
@@ -76,7 +80,9 @@ def check_input_shape(genotype: Genotype, data: DataSplits) -> None:
         )
 
 
-def _teacher(recipe: Recipe, data: DataSplits, device: torch.device, out: Path | None, progress: bool) -> nn.Module | None:
+def _teacher(
+    recipe: Recipe, data: DataSplits, device: torch.device, out: Path | None, progress: bool
+) -> nn.Module | None:
     """The real-valued teacher for distillation: loaded from a checkpoint, or trained first."""
     spec = recipe.distill
     if not spec:
@@ -90,8 +96,10 @@ def _teacher(recipe: Recipe, data: DataSplits, device: torch.device, out: Path |
         weights = state.get("model", state)
         mismatch = _state_mismatch(teacher, weights)
         if mismatch is not None:
-            raise TrainingError(f"teacher checkpoint {spec['checkpoint']} does not fit the teacher "
-                                f"{spec['teacher']}: {mismatch}; {advice}")
+            raise TrainingError(
+                f"teacher checkpoint {spec['checkpoint']} does not fit the teacher "
+                f"{spec['teacher']}: {mismatch}; {advice}"
+            )
         teacher.load_state_dict(weights)
         return teacher
     teacher_recipe = recipe.merged({"distill": None})
@@ -119,20 +127,31 @@ def evaluate(
     if not isinstance(genotype, Genotype):
         genotype = load_genotype(genotype)
     check_ops(genotype)  # op names and options before any data is loaded, as on load before
-    recipe = Recipe.from_dict(genotype.training, f"{genotype.source or genotype.name}: training").merged(dict(overrides or {}))
+    recipe = Recipe.from_dict(genotype.training, f"{genotype.source or genotype.name}: training").merged(
+        dict(overrides or {})
+    )
     dev = resolve_device(device)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         if resume and not (out_dir / "checkpoint.pt").is_file():
             raise BnasError(f"--resume: no checkpoint in {out_dir}; run without --resume to start")
         if not resume and (out_dir / "checkpoint.pt").exists():
-            raise BnasError(f"{out_dir} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+            raise BnasError(
+                f"{out_dir} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
+            )
         # Before loading data and training: a read-only --out would otherwise fail only at
         # the first checkpoint, after an epoch of work.
         check_writable_dir(out_dir, "--out")
     if data is None:
-        data = load_dataset(dataset, data_root, val_fraction=recipe.val_fraction, seed=recipe.seed,
-                            shape=tuple(genotype.input), num_classes=genotype.num_classes, download=download)
+        data = load_dataset(
+            dataset,
+            data_root,
+            val_fraction=recipe.val_fraction,
+            seed=recipe.seed,
+            shape=genotype.input,
+            num_classes=genotype.num_classes,
+            download=download,
+        )
     check_input_shape(genotype, data)
     data = data.to(dev)
     seed_everything(recipe.seed)
@@ -181,8 +200,10 @@ def evaluate(
                 raise
             # Training is over and checkpoint.pt holds it: --resume only redoes the test and the outputs.
             what = str(exc) if isinstance(exc, WriteError) else f"cannot write the report in {out_dir}: {exc.strerror}"
-            raise BnasError(f"{what}; training finished and {trainer.checkpoint_path} holds it: free some space, "
-                            "then rerun the same command with --resume to write model.pt and the report") from exc
+            raise BnasError(
+                f"{what}; training finished and {trainer.checkpoint_path} holds it: free some space, "
+                "then rerun the same command with --resume to write model.pt and the report"
+            ) from exc
     return report
 
 
@@ -192,5 +213,10 @@ def _versions() -> dict[str, str]:
 
     import bnas
 
-    return {"bnas": bnas.__version__, "torch": torch.__version__, "networkx": networkx.__version__,
-            "optuna": optuna.__version__, "python": platform.python_version()}
+    return {
+        "bnas": bnas.__version__,
+        "torch": torch.__version__,
+        "networkx": networkx.__version__,
+        "optuna": optuna.__version__,
+        "python": platform.python_version(),
+    }

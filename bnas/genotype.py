@@ -264,7 +264,9 @@ def genotype_from_dict(data: Mapping[str, Any], file: str | None = None) -> Geno
     try:
         return _genotype_from_dict(data)
     except GenotypeError as exc:
-        raise exc.in_file(file) if file else exc
+        if file:
+            exc.in_file(file)
+        raise
 
 
 def _genotype_from_dict(data: Mapping[str, Any]) -> Genotype:
@@ -272,7 +274,7 @@ def _genotype_from_dict(data: Mapping[str, Any]) -> Genotype:
         # The words of ``parse_yaml_mapping``, for a caller that hands over parsed data.
         raise GenotypeError(f"expected a YAML mapping at the top level, got a {type(data).__name__}", "(top level)")
     validate("genotype", data)
-    shape: tuple[int, int, int] = tuple(data["input"])  # type: ignore[assignment]
+    shape: tuple[int, int, int] = tuple(data["input"])
     check_limit("CHANNELS", shape[0], "input[0]", "the number of input channels")
     for i in (1, 2):
         check_limit("INPUT_SIZE", shape[i], f"input[{i}]")

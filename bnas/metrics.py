@@ -8,11 +8,13 @@ Conventions (stated in the printed summary too):
 * Size: binary weights at 1 bit, every other parameter and buffer (BatchNorm statistics) at
   32 bits; the compression ratio is against the same model stored in float32.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,14 +97,26 @@ class Summary:
     def table(self) -> str:
         header = ("layer", "type", "output", "bin params", "real params", "BOPs", "FLOPs")
         rows = [
-            (l.name, l.kind, "x".join(map(str, l.output_shape)), f"{l.params_binary:,}", f"{l.params_real:,}", f"{l.bops:,}", f"{l.flops:,}")
-            for l in self.layers
+            (
+                layer.name,
+                layer.kind,
+                "x".join(map(str, layer.output_shape)),
+                f"{layer.params_binary:,}",
+                f"{layer.params_real:,}",
+                f"{layer.bops:,}",
+                f"{layer.flops:,}",
+            )
+            for layer in self.layers
         ]
-        rows.append(("total", "", "", f"{self.params_binary:,}", f"{self.params_real:,}", f"{self.bops:,}", f"{self.flops:,}"))
+        rows.append(
+            ("total", "", "", f"{self.params_binary:,}", f"{self.params_real:,}", f"{self.bops:,}", f"{self.flops:,}")
+        )
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
         def fmt(row: Sequence[str]) -> str:
-            return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            return "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
 
         rule = "-" * len(fmt(header))
         lines = [fmt(header), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1]), ""]

@@ -12,6 +12,7 @@
 
 Everything under it can be deleted at any time; it is built again on the next use.
 """
+
 from __future__ import annotations
 
 import os

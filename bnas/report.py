@@ -1,9 +1,11 @@
 """Run reports: ``report.json`` (everything), ``report.md`` (for people), ``curves.png``."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .yaml_io import write_text_atomic
 
@@ -61,7 +63,17 @@ def _markdown(report: Mapping[str, Any]) -> str:
         lines.append(
             f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['val_loss']:.4f} | {r['val_acc']:.4f} | {r['lr']:.2e} | {r['epoch_time_s']:.1f} |"
         )
-    lines += ["", "![curves](curves.png)", "", "## Recipe", "", "```json", json.dumps(report["recipe"], indent=2), "```", ""]
+    lines += [
+        "",
+        "![curves](curves.png)",
+        "",
+        "## Recipe",
+        "",
+        "```json",
+        json.dumps(report["recipe"], indent=2),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

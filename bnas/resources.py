@@ -3,6 +3,7 @@
 In a clone they are top-level folders that ``bnas/_data`` links to; in a built wheel the
 links are resolved into real copies under ``bnas/_data``. Either way one path works.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

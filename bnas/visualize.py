@@ -1,13 +1,18 @@
 """Pictures of cell DAGs: nodes, and edges labelled with their ops."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import numpy as np
 
 from .genotype import Genotype
+
+if TYPE_CHECKING:
+    from matplotlib.text import Text
 
 _COLORS = {"input": "#9ecae1", "node": "#fdd49e", "output": "#a1d99b"}
 
@@ -51,7 +56,7 @@ def _arc(p0: np.ndarray, p1: np.ndarray, rad: float, n: int = 60) -> np.ndarray:
     d = p1 - p0
     control = (p0 + p1) / 2 + rad * np.array([d[1], -d[0]])
     t = np.linspace(0.0, 1.0, n)[:, None]
-    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * control + t ** 2 * p1
+    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * control + t**2 * p1
 
 
 def _box_distance(points: np.ndarray, box: tuple[float, float, float, float]) -> float:
@@ -69,7 +74,7 @@ def place_labels(
     positions along it for the most clearance from other edges, nodes and earlier labels."""
     placed: list[tuple[float, float, float, float]] = []
     centres: list[tuple[float, float] | None] = []
-    for i, (curve, size) in enumerate(zip(curves, sizes)):
+    for i, (curve, size) in enumerate(zip(curves, sizes, strict=True)):
         if size is None:
             centres.append(None)
             continue
@@ -83,7 +88,10 @@ def place_labels(
             score = min(
                 _box_distance(other_points, box),
                 _box_distance(nodes, box) - node_radius,
-                *(_box_distance(np.array([[b[0], b[1]], [b[2], b[3]], [b[0], b[3]], [b[2], b[1]]]), box) for b in placed),
+                *(
+                    _box_distance(np.array([[b[0], b[1]], [b[2], b[3]], [b[0], b[3]], [b[2], b[1]]]), box)
+                    for b in placed
+                ),
             )
             if score > best_score + 1.0:  # prefer the middle unless another spot is clearly better
                 best, best_score = (float(cx), float(cy)), score
@@ -106,7 +114,7 @@ def draw_cells(genotype: Genotype, path: str | os.PathLike[str]) -> Path:
     dpi = 120
     fig, axes = plt.subplots(1, len(graphs), figsize=(7 * len(graphs), 5), squeeze=False, dpi=dpi)
     drawn = []
-    for ax, (name, g) in zip(axes[0], graphs.items()):
+    for ax, (name, g) in zip(axes[0], graphs.items(), strict=True):
         pos = _layout(g)
         colors = [_COLORS[g.nodes[n]["kind"]] for n in g.nodes]
         nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colors, node_size=_NODE_SIZE, edgecolors="#333333")
@@ -114,8 +122,15 @@ def draw_cells(genotype: Genotype, path: str | os.PathLike[str]) -> Path:
         edges = _edge_rads(g, pos)
         for u, v, _, rad in edges:
             nx.draw_networkx_edges(
-                g, pos, edgelist=[(u, v)], ax=ax, arrows=True, arrowsize=14, node_size=_NODE_SIZE,
-                connectionstyle=f"arc3,rad={rad}", edge_color="#555555",
+                g,
+                pos,
+                edgelist=[(u, v)],
+                ax=ax,
+                arrows=True,
+                arrowsize=14,
+                node_size=_NODE_SIZE,
+                connectionstyle=f"arc3,rad={rad}",
+                edge_color="#555555",
             )
         combine = g.nodes["out"]["combine"]
         ax.set_title(f"cell '{name}'  (output: {combine})")
@@ -125,25 +140,34 @@ def draw_cells(genotype: Genotype, path: str | os.PathLike[str]) -> Path:
     fig.tight_layout()
     # Labels go on last, in display coordinates: the arcs are drawn there (arc3 bends in
     # pixels, not data units), and the layout no longer moves.
-    renderer = fig.canvas.get_renderer()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # the Agg canvas has one
     node_radius = np.sqrt(_NODE_SIZE) / 2 * dpi / 72
     for ax, pos, edges in drawn:
         to_px = ax.transData.transform
         px = {n: np.asarray(to_px(p)) for n, p in pos.items()}
         curves = [_arc(px[u], px[v], rad) for u, v, _, rad in edges]
-        texts, sizes = [], []
-        for u, v, op, _ in edges:
+        texts: list[Text | None] = []
+        sizes: list[tuple[float, float] | None] = []
+        for _u, v, op, _ in edges:
             if v == "out":  # output edges carry the combine, shown in the title
                 texts.append(None)
                 sizes.append(None)
                 continue
-            text = ax.text(0, 0, op, fontsize=7, ha="center", va="center", zorder=3,
-                           bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.9))
+            text = ax.text(
+                0,
+                0,
+                op,
+                fontsize=7,
+                ha="center",
+                va="center",
+                zorder=3,
+                bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.9),
+            )
             box = text.get_window_extent(renderer)
             texts.append(text)
             sizes.append((box.width + 6, box.height + 6))
         centres = place_labels(curves, sizes, np.array(list(px.values())), node_radius)
-        for text, centre in zip(texts, centres):
+        for text, centre in zip(texts, centres, strict=True):
             if text is not None and centre is not None:
                 text.set_position(ax.transData.inverted().transform(centre))
     path = Path(path)

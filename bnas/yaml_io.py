@@ -9,6 +9,7 @@ gigabytes), and a duplicate key is an error instead of "the last one wins".
 The caps (``LIMITS``) are environment variables ``BNAS_MAX_<NAME>``; every cap error names
 its variable, so a user with a real need can raise it.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,9 @@ def limit(name: str) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise BnasError(f"BNAS_MAX_{name}={raw[:40]!r}: expected a positive integer (the default is {default})") from None
+        raise BnasError(
+            f"BNAS_MAX_{name}={raw[:40]!r}: expected a positive integer (the default is {default})"
+        ) from None
     if value <= 0:
         raise BnasError(f"BNAS_MAX_{name}={value}: expected a positive integer (the default is {default})")
     return value
@@ -84,7 +87,7 @@ class _RecursiveAliasError(yaml.YAMLError):
 _SafeBase: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class BnasLoader(_SafeBase):  # type: ignore[misc, valid-type]
+class BnasLoader(_SafeBase):
     """A safe loader that refuses duplicate keys and documents that expand past a cap."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -102,7 +105,8 @@ class BnasLoader(_SafeBase):  # type: ignore[misc, valid-type]
                 if duplicate:
                     first = seen[key].start_mark.line + 1
                     raise _DuplicateKeyError(
-                        None, None,
+                        None,
+                        None,
                         f"duplicate key {short_key(key)} (first at line {first}); each key may appear once per mapping",
                         key_node.start_mark,
                     )
@@ -138,11 +142,15 @@ def _check_expanded_size(root: yaml.Node, cap: int) -> None:
             children = [n for pair in node.value for n in pair]
         if not done:
             if len(open_) + len(sizes) >= cap:  # distinct values alone are past the cap: stop early
-                raise _TooLargeError(f"the document holds more than {cap:,} values; write a smaller one, "
-                                     "or raise the cap with BNAS_MAX_YAML_NODES=N")
+                raise _TooLargeError(
+                    f"the document holds more than {cap:,} values; write a smaller one, "
+                    "or raise the cap with BNAS_MAX_YAML_NODES=N"
+                )
             if id(node) in open_:
-                raise _RecursiveAliasError(f"line {node.start_mark.line + 1}: an alias refers to the value that contains it "
-                                     "(a recursive structure); write the value out plainly")
+                raise _RecursiveAliasError(
+                    f"line {node.start_mark.line + 1}: an alias refers to the value that contains it "
+                    "(a recursive structure); write the value out plainly"
+                )
             open_.add(id(node))
             stack.append((node, True))
             stack.extend((c, False) for c in children if id(c) not in sizes)
@@ -161,8 +169,12 @@ def load_yaml_text(text: str, file: str, what: str = "genotype") -> Any:
     """Parse ``text`` with ``BnasLoader``; errors are one-line ``GenotypeError``s naming ``file``."""
     cap = limit("YAML_BYTES")
     if len(text) > cap // 4 and len(text.encode("utf-8", "surrogatepass")) > cap:
-        raise LimitError(f"the {what} text is larger than the cap of {cap:,} bytes; no real {what} is this long "
-                         f"(if yours is, raise the cap: BNAS_MAX_YAML_BYTES=N)", "", file)
+        raise LimitError(
+            f"the {what} text is larger than the cap of {cap:,} bytes; no real {what} is this long "
+            f"(if yours is, raise the cap: BNAS_MAX_YAML_BYTES=N)",
+            "",
+            file,
+        )
     try:
         return yaml.load(text, Loader=BnasLoader)  # noqa: S506 (BnasLoader is a SafeLoader)
     except _DuplicateKeyError as exc:
@@ -188,11 +200,16 @@ def parse_yaml_mapping(text: str, file: str, what: str = "genotype") -> dict[str
     try:
         data = load_yaml_text(text, file, what)
     except GenotypeError as exc:
-        raise exc.in_file(file)
+        exc.in_file(file)
+        raise
     if data is None:
-        raise GenotypeError(f"the file is empty; a {what} is a YAML mapping (see search_spaces/genotypes/ for examples)", "", file)
+        raise GenotypeError(
+            f"the file is empty; a {what} is a YAML mapping (see search_spaces/genotypes/ for examples)", "", file
+        )
     if not isinstance(data, dict):
-        raise GenotypeError(f"expected a YAML mapping at the top level, got a {type(data).__name__}", "(top level)", file)
+        raise GenotypeError(
+            f"expected a YAML mapping at the top level, got a {type(data).__name__}", "(top level)", file
+        )
     return data
 
 
@@ -211,11 +228,16 @@ def read_yaml_text(path: str | os.PathLike[str], what: str = "genotype") -> str:
     if len(raw) > cap:
         raise LimitError(
             f"the {what} file is larger than the cap of {cap:,} bytes; no real {what} is this long "
-            f"(if yours is, raise the cap: BNAS_MAX_YAML_BYTES=N)", "", str(path))
+            f"(if yours is, raise the cap: BNAS_MAX_YAML_BYTES=N)",
+            "",
+            str(path),
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise GenotypeError(f"cannot read the file: not UTF-8 text ({exc.reason} at byte {exc.start})", "", str(path)) from None
+        raise GenotypeError(
+            f"cannot read the file: not UTF-8 text ({exc.reason} at byte {exc.start})", "", str(path)
+        ) from None
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], what: str = "genotype") -> dict[str, Any]:

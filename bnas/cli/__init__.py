@@ -6,6 +6,7 @@ argparse. User errors (``BnasError``) print one line, ``error: ...``, and exit w
 there is never a Python traceback for bad input (the exception keeps its chained cause for
 Python callers; the command shows the one line).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bnas {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", dest="log_verbose", action="store_true", help="also log debug messages")
-    verbosity.add_argument("-q", "--quiet", dest="log_quiet", action="store_true",
-                           help="log warnings and errors only (progress bars: each command's own --quiet)")
+    verbosity.add_argument(
+        "-q",
+        "--quiet",
+        dest="log_quiet",
+        action="store_true",
+        help="log warnings and errors only (progress bars: each command's own --quiet)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in _COMMANDS:
         command.add_parser(sub)

@@ -1,5 +1,6 @@
 """``bnas eval GENOTYPE.yaml``: train with the genotype's recipe (flags override it), test,
 and write the report (``bnas.evaluate`` does the work)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,18 @@ __all__ = ["add_parser"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="train a genotype on a dataset, test it, and write report.json / report.md / curves.png")
+    p = sub.add_parser(
+        "eval", help="train a genotype on a dataset, test it, and write report.json / report.md / curves.png"
+    )
     p.add_argument("genotype", help="genotype YAML file")
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default digits)")
     p.add_argument("--epochs", type=int, help="override the genotype's training.epochs")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--out", help="run folder (default runs/eval-<name>-<time>)")
     p.add_argument("--data-root", help="data folder (default $BNAS_DATA, else ~/.cache/bnas/data)")
-    p.add_argument("--download", action="store_true", help="download torchvision datasets when missing (needs internet)")
+    p.add_argument(
+        "--download", action="store_true", help="download torchvision datasets when missing (needs internet)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate (optimizer.lr)")
@@ -41,15 +46,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     genotype = load_genotype(args.genotype)
     overrides: dict[str, Any] = {
-        "epochs": args.epochs, "batch_size": args.batch_size, "optimizer.lr": args.lr, "optimizer.name": args.optimizer,
-        "schedule.name": args.schedule, "loss": args.loss, "seed": args.seed, "patience": args.patience,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer.lr": args.lr,
+        "optimizer.name": args.optimizer,
+        "schedule.name": args.schedule,
+        "loss": args.loss,
+        "seed": args.seed,
+        "patience": args.patience,
         "two_step": args.two_step,
     }
     if args.teacher:
-        overrides["distill"] = {"teacher": args.teacher, **({"checkpoint": args.teacher_checkpoint} if args.teacher_checkpoint else {})}
+        overrides["distill"] = {
+            "teacher": args.teacher,
+            **({"checkpoint": args.teacher_checkpoint} if args.teacher_checkpoint else {}),
+        }
     out = args.out or f"runs/eval-{genotype.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = evaluate(genotype, args.dataset, overrides=overrides, device=args.device, out=out, data_root=args.data_root,
-                      resume=args.resume, progress=not args.quiet, download=args.download)
+    report = evaluate(
+        genotype,
+        args.dataset,
+        overrides=overrides,
+        device=args.device,
+        out=out,
+        data_root=args.data_root,
+        resume=args.resume,
+        progress=not args.quiet,
+        download=args.download,
+    )
     print(
         f"{genotype.name} on {report['dataset']}: test accuracy {report['test_acc']:.4f}, best validation accuracy "
         f"{report['best_val_acc']:.4f} (epoch {report['best_epoch']}), {report['epochs_run']} epochs in {report['wall_time_s']:.1f} s "

@@ -1,4 +1,5 @@
 """``bnas export GENOTYPE CHECKPOINT --out model.bnas``: pack a trained checkpoint."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,9 @@ __all__ = ["add_parser"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="pack a trained checkpoint into a 1-bit inference model file (.bnas) for the XNOR kernels")
+    p = sub.add_parser(
+        "export", help="pack a trained checkpoint into a 1-bit inference model file (.bnas) for the XNOR kernels"
+    )
     p.add_argument("genotype", help="genotype YAML file the checkpoint was trained from")
     p.add_argument("checkpoint", help="checkpoint.pt (trainer checkpoint) or model.pt (state_dict) from bnas eval")
     p.add_argument("--out", required=True, help="packed model file to write (e.g. model.bnas)")
@@ -26,6 +29,8 @@ def run_export(args: argparse.Namespace) -> int:
     for entry in packed.layers:
         kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-    print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB; {summary}); "
-          f"checkpoint {Path(args.checkpoint).stat().st_size / 1024:.1f} KiB")
+    print(
+        f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB; {summary}); "
+        f"checkpoint {Path(args.checkpoint).stat().st_size / 1024:.1f} KiB"
+    )
     return 0

@@ -1,4 +1,5 @@
 """``bnas info GENOTYPE.yaml``: the per-layer and total summary, and the cell pictures."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """``bnas primitives``: the registered ops, one line each."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,14 @@ def run_primitives(args: argparse.Namespace) -> int:
     if not specs:
         raise BnasError(f"no primitive matches {args.filter!r}; run `bnas primitives` for the list")
     if args.json:
-        print(json.dumps([{"name": s.name, "family": s.family, "binarize": s.binarize, "description": s.description}
-                          for s in specs]))
+        print(
+            json.dumps(
+                [
+                    {"name": s.name, "family": s.family, "binarize": s.binarize, "description": s.description}
+                    for s in specs
+                ]
+            )
+        )
         return 0
     width = max(len(s.name) for s in specs)
     fwidth = max(len(s.family) for s in specs)

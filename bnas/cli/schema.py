@@ -1,4 +1,5 @@
 """``bnas schema KIND``: the JSON Schema of a file format, for editors' YAML language servers."""
+
 from __future__ import annotations
 
 import argparse

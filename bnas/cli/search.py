@@ -1,5 +1,6 @@
 """``bnas search SPACE.yaml``: the command line of the architecture search (one process,
 ``--workers`` local processes, or a worker joining a shared study)."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,21 +31,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold in total (default 20)")
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--out", help="run folder (default runs/<space>-<time>); rerunning with the same --out resumes")
-    p.add_argument("--storage", help="Optuna storage URL: sqlite:///PATH, postgresql://USER@HOST/DB, journal:PATH "
-                                     "(default sqlite:///RUN/study.db)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL: sqlite:///PATH, postgresql://USER@HOST/DB, journal:PATH "
+        "(default sqlite:///RUN/study.db)",
+    )
     p.add_argument("--study", help="study name (default: the space's name)")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the space's, else tpe")
     p.add_argument("--pruner", choices=PRUNERS, help="default: the space's, else median (single-objective only)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed, data split and training seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
-    p.add_argument("--threads", type=int, help="CPU threads per worker for training (default 1: trials are small; "
-                                               "use --workers to use more cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per worker for training (default 1: trials are small; use --workers to use more cores)",
+    )
     p.add_argument("--data-root", help="data folder (default $BNAS_DATA, else ~/.cache/bnas/data)")
-    p.add_argument("--workers", type=int, default=1, help="start K local worker processes on one shared study (default 1)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="start K local worker processes on one shared study (default 1)"
+    )
     p.add_argument("--devices", help="comma-separated GPU ids; worker i gets CUDA_VISIBLE_DEVICES=devices[i %% len]")
-    p.add_argument("--heartbeat", type=int, help="seconds between trial heartbeats on a database storage (default 10 with --storage)")
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        help="seconds between trial heartbeats on a database storage (default 10 with --storage)",
+    )
     p.add_argument("--artifacts", help="artifact store folder shared by the workers (default RUN/artifacts)")
-    p.add_argument("--show", metavar="RUN", help="print the summary of a finished or running search again (and refresh its files)")
+    p.add_argument(
+        "--show", metavar="RUN", help="print the summary of a finished or running search again (and refresh its files)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by --workers for its children
     p.set_defaults(handler=run_search)
@@ -75,12 +90,36 @@ def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> tuple[optuna.St
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else []
     procs = []
     for i in range(args.workers):
-        cmd = [sys.executable, "-m", "bnas", "search", args.space, "--trials", str(cfg.trials), "--out", str(cfg.out),
-               "--storage", cfg.storage_url, "--study", cfg.name, "--seed", str(cfg.seed), "--worker-index", str(i),
-               "--device", cfg.device]
-        for flag, value in (("--timeout", args.timeout), ("--sampler", args.sampler), ("--pruner", args.pruner),
-                            ("--data-root", args.data_root), ("--heartbeat", cfg.heartbeat), ("--artifacts", args.artifacts),
-                            ("--threads", args.threads)):
+        cmd = [
+            sys.executable,
+            "-m",
+            "bnas",
+            "search",
+            args.space,
+            "--trials",
+            str(cfg.trials),
+            "--out",
+            str(cfg.out),
+            "--storage",
+            cfg.storage_url,
+            "--study",
+            cfg.name,
+            "--seed",
+            str(cfg.seed),
+            "--worker-index",
+            str(i),
+            "--device",
+            cfg.device,
+        ]
+        for flag, value in (
+            ("--timeout", args.timeout),
+            ("--sampler", args.sampler),
+            ("--pruner", args.pruner),
+            ("--data-root", args.data_root),
+            ("--heartbeat", cfg.heartbeat),
+            ("--artifacts", args.artifacts),
+            ("--threads", args.threads),
+        ):
             if value is not None:
                 cmd += [flag, str(value)]
         if i > 0 or args.quiet:
@@ -100,11 +139,15 @@ def _check_devices(args: argparse.Namespace, device: str) -> None:
     if not all(d.isdigit() for d in ids):
         raise BnasError(f"--devices takes comma-separated GPU numbers such as 0,1, got {args.devices!r}")
     if not device.startswith("cuda"):
-        raise BnasError(f"--devices {args.devices} gives each worker a GPU, but this run uses --device {device}; "
-                        "add --device cuda, or drop --devices")
+        raise BnasError(
+            f"--devices {args.devices} gives each worker a GPU, but this run uses --device {device}; "
+            "add --device cuda, or drop --devices"
+        )
     if args.workers < 2:
-        raise BnasError(f"--devices {args.devices} spreads --workers K processes over GPUs, but this run has one "
-                        "process; add --workers K, or pick its GPU with --device cuda:N")
+        raise BnasError(
+            f"--devices {args.devices} spreads --workers K processes over GPUs, but this run has one "
+            "process; add --workers K, or pick its GPU with --device cuda:N"
+        )
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -117,14 +160,18 @@ def run_search(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise BnasError(f"--{flag} must be positive, got {value}")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise BnasError(f"--timeout must be a positive, finite number of seconds, got {args.timeout}; "
-                        "leave it out to run until --trials are finished")
+        raise BnasError(
+            f"--timeout must be a positive, finite number of seconds, got {args.timeout}; "
+            "leave it out to run until --trials are finished"
+        )
     device = str(resolve_device(args.device))  # before anything is written: cuda without a GPU, tpu, cuda:abc
     _check_devices(args, device)
     if args.workers > 1 and args.storage and args.storage.startswith("sqlite"):
-        raise BnasError(f"--workers {args.workers} with an SQLite --storage: SQLite locks the file against several "
-                        "writing processes; leave --storage out (the workers then share RUN/study.journal), or give "
-                        "journal:PATH or a postgresql:// URL")
+        raise BnasError(
+            f"--workers {args.workers} with an SQLite --storage: SQLite locks the file against several "
+            "writing processes; leave --storage out (the workers then share RUN/study.journal), or give "
+            "journal:PATH or a postgresql:// URL"
+        )
     space = load_space(args.space)
     out = Path(args.out or f"runs/{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_writable_dir(out, "--out")
@@ -135,11 +182,24 @@ def run_search(args: argparse.Namespace) -> int:
     heartbeat = args.heartbeat
     if heartbeat is None and storage is not None and not storage.startswith("journal:"):
         heartbeat = 10
-    cfg = SearchConfig(space=space, out=out, trials=args.trials, timeout=args.timeout, storage=storage,
-                       study_name=args.study, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
-                       worker_index=args.worker_index, device=device, threads=args.threads,
-                       data_root=args.data_root, progress=not args.quiet, heartbeat=heartbeat,
-                       artifacts=Path(args.artifacts) if args.artifacts else None)
+    cfg = SearchConfig(
+        space=space,
+        out=out,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=storage,
+        study_name=args.study,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        seed=args.seed,
+        worker_index=args.worker_index,
+        device=device,
+        threads=args.threads,
+        data_root=args.data_root,
+        progress=not args.quiet,
+        heartbeat=heartbeat,
+        artifacts=Path(args.artifacts) if args.artifacts else None,
+    )
     start = time.perf_counter()
     worker_codes: list[int] = []
     if args.workers > 1:
@@ -152,15 +212,18 @@ def run_search(args: argparse.Namespace) -> int:
         retry_db("write the search's outputs", lambda: write_outputs(study, out))
     except (OSError, BnasError) as exc:
         if is_disk_full(exc):
-            raise SearchError(f"the disk is full while writing the search's outputs in {out} ({exc}); the study keeps "
-                              "every finished trial: free some space and run `bnas search --show RUN` to write them") from exc
+            raise SearchError(
+                f"the disk is full while writing the search's outputs in {out} ({exc}); the study keeps "
+                "every finished trial: free some space and run `bnas search --show RUN` to write them"
+            ) from exc
         raise
     print(summary_text(study, out))
     print(f"search finished in {time.perf_counter() - start:.1f} s; {saved_line(study)}", file=sys.stderr)
     failed = {i: code for i, code in enumerate(worker_codes) if code != 0}
     if failed:
         # Each worker printed its own error; the parent's exit code must not hide them.
-        raise SearchError(f"worker(s) {', '.join(f'{i} (exit {c})' for i, c in failed.items())} stopped early, see their "
-                          "messages above; every finished trial is kept in the study: rerun the same command to continue")
+        raise SearchError(
+            f"worker(s) {', '.join(f'{i} (exit {c})' for i, c in failed.items())} stopped early, see their "
+            "messages above; every finished trial is kept in the study: rerun the same command to continue"
+        )
     return 0
-

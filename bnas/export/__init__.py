@@ -14,6 +14,7 @@ One job per module:
 * :mod:`~bnas.export.format`: the ``.bnas`` file (``save_packed``, ``load_packed``, the layer
   table and every check on reading);
 """
+
 from __future__ import annotations
 
 from .convert import export, freeze_model, pack_model

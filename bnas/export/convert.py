@@ -21,6 +21,7 @@ What becomes what
 * Everything else (stem, head, shortcuts, pools, unfolded BNs) is the float module of the
   genotype, unchanged.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,9 @@ def _alpha(layer: BinaryConv2d | BinaryLinear, out_features: int) -> Tensor:
     return a.detach().double().reshape(-1).expand(out_features).clone()
 
 
-def _convert(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm | None, path: str, bn_path: str | None,
-             packed: bool = True) -> tuple[nn.Module, dict[str, Any]] | None:
+def _convert(
+    layer: nn.Conv2d | nn.Linear, bn: _BatchNorm | None, path: str, bn_path: str | None, packed: bool = True
+) -> tuple[nn.Module, dict[str, Any]] | None:
     """The inference module for one conv / linear (with its BN folded), and its table entry;
     None when a plain float layer has no BN to fold (it is kept as it is). ``packed=False``
     keeps binary layers as float convs on signs (the float twin)."""
@@ -64,14 +66,18 @@ def _convert(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm | None, path: str, bn_
     weights = binary is not None and binary.binarizes_weights
     if binary is None and bn is None:
         return None
-    s, t = bn_affine(bn) if bn is not None else (torch.ones(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
+    s, t = (
+        bn_affine(bn) if bn is not None else (torch.ones(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
+    )
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(k, dtype=torch.float64)
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     threshold = binary is not None and acts and binary.input_quantizer.name == "rsign"
     entry: dict[str, Any] = {"path": path, "folded_bn": bn_path}
     if binary is not None:
-        entry.update(activation=binary.input_quantizer.name if acts else "none",
-                     weight=binary.kernel_quantizer.name if weights else "none")
+        entry.update(
+            activation=binary.input_quantizer.name if acts else "none",
+            weight=binary.kernel_quantizer.name if weights else "none",
+        )
     args = conv_args(layer) if isinstance(layer, nn.Conv2d) else {"in_features": layer.in_features, "out_features": k}
     entry.update(args)
     new: Any  # a PackedConv2d, PackedLinear, SignConv2d, SignLinear, Conv2d or Linear
@@ -141,9 +147,9 @@ def freeze_model(model: nn.Module) -> PackedNetwork:
     return PackedNetwork(net, getattr(model, "genotype", None), table)
 
 
-
-def export(genotype: Genotype | str | os.PathLike[str], checkpoint: str | os.PathLike[str],
-           out: str | os.PathLike[str]) -> tuple[PackedNetwork, Path]:
+def export(
+    genotype: Genotype | str | os.PathLike[str], checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
+) -> tuple[PackedNetwork, Path]:
     """Build ``genotype``, load ``checkpoint`` (a trainer checkpoint with ``model``, or a
     plain state_dict), pack it and write ``out``."""
     if not isinstance(genotype, Genotype):
@@ -160,8 +166,11 @@ def export(genotype: Genotype | str | os.PathLike[str], checkpoint: str | os.Pat
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ExportError(f"{ckpt}: expected a state_dict or a trainer checkpoint with a 'model' entry")
     model = build(genotype)
-    load_state(model, state, f"checkpoint {ckpt}",
-                f"; is it a checkpoint of genotype {genotype.name!r} ({genotype.source or 'in memory'})?")
+    load_state(
+        model,
+        state,
+        f"checkpoint {ckpt}",
+        f"; is it a checkpoint of genotype {genotype.name!r} ({genotype.source or 'in memory'})?",
+    )
     packed = pack_model(model)
     return packed, save_packed(packed, out)
-

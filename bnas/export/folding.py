@@ -4,6 +4,7 @@ A BN is folded into the layer before it only when that is provably the BN's sole
 layer's sole consumer: a torch.fx trace shows it, or, where tracing fails, a known structure
 (``nn.Sequential``, ``ConvUnit`` in ``conv_bn_act`` order) does.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,7 +34,9 @@ def _foldable_bn(bn: nn.Module, layer: nn.Module) -> bool:
     if not isinstance(bn, _BatchNorm) or bn.running_mean is None or bn.running_var is None:
         return False
     if isinstance(layer, nn.Conv2d):
-        return isinstance(bn, nn.BatchNorm2d) and bn.num_features == layer.out_channels and layer.padding_mode == "zeros"
+        return (
+            isinstance(bn, nn.BatchNorm2d) and bn.num_features == layer.out_channels and layer.padding_mode == "zeros"
+        )
     return isinstance(bn, nn.BatchNorm1d) and bn.num_features == layer.out_features
 
 
@@ -71,8 +74,11 @@ def _structural_pairs(module: nn.Module) -> dict[str, str] | None:
     """Pairs in modules whose dataflow is known without tracing, else None."""
     if type(module) is nn.Sequential:
         children = list(module.named_children())
-        return {a: b for (a, ma), (b, mb) in itertools.pairwise(children)
-                if isinstance(ma, LAYER_TYPES) and _foldable_bn(mb, ma)}
+        return {
+            a: b
+            for (a, ma), (b, mb) in itertools.pairwise(children)
+            if isinstance(ma, LAYER_TYPES) and _foldable_bn(mb, ma)
+        }
     if type(module) is ConvUnit and module.order == "conv_bn_act" and _foldable_bn(module.bn, module.conv):
         return {"conv": "bn"}  # forward: self.bn(self.conv(x)), the conv's output used once
     return None
@@ -100,7 +106,6 @@ def find_bn_folds(model: nn.Module, prefix: str = "") -> dict[str, str]:
     return pairs
 
 
-
 def bn_affine(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
     """BN in eval mode as ``y * s + t`` per channel (float64 for the fold). Only for a BN with
     running statistics (``find_bn_folds`` pairs no other)."""
@@ -111,4 +116,3 @@ def bn_affine(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv)
     s = gamma * inv
     return s, beta - bn.running_mean.double() * s
-

@@ -33,6 +33,7 @@ layer-table entry must name a layer of that genotype with the same arguments, an
 must have the shape and the dtype its layer implies (packed int32 words re-saved as float32
 would otherwise be converted silently, and rounded). Each failure is one line naming the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,18 @@ from ..genotype import Genotype, genotype_from_dict
 from ..yaml_io import parse_yaml_mapping
 from .layers import PackedConv2d, PackedLinear, SignConv2d, SignLinear
 
-__all__ = ["FORMAT", "KINDS", "VERSION", "ExportError", "PackedNetwork", "load_packed", "load_state", "make_layer",
-           "save_packed", "set_module"]
+__all__ = [
+    "FORMAT",
+    "KINDS",
+    "VERSION",
+    "ExportError",
+    "PackedNetwork",
+    "load_packed",
+    "load_state",
+    "make_layer",
+    "save_packed",
+    "set_module",
+]
 
 FORMAT = "bnas-packed"
 VERSION = "1"
@@ -73,8 +84,15 @@ class ExportError(BnasError):
 # The layer table: one entry per replaced module
 # --------------------------------------------------------------------------------------
 def conv_args(m: nn.Conv2d) -> dict[str, Any]:
-    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-            "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups}
+    return {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "kernel_size": list(m.kernel_size),
+        "stride": list(m.stride),
+        "padding": list(m.padding),
+        "dilation": list(m.dilation),
+        "groups": m.groups,
+    }
 
 
 def make_layer(entry: Mapping[str, Any]) -> nn.Module:
@@ -83,16 +101,29 @@ def make_layer(entry: Mapping[str, Any]) -> nn.Module:
     if kind == "identity":
         return nn.Identity()
     if kind == "packed_conv2d":
-        return PackedConv2d(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
-                            tuple(entry["stride"]), tuple(entry["padding"]), tuple(entry["dilation"]),
-                            entry["groups"], bool(entry["threshold"]))
+        return PackedConv2d(
+            entry["in_channels"],
+            entry["out_channels"],
+            tuple(entry["kernel_size"]),
+            tuple(entry["stride"]),
+            tuple(entry["padding"]),
+            tuple(entry["dilation"]),
+            entry["groups"],
+            bool(entry["threshold"]),
+        )
     if kind == "packed_linear":
         return PackedLinear(entry["in_features"], entry["out_features"], bool(entry["threshold"]))
     if kind in ("conv2d", "sign_conv2d"):
-        args = {"in_channels": entry["in_channels"], "out_channels": entry["out_channels"],
-                "kernel_size": tuple(entry["kernel_size"]), "stride": tuple(entry["stride"]),
-                "padding": tuple(entry["padding"]), "dilation": tuple(entry["dilation"]), "groups": entry["groups"],
-                "bias": bool(entry["bias"])}
+        args = {
+            "in_channels": entry["in_channels"],
+            "out_channels": entry["out_channels"],
+            "kernel_size": tuple(entry["kernel_size"]),
+            "stride": tuple(entry["stride"]),
+            "padding": tuple(entry["padding"]),
+            "dilation": tuple(entry["dilation"]),
+            "groups": entry["groups"],
+            "bias": bool(entry["bias"]),
+        }
         return nn.Conv2d(**args) if kind == "conv2d" else SignConv2d(**args, threshold=bool(entry["threshold"]))
     if kind in ("linear", "sign_linear"):
         args = {"in_features": entry["in_features"], "out_features": entry["out_features"], "bias": bool(entry["bias"])}
@@ -100,12 +131,10 @@ def make_layer(entry: Mapping[str, Any]) -> nn.Module:
     raise ExportError(f"unknown layer kind {kind!r} in the layer table; this bnas reads {', '.join(KINDS)}")
 
 
-
 def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
-
 
 
 class PackedNetwork(nn.Module):
@@ -134,7 +163,6 @@ class PackedNetwork(nn.Module):
         return save_packed(self, path)
 
 
-
 # --------------------------------------------------------------------------------------
 # Writing and reading the file
 # --------------------------------------------------------------------------------------
@@ -148,12 +176,18 @@ def save_packed(packed: PackedNetwork, path: str | os.PathLike[str]) -> Path:
         raise ExportError("the packed network has no genotype to store; pack a network built with bnas.build")
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in packed.net.state_dict().items()}
-    metadata = {"format": FORMAT, "version": VERSION, "genotype": packed.genotype.to_yaml(),
-                "layers": json.dumps(packed.layers), "bnas_version": __version__,
-                "torch_version": torch.__version__}
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "genotype": packed.genotype.to_yaml(),
+        "layers": json.dumps(packed.layers),
+        "bnas_version": __version__,
+        "torch_version": torch.__version__,
+    }
     if path.is_dir():
-        raise ExportError(f"{path} is an existing folder; the packed model is written to a file "
-                          f"path, e.g. {path / 'model.bnas'}")
+        raise ExportError(
+            f"{path} is an existing folder; the packed model is written to a file path, e.g. {path / 'model.bnas'}"
+        )
     # Serialised in memory (the packed model is small), so every failure of the disk is an
     # OSError that atomic_path turns into one line.
     blob = save(tensors, metadata=metadata)
@@ -171,14 +205,19 @@ def _read_header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise ExportError(f"{path}: not a bnas packed model (not a safetensors file: {exc}); "
-                          "write one with `bnas export`") from None
+        raise ExportError(
+            f"{path}: not a bnas packed model (not a safetensors file: {exc}); write one with `bnas export`"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise ExportError(f"{path}: a safetensors file but not a bnas packed model (format "
-                          f"{meta.get('format')!r}, expected {FORMAT!r}); write one with `bnas export`")
+        raise ExportError(
+            f"{path}: a safetensors file but not a bnas packed model (format "
+            f"{meta.get('format')!r}, expected {FORMAT!r}); write one with `bnas export`"
+        )
     if meta.get("version") != VERSION:
-        raise ExportError(f"{path}: bnas-packed version {meta.get('version')!r}; this bnas reads version {VERSION}, "
-                          "upgrade bnas or export the model again")
+        raise ExportError(
+            f"{path}: bnas-packed version {meta.get('version')!r}; this bnas reads version {VERSION}, "
+            "upgrade bnas or export the model again"
+        )
     return meta
 
 
@@ -200,27 +239,29 @@ def load_packed(path: str | os.PathLike[str]) -> PackedNetwork:
         table = json.loads(meta["layers"])
     except (json.JSONDecodeError, RecursionError) as exc:
         reason = str(exc).splitlines()[0] if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-        raise ExportError(f"{path}: damaged header (the layer table is not JSON: {reason}); "
-                          "export the model again") from None
+        raise ExportError(
+            f"{path}: damaged header (the layer table is not JSON: {reason}); export the model again"
+        ) from None
     if not isinstance(table, list):
-        raise ExportError(f"{path}: damaged header (the layer table is a JSON {type(table).__name__}, "
-                          "expected a list); export the model again")
+        raise ExportError(
+            f"{path}: damaged header (the layer table is a JSON {type(table).__name__}, "
+            "expected a list); export the model again"
+        )
     net = build(genotype).eval()
     for entry in table:
         _check_entry(net, entry, path, meta.get("bnas_version", "unknown"))
         set_module(net, entry["path"], make_layer(entry))
     left = [n for n, m in net.named_modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
     if left:
-        raise ExportError(f"{path}: the layer table leaves binary layers unconverted ({', '.join(left[:3])}); "
-                          "export the model again")
+        raise ExportError(
+            f"{path}: the layer table leaves binary layers unconverted ({', '.join(left[:3])}); export the model again"
+        )
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ExportError(f"{path}: the tensors cannot be read ({_first_line(exc)}); "
-                          "export the model again") from None
+        raise ExportError(f"{path}: the tensors cannot be read ({_first_line(exc)}); export the model again") from None
     load_state(net, state, f"{path}", exact_dtypes=True)
     return PackedNetwork(net.eval(), genotype, table)
-
 
 
 def _first_line(exc: BaseException) -> str:
@@ -238,18 +279,24 @@ def _check_entry(net: nn.Module, entry: Any, file: Path, writer: str) -> None:
     knows, with the same arguments: so a damaged or hostile table can neither allocate
     tensors the genotype does not imply nor replace the wrong module."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("kind"), str)):
-        raise ExportError(f"{file}: damaged layer table (entry {_short(entry)} is not an object with "
-                          "'path' and 'kind' strings); export the model again")
+        raise ExportError(
+            f"{file}: damaged layer table (entry {_short(entry)} is not an object with "
+            "'path' and 'kind' strings); export the model again"
+        )
     where, kind = entry["path"], entry["kind"]
     if kind not in KINDS:
-        raise ExportError(f"{file}: unknown packed layer kind {_short(kind)} at layer {_short(where)}; this bnas "
-                          f"reads {', '.join(KINDS)} (the file was written by bnas {writer}): "
-                          "upgrade bnas or export the model again")
+        raise ExportError(
+            f"{file}: unknown packed layer kind {_short(kind)} at layer {_short(where)}; this bnas "
+            f"reads {', '.join(KINDS)} (the file was written by bnas {writer}): "
+            "upgrade bnas or export the model again"
+        )
     try:
         target = net.get_submodule(where)
     except AttributeError:
-        raise ExportError(f"{file}: the layer table names layer {_short(where)}, which the genotype in the header "
-                          "does not have; export the model again") from None
+        raise ExportError(
+            f"{file}: the layer table names layer {_short(where)}, which the genotype in the header "
+            "does not have; export the model again"
+        ) from None
     expected: dict[str, Any] = {}
     if kind == "identity":
         fits = isinstance(target, _BatchNorm)
@@ -262,8 +309,10 @@ def _check_entry(net: nn.Module, entry: Any, file: Path, writer: str) -> None:
         if isinstance(target, nn.Linear):
             expected = {"in_features": target.in_features, "out_features": target.out_features}
     if not fits:
-        raise ExportError(f"{file}: the layer table makes {_short(where)} a {kind}, but in the genotype it is a "
-                          f"{type(target).__name__}; export the model again")
+        raise ExportError(
+            f"{file}: the layer table makes {_short(where)} a {kind}, but in the genotype it is a "
+            f"{type(target).__name__}; export the model again"
+        )
     flags = () if kind == "identity" else ("threshold",) if kind.startswith("packed") else ("threshold", "bias")
     for name in flags:
         if not isinstance(entry.get(name), bool):
@@ -271,12 +320,15 @@ def _check_entry(net: nn.Module, entry: Any, file: Path, writer: str) -> None:
     for name, value in expected.items():
         # json.dumps tells 1 from true and [3, 3] from [3, 3.0], as the layer constructors would not
         if name not in entry or json.dumps(entry[name]) != json.dumps(value):
-            raise ExportError(f"{file}: the layer table does not fit the genotype: layer {where} ({kind}) has "
-                              f"{name}={_short(entry.get(name))}, expected {_short(value)}; export the model again")
+            raise ExportError(
+                f"{file}: the layer table does not fit the genotype: layer {where} ({kind}) has "
+                f"{name}={_short(entry.get(name))}, expected {_short(value)}; export the model again"
+            )
 
 
-def load_state(net: nn.Module, state: Mapping[str, Tensor], what: str, hint: str = "",
-                exact_dtypes: bool = False) -> None:
+def load_state(
+    net: nn.Module, state: Mapping[str, Tensor], what: str, hint: str = "", exact_dtypes: bool = False
+) -> None:
     """``load_state_dict(strict=True)`` with one readable error for every kind of mismatch.
 
     ``exact_dtypes``: a tensor must also have the dtype the module holds (a ``.bnas`` file),
@@ -292,9 +344,11 @@ def load_state(net: nn.Module, state: Mapping[str, Tensor], what: str, hint: str
             k = other[0]
             role = " (packed sign bits)" if k.endswith("weight_packed") else ""
             more = f"; {len(other) - 1} more tensor(s) of another dtype" if len(other) > 1 else ""
-            raise ExportError(f"{what}: tensor {k} is {str(state[k].dtype).removeprefix('torch.')}, expected "
-                              f"{str(own[k].dtype).removeprefix('torch.')}{role}{more}; the file was changed "
-                              "after export: export the model again")
+            raise ExportError(
+                f"{what}: tensor {k} is {str(state[k].dtype).removeprefix('torch.')}, expected "
+                f"{str(own[k].dtype).removeprefix('torch.')}{role}{more}; the file was changed "
+                "after export: export the model again"
+            )
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected)):
@@ -305,4 +359,3 @@ def load_state(net: nn.Module, state: Mapping[str, Tensor], what: str, hint: str
             parts.append(f"{len(wrong)} of another shape ({k}: {list(state[k].shape)} vs {list(own[k].shape)})")
         raise ExportError(f"{what} does not match the network: {'; '.join(parts)}{hint}")
     net.load_state_dict(state, strict=True)
-

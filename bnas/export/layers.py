@@ -3,6 +3,7 @@ per-channel ``* scale + bias`` epilogue, and float layers on ``sign(x - threshol
 
 They hold only buffers (no parameters): the network is for inference only.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,8 +40,17 @@ class PackedConv2d(nn.Module):
     bias: Tensor
     threshold: Tensor | None
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], groups: int, threshold: bool):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        threshold: bool,
+    ):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
@@ -54,14 +64,26 @@ class PackedConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.threshold is not None:
             x = x - _as_channel_view(self.threshold.to(x.dtype), x.dim())
-        out = xnor_conv2d_packed(_pack_input(x, self.groups), self.weight_packed, self.in_channels, self.kernel_size,
-                                 self.stride, self.padding, self.dilation, self.groups, self.scale, self.bias)
+        out = xnor_conv2d_packed(
+            _pack_input(x, self.groups),
+            self.weight_packed,
+            self.in_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.scale,
+            self.bias,
+        )
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"threshold={self.threshold is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"threshold={self.threshold is not None}"
+        )
 
 
 class PackedLinear(nn.Module):
@@ -120,4 +142,3 @@ class SignLinear(nn.Linear):
         if self.threshold is not None:
             x = x - self.threshold.to(x.dtype)
         return super().forward(sign(x))
-

@@ -5,6 +5,7 @@ Signs are packed 32 per int32 word along channels (NHWC, bit 1 = +1; see
 ``conv2d(sign(x), sign(w))`` returns, zero padding included. ``backend()`` names the
 implementation in use; ``use_backend(name)`` forces one.
 """
+
 from .dispatch import (
     BACKENDS,
     backend,

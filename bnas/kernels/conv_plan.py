@@ -5,6 +5,7 @@ CUDA kernel (``cuda_backend``), its host emulator (``emulator``) and the dispatc
 integers in the order the C++ side takes them, ``CONV_DIMS``) or raises a ``ValueError`` that
 says what does not match; ``run_conv`` allocates the output and hands the plan to a runner.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -14,8 +15,19 @@ import torch
 
 from .packing import words_for
 
-__all__ = ["CONV_DIMS", "MAX_TAPS", "ConvPlan", "ConvRunner", "IntPair", "as_nchw", "epilogue_vector", "linear_as_conv", "pair",
-           "plan_conv", "run_conv"]
+__all__ = [
+    "CONV_DIMS",
+    "MAX_TAPS",
+    "ConvPlan",
+    "ConvRunner",
+    "IntPair",
+    "as_nchw",
+    "epilogue_vector",
+    "linear_as_conv",
+    "pair",
+    "plan_conv",
+    "run_conv",
+]
 
 # Order of the integers handed to the C++ side (mirrors enum ConvDim in cuda/xnor_conv.cuh).
 CONV_DIMS = ("N", "H", "W", "C", "groups", "K", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "out_groups")
@@ -41,7 +53,7 @@ class ConvPlan:
     dims: tuple[int, ...]
     out_h: int
     out_w: int
-    out_words: int   # packed-output words per pixel
+    out_words: int  # packed-output words per pixel
 
     @property
     def n(self) -> int:
@@ -52,26 +64,40 @@ class ConvPlan:
         return self.dims[5]
 
 
-def plan_conv(x_packed: torch.Tensor, w_packed: torch.Tensor, in_channels: int, kernel_size: IntPair,
-              stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
-              out_groups: int = 1) -> ConvPlan:
+def plan_conv(
+    x_packed: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_channels: int,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    out_groups: int = 1,
+) -> ConvPlan:
     """Checks packed operands against the convolution parameters; raises ValueError saying
     what does not match."""
     if x_packed.dtype != torch.int32 or w_packed.dtype != torch.int32:
         raise ValueError("packed activations and weights must be int32 tensors (use pack_signs / pack_weights)")
     if x_packed.dim() != 4 or w_packed.dim() != 4:
-        raise ValueError(f"packed conv operands must be 4-D: activations (N, H, W, G*Wg), weights (K, KH, KW, Wg); "
-                         f"got {tuple(x_packed.shape)} and {tuple(w_packed.shape)}")
+        raise ValueError(
+            f"packed conv operands must be 4-D: activations (N, H, W, G*Wg), weights (K, KH, KW, Wg); "
+            f"got {tuple(x_packed.shape)} and {tuple(w_packed.shape)}"
+        )
     if groups < 1 or in_channels < 1 or in_channels % groups:
         raise ValueError(f"in_channels={in_channels} must be a positive multiple of groups={groups}")
     n, h, w, gw = (int(v) for v in x_packed.shape)
     k, kh, kw, wg = (int(v) for v in w_packed.shape)
     cg_words = words_for(in_channels // groups)
     if gw != groups * cg_words:
-        raise ValueError(f"packed activations have {gw} words per pixel; {in_channels} channels in {groups} groups "
-                         f"need {groups * cg_words}")
+        raise ValueError(
+            f"packed activations have {gw} words per pixel; {in_channels} channels in {groups} groups "
+            f"need {groups * cg_words}"
+        )
     if wg != cg_words:
-        raise ValueError(f"packed weights have {wg} words per tap; {in_channels // groups} channels per group need {cg_words}")
+        raise ValueError(
+            f"packed weights have {wg} words per tap; {in_channels // groups} channels per group need {cg_words}"
+        )
     if pair(kernel_size, "kernel_size") != (kh, kw):
         raise ValueError(f"packed weights hold a {kh}x{kw} kernel, kernel_size says {kernel_size}")
     if k % groups:
@@ -88,7 +114,9 @@ def plan_conv(x_packed: torch.Tensor, w_packed: torch.Tensor, in_channels: int, 
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if oh < 1 or ow < 1:
-        raise ValueError(f"the {kh}x{kw} kernel (dilation {dh}x{dw}) does not fit the {h}x{w} input with padding {ph}x{pw}")
+        raise ValueError(
+            f"the {kh}x{kw} kernel (dilation {dh}x{dw}) does not fit the {h}x{w} input with padding {ph}x{pw}"
+        )
     dims = (n, h, w, in_channels, groups, k, kh, kw, sh, sw, ph, pw, dh, dw, out_groups)
     return ConvPlan(dims, oh, ow, out_groups * words_for(k // out_groups))
 
@@ -101,11 +129,17 @@ def epilogue_vector(v: torch.Tensor | None, k: int, name: str, device: torch.dev
     return v.detach().reshape(k).to(device=device, dtype=torch.float32).contiguous()
 
 
-def linear_as_conv(x_packed: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_as_conv(
+    x_packed: torch.Tensor, w_packed: torch.Tensor, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     if x_packed.dim() != 2 or w_packed.dim() != 2:
-        raise ValueError(f"packed linear operands must be 2-D: activations (N, ceil(F/32)), weights (K, ceil(F/32)); "
-                         f"got {tuple(x_packed.shape)} and {tuple(w_packed.shape)}")
-    return x_packed.reshape(x_packed.shape[0], 1, 1, x_packed.shape[1]), w_packed.reshape(w_packed.shape[0], 1, 1, w_packed.shape[1])
+        raise ValueError(
+            f"packed linear operands must be 2-D: activations (N, ceil(F/32)), weights (K, ceil(F/32)); "
+            f"got {tuple(x_packed.shape)} and {tuple(w_packed.shape)}"
+        )
+    return x_packed.reshape(x_packed.shape[0], 1, 1, x_packed.shape[1]), w_packed.reshape(
+        w_packed.shape[0], 1, 1, w_packed.shape[1]
+    )
 
 
 def as_nchw(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -117,12 +151,29 @@ def as_nchw(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 # (x, w, scale, bias, out, out_packed, plan): runs one planned convolution into out or out_packed
-ConvRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                       torch.Tensor | None, torch.Tensor | None, ConvPlan], None]
+ConvRunner = Callable[
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        ConvPlan,
+    ],
+    None,
+]
 
 
-def run_conv(run: ConvRunner, x_packed: torch.Tensor, w_packed: torch.Tensor, plan: ConvPlan,
-             scale: torch.Tensor | None, bias: torch.Tensor | None, pack_output: bool) -> torch.Tensor:
+def run_conv(
+    run: ConvRunner,
+    x_packed: torch.Tensor,
+    w_packed: torch.Tensor,
+    plan: ConvPlan,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    pack_output: bool,
+) -> torch.Tensor:
     """Allocates the float (N, K, OH, OW) or packed (N, OH, OW, words) output and runs ``plan``."""
     dev = x_packed.device
     scale_t = epilogue_vector(scale, plan.k, "scale", dev)

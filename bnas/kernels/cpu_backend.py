@@ -9,6 +9,7 @@ gets ``None`` and one warning, and the dispatcher falls back to the reference; w
 ``BNAS_REQUIRE_EXTENSION=1`` (CI) every such call raises :class:`ExtensionUnavailableError`
 instead, so a machine without the kernels cannot pass on the reference.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,16 +21,15 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .. import paths
 from ..errors import BnasError
-
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
@@ -65,7 +65,8 @@ def _raise_if_required() -> None:
     if extension_required():
         raise ExtensionUnavailableError(
             f"the CPU XNOR kernels are unavailable ({_build_error}) and {REQUIRE_ENV} is set: "
-            "install a C++ compiler with OpenMP (e.g. g++) and ninja, or unset it to use the slow reference")
+            "install a C++ compiler with OpenMP (e.g. g++) and ninja, or unset it to use the slow reference"
+        )
 
 
 def cache_dir() -> Path:
@@ -96,9 +97,14 @@ def extension() -> ModuleType | None:
                 load = _import_cpp_extension_load()
                 build_dir = cache_dir()
                 build_dir.mkdir(parents=True, exist_ok=True)
-                _extension = load(name=EXTENSION_NAME, sources=[str(SOURCE)],
-                                  extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                                  build_directory=str(build_dir), verbose=False)
+                _extension = load(
+                    name=EXTENSION_NAME,
+                    sources=[str(SOURCE)],
+                    extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_dir),
+                    verbose=False,
+                )
             except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as exc:
                 _build_error = _first_error_line(exc)
         if _build_error is not None:
@@ -106,7 +112,10 @@ def extension() -> ModuleType | None:
             warnings.warn(
                 f"bnas.kernels: the CPU XNOR kernels are unavailable ({_build_error}); using "
                 "the slow float reference. Install a C++ compiler with OpenMP (e.g. g++) "
-                "and ninja to enable them.", RuntimeWarning, stacklevel=3)
+                "and ninja to enable them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return _extension
 
 
@@ -148,8 +157,11 @@ def supported_backends() -> list[str]:
     global _supported
     if _supported is None:
         ext = extension()
-        _supported = [] if ext is None else [
-            name for name, isa in ISA_OF_BACKEND.items() if ext.isa_supported(getattr(ext, isa))]
+        _supported = (
+            []
+            if ext is None
+            else [name for name, isa in ISA_OF_BACKEND.items() if ext.isa_supported(getattr(ext, isa))]
+        )
     return _supported
 
 
@@ -157,8 +169,7 @@ def _built(name: str) -> ModuleType:
     """The extension, for backend ``name`` (a RuntimeError where it could not be built)."""
     ext = extension()
     if ext is None:
-        raise RuntimeError(f"backend {name!r} needs the CPU extension, which could not be "
-                           f"built: {_build_error}")
+        raise RuntimeError(f"backend {name!r} needs the CPU extension, which could not be built: {_build_error}")
     return ext
 
 
@@ -195,22 +206,56 @@ def pack_signs(x: Tensor, groups: int, name: str) -> Tensor:
     return _built(name).pack_signs(x, groups, _isa(name), torch.get_num_threads())
 
 
-def xnor_conv2d_packed(xp: Tensor, wp: Tensor, in_channels: int, kernel_size: tuple[int, int],
-                       stride: tuple[int, int], padding: tuple[int, int],
-                       dilation: tuple[int, int], groups: int, scale: Tensor | None,
-                       bias: Tensor | None, pack_output: bool, name: str) -> Tensor:
+def xnor_conv2d_packed(
+    xp: Tensor,
+    wp: Tensor,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    pack_output: bool,
+    name: str,
+) -> Tensor:
     """Packed conv with code path ``name``: float output (N, K, OH, OW) in channels_last
     memory (the kernel writes NHWC), or packed NHWC words."""
     return _built(name).conv2d_packed(
-        xp.contiguous(), _repacked_weights(wp, groups, name), in_channels, wp.shape[0],
-        kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
-        dilation[0], dilation[1], groups, scale, bias, pack_output, _isa(name),
-        torch.get_num_threads())
+        xp.contiguous(),
+        _repacked_weights(wp, groups, name),
+        in_channels,
+        wp.shape[0],
+        kernel_size[0],
+        kernel_size[1],
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        groups,
+        scale,
+        bias,
+        pack_output,
+        _isa(name),
+        torch.get_num_threads(),
+    )
 
 
-def xnor_linear_packed(xp: Tensor, wp: Tensor, in_features: int, scale: Tensor | None,
-                       bias: Tensor | None, pack_output: bool, name: str) -> Tensor:
+def xnor_linear_packed(
+    xp: Tensor, wp: Tensor, in_features: int, scale: Tensor | None, bias: Tensor | None, pack_output: bool, name: str
+) -> Tensor:
     """Packed linear with code path ``name`` (a 1x1 convolution over N samples)."""
     return _built(name).linear_packed(
-        xp.contiguous(), _repacked_weights(wp, 1, name), in_features, wp.shape[0], scale, bias,
-        pack_output, _isa(name), torch.get_num_threads())
+        xp.contiguous(),
+        _repacked_weights(wp, 1, name),
+        in_features,
+        wp.shape[0],
+        scale,
+        bias,
+        pack_output,
+        _isa(name),
+        torch.get_num_threads(),
+    )

@@ -14,6 +14,7 @@ Without a GPU, the kernel's own code runs on the CPU in the host warp emulator
 (:mod:`bnas.kernels.emulator`, tests only); both share the argument checks of
 :mod:`bnas.kernels.conv_plan`.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -29,9 +30,9 @@ from .conv_plan import ConvPlan, IntPair, as_nchw, linear_as_conv, plan_conv, ru
 from .packing import words_for
 
 BACKEND_NAME = "cuda-tensor-core"
-MIN_CAPABILITY = (8, 0)   # mma.sync .b1 .and.popc and cp.async
+MIN_CAPABILITY = (8, 0)  # mma.sync .b1 .and.popc and cp.async
 
-SOURCE_DIR = Path(__file__).resolve().parent / "cuda"   # rebuilt by ninja when a source changes
+SOURCE_DIR = Path(__file__).resolve().parent / "cuda"  # rebuilt by ninja when a source changes
 
 
 # ------------------------------------------------------------------------------------------
@@ -62,7 +63,9 @@ def _toolkit_paths() -> tuple[list[str], list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.cu"
         probe.write_text("__global__ void probe() {}\n")
-        proc = subprocess.run([nvcc, "--dryrun", "-c", str(probe)], capture_output=True, text=True, cwd=tmp, check=False)
+        proc = subprocess.run(
+            [nvcc, "--dryrun", "-c", str(probe)], capture_output=True, text=True, cwd=tmp, check=False
+        )
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.startswith("#$ TOP="):
             top = Path(line.split("=", 1)[1].strip()).resolve()
@@ -93,7 +96,7 @@ def build_extension(capability: tuple[int, int], verbose: bool = False) -> Any:
         name=f"bnas_xnor_cuda_sm{cc}",
         sources=[str(SOURCE_DIR / "binding.cpp"), str(SOURCE_DIR / "xnor_conv.cu"), str(SOURCE_DIR / "mma_peak.cu")],
         extra_include_paths=[str(SOURCE_DIR), *includes],
-        extra_cflags=["-O3"],   # torch sets the C++ standard its headers need
+        extra_cflags=["-O3"],  # torch sets the C++ standard its headers need
         extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{cc},code=sm_{cc}"],
         extra_ldflags=ldflags,
         verbose=verbose,
@@ -119,7 +122,9 @@ def load_extension(device: str | torch.device | None = None) -> Any:
         if capability < MIN_CAPABILITY:
             raise RuntimeError(f"GPU compute capability {capability} is below 8.0: no 1-bit mma.sync .and.popc")
         if _nvcc() is None:
-            _build_error = "no CUDA compiler (nvcc) found: set CUDA_HOME or put nvcc on PATH to build the XNOR CUDA kernel"
+            _build_error = (
+                "no CUDA compiler (nvcc) found: set CUDA_HOME or put nvcc on PATH to build the XNOR CUDA kernel"
+            )
             raise RuntimeError(_build_error)
         try:
             _extension = build_extension(capability)
@@ -152,19 +157,36 @@ def pack_signs(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
 def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """Conv weights (K, C/groups, KH, KW) -> int32 (K, KH, KW, Wg); linear (K, F) -> (K, ceil(F/32))."""
     _check_cuda(w, "w")
-    del groups   # the weights of a grouped conv already hold C/groups input channels
+    del groups  # the weights of a grouped conv already hold C/groups input channels
     return pack_signs(w, 1)
 
 
-def _run_gpu(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-             out: torch.Tensor | None, out_packed: torch.Tensor | None, plan: ConvPlan) -> None:
+def _run_gpu(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    out_packed: torch.Tensor | None,
+    plan: ConvPlan,
+) -> None:
     load_extension(x.device).conv(x, w, scale, bias, out, out_packed, list(plan.dims))
 
 
-def xnor_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, in_channels: int, kernel_size: IntPair,
-                       stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
-                       scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                       pack_output: bool = False, out_groups: int = 1) -> torch.Tensor:
+def xnor_conv2d_packed(
+    x_packed: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_channels: int,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    pack_output: bool = False,
+    out_groups: int = 1,
+) -> torch.Tensor:
     """XNOR convolution of packed operands on tensor cores.
 
     Returns float32 (N, K, OH, OW) holding ``conv2d(sign(x), sign(w)) * scale + bias`` (scale
@@ -177,9 +199,14 @@ def xnor_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, in_channe
     return run_conv(_run_gpu, x_packed, w_packed, plan, scale, bias, pack_output)
 
 
-def xnor_linear_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, in_features: int,
-                       scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                       pack_output: bool = False) -> torch.Tensor:
+def xnor_linear_packed(
+    x_packed: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_features: int,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    pack_output: bool = False,
+) -> torch.Tensor:
     """``linear(sign(x), sign(w)) * scale + bias`` from packed (N, ceil(F/32)) and (K, ceil(F/32))
     operands (a 1x1 convolution on a 1x1 map); float32 (N, K) or packed (N, ceil(K/32))."""
     x4, w4 = linear_as_conv(x_packed, w_packed, in_features)
@@ -187,11 +214,20 @@ def xnor_linear_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, in_featur
     return out.reshape(out.shape[0], -1)
 
 
-def xnor_conv2d(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1, padding: IntPair = 0,
-                dilation: IntPair = 1, groups: int = 1) -> torch.Tensor:
+def xnor_conv2d(
+    x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1
+) -> torch.Tensor:
     """Exactly ``conv2d(sign(x), sign(w), None, stride, padding, dilation, groups)`` (float32)."""
-    return xnor_conv2d_packed(pack_signs(x, groups), pack_weights(w, groups), int(x.shape[1]),
-                              (int(w.shape[2]), int(w.shape[3])), stride, padding, dilation, groups)
+    return xnor_conv2d_packed(
+        pack_signs(x, groups),
+        pack_weights(w, groups),
+        int(x.shape[1]),
+        (int(w.shape[2]), int(w.shape[3])),
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
 
 
 def xnor_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -205,7 +241,5 @@ def mma_peak(blocks: int, threads: int, iters: int, out: torch.Tensor) -> None:
     load_extension(out.device).mma_peak(out, blocks, threads, iters)
 
 
-MMA_PEAK_ILP = 8            # independent mma chains per warp in the peak kernel (kMmaPeakIlp)
+MMA_PEAK_ILP = 8  # independent mma chains per warp in the peak kernel (kMmaPeakIlp)
 MMA_OPS = 2 * 16 * 8 * 256  # binary ops (multiply + add) of one m16n8k256 instruction
-
-

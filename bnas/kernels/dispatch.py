@@ -6,14 +6,15 @@ forced with :func:`use_backend`), else to the float reference. CUDA tensors go t
 reports the device as supported, else to the reference with one warning. Every backend
 takes and returns the same packed format (see :mod:`bnas.kernels.packing`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import importlib
 import warnings
+from collections.abc import Iterator, Sequence
 from types import ModuleType
-from typing import Iterator, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -27,10 +28,9 @@ CUDA_BACKEND = "cuda-tensor-core"
 REFERENCE = "reference"
 BACKENDS = CPU_BACKENDS + (REFERENCE, CUDA_BACKEND)
 
-IntPair = Union[int, Sequence[int]]
+IntPair = int | Sequence[int]
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("bnas_kernel_backend",
-                                                                     default=None)
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("bnas_kernel_backend", default=None)
 _cuda_module: ModuleType | None = None
 _cuda_import_error: str | None = None
 _warned_cuda_fallback = False
@@ -67,10 +67,13 @@ def use_backend(name: str) -> Iterator[str]:
         why = cpu_backend.build_error()
         raise RuntimeError(
             f"backend {name!r} cannot run here: "
-            + (f"the CPU extension could not be built ({why})" if why
-               else f"this CPU lacks {cpu_backend.REQUIREMENT[name]}"))
-    if name == CUDA_BACKEND and not (torch.cuda.is_available()
-                                     and _cuda_supported(torch.device("cuda"))):
+            + (
+                f"the CPU extension could not be built ({why})"
+                if why
+                else f"this CPU lacks {cpu_backend.REQUIREMENT[name]}"
+            )
+        )
+    if name == CUDA_BACKEND and not (torch.cuda.is_available() and _cuda_supported(torch.device("cuda"))):
         reason = _cuda_import_error or "no supported CUDA device"
         raise RuntimeError(f"backend {CUDA_BACKEND!r} cannot run here: {reason}")
     token = _forced.set(name)
@@ -80,7 +83,7 @@ def use_backend(name: str) -> Iterator[str]:
         _forced.reset(token)
 
 
-def backend(device: Union[str, torch.device] = "cpu") -> str:
+def backend(device: str | torch.device = "cpu") -> str:
     """The implementation that runs calls on ``device``: ``cpu-avx512``, ``cpu-avx2``,
     ``cpu-popcnt``, ``reference`` or ``cuda-tensor-core``."""
     return _resolve(torch.device(device))
@@ -97,8 +100,10 @@ def _resolve(device: torch.device) -> str:
         return forced
     if device.type == "cuda":
         if forced in CPU_BACKENDS:
-            raise ValueError(f"backend {forced!r} is forced but the tensors are on {device}; "
-                             "move them to the CPU or force 'reference'")
+            raise ValueError(
+                f"backend {forced!r} is forced but the tensors are on {device}; "
+                "move them to the CPU or force 'reference'"
+            )
         if forced == REFERENCE:
             return REFERENCE
         return CUDA_BACKEND if _cuda_supported(device) else REFERENCE
@@ -115,8 +120,11 @@ def _route(device: torch.device) -> str:
         if not _warned_cuda_fallback:
             _warned_cuda_fallback = True
             reason = _cuda_import_error or f"{device} is not supported by the CUDA kernel"
-            warnings.warn(f"bnas.kernels: no CUDA XNOR kernel ({reason}); using the slow "
-                          "float reference on the GPU", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"bnas.kernels: no CUDA XNOR kernel ({reason}); using the slow float reference on the GPU",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return name
 
 
@@ -125,21 +133,19 @@ def _route(device: torch.device) -> str:
 # --------------------------------------------------------------------------------------
 def _check_words(t: Tensor, dims: int, what: str) -> None:
     if t.dtype != torch.int32:
-        raise TypeError(f"{what} must be int32 packed words (from bnas.kernels.pack_signs / "
-                        f"pack_weights), got {t.dtype}")
+        raise TypeError(
+            f"{what} must be int32 packed words (from bnas.kernels.pack_signs / pack_weights), got {t.dtype}"
+        )
     if t.dim() != dims:
         raise ValueError(f"{what} must have {dims} dimensions, got shape {tuple(t.shape)}")
 
 
-def _check_same_device(xp: Tensor, wp: Tensor, scale: Tensor | None, bias: Tensor | None,
-                       channels: int) -> None:
+def _check_same_device(xp: Tensor, wp: Tensor, scale: Tensor | None, bias: Tensor | None, channels: int) -> None:
     """Epilogue vectors hold one value per output channel; everything is on one device."""
     for name, t in (("scale", scale), ("bias", bias)):
         if t is not None and t.numel() != channels:
-            raise ValueError(f"{name} must hold one value per output channel ({channels}), "
-                             f"got shape {tuple(t.shape)}")
-    if xp.is_cpu and wp.is_cpu and (scale is None or scale.is_cpu) \
-            and (bias is None or bias.is_cpu):
+            raise ValueError(f"{name} must hold one value per output channel ({channels}), got shape {tuple(t.shape)}")
+    if xp.is_cpu and wp.is_cpu and (scale is None or scale.is_cpu) and (bias is None or bias.is_cpu):
         return
     for name, t in (("packed weights", wp), ("scale", scale), ("bias", bias)):
         if t is not None and t.device != xp.device:
@@ -165,7 +171,7 @@ def pack_signs(x: Tensor, groups: int = 1) -> Tensor:
     name = _route(x.device)
     if name in CPU_BACKENDS:
         return cpu_backend.pack_signs(x, groups, name)
-    if name == CUDA_BACKEND and hasattr(_cuda_module, "pack_signs"):
+    if name == CUDA_BACKEND and _cuda_module is not None and hasattr(_cuda_module, "pack_signs"):
         return _cuda_module.pack_signs(x, groups)
     return pack_signs_reference(x, groups)
 
@@ -175,23 +181,30 @@ def pack_weights(w: Tensor, groups: int = 1) -> Tensor:
     -> ``(K, ceil(F / 32))``."""
     _check_float(w, "pack_weights input")
     if w.dim() == 4 and (groups < 1 or w.shape[0] % groups):
-        raise ValueError(f"pack_weights: {w.shape[0]} output channels do not split into "
-                         f"{groups} groups")
+        raise ValueError(f"pack_weights: {w.shape[0]} output channels do not split into {groups} groups")
     if w.dim() not in (2, 4):
-        raise ValueError(f"pack_weights expects (K, C/groups, kh, kw) or (K, F) weights, "
-                         f"got shape {tuple(w.shape)}")
+        raise ValueError(f"pack_weights expects (K, C/groups, kh, kw) or (K, F) weights, got shape {tuple(w.shape)}")
     name = _route(w.device)
     if name in CPU_BACKENDS:
         return cpu_backend.pack_weights(w, name)
-    if name == CUDA_BACKEND and hasattr(_cuda_module, "pack_weights"):
+    if name == CUDA_BACKEND and _cuda_module is not None and hasattr(_cuda_module, "pack_weights"):
         return _cuda_module.pack_weights(w, groups)
     return pack_weights_reference(w, groups)
 
 
-def xnor_conv2d_packed(xp: Tensor, wp: Tensor, in_channels: int, kernel_size: IntPair,
-                       stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                       groups: int = 1, scale: Tensor | None = None, bias: Tensor | None = None,
-                       pack_output: bool = False) -> Tensor:
+def xnor_conv2d_packed(
+    xp: Tensor,
+    wp: Tensor,
+    in_channels: int,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    pack_output: bool = False,
+) -> Tensor:
     """XNOR-popcount conv2d on packed input and weights, with a fused epilogue.
 
     Returns ``conv2d(sign(x), sign(w)) * scale + bias`` (scale and bias per output channel,
@@ -202,35 +215,41 @@ def xnor_conv2d_packed(xp: Tensor, wp: Tensor, in_channels: int, kernel_size: In
     _check_words(xp, 4, "packed input")
     _check_words(wp, 4, "packed weights")
     kernel = _pair(kernel_size, "kernel_size")
-    stride_, padding_, dilation_ = (_pair(stride, "stride"), _pair(padding, "padding"),
-                                    _pair(dilation, "dilation"))
+    stride_, padding_, dilation_ = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"))
     xs, ws = xp.shape, wp.shape
     if groups < 1 or in_channels % groups or ws[0] % groups:
-        raise ValueError(f"groups={groups} must divide in_channels={in_channels} and the "
-                         f"{ws[0]} output channels")
+        raise ValueError(f"groups={groups} must divide in_channels={in_channels} and the {ws[0]} output channels")
     wg = words_for(in_channels // groups)
     if xs[3] != groups * wg:
-        raise ValueError(f"packed input has {xs[3]} words per pixel; {in_channels} "
-                         f"channels in {groups} groups need {groups * wg}")
+        raise ValueError(
+            f"packed input has {xs[3]} words per pixel; {in_channels} channels in {groups} groups need {groups * wg}"
+        )
     if ws[1] != kernel[0] or ws[2] != kernel[1] or ws[3] != wg:
-        raise ValueError(f"packed weights have shape {tuple(ws)}; expected "
-                         f"(K, {kernel[0]}, {kernel[1]}, {wg}) for kernel_size {kernel} and "
-                         f"{in_channels // groups} channels per group")
+        raise ValueError(
+            f"packed weights have shape {tuple(ws)}; expected "
+            f"(K, {kernel[0]}, {kernel[1]}, {wg}) for kernel_size {kernel} and "
+            f"{in_channels // groups} channels per group"
+        )
     if min(stride_) < 1 or min(dilation_) < 1 or min(padding_) < 0:
         raise ValueError("stride and dilation must be >= 1 and padding >= 0")
     _check_same_device(xp, wp, scale, bias, ws[0])
     name = _route(xp.device)
-    args = (xp, wp, in_channels, kernel, stride_, padding_, dilation_, groups, scale, bias,
-            pack_output)
+    args = (xp, wp, in_channels, kernel, stride_, padding_, dilation_, groups, scale, bias, pack_output)
     if name in CPU_BACKENDS:
         return cpu_backend.xnor_conv2d_packed(*args, name)
-    if name == CUDA_BACKEND:
+    if name == CUDA_BACKEND and _cuda_module is not None:  # _route picks CUDA only once it is loaded
         return _cuda_module.xnor_conv2d_packed(*args)
     return reference.xnor_conv2d_packed(*args)
 
 
-def xnor_linear_packed(xp: Tensor, wp: Tensor, in_features: int, scale: Tensor | None = None,
-                       bias: Tensor | None = None, pack_output: bool = False) -> Tensor:
+def xnor_linear_packed(
+    xp: Tensor,
+    wp: Tensor,
+    in_features: int,
+    scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    pack_output: bool = False,
+) -> Tensor:
     """XNOR-popcount linear on packed ``(N, words)`` input and ``(K, words)`` weights:
     ``linear(sign(x), sign(w)) * scale + bias`` as float ``(N, K)``, or packed signs
     ``(N, ceil(K / 32))`` with ``pack_output=True``."""
@@ -238,35 +257,47 @@ def xnor_linear_packed(xp: Tensor, wp: Tensor, in_features: int, scale: Tensor |
     _check_words(wp, 2, "packed weights")
     words = words_for(in_features)
     if xp.shape[1] != words or wp.shape[1] != words:
-        raise ValueError(f"{in_features} features pack into {words} words; got input "
-                         f"{tuple(xp.shape)} and weights {tuple(wp.shape)}")
+        raise ValueError(
+            f"{in_features} features pack into {words} words; got input {tuple(xp.shape)} and weights {tuple(wp.shape)}"
+        )
     _check_same_device(xp, wp, scale, bias, wp.shape[0])
     name = _route(xp.device)
     args = (xp, wp, in_features, scale, bias, pack_output)
     if name in CPU_BACKENDS:
         return cpu_backend.xnor_linear_packed(*args, name)
-    if name == CUDA_BACKEND:
+    if name == CUDA_BACKEND and _cuda_module is not None:  # _route picks CUDA only once it is loaded
         return _cuda_module.xnor_linear_packed(*args)
     return reference.xnor_linear_packed(*args)
 
 
-def xnor_conv2d(x: Tensor, w: Tensor, stride: IntPair = 1, padding: IntPair = 0,
-                dilation: IntPair = 1, groups: int = 1) -> Tensor:
+def xnor_conv2d(
+    x: Tensor, w: Tensor, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1
+) -> Tensor:
     """Exactly ``conv2d(sign(x), sign(w), None, stride, padding, dilation, groups)`` with
     ``sign(0) = +1`` (integers in a float32 tensor), computed by XNOR-popcount."""
     _check_float(x, "input")
     _check_float(w, "weight")
     if x.dim() != 4 or w.dim() != 4:
-        raise ValueError(f"xnor_conv2d expects NCHW input and (K, C/groups, kh, kw) weights, "
-                         f"got {tuple(x.shape)} and {tuple(w.shape)}")
+        raise ValueError(
+            f"xnor_conv2d expects NCHW input and (K, C/groups, kh, kw) weights, "
+            f"got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
     if groups < 1 or x.shape[1] % groups or x.shape[1] // groups != w.shape[1]:
-        raise ValueError(f"input has {x.shape[1]} channels, weights expect {w.shape[1]} per "
-                         f"group with groups={groups}")
+        raise ValueError(f"input has {x.shape[1]} channels, weights expect {w.shape[1]} per group with groups={groups}")
     if _route(x.device) == REFERENCE:
-        return reference.xnor_conv2d(x, w, _pair(stride, "stride"), _pair(padding, "padding"),
-                                     _pair(dilation, "dilation"), groups)
-    return xnor_conv2d_packed(pack_signs(x, groups), pack_weights(w, groups), x.shape[1],
-                              (w.shape[2], w.shape[3]), stride, padding, dilation, groups)
+        return reference.xnor_conv2d(
+            x, w, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups
+        )
+    return xnor_conv2d_packed(
+        pack_signs(x, groups),
+        pack_weights(w, groups),
+        x.shape[1],
+        (w.shape[2], w.shape[3]),
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
 
 
 def xnor_linear(x: Tensor, w: Tensor) -> Tensor:
@@ -274,8 +305,9 @@ def xnor_linear(x: Tensor, w: Tensor) -> Tensor:
     _check_float(x, "input")
     _check_float(w, "weight")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"xnor_linear expects (N, F) input and (K, F) weights, got "
-                         f"{tuple(x.shape)} and {tuple(w.shape)}")
+        raise ValueError(
+            f"xnor_linear expects (N, F) input and (K, F) weights, got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
     if _route(x.device) == REFERENCE:
         return reference.xnor_linear(x, w)
     return xnor_linear_packed(pack_signs(x), pack_weights(w), x.shape[1])

@@ -10,6 +10,7 @@ The ``emulated_*`` functions take the same arguments as the GPU entry points of
 :mod:`bnas.kernels.cuda_backend` and share its argument checks (:mod:`bnas.kernels.conv_plan`),
 so a wrong shape or stride rule shows up here too. Slow: small tensors only.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,8 +29,14 @@ from ..atomic import atomic_path
 from .conv_plan import CONV_DIMS, ConvPlan, ConvRunner, IntPair, as_nchw, linear_as_conv, plan_conv, run_conv
 from .packing import words_for
 
-__all__ = ["emulated_mma", "emulated_pack_signs", "emulated_pack_weights", "emulated_xnor_conv2d_packed",
-           "emulated_xnor_linear_packed", "load_emulator"]
+__all__ = [
+    "emulated_mma",
+    "emulated_pack_signs",
+    "emulated_pack_weights",
+    "emulated_xnor_conv2d_packed",
+    "emulated_xnor_linear_packed",
+    "load_emulator",
+]
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 # sources hashed into the emulator cache name
@@ -62,8 +69,12 @@ def load_emulator() -> ctypes.CDLL:
         if not lib.exists():
             # a temp file with the umask's mode (not mkstemp's 0600): a shared cache stays usable
             with atomic_path(lib, "compiled kernel emulator") as tmp:
-                proc = subprocess.run([cxx, *flags, "-I", str(SOURCE_DIR), "-o", str(tmp), str(SOURCE_DIR / "emulator.cpp")],
-                                      capture_output=True, text=True, check=False)
+                proc = subprocess.run(
+                    [cxx, *flags, "-I", str(SOURCE_DIR), "-o", str(tmp), str(SOURCE_DIR / "emulator.cpp")],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 if proc.returncode != 0:
                     raise RuntimeError(f"building the CUDA kernel emulator failed:\n{proc.stderr[-4000:]}")
         _emulator = _bind_emulator(ctypes.CDLL(str(lib)))
@@ -126,8 +137,20 @@ def emulated_pack_signs(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
     span = x4.untyped_storage().nbytes() // 4 - x4.storage_offset()
     sizes, strides = _i64_array(x4.shape), _i64_array(x4.stride())
     err = ctypes.create_string_buffer(512)
-    _emu_check(lib.bnas_emu_pack(x4.data_ptr(), span, sizes.data_ptr(), strides.data_ptr(), groups,
-                                 out.data_ptr(), out.numel(), err, len(err)), err)
+    _emu_check(
+        lib.bnas_emu_pack(
+            x4.data_ptr(),
+            span,
+            sizes.data_ptr(),
+            strides.data_ptr(),
+            groups,
+            out.data_ptr(),
+            out.numel(),
+            err,
+            len(err),
+        ),
+        err,
+    )
     return out if x.dim() == 4 else out.reshape(n, -1)
 
 
@@ -139,24 +162,57 @@ def emulated_pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
 def _emu_runner(tile: str | None, vw: int, sm_count: int) -> ConvRunner:
     tile_code = {None: -1, "small": 0, "large": 1}[tile]
 
-    def run(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-            out: torch.Tensor | None, out_packed: torch.Tensor | None, plan: ConvPlan) -> None:
+    def run(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out: torch.Tensor | None,
+        out_packed: torch.Tensor | None,
+        plan: ConvPlan,
+    ) -> None:
         lib = load_emulator()
         dims = _i64_array(plan.dims)
         err = ctypes.create_string_buffer(512)
-        rc = lib.bnas_emu_conv(x.data_ptr(), x.numel(), w.data_ptr(), w.numel(), _ptr(scale), _ptr(bias),
-                               _ptr(out), _ptr(out_packed), dims.data_ptr(), tile_code, vw, sm_count, err, len(err))
+        rc = lib.bnas_emu_conv(
+            x.data_ptr(),
+            x.numel(),
+            w.data_ptr(),
+            w.numel(),
+            _ptr(scale),
+            _ptr(bias),
+            _ptr(out),
+            _ptr(out_packed),
+            dims.data_ptr(),
+            tile_code,
+            vw,
+            sm_count,
+            err,
+            len(err),
+        )
         _emu_check(rc, err)
 
     return run
 
 
-def emulated_xnor_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, in_channels: int,
-                                kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0,
-                                dilation: IntPair = 1, groups: int = 1,
-                                scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                                pack_output: bool = False, out_groups: int = 1, *, tile: str | None = None,
-                                vw: int = 0, sm_count: int = 132) -> torch.Tensor:
+def emulated_xnor_conv2d_packed(
+    x_packed: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_channels: int,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    pack_output: bool = False,
+    out_groups: int = 1,
+    *,
+    tile: str | None = None,
+    vw: int = 0,
+    sm_count: int = 132,
+) -> torch.Tensor:
     """``cuda_backend.xnor_conv2d_packed`` run by the emulator on CPU tensors.  ``tile`` forces the
     "small" or "large" configuration (default: the launcher's rule for ``sm_count`` SMs),
     ``vw`` the words per global->shared copy (1, 2, 4; 0 = the launcher's rule)."""
@@ -164,11 +220,19 @@ def emulated_xnor_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, 
     return run_conv(_emu_runner(tile, vw, sm_count), x_packed, w_packed, plan, scale, bias, pack_output)
 
 
-def emulated_xnor_linear_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, in_features: int,
-                                scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                                pack_output: bool = False, *, tile: str | None = None, vw: int = 0) -> torch.Tensor:
+def emulated_xnor_linear_packed(
+    x_packed: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_features: int,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    pack_output: bool = False,
+    *,
+    tile: str | None = None,
+    vw: int = 0,
+) -> torch.Tensor:
     x4, w4 = linear_as_conv(x_packed, w_packed, in_features)
-    out = emulated_xnor_conv2d_packed(x4, w4, in_features, 1, scale=scale, bias=bias, pack_output=pack_output,
-                                      tile=tile, vw=vw)
+    out = emulated_xnor_conv2d_packed(
+        x4, w4, in_features, 1, scale=scale, bias=bias, pack_output=pack_output, tile=tile, vw=vw
+    )
     return out.reshape(out.shape[0], -1)
-

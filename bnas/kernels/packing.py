@@ -9,6 +9,7 @@ activations ``(N, ceil(F/32))`` and weights ``(K, ceil(F/32))``.
 These functions run on any device and define the format; the CPU and CUDA backends have
 faster packers that must agree with them bit for bit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,9 @@ def words_for(channels: int) -> int:
 
 
 def _bit_weights(device: torch.device) -> Tensor:
-    return torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64, device=device),
-                                     torch.arange(WORD_BITS, device=device))
+    return torch.bitwise_left_shift(
+        torch.ones(WORD_BITS, dtype=torch.int64, device=device), torch.arange(WORD_BITS, device=device)
+    )
 
 
 def pack_bits_last(bits: Tensor) -> Tensor:
@@ -51,8 +53,10 @@ def unpack_bits_last(words: Tensor, channels: int) -> Tensor:
 
 def _check_groups(channels: int, groups: int, what: str) -> None:
     if groups < 1 or channels % groups != 0:
-        raise ValueError(f"{what}: {channels} channels do not split into {groups} groups; "
-                         "use a group count that divides the channel count")
+        raise ValueError(
+            f"{what}: {channels} channels do not split into {groups} groups; "
+            "use a group count that divides the channel count"
+        )
 
 
 def pack_signs_reference(x: Tensor, groups: int = 1) -> Tensor:
@@ -72,11 +76,9 @@ def pack_weights_reference(w: Tensor, groups: int = 1) -> Tensor:
     if w.dim() == 2:
         return pack_bits_last(w >= 0)
     if w.dim() != 4:
-        raise ValueError(f"pack_weights expects (K, C/groups, kh, kw) or (K, F) weights, "
-                         f"got shape {tuple(w.shape)}")
+        raise ValueError(f"pack_weights expects (K, C/groups, kh, kw) or (K, F) weights, got shape {tuple(w.shape)}")
     if groups < 1 or w.shape[0] % groups != 0:
-        raise ValueError(f"pack_weights: {w.shape[0]} output channels do not split into "
-                         f"{groups} groups")
+        raise ValueError(f"pack_weights: {w.shape[0]} output channels do not split into {groups} groups")
     return pack_bits_last((w >= 0).permute(0, 2, 3, 1)).contiguous()
 
 
@@ -89,8 +91,9 @@ def unpack_signs(packed: Tensor, channels: int, groups: int = 1) -> Tensor:
     cg = channels // groups
     wg = words_for(cg)
     if total != groups * wg:
-        raise ValueError(f"packed input has {total} words per pixel; {channels} channels in "
-                         f"{groups} groups need {groups * wg}")
+        raise ValueError(
+            f"packed input has {total} words per pixel; {channels} channels in {groups} groups need {groups * wg}"
+        )
     bits = unpack_bits_last(packed.reshape(n, h, w, groups, wg), cg).reshape(n, h, w, channels)
     return (bits.float() * 2 - 1).permute(0, 3, 1, 2).contiguous()
 

@@ -5,4 +5,5 @@ One module per family group: ``conv_unit`` (the configurable binary conv), ``blo
 ``linear``, ``stem_head`` (real first and last layers) and ``conv_pool`` (LeNet-5's unit).
 Every binary op binarizes through ``bnas.binarize.BinaryConv2d`` / ``BinaryLinear``.
 """
+
 from . import basic, blocks, conv_pool, conv_unit, downsample, linear, nin, stem_head  # noqa: F401

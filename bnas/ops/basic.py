@@ -1,4 +1,5 @@
 """Parameter-free cell edges: skip, zero, and the 3x3 pools of DARTS-style cells."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -69,4 +70,3 @@ def pool(C_in: int, C_out: int, stride: int = 1, *, mode: str = "max", kernel: i
     if mode == "max":
         return nn.MaxPool2d(kernel, check_stride(stride), kernel // 2)
     return nn.AvgPool2d(kernel, check_stride(stride), kernel // 2, count_include_pad=False)
-

@@ -1,4 +1,5 @@
 """Published binary blocks: the ResNet basic block, Bi-Real Net's unit, and the VGG block."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,10 +21,22 @@ class ResNetBlock(nn.Module):
     activations flowing around every binary conv). The first conv carries the stride.
     """
 
-    def __init__(self, c_in: int, c_out: int, stride: int, *, order: str, reduction: str, activation: str,
-                 shortcut_per_conv: bool, config: BinarizeConfig):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        stride: int,
+        *,
+        order: str,
+        reduction: str,
+        activation: str,
+        shortcut_per_conv: bool,
+        config: BinarizeConfig,
+    ):
         super().__init__()
-        unit: dict[str, Any] = dict(kernel=3, order=order, reduction=reduction, config=config, shortcut=shortcut_per_conv)
+        unit: dict[str, Any] = dict(
+            kernel=3, order=order, reduction=reduction, config=config, shortcut=shortcut_per_conv
+        )
         # With one block shortcut the activation comes after the addition, once.
         inner_act = activation if shortcut_per_conv else "none"
         self.conv1 = ConvUnit(c_in, c_out, stride, activation=activation, **unit)
@@ -54,12 +67,20 @@ def resnet_block(
     check_channels("resnet_block", C_in, C_out)
     check_stride(stride)
     return ResNetBlock(
-        C_in, C_out, stride, order=check_order(order), reduction=check_reduction(reduction), activation=activation,
-        shortcut_per_conv=shortcut_per_conv, config=as_config(binarize),
+        C_in,
+        C_out,
+        stride,
+        order=check_order(order),
+        reduction=check_reduction(reduction),
+        activation=activation,
+        shortcut_per_conv=shortcut_per_conv,
+        config=as_config(binarize),
     )
 
 
-@register_family("bireal_block", binarize="bireal", description="Bi-Real unit: sign -> binary 3x3 conv -> BN + real shortcut")
+@register_family(
+    "bireal_block", binarize="bireal", description="Bi-Real unit: sign -> binary 3x3 conv -> BN + real shortcut"
+)
 def bireal_block(
     C_in: int, C_out: int, stride: int = 1, *, activation: str = "none", binarize: Binarize = None
 ) -> nn.Module:
@@ -70,8 +91,15 @@ def bireal_block(
     """
     check_channels("bireal_block", C_in, C_out)
     return ConvUnit(
-        C_in, C_out, check_stride(stride), kernel=3, order="conv_bn_act", shortcut=True, reduction="avgpool",
-        activation=activation, config=as_config(binarize, BIREAL),
+        C_in,
+        C_out,
+        check_stride(stride),
+        kernel=3,
+        order="conv_bn_act",
+        shortcut=True,
+        reduction="avgpool",
+        activation=activation,
+        config=as_config(binarize, BIREAL),
     )
 
 
@@ -86,8 +114,17 @@ class VGGBlock(nn.Module):
     and the conv runs at full resolution. ``downsample: stride`` gives a stride-2 conv instead.
     """
 
-    def __init__(self, c_in: int, c_out: int, stride: int, *, order: str, activation: str, downsample: str,
-                 config: BinarizeConfig):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        stride: int,
+        *,
+        order: str,
+        activation: str,
+        downsample: str,
+        config: BinarizeConfig,
+    ):
         super().__init__()
         self.order = check_order(order)
         if downsample not in VGG_DOWNSAMPLES:
@@ -118,6 +155,11 @@ def vgg_block(
     """VGG-Small block (default binarization: xnor)."""
     check_channels("vgg_block", C_in, C_out)
     return VGGBlock(
-        C_in, C_out, check_stride(stride), order=order, activation=activation, downsample=downsample,
+        C_in,
+        C_out,
+        check_stride(stride),
+        order=order,
+        activation=activation,
+        downsample=downsample,
         config=as_config(binarize),
     )

@@ -1,7 +1,9 @@
 """Pieces shared by the op families: binarize-config coercion, activations, argument checks."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +17,7 @@ XNOR = BinarizeConfig(activation="ste", weight="xnor")
 BIREAL = BinarizeConfig(activation="approx_sign", weight="bireal")
 BINARYNET = BinarizeConfig(activation="ste", weight="sign")
 
-Binarize = Union[BinarizeConfig, Mapping[str, Any], str, None]
+Binarize = BinarizeConfig | Mapping[str, Any] | str | None
 ACTIVATIONS = ("none", "relu", "prelu", "rprelu", "hardtanh")
 ORDERS = ("bn_conv_act", "conv_bn_act")
 

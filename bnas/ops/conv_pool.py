@@ -1,4 +1,5 @@
 """LeNet-5's binary conv-pool unit."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -8,7 +9,9 @@ from ..registry import register_family
 from .common import Binarize, as_config, check_channels, check_stride, make_activation
 
 
-@register_family("binary_conv_pool", binarize="xnor", description="LeNet-5 unit: binary 5x5 conv -> 2x2 max-pool -> BN -> activation")
+@register_family(
+    "binary_conv_pool", binarize="xnor", description="LeNet-5 unit: binary 5x5 conv -> 2x2 max-pool -> BN -> activation"
+)
 def binary_conv_pool(
     C_in: int,
     C_out: int,

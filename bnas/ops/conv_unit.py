@@ -5,6 +5,7 @@ Layer orders: ``bn_conv_act`` is XNOR-Net's (BN -> sign -> binary conv -> activa
 sign is the conv's own activation quantizer, so it always sits right before the conv. With a
 shortcut the activation comes after the addition (ReActNet puts RPReLU there).
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -50,7 +51,9 @@ class ConvUnit(nn.Module):
         self.order = check_order(order)
         check_reduction(reduction)
         self.bn = nn.BatchNorm2d(c_in if order == "bn_conv_act" else c_out)
-        self.conv = BinaryConv2d(c_in, c_out, kernel, stride, same_padding(kernel, dilation), dilation, groups, config=config)
+        self.conv = BinaryConv2d(
+            c_in, c_out, kernel, stride, same_padding(kernel, dilation), dilation, groups, config=config
+        )
         self.shortcut = make_shortcut(c_in, c_out, stride, reduction) if shortcut else None
         self.act = make_activation(activation, c_out)
 
@@ -84,6 +87,15 @@ def conv_unit(
     """
     check_channels("conv_unit", C_in, C_out)
     return ConvUnit(
-        C_in, C_out, stride, kernel=kernel, dilation=dilation, groups=groups, order=order, shortcut=shortcut,
-        reduction=reduction, activation=activation, config=as_config(binarize),
+        C_in,
+        C_out,
+        stride,
+        kernel=kernel,
+        dilation=dilation,
+        groups=groups,
+        order=order,
+        shortcut=shortcut,
+        reduction=reduction,
+        activation=activation,
+        config=as_config(binarize),
     )

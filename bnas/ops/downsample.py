@@ -5,6 +5,7 @@
 (its binary counterpart). At stride 1 each is just its channel-changing part. All of them
 take odd sizes: a stride-2 op maps H to ceil(H / 2).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,9 @@ class FactorizedReduce(nn.Module):
             self.convs = nn.ModuleList([nn.Conv2d(c_in, c_out, 1, bias=False)])
         else:
             half = c_out // 2
-            self.convs = nn.ModuleList([nn.Conv2d(c_in, half, 1, 2, bias=False), nn.Conv2d(c_in, c_out - half, 1, 2, bias=False)])
+            self.convs = nn.ModuleList(
+                [nn.Conv2d(c_in, half, 1, 2, bias=False), nn.Conv2d(c_in, c_out - half, 1, 2, bias=False)]
+            )
         self.bn = nn.BatchNorm2d(c_out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -45,16 +48,22 @@ class FactorizedReduce(nn.Module):
         return self.bn(torch.cat([self.convs[0](x), self.convs[1](shifted)], dim=1))
 
 
-@register_family("factorized_reduce", binarize="real", description="(ReLU) + two offset 1x1 convs at stride 2 + BN (DARTS)")
+@register_family(
+    "factorized_reduce", binarize="real", description="(ReLU) + two offset 1x1 convs at stride 2 + BN (DARTS)"
+)
 def factorized_reduce(C_in: int, C_out: int, stride: int = 2, *, relu: bool = True) -> nn.Module:
     check_channels("factorized_reduce", C_in, C_out)
     check_stride(stride)
     if stride == 2 and C_out < 2:
-        raise ValueError(f"factorized_reduce at stride 2 splits C_out over two paths and needs C_out >= 2 (got {C_out})")
+        raise ValueError(
+            f"factorized_reduce at stride 2 splits C_out over two paths and needs C_out >= 2 (got {C_out})"
+        )
     return FactorizedReduce(C_in, C_out, stride, relu=relu)
 
 
-@register_family("avgpool_downsample", binarize="real", description="2x2 avg-pool + real 1x1 conv + BN (Bi-Real shortcut)")
+@register_family(
+    "avgpool_downsample", binarize="real", description="2x2 avg-pool + real 1x1 conv + BN (Bi-Real shortcut)"
+)
 def avgpool_downsample(C_in: int, C_out: int, stride: int = 2) -> nn.Module:
     check_channels("avgpool_downsample", C_in, C_out)
     layers: list[nn.Module] = []

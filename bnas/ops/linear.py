@@ -1,5 +1,6 @@
 """Fully connected layers on (N, F) inputs: the real ``linear`` head and BinaryNet's
 ``binary_linear``. Their C_in is F."""
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,11 @@ def linear(C_in: int, C_out: int, stride: int = 1, *, bias: bool = True, dropout
     return nn.Sequential(nn.Dropout(dropout), layer) if check_dropout("dropout", dropout) else layer
 
 
-@register_family("binary_linear", binarize="binarynet", description="BinaryNet MLP layer: binary linear -> BN -> activation -> dropout")
+@register_family(
+    "binary_linear",
+    binarize="binarynet",
+    description="BinaryNet MLP layer: binary linear -> BN -> activation -> dropout",
+)
 def binary_linear(
     C_in: int,
     C_out: int,

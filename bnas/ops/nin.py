@@ -1,4 +1,5 @@
 """Network-in-Network unit: a binary k x k conv, then two binary 1x1 convs (the "mlpconv")."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,7 +29,9 @@ def nin(
     convs keep ``C_out``.
     """
     check_channels("nin", C_in, C_out)
-    unit: dict[str, Any] = dict(order=check_order(order), shortcut=False, activation=activation, config=as_config(binarize))
+    unit: dict[str, Any] = dict(
+        order=check_order(order), shortcut=False, activation=activation, config=as_config(binarize)
+    )
     return nn.Sequential(
         ConvUnit(C_in, C_out, check_stride(stride), kernel=kernel, **unit),
         ConvUnit(C_out, C_out, 1, kernel=1, **unit),

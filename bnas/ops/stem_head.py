@@ -1,4 +1,5 @@
 """Real-valued first and last layers: the conv stem, global average pooling, flatten."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

@@ -1,4 +1,5 @@
 """What one ``bnas search`` process is asked to do: the search's settings in one record."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,9 +22,9 @@ class SearchConfig:
     sampler: str | None = None
     pruner: str | None = None
     seed: int = 0
-    worker_index: int = 0          # which of --workers K this process is (0 writes the outputs)
+    worker_index: int = 0  # which of --workers K this process is (0 writes the outputs)
     device: str = "cpu"
-    threads: int | None = None     # intra-op CPU threads per worker (default 1, see runner.set_threads)
+    threads: int | None = None  # intra-op CPU threads per worker (default 1, see runner.set_threads)
     data_root: str | None = None
     progress: bool = True
     heartbeat: int | None = None

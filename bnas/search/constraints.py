@@ -1,5 +1,6 @@
 """Constraints (``constraints:`` of a search space): which bounds a genotype breaks, checked
 before any training, and when a space is judged to have no genotype that meets them."""
+
 from __future__ import annotations
 
 import optuna
@@ -16,8 +17,11 @@ UNSATISFIABLE_AFTER = 25
 
 def violations(metrics: dict[str, float], constraints: dict[str, float]) -> list[str]:
     """One phrase per broken bound, such as ``"1.2e+05 ops > max_ops 1e+05"``."""
-    return [f"{metrics[m]:.4g} {m} > {key} {constraints[key]:.4g}"
-            for key, m in CONSTRAINTS.items() if key in constraints and metrics[m] > constraints[key]]
+    return [
+        f"{metrics[m]:.4g} {m} > {key} {constraints[key]:.4g}"
+        for key, m in CONSTRAINTS.items()
+        if key in constraints and metrics[m] > constraints[key]
+    ]
 
 
 def unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
@@ -30,10 +34,18 @@ def unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
     met = [t for t in trials if "ops" in t.user_attrs and "constraint" not in t.user_attrs]
     if met or len(over) < min(UNSATISFIABLE_AFTER, cfg.trials):
         return None
-    smallest = {m: min(t.user_attrs[m] for t in over if m in t.user_attrs) for key, m in CONSTRAINTS.items()
-                if key in cfg.space.constraints and any(m in t.user_attrs for t in over)}
-    bounds = ", ".join(f"{key} {cfg.space.constraints[key]:.4g} (smallest sampled: {smallest[m]:.4g})"
-                       for key, m in CONSTRAINTS.items() if m in smallest)
-    return (f"none of the {len(over)} sampled genotypes meets the constraints of {cfg.space.source or cfg.space.name}: "
-            f"{bounds}; nothing was trained. Loosen `constraints:` or offer smaller choices (channels, cells, ops), "
-            "then search again with another --out or --study")
+    smallest = {
+        m: min(t.user_attrs[m] for t in over if m in t.user_attrs)
+        for key, m in CONSTRAINTS.items()
+        if key in cfg.space.constraints and any(m in t.user_attrs for t in over)
+    }
+    bounds = ", ".join(
+        f"{key} {cfg.space.constraints[key]:.4g} (smallest sampled: {smallest[m]:.4g})"
+        for key, m in CONSTRAINTS.items()
+        if m in smallest
+    )
+    return (
+        f"none of the {len(over)} sampled genotypes meets the constraints of {cfg.space.source or cfg.space.name}: "
+        f"{bounds}; nothing was trained. Loosen `constraints:` or offer smaller choices (channels, cells, ops), "
+        "then search again with another --out or --study"
+    )

@@ -1,5 +1,6 @@
 """Trials that raise: what a failed trial leaves behind, and the failures that stop a search
 (a full disk at once, a run of crashes after ``FAILURES_IN_A_ROW``)."""
+
 from __future__ import annotations
 
 import traceback
@@ -21,8 +22,9 @@ __all__ = ["FAILURES_IN_A_ROW", "disk_full_error", "recording_errors"]
 FAILURES_IN_A_ROW = 10
 
 
-def recording_errors(objective: Callable[[optuna.Trial], Any], out: Path,
-                     disk_full: list[BaseException] | None = None) -> Callable[[optuna.Trial], Any]:
+def recording_errors(
+    objective: Callable[[optuna.Trial], Any], out: Path, disk_full: list[BaseException] | None = None
+) -> Callable[[optuna.Trial], Any]:
     """A crashed trial keeps its error (one line in the study, the traceback in
     RUN/errors/trial-N.txt); Optuna then records it as FAIL and the study goes on.
 
@@ -54,4 +56,5 @@ def recording_errors(objective: Callable[[optuna.Trial], Any], out: Path,
 def disk_full_error(cfg: SearchConfig, exc: BaseException) -> SearchError:
     return SearchError(
         f"the disk is full ({first_line(exc)}); the study in {mask_url(cfg.storage_url)} keeps every trial finished so far "
-        f"and the files already in {cfg.out} are intact; free some space and rerun the same command to resume")
+        f"and the files already in {cfg.out} are intact; free some space and rerun the same command to resume"
+    )

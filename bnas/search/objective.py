@@ -8,6 +8,7 @@ hash as an earlier trial: its result is reused, nothing is trained), then train 
 space's budget, reporting validation accuracy every epoch so the pruner can stop hopeless
 trials early.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,10 +42,18 @@ def search_data(space: SearchSpace, seed: int, data_root: str | None = None) -> 
     with ``bnas eval`` sees the same split. ``train_subset`` (a proxy task) keeps a seeded
     subset of the remaining training images.
     """
-    data = load_dataset(space.dataset, data_root, val_fraction=float(space.budget.get("val_fraction", 0.1)),
-                        seed=seed, shape=space.input, num_classes=space.num_classes)
+    data = load_dataset(
+        space.dataset,
+        data_root,
+        val_fraction=float(space.budget.get("val_fraction", 0.1)),
+        seed=seed,
+        shape=space.input,
+        num_classes=space.num_classes,
+    )
     if space.train_subset is not None and space.train_subset < len(data.train_y):
-        keep = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed + 1))[: space.train_subset]
+        keep = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed + 1))[
+            : space.train_subset
+        ]
         data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
     return data
 
@@ -70,8 +79,13 @@ def probe_genotype(space: SearchSpace) -> Genotype:
 def _trial_metrics(genotype: Genotype, with_latency: bool) -> dict[str, float]:
     model = build(genotype)
     s = summarize(model, genotype.input)
-    metrics = {"ops": float(s.ops), "size": float(s.size_bytes), "params": float(s.params_binary + s.params_real),
-               "bops": float(s.bops), "flops": float(s.flops)}
+    metrics = {
+        "ops": float(s.ops),
+        "size": float(s.size_bytes),
+        "params": float(s.params_binary + s.params_real),
+        "bops": float(s.bops),
+        "flops": float(s.flops),
+    }
     if with_latency:
         metrics["latency_ms"] = packed_latency_ms(model, genotype.input)
     return metrics
@@ -111,9 +125,13 @@ class Objective:
         worker is waited for (its worker is checked for death meanwhile), so no genotype is
         trained twice."""
         while True:
-            twins = [t for t in self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-                     if t.user_attrs.get("genotype_hash") == digest and t.number < trial.number
-                     and "constraint" not in t.user_attrs]
+            twins = [
+                t
+                for t in self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                if t.user_attrs.get("genotype_hash") == digest
+                and t.number < trial.number
+                and "constraint" not in t.user_attrs
+            ]
             done = [t for t in twins if t.state in FINISHED]
             if done:
                 return done[0]
@@ -133,7 +151,9 @@ class Objective:
         store_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            artifact = upload_artifact(artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=str(path), study_or_trial=trial)
+            artifact = upload_artifact(
+                artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=str(path), study_or_trial=trial
+            )
         trial.set_user_attr("genotype_artifact", artifact)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -171,8 +191,16 @@ class Objective:
                     raise optuna.TrialPruned(f"pruned after epoch {epoch} (val acc {row['val_acc']:.4f})")
 
         start = time.perf_counter()
-        result = evaluate(genotype, space.dataset, device=self.cfg.device, data=self.data, progress=False,
-                          callbacks=[report], test=False, overrides={"seed": self.cfg.seed})
+        result = evaluate(
+            genotype,
+            space.dataset,
+            device=self.cfg.device,
+            data=self.data,
+            progress=False,
+            callbacks=[report],
+            test=False,
+            overrides={"seed": self.cfg.seed},
+        )
         trial.set_user_attr("train_time_s", time.perf_counter() - start)
         val_acc = float(result["best_val_acc"])
         trial.set_user_attr("val_acc", val_acc)
@@ -184,7 +212,9 @@ class Objective:
         trial.set_user_attr("duplicate_of", twin.number)
         trial.set_user_attr("val_acc", twin.user_attrs.get("val_acc"))
         if twin.state == TrialState.PRUNED:
-            self._write_genotype(trial, genotype, f"same genotype as trial {twin.number}, which was pruned; not trained again")
+            self._write_genotype(
+                trial, genotype, f"same genotype as trial {twin.number}, which was pruned; not trained again"
+            )
             # Its learning curve, so the sampler ranks this trial as it ranked the twin.
             for step, value in sorted(twin.intermediate_values.items()):
                 trial.report(value, step)

@@ -3,6 +3,7 @@
 Everything is derived from the study in storage, so ``bnas search --show RUN`` (and a
 resumed search) rewrites the same files from the same source of truth.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,22 +22,49 @@ from .stats import epochs_saved, saved_by_reason
 
 __all__ = ["COLUMNS", "history_figure", "saved_line", "summary_text", "write_outputs"]
 
-COLUMNS = ["number", "state", "values", "val_acc", "ops", "size_bytes", "params", "latency_ms", "epochs", "duration_s",
-           "genotype_hash", "duplicate_of", "constraint", "error", "choices"]
-MULTI_OBJECTIVE_NOTE = ("Optuna cannot prune multi-objective studies, so every trial trained its full budget; "
-                        "for pruning use objectives: [val_acc] with a constraint such as {max_ops: ...}")
+COLUMNS = [
+    "number",
+    "state",
+    "values",
+    "val_acc",
+    "ops",
+    "size_bytes",
+    "params",
+    "latency_ms",
+    "epochs",
+    "duration_s",
+    "genotype_hash",
+    "duplicate_of",
+    "constraint",
+    "error",
+    "choices",
+]
+MULTI_OBJECTIVE_NOTE = (
+    "Optuna cannot prune multi-objective studies, so every trial trained its full budget; "
+    "for pruning use objectives: [val_acc] with a constraint such as {max_ops: ...}"
+)
 
 
 def _row(t: FrozenTrial) -> dict[str, Any]:
     a = t.user_attrs
-    duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+    duration = (
+        (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+    )
     return {
-        "number": t.number, "state": t.state.name, "values": json.dumps(t.values) if t.values else "",
-        "val_acc": a.get("val_acc", ""), "ops": a.get("ops", ""), "size_bytes": a.get("size", ""),
-        "params": a.get("params", ""), "latency_ms": a.get("latency_ms", ""), "epochs": a.get("epochs", ""),
+        "number": t.number,
+        "state": t.state.name,
+        "values": json.dumps(t.values) if t.values else "",
+        "val_acc": a.get("val_acc", ""),
+        "ops": a.get("ops", ""),
+        "size_bytes": a.get("size", ""),
+        "params": a.get("params", ""),
+        "latency_ms": a.get("latency_ms", ""),
+        "epochs": a.get("epochs", ""),
         "duration_s": round(duration, 3) if duration is not None else "",
-        "genotype_hash": a.get("genotype_hash", ""), "duplicate_of": a.get("duplicate_of", ""),
-        "constraint": a.get("constraint", ""), "error": a.get("error", ""),
+        "genotype_hash": a.get("genotype_hash", ""),
+        "duplicate_of": a.get("duplicate_of", ""),
+        "constraint": a.get("constraint", ""),
+        "error": a.get("error", ""),
         "choices": json.dumps(t.params, sort_keys=True),
     }
 
@@ -51,8 +79,10 @@ def _best_trials(study: optuna.Study) -> list[FrozenTrial]:
 def saved_line(study: optuna.Study) -> str:
     trained, saved = epochs_saved(study)
     why = saved_by_reason(study)
-    return (f"{trained} training epochs run; {saved} of {trained + saved} saved ({why['pruning']} by pruning, "
-            f"{why['constraints']} by constraints checked before training, {why['duplicates']} by duplicate genotypes)")
+    return (
+        f"{trained} training epochs run; {saved} of {trained + saved} saved ({why['pruning']} by pruning, "
+        f"{why['constraints']} by constraints checked before training, {why['duplicates']} by duplicate genotypes)"
+    )
 
 
 def summary_text(study: optuna.Study, out: Path) -> str:
@@ -65,9 +95,11 @@ def summary_text(study: optuna.Study, out: Path) -> str:
         f"# Search {study.study_name!r}",
         "",
         f"- objectives: {', '.join(objectives)} ({', '.join(d.name.lower() for d in study.directions)})",
-        (f"- trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned "
-         f"({over} of them over budget, never trained), {count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running; "
-         f"{dups} duplicate genotypes reused an earlier result"),
+        (
+            f"- trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned "
+            f"({over} of them over budget, never trained), {count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running; "
+            f"{dups} duplicate genotypes reused an earlier result"
+        ),
         f"- training epochs: {saved_line(study)}",
     ]
     if len(study.directions) > 1:
@@ -78,22 +110,44 @@ def summary_text(study: optuna.Study, out: Path) -> str:
     best = _best_trials(study)
     if best and len(study.directions) == 1:
         b = best[0]
-        lines += ["", f"## Best: trial {b.number}", "",
-                  (f"validation accuracy {b.values[0]:.4f}, OPs {b.user_attrs.get('ops', 0):,.0f} (BOPs/64 + FLOPs), "
-                   f"size {b.user_attrs.get('size', 0) / 1024:,.1f} KiB; genotype: `{out / 'best.yaml'}`")]
-        top = sorted((t for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs),
-                     key=lambda t: -t.values[0])[:5]
+        lines += [
+            "",
+            f"## Best: trial {b.number}",
+            "",
+            (
+                f"validation accuracy {b.values[0]:.4f}, OPs {b.user_attrs.get('ops', 0):,.0f} (BOPs/64 + FLOPs), "
+                f"size {b.user_attrs.get('size', 0) / 1024:,.1f} KiB; genotype: `{out / 'best.yaml'}`"
+            ),
+        ]
+        top = sorted(
+            (t for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs),
+            key=lambda t: -t.values[0],
+        )[:5]
         lines += ["", "| trial | val acc | OPs | size (KiB) | epochs |", "|---|---|---|---|---|"]
-        lines += [f"| {t.number} | {t.values[0]:.4f} | {t.user_attrs.get('ops', 0):,.0f} | "
-                  f"{t.user_attrs.get('size', 0) / 1024:,.1f} | {t.user_attrs.get('epochs', '')} |" for t in top]
+        lines += [
+            f"| {t.number} | {t.values[0]:.4f} | {t.user_attrs.get('ops', 0):,.0f} | "
+            f"{t.user_attrs.get('size', 0) / 1024:,.1f} | {t.user_attrs.get('epochs', '')} |"
+            for t in top
+        ]
     elif best:
-        lines += ["", f"## Pareto front ({len(best)} genotypes, in `{out / 'pareto'}`)", "",
-                  "| trial | " + " | ".join(objectives) + " |", "|---" * (len(objectives) + 1) + "|"]
+        lines += [
+            "",
+            f"## Pareto front ({len(best)} genotypes, in `{out / 'pareto'}`)",
+            "",
+            "| trial | " + " | ".join(objectives) + " |",
+            "|---" * (len(objectives) + 1) + "|",
+        ]
         for t in sorted(best, key=lambda t: -t.values[0]):
             lines.append(f"| {t.number} | " + " | ".join(f"{v:.4g}" for v in t.values) + " |")
-    lines += ["", ("Plots: `history.png`, `pareto.png`, `importances.png`; every trial: `trials.csv` and "
-                   "`genotypes/trial-N.yaml`. Retrain a genotype with `bnas eval GENOTYPE.yaml --dataset D`; its `training:` "
-                   "holds the search's recipe and seed."), ""]
+    lines += [
+        "",
+        (
+            "Plots: `history.png`, `pareto.png`, `importances.png`; every trial: `trials.csv` and "
+            "`genotypes/trial-N.yaml`. Retrain a genotype with `bnas eval GENOTYPE.yaml --dataset D`; its `training:` "
+            "holds the search's recipe and seed."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -106,7 +160,8 @@ def _importances(study: optuna.Study) -> dict[str, float]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target)
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target
+            )
     except (RuntimeError, ValueError, ZeroDivisionError):
         return {}  # e.g. every completed trial made the same choices
 
@@ -122,11 +177,19 @@ def history_figure(study: optuna.Study) -> Any:
 
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("val_acc") is not None]
+    scored = [
+        t
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("val_acc") is not None
+    ]
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    ax.scatter([t.number for t in scored], [t.user_attrs["val_acc"] for t in scored], s=20,
-               c=["tab:blue" if t.state == TrialState.COMPLETE else "tab:gray" for t in scored],
-               label="trials (gray: pruned, at the epoch it stopped)")
+    ax.scatter(
+        [t.number for t in scored],
+        [t.user_attrs["val_acc"] for t in scored],
+        s=20,
+        c=["tab:blue" if t.state == TrialState.COMPLETE else "tab:gray" for t in scored],
+        label="trials (gray: pruned, at the epoch it stopped)",
+    )
     best, running = [], -1.0
     for t in sorted(complete, key=lambda t: t.number):
         running = max(running, t.values[0])
@@ -167,7 +230,9 @@ def _plots(study: optuna.Study, out: Path) -> None:
             if acc > top:
                 front.append((ops, acc))
                 top = acc
-        ax.plot([f[0] for f in front], [f[1] for f in front], "o-", color="tab:red", label="Pareto front (accuracy vs OPs)")
+        ax.plot(
+            [f[0] for f in front], [f[1] for f in front], "o-", color="tab:red", label="Pareto front (accuracy vs OPs)"
+        )
         ax.set_xscale("log")
     max_ops = (study.user_attrs.get("constraints") or {}).get("max_ops")
     if max_ops:
@@ -208,8 +273,12 @@ def write_outputs(study: optuna.Study, out: Path) -> None:
     if len(study.directions) == 1 and best:
         source = genotypes / f"trial-{best[0].number}.yaml"
         if source.is_file():
-            load_genotype(source).to_yaml(out / "best.yaml", header=(
-                f"best of study {study.study_name!r}: trial {best[0].number}, validation accuracy {best[0].values[0]:.4f}"))
+            load_genotype(source).to_yaml(
+                out / "best.yaml",
+                header=(
+                    f"best of study {study.study_name!r}: trial {best[0].number}, validation accuracy {best[0].values[0]:.4f}"
+                ),
+            )
     elif best:
         front = {f"trial-{t.number}.yaml" for t in best}
         for old in (out / "pareto").glob("trial-*.yaml"):
@@ -218,8 +287,10 @@ def write_outputs(study: optuna.Study, out: Path) -> None:
         for t in best:
             source = genotypes / f"trial-{t.number}.yaml"
             if source.is_file():
-                values = ", ".join(f"{o}={v:.4g}" for o, v in zip(objectives, t.values))
-                load_genotype(source).to_yaml(out / "pareto" / f"trial-{t.number}.yaml",
-                                              header=f"Pareto-optimal in study {study.study_name!r}: {values}")
+                values = ", ".join(f"{o}={v:.4g}" for o, v in zip(objectives, t.values, strict=False))
+                load_genotype(source).to_yaml(
+                    out / "pareto" / f"trial-{t.number}.yaml",
+                    header=f"Pareto-optimal in study {study.study_name!r}: {values}",
+                )
     write_text_atomic(out / "summary.md", summary_text(study, out))
     _plots(study, out)

@@ -1,4 +1,5 @@
 """The progress display of a search: one line on stderr per finished trial."""
+
 from __future__ import annotations
 
 import sys

@@ -13,6 +13,7 @@ This module is the loop only; each job it calls lives in its own module:
 
 A trial that raises is recorded as FAIL with its error and the study goes on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -126,11 +127,16 @@ def run_search_study(cfg: SearchConfig) -> optuna.Study:
         data = search_data(cfg.space, cfg.seed, cfg.data_root)
         check_input_shape(probe_genotype(cfg.space), data)
         if cfg.space.multi_objective and cfg.progress:
-            logger.warning("note: Optuna cannot prune multi-objective studies; every trial trains its full budget. "
-                           "For pruning, use objectives: [val_acc] with a constraint (constraints: {max_ops: ...}).")
+            logger.warning(
+                "note: Optuna cannot prune multi-objective studies; every trial trains its full budget. "
+                "For pruning, use objectives: [val_acc] with a constraint (constraints: {max_ops: ...})."
+            )
         disk_full: list[BaseException] = []
         objective = guard_total(recording_errors(Objective(cfg, data, study), cfg.out, disk_full), cfg.trials)
-        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [ProgressLine(cfg.trials, cfg.progress), *cfg.extra_callbacks]
+        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
+            ProgressLine(cfg.trials, cfg.progress),
+            *cfg.extra_callbacks,
+        ]
         deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
         failures_in_a_row = 0
         with _sigterm_as_interrupt():
@@ -146,22 +152,30 @@ def run_search_study(cfg: SearchConfig) -> optuna.Study:
                 if finished + running >= cfg.trials:
                     # Other workers hold the remaining slots: wait, and take over a slot whose
                     # worker died (heartbeats where the storage has them, PIDs on this host).
-                    retry_db("check for dead workers", lambda: reclaim_dead_trials(study, heartbeat=bool(cfg.heartbeat)))
+                    retry_db(
+                        "check for dead workers", lambda: reclaim_dead_trials(study, heartbeat=bool(cfg.heartbeat))
+                    )
                     time.sleep(1.0)
                     continue
                 # One trial per optimize() call: Optuna runs the heartbeat and stale-trial checks,
                 # and a crashed trial is recorded as FAIL with its error while the study goes on.
                 before = retry_db("count trials", lambda: _count(study, TrialState.FAIL))
-                retry_db("run a trial", lambda: study.optimize(objective, n_trials=1, callbacks=callbacks,
-                                                                catch=(Exception,), gc_after_trial=False))
+                retry_db(
+                    "run a trial",
+                    lambda: study.optimize(
+                        objective, n_trials=1, callbacks=callbacks, catch=(Exception,), gc_after_trial=False
+                    ),
+                )
                 if disk_full:
                     raise disk_full_error(cfg, disk_full[0]) from disk_full[0]
                 after = retry_db("count trials", lambda: _count(study, TrialState.FAIL))
                 failures_in_a_row = failures_in_a_row + 1 if after > before else 0
                 if failures_in_a_row >= FAILURES_IN_A_ROW:
                     _write_outputs_before_stopping(study, cfg)
-                    raise SearchError(f"{FAILURES_IN_A_ROW} trials in a row failed; see the `error` column of "
-                                      f"{cfg.out / 'trials.csv'} and the tracebacks in {cfg.out / 'errors'}")
+                    raise SearchError(
+                        f"{FAILURES_IN_A_ROW} trials in a row failed; see the `error` column of "
+                        f"{cfg.out / 'trials.csv'} and the tracebacks in {cfg.out / 'errors'}"
+                    )
         return study
     except (OSError, BnasError) as exc:
         if is_disk_full(exc) and not isinstance(exc, SearchError):

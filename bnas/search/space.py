@@ -227,7 +227,7 @@ def parse_space(data: Mapping[str, Any]) -> SearchSpace:
     space = SearchSpace(
         name=data.get("name", "space"),
         dataset=data.get("dataset", "digits"),
-        input=tuple(data["input"]),  # type: ignore[arg-type]
+        input=tuple(data["input"]),
         num_classes=data["num_classes"],
         stem=tuple(copy.deepcopy(data.get("stem") or [])),
         cells=cells,

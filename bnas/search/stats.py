@@ -1,4 +1,5 @@
 """Numbers about a study: finished trials and the training epochs the search saved."""
+
 from __future__ import annotations
 
 import optuna

@@ -7,6 +7,7 @@ Every storage the search opens goes through ``open_storage``:
   heartbeats so a dead worker's trial is failed and retried by another one;
 - ``journal:PATH``: Optuna's journal file, several workers on one machine without a server.
 """
+
 from __future__ import annotations
 
 import errno
@@ -105,10 +106,13 @@ def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> op
         if url.startswith("postgres"):
             raise SearchError(
                 f"cannot open the study storage {mask_url(url)!r}: the PostgreSQL driver is not installed; "
-                'install it with pip install -e ".[postgres]" (psycopg 3)') from None
-        raise SearchError(f"cannot open the study storage {mask_url(url)!r}: {first_line(exc)} "
-                          f"({first_line(exc.__cause__) if exc.__cause__ else 'no driver'}); install the database "
-                          "driver this URL names") from None
+                'install it with pip install -e ".[postgres]" (psycopg 3)'
+            ) from None
+        raise SearchError(
+            f"cannot open the study storage {mask_url(url)!r}: {first_line(exc)} "
+            f"({first_line(exc.__cause__) if exc.__cause__ else 'no driver'}); install the database "
+            "driver this URL names"
+        ) from None
     except Exception as exc:  # noqa: BLE001 (SQLAlchemy and every driver raise their own types here)
         raise SearchError(
             f"cannot open the study storage {mask_url(url)!r}: {first_line(exc)}. Check the URL "
@@ -170,7 +174,8 @@ def retry_db(what: str, fn: Callable[[], T], patience_s: float | None = None) ->
             if is_disk_full(exc):  # waiting does not free space
                 raise SearchError(
                     f"the disk holding the study database is full while trying to {what} ({first_line(exc)}); every "
-                    "finished trial is kept in the database; free some space and rerun the same command to resume") from None
+                    "finished trial is kept in the database; free some space and rerun the same command to resume"
+                ) from None
             if waited >= patience:
                 raise SearchError(
                     f"lost the study database for {waited:.0f} s while trying to {what} ({first_line(exc)}); stopping this "

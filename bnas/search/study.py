@@ -3,6 +3,7 @@ stored study matches the search that joins it.
 
 Storage URLs live in ``storage.py``; this module turns one into an ``optuna.Study``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,9 @@ def make_sampler(name: str, seed: int, multi_objective: bool = False) -> optuna.
             if not hasattr(optuna.samplers, "GPSampler"):
                 raise SearchError(f"the gp sampler needs optuna >= 3.6 (this is {optuna.__version__}); use tpe")
             if multi_objective and tuple(int(p) for p in optuna.__version__.split(".")[:2]) < (4, 2):
-                raise SearchError(f"the gp sampler handles several objectives from optuna 4.2 on (this is {optuna.__version__}); use nsga2")
+                raise SearchError(
+                    f"the gp sampler handles several objectives from optuna 4.2 on (this is {optuna.__version__}); use nsga2"
+                )
             return optuna.samplers.GPSampler(seed=seed)
     raise SearchError(f"unknown sampler {name!r}; expected tpe, random, nsga2 or gp")
 
@@ -81,7 +84,9 @@ class PerTrialSeeded(optuna.samplers.BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
         return self._inner.sample_relative(study, trial, search_space)
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
         return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
@@ -112,7 +117,9 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     space = cfg.space
     sampler = PerTrialSeeded(cfg.sampler or space.sampler, cfg.seed, space.multi_objective)
     # Optuna cannot prune multi-objective studies (Trial.should_prune raises there).
-    pruner = optuna.pruners.NopPruner() if space.multi_objective else make_pruner(cfg.pruner or space.pruner, space.epochs)
+    pruner = (
+        optuna.pruners.NopPruner() if space.multi_objective else make_pruner(cfg.pruner or space.pruner, space.epochs)
+    )
     storage = open_storage(cfg.storage_url, heartbeat=cfg.heartbeat, retries=cfg.retries)
     try:
         existing = optuna.load_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner)
@@ -123,7 +130,9 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
         return existing
     try:
         directions = [StudyDirection[d.upper()] for d in space.directions]
-        study = optuna.create_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner, directions=directions)
+        study = optuna.create_study(
+            study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
+        )
     except optuna.exceptions.DuplicatedStudyError:
         return open_study(cfg)  # another worker created it a moment ago: join it
     study.set_user_attr("objectives", list(space.objectives))
@@ -141,21 +150,31 @@ def _check_compatible(study: optuna.Study, cfg: SearchConfig) -> None:
     directions = [d.name.lower() for d in study.directions]
     where = f"study {cfg.name!r} in {mask_url(cfg.storage_url)}"
     if (stored is not None and stored != list(space.objectives)) or directions != space.directions:
-        raise SearchError(f"{where} exists with objectives {stored or directions}, not {list(space.objectives)}; "
-                          "pick another --study name or --out folder (nothing was changed)")
+        raise SearchError(
+            f"{where} exists with objectives {stored or directions}, not {list(space.objectives)}; "
+            "pick another --study name or --out folder (nothing was changed)"
+        )
     fingerprint = study.user_attrs.get("space_fingerprint")
     if fingerprint is not None and fingerprint != space.fingerprint():
-        raise SearchError(f"{where} was made from a different version of the search space {space.name!r} "
-                          "(other choices, budget or constraints); its trials would not compare with new ones. "
-                          "Pick another --study name or --out folder (nothing was changed)")
+        raise SearchError(
+            f"{where} was made from a different version of the search space {space.name!r} "
+            "(other choices, budget or constraints); its trials would not compare with new ones. "
+            "Pick another --study name or --out folder (nothing was changed)"
+        )
     seed = study.user_attrs.get("seed")
     if seed is not None and seed != cfg.seed:
-        raise SearchError(f"{where} trains every trial with seed {seed} (data split and initialisation), not {cfg.seed}; "
-                          f"resume it with --seed {seed}, or pick another --study name (nothing was changed)")
+        raise SearchError(
+            f"{where} trains every trial with seed {seed} (data split and initialisation), not {cfg.seed}; "
+            f"resume it with --seed {seed}, or pick another --study name (nothing was changed)"
+        )
 
 
 def write_run_meta(cfg: SearchConfig) -> None:
     """RUN/run.json: where the study lives, so `bnas search --show RUN` finds it (no password)."""
-    meta = {"storage": mask_url(cfg.storage_url), "study": cfg.name,
-            "space": str(Path(cfg.space.source).resolve()) if cfg.space.source else None, "seed": cfg.seed}
+    meta = {
+        "storage": mask_url(cfg.storage_url),
+        "study": cfg.name,
+        "space": str(Path(cfg.space.source).resolve()) if cfg.space.source else None,
+        "seed": cfg.seed,
+    }
     write_text_atomic(cfg.out / "run.json", json.dumps(meta, indent=2) + "\n")

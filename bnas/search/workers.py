@@ -5,6 +5,7 @@ Storages with heartbeats (PostgreSQL and other databases) fail a dead worker's t
 Optuna's stale-trial check; the journal file has none, so a worker whose process is gone
 from this host, or that never registered on its trial, is found here.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -97,7 +98,9 @@ def fail_stale_local(study: optuna.Study) -> int:
     left over from a killed process: mark it failed so the study can go on."""
     count = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted: the search process was killed during this trial")
+        study._storage.set_trial_user_attr(
+            t._trial_id, "error", "interrupted: the search process was killed during this trial"
+        )
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         count += 1
     return count

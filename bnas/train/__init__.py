@@ -16,6 +16,7 @@ One job per module:
 
 Every name is importable from ``bnas.train`` as before the split.
 """
+
 from __future__ import annotations
 
 from .allocator import tune_cpu_allocator

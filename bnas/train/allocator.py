@@ -1,4 +1,5 @@
 """glibc ``mallopt`` tuning for CPU training (large tensors reuse freed heap, not fresh pages)."""
+
 from __future__ import annotations
 
 import ctypes

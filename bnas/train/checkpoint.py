@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, ``weights_only`` loads, RNG states, and the checks that decide
 whether a checkpoint can resume a run."""
+
 from __future__ import annotations
 
 import os
@@ -39,11 +40,18 @@ RESUME_ADVICE = "delete it (or choose another --out) and run without --resume to
 def rng_state() -> dict[str, Any]:
     """Every RNG the run draws from, as tensors and plain types (``weights_only`` loads)."""
     # The legacy form is always this tuple (numpy's stubs also allow the dict form).
-    _kind, keys, pos, has_gauss, gauss = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
+    _kind, keys, pos, has_gauss, gauss = cast(
+        "tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True)
+    )
     version, py_state, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available():
@@ -120,7 +128,9 @@ def state_mismatch(model: nn.Module, saved: Any) -> str | None:
         if not isinstance(other, Tensor):
             return f"its {key} is a {type(other).__name__}, not a tensor"
         if other.shape != tensor.shape:
-            return f"tensor {key} has shape {list(other.shape)} in the checkpoint but {list(tensor.shape)} in this network"
+            return (
+                f"tensor {key} has shape {list(other.shape)} in the checkpoint but {list(tensor.shape)} in this network"
+            )
     extra = [key for key in saved if key not in mine]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
@@ -142,19 +152,29 @@ def check_resumable(state: Any, where: str, advice: str, *, model: nn.Module, da
         raise TrainingError(f"{where} holds a {type(state).__name__}, not a bnas training checkpoint; {advice}")
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
-        raise TrainingError(f"{where} is not a bnas training checkpoint (no {', '.join(missing)} entries; "
-                            f"a bare model.pt or another program's file?); {advice}")
+        raise TrainingError(
+            f"{where} is not a bnas training checkpoint (no {', '.join(missing)} entries; "
+            f"a bare model.pt or another program's file?); {advice}"
+        )
     if state.get("dataset", dataset) != dataset:
-        raise TrainingError(f"{where} was trained on {state['dataset']!r}, not {dataset!r}; pass --dataset {state['dataset']}")
+        raise TrainingError(
+            f"{where} was trained on {state['dataset']!r}, not {dataset!r}; pass --dataset {state['dataset']}"
+        )
     saved = state.get("recipe")
     if saved is not None:
         mine = recipe.to_dict()
-        changed = sorted(k for k in set(saved) | set(mine) if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k))
+        changed = sorted(
+            k for k in set(saved) | set(mine) if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k)
+        )
         if changed:
             details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {mine.get(k)!r} now" for k in changed)
-            raise TrainingError(f"{where}: the recipe differs from the one the run started with ({details}); "
-                                "only epochs and patience may change when resuming")
+            raise TrainingError(
+                f"{where}: the recipe differs from the one the run started with ({details}); "
+                "only epochs and patience may change when resuming"
+            )
     mismatch = state_mismatch(model, state["model"])
     if mismatch is not None:
-        raise TrainingError(f"{where} does not fit this network: {mismatch}; it was trained from another genotype "
-                            "or width: resume with that genotype, or choose another --out")
+        raise TrainingError(
+            f"{where} does not fit this network: {mismatch}; it was trained from another genotype "
+            "or width: resume with that genotype, or choose another --out"
+        )

@@ -3,6 +3,7 @@
 Progress goes to a tqdm bar on a terminal; elsewhere (a log file, a pipe) it is ``logging``
 records at INFO on ``bnas.train.console``, one per epoch and one a minute inside long epochs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,26 +47,53 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.steps, initial=done_steps, desc=f"epoch {epoch + 1}/{self.total_epochs}",
-                            leave=False, file=sys.stderr, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.steps,
+                initial=done_steps,
+                desc=f"epoch {epoch + 1}/{self.total_epochs}",
+                leave=False,
+                file=sys.stderr,
+                unit="step",
+                dynamic_ncols=True,
+            )
 
     def step(self, epoch: int, step: int, loss: float, acc: float, rate: float, eta_s: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f}, acc {acc:.3f}, {rate:.0f} samples/s, run ETA {duration(eta_s)}", refresh=False)
+            self.bar.set_postfix_str(
+                f"loss {loss:.4f}, acc {acc:.3f}, {rate:.0f} samples/s, run ETA {duration(eta_s)}", refresh=False
+            )
             self.bar.update(1)
         elif self.enabled and time.perf_counter() - self.last_log >= self.LOG_EVERY_S:
             self.last_log = time.perf_counter()
-            logger.info("epoch %d/%d  step %d/%d  loss %.4f  acc %.4f  %.0f samples/s  ETA %s",
-                        epoch + 1, self.total_epochs, step, self.steps, loss, acc, rate, duration(eta_s))
+            logger.info(
+                "epoch %d/%d  step %d/%d  loss %.4f  acc %.4f  %.0f samples/s  ETA %s",
+                epoch + 1,
+                self.total_epochs,
+                step,
+                self.steps,
+                loss,
+                acc,
+                rate,
+                duration(eta_s),
+            )
 
     def end_epoch(self, epoch: int, row: Mapping[str, float], eta_s: float) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         if self.enabled:
-            logger.info("epoch %d/%d  loss %.4f  train acc %.4f  val acc %.4f  lr %.2e  %.0f samples/s  %.1f s  ETA %s",
-                        epoch + 1, self.total_epochs, row["train_loss"], row["train_acc"], row["val_acc"], row["lr"],
-                        row["samples_per_s"], row["epoch_time_s"], duration(eta_s))
+            logger.info(
+                "epoch %d/%d  loss %.4f  train acc %.4f  val acc %.4f  lr %.2e  %.0f samples/s  %.1f s  ETA %s",
+                epoch + 1,
+                self.total_epochs,
+                row["train_loss"],
+                row["train_acc"],
+                row["val_acc"],
+                row["lr"],
+                row["samples_per_s"],
+                row["epoch_time_s"],
+                duration(eta_s),
+            )
 
     def close(self) -> None:
         if self.bar is not None:

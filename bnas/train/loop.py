@@ -1,5 +1,6 @@
 """The training loop: ``Trainer`` (epochs, validation, early stopping, checkpoints each
 epoch, exact resume), ``fit``, ``evaluate_accuracy`` and ``seed_everything``."""
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,8 @@ class TrainResult:
     best_epoch: int
     epochs_run: int
     stopped_early: bool
-    wall_time_s: float          # training and validation time of all sessions of the run
-    samples_per_s: float        # training samples per second of training time
+    wall_time_s: float  # training and validation time of all sessions of the run
+    samples_per_s: float  # training samples per second of training time
 
 
 @torch.no_grad()
@@ -163,12 +164,16 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrainingError(f"{where}: the optimizer state does not fit this network and recipe ({first}); {advice}") from None
+            raise TrainingError(
+                f"{where}: the optimizer state does not fit this network and recipe ({first}); {advice}"
+            ) from None
         try:
             self._restore_progress(state)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-            raise TrainingError(f"{where}: its training position is damaged ({type(exc).__name__}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); {advice}") from None
+            raise TrainingError(
+                f"{where}: its training position is damaged ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); {advice}"
+            ) from None
         self.saved_position = (self.epoch, self.step_in_epoch)
 
     def _restore_progress(self, state: Mapping[str, Any]) -> None:
@@ -209,11 +214,15 @@ class Trainer:
             if self.saved_position is not None and path.is_file():
                 epoch, step = self.saved_position
                 at = f"after epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
-                kept = (f"the last good checkpoint ({at}) is intact: free some space, then rerun the same "
-                        "command with --resume to continue from it")
+                kept = (
+                    f"the last good checkpoint ({at}) is intact: free some space, then rerun the same "
+                    "command with --resume to continue from it"
+                )
             else:
                 kept = "no checkpoint was saved yet: free some space (or choose another --out) and start again"
-            raise TrainingError(f"cannot write the checkpoint {path} ({write_reason(exc.__cause__ or exc)}); {kept}") from exc
+            raise TrainingError(
+                f"cannot write the checkpoint {path} ({write_reason(exc.__cause__ or exc)}); {kept}"
+            ) from exc
         self.saved_position = (self.epoch, self.step_in_epoch)
 
     def _binarization_for(self, epoch: int) -> None:
@@ -267,8 +276,12 @@ class Trainer:
             # The caller (the CLI) says "interrupted"; this only says what was kept.
             if self.checkpoint_path is not None:
                 self._save()
-                logger.warning("checkpoint saved at %s (epoch %d, step %d); rerun with --resume to continue",
-                               self.checkpoint_path, self.epoch + 1, self.step_in_epoch)
+                logger.warning(
+                    "checkpoint saved at %s (epoch %d, step %d); rerun with --resume to continue",
+                    self.checkpoint_path,
+                    self.epoch + 1,
+                    self.step_in_epoch,
+                )
             raise
         finally:
             progress.close()
@@ -302,7 +315,11 @@ class Trainer:
         self.model.train()
         skip = self.step_in_epoch
         progress.start_epoch(epoch, skip)
-        loss_sum, correct, seen = float(self.partial["loss_sum"]), int(self.partial["correct"]), int(self.partial["seen"])
+        loss_sum, correct, seen = (
+            float(self.partial["loss_sum"]),
+            int(self.partial["correct"]),
+            int(self.partial["seen"]),
+        )
         done_before = float(self.partial.get("time_s", 0.0))  # time spent in this epoch before an interruption
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(train_loader):
@@ -342,8 +359,13 @@ class Trainer:
         # The time of an interrupted session inside this epoch was never added: add it all now.
         self.elapsed_s += epoch_time + (time.perf_counter() - t_val)
         row = {
-            "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-            "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "epoch_time_s": epoch_time,
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "epoch_time_s": epoch_time,
             "samples_per_s": seen / epoch_time if epoch_time > 0 else 0.0,
         }
         self.history.append(row)

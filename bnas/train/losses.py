@@ -1,4 +1,5 @@
 """The training losses: the task loss a recipe names, and the distillation loss."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -20,4 +21,8 @@ def task_loss(logits: Tensor, y: Tensor, recipe: Recipe) -> Tensor:
 def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """Hinton's soft-target loss: T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True) * t * t
+    return (
+        F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True)
+        * t
+        * t
+    )

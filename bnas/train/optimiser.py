@@ -4,6 +4,7 @@ Weight decay reaches only the parameters it should (never BatchNorm, biases, ``r
 thresholds or, by default, latent binary weights), and each binary layer's learning-rate
 scale (BinaryNet's "glorot") rides along as ``lr_scale`` in its parameter group.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ from ..binarize import BinaryConv2d, BinaryLinear, binary_layers
 from .recipe import Recipe
 
 __all__ = ["lr_factor", "make_optimizer", "param_groups", "set_lr"]
+
 
 def _binarized_weight_layers(model: nn.Module) -> dict[int, BinaryConv2d | BinaryLinear]:
     """Binary layers whose weight is a latent binary weight (``has_latent_weights``), by
@@ -52,8 +54,16 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         # The fused kernel does Adam's element-wise update in one pass per tensor: on CPU it
         # roughly halves the optimiser's share of a step for large binary MLPs.
         fused = bool(devices) and devices <= {"cpu", "cuda"}
-        return cls(groups, lr=recipe.lr, betas=tuple(opt.get("betas", (0.9, 0.999))), eps=float(opt.get("eps", 1e-8)), fused=fused)
-    return torch.optim.SGD(groups, lr=recipe.lr, momentum=float(opt.get("momentum", 0.9)), nesterov=bool(opt.get("nesterov", False)))
+        return cls(
+            groups,
+            lr=recipe.lr,
+            betas=tuple(opt.get("betas", (0.9, 0.999))),
+            eps=float(opt.get("eps", 1e-8)),
+            fused=fused,
+        )
+    return torch.optim.SGD(
+        groups, lr=recipe.lr, momentum=float(opt.get("momentum", 0.9)), nesterov=bool(opt.get("nesterov", False))
+    )
 
 
 def lr_factor(recipe: Recipe, epoch: int) -> float:
