@@ -49,8 +49,7 @@ import os
 import pickle
 import struct
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import cast
 
@@ -58,9 +57,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .atomic import atomic_path
-from .errors import BnasError
-from .paths import cache_dir
+from ..atomic import atomic_path
+from ..paths import cache_dir
+from .errors import DataError
+from .loader import TensorLoader
+from .names import DATASET_NAMES, DATASETS, IMAGEFOLDER
+from .root import _root_origin, data_root
+from .splits import _TEST_SPLIT_SEED, DataSplits, _fixed_test_split, split_validation
 
 __all__ = [
     "DATASETS",
@@ -73,172 +76,10 @@ __all__ = [
     "load_dataset",
 ]
 
-# The one list of dataset names (the search space and the schemas import it): the fixed
-# names, and ``imagefolder:PATH``, which takes a folder after the prefix.
-DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
-IMAGEFOLDER = "imagefolder:"
-# Every form a dataset name takes, as the docs and error messages list them.
-DATASETS = (*DATASET_NAMES[:4], f"{IMAGEFOLDER}PATH", *DATASET_NAMES[4:])
 _FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
-_TEST_SPLIT_SEED = 1234  # fixed: the test set must not move with the run's seed
-
-
-class DataError(BnasError):
-    """A dataset that cannot be found or used; the message says where bnas looked."""
-
-
-def data_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """``root``, else ``$BNAS_DATA``, else the user cache folder."""
-    if root is not None:
-        return Path(root).expanduser()
-    if os.environ.get("BNAS_DATA"):
-        return Path(os.environ["BNAS_DATA"]).expanduser()
-    return cache_dir("data")
-
-
-def _root_origin(root: str | os.PathLike[str] | None) -> str:
-    if root is not None:
-        return "--data-root"
-    if os.environ.get("BNAS_DATA"):
-        return "$BNAS_DATA"
-    return "the default data root; set --data-root or $BNAS_DATA to use another"
-
-
-@dataclass
-class DataSplits:
-    """Train / validation / test tensors (uint8 images or float values, int64 labels).
-
-    ``mean`` and ``std`` are per channel, on the [0, 1] scale, from the training split.
-    ``source`` says in words where the data came from (for reports).
-    """
-
-    name: str
-    train_x: Tensor
-    train_y: Tensor
-    val_x: Tensor
-    val_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
-    mean: Tensor
-    std: Tensor
-    augment: bool = False
-    source: str = ""
-
-    _TENSORS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std")
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS)
-
-    def to(self, device: torch.device | str) -> DataSplits:
-        for name in self._TENSORS:
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def loader(
-        self,
-        split: str,
-        batch_size: int,
-        shuffle: bool = False,
-        seed: int = 0,
-        device: torch.device | str | None = None,
-    ) -> TensorLoader:
-        """Batches of ``split`` (train, val or test), delivered on ``device`` (default: where
-        the tensors are)."""
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {split!r}")
-        x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
-        return TensorLoader(
-            x,
-            y,
-            self.mean,
-            self.std,
-            batch_size,
-            shuffle,
-            seed,
-            augment=self.augment and split == "train",
-            device=device,
-        )
-
-
-class TensorLoader:
-    """Batches out of in-memory tensors; conversion, augmentation and normalisation per batch.
-
-    The order and the augmentation draws of epoch ``e`` depend only on ``(seed, e)``, so a
-    resumed run sees exactly the batches an uninterrupted one would. When the tensors live
-    on the CPU and the model on a GPU, ``device`` moves each batch before it is processed.
-    """
-
-    def __init__(
-        self,
-        x: Tensor,
-        y: Tensor,
-        mean: Tensor,
-        std: Tensor,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        augment: bool,
-        device: torch.device | str | None = None,
-    ):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.x, self.y = x, y
-        self.device = torch.device(device) if device is not None else x.device
-        self.mean = mean.view(1, -1, 1, 1).to(self.device)
-        self.std = std.view(1, -1, 1, 1).to(self.device)
-        self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return (len(self.x) + self.batch_size - 1) // self.batch_size
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.x)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _prepare(self, xb: Tensor, gen: torch.Generator | None) -> Tensor:
-        xb = xb.to(self.device, non_blocking=True)
-        xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
-        if self.augment and gen is not None:
-            xb = _crop_flip(xb, gen)
-        return (xb - self.mean) / self.std
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        gen = None
-        if self.shuffle or self.augment:
-            # CPU generator: the same stream on every device, cheap to seed per epoch.
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.x), generator=gen).to(self.x.device) if self.shuffle else None
-        for start in range(0, len(self.x), self.batch_size):
-            idx = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-            yield self._prepare(self.x[idx], gen), self.y[idx].to(self.device, non_blocking=True)
-
-
-def _crop_flip(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
-    """Per image: a random crop of the zero-padded image (offsets 0..2*pad), then a random
-    horizontal flip with probability 1/2. Draws come from ``gen`` (CPU) in a fixed order."""
-    n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
-    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
-    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
-    # Two 1-D gathers (rows, then columns) are cheaper than building a 2-D index.
-    out = padded.gather(2, rows).gather(3, cols)
-    return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
 
 
 # --------------------------------------------------------------------------------------
@@ -313,11 +154,6 @@ def _load_idx_dataset(name: str, root: Path, origin: str, download: bool) -> tup
 # --------------------------------------------------------------------------------------
 # Bundled and generated data
 # --------------------------------------------------------------------------------------
-def _fixed_test_split(x: Tensor, y: Tensor, fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED))
-    n_test = int(len(x) * fraction)
-    test, train = perm[:n_test], perm[n_test:]
-    return x[train], y[train], x[test], y[test]
 
 
 def _load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -576,26 +412,15 @@ def load_dataset(
         close = difflib.get_close_matches(name.split(":", 1)[0], (*DATASET_NAMES, imagefolder), n=1)
         hint = f"; did you mean {close[0] + (':PATH' if close[0] == imagefolder else '')!r}?" if close else ""
         raise DataError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASETS)})")
-    n_val = int(round(len(xtr) * val_fraction))
-    if n_val >= len(xtr):
-        raise DataError(f"{name}: val_fraction {val_fraction} leaves no training images out of {len(xtr)}")
-    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    train_x = xtr[train_idx]
-    scaled = train_x.float() / 255.0 if train_x.dtype == torch.uint8 else train_x.float()
-    mean = scaled.mean(dim=(0, 2, 3))
-    std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    return DataSplits(
-        name=name,
-        train_x=train_x,
-        train_y=ytr[train_idx],
-        val_x=xtr[val_idx],
-        val_y=ytr[val_idx],
-        test_x=xte,
-        test_y=yte,
+    return split_validation(
+        name,
+        xtr,
+        ytr,
+        xte,
+        yte,
         num_classes=classes,
-        mean=mean,
-        std=std,
+        val_fraction=val_fraction,
+        seed=seed,
         augment=augment,
         source=source,
     )
