@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from . import binarize as _binarize
-from .binarize import BinarizeConfig
+from .binarize import config as _binarize_config
+from .binarize.config import BinarizeConfig
 from .errors import BnasError, GenotypeError
 from .schemas import validate
 from .yaml_io import load_yaml_text
@@ -78,10 +78,10 @@ _catalog_loader: Callable[[], None] | None = None
 
 
 def __getattr__(name: str) -> Any:
-    # The named binarizations live in ``bnas.binarize`` now; ``registry.BINARIZE_PRESETS``
+    # The named binarizations live in ``bnas.binarize.config`` now; ``registry.BINARIZE_PRESETS``
     # still reads the live table.
     if name == "BINARIZE_PRESETS":
-        return _binarize.BINARIZE_PRESETS
+        return _binarize_config.BINARIZE_PRESETS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -226,7 +226,7 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
         validate("catalog", data, str(path))
     except GenotypeError as exc:
         raise CatalogError(str(exc)) from exc
-    presets = _binarize.BINARIZE_PRESETS
+    presets = _binarize_config.BINARIZE_PRESETS
     configs: dict[str, BinarizeConfig] = {}
     for key, value in (data.get("binarize") or {}).items():
         configs[key] = BinarizeConfig.from_dict(value or {})
