@@ -23,6 +23,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import BnasError
 
@@ -164,3 +165,11 @@ def check_writable_file(path: Path, flag: str, *, example: str = "") -> None:
     why = _probe_dir(path.parent)
     if why is not None:
         raise WriteError(f"{flag} {path} is not writable: its folder {path.parent}: {why}; choose another folder")
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
+    """Save a matplotlib figure atomically; the format follows the suffix (png, svg, pdf)."""
+    path = Path(path)
+    with atomic_path(path, "picture") as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    return path

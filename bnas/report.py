@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic import save_figure
 from .yaml_io import write_text_atomic
 
 
@@ -31,10 +32,8 @@ def plot_curves(history: list[Mapping[str, float]], path: Path, title: str) -> N
     ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _markdown(report: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 import numpy as np
 
+from .atomic import save_figure
 from .genotype import Genotype
 
 if TYPE_CHECKING:
@@ -170,8 +171,6 @@ def draw_cells(genotype: Genotype, path: str | os.PathLike[str]) -> Path:
         for text, centre in zip(texts, centres, strict=True):
             if text is not None and centre is not None:
                 text.set_position(ax.transData.inverted().transform(centre))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    path = save_figure(fig, path, dpi=dpi)
     plt.close(fig)
     return path

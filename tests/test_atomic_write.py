@@ -128,3 +128,22 @@ def test_check_writable_file(tmp_path, read_only_dir):
     ro = read_only_dir
     with pytest.raises(WriteError, match="is not writable: its folder"):
         check_writable_file(ro / "graph.png", "--graph")
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")])
+def test_save_figure_writes_the_suffix_format_atomically(tmp_path, umask, suffix, magic):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bnas.atomic import save_figure
+
+    umask(0o002)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / f"picture{suffix}")
+    plt.close(fig)
+    assert path.read_bytes().startswith(magic)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind

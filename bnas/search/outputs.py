@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..atomic import save_figure
 from ..genotype import load_genotype
 from ..yaml_io import write_text_atomic
 from .stats import epochs_saved, saved_by_reason
@@ -218,7 +219,7 @@ def _plots(study: optuna.Study, out: Path) -> None:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     fig = history_figure(study)
-    fig.savefig(out / "history.png", dpi=100)
+    save_figure(fig, out / "history.png")
     plt.close(fig)
     # Accuracy vs OPs, with the non-dominated trained trials joined.
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -242,7 +243,7 @@ def _plots(study: optuna.Study, out: Path) -> None:
     if ax.get_legend_handles_labels()[0]:  # nothing trained and no budget: no legend to draw
         ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=100)
+    save_figure(fig, out / "pareto.png")
     plt.close(fig)
     # Parameter importances (fANOVA over the completed trials).
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -255,7 +256,7 @@ def _plots(study: optuna.Study, out: Path) -> None:
         ax.text(0.5, 0.5, "not enough completed trials for importances", ha="center", va="center")
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "importances.png", dpi=100)
+    save_figure(fig, out / "importances.png")
     plt.close(fig)
 
 
