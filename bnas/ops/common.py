@@ -100,11 +100,30 @@ def check_kernel(kernel: int, dilation: int = 1) -> None:
         raise ValueError(f"dilation must be a positive integer, got {dilation!r}")
 
 
-def check_groups(c_in: int, c_out: int, groups: int) -> None:
+GROUPS_DEPTHWISE = "depthwise"
+
+
+def resolve_groups(op: str, c_in: int, c_out: int, groups: int | str) -> int:
+    """The conv's group count; ``depthwise`` follows the width (groups = C_in).
+
+    A fixed integer is kept as written, so a cell reused at a width it does not divide is an
+    error here rather than a silently different conv; ``depthwise`` stays depthwise at any width.
+    """
+    if groups == GROUPS_DEPTHWISE:
+        if c_out % c_in:
+            raise ValueError(
+                f"{op}: groups: depthwise needs C_out a multiple of C_in (got {c_in} -> {c_out}); "
+                "change the width, or give an integer groups that divides both"
+            )
+        return c_in
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        raise ValueError(f"{op}: groups must be a positive integer or 'depthwise', got {groups!r}")
     if c_in % groups or c_out % groups:
-        raise ValueError(f"groups={groups} must divide both C_in={c_in} and C_out={c_out}")
+        raise ValueError(
+            f"{op}: groups={groups} must divide both C_in={c_in} and C_out={c_out}; "
+            "use groups: depthwise for a depthwise conv that follows the width"
+        )
+    return groups
 
 
 def check_order(order: str) -> str:

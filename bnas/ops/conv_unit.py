@@ -16,11 +16,11 @@ from .common import (
     Binarize,
     as_config,
     check_channels,
-    check_groups,
     check_kernel,
     check_order,
     check_stride,
     make_activation,
+    resolve_groups,
     same_padding,
 )
 from .downsample import check_reduction, make_shortcut
@@ -37,17 +37,18 @@ class ConvUnit(nn.Module):
         *,
         kernel: int = 3,
         dilation: int = 1,
-        groups: int = 1,
+        groups: int | str = 1,
         order: str = "bn_conv_act",
         shortcut: bool = False,
         reduction: str = "conv",
         activation: str = "none",
+        op: str = "conv_unit",
         config: BinarizeConfig,
     ):
         super().__init__()
         check_stride(stride)
         check_kernel(kernel, dilation)
-        check_groups(c_in, c_out, groups)
+        groups = resolve_groups(op, c_in, c_out, groups)
         self.order = check_order(order)
         check_reduction(reduction)
         self.bn = nn.BatchNorm2d(c_in if order == "bn_conv_act" else c_out)
@@ -72,7 +73,7 @@ def conv_unit(
     *,
     kernel: int = 3,
     dilation: int = 1,
-    groups: int = 1,
+    groups: int | str = 1,
     order: str = "bn_conv_act",
     shortcut: bool = False,
     reduction: str = "conv",
@@ -83,7 +84,9 @@ def conv_unit(
 
     ``shortcut``: add a real-valued shortcut; it is the identity at stride 1 with equal
     widths, else ``reduction`` adapts it (``conv``: 1x1 conv + BN, ``factorized``: DARTS's
-    factorized reduce, ``avgpool``: Bi-Real's avg-pool + 1x1 conv + BN).
+    factorized reduce, ``avgpool``: Bi-Real's avg-pool + 1x1 conv + BN). ``groups``: an
+    integer that must divide both widths, or ``depthwise`` (groups = C_in at whatever width
+    the op is built).
     """
     check_channels("conv_unit", C_in, C_out)
     return ConvUnit(
