@@ -108,7 +108,9 @@ def test_every_spec_is_described_and_builds_with_its_defaults() -> None:
     assert len(shipped) >= len(REQUIRED)
     for spec in shipped:  # not the user primitives other test files register
         assert spec.description, f"{spec.name} has no description for `bnas primitives`"
-        c_out = 8 if spec.name in {"skip_connect", "pool", "avg_pool_3x3", "max_pool_3x3", "global_avgpool"} else 4
+        keep_width = {"skip_connect", "pool", "avg_pool_3x3", "max_pool_3x3", "global_avgpool", "avgpool_shortcut"}
+        keep_width |= {"avg_pool_3x3_bn", "max_pool_3x3_bn", "bn", "relu", "prelu"}
+        c_out = 8 if spec.name in keep_width else 4
         assert isinstance(get_primitive(spec.name)(8, c_out, 1), nn.Module)
 
 

@@ -24,17 +24,22 @@ ALL = sorted(s.name for s in list_primitives())
 HEAD = {"flatten", "global_avgpool", "linear", "binary_linear"}
 LENET = {"binary_conv_pool"}
 SPATIAL = [n for n in ALL if n not in HEAD | LENET]
-POOLS = {"pool", "avg_pool_3x3", "max_pool_3x3"}
+POOLS = {"pool", "avg_pool_3x3", "max_pool_3x3", "avg_pool_3x3_bn", "max_pool_3x3_bn"}
+# Single-layer ops that keep the width and cannot downsample (tests/test_ops_darts.py).
+POINTWISE = {"bn", "relu", "prelu"}
+KEEP_WIDTH = POOLS | POINTWISE | {"avgpool_shortcut"}
 PAIRS = [(8, 8), (8, 16), (16, 8)]
 SIZES = [(5, 7), (8, 6)]  # odd and even heights and widths
 
 
 def disallowed(name: str, c_in: int, c_out: int, stride: int) -> str | None:
     """The build error an op must give for a channel pair it cannot support (None: allowed)."""
+    if c_in != c_out and (name in KEEP_WIDTH or name == "global_avgpool"):
+        return f"keeps the channel count (got {c_in} -> {c_out})"
+    if name in POINTWISE and stride == 2:
+        return f"{name} cannot downsample (stride 2)"
     if c_in == c_out:
         return None
-    if name in POOLS or name == "global_avgpool":
-        return f"keeps the channel count (got {c_in} -> {c_out})"
     if name == "skip_connect" and stride == 1:
         return f"skip_connect needs C_out == C_in at stride 1 (got {c_in} -> {c_out})"
     return None
@@ -73,7 +78,7 @@ def test_spatial_ops_shapes_and_gradients(name: str) -> None:
                 out = op(x)
                 expect = (2, c_out, math.ceil(h / stride), math.ceil(w / stride))
                 assert out.shape == expect, f"{name} {c_in}->{c_out} stride {stride} size {h}x{w}"
-                if name == "zero":
+                if name in ("zero", "none"):
                     assert not out.any()
                     continue
                 op.zero_grad()
@@ -254,8 +259,8 @@ def test_alpha_is_mean_abs_per_output_channel_for_xnor() -> None:
 
 @pytest.mark.parametrize("name", REAL_NAMES)
 def test_real_ops_have_no_binary_layers(name: str) -> None:
-    c_out = 8 if name in POOLS | {"skip_connect", "global_avgpool"} else 16
-    assert not list(binary_layers(build_op(name, 8, c_out, 2)))
+    c_out = 8 if name in KEEP_WIDTH | {"skip_connect", "global_avgpool"} else 16
+    assert not list(binary_layers(build_op(name, 8, c_out, 1 if name in POINTWISE else 2)))
 
 
 # --------------------------------------------------------------------------------------
