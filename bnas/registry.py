@@ -207,11 +207,21 @@ def _preset_factory(family: PrimitiveFactory, preset: Mapping[str, Any]) -> Prim
     return factory
 
 
+def _same_entry(spec: PrimitiveSpec, path: Path, family: str, options: Mapping[str, Any]) -> bool:
+    """Whether ``spec`` came from this very file with these options: loading an unchanged
+    catalog again (a search space and its workers, a command run twice in one process) is
+    then a no-op, not a name clash."""
+    if spec.source == "python" or spec.family != family or dict(spec.options) != dict(options):
+        return False
+    return Path(spec.source).resolve() == path.resolve()
+
+
 def load_catalog(path: str | Path, override: bool = False) -> list[str]:
     """Register the named presets of one catalog YAML file; returns the names added.
 
     All or nothing: a file with a mistake registers none of its presets. A binarization or
-    op name that is already defined differently is an error unless ``override=True``."""
+    op name that is already defined differently is an error unless ``override=True``; the
+    same file loaded again, unchanged, registers the same presets again (no error)."""
     ensure_catalog()  # the shipped presets come first
     path = Path(path)
     try:  # bnas's safe loader: a size cap, duplicate keys refused, one-line errors
@@ -260,7 +270,7 @@ def load_catalog(path: str | Path, override: bool = False) -> list[str]:
                 binarize_label = f"{options['binarize'].activation}/{options['binarize'].weight}"
         elif family.binarize != "real":
             binarize_label = family.binarize
-        if name in _REGISTRY and not override:
+        if name in _REGISTRY and not override and not _same_entry(_REGISTRY[name], path, family.family, options):
             raise CatalogError(
                 f"{path}: ops.{name}: the name is already registered; "
                 "rename it, or load the catalog with override=True to replace it"

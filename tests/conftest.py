@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from bnas import binarize, registry
+from bnas.binarize import config as binarize_config
+
 
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
@@ -29,6 +32,19 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
             yield candidate
             return
     pytest.skip("no read-only folder on this machine")
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations made by a test vanish after it, so tests can be re-run in one process
+    (the registry is process-global: a catalog loaded by one test would leak into the next)."""
+    registry.list_primitives()  # load the shipped catalog first
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    # The table is looked up in bnas.binarize.config (by named_binarization and the registry);
+    # the package's re-export is swapped too, so both names keep reading the same table.
+    presets = dict(binarize_config.BINARIZE_PRESETS)
+    monkeypatch.setattr(binarize_config, "BINARIZE_PRESETS", presets)
+    monkeypatch.setattr(binarize, "BINARIZE_PRESETS", presets)
 
 
 # --------------------------------------------------------------------------------------

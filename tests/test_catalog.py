@@ -14,7 +14,6 @@ from torch import nn
 import bnas
 from bnas import binarize, registry
 from bnas.binarize import BinarizeConfig, binary_layers
-from bnas.binarize import config as binarize_config
 from bnas.registry import (
     CatalogError,
     UnknownPrimitiveError,
@@ -39,18 +38,6 @@ REQUIRED = {
 XNOR = BinarizeConfig(activation="ste", weight="xnor")
 BIREAL = BinarizeConfig(activation="approx_sign", weight="bireal")
 BINARYNET = BinarizeConfig(activation="ste", weight="sign")
-
-
-@pytest.fixture
-def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Registrations made by a test vanish after it, so tests can be re-run in one process."""
-    list_primitives()  # load the shipped catalog first
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    # The table is looked up in bnas.binarize.config (by named_binarization and the registry);
-    # the package's re-export is swapped too, so both names keep reading the same table.
-    presets = dict(binarize_config.BINARIZE_PRESETS)
-    monkeypatch.setattr(binarize_config, "BINARIZE_PRESETS", presets)
-    monkeypatch.setattr(binarize, "BINARIZE_PRESETS", presets)
 
 
 def test_catalog_holds_every_required_name() -> None:
