@@ -11,6 +11,7 @@ from ..data import DATASETS
 from ..evaluate import evaluate
 from ..genotype import load_genotype
 from ..train import LOSSES, OPTIMIZERS, SCHEDULES
+from .catalogs import add_catalog_argument, load_catalogs
 
 __all__ = ["add_parser"]
 
@@ -40,10 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", help="real-valued teacher genotype for knowledge distillation")
     p.add_argument("--teacher-checkpoint", help="trained teacher weights (else the teacher is trained first)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_catalog_argument(p)
     p.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    load_catalogs(args)  # before the genotype (and the teacher): their ops may be the catalogs' presets
     genotype = load_genotype(args.genotype)
     overrides: dict[str, Any] = {
         "epochs": args.epochs,

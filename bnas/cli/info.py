@@ -12,6 +12,7 @@ from ..builder import build
 from ..errors import BnasError
 from ..genotype import load_genotype
 from ..metrics import summarize
+from .catalogs import add_catalog_argument, load_catalogs
 
 __all__ = ["add_parser"]
 
@@ -21,10 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("genotype", help="genotype YAML file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--graph", metavar="FILE", help="also draw each cell DAG into FILE (.png, .svg, .pdf)")
+    add_catalog_argument(p)
     p.set_defaults(handler=run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:
+    load_catalogs(args)  # before the genotype: its ops may be the catalogs' presets
     genotype = load_genotype(args.genotype)
     if args.graph:
         check_writable_file(Path(args.graph), "--graph", example="cells.png")

@@ -21,6 +21,7 @@ from ..search.outputs import saved_line, summary_text, write_outputs
 from ..search.runner import SearchConfig, open_study, run_search_study
 from ..search.space import PRUNERS, SAMPLERS, load_space
 from ..search.storage import SearchError, is_disk_full, open_storage, retry_db
+from .catalogs import add_catalog_argument, load_catalogs
 
 __all__ = ["add_parser"]
 
@@ -61,6 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--show", metavar="RUN", help="print the summary of a finished or running search again (and refresh its files)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_catalog_argument(p)
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by --workers for its children
     p.set_defaults(handler=run_search)
 
@@ -122,6 +124,8 @@ def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> tuple[optuna.St
         ):
             if value is not None:
                 cmd += [flag, str(value)]
+        for catalog in cfg.catalogs:  # a worker re-reads the space file (its `catalog:`), not these flags
+            cmd += ["--catalog", catalog]
         if i > 0 or args.quiet:
             cmd.append("--quiet")
         env = dict(os.environ)
@@ -151,6 +155,7 @@ def _check_devices(args: argparse.Namespace, device: str) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    catalogs = load_catalogs(args)  # before the space: its ops may be the catalogs' presets
     if args.show:
         return _show(Path(args.show), args.storage)
     if not args.space:
@@ -199,6 +204,7 @@ def run_search(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         heartbeat=heartbeat,
         artifacts=Path(args.artifacts) if args.artifacts else None,
+        catalogs=tuple(catalogs),
     )
     start = time.perf_counter()
     worker_codes: list[int] = []

@@ -235,6 +235,7 @@ class SpaceSchema(Schema):
     model_config = ConfigDict(title="Search space")
     keys: ClassVar[tuple[str, ...]] = (
         "name",
+        "catalog",
         "dataset",
         "input",
         "num_classes",
@@ -255,6 +256,14 @@ class SpaceSchema(Schema):
         Field(min_length=1, pattern=r"^[^/\\ ]+$"),
         expect("a name without spaces or slashes (it names the study and the run folder)"),
     ] = Field("space", description="Names the study and the run folder: no spaces or slashes.")
+    catalog: Annotated[
+        list[Annotated[StrictStr, Field(min_length=1), expect("a catalog file path")]],
+        expect("a list of catalog file paths"),
+    ] = Field(
+        default_factory=list,
+        description="Catalog YAML files of your own op presets and binarizations (`bnas.load_catalog`), "
+        "relative to this file; loaded before the ops are checked, so `ops:` may name their presets.",
+    )
     dataset: Annotated[
         StrictStr,
         says(lambda v: f"unknown dataset {short_repr(v)}; expected one of {', '.join(DATASETS)} or imagefolder:PATH"),

@@ -31,6 +31,9 @@ class SearchConfig:
     retries: int = 1
     artifacts: Path | None = None
     extra_callbacks: list[Callable[..., None]] = field(default_factory=list)
+    # --catalog files (absolute paths), passed on to --workers children and kept in run.json;
+    # a space's own `catalog:` list is the space's (in its fingerprint).
+    catalogs: tuple[str, ...] = ()
 
     @property
     def storage_url(self) -> str:

@@ -6,6 +6,7 @@ the choices its genotype made.
 
 ```yaml
 name: quickstart
+catalog: [my_ops.yaml]      # optional: your own op presets (paths relative to this file)
 dataset: digits             # digits | mnist | fashion_mnist | cifar10 | imagefolder:PATH | synthetic
 input: [1, 8, 8]
 num_classes: 10
@@ -54,6 +55,7 @@ from typing import Any, Protocol
 from ..builder import check_op_name, check_ops
 from ..errors import GenotypeError
 from ..genotype import Genotype, genotype_from_dict
+from ..registry import CatalogError, load_catalog
 from ..schemas import space as schema
 from ..schemas import validate
 from ..yaml_io import check_limit, read_yaml_mapping
@@ -119,6 +121,11 @@ class SearchSpace:
     sampler: str = "tpe"
     train_subset: int | None = None
     source: str | None = None
+    # ``catalog:`` as written, the files it names (absolute), and a hash of their text: a
+    # preset edited between runs changes what a trial is, as an edited space does.
+    catalog: tuple[str, ...] = ()
+    catalog_files: tuple[str, ...] = ()
+    catalog_sha: str = ""
 
     @property
     def directions(self) -> list[str]:
@@ -144,8 +151,11 @@ class SearchSpace:
         different space is refused instead of mixing incomparable trials.
         """
         data = asdict(self)
-        for key in ("source", "sampler", "pruner"):
+        for key in ("source", "sampler", "pruner", "catalog_files"):
             data.pop(key)
+        if not self.catalog:  # so a space without catalogs keeps the fingerprint it always had
+            data.pop("catalog")
+            data.pop("catalog_sha")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -218,9 +228,30 @@ def _check_macro_caps(
     )
 
 
-def parse_space(data: Mapping[str, Any]) -> SearchSpace:
-    """Validate a search-space mapping (errors carry the YAML path; ``load_space`` adds the file)."""
+def _load_space_catalogs(entries: list[str], base: Path) -> tuple[tuple[str, ...], str]:
+    """Register the presets of the space's ``catalog:`` files (relative to ``base``) before
+    its op names are checked; returns the files (absolute) and the hash of their text."""
+    files: list[str] = []
+    digest = hashlib.sha256()
+    for i, entry in enumerate(entries):
+        path = (base / entry).resolve()
+        try:
+            load_catalog(path)
+        except CatalogError as exc:
+            raise GenotypeError(str(exc), f"catalog[{i}]") from None
+        files.append(str(path))
+        digest.update(path.read_bytes())
+    return tuple(files), digest.hexdigest()[:16] if files else ""
+
+
+def parse_space(data: Mapping[str, Any], base: str | os.PathLike[str] | None = None) -> SearchSpace:
+    """Validate a search-space mapping (errors carry the YAML path; ``load_space`` adds the file).
+
+    ``catalog:`` paths are relative to ``base`` (``load_space``: the space file's folder;
+    default: the working directory)."""
     validate("space", data)
+    catalog = tuple(data.get("catalog") or [])
+    catalog_files, catalog_sha = _load_space_catalogs(list(catalog), Path(base) if base is not None else Path.cwd())
     cells = _parse_cells(data["cells"]) if data.get("cells") is not None else None
     macro = _parse_macro(data["macro"])
     objectives = data.get("objectives", ["val_acc"])
@@ -240,6 +271,9 @@ def parse_space(data: Mapping[str, Any]) -> SearchSpace:
         pruner=data.get("pruner", "median"),
         sampler=data.get("sampler", "tpe"),
         train_subset=data.get("train_subset"),
+        catalog=catalog,
+        catalog_files=catalog_files,
+        catalog_sha=catalog_sha,
     )
     _validate_layers(space)
     return space
@@ -264,7 +298,7 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
     path = Path(path)
     data = read_yaml_mapping(path, what="search space")
     try:
-        space = parse_space(data)
+        space = parse_space(data, base=path.parent)
     except GenotypeError as exc:
         raise exc.in_file(str(path)) from None
     object.__setattr__(space, "source", str(path))

@@ -176,5 +176,7 @@ def write_run_meta(cfg: SearchConfig) -> None:
         "study": cfg.name,
         "space": str(Path(cfg.space.source).resolve()) if cfg.space.source else None,
         "seed": cfg.seed,
+        # The presets its genotypes may name: `bnas eval/info/export --catalog FILE` needs them.
+        "catalogs": [*cfg.space.catalog_files, *(c for c in cfg.catalogs if c not in cfg.space.catalog_files)],
     }
     write_text_atomic(cfg.out / "run.json", json.dumps(meta, indent=2) + "\n")
