@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import tiny_space, write_space
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 from torch import nn
@@ -21,7 +22,6 @@ from bnas.search.outputs import history_figure
 from bnas.search.runner import Objective, SearchConfig, run_search_study
 from bnas.search.space import load_space
 from bnas.search.storage import SearchError, retry_db
-from conftest import tiny_space, write_space
 
 # Small and quick: one epoch on a 128-image proxy of digits.
 SPACE = tiny_space("rel", epochs=1, train_subset=128, pruner="none")
@@ -337,3 +337,39 @@ def test_workers_parent_exits_2_when_a_worker_failed(tmp_path: Path, monkeypatch
     err = capsys.readouterr().err
     assert "error: worker(s) 1 (exit 2) stopped early" in err and "Traceback" not in err
     assert (out / "trials.csv").is_file()
+
+
+def test_database_error_in_a_heartbeat_thread_is_one_warning(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Optuna's heartbeat thread dies with a traceback when the database goes away; the worker
+    reports the outage itself, so that thread's death is one warning line. Other thread errors
+    still reach the previous hook."""
+    import threading
+
+    import sqlalchemy.exc
+
+    import bnas.search.storage as storage
+
+    seen: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    monkeypatch.setattr(storage, "_previous_thread_hook", None)
+    storage.quiet_database_errors_in_threads()
+
+    def lost_database() -> None:
+        try:
+            raise sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("terminating connection"))
+        except sqlalchemy.exc.OperationalError as exc:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+
+    def a_bug() -> None:
+        raise ValueError("not a database error")
+
+    with caplog.at_level("WARNING", logger="bnas.search.storage"):
+        for target in (lost_database, a_bug):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+    assert [r.getMessage() for r in caplog.records] == [
+        "heartbeat not recorded: database unavailable (An exception is raised during the commit.)"
+    ]
+    assert len(seen) == 1 and isinstance(seen[0], ValueError)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -101,6 +102,8 @@ def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> op
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.simplefilter("ignore", FutureWarning)
             kwargs = _heartbeat_kwargs(heartbeat, retries) if heartbeat else {}
+            if heartbeat:
+                quiet_database_errors_in_threads()
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     except ImportError as exc:  # optuna's "Please install appropriate one": name the extra
         if url.startswith("postgres"):
@@ -153,6 +156,28 @@ def _database_error(exc: BaseException) -> BaseException | None:
             return cur
         cur = cur.__cause__ if cur.__cause__ is not None or cur.__suppress_context__ else cur.__context__
     return None
+
+
+_previous_thread_hook: Callable[[threading.ExceptHookArgs], Any] | None = None
+
+
+def _thread_database_error_hook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None and _database_error(args.exc_value) is not None:
+        logger.warning("heartbeat not recorded: database unavailable (%s)", first_line(args.exc_value))
+        return
+    assert _previous_thread_hook is not None
+    _previous_thread_hook(args)
+
+
+def quiet_database_errors_in_threads() -> None:
+    """Optuna records trial heartbeats in a background thread, which dies with a traceback on
+    stderr when the database goes away. The worker's own loop already retries and reports an
+    outage in one line, so a database error that ends such a thread becomes one warning; any
+    other thread error still reaches the previous hook."""
+    global _previous_thread_hook
+    if _previous_thread_hook is None:
+        _previous_thread_hook = threading.excepthook
+        threading.excepthook = _thread_database_error_hook
 
 
 def retry_db(what: str, fn: Callable[[], T], patience_s: float | None = None) -> T:
