@@ -52,6 +52,7 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------------------
 DATA = Path(__file__).resolve().parent / "data"
 TINY_SPACE = DATA / "tiny_space.yaml"
+TINY_GENOTYPE = DATA / "tiny_genotype.yaml"
 
 
 def _flow(value: object) -> str:

@@ -12,29 +12,12 @@ from bnas.builder import check_ops
 from bnas.cli import main
 from bnas.errors import GenotypeError
 from bnas.genotype import cell_graph, load_genotype, loads_genotype
+from conftest import TINY_GENOTYPE
 
 REPO = Path(__file__).resolve().parents[1]
 GENOTYPES = sorted((REPO / "search_spaces" / "genotypes").glob("*.yaml"))
 
-VALID = """
-name: tiny
-input: [3, 8, 8]
-num_classes: 4
-stem:
-  - {op: conv_bn, channels: 8, kernel: 3}
-cells:
-  normal:
-    inputs: 2
-    nodes:
-      n0: [[binary_conv_3x3, in1], [skip_connect, in0]]
-      n1: [[skip_connect, n0]]
-    output: {combine: concat, nodes: [n0, n1]}
-body:
-  - {cell: normal, channels: 8}
-head:
-  - {op: global_avgpool}
-  - {op: linear}
-"""
+VALID = TINY_GENOTYPE.read_text()
 
 
 def test_shipped_genotypes_exist() -> None:

@@ -21,6 +21,7 @@ from bnas.errors import GenotypeError
 from bnas.schemas import KINDS, SchemaError, json_schema, json_schema_text, validate, yaml_path
 from bnas.schemas.catalog import Binarization
 from bnas.schemas.recipe import RecipeSchema
+from conftest import TINY_GENOTYPE
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "docs" / "schemas"
@@ -29,24 +30,7 @@ GENOTYPES = sorted((REPO / "search_spaces" / "genotypes").glob("*.yaml"))
 CATALOGS = sorted((REPO / "primitives").glob("*.yaml"))
 SHIPPED = [("space", p) for p in SPACES] + [("genotype", p) for p in GENOTYPES] + [("catalog", p) for p in CATALOGS]
 
-GENOTYPE = """
-name: tiny
-input: [3, 8, 8]
-num_classes: 4
-stem:
-  - {op: conv_bn, channels: 8, kernel: 3}
-cells:
-  normal:
-    inputs: 2
-    nodes:
-      n0: [[binary_conv_3x3, in1], [skip_connect, in0]]
-      n1: [[skip_connect, n0]]
-    output: {combine: concat, nodes: [n0, n1]}
-body:
-  - {cell: normal, channels: 8}
-head:
-  - {op: global_avgpool}
-  - {op: linear}
+GENOTYPE = TINY_GENOTYPE.read_text() + """\
 training:
   epochs: 2
   optimizer: {name: adam, lr: 0.01}
