@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_GENOTYPE
 
 import bnas
 from bnas.builder import check_ops
 from bnas.cli import main
 from bnas.errors import GenotypeError
 from bnas.genotype import cell_graph, load_genotype, loads_genotype
-from conftest import TINY_GENOTYPE
 
 REPO = Path(__file__).resolve().parents[1]
 GENOTYPES = sorted((REPO / "search_spaces" / "genotypes").glob("*.yaml"))

@@ -5,7 +5,6 @@ JSON Schemas are what the models emit, and the schemas' closed choices and defau
 loaders'."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import subprocess
@@ -15,13 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import TINY_GENOTYPE
 
 from bnas.cli import main
 from bnas.errors import GenotypeError
 from bnas.schemas import KINDS, SchemaError, json_schema, json_schema_text, validate, yaml_path
 from bnas.schemas.catalog import Binarization
 from bnas.schemas.recipe import RecipeSchema
-from conftest import TINY_GENOTYPE
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "docs" / "schemas"
