@@ -11,12 +11,13 @@ from .atomic import save_figure
 from .yaml_io import write_text_atomic
 
 
-def plot_curves(history: list[Mapping[str, float]], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch, two panels."""
+def curves_figure(history: list[Mapping[str, float]], title: str) -> Any:
+    """Loss and accuracy per epoch, two panels (a matplotlib figure; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -30,8 +31,17 @@ def plot_curves(history: list[Mapping[str, float]], path: Path, title: str) -> N
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(history: list[Mapping[str, float]], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(history, title)
     save_figure(fig, path, dpi=100)
     plt.close(fig)
 

@@ -43,3 +43,19 @@ def test_verbose_and_quiet_exclude_each_other(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["-v", "-q", "primitives"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_training_curves_have_whole_epoch_ticks() -> None:
+    import matplotlib.pyplot as plt
+
+    from bnas.report import curves_figure
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc": 0.5 + e / 10, "val_acc": 0.5 + e / 11}
+               for e in (1, 2)]
+    fig = curves_figure(history, "two epochs")
+    try:
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
