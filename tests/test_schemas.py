@@ -211,8 +211,8 @@ def test_space_mistakes(old: str, new: str, path: str, message: str) -> None:
         ("binarize:\n  b: {latent_clip: golrot}\n", "binarize.b",
          "latent_clip must be a positive number, 'glorot' or null, got 'golrot'"),
         ("binarize:\n  b: {foo: 1}\n", "binarize.b",
-         ("unknown binarize option(s) foo; expected some of activation, clip, latent_clip, lr_scale, swish_beta, "
-          "weight, weight_clip")),
+         ("unknown binarize option(s) foo; expected some of activation, clip, latent_clip, learned_scale, lr_scale, "
+          "swish_beta, weight, weight_clip")),
         ("ops:\n  a: {family: resnet_block, binarize: {weight: sgn}}\n", "ops.a.binarize",
          "unknown weight binarizer 'sgn'; expected one of sign, xnor, xnor_tensor, bireal, stochastic, none"),
         ("binarize: []\n", "binarize", "expected a mapping of named binarizations, got list"),

@@ -6,7 +6,9 @@ Two kinds of quantizer, composed into layers the way larq composes ``input_quant
 * activation quantizers (forward is always ``sign`` with ``sign(0) = +1``; they differ only in
   the gradient they pass back): ``ste``, ``approx_sign``, ``swish_sign``, ``identity_ste``,
   ``stochastic``, ``rsign``, ``none``;
-* weight binarizers: ``sign``, ``xnor``, ``xnor_tensor``, ``bireal``, ``stochastic``, ``none``.
+* weight binarizers: ``sign``, ``xnor``, ``xnor_tensor``, ``bireal``, ``stochastic``, ``none``;
+  the sign-based ones can hold a learnable per-output-channel scale instead of their computed
+  alpha (``BinarizeConfig.learned_scale``).
 
 ``BinaryConv2d`` and ``BinaryLinear`` keep latent real weights and take both by name through a
 frozen ``BinarizeConfig``, so binarization is orthogonal to topology and no two layers can

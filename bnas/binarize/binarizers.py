@@ -1,6 +1,7 @@
 """Weight binarizers: the ``WeightBinarizer`` module that binarizes a layer's latent real weights
 by name (``sign``, ``xnor``, ``xnor_tensor``, ``bireal``, ``stochastic``, ``none``) and gives the
-scale alpha its forward multiplies by.
+scale alpha its forward multiplies by: computed from the weights, or a learnable per-output-channel
+parameter (``BinarizeConfig.learned_scale``).
 
 It binarizes through the sign and straight-through functions of ``bnas.binarize.quantizers``,
 like larq's ``kernel_quantizer`` beside its ``input_quantizer``.
@@ -10,25 +11,41 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .config import WEIGHT_BINARIZERS
+from .config import LEARNED_SCALE_BINARIZERS, WEIGHT_BINARIZERS, learned_scale_error
 from .quantizers import ste_sign, stochastic_sign
 
 __all__ = ["WEIGHT_BINARIZERS", "WeightBinarizer"]
 
 
 class WeightBinarizer(nn.Module):
-    """Binarizes latent weights by name; ``scale(w)`` is the alpha the forward multiplies by."""
+    """Binarizes latent weights by name; ``scale(w)`` is the alpha the forward multiplies by.
 
-    def __init__(self, name: str = "xnor", clip: float = 1.0) -> None:
+    ``initial_scale`` (a tensor broadcastable to the weight, e.g. ``(C_out, 1, 1, 1)``) makes
+    alpha a learnable parameter, ``learned_scale``, that starts there: the forward is then
+    ``learned_scale * sign(W)`` with the clipped STE, for every binarizer with a sign forward.
+    """
+
+    learned_scale: nn.Parameter | None
+
+    def __init__(self, name: str = "xnor", clip: float = 1.0, initial_scale: Tensor | None = None) -> None:
         super().__init__()
         if name not in WEIGHT_BINARIZERS:
             raise ValueError(f"unknown weight binarizer {name!r}; expected one of {', '.join(WEIGHT_BINARIZERS)}")
         self.name = name
         self.clip = float(clip)
         self.enabled = True
+        if initial_scale is None:
+            self.register_parameter("learned_scale", None)
+        else:
+            if name not in LEARNED_SCALE_BINARIZERS:
+                raise ValueError(learned_scale_error(name))
+            self.learned_scale = nn.Parameter(initial_scale.detach().clone())
 
     def scale(self, w: Tensor) -> Tensor | None:
-        """Alpha, broadcastable to ``w`` (None for binarizers without a scale)."""
+        """Alpha, broadcastable to ``w`` (None for binarizers without a scale); the learned
+        scale when there is one, so export folds what the forward multiplies by."""
+        if self.learned_scale is not None:
+            return self.learned_scale
         if self.name in ("xnor", "bireal"):
             return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
         if self.name == "xnor_tensor":
@@ -41,6 +58,9 @@ class WeightBinarizer(nn.Module):
         if self.name == "stochastic":
             return stochastic_sign(w, self.clip, self.training)
         binary = ste_sign(w, self.clip)
+        if self.learned_scale is not None:
+            # dL/dscale = sum of dL/dWb * sign(W) over the channel; dL/dW = dL/dWb * scale * 1{|W| <= clip}.
+            return self.learned_scale * binary
         alpha = self.scale(w)
         if alpha is None:  # sign: no scale
             return binary
@@ -57,4 +77,4 @@ class WeightBinarizer(nn.Module):
         return 1 if self.enabled and self.name != "none" else 32
 
     def extra_repr(self) -> str:
-        return self.name
+        return self.name if self.learned_scale is None else f"{self.name}, learned_scale"

@@ -15,13 +15,25 @@ __all__ = [
     "ACTIVATION_QUANTIZERS",
     "BINARIZE_PRESETS",
     "FULL_PRECISION",
+    "LEARNED_SCALE_BINARIZERS",
     "WEIGHT_BINARIZERS",
     "BinarizeConfig",
+    "learned_scale_error",
     "named_binarization",
 ]
 
 ACTIVATION_QUANTIZERS = ("ste", "approx_sign", "swish_sign", "identity_ste", "stochastic", "rsign", "none")
 WEIGHT_BINARIZERS = ("sign", "xnor", "xnor_tensor", "bireal", "stochastic", "none")
+# The binarizers whose forward is alpha * sign(W), so a learned scale can stand in for alpha.
+LEARNED_SCALE_BINARIZERS = ("sign", "xnor", "xnor_tensor", "bireal")
+
+
+def learned_scale_error(weight: str) -> str:
+    """The one message for ``learned_scale: true`` with a binarizer it cannot scale."""
+    return (
+        f"learned_scale: true cannot be used with weight: {weight}; "
+        f"use one of {', '.join(LEARNED_SCALE_BINARIZERS)}, or learned_scale: false"
+    )
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,11 @@ class BinarizeConfig:
                  ``"glorot"`` (1 / sqrt(1.5 / (fan_in + fan_out)): BinaryNet's MNIST recipe,
                  which keeps H = 1 but scales the learning rate). Default: 1, or 1/H when
                  ``latent_clip`` is ``"glorot"``.
+    learned_scale: the weight binarizer holds a learnable per-output-channel scale (a parameter,
+                 initialised as XNOR-Net's alpha, mean |W| per output channel, from the layer's
+                 initial latent weights) and binarizes to ``scale * sign(W)`` with its own STE;
+                 it replaces the computed alpha of ``sign``, ``xnor``, ``xnor_tensor`` and
+                 ``bireal``. Invalid with ``weight: none`` and ``weight: stochastic``.
     """
 
     activation: str = "ste"
@@ -51,6 +68,7 @@ class BinarizeConfig:
     latent_clip: float | str | None = None
     swish_beta: float = 5.0
     lr_scale: float | str | None = None
+    learned_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATION_QUANTIZERS:
@@ -71,6 +89,10 @@ class BinarizeConfig:
         ls = self.lr_scale
         if not (ls is None or ls == "glorot" or (isinstance(ls, (int, float)) and not isinstance(ls, bool) and ls > 0)):
             raise ValueError(f"lr_scale must be a positive number, 'glorot' or null, got {ls!r}")
+        if not isinstance(self.learned_scale, bool):
+            raise ValueError(f"learned_scale must be true or false, got {self.learned_scale!r}")
+        if self.learned_scale and self.weight not in LEARNED_SCALE_BINARIZERS:
+            raise ValueError(learned_scale_error(self.weight))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BinarizeConfig:

@@ -50,7 +50,12 @@ class _BinaryLayer:
             raise TypeError(f"config must be a BinarizeConfig, got {type(config).__name__}")
         self.config = config
         self.input_quantizer = ActivationQuantizer(config.activation, channels, config.clip, config.swish_beta)
-        self.kernel_quantizer = WeightBinarizer(config.weight, config.weight_clip)
+        initial_scale = None
+        if config.learned_scale:
+            # XNOR-Net's alpha of the initial latent weights, so training starts where xnor does.
+            w = self.weight.detach()
+            initial_scale = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+        self.kernel_quantizer = WeightBinarizer(config.weight, config.weight_clip, initial_scale)
         glorot_h = math.sqrt(1.5 / (fan_in + fan_out))
         if config.latent_clip == "glorot":
             self.latent_clip_value: float | None = glorot_h
@@ -91,13 +96,19 @@ class _BinaryLayer:
         return self.kernel_quantizer.name != "none" and (self.kernel_quantizer.enabled or self.input_quantizer.enabled)
 
     def binary_weight(self) -> Tensor:
-        """The weight the forward pass uses (alpha * sign(W) for xnor)."""
+        """The weight the forward pass uses (alpha * sign(W) for xnor, the learned scale for alpha
+        with ``learned_scale``)."""
         return self.kernel_quantizer(self.weight)
 
     @torch.no_grad()
     def clip_latent(self) -> None:
         if self.latent_clip_value is not None:
             self.weight.clamp_(-self.latent_clip_value, self.latent_clip_value)
+
+
+def _binarize_repr(config: BinarizeConfig) -> str:
+    learned = ", learned_scale=True" if config.learned_scale else ""
+    return f", activation={config.activation}, weight={config.weight}{learned}"
 
 
 class BinaryConv2d(nn.Conv2d, _BinaryLayer):
@@ -135,7 +146,7 @@ class BinaryConv2d(nn.Conv2d, _BinaryLayer):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", activation={self.config.activation}, weight={self.config.weight}"
+        return super().extra_repr() + _binarize_repr(self.config)
 
 
 class BinaryLinear(nn.Linear, _BinaryLayer):
@@ -151,7 +162,7 @@ class BinaryLinear(nn.Linear, _BinaryLayer):
         return F.linear(self.input_quantizer(x), self.binary_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", activation={self.config.activation}, weight={self.config.weight}"
+        return super().extra_repr() + _binarize_repr(self.config)
 
 
 # --------------------------------------------------------------------------------------
@@ -175,7 +186,8 @@ def set_binarization(model: nn.Module, activations: bool = True, weights: bool =
     """Switch binarization of activations and/or weights on or off model-wide.
 
     The two-step schedule of ReActNet trains with binary activations and real weights
-    first (``activations=True, weights=False``), then both.
+    first (``activations=True, weights=False``), then both. With weights off a layer computes
+    with its latent weights as they are; a learned scale is then unused.
     """
     for layer in binary_layers(model):
         layer.input_quantizer.enabled = activations

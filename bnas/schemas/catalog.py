@@ -18,6 +18,7 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    model_validator,
 )
 
 from ..errors import short_repr
@@ -29,6 +30,8 @@ ActivationName = Literal["ste", "approx_sign", "swish_sign", "identity_ste", "st
 WeightName = Literal["sign", "xnor", "xnor_tensor", "bireal", "stochastic", "none"]
 ACTIVATION_QUANTIZERS: tuple[str, ...] = get_args(ActivationName)
 WEIGHT_BINARIZERS: tuple[str, ...] = get_args(WeightName)
+# ``bnas.binarize.config.LEARNED_SCALE_BINARIZERS``, restated: this package does not import torch.
+LEARNED_SCALE_BINARIZERS = ("sign", "xnor", "xnor_tensor", "bireal")
 
 
 def _must_be(key: str, what: str) -> WrapValidator:
@@ -86,6 +89,21 @@ class Binarization(Schema):
         description="A learning-rate multiplier for the latent weights: a number, or glorot (BinaryNet's MNIST "
         "recipe); default 1, or 1/H with latent_clip: glorot.",
     )
+    learned_scale: Annotated[bool, Strict(), _must_be("learned_scale", "true or false")] = Field(
+        False,
+        description="A learnable per-output-channel weight scale (starts at mean |W|, XNOR-Net's alpha) "
+        "instead of the binarizer's computed one: scale * sign(W). Not with weight: none or stochastic.",
+    )
+
+    @model_validator(mode="after")
+    def _learned_scale_needs_a_sign_binarizer(self) -> Binarization:
+        # BinarizeConfig's message, word for word.
+        if self.learned_scale and self.weight not in LEARNED_SCALE_BINARIZERS:
+            raise fail(
+                f"learned_scale: true cannot be used with weight: {self.weight}; "
+                f"use one of {', '.join(LEARNED_SCALE_BINARIZERS)}, or learned_scale: false"
+            )
+        return self
 
 
 def _at_the_binarization(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:

@@ -1,8 +1,9 @@
 """The optimiser and its learning rate: parameter groups, ``make_optimizer``, the schedule.
 
 Weight decay reaches only the parameters it should (never BatchNorm, biases, ``rsign``
-thresholds or, by default, latent binary weights), and each binary layer's learning-rate
-scale (BinaryNet's "glorot") rides along as ``lr_scale`` in its parameter group.
+thresholds, learned weight scales or, by default, latent binary weights), and each binary
+layer's learning-rate scale (BinaryNet's "glorot") rides along as ``lr_scale`` in its parameter
+group.
 """
 
 from __future__ import annotations
@@ -25,17 +26,24 @@ def _binarized_weight_layers(model: nn.Module) -> dict[int, BinaryConv2d | Binar
     return {id(layer.weight): layer for layer in binary_layers(model) if layer.has_latent_weights}
 
 
+def _learned_scales(model: nn.Module) -> set[int]:
+    """``id`` of every learned weight scale (``BinarizeConfig.learned_scale``): shaped
+    (C_out, 1, 1, 1) to broadcast, but a per-channel scale like a BN gamma, so never decayed."""
+    return {id(s) for layer in binary_layers(model) if (s := layer.kernel_quantizer.learned_scale) is not None}
+
+
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """Weight decay only where it belongs; BinaryNet's per-layer learning-rate scale kept."""
     wd = float(recipe.optimizer.get("weight_decay", 0.0))
     latent = _binarized_weight_layers(model)
+    scales = _learned_scales(model)
     groups: dict[tuple[float, float], list[Tensor]] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
         layer = latent.get(id(p))
         scale = float(layer.lr_scale) if layer is not None else 1.0
-        decays = p.dim() > 1 and (layer is None or recipe.decay_binary_weights)
+        decays = p.dim() > 1 and id(p) not in scales and (layer is None or recipe.decay_binary_weights)
         groups.setdefault((scale, wd if decays else 0.0), []).append(p)
     return [
         {"params": params, "lr": recipe.lr * scale, "lr_scale": scale, "weight_decay": decay}
