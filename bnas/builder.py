@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from .binarize import set_binarization
 from .errors import GenotypeError, LimitError, short_repr
-from .genotype import CellSpec, Genotype, LayerSpec, cell_graph, load_genotype
+from .genotype import CellSpec, Genotype, LayerSpec, Preprocess, cell_graph, load_genotype
+from .ops.cell_inputs import make_cell_input, make_residual
 from .registry import UnknownPrimitiveError, build_op, get_spec
 
 __all__ = ["build", "BinaryNetwork", "Cell", "OpUnit", "check_op_name", "check_ops", "estimate_memory", "memory_limit"]
@@ -199,17 +200,30 @@ class OpUnit(nn.Module):
 class Cell(nn.Module):
     """A cell DAG: inputs aligned to the cell width, each node the sum of its edges.
 
-    The evaluation plan is compiled once from the networkx DAG (a topological order, as
-    DARTS's ``_compile``), so ``forward`` is a short loop over it.
+    The inputs are aligned as ``preprocess`` says (``bnas.ops.cell_inputs``); with
+    ``residual`` the k-1 input is added to the output. The evaluation plan is compiled once
+    from the networkx DAG (a topological order, as DARTS's ``_compile``), so ``forward`` is a
+    short loop over it.
     """
 
-    def __init__(self, spec: CellSpec, shape0: Shape, shape1: Shape, channels: int, stride: int, path: str):
+    def __init__(
+        self,
+        spec: CellSpec,
+        shape0: Shape,
+        shape1: Shape,
+        channels: int,
+        stride: int,
+        path: str,
+        preprocess: Preprocess | None = None,
+    ):
         super().__init__()
         self.spec = spec
         self.graph = cell_graph(spec)
+        preprocess = spec.preprocess or preprocess or Preprocess()
+        target = (channels, *shape1[1:]) if len(shape1) == 3 else (channels,)
         # Align inputs to (channels, resolution of in1), as DARTS's preprocessing does.
-        self.pre0 = self._align(shape0, shape1, channels, f"{path} (aligning in0)") if spec.inputs == 2 else None
-        self.pre1 = self._align(shape1, shape1, channels, f"{path} (aligning in1)")
+        self.pre0 = self._align(preprocess, shape0, target, f"{path} (aligning in0)") if spec.inputs == 2 else None
+        self.pre1 = self._align(preprocess, shape1, target, f"{path} (aligning in1)")
         self.edges = nn.ModuleDict()
         for node, edges in spec.nodes.items():
             for i, edge in enumerate(edges):
@@ -219,6 +233,14 @@ class Cell(nn.Module):
         self.plan, self.outputs = self._compile(self.graph)
         self.order = [node for node, _ in self.plan]
         self.combine = spec.combine
+        self.residual: nn.Module | None = None
+        if spec.residual:
+            width = channels * len(spec.output) if spec.combine == "concat" else channels
+            out_shape = (width, *(-(-n // stride) for n in shape1[1:]))
+            try:
+                self.residual = make_residual(shape1, out_shape)
+            except ValueError as exc:
+                raise GenotypeError(str(exc), f"{path} (cells.{spec.name}.output.residual)") from None
 
     @staticmethod
     def _compile(graph: nx.MultiDiGraph) -> tuple[list[tuple[str, list[tuple[str, str]]]], list[str]]:
@@ -237,14 +259,16 @@ class Cell(nn.Module):
         return plan, [source for _, source in inputs("out")]
 
     @staticmethod
-    def _align(shape: Shape, target: Shape, channels: int, path: str) -> nn.Module:
+    def _align(preprocess: Preprocess, shape: Shape, target: Shape, path: str) -> nn.Module:
         if len(shape) != 3:
             raise GenotypeError(f"a cell needs a feature map (C, H, W) as input, got shape {list(shape)}", path)
-        if shape[1] > target[1]:  # still at twice the resolution: halve it on the way
-            return _make_op("factorized_reduce", shape[0], channels, 2, {}, path)
-        if shape[0] != channels:
-            return _make_op("conv_downsample", shape[0], channels, 1, {}, path)
-        return nn.Identity()
+        options = {"reduce": preprocess.reduce, "activation": preprocess.activation, "bn_after": preprocess.bn_after}
+        if preprocess.binarize is not None:
+            options["binarize"] = preprocess.binarize
+        try:
+            return make_cell_input(preprocess.kind, shape, target, options)
+        except (ValueError, TypeError) as exc:
+            raise GenotypeError(f"preprocess: {preprocess.kind}: {exc}", path) from exc
 
     def forward(self, s0: Tensor, s1: Tensor) -> Tensor:
         states = {"in1": self.pre1(s1)}
@@ -258,10 +282,13 @@ class Cell(nn.Module):
             states[node] = total
         outs = [states[n] for n in self.outputs]
         if self.combine == "concat":
-            return torch.cat(outs, dim=1)
-        result = outs[0]
-        for extra in outs[1:]:
-            result = result + extra
+            result = torch.cat(outs, dim=1)
+        else:
+            result = outs[0]
+            for extra in outs[1:]:
+                result = result + extra
+        if self.residual is not None:
+            result = result + self.residual(s1)
         return result
 
 
@@ -312,7 +339,9 @@ def _build(genotype: Genotype, budget: _MemoryBudget | None = None) -> BinaryNet
             stride = layer.stride if r == 0 else 1
             if layer.cell is not None:
                 channels = layer.channels or shape1[0]
-                unit: nn.Module = Cell(genotype.cells[layer.cell], shape0, shape1, channels, stride, path)
+                unit: nn.Module = Cell(
+                    genotype.cells[layer.cell], shape0, shape1, channels, stride, path, genotype.preprocess
+                )
             else:
                 c_out = layer.channels if layer.channels is not None else shape1[0]
                 unit = OpUnit(_make_op(layer.op or "", shape1[0], c_out, stride, layer.options, path))

@@ -32,6 +32,7 @@ __all__ = [
     "Edge",
     "Genotype",
     "LayerSpec",
+    "Preprocess",
     "cell_graph",
     "genotype_from_dict",
     "load_genotype",
@@ -53,25 +54,67 @@ class Edge:
 
 
 @dataclass(frozen=True)
+class Preprocess:
+    """How a cell aligns its inputs (cells k-2 and k-1) to its width and resolution.
+
+    ``real``: the identity where an input already fits, else a real 1x1 conv + BN, or DARTS's
+    factorized reduce from twice the resolution. ``darts``: DARTS's ReLU -> 1x1 conv -> BN on
+    every input, fitting or not (and the factorized reduce). ``binary``: BN -> sign -> binary
+    1x1 conv (-> BN) (-> activation) on every input; from twice the resolution a binary
+    factorized reduce (``reduce: factorized``, EBNAS) or a binary 3x3 stride-2 conv
+    (``reduce: conv3x3``, Kim et al. 2020). ``identity``: nothing; the inputs must fit.
+    """
+
+    kind: str = "real"
+    reduce: str = "factorized"
+    activation: str = "none"
+    bn_after: bool = True
+    binarize: str | Mapping[str, Any] | None = None
+
+    def to_yaml(self) -> str | dict[str, Any]:
+        """The kind alone when every option is its default, else the mapping of what is set."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for key, default in (("reduce", "factorized"), ("activation", "none"), ("bn_after", True), ("binarize", None)):
+            value = getattr(self, key)
+            if value != default:
+                out[key] = copy.deepcopy(value)
+        return self.kind if len(out) == 1 else out
+
+    @classmethod
+    def from_yaml(cls, data: str | Mapping[str, Any]) -> Preprocess:
+        return cls(kind=data) if isinstance(data, str) else cls(**copy.deepcopy(dict(data)))
+
+
+@dataclass(frozen=True)
 class CellSpec:
-    """A cell DAG: each node is the sum of its edges; the output combines some nodes."""
+    """A cell DAG: each node is the sum of its edges; the output combines some nodes.
+
+    ``residual`` adds the cell's k-1 input to the output; ``preprocess`` (None: the
+    genotype's) says how the inputs are aligned to the cell's width.
+    """
 
     name: str
     inputs: int
     nodes: Mapping[str, tuple[Edge, ...]]
     combine: str
     output: tuple[str, ...]
+    residual: bool = False
+    preprocess: Preprocess | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return ("in0", "in1") if self.inputs == 2 else ("in1",)
 
     def to_yaml(self) -> dict[str, Any]:
-        return {
-            "inputs": self.inputs,
-            "nodes": {n: [e.to_yaml() for e in edges] for n, edges in self.nodes.items()},
-            "output": {"combine": self.combine, "nodes": list(self.output)},
-        }
+        output: dict[str, Any] = {"combine": self.combine, "nodes": list(self.output)}
+        if self.residual:
+            output["residual"] = True
+        out: dict[str, Any] = {"inputs": self.inputs}
+        if self.preprocess is not None:
+            out["preprocess"] = self.preprocess.to_yaml()
+        out["nodes"] = {n: [e.to_yaml() for e in edges] for n, edges in self.nodes.items()}
+        out["output"] = output
+        return out
 
 
 @dataclass(frozen=True)
@@ -112,9 +155,12 @@ class Genotype:
     head: tuple[LayerSpec, ...] = ()
     training: Mapping[str, Any] | None = None
     source: str | None = field(default=None, compare=False)
+    preprocess: Preprocess | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "input": list(self.input), "num_classes": self.num_classes}
+        if self.preprocess is not None:
+            out["preprocess"] = self.preprocess.to_yaml()
         if self.stem:
             out["stem"] = [layer.to_yaml() for layer in self.stem]
         if self.cells:
@@ -217,12 +263,15 @@ def _cell(name: str, data: Mapping[str, Any], path: str) -> CellSpec:
         check_limit("NODES", len(edges), npath, "the number of edges into the node")
         nodes[node] = tuple(_edge(e, f"{npath}[{i}]") for i, e in enumerate(edges))
     output = data["output"]
+    preprocess = data.get("preprocess")
     spec = CellSpec(
         name=name,
         inputs=data.get("inputs", 2),
         nodes=nodes,
         combine=output.get("combine", "concat"),
         output=tuple(output["nodes"]),
+        residual=output.get("residual", False),
+        preprocess=None if preprocess is None else Preprocess.from_yaml(preprocess),
     )
     _check_dag(spec, path)
     return spec
@@ -298,6 +347,7 @@ def _genotype_from_dict(data: Mapping[str, Any]) -> Genotype:
         body=body,
         head=head,
         training=copy.deepcopy(data.get("training")),
+        preprocess=None if data.get("preprocess") is None else Preprocess.from_yaml(data["preprocess"]),
     )
 
 

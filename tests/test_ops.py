@@ -34,6 +34,8 @@ SIZES = [(5, 7), (8, 6)]  # odd and even heights and widths
 
 def disallowed(name: str, c_in: int, c_out: int, stride: int) -> str | None:
     """The build error an op must give for a channel pair it cannot support (None: allowed)."""
+    if name.startswith("ebnas_"):  # EBNAS's fixed 14 groups (tested at 28 and 56 channels in test_cell_inputs)
+        return f"groups=14 must divide both C_in={c_in} and C_out={c_out}"
     if c_in != c_out and (name in KEEP_WIDTH or name == "global_avgpool"):
         return f"keeps the channel count (got {c_in} -> {c_out})"
     if name in POINTWISE and stride == 2:
@@ -128,7 +130,7 @@ def test_lenet_conv_pool_shapes_and_gradients(stride: int, c_in: int, c_out: int
         ("binary_conv_3x3", (8, 8, 1), {"kernel": 4}, "kernel must be an odd positive integer"),
         ("binary_conv_3x3", (8, 8, 1), {"dilation": 0}, "dilation must be a positive integer"),
         ("binary_conv_3x3", (8, 8, 1), {"order": "conv_act_bn"}, "order must be one of bn_conv_act, conv_bn_act"),
-        ("xnor_conv_3x3_cond_skip", (8, 8, 1), {"reduction": "pool"}, "reduction must be one of conv, factorized, avgpool"),
+        ("xnor_conv_3x3_cond_skip", (8, 8, 1), {"reduction": "maxpool"}, "reduction must be one of conv, factorized, avgpool, pool"),
         ("binary_conv_3x3", (8, 8, 1), {"activation": "gelu"}, "unknown activation 'gelu'"),
         ("binary_conv_3x3", (8, 8, 1), {"binarize": "xnr"}, "unknown binarization 'xnr'"),
         ("binary_conv_3x3", (8, 8, 1), {"binarize": {"activation": "sgn"}}, "unknown activation quantizer 'sgn'"),
@@ -218,13 +220,14 @@ def test_binary_ops_convolve_signs_with_scaled_signs(name: str) -> None:
     torch.manual_seed(1)
     for binarize, stride in CONFIGS:
         options = {} if binarize is None else {"binarize": binarize}
-        op = build_op(name, 8, 16, stride, **options)
+        c_in, c_out = (28, 28) if name.startswith("ebnas_") else (8, 16)  # EBNAS's 14 groups
+        op = build_op(name, c_in, c_out, stride, **options)
         layers = list(binary_layers(op))
         assert layers, f"{name} has no binary layer"
         recorder = BinaryCallRecorder()
         recorder.watch(op)
         with recorder:
-            op(_example_input(name, 8))
+            op(_example_input(name, c_in))
         assert sorted(id(c[0]) for c in recorder.calls) == sorted(id(l) for l in layers), (
             f"{name}: every binary layer must run exactly one conv/linear"
         )
@@ -268,15 +271,19 @@ def test_real_ops_have_no_binary_layers(name: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _width(name: str) -> int:
+    return 28 if name.startswith("ebnas_") else 8  # EBNAS's 14 groups
+
+
 def _fresh(name: str, seed: int = 7, **options: Any) -> nn.Module:
     torch.manual_seed(seed)
-    return build_op(name, 8, 8, 1, **options)
+    return build_op(name, _width(name), _width(name), 1, **options)
 
 
-def _mutate(op: nn.Module) -> None:
+def _mutate(op: nn.Module, channels: int = 8) -> None:
     """Everything a user or trainer might do to one op."""
     params = list(op.parameters())
-    out = op(torch.randn(2, 8, 6, 6))
+    out = op(torch.randn(2, channels, 6, 6))
     if params:
         out.square().mean().backward()
         torch.optim.SGD(params, lr=0.5).step()
@@ -295,7 +302,7 @@ def test_no_op_shares_mutable_state(name: str) -> None:
     presets_before = dict(registry.BINARIZE_PRESETS)
     reference = _fresh(name)
     victim = _fresh(name)
-    _mutate(victim)
+    _mutate(victim, _width(name))
     after = _fresh(name)
     # The preset and the named binarizations are untouched.
     assert dict(spec.options) == preset_before

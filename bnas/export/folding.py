@@ -81,6 +81,13 @@ def _structural_pairs(module: nn.Module) -> dict[str, str] | None:
         }
     if type(module) is ConvUnit and module.order == "conv_bn_act" and _foldable_bn(module.bn, module.conv):
         return {"conv": "bn"}  # forward: self.bn(self.conv(x)), the conv's output used once
+    if (
+        type(module) is ConvUnit
+        and module.order == "bn_conv_bn_act"
+        and module.bn_out is not None
+        and _foldable_bn(module.bn_out, module.conv)
+    ):
+        return {"conv": "bn_out"}  # forward: self.bn_out(self.conv(self.bn(x)))
     return None
 
 

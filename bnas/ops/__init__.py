@@ -7,4 +7,4 @@ binary), ``stem_head`` (real first and last layers) and ``conv_pool`` (LeNet-5's
 Every binary op binarizes through ``bnas.binarize.BinaryConv2d`` / ``BinaryLinear``.
 """
 
-from . import basic, blocks, conv_pool, conv_unit, downsample, linear, nin, separable, stem_head  # noqa: F401
+from . import basic, blocks, cell_inputs, conv_pool, conv_unit, downsample, linear, nin, separable, stem_head  # noqa: F401

@@ -19,7 +19,7 @@ BINARYNET = BinarizeConfig(activation="ste", weight="sign")
 
 Binarize = BinarizeConfig | Mapping[str, Any] | str | None
 ACTIVATIONS = ("none", "relu", "prelu", "rprelu", "hardtanh")
-ORDERS = ("bn_conv_act", "conv_bn_act")
+ORDERS = ("bn_conv_act", "conv_bn_act", "bn_conv_bn_act")
 
 
 def as_config(value: Binarize, default: BinarizeConfig = XNOR) -> BinarizeConfig:

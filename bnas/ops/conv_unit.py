@@ -1,7 +1,8 @@
 """The binary conv unit: one ``BinaryConv2d`` with its BN, optional shortcut and activation.
 
 Layer orders: ``bn_conv_act`` is XNOR-Net's (BN -> sign -> binary conv -> activation);
-``conv_bn_act`` is Bi-Real Net's and DARTS's (sign -> binary conv -> BN -> activation). The
+``conv_bn_act`` is Bi-Real Net's and DARTS's (sign -> binary conv -> BN -> activation);
+``bn_conv_bn_act`` has both BNs (BN -> sign -> binary conv -> BN -> activation: EBNAS). The
 sign is the conv's own activation quantizer, so it always sits right before the conv. With a
 shortcut the activation comes after the addition (ReActNet puts RPReLU there).
 """
@@ -51,15 +52,22 @@ class ConvUnit(nn.Module):
         groups = resolve_groups(op, c_in, c_out, groups)
         self.order = check_order(order)
         check_reduction(reduction)
-        self.bn = nn.BatchNorm2d(c_in if order == "bn_conv_act" else c_out)
+        self.bn = nn.BatchNorm2d(c_in if order != "conv_bn_act" else c_out)
         self.conv = BinaryConv2d(
             c_in, c_out, kernel, stride, same_padding(kernel, dilation), dilation, groups, config=config
         )
+        # EBNAS's order normalises both sides of the conv: the BN before it sets the sign's threshold.
+        self.bn_out = nn.BatchNorm2d(c_out) if order == "bn_conv_bn_act" else None
         self.shortcut = make_shortcut(c_in, c_out, stride, reduction) if shortcut else None
         self.act = make_activation(activation, c_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(self.bn(x)) if self.order == "bn_conv_act" else self.bn(self.conv(x))
+        if self.order == "conv_bn_act":
+            out = self.bn(self.conv(x))
+        else:
+            out = self.conv(self.bn(x))
+            if self.bn_out is not None:
+                out = self.bn_out(out)
         if self.shortcut is not None:
             out = out + self.shortcut(x)
         return self.act(out)
@@ -84,7 +92,8 @@ def conv_unit(
 
     ``shortcut``: add a real-valued shortcut; it is the identity at stride 1 with equal
     widths, else ``reduction`` adapts it (``conv``: 1x1 conv + BN, ``factorized``: DARTS's
-    factorized reduce, ``avgpool``: Bi-Real's avg-pool + 1x1 conv + BN). ``groups``: an
+    factorized reduce, ``avgpool``: Bi-Real's avg-pool + 1x1 conv + BN, ``pool``: EBNAS's
+    parameter-free 2x2 average pool, widths equal). ``groups``: an
     integer that must divide both widths, or ``depthwise`` (groups = C_in at whatever width
     the op is built).
     """

@@ -16,7 +16,7 @@ from ..binarize import BinaryConv2d
 from ..registry import register_family
 from .common import XNOR, Binarize, as_config, check_channels, check_stride, make_activation
 
-REDUCTIONS = ("conv", "factorized", "avgpool")
+REDUCTIONS = ("conv", "factorized", "avgpool", "pool")
 
 
 class FactorizedReduce(nn.Module):
@@ -102,11 +102,20 @@ def make_shortcut(c_in: int, c_out: int, stride: int, reduction: str) -> nn.Modu
     """A real-valued shortcut: the identity where shapes allow, else the chosen reduction.
 
     ``conv``: 1x1 conv + BN (ResNet); ``factorized``: DARTS's factorized reduce;
-    ``avgpool``: avg-pool + 1x1 conv + BN (Bi-Real Net).
+    ``avgpool``: avg-pool + 1x1 conv + BN (Bi-Real Net); ``pool``: a parameter-free 2x2
+    average pool, which cannot change the width (EBNAS).
     """
     check_reduction(reduction)
     if stride == 1 and c_in == c_out:
         return nn.Identity()
+    if reduction == "pool":
+        if c_in != c_out:
+            raise ValueError(
+                f"reduction: pool has no weights and keeps the width (got {c_in} -> {c_out}); "
+                "use reduction: avgpool, conv or factorized to change it"
+            )
+        # ceil_mode with count_include_pad=False: odd maps give ceil(H / 2), like every stride-2 op
+        return nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
     if reduction == "factorized":
         return factorized_reduce(c_in, c_out, stride)
     if reduction == "avgpool":

@@ -56,7 +56,21 @@ FLAT_CHOICES = "<choice list>"
 STAGE_CHOICES = "<choice list per stage>"
 BINARIZE_NAME = "<binarization name>"
 BINARIZE_INLINE = "<binarization>"
-UNION_TAGS = frozenset({OP_ENTRY, CELL_ENTRY, ONE_CHOICE, FLAT_CHOICES, STAGE_CHOICES, BINARIZE_NAME, BINARIZE_INLINE})
+PREPROCESS_NAME = "<preprocessing kind>"
+PREPROCESS_INLINE = "<preprocessing>"
+UNION_TAGS = frozenset(
+    {
+        OP_ENTRY,
+        CELL_ENTRY,
+        ONE_CHOICE,
+        FLAT_CHOICES,
+        STAGE_CHOICES,
+        BINARIZE_NAME,
+        BINARIZE_INLINE,
+        PREPROCESS_NAME,
+        PREPROCESS_INLINE,
+    }
+)
 
 GotStyle = Literal["repr", "typed", "type", "none"]
 

@@ -9,7 +9,7 @@ a body entry's cell is defined. Acyclicity and reachability are graph checks, le
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BeforeValidator,
@@ -26,9 +26,12 @@ from ..errors import short_repr
 from .common import (
     CELL_ENTRY,
     OP_ENTRY,
+    PREPROCESS_INLINE,
+    PREPROCESS_NAME,
     PositiveIntTyped,
     Schema,
     StrictStr,
+    TrueOrFalse,
     chw,
     expect,
     fail,
@@ -38,10 +41,26 @@ from .common import (
 )
 from .recipe import RecipeSchema
 
-__all__ = ["COMBINES", "Cell", "CellEntry", "CellOutput", "GenotypeSchema", "OpEntry", "mapping_or"]
+__all__ = [
+    "COMBINES",
+    "PREPROCESS_KINDS",
+    "PREPROCESS_REDUCES",
+    "Cell",
+    "CellEntry",
+    "CellOutput",
+    "GenotypeSchema",
+    "OpEntry",
+    "Preprocess",
+    "mapping_or",
+]
 
 CombineName = Literal["concat", "sum"]
 COMBINES: tuple[str, ...] = ("concat", "sum")
+PreprocessKind = Literal["real", "darts", "binary", "identity"]
+PREPROCESS_KINDS: tuple[str, ...] = get_args(PreprocessKind)
+PreprocessReduce = Literal["factorized", "conv3x3"]
+PREPROCESS_REDUCES: tuple[str, ...] = get_args(PreprocessReduce)
+ActivationName = Literal["none", "relu", "prelu", "rprelu", "hardtanh"]
 
 OpName = Annotated[StrictStr, expect("an op name (a string)", got="typed")]
 CellName = Annotated[StrictStr, expect("a cell name (a string)", got="typed")]
@@ -156,6 +175,68 @@ class CellOutput(Schema):
         Field(min_length=1),
         says("expected a non-empty list of node names"),
     ] = Field(description="The nodes the output joins; every node must feed it.")
+    residual: TrueOrFalse = Field(
+        False,
+        description="Add the cell's k-1 input to its output (Kim et al. 2020); on a reduction cell through "
+        "BN -> a real 2x2 stride-2 conv to the output width.",
+    )
+
+
+_KIND_MESSAGE = "expected one of real, darts, binary, identity"
+
+
+class PreprocessOptions(Schema):
+    """How a cell aligns its inputs to its width, with options (the mapping form)."""
+
+    not_a_mapping: ClassVar[str] = (
+        "expected a preprocessing kind (real, darts, binary, identity) or a mapping with 'kind'"
+    )
+    missing: ClassVar[dict[str, str]] = {"kind": "expected kind: real, darts, binary or identity"}
+
+    kind: Annotated[PreprocessKind, says(lambda v: f"invalid kind {short_repr(v)}; {_KIND_MESSAGE}")] = Field(
+        description="real: identity where the input already fits, else a real 1x1 conv + BN (a factorized reduce "
+        "from twice the resolution); darts: ReLU -> real 1x1 conv -> BN on every input (DARTS); binary: BN -> sign "
+        "-> binary 1x1 conv -> BN on every input; identity: none (the input must already fit)."
+    )
+    reduce: Annotated[
+        PreprocessReduce, says(lambda v: f"invalid reduce {short_repr(v)}; expected factorized or conv3x3")
+    ] = Field(
+        "factorized",
+        description="binary only: an input at twice the resolution goes through a binary factorized reduce "
+        "(EBNAS) or a binary 3x3 stride-2 conv (Kim et al. 2020).",
+    )
+    activation: Annotated[
+        ActivationName,
+        says(lambda v: f"invalid activation {short_repr(v)}; expected one of none, relu, prelu, rprelu, hardtanh"),
+    ] = Field("none", description="binary only: the activation after the binary conv (Kim et al.: relu; EBNAS: prelu).")
+    bn_after: TrueOrFalse = Field(
+        True, description="binary only: a BN after the binary conv (Kim et al. have none; their ReLU follows the conv)."
+    )
+    binarize: Annotated[StrictStr, expect("a binarization name (xnor, bireal, ...)")] | dict[str, Any] | None = Field(
+        None, description="binary only: the binarization of the 1x1 convs (default xnor)."
+    )
+
+    @model_validator(mode="after")
+    def _binary_options(self) -> PreprocessOptions:
+        if self.kind != "binary":
+            given = [k for k in ("reduce", "activation", "bn_after", "binarize") if k in self.model_fields_set]
+            if given:
+                raise fail(f"{given[0]} is an option of kind: binary only (this is kind: {self.kind})", given[0])
+        return self
+
+
+def _preprocess_kind(value: Any) -> str:
+    return PREPROCESS_INLINE if isinstance(value, dict) else PREPROCESS_NAME
+
+
+Preprocess = Annotated[
+    Annotated[
+        Annotated[PreprocessKind, says(lambda v: f"invalid preprocess {short_repr(v)}; {_KIND_MESSAGE}")],
+        Tag(PREPROCESS_NAME),
+    ]
+    | Annotated[PreprocessOptions, Tag(PREPROCESS_INLINE)],
+    Discriminator(_preprocess_kind),
+]
 
 
 class Cell(Schema):
@@ -181,7 +262,10 @@ class Cell(Schema):
         description="Node name -> its edges, in order: an edge may only come from an input or an earlier "
         "node (BNAS_MAX_NODES caps nodes and edges per node)."
     )
-    output: CellOutput = Field(description="output: {combine: concat|sum, nodes: [...]}")
+    output: CellOutput = Field(description="output: {combine: concat|sum, nodes: [...], residual: false}")
+    preprocess: Preprocess | None = Field(
+        None, description="How this cell aligns its inputs to its width (default: the genotype's preprocess)."
+    )
 
     @field_validator("nodes", mode="before")
     @classmethod
@@ -220,7 +304,17 @@ class GenotypeSchema(Schema):
     """A genotype: one network, handcrafted or found by a search (`bnas info`, `bnas eval`)."""
 
     model_config = ConfigDict(title="Genotype")
-    keys: ClassVar[tuple[str, ...]] = ("name", "input", "num_classes", "stem", "cells", "body", "head", "training")
+    keys: ClassVar[tuple[str, ...]] = (
+        "name",
+        "input",
+        "num_classes",
+        "preprocess",
+        "stem",
+        "cells",
+        "body",
+        "head",
+        "training",
+    )
 
     name: Annotated[StrictStr, Field(min_length=1), expect("a non-empty string")] = Field(
         "genotype", description="The network's name (reports and run folders use it)."
@@ -229,6 +323,11 @@ class GenotypeSchema(Schema):
         description="[C, H, W]: input channels, height and width (BNAS_MAX_CHANNELS, BNAS_MAX_INPUT_SIZE)."
     )
     num_classes: PositiveIntTyped = Field(description="Classes the head scores (BNAS_MAX_CLASSES).")
+    preprocess: Preprocess | None = Field(
+        None,
+        description="How every cell aligns its inputs to its width, unless the cell says otherwise: real "
+        "(default), darts, binary or identity (see a cell's preprocess).",
+    )
     stem: Layers | None = Field(None, description="Real-valued layers before the binary body.")
     cells: Annotated[dict[CellName, Cell], expect("a mapping of named cells", got="type")] | None = Field(
         None, description="Named cell DAGs the body may use."
