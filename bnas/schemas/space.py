@@ -29,7 +29,7 @@ from .common import (
     no_default_in_schema,
     says,
 )
-from .genotype import CombineName, OpEntry, mapping_or
+from .genotype import CombineName, OpEntry, Preprocess, mapping_or
 from .recipe import RecipeSchema
 
 __all__ = [
@@ -105,7 +105,9 @@ Choices = Annotated[
 class CellChoices(Schema):
     """The searched cell (DARTS-style): each node sums `edges_per_node` (input, op) edges."""
 
-    not_a_mapping: ClassVar[str] = "expected a mapping with ops, nodes, inputs, edges_per_node, combine, reduce_cell"
+    not_a_mapping: ClassVar[str] = (
+        "expected a mapping with ops, nodes, inputs, edges_per_node, combine, reduce_cell, preprocess"
+    )
     missing: ClassVar[dict[str, str]] = {"ops": "expected a non-empty list of op names (see `bnas primitives`)"}
 
     ops: Annotated[
@@ -120,6 +122,11 @@ class CellChoices(Schema):
         "concat", description="How the cell output joins its nodes: concat or sum."
     )
     reduce_cell: TrueOrFalse = Field(True, description="Search a separate reduce cell for the stride-2 stage entries.")
+    preprocess: Preprocess | None = Field(
+        None,
+        description="How every sampled cell aligns its inputs to its width: real (default), darts, binary or "
+        "identity, or a mapping with kind and the binary options (the genotype's preprocess).",
+    )
 
     @field_validator("ops", mode="after")
     @classmethod

@@ -18,6 +18,7 @@ cells:                      # searched micro-architecture (DARTS-style)
   edges_per_node: 2         # each node sums this many (input, op) edges
   combine: concat           # or sum: how the cell output joins its nodes
   reduce_cell: true         # search a separate reduce cell for the stride-2 stage entries
+  preprocess: binary        # how cells align their inputs: real (default) | darts | binary | identity
 macro:                      # searched macro-architecture (BARS-style)
   stages: 2                 # a reduction (stride 2) opens every stage after the first
   channels: [16, 32]        # choices of the first stage's width (doubling per stage), or
@@ -91,6 +92,8 @@ class CellChoices:
     edges_per_node: int = 2
     combine: str = "concat"
     reduce_cell: bool = True
+    # The genotype's ``preprocess`` as written (a kind or a mapping); None: the builder's default.
+    preprocess: str | Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,8 @@ class SearchSpace:
             data.pop(key)
         if not self.catalog:  # so a space without catalogs keeps the fingerprint it always had
             data.pop("catalog")
+        if data.get("cells") is not None and data["cells"]["preprocess"] is None:  # likewise
+            data["cells"].pop("preprocess")
             data.pop("catalog_sha")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
@@ -181,6 +186,7 @@ def _parse_cells(raw: Mapping[str, Any]) -> CellChoices:
         edges_per_node=edges,
         combine=raw.get("combine", "concat"),
         reduce_cell=raw.get("reduce_cell", True),
+        preprocess=copy.deepcopy(raw.get("preprocess")),
     )
 
 
@@ -372,6 +378,11 @@ def sample_genotype(trial: ChoiceSource, space: SearchSpace, training: Mapping[s
         "name": f"{space.name}-trial-{getattr(trial, 'number', 0)}",
         "input": list(space.input),
         "num_classes": space.num_classes,
+        **(
+            {"preprocess": copy.deepcopy(space.cells.preprocess)}
+            if space.cells is not None and space.cells.preprocess is not None
+            else {}
+        ),
         "stem": [dict(x) for x in space.stem],
         **({"cells": cells} if cells else {}),
         "body": body,
