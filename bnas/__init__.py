@@ -11,6 +11,7 @@ from .builder import build
 from .errors import BnasError, GenotypeError
 from .export import load_packed, pack_model
 from .genotype import Genotype, load_genotype
+from .importers import import_darts
 from .metrics import summarize
 from .registry import get_primitive, list_primitives, load_catalog, register_primitive
 
@@ -23,6 +24,7 @@ __all__ = [
     "GenotypeError",
     "build",
     "get_primitive",
+    "import_darts",
     "list_primitives",
     "load_catalog",
     "load_genotype",

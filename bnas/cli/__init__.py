@@ -1,7 +1,7 @@
 """The ``bnas`` command (also ``python -m bnas``): every argparse line of bnas lives here.
 
 One module per subcommand (``primitives``, ``info``, ``schema``, ``eval``, ``search``,
-``export``), each with ``add_parser(subparsers)``; the library they call knows nothing of
+``export``, ``import``), each with ``add_parser(subparsers)``; the library they call knows nothing of
 argparse. User errors (``BnasError``) print one line, ``error: ...``, and exit with code 2;
 there is never a Python traceback for bad input (the exception keeps its chained cause for
 Python callers; the command shows the one line).
@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from .._version import __version__
 from ..errors import BnasError
 from . import eval as eval_command
-from . import export, info, primitives, schema, search
+from . import export, import_cmd, info, primitives, schema, search
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
 # In the order `bnas --help` lists them.
-_COMMANDS = (primitives, info, schema, eval_command, search, export)
+_COMMANDS = (primitives, info, schema, eval_command, search, export, import_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
