@@ -162,6 +162,7 @@ class BinaryCallRecorder(TorchFunctionMode):
         super().__init__()
         self.active: list[nn.Module] = []
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+        self.outputs: dict[int, Tensor] = {}  # id(layer) -> the layer's output
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -174,6 +175,7 @@ class BinaryCallRecorder(TorchFunctionMode):
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
         self.active.pop()
+        self.outputs[id(module)] = output.detach().clone()
 
     def watch(self, model: nn.Module) -> list[Any]:
         handles = []
@@ -235,10 +237,19 @@ def test_binary_ops_convolve_signs_with_scaled_signs(name: str) -> None:
             assert layer.config.activation != "none" and layer.config.weight != "none"
             values = set(inp.unique().tolist())
             assert values <= {-1.0, 1.0}, f"{name} ({binarize}): a binary conv saw activations {sorted(values)[:5]}"
+            # The conv runs on the signs of the weights (exact integer sums) and the layer scales
+            # its output: the layer computes the conv with the weights +-alpha.
+            w = layer.weight.detach()
+            assert torch.equal(weight, torch.where(w >= 0, 1.0, -1.0)), f"{name} ({binarize}): conv weights are not signs"
             expected = expected_binary_weight(layer)
-            assert torch.allclose(weight, expected, rtol=1e-6, atol=0), f"{name} ({binarize}): weights are not +-alpha"
+            assert torch.allclose(layer.binary_weight().detach(), expected, rtol=1e-6, atol=0)
+            if isinstance(layer, BinaryLinear):
+                reference = F.linear(inp, expected, layer.bias)
+            else:
+                reference = F.conv2d(inp, expected, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            torch.testing.assert_close(recorder.outputs[id(layer)], reference, rtol=1e-5, atol=1e-5)
             # One magnitude per output channel: the values are exactly {-alpha_k, +alpha_k}.
-            magnitudes = weight.abs().flatten(1)
+            magnitudes = expected.abs().flatten(1)
             assert torch.equal(magnitudes, magnitudes[:, :1].expand_as(magnitudes)), f"{name}: a channel has two |values|"
 
 
@@ -251,7 +262,9 @@ def test_alpha_is_mean_abs_per_output_channel_for_xnor() -> None:
     recorder.watch(op)
     with recorder:
         op(torch.randn(2, 2, 5, 5))
-    (_, _, weight), = recorder.calls
+    (_, inp, signs), = recorder.calls
+    weight = layer.binary_weight().detach()
+    assert torch.allclose(recorder.outputs[id(layer)], F.conv2d(inp, weight, padding=1), atol=1e-5)
     # Channel 0 holds -2.7 ... -1.0: alpha_0 = 1.85 and every weight is -1.85.
     assert torch.allclose(weight[0], torch.full((2, 3, 3), -1.85))
     # Channel 1 holds -0.9 ... 0.8: alpha_1 = (4.5 + 3.6) / 18 = 0.45; the weight 0.0 gives +alpha.

@@ -52,24 +52,30 @@ class WeightBinarizer(nn.Module):
             return w.abs().mean()
         return None
 
-    def forward(self, w: Tensor) -> Tensor:
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(signs, alpha)`` with ``forward(w) == alpha * signs`` (alpha None: no scale), each
+        carrying its gradient. A layer on binary inputs convolves with the signs and scales the
+        result: the integer dot products are then exact in float, as in the packed kernels, so
+        a dot product of exactly 0 is 0 in both (the next sign reads it as +1 in both)."""
         if not self.enabled or self.name == "none":
-            return w
+            return w, None
         if self.name == "stochastic":
-            return stochastic_sign(w, self.clip, self.training)
+            return stochastic_sign(w, self.clip, self.training), None
         binary = ste_sign(w, self.clip)
         if self.learned_scale is not None:
             # dL/dscale = sum of dL/dWb * sign(W) over the channel; dL/dW = dL/dWb * scale * 1{|W| <= clip}.
-            return self.learned_scale * binary
+            return binary, self.learned_scale
         alpha = self.scale(w)
-        if alpha is None:  # sign: no scale
-            return binary
-        if self.name == "bireal":
+        if alpha is not None and self.name == "bireal":
             # Bi-Real's magnitude-aware gradient: alpha is a constant in backward, so
             # dL/dW = dL/dWb * alpha * 1{|W| <= clip}.
             alpha = alpha.detach()
         # xnor / xnor_tensor: autograd also carries the gradient through alpha (XNOR-Net).
-        return alpha * binary
+        return binary, alpha
+
+    def forward(self, w: Tensor) -> Tensor:
+        signs, alpha = self.split(w)
+        return signs if alpha is None else alpha * signs
 
     @property
     def precision(self) -> int:

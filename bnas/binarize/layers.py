@@ -135,15 +135,16 @@ class BinaryConv2d(nn.Conv2d, _BinaryLayer):
         self._setup_binarization(config, in_channels, in_channels // groups * kh * kw, out_channels // groups * kh * kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(
-            self.input_quantizer(x),
-            self.binary_weight(),
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+        x = self.input_quantizer(x)
+        if not self.binarizes_input:
+            return F.conv2d(x, self.binary_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        # +-1 inputs: convolve with the signs, then scale; the integer sums are exact (see
+        # WeightBinarizer.split), so the float model agrees with the packed one at ties too.
+        signs, alpha = self.kernel_quantizer.split(self.weight)
+        out = F.conv2d(x, signs, None, self.stride, self.padding, self.dilation, self.groups)
+        if alpha is not None:
+            out = out * alpha.reshape(1, -1, 1, 1)
+        return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _binarize_repr(self.config)
@@ -159,7 +160,14 @@ class BinaryLinear(nn.Linear, _BinaryLayer):
         self._setup_binarization(config, in_features, in_features, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quantizer(x), self.binary_weight(), self.bias)
+        x = self.input_quantizer(x)
+        if not self.binarizes_input:
+            return F.linear(x, self.binary_weight(), self.bias)
+        signs, alpha = self.kernel_quantizer.split(self.weight)  # as BinaryConv2d: exact integer sums
+        out = F.linear(x, signs)
+        if alpha is not None:
+            out = out * alpha.reshape(1, -1)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _binarize_repr(self.config)
