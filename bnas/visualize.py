@@ -10,7 +10,7 @@ import networkx as nx
 import numpy as np
 
 from .atomic import save_figure
-from .genotype import Genotype
+from .genotype import Genotype, Preprocess
 
 if TYPE_CHECKING:
     from matplotlib.text import Text
@@ -133,8 +133,10 @@ def draw_cells(genotype: Genotype, path: str | os.PathLike[str]) -> Path:
                 connectionstyle=f"arc3,rad={rad}",
                 edge_color="#555555",
             )
-        combine = g.nodes["out"]["combine"]
-        ax.set_title(f"cell '{name}'  (output: {combine})")
+        cell = genotype.cells[name]
+        combine = g.nodes["out"]["combine"] + (" + in1 (residual)" if cell.residual else "")
+        preprocess = (cell.preprocess or genotype.preprocess or Preprocess()).kind
+        ax.set_title(f"cell '{name}'  (output: {combine}; inputs: {preprocess} preprocessing)")
         ax.axis("off")
         drawn.append((ax, pos, edges))
     fig.suptitle(genotype.name)
