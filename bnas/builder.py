@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import networkx as nx
@@ -27,10 +28,39 @@ from .genotype import CellSpec, Genotype, LayerSpec, Preprocess, cell_graph, loa
 from .ops.cell_inputs import make_cell_input, make_residual
 from .registry import UnknownPrimitiveError, build_op, get_spec
 
-__all__ = ["build", "BinaryNetwork", "Cell", "OpUnit", "check_op_name", "check_ops", "estimate_memory", "memory_limit"]
+__all__ = [
+    "build",
+    "BinaryNetwork",
+    "Cell",
+    "ModuleProvider",
+    "OpUnit",
+    "check_op_name",
+    "check_ops",
+    "estimate_memory",
+    "memory_limit",
+]
 
 Shape = tuple[int, ...]
 log = logging.getLogger(__name__)
+
+# ``provider(key, make)``: the module stored under ``key``, or ``make()`` stored there first.
+# With one, every op, cell-input and residual module of a build comes from the provider (a
+# one-shot supernet's shared table, ``bnas.search.supernet``); the key names what the module's
+# weights mean across genotypes (see ``_unit_key`` and the call sites).
+ModuleProvider = Callable[[str, Callable[[], nn.Module]], nn.Module]
+
+
+def _provided(provider: ModuleProvider | None, key: str, make: Callable[[], nn.Module]) -> nn.Module:
+    return make() if provider is None else provider(key, make)
+
+
+def _options_key(options: Mapping[str, Any]) -> str:
+    """Options as a canonical string (sorted keys), empty when there are none."""
+    return json.dumps(dict(options), sort_keys=True, separators=(",", ":"), default=str) if options else ""
+
+
+def _shape_key(shape: Shape) -> str:
+    return "x".join(str(n) for n in shape)
 
 
 def memory_limit() -> int | None:
@@ -159,7 +189,21 @@ def check_ops(genotype: Genotype, file: str | None = None) -> Genotype:
     return genotype
 
 
-def _make_op(name: str, c_in: int, c_out: int, stride: int, options: Mapping[str, Any], path: str) -> nn.Module:
+def _make_op(
+    name: str,
+    c_in: int,
+    c_out: int,
+    stride: int,
+    options: Mapping[str, Any],
+    path: str,
+    provider: ModuleProvider | None = None,
+    key: str = "",
+) -> nn.Module:
+    """Build op ``name``; with a ``provider``, the module stored under ``key`` + the op, its
+    options, stride and widths (so a key never names two different shapes of weights)."""
+    if provider is not None:
+        full = f"{key}/{name}{_options_key(options)}/s{stride}/{c_in}>{c_out}"
+        return provider(full, lambda: _make_op(name, c_in, c_out, stride, options, path))
     try:
         return build_op(name, c_in, c_out, stride, **dict(options))
     except GenotypeError:
@@ -215,21 +259,32 @@ class Cell(nn.Module):
         stride: int,
         path: str,
         preprocess: Preprocess | None = None,
+        provider: ModuleProvider | None = None,
+        key: str = "",
     ):
+        """``provider`` and ``key`` (the unit's key, e.g. ``s1.p0``): see ``ModuleProvider``.
+        Edge keys add the node and edge slot, not the edge's source (any source has the
+        cell's shape; edges from the inputs of a reduction cell differ by their stride)."""
         super().__init__()
         self.spec = spec
         self.graph = cell_graph(spec)
         preprocess = spec.preprocess or preprocess or Preprocess()
         target = (channels, *shape1[1:]) if len(shape1) == 3 else (channels,)
         # Align inputs to (channels, resolution of in1), as DARTS's preprocessing does.
-        self.pre0 = self._align(preprocess, shape0, target, f"{path} (aligning in0)") if spec.inputs == 2 else None
-        self.pre1 = self._align(preprocess, shape1, target, f"{path} (aligning in1)")
+        self.pre0 = (
+            self._align(preprocess, shape0, target, f"{path} (aligning in0)", provider, f"{key}/pre0")
+            if spec.inputs == 2
+            else None
+        )
+        self.pre1 = self._align(preprocess, shape1, target, f"{path} (aligning in1)", provider, f"{key}/pre1")
         self.edges = nn.ModuleDict()
         for node, edges in spec.nodes.items():
             for i, edge in enumerate(edges):
                 edge_stride = stride if edge.source in ("in0", "in1") else 1
                 cell_path = f"cells.{spec.name}.nodes.{node}[{i}]"
-                self.edges[f"{node}_{i}"] = _make_op(edge.op, channels, channels, edge_stride, edge.options, cell_path)
+                self.edges[f"{node}_{i}"] = _make_op(
+                    edge.op, channels, channels, edge_stride, edge.options, cell_path, provider, f"{key}/{node}.e{i}"
+                )
         self.plan, self.outputs = self._compile(self.graph)
         self.order = [node for node, _ in self.plan]
         self.combine = spec.combine
@@ -238,7 +293,11 @@ class Cell(nn.Module):
             width = channels * len(spec.output) if spec.combine == "concat" else channels
             out_shape = (width, *(-(-n // stride) for n in shape1[1:]))
             try:
-                self.residual = make_residual(shape1, out_shape)
+                self.residual = _provided(
+                    provider,
+                    f"{key}/residual/{_shape_key(shape1)}>{_shape_key(out_shape)}",
+                    lambda: make_residual(shape1, out_shape),
+                )
             except ValueError as exc:
                 raise GenotypeError(str(exc), f"{path} (cells.{spec.name}.output.residual)") from None
 
@@ -259,13 +318,25 @@ class Cell(nn.Module):
         return plan, [source for _, source in inputs("out")]
 
     @staticmethod
-    def _align(preprocess: Preprocess, shape: Shape, target: Shape, path: str) -> nn.Module:
+    def _align(
+        preprocess: Preprocess,
+        shape: Shape,
+        target: Shape,
+        path: str,
+        provider: ModuleProvider | None = None,
+        key: str = "",
+    ) -> nn.Module:
         if len(shape) != 3:
             raise GenotypeError(f"a cell needs a feature map (C, H, W) as input, got shape {list(shape)}", path)
         options = {"reduce": preprocess.reduce, "activation": preprocess.activation, "bn_after": preprocess.bn_after}
         if preprocess.binarize is not None:
             options["binarize"] = preprocess.binarize
         try:
+            if provider is not None:
+                # The input's shape and the cell's width decide the module's weights.
+                kind = _options_key({"kind": preprocess.kind, **options})
+                full = f"{key}/{kind}/{_shape_key(shape)}>{target[0]}"
+                return provider(full, lambda: make_cell_input(preprocess.kind, shape, target, options))
             return make_cell_input(preprocess.kind, shape, target, options)
         except (ValueError, TypeError) as exc:
             raise GenotypeError(f"preprocess: {preprocess.kind}: {exc}", path) from exc
@@ -311,7 +382,12 @@ class BinaryNetwork(nn.Module):
 
 
 def _build_sequence(
-    layers: Sequence[LayerSpec], shape: Shape, section: str, num_classes: int, budget: _MemoryBudget | None = None
+    layers: Sequence[LayerSpec],
+    shape: Shape,
+    section: str,
+    num_classes: int,
+    budget: _MemoryBudget | None = None,
+    provider: ModuleProvider | None = None,
 ) -> tuple[list[nn.Module], Shape]:
     modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
@@ -320,7 +396,8 @@ def _build_sequence(
             c_in = shape[0]
             is_last = section == "head" and i == len(layers) - 1 and r == layer.repeat - 1
             c_out = layer.channels if layer.channels is not None else (num_classes if is_last else c_in)
-            op = _make_op(layer.op or "", c_in, c_out, layer.stride if r == 0 else 1, layer.options, path)
+            stride = layer.stride if r == 0 else 1
+            op = _make_op(layer.op or "", c_in, c_out, stride, layer.options, path, provider, f"{section}{i}.r{r}")
             if budget is not None:
                 budget.add(op, path)
             shape = _probe(op, [shape], path, layer.label)
@@ -328,29 +405,50 @@ def _build_sequence(
     return modules, shape
 
 
-def _build(genotype: Genotype, budget: _MemoryBudget | None = None) -> BinaryNetwork:
+def _build(
+    genotype: Genotype, budget: _MemoryBudget | None = None, provider: ModuleProvider | None = None
+) -> BinaryNetwork:
+    """The network; with ``provider`` (see ``ModuleProvider``) every module comes from it.
+
+    Body keys start with the unit's stage (the number of stride-2 units up to and including
+    it) and its position in that stage (``s1.p0``): a stage at a smaller depth uses a prefix
+    of its deepest version's units, so their weights carry over between depths.
+    """
     shape: Shape = tuple(genotype.input)
-    stem_modules, shape = _build_sequence(genotype.stem, shape, "stem", genotype.num_classes, budget)
+    stem_modules, shape = _build_sequence(genotype.stem, shape, "stem", genotype.num_classes, budget, provider)
     units: list[nn.Module] = []
     shape0 = shape1 = shape
+    stage, position = 0, -1
     for i, layer in enumerate(genotype.body):
         path = f"body[{i}]"
         for r in range(layer.repeat):
             stride = layer.stride if r == 0 else 1
+            stage, position = (stage + 1, 0) if stride != 1 else (stage, position + 1)
+            key = f"s{stage}.p{position}"
             if layer.cell is not None:
                 channels = layer.channels or shape1[0]
                 unit: nn.Module = Cell(
-                    genotype.cells[layer.cell], shape0, shape1, channels, stride, path, genotype.preprocess
+                    genotype.cells[layer.cell],
+                    shape0,
+                    shape1,
+                    channels,
+                    stride,
+                    path,
+                    genotype.preprocess,
+                    provider,
+                    key,
                 )
             else:
                 c_out = layer.channels if layer.channels is not None else shape1[0]
-                unit = OpUnit(_make_op(layer.op or "", shape1[0], c_out, stride, layer.options, path))
+                unit = OpUnit(
+                    _make_op(layer.op or "", shape1[0], c_out, stride, layer.options, path, provider, f"{key}/op")
+                )
             if budget is not None:
                 budget.add(unit, path)
             new_shape = _probe(unit, [shape0, shape1], path, layer.label)
             units.append(unit)
             shape0, shape1 = shape1, new_shape
-    head_modules, out_shape = _build_sequence(genotype.head, shape1, "head", genotype.num_classes, budget)
+    head_modules, out_shape = _build_sequence(genotype.head, shape1, "head", genotype.num_classes, budget, provider)
     if out_shape != (genotype.num_classes,):
         raise GenotypeError(
             f"the network outputs shape {list(out_shape)} per sample, expected [{genotype.num_classes}] "
