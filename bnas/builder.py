@@ -218,9 +218,11 @@ def _probe(module: nn.Module, shapes: Sequence[Shape], path: str, what: str) -> 
     """Run ``module`` once on zeros (eval mode, batch 2) and return the per-sample output shape."""
     was_training = module.training
     module.eval()
+    # Where the module's tensors are: a provider's shared modules may already be on a GPU.
+    device = next((t.device for t in (*module.parameters(), *module.buffers())), None)
     try:
         with torch.no_grad():
-            out = module(*(torch.zeros(2, *s) for s in shapes))
+            out = module(*(torch.zeros(2, *s, device=device) for s in shapes))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         got = " and ".join(str(list(s)) for s in shapes)

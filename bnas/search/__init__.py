@@ -3,5 +3,19 @@
 from .runner import SearchConfig, run_search_study
 from .space import SearchSpace, load_space, sample_genotype
 from .storage import SearchError
+from .supernet import Supernet, SupernetError, extract, recalibrate_bn, score, train_supernet_epoch
 
-__all__ = ["SearchConfig", "SearchError", "SearchSpace", "load_space", "run_search_study", "sample_genotype"]
+__all__ = [
+    "SearchConfig",
+    "SearchError",
+    "SearchSpace",
+    "Supernet",
+    "SupernetError",
+    "extract",
+    "load_space",
+    "recalibrate_bn",
+    "run_search_study",
+    "sample_genotype",
+    "score",
+    "train_supernet_epoch",
+]

@@ -1,0 +1,520 @@
+"""One-shot search: a weight-sharing supernet over a search space (issue 14).
+
+Every genotype of a space is a *path* through one supernet: ``Supernet.network(genotype)``
+builds the genotype with the ordinary builder, but every op, cell-input and residual module
+comes from the supernet's shared table (``bnas.builder.ModuleProvider``), so a path's weights
+are the supernet's own tensors, not copies. ``train_supernet_epoch`` trains the table by
+uniform single-path sampling (one genotype per batch); ``score`` then rates a genotype in
+seconds with the weights it inherits, after re-estimating its BatchNorm statistics
+(``recalibrate_bn``), and ``extract`` copies them into a stand-alone ``bnas.build`` network.
+
+What a shared module's weights mean is its key (see ``bnas.builder._build``):
+
+* a body unit's modules start with its stage (the number of stride-2 units up to and
+  including it) and its position in the stage, so a stage sampled at a smaller depth uses a
+  *prefix* of its deepest version's units;
+* then, for a cell edge, the node, the edge slot, the op with its options, the stride and the
+  widths. The edge's source is not in the key: any source has the cell's shape, except that
+  edges from the cell inputs of a reduction cell run at stride 2, and the stride is;
+* for a cell's input preprocessing (``pre0``, ``pre1``), its kind, the input's shape and the
+  cell's width; for a residual, the input and output shapes; for the stem and head, the
+  entry's index, its op and its widths.
+
+Widths are not sliced out of one widest tensor (as once-for-all networks do): bnas ops come
+from arbitrary registered factories, which gives no generic way to slice one. Each width
+choice gets its own modules: one supernet per width, sharing nothing across widths.
+
+Every module a genotype of the space can use is made when the supernet is (so the optimiser
+sees every parameter from the start and the state_dict never changes shape); a genotype
+outside the space is refused (``SupernetError``) rather than silently given untrained modules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..binarize import clip_latent_weights, set_binarization
+from ..builder import BinaryNetwork, _build, build, check_ops
+from ..data import DataSplits
+from ..errors import BnasError, GenotypeError
+from ..genotype import Genotype
+from ..train.loop import evaluate_accuracy
+from ..train.losses import distill_loss, task_loss
+from ..train.optimiser import make_optimizer, set_lr
+from ..train.recipe import Recipe, TrainingError
+from .space import SearchSpace, sample_genotype
+
+__all__ = [
+    "EpochStats",
+    "Supernet",
+    "SupernetError",
+    "calibration_batches",
+    "extract",
+    "make_supernet_optimizer",
+    "recalibrate_bn",
+    "score",
+    "supernet_recipe",
+    "supernet_step",
+    "train_supernet_epoch",
+]
+
+log = logging.getLogger(__name__)
+
+Choices = dict[str, Any]
+
+
+class SupernetError(BnasError):
+    """A genotype the supernet cannot serve, or a supernet call that cannot work as asked."""
+
+
+# --------------------------------------------------------------------------------------
+# Choices: the parameters ``sample_genotype`` asks for, answered by a rule
+# --------------------------------------------------------------------------------------
+class _Answer:
+    """A trial-like object (``suggest_categorical``) answering with ``pick(name, choices)``;
+    records what it answered in ``params``."""
+
+    number = 0
+
+    def __init__(self, pick: Callable[[str, list[Any]], Any]):
+        self.pick = pick
+        self.params: Choices = {}
+        self.sizes: dict[str, int] = {}
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        value = self.pick(name, choices)
+        self.params[name] = value
+        self.sizes[name] = len(choices)
+        return value
+
+
+def _is_cell_choice(name: str) -> bool:
+    # ``sample_genotype`` names cell choices ``normal.n0.e1.op``; macro ones ``channels``,
+    # ``stage1.channels``, ``stage1.cells``, ``stage1.op``.
+    return name.startswith(("normal.", "reduce."))
+
+
+def _is_width(name: str) -> bool:
+    return name == "channels" or name.endswith(".channels")
+
+
+def _is_depth(name: str) -> bool:
+    return name.endswith(".cells")
+
+
+# --------------------------------------------------------------------------------------
+# The supernet
+# --------------------------------------------------------------------------------------
+def _module_name(key: str) -> str:
+    """A ModuleDict name for ``key``: its dots (and the escape character) percent-encoded,
+    so names stay readable and distinct keys never meet."""
+    return key.replace("%", "%25").replace(".", "%2E")
+
+
+class Supernet(nn.Module):
+    """Every module any genotype of ``space`` uses, shared between genotypes (module doc).
+
+    ``shared`` (an ``nn.ModuleDict``) is the only thing registered, so ``state_dict()``,
+    ``parameters()`` and ``.to(device)`` cover exactly the shared weights. Networks built by
+    ``network`` are cached (``cache_size`` most recent, by ``Genotype.canonical_hash``) and
+    hold the same module objects; they are not submodules of the supernet.
+    """
+
+    def __init__(self, space: SearchSpace, cache_size: int = 64):
+        super().__init__()
+        self.space = space
+        self.shared = nn.ModuleDict()
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, BinaryNetwork] = OrderedDict()
+        self._building = True
+        self._missing_genotype: str = ""
+        self._lists = _choice_lists(space)
+        for choices in self._covering():
+            _build(self.genotype(choices), provider=self._provide)
+        self._building = False
+        log.info("supernet of %s: %d shared modules, %d parameters", space.name, len(self.shared), self.num_params())
+
+    # -- the table --------------------------------------------------------------------
+    def _provide(self, key: str, make: Callable[[], nn.Module]) -> nn.Module:
+        name = _module_name(key)
+        if name in self.shared:
+            return self.shared[name]
+        if not self._building:
+            raise SupernetError(
+                f"genotype {self._missing_genotype!r} needs a module the supernet of space {self.space.name!r} "
+                f"does not have ({key}): its widths, depths, ops or input are not among the space's choices; "
+                "score it by training it on its own (bnas eval)"
+            )
+        module = make()
+        self.shared[name] = module
+        return module
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next((t.device for t in itertools.chain(self.parameters(), self.buffers())), torch.device("cpu"))
+
+    # -- genotypes from choices -------------------------------------------------------
+    def genotype(self, choices: Mapping[str, Any], name: str | None = None) -> Genotype:
+        """The genotype of ``choices`` (``sample_genotype``'s parameter names and values)."""
+        answer = _Answer(lambda key, options: choices[key])
+        try:
+            genotype = sample_genotype(answer, self.space)
+        except KeyError as exc:
+            raise SupernetError(f"choices for space {self.space.name!r} lack {exc.args[0]!r}") from exc
+        return genotype if name is None else _renamed(genotype, name)
+
+    def sample_choices(self, rng: random.Random) -> Choices:
+        """Uniform, independent choices for every parameter of the space, drawn from ``rng``.
+
+        Space constraints (``max_ops`` ...) are not applied: the supernet trains every path.
+        """
+        answer = _Answer(lambda key, options: options[rng.randrange(len(options))])
+        sample_genotype(answer, self.space)
+        return answer.params
+
+    def sample(self, rng: random.Random) -> Genotype:
+        """A uniformly sampled genotype of the space (see ``sample_choices``)."""
+        return self.genotype(self.sample_choices(rng), name=f"{self.space.name}-supernet-path")
+
+    def largest_choices(self, choices: Mapping[str, Any]) -> Choices:
+        """``choices`` with every stage at its widest width and deepest depth (the cells and
+        stage ops kept): the teacher of in-place distillation for the path ``choices``."""
+        out = dict(choices)
+        for key, options in self._lists.items():
+            if _is_width(key) or _is_depth(key):
+                out[key] = max(options)
+        return out
+
+    # -- networks ---------------------------------------------------------------------
+    def network(self, genotype: Genotype) -> BinaryNetwork:
+        """``genotype``'s network, made of the supernet's own modules (no copies); cached."""
+        key = genotype.canonical_hash()
+        net = self._cache.get(key)
+        if net is not None:
+            self._cache.move_to_end(key)
+            return net
+        check_ops(genotype)
+        self._missing_genotype = genotype.name
+        try:
+            net = _build(genotype, provider=self._provide)
+        except GenotypeError as exc:
+            raise SupernetError(f"genotype {genotype.name!r} cannot be built from the supernet: {exc}") from exc
+        self._cache[key] = net
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return net
+
+    def forward(self, x: Tensor, genotype: Genotype) -> Tensor:
+        return self.network(genotype)(x)
+
+    def _covering(self) -> Iterator[Choices]:
+        """Choices whose networks together use every module any genotype of the space uses.
+
+        Every combination of the macro choices (widths, depths, stage ops: the shapes that
+        reach the cell inputs, residuals and head) with the first op everywhere; then, per
+        op and per width index, the deepest network with that op on every edge, once with
+        every edge reading a cell input (stride 2 in a reduction cell) and once with every
+        edge reading the node before it where it can (stride 1).
+        """
+        lists = self._lists
+        macro = [k for k in lists if not _is_cell_choice(k)]
+        for combo in itertools.product(*(range(len(lists[k])) for k in macro)):
+            picked = {k: lists[k][i] for k, i in zip(macro, combo, strict=True)}
+            yield {**picked, **{k: v[0] for k, v in lists.items() if _is_cell_choice(k)}}
+        if self.space.cells is None:
+            return
+        ops = list(self.space.cells.ops)
+        n_widths = max((len(v) for k, v in lists.items() if _is_width(k)), default=1)
+        for w, op, last in itertools.product(range(n_widths), ops, (False, True)):
+            choices: Choices = {}
+            for k, v in lists.items():
+                if _is_width(k):
+                    choices[k] = v[w % len(v)]
+                elif _is_depth(k):
+                    choices[k] = max(v)
+                elif k.endswith(".op") and _is_cell_choice(k):
+                    choices[k] = op
+                elif _is_cell_choice(k):  # an edge's input
+                    choices[k] = v[-1] if last else v[0]
+                else:
+                    choices[k] = v[0]
+            yield choices
+
+
+def _renamed(genotype: Genotype, name: str) -> Genotype:
+    return Genotype(**{**{f: getattr(genotype, f) for f in genotype.__dataclass_fields__}, "name": name})
+
+
+def _choice_lists(space: SearchSpace) -> dict[str, list[Any]]:
+    """Every parameter ``sample_genotype`` asks for, with its choices (the names do not
+    depend on the answers: a space asks the same questions of every trial)."""
+    lists: dict[str, list[Any]] = {}
+
+    def record(key: str, options: list[Any]) -> Any:
+        lists[key] = list(options)
+        return options[0]
+
+    sample_genotype(_Answer(record), space)
+    return lists
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+def supernet_recipe(space: SearchSpace, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """The space's ``budget`` as a recipe (what every trial trains with), with ``overrides``
+    (``Recipe.merged`` keys, e.g. ``{"epochs": 20, "optimizer.lr": 0.002}``)."""
+    recipe = Recipe.from_dict(dict(space.budget), f"{space.source or space.name}: budget")
+    return recipe.merged(overrides or {}, "supernet") if overrides else recipe
+
+
+def make_supernet_optimizer(supernet: Supernet, recipe: Recipe) -> torch.optim.Optimizer:
+    """The trainer's optimiser over every shared parameter: latent binary weights get no
+    weight decay (unless ``decay_binary_weights``), each binary layer its learning-rate scale.
+
+    Paths leave the gradients of the modules they skip at None (``zero_grad(set_to_none)``),
+    which Adam and SGD skip entirely: no step, no decay, no moment update off the path.
+    """
+    return make_optimizer(supernet, recipe)
+
+
+@dataclass
+class EpochStats:
+    """One supernet epoch: mean training loss and accuracy of the sampled paths."""
+
+    epoch: int
+    loss: float
+    acc: float
+    steps: int
+    samples: int
+    lr: float
+    time_s: float
+
+
+def supernet_step(
+    supernet: Supernet,
+    choices: Mapping[str, Any],
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    recipe: Recipe,
+    *,
+    distill: bool = False,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    use_amp: bool = False,
+) -> tuple[float, int]:
+    """One optimiser step on the path ``choices``; returns (loss, correct predictions).
+
+    With ``distill`` (in-place distillation, as BigNAS's sandwich rule does for the largest
+    child), the largest path with the same cells (``Supernet.largest_choices``) trains on
+    the labels in the same step, and the sampled path learns
+    ``(1 - alpha) * task + alpha * T^2 * KL(teacher_T || path_T)`` from its detached logits.
+    Latent weights of the paths that stepped are clipped after the step.
+    """
+    student = supernet.network(supernet.genotype(choices))
+    nets = [student]
+    teacher: BinaryNetwork | None = None
+    if distill:
+        big = supernet.network(supernet.genotype(supernet.largest_choices(choices)))
+        if big is not student:
+            teacher = big
+            nets.append(big)
+    for net in nets:
+        net.train()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits = student(x).float()
+        loss = task_loss(logits, y, recipe)
+        if teacher is not None:
+            t_logits = teacher(x).float()
+            loss = (
+                (1 - alpha) * loss
+                + alpha * distill_loss(logits, t_logits.detach(), temperature)
+                + task_loss(t_logits, y, recipe)
+            )
+    loss_value, hits = torch.stack((loss.detach(), (logits.argmax(1) == y).sum().float())).tolist()
+    if not math.isfinite(loss_value):
+        raise TrainingError(
+            f"the supernet loss became {loss_value} on path {supernet.genotype(choices).canonical_hash()}; "
+            "lower the learning rate (optimizer.lr) or check the data"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    # Only the paths that stepped: clipping elsewhere could move weights no step touched.
+    for net in nets:
+        clip_latent_weights(net)
+    return loss_value, int(hits)
+
+
+def train_supernet_epoch(
+    supernet: Supernet,
+    data: DataSplits,
+    optimizer: torch.optim.Optimizer,
+    recipe: Recipe,
+    rng: random.Random,
+    epoch: int = 0,
+    *,
+    distill: bool = False,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    max_steps: int | None = None,
+) -> EpochStats:
+    """One epoch of uniform single-path training: a fresh uniformly sampled path per batch.
+
+    The learning rate follows ``recipe``'s schedule for ``epoch`` (0-based, of
+    ``recipe.epochs``); batches come from ``data``'s training split shuffled with
+    ``recipe.seed`` and ``epoch``, paths from ``rng``, so a run repeats exactly on the CPU.
+    ``recipe.two_step`` keeps weights real for its first epochs, as the trainer does.
+    ``max_steps`` cuts the epoch short (tests, smoke runs).
+    """
+    device = supernet.device
+    if recipe.two_step:
+        set_binarization(supernet, activations=True, weights=epoch >= recipe.two_step)
+    lr = set_lr(optimizer, recipe, epoch)
+    loader = data.loader("train", recipe.batch_size, shuffle=True, seed=recipe.seed, device=device)
+    loader.set_epoch(epoch)
+    use_amp = recipe.amp and device.type == "cuda"
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    t0 = time.perf_counter()
+    for x, y in loader:
+        if max_steps is not None and steps >= max_steps:
+            break
+        choices = supernet.sample_choices(rng)
+        loss, hits = supernet_step(
+            supernet,
+            choices,
+            x,
+            y,
+            optimizer,
+            recipe,
+            distill=distill,
+            temperature=temperature,
+            alpha=alpha,
+            use_amp=use_amp,
+        )
+        loss_sum += loss * len(y)
+        correct += hits
+        seen += len(y)
+        steps += 1
+    if seen == 0:
+        raise TrainingError(f"{data.name}: the training split is empty")
+    stats = EpochStats(epoch + 1, loss_sum / seen, correct / seen, steps, seen, lr, time.perf_counter() - t0)
+    log.info(
+        "supernet epoch %d: loss %.4f, acc %.4f over %d paths (%.1f s)",
+        stats.epoch,
+        stats.loss,
+        stats.acc,
+        steps,
+        stats.time_s,
+    )
+    return stats
+
+
+# --------------------------------------------------------------------------------------
+# Inheriting weights: extraction, BN recalibration, scoring
+# --------------------------------------------------------------------------------------
+def extract(supernet: Supernet, genotype: Genotype) -> BinaryNetwork:
+    """A stand-alone ``bnas.build(genotype)`` network (its own tensors, on the supernet's
+    device) carrying the weights and BN statistics ``genotype`` inherits from ``supernet``."""
+    shared = supernet.network(genotype)
+    model = build(genotype)
+    # The provider changes where modules come from, never their paths: the keys agree.
+    model.load_state_dict(shared.state_dict())
+    return model.to(supernet.device)
+
+
+def _batchnorms(network: nn.Module) -> list[_BatchNorm]:
+    return [m for m in network.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def calibration_batches(
+    data: DataSplits, num_batches: int = 8, batch_size: int = 64, seed: int = 0, device: torch.device | str = "cpu"
+) -> list[Tensor]:
+    """``num_batches`` training batches (inputs only), shuffled with ``seed``: the same ones
+    for every genotype scored with them."""
+    loader = data.loader("train", batch_size, shuffle=True, seed=seed, device=device)
+    return [x for x, _ in itertools.islice(loader, num_batches)]
+
+
+@torch.no_grad()
+def recalibrate_bn(network: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...] | list[Tensor]]) -> int:
+    """Re-estimate every BatchNorm's running statistics of ``network`` on ``batches``.
+
+    The statistics are reset and then averaged over the batches (momentum None: a cumulative
+    average, each batch weighted equally). Only BatchNorm runs in training mode (dropout and
+    stochastic binarization stay in eval mode) and no gradient is taken, so every parameter
+    and every other buffer stays bit-identical; each module's train/eval mode and each
+    BatchNorm's momentum are restored. Batches are inputs or ``(x, y)`` pairs. Returns the
+    number of batches used.
+    """
+    bns = _batchnorms(network)
+    modes = {m: m.training for m in network.modules()}
+    momenta = {bn: bn.momentum for bn in bns}
+    used = 0
+    try:
+        network.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            network(x)
+            used += 1
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+        for bn, momentum in momenta.items():
+            bn.momentum = momentum
+    if bns and not used:
+        raise SupernetError("recalibrate_bn got no batches: its BatchNorm statistics were reset and left empty")
+    return used
+
+
+def score(
+    supernet: Supernet,
+    genotype: Genotype,
+    data: DataSplits,
+    *,
+    calibration: list[Tensor] | None = None,
+    num_batches: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> float:
+    """``genotype``'s validation accuracy with the weights it inherits from ``supernet``.
+
+    Its BatchNorm statistics are recalibrated first (``calibration``, else ``num_batches``
+    training batches of ``batch_size`` shuffled with ``seed``); the shared statistics are
+    saved before and restored after, bit for bit, so scoring never changes the supernet.
+    """
+    if not len(data.val_y):
+        raise SupernetError(f"{data.name}: the validation split is empty; set val_fraction above 0 to score paths")
+    device = supernet.device
+    net = supernet.network(genotype)
+    batches = (
+        calibration if calibration is not None else calibration_batches(data, num_batches, batch_size, seed, device)
+    )
+    saved = [(buf, buf.clone()) for bn in _batchnorms(net) for buf in bn.buffers()]
+    try:
+        recalibrate_bn(net, batches)
+        acc, _ = evaluate_accuracy(net, data.loader("val", 512, device=device), device)
+    finally:
+        for buf, value in saved:
+            buf.copy_(value)
+    return acc
