@@ -6,6 +6,10 @@ path. The network is ``stem -> body -> head``. Every body entry is a *unit* that
 of the two previous units (DARTS's cells k-2 and k-1); a plain op is a one-node cell that
 reads only k-1. Shapes are tracked by running each new unit once on a zero tensor, so channel
 and shape mismatches surface at build time with the YAML path of the culprit.
+
+``_build`` takes an optional ``ModuleProvider``: every op, cell-input and residual module then
+comes from it under a key saying what its weights mean, which is how a one-shot supernet
+(``bnas.search.supernet``) shares modules between genotypes. Without one, nothing changes.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnas
 from bnas.binarize import binary_layers
+from bnas.builder import _build
 from bnas.data import load_dataset
+from bnas.genotype import genotype_from_dict
 from bnas.search import Supernet, SupernetError, extract
 from bnas.search.space import SearchSpace, load_space, parse_space
 from bnas.search.supernet import (
@@ -150,6 +152,33 @@ def test_sampling_covers_the_space_and_needs_no_new_modules(supernet: Supernet, 
     other = Supernet(space)
     assert list(other.state_dict()) == names
     other.load_state_dict(supernet.state_dict())
+
+
+def test_a_pass_through_provider_builds_the_same_network(supernet: Supernet) -> None:
+    data = supernet.genotype(choices(supernet, stage0_cells=2, stage1_cells=2)).to_dict()
+    for cell in data["cells"].values():
+        cell["output"]["residual"] = True
+    genotype = genotype_from_dict(data)
+    keys: list[str] = []
+
+    def provider(key: str, make: Any) -> nn.Module:
+        keys.append(key)
+        return make()
+
+    torch.manual_seed(0)
+    plain = bnas.build(genotype).state_dict()
+    torch.manual_seed(0)
+    provided = _build(genotype, provider=provider).state_dict()
+    assert list(plain) == list(provided)
+    assert all(torch.equal(plain[k], provided[k]) for k in plain)
+    # stem 1 + head 2 + four cells of (2 inputs + 4 edges + 1 residual): 31 distinct keys.
+    assert len(keys) == len(set(keys)) == 31
+    assert [k for k in keys if "/residual/" in k] == [
+        "s0.p0/residual/4x8x8>4x8x8",
+        "s0.p1/residual/4x8x8>4x8x8",
+        "s1.p0/residual/4x8x8>8x4x4",
+        "s1.p1/residual/8x4x4>8x4x4",
+    ]
 
 
 def test_genotype_outside_the_space_is_refused(supernet: Supernet) -> None:
