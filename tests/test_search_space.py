@@ -245,3 +245,23 @@ def test_fashion_searched_vs_handcrafted_is_a_fair_pair() -> None:
     assert ops == {"fashion_searched": 287_674, "fashion_handcrafted": 369_120}
     assert searched.preprocess is not None and searched.preprocess.kind == space.cells.preprocess == "binary"
     assert space.constraints["max_ops"] == ops["fashion_handcrafted"]
+
+
+def test_cells_preprocess_reaches_every_sampled_genotype_and_the_fingerprint(tmp_path: Path) -> None:
+    plain = load_space(write_space(tmp_path, name="plain.yaml"))
+    text = tiny_space().replace("  combine: sum\n", "  combine: sum\n  preprocess: {kind: binary, activation: prelu}\n")
+    binary = load_space(write_space(tmp_path, text, name="binary.yaml"))
+    assert binary.cells is not None and binary.cells.preprocess == {"kind": "binary", "activation": "prelu"}
+    assert plain.fingerprint() != binary.fingerprint()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    genotype = sample_genotype(trial, binary)
+    assert genotype.preprocess is not None and (genotype.preprocess.kind, genotype.preprocess.activation) == (
+        "binary",
+        "prelu",
+    )
+    assert sample_genotype(study.ask(), plain).preprocess is None
+    # the cell inputs of the built network are binary 1x1 conv units with a PReLU
+    model = bnas.build(genotype)
+    cells = [unit for unit in model.body if hasattr(unit, "pre1")]
+    assert cells and all(isinstance(cell.pre1.act, torch.nn.PReLU) for cell in cells)

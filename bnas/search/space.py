@@ -158,9 +158,9 @@ class SearchSpace:
             data.pop(key)
         if not self.catalog:  # so a space without catalogs keeps the fingerprint it always had
             data.pop("catalog")
+            data.pop("catalog_sha")
         if data.get("cells") is not None and data["cells"]["preprocess"] is None:  # likewise
             data["cells"].pop("preprocess")
-            data.pop("catalog_sha")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
