@@ -5,8 +5,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from bnas import binarize, registry
+from bnas.binarize import BinaryConv2d, BinaryLinear
 from bnas.binarize import config as binarize_config
 
 
@@ -88,3 +90,18 @@ def write_space(folder: Path, text: str | None = None, name: str = "space.yaml")
     path = folder / name
     path.write_text(tiny_space() if text is None else text)
     return path
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BN statistics and affine parameters (negative scales included), rsign thresholds."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+            m.weight.data.copy_((torch.rand(c, generator=gen) * 2 - 1) * 1.5)
+            m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
+        if isinstance(m, (BinaryConv2d, BinaryLinear)) and m.input_quantizer.name == "rsign":
+            m.input_quantizer.threshold.data.copy_(torch.rand(m.input_quantizer.threshold.shape, generator=gen) * 0.2 - 0.1)
+    return model.eval()

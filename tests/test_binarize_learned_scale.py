@@ -17,6 +17,7 @@ from bnas.errors import GenotypeError
 from bnas.export import PackedConv2d, PackedLinear, load_packed, pack_model
 from bnas.schemas import validate
 from bnas.train import Recipe, param_groups
+from conftest import randomize
 
 NONE_MESSAGE = (
     "learned_scale: true cannot be used with weight: none; use one of sign, xnor, xnor_tensor, bireal, "
@@ -218,17 +219,6 @@ def _genotype() -> dict:
     }
 
 
-def _randomize_bn(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            m.weight.data.copy_((torch.rand(c, generator=gen) * 2 - 1) * 1.5)
-            m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
-
-
 def test_packed_conv_and_linear_use_the_learned_scale() -> None:
     torch.manual_seed(5)
     config = BinarizeConfig("ste", "xnor", learned_scale=True)
@@ -254,7 +244,7 @@ def test_packed_conv_and_linear_use_the_learned_scale() -> None:
 def test_export_of_a_genotype_matches_the_model(tmp_path: Path) -> None:
     torch.manual_seed(6)
     model = bnas.build(_genotype())
-    _randomize_bn(model, seed=7)
+    randomize(model, seed=7)
     assert random_positive_scales(model, seed=8) == 3
     model.eval()
     # through a checkpoint file, as `bnas export` reads it: the scales travel in the state_dict

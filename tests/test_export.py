@@ -17,24 +17,10 @@ from bnas.data import load_dataset
 from bnas.evaluate import evaluate
 from bnas.export import ExportError, PackedConv2d, PackedLinear, freeze_model, load_packed, pack_model, save_packed
 from bnas.kernels import unpack_weights
+from conftest import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 GENOTYPES = ROOT / "search_spaces" / "genotypes"
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BN statistics and affine parameters (negative scales included), rsign thresholds."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            m.weight.data.copy_((torch.rand(c, generator=gen) * 2 - 1) * 1.5)
-            m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
-        if isinstance(m, (BinaryConv2d, BinaryLinear)) and m.input_quantizer.name == "rsign":
-            m.input_quantizer.threshold.data.copy_(torch.rand(m.input_quantizer.threshold.shape, generator=gen) * 0.2 - 0.1)
-    return model.eval()
 
 
 def assert_logits_close(packed: torch.Tensor, ref: torch.Tensor, rel: float = 1e-3) -> None:
