@@ -334,16 +334,23 @@ class Cell(nn.Module):
     ) -> nn.Module:
         if len(shape) != 3:
             raise GenotypeError(f"a cell needs a feature map (C, H, W) as input, got shape {list(shape)}", path)
-        options = {"reduce": preprocess.reduce, "activation": preprocess.activation, "bn_after": preprocess.bn_after}
+        options: dict[str, Any] = {
+            "reduce": preprocess.reduce,
+            "activation": preprocess.activation,
+            "bn_after": preprocess.bn_after,
+        }
         if preprocess.binarize is not None:
             options["binarize"] = preprocess.binarize
+
+        def make() -> nn.Module:
+            return make_cell_input(preprocess.kind, shape, target, **options)
+
         try:
             if provider is not None:
                 # The input's shape and the cell's width decide the module's weights.
                 kind = _options_key({"kind": preprocess.kind, **options})
-                full = f"{key}/{kind}/{_shape_key(shape)}>{target[0]}"
-                return provider(full, lambda: make_cell_input(preprocess.kind, shape, target, options))
-            return make_cell_input(preprocess.kind, shape, target, options)
+                return provider(f"{key}/{kind}/{_shape_key(shape)}>{target[0]}", make)
+            return make()
         except (ValueError, TypeError) as exc:
             raise GenotypeError(f"preprocess: {preprocess.kind}: {exc}", path) from exc
 

@@ -19,9 +19,6 @@ cell it goes through BN -> a real 2x2 stride-2 conv with bias, as Kim et al. pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +27,7 @@ from ..binarize import BinarizeConfig, BinaryConv2d
 from ..registry import register_family
 from .common import XNOR, Binarize, as_config, check_channels, check_stride, make_activation
 from .conv_unit import ConvUnit
-from .downsample import factorized_reduce
+from .downsample import conv_downsample, factorized_reduce
 
 __all__ = ["BinaryFactorizedReduce", "ResidualProjection", "make_cell_input", "make_residual"]
 
@@ -81,7 +78,7 @@ def binary_factorized_reduce(
     check_channels("binary_factorized_reduce", C_in, C_out)
     config = as_config(binarize, XNOR)
     if check_stride(stride) == 1:
-        return _binary_unit(C_in, C_out, 1, 1, {"bn_after": bn_after, "activation": activation, "binarize": config})
+        return _binary_unit(C_in, C_out, 1, 1, bn_after, activation, config)
     if C_out < 2:
         raise ValueError(f"binary_factorized_reduce splits C_out over two paths and needs C_out >= 2 (got {C_out})")
     return BinaryFactorizedReduce(C_in, C_out, bn_after, activation, config)
@@ -94,24 +91,35 @@ class ReluConvBN(nn.Sequential):
         super().__init__(nn.ReLU(), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
 
 
-def _binary_unit(c_in: int, c_out: int, kernel: int, stride: int, options: Mapping[str, Any]) -> nn.Module:
+def _binary_unit(
+    c_in: int, c_out: int, kernel: int, stride: int, bn_after: bool, activation: str, binarize: Binarize
+) -> nn.Module:
     return ConvUnit(
         c_in,
         c_out,
         stride,
         kernel=kernel,
-        order="bn_conv_bn_act" if options.get("bn_after", True) else "bn_conv_act",
-        activation=options.get("activation", "none"),
+        order="bn_conv_bn_act" if bn_after else "bn_conv_act",
+        activation=activation,
         op="binary cell preprocessing",
-        config=as_config(options.get("binarize"), XNOR),
+        config=as_config(binarize, XNOR),
     )
 
 
-def make_cell_input(kind: str, shape: Shape, target: Shape, options: Mapping[str, Any] | None = None) -> nn.Module:
+def make_cell_input(
+    kind: str,
+    shape: Shape,
+    target: Shape,
+    *,
+    reduce: str = "factorized",
+    activation: str = "none",
+    bn_after: bool = True,
+    binarize: Binarize = None,
+) -> nn.Module:
     """The module that brings one cell input of ``shape`` (C, H, W) to ``target`` (the cell's
-    width and its k-1 input's resolution); ``options`` are a ``binary`` kind's (reduce,
-    activation, bn_after, binarize). A ValueError says why an input cannot be aligned."""
-    options = options or {}
+    width and its k-1 input's resolution); ``reduce``, ``activation``, ``bn_after`` and
+    ``binarize`` are the options of the ``binary`` kind. A ValueError says why an input cannot
+    be aligned."""
     c_in, c_out = shape[0], target[0]
     if shape[1:] != target[1:] and -(-shape[1] // 2) != target[1]:
         raise ValueError(
@@ -129,26 +137,15 @@ def make_cell_input(kind: str, shape: Shape, target: Shape, options: Mapping[str
     if kind == "real":
         if halve:
             return factorized_reduce(c_in, c_out, 2)
-        return (
-            nn.Identity()
-            if c_in == c_out
-            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-        )
+        return nn.Identity() if c_in == c_out else conv_downsample(c_in, c_out, 1)
     if kind == "darts":
         return factorized_reduce(c_in, c_out, 2) if halve else ReluConvBN(c_in, c_out)
     if kind == "binary":
         if not halve:
-            return _binary_unit(c_in, c_out, 1, 1, options)
-        if options.get("reduce", "factorized") == "conv3x3":
-            return _binary_unit(c_in, c_out, 3, 2, options)
-        return binary_factorized_reduce(
-            c_in,
-            c_out,
-            2,
-            bn_after=options.get("bn_after", True),
-            activation=options.get("activation", "none"),
-            binarize=options.get("binarize"),
-        )
+            return _binary_unit(c_in, c_out, 1, 1, bn_after, activation, binarize)
+        if reduce == "conv3x3":
+            return _binary_unit(c_in, c_out, 3, 2, bn_after, activation, binarize)
+        return binary_factorized_reduce(c_in, c_out, 2, bn_after=bn_after, activation=activation, binarize=binarize)
     raise ValueError(f"unknown preprocess kind {kind!r}; expected real, darts, binary or identity")
 
 
