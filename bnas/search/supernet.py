@@ -38,7 +38,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -184,7 +184,7 @@ class Supernet(nn.Module):
             genotype = sample_genotype(answer, self.space)
         except KeyError as exc:
             raise SupernetError(f"choices for space {self.space.name!r} lack {exc.args[0]!r}") from exc
-        return genotype if name is None else _renamed(genotype, name)
+        return genotype if name is None else replace(genotype, name=name)
 
     def sample_choices(self, rng: random.Random) -> Choices:
         """Uniform, independent choices for every parameter of the space, drawn from ``rng``.
@@ -262,10 +262,6 @@ class Supernet(nn.Module):
                 else:
                     choices[k] = v[0]
             yield choices
-
-
-def _renamed(genotype: Genotype, name: str) -> Genotype:
-    return Genotype(**{**{f: getattr(genotype, f) for f in genotype.__dataclass_fields__}, "name": name})
 
 
 def _choice_lists(space: SearchSpace) -> dict[str, list[Any]]:
