@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ from .atomic import save_figure
 from .yaml_io import write_text_atomic
 
 
-def curves_figure(history: list[Mapping[str, float]], title: str) -> Any:
+def curves_figure(history: Sequence[Mapping[str, float]], title: str) -> Any:
     """Loss and accuracy per epoch, two panels (a matplotlib figure; the caller closes it)."""
     import matplotlib
 
@@ -38,7 +38,7 @@ def curves_figure(history: list[Mapping[str, float]], title: str) -> Any:
     return fig
 
 
-def plot_curves(history: list[Mapping[str, float]], path: Path, title: str) -> None:
+def plot_curves(history: Sequence[Mapping[str, float]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig = curves_figure(history, title)

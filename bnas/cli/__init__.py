@@ -1,6 +1,6 @@
 """The ``bnas`` command (also ``python -m bnas``): every argparse line of bnas lives here.
 
-One module per subcommand (``primitives``, ``info``, ``schema``, ``eval``, ``search``,
+One module per subcommand (``primitives``, ``info``, ``schema``, ``eval``, ``supernet``, ``search``,
 ``export``, ``import``), each with ``add_parser(subparsers)``; the library they call knows nothing of
 argparse. User errors (``BnasError``) print one line, ``error: ...``, and exit with code 2;
 there is never a Python traceback for bad input (the exception keeps its chained cause for
@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from .._version import __version__
 from ..errors import BnasError
 from . import eval as eval_command
-from . import export, import_cmd, info, primitives, schema, search
+from . import export, import_cmd, info, primitives, schema, search, supernet
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
 # In the order `bnas --help` lists them.
-_COMMANDS = (primitives, info, schema, eval_command, search, export, import_cmd)
+_COMMANDS = (primitives, info, schema, eval_command, supernet, search, export, import_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

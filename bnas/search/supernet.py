@@ -149,6 +149,8 @@ class Supernet(nn.Module):
         self._building = True
         self._missing_genotype: str = ""
         self._lists = _choice_lists(space)
+        # How it was trained (``bnas.search.supernet_run`` fills it: epochs, seed, dataset, path).
+        self.meta: dict[str, Any] = {}
         for choices in self._covering():
             _build(self.genotype(choices), provider=self._provide)
         self._building = False
@@ -377,6 +379,9 @@ def train_supernet_epoch(
     temperature: float = 4.0,
     alpha: float = 0.9,
     max_steps: int | None = None,
+    start_step: int = 0,
+    totals: Mapping[str, float] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> EpochStats:
     """One epoch of uniform single-path training: a fresh uniformly sampled path per batch.
 
@@ -385,6 +390,12 @@ def train_supernet_epoch(
     ``recipe.seed`` and ``epoch``, paths from ``rng``, so a run repeats exactly on the CPU.
     ``recipe.two_step`` keeps weights real for its first epochs, as the trainer does.
     ``max_steps`` cuts the epoch short (tests, smoke runs).
+
+    Resuming inside an epoch: ``start_step`` batches are skipped without drawing a path (the
+    batch order is a function of the seed and epoch; ``rng`` must be in the state it had
+    after them) and ``totals`` (``loss_sum``, ``correct``, ``seen``, ``time_s``) carries the
+    sums of the steps done before. ``on_step(steps_done, totals)`` runs after every step; it
+    may raise (a Ctrl-C request) between two steps, never inside one.
     """
     device = supernet.device
     if recipe.two_step:
@@ -393,9 +404,14 @@ def train_supernet_epoch(
     loader = data.loader("train", recipe.batch_size, shuffle=True, seed=recipe.seed, device=device)
     loader.set_epoch(epoch)
     use_amp = recipe.amp and device.type == "cuda"
-    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    start = dict(totals or {})
+    loss_sum, correct, seen = float(start.get("loss_sum", 0.0)), int(start.get("correct", 0)), int(start.get("seen", 0))
+    before = float(start.get("time_s", 0.0))
+    steps = start_step
     t0 = time.perf_counter()
-    for x, y in loader:
+    for step, (x, y) in enumerate(loader):
+        if step < start_step:
+            continue  # done before an interruption: same batches, and no path drawn for them
         if max_steps is not None and steps >= max_steps:
             break
         choices = supernet.sample_choices(rng)
@@ -415,10 +431,13 @@ def train_supernet_epoch(
         correct += hits
         seen += len(y)
         steps += 1
+        if on_step is not None:
+            spent = before + time.perf_counter() - t0
+            on_step(steps, {"loss_sum": loss_sum, "correct": correct, "seen": seen, "time_s": spent})
     if seen == 0:
         raise TrainingError(f"{data.name}: the training split is empty")
-    stats = EpochStats(epoch + 1, loss_sum / seen, correct / seen, steps, seen, lr, time.perf_counter() - t0)
-    log.info(
+    stats = EpochStats(epoch + 1, loss_sum / seen, correct / seen, steps, seen, lr, before + time.perf_counter() - t0)
+    log.debug(
         "supernet epoch %d: loss %.4f, acc %.4f over %d paths (%.1f s)",
         stats.epoch,
         stats.loss,
@@ -499,8 +518,10 @@ def score(
     num_batches: int = 8,
     batch_size: int = 64,
     seed: int = 0,
-) -> float:
-    """``genotype``'s validation accuracy with the weights it inherits from ``supernet``.
+    with_loss: bool = False,
+) -> Any:
+    """``genotype``'s validation accuracy with the weights it inherits from ``supernet``
+    (with ``with_loss``: the pair accuracy, mean cross-entropy).
 
     Its BatchNorm statistics are recalibrated first (``calibration``, else ``num_batches``
     training batches of ``batch_size`` shuffled with ``seed``); the shared statistics are
@@ -516,8 +537,8 @@ def score(
     saved = [(buf, buf.clone()) for bn in _batchnorms(net) for buf in bn.buffers()]
     try:
         recalibrate_bn(net, batches)
-        acc, _ = evaluate_accuracy(net, data.loader("val", 512, device=device), device)
+        acc, loss = evaluate_accuracy(net, data.loader("val", 512, device=device), device)
     finally:
         for buf, value in saved:
             buf.copy_(value)
-    return acc
+    return (acc, loss) if with_loss else acc
