@@ -1,0 +1,361 @@
+"""Ranking quality of a one-shot supernet (issue 14): how well the supernet's scores of N
+sampled architectures agree with the accuracy each reaches trained stand-alone.
+
+N distinct architectures satisfying the space's constraints are sampled uniformly with a
+seeded ``random.Random``. Each is trained stand-alone with the space's budget, seeded exactly
+as a search trial is (stand-alone results are cached per genotype hash and written after each
+architecture, so an interrupted run resumes and several supernets share one set of
+trainings). Each is then scored with a supernet (BN-recalibrated validation accuracy with the
+inherited weights), and Kendall tau and Spearman rho between the two are reported. JSON lines
+on stdout: one per architecture, then a summary; progress on stderr.
+
+    python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
+        [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill]]
+        [--calibration-batches 8] [--standalone-cache FILE] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, machine  # noqa: E402
+
+from bnas.atomic import write_text_atomic  # noqa: E402
+from bnas.data import DataSplits  # noqa: E402
+from bnas.errors import BnasError  # noqa: E402
+from bnas.evaluate import evaluate  # noqa: E402
+from bnas.search.constraints import violations  # noqa: E402
+from bnas.search.objective import _trial_metrics, search_data  # noqa: E402
+from bnas.search.space import SearchSpace, load_space, sample_genotype  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARK = "oneshot_ranking"
+CACHE_FORMAT = 1
+log = logging.getLogger(BENCHMARK)
+
+
+class RankingError(BnasError):
+    """A flag or cache file this benchmark cannot work with."""
+
+
+class _Uniform:
+    """A trial-like object answering every ``suggest_categorical`` uniformly from ``rng``
+    (as ``Supernet.sample_choices`` does), recording its answers."""
+
+    number = 0
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.params: dict[str, Any] = {}
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        value = choices[self.rng.randrange(len(choices))]
+        self.params[name] = value
+        return value
+
+
+def sample_archs(space: SearchSpace, n: int, seed: int, max_draws: int | None = None) -> list[dict[str, Any]]:
+    """``n`` distinct (by canonical hash) genotypes of ``space`` meeting its constraints, drawn
+    uniformly with ``random.Random(seed)``; each as ``{genotype, hash, choices, metrics}``."""
+    rng = random.Random(seed)
+    limit = max_draws if max_draws is not None else 200 * n
+    archs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    draws = rejected = 0
+    while len(archs) < n and draws < limit:
+        draws += 1
+        answer = _Uniform(rng)
+        genotype = sample_genotype(answer, space)
+        digest = genotype.canonical_hash()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        metrics = _trial_metrics(genotype, with_latency=space.needs_latency)
+        if violations(metrics, dict(space.constraints)):
+            rejected += 1
+            continue
+        named = replace(genotype, name=f"{space.name}-rank-{len(archs)}")
+        archs.append({"genotype": named, "hash": digest, "choices": answer.params, "metrics": metrics})
+    if len(archs) < n:
+        raise RankingError(
+            f"--archs {n}: only {len(archs)} distinct genotypes of {space.source or space.name} meet its constraints "
+            f"after {draws} draws ({rejected} over budget); ask for fewer --archs or loosen `constraints:`"
+        )
+    log.info("sampled %d archs in %d draws (%d distinct ones over budget)", n, draws, rejected)
+    return archs
+
+
+# --------------------------------------------------------------------------------------
+# Stand-alone phase
+# --------------------------------------------------------------------------------------
+def load_cache(path: Path, space: SearchSpace, seed: int) -> dict[str, Any]:
+    """The cache at ``path`` (an empty one when absent); refuses one made for another space or seed."""
+    empty = {"format": CACHE_FORMAT, "space": space.name, "fingerprint": space.fingerprint(), "seed": seed, "archs": {}}
+    if not path.exists():
+        return empty
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RankingError(
+            f"--standalone-cache {path}: not a readable JSON cache ({exc}); delete it or choose another file"
+        ) from exc
+    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or not isinstance(cache.get("archs"), dict):
+        raise RankingError(f"--standalone-cache {path}: not a {BENCHMARK} cache; delete it or choose another file")
+    if cache.get("fingerprint") != space.fingerprint() or cache.get("seed") != seed:
+        raise RankingError(
+            f"--standalone-cache {path}: made for space {cache.get('space')!r} (another fingerprint) or seed "
+            f"{cache.get('seed')} (asked: {space.name!r}, seed {seed}); choose another cache file"
+        )
+    return cache
+
+
+def save_cache(path: Path, cache: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True) + "\n", what="stand-alone cache")
+
+
+def standalone_phase(
+    archs: list[dict[str, Any]], space: SearchSpace, seed: int, cache_path: Path, get_data: Any, device: str
+) -> dict[str, Any]:
+    """Train every arch not in the cache (as a search trial would), saving the cache after each."""
+    cache = load_cache(cache_path, space, seed)
+    for i, arch in enumerate(archs):
+        entry = cache["archs"].get(arch["hash"])
+        if entry is not None:
+            arch["standalone"], arch["cached"] = entry, True
+            continue
+        log.info("stand-alone %d/%d: %s (%.0f ops)", i + 1, len(archs), arch["hash"], arch["metrics"]["ops"])
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        report = evaluate(
+            arch["genotype"],
+            space.dataset,
+            device=device,
+            data=get_data(),
+            test=False,
+            progress=False,
+            overrides={"seed": seed},
+        )
+        entry = {
+            "val_acc": float(report["best_val_acc"]),
+            "cpu_s": round(time.process_time() - cpu0, 2),
+            "wall_s": round(time.perf_counter() - wall0, 2),
+            "ops": arch["metrics"]["ops"],
+            "choices": arch["choices"],
+        }
+        log.info("  val acc %.4f, %.0f CPU s", entry["val_acc"], entry["cpu_s"])
+        cache["archs"][arch["hash"]] = entry
+        save_cache(cache_path, cache)
+        arch["standalone"], arch["cached"] = entry, False
+    return cache
+
+
+# --------------------------------------------------------------------------------------
+# Supernet phase
+# --------------------------------------------------------------------------------------
+def supernet_phase(
+    archs: list[dict[str, Any]], space: SearchSpace, args: argparse.Namespace, data: DataSplits
+) -> dict[str, Any]:
+    """Load or train the supernet, then score every arch; returns the phase's summary fields."""
+    from bnas.search.supernet import calibration_batches, score
+
+    info: dict[str, Any] = {}
+    cpu0 = time.process_time()
+    if args.supernet is not None:
+        from bnas.search.supernet_run import load_supernet
+
+        supernet = load_supernet(args.supernet, space, device=args.device)
+        meta = dict(getattr(supernet, "meta", {}) or {})
+        info.update(
+            supernet=str(args.supernet),
+            supernet_epochs=meta.get("epochs"),
+            distill=meta.get("distill"),
+            supernet_seed=meta.get("seed"),
+            supernet_train_cpu_s=0.0,
+        )
+    else:
+        from bnas.search.supernet_run import train_supernet
+
+        out = Path(args.supernet_out) if args.supernet_out else _default_supernet_out(space, args)
+        resume = (out / "supernet.pt").is_file()
+        log.info(
+            "training a supernet: %d epochs%s -> %s%s",
+            args.supernet_epochs,
+            " with in-place distillation" if args.distill else "",
+            out,
+            " (resuming)" if resume else "",
+        )
+        supernet = train_supernet(
+            space,
+            out=out,
+            epochs=args.supernet_epochs,
+            resume=resume,
+            distill=args.distill,
+            device=args.device,
+            seed=args.seed,
+            data=data,
+        )
+        info.update(
+            supernet=str(out / "supernet.pt"),
+            supernet_epochs=args.supernet_epochs,
+            distill=args.distill,
+            supernet_seed=args.seed,
+            supernet_train_cpu_s=round(time.process_time() - cpu0, 2),
+            supernet_resumed=resume,
+        )
+    cpu1 = time.process_time()
+    calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernet.device)
+    for i, arch in enumerate(archs):
+        arch["supernet_acc"] = float(score(supernet, arch["genotype"], data, calibration=calibration))
+        log.info(
+            "scored %d/%d: %s supernet %.4f stand-alone %.4f",
+            i + 1,
+            len(archs),
+            arch["hash"],
+            arch["supernet_acc"],
+            arch["standalone"]["val_acc"],
+        )
+    info["scoring_cpu_s"] = round(time.process_time() - cpu1, 2)
+    return info
+
+
+def _default_supernet_out(space: SearchSpace, args: argparse.Namespace) -> Path:
+    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-seed{args.seed}"
+    return REPO / "runs" / BENCHMARK / tag
+
+
+def rank_correlations(xs: list[float], ys: list[float]) -> dict[str, float | None]:
+    """Kendall tau (tau-b) and Spearman rho with their p-values; None where undefined (a constant side)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    tau = kendalltau(xs, ys)
+    rho = spearmanr(xs, ys)
+
+    def clean(v: Any) -> float | None:
+        v = float(v)
+        return None if math.isnan(v) else round(v, 4)
+
+    return {
+        "kendall_tau": clean(tau.statistic),
+        "kendall_p": clean(tau.pvalue),
+        "spearman_rho": clean(rho.statistic),
+        "spearman_p": clean(rho.pvalue),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default=str(REPO / "search_spaces" / "fashion_mnist_cells.yaml"))
+    parser.add_argument("--archs", type=int, default=20, help="architectures to sample (distinct, within constraints)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling, data split, training and calibration seed")
+    parser.add_argument(
+        "--standalone-cache",
+        default=None,
+        help="JSON cache of stand-alone results (default runs/oneshot_ranking/standalone-SPACE-seedS.json)",
+    )
+    phase = parser.add_mutually_exclusive_group()
+    phase.add_argument("--supernet", default=None, help="a trained supernet (RUN/supernet.pt) to score with")
+    phase.add_argument("--supernet-epochs", type=int, default=None, help="train a supernet for E epochs here")
+    phase.add_argument("--standalone-only", action="store_true", help="train and report the stand-alone phase only")
+    parser.add_argument("--distill", action="store_true", help="with --supernet-epochs: in-place distillation")
+    parser.add_argument(
+        "--supernet-out",
+        default=None,
+        help="with --supernet-epochs: its run folder (default runs/oneshot_ranking/supernet-...)",
+    )
+    parser.add_argument("--calibration-batches", type=int, default=8, help="BN recalibration batches (of 64)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args(argv)
+    if args.archs < 2:
+        parser.error("--archs must be at least 2 (a rank correlation needs pairs)")
+    if args.calibration_batches < 1:
+        parser.error("--calibration-batches must be at least 1")
+    if args.supernet_epochs is not None and args.supernet_epochs < 1:
+        parser.error("--supernet-epochs must be at least 1")
+    if args.distill and args.supernet_epochs is None:
+        parser.error("--distill applies to --supernet-epochs (a loaded supernet was trained as it was)")
+    if not (args.standalone_only or args.supernet or args.supernet_epochs):
+        parser.error("give --supernet RUN/supernet.pt, --supernet-epochs E or --standalone-only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    space = load_space(args.space)
+    cache_path = Path(
+        args.standalone_cache or REPO / "runs" / BENCHMARK / f"standalone-{space.name}-seed{args.seed}.json"
+    )
+
+    loaded: list[DataSplits] = []
+
+    def get_data() -> DataSplits:
+        if not loaded:
+            loaded.append(search_data(space, args.seed, args.data_root))
+        return loaded[0]
+
+    archs = sample_archs(space, args.archs, args.seed)
+    cpu0 = time.process_time()
+    standalone_phase(archs, space, args.seed, cache_path, get_data, args.device)
+    standalone_cpu = round(time.process_time() - cpu0, 2)
+    info: dict[str, Any] = {}
+    if not args.standalone_only:
+        info = supernet_phase(archs, space, args, get_data())
+    for i, arch in enumerate(archs):
+        emit(
+            {
+                "benchmark": BENCHMARK,
+                "space": space.name,
+                "arch": i,
+                "hash": arch["hash"],
+                "ops": arch["metrics"]["ops"],
+                "choices": arch["choices"],
+                "standalone_val_acc": arch["standalone"]["val_acc"],
+                "standalone_cpu_s": arch["standalone"]["cpu_s"],
+                "cached": arch["cached"],
+                "supernet_val_acc": arch.get("supernet_acc"),
+            }
+        )
+    summary: dict[str, Any] = {
+        "benchmark": BENCHMARK,
+        "summary": True,
+        "space": space.name,
+        "archs": len(archs),
+        "seed": args.seed,
+        "standalone_cache": str(cache_path),
+        "standalone_trained": sum(not a["cached"] for a in archs),
+        "standalone_cpu_s": standalone_cpu,
+        "standalone_cpu_s_all": round(sum(a["standalone"]["cpu_s"] for a in archs), 2),
+        "standalone_val_acc_range": [
+            min(a["standalone"]["val_acc"] for a in archs),
+            max(a["standalone"]["val_acc"] for a in archs),
+        ],
+    }
+    if not args.standalone_only:
+        summary.update(info, calibration_batches=args.calibration_batches)
+        summary.update(
+            rank_correlations([a["standalone"]["val_acc"] for a in archs], [a["supernet_acc"] for a in archs])
+        )
+    summary.update(load_average=[round(v, 2) for v in os.getloadavg()], **machine())
+    emit(summary)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BnasError as exc:
+        sys.exit(f"error: {exc}")
