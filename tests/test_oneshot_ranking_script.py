@@ -1,0 +1,160 @@
+"""benchmarks/oneshot_ranking.py on a tiny space (synthetic 1x8x8 data, one-epoch budget):
+the JSON lines, the rank correlations against scipy's, the stand-alone cache, and sampling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from scipy.stats import kendalltau, spearmanr
+
+from bnas.search import Supernet
+from bnas.search.space import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "oneshot_ranking.py"
+TINY = {
+    "name": "tiny_ranking",
+    "dataset": "synthetic",
+    "input": [1, 8, 8],
+    "num_classes": 4,
+    "stem": [{"op": "conv_bn", "channels": 4, "kernel": 3}],
+    "cells": {
+        "ops": ["binary_conv_3x3", "skip_connect", "max_pool_3x3"],
+        "nodes": 2,
+        "inputs": 2,
+        "edges_per_node": 2,
+        "combine": "sum",
+    },
+    "macro": {"stages": 2, "channels": [4, 6], "cells_per_stage": [1, 2]},
+    "train_subset": 256,  # a proxy task: seconds per training
+    "budget": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.01}},
+}
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("oneshot_ranking", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT_MODULE = load_script()
+
+
+def write_space(folder: Path, **changes: Any) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}), encoding="utf-8")
+    return path
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT
+    )
+
+
+def lines(proc: subprocess.CompletedProcess[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert records and records[-1].get("summary") is True
+    return records[:-1], records[-1]
+
+
+def main_lines(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The script's ``main`` run in this process (its thread setting undone)."""
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        SCRIPT_MODULE.main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    return lines(subprocess.CompletedProcess([], 0, out, ""))
+
+
+def test_ranking_run_then_rerun_from_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = write_space(tmp_path)
+    cache = tmp_path / "cache.json"
+    common = ["--space", str(space), "--archs", "4", "--seed", "3", "--standalone-cache", str(cache)]
+    archs, summary = lines(run(*common, "--supernet-epochs", "1", "--supernet-out", str(tmp_path / "sn")))
+    assert len(archs) == 4 and summary["archs"] == 4
+    assert len({a["hash"] for a in archs}) == 4
+    assert [a["arch"] for a in archs] == [0, 1, 2, 3]
+    assert not any(a["cached"] for a in archs) and summary["standalone_trained"] == 4
+    assert all(0.0 <= a["standalone_val_acc"] <= 1.0 and 0.0 <= a["supernet_val_acc"] <= 1.0 for a in archs)
+    assert all(a["standalone_cpu_s"] > 0 for a in archs)
+    assert summary["supernet_epochs"] == 1 and summary["distill"] is False
+    assert summary["calibration_batches"] == 8 and summary["supernet_train_cpu_s"] > 0
+    standalone = [a["standalone_val_acc"] for a in archs]
+    supernet = [a["supernet_val_acc"] for a in archs]
+    tau, rho = kendalltau(standalone, supernet).statistic, spearmanr(standalone, supernet).statistic
+    if summary["kendall_tau"] is None:  # a constant side: scipy's nan, printed as null
+        assert tau != tau
+    else:
+        assert -1.0 <= summary["kendall_tau"] <= 1.0
+        assert summary["kendall_tau"] == pytest.approx(tau, abs=1e-4)
+    if summary["spearman_rho"] is None:
+        assert rho != rho
+    else:
+        assert -1.0 <= summary["spearman_rho"] <= 1.0
+        assert summary["spearman_rho"] == pytest.approx(rho, abs=1e-4)
+    # The cache holds every arch, keyed by hash, with the printed accuracies.
+    stored = json.loads(cache.read_text())
+    assert stored["seed"] == 3 and sorted(stored["archs"]) == sorted(a["hash"] for a in archs)
+    assert [stored["archs"][a["hash"]]["val_acc"] for a in archs] == standalone
+
+    # Rerun in this process (one import less), scoring with the saved supernet: nothing is
+    # trained stand-alone, and the loaded supernet scores every arch exactly as the one
+    # trained in the first run did.
+    again, summary2 = main_lines(capsys, *common, "--supernet", str(tmp_path / "sn" / "supernet.pt"))
+    assert all(a["cached"] for a in again) and summary2["standalone_trained"] == 0
+    assert summary2["standalone_cpu_s"] < 0.5
+    assert [a["hash"] for a in again] == [a["hash"] for a in archs]
+    assert [a["standalone_val_acc"] for a in again] == standalone
+    assert [a["supernet_val_acc"] for a in again] == supernet
+    assert summary2["supernet_epochs"] == 1 and summary2["supernet_train_cpu_s"] == 0.0
+    assert summary2["kendall_tau"] == summary["kendall_tau"]
+
+    # A cache made with another seed is refused, naming the flag.
+    with pytest.raises(
+        SCRIPT_MODULE.RankingError, match=r"--standalone-cache .*seed 3 \(asked: 'tiny_ranking', seed 4\)"
+    ):
+        main_lines(capsys, *common[:-4], "--seed", "4", "--standalone-cache", str(cache), "--standalone-only")
+
+
+def test_sampling_matches_the_supernets_and_keeps_the_constraints(tmp_path: Path) -> None:
+    script = SCRIPT_MODULE
+    space = load_space(write_space(tmp_path))
+    archs = script.sample_archs(space, 6, seed=5)
+    # The same draws as Supernet.sample_choices from the same seeded rng, twins skipped.
+    supernet, rng = Supernet(space), random.Random(5)
+    expected: list[str] = []
+    while len(expected) < 6:
+        digest = supernet.genotype(supernet.sample_choices(rng)).canonical_hash()
+        if digest not in expected:
+            expected.append(digest)
+    assert [a["hash"] for a in archs] == expected
+    # With a bound between the smallest and the largest of those, only archs within it are kept.
+    ops = sorted(a["metrics"]["ops"] for a in archs)
+    bound = ops[len(ops) // 2]
+    bounded = load_space(write_space(tmp_path, constraints={"max_ops": bound}))
+    kept = script.sample_archs(bounded, 3, seed=5)
+    assert all(a["metrics"]["ops"] <= bound for a in kept)
+    within = [a["hash"] for a in archs if a["metrics"]["ops"] <= bound]
+    assert len(within) >= 3 and [a["hash"] for a in kept] == within[:3]
+    nothing = load_space(write_space(tmp_path, constraints={"max_ops": 1}))
+    with pytest.raises(script.RankingError, match=r"--archs 2: only 0 distinct genotypes .* after 5 draws \(5 over"):
+        script.sample_archs(nothing, 2, seed=5, max_draws=5)
