@@ -7,6 +7,7 @@ epoch, atomic), ``report.json``, ``report.md`` and ``curves.png``.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import platform
 import re
@@ -28,6 +29,8 @@ from .report import write_report
 from .train import Recipe, Trainer, TrainingError, _state_mismatch, evaluate_accuracy, load_checkpoint, seed_everything
 
 __all__ = ["evaluate", "resolve_device", "check_input_shape"]
+
+logger = logging.getLogger(__name__)
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
@@ -122,8 +125,14 @@ def evaluate(
     data: DataSplits | None = None,
     callbacks: list[Any] | None = None,
     test: bool = True,
+    init_from: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Train and test ``genotype``; returns the report (and writes it when ``out`` is set)."""
+    """Train and test ``genotype``; returns the report (and writes it when ``out`` is set).
+
+    ``init_from`` (a one-shot ``RUN/supernet.pt``): start from the weights ``genotype``
+    inherits from that supernet (its BatchNorm statistics re-estimated on training batches)
+    and fine-tune them, instead of from a random initialisation.
+    """
     if not isinstance(genotype, Genotype):
         genotype = load_genotype(genotype)
     check_ops(genotype)  # op names and options before any data is loaded, as on load before
@@ -156,6 +165,8 @@ def evaluate(
     data = data.to(dev)
     seed_everything(recipe.seed)
     model = build(genotype)
+    if init_from is not None and not resume:  # a resumed run continues from its own checkpoint
+        _inherit(model, genotype, init_from, data, recipe, dev)
     teacher = _teacher(recipe, data, dev, out_dir, progress)
     trainer = Trainer(model, data, recipe, dev, out_dir, teacher=teacher, progress=progress, callbacks=callbacks)
     if resume and not trainer.resume():
@@ -181,6 +192,7 @@ def evaluate(
         "recipe": recipe.to_dict(),
         "metrics": {k: v for k, v in summarize(model, genotype.input).to_dict().items() if k != "layers"},
         "genotype": genotype.to_dict(),
+        **({"init_from": str(init_from)} if init_from is not None else {}),
     }
     if test:
         test_loader = data.loader("test", 512)
@@ -205,6 +217,31 @@ def evaluate(
                 "then rerun the same command with --resume to write model.pt and the report"
             ) from exc
     return report
+
+
+def _inherit(
+    model: nn.Module,
+    genotype: Genotype,
+    path: str | os.PathLike[str],
+    data: DataSplits,
+    recipe: Recipe,
+    device: torch.device,
+) -> None:
+    """Load into ``model`` the weights ``genotype`` inherits from the supernet in ``path``."""
+    # Imported here: bnas.search imports this module (its trials train with ``evaluate``).
+    from .search.supernet import calibration_batches, extract, recalibrate_bn
+    from .search.supernet_run import load_supernet
+
+    supernet = load_supernet(path, device=str(device))
+    if data.name != supernet.meta["dataset"]:
+        raise BnasError(
+            f"--init-from {path}: the supernet was trained on {supernet.meta['dataset']!r}, not {data.name!r}; "
+            f"pass --dataset {supernet.meta['dataset']}"
+        )
+    inherited = extract(supernet, genotype)
+    recalibrate_bn(inherited, calibration_batches(data, 8, 64, recipe.seed, device))
+    model.load_state_dict(inherited.state_dict())
+    logger.info("initialised %s from %s (%d supernet epochs)", genotype.name, path, supernet.meta["epochs"])
 
 
 def _versions() -> dict[str, str]:

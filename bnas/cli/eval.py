@@ -40,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--two-step", type=int, help="epochs with real weights before binarizing them (ReActNet)")
     p.add_argument("--teacher", help="real-valued teacher genotype for knowledge distillation")
     p.add_argument("--teacher-checkpoint", help="trained teacher weights (else the teacher is trained first)")
+    p.add_argument(
+        "--init-from",
+        metavar="SUPERNET",
+        help="start from the weights the genotype inherits from a one-shot supernet (RUN/supernet.pt of "
+        "`bnas supernet`) and fine-tune them",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_catalog_argument(p)
     p.set_defaults(handler=run_eval)
@@ -75,6 +81,7 @@ def run_eval(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         download=args.download,
+        init_from=args.init_from,
     )
     print(
         f"{genotype.name} on {report['dataset']}: test accuracy {report['test_acc']:.4f}, best validation accuracy "

@@ -1,0 +1,192 @@
+"""``bnas supernet`` (issue 14): a supernet training run, its supernet.pt (bit-identical
+resume after an epoch or a Ctrl-C inside one, refusals), ``load_supernet`` and
+``bnas eval --init-from``; on a tiny space (input 1x8x8, synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import bnas.search.supernet_run as run_module
+from bnas.cli import main
+from bnas.data import load_dataset
+from bnas.evaluate import evaluate
+from bnas.search import SupernetError, extract
+from bnas.search.space import load_space
+from bnas.search.supernet import score
+from bnas.search.supernet_run import SUPERNET_FILE, load_supernet, train_supernet
+
+SPACE = {
+    "name": "tiny",
+    "dataset": "synthetic",
+    "input": [1, 8, 8],
+    "num_classes": 4,
+    "stem": [{"op": "conv_bn", "channels": 4, "kernel": 3}],
+    "cells": {
+        "ops": ["binary_conv_3x3", "skip_connect", "max_pool_3x3"],
+        "nodes": 2,
+        "inputs": 2,
+        "edges_per_node": 2,
+        "combine": "sum",
+    },
+    "macro": {"stages": 2, "channels": [4, 6], "cells_per_stage": [1, 2]},
+    "budget": {"epochs": 2, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.01}},
+}
+
+
+def write_space(folder: Path, **changes: Any) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, **changes}))
+    return path
+
+
+def state(path: Path) -> dict[str, Any]:
+    return torch.load(path, weights_only=True)
+
+
+def same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in ("epoch", "step_in_epoch"):
+        assert a[key] == b[key]
+    timeless = [{k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in a["history"]]
+    assert timeless == [{k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in b["history"]]
+
+
+def test_resume_after_an_epoch_is_bit_identical(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path))
+    train_supernet(space, tmp_path / "straight", epochs=3)
+    train_supernet(space, tmp_path / "split", epochs=1)
+    assert state(tmp_path / "split" / SUPERNET_FILE)["epoch"] == 1
+    train_supernet(space, tmp_path / "split", epochs=3, resume=True)  # --epochs may grow on resume
+    same_weights(state(tmp_path / "straight" / SUPERNET_FILE), state(tmp_path / "split" / SUPERNET_FILE))
+    history = json.loads((tmp_path / "split" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert {"val_acc_largest", "val_acc_sample1", "val_acc_sample2"} <= history[0].keys()
+    assert (tmp_path / "split" / "curves.png").stat().st_size > 0
+
+
+def test_ctrl_c_inside_an_epoch_saves_and_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    space = load_space(write_space(tmp_path))
+    train_supernet(space, tmp_path / "straight", epochs=2)
+    real_epoch = run_module.train_supernet_epoch
+
+    def interrupted_epoch(*args: Any, on_step: Any, **kwargs: Any) -> Any:
+        def step(done: int, totals: dict[str, float]) -> None:
+            if args[5] == 1 and done == 7:  # epoch 2, after its 7th step: as a Ctrl-C would arrive
+                os.kill(os.getpid(), signal.SIGINT)
+            on_step(done, totals)
+
+        return real_epoch(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_supernet_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(space, tmp_path / "split", epochs=2)
+    saved = state(tmp_path / "split" / SUPERNET_FILE)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 7)
+    monkeypatch.setattr(run_module, "train_supernet_epoch", real_epoch)
+    train_supernet(space, tmp_path / "split", epochs=2, resume=True)
+    same_weights(state(tmp_path / "straight" / SUPERNET_FILE), state(tmp_path / "split" / SUPERNET_FILE))
+
+
+def test_refusals_name_the_file_and_what_to_do(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path))
+    out = tmp_path / "run"
+    train_supernet(space, out, epochs=1)
+    with pytest.raises(SupernetError, match="already holds a supernet .*--resume"):
+        train_supernet(space, out, epochs=1)
+    with pytest.raises(SupernetError, match="no supernet.pt in .*without --resume"):
+        train_supernet(space, tmp_path / "empty", epochs=1, resume=True)
+    with pytest.raises(SupernetError, match="seed 0, not 1"):
+        train_supernet(space, out, epochs=2, resume=True, seed=1)
+    with pytest.raises(SupernetError, match="distill False, not True"):
+        train_supernet(space, out, epochs=2, resume=True, distill=True)
+    with pytest.raises(SupernetError, match=r"recipe differs .*optimizer"):
+        train_supernet(space, out, epochs=2, resume=True, overrides={"optimizer.lr": 0.5})
+    (tmp_path / "other").mkdir()
+    other = load_space(write_space(tmp_path / "other", num_classes=5))
+    with pytest.raises(SupernetError, match=r"trained on search space 'tiny' .*bnas supernet SPACE"):
+        load_supernet(out / SUPERNET_FILE, other)
+    with pytest.raises(SupernetError, match="space_fingerprint"):
+        train_supernet(other, out, epochs=2, resume=True)
+    model_pt = tmp_path / "model.pt"
+    torch.save({"weight": torch.zeros(2)}, model_pt)
+    with pytest.raises(SupernetError, match=r"model.pt is not a bnas supernet .*bnas supernet SPACE --out RUN"):
+        load_supernet(model_pt)
+
+
+def test_loaded_supernet_scores_as_trained(tmp_path: Path) -> None:
+    path = write_space(tmp_path)
+    space = load_space(path)
+    trained = train_supernet(space, tmp_path / "run", epochs=1)
+    data = load_dataset("synthetic", shape=(1, 8, 8), num_classes=4, val_fraction=0.1, seed=0)
+    genotype = trained.genotype({k: v[-1] for k, v in trained._lists.items()})
+    for loaded in (
+        load_supernet(tmp_path / "run" / SUPERNET_FILE, space),
+        load_supernet(tmp_path / "run" / SUPERNET_FILE),
+    ):
+        assert loaded.meta["epochs"] == 1 and loaded.meta["seed"] == 0 and loaded.meta["dataset"] == data.name
+        assert loaded.space.fingerprint() == space.fingerprint()
+        assert score(loaded, genotype, data) == score(trained, genotype, data)
+
+
+def test_cli_trains_resumes_and_init_from_fine_tunes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_space(tmp_path)
+    out = tmp_path / "run"
+    assert main(["supernet", str(path), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    assert "bnas search" in capsys.readouterr().out
+    assert main(["supernet", str(path), "--out", str(out), "--epochs", "2", "--resume", "--quiet"]) == 0
+    assert state(out / SUPERNET_FILE)["epoch"] == 2
+    assert main(["supernet", str(path), "--out", str(out), "--epochs", "0"]) == 2
+    assert "--epochs must be positive" in capsys.readouterr().err
+    # A genotype of the space, fine-tuned from its inherited weights for 0 further epochs...
+    supernet = load_supernet(out / SUPERNET_FILE)
+    genotype = supernet.genotype({k: v[0] for k, v in supernet._lists.items()}, name="first")
+    genotype_file = tmp_path / "first.yaml"
+    genotype.to_yaml(genotype_file)
+    data = load_dataset("synthetic", shape=(1, 8, 8), num_classes=4, val_fraction=0.1, seed=0)
+    report = evaluate(genotype_file, "synthetic", data=data, overrides={"epochs": 1}, init_from=out / SUPERNET_FILE)
+    assert report["init_from"] == str(out / SUPERNET_FILE)
+    # ...starts from the supernet's weights: the inherited network's first-epoch accuracy
+    # beats a random initialisation's on this learnable task.
+    scratch = evaluate(genotype_file, "synthetic", data=data, overrides={"epochs": 1})
+    assert report["history"][0]["val_acc"] > scratch["history"][0]["val_acc"]
+    # A genotype outside the space cannot inherit.
+    wide = replace(genotype, name="wide", stem=(replace(genotype.stem[0], channels=7),))
+    wide_file = tmp_path / "wide.yaml"
+    wide.to_yaml(wide_file)
+    rc = main(["eval", str(wide_file), "--dataset", "synthetic", "--init-from", str(out / SUPERNET_FILE), "--quiet"])
+    assert rc == 2
+    assert "does not have" in capsys.readouterr().err
+
+
+def test_extracted_weights_are_what_init_from_loads(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path))
+    trained = train_supernet(space, tmp_path / "run", epochs=1)
+    genotype = trained.genotype({k: v[-1] for k, v in trained._lists.items()}, name="deep")
+    data = load_dataset("synthetic", shape=(1, 8, 8), num_classes=4, val_fraction=0.1, seed=0)
+    report = evaluate(
+        genotype,
+        "synthetic",
+        data=data,
+        overrides={"epochs": 1, "optimizer.lr": 1e-12},
+        init_from=tmp_path / "run" / SUPERNET_FILE,
+        out=tmp_path / "eval",
+    )
+    model = extract(trained, genotype)
+    tuned = torch.load(tmp_path / "eval" / "model.pt", weights_only=True)
+    # With a vanishing learning rate the fine-tuned weights stay the inherited ones.
+    conv = [k for k in tuned if k.endswith("weight") and tuned[k].dim() == 4]
+    assert conv and all(torch.allclose(tuned[k], model.state_dict()[k], atol=1e-6) for k in conv)
+    assert report["epochs_run"] == 1
