@@ -18,6 +18,7 @@ from ..atomic import check_writable_dir
 from ..errors import BnasError
 from ..evaluate import resolve_device
 from ..search.outputs import saved_line, summary_text, write_outputs
+from ..search.retrain import retrain_top
 from ..search.runner import SearchConfig, open_study, run_search_study
 from ..search.space import PRUNERS, SAMPLERS, load_space
 from ..search.storage import SearchError, is_disk_full, open_storage, retry_db
@@ -60,6 +61,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--artifacts", help="artifact store folder shared by the workers (default RUN/artifacts)")
     p.add_argument(
         "--show", metavar="RUN", help="print the summary of a finished or running search again (and refresh its files)"
+    )
+    p.add_argument(
+        "--supernet",
+        metavar="RUN/supernet.pt",
+        help="one-shot search: score each trial with the weights it inherits from this supernet "
+        "(from `bnas supernet`, trained on the same space) instead of training it",
+    )
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        help="with --supernet: training batches (of 64) that re-estimate each trial's BatchNorm statistics (default 8)",
+    )
+    p.add_argument(
+        "--retrain-top",
+        type=int,
+        metavar="K",
+        help="when the study is done, retrain its K best trials (several objectives: the Pareto front, at most K) "
+        "from scratch in RUN/retrain/trial-N and report their validation and test accuracy; a rerun resumes",
+    )
+    p.add_argument(
+        "--retrain-epochs",
+        type=int,
+        metavar="E",
+        help="with --retrain-top: epochs per retraining (default: the space's)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_catalog_argument(p)
@@ -121,6 +146,8 @@ def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> tuple[optuna.St
             ("--heartbeat", cfg.heartbeat),
             ("--artifacts", args.artifacts),
             ("--threads", args.threads),
+            ("--supernet", cfg.supernet),
+            ("--calibration-batches", args.calibration_batches),
         ):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -160,10 +187,16 @@ def run_search(args: argparse.Namespace) -> int:
         return _show(Path(args.show), args.storage)
     if not args.space:
         raise BnasError("give a search-space file (e.g. search_spaces/quickstart.yaml), or --show RUN")
-    for flag in ("trials", "workers", "threads", "heartbeat"):
+    for flag in ("trials", "workers", "threads", "heartbeat", "calibration_batches", "retrain_top", "retrain_epochs"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            raise BnasError(f"--{flag} must be positive, got {value}")
+            raise BnasError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.calibration_batches is not None and args.supernet is None:
+        raise BnasError(
+            "--calibration-batches applies to a one-shot search: add --supernet RUN/supernet.pt, or drop it"
+        )
+    if args.retrain_epochs is not None and args.retrain_top is None:
+        raise BnasError("--retrain-epochs sets the epochs of --retrain-top K: add --retrain-top K, or drop it")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise BnasError(
             f"--timeout must be a positive, finite number of seconds, got {args.timeout}; "
@@ -205,6 +238,11 @@ def run_search(args: argparse.Namespace) -> int:
         heartbeat=heartbeat,
         artifacts=Path(args.artifacts) if args.artifacts else None,
         catalogs=tuple(catalogs),
+        # Absolute: --workers children and run.json name the same file from any folder.
+        supernet=Path(args.supernet).resolve() if args.supernet else None,
+        calibration_batches=args.calibration_batches or 8,
+        retrain_top=args.retrain_top,
+        retrain_epochs=args.retrain_epochs,
     )
     start = time.perf_counter()
     worker_codes: list[int] = []
@@ -214,6 +252,8 @@ def run_search(args: argparse.Namespace) -> int:
         study = run_search_study(cfg)
     if args.worker_index > 0:
         return 0  # the parent of --workers writes the outputs once, when all are done
+    if cfg.retrain_top and not any(worker_codes):  # a worker stopped early: the study is not done yet
+        retrain_top(study, cfg)
     try:
         retry_db("write the search's outputs", lambda: write_outputs(study, out))
     except (OSError, BnasError) as exc:

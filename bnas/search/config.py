@@ -34,6 +34,14 @@ class SearchConfig:
     # --catalog files (absolute paths), passed on to --workers children and kept in run.json;
     # a space's own `catalog:` list is the space's (in its fingerprint).
     catalogs: tuple[str, ...] = ()
+    # One-shot search (--supernet): trials are scored with the supernet's inherited weights
+    # (BN recalibrated on this many seeded training batches) instead of being trained.
+    supernet: Path | None = None
+    calibration_batches: int = 8
+    # --retrain-top K: the best K trials retrained from scratch once the study is done
+    # (--retrain-epochs overrides the space's epochs).
+    retrain_top: int | None = None
+    retrain_epochs: int | None = None
 
     @property
     def storage_url(self) -> str:

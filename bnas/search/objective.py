@@ -1,5 +1,6 @@
 """One trial: sample a genotype, measure it, check the constraints, reuse a twin's result,
-or train it and report every epoch to the pruner.
+or train it and report every epoch to the pruner (or, in a one-shot search, score it with a
+supernet's inherited weights: ``oneshot.py``).
 
 A trial: sample a genotype (define-by-run), measure it and check the constraints *before*
 training (an over-budget genotype costs no training: it is recorded as PRUNED at step 0,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -115,8 +117,16 @@ def packed_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], repeats: i
 class Objective:
     """The objective Optuna calls once per trial (see the module doc)."""
 
-    def __init__(self, cfg: SearchConfig, data: DataSplits, study: optuna.Study):
-        self.cfg, self.data, self.study = cfg, data, study
+    def __init__(
+        self,
+        cfg: SearchConfig,
+        data: DataSplits,
+        study: optuna.Study,
+        scorer: Callable[[Genotype], float] | None = None,
+    ):
+        """``scorer`` (a one-shot search's ``oneshot.SupernetScorer``) rates a genotype
+        instead of training it: its result is the trial's val_acc, no epoch is trained."""
+        self.cfg, self.data, self.study, self.scorer = cfg, data, study, scorer
         self.space = cfg.space
         (cfg.out / "genotypes").mkdir(parents=True, exist_ok=True)
 
@@ -180,6 +190,13 @@ class Objective:
         if twin is not None:
             return self._reuse(trial, genotype, twin)
         self._write_genotype(trial, genotype, "sampled")
+        if self.scorer is not None:
+            start = time.perf_counter()
+            acc = float(self.scorer(genotype))
+            trial.set_user_attr("score_time_s", time.perf_counter() - start)
+            trial.set_user_attr("supernet_acc", acc)
+            trial.set_user_attr("val_acc", acc)
+            return self._values(acc, metrics)
 
         def report(epoch: int, row: dict[str, float]) -> None:
             trial.set_user_attr("epochs", epoch)
@@ -204,13 +221,18 @@ class Objective:
         trial.set_user_attr("train_time_s", time.perf_counter() - start)
         val_acc = float(result["best_val_acc"])
         trial.set_user_attr("val_acc", val_acc)
-        values = [val_acc] + [metrics["latency_ms" if o == "latency" else o] for o in space.objectives[1:]]
-        return tuple(values) if space.multi_objective else val_acc
+        return self._values(val_acc, metrics)
+
+    def _values(self, val_acc: float, metrics: dict[str, float]) -> float | tuple[float, ...]:
+        values = [val_acc] + [metrics["latency_ms" if o == "latency" else o] for o in self.space.objectives[1:]]
+        return tuple(values) if self.space.multi_objective else val_acc
 
     def _reuse(self, trial: optuna.Trial, genotype: Genotype, twin: FrozenTrial) -> float | tuple[float, ...]:
         """The same genotype as ``twin``: its result stands for this trial, nothing is trained."""
         trial.set_user_attr("duplicate_of", twin.number)
         trial.set_user_attr("val_acc", twin.user_attrs.get("val_acc"))
+        if "supernet_acc" in twin.user_attrs:
+            trial.set_user_attr("supernet_acc", twin.user_attrs["supernet_acc"])
         if twin.state == TrialState.PRUNED:
             self._write_genotype(
                 trial, genotype, f"same genotype as trial {twin.number}, which was pruned; not trained again"

@@ -1,4 +1,6 @@
-"""What a search leaves behind: trials.csv, best.yaml or pareto/*.yaml, summary.md, plots.
+"""What a search leaves behind: trials.csv, best.yaml or pareto/*.yaml, summary.md, plots
+(and, for a one-shot search or ``--retrain-top``, the supernet score beside the stand-alone
+retrained accuracy).
 
 Everything is derived from the study in storage, so ``bnas search --show RUN`` (and a
 resumed search) rewrites the same files from the same source of truth.
@@ -19,7 +21,9 @@ from optuna.trial import FrozenTrial, TrialState
 from ..atomic import save_figure
 from ..genotype import load_genotype
 from ..yaml_io import write_text_atomic
-from .stats import epochs_saved, saved_by_reason
+from .oneshot import SUPERNET_ATTR
+from .retrain import retrained
+from .stats import FINISHED, epochs_saved, saved_by_reason
 
 __all__ = ["COLUMNS", "history_figure", "saved_line", "summary_text", "write_outputs"]
 
@@ -39,6 +43,9 @@ COLUMNS = [
     "constraint",
     "error",
     "choices",
+    "supernet_acc",
+    "retrain_val_acc",
+    "retrain_test_acc",
 ]
 MULTI_OBJECTIVE_NOTE = (
     "Optuna cannot prune multi-objective studies, so every trial trained its full budget; "
@@ -46,8 +53,9 @@ MULTI_OBJECTIVE_NOTE = (
 )
 
 
-def _row(t: FrozenTrial) -> dict[str, Any]:
+def _row(t: FrozenTrial, again: dict[int, dict[str, Any]]) -> dict[str, Any]:
     a = t.user_attrs
+    retrain = again.get(t.number, {})
     duration = (
         (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
     )
@@ -67,6 +75,9 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "constraint": a.get("constraint", ""),
         "error": a.get("error", ""),
         "choices": json.dumps(t.params, sort_keys=True),
+        "supernet_acc": a.get("supernet_acc", ""),
+        "retrain_val_acc": retrain.get("val_acc", ""),
+        "retrain_test_acc": retrain.get("test_acc", ""),
     }
 
 
@@ -78,6 +89,14 @@ def _best_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def saved_line(study: optuna.Study) -> str:
+    supernet = study.user_attrs.get(SUPERNET_ATTR)
+    if supernet:
+        scored = study.get_trials(deepcopy=False, states=FINISHED)
+        seconds = sum(float(t.user_attrs.get("score_time_s", 0.0)) for t in scored)
+        return (
+            f"no epochs trained (one-shot): {sum('score_time_s' in t.user_attrs for t in scored)} trials scored "
+            f"with the supernet's weights in {seconds:.1f} s"
+        )
     trained, saved = epochs_saved(study)
     why = saved_by_reason(study)
     return (
@@ -92,6 +111,8 @@ def summary_text(study: optuna.Study, out: Path) -> str:
     over = sum("constraint" in t.user_attrs for t in trials)
     dups = sum("duplicate_of" in t.user_attrs for t in trials)
     objectives = study.user_attrs.get("objectives", ["val_acc"])
+    supernet = study.user_attrs.get(SUPERNET_ATTR)
+    acc_name = "supernet score" if supernet else "validation accuracy"
     lines = [
         f"# Search {study.study_name!r}",
         "",
@@ -103,7 +124,13 @@ def summary_text(study: optuna.Study, out: Path) -> str:
         ),
         f"- training epochs: {saved_line(study)}",
     ]
-    if len(study.directions) > 1:
+    if supernet:
+        lines.append(
+            f"- one-shot: every trial scored with the weights it inherits from the supernet `{supernet['path']}` "
+            f"(trained {supernet.get('epochs')} epoch(s); BatchNorm recalibrated on {supernet.get('calibration_batches')} "
+            "training batches); no trial was trained"
+        )
+    if len(study.directions) > 1 and not supernet:
         lines.append(f"- multi-objective: {MULTI_OBJECTIVE_NOTE}")
     failed = [t for t in trials if t.state == TrialState.FAIL]
     for t in failed[:5]:
@@ -116,7 +143,7 @@ def summary_text(study: optuna.Study, out: Path) -> str:
             f"## Best: trial {b.number}",
             "",
             (
-                f"validation accuracy {b.values[0]:.4f}, OPs {b.user_attrs.get('ops', 0):,.0f} (BOPs/64 + FLOPs), "
+                f"{acc_name} {b.values[0]:.4f}, OPs {b.user_attrs.get('ops', 0):,.0f} (BOPs/64 + FLOPs), "
                 f"size {b.user_attrs.get('size', 0) / 1024:,.1f} KiB; genotype: `{out / 'best.yaml'}`"
             ),
         ]
@@ -124,7 +151,8 @@ def summary_text(study: optuna.Study, out: Path) -> str:
             (t for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs),
             key=lambda t: -t.values[0],
         )[:5]
-        lines += ["", "| trial | val acc | OPs | size (KiB) | epochs |", "|---|---|---|---|---|"]
+        score_head = "supernet score" if supernet else "val acc"
+        lines += ["", f"| trial | {score_head} | OPs | size (KiB) | epochs |", "|---|---|---|---|---|"]
         lines += [
             f"| {t.number} | {t.values[0]:.4f} | {t.user_attrs.get('ops', 0):,.0f} | "
             f"{t.user_attrs.get('size', 0) / 1024:,.1f} | {t.user_attrs.get('epochs', '')} |"
@@ -140,6 +168,7 @@ def summary_text(study: optuna.Study, out: Path) -> str:
         ]
         for t in sorted(best, key=lambda t: -t.values[0]):
             lines.append(f"| {t.number} | " + " | ".join(f"{v:.4g}" for v in t.values) + " |")
+    lines += _retrained_lines(study, out, supernet is not None)
     lines += [
         "",
         (
@@ -150,6 +179,41 @@ def summary_text(study: optuna.Study, out: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _retrained_lines(study: optuna.Study, out: Path, oneshot: bool) -> list[str]:
+    """The retrained trials (``--retrain-top``): the search's score beside the stand-alone
+    accuracies, and how well the one ranks the other (Kendall tau, from 3 trials)."""
+    again = retrained(study)
+    if not again:
+        return []
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    rows = sorted(
+        ((n, trials[n], r) for n, r in again.items() if n in trials and trials[n].values),
+        key=lambda row: (-row[1].values[0], row[0]),
+    )
+    head = "supernet score" if oneshot else "search val acc"
+    lines = [
+        "",
+        f"## Retrained from scratch ({len(rows)} trials, in `{out / 'retrain'}`)",
+        "",
+        f"| trial | {head} | retrained val acc | retrained test acc | epochs | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {n} | {t.values[0]:.4f} | {r['val_acc']:.4f} | {r['test_acc']:.4f} | {r['epochs']} | {r['time_s']:.1f} |"
+        for n, t, r in rows
+    ]
+    if len(rows) >= 3:
+        from scipy.stats import kendalltau
+
+        tau = float(kendalltau([t.values[0] for _, t, _ in rows], [r["val_acc"] for _, _, r in rows]).statistic)
+        shown = "undefined (one of the two is constant)" if tau != tau else f"{tau:.3f}"
+        lines += [
+            "",
+            f"Kendall tau between the {head} and the retrained val acc over these {len(rows)} trials: {shown}",
+        ]
+    return lines
 
 
 def _importances(study: optuna.Study) -> dict[str, float]:
@@ -265,8 +329,9 @@ def write_outputs(study: optuna.Study, out: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
+    again = retrained(study)
     for t in study.get_trials(deepcopy=False):
-        writer.writerow(_row(t))
+        writer.writerow(_row(t, again))
     write_text_atomic(out / "trials.csv", buf.getvalue())
     best = _best_trials(study)
     genotypes = out / "genotypes"

@@ -5,6 +5,8 @@ This module is the loop only; each job it calls lives in its own module:
 - ``config.py``: ``SearchConfig``, what the search was asked to do;
 - ``study.py``: samplers, pruners, per-trial seeding, opening and checking the study;
 - ``objective.py``: one trial (sample, measure, constraints, duplicates, training);
+- ``oneshot.py``: a one-shot search's supernet and the scorer that replaces training;
+- ``retrain.py``: ``--retrain-top K``, the best trials retrained from scratch;
 - ``constraints.py``: bounds checked before training, and unsatisfiable spaces;
 - ``workers.py``: several workers on one study, dead-worker takeover, the study-wide total;
 - ``failures.py``: crashed trials, a full disk, crashes in a row;
@@ -35,6 +37,7 @@ from .config import SearchConfig
 from .constraints import UNSATISFIABLE_AFTER, unsatisfiable
 from .failures import FAILURES_IN_A_ROW, disk_full_error, recording_errors
 from .objective import Objective, packed_latency_ms, probe_genotype, search_data
+from .oneshot import SupernetScorer, load_oneshot
 from .outputs import write_outputs
 from .progress import ProgressLine
 from .stats import FINISHED, epochs_saved, finished_count, saved_by_reason
@@ -126,13 +129,14 @@ def run_search_study(cfg: SearchConfig) -> optuna.Study:
                 logger.warning("marked %d trial(s) left running by a killed search as failed", stale)
         data = search_data(cfg.space, cfg.seed, cfg.data_root)
         check_input_shape(probe_genotype(cfg.space), data)
-        if cfg.space.multi_objective and cfg.progress:
+        if cfg.space.multi_objective and cfg.progress and cfg.supernet is None:
             logger.warning(
                 "note: Optuna cannot prune multi-objective studies; every trial trains its full budget. "
                 "For pruning, use objectives: [val_acc] with a constraint (constraints: {max_ops: ...})."
             )
         disk_full: list[BaseException] = []
-        objective = guard_total(recording_errors(Objective(cfg, data, study), cfg.out, disk_full), cfg.trials)
+        scorer = SupernetScorer(load_oneshot(cfg), data, cfg) if cfg.supernet is not None else None
+        objective = guard_total(recording_errors(Objective(cfg, data, study, scorer), cfg.out, disk_full), cfg.trials)
         callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
             ProgressLine(cfg.trials, cfg.progress),
             *cfg.extra_callbacks,

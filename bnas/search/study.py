@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..yaml_io import write_text_atomic
 from .config import SearchConfig
+from .oneshot import SUPERNET_ATTR, check_supernet, load_oneshot
 from .storage import SearchError, mask_url, open_storage
 
 __all__ = ["PerTrialSeeded", "make_pruner", "make_sampler", "open_study", "trial_seed", "write_run_meta"]
@@ -111,10 +112,13 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 def open_study(cfg: SearchConfig) -> optuna.Study:
     """Create, resume or join the study.
 
-    A stored study with other objectives, or made from a different search space, is refused
-    before anything is written: its trials would not be comparable with new ones.
+    A stored study with other objectives, or made from a different search space, or scored
+    otherwise (one-shot with another supernet, or per-trial training), is refused before
+    anything is written: its trials would not be comparable with new ones.
     """
     space = cfg.space
+    # Loaded (and checked against the space) before the study is touched; once per process.
+    supernet = load_oneshot(cfg).info if cfg.supernet is not None else None
     sampler = PerTrialSeeded(cfg.sampler or space.sampler, cfg.seed, space.multi_objective)
     # Optuna cannot prune multi-objective studies (Trial.should_prune raises there).
     pruner = (
@@ -126,7 +130,7 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     except KeyError:
         existing = None
     if existing is not None:
-        _check_compatible(existing, cfg)
+        _check_compatible(existing, cfg, supernet)
         return existing
     try:
         directions = [StudyDirection[d.upper()] for d in space.directions]
@@ -135,6 +139,8 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
         )
     except optuna.exceptions.DuplicatedStudyError:
         return open_study(cfg)  # another worker created it a moment ago: join it
+    if supernet is not None:  # first: a study with objectives but no supernet is a per-trial one
+        study.set_user_attr(SUPERNET_ATTR, supernet)
     study.set_user_attr("objectives", list(space.objectives))
     study.set_user_attr("space", space.name)
     study.set_user_attr("space_fingerprint", space.fingerprint())
@@ -144,7 +150,7 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     return study
 
 
-def _check_compatible(study: optuna.Study, cfg: SearchConfig) -> None:
+def _check_compatible(study: optuna.Study, cfg: SearchConfig, supernet: dict[str, Any] | None = None) -> None:
     space = cfg.space
     stored = study.user_attrs.get("objectives")
     directions = [d.name.lower() for d in study.directions]
@@ -167,6 +173,9 @@ def _check_compatible(study: optuna.Study, cfg: SearchConfig) -> None:
             f"{where} trains every trial with seed {seed} (data split and initialisation), not {cfg.seed}; "
             f"resume it with --seed {seed}, or pick another --study name (nothing was changed)"
         )
+    attrs = study.user_attrs
+    if SUPERNET_ATTR in attrs or "objectives" in attrs:  # else another worker is creating it right now
+        check_supernet(attrs.get(SUPERNET_ATTR), supernet, where)
 
 
 def write_run_meta(cfg: SearchConfig) -> None:
@@ -178,5 +187,7 @@ def write_run_meta(cfg: SearchConfig) -> None:
         "seed": cfg.seed,
         # The presets its genotypes may name: `bnas eval/info/export --catalog FILE` needs them.
         "catalogs": [*cfg.space.catalog_files, *(c for c in cfg.catalogs if c not in cfg.space.catalog_files)],
+        # A one-shot search's supernet (the study records its hash and epochs as well).
+        "supernet": str(Path(cfg.supernet).resolve()) if cfg.supernet is not None else None,
     }
     write_text_atomic(cfg.out / "run.json", json.dumps(meta, indent=2) + "\n")

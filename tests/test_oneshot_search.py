@@ -1,0 +1,261 @@
+"""One-shot search (issue 14): `bnas search SPACE --supernet RUN/supernet.pt` scores trials with
+a trained supernet's inherited weights, and `--retrain-top K` retrains the best from scratch."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from conftest import tiny_space, write_space
+from scipy.stats import kendalltau
+
+import bnas
+import bnas.search.retrain as retrain_module
+from bnas.cli import main
+from bnas.search.objective import search_data
+from bnas.search.space import load_space
+from bnas.search.supernet import calibration_batches, score
+from bnas.search.supernet_run import load_supernet, train_supernet
+
+# The tests' tiny space with an OPs budget that some of its genotypes exceed (seed 3 samples some).
+BUDGETED = tiny_space().replace("name: tiny", "name: tiny\nconstraints: {max_ops: 60000}")
+# Two genotypes in all (one edge, two ops): a search of several trials must meet duplicates.
+TWO_GENOTYPES = """
+name: two
+dataset: digits
+input: [1, 8, 8]
+num_classes: 10
+stem: [{op: conv_bn, channels: 8}]
+cells: {ops: [skip_connect, binary_conv_3x3], nodes: 1, inputs: 1, edges_per_node: 1, combine: sum}
+macro: {stages: 1, channels: [8], cells_per_stage: [1]}
+head: [{op: global_avgpool}, {op: linear}]
+budget: {epochs: 1, batch_size: 256, optimizer: {name: adam, lr: 0.01}}
+"""
+
+
+@pytest.fixture(scope="module")
+def budgeted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The budgeted space's file and a supernet trained on it for one epoch."""
+    folder = tmp_path_factory.mktemp("budgeted")
+    space_file = write_space(folder, BUDGETED)
+    train_supernet(load_space(space_file), folder / "supernet", epochs=1)
+    return space_file, folder / "supernet" / "supernet.pt"
+
+
+def _search(space: Path, out: Path, supernet: Path | None, *extra: str, trials: int = 6) -> int:
+    argv = ["search", str(space), "--trials", str(trials), "--out", str(out), "--seed", "3", "--quiet", *extra]
+    return main(argv + (["--supernet", str(supernet)] if supernet is not None else []))
+
+
+def _study(out: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def _rows(out: Path) -> dict[int, dict[str, str]]:
+    with (out / "trials.csv").open() as f:
+        return {int(r["number"]): r for r in csv.DictReader(f)}
+
+
+def test_trials_are_scored_with_the_supernet_never_trained(
+    budgeted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space_file, supernet_file = budgeted
+    out = tmp_path / "run"
+    assert _search(space_file, out, supernet_file) == 0
+    study = _study(out)
+    rows = _rows(out)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 6 and len(rows) == len(study.trials)
+    # Over budget: pruned before any scoring.
+    over = [t for t in study.trials if "constraint" in t.user_attrs]
+    assert over, "the OPs budget should exclude some of these genotypes"
+    for t in over:
+        assert t.state.name == "PRUNED" and t.user_attrs["ops"] > 60000
+        assert "supernet_acc" not in t.user_attrs and "score_time_s" not in t.user_attrs
+        assert rows[t.number]["supernet_acc"] == ""
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert complete
+    for t in complete:
+        acc = t.user_attrs["supernet_acc"]
+        assert t.values == [acc] and t.user_attrs["val_acc"] == acc and t.user_attrs["epochs"] == 0
+        assert "train_time_s" not in t.user_attrs and not t.intermediate_values
+        row = rows[t.number]
+        assert float(row["supernet_acc"]) == acc and row["epochs"] == "0"
+        assert row["retrain_val_acc"] == row["retrain_test_acc"] == ""
+    # Each score is supernet.score on the search's calibration batches (seed 3, 8 of 64).
+    space = load_space(space_file)
+    supernet = load_supernet(supernet_file, space)
+    data = search_data(space, 3)
+    batches = calibration_batches(data, num_batches=8, batch_size=64, seed=3, device="cpu")
+    for t in complete:
+        genotype = bnas.load_genotype(out / "genotypes" / f"trial-{t.number}.yaml")
+        assert score(supernet, genotype, data, calibration=batches) == t.user_attrs["supernet_acc"]
+    # The study and run.json name the supernet; the summary says the search was one-shot.
+    recorded = study.user_attrs["supernet"]
+    assert recorded["path"] == str(supernet_file.resolve()) and recorded["epochs"] == 1
+    assert recorded["sha256"] == hashlib.sha256(supernet_file.read_bytes()).hexdigest()
+    assert recorded["calibration_batches"] == 8
+    assert json.loads((out / "run.json").read_text())["supernet"] == str(supernet_file.resolve())
+    capsys.readouterr()
+    assert main(["search", "--show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"the supernet `{supernet_file.resolve()}` (trained 1 epoch(s)" in shown
+    assert "no epochs trained (one-shot)" in shown and "supernet score" in shown
+
+
+def test_duplicates_reuse_the_score(tmp_path: Path) -> None:
+    space_file = write_space(tmp_path, TWO_GENOTYPES)
+    train_supernet(load_space(space_file), tmp_path / "sn", epochs=1)
+    out = tmp_path / "run"
+    assert _search(space_file, out, tmp_path / "sn" / "supernet.pt", trials=5) == 0
+    trials = _study(out, "two").trials
+    dups = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert dups and len(trials) == 5
+    by_number = {t.number: t for t in trials}
+    for t in dups:
+        twin = by_number[t.user_attrs["duplicate_of"]]
+        assert t.user_attrs["supernet_acc"] == twin.user_attrs["supernet_acc"] and t.values == twin.values
+        assert "score_time_s" not in t.user_attrs  # not scored again
+    scored = [t for t in trials if "score_time_s" in t.user_attrs]
+    assert len(scored) == len({t.user_attrs["genotype_hash"] for t in trials}) <= 2
+
+
+def test_refused_supernets_and_studies(
+    budgeted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space_file, supernet_file = budgeted
+    # A supernet of another space: one line before any trial, no study made.
+    two = write_space(tmp_path, TWO_GENOTYPES, "two.yaml")
+    out = tmp_path / "two"
+    capsys.readouterr()
+    assert _search(two, out, supernet_file) == 2
+    err = capsys.readouterr().err
+    assert f"{supernet_file.resolve()} was trained on search space 'tiny'" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "study.db").exists() and not (out / "genotypes").exists()
+    assert _search(space_file, tmp_path / "x", None, "--calibration-batches", "4") == 2
+    assert "--calibration-batches applies to a one-shot search" in capsys.readouterr().err
+    # A one-shot study resumed without its supernet, with another one, or other calibration.
+    oneshot = tmp_path / "oneshot"
+    assert _search(space_file, oneshot, supernet_file, trials=2) == 0
+    before = (oneshot / "study.db").read_bytes()
+    capsys.readouterr()
+    assert _search(space_file, oneshot, None, trials=3) == 2
+    assert f"is a one-shot study scored with the supernet {supernet_file.resolve()}" in capsys.readouterr().err
+    other = tmp_path / "other"
+    data = search_data(load_space(space_file), 1)
+    data.train_x, data.train_y = data.train_x[:128], data.train_y[:128]  # one step: only its hash matters here
+    train_supernet(load_space(space_file), other, epochs=1, seed=1, data=data)
+    assert _search(space_file, oneshot, other / "supernet.pt", trials=3) == 2
+    assert "was scored with another supernet" in capsys.readouterr().err
+    assert _search(space_file, oneshot, supernet_file, "--calibration-batches", "4", trials=3) == 2
+    assert "resume it with --calibration-batches 8" in capsys.readouterr().err
+    assert (oneshot / "study.db").read_bytes() == before
+    # A per-trial study resumed as a one-shot one.
+    per_trial = tmp_path / "per-trial"
+    assert _search(space_file, per_trial, None, trials=1) == 0
+    before = (per_trial / "study.db").read_bytes()
+    capsys.readouterr()
+    assert _search(space_file, per_trial, supernet_file, trials=2) == 2
+    assert "trains every trial (it was made without --supernet)" in capsys.readouterr().err
+    assert (per_trial / "study.db").read_bytes() == before
+
+
+def test_retrain_top_retrains_once_and_resumes(
+    budgeted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    space_file, supernet_file = budgeted
+    calls: list[dict[str, Any]] = []
+    real = retrain_module.evaluate
+
+    def recording(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "evaluate", recording)
+    out = tmp_path / "run"
+    flags = ("--retrain-epochs", "1")
+    assert _search(space_file, out, supernet_file, "--retrain-top", "2", *flags, trials=10) == 0
+    study = _study(out)
+    ranked = sorted(
+        (t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs),
+        key=lambda t: (-t.values[0], t.number),
+    )
+    assert len(ranked) >= 3
+    rows = _rows(out)
+    done = {n for n, r in rows.items() if r["retrain_val_acc"]}
+    assert done == {t.number for t in ranked[:2]} == {n for n, r in rows.items() if r["retrain_test_acc"]}
+    assert len(calls) == 2 and all(c["overrides"] == {"seed": 3, "epochs": 1} and c["test"] for c in calls)
+    for n in done:
+        report = json.loads((out / "retrain" / f"trial-{n}" / "report.json").read_text())
+        assert float(rows[n]["retrain_val_acc"]) == report["best_val_acc"] and report["epochs_run"] == 1
+        assert float(rows[n]["retrain_test_acc"]) == report["test_acc"]
+    assert "Kendall tau" not in (out / "summary.md").read_text()  # two trials rank nothing
+    # A rerun retrains nothing again: with a larger K, only the new one.
+    assert _search(space_file, out, supernet_file, "--retrain-top", "3", *flags, trials=10) == 0
+    assert len(calls) == 3 and calls[-1]["out"] == out / "retrain" / f"trial-{ranked[2].number}"
+    retrained = {int(n): r for n, r in _study(out).user_attrs["retrained"].items()}
+    assert set(retrained) == {t.number for t in ranked[:3]}
+    tau = kendalltau([t.values[0] for t in ranked[:3]], [retrained[t.number]["val_acc"] for t in ranked[:3]]).statistic
+    summary = (out / "summary.md").read_text()
+    expected = "undefined (one of the two is constant)" if tau != tau else f"{tau:.3f}"
+    assert (
+        f"Kendall tau between the supernet score and the retrained val acc over these 3 trials: {expected}" in summary
+    )
+    # An interrupted retrain (its checkpoint, no report) resumes from the checkpoint.
+    first = ranked[0].number
+    (out / "retrain" / f"trial-{first}" / "report.json").unlink()
+    assert _search(space_file, out, supernet_file, "--retrain-top", "3", *flags, trials=10) == 0
+    assert len(calls) == 4 and calls[-1]["resume"] is True
+    assert _rows(out)[first]["retrain_val_acc"] == rows[first]["retrain_val_acc"]
+
+
+def test_sigkilled_oneshot_search_resumes(budgeted: tuple[Path, Path], tmp_path: Path) -> None:
+    space_file, supernet_file = budgeted
+    out = tmp_path / "run"
+    total = 6
+    cmd = [sys.executable, "-m", "bnas", "search", str(space_file), "--trials", str(total), "--out", str(out)]
+    cmd += ["--quiet", "--sampler", "random", "--supernet", str(supernet_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "study.db"
+    deadline = time.time() + 120
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        rows: list[tuple[int, str]] = []
+        if db.is_file():
+            try:
+                with sqlite3.connect(db) as con:
+                    rows = con.execute("select number, state from trials").fetchall()
+            except sqlite3.Error:
+                rows = []
+        if sum(s == "COMPLETE" for _, s in rows) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed, "the search finished before it could be killed"
+    with sqlite3.connect(db) as con:
+        before = dict(con.execute("select number, state from trials").fetchall())
+    assert len(before) < total
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    study = _study(out)
+    states = {t.number: t for t in study.trials}
+    for n, s in before.items():
+        if s == "RUNNING":  # killed mid-trial: failed with the reason, not left running
+            assert states[n].state.name == "FAIL" and "killed" in states[n].user_attrs["error"]
+        elif s == "COMPLETE":
+            assert states[n].state.name == "COMPLETE"
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == total
+    assert all("supernet_acc" in t.user_attrs for t in finished if t.state.name == "COMPLETE")
