@@ -23,6 +23,7 @@ import bnas
 import bnas.search.retrain as retrain_module
 from bnas.cli import main
 from bnas.search.objective import search_data
+from bnas.search.retrain import retrain_candidates
 from bnas.search.space import load_space
 from bnas.search.supernet import calibration_batches, score
 from bnas.search.supernet_run import load_supernet, train_supernet
@@ -217,6 +218,32 @@ def test_retrain_top_retrains_once_and_resumes(
     assert _search(space_file, out, supernet_file, "--retrain-top", "3", *flags, trials=10) == 0
     assert len(calls) == 4 and calls[-1]["resume"] is True
     assert _rows(out)[first]["retrain_val_acc"] == rows[first]["retrain_val_acc"]
+
+
+def test_retrain_candidates_skip_duplicates_and_over_budget_and_take_the_pareto_front() -> None:
+    def trial(values: list[float], **attrs: Any) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(values=values, user_attrs=attrs)
+
+    single = optuna.create_study(direction="maximize")
+    for values, attrs in [
+        ([0.5], {}),
+        ([0.9], {"duplicate_of": 0}),  # reused a twin's result: retrained as its twin, if at all
+        ([0.7], {}),
+        ([0.7], {}),  # a tie: the earlier trial first
+        ([0.8], {"constraint": "max_ops"}),
+        ([0.6], {}),
+    ]:
+        single.add_trial(trial(values, **attrs))
+    single.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
+    assert [t.number for t in retrain_candidates(single, 3)] == [2, 3, 5]
+    assert [t.number for t in retrain_candidates(single, 10)] == [2, 3, 5, 0]
+    multi = optuna.create_study(directions=["maximize", "minimize"])
+    for values in ([0.5, 10.0], [0.7, 30.0], [0.6, 20.0], [0.4, 40.0], [0.6, 5.0]):
+        multi.add_trial(trial(values))
+    multi.add_trial(trial([0.7, 30.0], duplicate_of=1))
+    # The front is 1 (0.7, 30), 4 (0.6, 5) and its duplicate 5; 2 and 0 are dominated by 4.
+    assert [t.number for t in retrain_candidates(multi, 5)] == [1, 4]
+    assert [t.number for t in retrain_candidates(multi, 1)] == [1]
 
 
 def test_sigkilled_oneshot_search_resumes(budgeted: tuple[Path, Path], tmp_path: Path) -> None:

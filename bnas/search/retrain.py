@@ -85,7 +85,9 @@ def retrain_top(study: optuna.Study, cfg: SearchConfig, data: DataSplits | None 
     trial's result, as stored in the study."""
     k = cfg.retrain_top or 0
     picks = retrain_candidates(study, k)
-    if len(picks) < k:
+    if len(study.directions) > 1:
+        log.info("--retrain-top %d: retraining the %d trial(s) of the Pareto front, best val_acc first", k, len(picks))
+    elif len(picks) < k:
         log.warning("--retrain-top %d: the study has %d eligible trial(s); retraining those", k, len(picks))
     results = retrained(study)
     overrides: dict[str, Any] = {"seed": cfg.seed}
