@@ -71,14 +71,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibration-batches",
         type=int,
+        metavar="N",
         help="with --supernet: training batches (of 64) that re-estimate each trial's BatchNorm statistics (default 8)",
     )
     p.add_argument(
         "--retrain-top",
         type=int,
         metavar="K",
-        help="when the study is done, retrain its K best trials (several objectives: the Pareto front, at most K) "
-        "from scratch in RUN/retrain/trial-N and report their validation and test accuracy; a rerun resumes",
+        help="after the search, retrain its K best trials (complete, within the constraints, not duplicates; several "
+        "objectives: the Pareto front, at most K) from scratch in RUN/retrain/trial-N and report their validation "
+        "and test accuracy; a rerun resumes them",
     )
     p.add_argument(
         "--retrain-epochs",

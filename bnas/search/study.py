@@ -144,7 +144,8 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     study.set_user_attr("objectives", list(space.objectives))
     study.set_user_attr("space", space.name)
     study.set_user_attr("space_fingerprint", space.fingerprint())
-    study.set_user_attr("epochs_per_trial", space.epochs)
+    # A one-shot trial would never train: no epochs to count as saved (stats.epochs_saved).
+    study.set_user_attr("epochs_per_trial", 0 if supernet is not None else space.epochs)
     study.set_user_attr("seed", cfg.seed)
     study.set_user_attr("constraints", dict(space.constraints))
     return study
