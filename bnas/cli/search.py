@@ -22,6 +22,7 @@ from ..search.retrain import retrain_top
 from ..search.runner import SearchConfig, open_study, run_search_study
 from ..search.space import PRUNERS, SAMPLERS, load_space
 from ..search.storage import SearchError, is_disk_full, open_storage, retry_db
+from ..search.workers import RunLock
 from .catalogs import add_catalog_argument, load_catalogs
 
 __all__ = ["add_parser"]
@@ -255,7 +256,8 @@ def run_search(args: argparse.Namespace) -> int:
     if args.worker_index > 0:
         return 0  # the parent of --workers writes the outputs once, when all are done
     if cfg.retrain_top and not any(worker_codes):  # a worker stopped early: the study is not done yet
-        retrain_top(study, cfg)
+        with RunLock(out):  # two reruns never train into the same RUN/retrain/trial-N
+            retrain_top(study, cfg)
     try:
         retry_db("write the search's outputs", lambda: write_outputs(study, out))
     except (OSError, BnasError) as exc:
