@@ -49,7 +49,7 @@ def budgeted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The budgeted space's file and a supernet trained on it for one epoch."""
     folder = tmp_path_factory.mktemp("budgeted")
     space_file = write_space(folder, BUDGETED)
-    train_supernet(load_space(space_file), folder / "supernet", epochs=1)
+    train_supernet(load_space(space_file), folder / "supernet", epochs=1, seed=3)  # the searches' seed
     return space_file, folder / "supernet" / "supernet.pt"
 
 
@@ -116,7 +116,7 @@ def test_trials_are_scored_with_the_supernet_never_trained(
 
 def test_duplicates_reuse_the_score(tmp_path: Path) -> None:
     space_file = write_space(tmp_path, TWO_GENOTYPES)
-    train_supernet(load_space(space_file), tmp_path / "sn", epochs=1)
+    train_supernet(load_space(space_file), tmp_path / "sn", epochs=1, seed=3)
     out = tmp_path / "run"
     assert _search(space_file, out, tmp_path / "sn" / "supernet.pt", trials=5) == 0
     trials = _study(out, "two").trials
@@ -153,11 +153,15 @@ def test_refused_supernets_and_studies(
     assert _search(space_file, oneshot, None, trials=3) == 2
     assert f"is a one-shot study scored with the supernet {supernet_file.resolve()}" in capsys.readouterr().err
     other = tmp_path / "other"
-    data = search_data(load_space(space_file), 1)
+    data = search_data(load_space(space_file), 3)
     data.train_x, data.train_y = data.train_x[:128], data.train_y[:128]  # one step: only its hash matters here
-    train_supernet(load_space(space_file), other, epochs=1, seed=1, data=data)
+    train_supernet(load_space(space_file), other, epochs=1, seed=3, data=data)
     assert _search(space_file, oneshot, other / "supernet.pt", trials=3) == 2
     assert "was scored with another supernet" in capsys.readouterr().err
+    # A supernet trained with another seed held out other validation images.
+    train_supernet(load_space(space_file), tmp_path / "seed1", epochs=1, seed=1, data=data)
+    assert _search(space_file, oneshot, tmp_path / "seed1" / "supernet.pt", trials=3) == 2
+    assert "was trained with --seed 1, which holds out the validation images" in capsys.readouterr().err
     assert _search(space_file, oneshot, supernet_file, "--calibration-batches", "4", trials=3) == 2
     assert "resume it with --calibration-batches 8" in capsys.readouterr().err
     assert (oneshot / "study.db").read_bytes() == before
@@ -251,7 +255,7 @@ def test_sigkilled_oneshot_search_resumes(budgeted: tuple[Path, Path], tmp_path:
     out = tmp_path / "run"
     total = 6
     cmd = [sys.executable, "-m", "bnas", "search", str(space_file), "--trials", str(total), "--out", str(out)]
-    cmd += ["--quiet", "--sampler", "random", "--supernet", str(supernet_file)]
+    cmd += ["--quiet", "--seed", "3", "--sampler", "random", "--supernet", str(supernet_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / "study.db"
     deadline = time.time() + 120

@@ -81,6 +81,13 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
 
         supernet = load_supernet(path, cfg.space, device=cfg.device)
         meta = getattr(supernet, "meta", {}) or {}
+        if int(meta.get("seed", cfg.seed)) != cfg.seed:
+            # The seed carves the validation split: another one would score trials on images
+            # the supernet trained on.
+            raise SupernetError(
+                f"--supernet {cfg.supernet} was trained with --seed {meta['seed']}, which holds out the "
+                f"validation images trials are scored on; search with --seed {meta['seed']}"
+            )
         info = {
             "path": str(path),
             "sha256": file_sha256(path),

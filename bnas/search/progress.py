@@ -24,6 +24,8 @@ def trial_note(t: FrozenTrial) -> str:
         return f"same genotype as trial {a['duplicate_of']}"
     if t.state == TrialState.PRUNED:
         return f"pruned after epoch {a.get('epochs', 0)} (val acc {a.get('val_acc') or 0:.4f})"
+    if "supernet_acc" in a:
+        return f"supernet score {t.values[0]:.4f} in {a.get('score_time_s', 0.0):.1f} s"
     return f"val acc {t.values[0]:.4f} in {a.get('epochs', 0)} epochs"
 
 
