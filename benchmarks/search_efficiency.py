@@ -1,36 +1,114 @@
-"""Search efficiency on the quickstart space: TPE with median pruning vs random search
-without pruning, same trial budget, several seeds. Prints one JSON line per (method, seed)
-and a summary line with the means side by side.
+"""Search efficiency, two comparisons. Prints JSON lines.
+
+Pruning (default): on the quickstart space, TPE with median pruning vs random search without
+pruning, same trial budget, several seeds; one line per (method, seed) and a summary line.
 
     python benchmarks/search_efficiency.py [--trials 20] [--seeds 0 1 2]
+
+One-shot (``--oneshot``): on fashion_mnist_cells, the per-trial route (``--trials`` trials,
+each trained with the space's budget, then the best retrained from scratch and tested) vs
+the one-shot route (a supernet trained ``--supernet-epochs`` epochs, ``--oneshot-trials``
+trials scored with its weights, the best ``--retrain-top`` retrained from scratch and
+tested). Each route's CPU seconds (this process, one thread) count everything: supernet,
+search and retraining. The summary line gives both test accuracies and the CPU ratio.
+
+    python benchmarks/search_efficiency.py --oneshot [--trials 20] [--supernet-epochs 8]
+        [--oneshot-trials 100] [--retrain-top 3] [--seeds 0]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
 from bnas.search import SearchConfig, run_search_study  # noqa: E402
+from bnas.search.objective import search_data  # noqa: E402
+from bnas.search.retrain import retrain_top  # noqa: E402
 from bnas.search.space import load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
+from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"tpe+median_pruning": ("tpe", "median"), "random_no_pruning": ("random", "none")}
 
 
+def _best_retrained(study: Any, cfg: SearchConfig, data: Any) -> dict[str, Any]:
+    """Retrain the route's best ``cfg.retrain_top`` trials; the one with the best retrained
+    validation accuracy is the route's result (its test accuracy is never used to pick)."""
+    results = retrain_top(study, cfg, data)
+    number, best = max(results.items(), key=lambda item: (item[1]["val_acc"], -item[0]))
+    return {"trial": number, "retrained_val_acc": best["val_acc"], "retrained_test_acc": best["test_acc"],
+            "retrained": len(results)}
+
+
+def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
+    space = load_space(args.space or str(REPO / "search_spaces" / "fashion_mnist_cells.yaml"))
+    torch.set_num_threads(1)
+    rows = []
+    for seed in args.seeds:
+        data = search_data(space, seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            # Per-trial route: every trial trains; the best is retrained from scratch and tested.
+            cpu0 = time.process_time()
+            cfg = SearchConfig(space=space, out=folder / "per-trial", trials=args.trials, seed=seed, progress=False,
+                               retrain_top=1)
+            study = run_search_study(cfg)
+            search_cpu = time.process_time() - cpu0
+            per_trial = {"route": "per_trial", "trials": args.trials, "search_cpu_s": round(search_cpu, 1),
+                         **_best_retrained(study, cfg, data)}
+            per_trial["cpu_s"] = round(time.process_time() - cpu0, 1)
+            emit({"benchmark": "search_efficiency_oneshot", "space": space.name, "seed": seed, **per_trial})
+            # One-shot route: one supernet, trials scored with its weights, the best K retrained.
+            cpu0 = time.process_time()
+            train_supernet(space, folder / "supernet", epochs=args.supernet_epochs, seed=seed, data=data)
+            supernet_cpu = time.process_time() - cpu0
+            cfg = SearchConfig(space=space, out=folder / "oneshot", trials=args.oneshot_trials, seed=seed,
+                               progress=False, supernet=folder / "supernet" / SUPERNET_FILE,
+                               retrain_top=args.retrain_top)
+            study = run_search_study(cfg)
+            search_cpu = time.process_time() - cpu0 - supernet_cpu
+            oneshot = {"route": "oneshot", "trials": args.oneshot_trials, "supernet_epochs": args.supernet_epochs,
+                       "supernet_cpu_s": round(supernet_cpu, 1), "search_cpu_s": round(search_cpu, 1),
+                       **_best_retrained(study, cfg, data)}
+            oneshot["cpu_s"] = round(time.process_time() - cpu0, 1)
+            emit({"benchmark": "search_efficiency_oneshot", "space": space.name, "seed": seed, **oneshot})
+            rows.append((per_trial, oneshot))
+    for seed, (base, ours) in zip(args.seeds, rows, strict=True):
+        emit({"benchmark": "search_efficiency_oneshot", "summary": True, "space": space.name, "seed": seed,
+              "baseline": "per_trial", "baseline_test_acc": base["retrained_test_acc"], "baseline_cpu_s": base["cpu_s"],
+              "ours": "oneshot", "ours_test_acc": ours["retrained_test_acc"], "ours_cpu_s": ours["cpu_s"],
+              "cpu_ratio_ours_over_baseline": round(ours["cpu_s"] / base["cpu_s"], 3),
+              "reached_baseline_acc": ours["retrained_test_acc"] >= base["retrained_test_acc"],
+              "loadavg": os.getloadavg(), **machine()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default=str(REPO / "search_spaces" / "quickstart.yaml"))
+    parser.add_argument("--space", help="default: quickstart (pruning) or fashion_mnist_cells (--oneshot)")
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (pruning) or 0 (--oneshot)")
+    parser.add_argument("--oneshot", action="store_true", help="compare the one-shot route with the per-trial one")
+    parser.add_argument("--supernet-epochs", type=int, default=8)
+    parser.add_argument("--oneshot-trials", type=int, default=100)
+    parser.add_argument("--retrain-top", type=int, default=3)
     args = parser.parse_args()
-    space = load_space(args.space)
+    if args.oneshot:
+        args.seeds = args.seeds or [0]
+        oneshot_vs_per_trial(args)
+        return
+    args.seeds = args.seeds or [0, 1, 2]
+    space = load_space(args.space or str(REPO / "search_spaces" / "quickstart.yaml"))
     results: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     for seed in args.seeds:
         for method, (sampler, pruner) in METHODS.items():

@@ -254,11 +254,13 @@ class SupernetTrainer:
     def _run_epoch(self, progress: Progress, guard: InterruptGuard, steps: int) -> None:
         epoch, recipe = self.epoch, self.recipe
         progress.start_epoch(epoch, self.step_in_epoch)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         first_step = self.step_in_epoch
+        cpu_before = float(self.partial.get("cpu_s", 0.0))  # spent in this epoch before an interruption
 
         def after_step(done: int, totals: dict[str, float]) -> None:
-            self.step_in_epoch, self.partial = done, dict(totals)
+            self.step_in_epoch = done
+            self.partial = {**totals, "cpu_s": cpu_before + time.process_time() - cpu0}
             seen = max(totals["seen"], 1.0)
             per_step = (time.perf_counter() - t0) / max(done - first_step, 1)
             remaining = per_step * ((steps - done) + (recipe.epochs - epoch - 1) * steps)
@@ -288,6 +290,9 @@ class SupernetTrainer:
             **validation,
             "lr": stats.lr,
             "epoch_time_s": stats.time_s,
+            # This process's CPU seconds for the epoch and its validation (this session's part
+            # of an epoch a Ctrl-C cut): what one-shot search costs, whatever the machine's load.
+            "cpu_s": cpu_before + time.process_time() - cpu0,
             "samples_per_s": stats.samples / stats.time_s if stats.time_s > 0 else 0.0,
         }
         self.history.append(row)
