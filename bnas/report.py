@@ -11,8 +11,11 @@ from .atomic import save_figure
 from .yaml_io import write_text_atomic
 
 
-def curves_figure(history: Sequence[Mapping[str, float]], title: str) -> Any:
-    """Loss and accuracy per epoch, two panels (a matplotlib figure; the caller closes it)."""
+def curves_figure(
+    history: Sequence[Mapping[str, float]], title: str, labels: tuple[str, str] = ("train", "validation")
+) -> Any:
+    """Loss and accuracy per epoch, two panels (a matplotlib figure; the caller closes it);
+    ``labels`` name the training and the validation series."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,13 +24,13 @@ def curves_figure(history: Sequence[Mapping[str, float]], title: str) -> Any:
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation")
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label=labels[0])
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "s-", label=labels[1])
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
-    ax_acc.plot(epochs, [r["val_acc"] for r in history], "s-", label="validation")
+    ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label=labels[0])
+    ax_acc.plot(epochs, [r["val_acc"] for r in history], "s-", label=labels[1])
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()
@@ -38,10 +41,12 @@ def curves_figure(history: Sequence[Mapping[str, float]], title: str) -> Any:
     return fig
 
 
-def plot_curves(history: Sequence[Mapping[str, float]], path: Path, title: str) -> None:
+def plot_curves(
+    history: Sequence[Mapping[str, float]], path: Path, title: str, labels: tuple[str, str] = ("train", "validation")
+) -> None:
     import matplotlib.pyplot as plt
 
-    fig = curves_figure(history, title)
+    fig = curves_figure(history, title, labels)
     save_figure(fig, path, dpi=100)
     plt.close(fig)
 

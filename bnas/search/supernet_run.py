@@ -204,7 +204,12 @@ class SupernetTrainer:
         assert self.out_dir is not None
         write_text_atomic(self.out_dir / "history.json", json.dumps(self.history, indent=1) + "\n")
         if self.history:
-            plot_curves(self.history, self.out_dir / "curves.png", f"supernet of {self.supernet.space.name}")
+            plot_curves(
+                self.history,
+                self.out_dir / "curves.png",
+                f"supernet of {self.supernet.space.name}",
+                ("train (sampled paths)", f"validation (mean of {len(self.monitor)} monitor paths)"),
+            )
 
     # -- training ----------------------------------------------------------------------
     def _validate(self) -> dict[str, float]:
