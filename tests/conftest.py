@@ -1,7 +1,12 @@
 """Fixtures shared by several test files."""
+
 from __future__ import annotations
 
-from collections.abc import Iterator
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -103,5 +108,30 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             m.weight.data.copy_((torch.rand(c, generator=gen) * 2 - 1) * 1.5)
             m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
         if isinstance(m, (BinaryConv2d, BinaryLinear)) and m.input_quantizer.name == "rsign":
-            m.input_quantizer.threshold.data.copy_(torch.rand(m.input_quantizer.threshold.shape, generator=gen) * 0.2 - 0.1)
+            m.input_quantizer.threshold.data.copy_(
+                torch.rand(m.input_quantizer.threshold.shape, generator=gen) * 0.2 - 0.1
+            )
     return model.eval()
+
+
+def sigkill_when(
+    proc: subprocess.Popen[bytes], db: Path, ready: Callable[[list[tuple[int, str]]], bool], timeout: float
+) -> bool:
+    """SIGKILL the search ``proc`` as soon as ``ready(rows)`` holds for the (number, state)
+    rows of its ``study.db``; True when it was killed (False: it ended or ``timeout`` passed)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        rows: list[tuple[int, str]] = []
+        if db.is_file():
+            try:
+                with sqlite3.connect(db) as con:
+                    rows = con.execute("select number, state from trials").fetchall()
+            except sqlite3.Error:
+                rows = []  # the database is being created or written: look again
+        if ready(rows):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.05)
+    proc.wait()
+    return False

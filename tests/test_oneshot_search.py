@@ -6,17 +6,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-from conftest import tiny_space, write_space
+from conftest import sigkill_when, tiny_space, write_space
 from scipy.stats import kendalltau
 
 import bnas
@@ -258,23 +256,8 @@ def test_sigkilled_oneshot_search_resumes(budgeted: tuple[Path, Path], tmp_path:
     cmd += ["--quiet", "--seed", "3", "--sampler", "random", "--supernet", str(supernet_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / "study.db"
-    deadline = time.time() + 120
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        rows: list[tuple[int, str]] = []
-        if db.is_file():
-            try:
-                with sqlite3.connect(db) as con:
-                    rows = con.execute("select number, state from trials").fetchall()
-            except sqlite3.Error:
-                rows = []
-        if sum(s == "COMPLETE" for _, s in rows) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert killed, "the search finished before it could be killed"
+    two_done = lambda rows: sum(s == "COMPLETE" for _, s in rows) >= 2  # noqa: E731
+    assert sigkill_when(proc, db, two_done, timeout=120), "the search finished before it could be killed"
     with sqlite3.connect(db) as con:
         before = dict(con.execute("select number, state from trials").fetchall())
     assert len(before) < total

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import sigkill_when, tiny_space, write_space
 from optuna.distributions import CategoricalDistribution
 from torch import nn
 
@@ -24,7 +24,6 @@ from bnas.evaluate import evaluate
 from bnas.search.runner import SearchConfig, SearchError, run_search_study
 from bnas.search.space import load_space, sample_genotype
 from bnas.search.workers import fail_dead_local_workers
-from conftest import tiny_space, write_space
 
 TINY = tiny_space()
 # Two genotypes in all (one edge, two ops): a search of several trials must meet duplicates.
@@ -217,24 +216,14 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bnas", "search", str(space), "--trials", "4", "--out", str(out), "--quiet", "--pruner", "none"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / "study.db"
-    deadline = time.time() + 180
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        rows: list[tuple[int, str]] = []
-        if db.is_file():
-            try:
-                with sqlite3.connect(db) as con:
-                    rows = con.execute("select number, state from trials").fetchall()
-            except sqlite3.Error:
-                rows = []
+
+    def mid_trial(rows: list[tuple[int, str]]) -> bool:
         if any(s == "RUNNING" for _, s in rows) and any(s == "COMPLETE" for _, s in rows):
-            time.sleep(0.2)
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert killed, "the search finished before it could be killed"
+            time.sleep(0.2)  # inside the running trial's training
+            return True
+        return False
+
+    assert sigkill_when(proc, db, mid_trial, timeout=180), "the search finished before it could be killed"
     with sqlite3.connect(db) as con:
         before = dict(con.execute("select number, state from trials").fetchall())
     completed_before = {n for n, s in before.items() if s == "COMPLETE"}

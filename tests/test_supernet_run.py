@@ -1,6 +1,6 @@
 """``bnas supernet`` (issue 14): a supernet training run, its supernet.pt (bit-identical
 resume after an epoch or a Ctrl-C inside one, refusals), ``load_supernet`` and
-``bnas eval --init-from``; on a tiny space (input 1x8x8, synthetic data)."""
+``bnas eval --init-from``; on the tests' tiny digits space (input 1x8x8)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from conftest import tiny_space, write_space
 
 import bnas.search.supernet_run as run_module
 from bnas.cli import main
@@ -24,32 +24,15 @@ from bnas.search.space import load_space
 from bnas.search.supernet import score
 from bnas.search.supernet_run import SUPERNET_FILE, load_supernet, train_supernet
 
-SPACE = {
-    "name": "tiny",
-    "dataset": "synthetic",
-    "input": [1, 8, 8],
-    "num_classes": 4,
-    "stem": [{"op": "conv_bn", "channels": 4, "kernel": 3}],
-    "cells": {
-        "ops": ["binary_conv_3x3", "skip_connect", "max_pool_3x3"],
-        "nodes": 2,
-        "inputs": 2,
-        "edges_per_node": 2,
-        "combine": "sum",
-    },
-    "macro": {"stages": 2, "channels": [4, 6], "cells_per_stage": [1, 2]},
-    "budget": {"epochs": 2, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.01}},
-}
-
-
 # History entries that measure the clock, not the training.
 CLOCKS = {"epoch_time_s", "samples_per_s", "cpu_s"}
 
 
-def write_space(folder: Path, **changes: Any) -> Path:
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**SPACE, **changes}))
-    return path
+def space_file(folder: Path, **changes: object) -> Path:
+    """The tests' tiny digits space (tests/data/tiny_space.yaml), with max pooling and two
+    edges per node, so that zero-free paths differ in ops, inputs, widths and depths."""
+    settings: dict[str, object] = {"ops": ["binary_conv_3x3", "skip_connect", "max_pool_3x3"], "edges_per_node": 2}
+    return write_space(folder, tiny_space(**{**settings, **changes}))
 
 
 def state(path: Path) -> dict[str, Any]:
@@ -67,7 +50,7 @@ def same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 def test_resume_after_an_epoch_is_bit_identical(tmp_path: Path) -> None:
-    space = load_space(write_space(tmp_path))
+    space = load_space(space_file(tmp_path))
     train_supernet(space, tmp_path / "straight", epochs=3)
     train_supernet(space, tmp_path / "split", epochs=1)
     assert state(tmp_path / "split" / SUPERNET_FILE)["epoch"] == 1
@@ -82,7 +65,7 @@ def test_resume_after_an_epoch_is_bit_identical(tmp_path: Path) -> None:
 def test_ctrl_c_inside_an_epoch_saves_and_resumes_bit_identically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    space = load_space(write_space(tmp_path))
+    space = load_space(space_file(tmp_path))
     train_supernet(space, tmp_path / "straight", epochs=2)
     real_epoch = run_module.train_supernet_epoch
 
@@ -105,7 +88,7 @@ def test_ctrl_c_inside_an_epoch_saves_and_resumes_bit_identically(
 
 
 def test_refusals_name_the_file_and_what_to_do(tmp_path: Path) -> None:
-    space = load_space(write_space(tmp_path))
+    space = load_space(space_file(tmp_path))
     out = tmp_path / "run"
     train_supernet(space, out, epochs=1)
     with pytest.raises(SupernetError, match="already holds a supernet .*--resume"):
@@ -119,7 +102,7 @@ def test_refusals_name_the_file_and_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(SupernetError, match=r"recipe differs .*optimizer"):
         train_supernet(space, out, epochs=2, resume=True, overrides={"optimizer.lr": 0.5})
     (tmp_path / "other").mkdir()
-    other = load_space(write_space(tmp_path / "other", num_classes=5))
+    other = load_space(space_file(tmp_path / "other", ops=["binary_conv_3x3", "skip_connect"]))
     with pytest.raises(SupernetError, match=r"trained on search space 'tiny' .*bnas supernet SPACE"):
         load_supernet(out / SUPERNET_FILE, other)
     with pytest.raises(SupernetError, match="space_fingerprint"):
@@ -131,10 +114,10 @@ def test_refusals_name_the_file_and_what_to_do(tmp_path: Path) -> None:
 
 
 def test_loaded_supernet_scores_as_trained(tmp_path: Path) -> None:
-    path = write_space(tmp_path)
+    path = space_file(tmp_path)
     space = load_space(path)
     trained = train_supernet(space, tmp_path / "run", epochs=1)
-    data = load_dataset("synthetic", shape=(1, 8, 8), num_classes=4, val_fraction=0.1, seed=0)
+    data = load_dataset("digits", val_fraction=0.1, seed=0)
     genotype = trained.genotype({k: v[-1] for k, v in trained._lists.items()})
     for loaded in (
         load_supernet(tmp_path / "run" / SUPERNET_FILE, space),
@@ -146,7 +129,7 @@ def test_loaded_supernet_scores_as_trained(tmp_path: Path) -> None:
 
 
 def test_cli_trains_resumes_and_init_from_fine_tunes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_space(tmp_path)
+    path = space_file(tmp_path)
     out = tmp_path / "run"
     assert main(["supernet", str(path), "--out", str(out), "--epochs", "1", "--quiet"]) == 0
     assert "bnas search" in capsys.readouterr().out
@@ -159,30 +142,30 @@ def test_cli_trains_resumes_and_init_from_fine_tunes(tmp_path: Path, capsys: pyt
     genotype = supernet.genotype({k: v[0] for k, v in supernet._lists.items()}, name="first")
     genotype_file = tmp_path / "first.yaml"
     genotype.to_yaml(genotype_file)
-    data = load_dataset("synthetic", shape=(1, 8, 8), num_classes=4, val_fraction=0.1, seed=0)
-    report = evaluate(genotype_file, "synthetic", data=data, overrides={"epochs": 1}, init_from=out / SUPERNET_FILE)
+    data = load_dataset("digits", val_fraction=0.1, seed=0)
+    report = evaluate(genotype_file, "digits", data=data, overrides={"epochs": 1}, init_from=out / SUPERNET_FILE)
     assert report["init_from"] == str(out / SUPERNET_FILE)
     # ...starts from the supernet's weights: the inherited network's first-epoch accuracy
     # beats a random initialisation's on this learnable task.
-    scratch = evaluate(genotype_file, "synthetic", data=data, overrides={"epochs": 1})
+    scratch = evaluate(genotype_file, "digits", data=data, overrides={"epochs": 1})
     assert report["history"][0]["val_acc"] > scratch["history"][0]["val_acc"]
     # A genotype outside the space cannot inherit.
     wide = replace(genotype, name="wide", stem=(replace(genotype.stem[0], channels=7),))
     wide_file = tmp_path / "wide.yaml"
     wide.to_yaml(wide_file)
-    rc = main(["eval", str(wide_file), "--dataset", "synthetic", "--init-from", str(out / SUPERNET_FILE), "--quiet"])
+    rc = main(["eval", str(wide_file), "--dataset", "digits", "--init-from", str(out / SUPERNET_FILE), "--quiet"])
     assert rc == 2
     assert "does not have" in capsys.readouterr().err
 
 
 def test_extracted_weights_are_what_init_from_loads(tmp_path: Path) -> None:
-    space = load_space(write_space(tmp_path))
+    space = load_space(space_file(tmp_path))
     trained = train_supernet(space, tmp_path / "run", epochs=1)
     genotype = trained.genotype({k: v[-1] for k, v in trained._lists.items()}, name="deep")
-    data = load_dataset("synthetic", shape=(1, 8, 8), num_classes=4, val_fraction=0.1, seed=0)
+    data = load_dataset("digits", val_fraction=0.1, seed=0)
     report = evaluate(
         genotype,
-        "synthetic",
+        "digits",
         data=data,
         overrides={"epochs": 1, "optimizer.lr": 1e-12},
         init_from=tmp_path / "run" / SUPERNET_FILE,
