@@ -4,6 +4,7 @@ from .runner import SearchConfig, run_search_study
 from .space import SearchSpace, load_space, sample_genotype
 from .storage import SearchError
 from .supernet import Supernet, SupernetError, extract, recalibrate_bn, score, train_supernet_epoch
+from .supernet_run import load_supernet, train_supernet
 
 __all__ = [
     "SearchConfig",
@@ -13,9 +14,11 @@ __all__ = [
     "SupernetError",
     "extract",
     "load_space",
+    "load_supernet",
     "recalibrate_bn",
     "run_search_study",
     "sample_genotype",
     "score",
+    "train_supernet",
     "train_supernet_epoch",
 ]
