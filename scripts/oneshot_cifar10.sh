@@ -11,7 +11,7 @@ mode=${1:?usage: scripts/oneshot_cifar10.sh cpu|gpu [RUN]}
 case "$mode" in
   cpu)
     space=search_spaces/darts_binary_proxy.yaml
-    device=cpu; supernet_epochs=12; trials=60; top=1; retrain_epochs=10
+    device=cpu; supernet_epochs=12; trials=30; top=1; retrain_epochs=10
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     threads=(--threads "$OMP_NUM_THREADS")
     ;;
