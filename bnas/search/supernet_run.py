@@ -366,7 +366,10 @@ def train_supernet(
     )
     if resume and path is not None:
         trainer.load_state(load_checkpoint(path, _ADVICE), str(path))
-        log.info("resuming %s at epoch %d, step %d", path, trainer.epoch + 1, trainer.step_in_epoch)
+        if trainer.epoch >= recipe.epochs:
+            log.info("%s is already trained for %d epochs (give a larger --epochs to go on)", path, trainer.epoch)
+        else:
+            log.info("resuming %s at epoch %d, step %d", path, trainer.epoch + 1, trainer.step_in_epoch)
     trainer.fit()
     supernet.meta = _meta(trainer.state(), str(path) if path else "")
     return supernet
