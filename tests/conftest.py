@@ -60,6 +60,18 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 DATA = Path(__file__).resolve().parent / "data"
 TINY_SPACE = DATA / "tiny_space.yaml"
 TINY_GENOTYPE = DATA / "tiny_genotype.yaml"
+# Two genotypes in all (one edge, two ops): a search of several trials must meet duplicates.
+TWO_GENOTYPES = """
+name: two
+dataset: digits
+input: [1, 8, 8]
+num_classes: 10
+stem: [{op: conv_bn, channels: 8}]
+cells: {ops: [skip_connect, binary_conv_3x3], nodes: 1, inputs: 1, edges_per_node: 1, combine: sum}
+macro: {stages: 1, channels: [8], cells_per_stage: [1]}
+head: [{op: global_avgpool}, {op: linear}]
+budget: {epochs: 1, batch_size: 256, optimizer: {name: adam, lr: 0.01}}
+"""
 
 
 def _flow(value: object) -> str:

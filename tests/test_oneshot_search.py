@@ -14,7 +14,7 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import sigkill_when, tiny_space, write_space
+from conftest import TWO_GENOTYPES, sigkill_when, tiny_space, write_space
 from scipy.stats import kendalltau
 
 import bnas
@@ -28,18 +28,6 @@ from bnas.search.supernet_run import load_supernet, train_supernet
 
 # The tests' tiny space with an OPs budget that some of its genotypes exceed (seed 3 samples some).
 BUDGETED = tiny_space().replace("name: tiny", "name: tiny\nconstraints: {max_ops: 60000}")
-# Two genotypes in all (one edge, two ops): a search of several trials must meet duplicates.
-TWO_GENOTYPES = """
-name: two
-dataset: digits
-input: [1, 8, 8]
-num_classes: 10
-stem: [{op: conv_bn, channels: 8}]
-cells: {ops: [skip_connect, binary_conv_3x3], nodes: 1, inputs: 1, edges_per_node: 1, combine: sum}
-macro: {stages: 1, channels: [8], cells_per_stage: [1]}
-head: [{op: global_avgpool}, {op: linear}]
-budget: {epochs: 1, batch_size: 256, optimizer: {name: adam, lr: 0.01}}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import sigkill_when, tiny_space, write_space
+from conftest import TWO_GENOTYPES, sigkill_when, tiny_space, write_space
 from optuna.distributions import CategoricalDistribution
 from torch import nn
 
@@ -26,18 +26,6 @@ from bnas.search.space import load_space, sample_genotype
 from bnas.search.workers import fail_dead_local_workers
 
 TINY = tiny_space()
-# Two genotypes in all (one edge, two ops): a search of several trials must meet duplicates.
-TWO_GENOTYPES = """
-name: two
-dataset: digits
-input: [1, 8, 8]
-num_classes: 10
-stem: [{op: conv_bn, channels: 8}]
-cells: {ops: [skip_connect, binary_conv_3x3], nodes: 1, inputs: 1, edges_per_node: 1, combine: sum}
-macro: {stages: 1, channels: [8], cells_per_stage: [1]}
-head: [{op: global_avgpool}, {op: linear}]
-budget: {epochs: 1, batch_size: 256, optimizer: {name: adam, lr: 0.01}}
-"""
 
 
 def _space(tmp_path: Path, text: str = TINY, name: str = "space.yaml") -> Path:

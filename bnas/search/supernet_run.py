@@ -34,7 +34,7 @@ from ..evaluate import check_input_shape, resolve_device
 from ..report import plot_curves
 from ..train.allocator import tune_cpu_allocator
 from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_reason
-from ..train.console import InterruptGuard, Progress
+from ..train.console import InterruptGuard, Progress, saved_on_interrupt
 from ..train.loop import seed_everything
 from ..train.recipe import RESUMABLE_CHANGES, Recipe, TrainingError
 from ..yaml_io import parse_yaml_mapping, write_text_atomic
@@ -235,25 +235,15 @@ class SupernetTrainer:
             tune_cpu_allocator()
         steps = len(self.data.loader("train", recipe.batch_size, shuffle=True, seed=recipe.seed))
         progress = Progress(recipe.epochs, steps, self.progress)
-        guard = InterruptGuard()
-        try:
-            with guard:
-                while self.epoch < recipe.epochs:
-                    self._run_epoch(progress, guard, steps)
-                    guard.check()
-        except KeyboardInterrupt:
-            progress.close()
-            if self.checkpoint_path is not None:
-                self._save()
-                log.warning(
-                    "supernet saved at %s (epoch %d, step %d); rerun with --resume to continue",
-                    self.checkpoint_path,
-                    self.epoch + 1,
-                    self.step_in_epoch,
-                )
-            raise
-        finally:
-            progress.close()
+        save = self._save if self.checkpoint_path is not None else None
+
+        def saved() -> str:
+            return f"supernet saved at {self.checkpoint_path} (epoch {self.epoch + 1}, step {self.step_in_epoch})"
+
+        with saved_on_interrupt(progress, save, saved) as guard:
+            while self.epoch < recipe.epochs:
+                self._run_epoch(progress, guard, steps)
+                guard.check()
         return self.history
 
     def _run_epoch(self, progress: Progress, guard: InterruptGuard, steps: int) -> None:

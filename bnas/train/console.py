@@ -11,11 +11,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any, final
 
-__all__ = ["InterruptGuard", "Progress", "duration"]
+__all__ = ["InterruptGuard", "Progress", "duration", "saved_on_interrupt"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +134,25 @@ class InterruptGuard:
     def __exit__(self, *exc: object) -> None:
         if self.installed:
             signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+
+
+@contextmanager
+def saved_on_interrupt(
+    progress: Progress, save: Callable[[], None] | None, saved: Callable[[], str]
+) -> Iterator[InterruptGuard]:
+    """Run a training loop under an ``InterruptGuard``; on Ctrl-C, ``save()`` the exact
+    position (the guard only stops between two steps) and log ``saved()`` (what was saved
+    where) with how to go on, then re-raise: the caller (the CLI) says "interrupted". The
+    progress bar is closed either way."""
+    guard = InterruptGuard()
+    try:
+        with guard:
+            yield guard
+    except KeyboardInterrupt:
+        progress.close()
+        if save is not None:
+            save()
+            logger.warning("%s; rerun with --resume to continue", saved())
+        raise
+    finally:
+        progress.close()

@@ -32,7 +32,7 @@ from .checkpoint import (
     set_rng_state,
     write_reason,
 )
-from .console import InterruptGuard, Progress
+from .console import InterruptGuard, Progress, saved_on_interrupt
 from .losses import distill_loss, task_loss
 from .optimiser import make_optimizer, set_lr
 from .recipe import Recipe, TrainingError
@@ -261,30 +261,19 @@ class Trainer:
         distill = recipe.distill or {}
         alpha, temperature = float(distill.get("alpha", 0.9)), float(distill.get("temperature", 4.0))
         stopped_early = False
-        guard = InterruptGuard()
-        try:
-            with guard:
-                while self.epoch < recipe.epochs:
-                    stop = self._run_epoch(train_loader, val_loader, progress, guard, use_amp, alpha, temperature)
-                    guard.check()
-                    if stop:
-                        stopped_early = True
-                        break
-        except KeyboardInterrupt:
-            progress.close()
-            # Save the exact position (epoch, step, RNG states): --resume continues from here.
-            # The caller (the CLI) says "interrupted"; this only says what was kept.
-            if self.checkpoint_path is not None:
-                self._save()
-                logger.warning(
-                    "checkpoint saved at %s (epoch %d, step %d); rerun with --resume to continue",
-                    self.checkpoint_path,
-                    self.epoch + 1,
-                    self.step_in_epoch,
-                )
-            raise
-        finally:
-            progress.close()
+        # Ctrl-C saves the exact position (epoch, step, RNG states): --resume continues from here.
+        save = self._save if self.checkpoint_path is not None else None
+
+        def saved() -> str:
+            return f"checkpoint saved at {self.checkpoint_path} (epoch {self.epoch + 1}, step {self.step_in_epoch})"
+
+        with saved_on_interrupt(progress, save, saved) as guard:
+            while self.epoch < recipe.epochs:
+                stop = self._run_epoch(train_loader, val_loader, progress, guard, use_amp, alpha, temperature)
+                guard.check()
+                if stop:
+                    stopped_early = True
+                    break
         train_time = sum(r["epoch_time_s"] for r in self.history)
         samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in self.history)
         return TrainResult(
