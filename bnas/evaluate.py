@@ -7,12 +7,11 @@ epoch, atomic), ``report.json``, ``report.md`` and ``curves.png``.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import platform
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,10 @@ from .metrics import summarize
 from .report import write_report
 from .train import Recipe, Trainer, TrainingError, _state_mismatch, evaluate_accuracy, load_checkpoint, seed_everything
 
-__all__ = ["evaluate", "resolve_device", "check_input_shape"]
+__all__ = ["Initialiser", "evaluate", "resolve_device", "check_input_shape"]
 
-logger = logging.getLogger(__name__)
+# Sets a built network's weights before training; returns where they came from.
+Initialiser = Callable[[nn.Module, DataSplits, Recipe, torch.device], str]
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
@@ -125,13 +125,15 @@ def evaluate(
     data: DataSplits | None = None,
     callbacks: list[Any] | None = None,
     test: bool = True,
-    init_from: str | os.PathLike[str] | None = None,
+    initialise: Initialiser | None = None,
 ) -> dict[str, Any]:
     """Train and test ``genotype``; returns the report (and writes it when ``out`` is set).
 
-    ``init_from`` (a one-shot ``RUN/supernet.pt``): start from the weights ``genotype``
-    inherits from that supernet (its BatchNorm statistics re-estimated on training batches)
-    and fine-tune them, instead of from a random initialisation.
+    ``initialise(model, data, recipe, device)`` sets the built network's weights before
+    training instead of its random initialisation (e.g. ``bnas.search.supernet_run.
+    supernet_initialiser``: the weights it inherits from a one-shot supernet) and returns
+    where they came from, kept in the report as ``init_from``. A resumed run continues from
+    its own checkpoint instead.
     """
     if not isinstance(genotype, Genotype):
         genotype = load_genotype(genotype)
@@ -165,8 +167,7 @@ def evaluate(
     data = data.to(dev)
     seed_everything(recipe.seed)
     model = build(genotype)
-    if init_from is not None and not resume:  # a resumed run continues from its own checkpoint
-        _inherit(model, genotype, init_from, data, recipe, dev)
+    init_from = initialise(model, data, recipe, dev) if initialise is not None and not resume else None
     teacher = _teacher(recipe, data, dev, out_dir, progress)
     trainer = Trainer(model, data, recipe, dev, out_dir, teacher=teacher, progress=progress, callbacks=callbacks)
     if resume and not trainer.resume():
@@ -217,31 +218,6 @@ def evaluate(
                 "then rerun the same command with --resume to write model.pt and the report"
             ) from exc
     return report
-
-
-def _inherit(
-    model: nn.Module,
-    genotype: Genotype,
-    path: str | os.PathLike[str],
-    data: DataSplits,
-    recipe: Recipe,
-    device: torch.device,
-) -> None:
-    """Load into ``model`` the weights ``genotype`` inherits from the supernet in ``path``."""
-    # Imported here: bnas.search imports this module (its trials train with ``evaluate``).
-    from .search.supernet import calibration_batches, extract, recalibrate_bn
-    from .search.supernet_run import load_supernet
-
-    supernet = load_supernet(path, device=str(device))
-    if data.name != supernet.meta["dataset"]:
-        raise BnasError(
-            f"--init-from {path}: the supernet was trained on {supernet.meta['dataset']!r}, not {data.name!r}; "
-            f"pass --dataset {supernet.meta['dataset']}"
-        )
-    inherited = extract(supernet, genotype)
-    recalibrate_bn(inherited, calibration_batches(data, 8, 64, recipe.seed, device))
-    model.load_state_dict(inherited.state_dict())
-    logger.info("initialised %s from %s (%d supernet epochs)", genotype.name, path, supernet.meta["epochs"])
 
 
 def _versions() -> dict[str, str]:

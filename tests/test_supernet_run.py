@@ -19,10 +19,11 @@ import bnas.search.supernet_run as run_module
 from bnas.cli import main
 from bnas.data import load_dataset
 from bnas.evaluate import evaluate
+from bnas.genotype import load_genotype
 from bnas.search import SupernetError, extract
 from bnas.search.space import load_space
 from bnas.search.supernet import score
-from bnas.search.supernet_run import SUPERNET_FILE, load_supernet, train_supernet
+from bnas.search.supernet_run import SUPERNET_FILE, load_supernet, supernet_initialiser, train_supernet
 
 # History entries that measure the clock, not the training.
 CLOCKS = {"epoch_time_s", "samples_per_s", "cpu_s"}
@@ -143,7 +144,13 @@ def test_cli_trains_resumes_and_init_from_fine_tunes(tmp_path: Path, capsys: pyt
     genotype_file = tmp_path / "first.yaml"
     genotype.to_yaml(genotype_file)
     data = load_dataset("digits", val_fraction=0.1, seed=0)
-    report = evaluate(genotype_file, "digits", data=data, overrides={"epochs": 1}, init_from=out / SUPERNET_FILE)
+    report = evaluate(
+        genotype_file,
+        "digits",
+        data=data,
+        overrides={"epochs": 1},
+        initialise=supernet_initialiser(out / SUPERNET_FILE, load_genotype(genotype_file)),
+    )
     assert report["init_from"] == str(out / SUPERNET_FILE)
     # ...starts from the supernet's weights: the inherited network's first-epoch accuracy
     # beats a random initialisation's on this learnable task.
@@ -168,7 +175,7 @@ def test_extracted_weights_are_what_init_from_loads(tmp_path: Path) -> None:
         "digits",
         data=data,
         overrides={"epochs": 1, "optimizer.lr": 1e-12},
-        init_from=tmp_path / "run" / SUPERNET_FILE,
+        initialise=supernet_initialiser(tmp_path / "run" / SUPERNET_FILE, genotype),
         out=tmp_path / "eval",
     )
     model = extract(trained, genotype)

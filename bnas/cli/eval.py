@@ -10,6 +10,7 @@ from typing import Any
 from ..data import DATASETS
 from ..evaluate import evaluate
 from ..genotype import load_genotype
+from ..search.supernet_run import supernet_initialiser
 from ..train import LOSSES, OPTIMIZERS, SCHEDULES
 from .catalogs import add_catalog_argument, load_catalogs
 
@@ -81,7 +82,7 @@ def run_eval(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         download=args.download,
-        init_from=args.init_from,
+        initialise=supernet_initialiser(args.init_from, genotype) if args.init_from else None,
     )
     print(
         f"{genotype.name} on {report['dataset']}: test accuracy {report['test_acc']:.4f}, best validation accuracy "

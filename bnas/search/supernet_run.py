@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..atomic import WriteError, check_writable_dir
 from ..data import DataSplits
-from ..evaluate import check_input_shape, resolve_device
+from ..evaluate import Initialiser, check_input_shape, resolve_device
+from ..genotype import Genotype
 from ..report import plot_curves
 from ..train.allocator import tune_cpu_allocator
 from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_reason
@@ -45,13 +47,22 @@ from .supernet import (
     Supernet,
     SupernetError,
     calibration_batches,
+    extract,
     make_supernet_optimizer,
+    recalibrate_bn,
     score,
     supernet_recipe,
     train_supernet_epoch,
 )
 
-__all__ = ["SUPERNET_FILE", "SupernetTrainer", "load_supernet", "monitor_paths", "train_supernet"]
+__all__ = [
+    "SUPERNET_FILE",
+    "SupernetTrainer",
+    "load_supernet",
+    "monitor_paths",
+    "supernet_initialiser",
+    "train_supernet",
+]
 
 log = logging.getLogger(__name__)
 
@@ -415,3 +426,24 @@ def load_supernet(path: str | os.PathLike[str], space: SearchSpace | None = None
         raise SupernetError(f"{where}: its weights do not fit the space's supernet ({first}); {_ADVICE}") from exc
     supernet.meta = _meta(state, where)
     return supernet.to(resolve_device(device))
+
+
+def supernet_initialiser(path: str | os.PathLike[str], genotype: Genotype) -> Initialiser:
+    """An ``initialise`` for ``bnas.evaluate``: the weights ``genotype`` inherits from the
+    supernet in ``path``, its BatchNorm statistics re-estimated on 8 training batches of 64
+    (shuffled with the recipe's seed); ``bnas eval --init-from`` fine-tunes from them."""
+
+    def initialise(model: nn.Module, data: DataSplits, recipe: Recipe, device: torch.device) -> str:
+        supernet = load_supernet(path, device=str(device))
+        if data.name != supernet.meta["dataset"]:
+            raise SupernetError(
+                f"--init-from {path}: the supernet was trained on {supernet.meta['dataset']!r}, not {data.name!r}; "
+                f"pass --dataset {supernet.meta['dataset']}"
+            )
+        inherited = extract(supernet, genotype)
+        recalibrate_bn(inherited, calibration_batches(data, 8, 64, recipe.seed, device))
+        model.load_state_dict(inherited.state_dict())
+        log.info("initialised %s from %s (%d supernet epochs)", genotype.name, path, supernet.meta["epochs"])
+        return str(path)
+
+    return initialise
