@@ -38,7 +38,7 @@ from ..train.allocator import tune_cpu_allocator
 from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_reason
 from ..train.console import InterruptGuard, Progress, saved_on_interrupt
 from ..train.loop import seed_everything
-from ..train.recipe import RESUMABLE_CHANGES, Recipe, TrainingError
+from ..train.recipe import Recipe, TrainingError, recipe_changes
 from ..yaml_io import parse_yaml_mapping, write_text_atomic
 from .objective import probe_genotype, search_data
 from .space import SearchSpace, parse_space
@@ -179,8 +179,7 @@ class SupernetTrainer:
                     f"{where} was trained with {key} {state.get(key)!r}, not {mine!r}; resume it with the "
                     f"same space file, --seed and --distill, or {advice}"
                 )
-        saved, now = dict(state.get("recipe") or {}), self.recipe.to_dict()
-        changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        changed = recipe_changes(state.get("recipe") or {}, self.recipe)
         if changed:
             raise SupernetError(
                 f"{where}: the recipe differs from the one the run started with ({', '.join(changed)}); "

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_path
-from .recipe import RESUMABLE_CHANGES, Recipe, TrainingError
+from .recipe import Recipe, TrainingError, recipe_changes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -160,18 +160,14 @@ def check_resumable(state: Any, where: str, advice: str, *, model: nn.Module, da
         raise TrainingError(
             f"{where} was trained on {state['dataset']!r}, not {dataset!r}; pass --dataset {state['dataset']}"
         )
-    saved = state.get("recipe")
-    if saved is not None:
-        mine = recipe.to_dict()
-        changed = sorted(
-            k for k in set(saved) | set(mine) if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k)
+    changed = recipe_changes(state.get("recipe"), recipe)
+    if changed:
+        saved, mine = state["recipe"], recipe.to_dict()
+        details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {mine.get(k)!r} now" for k in changed)
+        raise TrainingError(
+            f"{where}: the recipe differs from the one the run started with ({details}); "
+            "only epochs and patience may change when resuming"
         )
-        if changed:
-            details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {mine.get(k)!r} now" for k in changed)
-            raise TrainingError(
-                f"{where}: the recipe differs from the one the run started with ({details}); "
-                "only epochs and patience may change when resuming"
-            )
     mismatch = state_mismatch(model, state["model"])
     if mismatch is not None:
         raise TrainingError(

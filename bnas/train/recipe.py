@@ -58,10 +58,19 @@ from ..errors import GenotypeError, LocatedError
 from ..schemas import validate as validate_schema
 from ..schemas.recipe import LOSSES, OPTIMIZERS, SCHEDULES
 
-__all__ = ["LOSSES", "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "Recipe", "TrainingError"]
+__all__ = ["LOSSES", "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "Recipe", "TrainingError", "recipe_changes"]
 
 # Keys that may change when a run is resumed (to extend it); any other change is an error.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience"})
+
+
+def recipe_changes(saved: Mapping[str, Any] | None, recipe: Recipe) -> list[str]:
+    """The keys, sorted, in which ``recipe`` differs from a checkpoint's ``saved`` recipe
+    dict beyond ``RESUMABLE_CHANGES`` (none when the checkpoint kept no recipe)."""
+    if saved is None:
+        return []
+    mine = recipe.to_dict()
+    return sorted(k for k in set(saved) | set(mine) if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k))
 
 
 class TrainingError(LocatedError):
