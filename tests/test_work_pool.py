@@ -227,3 +227,28 @@ def test_a_header_edit_changes_the_build_flags(tmp_path, monkeypatch):
 
 def test_the_shipped_headers_exist():
     assert cpu_backend.HEADERS and all(Path(h).is_file() for h in cpu_backend.HEADERS)
+
+
+@pytest.mark.parametrize("competitor", [False, True], ids=["idle", "competitor"])
+def test_packed_threads_benchmark_prints_its_json_line(ext, competitor, capsys):
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("packed_threads", root / "benchmarks" / "packed_threads.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    genotype = root / "search_spaces" / "genotypes" / "bireal_resnet18.yaml"
+    bench.main(["--genotype", str(genotype), "--repeats", "3"] + (["--competitor"] if competitor else []))
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(line)
+    assert record["genotype"] == "bireal_resnet18" and record["input"] == [3, 32, 32]
+    assert record["outputs_identical_1_vs_2_threads"] is True
+    assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], abs=0.01)
+    assert record["float_conv"]["weight"] == [64, 64, 3, 3]
+    if competitor:  # the spread target applies with a competitor, the 1.7 ratio only at 224x224
+        assert record["target"] == {"p90_over_median_max": 2.0}
+        assert record["meets_target"] == (record["ours_spread"]["p90_over_median"] <= 2.0)
+    else:
+        assert record["target"] is None and record["meets_target"] is None
