@@ -7,8 +7,10 @@ For each genotype (default: Bi-Real ResNet-18 at 224x224, then at 32x32), batch 
 model (``bnas.export.pack_model(bnas.build(g).eval())``, BN statistics randomised as a trained
 network has) is timed with ``torch.set_num_threads(1)`` and ``(2)`` interleaved in one run:
 baseline = 1 thread, ours = 2 threads, ratio = baseline / ours (target 1.7 at 224x224 on an
-idle machine). For contrast a float torch conv (the network's first 3x3 Bi-Real conv shape)
-is timed the same way.
+idle machine). Also timed: torch's float ops on 1 thread with only the XNOR kernels on 2
+(``BNAS_KERNEL_THREADS=2``), which shows the kernels' thread pool apart from torch's OpenMP;
+and, for contrast, a float torch conv (the network's first 3x3 Bi-Real conv shape) on 1 and
+2 threads.
 
 ``--competitor`` starts a busy-looping Python process for the duration of the run (the
 machine then has one core fewer than the threads asked for, as a shared machine often has)
@@ -47,7 +49,8 @@ GENOTYPES = ROOT / "search_spaces" / "genotypes"
 DEFAULT_GENOTYPES = [GENOTYPES / "bireal_resnet18_imagenet.yaml", GENOTYPES / "bireal_resnet18.yaml"]
 RATIO_TARGET = 1.7  # 2 threads over 1, at 224x224 on an idle machine
 TAIL_TARGET = 2.0  # p90 / median of the 2-thread call with a busy neighbour
-ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "BNAS_KERNEL_THREADS")
+THREADS_ENV = "BNAS_KERNEL_THREADS"
+ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", THREADS_ENV)
 
 
 def first_binary_conv_shape(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -69,9 +72,15 @@ def first_binary_conv_shape(model: torch.nn.Module, x: torch.Tensor) -> tuple[li
     return found[0]
 
 
-def with_threads(n: int, fn: Any) -> Any:
+def with_threads(n: int, fn: Any, kernel_threads: int | None = None) -> Any:
+    """fn on n torch threads; the XNOR kernels on kernel_threads where given, else n too."""
+
     def call() -> Any:
         torch.set_num_threads(n)
+        if kernel_threads is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = str(kernel_threads)
         return fn()
 
     return call
@@ -90,6 +99,7 @@ def spread(samples: list[float]) -> dict[str, float]:
 
 
 def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    env = {k: os.environ[k] for k in ENV_KEYS if k in os.environ}  # as started (the timing sets THREADS_ENV)
     genotype = bnas.load_genotype(path)
     torch.manual_seed(0)
     model = bnas.build(genotype).eval()
@@ -103,12 +113,14 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         fns = {
             "packed_1": with_threads(1, lambda: packed(x)),
             "packed_2": with_threads(2, lambda: packed(x)),
+            "packed_kernels_2": with_threads(1, lambda: packed(x), kernel_threads=2),
             "float_1": with_threads(1, lambda: F.conv2d(fx, fw, padding=1)),
             "float_2": with_threads(2, lambda: F.conv2d(fx, fw, padding=1)),
         }
         load_start = load_average()
         times = interleaved_times(fns, args.repeats, burst_seconds=0.0)
         load_end = load_average()
+    os.environ.pop(THREADS_ENV, None)
     (base, base_p90), (ours, ours_p90) = median_p90(times["packed_1"]), median_p90(times["packed_2"])
     (fbase, _), (fours, _) = median_p90(times["float_1"]), median_p90(times["float_2"])
     ratio = base / ours
@@ -126,6 +138,11 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         "ratio": round(ratio, 2),
         "p90_ms": {"baseline": round(base_p90 * 1e3, 3), "ours": round(ours_p90 * 1e3, 3)},
         "ours_spread": spread(times["packed_2"]),
+        "kernels_only_2_threads": {  # torch's float ops on 1 thread, the XNOR kernels on 2
+            "ms": round(median_p90(times["packed_kernels_2"])[0] * 1e3, 3),
+            "ratio": round(base / median_p90(times["packed_kernels_2"])[0], 2),
+            "spread": spread(times["packed_kernels_2"]),
+        },
         "float_conv": {
             "input": conv_in,
             "weight": conv_w,
@@ -137,7 +154,7 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         "outputs_identical_1_vs_2_threads": bool(torch.equal(outs[0], outs[1])),
         "load_average_1min": [load_start, load_end],
         "repeats": args.repeats,
-        "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
+        "env": env,
         "backend": backend("cpu"),
         "machine": {k: v for k, v in machine().items() if k != "threads"},  # threads: 1 and 2, above
     }
