@@ -10,17 +10,17 @@ gets ``None`` and one warning, and the dispatcher falls back to the reference; w
 instead, so a machine without the kernels cannot pass on the reference.
 
 Threads. A kernel call (a packed conv or linear, or packing signs) runs on
-:func:`kernel_threads` threads: ``torch.get_num_threads()`` (so ``torch.set_num_threads``,
-which the CLI's ``--threads`` flags call, and ``OMP_NUM_THREADS``, which sets torch's default,
-both apply), or ``$BNAS_KERNEL_THREADS`` where set, which changes the kernels only. Small
-problems use fewer threads (never more than their work is worth). The kernels do not use
-OpenMP: they run on their own pool of persistent threads (``csrc/work_pool.h``) in which
-the calling thread always works and never waits for a helper thread the OS has not
-scheduled yet, so one busy core on a shared machine slows a call down by at most about the
-share of work it took away, not to the speed of the slowest thread. ``OMP_WAIT_POLICY``,
-``GOMP_SPINCOUNT`` and ``OMP_PROC_BIND`` do not affect the kernels; they still apply to
-torch's own float ops (the stem, shortcuts, pooling of a packed network), which use OpenMP
-and wait at the end of every op for all their threads.
+:func:`kernel_threads` threads: ``torch.get_num_threads()`` (set by ``torch.set_num_threads``,
+which the CLI's ``--threads`` flags call, and at start-up by ``OMP_NUM_THREADS``), or
+``$BNAS_KERNEL_THREADS`` where set, which changes the kernels only and leaves torch's float
+ops alone. Small problems use fewer threads (never more than their work is worth). The
+kernels do not use OpenMP but a pool of persistent threads (``csrc/work_pool.h``): the
+calling thread always works, helper threads take chunks of the work as they get a core, and
+a call never waits for a helper that has not started on it. So on a busy machine a call
+takes about its 1-thread time instead of waiting at a barrier for a descheduled thread.
+``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` and ``OMP_PROC_BIND`` do not affect the kernels; they
+still apply to torch's own float ops (the stem, shortcuts and pooling of a packed network),
+which use OpenMP and do wait for all their threads at the end of every op.
 """
 
 from __future__ import annotations
