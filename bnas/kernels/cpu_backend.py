@@ -18,9 +18,15 @@ kernels do not use OpenMP but a pool of persistent threads (``csrc/work_pool.h``
 calling thread always works, helper threads take chunks of the work as they get a core, and
 a call never waits for a helper that has not started on it. So on a busy machine a call
 takes about its 1-thread time instead of waiting at a barrier for a descheduled thread.
-``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` and ``OMP_PROC_BIND`` do not affect the kernels; they
+``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` and ``OMP_PROC_BIND`` do not configure the kernels; they
 still apply to torch's own float ops (the stem, shortcuts and pooling of a packed network),
-which use OpenMP and do wait for all their threads at the end of every op.
+which use OpenMP and do wait for all their threads at the end of every op (on a 2-core
+machine with one other busy process, a float conv on 2 threads took 2-30 ms against 1.3 ms
+on 1). They matter to the kernels indirectly: after each float op torch's OpenMP threads spin
+(libgomp's default) and hold the cores the kernels' helpers need; ``OMP_WAIT_POLICY=PASSIVE``
+stops that but slows torch's ops. On a shared machine, ``torch.set_num_threads(1)`` with
+``BNAS_KERNEL_THREADS=2`` keeps the float ops off the barrier and lets the kernels use a
+free core when there is one.
 """
 
 from __future__ import annotations
