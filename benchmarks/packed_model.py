@@ -156,7 +156,13 @@ class LceWorker:
                 + (f"gave no answer in {timeout:.0f} s" if not ready else f"exited ({self.proc.returncode})")
                 + f"; its last message: {self._stderr_tail()}"
             )
-        reply: dict[str, Any] = json.loads(line)
+        try:
+            reply: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            raise BenchmarkError(
+                f"--lce-python {self.python}: the LCE worker answered {line.strip()[:200]!r}, not a JSON line; "
+                f"is {WORKER} the worker of this bnas checkout?"
+            ) from exc
         if "error" in reply:
             raise BenchmarkError(
                 f"--lce-python {self.python}: the LCE worker failed: {reply['error']}; pass the python of an "

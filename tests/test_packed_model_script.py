@@ -158,6 +158,16 @@ def test_bad_lce_python_is_one_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-python"
     with pytest.raises(SCRIPT.BenchmarkError, match=r"--lce-python .*no-python: cannot run it"):
         SCRIPT.main(["--sizes", "32", "--threads", "1", "--lce-python", str(missing)])
+    # Workers that die, or talk nonsense: their exit status and last word, or the line, named.
+    for name, script, message in [
+        ("dies", "echo 'no TensorFlow here' >&2; exit 3", r"exited \(3\); its last message: no TensorFlow here"),
+        ("chatty", "echo hello", r"answered 'hello', not a JSON line"),
+    ]:
+        fake = tmp_path / name
+        fake.write_text(f"#!/bin/sh\n{script}\n", encoding="utf-8")
+        fake.chmod(0o755)
+        with pytest.raises(SCRIPT.BenchmarkError, match=message):
+            SCRIPT.main(["--sizes", "32", "--threads", "1", "--repeats", "1", "--lce-python", str(fake)])
     # A Python without larq-compute-engine (this one): the worker's own error, named.
     with pytest.raises(SCRIPT.BenchmarkError, match=r"the LCE worker failed: ModuleNotFoundError"):
         SCRIPT.main(["--sizes", "32", "--threads", "1", "--repeats", "1", "--lce-python", sys.executable])
