@@ -190,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=True,
         help="LCE's indirect BGEMM binary conv kernel (default on); --no-indirect-bgemm: LCE's default path",
     )
+    p.add_argument("--xnnpack", action="store_true", help="run the float ops on TFLite's XNNPack delegate")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -208,7 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         binary_macs, float_macs = count_macs(model)
         flatbuffer = lce.convert_keras_model(model)
         interpreter = Interpreter(
-            flatbuffer, num_threads=args.threads, use_reference_bconv=False, use_indirect_bgemm=args.indirect_bgemm
+            flatbuffer,
+            num_threads=args.threads,
+            use_reference_bconv=False,
+            use_indirect_bgemm=args.indirect_bgemm,
+            use_xnnpack=args.xnnpack,
         )
         ready: dict[str, Any] = {
             "ready": True,
@@ -219,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tflite_bytes": len(flatbuffer),
             "threads": args.threads,
             "indirect_bgemm": args.indirect_bgemm,
+            "xnnpack": args.xnnpack,
             "versions": {"tensorflow": tf.__version__, "larq_compute_engine": getattr(lce, "__version__", "?")},
         }
         try:

@@ -101,9 +101,9 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
 class LceWorker:
     """``benchmarks/lce_worker.py`` in another Python, spoken to over its line protocol."""
 
-    def __init__(self, python: str, layout: str, threads: int, indirect_bgemm: bool = True):
+    def __init__(self, python: str, layout: str, threads: int, indirect_bgemm: bool = True, xnnpack: bool = False):
         self.python, self.layout = python, layout
-        self.name = "LCE " + ("indirect BGEMM" if indirect_bgemm else "default path")
+        self.name = "LCE " + ("indirect BGEMM" if indirect_bgemm else "default path") + " + XNNPack" * xnnpack
         env = {
             **os.environ,
             "TF_USE_LEGACY_KERAS": "1",
@@ -115,6 +115,8 @@ class LceWorker:
         cmd = [python, str(WORKER), "--layout", layout, "--threads", str(threads)]
         if not indirect_bgemm:
             cmd.append("--no-indirect-bgemm")
+        if xnnpack:
+            cmd.append("--xnnpack")
         # stderr to a file: TensorFlow's chatter must never fill a pipe nobody reads.
         self.stderr: IO[bytes] = tempfile.TemporaryFile()
         try:
@@ -340,9 +342,11 @@ def run_cpu(args: argparse.Namespace) -> None:
                 lce_note = "no LCE twin of this genotype (lce_worker.py builds the two Bi-Real ResNet-18s only)"
             else:
                 # Started first: TensorFlow's import and the conversion overlap with building here.
-                workers["lce"] = LceWorker(args.lce_python, layout, args.threads)
+                workers["lce"] = LceWorker(args.lce_python, layout, args.threads, xnnpack=args.lce_xnnpack)
                 if args.lce_default:
-                    workers["lce_default"] = LceWorker(args.lce_python, layout, args.threads, indirect_bgemm=False)
+                    workers["lce_default"] = LceWorker(
+                        args.lce_python, layout, args.threads, indirect_bgemm=False, xnnpack=args.lce_xnnpack
+                    )
             run_network(args, genotype_path, genotype, size, workers, lce_note)
         finally:
             for worker in workers.values():
@@ -408,6 +412,7 @@ def run_network(
                 "engine": worker.name, "ms": ms[name][0], "p90_ms": ms[name][1],
                 "binary_macs": info["binary_macs"], "float_macs": info["float_macs"], "same_macs_as_bnas": same,
                 "tflite_bytes": info["tflite_bytes"], "ops": info.get("ops"), "threads": info["threads"],
+                "xnnpack": info.get("xnnpack"),
                 "versions": info.get("versions"), "setup_s": info.get("setup_s"),
             }  # fmt: skip
             record[f"{name}_ms"] = ms[name][0]
@@ -510,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"cpu: the Python of an environment with larq-compute-engine, to time LCE too (default ${LCE_ENV})",
     )  # fmt: skip
     p.add_argument("--lce-default", action="store_true", help="cpu: also time LCE's default binary conv path")
+    p.add_argument("--lce-xnnpack", action="store_true", help="cpu: LCE runs its float ops on TFLite's XNNPack")
     p.add_argument("--profile-calls", type=int, default=30, help="cpu: packed calls of the per-part profile")
     p.add_argument("--profile", action="store_true", help="cpu: also print a torch.profiler table (stderr)")
     args = p.parse_args(argv)
