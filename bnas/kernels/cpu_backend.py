@@ -4,14 +4,28 @@
 ``bnas.paths.cache_dir("extensions")`` (``$BNAS_CACHE/extensions``, else
 ``~/.cache/bnas/extensions``; ``$XDG_CACHE_HOME`` is honoured) and reused by later processes. The binary holds an AVX-512 VPOPCNTDQ, an AVX2 and
 a plain-popcnt path; which ones this CPU can run is asked of the binary itself
-(``__builtin_cpu_supports``). When nothing can be built (no compiler, no OpenMP) the caller
+(``__builtin_cpu_supports``). When nothing can be built (no C++ compiler) the caller
 gets ``None`` and one warning, and the dispatcher falls back to the reference; with
 ``BNAS_REQUIRE_EXTENSION=1`` (CI) every such call raises :class:`ExtensionUnavailableError`
 instead, so a machine without the kernels cannot pass on the reference.
+
+Threads. A kernel call (a packed conv or linear, or packing signs) runs on
+:func:`kernel_threads` threads: ``torch.get_num_threads()`` (so ``torch.set_num_threads``,
+which the CLI's ``--threads`` flags call, and ``OMP_NUM_THREADS``, which sets torch's default,
+both apply), or ``$BNAS_KERNEL_THREADS`` where set, which changes the kernels only. Small
+problems use fewer threads (never more than their work is worth). The kernels do not use
+OpenMP: they run on their own pool of persistent threads (``csrc/work_pool.h``) in which
+the calling thread always works and never waits for a helper thread the OS has not
+scheduled yet, so one busy core on a shared machine slows a call down by at most about the
+share of work it took away, not to the speed of the slowest thread. ``OMP_WAIT_POLICY``,
+``GOMP_SPINCOUNT`` and ``OMP_PROC_BIND`` do not affect the kernels; they still apply to
+torch's own float ops (the stem, shortcuts, pooling of a packed network), which use OpenMP
+and wait at the end of every op for all their threads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -33,7 +47,8 @@ from ..errors import BnasError
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # no FMA contraction: epilogue is exact
+HEADERS = [SOURCE.parent / "work_pool.h"]
+CFLAGS = ["-O3", "-pthread", "-ffp-contract=off"]  # no FMA contraction: epilogue is exact
 
 # Backend name -> the extension's code-path constant name, fastest first.
 ISA_OF_BACKEND = {"cpu-avx512": "ISA_AVX512", "cpu-avx2": "ISA_AVX2", "cpu-popcnt": "ISA_POPCNT"}
@@ -50,10 +65,33 @@ _supported: list[str] | None = None
 _repacked: OrderedDict[tuple, tuple[int, Tensor]] = OrderedDict()
 _REPACK_CACHE_SIZE = 256
 REQUIRE_ENV = "BNAS_REQUIRE_EXTENSION"
+THREADS_ENV = "BNAS_KERNEL_THREADS"
 
 
 class ExtensionUnavailableError(BnasError):
     """The CPU extension could not be built or loaded while ``BNAS_REQUIRE_EXTENSION`` is set."""
+
+
+class KernelThreadsError(BnasError):
+    """``$BNAS_KERNEL_THREADS`` is not a whole number of threads >= 1."""
+
+
+def kernel_threads() -> int:
+    """Threads one kernel call may use: ``$BNAS_KERNEL_THREADS`` where set (read on every
+    call), else ``torch.get_num_threads()``."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return torch.get_num_threads()
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise KernelThreadsError(
+            f"{THREADS_ENV}={value!r} is not a number of threads: set it to a whole number >= 1, "
+            "or unset it to follow torch.get_num_threads()"
+        )
+    return threads
 
 
 def extension_required() -> bool:
@@ -65,7 +103,7 @@ def _raise_if_required() -> None:
     if extension_required():
         raise ExtensionUnavailableError(
             f"the CPU XNOR kernels are unavailable ({_build_error}) and {REQUIRE_ENV} is set: "
-            "install a C++ compiler with OpenMP (e.g. g++) and ninja, or unset it to use the slow reference"
+            "install a C++ compiler (e.g. g++) and ninja, or unset it to use the slow reference"
         )
 
 
@@ -75,6 +113,16 @@ def cache_dir() -> Path:
     # One folder per torch/python build: the binary links against both.
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
     return paths.cache_dir("extensions") / tag.replace("+", "_")
+
+
+def headers_key() -> str:
+    """A digest of the headers the source includes. ``load`` keys its build on the source
+    file and the flags only; this key, passed as a flag, makes a header edit rebuild too
+    (ninja's dependency log would catch it in a new process, not within one)."""
+    digest = hashlib.sha256()
+    for header in HEADERS:
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def extension() -> ModuleType | None:
@@ -100,8 +148,8 @@ def extension() -> ModuleType | None:
                 _extension = load(
                     name=EXTENSION_NAME,
                     sources=[str(SOURCE)],
-                    extra_cflags=CFLAGS,
-                    extra_ldflags=["-fopenmp"],
+                    extra_cflags=CFLAGS + [f"-DBNAS_HEADERS_KEY={headers_key()}"],
+                    extra_ldflags=["-pthread"],
                     build_directory=str(build_dir),
                     verbose=False,
                 )
@@ -111,7 +159,7 @@ def extension() -> ModuleType | None:
             _raise_if_required()
             warnings.warn(
                 f"bnas.kernels: the CPU XNOR kernels are unavailable ({_build_error}); using "
-                "the slow float reference. Install a C++ compiler with OpenMP (e.g. g++) "
+                "the slow float reference. Install a C++ compiler (e.g. g++) "
                 "and ninja to enable them.",
                 RuntimeWarning,
                 stacklevel=3,
@@ -204,12 +252,12 @@ def _cached_layout(wp: Tensor, layout: tuple, make: Callable[[], Tensor]) -> Ten
 def pack_weights(w: Tensor, name: str) -> Tensor:
     """Float (K, Cg, kh, kw) weights are an NCHW image batch of K: packing them gives
     (K, kh, kw, Wg) directly; (K, F) gives (K, words)."""
-    return _built(name).pack_signs(w, 1, _isa(name), torch.get_num_threads())
+    return _built(name).pack_signs(w, 1, _isa(name), kernel_threads())
 
 
 def pack_signs(x: Tensor, groups: int, name: str) -> Tensor:
     """Float NCHW -> packed NHWC, or (N, F) -> (N, words), with code path ``name``."""
-    return _built(name).pack_signs(x, groups, _isa(name), torch.get_num_threads())
+    return _built(name).pack_signs(x, groups, _isa(name), kernel_threads())
 
 
 def xnor_conv2d_packed(
@@ -246,7 +294,7 @@ def xnor_conv2d_packed(
         bias,
         pack_output,
         _isa(name),
-        torch.get_num_threads(),
+        kernel_threads(),
     )
 
 
@@ -263,7 +311,7 @@ def xnor_linear_packed(
         bias,
         pack_output,
         _isa(name),
-        torch.get_num_threads(),
+        kernel_threads(),
     )
 
 

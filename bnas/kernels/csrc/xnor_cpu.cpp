@@ -16,8 +16,9 @@
 // row are adjacent in memory). Output channels sit in SIMD lanes ("vectors" of L channels):
 // 4 vectors per step reuse each broadcast input word, and 4 output positions per step reuse
 // each weight load, with all 16 accumulators in registers. The epilogue (scale, bias, float
-// store or sign + pack) is fused into the same step. OpenMP splits (channel block, output
-// row) items, so a thread keeps one block's weights in L1 while it walks the rows.
+// store or sign + pack) is fused into the same step. The work pool (work_pool.h) splits
+// (channel block, output row) items, so a thread keeps one block's weights in L1 while it
+// walks the rows.
 #include <torch/extension.h>
 
 #include <immintrin.h>
@@ -26,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "work_pool.h"
 
 namespace {
 
@@ -338,11 +341,9 @@ void conv_driver(const int32_t* x, const int32_t* wrep, const Geometry& g, int i
   // that the OS pauses (a shared machine) does not hold up a fixed half of the work.
   const int64_t chunk = std::max<int64_t>(1, items / (8 * static_cast<int64_t>(threads)));
 
-#pragma omp parallel num_threads(threads)
-  {
+  bnas::parallel_for(items, chunk, threads, [&](int64_t item_begin, int64_t item_end) {
     std::vector<Segment> segs(g.KH * g.KW + 1), bsegs(g.KH * g.KW + 1);
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t item = 0; item < items; ++item) {
+    for (int64_t item = item_begin; item < item_end; ++item) {
       const int64_t row = item % rows;
       const int64_t gb = item / rows;
       const int64_t grp = gb / nblocks, blk = gb % nblocks;
@@ -435,7 +436,7 @@ void conv_driver(const int32_t* x, const int32_t* wrep, const Geometry& g, int i
         block_1(b, e);
       }
     }
-  }
+  });
 }
 
 void check_packed(const torch::Tensor& t, const char* name) {
@@ -706,13 +707,14 @@ torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
     uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
     const int threads = static_cast<int>(
         std::max<int64_t>(1, std::min<int64_t>({num_threads, n, n * f / 32768 + 1})));
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      if (avx512)
-        pack_row_avx512(src + i * f, f, dst + i * words);
-      else
-        pack_row_generic(src + i * f, f, dst + i * words);
-    }
+    bnas::parallel_for(n, n / (4 * threads), threads, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (avx512)
+          pack_row_avx512(src + i * f, f, dst + i * words);
+        else
+          pack_row_generic(src + i * f, f, dst + i * words);
+      }
+    });
     return out;
   }
   auto x = x_in.to(torch::kFloat32).contiguous();
@@ -728,17 +730,18 @@ torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
   const int64_t tasks = N * blocks;
   const int threads = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>({num_threads, tasks, N * C * g.HW / 32768 + 1})));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t n = t / blocks, p0 = (t % blocks) * kPixelsPerTask;
-    const int64_t np = std::min<int64_t>(kPixelsPerTask, g.HW - p0);
-    const float* img = src + n * C * g.HW;
-    uint32_t* o = dst + n * g.HW * g.Ctot;
-    if (avx512)
-      pack_pixels_avx512(img, g, p0, np, o);
-    else
-      pack_pixels_generic(img, g, p0, np, o);
-  }
+  bnas::parallel_for(tasks, tasks / (4 * threads), threads, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, p0 = (t % blocks) * kPixelsPerTask;
+      const int64_t np = std::min<int64_t>(kPixelsPerTask, g.HW - p0);
+      const float* img = src + n * C * g.HW;
+      uint32_t* o = dst + n * g.HW * g.Ctot;
+      if (avx512)
+        pack_pixels_avx512(img, g, p0, np, o);
+      else
+        pack_pixels_generic(img, g, p0, np, o);
+    }
+  });
   return out;
 }
 
@@ -857,4 +860,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("real_binary_linear", &real_binary_linear,
         "real input x 1-bit weights linear layer, * scale + bias");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
+  bnas::bind_work_pool(m);
 }
