@@ -449,3 +449,34 @@ def test_real_input_binary_weight_linear_checks_shapes():
     wp = kernels.pack_weights(torch.randn(8, 40))
     with pytest.raises(ValueError, match=r"expects \(N, 40\) input and \(K, 2\) packed weights"):
         kernels.real_binary_linear(torch.randn(2, 41), wp, 40)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((1, 64, 112, 112), 3, 2, 1),   # ResNet's stem pool
+    ((2, 40, 9, 7), 3, 2, 1),       # a partial SIMD vector of channels, odd map
+    ((1, 16, 8, 8), 2, 2, 0),
+    ((1, 24, 10, 10), (3, 2), (1, 2), (1, 0)),
+])
+def test_channels_last_max_pool_equals_torch(backend_name, shape, kernel, stride, padding):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen) - 2.0  # mostly negative: padding must never win
+    out = kernels.max_pool2d_nhwc(x, kernel, stride, padding)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, F.max_pool2d(x, kernel, stride, padding))
+
+
+def test_fused_step_can_write_into_its_residual(backend_name):
+    gen = torch.Generator().manual_seed(5)
+    x = small_ints(1, 64, 6, 6, generator=gen)
+    weight = small_ints(64, 64, 3, 3, generator=gen)
+    scale, bias = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    residual = torch.randn(1, 64, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(sign(x), sign(weight), None, 1, 1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    expected = expected + residual
+    buffer = residual.data_ptr()
+    out, packed = kernels.xnor_conv2d_fused(kernels.pack_signs(x), kernels.pack_weights(weight), 64, 3, 1, 1, 1, 1,
+                                            scale, bias, residual, True, True, into_residual=True)
+    assert out.data_ptr() == buffer and torch.equal(residual, expected)
+    assert torch.equal(out, expected) and torch.equal(packed, pack_signs_reference(expected))
+    with pytest.raises(ValueError, match="into_residual needs a residual"):
+        kernels.xnor_conv2d_fused(kernels.pack_signs(x), kernels.pack_weights(weight), 64, 3, 1, 1, into_residual=True)

@@ -10,7 +10,8 @@ from torch import nn
 
 import bnas
 from bnas.export import PackedNetwork, load_packed, pack_model
-from bnas.export.plan import PackedStep
+from bnas.binarize import BinarizeConfig, BinaryConv2d
+from bnas.export.plan import ChannelsLastMaxPool2d, PackedStep
 from conftest import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,3 +132,46 @@ def test_plan_sees_weights_loaded_after_it_was_built() -> None:
     a(x)  # builds a's plan
     a.load_state_dict(b.state_dict())
     assert torch.equal(a(x), b(x))
+
+
+def test_stem_max_pool_runs_channels_last_and_units_overwrite_their_shortcut_buffer() -> None:
+    _, packed, _ = packed_of("bireal_resnet18_imagenet")
+    x = torch.randn(1, 3, 224, 224)
+    kept = x.clone()
+    first = packed(x)
+    assert torch.equal(x, kept)  # the caller's image is never a buffer the plan writes into
+    assert torch.equal(packed(x), first)  # nothing a call overwrites is read by the next call
+    with torch.no_grad():
+        assert torch.equal(first, packed.net(x.contiguous(memory_format=torch.channels_last)))
+    plan = packed.plan()
+    assert plan is not None
+    assert sum(isinstance(m, ChannelsLastMaxPool2d) for m in plan.modules()) == 1
+    assert all(s.into_residual for s in steps_of(packed))  # every unit's shortcut is read once
+
+
+class ShortcutReadTwice(nn.Module):
+    """y feeds a binary unit's shortcut and, after it, another add: the unit must not write
+    its output into y's buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv = BinaryConv2d(32, 32, 3, padding=1, config=BinarizeConfig(activation="ste", weight="xnor"))
+        self.bn = nn.BatchNorm2d(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        z = self.bn(self.conv(y)) + y
+        return (z + y).mean(dim=(2, 3))
+
+
+def test_a_shortcut_read_again_later_is_not_overwritten() -> None:
+    torch.manual_seed(0)
+    model = randomize(ShortcutReadTwice())
+    packed = pack_model(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = packed.net(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(packed(x), ref)
+    (step,) = steps_of(packed)
+    assert step.residual and not step.into_residual

@@ -37,12 +37,13 @@ from typing import Any, cast
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import pack_signs, xnor_conv2d_fused
+from ..kernels import max_pool2d_nhwc, pack_signs, xnor_conv2d_fused
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear, _pack_input
 
-__all__ = ["PackedStep", "build_plan"]
+__all__ = ["ChannelsLastMaxPool2d", "PackedStep", "build_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class PackedStep(nn.Module):
         self.conv = conv
         self.packed_input, self.residual = packed_input, residual
         self.float_output, self.pack_output = float_output, pack_output
+        #: write the output into the residual's buffer (set by the plan when nothing reads the
+        #: residual afterwards)
+        self.into_residual = False
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Any:
         c = self.conv
@@ -112,6 +116,7 @@ class PackedStep(nn.Module):
                 residual,
                 self.float_output,
                 self.pack_output,
+                self.into_residual and residual is not None,
             )
         if self.float_output and self.pack_output:
             return out, packed
@@ -122,6 +127,8 @@ class PackedStep(nn.Module):
         if self.residual:
             parts.append("+ residual")
         parts.append("->" + " float" * self.float_output + " packed" * self.pack_output)
+        if self.into_residual:
+            parts.append("in place of the residual")
         return ", ".join(parts)
 
 
@@ -213,6 +220,72 @@ def _chain_packed(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, PackedSte
             steps[u].packed_input = True
 
 
+class ChannelsLastMaxPool2d(nn.Module):
+    """``nn.MaxPool2d`` (no dilation, no ceil mode) on channels_last float maps by the CPU
+    kernels' pool (``bnas.kernels.max_pool2d_nhwc``): every input byte read once."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.dtype != torch.float32:
+            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return max_pool2d_nhwc(x, self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _channels_last_pools(gm: torch.fx.GraphModule) -> None:
+    count = 0
+    for node in list(gm.graph.nodes):
+        pool = _module(gm, node)
+        if (
+            not isinstance(pool, nn.MaxPool2d)
+            or pool.ceil_mode
+            or pool.return_indices
+            or _pair(pool.dilation) != (1, 1)
+            or any(2 * p > k for p, k in zip(_pair(pool.padding), _pair(pool.kernel_size), strict=True))
+        ):
+            continue
+        name = f"_plan_pool{count}"
+        count += 1
+        gm.add_submodule(name, ChannelsLastMaxPool2d(pool))
+        node.target = name
+
+
+# What produces a fresh tensor that no one else holds: a step may overwrite it.
+_FRESH_MODULES = (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d, nn.BatchNorm2d, ChannelsLastMaxPool2d)
+
+
+def _write_into_residuals(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, PackedStep]) -> None:
+    """A step whose residual is a fresh float tensor that nothing reads after the step writes
+    its output into that buffer (a Bi-Real unit's shortcut stream: no new tensor per unit, and
+    half the memory traffic)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node, step in steps.items():
+        if not step.residual or not step.float_output or len(node.args) < 2:
+            continue
+        res = node.args[1]
+        if not isinstance(res, torch.fx.Node):
+            continue
+        fresh = isinstance(_module(gm, res), _FRESH_MODULES) or (
+            res.op == "call_function"
+            and res.target is operator.getitem
+            and res.args[1] == 0
+            and isinstance(res.args[0], torch.fx.Node)
+            and res.args[0] in steps
+        )
+        read_later = any(order[u] > order[node] for u in res.users)
+        if fresh and not read_later:
+            step.into_residual = True
+
+
 def _channels_last_input(gm: torch.fx.GraphModule) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -243,6 +316,8 @@ def build_plan(net: nn.Module) -> torch.fx.GraphModule | None:
     _drop_identities(gm)
     steps = _fuse_residuals(gm)
     _chain_packed(gm, steps)
+    _channels_last_pools(gm)
+    _write_into_residuals(gm, steps)
     _channels_last_input(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -9,6 +9,7 @@ implementation in use; ``use_backend(name)`` forces one.
 from .dispatch import (
     BACKENDS,
     backend,
+    max_pool2d_nhwc,
     pack_signs,
     pack_weights,
     real_binary_linear,
@@ -24,6 +25,7 @@ from .packing import unpack_signs, unpack_weights, words_for
 __all__ = [
     "BACKENDS",
     "backend",
+    "max_pool2d_nhwc",
     "pack_signs",
     "pack_weights",
     "real_binary_linear",

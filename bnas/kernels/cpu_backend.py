@@ -329,6 +329,7 @@ def xnor_conv2d_fused(
     residual: Tensor | None,
     float_output: bool,
     pack_output: bool,
+    into_residual: bool,
     name: str,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Packed conv + epilogue + residual with code path ``name``: (float channels_last
@@ -352,8 +353,9 @@ def xnor_conv2d_fused(
         residual,
         float_output,
         pack_output,
+        into_residual,
         _isa(name),
-        torch.get_num_threads(),
+        kernel_threads(),
     )
     return out, packed
 
@@ -367,3 +369,12 @@ def real_binary_linear(
         wp, ("masks", in_features, name), lambda: _built(name).repack_real_weights(wp.contiguous(), in_features)
     )
     return _built(name).real_binary_linear(x, masks, wp.shape[0], scale, bias, _isa(name))
+
+
+def max_pool2d_nhwc(
+    x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], name: str
+) -> Tensor:
+    """Max-pool of a channels_last float32 map with code path ``name``."""
+    return _built(name).max_pool2d_nhwc(
+        x, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], _isa(name), kernel_threads()
+    )

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -484,7 +485,8 @@ torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int6
                         const c10::optional<torch::Tensor>& bias,
                         const c10::optional<torch::Tensor>& residual, bool float_output,
                         bool pack_output, bool nchw_channels_last, int64_t isa,
-                        int64_t num_threads, torch::Tensor* packed_out) {
+                        int64_t num_threads, torch::Tensor* packed_out,
+                        bool into_residual) {
   check_packed(xp, "packed input");
   check_packed(wrep, "repacked weights");
   TORCH_CHECK(xp.dim() == 4, "packed input must be (N, H, W, words)");
@@ -543,7 +545,14 @@ torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int6
     e.out_p = packed.data_ptr<int32_t>();
     out = packed;
   }
-  if (float_output) {
+  TORCH_CHECK(!into_residual || (float_output && res.defined()),
+              "writing into the residual needs a residual and a float output");
+  if (into_residual) {
+    // each output element is written right after its residual element is read, by the same
+    // lane: the shortcut's buffer takes the unit's output (no new tensor, half the traffic)
+    out = res;
+    e.out_f = out.data_ptr<float>();
+  } else if (float_output) {
     if (nchw_channels_last) {
       // (N, K, OH, OW) whose memory is NHWC: what the kernel writes, no permute needed.
       out = torch::empty({g.N, g.K, g.OH, g.OW},
@@ -570,7 +579,7 @@ torch::Tensor conv2d_packed(const torch::Tensor& xp, const torch::Tensor& wrep, 
                             int64_t isa, int64_t num_threads) {
   return conv_nhwc(xp, wrep, in_channels, out_channels, kh, kw, sh, sw, ph, pw, dh, dw, groups,
                    scale, bias, c10::nullopt, !pack_output, pack_output, true, isa, num_threads,
-                   nullptr);
+                   nullptr, false);
 }
 
 // The fused step of a packed network: conv -> * scale + bias -> + residual (a shortcut), and
@@ -581,11 +590,11 @@ std::vector<torch::Tensor> conv2d_packed_fused(
     int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
     int64_t groups, const c10::optional<torch::Tensor>& scale,
     const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& residual,
-    bool float_output, bool pack_output, int64_t isa, int64_t num_threads) {
+    bool float_output, bool pack_output, bool into_residual, int64_t isa, int64_t num_threads) {
   torch::Tensor packed;
   torch::Tensor out = conv_nhwc(xp, wrep, in_channels, out_channels, kh, kw, sh, sw, ph, pw, dh,
                                 dw, groups, scale, bias, residual, float_output, pack_output, true,
-                                isa, num_threads, &packed);
+                                isa, num_threads, &packed, into_residual);
   return {float_output ? out : torch::Tensor(), packed};
 }
 
@@ -599,7 +608,8 @@ torch::Tensor linear_packed(const torch::Tensor& xp, const torch::Tensor& wrep,
   const int64_t n = xp.size(0);
   torch::Tensor out = conv_nhwc(xp.view({1, 1, n, xp.size(1)}), wrep, in_features, out_features,
                                 1, 1, 1, 1, 0, 0, 1, 1, 1, scale, bias, c10::nullopt,
-                                !pack_output, pack_output, false, isa, num_threads, nullptr);
+                                !pack_output, pack_output, false, isa, num_threads, nullptr,
+                                false);
   return out.view({n, out.size(3)});
 }
 
@@ -840,6 +850,88 @@ torch::Tensor real_binary_linear(const torch::Tensor& x_in, const torch::Tensor&
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// Max-pool on channels_last float maps (the float stem's 3x3/2 pool): every input byte is read
+// from memory once, channels in SIMD lanes. Padding never wins (as in PyTorch); NaN inputs
+// are not propagated (inference inputs are finite).
+// ---------------------------------------------------------------------------------------
+struct PoolGeometry {
+  int64_t C, H, W, OH, OW, kh, kw, sh, sw, ph, pw;
+};
+
+__attribute__((target("avx512f"))) void max_pool_row_avx512(const float* img, float* out,
+                                                            const PoolGeometry& g, int64_t oh) {
+  const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
+  const int64_t ih1 = std::min<int64_t>(g.H, oh * g.sh - g.ph + g.kh);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * g.sw - g.pw);
+    const int64_t iw1 = std::min<int64_t>(g.W, ow * g.sw - g.pw + g.kw);
+    float* o = out + (oh * g.OW + ow) * g.C;
+    for (int64_t c = 0; c < g.C; c += 16) {
+      const int64_t nl = std::min<int64_t>(16, g.C - c);
+      const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+      __m512 v = _mm512_set1_ps(-INFINITY);
+      for (int64_t ih = ih0; ih < ih1; ++ih)
+        for (int64_t iw = iw0; iw < iw1; ++iw)
+          v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, img + (ih * g.W + iw) * g.C + c));
+      _mm512_mask_storeu_ps(o + c, lanes, v);
+    }
+  }
+}
+
+void max_pool_row_generic(const float* img, float* out, const PoolGeometry& g, int64_t oh) {
+  const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
+  const int64_t ih1 = std::min<int64_t>(g.H, oh * g.sh - g.ph + g.kh);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * g.sw - g.pw);
+    const int64_t iw1 = std::min<int64_t>(g.W, ow * g.sw - g.pw + g.kw);
+    float* o = out + (oh * g.OW + ow) * g.C;
+    std::fill(o, o + g.C, -INFINITY);
+    for (int64_t ih = ih0; ih < ih1; ++ih)
+      for (int64_t iw = iw0; iw < iw1; ++iw) {
+        const float* x = img + (ih * g.W + iw) * g.C;
+        for (int64_t c = 0; c < g.C; ++c) o[c] = std::max(o[c], x[c]);
+      }
+  }
+}
+
+torch::Tensor max_pool2d_nhwc(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t sh,
+                              int64_t sw, int64_t ph, int64_t pw, int64_t isa,
+                              int64_t num_threads) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "max_pool2d_nhwc: input must be a channels_last float32 CPU tensor");
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && 2 * ph <= kh &&
+                  2 * pw <= kw,
+              "max_pool2d_nhwc: padding must be at most half the kernel");
+  const int64_t N = x.size(0);
+  PoolGeometry g{x.size(1), x.size(2), x.size(3), 0, 0, kh, kw, sh, sw, ph, pw};
+  g.OH = (g.H + 2 * ph - kh) / sh + 1;
+  g.OW = (g.W + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "max_pool2d_nhwc: the kernel does not fit in the padded input");
+  auto out = torch::empty({N, g.C, g.OH, g.OW},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const bool avx512 = isa == ISA_AVX512 && isa_supported(ISA_AVX512);
+  const int64_t rows = N * g.OH;
+  const int threads = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({num_threads, rows, rows * g.OW * g.C / 65536 + 1})));
+  bnas::parallel_for(rows, std::max<int64_t>(1, rows / (4 * threads)), threads,
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t r = begin; r < end; ++r) {
+                         const int64_t n = r / g.OH, oh = r % g.OH;
+                         const float* img = src + n * g.H * g.W * g.C;
+                         float* o = dst + n * g.OH * g.OW * g.C;
+                         if (avx512)
+                           max_pool_row_avx512(img, o, g, oh);
+                         else
+                           max_pool_row_generic(img, o, g, oh);
+                       }
+                     });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -859,6 +951,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "packed (K, words) weights -> 16-channel masks for real_binary_linear");
   m.def("real_binary_linear", &real_binary_linear,
         "real input x 1-bit weights linear layer, * scale + bias");
+  m.def("max_pool2d_nhwc", &max_pool2d_nhwc, "max-pool of a channels_last float32 map");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
 }
