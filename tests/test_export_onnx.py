@@ -94,6 +94,15 @@ def test_bireal_resnet18_on_synthetic_inputs(tmp_path: Path) -> None:
     assert_agrees(model, run_exported(path, "onnx", x), x, rel=1e-3)
 
 
+@pytest.mark.parametrize("name", ["fashion_searched", "kim2020_bnas_a", "darts_v2_binary"])
+def test_shipped_cell_genotypes_export(tmp_path: Path, name: str) -> None:
+    genotype = bnas.load_genotype(GENOTYPES / f"{name}.yaml")
+    model = dyadic(bnas.build(genotype))
+    path = to_onnx(model, tmp_path / f"{name}.onnx")
+    x = dyadic_inputs(32, tuple(genotype.input))
+    assert_agrees(model, run_exported(path, "onnx", x), x)  # the batch differs from the export's
+
+
 @needs_mnist()
 @pytest.mark.parametrize(("name", "steps"), [("bnn_mlp_2048", 40), ("binary_lenet5", 150)])
 def test_mnist_seed_genotypes_agree_on_every_test_image(tmp_path: Path, name: str, steps: int) -> None:

@@ -47,6 +47,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..atomic import write_bytes_atomic
 from ..genotype import Genotype
+from ..ops.basic import Zero
+from ..ops.cell_inputs import ResidualProjection
 from ..ops.common import RPReLU
 from ..ops.stem_head import GlobalAvgPool
 from .deploy import LEAF_TYPES, ScaledSignConv2d, ScaledSignLinear, deploy_twin, describe, require, trace_twin
@@ -70,7 +72,8 @@ LARQ_ACTIVATIONS = {
     "rsign": "approx_sign",  # after subtracting the learnt threshold (ReActNet's gradient)
 }
 
-_LEAVES = LEAF_TYPES + (GlobalAvgPool, RPReLU)
+# modules mapped whole: their forward reads the input's shape in Python, which a trace cannot follow
+_LEAVES = LEAF_TYPES + (GlobalAvgPool, RPReLU, Zero, ResidualProjection)
 
 
 def import_lce() -> SimpleNamespace:
@@ -158,6 +161,13 @@ def _padding(
     return ((want[0][0], want[0][1]), (want[1][0], want[1][1]))
 
 
+def _dilated_stride(stride: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int] | None:
+    """Keras takes no stride with a dilation: such a conv runs at stride 1 (same padding, so the
+    windows of rows 0, s, 2s, ... are PyTorch's), then keeps every s-th row and column; it
+    costs s^2 times the conv's work."""
+    return stride if stride != (1, 1) and dilation != (1, 1) else None
+
+
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -223,7 +233,26 @@ def _custom_layers(lib: SimpleNamespace) -> SimpleNamespace:
         def call(self, x: Any) -> Any:
             return tf.reverse(x, [1, 2])
 
-    return SimpleNamespace(Affine=Affine, Clip=Clip, Pad=Pad, Slice=Slice, Flip=Flip)
+    class Subsample(keras.layers.Layer):  # type: ignore[name-defined]
+        def __init__(self, stride: tuple[int, int], **kwargs: Any):
+            super().__init__(**kwargs)
+            self.stride = stride
+
+        def call(self, x: Any) -> Any:
+            return x[:, :: self.stride[0], :: self.stride[1], :]
+
+    class Zeros(keras.layers.Layer):  # type: ignore[name-defined]
+        """Zeros of the input's batch, (H, W) subsampled by ``stride``, ``channels`` wide."""
+
+        def __init__(self, stride: int, channels: int, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.stride, self.channels = stride, channels
+
+        def call(self, x: Any) -> Any:
+            s = self.stride
+            return tf.tile(x[:, ::s, ::s, :1] * 0.0, [1, 1, 1, self.channels])
+
+    return SimpleNamespace(Affine=Affine, Clip=Clip, Pad=Pad, Slice=Slice, Flip=Flip, Subsample=Subsample, Zeros=Zeros)
 
 
 # --------------------------------------------------------------------------------------
@@ -281,6 +310,9 @@ class _KerasBuilder:
         if m.threshold is not None:
             x = L.Affine(None, -_np(m.threshold))(x)
         kernel, stride, dilation = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
+        subsample = _dilated_stride(stride, dilation)
+        if subsample:
+            stride = (1, 1)
         mode = _padding(size, kernel, stride, _pair(m.padding), dilation)
         signs = m.signs
         flip = not isinstance(mode, str)
@@ -290,8 +322,9 @@ class _KerasBuilder:
             # LCE binarizes a padded 0 to +1 (pad_values=0 is its own, exact, zero padding), so
             # explicit padding before the sign would be wrong.
             (top, bottom), (left, right) = mode
-            same = [_same_pads(size[i], kernel[i], stride[i], dilation[i])[:2] for i in range(2)]
-            if same != [(bottom, top), (right, left)]:
+            want = [_dim_pads(size[i], kernel[i], stride[i], _pair(m.padding)[i], dilation[i], False) for i in range(2)]
+            same = [_same_pads(size[i], kernel[i], stride[i], dilation[i]) for i in range(2)]
+            if same != [(after, before, out) for before, after, out in want]:
                 raise _Unsupported(
                     f"a binary conv whose padding ({top}, {bottom}) x ({left}, {right}) on a {size[0]}x{size[1]} map "
                     "is neither TFLite's SAME nor its mirror image",
@@ -303,7 +336,7 @@ class _KerasBuilder:
         conv = lq.layers.QuantConv2D(
             m.out_channels,
             m.kernel_size,
-            strides=m.stride,
+            strides=stride,
             padding=mode,
             pad_values=0.0,
             dilation_rate=m.dilation,
@@ -315,7 +348,8 @@ class _KerasBuilder:
         y = conv(x)
         conv.set_weights([_np(signs.permute(2, 3, 1, 0))])
         y = L.Affine(_np(m.scale), _np(m.bias))(y)
-        return L.Flip()(y) if flip else y
+        y = L.Flip()(y) if flip else y
+        return L.Subsample(subsample)(y) if subsample else y
 
     def binary_linear(self, m: ScaledSignLinear, x: Any, path: str) -> Any:
         lq, L, k = self.lib.lq, self.L, self.k
@@ -348,7 +382,11 @@ class _KerasBuilder:
         """A float conv with PyTorch's zero padding (explicit where SAME differs)."""
         k = self.k
         size = self._hw(x)
-        mode = _padding(size, _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation))
+        stride = _pair(m.stride)
+        subsample = _dilated_stride(stride, _pair(m.dilation))
+        if subsample:
+            stride = (1, 1)
+        mode = _padding(size, _pair(m.kernel_size), stride, _pair(m.padding), _pair(m.dilation))
         if not isinstance(mode, str):
             x = self.L.Pad(mode)(x)
             mode = "valid"
@@ -369,7 +407,7 @@ class _KerasBuilder:
             layer = k.layers.Conv2D(
                 m.out_channels,
                 m.kernel_size,
-                m.stride,
+                stride,
                 mode,
                 dilation_rate=m.dilation,
                 groups=m.groups,
@@ -378,7 +416,7 @@ class _KerasBuilder:
             kernel = w.permute(2, 3, 1, 0)
         y = layer(x)
         layer.set_weights([_np(kernel)] + ([_np(bias)] if bias is not None else []))
-        return y
+        return self.L.Subsample(subsample)(y) if subsample else y
 
     def linear(self, m: nn.Linear, x: Any, path: str) -> Any:
         if len(x.shape) != 2:
@@ -478,6 +516,16 @@ class _KerasBuilder:
             return L.Affine(None, _np(m.shift_out))(self.prelu(m.slope, x))
         if isinstance(m, GlobalAvgPool):
             return k.layers.GlobalAveragePooling2D()(x)
+        if isinstance(m, Zero):
+            self._hw(x)
+            return L.Zeros(m.stride, m.c_out)(x)
+        if isinstance(m, ResidualProjection):  # BN -> (one zero row / column on odd maps) -> 2x2/2 conv
+            s, t = bn_affine(m.bn)
+            x = L.Affine(_np(s), _np(t))(x)
+            h, w = self._hw(x)
+            if h % 2 or w % 2:
+                x = L.Pad(((0, h % 2), (0, w % 2)))(x)
+            return self._float_conv(x, m.conv, m.conv.weight, m.conv.bias)
         raise _Unsupported(f"the layer {type(m).__name__}", "replace the op in the genotype")
 
     # -- functions and methods ---------------------------------------------------------
