@@ -303,8 +303,8 @@ class _KerasBuilder:
         lq, L = self.lib.lq, self.L
         size = self._hw(x)
         if m.groups != 1:
-            # LCE's converter makes no working binary kernel of a grouped or depthwise conv
-            # (LCE 0.16): a float conv on the signs computes the same, at float speed and size
+            # a grouped bconv from LCE 0.16's converter (64 channels in 2 groups) failed to run in
+            # its interpreter: a float conv on the signs computes the same, at float speed and size
             y = self._float_conv(self._sign(x, m.threshold, path), m, m.signs, None)
             return L.Affine(_np(m.scale), _np(m.bias))(y)
         if m.threshold is not None:
