@@ -4,7 +4,6 @@ that predicts what the PyTorch model predicts (skipped without the [lce] extra).
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -182,27 +181,3 @@ def test_shipped_cell_genotypes_export(tmp_path: Path, name: str) -> None:
     assert _ops(path).get("LceBconv2d", 0) > 0
     x = dyadic_inputs(32, tuple(genotype.input))
     assert_agrees(model, run_exported(path, "lce", x), x)
-
-
-def test_missing_extra_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow now raises ImportError
-    model = bnas.build(bnas.load_genotype(GENOTYPES / "digits_small.yaml"))
-    ckpt = tmp_path / "model.pt"
-    torch.save(model.state_dict(), ckpt)
-    rc = main(
-        [
-            "export",
-            str(GENOTYPES / "digits_small.yaml"),
-            str(ckpt),
-            "--format",
-            "lce",
-            "--out",
-            str(tmp_path / "m.tflite"),
-        ]
-    )
-    assert rc == 2
-    err = capsys.readouterr().err.strip()
-    assert (
-        err
-        == "error: bnas export --format lce needs the [lce] extra (tensorflow is not installed): pip install 'bnas[lce]'"
-    )

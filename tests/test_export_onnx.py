@@ -1,8 +1,9 @@
 """`bnas export --format onnx`: standard ONNX that onnxruntime runs and that predicts what the
-PyTorch model predicts (skipped without the [onnx] extra); bnas without either extra."""
+PyTorch model predicts (skipped without the [onnx] extra); bnas without either extra (always run)."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from collections import Counter
@@ -37,20 +38,44 @@ def test_bnas_imports_without_the_extras() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-onnx = pytest.importorskip("onnx", reason="the [onnx] extra is not installed")
-pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
-
-from bnas.export.onnx import to_onnx  # noqa: E402
+from bnas.export.onnx import to_onnx  # noqa: E402  (imports onnx only when it exports)
 from bnas.export.verify import compare, run_exported  # noqa: E402
+
+needs_onnx = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")),
+    reason="the [onnx] extra is not installed",
+)
+
+
+@pytest.mark.parametrize(("fmt", "module"), [("lce", "tensorflow"), ("onnx", "onnx")])
+def test_a_missing_extra_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fmt: str, module: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError, installed or not
+    genotype = GENOTYPES / "digits_small.yaml"
+    ckpt = tmp_path / "model.pt"
+    torch.save(bnas.build(bnas.load_genotype(genotype)).state_dict(), ckpt)
+    out = tmp_path / f"m.{fmt}"
+    assert main(["export", str(genotype), str(ckpt), "--format", fmt, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: bnas export --format {fmt} needs the [{fmt}] extra ({module} is not installed): "
+        f"pip install 'bnas[{fmt}]'"
+    )
+    assert not out.exists()
 
 
 def _ops(path: Path) -> Counter[str]:
+    import onnx
+
     return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
 
 
+@needs_onnx
 def test_binary_layers_are_sign_and_pm1_conv_with_bn_folded(tmp_path: Path) -> None:
     model = quantizer_zoo()
     path = to_onnx(model, tmp_path / "zoo.onnx")
+    import onnx
+
     graph = onnx.load(str(path)).graph
     ops = _ops(path)
     # BNs after a conv or linear layer are folded; those before a sign (bn_conv_act) or after a
@@ -68,6 +93,7 @@ def test_binary_layers_are_sign_and_pm1_conv_with_bn_folded(tmp_path: Path) -> N
     assert_agrees(model, run_exported(path, "onnx", x), x)
 
 
+@needs_onnx
 def test_cli_exports_digits_small_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = trained("digits_small", "digits", 60, 64)
     ckpt = tmp_path / "model.pt"
@@ -85,6 +111,7 @@ def test_cli_exports_digits_small_and_verifies(tmp_path: Path, capsys: pytest.Ca
     assert_agrees(model, run_exported(out, "onnx", x), x)  # every test image
 
 
+@needs_onnx
 def test_bireal_resnet18_on_synthetic_inputs(tmp_path: Path) -> None:
     model = dyadic(bnas.build(bnas.load_genotype(GENOTYPES / "bireal_resnet18.yaml")))
     path = to_onnx(model, tmp_path / "bireal.onnx")
@@ -94,6 +121,7 @@ def test_bireal_resnet18_on_synthetic_inputs(tmp_path: Path) -> None:
     assert_agrees(model, run_exported(path, "onnx", x), x, rel=1e-3)
 
 
+@needs_onnx
 @pytest.mark.parametrize("name", ["fashion_searched", "kim2020_bnas_a", "darts_v2_binary"])
 def test_shipped_cell_genotypes_export(tmp_path: Path, name: str) -> None:
     genotype = bnas.load_genotype(GENOTYPES / f"{name}.yaml")
@@ -103,6 +131,7 @@ def test_shipped_cell_genotypes_export(tmp_path: Path, name: str) -> None:
     assert_agrees(model, run_exported(path, "onnx", x), x)  # the batch differs from the export's
 
 
+@needs_onnx
 @needs_mnist()
 @pytest.mark.parametrize(("name", "steps"), [("bnn_mlp_2048", 40), ("binary_lenet5", 150)])
 def test_mnist_seed_genotypes_agree_on_every_test_image(tmp_path: Path, name: str, steps: int) -> None:
