@@ -3,6 +3,8 @@ MNIST test image: same predicted class, largest relative logit difference, file 
 where the two disagree on the sign of a binary layer's input (and how close to zero the
 trained model's value was there: flips within float rounding of zero are the expected cause
 of logit differences, since the packed model folds BatchNorm and computes in a new order).
+Classes and logits come from the packed model as it runs (its fused plan); the binary-layer
+inputs are traced on its module tree (the same layers, run one by one).
 
     python scripts/check_packed_mnist.py GENOTYPE.yaml RUN_DIR [--data-root P]
 """
@@ -77,7 +79,8 @@ def main() -> None:
         first_flip_margin = 0.0  # largest |input| of the trained model at a flip whose inputs all agreed
         with torch.no_grad():
             for x, y in data.loader("test", 1000):
-                a, b = model(x), packed(x)
+                a, b = model(x), packed(x)  # packed(x): the fused plan, as users run it
+                packed.net(x)  # the module tree of the same layers, for the hooks at binary inputs
                 same += (a.argmax(1) == b.argmax(1)).sum().item()
                 total += len(y)
                 worst = max(worst, ((a - b).abs() / a.abs().clamp_min(1e-6)).max().item())

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import bnas
-from bnas.binarize import BinaryConv2d, BinaryLinear
+from bnas.binarize import BinarizeConfig, BinaryConv2d, BinaryLinear
 from bnas.cli import main
 from bnas.data import load_dataset
 from bnas.evaluate import evaluate
@@ -220,3 +220,38 @@ def test_wrong_genotype_checkpoint_pair(trained: dict, tmp_path: Path, capsys) -
     bad.write_bytes(b"garbage")
     with pytest.raises(bnas.errors.BnasError, match="is not a PyTorch checkpoint"):
         bnas.export.export(trained["genotype"], bad, tmp_path / "y.bnas")
+
+
+def test_real_input_first_layer_keeps_one_bit_weights(tmp_path: Path) -> None:
+    """bnn_mlp_2048's first layer (real pixels x binary weights) packs its 1.6 M weights to
+    1 bit with alpha and the folded BN in the epilogue, and predicts like the float layer."""
+    torch.manual_seed(0)
+    model = randomize(bnas.build(GENOTYPES / "bnn_mlp_2048.yaml"), seed=4)
+    packed = pack_model(model)
+    first = packed.net.body[0].op[0]
+    assert [e["kind"] for e in packed.layers if e["kind"] != "identity"] == [
+        "packed_weight_linear", "packed_linear", "packed_linear", "packed_linear"]
+    assert first.weight_packed.shape == (2048, 25) and first.weight_packed.dtype == torch.int32  # 784 bits -> 25 words
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.equal(packed(x).argmax(1), ref.argmax(1))
+    assert_logits_close(packed(x), ref)
+    # 1.6 M weights at 1 bit: the whole file is ~1.3 MB where a float first layer alone takes 6.4 MB
+    path = save_packed(packed, tmp_path / "mlp.bnas")
+    assert path.stat().st_size < 1.5e6
+    assert torch.equal(load_packed(path)(x), packed(x))
+
+
+def test_weights_that_are_not_one_magnitude_per_output_stay_float() -> None:
+    class TwoMagnitudes(BinaryLinear):
+        def binary_weight(self) -> torch.Tensor:
+            w = super().binary_weight()
+            return w * torch.linspace(1.0, 2.0, w.shape[1])  # a magnitude per input: not +-alpha_k
+
+    layer = TwoMagnitudes(6, 3, config=BinarizeConfig(activation="none", weight="xnor"))
+    packed = pack_model(torch.nn.Sequential(layer))
+    assert [e["kind"] for e in packed.layers] == ["linear"]
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), layer(x))

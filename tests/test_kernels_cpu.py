@@ -386,3 +386,97 @@ def test_required_extension_runs_a_cpu_kernel(cpu_backends):
     # what CI relies on: the default CPU path is a compiled kernel, not the reference
     assert cpu_backends
     assert kernels.backend() in ALL_CPU
+
+
+@pytest.mark.parametrize("groups,k,stride", [(1, 40, 1), (1, 64, 2), (2, 40, 1)])
+def test_fused_step_adds_the_residual_and_writes_float_and_packed(backend_name, groups, k, stride):
+    """xnor_conv2d_fused = conv * scale + bias, then + residual (one rounding each, as the
+    separate add rounds), its float result and its packed signs in the same pass."""
+    gen = torch.Generator().manual_seed(groups * 10 + k + stride)
+    x = small_ints(2, 40, 9, 7, generator=gen)
+    weight = small_ints(k, 40 // groups, 3, 3, generator=gen)
+    scale, bias = torch.randn(k, generator=gen), torch.randn(k, generator=gen)
+    expected = F.conv2d(sign(x), sign(weight), None, stride, 1, 1, groups)
+    expected = expected * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    residual = torch.randn(expected.shape, generator=gen)
+    # a residual that cancels some outputs exactly: the sign of 0 is +1 in the packed bits
+    residual.view(-1)[::7] = -expected.reshape(-1)[::7]
+    residual = residual.contiguous(memory_format=torch.channels_last)
+    conv_only, expected = expected, expected + residual
+    assert (expected == 0).any()
+    xp, wp = kernels.pack_signs(x, groups), kernels.pack_weights(weight, groups)
+    args = (xp, wp, 40, 3, stride, 1, 1, groups, scale, bias, residual)
+    out, packed = kernels.xnor_conv2d_fused(*args, float_output=True, pack_output=True)
+    assert torch.equal(out, expected)
+    assert torch.equal(packed, pack_signs_reference(expected))
+    only_packed = kernels.xnor_conv2d_fused(*args, float_output=False, pack_output=True)
+    assert only_packed[0] is None and torch.equal(only_packed[1], packed)
+    no_residual = kernels.xnor_conv2d_fused(*args[:-1], None, float_output=True, pack_output=False)
+    assert no_residual[1] is None and torch.equal(no_residual[0], conv_only)
+
+
+def test_fused_step_refuses_a_residual_of_another_shape_or_layout(cpu_backends):
+    if not cpu_backends:
+        pytest.skip("no CPU kernel extension on this machine")
+    gen = torch.Generator().manual_seed(0)
+    xp = kernels.pack_signs(small_ints(1, 32, 6, 6, generator=gen))
+    wp = kernels.pack_weights(small_ints(16, 32, 3, 3, generator=gen))
+    with kernels.use_backend(cpu_backends[0]):
+        with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+            kernels.xnor_conv2d_fused(xp, wp, 32, 3, 1, 1, residual=torch.zeros(1, 16, 5, 5))
+        with pytest.raises(RuntimeError, match="NHWC memory"):  # an NCHW-contiguous residual
+            kernels.xnor_conv2d_fused(xp, wp, 32, 3, 1, 1, residual=torch.zeros(1, 16, 6, 6))
+        with pytest.raises(ValueError, match="float output, the packed output or both"):
+            kernels.xnor_conv2d_fused(xp, wp, 32, 3, 1, 1, float_output=False)
+
+
+@pytest.mark.parametrize("features,outputs", [(784, 40), (37, 21), (64, 16)])
+def test_real_input_binary_weight_linear_bit_exact(backend_name, features, outputs):
+    """Integer-valued inputs make every partial sum exact, so any summation order must give
+    exactly linear(x, sign(W)) * scale + bias."""
+    gen = torch.Generator().manual_seed(features + outputs)
+    x = torch.randint(-8, 9, (3, features), generator=gen).float()
+    weight = small_ints(outputs, features, generator=gen)
+    scale = torch.tensor([0.5, -1.25, 2.0, 1.0])[torch.randint(0, 4, (outputs,), generator=gen)]
+    bias = torch.randint(-3, 4, (outputs,), generator=gen).float()
+    expected = F.linear(x, sign(weight)) * scale + bias
+    out = kernels.real_binary_linear(x, kernels.pack_weights(weight), features, scale, bias)
+    assert torch.equal(out, expected)
+    assert torch.equal(kernels.real_binary_linear(x, kernels.pack_weights(weight), features), F.linear(x, sign(weight)))
+
+
+def test_real_input_binary_weight_linear_checks_shapes():
+    wp = kernels.pack_weights(torch.randn(8, 40))
+    with pytest.raises(ValueError, match=r"expects \(N, 40\) input and \(K, 2\) packed weights"):
+        kernels.real_binary_linear(torch.randn(2, 41), wp, 40)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((1, 64, 112, 112), 3, 2, 1),   # ResNet's stem pool
+    ((2, 40, 9, 7), 3, 2, 1),       # a partial SIMD vector of channels, odd map
+    ((1, 16, 8, 8), 2, 2, 0),
+    ((1, 24, 10, 10), (3, 2), (1, 2), (1, 0)),
+])
+def test_channels_last_max_pool_equals_torch(backend_name, shape, kernel, stride, padding):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen) - 2.0  # mostly negative: padding must never win
+    out = kernels.max_pool2d_nhwc(x, kernel, stride, padding)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, F.max_pool2d(x, kernel, stride, padding))
+
+
+def test_fused_step_can_write_into_its_residual(backend_name):
+    gen = torch.Generator().manual_seed(5)
+    x = small_ints(1, 64, 6, 6, generator=gen)
+    weight = small_ints(64, 64, 3, 3, generator=gen)
+    scale, bias = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    residual = torch.randn(1, 64, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(sign(x), sign(weight), None, 1, 1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    expected = expected + residual
+    buffer = residual.data_ptr()
+    out, packed = kernels.xnor_conv2d_fused(kernels.pack_signs(x), kernels.pack_weights(weight), 64, 3, 1, 1, 1, 1,
+                                            scale, bias, residual, True, True, into_residual=True)
+    assert out.data_ptr() == buffer and torch.equal(residual, expected)
+    assert torch.equal(out, expected) and torch.equal(packed, pack_signs_reference(expected))
+    with pytest.raises(ValueError, match="into_residual needs a residual"):
+        kernels.xnor_conv2d_fused(kernels.pack_signs(x), kernels.pack_weights(weight), 64, 3, 1, 1, into_residual=True)

@@ -15,9 +15,13 @@ What becomes what
   and replaced by the identity. A BN that cannot be proven to follow the layer directly (e.g.
   after a max-pool) stays in float. Real ``nn.Conv2d`` / ``nn.Linear`` layers directly followed
   by a BN get the same fold into their float weights.
-* A binary layer with real activations (the quantizer is ``none`` or switched off) keeps a
-  float conv with the materialised weights ``alpha * sign(W)``; one with binary activations
-  and real weights keeps a float conv on ``sign(x - threshold)``.
+* A binary linear layer with real activations (the quantizer is ``none`` or switched off,
+  e.g. the first layer of ``bnn_mlp_2048``) whose binarized weights are exactly
+  ``alpha * sign(W)`` per output becomes a ``PackedWeightLinear``: 1-bit weights, real input,
+  ``scale = alpha * gamma / sqrt(var + eps)``. A conv with real activations keeps a float conv
+  with the materialised weights ``alpha * sign(W)`` (first convs are small: 500 weights in
+  ``binary_lenet5``); one with binary activations and real weights keeps a float conv on
+  ``sign(x - threshold)``.
 * Everything else (stem, head, shortcuts, pools, unfolded BNs) is the float module of the
   genotype, unchanged.
 """
@@ -52,6 +56,18 @@ def _alpha(layer: BinaryConv2d | BinaryLinear, out_features: int) -> Tensor:
     return a.detach().double().reshape(-1).expand(out_features).clone()
 
 
+def _one_magnitude_per_output(layer: BinaryConv2d | BinaryLinear) -> Tensor | None:
+    """alpha when the binarized weights are exactly ``alpha_k * sign(W_k)`` per output (so they
+    pack to 1 bit plus a scale), else None."""
+    with torch.no_grad():
+        w = layer.binary_weight().detach().double().cpu()
+        k = w.shape[0]
+        alpha = w.reshape(k, -1).abs().amax(dim=1)
+        signs = torch.where(layer.weight.detach().double().cpu() >= 0, 1.0, -1.0)
+        exact = torch.equal(signs * alpha.view((-1,) + (1,) * (w.dim() - 1)), w)
+    return alpha if exact else None
+
+
 def _convert(
     layer: nn.Conv2d | nn.Linear, bn: _BatchNorm | None, path: str, bn_path: str | None, packed: bool = True
 ) -> tuple[nn.Module, dict[str, Any]] | None:
@@ -80,7 +96,7 @@ def _convert(
         )
     args = conv_args(layer) if isinstance(layer, nn.Conv2d) else {"in_features": layer.in_features, "out_features": k}
     entry.update(args)
-    new: Any  # a PackedConv2d, PackedLinear, SignConv2d, SignLinear, Conv2d or Linear
+    new: Any  # a PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear, Conv2d or Linear
     if binary is not None and acts and weights and packed:
         entry.update(kind="packed_conv2d" if is_conv else "packed_linear", threshold=threshold)
         new = make_layer(entry)
@@ -91,6 +107,16 @@ def _convert(
             new.bias.copy_((b * s + t).float())
             if threshold:
                 new.threshold.copy_(binary.input_quantizer.threshold.detach())
+        return new, entry
+    alpha = _one_magnitude_per_output(binary) if binary is not None and weights and not acts and packed else None
+    if alpha is not None and not is_conv:
+        # real input, weights +-alpha: the weights go to 1 bit, alpha and the BN to the epilogue
+        entry.update(kind="packed_weight_linear", threshold=False)
+        new = make_layer(entry)
+        with torch.no_grad():
+            new.weight_packed.copy_(pack_weights(layer.weight.detach().float().cpu()))
+            new.scale.copy_((alpha * s).float())
+            new.bias.copy_((b * s + t).float())
         return new, entry
     # A float layer: weights as the forward uses them, BN folded into them.
     with torch.no_grad():

@@ -21,6 +21,9 @@ little-endian tensor data; reading it executes no code. Tensors: the inference n
     ``(K,)``, ``threshold`` float32 ``(C,)`` when ``threshold`` is true;
   - ``packed_linear``: ``in_features, out_features, threshold, folded_bn, activation, weight``;
     ``weight_packed`` int32 ``(K, ceil(F/32))``, ``scale``, ``bias``, optional ``threshold``;
+  - ``packed_weight_linear``: real input x 1-bit weights (``in_features, out_features,
+    threshold`` (false), ``folded_bn``, ``activation`` (``none``), ``weight``); tensors
+    ``weight_packed`` int32 ``(K, ceil(F/32))``, ``scale`` (alpha and the folded BN), ``bias``;
   - ``conv2d`` / ``linear``: a float ``nn.Conv2d`` / ``nn.Linear`` (its usual arguments, plus
     ``bias`` true and ``folded_bn``); tensors ``weight``, ``bias``;
   - ``sign_conv2d`` / ``sign_linear``: the same, applied to ``sign(x - threshold)``;
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -53,7 +57,8 @@ from ..builder import build
 from ..errors import BnasError
 from ..genotype import Genotype, genotype_from_dict
 from ..yaml_io import parse_yaml_mapping
-from .layers import PackedConv2d, PackedLinear, SignConv2d, SignLinear
+from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
+from .plan import build_plan
 
 __all__ = [
     "FORMAT",
@@ -72,7 +77,7 @@ FORMAT = "bnas-packed"
 VERSION = "1"
 
 _CONV_KINDS = ("packed_conv2d", "conv2d", "sign_conv2d")
-_LINEAR_KINDS = ("packed_linear", "linear", "sign_linear")
+_LINEAR_KINDS = ("packed_linear", "packed_weight_linear", "linear", "sign_linear")
 KINDS = _CONV_KINDS + _LINEAR_KINDS + ("identity",)
 
 
@@ -113,6 +118,8 @@ def make_layer(entry: Mapping[str, Any]) -> nn.Module:
         )
     if kind == "packed_linear":
         return PackedLinear(entry["in_features"], entry["out_features"], bool(entry["threshold"]))
+    if kind == "packed_weight_linear":
+        return PackedWeightLinear(entry["in_features"], entry["out_features"])
     if kind in ("conv2d", "sign_conv2d"):
         args = {
             "in_channels": entry["in_channels"],
@@ -149,14 +156,28 @@ class PackedNetwork(nn.Module):
         self.net = net
         self.genotype = genotype
         self.layers = layers
+        #: run float32 CPU inputs through the fused plan (``bnas.export.plan``); False runs
+        #: the module tree as it is (the unfused reference)
+        self.fused = True
         self.requires_grad_(False)
         super().train(False)
 
     def train(self, mode: bool = True) -> PackedNetwork:
         return super().train(False)  # BN statistics are folded; there is nothing to train
 
+    def plan(self) -> torch.fx.GraphModule | None:
+        """The fused program (built once, sharing this network's modules), or None when the
+        network cannot be traced."""
+        if "_plan" not in self.__dict__:  # kept out of the module tree: not saved, not a child
+            self.__dict__["_plan"] = build_plan(self.net)
+        return self.__dict__["_plan"]
+
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
+            if self.fused and x.device.type == "cpu" and x.dtype == torch.float32:
+                plan = self.plan()
+                if plan is not None:
+                    return plan(x)
             return self.net(x)
 
     def save(self, path: str | os.PathLike[str]) -> Path:

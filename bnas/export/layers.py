@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ..binarize import sign
-from ..kernels import pack_signs, xnor_conv2d_packed, xnor_linear_packed
+from ..kernels import pack_signs, real_binary_linear, xnor_conv2d_packed, xnor_linear_packed
 
-__all__ = ["PackedConv2d", "PackedLinear", "SignConv2d", "SignLinear"]
+__all__ = ["PackedConv2d", "PackedLinear", "PackedWeightLinear", "SignConv2d", "SignLinear"]
 
 
 def _pack_input(x: Tensor, groups: int) -> Tensor:
@@ -112,6 +112,33 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, threshold={self.threshold is not None}"
+
+
+class PackedWeightLinear(nn.Module):
+    """``linear(x, sign(W)) * scale + bias`` for REAL input and 1-bit weights: a binary
+    network's first layer (real pixels, weights ``alpha * sign(W)``; ``alpha`` and a folded BN
+    in ``scale`` and ``bias``). The weights take 1 bit each instead of 32, and the kernel reads
+    1/32 of the bytes a float layer reads."""
+
+    weight_packed: Tensor
+    scale: Tensor
+    bias: Tensor
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_packed", torch.zeros(out_features, -(-in_features // 32), dtype=torch.int32))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise RuntimeError(f"packed-weight linear expects (N, {self.in_features}) inputs, got {tuple(x.shape)}")
+        out = real_binary_linear(x, self.weight_packed, self.in_features, self.scale, self.bias)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, real input, 1-bit weights"
 
 
 class SignConv2d(nn.Conv2d):

@@ -236,11 +236,17 @@ def _repacked_weights(wp: Tensor, groups: int, name: str) -> Tensor:
     on every call. Entries are keyed on the tensor's identity, checked against its version
     counter (an in-place update bumps it), and dropped when the tensor is freed, so
     temporary weights (``xnor_conv2d`` on float tensors) do not pile up."""
-    key = (id(wp), groups, name)
+    return _cached_layout(
+        wp, ("lanes", groups, name), lambda: _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
+    )
+
+
+def _cached_layout(wp: Tensor, layout: tuple, make: Callable[[], Tensor]) -> Tensor:
+    key = (id(wp),) + layout
     hit = _repacked.get(key)
     if hit is not None and hit[0] == wp._version:
         return hit[1]
-    out = _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
+    out = make()
     if hit is None:
         weakref.finalize(wp, _repacked.pop, key, None)
     _repacked[key] = (wp._version, out)
@@ -312,4 +318,69 @@ def xnor_linear_packed(
         pack_output,
         _isa(name),
         kernel_threads(),
+    )
+
+
+def xnor_conv2d_fused(
+    xp: Tensor,
+    wp: Tensor,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    float_output: bool,
+    pack_output: bool,
+    into_residual: bool,
+    name: str,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Packed conv + epilogue + residual with code path ``name``: (float channels_last
+    output or None, packed NHWC signs or None)."""
+    out, packed = _built(name).conv2d_packed_fused(
+        xp.contiguous(),
+        _repacked_weights(wp, groups, name),
+        in_channels,
+        wp.shape[0],
+        kernel_size[0],
+        kernel_size[1],
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        groups,
+        scale,
+        bias,
+        residual,
+        float_output,
+        pack_output,
+        into_residual,
+        _isa(name),
+        kernel_threads(),
+    )
+    return out, packed
+
+
+def real_binary_linear(
+    x: Tensor, wp: Tensor, in_features: int, scale: Tensor | None, bias: Tensor | None, name: str
+) -> Tensor:
+    """Real (N, F) input times 1-bit (K, words) weights, ``* scale + bias``, with code path
+    ``name`` (the weights' 16-channel masks are built once and cached)."""
+    masks = _cached_layout(
+        wp, ("masks", in_features, name), lambda: _built(name).repack_real_weights(wp.contiguous(), in_features)
+    )
+    return _built(name).real_binary_linear(x, masks, wp.shape[0], scale, bias, _isa(name))
+
+
+def max_pool2d_nhwc(
+    x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], name: str
+) -> Tensor:
+    """Max-pool of a channels_last float32 map with code path ``name``."""
+    return _built(name).max_pool2d_nhwc(
+        x, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], _isa(name), kernel_threads()
     )

@@ -242,6 +242,60 @@ def xnor_conv2d_packed(
     return reference.xnor_conv2d_packed(*args)
 
 
+def xnor_conv2d_fused(
+    xp: Tensor,
+    wp: Tensor,
+    in_channels: int,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    float_output: bool = True,
+    pack_output: bool = False,
+    into_residual: bool = False,
+) -> tuple[Tensor | None, Tensor | None]:
+    """One step of a packed network: ``y = conv2d(sign(x), sign(w)) * scale + bias + residual``
+    (a Bi-Real unit's ``BN(conv(x)) + shortcut`` with the BN folded), returned as
+    ``(y, packed signs of y)``: the float ``y`` (channels_last memory) when ``float_output``,
+    else None, and its signs packed NHWC for the next binary layer when ``pack_output``, else
+    None. ``residual`` has ``y``'s shape. ``into_residual=True`` writes ``y`` into the
+    residual tensor itself (its old values are gone: for a shortcut nothing else reads). On
+    the CPU kernels this is one pass over the output; other backends compute the same values
+    in separate steps."""
+    if not (float_output or pack_output):
+        raise ValueError("xnor_conv2d_fused: ask for the float output, the packed output or both")
+    if into_residual and (residual is None or not float_output):
+        raise ValueError("xnor_conv2d_fused: into_residual needs a residual and the float output")
+    name = _route(xp.device)
+    if name in CPU_BACKENDS:
+        # the extension checks the geometry, the residual's shape and its memory layout
+        return cpu_backend.xnor_conv2d_fused(
+            xp,
+            wp,
+            in_channels,
+            _pair(kernel_size, "kernel_size"),
+            _pair(stride, "stride"),
+            _pair(padding, "padding"),
+            _pair(dilation, "dilation"),
+            groups,
+            scale,
+            bias,
+            residual,
+            float_output,
+            pack_output,
+            into_residual,
+            name,
+        )
+    out = xnor_conv2d_packed(xp, wp, in_channels, kernel_size, stride, padding, dilation, groups, scale, bias)
+    if residual is not None:
+        out = residual.copy_(out + residual) if into_residual else out + residual
+    return (out if float_output else None), (pack_signs(out) if pack_output else None)
+
+
 def xnor_linear_packed(
     xp: Tensor,
     wp: Tensor,
@@ -268,6 +322,38 @@ def xnor_linear_packed(
     if name == CUDA_BACKEND and _cuda_module is not None:  # _route picks CUDA only once it is loaded
         return _cuda_module.xnor_linear_packed(*args)
     return reference.xnor_linear_packed(*args)
+
+
+def max_pool2d_nhwc(x: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair = 0) -> Tensor:
+    """``F.max_pool2d(x, kernel_size, stride, padding)`` of a float32 map, computed in
+    channels_last memory (the packed networks' float glue; on the CPU kernels every input byte
+    is read once, channels in SIMD lanes). Returns channels_last memory."""
+    kernel, stride_, padding_ = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
+    x = x.contiguous(memory_format=torch.channels_last)
+    name = _route(x.device)
+    if name in CPU_BACKENDS and x.dtype == torch.float32:
+        return cpu_backend.max_pool2d_nhwc(x, kernel, stride_, padding_, name)
+    return torch.nn.functional.max_pool2d(x, kernel, stride_, padding_)
+
+
+def real_binary_linear(
+    x: Tensor, wp: Tensor, in_features: int, scale: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """``linear(x, sign(W)) * scale + bias`` for real ``(N, F)`` input and 1-bit ``(K, words)``
+    weights (a binary network's first layer: real pixels, weights ``alpha * sign(W)`` with
+    ``alpha`` in ``scale``). Exact up to float summation order."""
+    _check_float(x, "input")
+    _check_words(wp, 2, "packed weights")
+    if x.dim() != 2 or x.shape[1] != in_features or wp.shape[1] != words_for(in_features):
+        raise ValueError(
+            f"real_binary_linear expects (N, {in_features}) input and (K, {words_for(in_features)}) packed "
+            f"weights, got {tuple(x.shape)} and {tuple(wp.shape)}"
+        )
+    _check_same_device(x, wp, scale, bias, wp.shape[0])
+    name = _route(x.device)
+    if name in CPU_BACKENDS:
+        return cpu_backend.real_binary_linear(x, wp, in_features, scale, bias, name)
+    return reference.real_binary_linear(x, wp, in_features, scale, bias)
 
 
 def xnor_conv2d(

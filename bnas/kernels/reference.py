@@ -66,3 +66,9 @@ def xnor_linear_packed(
     w = unpack_weights(wp, in_features)
     out = _epilogue(F.linear(x, w), scale, bias, 1)
     return pack_signs_reference(out) if pack_output else out
+
+
+def real_binary_linear(x: Tensor, wp: Tensor, in_features: int, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Real input times the unpacked +-1 weights, then the epilogue."""
+    out = F.linear(x.float(), unpack_weights(wp, in_features).to(x.device))
+    return _epilogue(out, scale, bias, 1)

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -74,8 +75,10 @@ struct Segment {
 struct Epilogue {
   const float* scale;     // K or nullptr
   const float* bias;      // K or nullptr
+  const float* residual;  // (pixels, K) NHWC float added last (a shortcut), or nullptr
   float* out_f;           // (pixels, K) NHWC float, or nullptr
-  int32_t* out_p;         // (pixels, Kw) packed signs, or nullptr
+  int32_t* out_p;         // (pixels, Kw) packed signs, or nullptr (both may be set: the float
+                          // result feeds a shortcut, its signs the next binary layer)
   int64_t K;              // output channels
   int64_t Kw;             // words per packed output pixel
   bool atomic_bits;       // this block shares packed words with another block
@@ -109,8 +112,9 @@ inline void or_bits(int32_t* row, int64_t k0, uint64_t bits, bool atomic) {
   }
 }
 
-// value = K_valid - 2 * popcount, then * scale + bias (two roundings, no FMA: it matches the
-// float computation bit for bit), stored as float NHWC or as packed signs.
+// value = K_valid - 2 * popcount, then * scale + bias (+ residual) (one rounding per step, no
+// FMA: it matches the float computation conv -> BN -> add bit for bit), stored as float NHWC
+// and/or as packed signs.
 // acc holds P rows of `stride` counts, channel c of the block at [p * stride + c].
 inline void epilogue_scalar(const int32_t* acc, int P, int64_t stride, const Block& b,
                             const Epilogue& e) {
@@ -121,12 +125,11 @@ inline void epilogue_scalar(const int32_t* acc, int P, int64_t stride, const Blo
       float v = static_cast<float>(b.kvalid[p] - 2 * static_cast<int64_t>(acc[p * stride + c]));
       if (e.scale) v = v * e.scale[k];
       if (e.bias) v = v + e.bias[k];
-      if (e.out_f)
-        e.out_f[b.pos[p] * e.K + k] = v;
-      else if (v >= 0.0f)
-        bits |= uint64_t{1} << c;
+      if (e.residual) v = v + e.residual[b.pos[p] * e.K + k];
+      if (e.out_f) e.out_f[b.pos[p] * e.K + k] = v;
+      if (v >= 0.0f) bits |= uint64_t{1} << c;
     }
-    if (!e.out_f) or_bits(e.out_p + b.pos[p] * e.Kw, b.k0, bits, e.atomic_bits);
+    if (e.out_p) or_bits(e.out_p + b.pos[p] * e.Kw, b.k0, bits, e.atomic_bits);
   }
 }
 
@@ -172,15 +175,16 @@ __attribute__((target("avx512f,avx512vpopcntdq,avx512bw"))) void block_avx512(
       __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(kv, _mm512_slli_epi32(acc[p][q], 1)));
       if (e.scale) v = _mm512_mul_ps(v, sc[q]);
       if (e.bias) v = _mm512_add_ps(v, bi[q]);
-      if (e.out_f) {
-        _mm512_mask_storeu_ps(e.out_f + b.pos[p] * e.K + b.k0 + 16 * q, lanes[q], v);
-      } else {
+      const int64_t at = b.pos[p] * e.K + b.k0 + 16 * q;
+      if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes[q], e.residual + at));
+      if (e.out_f) _mm512_mask_storeu_ps(e.out_f + at, lanes[q], v);
+      if (e.out_p) {
         const __mmask16 m = _mm512_mask_cmp_ps_mask(lanes[q], v, _mm512_setzero_ps(),
                                                     _CMP_GE_OQ);
         bits |= static_cast<uint64_t>(m) << (16 * q);
       }
     }
-    if (!e.out_f) or_bits(e.out_p + b.pos[p] * e.Kw, b.k0, bits, e.atomic_bits);
+    if (e.out_p) or_bits(e.out_p + b.pos[p] * e.Kw, b.k0, bits, e.atomic_bits);
   }
 }
 
@@ -478,8 +482,11 @@ torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int6
                         int64_t out_channels, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                         int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t groups,
                         const c10::optional<torch::Tensor>& scale,
-                        const c10::optional<torch::Tensor>& bias, bool pack_output,
-                        bool nchw_channels_last, int64_t isa, int64_t num_threads) {
+                        const c10::optional<torch::Tensor>& bias,
+                        const c10::optional<torch::Tensor>& residual, bool float_output,
+                        bool pack_output, bool nchw_channels_last, int64_t isa,
+                        int64_t num_threads, torch::Tensor* packed_out,
+                        bool into_residual) {
   check_packed(xp, "packed input");
   check_packed(wrep, "repacked weights");
   TORCH_CHECK(xp.dim() == 4, "packed input must be (N, H, W, words)");
@@ -516,22 +523,50 @@ torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int6
     TORCH_CHECK(bi.numel() == g.K, "bias must have one value per output channel");
     e.bias = bi.data_ptr<float>();
   }
+  TORCH_CHECK(float_output || pack_output, "the conv must write a float or a packed output");
+  torch::Tensor res, packed;
+  if (residual.has_value()) {
+    // NHWC memory: a channels_last (N, K, OH, OW) tensor or an (N, OH, OW, K) one.
+    const auto& r = *residual;
+    TORCH_CHECK(r.scalar_type() == torch::kFloat32 && r.dim() == 4, "residual must be float32 4-d");
+    const bool nhwc = nchw_channels_last
+        ? (r.size(0) == g.N && r.size(1) == g.K && r.size(2) == g.OH && r.size(3) == g.OW &&
+           r.is_contiguous(at::MemoryFormat::ChannelsLast))
+        : (r.size(0) == g.N && r.size(1) == g.OH && r.size(2) == g.OW && r.size(3) == g.K &&
+           r.is_contiguous());
+    TORCH_CHECK(nhwc, "residual must have the output's shape (N, ", g.K, ", ", g.OH, ", ", g.OW,
+                ") in NHWC memory, got ", r.sizes());
+    res = r;
+    e.residual = res.data_ptr<float>();
+  }
   if (pack_output) {
     e.Kw = (g.K + 31) / 32;
-    out = torch::zeros({g.N, g.OH, g.OW, e.Kw}, xp.options());
-    e.out_p = out.data_ptr<int32_t>();
-  } else if (nchw_channels_last) {
-    // (N, K, OH, OW) whose memory is NHWC: what the kernel writes, no permute needed.
-    out = torch::empty({g.N, g.K, g.OH, g.OW}, xp.options().dtype(torch::kFloat32)
-                                                   .memory_format(at::MemoryFormat::ChannelsLast));
+    packed = torch::zeros({g.N, g.OH, g.OW, e.Kw}, xp.options());
+    e.out_p = packed.data_ptr<int32_t>();
+    out = packed;
+  }
+  TORCH_CHECK(!into_residual || (float_output && res.defined()),
+              "writing into the residual needs a residual and a float output");
+  if (into_residual) {
+    // each output element is written right after its residual element is read, by the same
+    // lane: the shortcut's buffer takes the unit's output (no new tensor, half the traffic)
+    out = res;
     e.out_f = out.data_ptr<float>();
-  } else {
-    out = torch::empty({g.N, g.OH, g.OW, g.K}, xp.options().dtype(torch::kFloat32));
+  } else if (float_output) {
+    if (nchw_channels_last) {
+      // (N, K, OH, OW) whose memory is NHWC: what the kernel writes, no permute needed.
+      out = torch::empty({g.N, g.K, g.OH, g.OW},
+                         xp.options().dtype(torch::kFloat32)
+                             .memory_format(at::MemoryFormat::ChannelsLast));
+    } else {
+      out = torch::empty({g.N, g.OH, g.OW, g.K}, xp.options().dtype(torch::kFloat32));
+    }
     e.out_f = out.data_ptr<float>();
   }
   e.K = g.K;
   conv_driver(xp.data_ptr<int32_t>(), wrep.data_ptr<int32_t>(), g, static_cast<int>(isa), e,
               static_cast<int>(std::max<int64_t>(1, num_threads)));
+  if (packed_out != nullptr) *packed_out = packed;
   return out;
 }
 
@@ -543,7 +578,24 @@ torch::Tensor conv2d_packed(const torch::Tensor& xp, const torch::Tensor& wrep, 
                             const c10::optional<torch::Tensor>& bias, bool pack_output,
                             int64_t isa, int64_t num_threads) {
   return conv_nhwc(xp, wrep, in_channels, out_channels, kh, kw, sh, sw, ph, pw, dh, dw, groups,
-                   scale, bias, pack_output, true, isa, num_threads);
+                   scale, bias, c10::nullopt, !pack_output, pack_output, true, isa, num_threads,
+                   nullptr, false);
+}
+
+// The fused step of a packed network: conv -> * scale + bias -> + residual (a shortcut), and
+// the result as float (channels_last NCHW), as packed signs for the next binary layer, or
+// both. Returns [float, packed]; an output not asked for is an undefined tensor (None).
+std::vector<torch::Tensor> conv2d_packed_fused(
+    const torch::Tensor& xp, const torch::Tensor& wrep, int64_t in_channels, int64_t out_channels,
+    int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+    int64_t groups, const c10::optional<torch::Tensor>& scale,
+    const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& residual,
+    bool float_output, bool pack_output, bool into_residual, int64_t isa, int64_t num_threads) {
+  torch::Tensor packed;
+  torch::Tensor out = conv_nhwc(xp, wrep, in_channels, out_channels, kh, kw, sh, sw, ph, pw, dh,
+                                dw, groups, scale, bias, residual, float_output, pack_output, true,
+                                isa, num_threads, &packed, into_residual);
+  return {float_output ? out : torch::Tensor(), packed};
 }
 
 // Linear = 1x1 convolution over a (1, 1, N) image of N samples.
@@ -555,8 +607,9 @@ torch::Tensor linear_packed(const torch::Tensor& xp, const torch::Tensor& wrep,
   TORCH_CHECK(xp.dim() == 2, "packed linear input must be (N, words)");
   const int64_t n = xp.size(0);
   torch::Tensor out = conv_nhwc(xp.view({1, 1, n, xp.size(1)}), wrep, in_features, out_features,
-                                1, 1, 1, 1, 0, 0, 1, 1, 1, scale, bias, pack_output, false,
-                                isa, num_threads);
+                                1, 1, 1, 1, 0, 0, 1, 1, 1, scale, bias, c10::nullopt,
+                                !pack_output, pack_output, false, isa, num_threads, nullptr,
+                                false);
   return out.view({n, out.size(3)});
 }
 
@@ -702,6 +755,183 @@ torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// Real input x 1-bit weights (a binary network's first layer: real pixels, weights +-alpha):
+// out[n, k] = (sum_i (w[k, i] ? x[n, i] : -x[n, i])) * scale[k] + bias[k]. The weights stay
+// packed (32x smaller than float), so a batch-1 call reads 1/32 of a float GEMV's bytes.
+// ---------------------------------------------------------------------------------------
+
+// Packed (K, words) weights -> (ceil(K / 16), F) 16-bit masks: bit l of mask (v, i) is the
+// sign bit of channel 16 v + l at feature i (channels past K are 0 and never stored).
+torch::Tensor repack_real_weights(const torch::Tensor& wp, int64_t in_features) {
+  check_packed(wp, "packed weights");
+  TORCH_CHECK(wp.dim() == 2 && wp.size(1) == (in_features + 31) / 32,
+              "packed weights must be (K, ceil(in_features / 32))");
+  const int64_t K = wp.size(0), words = wp.size(1), nv = (K + 15) / 16;
+  auto out = torch::zeros({nv, in_features}, wp.options().dtype(torch::kInt16));
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(wp.data_ptr<int32_t>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>());
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < in_features; ++i)
+      if ((src[k * words + i / 32] >> (i % 32)) & 1u)
+        dst[(k / 16) * in_features + i] |= static_cast<uint16_t>(1u << (k % 16));
+  return out;
+}
+
+__attribute__((target("avx512f"))) void real_binary_rows_avx512(
+    const float* x, const uint16_t* masks, int64_t F, int64_t K, const float* scale,
+    const float* bias, float* out) {
+  const int64_t nv = (K + 15) / 16;
+  constexpr int V = 4;  // vectors per step: each broadcast input feeds 4 x 16 channels
+  for (int64_t v0 = 0; v0 < nv; v0 += V) {
+    const int nvec = static_cast<int>(std::min<int64_t>(V, nv - v0));
+    __m512 acc[V];
+    for (int q = 0; q < V; ++q) acc[q] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < F; ++i) {
+      const __m512 xv = _mm512_set1_ps(x[i]);
+      const __m512 nx = _mm512_sub_ps(_mm512_setzero_ps(), xv);
+      for (int q = 0; q < nvec; ++q) {
+        const __mmask16 m = masks[(v0 + q) * F + i];
+        acc[q] = _mm512_add_ps(acc[q], _mm512_mask_blend_ps(m, nx, xv));
+      }
+    }
+    for (int q = 0; q < nvec; ++q) {
+      const int64_t k = (v0 + q) * 16, nl = std::min<int64_t>(16, K - k);
+      const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+      __m512 v = acc[q];
+      if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(lanes, scale + k));
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias + k));
+      _mm512_mask_storeu_ps(out + k, lanes, v);
+    }
+  }
+}
+
+void real_binary_rows_generic(const float* x, const uint16_t* masks, int64_t F, int64_t K,
+                              const float* scale, const float* bias, float* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    const uint16_t* m = masks + (k / 16) * F;
+    const uint16_t bit = static_cast<uint16_t>(1u << (k % 16));
+    float acc = 0.0f;
+    for (int64_t i = 0; i < F; ++i) acc += (m[i] & bit) ? x[i] : -x[i];
+    float v = acc;
+    if (scale) v = v * scale[k];
+    if (bias) v = v + bias[k];
+    out[k] = v;
+  }
+}
+
+torch::Tensor real_binary_linear(const torch::Tensor& x_in, const torch::Tensor& masks,
+                                 int64_t out_features, const c10::optional<torch::Tensor>& scale,
+                                 const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "input must be a CPU (N, F) tensor");
+  const auto x = x_in.to(torch::kFloat32).contiguous();
+  const int64_t N = x.size(0), F = x.size(1), K = out_features;
+  TORCH_CHECK(masks.scalar_type() == torch::kInt16 && masks.is_contiguous() &&
+                  masks.dim() == 2 && masks.size(0) == (K + 15) / 16 && masks.size(1) == F,
+              "weight masks do not match ", F, " features and ", K, " outputs");
+  torch::Tensor sc, bi;
+  if (scale.has_value()) sc = scale->to(torch::kFloat32).contiguous();
+  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(!sc.defined() || sc.numel() == K, "scale must have one value per output");
+  TORCH_CHECK(!bi.defined() || bi.numel() == K, "bias must have one value per output");
+  auto out = torch::empty({N, K}, x.options());
+  const bool avx512 = isa == ISA_AVX512 && isa_supported(ISA_AVX512);
+  const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr<int16_t>());
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = x.data_ptr<float>() + n * F;
+    float* o = out.data_ptr<float>() + n * K;
+    const float* s = sc.defined() ? sc.data_ptr<float>() : nullptr;
+    const float* b = bi.defined() ? bi.data_ptr<float>() : nullptr;
+    if (avx512)
+      real_binary_rows_avx512(xr, m, F, K, s, b, o);
+    else
+      real_binary_rows_generic(xr, m, F, K, s, b, o);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Max-pool on channels_last float maps (the float stem's 3x3/2 pool): every input byte is read
+// from memory once, channels in SIMD lanes. Padding never wins (as in PyTorch); NaN inputs
+// are not propagated (inference inputs are finite).
+// ---------------------------------------------------------------------------------------
+struct PoolGeometry {
+  int64_t C, H, W, OH, OW, kh, kw, sh, sw, ph, pw;
+};
+
+__attribute__((target("avx512f"))) void max_pool_row_avx512(const float* img, float* out,
+                                                            const PoolGeometry& g, int64_t oh) {
+  const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
+  const int64_t ih1 = std::min<int64_t>(g.H, oh * g.sh - g.ph + g.kh);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * g.sw - g.pw);
+    const int64_t iw1 = std::min<int64_t>(g.W, ow * g.sw - g.pw + g.kw);
+    float* o = out + (oh * g.OW + ow) * g.C;
+    for (int64_t c = 0; c < g.C; c += 16) {
+      const int64_t nl = std::min<int64_t>(16, g.C - c);
+      const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+      __m512 v = _mm512_set1_ps(-INFINITY);
+      for (int64_t ih = ih0; ih < ih1; ++ih)
+        for (int64_t iw = iw0; iw < iw1; ++iw)
+          v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, img + (ih * g.W + iw) * g.C + c));
+      _mm512_mask_storeu_ps(o + c, lanes, v);
+    }
+  }
+}
+
+void max_pool_row_generic(const float* img, float* out, const PoolGeometry& g, int64_t oh) {
+  const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
+  const int64_t ih1 = std::min<int64_t>(g.H, oh * g.sh - g.ph + g.kh);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * g.sw - g.pw);
+    const int64_t iw1 = std::min<int64_t>(g.W, ow * g.sw - g.pw + g.kw);
+    float* o = out + (oh * g.OW + ow) * g.C;
+    std::fill(o, o + g.C, -INFINITY);
+    for (int64_t ih = ih0; ih < ih1; ++ih)
+      for (int64_t iw = iw0; iw < iw1; ++iw) {
+        const float* x = img + (ih * g.W + iw) * g.C;
+        for (int64_t c = 0; c < g.C; ++c) o[c] = std::max(o[c], x[c]);
+      }
+  }
+}
+
+torch::Tensor max_pool2d_nhwc(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t sh,
+                              int64_t sw, int64_t ph, int64_t pw, int64_t isa,
+                              int64_t num_threads) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "max_pool2d_nhwc: input must be a channels_last float32 CPU tensor");
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && 2 * ph <= kh &&
+                  2 * pw <= kw,
+              "max_pool2d_nhwc: padding must be at most half the kernel");
+  const int64_t N = x.size(0);
+  PoolGeometry g{x.size(1), x.size(2), x.size(3), 0, 0, kh, kw, sh, sw, ph, pw};
+  g.OH = (g.H + 2 * ph - kh) / sh + 1;
+  g.OW = (g.W + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "max_pool2d_nhwc: the kernel does not fit in the padded input");
+  auto out = torch::empty({N, g.C, g.OH, g.OW},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const bool avx512 = isa == ISA_AVX512 && isa_supported(ISA_AVX512);
+  const int64_t rows = N * g.OH;
+  const int threads = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({num_threads, rows, rows * g.OW * g.C / 65536 + 1})));
+  bnas::parallel_for(rows, std::max<int64_t>(1, rows / (4 * threads)), threads,
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t r = begin; r < end; ++r) {
+                         const int64_t n = r / g.OH, oh = r % g.OH;
+                         const float* img = src + n * g.H * g.W * g.C;
+                         float* o = dst + n * g.OH * g.OW * g.C;
+                         if (avx512)
+                           max_pool_row_avx512(img, o, g, oh);
+                         else
+                           max_pool_row_generic(img, o, g, oh);
+                       }
+                     });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -714,7 +944,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "output channels per SIMD vector for a code path");
   m.def("repack_weights", &repack_weights, "packed conv weights -> the kernel's lane layout");
   m.def("conv2d_packed", &conv2d_packed, "XNOR-popcount conv2d on packed NHWC input");
+  m.def("conv2d_packed_fused", &conv2d_packed_fused,
+        "XNOR-popcount conv2d with a residual input and float and/or packed outputs");
   m.def("linear_packed", &linear_packed, "XNOR-popcount linear on packed (N, words) input");
+  m.def("repack_real_weights", &repack_real_weights,
+        "packed (K, words) weights -> 16-channel masks for real_binary_linear");
+  m.def("real_binary_linear", &real_binary_linear,
+        "real input x 1-bit weights linear layer, * scale + bias");
+  m.def("max_pool2d_nhwc", &max_pool2d_nhwc, "max-pool of a channels_last float32 map");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
 }
