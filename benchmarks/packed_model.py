@@ -232,6 +232,9 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
     names = {m: name for name, m in packed.named_modules()}
+    plan = packed.plan() if hasattr(packed, "plan") else None
+    if plan is not None:  # modules the fused plan adds (steps, the channels_last pool)
+        names.update({m: f"plan.{name}" for name, m in plan.named_modules() if m not in names and name})
     stack: list[tuple[torch.nn.Module, float, str | None]] = []  # module, start, its part if timed
     spent: dict[torch.nn.Module, float] = {}
     kind: dict[torch.nn.Module, str] = {}
