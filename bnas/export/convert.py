@@ -46,7 +46,7 @@ from ..train import load_checkpoint
 from .folding import LAYER_TYPES, bn_affine, find_bn_folds
 from .format import ExportError, PackedNetwork, conv_args, load_state, make_layer, save_packed, set_module
 
-__all__ = ["export", "freeze_model", "pack_model"]
+__all__ = ["export", "freeze_model", "load_trained", "pack_model"]
 
 
 def _alpha(layer: BinaryConv2d | BinaryLinear, out_features: int) -> Tensor:
@@ -173,11 +173,9 @@ def freeze_model(model: nn.Module) -> PackedNetwork:
     return PackedNetwork(net, getattr(model, "genotype", None), table)
 
 
-def export(
-    genotype: Genotype | str | os.PathLike[str], checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
-) -> tuple[PackedNetwork, Path]:
-    """Build ``genotype``, load ``checkpoint`` (a trainer checkpoint with ``model``, or a
-    plain state_dict), pack it and write ``out``."""
+def load_trained(genotype: Genotype | str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> nn.Module:
+    """Build ``genotype`` and load ``checkpoint`` (a trainer checkpoint or a state_dict), in
+    eval mode on the CPU; the same reading and messages as ``bnas export`` to ``.bnas``."""
     if not isinstance(genotype, Genotype):
         genotype = load_genotype(genotype)
     ckpt = Path(checkpoint)
@@ -198,5 +196,13 @@ def export(
         f"checkpoint {ckpt}",
         f"; is it a checkpoint of genotype {genotype.name!r} ({genotype.source or 'in memory'})?",
     )
-    packed = pack_model(model)
+    return model.cpu().float().eval()
+
+
+def export(
+    genotype: Genotype | str | os.PathLike[str], checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
+) -> tuple[PackedNetwork, Path]:
+    """Build ``genotype``, load ``checkpoint`` (a trainer checkpoint with ``model``, or a
+    plain state_dict), pack it and write ``out``."""
+    packed = pack_model(load_trained(genotype, checkpoint))
     return packed, save_packed(packed, out)

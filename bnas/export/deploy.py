@@ -13,9 +13,6 @@ layer, and the PyTorch reference ``--verify`` compares them with is the trained 
 from __future__ import annotations
 
 import importlib
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
@@ -26,11 +23,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..binarize import sign
-from ..builder import build
-from ..genotype import Genotype, load_genotype
-from ..train import load_checkpoint
-from .convert import freeze_model
-from .format import ExportError, load_state, set_module
+from ..genotype import Genotype
+from .convert import freeze_model, load_trained
+from .format import ExportError, set_module
 from .layers import SignConv2d, SignLinear, _as_channel_view
 
 __all__ = [
@@ -53,29 +48,6 @@ def require(module: str, extra: str, fmt: str) -> ModuleType:
             f"bnas export --format {fmt} needs the [{extra}] extra ({module} is not installed): "
             f"pip install 'bnas[{extra}]'"
         ) from exc
-
-
-def load_trained(genotype: Genotype | str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> nn.Module:
-    """Build ``genotype`` and load ``checkpoint`` (a trainer checkpoint or a state_dict), in
-    eval mode on the CPU; the same reading and messages as ``bnas export`` to ``.bnas``."""
-    if not isinstance(genotype, Genotype):
-        genotype = load_genotype(genotype)
-    ckpt = Path(checkpoint)
-    if not ckpt.is_file():
-        raise ExportError(f"no checkpoint at {ckpt}")
-    state = load_checkpoint(ckpt, advice="pass the checkpoint.pt or model.pt that `bnas eval` wrote")
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ExportError(f"{ckpt}: expected a state_dict or a trainer checkpoint with a 'model' entry")
-    model = build(genotype)
-    load_state(
-        model,
-        state,
-        f"checkpoint {ckpt}",
-        f"; is it a checkpoint of genotype {genotype.name!r} ({genotype.source or 'in memory'})?",
-    )
-    return model.cpu().float().eval()
 
 
 # --------------------------------------------------------------------------------------

@@ -80,44 +80,30 @@ class PackedStep(nn.Module):
             (size + 2 * p - d * (k - 1) - 1) // s + 1
             for size, k, s, p, d in zip((h, w), c.kernel_size, c.stride, c.padding, c.dilation, strict=True)
         )
-        if residual is not None and tuple(residual.shape) != out_shape:
-            # the add broadcasts (a bias, a scalar): it stays a float add after the conv
-            out, _ = xnor_conv2d_fused(
-                x,
-                c.weight_packed,
-                c.in_channels,
-                c.kernel_size,
-                c.stride,
-                c.padding,
-                c.dilation,
-                c.groups,
-                c.scale,
-                c.bias,
-                None,
-                True,
-                False,
-            )
-            out = cast(Tensor, out) + residual
+        # an add that broadcasts (a bias, a scalar) stays a float add after the conv
+        broadcast = residual is not None and tuple(residual.shape) != out_shape
+        if residual is not None and not broadcast and residual.dtype == torch.float32:
+            residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
+        fused_residual = None if broadcast else residual
+        out, packed = xnor_conv2d_fused(
+            x,
+            c.weight_packed,
+            c.in_channels,
+            c.kernel_size,
+            c.stride,
+            c.padding,
+            c.dilation,
+            c.groups,
+            c.scale,
+            c.bias,
+            fused_residual,
+            self.float_output or broadcast,
+            self.pack_output and not broadcast,
+            self.into_residual and fused_residual is not None,
+        )
+        if broadcast:
+            out = cast(Tensor, out) + cast(Tensor, residual)
             packed = pack_signs(out) if self.pack_output else None
-        else:
-            if residual is not None and residual.dtype == torch.float32:
-                residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
-            out, packed = xnor_conv2d_fused(
-                x,
-                c.weight_packed,
-                c.in_channels,
-                c.kernel_size,
-                c.stride,
-                c.padding,
-                c.dilation,
-                c.groups,
-                c.scale,
-                c.bias,
-                residual,
-                self.float_output,
-                self.pack_output,
-                self.into_residual and residual is not None,
-            )
         if self.float_output and self.pack_output:
             return out, packed
         return out if self.float_output else packed
