@@ -168,9 +168,13 @@ def test_bad_lce_python_is_one_clear_error(tmp_path: Path) -> None:
         fake.chmod(0o755)
         with pytest.raises(SCRIPT.BenchmarkError, match=message):
             SCRIPT.main(["--sizes", "32", "--threads", "1", "--repeats", "1", "--lce-python", str(fake)])
-    # A Python without larq-compute-engine (this one): the worker's own error, named.
+    # A Python without larq-compute-engine (this one without its site-packages: CI installs
+    # the [lce] extra into the test environment): the worker's own error, named.
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n', encoding="utf-8")
+    bare.chmod(0o755)
     with pytest.raises(SCRIPT.BenchmarkError, match=r"the LCE worker failed: ModuleNotFoundError"):
-        SCRIPT.main(["--sizes", "32", "--threads", "1", "--repeats", "1", "--lce-python", sys.executable])
+        SCRIPT.main(["--sizes", "32", "--threads", "1", "--repeats", "1", "--lce-python", str(bare)])
 
 
 def test_custom_genotype_has_no_lce_twin_and_no_targets(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
