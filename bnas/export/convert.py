@@ -46,7 +46,7 @@ from ..train import load_checkpoint
 from .folding import LAYER_TYPES, bn_affine, find_bn_folds
 from .format import ExportError, PackedNetwork, conv_args, load_state, make_layer, save_packed, set_module
 
-__all__ = ["export", "freeze_model", "load_trained", "pack_model"]
+__all__ = ["export", "freeze_model", "load_trained", "pack_model", "split_signs"]
 
 
 def _alpha(layer: BinaryConv2d | BinaryLinear, out_features: int) -> Tensor:
@@ -56,16 +56,13 @@ def _alpha(layer: BinaryConv2d | BinaryLinear, out_features: int) -> Tensor:
     return a.detach().double().reshape(-1).expand(out_features).clone()
 
 
-def _one_magnitude_per_output(layer: BinaryConv2d | BinaryLinear) -> Tensor | None:
-    """alpha when the binarized weights are exactly ``alpha_k * sign(W_k)`` per output (so they
-    pack to 1 bit plus a scale), else None."""
-    with torch.no_grad():
-        w = layer.binary_weight().detach().double().cpu()
-        k = w.shape[0]
-        alpha = w.reshape(k, -1).abs().amax(dim=1)
-        signs = torch.where(layer.weight.detach().double().cpu() >= 0, 1.0, -1.0)
-        exact = torch.equal(signs * alpha.view((-1,) + (1,) * (w.dim() - 1)), w)
-    return alpha if exact else None
+def split_signs(weight: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(signs, scale)`` with ``signs * scale == weight`` exactly, one magnitude per output
+    channel (a binarized layer's weights: alpha, times a folded BN scale), else None."""
+    w = weight.detach()
+    signs = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+    scale = w.abs().flatten(1).amax(1)
+    return (signs, scale) if torch.equal(signs * scale.view((-1,) + (1,) * (w.dim() - 1)), w) else None
 
 
 def _convert(
@@ -108,13 +105,15 @@ def _convert(
             if threshold:
                 new.threshold.copy_(binary.input_quantizer.threshold.detach())
         return new, entry
-    alpha = _one_magnitude_per_output(binary) if binary is not None and weights and not acts and packed else None
-    if alpha is not None and not is_conv:
+    real_input = binary is not None and weights and not acts and packed and not is_conv
+    split = split_signs(binary.binary_weight().double().cpu()) if real_input and binary is not None else None
+    if split is not None:
         # real input, weights +-alpha: the weights go to 1 bit, alpha and the BN to the epilogue
+        signs, alpha = split
         entry.update(kind="packed_weight_linear", threshold=False)
         new = make_layer(entry)
         with torch.no_grad():
-            new.weight_packed.copy_(pack_weights(layer.weight.detach().float().cpu()))
+            new.weight_packed.copy_(pack_weights(signs.float()))
             new.scale.copy_((alpha * s).float())
             new.bias.copy_((b * s + t).float())
         return new, entry

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..binarize import sign
 from ..genotype import Genotype
-from .convert import freeze_model, load_trained
+from .convert import freeze_model, load_trained, split_signs
 from .format import ExportError, set_module
 from .layers import SignConv2d, SignLinear, _as_channel_view
 
@@ -110,14 +110,12 @@ class ScaledSignLinear(nn.Module):
 def _split(weight: Tensor, path: str) -> tuple[Tensor, Tensor]:
     """``(signs, scale)`` with ``signs * scale == weight`` exactly: a binarized layer's float
     weights are one magnitude per output channel (alpha times the folded BN scale)."""
-    w = weight.detach()
-    signs = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-    scale = w.abs().flatten(1).amax(1)
-    if not torch.equal(signs * scale.view((-1,) + (1,) * (w.dim() - 1)), w):
+    split = split_signs(weight)
+    if split is None:
         raise ExportError(
             f"layer {path}: binarized weights are not one magnitude per output channel; cannot split them"
         )
-    return signs, scale
+    return split
 
 
 def deploy_twin(model: nn.Module) -> tuple[nn.Module, list[dict[str, Any]]]:
