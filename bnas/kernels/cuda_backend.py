@@ -21,8 +21,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -73,6 +74,32 @@ def _toolkit_paths() -> tuple[list[str], list[str]]:
     return [], []
 
 
+def _visible_capabilities() -> list[tuple[int, int]]:
+    """Compute capability of every CUDA device visible to torch, in device order."""
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
+def build_architectures(capabilities: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The distinct capabilities of ``capabilities`` that can run the kernel (8.0 and newer),
+    sorted: one extension holds machine code for each, so every such GPU of the machine runs it."""
+    return sorted({(int(major), int(minor)) for major, minor in capabilities if (major, minor) >= MIN_CAPABILITY})
+
+
+def gencode_flags(capabilities: Iterable[tuple[int, int]]) -> list[str]:
+    """One ``-gencode=arch=compute_XY,code=sm_XY`` per distinct architecture (no PTX: the
+    extension is built for exactly the GPUs present, each gets its own cubin)."""
+    return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in sorted(set(capabilities))]
+
+
+def extension_name(capabilities: Iterable[tuple[int, int]]) -> str:
+    """Name of the extension built for ``capabilities``: it encodes the architecture set, so
+    builds for different sets do not overwrite each other in torch's extension cache."""
+    archs = sorted(set(capabilities))
+    if not archs:
+        raise ValueError("no GPU architecture to build the XNOR CUDA kernel for")
+    return "bnas_xnor_cuda_sm" + "_".join(f"{a}{b}" for a, b in archs)
+
+
 def is_supported(device: str | torch.device | None = None) -> bool:
     """True when tensors on ``device`` can run the tensor-core kernel: a CUDA device of compute
     capability 8.0 or newer, a CUDA compiler to build the kernel, and no earlier failed build."""
@@ -84,29 +111,35 @@ def is_supported(device: str | torch.device | None = None) -> bool:
     return torch.cuda.get_device_capability(dev) >= MIN_CAPABILITY
 
 
-def build_extension(capability: tuple[int, int], verbose: bool = False) -> Any:
-    """Compiles and loads the extension for one GPU architecture (e.g. (9, 0)) with
-    torch.utils.cpp_extension (cached in its build directory; rebuilt when a source changes).
-    Needs nvcc, not a GPU."""
+def build_extension(capabilities: tuple[int, int] | Sequence[tuple[int, int]], verbose: bool = False) -> Any:
+    """Compiles and loads the extension for the given GPU architectures (one capability such as
+    (9, 0), or a list of them: one cubin each) with torch.utils.cpp_extension (cached in its
+    build directory under a name that encodes the architectures; rebuilt when a source
+    changes).  Needs nvcc, not a GPU."""
     from torch.utils.cpp_extension import load
 
-    cc = f"{capability[0]}{capability[1]}"
+    if len(capabilities) == 2 and all(isinstance(v, int) for v in capabilities):
+        archs = [cast(tuple[int, int], tuple(capabilities))]
+    else:
+        archs = sorted({(int(c[0]), int(c[1])) for c in cast(Sequence[tuple[int, int]], capabilities)})
     includes, ldflags = _toolkit_paths()
     return load(
-        name=f"bnas_xnor_cuda_sm{cc}",
+        name=extension_name(archs),
         sources=[str(SOURCE_DIR / "binding.cpp"), str(SOURCE_DIR / "xnor_conv.cu"), str(SOURCE_DIR / "mma_peak.cu")],
         extra_include_paths=[str(SOURCE_DIR), *includes],
         extra_cflags=["-O3"],  # torch sets the C++ standard its headers need
-        extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{cc},code=sm_{cc}"],
+        # an explicit -gencode keeps torch from adding its own arch list (TORCH_CUDA_ARCH_LIST)
+        extra_cuda_cflags=["-O3", "-std=c++17", *gencode_flags(archs)],
         extra_ldflags=ldflags,
         verbose=verbose,
     )
 
 
 def load_extension(device: str | torch.device | None = None) -> Any:
-    """Builds (first call, cached) and returns the CUDA extension for the GPU of ``device``.
-    Raises RuntimeError saying what is missing; after a failed build every later call raises
-    the same error at once."""
+    """Builds (first call, cached) and returns the CUDA extension.  One build covers every
+    visible GPU of compute capability 8.0 or newer (one cubin per distinct architecture), so
+    each of them can run it; ``device`` itself must be such a GPU.  Raises RuntimeError saying
+    what is missing; after a failed build every later call raises the same error at once."""
     global _extension, _build_error
     if _extension is not None:
         return _extension
@@ -126,8 +159,9 @@ def load_extension(device: str | torch.device | None = None) -> Any:
                 "no CUDA compiler (nvcc) found: set CUDA_HOME or put nvcc on PATH to build the XNOR CUDA kernel"
             )
             raise RuntimeError(_build_error)
+        archs = build_architectures([*_visible_capabilities(), capability])
         try:
-            _extension = build_extension(capability)
+            _extension = build_extension(archs)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
             _build_error = f"building the XNOR CUDA kernel failed: {exc}"
             raise RuntimeError(_build_error) from exc
