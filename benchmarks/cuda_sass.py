@@ -71,6 +71,10 @@ class ToolError(RuntimeError):
     """A missing tool or an unknown revision: the script exits 2 with this one-line message."""
 
 
+class CompileError(RuntimeError):
+    """nvcc or cuobjdump failed on a kernel source: the script exits 1."""
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -255,6 +259,7 @@ def count_ops(instrs: Sequence[Instr]) -> dict[str, int]:
     """The opcode counts the report tracks: BMMA, IMAD.MOV* (any), MOV (plain, any modifiers), LDS, LDSM."""
     return {
         "bmma": sum(i.base == "BMMA" for i in instrs),
+        # IMAD.MOV.U32 and IMAD.MOV alike (the issue's 272 counted only the .U32 form)
         "imad_mov": sum(i.opcode.startswith("IMAD.MOV") for i in instrs),
         "mov": sum(i.base == "MOV" for i in instrs),
         "lds": sum(i.base == "LDS" for i in instrs),
@@ -483,10 +488,10 @@ def compile_and_dump(source_dir: Path, out_dir: Path, arch: str, nvcc: str, cuob
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"nvcc failed on {source_dir / KERNEL_SOURCE}:\n{proc.stderr[-3000:]}")
+        raise CompileError(f"nvcc failed on {source_dir / KERNEL_SOURCE}:\n{proc.stderr[-3000:]}")
     dump = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True, check=False)
     if dump.returncode != 0:
-        raise RuntimeError(f"cuobjdump -sass {obj} failed:\n{dump.stderr[-2000:]}")
+        raise CompileError(f"cuobjdump -sass {obj} failed:\n{dump.stderr[-2000:]}")
     return dump.stdout, proc.stdout + proc.stderr
 
 
@@ -523,10 +528,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="cuda_sass_base_") as tmp:
             base_dir = extract_revision(args.baseline_rev, Path(tmp))
             baseline = analyze(base_dir, args.arch, nvcc, cuobjdump)
+        ours = analyze(args.source_dir, args.arch, nvcc, cuobjdump)
     except ToolError as exc:
         print(f"cuda_sass: {exc}", file=sys.stderr)
         return 2
-    ours = analyze(args.source_dir, args.arch, nvcc, cuobjdump)
+    except CompileError as exc:  # nvcc's own message follows
+        print(f"cuda_sass: {exc}", file=sys.stderr)
+        return 1
 
     common = {"benchmark": "cuda_sass", "arch": args.arch, "nvcc": nvcc_version(nvcc)}
     for version, records in (("baseline", baseline), ("ours", ours)):

@@ -294,3 +294,15 @@ def test_working_tree_kernel_has_no_spills_and_bmma_in_its_main_loop():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["has_main_loop"] and r["loop_bmma"] > 0, r["name"]
         assert r["loop_instr_per_bmma"] is not None and r["epilogue_instructions"] > 0
+
+
+@pytest.mark.skipif(TOOLS is None, reason="nvcc or cuobjdump not found")
+def test_compile_error_is_reported(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / cs.KERNEL_SOURCE).write_text("__global__ void k() { this is not C++; }\n")
+    with pytest.raises(cs.CompileError, match="nvcc failed"):
+        cs.compile_and_dump(src, tmp_path, "sm_90a", *TOOLS)
+    # a source directory without the kernel: exit 2 before any compile
+    assert cs.main(["--source-dir", str(tmp_path / "empty")]) == 2
+    assert "no xnor_conv.cu in" in capsys.readouterr().err
