@@ -103,8 +103,12 @@ try:
     root = ET.parse(os.path.join(out, "pytest_gpu.xml")).getroot()
     suites = [root] if root.tag == "testsuite" else list(root)
     summary["pytest"] = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    # every GPU test skipped (say, the GPU is below sm_80) passes pytest but checks nothing
+    summary["pytest"]["ran"] = summary["pytest"]["tests"] - summary["pytest"]["skipped"]
+    summary["ok"] = summary["ok"] and summary["pytest"]["ran"] > 0
 except (OSError, ET.ParseError) as exc:
     summary["pytest"] = {"missing": str(exc)}
+    summary["ok"] = False
 for key, name in (("cuda_xnor_conv", "cuda_xnor_conv.jsonl"), ("packed_model", "packed_model.jsonl")):
     try:
         lines = [json.loads(l) for l in open(os.path.join(out, name)) if l.startswith("{")]
