@@ -130,3 +130,28 @@ def test_benchmark_refuses_to_run_without_a_gpu(tmp_path, capsys):
     bench = _benchmark_module()
     assert bench.main(["--json-out", str(tmp_path / "b.jsonl")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_benchmark_on_the_gpu_times_graph_replays(tmp_path):
+    from bnas.kernels import cuda_backend as cb
+
+    if not cb.is_supported("cuda"):
+        pytest.skip("the tensor-core kernel cannot run here (below sm_80 or no nvcc)")
+    bench = _benchmark_module()
+    out = tmp_path / "bench.jsonl"
+    tiny = (2, 64, 8, 8, 64)
+    records = bench.run_cuda([tiny, bench.PEAK_SHAPE], repeats=3, batches=3, json_out=out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line.get("shape") for line in lines[:2]] == [bench.shape_name(tiny), bench.shape_name(bench.PEAK_SHAPE)]
+    summary = lines[-1]
+    assert summary["summary"] is True and len(lines) == 3
+    for r in records:
+        assert r["exact"] and r["packed_out_matches_float_out"] and "graph_errors" not in r
+        assert 0 < r["ours_us"] <= r["ours_us_p90"] and 0 < r["baseline_us"] <= r["baseline_us_p90"]
+        assert r["ratio"] == pytest.approx(r["baseline_us"] / r["ours_us"], rel=1e-2)
+        assert 0 < r["fraction_of_peak"] < 1
+    # graph replays time the kernel alone: below the eager time, which pays the Python checks per call
+    assert records[0]["ours_us"] < records[0]["ours_eager_us"]
+    assert summary["meets_35pct_peak"] in (True, False) and summary["meets_4x_cudnn"] is None
