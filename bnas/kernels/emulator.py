@@ -91,7 +91,7 @@ def _bind_emulator(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bnas_emu_conv_shape.restype = i32
     lib.bnas_emu_conv.argtypes = [p, i64, p, i64, p, p, p, p, p, i32, i32, i32, cp, i32]
     lib.bnas_emu_conv.restype = i32
-    lib.bnas_emu_pack.argtypes = [p, i64, p, p, i32, p, i64, cp, i32]
+    lib.bnas_emu_pack.argtypes = [p, i64, p, p, i32, i32, p, i64, cp, i32]
     lib.bnas_emu_pack.restype = i32
     lib.bnas_emu_fragment_bank_ways.argtypes = [i32]
     lib.bnas_emu_fragment_bank_ways.restype = i32
@@ -125,16 +125,22 @@ def emulated_mma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Ten
     return d
 
 
+_PACK_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def emulated_pack_signs(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """The fused pack kernel run by the emulator (float32 CPU tensors, any strides)."""
+    """The fused pack kernel run by the emulator (CPU tensors, any strides).  float16 and
+    bfloat16 are read as they are, like the GPU kernel reads them; other dtypes as float32."""
     lib = load_emulator()
-    x4 = as_nchw(x.detach().to(torch.float32), "x")
+    x4 = as_nchw(x.detach(), "x")
+    if x4.dtype not in _PACK_DTYPES:
+        x4 = x4.to(torch.float32)
     n, c, h, w = (int(v) for v in x4.shape)
     if groups < 1 or c % groups:
         raise ValueError(f"channels ({c}) must be divisible by groups ({groups})")
     out = torch.empty((n, h, w, groups * words_for(c // groups)), dtype=torch.int32)
     # the emulator bounds-checks against the whole storage the strides may touch
-    span = x4.untyped_storage().nbytes() // 4 - x4.storage_offset()
+    span = x4.untyped_storage().nbytes() // x4.element_size() - x4.storage_offset()
     sizes, strides = _i64_array(x4.shape), _i64_array(x4.stride())
     err = ctypes.create_string_buffer(512)
     _emu_check(
@@ -144,6 +150,7 @@ def emulated_pack_signs(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
             sizes.data_ptr(),
             strides.data_ptr(),
             groups,
+            _PACK_DTYPES[x4.dtype],
             out.data_ptr(),
             out.numel(),
             err,

@@ -15,6 +15,13 @@
 #define BNAS_HD inline
 #endif
 
+// No-alias promise for the epilogue's pointers (the output never overlaps scale or bias).
+#ifdef __CUDACC__
+#define BNAS_RESTRICT __restrict__
+#else
+#define BNAS_RESTRICT __restrict
+#endif
+
 // Loop unrolling hint for nvcc; g++ (emulator build) unrolls on its own.
 #ifdef __CUDACC__
 #define BNAS_UNROLL _Pragma("unroll")

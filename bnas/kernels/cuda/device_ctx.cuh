@@ -22,6 +22,18 @@ struct DeviceCtx {
     mma_m16n8k256_b1_and_popc(c, a, b);
   }
 
+  // ldmatrix.x4: lane l gives the 16-byte row address of row l % 8 of matrix l / 8 and receives
+  // word (l % 4) of row (l / 4) of matrix j in r[j] (see a_ldsm_word in xnor_conv.cuh).
+  __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const uint32_t* row) const {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+  // two adjacent ints to shared memory (8-byte aligned): one STS.64
+  __device__ __forceinline__ void st2_shared(int* p, int lo, int hi) const { *reinterpret_cast<int2*>(p) = make_int2(lo, hi); }
+  __device__ __forceinline__ uint32_t ballot(bool pred) const { return __ballot_sync(0xffffffffu, pred); }
+
   // Asynchronous global->shared copy of BYTES (4, 8 or 16); pred == false writes zeros
   // (src-size 0: nothing is read, src only has to be a valid global address).
   template <int BYTES>

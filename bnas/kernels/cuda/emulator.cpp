@@ -5,10 +5,12 @@
 // stack and registers, shared memory is one byte array per block, and
 //   - __syncthreads is a barrier: no thread passes until every live thread of the block
 //     has arrived (a barrier reached after some thread exited is reported as an error);
-//   - the 1-bit mma is warp-collective: each lane deposits its fragment registers and waits;
-//     once all 32 lanes of the warp arrived at the same mma (same per-lane call count), the
-//     exact software model of mma.m16n8k256 .b1 .and.popc (mma_b1.cuh) computes D for all
-//     lanes;
+//   - the warp-collective instructions (the 1-bit mma, ldmatrix.x4, __ballot_sync) park each
+//     lane with its operands; once all 32 lanes of the warp arrived at the same instruction
+//     (same kind, same per-lane count of collective calls) it is carried out for the whole
+//     warp: the mma by the exact software model of mma.m16n8k256 .b1 .and.popc (mma_b1.cuh),
+//     ldmatrix by the PTX rule (lane l gives row l % 8 of matrix l / 8, lane (g, t) receives
+//     word t of row g of each matrix), ballot by collecting the 32 predicates;
 //   - cp.async copies are queued per thread and land in shared memory only at the
 //     cp.async.wait_group that retires their commit group, so a wait/commit accounting
 //     mistake reads stale or poisoned shared memory, as it would on the device;
@@ -42,7 +44,8 @@ class EmuError {
   std::string msg;
 };
 
-enum class State { Ready, AtSync, AtMma, Done };
+enum class State { Ready, AtSync, AtWarp, Done };
+enum class WarpOp { Mma, Ldsm, Ballot };
 
 struct Copy {
   uint8_t* dst;
@@ -65,6 +68,13 @@ class EmuCtx {
   uint8_t* smem() const;
   void sync();
   void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]);
+  void ldsm_x4(uint32_t r[4], const uint32_t* row);
+  uint32_t ballot(bool pred);
+  void st2_shared(int* p, int lo, int hi) {
+    check_shared(p, 8, 8);
+    p[0] = lo;
+    p[1] = hi;
+  }
   template <int BYTES>
   void cp_async(void* dst, const void* src, bool pred);
   void cp_commit();
@@ -89,12 +99,19 @@ class EmuCtx {
   State state = State::Ready;
   std::vector<std::vector<Copy>> groups;
   std::vector<Copy> open;
-  long mma_calls = 0;
+  long warp_calls = 0;          // collective instructions reached so far
+  WarpOp op = WarpOp::Mma;
   uint32_t a_reg[4] = {0, 0, 0, 0}, b_reg[2] = {0, 0};
   int32_t c_reg[4] = {0, 0, 0, 0};
+  const uint8_t* ldsm_row = nullptr;
+  uint32_t ldsm_reg[4] = {0, 0, 0, 0};
+  bool ballot_pred = false;
+  uint32_t ballot_word = 0;
 
  private:
   void wait_groups(int keep);
+  void check_shared(const void* p, size_t bytes, size_t align);
+  void arrive(WarpOp kind);
   void check_global(const void* p, size_t bytes, bool write) const;
 };
 
@@ -122,7 +139,7 @@ class BlockRunner {
       c.state = State::Ready;
       c.groups.clear();
       c.open.clear();
-      c.mma_calls = 0;
+      c.warp_calls = 0;
       getcontext(&fibers_[i]);
       fibers_[i].uc_stack.ss_sp = stacks_[i].data();
       fibers_[i].uc_stack.ss_size = stacks_[i].size();
@@ -139,7 +156,7 @@ class BlockRunner {
         ran = true;
         if (!error_.empty()) throw EmuError(error_);
       }
-      if (resolve_mma()) continue;
+      if (resolve_warp_ops()) continue;
       int live = 0, at_sync = 0, done = 0;
       for (const EmuCtx& c : ctxs_) {
         if (c.state == State::Done) ++done;
@@ -153,8 +170,8 @@ class BlockRunner {
         continue;
       }
       if (!ran)
-        throw EmuError("deadlock: some threads wait at __syncthreads while others wait in a warp mma "
-                       "(divergent mma.sync or barrier)");
+        throw EmuError("deadlock: some threads wait at __syncthreads while others wait in a warp-collective "
+                       "instruction (divergent mma.sync / ldmatrix / ballot or barrier)");
     }
   }
 
@@ -192,41 +209,54 @@ class BlockRunner {
     setcontext(&r->main_);
   }
 
-  // Completes every warp whose 32 lanes all wait in an mma.  Returns whether any did.
-  bool resolve_mma() {
+  // Completes every warp whose 32 lanes all wait in a collective instruction.  Returns
+  // whether any did.
+  bool resolve_warp_ops() {
     bool any = false;
     for (int w0 = 0; w0 < threads_; w0 += 32) {
       int at = 0;
-      for (int l = 0; l < 32; ++l) at += ctxs_[w0 + l].state == State::AtMma;
+      for (int l = 0; l < 32; ++l) at += ctxs_[w0 + l].state == State::AtWarp;
       if (at == 0) continue;
       if (at < 32) {
         bool others_blocked = true;
-        for (int l = 0; l < 32; ++l) {
-          const State s = ctxs_[w0 + l].state;
-          if (s == State::Ready) others_blocked = false;
-        }
+        for (int l = 0; l < 32; ++l)
+          if (ctxs_[w0 + l].state == State::Ready) others_blocked = false;
         if (others_blocked) {
           char buf[160];
-          std::snprintf(buf, sizeof buf, "warp %d: mma.sync reached by %d of 32 lanes (the others are at a barrier or exited)",
-                        w0 / 32, at);
+          std::snprintf(buf, sizeof buf,
+                        "warp %d: a warp-collective instruction reached by %d of 32 lanes (the others are at a "
+                        "barrier or exited)", w0 / 32, at);
           throw EmuError(buf);
         }
         continue;
       }
-      uint32_t a[32][4], b[32][2];
-      int32_t c[32][4], d[32][4];
+      const EmuCtx& first = ctxs_[w0];
       for (int l = 0; l < 32; ++l) {
         const EmuCtx& x = ctxs_[w0 + l];
-        if (x.mma_calls != ctxs_[w0].mma_calls) throw EmuError("lanes of one warp met at different mma instructions");
-        std::memcpy(a[l], x.a_reg, sizeof a[l]);
-        std::memcpy(b[l], x.b_reg, sizeof b[l]);
-        std::memcpy(c[l], x.c_reg, sizeof c[l]);
+        if (x.warp_calls != first.warp_calls || x.op != first.op)
+          throw EmuError("lanes of one warp met at different warp-collective instructions");
       }
-      mma_m16n8k256_b1_and_popc_model(a, b, c, d);
-      for (int l = 0; l < 32; ++l) {
-        std::memcpy(ctxs_[w0 + l].c_reg, d[l], sizeof d[l]);
-        ctxs_[w0 + l].state = State::Ready;
+      if (first.op == WarpOp::Mma) {
+        uint32_t a[32][4], b[32][2];
+        int32_t c[32][4], d[32][4];
+        for (int l = 0; l < 32; ++l) {
+          const EmuCtx& x = ctxs_[w0 + l];
+          std::memcpy(a[l], x.a_reg, sizeof a[l]);
+          std::memcpy(b[l], x.b_reg, sizeof b[l]);
+          std::memcpy(c[l], x.c_reg, sizeof c[l]);
+        }
+        mma_m16n8k256_b1_and_popc_model(a, b, c, d);
+        for (int l = 0; l < 32; ++l) std::memcpy(ctxs_[w0 + l].c_reg, d[l], sizeof d[l]);
+      } else if (first.op == WarpOp::Ldsm) {
+        for (int l = 0; l < 32; ++l)
+          for (int j = 0; j < 4; ++j)
+            std::memcpy(&ctxs_[w0 + l].ldsm_reg[j], ctxs_[w0 + 8 * j + l / 4].ldsm_row + 4 * (l % 4), 4);
+      } else {
+        uint32_t word = 0;
+        for (int l = 0; l < 32; ++l) word |= (uint32_t)ctxs_[w0 + l].ballot_pred << l;
+        for (int l = 0; l < 32; ++l) ctxs_[w0 + l].ballot_word = word;
       }
+      for (int l = 0; l < 32; ++l) ctxs_[w0 + l].state = State::Ready;
       any = true;
     }
     return any;
@@ -252,13 +282,38 @@ int EmuCtx::block_y() const { return run->by(); }
 uint8_t* EmuCtx::smem() const { return run->smem(); }
 void EmuCtx::sync() { run->park(*this, State::AtSync); }
 
+void EmuCtx::arrive(WarpOp kind) {
+  op = kind;
+  ++warp_calls;
+  run->park(*this, State::AtWarp);
+}
+
 void EmuCtx::mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
   std::memcpy(a_reg, a, sizeof a_reg);
   std::memcpy(b_reg, b, sizeof b_reg);
   std::memcpy(c_reg, c, sizeof c_reg);
-  ++mma_calls;
-  run->park(*this, State::AtMma);
+  arrive(WarpOp::Mma);
   std::memcpy(c, c_reg, sizeof c_reg);
+}
+
+void EmuCtx::ldsm_x4(uint32_t r[4], const uint32_t* row) {
+  check_shared(row, 16, 16);   // one 16-byte matrix row, 16-byte aligned (PTX ldmatrix)
+  ldsm_row = reinterpret_cast<const uint8_t*>(row);
+  arrive(WarpOp::Ldsm);
+  std::memcpy(r, ldsm_reg, sizeof ldsm_reg);
+}
+
+uint32_t EmuCtx::ballot(bool pred) {
+  ballot_pred = pred;
+  arrive(WarpOp::Ballot);
+  return ballot_word;
+}
+
+void EmuCtx::check_shared(const void* p, size_t bytes, size_t align) {
+  const uint8_t* q = static_cast<const uint8_t*>(p);
+  if (q < run->smem() || q + bytes > run->smem() + run->smem_size())
+    run->fail(*this, "shared-memory access outside the block's shared memory");
+  if (reinterpret_cast<uintptr_t>(q) % align != 0) run->fail(*this, "shared-memory access not aligned");
 }
 
 template <int BYTES>
@@ -420,6 +475,28 @@ int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t
     return 1;
   }
   const bool large = tile < 0 ? use_large_tile(s, sm_count) : tile == 1;
+  // what the launcher does first: the weights' tap sums, and a copy of the activations with
+  // stray bits past the channel count cleared (Cg % 32 != 0)
+  std::vector<int32_t> sums((size_t)s.K * s.T);
+  std::vector<uint32_t> clean;
+  try {
+    emu::PlainCtx plain;
+    plain.spans = {emu::span_of(w, w_words * 4, false), emu::span_of(sums.data(), (int64_t)sums.size() * 4, true)};
+    TapSumArgs ts{w, sums.data(), s.T, s.Wg, s.Cg, (int64_t)s.K * s.T};
+    for (int64_t i = 0; i < ts.total; ++i) conv_tap_sum(ts, i, plain);
+    if (activations_need_tail_clearing(s)) {
+      clean.resize((size_t)x_words);
+      plain.spans = {emu::span_of(x, x_words * 4, false), emu::span_of(clean.data(), x_words * 4, true)};
+      for (int64_t i = 0; i < x_words; ++i) clear_tail_bits_word(x, clean.data(), s.Wg, tail_word_mask(s.Cg), i, plain);
+      a.x = clean.data();
+      spans[0] = emu::span_of(clean.data(), x_words * 4, false);
+    }
+  } catch (const emu::EmuError& e) {
+    emu::set_error(err, errlen, e.msg);
+    return 2;
+  }
+  a.tap_sums = sums.data();
+  spans.push_back(emu::span_of(sums.data(), (int64_t)sums.size() * 4, false));
   try {
     if (large) emu::run_conv_vw<LargeTile>(a, vw, spans);
     else emu::run_conv_vw<SmallTile>(a, vw, spans);
@@ -430,39 +507,40 @@ int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t
   return 0;
 }
 
-// Worst shared-memory bank conflict (ways) of the 64-bit fragment loads of one tile
-// configuration (0 small, 1 large), over every warp, depth step and fragment: 1 = conflict-free.
-// A 64-bit load is served per half-warp; its ways = most distinct words in one bank.
+// Worst shared-memory bank conflict (ways) of the ldmatrix fragment loads of one tile
+// configuration (0 small, 1 large), over every warp, depth step and ldmatrix.x4, with the
+// row addresses the kernel itself computes (a_ldsm_word / b_ldsm_word).  ldmatrix reads one
+// 8x16-byte matrix per phase; a phase's ways = the most distinct 16-byte rows that fall into
+// the same 16-byte bank group of a 128-byte line.  1 = conflict-free.
 int bnas_emu_fragment_bank_ways(int tile) {
   auto ways = [](auto tile_tag) {
     using Tile = decltype(tile_tag);
     int worst = 0;
+    auto phase_ways = [&](const int (&words)[32], int base) {
+      for (int mat = 0; mat < 4; ++mat) {
+        std::vector<std::vector<int>> group(8);
+        for (int r = 0; r < 8; ++r) {
+          const int addr = base + words[8 * mat + r];   // in words, 16-byte aligned
+          std::vector<int>& gr = group[(addr / 4) % 8];
+          bool seen = false;
+          for (int v : gr) seen |= v == addr;
+          if (!seen) gr.push_back(addr);
+        }
+        for (const auto& gr : group) worst = gr.size() > (size_t)worst ? (int)gr.size() : worst;
+      }
+    };
     for (int warp = 0; warp < Tile::WARPS; ++warp) {
       const int wm = warp % Tile::WARPS_M, wn = warp / Tile::WARPS_M;
       for (int ks = 0; ks < Tile::KSTEPS; ++ks) {
-        // each access: (base row of the fragment, row offset of lane group)
-        std::vector<std::pair<int, int>> loads;   // (tile 0 = A / 1 = B, first row)
+        int words[32];
         for (int mt = 0; mt < Tile::MT; ++mt) {
-          loads.push_back({0, wm * Tile::WM + mt * 16});
-          loads.push_back({0, wm * Tile::WM + mt * 16 + 8});
+          for (int lane = 0; lane < 32; ++lane) words[lane] = a_ldsm_word<Tile>(lane, wm * Tile::WM + mt * kMmaM, ks);
+          phase_ways(words, 0);
         }
-        for (int nt = 0; nt < Tile::NT; ++nt) loads.push_back({1, wn * Tile::WN + nt * 8});
-        for (const auto& ld : loads) {
-          for (int half = 0; half < 2; ++half) {
-            std::vector<std::vector<int>> bank(32);
-            for (int lane = 16 * half; lane < 16 * half + 16; ++lane) {
-              const int row = ld.second + (lane >> 2), word = ks * 8 + 2 * (lane & 3);
-              const int base = ld.first == 0 ? 0 : Tile::BM * Tile::BKW;
-              for (int j = 0; j < 2; ++j) {
-                const int addr = base + tile_word<Tile>(row, word) + j;
-                std::vector<int>& b = bank[addr % 32];
-                bool seen = false;
-                for (int v : b) seen |= v == addr;
-                if (!seen) b.push_back(addr);
-              }
-            }
-            for (const auto& b : bank) worst = b.size() > (size_t)worst ? (int)b.size() : worst;
-          }
+        for (int p = 0; p < Tile::NT / 2; ++p) {
+          for (int lane = 0; lane < 32; ++lane)
+            words[lane] = b_ldsm_word<Tile>(lane, wn * Tile::WN + p * 2 * kMmaN, ks);
+          phase_ways(words, Tile::BM * Tile::BKW);
         }
       }
     }
@@ -471,8 +549,9 @@ int bnas_emu_fragment_bank_ways(int tile) {
   return tile == 1 ? ways(LargeTile<4>{}) : ways(SmallTile<4>{});
 }
 
-// Emulated fused sign + pack of a float32 tensor with sizes (N, C, H, W) and element strides.
-int bnas_emu_pack(const float* x, int64_t x_elems, const int64_t* sizes, const int64_t* strides, int groups,
+// Emulated fused sign + pack of a tensor with sizes (N, C, H, W) and element strides;
+// dtype 0 float32, 1 float16, 2 bfloat16 (the 16-bit types as raw bits, the rule the GPU runs).
+int bnas_emu_pack(const void* x, int64_t x_elems, const int64_t* sizes, const int64_t* strides, int groups, int dtype,
                   uint32_t* out, int64_t out_words, char* err, int errlen) {
   PackArgs p;
   if (const char* e = pack_args_init(p, (int)sizes[0], (int)sizes[1], (int)sizes[2], (int)sizes[3], groups)) {
@@ -483,11 +562,20 @@ int bnas_emu_pack(const float* x, int64_t x_elems, const int64_t* sizes, const i
     emu::set_error(err, errlen, "pack: output size does not match");
     return 1;
   }
+  if (dtype < 0 || dtype > 2) {
+    emu::set_error(err, errlen, "pack: dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+    return 1;
+  }
+  const int64_t elem_bytes = dtype == 0 ? 4 : 2;
   p.x = x; p.sn = strides[0]; p.sc = strides[1]; p.sh = strides[2]; p.sw = strides[3]; p.out = out;
   emu::PlainCtx ctx;
-  ctx.spans = {emu::span_of(x, x_elems * 4, false), emu::span_of(out, out_words * 4, true)};
+  ctx.spans = {emu::span_of(x, x_elems * elem_bytes, false), emu::span_of(out, out_words * 4, true)};
   try {
-    for (int64_t i = 0; i < p.total; ++i) pack_signs_word<float>(p, i, ctx);
+    for (int64_t i = 0; i < p.total; ++i) {
+      if (dtype == 0) pack_signs_word<float>(p, i, ctx);
+      else if (dtype == 1) pack_signs_word<HostHalf>(p, i, ctx);
+      else pack_signs_word<HostBf16>(p, i, ctx);
+    }
   } catch (const emu::EmuError& e) {
     emu::set_error(err, errlen, e.msg);
     return 2;

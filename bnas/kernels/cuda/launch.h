@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include "tiles.h"
 #include "xnor_conv.cuh"
 
 namespace bnas_cuda {
@@ -12,7 +13,13 @@ namespace bnas_cuda {
 enum PackDtype { kPackFloat32 = 0, kPackFloat16 = 1, kPackBFloat16 = 2 };
 
 // a.out_packed (if set) is zeroed here first when some of its words are shared by blocks.
+// a.tap_sums must hold the weights' tap sums (launch_tap_sums, once per weight tensor).
 const char* launch_xnor_conv(const ConvArgs& a, cudaStream_t stream);
+// out: int32 (K, KH*KW) tap sums of the packed weights w of a conv of shape s.
+const char* launch_tap_sums(const uint32_t* w, const ConvShape& s, int32_t* out, cudaStream_t stream);
+// out: a copy of the packed activations x with the bits past Cg cleared
+// (activations_need_tail_clearing, tiles.h); a.x then points to it.
+const char* launch_clear_tail_bits(const uint32_t* x, const ConvShape& s, uint32_t* out, cudaStream_t stream);
 const char* launch_pack_signs(const PackArgs& p, int dtype, cudaStream_t stream);
 
 // Register-only 1-bit mma.sync (AND/POPC) throughput kernel: blocks x threads threads, each warp

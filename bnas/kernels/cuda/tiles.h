@@ -30,6 +30,9 @@ inline bool use_large_tile(const ConvShape& s, int sm_count) {
 // Whether some packed-output word gets bits from two blocks (a group or channel-tile boundary
 // inside a word): those words are OR-ed into a zeroed output; otherwise every word is stored
 // whole by exactly one block (tile widths are multiples of 32) and no zeroing is needed.
+// Whether the activations get a copy with the bits past the channel count cleared first.
+inline bool activations_need_tail_clearing(const ConvShape& s) { return s.Cg % 32 != 0; }
+
 inline bool packed_output_needs_zeroing(const ConvShape& s) { return s.Kg % 32 != 0 || s.out_Kg % 32 != 0; }
 
 }  // namespace bnas_cuda

@@ -27,6 +27,20 @@ __global__ void __launch_bounds__(256) pack_signs_kernel(PackArgs p) {
     pack_signs_word<T>(p, i, ctx);
 }
 
+__global__ void __launch_bounds__(256) tap_sums_kernel(TapSumArgs p) {
+  DeviceCtx ctx{nullptr};
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.total; i += stride) conv_tap_sum(p, i, ctx);
+}
+
+__global__ void __launch_bounds__(256) clear_tail_bits_kernel(const uint32_t* in, uint32_t* out, int Wg, uint32_t tail,
+                                                               int64_t total) {
+  DeviceCtx ctx{nullptr};
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
+    clear_tail_bits_word(in, out, Wg, tail, i, ctx);
+}
+
 namespace {
 
 template <class Tile>
@@ -71,6 +85,7 @@ const char* launch_xnor_conv(const ConvArgs& a, cudaStream_t stream) {
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   if (major < 8) return "xnor_conv: 1-bit mma.sync .and.popc needs compute capability 8.0 or newer";
+  if (a.tap_sums == nullptr) return "xnor_conv: the weights' tap sums are missing (launch_tap_sums)";
   if (a.out_packed && packed_output_needs_zeroing(a.s)) {
     e = cudaMemsetAsync(a.out_packed, 0, sizeof(uint32_t) * (size_t)a.s.M * a.s.out_GW, stream);
     if (e != cudaSuccess) return cudaGetErrorString(e);
@@ -78,6 +93,25 @@ const char* launch_xnor_conv(const ConvArgs& a, cudaStream_t stream) {
   const int vw = copy_width(a.s, a.x, a.w);
   if (use_large_tile(a.s, sms)) return launch_vw<LargeTile>(a, vw, stream);
   return launch_vw<SmallTile>(a, vw, stream);
+}
+
+const char* launch_tap_sums(const uint32_t* w, const ConvShape& s, int32_t* out, cudaStream_t stream) {
+  TapSumArgs p{w, out, s.T, s.Wg, s.Cg, (int64_t)s.K * s.T};
+  const int threads = 256;
+  const long long want = (p.total + threads - 1) / threads;
+  tap_sums_kernel<<<(unsigned)(want < 65535 ? want : 65535), threads, 0, stream>>>(p);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+const char* launch_clear_tail_bits(const uint32_t* x, const ConvShape& s, uint32_t* out, cudaStream_t stream) {
+  const int64_t total = (int64_t)s.N * s.H * s.W * s.GW;
+  const int threads = 256;
+  const long long want = (total + threads - 1) / threads;
+  clear_tail_bits_kernel<<<(unsigned)(want < 65535 * 8 ? want : 65535 * 8), threads, 0, stream>>>(
+      x, out, s.Wg, tail_word_mask(s.Cg), total);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 const char* launch_pack_signs(const PackArgs& p, int dtype, cudaStream_t stream) {

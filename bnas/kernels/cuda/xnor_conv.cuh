@@ -52,6 +52,7 @@ struct ConvArgs {
   ConvShape s;
   const uint32_t* x;          // packed NHWC input (N, H, W, GW)
   const uint32_t* w;          // packed weights (K, KH, KW, Wg)
+  const int32_t* tap_sums;    // (K, KH*KW): 2*popc(w[k][tap]) - Cg, from conv_tap_sum (computed once per weights)
   const float* scale;         // (K) or null: y = dot * scale
   const float* bias;          // (K) or null: y = ... + bias
   float* out;                 // (N, K, OH, OW) float or null
@@ -104,30 +105,66 @@ struct ConvTile {
   static constexpr int CHUNKS = BKW / VW;                  // copies per tile row per stage
   static constexpr int A_ITERS = BM * CHUNKS / THREADS;    // copies per thread per stage
   static constexpr int B_ITERS = BN * CHUNKS / THREADS;
+  static constexpr int QUADS = BKW / 4;                            // 16-byte (4-word) chunks per row
   static constexpr int ROWS_PER_LINE = BKW >= 32 ? 1 : 32 / BKW;   // tile rows per 128-byte bank line
-  static constexpr int OCTS = BKW / 8;                             // 8-word (32-byte) chunks per row
   static constexpr int STAGE_WORDS = (BM + BN) * BKW;
+  static constexpr int OUT_WORDS = BN / 32;                        // packed-output words per block row
   static_assert(BM % WM == 0 && BN % WN == 0 && WM % kMmaM == 0 && WN % kMmaN == 0, "warp tiling");
-  static_assert(BKW % 8 == 0 && (OCTS & (OCTS - 1)) == 0 && BKW <= 32, "stage depth: 8, 16 or 32 words");
+  static_assert(NT % 2 == 0, "B fragments are loaded two n-tiles per ldmatrix.x4");
+  static_assert(BKW % 8 == 0 && (QUADS & (QUADS - 1)) == 0 && BKW <= 32, "stage depth: 8, 16 or 32 words");
+  static_assert((kMmaM / ROWS_PER_LINE) % QUADS == 0, "the swizzle repeats every 16 rows");
   static_assert(VW == 1 || VW == 2 || VW == 4, "copy width");
   static_assert(THREADS % CHUNKS == 0 && (BM * CHUNKS) % THREADS == 0 && (BN * CHUNKS) % THREADS == 0, "copy split");
-  static_assert(BN % 32 == 0, "packed-output staging assumes BN multiple of 32");
+  static_assert(BN % 32 == 0, "the epilogue takes 32 columns (one sign word) at a time");
   static_assert(BM <= THREADS && BN <= THREADS, "one thread per row in the prologue");
   static_assert(STAGES >= 2, "pipeline");
 };
 
-// Shared-memory word offset of (row, word) in one operand tile of a stage.  8-word octets are
-// XOR-swizzled by row so that the 64-bit fragment loads of a half-warp (4 rows x 8 words)
-// hit 32 distinct banks.
+// Shared-memory word offset of (row, word) in one operand tile of a stage.  16-byte chunks
+// are XOR-swizzled by row, so the eight 16-byte rows that one ldmatrix phase reads (8
+// consecutive rows, same logical chunk) fall into 8 distinct 16-byte bank groups.  A copy of
+// VW <= 4 words never crosses a chunk.  The swizzle of row r and r + 16 is the same.
 template <class Tile>
 BNAS_HD int tile_word(int row, int word) {
-  const int oct = (word >> 3) ^ ((row / Tile::ROWS_PER_LINE) & (Tile::OCTS - 1));
-  return row * Tile::BKW + (oct << 3) + (word & 7);
+  const int quad = (word >> 2) ^ ((row / Tile::ROWS_PER_LINE) & (Tile::QUADS - 1));
+  return row * Tile::BKW + (quad << 2) + (word & 3);
 }
+
+// The ldmatrix.x4 row addresses of one lane (all in words from the operand tile's start).
+// Lane l supplies row l % 8 of matrix l / 8; matrix j's register lands in lane (g, t) as word
+// t of its row g (PTX ldmatrix .m8n8 .b16), which is exactly the m16n8k256 .b1 fragment:
+//   A (16 rows x 8 words): matrices (rows 0-7, words 0-3), (rows 8-15, words 0-3),
+//                          (rows 0-7, words 4-7), (rows 8-15, words 4-7) -> a0, a1, a2, a3;
+//   B (two n-tiles of 8 rows): (tile 0, words 0-3), (tile 0, words 4-7), (tile 1, words 0-3),
+//                          (tile 1, words 4-7) -> b0, b1 of tile 0, b0, b1 of tile 1.
+template <class Tile>
+BNAS_HD int a_ldsm_word(int lane, int first_row, int ks) {
+  const int mat = lane >> 3;
+  return tile_word<Tile>(first_row + (lane & 7) + 8 * (mat & 1), ks * 8 + 4 * (mat >> 1));
+}
+template <class Tile>
+BNAS_HD int b_ldsm_word(int lane, int first_row, int ks) {
+  const int mat = lane >> 3;
+  return tile_word<Tile>(first_row + (lane & 7) + 8 * (mat >> 1), ks * 8 + 4 * (mat & 1));
+}
+
+// Epilogue staging: the accumulators go through shared memory (the free pipeline buffers)
+// in EPI_PASSES passes of BM / EPI_PASSES rows, row stride BN + 4 ints (fragment stores then
+// hit distinct banks); the epilogue itself is then a short loop, not a fully unrolled one.
+template <class Tile>
+struct EpilogueStaging {
+  static constexpr int STRIDE = Tile::BN + 4;
+  static constexpr int PIPE_INTS = Tile::STAGES * Tile::STAGE_WORDS;
+  static constexpr int PASSES = (Tile::BM * STRIDE + PIPE_INTS - 1) / PIPE_INTS;
+  static constexpr int MT_PER_PASS = Tile::MT / PASSES;
+  static constexpr int WARP_ROWS = MT_PER_PASS * kMmaM;        // rows per warp row per pass
+  static constexpr int ROWS = Tile::WARPS_M * WARP_ROWS;        // staged rows per pass
+  static_assert(Tile::MT % PASSES == 0 && ROWS * STRIDE <= PIPE_INTS, "epilogue staging fits the pipeline buffers");
+};
 
 // Shared memory layout (bytes), a function of the tap count only.
 struct ConvSmem {
-  int pipe, row_mask, wsum, tap_off, row_base, row_ih0, row_iw0, row_out, px_part, total;
+  int pipe, row_mask, wsum, col_scale, col_bias, tap_delta, row_pix, row_out, row_popx, px_part, sign_rows, total;
 };
 
 template <class Tile>
@@ -135,27 +172,22 @@ BNAS_HD ConvSmem conv_smem_layout(int T) {
   ConvSmem L;
   int off = 0;
   L.pipe = off;      off += Tile::STAGES * Tile::STAGE_WORDS * 4;
-  L.row_mask = off;  off += Tile::BM * 8;               // uint64 padded-tap mask per pixel
+  L.row_mask = off;  off += Tile::BM * 8;               // uint64 per pixel: padded taps (all ones: no pixel)
   L.wsum = off;      off += (T + 1) * Tile::BN * 4;     // wsum[tap][col], row T = sum over taps
-  L.tap_off = off;   off += T * 4;                      // (r*DH) << 16 | (s*DW)
-  L.row_base = off;  off += Tile::BM * 4;               // word offset of (n, 0, 0, group), -1 = no pixel
-  L.row_ih0 = off;   off += Tile::BM * 4;
-  L.row_iw0 = off;   off += Tile::BM * 4;
-  L.row_out = off;   off += Tile::BM * 4;               // n*K*OHW + oh*OW + ow
+  L.col_scale = off; off += Tile::BN * 4;               // scale of each column (1 without scale)
+  L.col_bias = off;  off += Tile::BN * 4;               // bias of each column (0 without bias)
+  L.tap_delta = off; off += T * 4;                      // word offset of tap t from the pixel's tap 0
+  L.row_pix = off;   off += Tile::BM * 4;               // word offset of (n, ih0, iw0, group) (tap 0)
+  L.row_out = off;   off += Tile::BM * 4;               // n*K*OHW + oh*OW + ow, -1 = no pixel
+  L.row_popx = off;  off += Tile::BM * 4;               // popc(x) of each row over the whole depth
   L.px_part = off;   off += Tile::BM * 4 * 4;           // popc(x) partial sums, 4 lanes per row
+  L.sign_rows = off; off += Tile::BM * Tile::OUT_WORDS * 4;   // packed output: sign bits [row][BN/32]
   L.total = off;
   return L;
 }
 
-// 64-bit shared-memory load of two adjacent words (one LDS.64 on the device).
-BNAS_HD void load_word_pair(const uint32_t* p, uint32_t& lo, uint32_t& hi) {
-#ifdef __CUDA_ARCH__
-  const uint2 v = *reinterpret_cast<const uint2*>(p);
-  lo = v.x; hi = v.y;
-#else
-  lo = p[0]; hi = p[1];
-#endif
-}
+// Mask of the real channel bits in the last word of a group (Cg % 32 != 0), else all ones.
+BNAS_HD uint32_t tail_word_mask(int Cg) { return (Cg & 31) ? (1u << (Cg & 31)) - 1u : 0xffffffffu; }
 
 // ----------------------------------------------------------------------------------------
 // Per-thread registers of the conv kernel.
@@ -164,6 +196,8 @@ struct ConvRegs {
   int32_t acc[Tile::MT][Tile::NT][4];
   int32_t px[Tile::MT][2];        // popc of this lane's A words, rows g and g+8
   int a_tap, a_word;              // depth position of this thread's A copies (advances by BKW)
+  int a_dt, a_dw;                 // BKW = a_dt * Wg + a_dw
+  uint64_t a_tap_bit;             // 1 << a_tap (0 past tap 63), the padded-tap mask bit of a_tap
 };
 
 struct BlockPos {
@@ -185,14 +219,12 @@ BNAS_HD BlockPos conv_block_pos(const ConvShape& s, Ctx& ctx) {
 template <class Tile, class Ctx>
 BNAS_HD void conv_prologue_rows(const ConvShape& s, const BlockPos& b, const ConvSmem& L, Ctx& ctx) {
   uint8_t* sm = ctx.smem();
-  int* tap_off = reinterpret_cast<int*>(sm + L.tap_off);
+  int* tap_delta = reinterpret_cast<int*>(sm + L.tap_delta);
   const int tid = ctx.tid();
   for (int t = tid; t < s.T; t += Tile::THREADS)
-    tap_off[t] = (((t / s.KW) * s.DH) << 16) | ((t % s.KW) * s.DW);
+    tap_delta[t] = ((t / s.KW) * s.DH * s.W + (t % s.KW) * s.DW) * s.GW;
   if (tid < Tile::BM) {
-    int* row_base = reinterpret_cast<int*>(sm + L.row_base);
-    int* row_ih0 = reinterpret_cast<int*>(sm + L.row_ih0);
-    int* row_iw0 = reinterpret_cast<int*>(sm + L.row_iw0);
+    int* row_pix = reinterpret_cast<int*>(sm + L.row_pix);
     int* row_out = reinterpret_cast<int*>(sm + L.row_out);
     uint64_t* row_mask = reinterpret_cast<uint64_t*>(sm + L.row_mask);
     const int m = b.m0 + tid;
@@ -204,37 +236,36 @@ BNAS_HD void conv_prologue_rows(const ConvShape& s, const BlockPos& b, const Con
         const int ih = ih0 + (t / s.KW) * s.DH, iw = iw0 + (t % s.KW) * s.DW;
         if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) mask |= (uint64_t)1 << t;
       }
-      row_base[tid] = n * s.H * s.W * s.GW + b.g * s.Wg;
-      row_ih0[tid] = ih0;
-      row_iw0[tid] = iw0;
+      // may point before the tensor for a padded tap 0; only valid taps are ever read
+      row_pix[tid] = n * s.H * s.W * s.GW + (ih0 * s.W + iw0) * s.GW + b.g * s.Wg;
       row_out[tid] = n * s.K * s.OHW + ohw;
       row_mask[tid] = mask;
     } else {
-      row_base[tid] = -1;
-      row_ih0[tid] = 0;
-      row_iw0[tid] = 0;
+      row_pix[tid] = 0;
       row_out[tid] = -1;
-      row_mask[tid] = 0;
+      row_mask[tid] = ~(uint64_t)0;
     }
   }
 }
 
-// Prologue, per (channel, tap): wsum = 2*popc(w) - Cg.  Runs while the first pipeline stages
-// are in flight.  Consecutive threads read consecutive taps of one channel (contiguous words).
+// Prologue: the block's columns of the precomputed tap sums (contiguous per channel).  Runs
+// while the first pipeline stages are in flight.
 template <class Tile, class Ctx>
 BNAS_HD void conv_prologue_weights(const ConvArgs& a, const BlockPos& b, const ConvSmem& L, Ctx& ctx) {
   const ConvShape& s = a.s;
   int* wsum = reinterpret_cast<int*>(ctx.smem() + L.wsum);
+  const int32_t* src = a.tap_sums + (int64_t)(b.g * s.Kg + b.n0) * s.T;
   for (int i = ctx.tid(); i < Tile::BN * s.T; i += Tile::THREADS) {
     const int col = i / s.T, tap = i % s.T;
-    int v = 0;
-    if (col < b.ncols) {
-      const uint32_t* wp = a.w + (int64_t)(b.g * s.Kg + b.n0 + col) * s.Q + tap * s.Wg;
-      int pc = 0;
-      for (int j = 0; j < s.Wg; ++j) pc += popc32(ctx.ld(wp + j));
-      v = 2 * pc - s.Cg;
-    }
-    wsum[tap * Tile::BN + col] = v;
+    wsum[tap * Tile::BN + col] = col < b.ncols ? ctx.ld(src + i) : 0;
+  }
+  float* col_scale = reinterpret_cast<float*>(ctx.smem() + L.col_scale);
+  float* col_bias = reinterpret_cast<float*>(ctx.smem() + L.col_bias);
+  const int k0 = b.g * s.Kg + b.n0;
+  for (int col = ctx.tid(); col < Tile::BN; col += Tile::THREADS) {
+    const bool ok = col < b.ncols;
+    col_scale[col] = a.scale && ok ? ctx.ld(a.scale + k0 + col) : 1.0f;
+    col_bias[col] = a.bias && ok ? ctx.ld(a.bias + k0 + col) : 0.0f;
   }
 }
 
@@ -257,71 +288,66 @@ BNAS_HD void conv_load_stage(const ConvArgs& a, const BlockPos& b, const ConvSme
   uint8_t* sm = ctx.smem();
   uint32_t* As = reinterpret_cast<uint32_t*>(sm + L.pipe) + stage * Tile::STAGE_WORDS;
   uint32_t* Bs = As + Tile::BM * Tile::BKW;
-  const int* tap_off = reinterpret_cast<const int*>(sm + L.tap_off);
-  const int* row_base = reinterpret_cast<const int*>(sm + L.row_base);
-  const int* row_ih0 = reinterpret_cast<const int*>(sm + L.row_ih0);
-  const int* row_iw0 = reinterpret_cast<const int*>(sm + L.row_iw0);
+  const int* tap_delta = reinterpret_cast<const int*>(sm + L.tap_delta);
+  const int* row_pix = reinterpret_cast<const int*>(sm + L.row_pix);
+  const uint64_t* row_mask = reinterpret_cast<const uint64_t*>(sm + L.row_mask);
   const int tid = ctx.tid();
   const int c = (tid % Tile::CHUNKS) * Tile::VW;        // word within the stage, fixed per thread
   const int row0 = tid / Tile::CHUNKS;
   constexpr int ROW_STEP = Tile::THREADS / Tile::CHUNKS;
 
-  // A: input words of tap R.a_tap, word R.a_word (the same for all rows of this thread)
+  // A: input words of tap R.a_tap, word R.a_word (the same for all rows of this thread).
+  // 32-bit word offsets (the shape check keeps every tensor below 2^31 words) and a select
+  // on the offset, not the pointer, keep the address math short.
   const bool tap_ok = R.a_tap < s.T;
-  const int toff = tap_ok ? tap_off[R.a_tap] : 0;
-  const int dr = toff >> 16, ds = toff & 0xffff;
+  const int tap = tap_ok ? R.a_tap : 0;
+  const int delta = tap_delta[tap] + R.a_word;
 BNAS_UNROLL
   for (int i = 0; i < Tile::A_ITERS; ++i) {
     const int row = row0 + i * ROW_STEP;
-    const int base = row_base[row];
-    const int ih = row_ih0[row] + dr, iw = row_iw0[row] + ds;
-    const bool ok = tap_ok && base >= 0 && ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
-    const uint32_t* src = ok ? a.x + base + (ih * s.W + iw) * s.GW + R.a_word : a.x;
-    ctx.template cp_async<Tile::VW * 4>(As + tile_word<Tile>(row, c), src, ok);
+    const bool ok = tap_ok & ((row_mask[row] & R.a_tap_bit) == 0);
+    const uint32_t off = (uint32_t)(row_pix[row] + delta) & (0u - (uint32_t)ok);   // 0 when skipped
+    ctx.template cp_async<Tile::VW * 4>(As + tile_word<Tile>(row, c), a.x + off, ok);
   }
   // B: weight words, contiguous along the depth
   const int q = kt * Tile::BKW + c;
+  const int wrow0 = (b.g * s.Kg + b.n0) * s.Q + q;
 BNAS_UNROLL
   for (int i = 0; i < Tile::B_ITERS; ++i) {
     const int col = row0 + i * ROW_STEP;
-    const bool ok = col < b.ncols && q < s.Q;
-    const uint32_t* src = ok ? a.w + (int64_t)(b.g * s.Kg + b.n0 + col) * s.Q + q : a.w;
-    ctx.template cp_async<Tile::VW * 4>(Bs + tile_word<Tile>(col, c), src, ok);
+    const bool ok = (col < b.ncols) & (q < s.Q);
+    const uint32_t off = (uint32_t)(wrow0 + col * s.Q) & (0u - (uint32_t)ok);
+    ctx.template cp_async<Tile::VW * 4>(Bs + tile_word<Tile>(col, c), a.w + off, ok);
   }
-  // advance this thread's depth position by BKW words: BKW = dt*Wg + dw
-  const int dt = Tile::BKW / s.Wg, dw = Tile::BKW % s.Wg;
-  R.a_tap += dt;
-  R.a_word += dw;
-  if (R.a_word >= s.Wg) { R.a_word -= s.Wg; ++R.a_tap; }
+  // advance this thread's depth position by BKW = a_dt*Wg + a_dw words
+  // (branch-free wrap of the word into the next tap: borrow = -1 when it does not wrap)
+  R.a_word += R.a_dw - s.Wg;
+  const int borrow = R.a_word >> 31;
+  R.a_word += borrow & s.Wg;
+  const int taps = R.a_dt + 1 + borrow;
+  R.a_tap += taps;
+  R.a_tap_bit <<= taps;   // <= 33 places (BKW <= 32 words): a defined shift
 }
 
-// Fragments of one 256-bit depth step.  Lane (g, t) takes the adjacent words 2t, 2t+1 of the
-// step's 8 words with one 64-bit load: A rows g and g+8, B column g.  By the PTX layout
-// (mma_b1.cuh) A registers 0/1 and B register 0 cover k-slots [32t, 32t+32), A registers 2/3
-// and B register 1 cover [128+32t, 128+32t+32).  So word 2t of a row meets word 2t of a column
-// and word 2t+1 meets word 2t+1: a consistent permutation of the depth, the same dot product.
+// Fragments of the 256-bit depth steps of one stage (ldmatrix, see a_ldsm_word), then the
+// mma.  `nks` = depth steps holding data: the last stage of a depth that is not a multiple
+// of BKW words skips the steps that would multiply zeros.
 template <class Tile, class Ctx>
-BNAS_HD void conv_compute_stage(const ConvSmem& L, ConvRegs<Tile>& R, int stage, Ctx& ctx) {
+BNAS_HD void conv_compute_stage(const ConvSmem& L, ConvRegs<Tile>& R, int stage, int nks, Ctx& ctx) {
   const uint32_t* As = reinterpret_cast<const uint32_t*>(ctx.smem() + L.pipe) + stage * Tile::STAGE_WORDS;
   const uint32_t* Bs = As + Tile::BM * Tile::BKW;
   const int warp = ctx.tid() / 32, lane = ctx.tid() % 32;
   const int wm = warp % Tile::WARPS_M, wn = warp / Tile::WARPS_M;
-  const int g = lane >> 2, t = lane & 3;
 BNAS_UNROLL
   for (int ks = 0; ks < Tile::KSTEPS; ++ks) {
-    const int word = ks * 8 + 2 * t;
-    uint32_t af[Tile::MT][4], bf[Tile::NT][2];
+    if (ks > 0 && ks >= nks) break;   // uniform over the block
+    uint32_t af[Tile::MT][4], bf[Tile::NT / 2][4];
+    const uint32_t* a_lane = As + a_ldsm_word<Tile>(lane, wm * Tile::WM, ks);
+    const uint32_t* b_lane = Bs + b_ldsm_word<Tile>(lane, wn * Tile::WN, ks);
 BNAS_UNROLL
-    for (int mt = 0; mt < Tile::MT; ++mt) {
-      const int row = wm * Tile::WM + mt * kMmaM + g;
-      load_word_pair(As + tile_word<Tile>(row, word), af[mt][0], af[mt][2]);
-      load_word_pair(As + tile_word<Tile>(row + 8, word), af[mt][1], af[mt][3]);
-    }
+    for (int mt = 0; mt < Tile::MT; ++mt) ctx.ldsm_x4(af[mt], a_lane + mt * kMmaM * Tile::BKW);
 BNAS_UNROLL
-    for (int nt = 0; nt < Tile::NT; ++nt) {
-      const int col = wn * Tile::WN + nt * kMmaN + g;
-      load_word_pair(Bs + tile_word<Tile>(col, word), bf[nt][0], bf[nt][1]);
-    }
+    for (int p = 0; p < Tile::NT / 2; ++p) ctx.ldsm_x4(bf[p], b_lane + p * 2 * kMmaN * Tile::BKW);
     if (wn == 0) {   // popc(x) once per row: only the warps of the first column count it
 BNAS_UNROLL
       for (int mt = 0; mt < Tile::MT; ++mt) {
@@ -332,32 +358,32 @@ BNAS_UNROLL
 BNAS_UNROLL
     for (int mt = 0; mt < Tile::MT; ++mt)
 BNAS_UNROLL
-      for (int nt = 0; nt < Tile::NT; ++nt) ctx.mma(R.acc[mt][nt], af[mt], bf[nt]);
+      for (int nt = 0; nt < Tile::NT; ++nt) ctx.mma(R.acc[mt][nt], af[mt], &bf[nt >> 1][2 * (nt & 1)]);
   }
-}
-
-// Integer result of one output element from its accumulator (see the identity at the top).
-BNAS_HD int conv_dot(int acc, int popx, uint64_t pad_mask, const int* wsum, int T, int BN, int col) {
-  int dot = 4 * acc - 2 * popx - wsum[T * BN + col];
-  while (pad_mask) {
-    dot += wsum[lowest_bit64(pad_mask) * BN + col];
-    pad_mask &= pad_mask - 1;
-  }
-  return dot;
-}
-
-BNAS_HD float conv_epilogue_value(const ConvArgs& a, int dot, int k) {
-  float y = static_cast<float>(dot);
-  if (a.scale) y = mul_rn(y, a.scale[k]);
-  if (a.bias) y = add_rn(y, a.bias[k]);
-  return y;
 }
 
 // Output word (within a pixel) and bit of global channel k in the packed-output format.
 BNAS_HD int out_word_of(const ConvShape& s, int k) { return (k / s.out_Kg) * s.out_Wg + (k % s.out_Kg) / 32; }
 
+// Bits [c, c + n) (n <= 32) of a row of block-column sign bits.
+BNAS_HD uint32_t row_bits(const uint32_t* words, int nwords, int c, int n) {
+  const int w = c >> 5, sh = c & 31;
+  uint32_t v = words[w] >> sh;
+  if (sh && w + 1 < nwords) v |= words[w + 1] << (32 - sh);
+  return n >= 32 ? v : v & ((1u << n) - 1u);
+}
+
+// Epilogue.  With bit 1 = +1 and the identity at the top of this file, element (row, col) is
+//   dot = 4*acc - 2*popx(row) - wsum_total(col) + sum over padded taps of row of wsum(tap, col)
+//   y = dot * scale[k] + bias[k]   (two roundings, like torch; scale/bias optional)
+// The accumulators are staged in shared memory; then each warp takes one pixel row and 32
+// consecutive columns at a time (lane = column), so the padded-tap loop is uniform over the
+// warp and the packed output's 32 sign bits are one __ballot_sync.  The sign words are
+// assembled into output words at the end (a word shared with another block, at a group or
+// channel-tile boundary, is OR-ed into the zeroed output).
 template <class Tile, class Ctx>
 BNAS_HD void conv_epilogue(const ConvArgs& a, const BlockPos& b, const ConvSmem& L, ConvRegs<Tile>& R, Ctx& ctx) {
+  using E = EpilogueStaging<Tile>;
   const ConvShape& s = a.s;
   uint8_t* sm = ctx.smem();
   const int tid = ctx.tid();
@@ -365,10 +391,15 @@ BNAS_HD void conv_epilogue(const ConvArgs& a, const BlockPos& b, const ConvSmem&
   const int wm = warp % Tile::WARPS_M, wn = warp / Tile::WARPS_M;
   const int g = lane >> 2, t = lane & 3;
   int* px_part = reinterpret_cast<int*>(sm + L.px_part);
+  int* row_popx = reinterpret_cast<int*>(sm + L.row_popx);
   const int* wsum = reinterpret_cast<const int*>(sm + L.wsum);
-  const int* row_base = reinterpret_cast<const int*>(sm + L.row_base);
+  const float* col_scale = reinterpret_cast<const float*>(sm + L.col_scale);
+  const float* col_bias = reinterpret_cast<const float*>(sm + L.col_bias);
   const int* row_out = reinterpret_cast<const int*>(sm + L.row_out);
   const uint64_t* row_mask = reinterpret_cast<const uint64_t*>(sm + L.row_mask);
+  uint32_t* sign_rows = reinterpret_cast<uint32_t*>(sm + L.sign_rows);
+  int* staged = reinterpret_cast<int*>(sm + L.pipe);
+  float* BNAS_RESTRICT out = a.out;
 
   // popc(x) of each row: the 4 lanes of a group each counted 2 of every 8 words
   if (wn == 0) {
@@ -380,54 +411,63 @@ BNAS_UNROLL
     }
   }
   ctx.sync();
+  for (int row = tid; row < Tile::BM; row += Tile::THREADS)
+    row_popx[row] = px_part[row * 4] + px_part[row * 4 + 1] + px_part[row * 4 + 2] + px_part[row * 4 + 3];
 
-  uint8_t* bits = sm + L.pipe;   // the pipeline buffers are free now: stage sign bits [BM][BN]
   const int kbase = b.g * s.Kg + b.n0;
+  const int wtot_row = s.T * Tile::BN;
 BNAS_UNROLL
-  for (int mt = 0; mt < Tile::MT; ++mt) {
+  for (int pass = 0; pass < E::PASSES; ++pass) {
+    // this warp's accumulators of m-tiles [pass*MT_PER_PASS, ...) -> staged rows
 BNAS_UNROLL
-    for (int half = 0; half < 2; ++half) {
-      const int row = wm * Tile::WM + mt * kMmaM + g + 8 * half;
-      if (row_base[row] < 0) continue;
-      const int popx = px_part[row * 4] + px_part[row * 4 + 1] + px_part[row * 4 + 2] + px_part[row * 4 + 3];
-      const uint64_t mask = row_mask[row];
+    for (int i = 0; i < E::MT_PER_PASS; ++i) {
+      const int mt = pass * E::MT_PER_PASS + i;
 BNAS_UNROLL
-      for (int nt = 0; nt < Tile::NT; ++nt) {
+      for (int half = 0; half < 2; ++half) {
+        int* dst = staged + (wm * E::WARP_ROWS + i * kMmaM + g + 8 * half) * E::STRIDE + wn * Tile::WN + 2 * t;
 BNAS_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          const int col = wn * Tile::WN + nt * kMmaN + 2 * t + j;
-          if (col >= b.ncols) continue;
-          const int dot = conv_dot(R.acc[mt][nt][2 * half + j], popx, mask, wsum, s.T, Tile::BN, col);
-          const int k = kbase + col;
-          const float y = conv_epilogue_value(a, dot, k);
-          if (a.out) ctx.st(a.out + row_out[row] + (int64_t)k * s.OHW, y);
-          if (a.out_packed) bits[row * Tile::BN + col] = y >= 0.0f ? 1 : 0;
-        }
+        for (int nt = 0; nt < Tile::NT; ++nt) ctx.st2_shared(dst + nt * kMmaN, R.acc[mt][nt][2 * half], R.acc[mt][nt][2 * half + 1]);
       }
     }
+    ctx.sync();
+    for (int item = warp; item < E::ROWS * Tile::OUT_WORDS; item += Tile::WARPS) {
+      const int srow = item / Tile::OUT_WORDS, chunk = item % Tile::OUT_WORDS;
+      const int row = (srow / E::WARP_ROWS) * Tile::WM + pass * E::WARP_ROWS + srow % E::WARP_ROWS;
+      const int ro = row_out[row];
+      if (ro < 0) continue;   // uniform over the warp: one pixel row per item
+      const int col = chunk * 32 + lane;
+      int dot = 4 * staged[srow * E::STRIDE + col] - 2 * row_popx[row] - wsum[wtot_row + col];
+      // taps of this pixel in the zero padding: their weights were counted in the total
+      for (uint64_t mask = row_mask[row]; mask; mask &= mask - 1) dot += wsum[lowest_bit64(mask) * Tile::BN + col];
+      float y = static_cast<float>(dot);
+      if (a.scale) y = mul_rn(y, col_scale[col]);
+      if (a.bias) y = add_rn(y, col_bias[col]);
+      const bool real = col < b.ncols;
+      if (out && real) ctx.st(out + ro + (int64_t)(kbase + col) * s.OHW, y);
+      if (a.out_packed) {
+        const uint32_t word = ctx.ballot(real && y >= 0.0f);
+        if (lane == 0) sign_rows[row * Tile::OUT_WORDS + chunk] = word;
+      }
+    }
+    ctx.sync();   // the staging buffer is reused by the next pass; sign rows are complete
   }
   if (!a.out_packed) return;
-  ctx.sync();
 
   // Assemble packed words: the block owns channels [kb0, kb1) of the output.  A word whose
-  // real channels all belong to this block is stored; a word shared with another block (a
-  // group boundary inside a word) is OR-ed into the zeroed output.
+  // real channels all belong to this block is stored; a word shared with another block is
+  // OR-ed into the zeroed output.
   const int kb0 = kbase, kb1 = kbase + b.ncols;
   const int wlo = out_word_of(s, kb0), nw = out_word_of(s, kb1 - 1) - wlo + 1;
   for (int i = tid; i < Tile::BM * nw; i += Tile::THREADS) {
     const int row = i / nw, wi = wlo + i % nw;
-    if (row_base[row] < 0) continue;
+    if (row_out[row] < 0) continue;
     const int go = wi / s.out_Wg, wo = wi % s.out_Wg;
     const int k0 = go * s.out_Kg + wo * 32, nbits = imin(32, s.out_Kg - wo * 32);
-    uint32_t word = 0;
-    bool whole = true;
-    for (int j = 0; j < nbits; ++j) {
-      const int k = k0 + j;
-      if (k >= kb0 && k < kb1) word |= (uint32_t)bits[row * Tile::BN + (k - kb0)] << j;
-      else whole = false;
-    }
+    const int lo = imax(k0, kb0), hi = imin(k0 + nbits, kb1);
+    if (lo >= hi) continue;
+    const uint32_t word = row_bits(sign_rows + row * Tile::OUT_WORDS, Tile::OUT_WORDS, lo - kb0, hi - lo) << (lo - k0);
     uint32_t* dst = a.out_packed + (int64_t)(b.m0 + row) * s.out_GW + wi;
-    if (whole) ctx.st(dst, word);
+    if (lo == k0 && hi == k0 + nbits) ctx.st(dst, word);
     else if (word) ctx.atomic_or(dst, word);
   }
 }
@@ -447,6 +487,9 @@ BNAS_HD void xnor_conv_block(const ConvArgs& a, Ctx& ctx) {
   const int c = (ctx.tid() % Tile::CHUNKS) * Tile::VW;
   R.a_tap = c / s.Wg;
   R.a_word = c % s.Wg;
+  R.a_tap_bit = R.a_tap < 64 ? (uint64_t)1 << R.a_tap : 0;
+  R.a_dt = Tile::BKW / s.Wg;
+  R.a_dw = Tile::BKW % s.Wg;
 
   conv_prologue_rows<Tile>(s, b, L, ctx);
   ctx.sync();
@@ -464,11 +507,43 @@ BNAS_HD void xnor_conv_block(const ConvArgs& a, Ctx& ctx) {
     const int nk = kt + Tile::STAGES - 1;
     if (nk < KT) conv_load_stage<Tile>(a, b, L, R, nk % Tile::STAGES, nk, ctx);
     ctx.cp_commit();
-    conv_compute_stage<Tile>(L, R, kt % Tile::STAGES, ctx);
+    const int nks = ceil_div(imin(Tile::BKW, s.Q - kt * Tile::BKW), kMmaKWords);
+    conv_compute_stage<Tile>(L, R, kt % Tile::STAGES, nks, ctx);
   }
   ctx.template cp_wait<0>();
   ctx.sync();
   conv_epilogue<Tile>(a, b, L, R, ctx);
+}
+
+// ----------------------------------------------------------------------------------------
+// Packed activations with stray bits past the channel count (Cg % 32 != 0) would count in
+// popc(x): the launcher first copies them with those bits cleared, one thread per word.
+// (Stray bits in the weights need nothing: AND with clean activations drops them, and the
+// tap sums below ignore them.)
+template <class Ctx>
+BNAS_HD void clear_tail_bits_word(const uint32_t* in, uint32_t* out, int Wg, uint32_t tail, int64_t idx, Ctx& ctx) {
+  const uint32_t v = ctx.ld(in + idx);
+  ctx.st(out + idx, idx % Wg == Wg - 1 ? v & tail : v);
+}
+
+// ----------------------------------------------------------------------------------------
+// Tap sums of the packed weights, 2*popc(w[k][tap]) - Cg per (channel, tap): one thread per
+// entry, computed once per weight tensor (the conv kernel only reads them).  Padding bits past
+// Cg in the last word of a tap are ignored.
+struct TapSumArgs {
+  const uint32_t* w;        // (K, KH, KW, Wg)
+  int32_t* out;             // (K, KH*KW)
+  int T, Wg, Cg;
+  int64_t total;            // K*T
+};
+
+template <class Ctx>
+BNAS_HD void conv_tap_sum(const TapSumArgs& p, int64_t idx, Ctx& ctx) {
+  const uint32_t* wp = p.w + idx * p.Wg;
+  int pc = 0;
+  for (int j = 0; j + 1 < p.Wg; ++j) pc += popc32(ctx.ld(wp + j));
+  pc += popc32(ctx.ld(wp + p.Wg - 1) & tail_word_mask(p.Cg));
+  ctx.st(p.out + idx, 2 * pc - p.Cg);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -494,10 +569,28 @@ inline const char* pack_args_init(PackArgs& p, int N, int C, int H, int W, int G
 
 // sign(0) = +1 (also -0.0), NaN -> -1, exactly like torch.where(x >= 0, 1, -1).
 BNAS_HD bool sign_is_plus(float v) { return v >= 0.0f; }
+
+// The same rule on the raw bits of an IEEE half (exp_bits 5, man_bits 10) or bfloat16
+// (8, 7): +1 for a clear sign bit unless NaN, and for -0.  Shared by the device and the
+// host emulator, so the emulator tests the 16-bit path the GPU runs.
+BNAS_HD bool sign_is_plus_bits16(uint16_t v, int man_bits) {
+  const uint16_t magnitude = v & 0x7fffu;
+  const uint16_t inf = (uint16_t)(0x7fffu >> man_bits << man_bits);   // exponent all ones, mantissa 0
+  if (magnitude > inf) return false;                                  // NaN
+  return !(v & 0x8000u) || magnitude == 0;
+}
+constexpr int kHalfManBits = 10, kBf16ManBits = 7;
+
+// 16-bit storage types of the emulator (the device uses __half / __nv_bfloat16).
+struct HostHalf { uint16_t bits; };
+struct HostBf16 { uint16_t bits; };
+BNAS_HD bool sign_is_plus(HostHalf v) { return sign_is_plus_bits16(v.bits, kHalfManBits); }
+BNAS_HD bool sign_is_plus(HostBf16 v) { return sign_is_plus_bits16(v.bits, kBf16ManBits); }
 #ifdef __CUDACC__
-// Explicit conversions: torch builds extensions with __CUDA_NO_HALF_CONVERSIONS__.
-__device__ __forceinline__ bool sign_is_plus(__half v) { return __half2float(v) >= 0.0f; }
-__device__ __forceinline__ bool sign_is_plus(__nv_bfloat16 v) { return __bfloat162float(v) >= 0.0f; }
+__device__ __forceinline__ bool sign_is_plus(__half v) { return sign_is_plus_bits16(__half_as_ushort(v), kHalfManBits); }
+__device__ __forceinline__ bool sign_is_plus(__nv_bfloat16 v) {
+  return sign_is_plus_bits16(__bfloat16_as_ushort(v), kBf16ManBits);
+}
 #endif
 
 template <class T, class Ctx>
