@@ -201,11 +201,13 @@ def measure_shape(shape: Shape, peak_ops_per_s: float, repeats: int, batches: in
     def baseline() -> torch.Tensor:
         return F.conv2d(x16, w16, None, 1, 1)
 
+    sums = cb.tap_sums(wp, c, 3)   # computed once per weight tensor, outside the timed calls
+
     def ours() -> torch.Tensor:
-        return cb.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, scale=scale, bias=bias, pack_output=True)
+        return cb.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, scale=scale, bias=bias, pack_output=True, tap_sums=sums)
 
     def ours_float() -> torch.Tensor:
-        return cb.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, scale=scale, bias=bias)
+        return cb.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, scale=scale, bias=bias, tap_sums=sums)
 
     def pack_input() -> torch.Tensor:
         return cb.pack_signs(x16)

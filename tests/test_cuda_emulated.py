@@ -126,6 +126,23 @@ def test_pack_kernel_matches_contract_packing(n, c, h, w, groups):
     assert torch.equal(emu.emulated_pack_signs(xt, groups), got)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pack_kernel_reads_16bit_types(dtype):
+    # the kernel tests the sign on the raw 16 bits (the GPU path); torch's own comparison on the
+    # 16-bit tensor is the reference: -0 and +0 -> +1, NaN -> -1, infinities and subnormals
+    gen = torch.Generator().manual_seed(5)
+    x = random_input((2, 70, 3, 5), gen).to(dtype)
+    flat = x.view(-1)
+    tiny = torch.finfo(dtype).tiny
+    specials = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), tiny / 4, -tiny / 4,
+                torch.finfo(dtype).max, -torch.finfo(dtype).max]
+    flat[: len(specials)] = torch.tensor(specials, dtype=dtype)
+    got = emu.emulated_pack_signs(x, groups=2)
+    assert torch.equal(got, reference_pack(x, groups=2))
+    assert torch.equal(emu.emulated_pack_signs(x.contiguous(memory_format=torch.channels_last), 2), got)
+    assert not torch.equal(got, reference_pack(x.float().abs(), groups=2))   # the signs do matter
+
+
 def test_pack_kernel_linear_and_nan():
     x = torch.tensor([[1.0, -1.0, 0.0, float("nan"), -0.0] + [2.0] * 30])
     got = emu.emulated_pack_signs(x)
@@ -152,7 +169,10 @@ CONV_CASES = [
     (2, 40, 5, 5, 30, 1, 1, 0, 1, 1),      # 1x1
     (1, 24, 9, 9, 10, 5, 1, 2, 1, 1),      # 5x5
     (1, 7, 8, 13, 6, (1, 3), (1, 2), (0, 1), 1, 1),   # rectangular kernel, anisotropic stride
-    (1, 256, 4, 3, 8, 3, 1, 1, 1, 1),      # Q = 72 words: several pipeline stages
+    (1, 256, 4, 3, 8, 3, 1, 1, 1, 1),      # Q = 72 words: several pipeline stages, a half-full last stage
+    (1, 40, 9, 9, 12, 7, 1, 3, 1, 1),      # 7x7: 49 taps, padded taps above bit 31 of the mask
+    (1, 33, 8, 8, 9, 8, 1, 4, 1, 1),       # 8x8: 64 taps, the most the kernel takes
+    (2, 64, 7, 6, 16, (5, 9), 1, (2, 4), 1, 1),   # 45 taps, rectangular
 ]
 
 
@@ -340,3 +360,58 @@ def test_matches_project_packing_and_packed_reference():
     largs = (packing.pack_signs_reference(xl), packing.pack_weights_reference(wl), 70, scale[:1].expand(40).clone(), None)
     assert torch.equal(emu.emulated_xnor_linear_packed(*largs), reference.xnor_linear_packed(*largs))
     assert torch.equal(emu.emulated_xnor_linear_packed(*largs, True), reference.xnor_linear_packed(*largs, True))
+
+
+# ------------------------------------------------------------------------------------------
+# tap sums (computed once per weight tensor) and stray bits past the channel count
+def test_tap_sums_are_the_per_tap_weight_sums():
+    gen = torch.Generator().manual_seed(8)
+    for c, groups, ks in [(33, 1, 3), (70, 2, 3), (64, 1, 5), (3, 1, 7)]:
+        wt = random_input((12, c // groups, ks, ks), gen)
+        got = emu.emulated_tap_sums(emu.emulated_pack_weights(wt), c, ks, groups)
+        assert got.dtype == torch.int32 and got.shape == (12, ks * ks)
+        assert torch.equal(got, sign(wt).sum(1).flatten(1).to(torch.int32))
+
+
+def test_precomputed_tap_sums_give_the_same_conv():
+    x, wt, ref, (stride, pad, dil, groups) = _conv_case((2, 50, 6, 5, 20, 3, 1, 1, 1, 2), seed=12)
+    xp, wp = emu.emulated_pack_signs(x, groups), emu.emulated_pack_weights(wt)
+    sums = emu.emulated_tap_sums(wp, 50, 3, groups)
+    out = emu.emulated_xnor_conv2d_packed(xp, wp, 50, 3, stride, pad, dil, groups, tap_sums=sums)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="tap_sums must be int32"):
+        emu.emulated_xnor_conv2d_packed(xp, wp, 50, 3, stride, pad, dil, groups, tap_sums=sums[:, :4])
+    # the kernel really reads them: wrong sums give a wrong result
+    wrong = emu.emulated_xnor_conv2d_packed(xp, wp, 50, 3, stride, pad, dil, groups, tap_sums=sums + 1)
+    assert not torch.equal(wrong, ref)
+
+
+def _with_stray_tail_bits(packed: torch.Tensor, cg: int, groups: int, gen: torch.Generator) -> torch.Tensor:
+    """Sets random bits past the channel count in the last word of every group."""
+    wg = (cg + 31) // 32
+    junk = torch.randint(0, 2**31, packed.shape[:-1] + (groups,), generator=gen, dtype=torch.int64)
+    keep = (1 << (cg % 32)) - 1
+    dirty = packed.clone().reshape(*packed.shape[:-1], groups, wg)
+    dirty[..., -1] = (dirty[..., -1].to(torch.int64) | (junk & ~keep)).to(torch.int32)
+    return dirty.reshape(packed.shape)
+
+
+@pytest.mark.parametrize("case", [(2, 33, 6, 5, 20, 3, 1, 1, 1, 1), (1, 70, 5, 5, 12, 3, 1, 1, 1, 2),
+                                  (1, 3, 7, 7, 40, 7, 2, 3, 1, 1)], ids=["cg33", "cg35x2", "rgb7x7"])
+def test_stray_tail_bits_are_masked(case):
+    x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=4)
+    c, k = case[1], case[4]
+    cg = c // groups
+    gen = torch.Generator().manual_seed(99)
+    xp, wp = emu.emulated_pack_signs(x, groups), emu.emulated_pack_weights(wt)
+    xd, wd = _with_stray_tail_bits(xp, cg, groups, gen), _with_stray_tail_bits(wp, cg, 1, gen)
+    assert not torch.equal(xd, xp) and not torch.equal(wd, wp)
+    scale, bias = torch.randn(k, generator=gen), torch.randint(-2, 3, (k,), generator=gen).float()
+    for tile in ("small", "large"):
+        got = emu.emulated_xnor_conv2d_packed(xd, wd, c, wt.shape[2:], stride, pad, dil, groups, tile=tile)
+        assert torch.equal(got, ref)
+        packed = emu.emulated_xnor_conv2d_packed(xd, wd, c, wt.shape[2:], stride, pad, dil, groups, scale=scale,
+                                                bias=bias, pack_output=True, tile=tile)
+        assert torch.equal(packed, reference_pack(ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)))
+    assert torch.equal(emu.emulated_tap_sums(wd, c, wt.shape[2:], groups), emu.emulated_tap_sums(wp, c, wt.shape[2:],
+                                                                                                  groups))

@@ -1,7 +1,8 @@
 """benchmarks/cuda_sass.py: the SASS / ptxas parsers on hand-written snippets (counts checked by
 hand), the comparison and its targets, the exit status for a missing tool or an unknown
 revision, and one compile of the working tree's kernel for sm_90a (skipped without nvcc and
-cuobjdump): no spills, BMMA inside every conv kernel's main loop."""
+cuobjdump): no spills, BMMA inside every conv kernel's main loop, and issue 17's static targets
+against the baseline revision."""
 
 from __future__ import annotations
 
@@ -285,7 +286,7 @@ TOOLS = _tools()
 
 
 @pytest.mark.skipif(TOOLS is None, reason="nvcc or cuobjdump not found")
-def test_working_tree_kernel_has_no_spills_and_bmma_in_its_main_loop():
+def test_working_tree_kernel_meets_the_static_targets(tmp_path):
     reps = cs.analyze(ROOT / cs.KERNEL_DIR, "sm_90a", *TOOLS)
     conv = [r for r in reps if cs.CONV_KERNEL_MARK in r["mangled"]]
     assert conv, "no xnor_conv_kernel instantiation in the SASS"
@@ -294,6 +295,17 @@ def test_working_tree_kernel_has_no_spills_and_bmma_in_its_main_loop():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["has_main_loop"] and r["loop_bmma"] > 0, r["name"]
         assert r["loop_instr_per_bmma"] is not None and r["epilogue_instructions"] > 0
+    # issue 17's static targets against the kernel before it (needs the git history)
+    try:
+        base_dir = cs.extract_revision(cs.DEFAULT_REV, tmp_path)
+    except cs.ToolError as exc:
+        pytest.skip(f"baseline revision unavailable: {exc}")
+    base = [r for r in cs.analyze(base_dir, "sm_90a", *TOOLS) if cs.CONV_KERNEL_MARK in r["mangled"]]
+    pairs, _, unpaired = cs.pair_kernels(base, conv)
+    assert len(pairs) == len(base) == 6 and not unpaired
+    for b, o in pairs:
+        c = cs.compare(b, o)
+        assert all(c[t] for t in cs.TARGETS), c
 
 
 @pytest.mark.skipif(TOOLS is None, reason="nvcc or cuobjdump not found")

@@ -70,6 +70,9 @@ CASES = [
     (2, 40, 5, 5, 30, 1, 1, 0, 1, 1),
     (1, 24, 9, 9, 10, 5, 1, 2, 1, 1),
     (1, 7, 8, 13, 6, (1, 3), (1, 2), (0, 1), 1, 1),
+    (2, 40, 9, 9, 12, 7, 1, 3, 1, 1),      # 49 taps
+    (1, 33, 8, 8, 9, 8, 1, 4, 1, 1),       # 64 taps
+    (1, 256, 4, 3, 8, 3, 1, 1, 1, 1),      # Q = 72 words: a half-full last stage
     # large enough for the 128x128 tile and every copy width
     (32, 128, 16, 16, 128, 3, 1, 1, 1, 1),
     (16, 256, 8, 8, 256, 3, 1, 1, 1, 1),
@@ -145,3 +148,18 @@ def test_dispatcher_routes_cuda_tensors_to_tensor_cores():
     with K.use_backend("cuda-tensor-core"):
         lin = K.xnor_linear(xl.to(DEV), wl.to(DEV))
     assert torch.equal(lin.cpu(), F.linear(sign(xl), sign(wl)))
+
+
+def test_tap_sums_and_stray_tail_bits_on_device():
+    from test_cuda_emulated import _with_stray_tail_bits
+
+    gen = torch.Generator().manual_seed(13)
+    x, wt = random_input((2, 70, 6, 6), gen), random_input((24, 35, 3, 3), gen)
+    ref = F.conv2d(sign(x), sign(wt), None, 1, 1, 1, 2)
+    xp, wp = cb.pack_signs(x.to(DEV), 2), cb.pack_weights(wt.to(DEV))
+    sums = cb.tap_sums(wp, 70, 3, 2)
+    assert torch.equal(sums.cpu(), sign(wt).sum(1).flatten(1).to(torch.int32))
+    assert torch.equal(cb.xnor_conv2d_packed(xp, wp, 70, 3, 1, 1, 1, 2, tap_sums=sums).cpu(), ref)
+    xd = _with_stray_tail_bits(xp.cpu(), 35, 2, gen).to(DEV)
+    wd = _with_stray_tail_bits(wp.cpu(), 35, 1, gen).to(DEV)
+    assert torch.equal(cb.xnor_conv2d_packed(xd, wd, 70, 3, 1, 1, 1, 2).cpu(), ref)

@@ -24,9 +24,11 @@ __all__ = [
     "as_nchw",
     "epilogue_vector",
     "linear_as_conv",
+    "check_tap_sums",
     "pair",
     "plan_conv",
     "run_conv",
+    "tap_sum_dims",
 ]
 
 # Order of the integers handed to the C++ side (mirrors enum ConvDim in cuda/xnor_conv.cuh).
@@ -119,6 +121,24 @@ def plan_conv(
         )
     dims = (n, h, w, in_channels, groups, k, kh, kw, sh, sw, ph, pw, dh, dw, out_groups)
     return ConvPlan(dims, oh, ow, out_groups * words_for(k // out_groups))
+
+
+def tap_sum_dims(w_packed: torch.Tensor, in_channels: int, kernel_size: IntPair, groups: int = 1) -> tuple[int, ...]:
+    """CONV_DIMS for the tap sums of packed weights alone (a conv of one KHxKW input, which
+    fixes K, the taps and the words per group; the sums depend on nothing else)."""
+    kh, kw = pair(kernel_size, "kernel_size")
+    probe = torch.empty((1, kh, kw, groups * words_for(max(in_channels, 1) // max(groups, 1))), dtype=torch.int32)
+    return plan_conv(probe, w_packed, in_channels, (kh, kw), groups=groups).dims
+
+
+def check_tap_sums(tap_sums: torch.Tensor, plan: ConvPlan) -> None:
+    """Raises ValueError unless ``tap_sums`` fits the plan: int32 with K*KH*KW entries."""
+    k, taps = plan.dims[5], plan.dims[6] * plan.dims[7]
+    if tap_sums.dtype != torch.int32 or tap_sums.numel() != k * taps:
+        raise ValueError(
+            f"tap_sums must be int32 (K, KH*KW) = ({k}, {taps}) from tap_sums(w_packed, ...), "
+            f"got {tap_sums.dtype} {tuple(tap_sums.shape)}"
+        )
 
 
 def epilogue_vector(v: torch.Tensor | None, k: int, name: str, device: torch.device) -> torch.Tensor | None:

@@ -27,7 +27,17 @@ from typing import Any, cast
 
 import torch
 
-from .conv_plan import ConvPlan, IntPair, as_nchw, linear_as_conv, plan_conv, run_conv
+from .conv_plan import (
+    ConvPlan,
+    ConvRunner,
+    IntPair,
+    as_nchw,
+    check_tap_sums,
+    linear_as_conv,
+    plan_conv,
+    run_conv,
+    tap_sum_dims,
+)
 from .packing import words_for
 
 BACKEND_NAME = "cuda-tensor-core"
@@ -195,16 +205,30 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return pack_signs(w, 1)
 
 
-def _run_gpu(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    out: torch.Tensor | None,
-    out_packed: torch.Tensor | None,
-    plan: ConvPlan,
-) -> None:
-    load_extension(x.device).conv(x, w, scale, bias, out, out_packed, list(plan.dims))
+def _gpu_runner(tap_sums: torch.Tensor | None) -> ConvRunner:
+    def run(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out: torch.Tensor | None,
+        out_packed: torch.Tensor | None,
+        plan: ConvPlan,
+    ) -> None:
+        load_extension(x.device).conv(x, w, scale, bias, out, out_packed, list(plan.dims), tap_sums)
+
+    return run
+
+
+def tap_sums(w_packed: torch.Tensor, in_channels: int, kernel_size: IntPair, groups: int = 1) -> torch.Tensor:
+    """The per (filter, tap) sums of the +-1 weights, int32 (K, KH*KW), that the conv kernel's
+    epilogue needs.  ``xnor_conv2d_packed`` computes them on every call (one small extra launch)
+    unless they are passed as ``tap_sums=``: compute them once per weight tensor."""
+    _check_cuda(w_packed, "w_packed")
+    dims = tap_sum_dims(w_packed, in_channels, kernel_size, groups)
+    out = torch.empty((int(w_packed.shape[0]), dims[6] * dims[7]), dtype=torch.int32, device=w_packed.device)
+    load_extension(w_packed.device).tap_sums(w_packed.contiguous(), out, list(dims))
+    return out
 
 
 def xnor_conv2d_packed(
@@ -220,17 +244,23 @@ def xnor_conv2d_packed(
     bias: torch.Tensor | None = None,
     pack_output: bool = False,
     out_groups: int = 1,
+    tap_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """XNOR convolution of packed operands on tensor cores.
 
     Returns float32 (N, K, OH, OW) holding ``conv2d(sign(x), sign(w)) * scale + bias`` (scale
     and bias optional, per output channel), or with ``pack_output=True`` the signs of that
     result packed for the next binary layer, int32 (N, OH, OW, out_groups*ceil(K/out_groups/32)).
+    ``tap_sums``: :func:`tap_sums` of ``w_packed``, to skip recomputing them.
     """
     _check_cuda(x_packed, "x_packed")
     _check_cuda(w_packed, "w_packed")
     plan = plan_conv(x_packed, w_packed, in_channels, kernel_size, stride, padding, dilation, groups, out_groups)
-    return run_conv(_run_gpu, x_packed, w_packed, plan, scale, bias, pack_output)
+    if tap_sums is not None:
+        _check_cuda(tap_sums, "tap_sums")
+        check_tap_sums(tap_sums, plan)
+        tap_sums = tap_sums.contiguous()
+    return run_conv(_gpu_runner(tap_sums), x_packed, w_packed, plan, scale, bias, pack_output)
 
 
 def xnor_linear_packed(

@@ -26,13 +26,25 @@ import torch
 
 from .. import paths
 from ..atomic import atomic_path
-from .conv_plan import CONV_DIMS, ConvPlan, ConvRunner, IntPair, as_nchw, linear_as_conv, plan_conv, run_conv
+from .conv_plan import (
+    CONV_DIMS,
+    ConvPlan,
+    ConvRunner,
+    IntPair,
+    as_nchw,
+    check_tap_sums,
+    linear_as_conv,
+    plan_conv,
+    run_conv,
+    tap_sum_dims,
+)
 from .packing import words_for
 
 __all__ = [
     "emulated_mma",
     "emulated_pack_signs",
     "emulated_pack_weights",
+    "emulated_tap_sums",
     "emulated_xnor_conv2d_packed",
     "emulated_xnor_linear_packed",
     "load_emulator",
@@ -89,8 +101,10 @@ def _bind_emulator(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bnas_emu_conv_dims_count.restype = i32
     lib.bnas_emu_conv_shape.argtypes = [p, p, cp, i32]
     lib.bnas_emu_conv_shape.restype = i32
-    lib.bnas_emu_conv.argtypes = [p, i64, p, i64, p, p, p, p, p, i32, i32, i32, cp, i32]
+    lib.bnas_emu_conv.argtypes = [p, i64, p, i64, p, p, p, p, p, p, i32, i32, i32, cp, i32]
     lib.bnas_emu_conv.restype = i32
+    lib.bnas_emu_tap_sums.argtypes = [p, i64, p, p, i64, cp, i32]
+    lib.bnas_emu_tap_sums.restype = i32
     lib.bnas_emu_pack.argtypes = [p, i64, p, p, i32, i32, p, i64, cp, i32]
     lib.bnas_emu_pack.restype = i32
     lib.bnas_emu_fragment_bank_ways.argtypes = [i32]
@@ -166,7 +180,20 @@ def emulated_pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return emulated_pack_signs(w, 1)
 
 
-def _emu_runner(tile: str | None, vw: int, sm_count: int) -> ConvRunner:
+def emulated_tap_sums(w_packed: torch.Tensor, in_channels: int, kernel_size: IntPair, groups: int = 1) -> torch.Tensor:
+    """``cuda_backend.tap_sums`` run by the emulator: int32 (K, KH*KW)."""
+    lib = load_emulator()
+    dims = _i64_array(tap_sum_dims(w_packed, in_channels, kernel_size, groups))
+    out = torch.empty((int(w_packed.shape[0]), int(dims[6]) * int(dims[7])), dtype=torch.int32)
+    w = w_packed.contiguous()
+    err = ctypes.create_string_buffer(512)
+    _emu_check(
+        lib.bnas_emu_tap_sums(w.data_ptr(), w.numel(), dims.data_ptr(), out.data_ptr(), out.numel(), err, len(err)), err
+    )
+    return out
+
+
+def _emu_runner(tile: str | None, vw: int, sm_count: int, tap_sums: torch.Tensor | None = None) -> ConvRunner:
     tile_code = {None: -1, "small": 0, "large": 1}[tile]
 
     def run(
@@ -186,6 +213,7 @@ def _emu_runner(tile: str | None, vw: int, sm_count: int) -> ConvRunner:
             x.numel(),
             w.data_ptr(),
             w.numel(),
+            _ptr(tap_sums),
             _ptr(scale),
             _ptr(bias),
             _ptr(out),
@@ -219,12 +247,17 @@ def emulated_xnor_conv2d_packed(
     tile: str | None = None,
     vw: int = 0,
     sm_count: int = 132,
+    tap_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``cuda_backend.xnor_conv2d_packed`` run by the emulator on CPU tensors.  ``tile`` forces the
     "small" or "large" configuration (default: the launcher's rule for ``sm_count`` SMs),
-    ``vw`` the words per global->shared copy (1, 2, 4; 0 = the launcher's rule)."""
+    ``vw`` the words per global->shared copy (1, 2, 4; 0 = the launcher's rule); ``tap_sums``
+    as from :func:`emulated_tap_sums` (computed here when omitted)."""
     plan = plan_conv(x_packed, w_packed, in_channels, kernel_size, stride, padding, dilation, groups, out_groups)
-    return run_conv(_emu_runner(tile, vw, sm_count), x_packed, w_packed, plan, scale, bias, pack_output)
+    if tap_sums is not None:
+        check_tap_sums(tap_sums, plan)
+        tap_sums = tap_sums.contiguous()
+    return run_conv(_emu_runner(tile, vw, sm_count, tap_sums), x_packed, w_packed, plan, scale, bias, pack_output)
 
 
 def emulated_xnor_linear_packed(

@@ -438,9 +438,9 @@ int bnas_emu_conv_shape(const int64_t* dims, int64_t* out4, char* err, int errle
 // Emulated launch of the conv kernel, mirroring launch_xnor_conv: tile = 0 small, 1 large,
 // -1 the launcher's rule for `sm_count` SMs; vw = 1/2/4 words per copy, 0 the launcher's rule.
 // x_words / w_words: sizes of the packed tensors in words (for bounds checks).
-int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t w_words, const float* scale,
-                  const float* bias, float* out, uint32_t* out_packed, const int64_t* dims, int tile, int vw,
-                  int sm_count, char* err, int errlen) {
+int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t w_words, const int32_t* tap_sums,
+                  const float* scale, const float* bias, float* out, uint32_t* out_packed, const int64_t* dims, int tile,
+                  int vw, int sm_count, char* err, int errlen) {
   ConvArgs a;
   if (const char* e = conv_shape_from_dims(dims, a.s)) {
     emu::set_error(err, errlen, e);
@@ -475,15 +475,19 @@ int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t
     return 1;
   }
   const bool large = tile < 0 ? use_large_tile(s, sm_count) : tile == 1;
-  // what the launcher does first: the weights' tap sums, and a copy of the activations with
-  // stray bits past the channel count cleared (Cg % 32 != 0)
+  // what the launcher does first: the weights' tap sums (unless given), and a copy of the
+  // activations with stray bits past the channel count cleared (Cg % 32 != 0)
   std::vector<int32_t> sums((size_t)s.K * s.T);
   std::vector<uint32_t> clean;
   try {
     emu::PlainCtx plain;
-    plain.spans = {emu::span_of(w, w_words * 4, false), emu::span_of(sums.data(), (int64_t)sums.size() * 4, true)};
-    TapSumArgs ts{w, sums.data(), s.T, s.Wg, s.Cg, (int64_t)s.K * s.T};
-    for (int64_t i = 0; i < ts.total; ++i) conv_tap_sum(ts, i, plain);
+    if (tap_sums) {
+      std::memcpy(sums.data(), tap_sums, sums.size() * 4);
+    } else {
+      plain.spans = {emu::span_of(w, w_words * 4, false), emu::span_of(sums.data(), (int64_t)sums.size() * 4, true)};
+      TapSumArgs ts{w, sums.data(), s.T, s.Wg, s.Cg, (int64_t)s.K * s.T};
+      for (int64_t i = 0; i < ts.total; ++i) conv_tap_sum(ts, i, plain);
+    }
     if (activations_need_tail_clearing(s)) {
       clean.resize((size_t)x_words);
       plain.spans = {emu::span_of(x, x_words * 4, false), emu::span_of(clean.data(), x_words * 4, true)};
@@ -500,6 +504,30 @@ int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t
   try {
     if (large) emu::run_conv_vw<LargeTile>(a, vw, spans);
     else emu::run_conv_vw<SmallTile>(a, vw, spans);
+  } catch (const emu::EmuError& e) {
+    emu::set_error(err, errlen, e.msg);
+    return 2;
+  }
+  return 0;
+}
+
+// The tap-sum kernel (one entry per thread on the device) for packed weights of conv dims.
+int bnas_emu_tap_sums(const uint32_t* w, int64_t w_words, const int64_t* dims, int32_t* out, int64_t out_len, char* err,
+                      int errlen) {
+  ConvShape s;
+  if (const char* e = conv_shape_from_dims(dims, s)) {
+    emu::set_error(err, errlen, e);
+    return 1;
+  }
+  if (w_words != (int64_t)s.K * s.Q || out_len != (int64_t)s.K * s.T) {
+    emu::set_error(err, errlen, "tap sums: tensor sizes do not match the conv dims");
+    return 1;
+  }
+  emu::PlainCtx plain;
+  plain.spans = {emu::span_of(w, w_words * 4, false), emu::span_of(out, out_len * 4, true)};
+  TapSumArgs ts{w, out, s.T, s.Wg, s.Cg, out_len};
+  try {
+    for (int64_t i = 0; i < ts.total; ++i) conv_tap_sum(ts, i, plain);
   } catch (const emu::EmuError& e) {
     emu::set_error(err, errlen, e.msg);
     return 2;
