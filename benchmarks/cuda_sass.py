@@ -192,14 +192,15 @@ def template_params(name: str) -> dict[str, int]:
     """Integer template parameters of a kernel name (demangled; a mangled name as fallback).
 
     ``ConvTile<128, 128, 64, 64, 16, 3, 4>`` -> BM, BN, WM, WN, BKW, STAGES, VW (more arguments
-    become p7, p8, ...); another all-integer template argument list -> p0, p1, ...; none -> {}."""
+    become p7, p8, ...; ``true``/``false`` count as 1/0); another all-integer template argument
+    list -> p0, p1, ...; none -> {}."""
     lists = [(m.group(1), m.group(2)) for m in re.finditer(r"(\w+)<([^<>]*)>", name)]
     if not lists and name.startswith("_Z"):  # not demangled: integer literals L<type><n>E
         ints = [int(v.replace("n", "-")) for v in re.findall(r"L[a-z](n?\d+)E", name)]
         names = CONV_TILE_PARAMS if "ConvTile" in name else ()
         return {(names[i] if i < len(names) else f"p{i}"): v for i, v in enumerate(ints)}
     for tname, args in lists:
-        parts = [a.strip() for a in args.split(",")]
+        parts = [{"true": "1", "false": "0"}.get(a.strip(), a.strip()) for a in args.split(",")]   # bools as 1/0
         if not parts or not all(re.fullmatch(r"-?\d+[uUlL]*", p) for p in parts):
             continue
         ints = [int(re.sub(r"[uUlL]+$", "", p)) for p in parts]

@@ -415,3 +415,47 @@ def test_stray_tail_bits_are_masked(case):
         assert torch.equal(packed, reference_pack(ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)))
     assert torch.equal(emu.emulated_tap_sums(wd, c, wt.shape[2:], groups), emu.emulated_tap_sums(wp, c, wt.shape[2:],
                                                                                                   groups))
+
+
+# ------------------------------------------------------------------------------------------
+# split-K: depth slices whose partial sums meet in a workspace; the last block runs the epilogue
+@pytest.mark.parametrize("case,splits", [
+    ((1, 256, 5, 5, 64, 3, 1, 1, 1, 1), 2),       # Q = 72 words: 5 stages in 2 slices
+    ((1, 256, 4, 3, 40, 3, 1, 1, 1, 1), 5),       # one stage per slice, a half-full last stage
+    ((2, 100, 7, 6, 70, 3, 2, 1, 1, 1), 3),       # 2 channel blocks, partial columns
+    ((1, 96, 5, 5, 48, 3, 1, 1, 1, 3), 2),        # groups: a boundary inside an output word
+    ((1, 40, 9, 9, 12, 7, 1, 3, 1, 1), 8),        # 49 taps, 8 slices
+])
+def test_split_k_is_bit_exact(case, splits):
+    x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=splits)
+    c, k = case[1], case[4]
+    gen = torch.Generator().manual_seed(splits)
+    scale, bias = torch.randn(k, generator=gen), torch.randint(-2, 3, (k,), generator=gen).float()
+    xp, wp = emu.emulated_pack_signs(x, groups), emu.emulated_pack_weights(wt)
+    args = (xp, wp, c, wt.shape[2:], stride, pad, dil, groups)
+    assert torch.equal(emu.emulated_xnor_conv2d_packed(*args, splits=splits), ref)
+    y = ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    both = emu.emulated_xnor_conv2d_packed(*args, scale=scale, bias=bias, splits=splits)
+    assert torch.equal(both, y)
+    packed = emu.emulated_xnor_conv2d_packed(*args, scale=scale, bias=bias, pack_output=True, splits=splits)
+    assert torch.equal(packed, reference_pack(y))
+
+
+def test_launcher_splits_only_grids_that_leave_sms_idle():
+    from bnas.kernels.conv_plan import plan_conv
+
+    def plan(n, c, h, w, k):
+        return plan_conv(torch.zeros(n, h, w, (c + 31) // 32, dtype=torch.int32),
+                         torch.zeros(k, 3, 3, (c + 31) // 32, dtype=torch.int32), c, 3, 1, 1)
+
+    # batch 1, 7x7x512 -> 512: 8 blocks of 64x64 on 132 SMs, 9 stages -> 4 slices of >= 2 stages
+    assert emu.launcher_splits(plan(1, 512, 7, 7, 512), 132) == 4
+    assert emu.launcher_splits(plan(1, 256, 14, 14, 256), 132) == 2     # 16 blocks, 5 stages
+    assert emu.launcher_splits(plan(64, 512, 7, 7, 512), 132) == 1      # 392 blocks: no split
+    assert emu.launcher_splits(plan(1, 32, 7, 7, 32), 132) == 1         # one stage: nothing to split
+    assert emu.launcher_splits(plan(1, 512, 7, 7, 512), 8) == 1         # the 8 blocks fill 8 SMs
+    # the launcher's own choice (here 2 slices) is exact
+    x, wt, ref, _ = _conv_case((1, 256, 5, 5, 64, 3, 1, 1, 1, 1), seed=3)
+    assert emu.launcher_splits(plan(1, 256, 5, 5, 64), 132) == 2
+    out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), 256, 3, 1, 1)
+    assert torch.equal(out, ref)

@@ -480,3 +480,23 @@ def test_fused_step_can_write_into_its_residual(backend_name):
     assert torch.equal(out, expected) and torch.equal(packed, pack_signs_reference(expected))
     with pytest.raises(ValueError, match="into_residual needs a residual"):
         kernels.xnor_conv2d_fused(kernels.pack_signs(x), kernels.pack_weights(weight), 64, 3, 1, 1, into_residual=True)
+
+
+def test_stray_bits_past_the_channels_are_rejected_or_ignored(backend_name):
+    # padding bits must be 0; the CPU kernels (which count x XOR w) refuse packed data that
+    # breaks that instead of returning a wrong sum; the reference masks them
+    gen = torch.Generator().manual_seed(17)
+    x, w = small_ints(2, 70, 5, 5, generator=gen), small_ints(12, 35, 3, 3, generator=gen)
+    xp, wp = kernels.pack_signs(x, 2), kernels.pack_weights(w, 2)
+    ref = F.conv2d(torch.where(x >= 0, 1.0, -1.0), torch.where(w >= 0, 1.0, -1.0), None, 1, 1, 1, 2)
+    assert torch.equal(kernels.xnor_conv2d_packed(xp, wp, 70, 3, 1, 1, 1, 2), ref)
+    dirty_x = xp.clone()
+    dirty_x[1, 2, 3, 1] |= 1 << 20          # group 0's last word holds channels 32..34: bit 20 is padding
+    dirty_w = wp.clone()
+    dirty_w[5, 1, 1, 1] |= 1 << 31
+    for xd, wd, what in [(dirty_x, wp, "packed activations"), (xp, dirty_w, "packed weights")]:
+        if backend_name == "reference":
+            assert torch.equal(kernels.xnor_conv2d_packed(xd, wd, 70, 3, 1, 1, 1, 2), ref)
+        else:
+            with pytest.raises(RuntimeError, match=f"{what} have bits set past the 35 channels of a group"):
+                kernels.xnor_conv2d_packed(xd, wd, 70, 3, 1, 1, 1, 2)

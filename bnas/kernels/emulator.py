@@ -45,6 +45,7 @@ __all__ = [
     "emulated_pack_signs",
     "emulated_pack_weights",
     "emulated_tap_sums",
+    "launcher_splits",
     "emulated_xnor_conv2d_packed",
     "emulated_xnor_linear_packed",
     "load_emulator",
@@ -101,10 +102,12 @@ def _bind_emulator(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bnas_emu_conv_dims_count.restype = i32
     lib.bnas_emu_conv_shape.argtypes = [p, p, cp, i32]
     lib.bnas_emu_conv_shape.restype = i32
-    lib.bnas_emu_conv.argtypes = [p, i64, p, i64, p, p, p, p, p, p, i32, i32, i32, cp, i32]
+    lib.bnas_emu_conv.argtypes = [p, i64, p, i64, p, p, p, p, p, p, i32, i32, i32, i32, cp, i32]
     lib.bnas_emu_conv.restype = i32
     lib.bnas_emu_tap_sums.argtypes = [p, i64, p, p, i64, cp, i32]
     lib.bnas_emu_tap_sums.restype = i32
+    lib.bnas_emu_conv_splits.argtypes = [p, i32]
+    lib.bnas_emu_conv_splits.restype = i32
     lib.bnas_emu_pack.argtypes = [p, i64, p, p, i32, i32, p, i64, cp, i32]
     lib.bnas_emu_pack.restype = i32
     lib.bnas_emu_fragment_bank_ways.argtypes = [i32]
@@ -193,7 +196,15 @@ def emulated_tap_sums(w_packed: torch.Tensor, in_channels: int, kernel_size: Int
     return out
 
 
-def _emu_runner(tile: str | None, vw: int, sm_count: int, tap_sums: torch.Tensor | None = None) -> ConvRunner:
+def launcher_splits(plan: ConvPlan, sm_count: int) -> int:
+    """The split-K depth slices the GPU launcher picks for ``plan`` on ``sm_count`` SMs (1 = none)."""
+    dims = _i64_array(plan.dims)  # kept alive across the call
+    return int(load_emulator().bnas_emu_conv_splits(dims.data_ptr(), sm_count))
+
+
+def _emu_runner(
+    tile: str | None, vw: int, sm_count: int, tap_sums: torch.Tensor | None = None, splits: int = 0
+) -> ConvRunner:
     tile_code = {None: -1, "small": 0, "large": 1}[tile]
 
     def run(
@@ -222,6 +233,7 @@ def _emu_runner(tile: str | None, vw: int, sm_count: int, tap_sums: torch.Tensor
             tile_code,
             vw,
             sm_count,
+            splits,
             err,
             len(err),
         )
@@ -248,16 +260,20 @@ def emulated_xnor_conv2d_packed(
     vw: int = 0,
     sm_count: int = 132,
     tap_sums: torch.Tensor | None = None,
+    splits: int = 0,
 ) -> torch.Tensor:
     """``cuda_backend.xnor_conv2d_packed`` run by the emulator on CPU tensors.  ``tile`` forces the
     "small" or "large" configuration (default: the launcher's rule for ``sm_count`` SMs),
     ``vw`` the words per global->shared copy (1, 2, 4; 0 = the launcher's rule); ``tap_sums``
-    as from :func:`emulated_tap_sums` (computed here when omitted)."""
+    as from :func:`emulated_tap_sums` (computed here when omitted); ``splits`` the split-K
+    depth slices (0 = the launcher's rule when ``tile`` is None, else 1; 2..8 force split-K on
+    the small tile)."""
     plan = plan_conv(x_packed, w_packed, in_channels, kernel_size, stride, padding, dilation, groups, out_groups)
     if tap_sums is not None:
         check_tap_sums(tap_sums, plan)
         tap_sums = tap_sums.contiguous()
-    return run_conv(_emu_runner(tile, vw, sm_count, tap_sums), x_packed, w_packed, plan, scale, bias, pack_output)
+    runner = _emu_runner(tile, vw, sm_count, tap_sums, splits)
+    return run_conv(runner, x_packed, w_packed, plan, scale, bias, pack_output)
 
 
 def emulated_xnor_linear_packed(

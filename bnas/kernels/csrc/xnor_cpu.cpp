@@ -446,6 +446,19 @@ void check_packed(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The kernels rely on zero padding bits (dot = K_valid - 2*popc(x XOR w)); a stray bit past
+// Cg in the last word of a group would count as a mismatch.  Checked only when Cg % 32 != 0:
+// one read per pixel and group (activations) or per tap and lane (weights), far less than the
+// conv's own work.
+void check_tail_bits(const int32_t* words, int64_t units, int64_t stride, int64_t offset, int64_t Cg,
+                     const char* what) {
+  const uint32_t stray = ~((1u << (Cg % 32)) - 1u);
+  for (int64_t u = 0; u < units; ++u)
+    TORCH_CHECK((static_cast<uint32_t>(words[u * stride + offset]) & stray) == 0, what,
+                " have bits set past the ", Cg, " channels of a group (in its last word); padding bits must be 0 "
+                "(pack with pack_signs / pack_weights)");
+}
+
 // ---------------------------------------------------------------------------------------
 // Python entry points
 // ---------------------------------------------------------------------------------------
@@ -510,6 +523,16 @@ torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int6
   const int64_t L = lanes_of(static_cast<int>(isa));
   TORCH_CHECK(wrep.numel() == g.G * ((g.Kg + L - 1) / L) * kh * kw * g.Wg * L,
               "repacked weights do not match the geometry");
+  if (g.Cg % 32 != 0) {
+    // activations: word Wg-1 of every (pixel, group); weights (G, nv, KH, KW, Wg, L): word
+    // Wg-1 of every (group, vector, tap), all L lanes
+    const int32_t* xw = xp.data_ptr<int32_t>();
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      check_tail_bits(xw, g.N * g.H * g.W, g.Ctot, gi * g.Wg + g.Wg - 1, g.Cg, "packed activations");
+    const int64_t taps = g.G * ((g.Kg + L - 1) / L) * kh * kw;
+    const int32_t* ww = wrep.data_ptr<int32_t>();
+    for (int64_t l = 0; l < L; ++l) check_tail_bits(ww, taps, g.Wg * L, (g.Wg - 1) * L + l, g.Cg, "packed weights");
+  }
 
   Epilogue e{};
   torch::Tensor sc, bi, out;

@@ -83,6 +83,12 @@ void conv(const torch::Tensor& x, const torch::Tensor& w, const std::optional<to
     raise_if(bnas_cuda::launch_clear_tail_bits(a.x, s, reinterpret_cast<uint32_t*>(clean.data_ptr<int32_t>()), stream));
     a.x = reinterpret_cast<const uint32_t*>(clean.data_ptr<int32_t>());
   }
+  // split-K for small grids: a zeroed workspace for the partial sums and arrival counts
+  int splits = 1;
+  raise_if(bnas_cuda::choose_conv_splits(s, &splits));
+  torch::Tensor split_ws;
+  if (splits > 1) split_ws = torch::zeros({bnas_cuda::split_workspace_ints(s)}, w.options());
+  bnas_cuda::set_split_workspace(a, splits, splits > 1 ? split_ws.data_ptr<int32_t>() : nullptr);
   raise_if(bnas_cuda::launch_xnor_conv(a, stream));
 }
 

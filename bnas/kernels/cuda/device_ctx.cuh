@@ -15,6 +15,7 @@ struct DeviceCtx {
   __device__ __forceinline__ int tid() const { return threadIdx.x; }
   __device__ __forceinline__ int block_x() const { return blockIdx.x; }
   __device__ __forceinline__ int block_y() const { return blockIdx.y; }
+  __device__ __forceinline__ int block_z() const { return blockIdx.z; }
   __device__ __forceinline__ uint8_t* smem() const { return sm; }
   __device__ __forceinline__ void sync() const { __syncthreads(); }
 
@@ -59,6 +60,11 @@ struct DeviceCtx {
   template <class T>
   __device__ __forceinline__ void st(T* p, T v) const { *p = v; }
   __device__ __forceinline__ void atomic_or(uint32_t* p, uint32_t v) const { atomicOr(p, v); }
+  // split-K: reductions into global memory, the fence before the arrival count, L2 reads
+  __device__ __forceinline__ void red_add(int32_t* p, int32_t v) const { atomicAdd(p, v); }
+  __device__ __forceinline__ int atomic_add(int32_t* p, int32_t v) const { return atomicAdd(p, v); }
+  __device__ __forceinline__ void fence() const { __threadfence(); }
+  __device__ __forceinline__ int32_t ld_l2(const int32_t* p) const { return __ldcg(p); }
 };
 
 }  // namespace bnas_cuda

@@ -65,6 +65,7 @@ class EmuCtx {
   int tid() const { return thread; }
   int block_x() const;
   int block_y() const;
+  int block_z() const;
   uint8_t* smem() const;
   void sync();
   void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]);
@@ -94,6 +95,18 @@ class EmuCtx {
     check_global(p, sizeof(uint32_t), true);
     *p |= v;   // fibers never interleave inside this call
   }
+  void red_add(int32_t* p, int32_t v) const {
+    check_global(p, sizeof(int32_t), true);
+    *p += v;
+  }
+  int atomic_add(int32_t* p, int32_t v) const {
+    check_global(p, sizeof(int32_t), true);
+    const int old = *p;
+    *p += v;
+    return old;
+  }
+  void fence() const {}   // blocks run one after another here: every write is already visible
+  int32_t ld_l2(const int32_t* p) const { return ld(p); }
 
   // emulator state of this thread
   State state = State::Ready;
@@ -128,9 +141,10 @@ class BlockRunner {
   }
 
   // Runs one block to completion; throws EmuError on a detected problem.
-  void run_block(int bx, int by, const std::function<void(EmuCtx&)>& body) {
+  void run_block(int bx, int by, int bz, const std::function<void(EmuCtx&)>& body) {
     bx_ = bx;
     by_ = by;
+    bz_ = bz;
     body_ = &body;
     error_.clear();
     std::memset(smem_.data(), 0xA5, smem_.size());   // shared memory starts as garbage
@@ -179,6 +193,7 @@ class BlockRunner {
   size_t smem_size() const { return smem_.size() - 16; }
   int bx() const { return bx_; }
   int by() const { return by_; }
+  int bz() const { return bz_; }
   const std::vector<Span>& spans() const { return spans_; }
 
   // Called from a fiber: park it in `s` and return to the scheduler.
@@ -269,7 +284,7 @@ class BlockRunner {
   std::vector<ucontext_t> fibers_;
   std::vector<std::vector<char>> stacks_;
   ucontext_t main_;
-  int current_ = 0, bx_ = 0, by_ = 0;
+  int current_ = 0, bx_ = 0, by_ = 0, bz_ = 0;
   const std::function<void(EmuCtx&)>* body_ = nullptr;
   std::string error_;
   static thread_local BlockRunner* active_;
@@ -279,6 +294,7 @@ thread_local BlockRunner* BlockRunner::active_ = nullptr;
 
 int EmuCtx::block_x() const { return run->bx(); }
 int EmuCtx::block_y() const { return run->by(); }
+int EmuCtx::block_z() const { return run->bz(); }
 uint8_t* EmuCtx::smem() const { return run->smem(); }
 void EmuCtx::sync() { run->park(*this, State::AtSync); }
 
@@ -382,8 +398,10 @@ void run_conv(const ConvArgs& a, const std::vector<Span>& spans) {
   BlockRunner runner(Tile::THREADS, L.total, spans);
   const std::function<void(EmuCtx&)> body = [&a](EmuCtx& c) { xnor_conv_block<Tile>(a, c); };
   const int gx = ceil_div(s.M, Tile::BM), gy = s.G * ceil_div(s.Kg, Tile::BN);
+  // split-K slices of a tile run in reverse order, so the epilogue is not always slice 0's
   for (int by = 0; by < gy; ++by)
-    for (int bx = 0; bx < gx; ++bx) runner.run_block(bx, by, body);
+    for (int bx = 0; bx < gx; ++bx)
+      for (int bz = a.splits - 1; bz >= 0; --bz) runner.run_block(bx, by, bz, body);
 }
 
 template <template <int> class TileOf>
@@ -440,7 +458,7 @@ int bnas_emu_conv_shape(const int64_t* dims, int64_t* out4, char* err, int errle
 // x_words / w_words: sizes of the packed tensors in words (for bounds checks).
 int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t w_words, const int32_t* tap_sums,
                   const float* scale, const float* bias, float* out, uint32_t* out_packed, const int64_t* dims, int tile,
-                  int vw, int sm_count, char* err, int errlen) {
+                  int vw, int sm_count, int splits, char* err, int errlen) {
   ConvArgs a;
   if (const char* e = conv_shape_from_dims(dims, a.s)) {
     emu::set_error(err, errlen, e);
@@ -474,7 +492,7 @@ int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t
     emu::set_error(err, errlen, "vw must divide the words per group");
     return 1;
   }
-  const bool large = tile < 0 ? use_large_tile(s, sm_count) : tile == 1;
+  bool large = tile < 0 ? use_large_tile(s, sm_count) : tile == 1;
   // what the launcher does first: the weights' tap sums (unless given), and a copy of the
   // activations with stray bits past the channel count cleared (Cg % 32 != 0)
   std::vector<int32_t> sums((size_t)s.K * s.T);
@@ -501,6 +519,16 @@ int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t
   }
   a.tap_sums = sums.data();
   spans.push_back(emu::span_of(sums.data(), (int64_t)sums.size() * 4, false));
+  // split-K as the launcher picks it (splits 0), or forced; it always runs the small tile
+  if (splits == 0) splits = tile < 0 ? conv_splits(s, sm_count) : 1;
+  if (splits < 1 || splits > kMaxSplits) {
+    emu::set_error(err, errlen, "splits must be 0 (the launcher's rule) or 1..8");
+    return 1;
+  }
+  std::vector<int32_t> split_ws(splits > 1 ? (size_t)split_workspace_ints(s) : 0, 0);
+  set_split_workspace(a, splits, split_ws.data());
+  if (splits > 1) spans.push_back(emu::span_of(split_ws.data(), (int64_t)split_ws.size() * 4, true));
+  if (a.splits > 1) large = false;
   try {
     if (large) emu::run_conv_vw<LargeTile>(a, vw, spans);
     else emu::run_conv_vw<SmallTile>(a, vw, spans);
@@ -509,6 +537,13 @@ int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t
     return 2;
   }
   return 0;
+}
+
+// The launcher's split-K choice (1 = none) for conv dims on a GPU with sm_count SMs.
+int bnas_emu_conv_splits(const int64_t* dims, int sm_count) {
+  ConvShape s;
+  if (conv_shape_from_dims(dims, s)) return -1;
+  return conv_splits(s, sm_count);
 }
 
 // The tap-sum kernel (one entry per thread on the device) for packed weights of conv dims.

@@ -15,6 +15,8 @@ enum PackDtype { kPackFloat32 = 0, kPackFloat16 = 1, kPackBFloat16 = 2 };
 // a.out_packed (if set) is zeroed here first when some of its words are shared by blocks.
 // a.tap_sums must hold the weights' tap sums (launch_tap_sums, once per weight tensor).
 const char* launch_xnor_conv(const ConvArgs& a, cudaStream_t stream);
+// The split-K slices (conv_splits, tiles.h) for the current device's SM count.
+const char* choose_conv_splits(const ConvShape& s, int* splits);
 // out: int32 (K, KH*KW) tap sums of the packed weights w of a conv of shape s.
 const char* launch_tap_sums(const uint32_t* w, const ConvShape& s, int32_t* out, cudaStream_t stream);
 // out: a copy of the packed activations x with the bits past Cg cleared

@@ -10,8 +10,9 @@ namespace bnas_cuda {
 template <int VW>
 using LargeTile = ConvTile<128, 128, 64, 64, 16, 3, VW>;
 // 64x64 block, 2x2 warps of 32x32: more blocks for small problems (batch 1, 7x7 maps).
+// (the only one with split-K: conv_splits below)
 template <int VW>
-using SmallTile = ConvTile<64, 64, 32, 32, 16, 3, VW>;
+using SmallTile = ConvTile<64, 64, 32, 32, 16, 3, VW, true>;
 
 // Widest copy (words) that keeps every chunk inside one tap and aligned in global memory.
 inline int copy_width(const ConvShape& s, const void* x, const void* w) {
@@ -30,6 +31,36 @@ inline bool use_large_tile(const ConvShape& s, int sm_count) {
 // Whether some packed-output word gets bits from two blocks (a group or channel-tile boundary
 // inside a word): those words are OR-ed into a zeroed output; otherwise every word is stored
 // whole by exactly one block (tile widths are multiples of 32) and no zeroing is needed.
+// Split-K for grids that would leave most SMs idle (batch 1, 7x7 maps): the small tile's
+// blocks times `splits` depth slices fill about one wave, each slice at least two stages
+// deep, at most 8 slices.  1 = no split.
+constexpr int kMinStagesPerSlice = 2, kMaxSplits = 8;
+inline int conv_splits(const ConvShape& s, int sm_count) {
+  if (use_large_tile(s, sm_count)) return 1;
+  using Tile = SmallTile<1>;
+  const long long blocks = (long long)ceil_div(s.M, Tile::BM) * s.G * ceil_div(s.Kg, Tile::BN);
+  const int stages = ceil_div(s.Q, Tile::BKW);
+  long long splits = sm_count / blocks;
+  if (splits > stages / kMinStagesPerSlice) splits = stages / kMinStagesPerSlice;
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  return splits < 2 ? 1 : (int)splits;
+}
+
+// Split-K workspace in int32: per small-tile output tile BM*BN sums + BM popc(x) sums, then
+// one arrival counter per tile; zeroed before the launch.
+inline long long split_workspace_ints(const ConvShape& s) {
+  using Tile = SmallTile<1>;
+  const long long tiles = (long long)ceil_div(s.M, Tile::BM) * s.G * ceil_div(s.Kg, Tile::BN);
+  return tiles * (Tile::BM * Tile::BN + Tile::BM + 1);
+}
+inline void set_split_workspace(ConvArgs& a, int splits, int32_t* ws) {
+  using Tile = SmallTile<1>;
+  const long long tiles = (long long)ceil_div(a.s.M, Tile::BM) * a.s.G * ceil_div(a.s.Kg, Tile::BN);
+  a.splits = splits;
+  a.split_acc = splits > 1 ? ws : nullptr;
+  a.split_count = splits > 1 ? ws + tiles * (Tile::BM * Tile::BN + Tile::BM) : nullptr;
+}
+
 // Whether the activations get a copy with the bits past the channel count cleared first.
 inline bool activations_need_tail_clearing(const ConvShape& s) { return s.Cg % 32 != 0; }
 

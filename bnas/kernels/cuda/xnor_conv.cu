@@ -50,7 +50,7 @@ const char* launch_tile(const ConvArgs& a, cudaStream_t stream) {
   const int nblk = ceil_div(s.Kg, Tile::BN);
   const long long gy = (long long)s.G * nblk;
   if (gy > 65535) return "xnor_conv: too many (group, channel-tile) blocks for one launch (grid.y > 65535)";
-  const dim3 grid(ceil_div(s.M, Tile::BM), (unsigned)gy);
+  const dim3 grid(ceil_div(s.M, Tile::BM), (unsigned)gy, (unsigned)a.splits);
   // opt in to more than 48 KB of dynamic shared memory, once per device and size
   constexpr int kMaxDevices = 64;
   static int configured[kMaxDevices] = {};
@@ -90,9 +90,20 @@ const char* launch_xnor_conv(const ConvArgs& a, cudaStream_t stream) {
     e = cudaMemsetAsync(a.out_packed, 0, sizeof(uint32_t) * (size_t)a.s.M * a.s.out_GW, stream);
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
+  if (a.splits < 1 || a.splits > kMaxSplits || (a.splits > 1 && !a.split_acc))
+    return "xnor_conv: split-K needs 1..8 slices and a zeroed workspace (set_split_workspace)";
   const int vw = copy_width(a.s, a.x, a.w);
-  if (use_large_tile(a.s, sms)) return launch_vw<LargeTile>(a, vw, stream);
+  if (a.splits == 1 && use_large_tile(a.s, sms)) return launch_vw<LargeTile>(a, vw, stream);
   return launch_vw<SmallTile>(a, vw, stream);
+}
+
+const char* choose_conv_splits(const ConvShape& s, int* splits) {
+  int dev = 0, sms = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return cudaGetErrorString(e);
+  *splits = conv_splits(s, sms);
+  return nullptr;
 }
 
 const char* launch_tap_sums(const uint32_t* w, const ConvShape& s, int32_t* out, cudaStream_t stream) {

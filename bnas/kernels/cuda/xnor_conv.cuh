@@ -57,6 +57,12 @@ struct ConvArgs {
   const float* bias;          // (K) or null: y = ... + bias
   float* out;                 // (N, K, OH, OW) float or null
   uint32_t* out_packed;       // (N, OH, OW, out_GW) or null; zeroed first if packed_output_needs_zeroing
+  // split-K (splits > 1): blockIdx.z takes a slice of the depth; partial sums meet in
+  // split_acc (per output tile: BM*BN accumulators, then BM popc(x) sums) and the block that
+  // finishes a tile last (split_count, one per tile) runs the epilogue.  Both zeroed first.
+  int splits = 1;
+  int32_t* split_acc = nullptr;
+  int32_t* split_count = nullptr;
 };
 
 // Validates the integers and derives the rest; returns an error message or nullptr.
@@ -96,9 +102,11 @@ inline const char* conv_shape_from_dims(const int64_t* d, ConvShape& s) {
 // Tile configuration.
 //   BM x BN block tile (pixels x channels), WM x WN per warp, BKW words (BKW*32 bits) of depth
 //   per pipeline stage, STAGES-deep cp.async pipeline, VW words per global->shared copy.
-template <int BM_, int BN_, int WM_, int WN_, int BKW_, int STAGES_, int VW_>
+//   SPLIT_K: the configuration can take a slice of the depth (split-K, see conv_split_reduce).
+template <int BM_, int BN_, int WM_, int WN_, int BKW_, int STAGES_, int VW_, bool SPLIT_K_ = false>
 struct ConvTile {
   static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, BKW = BKW_, STAGES = STAGES_, VW = VW_;
+  static constexpr bool SPLIT_K = SPLIT_K_;
   static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN, WARPS = WARPS_M * WARPS_N;
   static constexpr int THREADS = WARPS * 32;
   static constexpr int MT = WM / kMmaM, NT = WN / kMmaN, KSTEPS = BKW / kMmaKWords;
@@ -164,7 +172,7 @@ struct EpilogueStaging {
 
 // Shared memory layout (bytes), a function of the tap count only.
 struct ConvSmem {
-  int pipe, row_mask, wsum, col_scale, col_bias, tap_delta, row_pix, row_out, row_popx, px_part, sign_rows, total;
+  int pipe, row_mask, wsum, col_scale, col_bias, tap_delta, row_pix, row_out, row_popx, px_part, sign_rows, flag, total;
 };
 
 template <class Tile>
@@ -182,6 +190,7 @@ BNAS_HD ConvSmem conv_smem_layout(int T) {
   L.row_popx = off;  off += Tile::BM * 4;               // popc(x) of each row over the whole depth
   L.px_part = off;   off += Tile::BM * 4 * 4;           // popc(x) partial sums, 4 lanes per row
   L.sign_rows = off; off += Tile::BM * Tile::OUT_WORDS * 4;   // packed output: sign bits [row][BN/32]
+  L.flag = off;      off += 16;                         // split-K: whether this block finishes its tile
   L.total = off;
   return L;
 }
@@ -472,6 +481,57 @@ BNAS_UNROLL
   }
 }
 
+// Split-K: adds this block's partial sums into its tile's slot of split_acc; the block that
+// arrives last (counted in split_count) reads the complete sums back into its registers and
+// returns true: it runs the epilogue.  (Device-wide ordering: atomics, then a fence, then the
+// counter; the last block fences again and reads through L2.)
+template <class Tile, class Ctx>
+BNAS_HD bool conv_split_reduce(const ConvArgs& a, const ConvSmem& L, ConvRegs<Tile>& R, Ctx& ctx) {
+  const int tile = ctx.block_y() * ceil_div(a.s.M, Tile::BM) + ctx.block_x();
+  int32_t* acc_ws = a.split_acc + (int64_t)tile * (Tile::BM * Tile::BN + Tile::BM);
+  int32_t* px_ws = acc_ws + Tile::BM * Tile::BN;
+  const int tid = ctx.tid(), warp = tid / 32, lane = tid % 32;
+  const int wm = warp % Tile::WARPS_M, wn = warp / Tile::WARPS_M;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = wm * Tile::WM + g, col0 = wn * Tile::WN + 2 * t;
+BNAS_UNROLL
+  for (int mt = 0; mt < Tile::MT; ++mt)
+BNAS_UNROLL
+    for (int nt = 0; nt < Tile::NT; ++nt)
+BNAS_UNROLL
+      for (int i = 0; i < 4; ++i)
+        ctx.red_add(acc_ws + (row0 + mt * kMmaM + 8 * (i >> 1)) * Tile::BN + col0 + nt * kMmaN + (i & 1), R.acc[mt][nt][i]);
+  if (wn == 0) {
+BNAS_UNROLL
+    for (int mt = 0; mt < Tile::MT; ++mt) {
+      ctx.red_add(px_ws + row0 + mt * kMmaM, R.px[mt][0]);
+      ctx.red_add(px_ws + row0 + mt * kMmaM + 8, R.px[mt][1]);
+    }
+  }
+  ctx.fence();
+  ctx.sync();
+  int* last = reinterpret_cast<int*>(ctx.smem() + L.flag);
+  if (tid == 0) *last = ctx.atomic_add(a.split_count + tile, 1) == a.splits - 1;
+  ctx.sync();
+  if (!*last) return false;
+  ctx.fence();
+BNAS_UNROLL
+  for (int mt = 0; mt < Tile::MT; ++mt)
+BNAS_UNROLL
+    for (int nt = 0; nt < Tile::NT; ++nt)
+BNAS_UNROLL
+      for (int i = 0; i < 4; ++i)
+        R.acc[mt][nt][i] = ctx.ld_l2(acc_ws + (row0 + mt * kMmaM + 8 * (i >> 1)) * Tile::BN + col0 + nt * kMmaN + (i & 1));
+  if (wn == 0) {   // the epilogue adds the 4 lanes' counts: lane t = 0 carries the whole sum
+BNAS_UNROLL
+    for (int mt = 0; mt < Tile::MT; ++mt) {
+      R.px[mt][0] = t == 0 ? ctx.ld_l2(px_ws + row0 + mt * kMmaM) : 0;
+      R.px[mt][1] = t == 0 ? ctx.ld_l2(px_ws + row0 + mt * kMmaM + 8) : 0;
+    }
+  }
+  return true;
+}
+
 // The whole block: prologue, cp.async pipeline over the depth, epilogue.
 template <class Tile, class Ctx>
 BNAS_HD void xnor_conv_block(const ConvArgs& a, Ctx& ctx) {
@@ -484,34 +544,39 @@ BNAS_HD void xnor_conv_block(const ConvArgs& a, Ctx& ctx) {
     for (int nt = 0; nt < Tile::NT; ++nt)
       for (int i = 0; i < 4; ++i) R.acc[mt][nt][i] = 0;
   }
-  const int c = (ctx.tid() % Tile::CHUNKS) * Tile::VW;
-  R.a_tap = c / s.Wg;
-  R.a_word = c % s.Wg;
+  // this block's depth slice [kt0, kt1) in stages of BKW words (all of it without split-K)
+  const int KT = ceil_div(s.Q, Tile::BKW);
+  const int splits = Tile::SPLIT_K ? a.splits : 1, slice = Tile::SPLIT_K ? ctx.block_z() : 0;
+  const int kt0 = (int)((int64_t)slice * KT / splits), kt1 = (int)((int64_t)(slice + 1) * KT / splits);
+  const int q0 = kt0 * Tile::BKW + (ctx.tid() % Tile::CHUNKS) * Tile::VW;
+  R.a_tap = q0 / s.Wg;
+  R.a_word = q0 % s.Wg;
   R.a_tap_bit = R.a_tap < 64 ? (uint64_t)1 << R.a_tap : 0;
   R.a_dt = Tile::BKW / s.Wg;
   R.a_dw = Tile::BKW % s.Wg;
 
   conv_prologue_rows<Tile>(s, b, L, ctx);
   ctx.sync();
-  const int KT = ceil_div(s.Q, Tile::BKW);
+  const int nkt = kt1 - kt0;
   for (int st = 0; st < Tile::STAGES - 1; ++st) {
-    if (st < KT) conv_load_stage<Tile>(a, b, L, R, st, st, ctx);
+    if (st < nkt) conv_load_stage<Tile>(a, b, L, R, st, kt0 + st, ctx);
     ctx.cp_commit();
   }
   conv_prologue_weights<Tile>(a, b, L, ctx);   // overlaps the copies in flight
   ctx.sync();
   conv_prologue_weight_totals<Tile>(s, L, ctx);
-  for (int kt = 0; kt < KT; ++kt) {
+  for (int i = 0; i < nkt; ++i) {
     ctx.template cp_wait<Tile::STAGES - 2>();
-    ctx.sync();   // stage kt visible to all; everyone is done with stage kt-1's buffer
-    const int nk = kt + Tile::STAGES - 1;
-    if (nk < KT) conv_load_stage<Tile>(a, b, L, R, nk % Tile::STAGES, nk, ctx);
+    ctx.sync();   // stage i visible to all; everyone is done with stage i-1's buffer
+    const int ni = i + Tile::STAGES - 1;
+    if (ni < nkt) conv_load_stage<Tile>(a, b, L, R, ni % Tile::STAGES, kt0 + ni, ctx);
     ctx.cp_commit();
-    const int nks = ceil_div(imin(Tile::BKW, s.Q - kt * Tile::BKW), kMmaKWords);
-    conv_compute_stage<Tile>(L, R, kt % Tile::STAGES, nks, ctx);
+    const int nks = ceil_div(imin(Tile::BKW, s.Q - (kt0 + i) * Tile::BKW), kMmaKWords);
+    conv_compute_stage<Tile>(L, R, i % Tile::STAGES, nks, ctx);
   }
   ctx.template cp_wait<0>();
   ctx.sync();
+  if (Tile::SPLIT_K && a.splits > 1 && !conv_split_reduce<Tile>(a, L, R, ctx)) return;
   conv_epilogue<Tile>(a, b, L, R, ctx);
 }
 
