@@ -459,3 +459,33 @@ def test_launcher_splits_only_grids_that_leave_sms_idle():
     assert emu.launcher_splits(plan(1, 256, 5, 5, 64), 132) == 2
     out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), 256, 3, 1, 1)
     assert torch.equal(out, ref)
+
+
+def test_cuda_backend_keeps_tap_sums_per_weight_tensor(monkeypatch):
+    # the GPU entry point computes a packed weight tensor's tap sums once and reuses them until
+    # the tensor changes in place (here with the emulator standing in for the device)
+    from bnas.kernels import cuda_backend as cb
+    from bnas.kernels.conv_plan import plan_conv
+
+    calls = []
+
+    def fake_tap_sums(w_packed, in_channels, kernel_size, groups=1):
+        calls.append((in_channels, kernel_size, groups))
+        return emu.emulated_tap_sums(w_packed, in_channels, kernel_size, groups)
+
+    monkeypatch.setattr(cb, "tap_sums", fake_tap_sums)
+    gen = torch.Generator().manual_seed(2)
+    wt = random_input((16, 40, 3, 3), gen)
+    wp = emu.emulated_pack_weights(wt)
+    plan = plan_conv(torch.zeros(1, 5, 5, 2, dtype=torch.int32), wp, 40, 3, 1, 1)
+    first = cb._cached_tap_sums(wp, plan)
+    assert cb._cached_tap_sums(wp, plan) is first and len(calls) == 1
+    assert torch.equal(first, sign(wt).sum(1).flatten(1).to(torch.int32))
+    wp[0, 0, 0, 0] ^= 1                      # in place: the version counter moves
+    again = cb._cached_tap_sums(wp, plan)
+    assert len(calls) == 2 and not torch.equal(again, first)
+    other_plan = plan_conv(torch.zeros(1, 5, 5, 4, dtype=torch.int32), wp, 80, 3, 1, 1, groups=2)
+    cb._cached_tap_sums(wp, other_plan)     # the same words read as another conv
+    assert len(calls) == 3 and calls[-1] == (80, (3, 3), 2)
+    # kept on the tensor itself: a new tensor with the same words computes its own
+    assert cb._cached_tap_sums(wp.clone(), plan) is not None and len(calls) == 4

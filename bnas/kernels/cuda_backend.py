@@ -222,8 +222,8 @@ def _gpu_runner(tap_sums: torch.Tensor | None) -> ConvRunner:
 
 def tap_sums(w_packed: torch.Tensor, in_channels: int, kernel_size: IntPair, groups: int = 1) -> torch.Tensor:
     """The per (filter, tap) sums of the +-1 weights, int32 (K, KH*KW), that the conv kernel's
-    epilogue needs.  ``xnor_conv2d_packed`` computes them on every call (one small extra launch)
-    unless they are passed as ``tap_sums=``: compute them once per weight tensor."""
+    epilogue needs.  ``xnor_conv2d_packed`` computes them once per packed weight tensor (kept
+    while the tensor lives and is not modified in place) unless they are passed as ``tap_sums=``."""
     _check_cuda(w_packed, "w_packed")
     dims = tap_sum_dims(w_packed, in_channels, kernel_size, groups)
     out = torch.empty((int(w_packed.shape[0]), dims[6] * dims[7]), dtype=torch.int32, device=w_packed.device)
@@ -260,7 +260,25 @@ def xnor_conv2d_packed(
         _check_cuda(tap_sums, "tap_sums")
         check_tap_sums(tap_sums, plan)
         tap_sums = tap_sums.contiguous()
+    else:
+        tap_sums = _cached_tap_sums(w_packed, plan)
     return run_conv(_gpu_runner(tap_sums), x_packed, w_packed, plan, scale, bias, pack_output)
+
+
+# Tap sums per packed weight tensor: a packed layer's weights stay the same tensor from call to
+# call, so the sums are computed once and kept on the tensor itself (they go with it); they are
+# recomputed when the tensor is modified in place (its version counter) or read as another conv.
+_TAP_SUMS_ATTR = "_bnas_tap_sums"
+
+
+def _cached_tap_sums(w_packed: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+    key = (w_packed._version, plan.dims[3], plan.dims[4], plan.dims[6], plan.dims[7])  # C, groups, KH, KW
+    hit = getattr(w_packed, _TAP_SUMS_ATTR, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    sums = tap_sums(w_packed, key[1], (key[3], key[4]), key[2])
+    setattr(w_packed, _TAP_SUMS_ATTR, (key, sums))
+    return sums
 
 
 def xnor_linear_packed(
