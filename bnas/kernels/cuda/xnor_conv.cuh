@@ -168,6 +168,7 @@ struct EpilogueStaging {
   static constexpr int WARP_ROWS = MT_PER_PASS * kMmaM;        // rows per warp row per pass
   static constexpr int ROWS = Tile::WARPS_M * WARP_ROWS;        // staged rows per pass
   static_assert(Tile::MT % PASSES == 0 && ROWS * STRIDE <= PIPE_INTS, "epilogue staging fits the pipeline buffers");
+  static_assert(WARP_ROWS % 32 == 0, "32 consecutive staged rows are 32 consecutive pixels of one warp row");
 };
 
 // Shared memory layout (bytes), a function of the tap count only.
@@ -385,11 +386,12 @@ BNAS_HD uint32_t row_bits(const uint32_t* words, int nwords, int c, int n) {
 // Epilogue.  With bit 1 = +1 and the identity at the top of this file, element (row, col) is
 //   dot = 4*acc - 2*popx(row) - wsum_total(col) + sum over padded taps of row of wsum(tap, col)
 //   y = dot * scale[k] + bias[k]   (two roundings, like torch; scale/bias optional)
-// The accumulators are staged in shared memory; then each warp takes one pixel row and 32
-// consecutive columns at a time (lane = column), so the padded-tap loop is uniform over the
-// warp and the packed output's 32 sign bits are one __ballot_sync.  The sign words are
+// The accumulators are staged in shared memory.  With a packed output each warp then takes
+// one pixel row and 32 consecutive columns at a time (lane = column), so the padded-tap loop
+// is uniform over the warp and the 32 sign bits are one __ballot_sync; the sign words are
 // assembled into output words at the end (a word shared with another block, at a group or
-// channel-tile boundary, is OR-ed into the zeroed output).
+// channel-tile boundary, is OR-ed into the zeroed output).  With a float output alone a warp
+// takes 32 pixel rows of one column (lane = pixel): coalesced NCHW stores.
 template <class Tile, class Ctx>
 BNAS_HD void conv_epilogue(const ConvArgs& a, const BlockPos& b, const ConvSmem& L, ConvRegs<Tile>& R, Ctx& ctx) {
   using E = EpilogueStaging<Tile>;
@@ -439,12 +441,17 @@ BNAS_UNROLL
       }
     }
     ctx.sync();
-    for (int item = warp; item < E::ROWS * Tile::OUT_WORDS; item += Tile::WARPS) {
-      const int srow = item / Tile::OUT_WORDS, chunk = item % Tile::OUT_WORDS;
+    // packed output: an item is one pixel row x 32 columns (lane = column, one ballot per
+    // sign word); float output alone: 32 pixel rows x one column (lane = pixel), so the
+    // NCHW stores of a warp are consecutive
+    const bool lanes_on_rows = !a.out_packed;
+    const int items = lanes_on_rows ? (E::ROWS / 32) * Tile::BN : E::ROWS * Tile::OUT_WORDS;
+    for (int item = warp; item < items; item += Tile::WARPS) {
+      const int srow = lanes_on_rows ? (item / Tile::BN) * 32 + lane : item / Tile::OUT_WORDS;
+      const int col = lanes_on_rows ? item % Tile::BN : (item % Tile::OUT_WORDS) * 32 + lane;
       const int row = (srow / E::WARP_ROWS) * Tile::WM + pass * E::WARP_ROWS + srow % E::WARP_ROWS;
       const int ro = row_out[row];
-      if (ro < 0) continue;   // uniform over the warp: one pixel row per item
-      const int col = chunk * 32 + lane;
+      if (ro < 0) continue;   // no pixel; uniform over the warp when it takes part in ballots
       int dot = 4 * staged[srow * E::STRIDE + col] - 2 * row_popx[row] - wsum[wtot_row + col];
       // taps of this pixel in the zero padding: their weights were counted in the total
       for (uint64_t mask = row_mask[row]; mask; mask &= mask - 1) dot += wsum[lowest_bit64(mask) * Tile::BN + col];
@@ -455,7 +462,7 @@ BNAS_UNROLL
       if (out && real) ctx.st(out + ro + (int64_t)(kbase + col) * s.OHW, y);
       if (a.out_packed) {
         const uint32_t word = ctx.ballot(real && y >= 0.0f);
-        if (lane == 0) sign_rows[row * Tile::OUT_WORDS + chunk] = word;
+        if (lane == 0) sign_rows[row * Tile::OUT_WORDS + col / 32] = word;
       }
     }
     ctx.sync();   // the staging buffer is reused by the next pass; sign rows are complete
