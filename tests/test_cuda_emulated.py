@@ -463,7 +463,9 @@ def test_launcher_splits_only_grids_that_leave_sms_idle():
 
 def test_cuda_backend_keeps_tap_sums_per_weight_tensor(monkeypatch):
     # the GPU entry point computes a packed weight tensor's tap sums once and reuses them until
-    # the tensor changes in place (here with the emulator standing in for the device)
+    # the tensor changes in place or is freed (here with the emulator standing in for the device)
+    import gc
+
     from bnas.kernels import cuda_backend as cb
     from bnas.kernels.conv_plan import plan_conv
 
@@ -487,5 +489,12 @@ def test_cuda_backend_keeps_tap_sums_per_weight_tensor(monkeypatch):
     other_plan = plan_conv(torch.zeros(1, 5, 5, 4, dtype=torch.int32), wp, 80, 3, 1, 1, groups=2)
     cb._cached_tap_sums(wp, other_plan)     # the same words read as another conv
     assert len(calls) == 3 and calls[-1] == (80, (3, 3), 2)
-    # kept on the tensor itself: a new tensor with the same words computes its own
+    # a new tensor with the same words computes its own; nothing is stored on the tensor (a
+    # saved model would carry it), and the entry goes when the tensor does
     assert cb._cached_tap_sums(wp.clone(), plan) is not None and len(calls) == 4
+    assert not [k for k in vars(wp) if "tap" in k]
+    key = id(wp)
+    assert key in cb._tap_sum_cache
+    del wp
+    gc.collect()
+    assert key not in cb._tap_sum_cache

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -266,18 +267,23 @@ def xnor_conv2d_packed(
 
 
 # Tap sums per packed weight tensor: a packed layer's weights stay the same tensor from call to
-# call, so the sums are computed once and kept on the tensor itself (they go with it); they are
-# recomputed when the tensor is modified in place (its version counter) or read as another conv.
-_TAP_SUMS_ATTR = "_bnas_tap_sums"
+# call, so the sums are computed once.  They are kept here, not on the tensor (torch.save would
+# write them into a saved model), keyed by the tensor's id and dropped when it is freed; they
+# are recomputed when the tensor is modified in place (its version counter) or read as another
+# conv.
+_tap_sum_cache: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
 
 
 def _cached_tap_sums(w_packed: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
-    key = (w_packed._version, plan.dims[3], plan.dims[4], plan.dims[6], plan.dims[7])  # C, groups, KH, KW
-    hit = getattr(w_packed, _TAP_SUMS_ATTR, None)
+    c, groups, kh, kw = plan.dims[3], plan.dims[4], plan.dims[6], plan.dims[7]
+    key = (w_packed.data_ptr(), w_packed._version, c, groups, kh, kw)
+    hit = _tap_sum_cache.get(id(w_packed))
     if hit is not None and hit[0] == key:
         return hit[1]
-    sums = tap_sums(w_packed, key[1], (key[3], key[4]), key[2])
-    setattr(w_packed, _TAP_SUMS_ATTR, (key, sums))
+    sums = tap_sums(w_packed, c, (kh, kw), groups)
+    if id(w_packed) not in _tap_sum_cache:
+        weakref.finalize(w_packed, _tap_sum_cache.pop, id(w_packed), None)
+    _tap_sum_cache[id(w_packed)] = (key, sums)
     return sums
 
 
