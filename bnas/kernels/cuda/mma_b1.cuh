@@ -20,7 +20,8 @@
 //        row = groupID + 8*(i >= 2),   col = tig*2 + (i & 1)
 // Bit j of a .b32 register holds the element with (i & 31) == j (elements are numbered low to
 // high).  Since the instruction sums over k, any permutation of k applied to A and B alike
-// leaves D unchanged; the kernels rely on that (see load_fragments in xnor_conv.cuh).
+// leaves D unchanged.  The conv kernel loads A and B with ldmatrix.x4 straight into this layout
+// (a_ldsm_word / b_ldsm_word in xnor_conv.cuh), no permutation.
 #pragma once
 
 #include "common.cuh"
