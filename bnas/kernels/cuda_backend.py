@@ -206,7 +206,7 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return pack_signs(w, 1)
 
 
-def _gpu_runner(tap_sums: torch.Tensor | None) -> ConvRunner:
+def _gpu_runner(tap_sums: torch.Tensor) -> ConvRunner:
     def run(
         x: torch.Tensor,
         w: torch.Tensor,

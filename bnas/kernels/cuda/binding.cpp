@@ -26,7 +26,7 @@ void raise_if(const char* err) { TORCH_CHECK(err == nullptr, "bnas xnor cuda: ",
 void conv(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& scale,
           const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& out,
           const std::optional<torch::Tensor>& out_packed, const std::vector<int64_t>& dims,
-          const std::optional<torch::Tensor>& tap_sums) {
+          const torch::Tensor& tap_sums) {
   check(dims.size() == bnas_cuda::kDimCount, "conv dims: wrong number of integers");
   ConvArgs a;
   raise_if(bnas_cuda::conv_shape_from_dims(dims.data(), a.s));
@@ -66,17 +66,11 @@ void conv(const torch::Tensor& x, const torch::Tensor& w, const std::optional<to
   check(a.out || a.out_packed, "no output given");
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  torch::Tensor sums;
-  if (tap_sums) {
-    check_cuda_tensor(*tap_sums, torch::kInt32, "tap sums");
-    check(tap_sums->numel() == (int64_t)s.K * s.T && tap_sums->device() == dev,
-          "tap sums must be (K, KH*KW) on the same device (from tap_sums(w))");
-    sums = *tap_sums;
-  } else {
-    sums = torch::empty({(int64_t)s.K * s.T}, w.options());
-    raise_if(bnas_cuda::launch_tap_sums(a.w, s, sums.data_ptr<int32_t>(), stream));
-  }
-  a.tap_sums = sums.data_ptr<int32_t>();
+  // the weights' tap sums, computed once per weight tensor (cuda_backend.tap_sums)
+  check_cuda_tensor(tap_sums, torch::kInt32, "tap sums");
+  check(tap_sums.numel() == (int64_t)s.K * s.T && tap_sums.device() == dev,
+        "tap sums must be (K, KH*KW) on the same device (from tap_sums(w))");
+  a.tap_sums = tap_sums.data_ptr<int32_t>();
   torch::Tensor clean;   // activations with stray bits past the channel count cleared
   if (bnas_cuda::activations_need_tail_clearing(s)) {
     clean = torch::empty_like(x);
@@ -150,7 +144,7 @@ void mma_single(const torch::Tensor& a, const torch::Tensor& b, const torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnas XNOR convolution on 1-bit tensor cores";
   m.def("conv", &conv, "packed XNOR conv with fused epilogue", py::arg("x"), py::arg("w"), py::arg("scale"),
-        py::arg("bias"), py::arg("out"), py::arg("out_packed"), py::arg("dims"), py::arg("tap_sums") = py::none());
+        py::arg("bias"), py::arg("out"), py::arg("out_packed"), py::arg("dims"), py::arg("tap_sums"));
   m.def("tap_sums", &tap_sums, "per (channel, tap) sums of the packed weights, for conv");
   m.def("pack", &pack, "fused sign + bit-pack (NCHW float -> NHWC int32 words)");
   m.def("mma_single", &mma_single, "one warp-wide 1-bit mma on given fragments");

@@ -369,6 +369,13 @@ void EmuCtx::check_global(const void* p, size_t bytes, bool write) const {
   run->fail(const_cast<EmuCtx&>(*this), write ? "global store outside the output tensors" : "global load outside the input tensors");
 }
 
+// 16-bit storage types the emulator packs (the device reads __half / __nv_bfloat16), with the
+// kernel's own raw-bits sign rule.
+struct HostHalf { uint16_t bits; };
+struct HostBf16 { uint16_t bits; };
+inline bool sign_is_plus(HostHalf v) { return sign_is_plus_bits16(v.bits, kHalfManBits); }
+inline bool sign_is_plus(HostBf16 v) { return sign_is_plus_bits16(v.bits, kBf16ManBits); }
+
 // A context for the barrier-free pack kernel: bounds-checked loads and stores only.
 struct PlainCtx {
   std::vector<Span> spans;
@@ -493,8 +500,9 @@ int bnas_emu_conv(const uint32_t* x, int64_t x_words, const uint32_t* w, int64_t
     return 1;
   }
   bool large = tile < 0 ? use_large_tile(s, sm_count) : tile == 1;
-  // what the launcher does first: the weights' tap sums (unless given), and a copy of the
-  // activations with stray bits past the channel count cleared (Cg % 32 != 0)
+  // what the GPU path does first: the weights' tap sums (unless given; cuda_backend keeps them
+  // per weight tensor), and a copy of the activations with stray bits past the channel count
+  // cleared (Cg % 32 != 0)
   std::vector<int32_t> sums((size_t)s.K * s.T);
   std::vector<uint32_t> clean;
   try {
@@ -636,8 +644,8 @@ int bnas_emu_pack(const void* x, int64_t x_elems, const int64_t* sizes, const in
   try {
     for (int64_t i = 0; i < p.total; ++i) {
       if (dtype == 0) pack_signs_word<float>(p, i, ctx);
-      else if (dtype == 1) pack_signs_word<HostHalf>(p, i, ctx);
-      else pack_signs_word<HostBf16>(p, i, ctx);
+      else if (dtype == 1) pack_signs_word<emu::HostHalf>(p, i, ctx);
+      else pack_signs_word<emu::HostBf16>(p, i, ctx);
     }
   } catch (const emu::EmuError& e) {
     emu::set_error(err, errlen, e.msg);

@@ -22,25 +22,23 @@ inline int copy_width(const ConvShape& s, const void* x, const void* w) {
   return 1;
 }
 
-// The large tile when it still gives at least one block per SM.
-inline bool use_large_tile(const ConvShape& s, int sm_count) {
-  const long long blocks = (long long)ceil_div(s.M, 128) * s.G * ceil_div(s.Kg, 128);
-  return blocks >= sm_count;
+// Output tiles (blocks of one launch without split-K) of a tile configuration.
+template <class Tile>
+inline long long output_tiles(const ConvShape& s) {
+  return (long long)ceil_div(s.M, Tile::BM) * s.G * ceil_div(s.Kg, Tile::BN);
 }
 
-// Whether some packed-output word gets bits from two blocks (a group or channel-tile boundary
-// inside a word): those words are OR-ed into a zeroed output; otherwise every word is stored
-// whole by exactly one block (tile widths are multiples of 32) and no zeroing is needed.
+// The large tile when it still gives at least one block per SM.
+inline bool use_large_tile(const ConvShape& s, int sm_count) { return output_tiles<LargeTile<1>>(s) >= sm_count; }
+
 // Split-K for grids that would leave most SMs idle (batch 1, 7x7 maps): the small tile's
 // blocks times `splits` depth slices fill about one wave, each slice at least two stages
 // deep, at most 8 slices.  1 = no split.
 constexpr int kMinStagesPerSlice = 2, kMaxSplits = 8;
 inline int conv_splits(const ConvShape& s, int sm_count) {
   if (use_large_tile(s, sm_count)) return 1;
-  using Tile = SmallTile<1>;
-  const long long blocks = (long long)ceil_div(s.M, Tile::BM) * s.G * ceil_div(s.Kg, Tile::BN);
-  const int stages = ceil_div(s.Q, Tile::BKW);
-  long long splits = sm_count / blocks;
+  const int stages = ceil_div(s.Q, SmallTile<1>::BKW);
+  long long splits = sm_count / output_tiles<SmallTile<1>>(s);
   if (splits > stages / kMinStagesPerSlice) splits = stages / kMinStagesPerSlice;
   if (splits > kMaxSplits) splits = kMaxSplits;
   return splits < 2 ? 1 : (int)splits;
@@ -48,22 +46,20 @@ inline int conv_splits(const ConvShape& s, int sm_count) {
 
 // Split-K workspace in int32: per small-tile output tile BM*BN sums + BM popc(x) sums, then
 // one arrival counter per tile; zeroed before the launch.
-inline long long split_workspace_ints(const ConvShape& s) {
-  using Tile = SmallTile<1>;
-  const long long tiles = (long long)ceil_div(s.M, Tile::BM) * s.G * ceil_div(s.Kg, Tile::BN);
-  return tiles * (Tile::BM * Tile::BN + Tile::BM + 1);
-}
+constexpr int kSplitTileInts = SmallTile<1>::BM * SmallTile<1>::BN + SmallTile<1>::BM;
+inline long long split_workspace_ints(const ConvShape& s) { return output_tiles<SmallTile<1>>(s) * (kSplitTileInts + 1); }
 inline void set_split_workspace(ConvArgs& a, int splits, int32_t* ws) {
-  using Tile = SmallTile<1>;
-  const long long tiles = (long long)ceil_div(a.s.M, Tile::BM) * a.s.G * ceil_div(a.s.Kg, Tile::BN);
   a.splits = splits;
   a.split_acc = splits > 1 ? ws : nullptr;
-  a.split_count = splits > 1 ? ws + tiles * (Tile::BM * Tile::BN + Tile::BM) : nullptr;
+  a.split_count = splits > 1 ? ws + output_tiles<SmallTile<1>>(a.s) * kSplitTileInts : nullptr;
 }
 
 // Whether the activations get a copy with the bits past the channel count cleared first.
 inline bool activations_need_tail_clearing(const ConvShape& s) { return s.Cg % 32 != 0; }
 
+// Whether some packed-output word gets bits from two blocks (a group or channel-tile boundary
+// inside a word): those words are OR-ed into a zeroed output; otherwise every word is stored
+// whole by exactly one block (tile widths are multiples of 32) and no zeroing is needed.
 inline bool packed_output_needs_zeroing(const ConvShape& s) { return s.Kg % 32 != 0 || s.out_Kg % 32 != 0; }
 
 }  // namespace bnas_cuda

@@ -19,22 +19,30 @@ __global__ void __launch_bounds__(Tile::THREADS) xnor_conv_kernel(ConvArgs a) {
   xnor_conv_block<Tile>(a, ctx);
 }
 
+// Element-wise kernels (pack, tap sums, tail clearing): 256 threads, grid-stride loops over
+// at most 65535*8 blocks.
+constexpr int kElementwiseThreads = 256;
+inline unsigned grid_stride_blocks(int64_t total) {
+  const int64_t want = (total + kElementwiseThreads - 1) / kElementwiseThreads;
+  return (unsigned)(want < 65535 * 8 ? want : 65535 * 8);
+}
+
 template <class T>
-__global__ void __launch_bounds__(256) pack_signs_kernel(PackArgs p) {
+__global__ void __launch_bounds__(kElementwiseThreads) pack_signs_kernel(PackArgs p) {
   DeviceCtx ctx{nullptr};
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.total; i += stride)
     pack_signs_word<T>(p, i, ctx);
 }
 
-__global__ void __launch_bounds__(256) tap_sums_kernel(TapSumArgs p) {
+__global__ void __launch_bounds__(kElementwiseThreads) tap_sums_kernel(TapSumArgs p) {
   DeviceCtx ctx{nullptr};
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.total; i += stride) conv_tap_sum(p, i, ctx);
 }
 
-__global__ void __launch_bounds__(256) clear_tail_bits_kernel(const uint32_t* in, uint32_t* out, int Wg, uint32_t tail,
-                                                               int64_t total) {
+__global__ void __launch_bounds__(kElementwiseThreads)
+    clear_tail_bits_kernel(const uint32_t* in, uint32_t* out, int Wg, uint32_t tail, int64_t total) {
   DeviceCtx ctx{nullptr};
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
@@ -108,27 +116,22 @@ const char* choose_conv_splits(const ConvShape& s, int* splits) {
 
 const char* launch_tap_sums(const uint32_t* w, const ConvShape& s, int32_t* out, cudaStream_t stream) {
   TapSumArgs p{w, out, s.T, s.Wg, s.Cg, (int64_t)s.K * s.T};
-  const int threads = 256;
-  const long long want = (p.total + threads - 1) / threads;
-  tap_sums_kernel<<<(unsigned)(want < 65535 ? want : 65535), threads, 0, stream>>>(p);
+  tap_sums_kernel<<<grid_stride_blocks(p.total), kElementwiseThreads, 0, stream>>>(p);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 const char* launch_clear_tail_bits(const uint32_t* x, const ConvShape& s, uint32_t* out, cudaStream_t stream) {
   const int64_t total = (int64_t)s.N * s.H * s.W * s.GW;
-  const int threads = 256;
-  const long long want = (total + threads - 1) / threads;
-  clear_tail_bits_kernel<<<(unsigned)(want < 65535 * 8 ? want : 65535 * 8), threads, 0, stream>>>(
-      x, out, s.Wg, tail_word_mask(s.Cg), total);
+  clear_tail_bits_kernel<<<grid_stride_blocks(total), kElementwiseThreads, 0, stream>>>(x, out, s.Wg,
+                                                                                       tail_word_mask(s.Cg), total);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 const char* launch_pack_signs(const PackArgs& p, int dtype, cudaStream_t stream) {
-  const int threads = 256;
-  const long long want = (p.total + threads - 1) / threads;
-  const unsigned blocks = (unsigned)(want < 65535 * 8 ? want : 65535 * 8);
+  const unsigned blocks = grid_stride_blocks(p.total);
+  constexpr int threads = kElementwiseThreads;
   switch (dtype) {
     case kPackFloat32: pack_signs_kernel<float><<<blocks, threads, 0, stream>>>(p); break;
     case kPackFloat16: pack_signs_kernel<__half><<<blocks, threads, 0, stream>>>(p); break;

@@ -653,11 +653,6 @@ BNAS_HD bool sign_is_plus_bits16(uint16_t v, int man_bits) {
 }
 constexpr int kHalfManBits = 10, kBf16ManBits = 7;
 
-// 16-bit storage types of the emulator (the device uses __half / __nv_bfloat16).
-struct HostHalf { uint16_t bits; };
-struct HostBf16 { uint16_t bits; };
-BNAS_HD bool sign_is_plus(HostHalf v) { return sign_is_plus_bits16(v.bits, kHalfManBits); }
-BNAS_HD bool sign_is_plus(HostBf16 v) { return sign_is_plus_bits16(v.bits, kBf16ManBits); }
 #ifdef __CUDACC__
 __device__ __forceinline__ bool sign_is_plus(__half v) { return sign_is_plus_bits16(__half_as_ushort(v), kHalfManBits); }
 __device__ __forceinline__ bool sign_is_plus(__nv_bfloat16 v) {
