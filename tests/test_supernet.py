@@ -83,6 +83,11 @@ def randomise_bn(module: nn.Module, seed: int = 0) -> None:
                 bn.bias.data.copy_(torch.randn(bn.bias.shape, generator=gen) * 0.1)
 
 
+def without_widths(name: str) -> str:
+    """A shared-table name less its widths (its last part): every width of one module."""
+    return name.rsplit("/", 1)[0]
+
+
 def path_names(supernet: Supernet, network: nn.Module) -> set[str]:
     """The shared-table names of the modules ``network`` is made of."""
     ids = {id(m) for m in network.modules()}
@@ -119,12 +124,53 @@ def test_shared_network_uses_the_supernets_tensors(supernet: Supernet) -> None:
     assert a.body[0].edges["n0_0"].__class__.__name__ != "Identity"
     assert a.body[0].edges["n1_1"] is not b.body[0].edges["n1_1"]  # max_pool vs binary_conv
     assert len(a.body) == 2 and len(b.body) == 3
-    # Another width: nothing shared in the body.
-    c = supernet.network(supernet.genotype(choices(supernet, channels=6)))
-    body_a = {id(p) for p in a.body.parameters()}
-    assert body_a and not body_a & {id(p) for p in c.body.parameters()}
+    # Another width: other modules, whose tensors are the leading blocks of the wider's.
+    c = supernet.network(supernet.genotype(choices(supernet, channels=6, normal__n1__e1__op="max_pool_3x3")))
+    body_a, body_c = dict(a.body.named_parameters()), dict(c.body.named_parameters())
+    common = body_a.keys() & body_c.keys()  # the wider one also aligns its cell inputs to 6
+    assert len(common) > 10 and not {id(p) for p in body_a.values()} & {id(p) for p in body_c.values()}
+    for name in common:
+        narrow = body_a[name]
+        wide = body_c[name]
+        assert narrow.untyped_storage().data_ptr() == wide.untyped_storage().data_ptr(), name
+        assert torch.equal(narrow, wide[tuple(slice(0, n) for n in narrow.shape)]), name
     # Cached by architecture.
     assert supernet.network(supernet.genotype(choices(supernet, stage0_cells=2))) is b
+
+
+def test_widths_are_one_tensor_sliced(supernet: Supernet, space: SearchSpace) -> None:
+    groups: dict[str, list[int]] = {}
+    for name, module in supernet.shared.items():
+        groups.setdefault(without_widths(name), []).append(sum(p.numel() for p in module.parameters()))
+    # Each module less its widths is stored once, at its widest.
+    assert supernet.num_params() == sum(max(sizes) for sizes in groups.values())
+    assert supernet.num_params() < sum(p.numel() for p in supernet.parameters())
+    narrow_name = next(k for k in supernet.shared if k.startswith("s0%2Ep0/n0%2Ee0/binary_conv") and k.endswith("/4>4"))
+    wide_name = narrow_name[: -len("4>4")] + "6>6"
+    narrow, wide = supernet.shared[narrow_name], supernet.shared[wide_name]
+    # Moving or casting the supernet keeps the ties.
+    supernet.to(torch.float64)
+    (nw, narrow_w), (_, wide_w) = next(
+        ((n, p), (n2, q))
+        for (n, p), (n2, q) in zip(narrow.named_parameters(), wide.named_parameters(), strict=True)
+        if p.dim() == 4
+    )
+    assert narrow_w.dtype == torch.float64 and narrow_w.untyped_storage().data_ptr() == wide_w.untyped_storage().data_ptr()
+    supernet.to(torch.float32)
+    # A step on the narrow path writes the wide weight's leading block, nothing else of it.
+    before = wide_w.detach().clone()
+    recipe = supernet_recipe(space)
+    optimizer = make_supernet_optimizer(supernet, recipe)
+    # The reduce cell reads the first cell (in1), so the first cell's edges get gradients.
+    path = choices(supernet, channels=4, normal__n0__e0__op="binary_conv_3x3", reduce__n0__e0__input="in1")
+    assert narrow in set(supernet.network(supernet.genotype(path)).modules())
+    supernet_step(supernet, path, torch.randn(8, *space.input), torch.randint(0, 4, (8,)), optimizer, recipe)
+    after = wide_w.detach()
+    assert not torch.equal(before[:4, :4], after[:4, :4]), nw
+    outside = torch.ones_like(after, dtype=torch.bool)
+    outside[:4, :4] = False
+    assert torch.equal(before[outside], after[outside])
+    assert torch.equal(narrow_w.detach(), after[:4, :4])
 
 
 def test_sampling_covers_the_space_and_needs_no_new_modules(supernet: Supernet, space: SearchSpace) -> None:
@@ -274,13 +320,15 @@ def test_step_changes_only_the_sampled_path(supernet: Supernet, space: SearchSpa
     assert layers
     for layer in layers:  # a clip value H the step must enforce on the path
         layer.latent_clip_value = 0.01
-    layers[0].weight.data.view(-1)[0] = 5.0
+    layers[0].weight.data[(0,) * layers[0].weight.dim()] = 5.0
     before = snapshot(supernet)
     supernet_step(supernet, path, x, y, optimizer, recipe)
     after = supernet.state_dict()
     on_path = path_names(supernet, net)
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
-    assert changed and changed <= on_path
+    # The path's modules, and the other widths of them (the same storage, sliced).
+    assert changed & on_path
+    assert {without_widths(k) for k in changed} <= {without_widths(k) for k in on_path}
     assert all(name.startswith(("stem", "head", "s0%2Ep0", "s1%2Ep0", "s1%2Ep1")) for name in changed)
     for layer in layers:
         assert layer.weight.abs().max() <= 0.01

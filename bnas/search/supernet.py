@@ -20,9 +20,15 @@ What a shared module's weights mean is its key (see ``bnas.builder._build``):
   cell's width; for a residual, the input and output shapes; for the stem and head, the
   entry's index, its op and its widths.
 
-Widths are not sliced out of one widest tensor (as once-for-all networks do): bnas ops come
-from arbitrary registered factories, which gives no generic way to slice one. Each width
-choice gets its own modules: one supernet per width, sharing nothing across widths.
+Widths are sliced out of one widest tensor, as once-for-all networks do. Modules whose keys
+differ only in their widths (the key's last part, ``16>16`` or ``32x14x14>24``) are made
+separately, since bnas ops come from arbitrary registered factories and only a factory knows
+how a width shapes its module; then each tensor of a narrower one is re-pointed at the
+leading block of the same tensor of the widest (``_tie_widths``): a conv weight
+``[16, 16, 3, 3]`` is ``widest[:16, :16]``, a BatchNorm's statistics ``widest[:16]``. A
+narrow path thus trains the first channels of the wide one, every width training the same
+storage. Each width keeps its own optimiser state. Tensors whose trailing dimensions (past
+the first two) differ, or whose shapes no single member covers, are left untied.
 
 Every module a genotype of the space can use is made when the supernet is (so the optimiser
 sees every parameter from the start and the state_dict never changes shape); a genotype
@@ -154,7 +160,52 @@ class Supernet(nn.Module):
         for choices in self._covering():
             _build(self.genotype(choices), provider=self._provide)
         self._building = False
+        self._tie_widths()
         log.info("supernet of %s: %d shared modules, %d parameters", space.name, len(self.shared), self.num_params())
+
+    # -- widths: narrower modules are views of the widest ---------------------------------
+    def _width_groups(self) -> list[list[tuple[str, Tensor, nn.Module, str, bool]]]:
+        """Tensors to tie: per (key without its widths, tensor name, dimensions past the first
+        two), every module's tensor as ``(full name, tensor, owner, attribute, is_parameter)``."""
+        groups: dict[tuple[str, str, tuple[int, ...]], list[tuple[str, Tensor, nn.Module, str, bool]]] = {}
+        for name, module in self.shared.items():
+            prefix = name.rsplit("/", 1)[0]
+            for owner_name, owner in module.named_modules():
+                tensors = [(n, t, True) for n, t in owner._parameters.items() if t is not None]
+                tensors += [(n, t, False) for n, t in owner._buffers.items() if t is not None]
+                for attr, tensor, is_param in tensors:
+                    if tensor.dim() == 0 or not tensor.is_floating_point():
+                        continue  # counters (num_batches_tracked) stay per module
+                    local = f"{owner_name}.{attr}" if owner_name else attr
+                    sig = (prefix, local, tuple(tensor.shape[2:]))
+                    groups.setdefault(sig, []).append((f"{name}.{local}", tensor, owner, attr, is_param))
+        return [members for members in groups.values() if len(members) > 1]
+
+    def _tie_widths(self) -> None:
+        """Point every narrower tensor at the leading block of its group's widest one (module doc)."""
+        tied = 0
+        for members in self._width_groups():
+            widest = max(members, key=lambda m: m[1].numel())[1]
+            if not all(all(a <= b for a, b in zip(t.shape, widest.shape, strict=True)) for _, t, *_ in members):
+                log.debug("untied (no member covers the others): %s", ", ".join(m[0] for m in members))
+                continue
+            for _, tensor, owner, attr, is_param in members:
+                if tensor is widest:
+                    continue
+                block = widest.detach()[tuple(slice(0, n) for n in tensor.shape)]
+                if is_param:
+                    tensor.data = block
+                else:
+                    owner._buffers[attr] = block
+                tied += 1
+        self._tied = tied
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Supernet:
+        # Moving or casting copies every tensor on its own, views included: tie them again.
+        super()._apply(fn, recurse)
+        if not self._building:
+            self._tie_widths()
+        return self
 
     # -- the table --------------------------------------------------------------------
     def _provide(self, key: str, make: Callable[[], nn.Module]) -> nn.Module:
@@ -172,7 +223,14 @@ class Supernet(nn.Module):
         return module
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Distinct trainable numbers: a narrower width's tensors are views of the widest's."""
+        storages: dict[int, int] = {}
+        for p in self.parameters():
+            storage = p.untyped_storage()
+            storages[storage.data_ptr()] = max(
+                storages.get(storage.data_ptr(), 0), storage.nbytes() // p.element_size()
+            )
+        return sum(storages.values())
 
     @property
     def device(self) -> torch.device:
@@ -296,7 +354,7 @@ def make_supernet_optimizer(supernet: Supernet, recipe: Recipe) -> torch.optim.O
     Paths leave the gradients of the modules they skip at None (``zero_grad(set_to_none)``),
     which Adam and SGD skip entirely: no step, no decay, no moment update off the path.
     """
-    return make_optimizer(supernet, recipe)
+    return make_optimizer(supernet, recipe, allow_fused=False)  # narrower widths are strided views
 
 
 @dataclass

@@ -51,8 +51,12 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     ]
 
 
-def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD over ``param_groups``, as ``recipe.optimizer`` names."""
+def make_optimizer(model: nn.Module, recipe: Recipe, *, allow_fused: bool = True) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD over ``param_groups``, as ``recipe.optimizer`` names.
+
+    ``allow_fused=False`` keeps Adam off its fused kernel, which treats every parameter as
+    one contiguous run of memory: a parameter that is a strided view (a supernet's narrower
+    width, sliced out of the widest tensor) would have the wrong elements updated."""
     opt = recipe.optimizer
     groups = param_groups(model, recipe)
     name = opt.get("name", "adam")
@@ -61,7 +65,7 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
         # The fused kernel does Adam's element-wise update in one pass per tensor: on CPU it
         # roughly halves the optimiser's share of a step for large binary MLPs.
-        fused = bool(devices) and devices <= {"cpu", "cuda"}
+        fused = allow_fused and bool(devices) and devices <= {"cpu", "cuda"}
         return cls(
             groups,
             lr=recipe.lr,
