@@ -12,12 +12,17 @@ trials scored with its weights, the best ``--retrain-top`` retrained from scratc
 tested). Each route's CPU seconds (this process, one thread) count everything: supernet,
 search and retraining. The summary line gives both test accuracies and the CPU ratio.
 
-    python benchmarks/search_efficiency.py --oneshot [--trials 20] [--supernet-epochs 8]
+    python benchmarks/search_efficiency.py --oneshot [--trials 40] [--supernet-epochs 8]
         [--oneshot-trials 100] [--retrain-top 3] [--seeds 0]
+
+The two routes can run as two processes, one core each (``--route per_trial --save F``, then
+``--route oneshot --per-trial F``, or both at once): each route's CPU seconds are its own
+process's, so they do not depend on the other one running beside it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -51,63 +56,105 @@ def _best_retrained(study: Any, cfg: SearchConfig, data: Any) -> dict[str, Any]:
             "retrained": len(results)}
 
 
+def per_trial_route(space: Any, seed: int, data: Any, folder: Path, trials: int) -> dict[str, Any]:
+    """Every trial trains; the best is retrained from scratch and tested."""
+    cpu0 = time.process_time()
+    cfg = SearchConfig(space=space, out=folder / "per-trial", trials=trials, seed=seed, progress=False,
+                       retrain_top=1)
+    study = run_search_study(cfg)
+    search_cpu = time.process_time() - cpu0
+    row = {"route": "per_trial", "trials": trials, "search_cpu_s": round(search_cpu, 1),
+           **_best_retrained(study, cfg, data)}
+    row["cpu_s"] = round(time.process_time() - cpu0, 1)
+    return row
+
+
+def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One supernet, trials scored with its weights, the best K retrained from scratch."""
+    cpu0 = time.process_time()
+    train_supernet(space, folder / "supernet", epochs=args.supernet_epochs, seed=seed, data=data)
+    supernet_cpu = time.process_time() - cpu0
+    cfg = SearchConfig(space=space, out=folder / "oneshot", trials=args.oneshot_trials, seed=seed,
+                       progress=False, supernet=folder / "supernet" / SUPERNET_FILE,
+                       retrain_top=args.retrain_top)
+    study = run_search_study(cfg)
+    search_cpu = time.process_time() - cpu0 - supernet_cpu
+    row = {"route": "oneshot", "trials": args.oneshot_trials, "supernet_epochs": args.supernet_epochs,
+           "supernet_cpu_s": round(supernet_cpu, 1), "search_cpu_s": round(search_cpu, 1),
+           **_best_retrained(study, cfg, data)}
+    row["cpu_s"] = round(time.process_time() - cpu0, 1)
+    return row
+
+
+def _saved_per_trial(path: Path, space: Any, seed: int) -> dict[str, Any]:
+    """The per-trial line of ``seed`` that ``--route per_trial --save`` wrote to ``path``."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("route") == "per_trial" and row.get("seed") == seed and row.get("space") == space.name:
+            return row
+    raise SystemExit(f"--per-trial {path}: no per-trial line for space {space.name!r}, seed {seed}; "
+                     "run --route per_trial --save FILE with the same --seeds first")
+
+
 def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
     space = load_space(args.space or str(REPO / "search_spaces" / "fashion_mnist_cells.yaml"))
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
         data = search_data(space, seed)
+        head = {"benchmark": "search_efficiency_oneshot", "space": space.name, "seed": seed}
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            # Per-trial route: every trial trains; the best is retrained from scratch and tested.
-            cpu0 = time.process_time()
-            cfg = SearchConfig(space=space, out=folder / "per-trial", trials=args.trials, seed=seed, progress=False,
-                               retrain_top=1)
-            study = run_search_study(cfg)
-            search_cpu = time.process_time() - cpu0
-            per_trial = {"route": "per_trial", "trials": args.trials, "search_cpu_s": round(search_cpu, 1),
-                         **_best_retrained(study, cfg, data)}
-            per_trial["cpu_s"] = round(time.process_time() - cpu0, 1)
-            emit({"benchmark": "search_efficiency_oneshot", "space": space.name, "seed": seed, **per_trial})
-            # One-shot route: one supernet, trials scored with its weights, the best K retrained.
-            cpu0 = time.process_time()
-            train_supernet(space, folder / "supernet", epochs=args.supernet_epochs, seed=seed, data=data)
-            supernet_cpu = time.process_time() - cpu0
-            cfg = SearchConfig(space=space, out=folder / "oneshot", trials=args.oneshot_trials, seed=seed,
-                               progress=False, supernet=folder / "supernet" / SUPERNET_FILE,
-                               retrain_top=args.retrain_top)
-            study = run_search_study(cfg)
-            search_cpu = time.process_time() - cpu0 - supernet_cpu
-            oneshot = {"route": "oneshot", "trials": args.oneshot_trials, "supernet_epochs": args.supernet_epochs,
-                       "supernet_cpu_s": round(supernet_cpu, 1), "search_cpu_s": round(search_cpu, 1),
-                       **_best_retrained(study, cfg, data)}
-            oneshot["cpu_s"] = round(time.process_time() - cpu0, 1)
-            emit({"benchmark": "search_efficiency_oneshot", "space": space.name, "seed": seed, **oneshot})
-            rows.append((per_trial, oneshot))
-    for seed, (base, ours) in zip(args.seeds, rows, strict=True):
+            folder = Path(args.keep) / f"seed{seed}" if args.keep else Path(tmp)
+            if args.keep and folder.exists():
+                raise SystemExit(f"--keep {args.keep}: {folder} exists; choose an empty folder")
+            per_trial = oneshot = None
+            if args.route in ("both", "per_trial"):
+                per_trial = {**head, **per_trial_route(space, seed, data, folder, args.trials)}
+                emit(per_trial)
+                if args.save:
+                    with open(args.save, "a", encoding="utf-8") as out:
+                        out.write(json.dumps(per_trial) + "\n")
+            elif args.per_trial:
+                per_trial = _saved_per_trial(Path(args.per_trial), space, seed)
+            if args.route in ("both", "oneshot"):
+                oneshot = {**head, **oneshot_route(space, seed, data, folder, args)}
+                emit(oneshot)
+            if per_trial and oneshot:
+                rows.append((seed, per_trial, oneshot))
+    for seed, base, ours in rows:
         emit({"benchmark": "search_efficiency_oneshot", "summary": True, "space": space.name, "seed": seed,
-              "baseline": "per_trial", "baseline_test_acc": base["retrained_test_acc"], "baseline_cpu_s": base["cpu_s"],
+              "baseline": "per_trial", "baseline_trials": base["trials"],
+              "baseline_test_acc": base["retrained_test_acc"], "baseline_cpu_s": base["cpu_s"],
               "ours": "oneshot", "ours_test_acc": ours["retrained_test_acc"], "ours_cpu_s": ours["cpu_s"],
               "cpu_ratio_ours_over_baseline": round(ours["cpu_s"] / base["cpu_s"], 3),
               "reached_baseline_acc": ours["retrained_test_acc"] >= base["retrained_test_acc"],
+              "meets_one_fifth": ours["retrained_test_acc"] >= base["retrained_test_acc"]
+              and ours["cpu_s"] <= base["cpu_s"] / 5,
               "loadavg": os.getloadavg(), **machine()})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", help="default: quickstart (pruning) or fashion_mnist_cells (--oneshot)")
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=None, help="default 20 (pruning) or 40 (--oneshot)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (pruning) or 0 (--oneshot)")
     parser.add_argument("--oneshot", action="store_true", help="compare the one-shot route with the per-trial one")
     parser.add_argument("--supernet-epochs", type=int, default=8)
     parser.add_argument("--oneshot-trials", type=int, default=100)
     parser.add_argument("--retrain-top", type=int, default=3)
+    parser.add_argument("--route", choices=("both", "per_trial", "oneshot"), default="both",
+                        help="--oneshot: run both routes, or one (see --save and --per-trial)")
+    parser.add_argument("--save", help="--route per_trial: append its JSON line to this file")
+    parser.add_argument("--keep", help="--oneshot: keep the runs (supernet, studies, retrainings) in DIR/seedS")
+    parser.add_argument("--per-trial", help="--route oneshot: compare with the per-trial line saved in this file")
     args = parser.parse_args()
     if args.oneshot:
         args.seeds = args.seeds or [0]
+        args.trials = args.trials or 40
         oneshot_vs_per_trial(args)
         return
     args.seeds = args.seeds or [0, 1, 2]
+    args.trials = args.trials or 20
     space = load_space(args.space or str(REPO / "search_spaces" / "quickstart.yaml"))
     results: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     for seed in args.seeds:
