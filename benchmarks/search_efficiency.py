@@ -15,9 +15,9 @@ search and retraining. The summary line gives both test accuracies and the CPU r
     python benchmarks/search_efficiency.py --oneshot [--trials 40] [--supernet-epochs 8]
         [--oneshot-trials 100] [--retrain-top 3] [--seeds 0]
 
-The two routes can run as two processes, one core each (``--route per_trial --save F``, then
-``--route oneshot --per-trial F``, or both at once): each route's CPU seconds are its own
-process's, so they do not depend on the other one running beside it.
+The two routes can run as two processes, one core each (``--route per_trial > A`` and
+``--route oneshot > B``, then ``--summarize A B``): each route's CPU seconds are its own
+process's.
 """
 from __future__ import annotations
 
@@ -86,14 +86,32 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
     return row
 
 
-def _saved_per_trial(path: Path, space: Any, seed: int) -> dict[str, Any]:
-    """The per-trial line of ``seed`` that ``--route per_trial --save`` wrote to ``path``."""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("route") == "per_trial" and row.get("seed") == seed and row.get("space") == space.name:
-            return row
-    raise SystemExit(f"--per-trial {path}: no per-trial line for space {space.name!r}, seed {seed}; "
-                     "run --route per_trial --save FILE with the same --seeds first")
+def summarize(files: list[str]) -> None:
+    """The summary lines of route lines printed earlier (``--route per_trial`` and
+    ``--route oneshot`` run as two processes), paired by space and seed."""
+    routes: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for name in files:
+        for line in Path(name).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("benchmark") == "search_efficiency_oneshot" and "route" in row:
+                routes.setdefault((row["space"], row["seed"]), {})[row["route"]] = row
+    pairs = [(key, got) for key, got in sorted(routes.items()) if {"per_trial", "oneshot"} <= got.keys()]
+    if not pairs:
+        raise SystemExit(f"--summarize {' '.join(files)}: no space and seed with both a per_trial and a oneshot line")
+    for (space, seed), got in pairs:
+        emit(_summary(space, seed, got["per_trial"], got["oneshot"]))
+
+
+def _summary(space: str, seed: int, base: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    reached = ours["retrained_test_acc"] >= base["retrained_test_acc"]
+    return {"benchmark": "search_efficiency_oneshot", "summary": True, "space": space, "seed": seed,
+            "baseline": "per_trial", "baseline_trials": base["trials"],
+            "baseline_test_acc": base["retrained_test_acc"], "baseline_cpu_s": base["cpu_s"],
+            "ours": "oneshot", "ours_trials": ours["trials"], "ours_supernet_epochs": ours["supernet_epochs"],
+            "ours_test_acc": ours["retrained_test_acc"], "ours_cpu_s": ours["cpu_s"],
+            "cpu_ratio_ours_over_baseline": round(ours["cpu_s"] / base["cpu_s"], 3),
+            "reached_baseline_acc": reached, "meets_one_fifth": reached and ours["cpu_s"] <= base["cpu_s"] / 5,
+            "loadavg": os.getloadavg(), **machine()}
 
 
 def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
@@ -111,26 +129,13 @@ def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
             if args.route in ("both", "per_trial"):
                 per_trial = {**head, **per_trial_route(space, seed, data, folder, args.trials)}
                 emit(per_trial)
-                if args.save:
-                    with open(args.save, "a", encoding="utf-8") as out:
-                        out.write(json.dumps(per_trial) + "\n")
-            elif args.per_trial:
-                per_trial = _saved_per_trial(Path(args.per_trial), space, seed)
             if args.route in ("both", "oneshot"):
                 oneshot = {**head, **oneshot_route(space, seed, data, folder, args)}
                 emit(oneshot)
             if per_trial and oneshot:
                 rows.append((seed, per_trial, oneshot))
     for seed, base, ours in rows:
-        emit({"benchmark": "search_efficiency_oneshot", "summary": True, "space": space.name, "seed": seed,
-              "baseline": "per_trial", "baseline_trials": base["trials"],
-              "baseline_test_acc": base["retrained_test_acc"], "baseline_cpu_s": base["cpu_s"],
-              "ours": "oneshot", "ours_test_acc": ours["retrained_test_acc"], "ours_cpu_s": ours["cpu_s"],
-              "cpu_ratio_ours_over_baseline": round(ours["cpu_s"] / base["cpu_s"], 3),
-              "reached_baseline_acc": ours["retrained_test_acc"] >= base["retrained_test_acc"],
-              "meets_one_fifth": ours["retrained_test_acc"] >= base["retrained_test_acc"]
-              and ours["cpu_s"] <= base["cpu_s"] / 5,
-              "loadavg": os.getloadavg(), **machine()})
+        emit(_summary(space.name, seed, base, ours))
 
 
 def main() -> None:
@@ -144,10 +149,13 @@ def main() -> None:
     parser.add_argument("--retrain-top", type=int, default=3)
     parser.add_argument("--route", choices=("both", "per_trial", "oneshot"), default="both",
                         help="--oneshot: run both routes, or one (see --save and --per-trial)")
-    parser.add_argument("--save", help="--route per_trial: append its JSON line to this file")
     parser.add_argument("--keep", help="--oneshot: keep the runs (supernet, studies, retrainings) in DIR/seedS")
-    parser.add_argument("--per-trial", help="--route oneshot: compare with the per-trial line saved in this file")
+    parser.add_argument("--summarize", nargs="+", metavar="FILE",
+                        help="--oneshot: the summary of route lines saved from two --route runs")
     args = parser.parse_args()
+    if args.oneshot and args.summarize:
+        summarize(args.summarize)
+        return
     if args.oneshot:
         args.seeds = args.seeds or [0]
         args.trials = args.trials or 40

@@ -1,0 +1,62 @@
+"""benchmarks/search_efficiency.py --oneshot --summarize: the summary of two route runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "search_efficiency.py"
+
+
+def route(name: str, seed: int, acc: float, cpu: float, **extra: object) -> str:
+    row = {
+        "benchmark": "search_efficiency_oneshot",
+        "space": "fashion_mnist_cells",
+        "seed": seed,
+        "route": name,
+        "trials": 40 if name == "per_trial" else 50,
+        "retrained_test_acc": acc,
+        "cpu_s": cpu,
+        **extra,
+    }
+    return json.dumps(row)
+
+
+def summarize(*files: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--oneshot", "--summarize", *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_summary_pairs_routes_by_seed(tmp_path: Path) -> None:
+    per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
+    per_trial.write_text(route("per_trial", 0, 0.82, 4000.0) + "\n" + route("per_trial", 1, 0.83, 5000.0) + "\n")
+    oneshot.write_text(
+        route("oneshot", 0, 0.825, 760.0, supernet_epochs=3)
+        + "\n"
+        + route("oneshot", 1, 0.82, 900.0, supernet_epochs=3)
+        + "\n"
+    )
+    done = summarize(per_trial, oneshot)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["seed"] for r in rows] == [0, 1]
+    first, second = rows
+    assert first["cpu_ratio_ours_over_baseline"] == 0.19  # 760 / 4000
+    assert first["reached_baseline_acc"] and first["meets_one_fifth"]
+    assert second["cpu_ratio_ours_over_baseline"] == 0.18 and not second["reached_baseline_acc"]
+    assert not second["meets_one_fifth"]
+
+
+def test_summary_without_both_routes_says_so(tmp_path: Path) -> None:
+    only = tmp_path / "per_trial.jsonl"
+    only.write_text(route("per_trial", 0, 0.82, 4000.0) + "\n")
+    done = summarize(only)
+    assert done.returncode != 0
+    assert "no space and seed with both a per_trial and a oneshot line" in done.stderr
