@@ -173,6 +173,15 @@ def test_widths_are_one_tensor_sliced(supernet: Supernet, space: SearchSpace) ->
     assert torch.equal(narrow_w.detach(), after[:4, :4])
 
 
+def test_one_width_ties_nothing() -> None:
+    # Cell-input alignments reading the stem or a cell differ in their last key part too;
+    # they are not one module at two widths, so a one-width space keeps them apart.
+    supernet = Supernet(tiny_space(channels=[6]))  # the stem gives 4 channels, a cell 6
+    assert supernet._width_groups() and supernet._tied == 0
+    assert supernet.num_params() == sum(p.numel() for p in supernet.parameters())
+    assert make_supernet_optimizer(supernet, supernet_recipe(supernet.space)).defaults["fused"]
+
+
 def test_sampling_covers_the_space_and_needs_no_new_modules(supernet: Supernet, space: SearchSpace) -> None:
     names = list(supernet.state_dict())
     count = len(supernet.shared)

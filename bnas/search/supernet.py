@@ -22,13 +22,14 @@ What a shared module's weights mean is its key (see ``bnas.builder._build``):
 
 Widths are sliced out of one widest tensor, as once-for-all networks do. Modules whose keys
 differ only in their widths (the key's last part, ``16>16`` or ``32x14x14>24``) are made
-separately, since bnas ops come from arbitrary registered factories and only a factory knows
-how a width shapes its module; then each tensor of a narrower one is re-pointed at the
-leading block of the same tensor of the widest (``_tie_widths``): a conv weight
-``[16, 16, 3, 3]`` is ``widest[:16, :16]``, a BatchNorm's statistics ``widest[:16]``. A
-narrow path thus trains the first channels of the wide one, every width training the same
-storage. Each width keeps its own optimiser state. Tensors whose trailing dimensions (past
-the first two) differ, or whose shapes no single member covers, are left untied.
+separately, since bnas ops come from arbitrary registered factories and only a factory
+knows how a width shapes its module. Then, in a space with a choice of widths, each tensor
+of a narrower one is re-pointed at the leading block of the same tensor of the widest
+(``_tie_widths``): a conv weight ``[16, 16, 3, 3]`` is ``widest[:16, :16]``, a BatchNorm's
+statistics ``widest[:16]``. A narrow path thus trains the first channels of the wide one,
+every width training the same storage; each width keeps its own optimiser state. Tensors
+whose trailing dimensions (past the first two) differ, or whose shapes no single member
+covers, are left untied.
 
 Every module a genotype of the space can use is made when the supernet is (so the optimiser
 sees every parameter from the start and the state_dict never changes shape); a genotype
@@ -165,9 +166,9 @@ class Supernet(nn.Module):
 
     # -- widths: narrower modules are views of the widest ---------------------------------
     def _width_groups(self) -> list[list[tuple[str, Tensor, nn.Module, str, bool]]]:
-        """Tensors to tie: per (key without its widths, tensor name, dimensions past the first
+        """Tensors to tie: per (key without its widths, tensor name, rank, dimensions past the first
         two), every module's tensor as ``(full name, tensor, owner, attribute, is_parameter)``."""
-        groups: dict[tuple[str, str, tuple[int, ...]], list[tuple[str, Tensor, nn.Module, str, bool]]] = {}
+        groups: dict[tuple[str, str, int, tuple[int, ...]], list[tuple[str, Tensor, nn.Module, str, bool]]] = {}
         for name, module in self.shared.items():
             prefix = name.rsplit("/", 1)[0]
             for owner_name, owner in module.named_modules():
@@ -177,13 +178,20 @@ class Supernet(nn.Module):
                     if tensor.dim() == 0 or not tensor.is_floating_point():
                         continue  # counters (num_batches_tracked) stay per module
                     local = f"{owner_name}.{attr}" if owner_name else attr
-                    sig = (prefix, local, tuple(tensor.shape[2:]))
+                    sig = (prefix, local, tensor.dim(), tuple(tensor.shape[2:]))
                     groups.setdefault(sig, []).append((f"{name}.{local}", tensor, owner, attr, is_param))
         return [members for members in groups.values() if len(members) > 1]
 
     def _tie_widths(self) -> None:
-        """Point every narrower tensor at the leading block of its group's widest one (module doc)."""
+        """Point every narrower tensor at the leading block of its group's widest one (module doc).
+
+        Only in a space with a choice of widths: with one width, the only keys that differ
+        in their last part are cell-input alignments reading inputs of different widths (the
+        stem or a cell), which are not one module at two widths."""
         tied = 0
+        if not any(_is_width(k) and len(v) > 1 for k, v in self._lists.items()):
+            self._tied = 0
+            return
         for members in self._width_groups():
             widest = max(members, key=lambda m: m[1].numel())[1]
             if not all(all(a <= b for a, b in zip(t.shape, widest.shape, strict=True)) for _, t, *_ in members):
@@ -354,7 +362,8 @@ def make_supernet_optimizer(supernet: Supernet, recipe: Recipe) -> torch.optim.O
     Paths leave the gradients of the modules they skip at None (``zero_grad(set_to_none)``),
     which Adam and SGD skip entirely: no step, no decay, no moment update off the path.
     """
-    return make_optimizer(supernet, recipe, allow_fused=False)  # narrower widths are strided views
+    # Narrower widths are strided views, which Adam's fused kernel would update as contiguous.
+    return make_optimizer(supernet, recipe, allow_fused=not supernet._tied)
 
 
 @dataclass
