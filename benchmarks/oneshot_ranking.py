@@ -12,6 +12,9 @@ on stdout: one per architecture, then a summary; progress on stderr.
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
         [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill]]
         [--calibration-batches 8] [--standalone-cache FILE] [--threads 1]
+
+The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
+accuracy with the inherited weights, and their validation loss (`*_by_loss`, lower ranks higher).
 """
 
 from __future__ import annotations
@@ -217,7 +220,8 @@ def supernet_phase(
     cpu1 = time.process_time()
     calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernet.device)
     for i, arch in enumerate(archs):
-        arch["supernet_acc"] = float(score(supernet, arch["genotype"], data, calibration=calibration))
+        acc, loss = score(supernet, arch["genotype"], data, calibration=calibration, with_loss=True)
+        arch["supernet_acc"], arch["supernet_loss"] = float(acc), float(loss)
         log.info(
             "scored %d/%d: %s supernet %.4f stand-alone %.4f",
             i + 1,
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
                 "standalone_cpu_s": arch["standalone"]["cpu_s"],
                 "cached": arch["cached"],
                 "supernet_val_acc": arch.get("supernet_acc"),
+                "supernet_val_loss": arch.get("supernet_loss"),
             }
         )
     summary: dict[str, Any] = {
@@ -347,9 +352,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     if not args.standalone_only:
         summary.update(info, calibration_batches=args.calibration_batches)
-        summary.update(
-            rank_correlations([a["standalone"]["val_acc"] for a in archs], [a["supernet_acc"] for a in archs])
-        )
+        standalone = [a["standalone"]["val_acc"] for a in archs]
+        summary.update(rank_correlations(standalone, [a["supernet_acc"] for a in archs]))
+        # Ranking by the inherited weights' validation loss (lower is better) instead of accuracy.
+        by_loss = rank_correlations(standalone, [-a["supernet_loss"] for a in archs])
+        summary.update({f"{k}_by_loss": v for k, v in by_loss.items()})
     summary.update(load_average=[round(v, 2) for v in os.getloadavg()], **machine())
     emit(summary)
 

@@ -111,6 +111,13 @@ def test_ranking_run_then_rerun_from_the_cache(tmp_path: Path, capsys: pytest.Ca
     else:
         assert -1.0 <= summary["spearman_rho"] <= 1.0
         assert summary["spearman_rho"] == pytest.approx(rho, abs=1e-4)
+    # Ranked by the inherited validation loss as well (lower loss ranks higher).
+    by_loss = kendalltau(standalone, [-a["supernet_val_loss"] for a in archs]).statistic
+    if summary["kendall_tau_by_loss"] is None:
+        assert by_loss != by_loss
+    else:
+        assert summary["kendall_tau_by_loss"] == pytest.approx(by_loss, abs=1e-4)
+    assert all(a["supernet_val_loss"] > 0 for a in archs)
     # The cache holds every arch, keyed by hash, with the printed accuracies.
     stored = json.loads(cache.read_text())
     assert stored["seed"] == 3 and sorted(stored["archs"]) == sorted(a["hash"] for a in archs)
