@@ -10,7 +10,7 @@ inherited weights), and Kendall tau and Spearman rho between the two are reporte
 on stdout: one per architecture, then a summary; progress on stderr.
 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
-        [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill]]
+        [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill] [--widths W]]
         [--calibration-batches 8] [--standalone-cache FILE] [--threads 1]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
@@ -184,6 +184,7 @@ def supernet_phase(
             supernet=str(args.supernet),
             supernet_epochs=meta.get("epochs"),
             distill=meta.get("distill"),
+            widths=meta.get("widths"),
             supernet_seed=meta.get("seed"),
             supernet_train_cpu_s=0.0,
         )
@@ -205,6 +206,7 @@ def supernet_phase(
             epochs=args.supernet_epochs,
             resume=resume,
             distill=args.distill,
+            widths=args.widths,
             device=args.device,
             seed=args.seed,
             data=data,
@@ -213,6 +215,7 @@ def supernet_phase(
             supernet=str(out / "supernet.pt"),
             supernet_epochs=args.supernet_epochs,
             distill=args.distill,
+            widths=args.widths,
             supernet_seed=args.seed,
             supernet_train_cpu_s=round(time.process_time() - cpu0, 2),
             supernet_resumed=resume,
@@ -235,7 +238,7 @@ def supernet_phase(
 
 
 def _default_supernet_out(space: SearchSpace, args: argparse.Namespace) -> Path:
-    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-seed{args.seed}"
+    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}-seed{args.seed}"
     return REPO / "runs" / BENCHMARK / tag
 
 
@@ -273,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     phase.add_argument("--supernet-epochs", type=int, default=None, help="train a supernet for E epochs here")
     phase.add_argument("--standalone-only", action="store_true", help="train and report the stand-alone phase only")
     parser.add_argument("--distill", action="store_true", help="with --supernet-epochs: in-place distillation")
+    parser.add_argument(
+        "--widths", choices=("separate", "sliced"), default="separate", help="with --supernet-epochs: its widths"
+    )
     parser.add_argument(
         "--supernet-out",
         default=None,

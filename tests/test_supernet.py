@@ -124,21 +124,30 @@ def test_shared_network_uses_the_supernets_tensors(supernet: Supernet) -> None:
     assert a.body[0].edges["n0_0"].__class__.__name__ != "Identity"
     assert a.body[0].edges["n1_1"] is not b.body[0].edges["n1_1"]  # max_pool vs binary_conv
     assert len(a.body) == 2 and len(b.body) == 3
-    # Another width: other modules, whose tensors are the leading blocks of the wider's.
+    # Another width: nothing shared in the body (widths="separate", the default).
+    c = supernet.network(supernet.genotype(choices(supernet, channels=6)))
+    body_a = {id(p) for p in a.body.parameters()}
+    assert body_a and not body_a & {id(p) for p in c.body.parameters()}
+    assert not {p.untyped_storage().data_ptr() for p in a.body.parameters()} & {
+        p.untyped_storage().data_ptr() for p in c.body.parameters()
+    }
+    assert supernet.num_params() == sum(p.numel() for p in supernet.parameters())
+    # Cached by architecture.
+    assert supernet.network(supernet.genotype(choices(supernet, stage0_cells=2))) is b
+
+
+def test_sliced_widths_are_one_tensor(space: SearchSpace) -> None:
+    torch.manual_seed(0)
+    supernet = Supernet(space, widths="sliced")
+    a = supernet.network(supernet.genotype(choices(supernet, normal__n1__e1__op="max_pool_3x3")))
     c = supernet.network(supernet.genotype(choices(supernet, channels=6, normal__n1__e1__op="max_pool_3x3")))
     body_a, body_c = dict(a.body.named_parameters()), dict(c.body.named_parameters())
     common = body_a.keys() & body_c.keys()  # the wider one also aligns its cell inputs to 6
     assert len(common) > 10 and not {id(p) for p in body_a.values()} & {id(p) for p in body_c.values()}
     for name in common:
-        narrow = body_a[name]
-        wide = body_c[name]
+        narrow, wide = body_a[name], body_c[name]
         assert narrow.untyped_storage().data_ptr() == wide.untyped_storage().data_ptr(), name
         assert torch.equal(narrow, wide[tuple(slice(0, n) for n in narrow.shape)]), name
-    # Cached by architecture.
-    assert supernet.network(supernet.genotype(choices(supernet, stage0_cells=2))) is b
-
-
-def test_widths_are_one_tensor_sliced(supernet: Supernet, space: SearchSpace) -> None:
     groups: dict[str, list[int]] = {}
     for name, module in supernet.shared.items():
         groups.setdefault(without_widths(name), []).append(sum(p.numel() for p in module.parameters()))
@@ -155,7 +164,9 @@ def test_widths_are_one_tensor_sliced(supernet: Supernet, space: SearchSpace) ->
         for (n, p), (n2, q) in zip(narrow.named_parameters(), wide.named_parameters(), strict=True)
         if p.dim() == 4
     )
-    assert narrow_w.dtype == torch.float64 and narrow_w.untyped_storage().data_ptr() == wide_w.untyped_storage().data_ptr()
+    assert (
+        narrow_w.dtype == torch.float64 and narrow_w.untyped_storage().data_ptr() == wide_w.untyped_storage().data_ptr()
+    )
     supernet.to(torch.float32)
     # A step on the narrow path writes the wide weight's leading block, nothing else of it.
     before = wide_w.detach().clone()
@@ -176,7 +187,7 @@ def test_widths_are_one_tensor_sliced(supernet: Supernet, space: SearchSpace) ->
 def test_one_width_ties_nothing() -> None:
     # Cell-input alignments reading the stem or a cell differ in their last key part too;
     # they are not one module at two widths, so a one-width space keeps them apart.
-    supernet = Supernet(tiny_space(channels=[6]))  # the stem gives 4 channels, a cell 6
+    supernet = Supernet(tiny_space(channels=[6]), widths="sliced")  # the stem gives 4 channels, a cell 6
     assert supernet._width_groups() and supernet._tied == 0
     assert supernet.num_params() == sum(p.numel() for p in supernet.parameters())
     assert make_supernet_optimizer(supernet, supernet_recipe(supernet.space)).defaults["fused"]
@@ -234,6 +245,11 @@ def test_a_pass_through_provider_builds_the_same_network(supernet: Supernet) -> 
         "s1.p0/residual/4x8x8>8x4x4",
         "s1.p1/residual/8x4x4>8x4x4",
     ]
+
+
+def test_unknown_widths_mode_is_refused(space: SearchSpace) -> None:
+    with pytest.raises(SupernetError, match=r"widths must be one of separate, sliced, got 'shared'"):
+        Supernet(space, widths="shared")
 
 
 def test_genotype_outside_the_space_is_refused(supernet: Supernet) -> None:
@@ -335,9 +351,7 @@ def test_step_changes_only_the_sampled_path(supernet: Supernet, space: SearchSpa
     after = supernet.state_dict()
     on_path = path_names(supernet, net)
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
-    # The path's modules, and the other widths of them (the same storage, sliced).
-    assert changed & on_path
-    assert {without_widths(k) for k in changed} <= {without_widths(k) for k in on_path}
+    assert changed and changed <= on_path
     assert all(name.startswith(("stem", "head", "s0%2Ep0", "s1%2Ep0", "s1%2Ep1")) for name in changed)
     for layer in layers:
         assert layer.weight.abs().max() <= 0.01

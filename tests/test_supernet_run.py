@@ -184,3 +184,20 @@ def test_extracted_weights_are_what_init_from_loads(tmp_path: Path) -> None:
     conv = [k for k in tuned if k.endswith("weight") and tuned[k].dim() == 4]
     assert conv and all(torch.allclose(tuned[k], model.state_dict()[k], atol=1e-6) for k in conv)
     assert report["epochs_run"] == 1
+
+
+def test_sliced_supernet_resumes_bit_identically_and_loads_sliced(tmp_path: Path) -> None:
+    space = load_space(space_file(tmp_path))
+    train_supernet(space, tmp_path / "straight", epochs=2, widths="sliced")
+    train_supernet(space, tmp_path / "split", epochs=1, widths="sliced")
+    with pytest.raises(SupernetError, match="widths 'sliced', not 'separate'"):
+        train_supernet(space, tmp_path / "split", epochs=2, resume=True)
+    train_supernet(space, tmp_path / "split", epochs=2, resume=True, widths="sliced")
+    same_weights(state(tmp_path / "straight" / SUPERNET_FILE), state(tmp_path / "split" / SUPERNET_FILE))
+    loaded = load_supernet(tmp_path / "split" / SUPERNET_FILE)
+    assert loaded.widths == "sliced" and loaded.meta["widths"] == "sliced" and loaded._tied > 0
+    # The loaded narrower tensors are views of the widest again, holding the saved values.
+    saved = state(tmp_path / "split" / SUPERNET_FILE)["model"]
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert loaded.num_params() < sum(p.numel() for p in loaded.parameters())

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import BnasError
 from ..search.space import load_space
+from ..search.supernet import WIDTHS
 from ..search.supernet_run import SUPERNET_FILE, train_supernet
 from .catalogs import add_catalog_argument, load_catalogs
 
@@ -36,6 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="in-place distillation: the largest path (widest, deepest) trains on the labels in every step "
         "and teaches the sampled path",
+    )
+    p.add_argument(
+        "--widths",
+        choices=WIDTHS,
+        default="separate",
+        help="separate (default): each width choice has its own weights; sliced: narrower widths are the "
+        "leading channels of the widest's weights",
     )
     p.add_argument("--lr", type=float, help="learning rate (default: the space's budget optimizer.lr)")
     p.add_argument("--seed", type=int, default=0, help="data split, initialisation and path sampling (default 0)")
@@ -72,6 +80,7 @@ def run_supernet(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         resume=args.resume,
         distill=args.distill,
+        widths=args.widths,
         device=args.device,
         seed=args.seed,
         data_root=args.data_root,

@@ -20,7 +20,11 @@ What a shared module's weights mean is its key (see ``bnas.builder._build``):
   cell's width; for a residual, the input and output shapes; for the stem and head, the
   entry's index, its op and its widths.
 
-Widths are sliced out of one widest tensor, as once-for-all networks do. Modules whose keys
+Widths: with ``widths="separate"`` (the default) every width choice has its own modules, one
+supernet per width sharing nothing across widths. With ``widths="sliced"`` they are sliced
+out of one widest tensor, as once-for-all networks do. On ``fashion_mnist_cells`` slicing
+trained paths to higher accuracy but ranked architectures worse (README, Results), hence
+the default. Modules whose keys
 differ only in their widths (the key's last part, ``16>16`` or ``32x14x14>24``) are made
 separately, since bnas ops come from arbitrary registered factories and only a factory
 knows how a width shapes its module. Then, in a space with a choice of widths, each tensor
@@ -67,6 +71,7 @@ __all__ = [
     "EpochStats",
     "Supernet",
     "SupernetError",
+    "WIDTHS",
     "calibration_batches",
     "extract",
     "make_supernet_optimizer",
@@ -80,6 +85,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Choices = dict[str, Any]
+
+# How a supernet holds a module at several widths (``Supernet(widths=...)``, module doc).
+WIDTHS = ("separate", "sliced")
 
 
 class SupernetError(BnasError):
@@ -145,11 +153,14 @@ class Supernet(nn.Module):
     combinations), some 20 s for ``bars_macro`` (486) on one CPU core.
     """
 
-    def __init__(self, space: SearchSpace, cache_size: int = 64):
+    def __init__(self, space: SearchSpace, cache_size: int = 64, widths: str = "separate"):
         super().__init__()
         if cache_size < 1:
             raise SupernetError(f"cache_size must be at least 1 (networks kept for reuse), got {cache_size}")
+        if widths not in WIDTHS:
+            raise SupernetError(f"widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
         self.space = space
+        self.widths = widths
         self.shared = nn.ModuleDict()
         self.cache_size = cache_size
         self._cache: OrderedDict[str, BinaryNetwork] = OrderedDict()
@@ -189,7 +200,7 @@ class Supernet(nn.Module):
         in their last part are cell-input alignments reading inputs of different widths (the
         stem or a cell), which are not one module at two widths."""
         tied = 0
-        if not any(_is_width(k) and len(v) > 1 for k, v in self._lists.items()):
+        if self.widths != "sliced" or not any(_is_width(k) and len(v) > 1 for k, v in self._lists.items()):
             self._tied = 0
             return
         for members in self._width_groups():

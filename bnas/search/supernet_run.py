@@ -156,6 +156,7 @@ class SupernetTrainer:
             "paths_rng": _random_state(self.paths_rng),
             "recipe": self.recipe.to_dict(),
             "distill": self.distill,
+            "widths": self.supernet.widths,
             "seed": self.seed,
             "dataset": self.data.name,
             "space_name": space.name,
@@ -172,12 +173,13 @@ class SupernetTrainer:
             ("space_fingerprint", self.supernet.space.fingerprint()),
             ("seed", self.seed),
             ("distill", self.distill),
+            ("widths", self.supernet.widths),
             ("dataset", self.data.name),
         ):
             if state.get(key) != mine:
                 raise SupernetError(
                     f"{where} was trained with {key} {state.get(key)!r}, not {mine!r}; resume it with the "
-                    f"same space file, --seed and --distill, or {advice}"
+                    f"same space file, --seed, --distill and --widths, or {advice}"
                 )
         changed = recipe_changes(state.get("recipe") or {}, self.recipe)
         if changed:
@@ -328,6 +330,7 @@ def train_supernet(
     epochs: int | None = None,
     resume: bool = False,
     distill: bool = False,
+    widths: str = "separate",
     device: str = "cpu",
     seed: int = 0,
     data_root: str | None = None,
@@ -360,7 +363,7 @@ def train_supernet(
     check_input_shape(probe_genotype(space), data)
     data = data.to(dev)
     seed_everything(seed)
-    supernet = Supernet(space)
+    supernet = Supernet(space, widths=widths)
     trainer = SupernetTrainer(
         supernet, data, recipe, out_dir, device=dev, seed=seed, distill=distill, monitor=monitor, progress=progress
     )
@@ -385,6 +388,7 @@ def _meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
         "seed": int(state.get("seed", 0)),
         "dataset": state.get("dataset", ""),
         "distill": bool(state.get("distill", False)),
+        "widths": str(state.get("widths", "separate")),
         "recipe": dict(state.get("recipe") or {}),
     }
 
@@ -417,7 +421,7 @@ def load_supernet(path: str | os.PathLike[str], space: SearchSpace | None = None
             f"({space.source or 'given in code'}): other choices, budget or constraints; train a supernet of "
             "this space with `bnas supernet SPACE --out RUN`"
         )
-    supernet = Supernet(space)
+    supernet = Supernet(space, widths=str(state.get("widths", "separate")))
     try:
         supernet.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
