@@ -24,13 +24,14 @@ Widths: with ``widths="separate"`` (the default) every width choice has its own 
 supernet per width sharing nothing across widths. With ``widths="sliced"`` they are sliced
 out of one widest tensor, as once-for-all networks do. On ``fashion_mnist_cells`` slicing
 trained paths to higher accuracy but ranked architectures worse (README, Results), hence
-the default. Modules whose keys
-differ only in their widths (the key's last part, ``16>16`` or ``32x14x14>24``) are made
-separately, since bnas ops come from arbitrary registered factories and only a factory
-knows how a width shapes its module. Then, in a space with a choice of widths, each tensor
-of a narrower one is re-pointed at the leading block of the same tensor of the widest
-(``_tie_widths``): a conv weight ``[16, 16, 3, 3]`` is ``widest[:16, :16]``, a BatchNorm's
-statistics ``widest[:16]``. A narrow path thus trains the first channels of the wide one,
+the default.
+
+Slicing: modules whose keys differ only in their widths (the key's last part, ``16>16`` or
+``32x14x14>24``) are still made separately, since bnas ops come from arbitrary registered
+factories and only a factory knows how a width shapes its module. Then, in a space with a
+choice of widths, each tensor of a narrower one is re-pointed at the leading block of the
+same tensor of the widest (``_tie_widths``): a conv weight ``[16, 16, 3, 3]`` is
+``widest[:16, :16]``, a BatchNorm's statistics ``widest[:16]``. A narrow path thus trains the first channels of the wide one,
 every width training the same storage; each width keeps its own optimiser state. Tensors
 whose trailing dimensions (past the first two) differ, or whose shapes no single member
 covers, are left untied.

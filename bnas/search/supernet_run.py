@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 SUPERNET_FILE = "supernet.pt"
 KIND = "bnas-supernet"
-FORMAT = 2  # 2: narrower widths are slices of the widest (bnas.search.supernet)
+FORMAT = 2  # 2: records its widths, separate or sliced (bnas.search.supernet)
 _ADVICE = "pass the supernet.pt that `bnas supernet SPACE --out RUN` wrote"
 
 
