@@ -43,6 +43,7 @@ from bnas.evaluate import evaluate  # noqa: E402
 from bnas.search.constraints import violations  # noqa: E402
 from bnas.search.objective import _trial_metrics, search_data  # noqa: E402
 from bnas.search.space import SearchSpace, load_space, sample_genotype  # noqa: E402
+from bnas.search.supernet import WIDTHS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = "oneshot_ranking"
@@ -277,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     phase.add_argument("--standalone-only", action="store_true", help="train and report the stand-alone phase only")
     parser.add_argument("--distill", action="store_true", help="with --supernet-epochs: in-place distillation")
     parser.add_argument(
-        "--widths", choices=("separate", "sliced"), default="separate", help="with --supernet-epochs: its widths"
+        "--widths", choices=WIDTHS, default="separate", help="with --supernet-epochs: its widths"
     )
     parser.add_argument(
         "--supernet-out",

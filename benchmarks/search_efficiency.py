@@ -41,6 +41,7 @@ from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.retrain import retrain_top  # noqa: E402
 from bnas.search.space import load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
+from bnas.search.supernet import WIDTHS  # noqa: E402
 from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,10 +150,10 @@ def main() -> None:
     parser.add_argument("--supernet-epochs", type=int, default=8)
     parser.add_argument("--oneshot-trials", type=int, default=100)
     parser.add_argument("--retrain-top", type=int, default=3)
-    parser.add_argument("--widths", choices=("separate", "sliced"), default="separate",
+    parser.add_argument("--widths", choices=WIDTHS, default="separate",
                         help="--oneshot: the supernet's widths (bnas supernet --widths)")
     parser.add_argument("--route", choices=("both", "per_trial", "oneshot"), default="both",
-                        help="--oneshot: run both routes, or one (see --save and --per-trial)")
+                        help="--oneshot: run both routes, or one (see --summarize)")
     parser.add_argument("--keep", help="--oneshot: keep the runs (supernet, studies, retrainings) in DIR/seedS")
     parser.add_argument("--summarize", nargs="+", metavar="FILE",
                         help="--oneshot: the summary of route lines saved from two --route runs")

@@ -31,10 +31,10 @@ Slicing: modules whose keys differ only in their widths (the key's last part, ``
 factories and only a factory knows how a width shapes its module. Then, in a space with a
 choice of widths, each tensor of a narrower one is re-pointed at the leading block of the
 same tensor of the widest (``_tie_widths``): a conv weight ``[16, 16, 3, 3]`` is
-``widest[:16, :16]``, a BatchNorm's statistics ``widest[:16]``. A narrow path thus trains the first channels of the wide one,
-every width training the same storage; each width keeps its own optimiser state. Tensors
-whose trailing dimensions (past the first two) differ, or whose shapes no single member
-covers, are left untied.
+``widest[:16, :16]``, a BatchNorm's statistics ``widest[:16]``. A narrow path thus trains
+the first channels of the wide one, every width training the same storage; each width keeps
+its own optimiser state. Tensors whose trailing dimensions (past the first two) differ, or
+whose shapes no single member covers, are left untied.
 
 Every module a genotype of the space can use is made when the supernet is (so the optimiser
 sees every parameter from the start and the state_dict never changes shape); a genotype
@@ -200,9 +200,8 @@ class Supernet(nn.Module):
         Only in a space with a choice of widths: with one width, the only keys that differ
         in their last part are cell-input alignments reading inputs of different widths (the
         stem or a cell), which are not one module at two widths."""
-        tied = 0
+        self._tied = 0
         if self.widths != "sliced" or not any(_is_width(k) and len(v) > 1 for k, v in self._lists.items()):
-            self._tied = 0
             return
         for members in self._width_groups():
             widest = max(members, key=lambda m: m[1].numel())[1]
@@ -217,8 +216,7 @@ class Supernet(nn.Module):
                     tensor.data = block
                 else:
                     owner._buffers[attr] = block
-                tied += 1
-        self._tied = tied
+                self._tied += 1
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Supernet:
         # Moving or casting copies every tensor on its own, views included: tie them again.

@@ -421,13 +421,14 @@ def load_supernet(path: str | os.PathLike[str], space: SearchSpace | None = None
             f"({space.source or 'given in code'}): other choices, budget or constraints; train a supernet of "
             "this space with `bnas supernet SPACE --out RUN`"
         )
-    supernet = Supernet(space, widths=str(state.get("widths", "separate")))
+    meta = _meta(state, where)
+    supernet = Supernet(space, widths=meta["widths"])
     try:
         supernet.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SupernetError(f"{where}: its weights do not fit the space's supernet ({first}); {_ADVICE}") from exc
-    supernet.meta = _meta(state, where)
+    supernet.meta = meta
     return supernet.to(resolve_device(device))
 
 
