@@ -9,9 +9,14 @@ trainings). Each is then scored with a supernet (BN-recalibrated validation accu
 inherited weights), and Kendall tau and Spearman rho between the two are reported. JSON lines
 on stdout: one per architecture, then a summary; progress on stderr.
 
+``--train-seeds 0 1`` trains every architecture once per seed (same architectures, same data
+split; only the initialisation and batch order change). The stand-alone accuracy is then the
+mean over the seeds, and the summary gives the rank agreement between the seeds themselves
+(``standalone_seed_tau``): how far a single stand-alone training can be trusted as ground truth.
+
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
-        [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill] [--widths W]]
-        [--calibration-batches 8] [--standalone-cache FILE] [--threads 1]
+        [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill] [--widths W] [--paths P]]
+        [--calibration-batches 8] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
 accuracy with the inherited weights, and their validation loss (`*_by_loss`, lower ranks higher).
@@ -42,6 +47,7 @@ from bnas.errors import BnasError  # noqa: E402
 from bnas.evaluate import evaluate  # noqa: E402
 from bnas.search.constraints import violations  # noqa: E402
 from bnas.search.objective import _trial_metrics, search_data  # noqa: E402
+from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.space import SearchSpace, load_space, sample_genotype  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
 
@@ -105,9 +111,18 @@ def sample_archs(space: SearchSpace, n: int, seed: int, max_draws: int | None = 
 # --------------------------------------------------------------------------------------
 # Stand-alone phase
 # --------------------------------------------------------------------------------------
-def load_cache(path: Path, space: SearchSpace, seed: int) -> dict[str, Any]:
-    """The cache at ``path`` (an empty one when absent); refuses one made for another space or seed."""
-    empty = {"format": CACHE_FORMAT, "space": space.name, "fingerprint": space.fingerprint(), "seed": seed, "archs": {}}
+def load_cache(path: Path, space: SearchSpace, seed: int, train_seed: int | None = None) -> dict[str, Any]:
+    """The cache at ``path`` (an empty one when absent); refuses one made for another space,
+    seed or training seed (``train_seed``, default ``seed``; a cache without one used ``seed``)."""
+    train_seed = seed if train_seed is None else train_seed
+    empty = {
+        "format": CACHE_FORMAT,
+        "space": space.name,
+        "fingerprint": space.fingerprint(),
+        "seed": seed,
+        "train_seed": train_seed,
+        "archs": {},
+    }
     if not path.exists():
         return empty
     try:
@@ -123,7 +138,18 @@ def load_cache(path: Path, space: SearchSpace, seed: int) -> dict[str, Any]:
             f"--standalone-cache {path}: made for space {cache.get('space')!r} (another fingerprint) or seed "
             f"{cache.get('seed')} (asked: {space.name!r}, seed {seed}); choose another cache file"
         )
+    if cache.get("train_seed", cache.get("seed")) != train_seed:
+        raise RankingError(
+            f"--standalone-cache {path}: trained with seed {cache.get('train_seed', cache.get('seed'))} "
+            f"(asked: training seed {train_seed}); choose another cache file"
+        )
     return cache
+
+
+def cache_paths(base: Path, seed: int, train_seeds: list[int]) -> list[Path]:
+    """One cache file per training seed: ``base`` for ``seed`` itself, ``base`` with ``-trainT``
+    before its suffix for another seed T."""
+    return [base if t == seed else base.with_name(f"{base.stem}-train{t}{base.suffix}") for t in train_seeds]
 
 
 def save_cache(path: Path, cache: dict[str, Any]) -> None:
@@ -131,16 +157,31 @@ def save_cache(path: Path, cache: dict[str, Any]) -> None:
 
 
 def standalone_phase(
-    archs: list[dict[str, Any]], space: SearchSpace, seed: int, cache_path: Path, get_data: Any, device: str
+    archs: list[dict[str, Any]],
+    space: SearchSpace,
+    seed: int,
+    cache_path: Path,
+    get_data: Any,
+    device: str,
+    train_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Train every arch not in the cache (as a search trial would), saving the cache after each."""
-    cache = load_cache(cache_path, space, seed)
+    """Train every arch not in the cache (as a search trial would, with ``train_seed``, default
+    ``seed``), saving the cache after each; sets ``arch["standalone"]`` and ``arch["cached"]``."""
+    train_seed = seed if train_seed is None else train_seed
+    cache = load_cache(cache_path, space, seed, train_seed)
     for i, arch in enumerate(archs):
         entry = cache["archs"].get(arch["hash"])
         if entry is not None:
             arch["standalone"], arch["cached"] = entry, True
             continue
-        log.info("stand-alone %d/%d: %s (%.0f ops)", i + 1, len(archs), arch["hash"], arch["metrics"]["ops"])
+        log.info(
+            "stand-alone %d/%d (training seed %d): %s (%.0f ops)",
+            i + 1,
+            len(archs),
+            train_seed,
+            arch["hash"],
+            arch["metrics"]["ops"],
+        )
         cpu0, wall0 = time.process_time(), time.perf_counter()
         report = evaluate(
             arch["genotype"],
@@ -149,7 +190,7 @@ def standalone_phase(
             data=get_data(),
             test=False,
             progress=False,
-            overrides={"seed": seed},
+            overrides={"seed": train_seed},
         )
         entry = {
             "val_acc": float(report["best_val_acc"]),
@@ -186,6 +227,7 @@ def supernet_phase(
             supernet_epochs=meta.get("epochs"),
             distill=meta.get("distill"),
             widths=meta.get("widths"),
+            paths=meta.get("paths"),
             supernet_seed=meta.get("seed"),
             supernet_train_cpu_s=0.0,
         )
@@ -208,6 +250,7 @@ def supernet_phase(
             resume=resume,
             distill=args.distill,
             widths=args.widths,
+            paths=args.paths,
             device=args.device,
             seed=args.seed,
             data=data,
@@ -217,6 +260,7 @@ def supernet_phase(
             supernet_epochs=args.supernet_epochs,
             distill=args.distill,
             widths=args.widths,
+            paths=args.paths,
             supernet_seed=args.seed,
             supernet_train_cpu_s=round(time.process_time() - cpu0, 2),
             supernet_resumed=resume,
@@ -232,14 +276,14 @@ def supernet_phase(
             len(archs),
             arch["hash"],
             arch["supernet_acc"],
-            arch["standalone"]["val_acc"],
+            arch["standalone_acc"],
         )
     info["scoring_cpu_s"] = round(time.process_time() - cpu1, 2)
     return info
 
 
 def _default_supernet_out(space: SearchSpace, args: argparse.Namespace) -> Path:
-    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}-seed{args.seed}"
+    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}-{args.paths}-seed{args.seed}"
     return REPO / "runs" / BENCHMARK / tag
 
 
@@ -277,19 +321,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     phase.add_argument("--supernet-epochs", type=int, default=None, help="train a supernet for E epochs here")
     phase.add_argument("--standalone-only", action="store_true", help="train and report the stand-alone phase only")
     parser.add_argument("--distill", action="store_true", help="with --supernet-epochs: in-place distillation")
-    parser.add_argument(
-        "--widths", choices=WIDTHS, default="separate", help="with --supernet-epochs: its widths"
-    )
+    parser.add_argument("--widths", choices=WIDTHS, default="separate", help="with --supernet-epochs: its widths")
+    parser.add_argument("--paths", choices=PATHS, default="all", help="with --supernet-epochs: the paths it trains")
     parser.add_argument(
         "--supernet-out",
         default=None,
         help="with --supernet-epochs: its run folder (default runs/oneshot_ranking/supernet-...)",
+    )
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train each architecture once per seed and rank by the mean (default: --seed only); "
+        "the summary's standalone_seed_tau compares the seeds",
     )
     parser.add_argument("--calibration-batches", type=int, default=8, help="BN recalibration batches (of 64)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
+    if args.train_seeds is not None and len(set(args.train_seeds)) != len(args.train_seeds):
+        parser.error("--train-seeds: give each seed once")
     if args.archs < 2:
         parser.error("--archs must be at least 2 (a rank correlation needs pairs)")
     if args.calibration_batches < 1:
@@ -320,8 +373,19 @@ def main(argv: list[str] | None = None) -> None:
         return loaded[0]
 
     archs = sample_archs(space, args.archs, args.seed)
+    train_seeds = args.train_seeds if args.train_seeds else [args.seed]
+    paths = cache_paths(cache_path, args.seed, train_seeds)
     cpu0 = time.process_time()
-    standalone_phase(archs, space, args.seed, cache_path, get_data, args.device)
+    runs: list[list[dict[str, Any]]] = [[] for _ in archs]
+    cached = [True] * len(archs)
+    for train_seed, path in zip(train_seeds, paths, strict=True):
+        standalone_phase(archs, space, args.seed, path, get_data, args.device, train_seed)
+        for i, arch in enumerate(archs):
+            runs[i].append(arch["standalone"])
+            cached[i] = cached[i] and arch["cached"]
+    for i, arch in enumerate(archs):
+        # The ground truth: the mean over the training seeds (a single seed's when one).
+        arch["standalone_acc"] = sum(r["val_acc"] for r in runs[i]) / len(runs[i])
     standalone_cpu = round(time.process_time() - cpu0, 2)
     info: dict[str, Any] = {}
     if not args.standalone_only:
@@ -335,31 +399,41 @@ def main(argv: list[str] | None = None) -> None:
                 "hash": arch["hash"],
                 "ops": arch["metrics"]["ops"],
                 "choices": arch["choices"],
-                "standalone_val_acc": arch["standalone"]["val_acc"],
-                "standalone_cpu_s": arch["standalone"]["cpu_s"],
-                "cached": arch["cached"],
+                "standalone_val_acc": arch["standalone_acc"],
+                "standalone_val_accs": [r["val_acc"] for r in runs[i]],
+                "standalone_cpu_s": round(sum(r["cpu_s"] for r in runs[i]), 2),
+                "cached": cached[i],
                 "supernet_val_acc": arch.get("supernet_acc"),
                 "supernet_val_loss": arch.get("supernet_loss"),
             }
         )
+    standalone = [a["standalone_acc"] for a in archs]
     summary: dict[str, Any] = {
         "benchmark": BENCHMARK,
         "summary": True,
         "space": space.name,
         "archs": len(archs),
         "seed": args.seed,
+        "train_seeds": train_seeds,
         "standalone_cache": str(cache_path),
-        "standalone_trained": sum(not a["cached"] for a in archs),
+        "standalone_caches": [str(p) for p in paths],
+        "standalone_trained": sum(not c for c in cached),
         "standalone_cpu_s": standalone_cpu,
-        "standalone_cpu_s_all": round(sum(a["standalone"]["cpu_s"] for a in archs), 2),
-        "standalone_val_acc_range": [
-            min(a["standalone"]["val_acc"] for a in archs),
-            max(a["standalone"]["val_acc"] for a in archs),
-        ],
+        "standalone_cpu_s_all": round(sum(r["cpu_s"] for run in runs for r in run), 2),
+        "standalone_val_acc_range": [min(standalone), max(standalone)],
     }
+    if len(train_seeds) > 1:
+        # How well one stand-alone training ranks like another: the ceiling a supernet's tau
+        # can be judged against (the mean over pairs of seeds).
+        pairs = [(a, b) for a in range(len(train_seeds)) for b in range(a + 1, len(train_seeds))]
+        taus = [
+            rank_correlations([r[a]["val_acc"] for r in runs], [r[b]["val_acc"] for r in runs])["kendall_tau"]
+            for a, b in pairs
+        ]
+        defined = [t for t in taus if t is not None]
+        summary["standalone_seed_tau"] = round(sum(defined) / len(defined), 4) if defined else None
     if not args.standalone_only:
         summary.update(info, calibration_batches=args.calibration_batches)
-        standalone = [a["standalone"]["val_acc"] for a in archs]
         summary.update(rank_correlations(standalone, [a["supernet_acc"] for a in archs]))
         # Ranking by the inherited weights' validation loss (lower is better) instead of accuracy.
         by_loss = rank_correlations(standalone, [-a["supernet_loss"] for a in archs])

@@ -41,6 +41,7 @@ from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.retrain import retrain_top  # noqa: E402
 from bnas.search.space import load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
+from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
 from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
 
@@ -73,7 +74,8 @@ def per_trial_route(space: Any, seed: int, data: Any, folder: Path, trials: int)
 def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One supernet, trials scored with its weights, the best K retrained from scratch."""
     cpu0 = time.process_time()
-    train_supernet(space, folder / "supernet", epochs=args.supernet_epochs, seed=seed, data=data, widths=args.widths)
+    train_supernet(space, folder / "supernet", epochs=args.supernet_epochs, seed=seed, data=data, widths=args.widths,
+                   paths=args.paths)
     supernet_cpu = time.process_time() - cpu0
     cfg = SearchConfig(space=space, out=folder / "oneshot", trials=args.oneshot_trials, seed=seed,
                        progress=False, supernet=folder / "supernet" / SUPERNET_FILE,
@@ -81,7 +83,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0 - supernet_cpu
     row = {"route": "oneshot", "trials": args.oneshot_trials, "supernet_epochs": args.supernet_epochs,
-           "widths": args.widths,
+           "widths": args.widths, "paths": args.paths,
            "supernet_cpu_s": round(supernet_cpu, 1), "search_cpu_s": round(search_cpu, 1),
            **_best_retrained(study, cfg, data)}
     row["cpu_s"] = round(time.process_time() - cpu0, 1)
@@ -110,7 +112,7 @@ def _summary(space: str, seed: int, base: dict[str, Any], ours: dict[str, Any]) 
             "baseline": "per_trial", "baseline_trials": base["trials"],
             "baseline_test_acc": base["retrained_test_acc"], "baseline_cpu_s": base["cpu_s"],
             "ours": "oneshot", "ours_trials": ours["trials"], "ours_supernet_epochs": ours["supernet_epochs"],
-            "ours_widths": ours.get("widths"),
+            "ours_widths": ours.get("widths"), "ours_paths": ours.get("paths", "all"),
             "ours_test_acc": ours["retrained_test_acc"], "ours_cpu_s": ours["cpu_s"],
             "cpu_ratio_ours_over_baseline": round(ours["cpu_s"] / base["cpu_s"], 3),
             "reached_baseline_acc": reached, "meets_one_fifth": reached and ours["cpu_s"] <= base["cpu_s"] / 5,
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--retrain-top", type=int, default=3)
     parser.add_argument("--widths", choices=WIDTHS, default="separate",
                         help="--oneshot: the supernet's widths (bnas supernet --widths)")
+    parser.add_argument("--paths", choices=PATHS, default="all",
+                        help="--oneshot: the paths the supernet trains (bnas supernet --paths)")
     parser.add_argument("--route", choices=("both", "per_trial", "oneshot"), default="both",
                         help="--oneshot: run both routes, or one (see --summarize)")
     parser.add_argument("--keep", help="--oneshot: keep the runs (supernet, studies, retrainings) in DIR/seedS")

@@ -165,3 +165,32 @@ def test_sampling_matches_the_supernets_and_keeps_the_constraints(tmp_path: Path
     nothing = load_space(write_space(tmp_path, constraints={"max_ops": 1}))
     with pytest.raises(script.RankingError, match=r"--archs 2: only 0 distinct genotypes .* after 5 draws \(5 over"):
         script.sample_archs(nothing, 2, seed=5, max_draws=5)
+
+
+def test_train_seeds_rank_by_the_mean_and_compare_the_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = write_space(tmp_path)
+    cache = tmp_path / "cache.json"
+    common = ["--space", str(space), "--archs", "4", "--seed", "3", "--standalone-cache", str(cache)]
+    archs, summary = main_lines(capsys, *common, "--standalone-only", "--train-seeds", "3", "4")
+    # One cache per training seed: the given file for --seed itself, a -train4 one beside it.
+    first, second = json.loads(cache.read_text()), json.loads((tmp_path / "cache-train4.json").read_text())
+    assert (first["seed"], first["train_seed"]) == (3, 3) and (second["seed"], second["train_seed"]) == (3, 4)
+    assert summary["train_seeds"] == [3, 4] and summary["standalone_trained"] == 4
+    accs3 = [first["archs"][a["hash"]]["val_acc"] for a in archs]
+    accs4 = [second["archs"][a["hash"]]["val_acc"] for a in archs]
+    assert accs3 != accs4  # another initialisation and batch order: other accuracies
+    for arch, a3, a4 in zip(archs, accs3, accs4, strict=True):
+        assert arch["standalone_val_accs"] == [a3, a4]
+        assert arch["standalone_val_acc"] == pytest.approx((a3 + a4) / 2)
+    tau = kendalltau(accs3, accs4).statistic
+    if summary["standalone_seed_tau"] is None:
+        assert tau != tau
+    else:
+        assert summary["standalone_seed_tau"] == pytest.approx(tau, abs=1e-4)
+    # The seed-3 cache is the one a single-seed run uses: nothing is trained again.
+    again, summary2 = main_lines(capsys, *common, "--standalone-only")
+    assert summary2["standalone_trained"] == 0 and "standalone_seed_tau" not in summary2
+    assert [a["standalone_val_acc"] for a in again] == accs3
+    # A cache trained with another seed is refused, naming both seeds.
+    with pytest.raises(SCRIPT_MODULE.RankingError, match=r"trained with seed 4 \(asked: training seed 5\)"):
+        SCRIPT_MODULE.load_cache(tmp_path / "cache-train4.json", load_space(space), 3, 5)

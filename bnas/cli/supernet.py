@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BnasError
+from ..search.path_sampling import PATHS
 from ..search.space import load_space
 from ..search.supernet import WIDTHS
 from ..search.supernet_run import SUPERNET_FILE, train_supernet
@@ -44,6 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="separate",
         help="separate (default): each width choice has its own weights; sliced: narrower widths are the "
         "leading channels of the widest's weights",
+    )
+    p.add_argument(
+        "--paths",
+        choices=PATHS,
+        default="all",
+        help="all (default): every batch trains a uniformly drawn path; feasible: only paths meeting the "
+        "space's max_ops / max_size_bytes / max_params constraints (redrawn until one does), the paths a "
+        "search can pick",
     )
     p.add_argument("--lr", type=float, help="learning rate (default: the space's budget optimizer.lr)")
     p.add_argument("--seed", type=int, default=0, help="data split, initialisation and path sampling (default 0)")
@@ -81,6 +90,7 @@ def run_supernet(args: argparse.Namespace) -> int:
         resume=args.resume,
         distill=args.distill,
         widths=args.widths,
+        paths=args.paths,
         device=args.device,
         seed=args.seed,
         data_root=args.data_root,

@@ -459,8 +459,10 @@ def train_supernet_epoch(
     start_step: int = 0,
     totals: Mapping[str, float] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    sample: Callable[[random.Random], Choices] | None = None,
 ) -> EpochStats:
-    """One epoch of uniform single-path training: a fresh uniformly sampled path per batch.
+    """One epoch of single-path training: a fresh path per batch, drawn by ``sample(rng)``
+    (default ``supernet.sample_choices``, uniform; ``bnas.search.path_sampling`` has others).
 
     The learning rate follows ``recipe``'s schedule for ``epoch`` (0-based, of
     ``recipe.epochs``); batches come from ``data``'s training split shuffled with
@@ -491,7 +493,7 @@ def train_supernet_epoch(
             continue  # done before an interruption: same batches, and no path drawn for them
         if max_steps is not None and steps >= max_steps:
             break
-        choices = supernet.sample_choices(rng)
+        choices = (sample or supernet.sample_choices)(rng)
         loss, hits = supernet_step(
             supernet,
             choices,

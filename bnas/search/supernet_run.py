@@ -41,6 +41,7 @@ from ..train.loop import seed_everything
 from ..train.recipe import Recipe, TrainingError, recipe_changes
 from ..yaml_io import parse_yaml_mapping, write_text_atomic
 from .objective import probe_genotype, search_data
+from .path_sampling import PathSampler
 from .space import SearchSpace, parse_space
 from .supernet import (
     Choices,
@@ -84,15 +85,19 @@ def _set_random_state(rng: random.Random, saved: Mapping[str, Any]) -> None:
     rng.setstate((saved["version"], tuple(int(v) for v in saved["state"].tolist()), saved["gauss_next"]))
 
 
-def monitor_paths(supernet: Supernet, count: int, seed: int) -> list[tuple[str, Choices]]:
+def monitor_paths(
+    supernet: Supernet, count: int, seed: int, sampler: PathSampler | None = None
+) -> list[tuple[str, Choices]]:
     """The paths validated after every epoch: the largest path of a seeded sample (widest,
-    deepest), then seeded uniform samples; the same ones on every resume."""
+    deepest), then seeded samples drawn as the training draws them (``sampler``, default
+    uniform over all paths); the same ones on every resume."""
     rng = random.Random(f"bnas-monitor:{seed}")
+    draw = sampler or supernet.sample_choices
     paths: list[tuple[str, Choices]] = []
     if count >= 1:
         paths.append(("largest", supernet.largest_choices(supernet.sample_choices(rng))))
     for i in range(1, count):
-        paths.append((f"sample{i}", supernet.sample_choices(rng)))
+        paths.append((f"sample{i}", draw(rng)))
     return paths
 
 
@@ -113,6 +118,7 @@ class SupernetTrainer:
         device: torch.device | str = "cpu",
         seed: int = 0,
         distill: bool = False,
+        paths: str = "all",
         monitor: int = 3,
         calibration: int = 8,
         progress: bool = False,
@@ -127,7 +133,8 @@ class SupernetTrainer:
         self.progress = progress
         self.optimizer = make_supernet_optimizer(self.supernet, recipe)
         self.paths_rng = random.Random(seed)
-        self.monitor = monitor_paths(self.supernet, monitor, seed)
+        self.sampler = PathSampler(self.supernet, paths)
+        self.monitor = monitor_paths(self.supernet, monitor, seed, self.sampler)
         self.calibration = calibration_batches(data, calibration, 64, seed, self.device) if monitor else []
         self.epoch = 0
         self.step_in_epoch = 0
@@ -157,6 +164,7 @@ class SupernetTrainer:
             "recipe": self.recipe.to_dict(),
             "distill": self.distill,
             "widths": self.supernet.widths,
+            "paths": self.sampler.mode,
             "seed": self.seed,
             "dataset": self.data.name,
             "space_name": space.name,
@@ -174,12 +182,14 @@ class SupernetTrainer:
             ("seed", self.seed),
             ("distill", self.distill),
             ("widths", self.supernet.widths),
+            ("paths", self.sampler.mode),
             ("dataset", self.data.name),
         ):
-            if state.get(key) != mine:
+            saved = state.get(key, "all" if key == "paths" else None)  # files before --paths trained all
+            if saved != mine:
                 raise SupernetError(
-                    f"{where} was trained with {key} {state.get(key)!r}, not {mine!r}; resume it with the "
-                    f"same space file, --seed, --distill and --widths, or {advice}"
+                    f"{where} was trained with {key} {saved!r}, not {mine!r}; resume it with the "
+                    f"same space file, --seed, --distill, --widths and --paths, or {advice}"
                 )
         changed = recipe_changes(state.get("recipe") or {}, self.recipe)
         if changed:
@@ -286,6 +296,7 @@ class SupernetTrainer:
             start_step=self.step_in_epoch,
             totals=self.partial,
             on_step=after_step,
+            sample=self.sampler,
         )
         t_val = time.perf_counter()
         validation = self._validate()
@@ -331,6 +342,7 @@ def train_supernet(
     resume: bool = False,
     distill: bool = False,
     widths: str = "separate",
+    paths: str = "all",
     device: str = "cpu",
     seed: int = 0,
     data_root: str | None = None,
@@ -365,7 +377,16 @@ def train_supernet(
     seed_everything(seed)
     supernet = Supernet(space, widths=widths)
     trainer = SupernetTrainer(
-        supernet, data, recipe, out_dir, device=dev, seed=seed, distill=distill, monitor=monitor, progress=progress
+        supernet,
+        data,
+        recipe,
+        out_dir,
+        device=dev,
+        seed=seed,
+        distill=distill,
+        paths=paths,
+        monitor=monitor,
+        progress=progress,
     )
     if resume and path is not None:
         trainer.load_state(load_checkpoint(path, _ADVICE), str(path))
@@ -389,6 +410,7 @@ def _meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
         "dataset": state.get("dataset", ""),
         "distill": bool(state.get("distill", False)),
         "widths": str(state.get("widths", "separate")),
+        "paths": str(state.get("paths", "all")),
         "recipe": dict(state.get("recipe") or {}),
     }
 
