@@ -16,7 +16,7 @@ mean over the seeds, and the summary gives the rank agreement between the seeds 
 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
         [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill] [--widths W] [--paths P]]
-        [--calibration-batches 8] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
+        [--calibration-batches 8] [--finetune-steps 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
 accuracy with the inherited weights, and their validation loss (`*_by_loss`, lower ranks higher).
@@ -268,7 +268,15 @@ def supernet_phase(
     cpu1 = time.process_time()
     calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernet.device)
     for i, arch in enumerate(archs):
-        acc, loss = score(supernet, arch["genotype"], data, calibration=calibration, with_loss=True)
+        acc, loss = score(
+            supernet,
+            arch["genotype"],
+            data,
+            calibration=calibration,
+            with_loss=True,
+            seed=args.seed,
+            finetune_steps=args.finetune_steps,
+        )
         arch["supernet_acc"], arch["supernet_loss"] = float(acc), float(loss)
         log.info(
             "scored %d/%d: %s supernet %.4f stand-alone %.4f",
@@ -336,6 +344,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train each architecture once per seed and rank by the mean (default: --seed only); "
         "the summary's standalone_seed_tau compares the seeds",
     )
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="train a copy of each arch's inherited weights this many steps before scoring (bnas search --finetune-steps)",
+    )
     parser.add_argument("--calibration-batches", type=int, default=8, help="BN recalibration batches (of 64)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -345,6 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--train-seeds: give each seed once")
     if args.archs < 2:
         parser.error("--archs must be at least 2 (a rank correlation needs pairs)")
+    if args.finetune_steps < 0:
+        parser.error("--finetune-steps must be 0 or more")
     if args.calibration_batches < 1:
         parser.error("--calibration-batches must be at least 1")
     if args.supernet_epochs is not None and args.supernet_epochs < 1:
@@ -433,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         defined = [t for t in taus if t is not None]
         summary["standalone_seed_tau"] = round(sum(defined) / len(defined), 4) if defined else None
     if not args.standalone_only:
-        summary.update(info, calibration_batches=args.calibration_batches)
+        summary.update(info, calibration_batches=args.calibration_batches, finetune_steps=args.finetune_steps)
         summary.update(rank_correlations(standalone, [a["supernet_acc"] for a in archs]))
         # Ranking by the inherited weights' validation loss (lower is better) instead of accuracy.
         by_loss = rank_correlations(standalone, [-a["supernet_loss"] for a in archs])

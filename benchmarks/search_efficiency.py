@@ -79,11 +79,11 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
     supernet_cpu = time.process_time() - cpu0
     cfg = SearchConfig(space=space, out=folder / "oneshot", trials=args.oneshot_trials, seed=seed,
                        progress=False, supernet=folder / "supernet" / SUPERNET_FILE,
-                       retrain_top=args.retrain_top)
+                       retrain_top=args.retrain_top, finetune_steps=args.finetune_steps)
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0 - supernet_cpu
     row = {"route": "oneshot", "trials": args.oneshot_trials, "supernet_epochs": args.supernet_epochs,
-           "widths": args.widths, "paths": args.paths,
+           "widths": args.widths, "paths": args.paths, "finetune_steps": args.finetune_steps,
            "supernet_cpu_s": round(supernet_cpu, 1), "search_cpu_s": round(search_cpu, 1),
            **_best_retrained(study, cfg, data)}
     row["cpu_s"] = round(time.process_time() - cpu0, 1)
@@ -113,6 +113,7 @@ def _summary(space: str, seed: int, base: dict[str, Any], ours: dict[str, Any]) 
             "baseline_test_acc": base["retrained_test_acc"], "baseline_cpu_s": base["cpu_s"],
             "ours": "oneshot", "ours_trials": ours["trials"], "ours_supernet_epochs": ours["supernet_epochs"],
             "ours_widths": ours.get("widths"), "ours_paths": ours.get("paths", "all"),
+            "ours_finetune_steps": ours.get("finetune_steps", 0),
             "ours_test_acc": ours["retrained_test_acc"], "ours_cpu_s": ours["cpu_s"],
             "cpu_ratio_ours_over_baseline": round(ours["cpu_s"] / base["cpu_s"], 3),
             "reached_baseline_acc": reached, "meets_one_fifth": reached and ours["cpu_s"] <= base["cpu_s"] / 5,
@@ -154,6 +155,8 @@ def main() -> None:
     parser.add_argument("--retrain-top", type=int, default=3)
     parser.add_argument("--widths", choices=WIDTHS, default="separate",
                         help="--oneshot: the supernet's widths (bnas supernet --widths)")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="--oneshot: steps each trial's inherited weights train before scoring")
     parser.add_argument("--paths", choices=PATHS, default="all",
                         help="--oneshot: the paths the supernet trains (bnas supernet --paths)")
     parser.add_argument("--route", choices=("both", "per_trial", "oneshot"), default="both",

@@ -261,3 +261,36 @@ def test_sigkilled_oneshot_search_resumes(budgeted: tuple[Path, Path], tmp_path:
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == total
     assert all("supernet_acc" in t.user_attrs for t in finished if t.state.name == "COMPLETE")
+
+
+def test_finetuned_scoring_is_recorded_and_checked_on_resume(
+    budgeted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space_file, supernet_file = budgeted
+    out = tmp_path / "tuned"
+    assert _search(space_file, out, supernet_file, "--finetune-steps", "2", trials=3) == 0
+    study = _study(out)
+    assert study.user_attrs["supernet"]["finetune_steps"] == 2
+    # Each score is supernet.score with two fine-tuning steps, seeded with the search's seed.
+    space = load_space(space_file)
+    supernet = load_supernet(supernet_file, space)
+    data = search_data(space, 3)
+    batches = calibration_batches(data, num_batches=8, batch_size=64, seed=3, device="cpu")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert complete
+    for t in complete:
+        genotype = bnas.load_genotype(out / "genotypes" / f"trial-{t.number}.yaml")
+        tuned = score(supernet, genotype, data, calibration=batches, seed=3, finetune_steps=2)
+        assert tuned == t.user_attrs["supernet_acc"]
+    capsys.readouterr()
+    assert main(["search", "--show", str(out)]) == 0
+    assert "a copy of them fine-tuned for 2 steps" in capsys.readouterr().out
+    # Resumed with other fine-tuning (none): refused, nothing changed.
+    before = (out / "study.db").read_bytes()
+    assert _search(space_file, out, supernet_file, trials=4) == 2
+    assert "fine-tuned each trial's inherited weights for 2 steps before scoring, not 0" in capsys.readouterr().err
+    assert (out / "study.db").read_bytes() == before
+    assert _search(space_file, tmp_path / "x", None, "--finetune-steps", "2") == 2
+    assert "--finetune-steps applies to a one-shot search" in capsys.readouterr().err
+    assert _search(space_file, tmp_path / "y", supernet_file, "--finetune-steps", "-1") == 2
+    assert "--finetune-steps must be 0 or more, got -1" in capsys.readouterr().err

@@ -76,6 +76,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --supernet: training batches (of 64) that re-estimate each trial's BatchNorm statistics (default 8)",
     )
     p.add_argument(
+        "--finetune-steps",
+        type=int,
+        metavar="N",
+        help="with --supernet: train a copy of each trial's inherited weights for N steps (the space's budget "
+        "optimiser and batch size, seeded) before scoring it; ranks better, costs N training steps per trial "
+        "(default 0)",
+    )
+    p.add_argument(
         "--retrain-top",
         type=int,
         metavar="K",
@@ -151,6 +159,7 @@ def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> tuple[optuna.St
             ("--threads", args.threads),
             ("--supernet", cfg.supernet),
             ("--calibration-batches", args.calibration_batches),
+            ("--finetune-steps", args.finetune_steps),
         ):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -198,6 +207,10 @@ def run_search(args: argparse.Namespace) -> int:
         raise BnasError(
             "--calibration-batches applies to a one-shot search: add --supernet RUN/supernet.pt, or drop it"
         )
+    if args.finetune_steps is not None and args.finetune_steps < 0:
+        raise BnasError(f"--finetune-steps must be 0 or more, got {args.finetune_steps}")
+    if args.finetune_steps is not None and args.supernet is None:
+        raise BnasError("--finetune-steps applies to a one-shot search: add --supernet RUN/supernet.pt, or drop it")
     if args.retrain_epochs is not None and args.retrain_top is None:
         raise BnasError("--retrain-epochs sets the epochs of --retrain-top K: add --retrain-top K, or drop it")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
@@ -244,6 +257,7 @@ def run_search(args: argparse.Namespace) -> int:
         # Absolute: --workers children and run.json name the same file from any folder.
         supernet=Path(args.supernet).resolve() if args.supernet else None,
         calibration_batches=args.calibration_batches or 8,
+        finetune_steps=args.finetune_steps or 0,
         retrain_top=args.retrain_top,
         retrain_epochs=args.retrain_epochs,
     )

@@ -35,9 +35,11 @@ class SearchConfig:
     # a space's own `catalog:` list is the space's (in its fingerprint).
     catalogs: tuple[str, ...] = ()
     # One-shot search (--supernet): trials are scored with the supernet's inherited weights
-    # (BN recalibrated on this many seeded training batches) instead of being trained.
+    # (BN recalibrated on this many seeded training batches) instead of being trained;
+    # with finetune_steps, a copy of the inherited weights first trains that many steps.
     supernet: Path | None = None
     calibration_batches: int = 8
+    finetune_steps: int = 0
     # --retrain-top K: the best K trials retrained from scratch once the study is done
     # (--retrain-epochs overrides the space's epochs).
     retrain_top: int | None = None

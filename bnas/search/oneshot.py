@@ -5,11 +5,12 @@ The trial itself (sampling, constraints checked first, duplicates reused) is ``O
 unchanged; this module supplies what replaces training there: the supernet, loaded once per
 process and checked against the space (``load_oneshot``), and a ``SupernetScorer`` that rates
 a genotype with ``supernet.score`` on calibration batches drawn once per process with the
-search's seed (so every trial, in every worker, is scored on the same batches).
+search's seed (so every trial, in every worker, is scored on the same batches), optionally
+after fine-tuning a copy of the inherited weights for a few seeded steps (``--finetune-steps``).
 
 A one-shot study records its supernet (``SUPERNET_ATTR``: path, file hash, epochs trained,
-calibration batches); ``check_supernet`` refuses to resume it without that supernet, or a
-per-trial study with one: their scores would not compare.
+calibration batches, fine-tuning steps); ``check_supernet`` refuses to resume it without that
+supernet or with another scoring, or a per-trial study with one: their scores would not compare.
 """
 
 from __future__ import annotations
@@ -75,7 +76,15 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
             "and give RUN/supernet.pt"
         )
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns, cfg.device, cfg.space.fingerprint(), cfg.calibration_batches)
+    key = (
+        str(path),
+        stat.st_size,
+        stat.st_mtime_ns,
+        cfg.device,
+        cfg.space.fingerprint(),
+        cfg.calibration_batches,
+        cfg.finetune_steps,
+    )
     if key not in _loaded:
         from .supernet_run import load_supernet  # the training module, only for one-shot searches
 
@@ -93,6 +102,7 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
             "sha256": file_sha256(path),
             "epochs": int(meta.get("epochs", 0)),
             "calibration_batches": cfg.calibration_batches,
+            "finetune_steps": cfg.finetune_steps,
         }
         _loaded.clear()
         _loaded[key] = OneShot(supernet, info)
@@ -128,16 +138,26 @@ def check_supernet(stored: Mapping[str, Any] | None, given: Mapping[str, Any] | 
             f"{given.get('calibration_batches')}; resume it with --calibration-batches "
             f"{stored.get('calibration_batches')}, or {other}"
         )
+    # Studies from before --finetune-steps scored the inherited weights as they were.
+    if stored.get("finetune_steps", 0) != given.get("finetune_steps", 0):
+        raise SearchError(
+            f"{where} fine-tuned each trial's inherited weights for {stored.get('finetune_steps', 0)} steps before "
+            f"scoring, not {given.get('finetune_steps', 0)}; resume it with --finetune-steps "
+            f"{stored.get('finetune_steps', 0)}, or {other}"
+        )
 
 
 class SupernetScorer:
     """Scores a genotype with the supernet's inherited weights (``supernet.score``) on
-    calibration batches drawn once, with the search's seed."""
+    calibration batches drawn once, with the search's seed; with ``cfg.finetune_steps``, a
+    copy of them first trains that many steps (the search's seed, the space's budget recipe)."""
 
     def __init__(self, oneshot: OneShot, data: DataSplits, cfg: SearchConfig):
         self.supernet = oneshot.supernet
         self.info = oneshot.info
         self.data = data
+        self.seed = cfg.seed
+        self.finetune_steps = cfg.finetune_steps
         self.batches: list[Tensor] = calibration_batches(
             data,
             num_batches=cfg.calibration_batches,
@@ -147,4 +167,13 @@ class SupernetScorer:
         )
 
     def __call__(self, genotype: Genotype) -> float:
-        return float(score(self.supernet, genotype, self.data, calibration=self.batches))
+        return float(
+            score(
+                self.supernet,
+                genotype,
+                self.data,
+                calibration=self.batches,
+                seed=self.seed,
+                finetune_steps=self.finetune_steps,
+            )
+        )

@@ -127,8 +127,14 @@ def summary_text(study: optuna.Study, out: Path) -> str:
     if supernet:
         lines.append(
             f"- one-shot: every trial scored with the weights it inherits from the supernet `{supernet['path']}` "
-            f"(trained {supernet.get('epochs')} epoch(s); BatchNorm recalibrated on {supernet.get('calibration_batches')} "
-            "training batches); no trial was trained"
+            f"(trained {supernet.get('epochs')} epoch(s); "
+            + (
+                f"a copy of them fine-tuned for {supernet['finetune_steps']} steps, then "
+                if supernet.get("finetune_steps")
+                else ""
+            )
+            + f"BatchNorm recalibrated on {supernet.get('calibration_batches')} training batches); "
+            "no trial was trained from scratch"
         )
     if len(study.directions) > 1 and not supernet:
         lines.append(f"- multi-objective: {MULTI_OBJECTIVE_NOTE}")

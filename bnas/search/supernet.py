@@ -75,6 +75,7 @@ __all__ = [
     "WIDTHS",
     "calibration_batches",
     "extract",
+    "finetune_inherited",
     "make_supernet_optimizer",
     "recalibrate_bn",
     "score",
@@ -588,6 +589,29 @@ def recalibrate_bn(network: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
     return used
 
 
+def finetune_inherited(model: nn.Module, data: DataSplits, recipe: Recipe, steps: int, seed: int = 0) -> nn.Module:
+    """Train ``model`` (an ``extract``ed copy) for ``steps`` batches: the first training
+    batches of ``recipe.batch_size`` shuffled with ``seed``, the recipe's optimiser at its
+    initial learning rate, latent weights clipped after every step. Torch's RNG is forked
+    and seeded with ``seed``, so the result is a function of the inputs alone."""
+    if steps <= 0:
+        return model
+    loader = data.loader("train", recipe.batch_size, shuffle=True, seed=seed, device=next(model.parameters()).device)
+    optimizer = make_optimizer(model, recipe)
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for x, y in itertools.islice(loader, steps):
+            loss = task_loss(model(x).float(), y, recipe)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            clip_latent_weights(model)
+    model.train(was_training)
+    return model
+
+
 def score(
     supernet: Supernet,
     genotype: Genotype,
@@ -598,6 +622,8 @@ def score(
     batch_size: int = 64,
     seed: int = 0,
     with_loss: bool = False,
+    finetune_steps: int = 0,
+    recipe: Recipe | None = None,
 ) -> Any:
     """``genotype``'s validation accuracy with the weights it inherits from ``supernet``
     (with ``with_loss``: the pair accuracy, mean cross-entropy).
@@ -605,14 +631,25 @@ def score(
     Its BatchNorm statistics are recalibrated first (``calibration``, else ``num_batches``
     training batches of ``batch_size`` shuffled with ``seed``); the shared statistics are
     saved before and restored after, bit for bit, so scoring never changes the supernet.
+
+    With ``finetune_steps``, a copy of the inherited network (``extract``) is first trained
+    for that many steps (``finetune_inherited`` with ``recipe``, default the space's budget
+    recipe, and ``seed``), then recalibrated and scored; the supernet is not touched.
     """
     if not len(data.val_y):
         raise SupernetError(f"{data.name}: the validation split is empty; set val_fraction above 0 to score paths")
     device = supernet.device
-    net = supernet.network(genotype)
     batches = (
         calibration if calibration is not None else calibration_batches(data, num_batches, batch_size, seed, device)
     )
+    if finetune_steps > 0:
+        tuned = finetune_inherited(
+            extract(supernet, genotype), data, recipe or supernet_recipe(supernet.space), finetune_steps, seed
+        )
+        recalibrate_bn(tuned, batches)
+        acc, loss = evaluate_accuracy(tuned, data.loader("val", 512, device=device), device)
+        return (acc, loss) if with_loss else acc
+    net = supernet.network(genotype)
     saved = [(buf, buf.clone()) for bn in _batchnorms(net) for buf in bn.buffers()]
     try:
         recalibrate_bn(net, batches)
