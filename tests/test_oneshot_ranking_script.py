@@ -19,7 +19,10 @@ import yaml
 from scipy.stats import kendalltau, spearmanr
 
 from bnas.search import Supernet
+from bnas.search.objective import search_data
 from bnas.search.space import load_space
+from bnas.search.supernet import calibration_batches, score
+from bnas.search.supernet_run import load_supernet
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "oneshot_ranking.py"
@@ -134,6 +137,21 @@ def test_ranking_run_then_rerun_from_the_cache(tmp_path: Path, capsys: pytest.Ca
     assert [a["supernet_val_acc"] for a in again] == supernet
     assert summary2["supernet_epochs"] == 1 and summary2["supernet_train_cpu_s"] == 0.0
     assert summary2["kendall_tau"] == summary["kendall_tau"]
+    assert summary2["finetune_steps"] == 0
+
+    # With --finetune-steps, each score is supernet.score after that many steps on a copy.
+    tuned, summary3 = main_lines(
+        capsys, *common, "--supernet", str(tmp_path / "sn" / "supernet.pt"), "--finetune-steps", "2"
+    )
+    assert summary3["finetune_steps"] == 2
+    loaded_space = load_space(space)
+    supernet_loaded = load_supernet(tmp_path / "sn" / "supernet.pt", loaded_space)
+    data = search_data(loaded_space, 3)
+    batches = calibration_batches(data, 8, 64, 3, "cpu")
+    genotypes = {a["hash"]: a["genotype"] for a in SCRIPT_MODULE.sample_archs(loaded_space, 4, 3)}
+    for arch in tuned:
+        expected = score(supernet_loaded, genotypes[arch["hash"]], data, calibration=batches, seed=3, finetune_steps=2)
+        assert arch["supernet_val_acc"] == expected
 
     # A cache made with another seed is refused, naming the flag.
     with pytest.raises(
