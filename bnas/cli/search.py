@@ -80,8 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="with --supernet: train a copy of each trial's inherited weights for N steps (the space's budget "
-        "optimiser and batch size, seeded) before scoring it; ranks better, costs N training steps per trial "
-        "(default 0)",
+        "optimiser and batch size, seeded) before scoring it, at the cost of N training steps per trial "
+        "(default 0: the inherited weights as they are)",
     )
     p.add_argument(
         "--retrain-top",

@@ -46,7 +46,7 @@ class PathSampler:
         self.mode = mode
         self.max_draws = max_draws
         self.bounds = {k: float(v) for k, v in supernet.space.constraints.items() if k in COST_BOUNDS}
-        self.draws = 0  # every path drawn, kept or not (a rate of rejection, for logs and tests)
+        self.draws = 0  # every path drawn, kept or not: with ``kept``, the share of paths rejected
         self.kept = 0
 
     def metrics(self, choices: Choices) -> dict[str, float]:
