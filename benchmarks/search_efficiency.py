@@ -38,10 +38,10 @@ from common import emit, machine  # noqa: E402
 
 from bnas.search import SearchConfig, run_search_study  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
+from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.retrain import retrain_top  # noqa: E402
 from bnas.search.space import load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
-from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
 from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
 

@@ -78,16 +78,23 @@ def probe_genotype(space: SearchSpace) -> Genotype:
     return sample_genotype(optuna.trial.FixedTrial(rec.params), space)
 
 
-def _trial_metrics(genotype: Genotype, with_latency: bool) -> dict[str, float]:
-    model = build(genotype)
-    s = summarize(model, genotype.input)
-    metrics = {
+def cost_metrics(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """A network's counted costs under the names constraints and objectives use (``ops``,
+    ``size``, ``params``, ``bops``, ``flops``): one batch-1 forward, no gradient."""
+    with torch.no_grad():
+        s = summarize(model, input_shape)
+    return {
         "ops": float(s.ops),
         "size": float(s.size_bytes),
         "params": float(s.params_binary + s.params_real),
         "bops": float(s.bops),
         "flops": float(s.flops),
     }
+
+
+def _trial_metrics(genotype: Genotype, with_latency: bool) -> dict[str, float]:
+    model = build(genotype)
+    metrics = cost_metrics(model, genotype.input)
     if with_latency:
         metrics["latency_ms"] = packed_latency_ms(model, genotype.input)
     return metrics

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import random
 
-import torch
-
-from ..metrics import summarize
 from .constraints import violations
+from .objective import cost_metrics
 from .supernet import Choices, Supernet, SupernetError
 
 __all__ = ["COST_BOUNDS", "PATHS", "PathSampler"]
@@ -52,9 +50,7 @@ class PathSampler:
     def metrics(self, choices: Choices) -> dict[str, float]:
         """The cost of the path ``choices`` (the ``bnas search`` metrics the bounds name)."""
         genotype = self.supernet.genotype(choices)
-        with torch.no_grad():
-            s = summarize(self.supernet.network(genotype), genotype.input)
-        return {"ops": float(s.ops), "size": float(s.size_bytes), "params": float(s.params_binary + s.params_real)}
+        return cost_metrics(self.supernet.network(genotype), genotype.input)
 
     def feasible(self, choices: Choices) -> bool:
         return not self.bounds or not violations(self.metrics(choices), self.bounds)

@@ -71,6 +71,8 @@ SUPERNET_FILE = "supernet.pt"
 KIND = "bnas-supernet"
 FORMAT = 2  # 2: records its widths, separate or sliced (bnas.search.supernet)
 _ADVICE = "pass the supernet.pt that `bnas supernet SPACE --out RUN` wrote"
+# What a key that older supernet files lack meant: files from before --paths trained every path.
+_ABSENT = {"paths": "all"}
 
 
 # --------------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ class SupernetTrainer:
             ("paths", self.sampler.mode),
             ("dataset", self.data.name),
         ):
-            saved = state.get(key, "all" if key == "paths" else None)  # files before --paths trained all
+            saved = state.get(key, _ABSENT.get(key))
             if saved != mine:
                 raise SupernetError(
                     f"{where} was trained with {key} {saved!r}, not {mine!r}; resume it with the "
@@ -410,7 +412,7 @@ def _meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
         "dataset": state.get("dataset", ""),
         "distill": bool(state.get("distill", False)),
         "widths": str(state.get("widths", "separate")),
-        "paths": str(state.get("paths", "all")),
+        "paths": str(state.get("paths", _ABSENT["paths"])),
         "recipe": dict(state.get("recipe") or {}),
     }
 
