@@ -40,11 +40,13 @@ def median_time(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> fl
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3,
-                      burst_seconds: float = 2e-3) -> dict[str, list[float]]:
+                      burst_seconds: float = 2e-3, untimed: int = 0) -> dict[str, list[float]]:
     """Seconds per call of each function, ``repeats`` samples each. Each round times every
     function once, in a rotating order (no function always follows another one's cache
     footprint), over a burst of calls lasting about ``burst_seconds``, so load from other
-    processes on a shared machine hits all of them alike."""
+    processes on a shared machine hits all of them alike. ``untimed`` calls precede each
+    burst, so a sample is not the first call after another function (for thread-count
+    changes: the first call after one pays for waking or resizing the thread team)."""
     bursts = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -58,6 +60,8 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: i
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn, calls = fns[name], bursts[name]
+            for _ in range(untimed):
+                fn()
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()

@@ -6,11 +6,16 @@ neighbour does to the 2-thread call.
 For each genotype (default: Bi-Real ResNet-18 at 224x224, then at 32x32), batch 1, the packed
 model (``bnas.export.pack_model(bnas.build(g).eval())``, BN statistics randomised as a trained
 network has) is timed with ``torch.set_num_threads(1)`` and ``(2)`` interleaved in one run:
-baseline = 1 thread, ours = 2 threads, ratio = baseline / ours (target 1.7 at 224x224 on an
-idle machine). Also timed: torch's float ops on 1 thread with only the XNOR kernels on 2
-(``BNAS_KERNEL_THREADS=2``), which shows the kernels' thread pool apart from torch's OpenMP;
-and, for contrast, a float torch conv (the network's first 3x3 Bi-Real conv shape) on 1 and
-2 threads.
+baseline = 1 thread, ours = 2 threads as a user gets them (the kernels on torch's OpenMP
+team, each forward capped at the cores free, ``bnas.kernels.thread_budget``), ratio =
+baseline / ours (target 1.7 at 224x224 on an idle machine). Also timed, for comparison:
+``fixed_2_threads``, the same with the cap turned off (``packed.adaptive_threads = False``);
+``pool_2_threads``, the kernels on bnas's own pool (``BNAS_KERNEL_THREADS=2``) beside torch's
+2 threads; ``kernels_only_2_threads``, torch's float ops on 1 thread and the kernels on the
+pool's 2; and a float torch conv (the network's first 3x3 Bi-Real conv shape) on 1 and 2
+threads. Each timed call follows one untimed call of the same variant: the first call after
+a change of thread count pays for waking or resizing torch's team, which a program that
+keeps its thread count does not.
 
 ``--competitor`` starts a busy-looping Python process for the duration of the run (the
 machine then has one core fewer than the threads asked for, as a shared machine often has)
@@ -44,6 +49,7 @@ from packed_model import randomize_batchnorm  # noqa: E402
 import bnas  # noqa: E402
 from bnas.export import pack_model  # noqa: E402
 from bnas.kernels import backend  # noqa: E402
+from bnas.kernels.thread_budget import PROCESS_BUDGET  # noqa: E402
 
 GENOTYPES = ROOT / "search_spaces" / "genotypes"
 DEFAULT_GENOTYPES = [GENOTYPES / "bireal_resnet18_imagenet.yaml", GENOTYPES / "bireal_resnet18.yaml"]
@@ -73,7 +79,8 @@ def first_binary_conv_shape(model: torch.nn.Module, x: torch.Tensor) -> tuple[li
 
 
 def with_threads(n: int, fn: Any, kernel_threads: int | None = None) -> Any:
-    """fn on n torch threads; the XNOR kernels on kernel_threads where given, else n too."""
+    """fn on n torch threads; the XNOR kernels on kernel_threads (bnas's pool) where given,
+    else on torch's n."""
 
     def call() -> Any:
         torch.set_num_threads(n)
@@ -108,20 +115,40 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     x = torch.randn(args.batch, *genotype.input)
     conv_in, conv_w = first_binary_conv_shape(model, x)
     fx, fw = torch.randn(conv_in), torch.randn(conv_w)
+
+    def packed_call(adaptive: bool = True) -> Any:
+        """The packed network, its cap at the free cores on or off for the call."""
+
+        def call() -> torch.Tensor:
+            packed.adaptive_threads = adaptive
+            return packed(x)
+
+        return call
+
     with torch.no_grad():
         outs = [with_threads(n, lambda: packed(x))() for n in (1, 2)]
         fns = {
-            "packed_1": with_threads(1, lambda: packed(x)),
-            "packed_2": with_threads(2, lambda: packed(x)),
-            "packed_kernels_2": with_threads(1, lambda: packed(x), kernel_threads=2),
+            "packed_1": with_threads(1, packed_call()),
+            "packed_2": with_threads(2, packed_call()),
+            "packed_fixed_2": with_threads(2, packed_call(adaptive=False)),
+            "packed_pool_2": with_threads(2, packed_call(), kernel_threads=2),
+            "packed_kernels_2": with_threads(1, packed_call(), kernel_threads=2),
             "float_1": with_threads(1, lambda: F.conv2d(fx, fw, padding=1)),
             "float_2": with_threads(2, lambda: F.conv2d(fx, fw, padding=1)),
         }
-        load_start = load_average()
-        times = interleaved_times(fns, args.repeats, burst_seconds=0.0)
-        load_end = load_average()
+        load_start, free_start = load_average(), PROCESS_BUDGET.free_cores()
+        times = interleaved_times(fns, args.repeats, burst_seconds=0.0, untimed=1)
+        load_end, free_end = load_average(), PROCESS_BUDGET.free_cores()
     os.environ.pop(THREADS_ENV, None)
     (base, base_p90), (ours, ours_p90) = median_p90(times["packed_1"]), median_p90(times["packed_2"])
+
+    def variant(key: str) -> dict[str, Any]:
+        return {
+            "ms": round(median_p90(times[key])[0] * 1e3, 3),
+            "ratio": round(base / median_p90(times[key])[0], 2),
+            "spread": spread(times[key]),
+        }
+
     (fbase, _), (fours, _) = median_p90(times["float_1"]), median_p90(times["float_2"])
     ratio = base / ours
     at_224 = list(genotype.input[-2:]) == [224, 224]
@@ -138,11 +165,10 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         "ratio": round(ratio, 2),
         "p90_ms": {"baseline": round(base_p90 * 1e3, 3), "ours": round(ours_p90 * 1e3, 3)},
         "ours_spread": spread(times["packed_2"]),
-        "kernels_only_2_threads": {  # torch's float ops on 1 thread, the XNOR kernels on 2
-            "ms": round(median_p90(times["packed_kernels_2"])[0] * 1e3, 3),
-            "ratio": round(base / median_p90(times["packed_kernels_2"])[0], 2),
-            "spread": spread(times["packed_kernels_2"]),
-        },
+        "fixed_2_threads": variant("packed_fixed_2"),  # no cap at the free cores
+        "pool_2_threads": variant("packed_pool_2"),  # the kernels on bnas's pool, torch on 2
+        "free_cores": [free_start, free_end],  # as the thread cap saw them, before and after
+        "kernels_only_2_threads": variant("packed_kernels_2"),  # torch on 1 thread, kernels on 2
         "float_conv": {
             "input": conv_in,
             "weight": conv_w,

@@ -15,6 +15,17 @@ import torch
 from bnas import binarize, registry
 from bnas.binarize import BinaryConv2d, BinaryLinear
 from bnas.binarize import config as binarize_config
+from bnas.export import format as packed_format
+from bnas.kernels.thread_budget import ThreadBudget
+
+
+@pytest.fixture(autouse=True)
+def packed_networks_keep_torchs_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed networks run on torch's thread count in tests. Their default caps it at the cores
+    free at the moment (bnas.kernels.thread_budget); with pytest's other worker busy that is
+    sometimes 1 thread, whose float ops round differently in the last bit, and tests compare
+    outputs bit for bit. test_thread_budget.py sets its own budgets."""
+    monkeypatch.setattr(packed_format, "PROCESS_BUDGET", ThreadBudget(sample=lambda: None))
 
 
 @pytest.fixture

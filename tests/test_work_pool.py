@@ -1,15 +1,17 @@
-"""The CPU kernels' thread pool (``bnas/kernels/csrc/work_pool.h``): results bit-identical
-for any thread count, a caller that never waits for a helper thread that has not started
-work, exceptions that reach the caller, and the thread-count setting.
+"""The CPU kernels' threads (``bnas/kernels/csrc/work_pool.h``): on torch's OpenMP team (the
+default) and on bnas's own pool (``BNAS_KERNEL_THREADS`` set), results bit-identical for any
+thread count and exceptions that reach the caller; on the pool, a caller that never waits for
+a helper thread that has not started work; and the thread-count setting.
 
-Every comparison is against the same call on 1 thread (the pool is not used then), so the
-pool is checked, not the kernels (``test_kernels_cpu.py`` checks those against the float
+Every comparison is against the same call on 1 thread (no team or pool is used then), so the
+threading is checked, not the kernels (``test_kernels_cpu.py`` checks those against the float
 reference).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,22 +44,35 @@ def restore_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv(cpu_backend.THREADS_ENV, raising=False)
     before = torch.get_num_threads()
     yield
+    os.environ.pop(cpu_backend.THREADS_ENV, None)  # on_threads sets it without monkeypatch
     torch.set_num_threads(before)
 
 
-def on_threads(fn: Callable[[], torch.Tensor], threads: int) -> torch.Tensor:
-    torch.set_num_threads(threads)
+@pytest.fixture(params=["openmp", "pool"])
+def team(request) -> str:
+    """Where the kernels' threads come from: torch's OpenMP team, or bnas's pool."""
+    return request.param
+
+
+def on_threads(fn: Callable[[], torch.Tensor], threads: int, team: str = "openmp") -> torch.Tensor:
+    """fn() with the kernels on `threads` threads: torch's count, or (pool) the override."""
+    if team == "pool":
+        torch.set_num_threads(1)
+        os.environ[cpu_backend.THREADS_ENV] = str(threads)
+    else:
+        os.environ.pop(cpu_backend.THREADS_ENV, None)
+        torch.set_num_threads(threads)
     return fn()
 
 
-def assert_same_for_all_threads(fn: Callable[[], torch.Tensor]) -> None:
+def assert_same_for_all_threads(fn: Callable[[], torch.Tensor], team: str) -> None:
     """fn() on 2, 3 and 8 threads equals fn() on 1, bit for bit; the thread count changes
     between calls."""
-    expected = on_threads(fn, 1)
+    expected = on_threads(fn, 1, team)
     for threads in THREADS + [1] + THREADS[::-1]:
-        got = on_threads(fn, threads)
+        got = on_threads(fn, threads, team)
         assert got.dtype == expected.dtype and got.shape == expected.shape
-        assert torch.equal(got, expected), f"{threads} threads differ from 1"
+        assert torch.equal(got, expected), f"{threads} threads ({team}) differ from 1"
 
 
 # (N, C, H, W, K, kernel, stride, padding, groups): work items = groups x channel blocks x N*OH
@@ -71,7 +86,7 @@ CONVS = {
 
 @pytest.mark.parametrize("case", list(CONVS), ids=list(CONVS))
 @pytest.mark.parametrize("pack_output", [False, True], ids=["float", "packed"])
-def test_conv_identical_for_any_thread_count(name, case, pack_output):
+def test_conv_identical_for_any_thread_count(name, team, case, pack_output):
     n, c, h, w, k, ks, stride, pad, groups = CONVS[case]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(n, c, h, w, generator=gen)
@@ -82,17 +97,20 @@ def test_conv_identical_for_any_thread_count(name, case, pack_output):
     assert_same_for_all_threads(
         lambda: cpu_backend.xnor_conv2d_packed(
             xp, wp, c, (ks, ks), (stride, stride), (pad, pad), (1, 1), groups, scale, bias, pack_output, name
-        )
+        ),
+        team,
     )
 
 
 @pytest.mark.parametrize("pack_output", [False, True], ids=["float", "packed"])
-def test_linear_identical_for_any_thread_count(name, pack_output):
+def test_linear_identical_for_any_thread_count(name, team, pack_output):
     gen = torch.Generator().manual_seed(2)
     x, wt = torch.randn(64, 1000, generator=gen), torch.randn(100, 1000, generator=gen)
     scale, bias = torch.rand(100, generator=gen) + 0.5, torch.rand(100, generator=gen) - 0.5
     xp, wp = cpu_backend.pack_signs(x, 1, name), cpu_backend.pack_weights(wt, name)
-    assert_same_for_all_threads(lambda: cpu_backend.xnor_linear_packed(xp, wp, 1000, scale, bias, pack_output, name))
+    assert_same_for_all_threads(
+        lambda: cpu_backend.xnor_linear_packed(xp, wp, 1000, scale, bias, pack_output, name), team
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,20 +118,22 @@ def test_linear_identical_for_any_thread_count(name, pack_output):
     [(2, 200, 48, 48), (3, 64, 5, 5), (1, 3, 1, 1), (600, 4096), (2, 70)],
     ids=["many tasks", "few tasks", "one task", "rows", "two rows"],
 )
-def test_pack_signs_identical_for_any_thread_count(name, shape):
+def test_pack_signs_identical_for_any_thread_count(name, team, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
-    assert_same_for_all_threads(lambda: cpu_backend.pack_signs(x, 1, name))
+    assert_same_for_all_threads(lambda: cpu_backend.pack_signs(x, 1, name), team)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("items,chunk", [(1, 1), (2, 1), (7, 3), (1000, 1), (1000, 64), (5, 100)])
-def test_every_item_runs_exactly_once(ext, items, chunk, threads):
+def test_every_item_runs_exactly_once(ext, team, items, chunk, threads):
+    on_threads(lambda: torch.empty(0), 1, team)  # sets the team; the hook takes `threads` itself
     assert ext._work_pool_run(items, chunk, threads, -1) == [3 * i + 1 for i in range(items)]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 8])
 @pytest.mark.parametrize("throw_at", [0, 500, 999])
-def test_an_exception_in_any_thread_reaches_the_caller(ext, threads, throw_at):
+def test_an_exception_in_any_thread_reaches_the_caller(ext, team, threads, throw_at):
+    on_threads(lambda: torch.empty(0), 1, team)
     with pytest.raises(RuntimeError, match=f"work pool test: item {throw_at}$"):
         ext._work_pool_run(1000, 1, threads, throw_at)
     # and the pool still works afterwards
@@ -131,11 +151,11 @@ def test_a_call_returns_without_waiting_for_a_helper_that_has_not_started(ext, n
     def conv() -> torch.Tensor:
         return cpu_backend.xnor_conv2d_packed(xp, wp, 128, (3, 3), (1, 1), (1, 1), (1, 1), 1, None, None, False, name)
 
-    expected = on_threads(conv, 1)
+    expected = on_threads(conv, 1, "pool")
     time.sleep(0.2)  # helpers that spin after earlier tests' jobs are asleep by now
     ext._work_pool_set_helper_start_delay_us(1_000_000)
     try:
-        torch.set_num_threads(2)
+        os.environ[cpu_backend.THREADS_ENV] = "2"
         chunks_before = ext._work_pool_helper_chunks()
         start = time.perf_counter()
         results = [conv() for _ in range(5)]
@@ -147,7 +167,7 @@ def test_a_call_returns_without_waiting_for_a_helper_that_has_not_started(ext, n
     assert elapsed < 0.5, f"5 calls took {elapsed:.3f} s: the caller waited for a held-back helper"
     assert all(torch.equal(r, expected) for r in results)
     assert ext._work_pool_helpers() >= 1
-    assert torch.equal(on_threads(conv, 2), expected)
+    assert torch.equal(on_threads(conv, 2, "pool"), expected)
 
 
 def _conv_in_child(queue: multiprocessing.Queue) -> None:
@@ -158,10 +178,11 @@ def _conv_in_child(queue: multiprocessing.Queue) -> None:
     queue.put(out.shape == (1, 64, 16, 16))
 
 
-def test_a_forked_child_runs_kernels_on_threads(ext):
-    """The parent's helper threads do not exist in a forked child: it gets a pool of its own
-    instead of waiting on theirs."""
-    ext._work_pool_run(100, 1, 2, -1)  # the parent's pool has helpers
+def test_a_forked_child_runs_kernels_on_threads(ext, team):
+    """The parent's helper threads do not exist in a forked child: it gets a pool (or an
+    OpenMP team) of its own instead of waiting on theirs."""
+    on_threads(lambda: torch.empty(0), 2, team)  # the child inherits the team's setting
+    ext._work_pool_run(100, 1, 2, -1)  # the parent's pool (or team) has helpers
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_conv_in_child, args=(queue,))
@@ -222,7 +243,18 @@ def test_a_header_edit_changes_the_build_flags(tmp_path, monkeypatch):
             assert cpu_backend.extension() is None
     keys = [[flag for flag in flags if flag.startswith("-DBNAS_HEADERS_KEY=")] for flags in seen]
     assert len(keys[0]) == 1 and len(keys[1]) == 1 and keys[0] != keys[1]
-    assert "-fopenmp" not in seen[0]
+    assert "-fopenmp" in seen[0]  # the kernels run on torch's OpenMP team
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc")
+def test_the_kernels_share_torchs_openmp_runtime(ext):
+    """One libgomp in the process: a second runtime would start a second team of threads
+    competing with torch's for the same cores."""
+    torch.nn.functional.conv2d(torch.randn(1, 8, 8, 8), torch.randn(8, 8, 3, 3))  # torch's team
+    on_threads(lambda: torch.empty(0), 2, "openmp")
+    ext._work_pool_run(100, 1, 2, -1)
+    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(mapped) == 1, mapped
 
 
 def test_the_shipped_headers_exist():
@@ -247,6 +279,11 @@ def test_packed_threads_benchmark_prints_its_json_line(ext, competitor, capsys):
     assert record["outputs_identical_1_vs_2_threads"] is True
     assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], abs=0.01)
     assert record["float_conv"]["weight"] == [64, 64, 3, 3]
+    for key in ("fixed_2_threads", "pool_2_threads", "kernels_only_2_threads"):
+        variant = record[key]
+        assert variant["ratio"] == pytest.approx(record["baseline_ms"] / variant["ms"], abs=0.01)
+        assert variant["spread"]["median_ms"] == variant["ms"]
+    assert len(record["free_cores"]) == 2
     if competitor:  # the spread target applies with a competitor, the 1.7 ratio only at 224x224
         assert record["target"] == {"p90_over_median_max": 2.0}
         assert record["meets_target"] == (record["ours_spread"]["p90_over_median"] <= 2.0)

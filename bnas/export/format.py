@@ -56,6 +56,7 @@ from ..binarize import BinaryConv2d, BinaryLinear
 from ..builder import build
 from ..errors import BnasError
 from ..genotype import Genotype, genotype_from_dict
+from ..kernels.thread_budget import PROCESS_BUDGET, torch_threads
 from ..yaml_io import parse_yaml_mapping
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
 from .plan import build_plan
@@ -159,6 +160,12 @@ class PackedNetwork(nn.Module):
         #: run float32 CPU inputs through the fused plan (``bnas.export.plan``); False runs
         #: the module tree as it is (the unfused reference)
         self.fused = True
+        #: on the CPU, run each forward on no more of torch's threads than there are cores no
+        #: other process is running on (``bnas.kernels.thread_budget``), so that a busy
+        #: neighbour does not leave every parallel op waiting for a descheduled thread. torch's
+        #: float ops may round differently in the last bit on 1 thread than on 2; set False
+        #: for outputs that never depend on the machine's load
+        self.adaptive_threads = True
         self.requires_grad_(False)
         super().train(False)
 
@@ -173,7 +180,10 @@ class PackedNetwork(nn.Module):
         return self.__dict__["_plan"]
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
+        threads = torch.get_num_threads()
+        if self.adaptive_threads and threads > 1 and x.device.type == "cpu":
+            threads = PROCESS_BUDGET.threads(threads)
+        with torch.no_grad(), torch_threads(threads):
             if self.fused and x.device.type == "cpu" and x.dtype == torch.float32:
                 plan = self.plan()
                 if plan is not None:

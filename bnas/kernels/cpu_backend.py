@@ -13,20 +13,21 @@ Threads. A kernel call (a packed conv or linear, or packing signs) runs on
 :func:`kernel_threads` threads: ``torch.get_num_threads()`` (set by ``torch.set_num_threads``,
 which the CLI's ``--threads`` flags call, and at start-up by ``OMP_NUM_THREADS``), or
 ``$BNAS_KERNEL_THREADS`` where set, which changes the kernels only and leaves torch's float
-ops alone. Small problems use fewer threads (never more than their work is worth). The
-kernels do not use OpenMP but a pool of persistent threads (``csrc/work_pool.h``): the
-calling thread always works, helper threads take chunks of the work as they get a core, and
-a call never waits for a helper that has not started on it. So on a busy machine a call
-takes about its 1-thread time instead of waiting at a barrier for a descheduled thread.
-``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` and ``OMP_PROC_BIND`` do not configure the kernels; they
-still apply to torch's own float ops (the stem, shortcuts and pooling of a packed network),
-which use OpenMP and do wait for all their threads at the end of every op (on a 2-core
-machine with one other busy process, a float conv on 2 threads took 2-30 ms against 1.3 ms
-on 1). They matter to the kernels indirectly: after each float op torch's OpenMP threads spin
-(libgomp's default) and hold the cores the kernels' helpers need; ``OMP_WAIT_POLICY=PASSIVE``
-stops that but slows torch's ops. On a shared machine, ``torch.set_num_threads(1)`` with
-``BNAS_KERNEL_THREADS=2`` keeps the float ops off the barrier and lets the kernels use a
-free core when there is one.
+ops alone. Small problems use fewer threads (never more than their work is worth). Which
+threads (``csrc/work_pool.h``):
+
+- by default, torch's own OpenMP team, the one its float ops use: between the float ops of a
+  packed network its threads spin, so they take up a kernel's work at once.
+  ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` configure them, for the kernels as for torch;
+- with ``$BNAS_KERNEL_THREADS`` set, a pool of bnas's own persistent threads, in which the
+  calling thread always works and a call never waits for a helper the OS has not scheduled
+  (an OpenMP parallel region ends in a barrier that does wait: on a 2-core machine with one
+  other busy process, a float conv on 2 threads took 2-30 ms against 1.3 ms on 1). On a shared
+  machine ``torch.set_num_threads(1)`` with ``BNAS_KERNEL_THREADS=2`` keeps every op off the
+  barrier and lets the kernels use a free core when there is one.
+
+``bnas.export.PackedNetwork`` also caps each forward's threads at the cores no other process
+is running on (:mod:`bnas.kernels.thread_budget`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ from ..errors import BnasError
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
 HEADERS = [SOURCE.parent / "work_pool.h"]
-CFLAGS = ["-O3", "-pthread", "-ffp-contract=off"]  # no FMA contraction: epilogue is exact
+# -fopenmp: the kernels run on torch's OpenMP team (csrc/work_pool.h); the extension then shares
+# the libgomp torch has loaded. No FMA contraction: the epilogue is exact.
+CFLAGS = ["-O3", "-pthread", "-fopenmp", "-ffp-contract=off"]
 
 # Backend name -> the extension's code-path constant name, fastest first.
 ISA_OF_BACKEND = {"cpu-avx512": "ISA_AVX512", "cpu-avx2": "ISA_AVX2", "cpu-popcnt": "ISA_POPCNT"}
@@ -155,7 +158,7 @@ def extension() -> ModuleType | None:
                     name=EXTENSION_NAME,
                     sources=[str(SOURCE)],
                     extra_cflags=CFLAGS + [f"-DBNAS_HEADERS_KEY={headers_key()}"],
-                    extra_ldflags=["-pthread"],
+                    extra_ldflags=["-pthread", "-fopenmp"],
                     build_directory=str(build_dir),
                     verbose=False,
                 )

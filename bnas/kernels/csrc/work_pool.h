@@ -1,19 +1,26 @@
-// A persistent worker pool for the CPU kernels, in place of OpenMP.
+// Where the CPU kernels' threads come from: torch's OpenMP team, or a pool of bnas's own.
 //
-// Why not `#pragma omp parallel`: a parallel region ends in a barrier that waits for every
-// thread of the team, started or not. On a shared machine the OS often deschedules one team
-// thread, and the whole call then waits for it (measured on 2 cores with one busy neighbour:
-// ~32 ms per packed-model call instead of 3-10 ms, p90 150-750 ms).
+// By default a kernel call runs on as many threads as torch's float ops (kernel_threads() in
+// cpu_backend.py) and on torch's own OpenMP team: after each float op of a packed network
+// libgomp's threads spin, so they take up a kernel's work at once, and a second set of threads
+// would only compete with them for the cores (measured on an idle 2-core machine, Bi-Real
+// ResNet-18 at 224x224, 2 threads against 1 interleaved in one process: 1.66x on torch's team,
+// 1.27x with the kernels on the pool below).
 //
-// Here the calling thread always works. Helper threads take chunks of items from one atomic
+// With BNAS_KERNEL_THREADS set, the kernels run on the persistent pool below instead. A
+// parallel region ends in a barrier that waits for every thread of the team, started or not;
+// on a shared machine the OS often deschedules one team thread and the whole call waits for
+// it (2 cores, one busy neighbour: ~32 ms per packed-model call instead of 3-10 ms). In the
+// pool the calling thread always works. Helper threads take chunks of items from one atomic
 // counter; the caller returns as soon as every item is done. It waits only for chunks a
 // helper has already claimed (and is running), never for a helper that has not claimed one:
 // a helper that wakes up late finds its generation finished and goes back to sleep. Helpers
 // spin for up to 0.5 ms after a job, yielding the core to anything else runnable (kernel calls
-// come in quick succession), then sleep on a condition variable.
+// come in quick succession), then sleep on a condition variable. Keeping torch on 1 thread
+// with BNAS_KERNEL_THREADS=2 thus keeps a packed network off every barrier.
 //
-// Results do not depend on the thread count as long as every item writes its own outputs
-// (where items share packed words the kernels OR them atomically).
+// Results do not depend on the thread count or the team as long as every item writes its own
+// outputs (where items share packed words the kernels OR them atomically).
 #pragma once
 
 #include <immintrin.h>
@@ -24,6 +31,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
 #include <exception>
 #include <mutex>
@@ -33,6 +41,10 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace bnas {
 
@@ -247,13 +259,63 @@ class WorkPool {
   std::atomic<int64_t> helper_chunks_{0};
 };
 
-// parallel_for(items, chunk, threads, f): f(begin, end) over [0, items) on the pool.
+// The environment variable that moves the kernels from torch's team to the pool.
+inline bool own_pool_requested() { return std::getenv("BNAS_KERNEL_THREADS") != nullptr; }
+
+// True in a child forked from this process. libgomp's threads do not survive fork, and a
+// parallel region in the child waits for them forever (torch's own float ops hang there
+// too), so a forked child's kernels run on a pool of its own. Set up when the extension loads.
+inline std::atomic<bool>& in_forked_child() {
+  static std::atomic<bool> forked{false};
+  return forked;
+}
+inline const bool kForkHandlerInstalled =
+    (pthread_atfork(nullptr, nullptr, [] { in_forked_child().store(true); }), true);
+
+#ifdef _OPENMP
+// f(begin, end) over [0, items) on torch's OpenMP team of `threads`, chunks claimed from one
+// counter as in the pool. The first exception is rethrown after the region (an exception
+// must not leave it); later chunks are skipped.
+template <class F>
+void parallel_for_openmp(int64_t items, int64_t chunk, int threads, F& f) {
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mu;
+#pragma omp parallel num_threads(threads)
+  {
+    for (;;) {
+      const int64_t begin = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (begin >= items || failed.load(std::memory_order_relaxed)) break;
+      try {
+        f(begin, std::min(items, begin + chunk));
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(error_mu);
+        if (!error) error = std::current_exception();
+        failed.store(true, std::memory_order_relaxed);
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+#endif
+
+// parallel_for(items, chunk, threads, f): f(begin, end) over [0, items) in chunks of at most
+// `chunk` items, on torch's OpenMP team or (BNAS_KERNEL_THREADS set, inside a parallel region
+// already, or in a forked child) on the pool.
 template <class F>
 void parallel_for(int64_t items, int64_t chunk, int threads, F&& f) {
   if (threads <= 1) {
     if (items > 0) f(int64_t{0}, items);
     return;
   }
+  if (items <= 0) return;
+#ifdef _OPENMP
+  if (!own_pool_requested() && !omp_in_parallel() && !in_forked_child().load(std::memory_order_relaxed)) {
+    parallel_for_openmp(items, std::max<int64_t>(1, chunk), threads, f);
+    return;
+  }
+#endif
   using Fn = std::remove_reference_t<F>;
   WorkPool::get().run(
       items, chunk, threads,
