@@ -154,6 +154,21 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise WriteError(f"{flag} {path} is not writable: {why}; choose another folder")
 
 
+@contextlib.contextmanager
+def new_dir_removed_on_failure(path: Path | None) -> Iterator[None]:
+    """If the block fails while the folder ``path`` (missing when the block starts) is still
+    empty, remove it: a run that could not start leaves no run folder behind. A folder that
+    existed before, or that holds anything, is left as it is. ``None``: nothing to watch."""
+    created = path is not None and not Path(path).exists()
+    try:
+        yield
+    except BaseException:
+        if created and path is not None:
+            with contextlib.suppress(OSError):  # not empty (or gone): it stays as it is
+                Path(path).rmdir()
+        raise
+
+
 def check_writable_file(path: Path, flag: str, *, example: str = "") -> None:
     """Prove that the file ``path`` can be written: not an existing folder, and its folder
     (made if missing) writable. Raises a one-line :class:`WriteError` otherwise; ``example``

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import WriteError, atomic_path, check_writable_dir
+from .atomic import WriteError, atomic_path, check_writable_dir, new_dir_removed_on_failure
 from .builder import build, check_ops
 from .data import DataSplits, load_dataset
 from .errors import BnasError
@@ -143,37 +143,40 @@ def evaluate(
     )
     dev = resolve_device(device)
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        if resume and not (out_dir / "checkpoint.pt").is_file():
-            raise BnasError(f"--resume: no checkpoint in {out_dir}; run without --resume to start")
-        if not resume and (out_dir / "checkpoint.pt").exists():
-            raise BnasError(
-                f"{out_dir} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
+    # A run that fails before it writes anything (bad --init-from, a data error) leaves no
+    # empty run folder behind.
+    with new_dir_removed_on_failure(out_dir):
+        if out_dir is not None:
+            if resume and not (out_dir / "checkpoint.pt").is_file():
+                raise BnasError(f"--resume: no checkpoint in {out_dir}; run without --resume to start")
+            if not resume and (out_dir / "checkpoint.pt").exists():
+                raise BnasError(
+                    f"{out_dir} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
+                )
+            # Before loading data and training: a read-only --out would otherwise fail only at
+            # the first checkpoint, after an epoch of work.
+            check_writable_dir(out_dir, "--out")
+        if data is None:
+            data = load_dataset(
+                dataset,
+                data_root,
+                val_fraction=recipe.val_fraction,
+                seed=recipe.seed,
+                shape=genotype.input,
+                num_classes=genotype.num_classes,
+                download=download,
             )
-        # Before loading data and training: a read-only --out would otherwise fail only at
-        # the first checkpoint, after an epoch of work.
-        check_writable_dir(out_dir, "--out")
-    if data is None:
-        data = load_dataset(
-            dataset,
-            data_root,
-            val_fraction=recipe.val_fraction,
-            seed=recipe.seed,
-            shape=genotype.input,
-            num_classes=genotype.num_classes,
-            download=download,
-        )
-    check_input_shape(genotype, data)
-    data = data.to(dev)
-    seed_everything(recipe.seed)
-    model = build(genotype)
-    init_from = initialise(model, data, recipe, dev) if initialise is not None and not resume else None
-    teacher = _teacher(recipe, data, dev, out_dir, progress)
-    trainer = Trainer(model, data, recipe, dev, out_dir, teacher=teacher, progress=progress, callbacks=callbacks)
-    if resume and not trainer.resume():
-        raise BnasError(f"--resume: no checkpoint in {out_dir}; run without --resume to start")
-    start = time.perf_counter()
-    result = trainer.fit()
+        check_input_shape(genotype, data)
+        data = data.to(dev)
+        seed_everything(recipe.seed)
+        model = build(genotype)
+        init_from = initialise(model, data, recipe, dev) if initialise is not None and not resume else None
+        teacher = _teacher(recipe, data, dev, out_dir, progress)
+        trainer = Trainer(model, data, recipe, dev, out_dir, teacher=teacher, progress=progress, callbacks=callbacks)
+        if resume and not trainer.resume():
+            raise BnasError(f"--resume: no checkpoint in {out_dir}; run without --resume to start")
+        start = time.perf_counter()
+        result = trainer.fit()
     wall = time.perf_counter() - start
     report: dict[str, Any] = {
         "genotype_name": genotype.name,

@@ -184,6 +184,35 @@ def test_teacher_checkpoint_of_another_width_is_one_line(tmp_path: Path, capsys:
     assert "[32, 64] in the checkpoint but [64, 64]" in err
 
 
+def test_a_run_that_cannot_start_leaves_no_empty_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after --out was made but before anything was written in it (here a teacher
+    checkpoint that does not fit) removes the folder it made, the default runs/eval-... too;
+    a folder that existed before stays, with what it held."""
+    teacher = _genotype(tmp_path, name="teacher.yaml")
+    narrow = tmp_path / "narrow"
+    _trainer_checkpoint(narrow, MLP.replace("{op: binary_linear, channels: 64}", "{op: binary_linear, channels: 32}"))
+    bad_teacher = ["--teacher", str(teacher), "--teacher-checkpoint", str(narrow / "checkpoint.pt")]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["eval", str(_genotype(tmp_path)), "--quiet", *bad_teacher]) == 2
+    assert "does not fit the teacher" in _one_line_error(capsys)
+    assert not (work / "runs").exists() or list((work / "runs").iterdir()) == []
+    assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", "new/run", *bad_teacher]) == 2
+    assert (work / "new").is_dir() and not (work / "new" / "run").exists()
+    kept = work / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(kept), *bad_teacher]) == 2
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    empty = work / "empty"
+    empty.mkdir()
+    assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(empty), *bad_teacher]) == 2
+    assert empty.is_dir()  # it was there before the run
+
+
 # --------------------------------------------------------------------------------------
 # An unwritable --out is refused before training
 # --------------------------------------------------------------------------------------
@@ -252,7 +281,7 @@ def test_disk_full_at_the_first_checkpoint(tmp_path: Path, capsys: pytest.Captur
     assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(out)]) == 2
     err = _one_line_error(capsys)
     assert "no space left on device" in err and "no checkpoint was saved yet" in err
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # nothing was saved, and the run folder the run made is gone too
 
 
 def test_disk_full_writing_model_pt_says_resume_finishes_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
