@@ -13,9 +13,11 @@ baseline / ours (target 1.7 at 224x224 on an idle machine). Also timed, for comp
 ``pool_2_threads``, the kernels on bnas's own pool (``BNAS_KERNEL_THREADS=2``) beside torch's
 2 threads; ``kernels_only_2_threads``, torch's float ops on 1 thread and the kernels on the
 pool's 2; and a float torch conv (the network's first 3x3 Bi-Real conv shape) on 1 and 2
-threads. Each timed call follows one untimed call of the same variant: the first call after
-a change of thread count pays for waking or resizing torch's team, which a program that
-keeps its thread count does not.
+threads. Each timed call follows ``--untimed`` (default 5) untimed calls of the same variant:
+the first calls after a change of thread count pay for waking and resizing torch's team,
+which a program that keeps its thread count does not (measured at load 1.2, 2 threads over
+1 at 224x224: 1.27-1.28x after 1 untimed call, 1.65-1.69x after 5; in two separate
+processes, ``benchmarks/packed_model.py --threads 1`` and ``--threads 2``: 1.79x).
 
 ``--competitor`` starts a busy-looping Python process for the duration of the run (the
 machine then has one core fewer than the threads asked for, as a shared machine often has)
@@ -137,7 +139,7 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             "float_2": with_threads(2, lambda: F.conv2d(fx, fw, padding=1)),
         }
         load_start, free_start = load_average(), PROCESS_BUDGET.free_cores()
-        times = interleaved_times(fns, args.repeats, burst_seconds=0.0, untimed=1)
+        times = interleaved_times(fns, args.repeats, burst_seconds=0.0, untimed=args.untimed)
         load_end, free_end = load_average(), PROCESS_BUDGET.free_cores()
     os.environ.pop(THREADS_ENV, None)
     (base, base_p90), (ours, ours_p90) = median_p90(times["packed_1"]), median_p90(times["packed_2"])
@@ -180,6 +182,7 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         "outputs_identical_1_vs_2_threads": bool(torch.equal(outs[0], outs[1])),
         "load_average_1min": [load_start, load_end],
         "repeats": args.repeats,
+        "untimed": args.untimed,
         "env": env,
         "backend": backend("cpu"),
         "machine": {k: v for k, v in machine().items() if k != "threads"},  # threads: 1 and 2, above
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--genotype", type=Path, nargs="+", default=DEFAULT_GENOTYPES)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=60, help="timed calls per variant (interleaved)")
+    p.add_argument(
+        "--untimed", type=int, default=5, help="untimed calls before each timed one (the thread count just changed)"
+    )
     p.add_argument(
         "--competitor", action="store_true", help="run a busy-looping process alongside, as a shared machine has"
     )
