@@ -3,9 +3,9 @@
 // By default a kernel call runs on as many threads as torch's float ops (kernel_threads() in
 // cpu_backend.py) and on torch's own OpenMP team: after each float op of a packed network
 // libgomp's threads spin, so they take up a kernel's work at once, and a second set of threads
-// would only compete with them for the cores (measured on an idle 2-core machine, Bi-Real
-// ResNet-18 at 224x224, 2 threads against 1 interleaved in one process: 1.66x on torch's team,
-// 1.27x with the kernels on the pool below).
+// would only compete with them for the cores (benchmarks/packed_threads.py on a 2-core machine,
+// Bi-Real ResNet-18 at 224x224, 2 threads over 1: 1.65x on torch's team, 1.32x with the
+// kernels on the pool below).
 //
 // With BNAS_KERNEL_THREADS set, the kernels run on the persistent pool below instead. A
 // parallel region ends in a barrier that waits for every thread of the team, started or not;
