@@ -305,11 +305,11 @@ void parallel_for_openmp(int64_t items, int64_t chunk, int threads, F& f) {
 // already, or in a forked child) on the pool.
 template <class F>
 void parallel_for(int64_t items, int64_t chunk, int threads, F&& f) {
+  if (items <= 0) return;
   if (threads <= 1) {
-    if (items > 0) f(int64_t{0}, items);
+    f(int64_t{0}, items);
     return;
   }
-  if (items <= 0) return;
 #ifdef _OPENMP
   if (!own_pool_requested() && !omp_in_parallel() && !in_forked_child().load(std::memory_order_relaxed)) {
     parallel_for_openmp(items, std::max<int64_t>(1, chunk), threads, f);
