@@ -239,7 +239,9 @@ def test_retrain_candidates_skip_duplicates_and_over_budget_and_take_the_pareto_
 def test_sigkilled_oneshot_search_resumes(budgeted: tuple[Path, Path], tmp_path: Path) -> None:
     space_file, supernet_file = budgeted
     out = tmp_path / "run"
-    total = 6
+    # Scoring a trial takes well under a second, so the search needs many more trials than the
+    # kill waits for; with 6, a loaded machine once let all 6 start between two polls.
+    total = 30
     cmd = [sys.executable, "-m", "bnas", "search", str(space_file), "--trials", str(total), "--out", str(out)]
     cmd += ["--quiet", "--seed", "3", "--sampler", "random", "--supernet", str(supernet_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
