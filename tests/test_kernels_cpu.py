@@ -430,6 +430,39 @@ def test_fused_step_refuses_a_residual_of_another_shape_or_layout(cpu_backends):
             kernels.xnor_conv2d_fused(xp, wp, 32, 3, 1, 1, float_output=False)
 
 
+@pytest.mark.parametrize("groups,stride,dilation", [(1, 1, 1), (1, 2, 1), (2, 1, 2)])
+def test_bound_fused_conv_equals_the_function_and_follows_in_place_weight_updates(
+    backend_name, groups, stride, dilation
+):
+    """FusedConv2d binds the weights and geometry once (a plan step's fast path): every
+    output, on every code path, is the function's; an in-place change of the packed weights
+    is seen on the next call (the lane layout it keeps is rebuilt)."""
+    gen = torch.Generator().manual_seed(groups + stride * 3 + dilation * 7)
+    x = small_ints(2, 64, 11, 9, generator=gen)
+    weight = small_ints(48, 64 // groups, 3, 3, generator=gen)
+    scale, bias = torch.randn(48, generator=gen), torch.randn(48, generator=gen)
+    xp, wp = kernels.pack_signs(x, groups), kernels.pack_weights(weight, groups)
+    fused = kernels.FusedConv2d(wp, 64, 3, stride, 1, dilation, groups, scale, bias)
+    geometry = (64, 3, stride, 1, dilation, groups, scale, bias)
+    expected = kernels.xnor_conv2d_fused(xp, wp, *geometry, float_output=True, pack_output=groups == 1)
+    oh, ow = fused.output_size(11, 9)
+    assert expected[0] is not None and tuple(expected[0].shape) == (2, 48, oh, ow)
+    residual = torch.randn(2, 48, oh, ow, generator=gen).contiguous(memory_format=torch.channels_last)
+    for res, float_output, pack_output in [(None, True, groups == 1), (residual, True, False), (residual, False, True)]:
+        if pack_output and groups != 1:
+            continue
+        ours = fused(xp, res, float_output, pack_output)
+        theirs = kernels.xnor_conv2d_fused(xp, wp, *geometry, res, float_output, pack_output)
+        for a, b in zip(ours, theirs, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+    wp.copy_(kernels.pack_weights(-weight, groups))  # every sign flipped, in place
+    flipped = fused(xp)[0]
+    assert torch.equal(flipped, kernels.xnor_conv2d_fused(xp, wp, *geometry)[0])
+    assert not torch.equal(flipped, expected[0])
+    with pytest.raises(ValueError, match="float output, the packed output or both"):
+        fused(xp, None, False, False)
+
+
 @pytest.mark.parametrize("features,outputs", [(784, 40), (37, 21), (64, 16)])
 def test_real_input_binary_weight_linear_bit_exact(backend_name, features, outputs):
     """Integer-valued inputs make every partial sum exact, so any summation order must give

@@ -126,12 +126,17 @@ def test_fused_off_runs_the_module_tree_and_the_plan_is_not_saved(tmp_path: Path
 
 
 def test_plan_sees_weights_loaded_after_it_was_built() -> None:
-    """The plan shares the network's modules: a state_dict loaded later is what it runs."""
+    """The plan shares the network's modules: a state_dict loaded later is what it runs,
+    whether copied into the buffers or replacing them (each step's bound kernel call is
+    made again when its conv's buffers are other tensors)."""
     _, a, x = packed_of("bireal_resnet18", seed=0)
     _, b, _ = packed_of("bireal_resnet18", seed=5)
-    a(x)  # builds a's plan
+    _, c, _ = packed_of("bireal_resnet18", seed=9)
+    a(x)  # builds a's plan and binds its steps
     a.load_state_dict(b.state_dict())
     assert torch.equal(a(x), b(x))
+    a.load_state_dict({k: v.clone() for k, v in c.state_dict().items()}, assign=True)
+    assert torch.equal(a(x), c(x))
 
 
 def test_stem_max_pool_runs_channels_last_and_units_overwrite_their_shortcut_buffer() -> None:

@@ -40,7 +40,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import max_pool2d_nhwc, pack_signs, xnor_conv2d_fused
+from ..kernels import FusedConv2d, max_pool2d_nhwc, pack_signs
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear, _pack_input
 
 __all__ = ["ChannelsLastMaxPool2d", "PackedStep", "build_plan"]
@@ -69,33 +69,39 @@ class PackedStep(nn.Module):
         #: residual afterwards)
         self.into_residual = False
 
+    def fused(self) -> FusedConv2d:
+        """The conv's kernel call with its weights bound, made again when the conv's buffers
+        are replaced (``.to()``, ``load_state_dict`` with ``assign``)."""
+        bound = self.__dict__.get("_fused")
+        buffers = self.__dict__["_modules"]["conv"]._buffers  # direct: a module attribute costs ~0.5 us
+        if (
+            bound is None
+            or bound.wp is not buffers["weight_packed"]
+            or bound.scale is not buffers.get("scale")
+            or bound.bias is not buffers.get("bias")
+        ):
+            c = self.conv
+            geometry = (c.kernel_size, c.stride, c.padding, c.dilation, c.groups)
+            bound = FusedConv2d(c.weight_packed, c.in_channels, *geometry, c.scale, c.bias)
+            self.__dict__["_fused"] = bound  # a cache, not state: kept out of the module's attributes
+        return bound
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Any:
-        c = self.conv
+        fused = self.fused()
         if not self.packed_input:
+            c = self.conv
             if c.threshold is not None:
                 x = x - c.threshold.view(1, -1, 1, 1)
             x = _pack_input(x, c.groups)
         n, h, w = x.shape[:3]  # packed input is NHWC
-        out_shape = (n, c.out_channels) + tuple(
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, k, s, p, d in zip((h, w), c.kernel_size, c.stride, c.padding, c.dilation, strict=True)
-        )
+        out_shape = (n, fused.out_channels, *fused.output_size(h, w))
         # an add that broadcasts (a bias, a scalar) stays a float add after the conv
-        broadcast = residual is not None and tuple(residual.shape) != out_shape
+        broadcast = residual is not None and residual.shape != out_shape
         if residual is not None and not broadcast and residual.dtype == torch.float32:
             residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
         fused_residual = None if broadcast else residual
-        out, packed = xnor_conv2d_fused(
+        out, packed = fused(
             x,
-            c.weight_packed,
-            c.in_channels,
-            c.kernel_size,
-            c.stride,
-            c.padding,
-            c.dilation,
-            c.groups,
-            c.scale,
-            c.bias,
             fused_residual,
             self.float_output or broadcast,
             self.pack_output and not broadcast,

@@ -8,6 +8,7 @@ implementation in use; ``use_backend(name)`` forces one.
 
 from .dispatch import (
     BACKENDS,
+    FusedConv2d,
     backend,
     max_pool2d_nhwc,
     pack_signs,
@@ -24,6 +25,7 @@ from .packing import unpack_signs, unpack_weights, words_for
 
 __all__ = [
     "BACKENDS",
+    "FusedConv2d",
     "backend",
     "max_pool2d_nhwc",
     "pack_signs",

@@ -239,9 +239,7 @@ def _repacked_weights(wp: Tensor, groups: int, name: str) -> Tensor:
     on every call. Entries are keyed on the tensor's identity, checked against its version
     counter (an in-place update bumps it), and dropped when the tensor is freed, so
     temporary weights (``xnor_conv2d`` on float tensors) do not pile up."""
-    return _cached_layout(
-        wp, ("lanes", groups, name), lambda: _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
-    )
+    return _cached_layout(wp, ("lanes", groups, name), lambda: repack_weights(wp, groups, name))
 
 
 def _cached_layout(wp: Tensor, layout: tuple, make: Callable[[], Tensor]) -> Tensor:
@@ -343,30 +341,41 @@ def xnor_conv2d_fused(
 ) -> tuple[Tensor | None, Tensor | None]:
     """Packed conv + epilogue + residual with code path ``name``: (float channels_last
     output or None, packed NHWC signs or None)."""
-    out, packed = _built(name).conv2d_packed_fused(
-        xp.contiguous(),
-        _repacked_weights(wp, groups, name),
-        in_channels,
-        wp.shape[0],
-        kernel_size[0],
-        kernel_size[1],
-        stride[0],
-        stride[1],
-        padding[0],
-        padding[1],
-        dilation[0],
-        dilation[1],
-        groups,
-        scale,
-        bias,
-        residual,
-        float_output,
-        pack_output,
-        into_residual,
-        _isa(name),
-        kernel_threads(),
-    )
-    return out, packed
+    geometry = (*kernel_size, *stride, *padding, *dilation)
+    lanes = _repacked_weights(wp, groups, name)
+    return conv2d_fused_on_lanes(
+        xp, lanes, in_channels, wp.shape[0], geometry, groups, scale, bias, residual,
+        float_output, pack_output, into_residual, name,
+    )  # fmt: skip
+
+
+def conv2d_fused_on_lanes(
+    xp: Tensor,
+    lanes: Tensor,
+    in_channels: int,
+    out_channels: int,
+    geometry: tuple[int, ...],
+    groups: int,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    float_output: bool,
+    pack_output: bool,
+    into_residual: bool,
+    name: str,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`xnor_conv2d_fused` on weights already in the lane layout (:func:`repack_weights`)
+    and ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw)."""
+    return _built(name).conv2d_packed_fused(
+        xp.contiguous(), lanes, in_channels, out_channels, *geometry, groups, scale, bias, residual,
+        float_output, pack_output, into_residual, _isa(name), kernel_threads(),
+    )  # fmt: skip
+
+
+def repack_weights(wp: Tensor, groups: int, name: str) -> Tensor:
+    """Packed ``(K, kh, kw, Wg)`` weights in the lane layout code path ``name`` reads
+    (uncached: :func:`_repacked_weights` caches by tensor)."""
+    return _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
 
 
 def real_binary_linear(
