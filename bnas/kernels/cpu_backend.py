@@ -234,7 +234,7 @@ def _isa(name: str) -> int:
     return int(getattr(_built(name), ISA_OF_BACKEND[name]))
 
 
-def _repacked_weights(wp: Tensor, groups: int, name: str) -> Tensor:
+def lane_weights(wp: Tensor, groups: int, name: str) -> Tensor:
     """Weights in the kernel's lane layout, cached: a network reuses the same packed weights
     on every call. Entries are keyed on the tensor's identity, checked against its version
     counter (an in-place update bumps it), and dropped when the tensor is freed, so
@@ -285,7 +285,7 @@ def xnor_conv2d_packed(
     memory (the kernel writes NHWC), or packed NHWC words."""
     return _built(name).conv2d_packed(
         xp.contiguous(),
-        _repacked_weights(wp, groups, name),
+        lane_weights(wp, groups, name),
         in_channels,
         wp.shape[0],
         kernel_size[0],
@@ -311,7 +311,7 @@ def xnor_linear_packed(
     """Packed linear with code path ``name`` (a 1x1 convolution over N samples)."""
     return _built(name).linear_packed(
         xp.contiguous(),
-        _repacked_weights(wp, 1, name),
+        lane_weights(wp, 1, name),
         in_features,
         wp.shape[0],
         scale,
@@ -320,33 +320,6 @@ def xnor_linear_packed(
         _isa(name),
         kernel_threads(),
     )
-
-
-def xnor_conv2d_fused(
-    xp: Tensor,
-    wp: Tensor,
-    in_channels: int,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    scale: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    float_output: bool,
-    pack_output: bool,
-    into_residual: bool,
-    name: str,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Packed conv + epilogue + residual with code path ``name``: (float channels_last
-    output or None, packed NHWC signs or None)."""
-    geometry = (*kernel_size, *stride, *padding, *dilation)
-    lanes = _repacked_weights(wp, groups, name)
-    return conv2d_fused_on_lanes(
-        xp, lanes, in_channels, wp.shape[0], geometry, groups, scale, bias, residual,
-        float_output, pack_output, into_residual, name,
-    )  # fmt: skip
 
 
 def conv2d_fused_on_lanes(
@@ -364,8 +337,9 @@ def conv2d_fused_on_lanes(
     into_residual: bool,
     name: str,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """:func:`xnor_conv2d_fused` on weights already in the lane layout (:func:`repack_weights`)
-    and ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw)."""
+    """Packed conv + epilogue + residual with code path ``name`` on weights in its lane layout
+    (:func:`lane_weights`), ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw): (float
+    channels_last output or None, packed NHWC signs or None)."""
     return _built(name).conv2d_packed_fused(
         xp.contiguous(), lanes, in_channels, out_channels, *geometry, groups, scale, bias, residual,
         float_output, pack_output, into_residual, _isa(name), kernel_threads(),
