@@ -498,6 +498,20 @@ def test_channels_last_max_pool_equals_torch(backend_name, shape, kernel, stride
     assert torch.equal(out, F.max_pool2d(x, kernel, stride, padding))
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 112, 112), (2, 40, 9, 7), (1, 16, 8, 8), (1, 48, 6, 5), (1, 33, 7, 7)])
+def test_max_pool_and_pack_writes_the_pooled_map_and_its_packed_signs(backend_name, shape):
+    """Channel counts of one 16-lane vector, a half word, whole and partial words: the words
+    are pack_signs' of the pooled map, bits past the channels 0; exact zeros pack as +1."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(-3, 3, shape, generator=gen).float()
+    expected = F.max_pool2d(x, 3, 2, 1)
+    assert (expected == 0).any()
+    out, packed = kernels.max_pool2d_and_pack(x, 3, 2, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected)
+    assert torch.equal(packed, pack_signs_reference(expected))
+
+
 def test_fused_step_can_write_into_its_residual(backend_name):
     gen = torch.Generator().manual_seed(5)
     x = small_ints(1, 64, 6, 6, generator=gen)

@@ -139,7 +139,8 @@ def test_plan_sees_weights_loaded_after_it_was_built() -> None:
     assert torch.equal(a(x), c(x))
 
 
-def test_stem_max_pool_runs_channels_last_and_units_overwrite_their_shortcut_buffer() -> None:
+def test_stem_max_pool_runs_channels_last_packs_for_the_first_unit_and_units_overwrite_their_shortcut_buffer(
+) -> None:
     _, packed, _ = packed_of("bireal_resnet18_imagenet")
     x = torch.randn(1, 3, 224, 224)
     kept = x.clone()
@@ -150,7 +151,9 @@ def test_stem_max_pool_runs_channels_last_and_units_overwrite_their_shortcut_buf
         assert torch.equal(first, packed.net(x.contiguous(memory_format=torch.channels_last)))
     plan = packed.plan()
     assert plan is not None
-    assert sum(isinstance(m, ChannelsLastMaxPool2d) for m in plan.modules()) == 1
+    (pool,) = [m for m in plan.modules() if isinstance(m, ChannelsLastMaxPool2d)]
+    # the pool writes the first unit's packed input beside its float output (the shortcut)
+    assert pool.pack_output and all(s.packed_input for s in steps_of(packed))
     assert all(s.into_residual for s in steps_of(packed))  # every unit's shortcut is read once
 
 

@@ -12,6 +12,9 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   ``groups=1``) also writes the signs of its output, packed, in the same pass; those convs
   take the packed words and skip their own packing. The float output is still written when
   something else (a shortcut, a pool, the head) reads it.
+* **The stem's pool packs too.** A max-pool whose output a step binarises (ResNet's stem
+  pool before the first Bi-Real unit) writes the packed signs in the same pass as the pooled
+  map, and the step reads them.
 * **channels_last throughout.** The image is made channels_last once; PyTorch's float convs
   and pools then keep that layout (the packed kernels read and write it natively), so no
   layer converts layouts. A 3x3/2 max-pool on a 64x112x112 map takes ~0.3 ms in
@@ -40,7 +43,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import FusedConv2d, max_pool2d_nhwc, pack_signs
+from ..kernels import FusedConv2d, max_pool2d_and_pack, max_pool2d_nhwc, pack_signs
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear, _pack_input
 
 __all__ = ["ChannelsLastMaxPool2d", "PackedStep", "build_plan"]
@@ -189,44 +192,36 @@ def _chain_packed(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, PackedSte
     packed signs; those steps read them. Every other use (a shortcut, a pool, the residual of
     the next unit) keeps the float output."""
     for producer, step in steps.items():
-        readers = [
-            u
-            for u in producer.users
-            if u in steps and u.args[0] is producer and steps[u].conv.threshold is None and steps[u].conv.groups == 1
-        ]
+        readers = _binarising_readers(producer, steps)
         if not readers:
             continue
-        float_uses = [u for u in producer.users if u not in readers or producer in u.args[1:]]
         step.pack_output = True
-        step.float_output = bool(float_uses)
-        if step.float_output:
-            with gm.graph.inserting_after(producer):
-                packed = gm.graph.call_function(operator.getitem, (producer, 1))
-                float_out = gm.graph.call_function(operator.getitem, (producer, 0))
-            for u in float_uses:
-                u.replace_input_with(producer, float_out)
-        else:
-            packed = producer
-        for u in readers:
-            u.update_arg(0, packed)
-            steps[u].packed_input = True
+        step.float_output = any(u not in readers or producer in u.args[1:] for u in producer.users)
+        _split_packed_output(gm, producer, readers, steps, step.float_output)
 
 
 class ChannelsLastMaxPool2d(nn.Module):
     """``nn.MaxPool2d`` (no dilation, no ceil mode) on channels_last float maps by the CPU
-    kernels' pool (``bnas.kernels.max_pool2d_nhwc``): every input byte read once."""
+    kernels' pool (``bnas.kernels.max_pool2d_nhwc``): every input byte read once. With
+    ``pack_output`` (set by the plan when a binary conv reads the pooled map) it returns
+    ``(pooled, its packed signs)``, both written in the same pass."""
 
     def __init__(self, pool: nn.MaxPool2d):
         super().__init__()
         self.kernel_size, self.stride, self.padding = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
+        self.pack_output = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Any:
         if x.dim() != 4 or x.dtype != torch.float32:
-            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+            out = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+            return (out, pack_signs(out)) if self.pack_output else out
+        if self.pack_output:
+            return max_pool2d_and_pack(x, self.kernel_size, self.stride, self.padding)
         return max_pool2d_nhwc(x, self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        packed = ", -> float packed" if self.pack_output else ""
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}{packed}"
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -251,6 +246,55 @@ def _channels_last_pools(gm: torch.fx.GraphModule) -> None:
         node.target = name
 
 
+def _binarising_readers(node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep]) -> list[torch.fx.Node]:
+    """The steps that binarise ``node`` as their input without a threshold, in one group:
+    they can read its signs packed instead."""
+    return [
+        u
+        for u in node.users
+        if u in steps and u.args[0] is node and steps[u].conv.threshold is None and steps[u].conv.groups == 1
+    ]
+
+
+def _split_packed_output(
+    gm: torch.fx.GraphModule,
+    node: torch.fx.Node,
+    readers: list[torch.fx.Node],
+    steps: dict[torch.fx.Node, PackedStep],
+    float_output: bool,
+) -> None:
+    """``node`` now returns ``(float, packed)`` (or only the packed words when nothing else
+    reads it, ``float_output`` False): ``readers`` take the packed words, every other use
+    the float output."""
+    graph = gm.graph
+    if float_output:
+        float_uses = [u for u in node.users if u not in readers or node in u.args[1:]]
+        with graph.inserting_after(node):
+            packed = graph.call_function(operator.getitem, (node, 1))
+            float_out = graph.call_function(operator.getitem, (node, 0))
+        for u in float_uses:
+            u.replace_input_with(node, float_out)
+    else:
+        packed = node
+    for u in readers:
+        u.update_arg(0, packed)
+        steps[u].packed_input = True
+
+
+def _chain_pool_packing(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, PackedStep]) -> None:
+    """A channels_last max-pool whose output a step binarises (the stem's pool before the first
+    Bi-Real unit) also writes the packed signs; the step reads them instead of packing the
+    pooled map itself (a copy to NCHW and a pass over it)."""
+    for node in list(gm.graph.nodes):
+        pool = _module(gm, node)
+        if not isinstance(pool, ChannelsLastMaxPool2d):
+            continue
+        readers = _binarising_readers(node, steps)
+        if readers:
+            pool.pack_output = True
+            _split_packed_output(gm, node, readers, steps, float_output=True)
+
+
 # What produces a fresh tensor that no one else holds: a step may overwrite it.
 _FRESH_MODULES = (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d, nn.BatchNorm2d, ChannelsLastMaxPool2d)
 
@@ -271,7 +315,7 @@ def _write_into_residuals(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, P
             and res.target is operator.getitem
             and res.args[1] == 0
             and isinstance(res.args[0], torch.fx.Node)
-            and res.args[0] in steps
+            and (res.args[0] in steps or isinstance(_module(gm, res.args[0]), ChannelsLastMaxPool2d))
         )
         read_later = any(order[u] > order[node] for u in res.users)
         if fresh and not read_later:
@@ -309,6 +353,7 @@ def build_plan(net: nn.Module) -> torch.fx.GraphModule | None:
     steps = _fuse_residuals(gm)
     _chain_packed(gm, steps)
     _channels_last_pools(gm)
+    _chain_pool_packing(gm, steps)
     _write_into_residuals(gm, steps)
     _channels_last_input(gm)
     gm.graph.eliminate_dead_code()

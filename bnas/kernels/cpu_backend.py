@@ -364,9 +364,16 @@ def real_binary_linear(
 
 
 def max_pool2d_nhwc(
-    x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], name: str
-) -> Tensor:
-    """Max-pool of a channels_last float32 map with code path ``name``."""
-    return _built(name).max_pool2d_nhwc(
-        x, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], _isa(name), kernel_threads()
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    name: str,
+    pack_output: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Max-pool of a channels_last float32 map with code path ``name``: (the pooled map, its
+    signs packed NHWC in the same pass when ``pack_output``, else None)."""
+    out, packed = _built(name).max_pool2d_nhwc(
+        x, *kernel_size, *stride, *padding, _isa(name), kernel_threads(), pack_output
     )
+    return out, packed

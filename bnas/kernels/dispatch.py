@@ -391,12 +391,28 @@ def max_pool2d_nhwc(x: Tensor, kernel_size: IntPair, stride: IntPair, padding: I
     """``F.max_pool2d(x, kernel_size, stride, padding)`` of a float32 map, computed in
     channels_last memory (the packed networks' float glue; on the CPU kernels every input byte
     is read once, channels in SIMD lanes). Returns channels_last memory."""
+    return _max_pool(x, kernel_size, stride, padding, pack_output=False)[0]
+
+
+def max_pool2d_and_pack(
+    x: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair = 0
+) -> tuple[Tensor, Tensor]:
+    """:func:`max_pool2d_nhwc` and the pooled map's signs packed NHWC (what
+    ``pack_signs(pooled)`` returns), in one pass over the output on the CPU kernels: a stem's
+    pool that feeds a binary conv."""
+    out, packed = _max_pool(x, kernel_size, stride, padding, pack_output=True)
+    return out, packed if packed is not None else pack_signs(out)
+
+
+def _max_pool(
+    x: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair, pack_output: bool
+) -> tuple[Tensor, Tensor | None]:
     kernel, stride_, padding_ = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
     x = x.contiguous(memory_format=torch.channels_last)
     name = _route(x.device)
     if name in CPU_BACKENDS and x.dtype == torch.float32:
-        return cpu_backend.max_pool2d_nhwc(x, kernel, stride_, padding_, name)
-    return torch.nn.functional.max_pool2d(x, kernel, stride_, padding_)
+        return cpu_backend.max_pool2d_nhwc(x, kernel, stride_, padding_, name, pack_output)
+    return torch.nn.functional.max_pool2d(x, kernel, stride_, padding_), None
 
 
 def real_binary_linear(

@@ -882,14 +882,21 @@ struct PoolGeometry {
   int64_t C, H, W, OH, OW, kh, kw, sh, sw, ph, pw;
 };
 
+// `packed` (may be null): the output's signs as NHWC words (bit 1 where the max >= 0), written
+// in the same pass, for a binary conv that reads the pooled map.
 __attribute__((target("avx512f"))) void max_pool_row_avx512(const float* img, float* out,
+                                                            uint32_t* packed,
                                                             const PoolGeometry& g, int64_t oh) {
   const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
   const int64_t ih1 = std::min<int64_t>(g.H, oh * g.sh - g.ph + g.kh);
+  const int64_t words = (g.C + 31) / 32;
+  const __m512 zero = _mm512_setzero_ps();
   for (int64_t ow = 0; ow < g.OW; ++ow) {
     const int64_t iw0 = std::max<int64_t>(0, ow * g.sw - g.pw);
     const int64_t iw1 = std::min<int64_t>(g.W, ow * g.sw - g.pw + g.kw);
     float* o = out + (oh * g.OW + ow) * g.C;
+    uint32_t* pw = packed ? packed + (oh * g.OW + ow) * words : nullptr;
+    uint32_t word = 0;
     for (int64_t c = 0; c < g.C; c += 16) {
       const int64_t nl = std::min<int64_t>(16, g.C - c);
       const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
@@ -898,13 +905,23 @@ __attribute__((target("avx512f"))) void max_pool_row_avx512(const float* img, fl
         for (int64_t iw = iw0; iw < iw1; ++iw)
           v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, img + (ih * g.W + iw) * g.C + c));
       _mm512_mask_storeu_ps(o + c, lanes, v);
+      if (pw) {  // c is a multiple of 16: these lanes are bits (c % 32) .. of word c / 32
+        const uint32_t bits = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+        word |= bits << (c & 31);
+        if ((c & 31) == 16 || c + 16 >= g.C) {
+          pw[c / 32] = word;
+          word = 0;
+        }
+      }
     }
   }
 }
 
-void max_pool_row_generic(const float* img, float* out, const PoolGeometry& g, int64_t oh) {
+void max_pool_row_generic(const float* img, float* out, uint32_t* packed, const PoolGeometry& g,
+                          int64_t oh) {
   const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
   const int64_t ih1 = std::min<int64_t>(g.H, oh * g.sh - g.ph + g.kh);
+  const int64_t words = (g.C + 31) / 32;
   for (int64_t ow = 0; ow < g.OW; ++ow) {
     const int64_t iw0 = std::max<int64_t>(0, ow * g.sw - g.pw);
     const int64_t iw1 = std::min<int64_t>(g.W, ow * g.sw - g.pw + g.kw);
@@ -915,12 +932,19 @@ void max_pool_row_generic(const float* img, float* out, const PoolGeometry& g, i
         const float* x = img + (ih * g.W + iw) * g.C;
         for (int64_t c = 0; c < g.C; ++c) o[c] = std::max(o[c], x[c]);
       }
+    if (packed) {
+      uint32_t* pw = packed + (oh * g.OW + ow) * words;
+      std::fill(pw, pw + words, 0u);
+      for (int64_t c = 0; c < g.C; ++c) pw[c / 32] |= (o[c] >= 0.0f ? 1u : 0u) << (c % 32);
+    }
   }
 }
 
-torch::Tensor max_pool2d_nhwc(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t sh,
-                              int64_t sw, int64_t ph, int64_t pw, int64_t isa,
-                              int64_t num_threads) {
+// Returns (pooled map, its packed signs); the second is undefined (None) unless pack_output.
+std::tuple<torch::Tensor, torch::Tensor> max_pool2d_nhwc(const torch::Tensor& x, int64_t kh,
+                                                         int64_t kw, int64_t sh, int64_t sw,
+                                                         int64_t ph, int64_t pw, int64_t isa,
+                                                         int64_t num_threads, bool pack_output) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "max_pool2d_nhwc: input must be a channels_last float32 CPU tensor");
@@ -934,8 +958,13 @@ torch::Tensor max_pool2d_nhwc(const torch::Tensor& x, int64_t kh, int64_t kw, in
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "max_pool2d_nhwc: the kernel does not fit in the padded input");
   auto out = torch::empty({N, g.C, g.OH, g.OW},
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  torch::Tensor packed;
+  if (pack_output)
+    packed = torch::empty({N, g.OH, g.OW, (g.C + 31) / 32}, x.options().dtype(torch::kInt32));
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
+  uint32_t* pdst = pack_output ? reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()) : nullptr;
+  const int64_t words = (g.C + 31) / 32;
   const bool avx512 = isa == ISA_AVX512 && isa_supported(ISA_AVX512);
   const int64_t rows = N * g.OH;
   const int threads = static_cast<int>(std::max<int64_t>(
@@ -946,13 +975,14 @@ torch::Tensor max_pool2d_nhwc(const torch::Tensor& x, int64_t kh, int64_t kw, in
                          const int64_t n = r / g.OH, oh = r % g.OH;
                          const float* img = src + n * g.H * g.W * g.C;
                          float* o = dst + n * g.OH * g.OW * g.C;
+                         uint32_t* p = pdst ? pdst + n * g.OH * g.OW * words : nullptr;
                          if (avx512)
-                           max_pool_row_avx512(img, o, g, oh);
+                           max_pool_row_avx512(img, o, p, g, oh);
                          else
-                           max_pool_row_generic(img, o, g, oh);
+                           max_pool_row_generic(img, o, p, g, oh);
                        }
                      });
-  return out;
+  return {out, packed};
 }
 
 }  // namespace
@@ -974,7 +1004,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "packed (K, words) weights -> 16-channel masks for real_binary_linear");
   m.def("real_binary_linear", &real_binary_linear,
         "real input x 1-bit weights linear layer, * scale + bias");
-  m.def("max_pool2d_nhwc", &max_pool2d_nhwc, "max-pool of a channels_last float32 map");
+  m.def("max_pool2d_nhwc", &max_pool2d_nhwc,
+        "max-pool of a channels_last float32 map (and its packed signs, with pack_output)");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
 }
