@@ -239,7 +239,8 @@ def test_packed_layers_chain_like_the_float_network(backend_name):
 @pytest.mark.parametrize("shape,groups", [((2, 1, 3, 5), 1), ((1, 33, 4, 3), 1),
                                           ((2, 100, 5, 2), 4), ((1, 64, 3, 3), 2),
                                           ((3, 257, 1, 1), 1), ((4, 70), 1),
-                                          ((2, 70, 9, 11), 2), ((3, 1000), 1)])
+                                          ((2, 70, 9, 11), 2), ((3, 1000), 1),
+                                          ((2, 96, 5, 4), 3), ((1, 200, 3, 5), 1)])
 def test_pack_signs_matches_reference_format(backend_name, shape, groups):
     gen = torch.Generator().manual_seed(sum(shape))
     x = small_ints(*shape, generator=gen)
@@ -248,6 +249,8 @@ def test_pack_signs_matches_reference_format(backend_name, shape, groups):
     assert torch.equal(packed, pack_signs_reference(x, groups))
     channels = shape[1]
     assert torch.equal(kernels.unpack_signs(packed, channels, groups), sign(x))
+    if x.dim() == 4:  # channels_last memory (packed pixel by pixel) gives the same words
+        assert torch.equal(kernels.pack_signs(x.contiguous(memory_format=torch.channels_last), groups), packed)
 
 
 def test_packed_bit_layout_by_hand():

@@ -17,17 +17,6 @@ from ..kernels import pack_signs, real_binary_linear, xnor_conv2d_packed, xnor_l
 __all__ = ["PackedConv2d", "PackedLinear", "PackedWeightLinear", "SignConv2d", "SignLinear"]
 
 
-def _pack_input(x: Tensor, groups: int) -> Tensor:
-    """Signs of float NCHW ``x`` packed NHWC. A channels_last tensor (what the CPU kernel
-    writes) is already NHWC in memory: packing its rows of C/groups channels gives the same
-    words without the NCHW copy the generic packer would make."""
-    if x.dim() == 4 and x.is_cpu and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        n, c, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(n * h * w * groups, c // groups)
-        return pack_signs(rows).reshape(n, h, w, -1)
-    return pack_signs(x, groups)
-
-
 def _as_channel_view(v: Tensor, dims: int) -> Tensor:
     return v.view((1, -1) + (1,) * (dims - 2))
 
@@ -65,7 +54,7 @@ class PackedConv2d(nn.Module):
         if self.threshold is not None:
             x = x - _as_channel_view(self.threshold.to(x.dtype), x.dim())
         out = xnor_conv2d_packed(
-            _pack_input(x, self.groups),
+            pack_signs(x, self.groups),
             self.weight_packed,
             self.in_channels,
             self.kernel_size,

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import FusedConv2d, max_pool2d_and_pack, max_pool2d_nhwc, pack_signs
-from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear, _pack_input
+from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
 
 __all__ = ["ChannelsLastMaxPool2d", "PackedStep", "build_plan"]
 
@@ -95,7 +95,7 @@ class PackedStep(nn.Module):
             c = self.conv
             if c.threshold is not None:
                 x = x - c.threshold.view(1, -1, 1, 1)
-            x = _pack_input(x, c.groups)
+            x = pack_signs(x, c.groups)  # channels_last input packs without a copy
         n, h, w = x.shape[:3]  # packed input is NHWC
         out_shape = (n, fused.out_channels, *fused.output_size(h, w))
         # an add that broadcasts (a bias, a scalar) stays a float add after the conv

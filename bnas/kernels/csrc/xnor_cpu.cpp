@@ -727,6 +727,22 @@ __attribute__((target("avx512f,avx512bw"))) void pack_row_avx512(const float* x,
   }
 }
 
+// Rows of f contiguous floats -> rows of ceil(f / 32) words, rows split among threads.
+void pack_rows(const float* src, int64_t n, int64_t f, uint32_t* dst, bool avx512,
+               int64_t num_threads) {
+  const int64_t words = (f + 31) / 32;
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({num_threads, n, n * f / 32768 + 1})));
+  bnas::parallel_for(n, n / (4 * threads), threads, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (avx512)
+        pack_row_avx512(src + i * f, f, dst + i * words);
+      else
+        pack_row_generic(src + i * f, f, dst + i * words);
+    }
+  });
+}
+
 torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
                          int64_t num_threads) {
   TORCH_CHECK(x_in.device().is_cpu(), "pack_signs: input must be on the CPU");
@@ -736,23 +752,23 @@ torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
     auto x = x_in.to(torch::kFloat32).contiguous();
     const int64_t n = x.size(0), f = x.size(1), words = (f + 31) / 32;
     auto out = torch::empty({n, words}, x.options().dtype(torch::kInt32));
-    const float* src = x.data_ptr<float>();
-    uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-    const int threads = static_cast<int>(
-        std::max<int64_t>(1, std::min<int64_t>({num_threads, n, n * f / 32768 + 1})));
-    bnas::parallel_for(n, n / (4 * threads), threads, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (avx512)
-          pack_row_avx512(src + i * f, f, dst + i * words);
-        else
-          pack_row_generic(src + i * f, f, dst + i * words);
-      }
-    });
+    pack_rows(x.data_ptr<float>(), n, f, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()),
+              avx512, num_threads);
+    return out;
+  }
+  TORCH_CHECK(x_in.size(1) % groups == 0, "channels must divide by groups");
+  // channels_last float32 (the packed networks' float glue): each pixel's channels of one
+  // group are a row of contiguous floats, packed in place of a copy to NCHW.
+  if (x_in.scalar_type() == torch::kFloat32 && !x_in.is_contiguous() &&
+      x_in.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    const int64_t N = x_in.size(0), Cg = x_in.size(1) / groups, H = x_in.size(2), W = x_in.size(3);
+    auto out = torch::empty({N, H, W, groups * ((Cg + 31) / 32)}, x_in.options().dtype(torch::kInt32));
+    pack_rows(x_in.data_ptr<float>(), N * H * W * groups, Cg,
+              reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), avx512, num_threads);
     return out;
   }
   auto x = x_in.to(torch::kFloat32).contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(C % groups == 0, "channels must divide by groups");
   PackGeometry g{C, H * W, C / groups, (C / groups + 31) / 32, 0};
   g.Ctot = groups * g.Wg;
   auto out = torch::empty({N, H, W, g.Ctot}, x.options().dtype(torch::kInt32));
