@@ -284,7 +284,7 @@ def _split_packed_output(
 def _chain_pool_packing(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, PackedStep]) -> None:
     """A channels_last max-pool whose output a step binarises (the stem's pool before the first
     Bi-Real unit) also writes the packed signs; the step reads them instead of packing the
-    pooled map itself (a copy to NCHW and a pass over it)."""
+    pooled map in a pass of its own."""
     for node in list(gm.graph.nodes):
         pool = _module(gm, node)
         if not isinstance(pool, ChannelsLastMaxPool2d):

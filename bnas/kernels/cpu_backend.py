@@ -348,7 +348,7 @@ def conv2d_fused_on_lanes(
 
 def repack_weights(wp: Tensor, groups: int, name: str) -> Tensor:
     """Packed ``(K, kh, kw, Wg)`` weights in the lane layout code path ``name`` reads
-    (uncached: :func:`_repacked_weights` caches by tensor)."""
+    (uncached: :func:`lane_weights` caches them by tensor)."""
     return _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
 
 
