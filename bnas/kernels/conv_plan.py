@@ -25,6 +25,7 @@ __all__ = [
     "epilogue_vector",
     "linear_as_conv",
     "check_tap_sums",
+    "conv_output_size",
     "pair",
     "plan_conv",
     "run_conv",
@@ -64,6 +65,13 @@ class ConvPlan:
     @property
     def k(self) -> int:
         return self.dims[5]
+
+
+def conv_output_size(h: int, w: int, geometry: tuple[int, ...]) -> tuple[int, int]:
+    """A convolution's output size for an ``h x w`` input, ``geometry`` = (kh, kw, sh, sw,
+    ph, pw, dh, dw)."""
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
 def plan_conv(
@@ -113,8 +121,7 @@ def plan_conv(
     dh, dw = pair(dilation, "dilation")
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("stride and dilation must be >= 1 and padding >= 0")
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = conv_output_size(h, w, (kh, kw, sh, sw, ph, pw, dh, dw))
     if oh < 1 or ow < 1:
         raise ValueError(
             f"the {kh}x{kw} kernel (dilation {dh}x{dw}) does not fit the {h}x{w} input with padding {ph}x{pw}"

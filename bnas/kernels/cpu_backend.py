@@ -239,7 +239,9 @@ def lane_weights(wp: Tensor, groups: int, name: str) -> Tensor:
     on every call. Entries are keyed on the tensor's identity, checked against its version
     counter (an in-place update bumps it), and dropped when the tensor is freed, so
     temporary weights (``xnor_conv2d`` on float tensors) do not pile up."""
-    return _cached_layout(wp, ("lanes", groups, name), lambda: repack_weights(wp, groups, name))
+    return _cached_layout(
+        wp, ("lanes", groups, name), lambda: _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
+    )
 
 
 def _cached_layout(wp: Tensor, layout: tuple, make: Callable[[], Tensor]) -> Tensor:
@@ -344,12 +346,6 @@ def conv2d_fused_on_lanes(
         xp.contiguous(), lanes, in_channels, out_channels, *geometry, groups, scale, bias, residual,
         float_output, pack_output, into_residual, _isa(name), kernel_threads(),
     )  # fmt: skip
-
-
-def repack_weights(wp: Tensor, groups: int, name: str) -> Tensor:
-    """Packed ``(K, kh, kw, Wg)`` weights in the lane layout code path ``name`` reads
-    (uncached: :func:`lane_weights` caches them by tensor)."""
-    return _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
 
 
 def real_binary_linear(

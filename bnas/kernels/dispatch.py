@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_backend, reference
+from .conv_plan import conv_output_size
 from .conv_plan import pair as _pair
 from .packing import pack_signs_reference, pack_weights_reference, words_for
 
@@ -297,10 +298,10 @@ class FusedConv2d:
 
     ``fused(xp, residual, float_output, pack_output, into_residual)`` returns what
     ``xnor_conv2d_fused(xp, wp, ...)`` returns. On the CPU a call normalises and looks up
-    nothing but the code path: about 1.5 us of Python against 7 us for the function, which on
-    2 threads was a fifth of a 7x7 step (35 us, the kernel 27 us). The weights' lane layout is kept per code path
-    and rebuilt when ``wp`` changes in place (its version counter). ``output_size(h, w)`` is
-    the output's spatial size for an ``h x w`` input.
+    nothing but the code path: under 2 us of Python against 7 us for the function, which on
+    2 threads was a fifth of a 7x7 step (35 us, the kernel 27 us). The weights' lane layout
+    comes from the kernels' cache (``cpu_backend.lane_weights``), rebuilt when ``wp`` changes
+    in place. ``output_size(h, w)`` is the output's spatial size for an ``h x w`` input.
     """
 
     def __init__(
@@ -321,18 +322,9 @@ class FusedConv2d:
         self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
         self._geometry = (*self.kernel_size, *self.stride, *self.padding, *self.dilation)
-        self._lanes: dict[str, tuple[int, Tensor]] = {}
-        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
-        size = self._sizes.get((h, w))
-        if size is None:
-            kh, kw, sh, sw, ph, pw, dh, dw = self._geometry
-            size = self._sizes[(h, w)] = (
-                (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
-            )
-        return size
+        return conv_output_size(h, w, self._geometry)
 
     def __call__(
         self,
@@ -349,12 +341,8 @@ class FusedConv2d:
                 self.groups, self.scale, self.bias, residual, float_output, pack_output, into_residual,
             )  # fmt: skip
         _check_fused_outputs(residual, float_output, pack_output, into_residual)
-        version = self.wp._version
-        lanes = self._lanes.get(name)
-        if lanes is None or lanes[0] != version:
-            lanes = self._lanes[name] = (version, cpu_backend.repack_weights(self.wp, self.groups, name))
         return cpu_backend.conv2d_fused_on_lanes(
-            xp, lanes[1], self.in_channels, self.out_channels, self._geometry, self.groups, self.scale, self.bias,
+            xp, cpu_backend.lane_weights(self.wp, self.groups, name), self.in_channels, self.out_channels, self._geometry, self.groups, self.scale, self.bias,
             residual, float_output, pack_output, into_residual, name,
         )  # fmt: skip
 
