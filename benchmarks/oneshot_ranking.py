@@ -15,7 +15,7 @@ mean over the seeds, and the summary gives the rank agreement between the seeds 
 (``standalone_seed_tau``): how far a single stand-alone training can be trusted as ground truth.
 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
-        [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill] [--widths W] [--paths P]]
+        [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill] [--widths W] [--paths P] [--sampling S]]
         [--calibration-batches 8] [--finetune-steps 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
@@ -47,7 +47,7 @@ from bnas.errors import BnasError  # noqa: E402
 from bnas.evaluate import evaluate  # noqa: E402
 from bnas.search.constraints import violations  # noqa: E402
 from bnas.search.objective import _trial_metrics, search_data  # noqa: E402
-from bnas.search.path_sampling import PATHS  # noqa: E402
+from bnas.search.path_sampling import PATHS, SAMPLINGS  # noqa: E402
 from bnas.search.space import SearchSpace, load_space, sample_genotype  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
 
@@ -228,6 +228,7 @@ def supernet_phase(
             distill=meta.get("distill"),
             widths=meta.get("widths"),
             paths=meta.get("paths"),
+            sampling=meta.get("sampling"),
             supernet_seed=meta.get("seed"),
             supernet_train_cpu_s=0.0,
         )
@@ -251,6 +252,7 @@ def supernet_phase(
             distill=args.distill,
             widths=args.widths,
             paths=args.paths,
+            sampling=args.sampling,
             device=args.device,
             seed=args.seed,
             data=data,
@@ -261,6 +263,7 @@ def supernet_phase(
             distill=args.distill,
             widths=args.widths,
             paths=args.paths,
+            sampling=args.sampling,
             supernet_seed=args.seed,
             supernet_train_cpu_s=round(time.process_time() - cpu0, 2),
             supernet_resumed=resume,
@@ -291,7 +294,7 @@ def supernet_phase(
 
 
 def _default_supernet_out(space: SearchSpace, args: argparse.Namespace) -> Path:
-    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}-{args.paths}-seed{args.seed}"
+    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}-{args.paths}{'-fair' if args.sampling == 'fair' else ''}-seed{args.seed}"
     return REPO / "runs" / BENCHMARK / tag
 
 
@@ -331,6 +334,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distill", action="store_true", help="with --supernet-epochs: in-place distillation")
     parser.add_argument("--widths", choices=WIDTHS, default="separate", help="with --supernet-epochs: its widths")
     parser.add_argument("--paths", choices=PATHS, default="all", help="with --supernet-epochs: the paths it trains")
+    parser.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="uniform",
+        help="with --supernet-epochs: one path or a fair group per step",
+    )
     parser.add_argument(
         "--supernet-out",
         default=None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BnasError
-from ..search.path_sampling import PATHS
+from ..search.path_sampling import PATHS, SAMPLINGS
 from ..search.space import load_space
 from ..search.supernet import WIDTHS
 from ..search.supernet_run import SUPERNET_FILE, train_supernet
@@ -54,6 +54,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "space's max_ops / max_size_bytes / max_params constraints (redrawn until one does), the paths a "
         "search can pick",
     )
+    p.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="uniform",
+        help="uniform (default): one path per batch and step; fair: FairNAS's strict fairness, a group of paths "
+        "per batch in which every choice takes each option equally often (every op of every edge once with "
+        "8 ops), one step for the group, each step costing the group's size in paths; needs --paths all",
+    )
     p.add_argument("--lr", type=float, help="learning rate (default: the space's budget optimizer.lr)")
     p.add_argument("--seed", type=int, default=0, help="data split, initialisation and path sampling (default 0)")
     p.add_argument(
@@ -91,6 +99,7 @@ def run_supernet(args: argparse.Namespace) -> int:
         distill=args.distill,
         widths=args.widths,
         paths=args.paths,
+        sampling=args.sampling,
         device=args.device,
         seed=args.seed,
         data_root=args.data_root,

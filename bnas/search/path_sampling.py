@@ -10,6 +10,16 @@
   numbers ``bnas search`` checks. A latency bound (``max_latency_ms``) is not applied while
   training: timing a packed network per draw would cost more than the step itself.
 
+How they are grouped (``bnas supernet --sampling``):
+
+- ``uniform``: one path per batch and step.
+- ``fair``: strict fairness, as FairNAS trains (Chu et al. 2021): per batch a group of ``m``
+  paths (``m``: the most options any choice has, 8 ops on ``fashion_mnist_cells``) in which
+  every choice takes each option equally often, so every candidate op of every edge trains
+  on the same batch and one optimiser step updates them together. A step then costs ``m``
+  single-path steps. It needs every path trainable (``paths all``): a group whose ``m``
+  paths must all meet the constraints is rarely drawn.
+
 Draws come from the caller's ``random.Random`` only, so a run repeats (and resumes) exactly.
 """
 
@@ -21,11 +31,29 @@ from .constraints import violations
 from .objective import cost_metrics
 from .supernet import Choices, Supernet, SupernetError
 
-__all__ = ["COST_BOUNDS", "PATHS", "PathSampler"]
+__all__ = ["COST_BOUNDS", "PATHS", "SAMPLINGS", "PathSampler", "check_sampling"]
 
 PATHS = ("all", "feasible")
+SAMPLINGS = ("uniform", "fair")
 # The constraints a path's cost count decides (``max_latency_ms`` needs a timing).
 COST_BOUNDS = ("max_ops", "max_size_bytes", "max_params")
+
+
+def check_sampling(paths: str, sampling: str, distill: bool = False) -> None:
+    """Refuse a ``--paths`` / ``--sampling`` / ``--distill`` combination that cannot train."""
+    if paths not in PATHS:
+        raise SupernetError(f"paths must be one of {', '.join(PATHS)}, got {paths!r}")
+    if sampling not in SAMPLINGS:
+        raise SupernetError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    if sampling == "fair" and paths != "all":
+        raise SupernetError(
+            "fair sampling trains groups in which every op of every edge appears, which paths within the "
+            "constraints rarely form; use --paths all with --sampling fair"
+        )
+    if sampling == "fair" and distill:
+        raise SupernetError(
+            "in-place distillation teaches one sampled path per step; drop --distill or --sampling fair"
+        )
 
 
 class PathSampler:
@@ -35,9 +63,9 @@ class PathSampler:
     in a row all break the constraints is refused (train all paths, or loosen the bounds).
     """
 
-    def __init__(self, supernet: Supernet, mode: str = "all", max_draws: int = 1000):
-        if mode not in PATHS:
-            raise SupernetError(f"paths must be one of {', '.join(PATHS)}, got {mode!r}")
+    def __init__(self, supernet: Supernet, mode: str = "all", max_draws: int = 1000, sampling: str = "uniform"):
+        check_sampling(mode, sampling)
+        self.sampling = sampling
         if max_draws < 1:
             raise SupernetError(f"max_draws must be at least 1, got {max_draws}")
         self.supernet = supernet
@@ -55,7 +83,17 @@ class PathSampler:
     def feasible(self, choices: Choices) -> bool:
         return not self.bounds or not violations(self.metrics(choices), self.bounds)
 
-    def __call__(self, rng: random.Random) -> Choices:
+    def __call__(self, rng: random.Random) -> Choices | list[Choices]:
+        """The next step's path, or (fair sampling) its group of paths."""
+        if self.sampling == "fair":
+            group = self.supernet.fair_choices(rng)
+            self.draws += len(group)
+            self.kept += len(group)
+            return group
+        return self.draw(rng)
+
+    def draw(self, rng: random.Random) -> Choices:
+        """One path, uniform over all paths or over the feasible ones (``mode``)."""
         if self.mode == "all" or not self.bounds:
             self.draws += 1
             self.kept += 1

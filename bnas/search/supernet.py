@@ -43,13 +43,14 @@ outside the space is refused (``SupernetError``) rather than silently given untr
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -115,6 +116,10 @@ class _Answer:
         self.params[name] = value
         self.sizes[name] = len(choices)
         return value
+
+
+def _answer_at(orders: Mapping[str, list[Any]], position: int, key: str, options: list[Any]) -> Any:
+    return orders[key][position]
 
 
 def _is_cell_choice(name: str) -> bool:
@@ -274,6 +279,29 @@ class Supernet(nn.Module):
         sample_genotype(answer, self.space)
         return answer.params
 
+    def fair_choices(self, rng: random.Random) -> list[Choices]:
+        """Strict fairness (FairNAS, Chu et al. 2021): ``m`` paths, ``m`` the most options any
+        choice of the space has, in which every choice takes each of its options equally often.
+        A choice with ``m`` options (a cell edge's op, when the op list is the longest) takes
+        each exactly once, so one step over the ``m`` paths trains every candidate op of every
+        edge on the same batch; a choice with fewer options repeats a shuffled order of them.
+        Orders are drawn from ``rng``, choice by choice in the space's order."""
+        group = max(len(options) for options in self._lists.values())
+        orders: dict[str, list[Any]] = {}
+        for key, options in self._lists.items():
+            order: list[Any] = []
+            while len(order) < group:
+                block = list(options)
+                rng.shuffle(block)
+                order += block
+            orders[key] = order[:group]
+        paths = []
+        for position in range(group):
+            answer = _Answer(functools.partial(_answer_at, orders, position))
+            sample_genotype(answer, self.space)
+            paths.append(answer.params)
+        return paths
+
     def sample(self, rng: random.Random) -> Genotype:
         """A uniformly sampled genotype of the space (see ``sample_choices``)."""
         return self.genotype(self.sample_choices(rng), name=f"{self.space.name}-supernet-path")
@@ -392,7 +420,7 @@ class EpochStats:
 
 def supernet_step(
     supernet: Supernet,
-    choices: Mapping[str, Any],
+    choices: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     x: Tensor,
     y: Tensor,
     optimizer: torch.optim.Optimizer,
@@ -405,44 +433,60 @@ def supernet_step(
 ) -> tuple[float, int]:
     """One optimiser step on the path ``choices``; returns (loss, correct predictions).
 
+    ``choices`` may also be a group of paths (a list, as ``Supernet.fair_choices`` draws):
+    each path's loss on the same batch adds its gradients, then one step updates them all,
+    as FairNAS does; the loss returned is the paths' mean and the correct predictions their
+    sum.
+
     With ``distill`` (in-place distillation, as BigNAS's sandwich rule does for the largest
-    child), the largest path with the same cells (``Supernet.largest_choices``) trains on
-    the labels in the same step, and the sampled path learns
-    ``(1 - alpha) * task + alpha * T^2 * KL(teacher_T || path_T)`` from its detached logits.
-    Latent weights of the paths that stepped are clipped after the step.
+    child; one path only), the largest path with the same cells
+    (``Supernet.largest_choices``) trains on the labels in the same step, and the sampled
+    path learns ``(1 - alpha) * task + alpha * T^2 * KL(teacher_T || path_T)`` from its
+    detached logits. Latent weights of the paths that stepped are clipped after the step.
     """
-    student = supernet.network(supernet.genotype(choices))
-    nets = [student]
-    teacher: BinaryNetwork | None = None
-    largest = supernet.largest_choices(choices) if distill else None
-    if largest is not None and largest != dict(choices):  # the largest path itself has no teacher
-        teacher = supernet.network(supernet.genotype(largest))
-        nets.append(teacher)
-    for net in nets:
-        net.train()
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        logits = student(x).float()
-        loss = task_loss(logits, y, recipe)
-        if teacher is not None:
-            t_logits = teacher(x).float()
-            loss = (
-                (1 - alpha) * loss
-                + alpha * distill_loss(logits, t_logits.detach(), temperature)
-                + task_loss(t_logits, y, recipe)
-            )
-    loss_value, hits = torch.stack((loss.detach(), (logits.argmax(1) == y).sum().float())).tolist()
-    if not math.isfinite(loss_value):
-        raise TrainingError(
-            f"the supernet loss became {loss_value} on path {supernet.genotype(choices).canonical_hash()}; "
-            "lower the learning rate (optimizer.lr) or check the data"
-        )
+    paths = [choices] if isinstance(choices, Mapping) else list(choices)
+    if not paths:
+        raise SupernetError("supernet_step needs at least one path")
+    if distill and len(paths) > 1:
+        raise SupernetError("in-place distillation trains one path per step; it does not combine with a group of paths")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    stepped: list[BinaryNetwork] = []
+    loss_total, hits_total = 0.0, 0
+    for path in paths:
+        student = supernet.network(supernet.genotype(path))
+        nets = [student]
+        teacher: BinaryNetwork | None = None
+        largest = supernet.largest_choices(path) if distill else None
+        if largest is not None and largest != dict(path):  # the largest path itself has no teacher
+            teacher = supernet.network(supernet.genotype(largest))
+            nets.append(teacher)
+        for net in nets:
+            net.train()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = student(x).float()
+            loss = task_loss(logits, y, recipe)
+            if teacher is not None:
+                t_logits = teacher(x).float()
+                loss = (
+                    (1 - alpha) * loss
+                    + alpha * distill_loss(logits, t_logits.detach(), temperature)
+                    + task_loss(t_logits, y, recipe)
+                )
+        loss_value, hits = torch.stack((loss.detach(), (logits.argmax(1) == y).sum().float())).tolist()
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"the supernet loss became {loss_value} on path {supernet.genotype(path).canonical_hash()}; "
+                "lower the learning rate (optimizer.lr) or check the data"
+            )
+        loss.backward()
+        loss_total += loss_value
+        hits_total += int(hits)
+        stepped += nets
     optimizer.step()
     # Only the paths that stepped: clipping elsewhere could move weights no step touched.
-    for net in nets:
+    for net in stepped:
         clip_latent_weights(net)
-    return loss_value, int(hits)
+    return loss_total / len(paths), hits_total
 
 
 def train_supernet_epoch(
@@ -460,10 +504,12 @@ def train_supernet_epoch(
     start_step: int = 0,
     totals: Mapping[str, float] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    sample: Callable[[random.Random], Choices] | None = None,
+    sample: Callable[[random.Random], Choices | list[Choices]] | None = None,
 ) -> EpochStats:
     """One epoch of single-path training: a fresh path per batch, drawn by ``sample(rng)``
     (default ``supernet.sample_choices``, uniform; ``bnas.search.path_sampling`` has others).
+    A ``sample`` that returns a list of paths (fair sampling) trains them all on each batch in
+    one step (``supernet_step``); the epoch's loss and accuracy then average over every path.
 
     The learning rate follows ``recipe``'s schedule for ``epoch`` (0-based, of
     ``recipe.epochs``); batches come from ``data``'s training split shuffled with
@@ -495,6 +541,7 @@ def train_supernet_epoch(
         if max_steps is not None and steps >= max_steps:
             break
         choices = (sample or supernet.sample_choices)(rng)
+        group = 1 if isinstance(choices, Mapping) else len(choices)
         loss, hits = supernet_step(
             supernet,
             choices,
@@ -507,9 +554,9 @@ def train_supernet_epoch(
             alpha=alpha,
             use_amp=use_amp,
         )
-        loss_sum += loss * len(y)
+        loss_sum += loss * len(y) * group
         correct += hits
-        seen += len(y)
+        seen += len(y) * group
         steps += 1
         if on_step is not None:
             spent = before + time.perf_counter() - t0

@@ -41,7 +41,7 @@ from ..train.loop import seed_everything
 from ..train.recipe import Recipe, TrainingError, recipe_changes
 from ..yaml_io import parse_yaml_mapping, write_text_atomic
 from .objective import probe_genotype, search_data
-from .path_sampling import PathSampler
+from .path_sampling import PathSampler, check_sampling
 from .space import SearchSpace, parse_space
 from .supernet import (
     Choices,
@@ -71,8 +71,9 @@ SUPERNET_FILE = "supernet.pt"
 KIND = "bnas-supernet"
 FORMAT = 2  # 2: records its widths, separate or sliced (bnas.search.supernet)
 _ADVICE = "pass the supernet.pt that `bnas supernet SPACE --out RUN` wrote"
-# What a key that older supernet files lack meant: files from before --paths trained every path.
-_ABSENT = {"paths": "all"}
+# What a key that older supernet files lack meant: files from before --paths trained every path,
+# and those from before --sampling one path per step.
+_ABSENT = {"paths": "all", "sampling": "uniform"}
 
 
 # --------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def monitor_paths(
     deepest), then seeded samples drawn as the training draws them (``sampler``, default
     uniform over all paths); the same ones on every resume."""
     rng = random.Random(f"bnas-monitor:{seed}")
-    draw = sampler or supernet.sample_choices
+    draw = sampler.draw if sampler is not None else supernet.sample_choices
     paths: list[tuple[str, Choices]] = []
     if count >= 1:
         paths.append(("largest", supernet.largest_choices(supernet.sample_choices(rng))))
@@ -104,7 +105,8 @@ def monitor_paths(
 
 
 class SupernetTrainer:
-    """Trains ``supernet`` by uniform single-path sampling; checkpoints into ``out_dir``.
+    """Trains ``supernet`` by single-path sampling (``paths`` and ``sampling``: see
+    ``bnas.search.path_sampling``); checkpoints into ``out_dir``.
 
     Mirrors ``bnas.train.Trainer``: the same recipe keys, progress bar, Ctrl-C guard and
     atomic checkpoints, with the supernet's state (``state()``) in place of one network's.
@@ -121,6 +123,7 @@ class SupernetTrainer:
         seed: int = 0,
         distill: bool = False,
         paths: str = "all",
+        sampling: str = "uniform",
         monitor: int = 3,
         calibration: int = 8,
         progress: bool = False,
@@ -135,7 +138,8 @@ class SupernetTrainer:
         self.progress = progress
         self.optimizer = make_supernet_optimizer(self.supernet, recipe)
         self.paths_rng = random.Random(seed)
-        self.sampler = PathSampler(self.supernet, paths)
+        check_sampling(paths, sampling, distill)
+        self.sampler = PathSampler(self.supernet, paths, sampling=sampling)
         self.monitor = monitor_paths(self.supernet, monitor, seed, self.sampler)
         self.calibration = calibration_batches(data, calibration, 64, seed, self.device) if monitor else []
         self.epoch = 0
@@ -167,6 +171,7 @@ class SupernetTrainer:
             "distill": self.distill,
             "widths": self.supernet.widths,
             "paths": self.sampler.mode,
+            "sampling": self.sampler.sampling,
             "seed": self.seed,
             "dataset": self.data.name,
             "space_name": space.name,
@@ -185,13 +190,14 @@ class SupernetTrainer:
             ("distill", self.distill),
             ("widths", self.supernet.widths),
             ("paths", self.sampler.mode),
+            ("sampling", self.sampler.sampling),
             ("dataset", self.data.name),
         ):
             saved = state.get(key, _ABSENT.get(key))
             if saved != mine:
                 raise SupernetError(
                     f"{where} was trained with {key} {saved!r}, not {mine!r}; resume it with the "
-                    f"same space file, --seed, --distill, --widths and --paths, or {advice}"
+                    f"same space file, --seed, --distill, --widths, --paths and --sampling, or {advice}"
                 )
         changed = recipe_changes(state.get("recipe") or {}, self.recipe)
         if changed:
@@ -345,6 +351,7 @@ def train_supernet(
     distill: bool = False,
     widths: str = "separate",
     paths: str = "all",
+    sampling: str = "uniform",
     device: str = "cpu",
     seed: int = 0,
     data_root: str | None = None,
@@ -359,6 +366,7 @@ def train_supernet(
     ``overrides``; the data is the search's split for ``seed`` (``search_data``), so a search
     with the same seed scores on images the supernet never trained on.
     """
+    check_sampling(paths, sampling, distill)
     dev = resolve_device(device)
     recipe = supernet_recipe(space, {**dict(overrides or {}), **({"epochs": epochs} if epochs else {}), "seed": seed})
     out_dir = Path(out) if out is not None else None
@@ -387,6 +395,7 @@ def train_supernet(
         seed=seed,
         distill=distill,
         paths=paths,
+        sampling=sampling,
         monitor=monitor,
         progress=progress,
     )
@@ -413,6 +422,7 @@ def _meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
         "distill": bool(state.get("distill", False)),
         "widths": str(state.get("widths", "separate")),
         "paths": str(state.get("paths", _ABSENT["paths"])),
+        "sampling": str(state.get("sampling", _ABSENT["sampling"])),
         "recipe": dict(state.get("recipe") or {}),
     }
 
