@@ -2,6 +2,7 @@
 conv's epilogue, packed outputs chained between binary layers, channels_last glue."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 import bnas
+from bnas import kernels
+from bnas.kernels import cpu_backend
 from bnas.export import PackedNetwork, load_packed, pack_model
 from bnas.binarize import BinarizeConfig, BinaryConv2d
 from bnas.export.plan import ChannelsLastMaxPool2d, PackedStep
@@ -28,6 +31,12 @@ def packed_of(name: str, seed: int = 0) -> tuple[nn.Module, PackedNetwork, torch
     return model, pack_model(model), torch.randn(2, *genotype.input)
 
 
+def _shortcuts_on_pytorch() -> AbstractContextManager[object]:
+    """A CPU backend other than cpu-avx512: the plan's 1x1 float convs then run PyTorch's ops."""
+    others = [b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()]
+    return kernels.use_backend(others[0]) if others else nullcontext()
+
+
 def steps_of(packed: PackedNetwork) -> list[PackedStep]:
     plan = packed.plan()
     assert plan is not None
@@ -40,11 +49,15 @@ def test_plan_predicts_like_the_module_tree_on_every_shipped_genotype(name: str)
     with torch.no_grad():
         tree = packed.net(x)
         fused = packed(x)
-        # channels_last input gives the float convs the plan's summation order: then every
-        # value is the same, bit for bit (the fused epilogue rounds as the separate add did)
+        # channels_last input gives PyTorch's float convs the plan's summation order: then,
+        # with the shortcuts on PyTorch's ops, every value is the same, bit for bit (the fused
+        # epilogue rounds as the separate add did)
         tree_cl = packed.net(x.contiguous(memory_format=torch.channels_last)) if x.dim() == 4 else tree
     assert (packed.plan() is None) == (name in UNTRACEABLE)
-    assert torch.equal(fused, tree_cl)
+    # 1x1 float convs run on bnas's kernel on AVX-512 CPUs, in a summation order of its own
+    torch.testing.assert_close(fused, tree_cl, rtol=1e-5, atol=1e-5 * tree_cl.abs().max().item())
+    with _shortcuts_on_pytorch(), torch.no_grad():
+        assert torch.equal(packed(x), tree_cl)
     assert torch.equal(fused.argmax(1), tree.argmax(1))
     torch.testing.assert_close(fused, tree, rtol=1e-4, atol=1e-4 * tree.abs().max().item())
 
@@ -84,7 +97,7 @@ def test_threshold_and_grouped_convs_pack_their_own_input() -> None:
     model = randomize(bnas.build(bnas.genotype.genotype_from_dict(genotype)), seed=1)
     packed = pack_model(model)
     x = torch.randn(3, 3, 10, 10)
-    with torch.no_grad():
+    with _shortcuts_on_pytorch(), torch.no_grad():
         assert torch.equal(packed(x), packed.net(x.contiguous(memory_format=torch.channels_last)))
     steps = steps_of(packed)
     assert [s.packed_input for s in steps] == [False, False, False]
@@ -148,7 +161,10 @@ def test_stem_max_pool_runs_channels_last_packs_for_the_first_unit_and_units_ove
     assert torch.equal(x, kept)  # the caller's image is never a buffer the plan writes into
     assert torch.equal(packed(x), first)  # nothing a call overwrites is read by the next call
     with torch.no_grad():
-        assert torch.equal(first, packed.net(x.contiguous(memory_format=torch.channels_last)))
+        tree = packed.net(x.contiguous(memory_format=torch.channels_last))
+    # the shortcuts' 1x1 convs sum in the kernel's order (tests/test_pointwise_conv.py checks
+    # the plan against the tree bit for bit on PyTorch's shortcut ops)
+    torch.testing.assert_close(first, tree, rtol=1e-5, atol=1e-5 * tree.abs().max().item())
     plan = packed.plan()
     assert plan is not None
     (pool,) = [m for m in plan.modules() if isinstance(m, ChannelsLastMaxPool2d)]

@@ -15,6 +15,10 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 * **The stem's pool packs too.** A max-pool whose output a step binarises (ResNet's stem
   pool before the first Bi-Real unit) writes the packed signs in the same pass as the pooled
   map, and the step reads them.
+* **Float shortcuts in one pass.** A 1x1 float conv (BN folded into its bias), with the 2x2/2
+  average pool before it when nothing else reads the pool (Bi-Real's downsample shortcut),
+  becomes one :class:`ChannelsLastPointwiseConv2d`: on AVX-512 CPUs the kernels pool inside
+  the conv and run it at about twice PyTorch's rate (``bnas.kernels.pointwise_conv2d``).
 * **channels_last throughout.** The image is made channels_last once; PyTorch's float convs
   and pools then keep that layout (the packed kernels read and write it natively), so no
   layer converts layouts. A 3x3/2 max-pool on a 64x112x112 map takes ~0.3 ms in
@@ -26,7 +30,8 @@ Every value is computed by the same float32 operations as the module tree, in th
 (the fused epilogue rounds ``conv * scale + bias`` and then ``+ residual`` exactly as the
 separate add did), except where PyTorch's float convs pick another summation order for
 channels_last input. The plan's logits are therefore equal to the tree's or within float
-rounding of them (tested on every shipped genotype), and the predicted classes agree.
+rounding of them (tested on every shipped genotype), and the predicted classes agree. The
+fused shortcut's pool is PyTorch's to the bit; its conv sums in an order of its own.
 
 Networks that torch.fx cannot trace (Python control flow on tensor values) run as the module
 tree; :func:`build_plan` then returns None and says why at DEBUG level.
@@ -43,10 +48,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import FusedConv2d, max_pool2d_and_pack, max_pool2d_nhwc, pack_signs
+from ..kernels import FusedConv2d, max_pool2d_and_pack, max_pool2d_nhwc, pack_signs, pointwise_conv2d
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
 
-__all__ = ["ChannelsLastMaxPool2d", "PackedStep", "build_plan"]
+__all__ = ["ChannelsLastMaxPool2d", "ChannelsLastPointwiseConv2d", "PackedStep", "build_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +251,88 @@ def _channels_last_pools(gm: torch.fx.GraphModule) -> None:
         node.target = name
 
 
+class ChannelsLastPointwiseConv2d(nn.Module):
+    """A 1x1 ``nn.Conv2d`` (no padding, one group), on the 2x2/2 average pool of its input
+    when ``pool`` is 2, by :func:`bnas.kernels.pointwise_conv2d`: one pass, channels_last.
+    It reads the conv's weight and bias at every call, so it follows them when they change."""
+
+    conv: nn.Conv2d
+
+    def __init__(self, conv: nn.Conv2d, pool: int, ceil_mode: bool = False):
+        super().__init__()
+        # the tree's conv, held but not a child: this module stays a leaf (one float op, as
+        # profiles count them) and the conv's parameters keep one owner
+        self.__dict__["conv"] = conv
+        self.pool, self.stride, self.ceil_mode = pool, _pair(conv.stride)[0], ceil_mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pointwise_conv2d(x, self.conv.weight, self.conv.bias, self.pool, self.stride, self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        if self.pool == 2:
+            return f"avg_pool 2x2/2{' ceil_mode' * self.ceil_mode} -> 1x1 conv"
+        return f"1x1 conv, stride={self.stride}"
+
+
+def _is_pointwise(conv: nn.Module | None) -> bool:
+    if type(conv) is not nn.Conv2d:  # subclasses (binary convs) compute something else
+        return False
+    stride = _pair(conv.stride)
+    return (
+        _pair(conv.kernel_size) == (1, 1)
+        and not isinstance(conv.padding, str)  # "valid" or "same"
+        and _pair(conv.padding) == (0, 0)
+        and _pair(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and stride[0] == stride[1]
+    )
+
+
+def _is_halving_avg_pool(pool: nn.Module | None) -> bool:
+    if type(pool) is not nn.AvgPool2d:
+        return False
+    return (
+        _pair(pool.kernel_size) == (2, 2)
+        and _pair(pool.stride if pool.stride is not None else pool.kernel_size) == (2, 2)
+        and _pair(pool.padding) == (0, 0)  # then a window cut by ceil mode averages what it holds
+        and pool.divisor_override is None
+    )
+
+
+def _pointwise_convs(gm: torch.fx.GraphModule) -> None:
+    """1x1 float convs, each with the 2x2/2 average pool that only it reads, become
+    :class:`ChannelsLastPointwiseConv2d` nodes."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        module = _module(gm, node)
+        if not _is_pointwise(module) or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = cast(nn.Conv2d, module)
+        source = node.args[0]
+        pool_node = source if isinstance(source, torch.fx.Node) else None
+        if not (
+            pool_node is not None
+            and _is_halving_avg_pool(_module(gm, pool_node))
+            and len(pool_node.users) == 1
+            and len(pool_node.args) == 1
+            and not pool_node.kwargs
+            and _pair(conv.stride) == (1, 1)
+        ):
+            pool_node = None
+        name = f"_plan_pointwise{count}"
+        count += 1
+        if pool_node is None:
+            pointwise = ChannelsLastPointwiseConv2d(conv, pool=1)
+        else:
+            avg_pool = cast(nn.AvgPool2d, _module(gm, pool_node))
+            pointwise = ChannelsLastPointwiseConv2d(conv, pool=2, ceil_mode=avg_pool.ceil_mode)
+        gm.add_submodule(name, pointwise)
+        node.target = name
+        if pool_node is not None:
+            node.update_arg(0, pool_node.args[0])
+            gm.graph.erase_node(pool_node)
+
+
 def _binarising_readers(node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep]) -> list[torch.fx.Node]:
     """The steps that binarise ``node`` as their input without a threshold, in one group:
     they can read its signs packed instead."""
@@ -296,7 +383,14 @@ def _chain_pool_packing(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, Pac
 
 
 # What produces a fresh tensor that no one else holds: a step may overwrite it.
-_FRESH_MODULES = (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d, nn.BatchNorm2d, ChannelsLastMaxPool2d)
+_FRESH_MODULES = (
+    nn.Conv2d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.BatchNorm2d,
+    ChannelsLastMaxPool2d,
+    ChannelsLastPointwiseConv2d,
+)
 
 
 def _write_into_residuals(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, PackedStep]) -> None:
@@ -353,6 +447,7 @@ def build_plan(net: nn.Module) -> torch.fx.GraphModule | None:
     steps = _fuse_residuals(gm)
     _chain_packed(gm, steps)
     _channels_last_pools(gm)
+    _pointwise_convs(gm)
     _chain_pool_packing(gm, steps)
     _write_into_residuals(gm, steps)
     _channels_last_input(gm)

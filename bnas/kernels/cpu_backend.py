@@ -54,7 +54,7 @@ from ..errors import BnasError
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
-HEADERS = [SOURCE.parent / "work_pool.h"]
+HEADERS = [SOURCE.parent / "work_pool.h", SOURCE.parent / "pointwise_conv.h"]
 # -fopenmp: the kernels run on torch's OpenMP team (csrc/work_pool.h); the extension then shares
 # the libgomp torch has loaded. No FMA contraction: the epilogue is exact.
 CFLAGS = ["-O3", "-pthread", "-fopenmp", "-ffp-contract=off"]
@@ -373,3 +373,26 @@ def max_pool2d_nhwc(
         x, *kernel_size, *stride, *padding, _isa(name), kernel_threads(), pack_output
     )
     return out, packed
+
+
+def pointwise_conv2d_nhwc(
+    x: Tensor, weight: Tensor, bias: Tensor | None, pool: int, ceil_mode: bool, stride: int, name: str
+) -> Tensor:
+    """1x1 conv (``weight`` (K, C, 1, 1)) of a channels_last float32 map, on its 2x2/2 average
+    pool (``ceil_mode`` as in ``avg_pool2d``, no padding) when ``pool`` is 2, ``+ bias``; AVX-512 only (``name`` ``cpu-avx512``). The weights'
+    transposed, zero-padded layout is built once and cached."""
+    if name != "cpu-avx512":
+        raise ValueError(f"pointwise_conv2d_nhwc runs on cpu-avx512 only, not {name}")
+    out_channels = weight.shape[0]
+    transposed = _cached_layout(weight, ("pointwise",), lambda: _pointwise_layout(weight))
+    return _built(name).pointwise_conv_nhwc(
+        x, transposed, out_channels, bias, pool, ceil_mode, stride, kernel_threads()
+    )
+
+
+def _pointwise_layout(weight: Tensor) -> Tensor:
+    """(K, C, 1, 1) -> (C, K rounded up to 16), zero columns past K: the kernel's weight rows."""
+    out_channels, in_channels = weight.shape[:2]
+    padded = torch.zeros(in_channels, (out_channels + 15) // 16 * 16, dtype=torch.float32)
+    padded[:, :out_channels] = weight.detach().reshape(out_channels, in_channels).t()
+    return padded

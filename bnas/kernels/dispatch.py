@@ -403,6 +403,40 @@ def _max_pool(
     return torch.nn.functional.max_pool2d(x, kernel, stride_, padding_), None
 
 
+def pointwise_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, pool: int = 1, stride: int = 1, ceil_mode: bool = False
+) -> Tensor:
+    """``conv2d(avg_pool2d(x, 2, ceil_mode=ceil_mode) if pool == 2 else x, weight, bias, stride)`` for a 1x1
+    ``weight`` (the float downsample shortcut of a binary network: average pool, 1x1 conv, BN
+    folded into the bias), returned in channels_last memory. On the cpu-avx512 kernels the
+    pool is computed inside the conv, in PyTorch's summation order, and the conv sums in its
+    own order (equal to PyTorch's result up to float rounding); elsewhere PyTorch's ops run."""
+    _check_float(x, "input")
+    _check_float(weight, "weight")
+    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"pointwise_conv2d expects (N, C, H, W) input and (K, C, 1, 1) weights, got {tuple(x.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    if pool not in (1, 2) or stride < 1 or (pool == 2 and stride != 1):
+        raise ValueError(f"pointwise_conv2d takes pool 1 or 2 and a stride >= 1 (1 after a pool), got {pool}, {stride}")
+    if bias is not None and bias.numel() != weight.shape[0]:
+        raise ValueError(
+            f"bias must hold one value per output channel ({weight.shape[0]}), got shape {tuple(bias.shape)}"
+        )
+    x = x.contiguous(memory_format=torch.channels_last)
+    name = _route(x.device)
+    if (
+        name == "cpu-avx512"
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+    ):
+        return cpu_backend.pointwise_conv2d_nhwc(x, weight, bias, pool, ceil_mode, stride, name)
+    if pool == 2:
+        x = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=ceil_mode)
+    return torch.nn.functional.conv2d(x, weight, bias, stride)
+
+
 def real_binary_linear(
     x: Tensor, wp: Tensor, in_features: int, scale: Tensor | None = None, bias: Tensor | None = None
 ) -> Tensor:

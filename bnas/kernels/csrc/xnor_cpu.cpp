@@ -29,6 +29,7 @@
 #include <cstring>
 #include <vector>
 
+#include "pointwise_conv.h"
 #include "work_pool.h"
 
 namespace {
@@ -1001,6 +1002,42 @@ std::tuple<torch::Tensor, torch::Tensor> max_pool2d_nhwc(const torch::Tensor& x,
   return {out, packed};
 }
 
+// ---------------------------------------------------------------------------------------
+// 1x1 float conv of a channels_last map, on its 2x2/2 average pool (floor or ceil mode, no
+// padding) with pool == 2: a binary network's float downsample shortcut (pointwise_conv.h).
+// AVX-512 only: the caller runs PyTorch's ops on other CPUs.
+// ---------------------------------------------------------------------------------------
+torch::Tensor pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tensor& wt,
+                                  int64_t out_channels, const c10::optional<torch::Tensor>& bias,
+                                  int64_t pool, bool ceil_mode, int64_t stride,
+                                  int64_t num_threads) {
+  TORCH_CHECK(isa_supported(ISA_AVX512), "pointwise_conv_nhwc: this CPU has no AVX-512");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "pointwise_conv_nhwc: input must be a channels_last float32 CPU tensor");
+  TORCH_CHECK(pool == 1 || pool == 2, "pointwise_conv_nhwc: pool must be 1 or 2");
+  TORCH_CHECK(stride >= 1 && (pool == 1 || stride == 1),
+              "pointwise_conv_nhwc: a stride >= 1, and 1 after a pool");
+  bnas::PointwiseGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, out_channels,
+                            (out_channels + 15) / 16 * 16, pool, pool == 2 && ceil_mode, stride};
+  TORCH_CHECK(wt.scalar_type() == torch::kFloat32 && wt.is_contiguous() && wt.dim() == 2 &&
+                  wt.size(0) == g.C && wt.size(1) == g.Kp,
+              "pointwise_conv_nhwc: weights must be (", g.C, ", ", g.Kp, ") float32, got ",
+              wt.sizes());
+  torch::Tensor bi;
+  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
+  g.OH = pool == 2 ? (g.H + (g.ceil ? 1 : 0)) / 2 : (g.H - 1) / stride + 1;
+  g.OW = pool == 2 ? (g.W + (g.ceil ? 1 : 0)) / 2 : (g.W - 1) / stride + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "pointwise_conv_nhwc: the pool does not fit in the input");
+  auto out = torch::empty({g.N, out_channels, g.OH, g.OW},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  bnas::pointwise_conv_avx512(x.data_ptr<float>(), wt.data_ptr<float>(),
+                              bi.defined() ? bi.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                              g, static_cast<int>(num_threads));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1022,6 +1059,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "real input x 1-bit weights linear layer, * scale + bias");
   m.def("max_pool2d_nhwc", &max_pool2d_nhwc,
         "max-pool of a channels_last float32 map (and its packed signs, with pack_output)");
+  m.def("pointwise_conv_nhwc", &pointwise_conv_nhwc,
+        "1x1 float conv of a channels_last map, optionally on its 2x2/2 average pool");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
 }
