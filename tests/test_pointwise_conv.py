@@ -131,6 +131,8 @@ def test_bad_arguments_are_refused_by_message(
         pointwise_conv2d(torch.randn(shape), torch.randn(weight_shape), None, pool, stride)
     with pytest.raises(ValueError, match="one value per output channel"):
         pointwise_conv2d(torch.randn(1, 8, 4, 4), torch.randn(4, 8, 1, 1), torch.randn(5))
+    with pytest.raises(ValueError, match="bias is on meta but the input is on cpu"):
+        pointwise_conv2d(torch.randn(1, 8, 4, 4), torch.randn(4, 8, 1, 1), torch.randn(4, device="meta"))
 
 
 def _plan_modules(packed: PackedNetwork) -> list[nn.Module]:

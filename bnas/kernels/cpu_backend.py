@@ -379,8 +379,9 @@ def pointwise_conv2d_nhwc(
     x: Tensor, weight: Tensor, bias: Tensor | None, pool: int, ceil_mode: bool, stride: int, name: str
 ) -> Tensor:
     """1x1 conv (``weight`` (K, C, 1, 1)) of a channels_last float32 map, on its 2x2/2 average
-    pool (``ceil_mode`` as in ``avg_pool2d``, no padding) when ``pool`` is 2, ``+ bias``; AVX-512 only (``name`` ``cpu-avx512``). The weights'
-    transposed, zero-padded layout is built once and cached."""
+    pool (``ceil_mode`` as in ``avg_pool2d``, no padding) when ``pool`` is 2, ``+ bias``;
+    AVX-512 only (``name`` ``cpu-avx512``). The weights' transposed, zero-padded layout is
+    built once and cached."""
     if name != "cpu-avx512":
         raise ValueError(f"pointwise_conv2d_nhwc runs on cpu-avx512 only, not {name}")
     out_channels = weight.shape[0]

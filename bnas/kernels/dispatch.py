@@ -424,6 +424,9 @@ def pointwise_conv2d(
         raise ValueError(
             f"bias must hold one value per output channel ({weight.shape[0]}), got shape {tuple(bias.shape)}"
         )
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{what} is on {t.device} but the input is on {x.device}")
     x = x.contiguous(memory_format=torch.channels_last)
     name = _route(x.device)
     if (
