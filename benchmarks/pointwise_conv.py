@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             exact = F.conv2d(F.avg_pool2d(x.double(), 2, ceil_mode=True), weight.double(), bias.double())
             ours_out = kernels.pointwise_conv2d(x, weight, bias, pool=2, ceil_mode=True)
             error = ((ours_out.double() - exact).abs().max() / exact.abs().max()).item()
+            macs = c * k * n * ((h + 1) // 2) * ((w + 1) // 2)
             load_before = load_average()
             times = interleaved_times(
                 {
@@ -70,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                     "benchmark": "pointwise_conv",
                     "network": network,
                     "shape": [n, c, h, w, k],
-                    "macs": c * k * n * ((h + 1) // 2) * ((w + 1) // 2),
+                    "macs": macs,
                     "baseline": "torch avg_pool2d(2, ceil_mode) + conv2d 1x1, channels_last",
                     "ours": "bnas.kernels.pointwise_conv2d (cpu-avx512)",
                     "baseline_ms": round(base * 1e3, 4),
                     "ours_ms": round(ours * 1e3, 4),
                     "p90_ms": {"baseline": round(base_p90 * 1e3, 4), "ours": round(ours_p90 * 1e3, 4)},
                     "ratio": round(base / ours, 2),
-                    "ours_gmacs": round(c * k * n * ((h + 1) // 2) * ((w + 1) // 2) / ours / 1e9, 1),
+                    "ours_gmacs": round(macs / ours / 1e9, 1),
                     "max_rel_error_vs_float64": float(f"{error:.2e}"),
                     "threads": args.threads,
                     "load_average_1min": [load_before, load_average()],

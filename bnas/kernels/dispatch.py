@@ -141,14 +141,17 @@ def _check_words(t: Tensor, dims: int, what: str) -> None:
         raise ValueError(f"{what} must have {dims} dimensions, got shape {tuple(t.shape)}")
 
 
-def _check_same_device(xp: Tensor, wp: Tensor, scale: Tensor | None, bias: Tensor | None, channels: int) -> None:
-    """Epilogue vectors hold one value per output channel; everything is on one device."""
+def _check_same_device(
+    xp: Tensor, wp: Tensor, scale: Tensor | None, bias: Tensor | None, channels: int, weights: str = "packed weights"
+) -> None:
+    """Epilogue vectors hold one value per output channel; everything is on one device
+    (``weights`` names ``wp`` in the message)."""
     for name, t in (("scale", scale), ("bias", bias)):
         if t is not None and t.numel() != channels:
             raise ValueError(f"{name} must hold one value per output channel ({channels}), got shape {tuple(t.shape)}")
     if xp.is_cpu and wp.is_cpu and (scale is None or scale.is_cpu) and (bias is None or bias.is_cpu):
         return
-    for name, t in (("packed weights", wp), ("scale", scale), ("bias", bias)):
+    for name, t in ((weights, wp), ("scale", scale), ("bias", bias)):
         if t is not None and t.device != xp.device:
             raise ValueError(f"{name} is on {t.device} but the input is on {xp.device}")
 
@@ -420,13 +423,7 @@ def pointwise_conv2d(
         )
     if pool not in (1, 2) or stride < 1 or (pool == 2 and stride != 1):
         raise ValueError(f"pointwise_conv2d takes pool 1 or 2 and a stride >= 1 (1 after a pool), got {pool}, {stride}")
-    if bias is not None and bias.numel() != weight.shape[0]:
-        raise ValueError(
-            f"bias must hold one value per output channel ({weight.shape[0]}), got shape {tuple(bias.shape)}"
-        )
-    for what, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{what} is on {t.device} but the input is on {x.device}")
+    _check_same_device(x, weight, None, bias, weight.shape[0], weights="weight")
     x = x.contiguous(memory_format=torch.channels_last)
     name = _route(x.device)
     if (
