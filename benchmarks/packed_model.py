@@ -25,6 +25,11 @@ of the call: Python, residual adds, glue), with the top float modules; ``--profi
 torch.profiler table to stderr. The targets of issue 15 are fields, next to ``meets_*`` booleans computed
 from the measured figures.
 
+``int8_stem`` (CPUs with AVX-512 VNNI): a second packed copy with
+``stem_precision = "int8"`` (the convs on the image in 8-bit integers, opt-in: it changes the
+numbers), timed in the same rounds, with its own ratios, profile and logit difference from the
+float32-stem packed model. The issue's ``meets_*`` fields stay those of the default model.
+
 CUDA (issue 7): baseline = the float model in float16, channels_last, ``cudnn.benchmark`` on;
 ours = the packed model on the GPU kernels; CUDA events after warm-up (``cuda_time`` of
 ``benchmarks/cuda_xnor_conv.py``); batch 256 and 1 by default.
@@ -59,7 +64,8 @@ from common import emit, interleaved_times, machine, median_p90  # noqa: E402
 import bnas  # noqa: E402
 from bnas.errors import BnasError  # noqa: E402
 from bnas.export import freeze_model, pack_model  # noqa: E402
-from bnas.kernels import backend  # noqa: E402
+from bnas.export.plan import Int8ImageConv2d  # noqa: E402
+from bnas.kernels import backend, cpu_backend  # noqa: E402
 from bnas.metrics import summarize  # noqa: E402
 
 GENOTYPES = ROOT / "search_spaces" / "genotypes"
@@ -369,6 +375,7 @@ def run_network(
     randomize_batchnorm(model)
     packed = pack_model(model)
     frozen = freeze_model(model)
+    packed_int8, int8_note = int8_stem_twin(model)
     counts = summarize(model, genotype.input)
     macs = {"binary": counts.bops, "float": counts.flops}
     for worker in workers.values():
@@ -380,16 +387,14 @@ def run_network(
             ref, out = model(x), packed(x)
             same_class = bool((ref.argmax(1) == out.argmax(1)).all())
             err = float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12))
+        engines = {"built": partial(model, x), "packed": partial(packed, x), "frozen": partial(frozen, x)}
+        if packed_int8 is not None:
+            engines["packed_int8_stem"] = partial(packed_int8, x)
         # LCE runs batch 1 only: at other batches its figures would not compare.
         timed_workers = workers if batch == 1 else {}
         load_before = [round(v, 2) for v in os.getloadavg()]
         with torch.no_grad():
-            times = timed_rounds(
-                {"built": partial(model, x), "packed": partial(packed, x), "frozen": partial(frozen, x)},
-                timed_workers,
-                args.repeats,
-                args.block,
-            )
+            times = timed_rounds(engines, timed_workers, args.repeats, args.block)
         load_after = [round(v, 2) for v in os.getloadavg()]
         ms = {name: [round(v * 1e3, 3) for v in median_p90(samples)] for name, samples in times.items()}
         base, ours, froz = ms["built"][0], ms["packed"][0], ms["frozen"][0]
@@ -427,6 +432,24 @@ def run_network(
         if "lce" in timed_workers:
             ratio_vs_lce = record["ratio_vs_lce"]
         record["profile"] = parts
+        if packed_int8 is None:
+            record["int8_stem"] = int8_note
+        else:
+            with torch.no_grad():
+                out_int8 = packed_int8(x)
+                int8_parts = part_profile(packed_int8, x, args.profile_calls)
+            int8_ms = ms["packed_int8_stem"][0]
+            record["int8_stem"] = {
+                "engine": "packed, stem in int8 (PackedNetwork.stem_precision = 'int8'; opt-in)",
+                "ms": int8_ms, "p90_ms": ms["packed_int8_stem"][1],
+                "ratio_vs_frozen": round(froz / int8_ms, 2),
+                "ratio_vs_lce": round(ms["lce"][0] / int8_ms, 2) if "lce" in timed_workers else None,
+                "ratio_vs_packed": round(ours / int8_ms, 2),
+                "float_share": int8_parts["float_share"],
+                "profile": int8_parts,
+                "max_rel_logit_diff_vs_packed": float((out_int8 - out).abs().max() / out.abs().max().clamp_min(1e-12)),
+                "same_class_as_packed": bool((out_int8.argmax(1) == out.argmax(1)).all()),
+            }  # fmt: skip
         record.update({
             "threads": args.threads,
             "load_average": {"before": load_before, "after": load_after},
@@ -443,6 +466,19 @@ def run_network(
         emit(record)
         if args.profile:
             profile(packed, x)
+
+
+def int8_stem_twin(model: torch.nn.Module) -> tuple[Any, str | None]:
+    """A second packed copy of ``model`` whose plan runs the image convs in int8, or None and
+    why not (no such conv, or no AVX-512 VNNI kernel: the reference would time PyTorch)."""
+    if not cpu_backend.int8_supported():
+        return None, "not timed: this CPU has no AVX-512 VNNI (the int8 stem kernel)"
+    twin = pack_model(model)
+    twin.stem_precision = "int8"
+    plan = twin.plan()
+    if plan is None or not any(isinstance(m, Int8ImageConv2d) for m in plan.modules()):
+        return None, "not timed: no float conv reads the image in this network's plan"
+    return twin, None
 
 
 def profile(packed: torch.nn.Module, x: torch.Tensor) -> None:

@@ -7,6 +7,11 @@ Classes and logits come from the packed model as it runs (its fused plan); the b
 inputs are traced on its module tree (the same layers, run one by one).
 
     python scripts/check_packed_mnist.py GENOTYPE.yaml RUN_DIR [--data-root P]
+        [--dataset mnist] [--stem-precision float32|int8]
+
+``--dataset`` takes another test set (``fashion_mnist``, ``digits``, ...); ``--stem-precision
+int8`` runs the packed model's stem in 8-bit integers (``PackedNetwork.stem_precision``), so the
+count says how often that changes a prediction.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import bnas
 from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
 from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
+from bnas.export.format import STEM_PRECISIONS
 from bnas.train import load_checkpoint
 
 _PACKED_TYPES = (PackedConv2d, PackedLinear, SignConv2d, SignLinear)
@@ -59,6 +65,8 @@ def main() -> None:
     parser.add_argument("genotype")
     parser.add_argument("run", help="folder of a `bnas eval` run (holds model.pt)")
     parser.add_argument("--data-root")
+    parser.add_argument("--dataset", default="mnist", help="the test set (default mnist)")
+    parser.add_argument("--stem-precision", choices=STEM_PRECISIONS, default="float32")
     args = parser.parse_args()
     genotype = bnas.load_genotype(args.genotype)
     weights = Path(args.run) / "model.pt"
@@ -69,8 +77,9 @@ def main() -> None:
         model.load_state_dict(load_checkpoint(weights, advice="pass the folder of a finished `bnas eval` run"))
         model.eval()
         packed = bnas.load_packed(packed_path)
-        data = load_dataset("mnist", args.data_root)
-        same = total = 0
+        packed.stem_precision = args.stem_precision
+        data = load_dataset(args.dataset, args.data_root)
+        same = total = right_trained = right_packed = 0
         worst = 0.0
         trained_in, trained_paths, trained_hooks = _sign_inputs(model)
         packed_in, packed_paths, packed_hooks = _sign_inputs(packed.net)
@@ -82,6 +91,8 @@ def main() -> None:
                 a, b = model(x), packed(x)  # packed(x): the fused plan, as users run it
                 packed.net(x)  # the module tree of the same layers, for the hooks at binary inputs
                 same += (a.argmax(1) == b.argmax(1)).sum().item()
+                right_trained += (a.argmax(1) == y).sum().item()
+                right_packed += (b.argmax(1) == y).sum().item()
                 total += len(y)
                 worst = max(worst, ((a - b).abs() / a.abs().clamp_min(1e-6)).max().item())
                 clean = torch.ones(len(y), dtype=torch.bool)  # images whose earlier binary inputs all agreed
@@ -96,9 +107,10 @@ def main() -> None:
         for h in trained_hooks + packed_hooks:
             h.remove()
         size, float_size = os.path.getsize(packed_path), os.path.getsize(weights)
-    print(f"{genotype.name}: same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
+    print(f"{genotype.name} ({args.dataset}, stem {args.stem_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
+          f"test accuracy trained {right_trained / total:.2%}, packed {right_packed / total:.2%}; "
           f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)")
-    print("sign disagreements at binary layer inputs: " + ", ".join(f"{p} {n}" for p, n in flips.items())
+    print("sign disagreements at binary layer inputs (the packed module tree, stem in float32): " + ", ".join(f"{p} {n}" for p, n in flips.items())
           + f"; where they start, the trained model's input was at most {first_flip_margin:.2e} from zero")
 
 

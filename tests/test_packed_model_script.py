@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import torch
 
+from bnas.kernels import cpu_backend
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # bnas info search_spaces/genotypes/bireal_resnet18.yaml / bireal_resnet18_imagenet.yaml
@@ -90,6 +92,17 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
     tops = prof["top_float"]
     assert 1 <= len(tops) <= 5 and [t["ms"] for t in tops] == sorted((t["ms"] for t in tops), reverse=True)
     assert all(not t["type"].startswith("Packed") and t["type"] != "Identity" for t in tops)
+
+    # the opt-in int8 stem, timed in the same rounds where the kernel runs
+    if not cpu_backend.int8_supported():
+        assert rec["int8_stem"].startswith("not timed: this CPU has no AVX-512 VNNI")
+        return
+    int8 = rec["int8_stem"]
+    assert int8["ms"] > 0 and int8["ratio_vs_frozen"] == round(rec["frozen_ms"] / int8["ms"], 2)
+    assert int8["ratio_vs_packed"] == round(rec["ours_ms"] / int8["ms"], 2) and int8["ratio_vs_lce"] is None
+    assert int8["profile"]["float_ms_by_type"]["Int8ImageConv2d"] > 0
+    assert "Conv2d" not in int8["profile"]["float_ms_by_type"]  # the stem was the one float 3x3 conv
+    assert 0 < int8["max_rel_logit_diff_vs_packed"] < 1.0  # other numbers, not other scales
 
 
 def test_part_profile_splits_a_toy_network() -> None:

@@ -19,6 +19,11 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   average pool before it when nothing else reads the pool (Bi-Real's downsample shortcut),
   becomes one :class:`ChannelsLastPointwiseConv2d`: on AVX-512 CPUs the kernels pool inside
   the conv and run it at about twice PyTorch's rate (``bnas.kernels.pointwise_conv2d``).
+* **The stem in 8-bit integers, when asked.** With ``int8_stem`` (``PackedNetwork.stem_precision
+  = "int8"``) the plain float convs that read the image become :class:`Int8ImageConv2d`: each
+  image quantized to uint8, the weights per output channel to int8, exact integer sums
+  (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That changes the numbers (see
+  :mod:`bnas.kernels.int8`), so it is off by default.
 * **channels_last throughout.** The image is made channels_last once; PyTorch's float convs
   and pools then keep that layout (the packed kernels read and write it natively), so no
   layer converts layouts. A 3x3/2 max-pool on a 64x112x112 map takes ~0.3 ms in
@@ -48,10 +53,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import FusedConv2d, max_pool2d_and_pack, max_pool2d_nhwc, pack_signs, pointwise_conv2d
+from ..kernels import FusedConv2d, int8_conv2d, max_pool2d_and_pack, max_pool2d_nhwc, pack_signs, pointwise_conv2d
+from ..kernels.int8 import MAX_TAPS
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
 
-__all__ = ["ChannelsLastMaxPool2d", "ChannelsLastPointwiseConv2d", "PackedStep", "build_plan"]
+__all__ = ["ChannelsLastMaxPool2d", "ChannelsLastPointwiseConv2d", "Int8ImageConv2d", "PackedStep", "build_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +339,51 @@ def _pointwise_convs(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(pool_node)
 
 
+class Int8ImageConv2d(nn.Module):
+    """A float ``nn.Conv2d`` that reads the image (the stem), run in 8-bit integers by
+    :func:`bnas.kernels.int8_conv2d` (the plan's ``int8_stem``): the image quantized per call,
+    the weights per output channel (once, cached). It reads the conv's weight and bias at every
+    call, so it follows them when they change."""
+
+    conv: nn.Conv2d
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.__dict__["conv"] = conv  # held, not a child: a leaf, as ChannelsLastPointwiseConv2d
+        self.stride, self.padding = _pair(conv.stride), _pair(cast(tuple[int, int], conv.padding))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_conv2d(x, self.conv.weight, self.conv.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"int8 {tuple(self.conv.weight.shape)}, stride={self.stride}, padding={self.padding}"
+
+
+def _int8_image_convs(gm: torch.fx.GraphModule) -> None:
+    """Plain float convs on the network's input (one group, no dilation, zero padding given
+    as numbers, at most MAX_TAPS taps) become :class:`Int8ImageConv2d` nodes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    count = 0
+    for node in list(gm.graph.nodes):
+        conv = _module(gm, node)
+        if (
+            type(conv) is not nn.Conv2d
+            or len(node.args) != 1
+            or node.kwargs
+            or node.args[0] not in placeholders
+            or isinstance(conv.padding, str)
+            or conv.padding_mode != "zeros"
+            or conv.groups != 1
+            or _pair(conv.dilation) != (1, 1)
+            or conv.in_channels * conv.weight.shape[2] * conv.weight.shape[3] > MAX_TAPS
+        ):
+            continue
+        name = f"_plan_int8_conv{count}"
+        count += 1
+        gm.add_submodule(name, Int8ImageConv2d(conv))
+        node.target = name
+
+
 def _binarising_readers(node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep]) -> list[torch.fx.Node]:
     """The steps that binarise ``node`` as their input without a threshold, in one group:
     they can read its signs packed instead."""
@@ -390,6 +441,7 @@ _FRESH_MODULES = (
     nn.BatchNorm2d,
     ChannelsLastMaxPool2d,
     ChannelsLastPointwiseConv2d,
+    Int8ImageConv2d,
 )
 
 
@@ -425,6 +477,9 @@ def _channels_last_input(gm: torch.fx.GraphModule) -> None:
         cl = gm.graph.call_function(_to_channels_last, (x,))
     x.replace_all_uses_with(cl)
     cl.update_arg(0, x)
+    for user in list(cl.users):  # the int8 conv quantizes NCHW input as it comes: no copy first
+        if isinstance(_module(gm, user), Int8ImageConv2d):
+            user.replace_input_with(cl, x)
 
 
 def _to_channels_last(x: Tensor) -> Tensor:
@@ -434,9 +489,11 @@ def _to_channels_last(x: Tensor) -> Tensor:
 torch.fx.wrap("_to_channels_last")
 
 
-def build_plan(net: nn.Module) -> torch.fx.GraphModule | None:
+def build_plan(net: nn.Module, int8_stem: bool = False) -> torch.fx.GraphModule | None:
     """The fused program of a packed network's module tree (see the module docstring), or
-    None when the tree cannot be traced. The plan shares the tree's modules and buffers."""
+    None when the tree cannot be traced. The plan shares the tree's modules and buffers.
+    ``int8_stem`` runs the float convs that read the image in 8-bit integers
+    (:class:`Int8ImageConv2d`)."""
     try:
         graph = _Tracer().trace(net)
     except Exception as exc:  # any tracing failure means: run the module tree
@@ -448,6 +505,8 @@ def build_plan(net: nn.Module) -> torch.fx.GraphModule | None:
     _chain_packed(gm, steps)
     _channels_last_pools(gm)
     _pointwise_convs(gm)
+    if int8_stem:
+        _int8_image_convs(gm)
     _chain_pool_packing(gm, steps)
     _write_into_residuals(gm, steps)
     _channels_last_input(gm)

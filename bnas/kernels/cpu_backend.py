@@ -45,16 +45,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from .. import paths
 from ..errors import BnasError
+from .int8 import quantize_weights
+
+_Layout = TypeVar("_Layout")
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
-HEADERS = [SOURCE.parent / "work_pool.h", SOURCE.parent / "pointwise_conv.h"]
+HEADERS = [SOURCE.parent / "work_pool.h", SOURCE.parent / "pointwise_conv.h", SOURCE.parent / "int8_conv.h"]
 # -fopenmp: the kernels run on torch's OpenMP team (csrc/work_pool.h); the extension then shares
 # the libgomp torch has loaded. No FMA contraction: the epilogue is exact.
 CFLAGS = ["-O3", "-pthread", "-fopenmp", "-ffp-contract=off"]
@@ -71,7 +75,8 @@ _lock = threading.Lock()
 _extension: ModuleType | None = None
 _build_error: str | None = None
 _supported: list[str] | None = None
-_repacked: OrderedDict[tuple, tuple[int, Tensor]] = OrderedDict()
+_int8_supported: bool | None = None
+_repacked: OrderedDict[tuple, tuple[int, Any]] = OrderedDict()
 _REPACK_CACHE_SIZE = 256
 REQUIRE_ENV = "BNAS_REQUIRE_EXTENSION"
 THREADS_ENV = "BNAS_KERNEL_THREADS"
@@ -244,7 +249,7 @@ def lane_weights(wp: Tensor, groups: int, name: str) -> Tensor:
     )
 
 
-def _cached_layout(wp: Tensor, layout: tuple, make: Callable[[], Tensor]) -> Tensor:
+def _cached_layout(wp: Tensor, layout: tuple, make: Callable[[], _Layout]) -> _Layout:
     key = (id(wp),) + layout
     hit = _repacked.get(key)
     if hit is not None and hit[0] == wp._version:
@@ -397,3 +402,39 @@ def _pointwise_layout(weight: Tensor) -> Tensor:
     padded = torch.zeros(in_channels, (out_channels + 15) // 16 * 16, dtype=torch.float32)
     padded[:, :out_channels] = weight.detach().reshape(out_channels, in_channels).t()
     return padded
+
+
+def int8_supported() -> bool:
+    """Whether this CPU runs the int8 image conv (AVX-512 VNNI); False without the extension."""
+    global _int8_supported
+    if _int8_supported is None:
+        ext = extension()
+        _int8_supported = ext is not None and bool(ext.int8_supported())
+    return _int8_supported
+
+
+def int8_conv2d_nhwc(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]
+) -> Tensor:
+    """``bnas.kernels.int8.int8_conv2d_reference`` on the AVX-512 VNNI kernel: a float32 image
+    (NCHW or channels_last) and (K, C, kh, kw) float weights, quantized once and cached;
+    float32 output in channels_last memory."""
+    out_channels, _, kh, kw = weight.shape
+    lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
+    return _built("cpu-avx512").int8_conv_nhwc(
+        x, lanes, w_scale, w_sum, bias, out_channels, kh, kw, *stride, *padding, kernel_threads()
+    )
+
+
+def _int8_layout(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(K, C, kh, kw) float -> (the kernel's (kh, quads, Kp, 4) int8 weights, float32 scales,
+    int32 sums): per window row, the kw * C bytes of an NHWC row (tap kx, channel c at kx * C +
+    c), padded to whole 32-bit words, each word's 4 weights per output channel."""
+    wq, w_scale = quantize_weights(weight)
+    k, c, kh, kw = wq.shape
+    quads = (kw * c + 3) // 4
+    kp = (k + 15) // 16 * 16
+    rows = torch.zeros(kh, quads * 4, kp, dtype=torch.int8)
+    rows[:, : kw * c, :k] = wq.permute(2, 3, 1, 0).reshape(kh, kw * c, k)
+    lanes = rows.reshape(kh, quads, 4, kp).permute(0, 1, 3, 2).contiguous()
+    return lanes, w_scale.contiguous(), wq.sum(dim=(1, 2, 3), dtype=torch.int32)

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <vector>
 
+#include "int8_conv.h"
 #include "pointwise_conv.h"
 #include "work_pool.h"
 
@@ -1038,6 +1039,86 @@ torch::Tensor pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tensor& w
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// A float conv on the image in 8-bit integers (int8_conv.h): each image quantized per call
+// to uint8; the weights, quantized once in Python per output channel to int8,
+// come as (kh, quads, Kp, 4) bytes with their float scales (K) and sums (K). Returns the
+// float32 output in channels_last memory. AVX-512 VNNI only: `int8_supported` says.
+// ---------------------------------------------------------------------------------------
+bool int8_supported() {
+  __builtin_cpu_init();
+  return isa_supported(ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+}
+
+torch::Tensor int8_conv_nhwc(const torch::Tensor& x, const torch::Tensor& wq,
+                             const torch::Tensor& w_scale, const torch::Tensor& w_sum,
+                             const c10::optional<torch::Tensor>& bias, int64_t out_channels,
+                             int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                             int64_t pw, int64_t num_threads) {
+  TORCH_CHECK(int8_supported(), "int8_conv_nhwc: this CPU has no AVX-512 VNNI");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
+              "int8_conv_nhwc: input must be a 4-d float32 CPU tensor");
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const torch::Tensor xc = channels_last ? x : x.contiguous();
+  bnas::Int8ConvGeometry g{};
+  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
+  g.K = out_channels, g.kh = kh, g.kw = kw, g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw;
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0,
+              "int8_conv_nhwc: bad kernel, stride or padding");
+  g.Hp = g.H + 2 * ph, g.Wp = g.W + 2 * pw;
+  g.OH = (g.Hp - kh) / sh + 1, g.OW = (g.Wp - kw) / sw + 1;
+  TORCH_CHECK(g.Hp >= kh && g.Wp >= kw, "int8_conv_nhwc: the kernel does not fit in the padded input");
+  g.quads = (kw * g.C + 3) / 4;
+  g.Kp = (out_channels + 15) / 16 * 16;
+  TORCH_CHECK(wq.scalar_type() == torch::kInt8 && wq.is_contiguous() &&
+                  wq.numel() == kh * g.quads * g.Kp * 4,
+              "int8_conv_nhwc: weights must be (", kh, ", ", g.quads, ", ", g.Kp, ", 4) int8");
+  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.numel() == out_channels &&
+                  w_sum.scalar_type() == torch::kInt32 && w_sum.numel() == out_channels,
+              "int8_conv_nhwc: weight scales (float32) and sums (int32) need one value per output");
+  torch::Tensor bi;
+  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
+
+  // per image: its range, then its bytes (+ 64: a window row's last word may read up to 3
+  // bytes past the last image)
+  const float* xs = xc.data_ptr<float>();
+  const int64_t image_floats = g.C * g.H * g.W, image_bytes = g.Hp * g.Wp * g.C;
+  std::vector<bnas::Int8Quantization> qz(static_cast<size_t>(g.N));
+  auto padded = torch::empty({g.N * image_bytes + 64}, torch::dtype(torch::kUInt8));
+  uint8_t* pd = padded.data_ptr<uint8_t>();
+  std::memset(pd + g.N * image_bytes, 0, 64);
+  for (int64_t n = 0; n < g.N; ++n) {
+    float lo = 0.0f, hi = 0.0f;
+    bnas::int8_min_max(xs + n * image_floats, image_floats, &lo, &hi);
+    qz[n] = bnas::int8_image_quantization(lo, hi);
+    std::memset(pd + n * image_bytes, qz[n].zero_point, image_bytes);  // the padding: zp is 0.0
+  }
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  bnas::parallel_for(g.N * g.H, std::max<int64_t>(1, g.N * g.H / (4 * threads)),
+                     g.N * image_floats >= 65536 ? threads : 1, [&](int64_t begin, int64_t end) {
+                       for (int64_t i = begin; i < end; ++i)
+                         bnas::int8_quantize_row(xs, channels_last, g, qz[i / g.H], i / g.H, i % g.H, pd);
+                     });
+  auto zp_wsum = torch::zeros({g.N, g.Kp}, torch::dtype(torch::kInt32));
+  auto scale = torch::zeros({g.N, g.Kp}, torch::dtype(torch::kFloat32));
+  const torch::Tensor w_sum_c = w_sum.contiguous(), w_scale_c = w_scale.contiguous();
+  const int32_t* ws = w_sum_c.data_ptr<int32_t>();
+  const float* wsc = w_scale_c.data_ptr<float>();
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t k = 0; k < out_channels; ++k) {
+      zp_wsum.data_ptr<int32_t>()[n * g.Kp + k] = qz[n].zero_point * ws[k];
+      scale.data_ptr<float>()[n * g.Kp + k] = qz[n].scale * wsc[k];
+    }
+  }
+  auto out = torch::empty({g.N, out_channels, g.OH, g.OW},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  bnas::int8_conv_avx512(pd, wq.data_ptr<int8_t>(), zp_wsum.data_ptr<int32_t>(),
+                         scale.data_ptr<float>(), bi.defined() ? bi.data_ptr<float>() : nullptr,
+                         out.data_ptr<float>(), g, threads);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1061,6 +1142,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "max-pool of a channels_last float32 map (and its packed signs, with pack_output)");
   m.def("pointwise_conv_nhwc", &pointwise_conv_nhwc,
         "1x1 float conv of a channels_last map, optionally on its 2x2/2 average pool");
+  m.def("int8_supported", &int8_supported, "whether this CPU runs int8_conv_nhwc (AVX-512 VNNI)");
+  m.def("int8_conv_nhwc", &int8_conv_nhwc,
+        "float conv of an image in 8-bit integers: per-tensor uint8 image, per-channel int8 weights");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
 }

@@ -1,0 +1,242 @@
+"""The stem in 8-bit integers: ``bnas.kernels.int8_conv2d`` (the AVX-512 VNNI kernel and its
+float reference, bit for bit), the quantization rules of ``bnas.kernels.int8``, and
+``PackedNetwork.stem_precision = "int8"``, which runs the plan's image convs on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnas
+from bnas import kernels
+from bnas.export import ExportError, PackedNetwork, pack_model
+from bnas.export.plan import Int8ImageConv2d
+from bnas.kernels import cpu_backend, int8_conv2d
+from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_conv2d_reference, quantize_weights
+from conftest import randomize
+
+GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
+needs_vnni = pytest.mark.skipif(
+    "cpu-avx512" not in cpu_backend.supported_backends() or not cpu_backend.int8_supported(),
+    reason="the int8 kernel runs on AVX-512 VNNI CPUs only",
+)
+
+# (N, C, H, W, K, kh, kw, stride, padding): ResNet's 7x7/2 stem, CIFAR and MNIST stems, channel
+# counts off the 16-lane grid, rectangular kernels, window rows that are not whole 32-bit words
+# (kw * C = 21, 9, 5, 28), maps smaller than the kernel's padding, batches whose pixel blocks
+# span images
+CASES = [
+    (1, 3, 64, 64, 64, 7, 7, 2, 3),
+    (2, 3, 32, 32, 64, 3, 3, 1, 1),
+    (3, 1, 28, 28, 20, 5, 5, 1, 0),
+    (2, 1, 28, 28, 32, 3, 3, 2, 1),
+    (3, 3, 17, 13, 37, 3, 3, 2, 1),
+    (1, 4, 9, 9, 5, 7, 7, 1, 3),
+    (2, 2, 11, 6, 16, 3, 5, 1, 2),
+    (4, 3, 5, 5, 70, 3, 3, 3, 0),
+]
+
+
+def case_tensors(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    # images of different ranges and signs in one batch: each is quantized on its own
+    x = torch.randn(n, c, h, w, generator=g) * torch.linspace(0.5, 3.0, n).view(-1, 1, 1, 1)
+    return x, torch.randn(k, c, kh, kw, generator=g) * 0.1, torch.randn(k, generator=g)
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_kernel_equals_its_float_reference_bit_for_bit(case: tuple[int, ...], channels_last: bool) -> None:
+    n, c, h, w, k, kh, kw, stride, padding = case
+    x, weight, bias = case_tensors(n, c, h, w, k, kh, kw)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with kernels.use_backend("cpu-avx512"):
+        out = int8_conv2d(x, weight, bias, stride, padding)
+        unbiased = int8_conv2d(x, weight, None, stride, padding)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, int8_conv2d_reference(x, weight, bias, (stride, stride), (padding, padding)))
+    assert torch.equal(unbiased, int8_conv2d_reference(x, weight, None, (stride, stride), (padding, padding)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_result_is_within_the_quantization_bound_of_the_float_conv(case: tuple[int, ...]) -> None:
+    """|int8 - float| <= the error of each rounded tap: half a weight step times |x|, plus half
+    an image step times |w| and the weight's own error (float32 rounding on top)."""
+    n, c, h, w, k, kh, kw, stride, padding = case
+    x, weight, bias = case_tensors(n, c, h, w, k, kh, kw, seed=1)
+    out = int8_conv2d(x, weight, bias, stride, padding)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding)
+    scale, _ = image_quantization(x)
+    _, w_scale = quantize_weights(weight)
+    ones = torch.ones(1, c, kh, kw, dtype=torch.float64)
+    weight_error = F.conv2d(x.double().abs(), ones, None, stride, padding) * (w_scale.double().view(1, -1, 1, 1) / 2)
+    image_error = F.conv2d(
+        torch.ones_like(x, dtype=torch.float64) * (scale.double() / 2),
+        weight.double().abs() + w_scale.double().view(-1, 1, 1, 1) / 2,
+        None,
+        stride,
+        padding,
+    )
+    bound = weight_error + image_error + 1e-5 * exact.abs().max()
+    assert ((out.double() - exact).abs() <= bound).all()
+    # and the bound is not vacuous: the error is a sizeable part of it somewhere
+    assert ((out.double() - exact).abs() > 0.1 * bound).any()
+
+
+@needs_vnni
+def test_an_image_gives_the_same_result_alone_as_in_any_batch() -> None:
+    x, weight, bias = case_tensors(3, 3, 20, 20, 24, 3, 3, seed=2)
+    with kernels.use_backend("cpu-avx512"):
+        batch = int8_conv2d(x, weight, bias, 1, 1)
+        alone = [int8_conv2d(x[i : i + 1], weight, bias, 1, 1) for i in range(3)]
+    for i in range(3):
+        assert torch.equal(batch[i : i + 1], alone[i])
+
+
+@needs_vnni
+def test_result_does_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, weight, bias = case_tensors(2, 3, 96, 96, 64, 7, 7, seed=3)
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv(cpu_backend.THREADS_ENV, threads)
+        with kernels.use_backend("cpu-avx512"):
+            results.append(int8_conv2d(x, weight, bias, 2, 3))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@needs_vnni
+def test_weights_changed_in_place_are_seen() -> None:
+    """The quantized weights are cached per tensor and version: an in-place update re-makes them."""
+    x, weight, bias = case_tensors(1, 3, 12, 12, 16, 3, 3, seed=4)
+    with kernels.use_backend("cpu-avx512"):
+        before = int8_conv2d(x, weight, None, 1, 1)
+        weight.mul_(-1)
+        after = int8_conv2d(x, weight, None, 1, 1)
+    assert torch.equal(after, -before)
+
+
+def test_other_backends_compute_the_same_numbers() -> None:
+    x, weight, bias = case_tensors(2, 3, 15, 15, 40, 3, 3, seed=5)
+    name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")
+    with kernels.use_backend(name):
+        out = int8_conv2d(x, weight, bias, 2, 1)
+    assert torch.equal(out, int8_conv2d_reference(x, weight, bias, (2, 2), (1, 1)))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_image_quantization_follows_the_rules() -> None:
+    images = torch.stack(
+        [
+            torch.tensor([-1.0, 0.5, 1.55]).view(1, 1, 3),  # both signs: zero point inside
+            torch.tensor([0.2, 0.4, 2.55]).view(1, 1, 3),  # all positive: lo is 0, zero point 0
+            torch.tensor([-2.55, -1.0, -0.2]).view(1, 1, 3),  # all negative: hi is 0, zero point 255
+            torch.zeros(1, 1, 3),  # all zero: scale 1
+        ]
+    )
+    scale, zero_point = image_quantization(images)
+    assert scale.flatten().tolist() == pytest.approx([2.55 / 255, 2.55 / 255, 2.55 / 255, 1.0])
+    assert zero_point.flatten().tolist() == [100.0, 0.0, 255.0, 0.0]
+    # zero padding is the zero point: an image of zeros convolves to exactly the bias
+    weight, bias = torch.randn(4, 1, 3, 3), torch.randn(4)
+    out = int8_conv2d(torch.zeros(1, 1, 5, 5), weight, bias, 1, 1)
+    assert torch.equal(out, bias.view(1, -1, 1, 1).expand(1, 4, 5, 5))
+
+
+def test_weights_are_quantized_per_output_channel() -> None:
+    weight = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-3.0, 0.03, 1.5]]).view(3, 1, 1, 3)
+    wq, w_scale = quantize_weights(weight)
+    assert w_scale.tolist() == pytest.approx([1 / 127, 1.0, 3 / 127])
+    assert wq.view(3, 3).tolist() == [[127, -64, 32], [0, 0, 0], [-127, 1, 64]]
+
+
+@pytest.mark.parametrize(
+    ("shape", "weight_shape", "stride", "message"),
+    [
+        ((1, 3, 8, 8), (4, 2, 3, 3), 1, r"\(K, C, kh, kw\) weights"),
+        ((3, 8, 8), (4, 3, 3, 3), 1, r"\(N, C, H, W\) input"),
+        ((1, 3, 8, 8), (4, 3, 3, 3), 0, "stride >= 1"),
+        ((1, 64, 8, 8), (4, 64, 3, 3), 1, f"at most {MAX_TAPS} taps"),
+    ],
+)
+def test_bad_arguments_are_refused_by_message(
+    shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        int8_conv2d(torch.randn(shape), torch.randn(weight_shape), None, stride)
+    with pytest.raises(TypeError, match="input must be a float tensor"):
+        int8_conv2d(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match="one value per output channel"):
+        int8_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5))
+
+
+def test_an_empty_batch_gives_an_empty_output() -> None:
+    assert int8_conv2d(torch.randn(0, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 1, 1).shape == (0, 4, 8, 8)
+
+
+def _stem_reference(packed: PackedNetwork, x: torch.Tensor) -> torch.Tensor:
+    """The packed module tree with its stem conv computed by the int8 reference."""
+    stem = next(m for m in packed.net.modules() if type(m) is nn.Conv2d and m.in_channels == x.shape[1])
+    handle = stem.register_forward_hook(
+        lambda m, args, out: int8_conv2d_reference(args[0], m.weight, m.bias, m.stride, m.padding)
+    )
+    try:
+        return packed.net(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        handle.remove()
+
+
+def test_packed_network_runs_its_stem_in_int8_when_asked() -> None:
+    genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18.yaml")
+    torch.manual_seed(0)
+    packed = pack_model(randomize(bnas.build(genotype), seed=0))
+    x = torch.randn(2, *genotype.input)
+    assert packed.stem_precision == "float32"
+    with torch.no_grad():
+        float_stem = packed(x)
+        packed.stem_precision = "int8"
+        int8_stem = packed(x)
+        plan = packed.plan()
+        assert plan is not None
+        called = [plan.get_submodule(str(n.target)) for n in plan.graph.nodes if n.op == "call_module"]
+        (stem,) = [m for m in called if isinstance(m, Int8ImageConv2d)]
+        assert not any(type(m) is nn.Conv2d for m in called)  # the stem was the only float 3x3 conv
+        # it reads the image as it comes: no channels_last copy is made for it
+        assert not any(n.op == "call_function" and "channels_last" in str(n.target) for n in plan.graph.nodes)
+        expected = _stem_reference(packed, x)
+        torch.testing.assert_close(int8_stem, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        assert not torch.equal(int8_stem, float_stem)  # it is not the float32 stem
+        packed.stem_precision = "float32"
+        assert torch.equal(packed(x), float_stem)  # and the float plan is as it was
+        packed.fused = False
+        packed.stem_precision = "int8"
+        assert torch.equal(packed(x), packed.net(x))  # the module tree always runs float32
+
+
+def test_stem_precision_is_checked() -> None:
+    packed = PackedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3)), None, [])
+    with pytest.raises(ExportError, match="stem_precision 'int4' is not one of float32, int8"):
+        packed.stem_precision = "int4"
+    assert packed.stem_precision == "float32"
+
+
+def test_only_plain_convs_on_the_image_run_in_int8() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, dilation=2),  # dilated: stays float
+    )
+    deep = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))  # only the first
+    wide = nn.Sequential(nn.Conv2d(64, 8, 3))  # 576 taps: over MAX_TAPS, stays float
+    for module, expected in ((net, 0), (deep, 1), (wide, 0)):
+        packed = PackedNetwork(module, None, [])
+        packed.stem_precision = "int8"
+        plan = packed.plan()
+        assert plan is not None
+        count = sum(isinstance(m, Int8ImageConv2d) for m in plan.modules())
+        assert count == expected
+        x = torch.randn(1, module[0].in_channels, 9, 9)
+        with torch.no_grad():
+            assert packed(x).shape == module(x).shape
