@@ -1,6 +1,7 @@
 """The stem in 8-bit integers: ``bnas.kernels.int8_conv2d`` (the AVX-512 VNNI kernel and its
 float reference, bit for bit), the quantization rules of ``bnas.kernels.int8``, and
 ``PackedNetwork.stem_precision = "int8"``, which runs the plan's image convs on it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize
 from torch import nn
 
 import bnas
 from bnas import kernels
 from bnas.export import ExportError, PackedNetwork, pack_model
-from bnas.export.plan import Int8ImageConv2d
-from bnas.kernels import cpu_backend, int8_conv2d
+from bnas.export.plan import ChannelsLastMaxPool2d, Int8ImageConv2d, Int8ImageConvMaxPool2d, PackedStep
+from bnas.kernels import cpu_backend, int8_conv2d, int8_conv2d_max_pool, pack_signs
 from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_conv2d_reference, quantize_weights
-from conftest import randomize
 
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 needs_vnni = pytest.mark.skipif(
@@ -178,6 +179,59 @@ def test_an_empty_batch_gives_an_empty_output() -> None:
     assert int8_conv2d(torch.randn(0, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 1, 1).shape == (0, 4, 8, 8)
 
 
+# (N, C, H, W, K, kernel, stride, padding, pool kernel, pool stride, pool padding): ResNet's stem,
+# pools whose windows the conv's edge cuts, odd maps, K off the 32-bit word grid for the signs
+POOLED = [
+    (1, 3, 64, 64, 64, 7, 2, 3, 3, 2, 1),
+    (2, 3, 33, 31, 48, 7, 2, 3, 3, 2, 1),
+    (3, 1, 28, 28, 20, 3, 1, 1, 2, 2, 0),
+    (2, 3, 17, 17, 40, 3, 2, 1, 3, 1, 1),
+    (1, 2, 9, 12, 16, 3, 1, 0, 5, 3, 2),
+]
+
+
+@pytest.mark.parametrize("case", POOLED)
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_conv_and_max_pool_in_one_pass_equal_the_two_ops(
+    case: tuple[int, ...], threads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, c, h, w, k, size, stride, padding, pool, pool_stride, pool_padding = case
+    x, weight, bias = case_tensors(n, c, h, w, k, size, size, seed=6)
+    monkeypatch.setenv(cpu_backend.THREADS_ENV, threads)
+    pooled, packed = int8_conv2d_max_pool(
+        x, weight, bias, stride, padding, pool, pool_stride, pool_padding, pack_output=True
+    )
+    expected = F.max_pool2d(int8_conv2d(x, weight, bias, stride, padding), pool, pool_stride, pool_padding)
+    assert pooled.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pooled, expected)
+    assert torch.equal(packed, pack_signs(expected))
+    assert torch.equal(int8_conv2d_max_pool(x, weight, bias, stride, padding, pool, pool_stride, pool_padding), pooled)
+
+
+def test_conv_and_max_pool_refuse_a_pool_padding_over_half_its_kernel() -> None:
+    with pytest.raises(ValueError, match="pool padding of at most half the kernel"):
+        int8_conv2d_max_pool(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 1, 1, 3, 2, 2)
+
+
+def test_resnet_stem_and_its_pool_run_as_one_int8_step() -> None:
+    genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18_imagenet.yaml")
+    torch.manual_seed(0)
+    packed = pack_model(randomize(bnas.build(genotype), seed=0))
+    packed.stem_precision = "int8"
+    plan = packed.plan()
+    assert plan is not None
+    called = [plan.get_submodule(str(n.target)) for n in plan.graph.nodes if n.op == "call_module"]
+    (stem,) = [m for m in called if isinstance(m, Int8ImageConvMaxPool2d)]
+    assert stem.pack_output  # the first Bi-Real unit reads the pooled map's packed signs
+    assert not any(type(m) in (nn.Conv2d, Int8ImageConv2d, ChannelsLastMaxPool2d) for m in called)
+    assert not any(isinstance(m, Int8ImageConv2d) for m in plan.modules())  # no unused module left
+    assert sum(isinstance(m, PackedStep) for m in called) == 16
+    x = torch.randn(1, *genotype.input)
+    with torch.no_grad():
+        expected = _stem_reference(packed, x)
+        torch.testing.assert_close(packed(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 def _stem_reference(packed: PackedNetwork, x: torch.Tensor) -> torch.Tensor:
     """The packed module tree with its stem conv computed by the int8 reference."""
     stem = next(m for m in packed.net.modules() if type(m) is nn.Conv2d and m.in_channels == x.shape[1])
@@ -240,3 +294,33 @@ def test_only_plain_convs_on_the_image_run_in_int8() -> None:
         x = torch.randn(1, module[0].in_channels, 9, 9)
         with torch.no_grad():
             assert packed(x).shape == module(x).shape
+
+
+@needs_vnni
+def test_benchmark_script_reports_both_sides_and_their_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import json
+    import statistics
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_stem.py"
+    spec = importlib.util.spec_from_file_location("int8_stem_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--repeats", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    *lines, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["network"] for r in lines] == [s[-1] for s in script.SHAPES]
+    ratios = []
+    for r in lines:
+        assert r["baseline_ms"] > 0 and r["ours_ms"] > 0
+        ratios.append(r["baseline_ms"] / r["ours_ms"])
+        assert r["ratio"] == pytest.approx(ratios[-1], rel=0.01, abs=0.01)
+        assert 1e-4 < r["max_rel_error_vs_float64"] < 0.05  # quantization error, not float rounding
+    assert lines[0]["macs"] == 3 * 7 * 7 * 64 * 112 * 112  # ResNet's stem: 118 M MACs
+    assert summary["summary"] and summary["median_ratio"] == pytest.approx(
+        statistics.median(ratios), rel=0.01, abs=0.01
+    )

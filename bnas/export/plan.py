@@ -22,7 +22,8 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 * **The stem in 8-bit integers, when asked.** With ``int8_stem`` (``PackedNetwork.stem_precision
   = "int8"``) the plain float convs that read the image become :class:`Int8ImageConv2d`: each
   image quantized to uint8, the weights per output channel to int8, exact integer sums
-  (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That changes the numbers (see
+  (``bnas.kernels.int8_conv2d``; AVX-512 VNNI), with the max-pool that alone reads such a conv
+  in the same pass (:class:`Int8ImageConvMaxPool2d`). That changes the numbers (see
   :mod:`bnas.kernels.int8`), so it is off by default.
 * **channels_last throughout.** The image is made channels_last once; PyTorch's float convs
   and pools then keep that layout (the packed kernels read and write it natively), so no
@@ -53,11 +54,26 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import FusedConv2d, int8_conv2d, max_pool2d_and_pack, max_pool2d_nhwc, pack_signs, pointwise_conv2d
+from ..kernels import (
+    FusedConv2d,
+    int8_conv2d,
+    int8_conv2d_max_pool,
+    max_pool2d_and_pack,
+    max_pool2d_nhwc,
+    pack_signs,
+    pointwise_conv2d,
+)
 from ..kernels.int8 import MAX_TAPS
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
 
-__all__ = ["ChannelsLastMaxPool2d", "ChannelsLastPointwiseConv2d", "Int8ImageConv2d", "PackedStep", "build_plan"]
+__all__ = [
+    "ChannelsLastMaxPool2d",
+    "ChannelsLastPointwiseConv2d",
+    "Int8ImageConv2d",
+    "Int8ImageConvMaxPool2d",
+    "PackedStep",
+    "build_plan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +400,51 @@ def _int8_image_convs(gm: torch.fx.GraphModule) -> None:
         node.target = name
 
 
+class Int8ImageConvMaxPool2d(ChannelsLastMaxPool2d):
+    """An :class:`Int8ImageConv2d` and the max-pool that alone reads it (ResNet's stem: 7x7/2
+    conv, BN folded, 3x3/2 pool) in one pass, :func:`bnas.kernels.int8_conv2d_max_pool`: the
+    conv's rows stay in cache for the pool and its full output is never written. The values
+    are those of the two modules; with ``pack_output`` the pooled map's signs come too."""
+
+    conv: nn.Conv2d
+
+    def __init__(self, conv: Int8ImageConv2d, pool: ChannelsLastMaxPool2d):
+        super().__init__(nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding))
+        self.__dict__["conv"] = conv.conv
+        self.conv_stride, self.conv_padding = conv.stride, conv.padding
+
+    def forward(self, x: Tensor) -> Any:
+        c = self.conv
+        return int8_conv2d_max_pool(
+            x, c.weight, c.bias, self.conv_stride, self.conv_padding,
+            self.kernel_size, self.stride, self.padding, pack_output=self.pack_output,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"int8 {tuple(self.conv.weight.shape)}, stride={self.conv_stride} -> max-pool {super().extra_repr()}"
+
+
+def _fuse_int8_stem_pools(gm: torch.fx.GraphModule) -> None:
+    """An :class:`Int8ImageConv2d` read only by a channels_last max-pool: both become one
+    :class:`Int8ImageConvMaxPool2d` node."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        conv = _module(gm, node)
+        if not isinstance(conv, Int8ImageConv2d) or len(node.users) != 1:
+            continue
+        pool_node = next(iter(node.users))
+        pool = _module(gm, pool_node)
+        if type(pool) is not ChannelsLastMaxPool2d or pool_node.args != (node,) or pool_node.kwargs:
+            continue
+        name = f"_plan_int8_stem{count}"
+        count += 1
+        gm.add_submodule(name, Int8ImageConvMaxPool2d(conv, pool))
+        pool_node.target = name
+        pool_node.update_arg(0, node.args[0])
+        gm.graph.erase_node(node)
+        gm.delete_submodule(str(node.target))
+
+
 def _binarising_readers(node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep]) -> list[torch.fx.Node]:
     """The steps that binarise ``node`` as their input without a threshold, in one group:
     they can read its signs packed instead."""
@@ -478,7 +539,7 @@ def _channels_last_input(gm: torch.fx.GraphModule) -> None:
     x.replace_all_uses_with(cl)
     cl.update_arg(0, x)
     for user in list(cl.users):  # the int8 conv quantizes NCHW input as it comes: no copy first
-        if isinstance(_module(gm, user), Int8ImageConv2d):
+        if isinstance(_module(gm, user), (Int8ImageConv2d, Int8ImageConvMaxPool2d)):
             user.replace_input_with(cl, x)
 
 
@@ -507,6 +568,7 @@ def build_plan(net: nn.Module, int8_stem: bool = False) -> torch.fx.GraphModule 
     _pointwise_convs(gm)
     if int8_stem:
         _int8_image_convs(gm)
+        _fuse_int8_stem_pools(gm)
     _chain_pool_packing(gm, steps)
     _write_into_residuals(gm, steps)
     _channels_last_input(gm)

@@ -426,6 +426,26 @@ def int8_conv2d_nhwc(
     )
 
 
+def int8_conv2d_max_pool_nhwc(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]],
+    pack_output: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`int8_conv2d_nhwc` and a max-pool (``pool`` = kernel, stride, padding) of its output
+    in one pass: (the pooled map, channels_last; its signs packed NHWC, or None)."""
+    out_channels, _, kh, kw = weight.shape
+    lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
+    out, packed = _built("cpu-avx512").int8_conv_max_pool_nhwc(
+        x, lanes, w_scale, w_sum, bias, out_channels, kh, kw, *stride, *padding,
+        *pool[0], *pool[1], *pool[2], pack_output, kernel_threads(),
+    )  # fmt: skip
+    return out, packed
+
+
 def _int8_layout(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(K, C, kh, kw) float -> (the kernel's (kh, quads, Kp, 4) int8 weights, float32 scales,
     int32 sums): per window row, the kw * C bytes of an NHWC row (tap kx, channel c at kx * C +

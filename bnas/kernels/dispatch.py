@@ -15,6 +15,7 @@ import importlib
 import warnings
 from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -442,33 +443,83 @@ def int8_conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: IntPair = 1, padding: IntPair = 0
 ) -> Tensor:
     """``conv2d(x, weight, bias, stride, padding)`` in 8-bit integers (:mod:`bnas.kernels.int8`:
-    the image quantized per call to uint8, the weights per output channel to int8, the sums
-    exact): a binary network's stem at up to 4 times float32's rate. On CPUs with AVX-512 VNNI
-    (and the cpu-avx512 backend) the kernel runs, elsewhere PyTorch's ops compute the same
-    numbers; the two agree bit for bit. Returns channels_last memory. ``in_channels * kh * kw``
-    is at most :data:`bnas.kernels.int8.MAX_TAPS` (518)."""
+    each image quantized per call to uint8, the weights per output channel to int8, the sums
+    exact): a binary network's stem at about 2 to 2.7 times float32's rate. On CPUs with
+    AVX-512 VNNI (and the cpu-avx512 backend) the kernel runs, elsewhere PyTorch's ops compute
+    the same numbers; the two agree bit for bit. Returns channels_last memory.
+    ``in_channels * kh * kw`` is at most :data:`bnas.kernels.int8.MAX_TAPS` (518)."""
+    stride_, padding_ = _check_int8_conv(x, weight, bias, stride, padding, "int8_conv2d")
+    if x.shape[0] == 0:  # no image to quantize
+        return torch.nn.functional.conv2d(x, weight, bias, stride_, padding_)
+    if _int8_kernel_runs(x, weight):
+        return cpu_backend.int8_conv2d_nhwc(x, weight, bias, stride_, padding_)
+    return int8_conv2d_reference(x, weight, bias, stride_, padding_).contiguous(memory_format=torch.channels_last)
+
+
+def int8_conv2d_max_pool(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: IntPair,
+    padding: IntPair,
+    pool_kernel: IntPair,
+    pool_stride: IntPair,
+    pool_padding: IntPair = 0,
+    pack_output: bool = False,
+) -> Any:
+    """``max_pool2d(int8_conv2d(x, weight, bias, stride, padding), pool_kernel, pool_stride,
+    pool_padding)``, channels_last, and with ``pack_output`` also the pooled map's signs packed
+    NHWC (``(pooled, packed)``): ResNet's stem (7x7/2 conv, BN folded, 3x3/2 max-pool) in one
+    pass on the AVX-512 VNNI kernel, which keeps the conv's rows in cache for the pool instead
+    of writing its whole output to memory. The values are those of the two separate ops."""
+    stride_, padding_ = _check_int8_conv(x, weight, bias, stride, padding, "int8_conv2d_max_pool")
+    kernel = _pair(pool_kernel, "pool_kernel")
+    pool_stride_, pool_padding_ = _pair(pool_stride, "pool_stride"), _pair(pool_padding, "pool_padding")
+    if min(kernel) < 1 or min(pool_stride_) < 1 or any(2 * p > k for p, k in zip(pool_padding_, kernel, strict=True)):
+        raise ValueError(
+            f"int8_conv2d_max_pool takes a pool kernel and stride >= 1 and a pool padding of at most half "
+            f"the kernel, got {kernel}, {pool_stride_} and {pool_padding_}"
+        )
+    if x.shape[0] > 0 and _int8_kernel_runs(x, weight) and kernel[0] <= 64:
+        pooled, packed = cpu_backend.int8_conv2d_max_pool_nhwc(
+            x, weight, bias, stride_, padding_, (kernel, pool_stride_, pool_padding_), pack_output
+        )
+    else:
+        conv = int8_conv2d(x, weight, bias, stride_, padding_)
+        pooled = torch.nn.functional.max_pool2d(conv, kernel, pool_stride_, pool_padding_).contiguous(
+            memory_format=torch.channels_last
+        )
+        packed = pack_signs(pooled) if pack_output else None
+    return (pooled, packed) if pack_output else pooled
+
+
+def _check_int8_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: IntPair, padding: IntPair, what: str
+) -> tuple[tuple[int, int], tuple[int, int]]:
     _check_float(x, "input")
     _check_float(weight, "weight")
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(
-            f"int8_conv2d expects (N, C, H, W) input and (K, C, kh, kw) weights, got {tuple(x.shape)} "
+            f"{what} expects (N, C, H, W) input and (K, C, kh, kw) weights, got {tuple(x.shape)} "
             f"and {tuple(weight.shape)}"
         )
     taps = weight.shape[1] * weight.shape[2] * weight.shape[3]
     if taps > MAX_TAPS:
         raise ValueError(
-            f"int8_conv2d sums at most {MAX_TAPS} taps per output (in_channels * kh * kw) so that its "
+            f"{what} sums at most {MAX_TAPS} taps per output (in_channels * kh * kw) so that its "
             f"int32 sums stay exact; these weights have {taps}: run this conv in float32"
         )
     stride_, padding_ = _pair(stride, "stride"), _pair(padding, "padding")
     if min(stride_) < 1 or min(padding_) < 0:
-        raise ValueError(f"int8_conv2d takes a stride >= 1 and a padding >= 0, got {stride_} and {padding_}")
+        raise ValueError(f"{what} takes a stride >= 1 and a padding >= 0, got {stride_} and {padding_}")
     _check_same_device(x, weight, None, bias, weight.shape[0], weights="weight")
-    if x.shape[0] == 0:  # no image to quantize
-        return torch.nn.functional.conv2d(x, weight, bias, stride_, padding_)
-    if _route(x.device) == "cpu-avx512" and x.dtype == weight.dtype == torch.float32 and cpu_backend.int8_supported():
-        return cpu_backend.int8_conv2d_nhwc(x, weight, bias, stride_, padding_)
-    return int8_conv2d_reference(x, weight, bias, stride_, padding_).contiguous(memory_format=torch.channels_last)
+    return stride_, padding_
+
+
+def _int8_kernel_runs(x: Tensor, weight: Tensor) -> bool:
+    return (
+        _route(x.device) == "cpu-avx512" and x.dtype == weight.dtype == torch.float32 and cpu_backend.int8_supported()
+    )
 
 
 def real_binary_linear(

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "work_pool.h"
 
@@ -175,48 +176,126 @@ inline Int8ConvStep int8_conv_step_of(int pixels, int nv) {
   }
 }
 
-// out (N, OH, OW, K) float32 from the padded bytes (N, Hp, Wp, C) and the weights (kh, quads,
-// Kp, 4). zp_wsum holds zp * sum(wq[k]) and scale s * w_scale[k], (N, Kp) each: per image.
-inline void int8_conv_avx512(const uint8_t* padded, const int8_t* wq, const int32_t* zp_wsum,
-                             const float* scale, const float* bias, float* out,
-                             const Int8ConvGeometry& g, int threads) {
-  const int64_t pixels = g.N * g.OH * g.OW;
-  const int64_t blocks = (pixels + kInt8Pixels - 1) / kInt8Pixels;
+// Output row oh of image n into `row` (OW * K floats): blocks of P pixels, vector groups of
+// output channels. zp_wsum and scale hold zp * sum(wq[k]) and s * w_scale[k] of image n.
+inline void int8_conv_row_avx512(const uint8_t* padded, const int8_t* wq, const int32_t* zp_wsum,
+                                 const float* scale, const float* bias, const Int8ConvGeometry& g,
+                                 int64_t n, int64_t oh, float* row) {
   const int64_t vectors = (g.K + 15) / 16;
-  const int64_t groups = (vectors + kInt8Vectors - 1) / kInt8Vectors;
-  const int64_t items = blocks * groups;
   const int64_t row_bytes = g.Wp * g.C;
-  const int64_t macs_per_item = kInt8Pixels * g.kh * g.quads * 4 * kInt8Vectors * 16;
-  const int use = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(threads), items, items * macs_per_item / 1048576 + 1})));
-  parallel_for(items, std::max<int64_t>(1, items / (4 * use)), use, [&](int64_t begin, int64_t end) {
-    const uint8_t* windows[kInt8Pixels];
-    const int32_t* corrs[kInt8Pixels];
-    const float* scales[kInt8Pixels];
-    float* outs[kInt8Pixels];
-    int64_t ready = -1;
-    int count = 0;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t block = item / groups, group = item % groups;
-      if (block != ready) {
-        const int64_t p0 = block * kInt8Pixels;
-        count = static_cast<int>(std::min<int64_t>(kInt8Pixels, pixels - p0));
-        for (int p = 0; p < count; ++p) {
-          const int64_t pix = p0 + p;
-          const int64_t n = pix / (g.OH * g.OW), oh = pix / g.OW % g.OH, ow = pix % g.OW;
-          windows[p] = padded + ((n * g.Hp + oh * g.sh) * g.Wp + ow * g.sw) * g.C;
-          corrs[p] = zp_wsum + n * g.Kp;
-          scales[p] = scale + n * g.Kp;
-          outs[p] = out + pix * g.K;
-        }
-        ready = block;
-      }
-      const int64_t v0 = group * kInt8Vectors;
+  const uint8_t* windows[kInt8Pixels];
+  const int32_t* corrs[kInt8Pixels];
+  const float* scales[kInt8Pixels];
+  float* outs[kInt8Pixels];
+  for (int p = 0; p < kInt8Pixels; ++p) corrs[p] = zp_wsum, scales[p] = scale;
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kInt8Pixels) {
+    const int count = static_cast<int>(std::min<int64_t>(kInt8Pixels, g.OW - ow0));
+    for (int p = 0; p < count; ++p) {
+      windows[p] = padded + ((n * g.Hp + oh * g.sh) * g.Wp + (ow0 + p) * g.sw) * g.C;
+      outs[p] = row + (ow0 + p) * g.K;
+    }
+    for (int64_t v0 = 0; v0 < vectors; v0 += kInt8Vectors) {
       const int nv = static_cast<int>(std::min<int64_t>(kInt8Vectors, vectors - v0));
       const int64_t last = g.K - 16 * (v0 + nv - 1);
       const __mmask16 last_lanes = static_cast<__mmask16>(last >= 16 ? 0xFFFFu : ((1u << last) - 1u));
       int8_conv_step_of(count, nv)(windows, row_bytes, g, wq, 16 * v0, corrs, scales, bias,
                                    last_lanes, outs);
+    }
+  }
+}
+
+// out (N, OH, OW, K) float32 from the padded bytes (N, Hp, Wp, C) and the weights (kh, quads,
+// Kp, 4). zp_wsum holds zp * sum(wq[k]) and scale s * w_scale[k], (N, Kp) each: per image.
+inline void int8_conv_avx512(const uint8_t* padded, const int8_t* wq, const int32_t* zp_wsum,
+                             const float* scale, const float* bias, float* out,
+                             const Int8ConvGeometry& g, int threads) {
+  const int64_t rows = g.N * g.OH;
+  const int64_t macs_per_row = g.OW * g.kh * g.quads * 4 * g.K;
+  const int use = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(threads), rows, rows * macs_per_row / 4194304 + 1})));
+  parallel_for(rows, std::max<int64_t>(1, rows / (4 * use)), use, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.OH, oh = r % g.OH;
+      int8_conv_row_avx512(padded, wq, zp_wsum + n * g.Kp, scale + n * g.Kp, bias, g, n, oh,
+                           out + r * g.OW * g.K);
+    }
+  });
+}
+
+// The int8 conv and then a max-pool of its output (ResNet's stem: 7x7/2 conv, 3x3/2 pool), the
+// conv's rows kept in a ring of `pool_kh` rows that the pool reads while they are in cache:
+// the conv's full output is never written to memory. The pooled values are those of the
+// separate conv and pool, exactly. `packed` (may be null): the pooled map's signs as NHWC
+// words (bit 1 where the max >= 0), for a binary conv that reads it.
+struct Int8PoolGeometry {
+  int64_t kh, kw, sh, sw, ph, pw;  // the pool's
+  int64_t OH, OW;                  // pooled
+};
+
+__attribute__((target("avx512f"))) inline void int8_pool_row_avx512(
+    const float* const* ring, const Int8ConvGeometry& g, const Int8PoolGeometry& pg, int64_t poh,
+    float* out, uint32_t* packed) {
+  const int64_t ih0 = std::max<int64_t>(0, poh * pg.sh - pg.ph);
+  const int64_t ih1 = std::min<int64_t>(g.OH, poh * pg.sh - pg.ph + pg.kh);
+  const int64_t words = (g.K + 31) / 32;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t ow = 0; ow < pg.OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * pg.sw - pg.pw);
+    const int64_t iw1 = std::min<int64_t>(g.OW, ow * pg.sw - pg.pw + pg.kw);
+    float* o = out + ow * g.K;
+    uint32_t* pw = packed ? packed + ow * words : nullptr;
+    uint32_t word = 0;
+    for (int64_t c = 0; c < g.K; c += 16) {
+      const int64_t nl = std::min<int64_t>(16, g.K - c);
+      const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+      __m512 v = _mm512_set1_ps(-INFINITY);
+      for (int64_t ih = ih0; ih < ih1; ++ih) {
+        const float* conv_row = ring[ih % pg.kh];
+        for (int64_t iw = iw0; iw < iw1; ++iw)
+          v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, conv_row + iw * g.K + c));
+      }
+      _mm512_mask_storeu_ps(o + c, lanes, v);
+      if (pw) {  // c is a multiple of 16: these lanes are bits (c % 32) .. of word c / 32
+        const uint32_t bits = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+        word |= bits << (c & 31);
+        if ((c & 31) == 16 || c + 16 >= g.K) {
+          pw[c / 32] = word;
+          word = 0;
+        }
+      }
+    }
+  }
+}
+
+inline void int8_conv_max_pool_avx512(const uint8_t* padded, const int8_t* wq,
+                                      const int32_t* zp_wsum, const float* scale,
+                                      const float* bias, float* out, uint32_t* packed,
+                                      const Int8ConvGeometry& g, const Int8PoolGeometry& pg,
+                                      int threads) {
+  // Items are runs of pooled rows of one image; a run computes the conv rows its windows need
+  // (a row shared with the previous run is computed again: one row per run for 3x3/2).
+  const int64_t runs_per_image = std::max<int64_t>(1, std::min<int64_t>(pg.OH, threads));
+  const int64_t items = g.N * runs_per_image;
+  const int64_t words = (g.K + 31) / 32;
+  parallel_for(items, 1, static_cast<int>(std::min<int64_t>(threads, items)), [&](int64_t begin, int64_t end) {
+    std::vector<float> ring_rows(static_cast<size_t>(pg.kh * g.OW * g.K));
+    const float* ring[64];
+    for (int64_t i = 0; i < pg.kh; ++i) ring[i] = ring_rows.data() + i * g.OW * g.K;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / runs_per_image, run = item % runs_per_image;
+      const int64_t p0 = pg.OH * run / runs_per_image, p1 = pg.OH * (run + 1) / runs_per_image;
+      int64_t done = -1;  // the last conv row computed into the ring by this run
+      for (int64_t poh = p0; poh < p1; ++poh) {
+        const int64_t ih0 = std::max<int64_t>(0, poh * pg.sh - pg.ph);
+        const int64_t ih1 = std::min<int64_t>(g.OH, poh * pg.sh - pg.ph + pg.kh);
+        for (int64_t ih = std::max(ih0, done + 1); ih < ih1; ++ih) {
+          int8_conv_row_avx512(padded, wq, zp_wsum + n * g.Kp, scale + n * g.Kp, bias, g, n, ih,
+                               ring_rows.data() + (ih % pg.kh) * g.OW * g.K);
+          done = ih;
+        }
+        int8_pool_row_avx512(ring, g, pg, poh, out + (n * pg.OH + poh) * pg.OW * g.K,
+                             packed ? packed + (n * pg.OH + poh) * pg.OW * words : nullptr);
+      }
     }
   });
 }

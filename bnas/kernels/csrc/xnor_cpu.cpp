@@ -1050,24 +1050,31 @@ bool int8_supported() {
   return isa_supported(ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
 }
 
-torch::Tensor int8_conv_nhwc(const torch::Tensor& x, const torch::Tensor& wq,
-                             const torch::Tensor& w_scale, const torch::Tensor& w_sum,
-                             const c10::optional<torch::Tensor>& bias, int64_t out_channels,
-                             int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                             int64_t pw, int64_t num_threads) {
+// The image quantized and padded, with everything the kernel's epilogue needs per image.
+struct Int8Prepared {
+  bnas::Int8ConvGeometry g;
+  torch::Tensor padded, zp_wsum, scale, bias;
+};
+
+Int8Prepared int8_prepare(const torch::Tensor& x, const torch::Tensor& wq,
+                          const torch::Tensor& w_scale, const torch::Tensor& w_sum,
+                          const c10::optional<torch::Tensor>& bias, int64_t out_channels,
+                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                          int threads) {
   TORCH_CHECK(int8_supported(), "int8_conv_nhwc: this CPU has no AVX-512 VNNI");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
               "int8_conv_nhwc: input must be a 4-d float32 CPU tensor");
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const torch::Tensor xc = channels_last ? x : x.contiguous();
-  bnas::Int8ConvGeometry g{};
+  Int8Prepared prep;
+  bnas::Int8ConvGeometry& g = prep.g;
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
   g.K = out_channels, g.kh = kh, g.kw = kw, g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw;
   TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0,
               "int8_conv_nhwc: bad kernel, stride or padding");
   g.Hp = g.H + 2 * ph, g.Wp = g.W + 2 * pw;
-  g.OH = (g.Hp - kh) / sh + 1, g.OW = (g.Wp - kw) / sw + 1;
   TORCH_CHECK(g.Hp >= kh && g.Wp >= kw, "int8_conv_nhwc: the kernel does not fit in the padded input");
+  g.OH = (g.Hp - kh) / sh + 1, g.OW = (g.Wp - kw) / sw + 1;
   g.quads = (kw * g.C + 3) / 4;
   g.Kp = (out_channels + 15) / 16 * 16;
   TORCH_CHECK(wq.scalar_type() == torch::kInt8 && wq.is_contiguous() &&
@@ -1076,17 +1083,17 @@ torch::Tensor int8_conv_nhwc(const torch::Tensor& x, const torch::Tensor& wq,
   TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.numel() == out_channels &&
                   w_sum.scalar_type() == torch::kInt32 && w_sum.numel() == out_channels,
               "int8_conv_nhwc: weight scales (float32) and sums (int32) need one value per output");
-  torch::Tensor bi;
-  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
+  if (bias.has_value()) prep.bias = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(!prep.bias.defined() || prep.bias.numel() == out_channels,
+              "bias must have one value per output");
 
   // per image: its range, then its bytes (+ 64: a window row's last word may read up to 3
   // bytes past the last image)
   const float* xs = xc.data_ptr<float>();
   const int64_t image_floats = g.C * g.H * g.W, image_bytes = g.Hp * g.Wp * g.C;
   std::vector<bnas::Int8Quantization> qz(static_cast<size_t>(g.N));
-  auto padded = torch::empty({g.N * image_bytes + 64}, torch::dtype(torch::kUInt8));
-  uint8_t* pd = padded.data_ptr<uint8_t>();
+  prep.padded = torch::empty({g.N * image_bytes + 64}, torch::dtype(torch::kUInt8));
+  uint8_t* pd = prep.padded.data_ptr<uint8_t>();
   std::memset(pd + g.N * image_bytes, 0, 64);
   for (int64_t n = 0; n < g.N; ++n) {
     float lo = 0.0f, hi = 0.0f;
@@ -1094,29 +1101,75 @@ torch::Tensor int8_conv_nhwc(const torch::Tensor& x, const torch::Tensor& wq,
     qz[n] = bnas::int8_image_quantization(lo, hi);
     std::memset(pd + n * image_bytes, qz[n].zero_point, image_bytes);  // the padding: zp is 0.0
   }
-  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   bnas::parallel_for(g.N * g.H, std::max<int64_t>(1, g.N * g.H / (4 * threads)),
                      g.N * image_floats >= 65536 ? threads : 1, [&](int64_t begin, int64_t end) {
                        for (int64_t i = begin; i < end; ++i)
                          bnas::int8_quantize_row(xs, channels_last, g, qz[i / g.H], i / g.H, i % g.H, pd);
                      });
-  auto zp_wsum = torch::zeros({g.N, g.Kp}, torch::dtype(torch::kInt32));
-  auto scale = torch::zeros({g.N, g.Kp}, torch::dtype(torch::kFloat32));
+  prep.zp_wsum = torch::zeros({g.N, g.Kp}, torch::dtype(torch::kInt32));
+  prep.scale = torch::zeros({g.N, g.Kp}, torch::dtype(torch::kFloat32));
   const torch::Tensor w_sum_c = w_sum.contiguous(), w_scale_c = w_scale.contiguous();
   const int32_t* ws = w_sum_c.data_ptr<int32_t>();
   const float* wsc = w_scale_c.data_ptr<float>();
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t k = 0; k < out_channels; ++k) {
-      zp_wsum.data_ptr<int32_t>()[n * g.Kp + k] = qz[n].zero_point * ws[k];
-      scale.data_ptr<float>()[n * g.Kp + k] = qz[n].scale * wsc[k];
+      prep.zp_wsum.data_ptr<int32_t>()[n * g.Kp + k] = qz[n].zero_point * ws[k];
+      prep.scale.data_ptr<float>()[n * g.Kp + k] = qz[n].scale * wsc[k];
     }
   }
+  return prep;
+}
+
+torch::Tensor int8_conv_nhwc(const torch::Tensor& x, const torch::Tensor& wq,
+                             const torch::Tensor& w_scale, const torch::Tensor& w_sum,
+                             const c10::optional<torch::Tensor>& bias, int64_t out_channels,
+                             int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                             int64_t pw, int64_t num_threads) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  const Int8Prepared prep =
+      int8_prepare(x, wq, w_scale, w_sum, bias, out_channels, kh, kw, sh, sw, ph, pw, threads);
+  const bnas::Int8ConvGeometry& g = prep.g;
   auto out = torch::empty({g.N, out_channels, g.OH, g.OW},
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  bnas::int8_conv_avx512(pd, wq.data_ptr<int8_t>(), zp_wsum.data_ptr<int32_t>(),
-                         scale.data_ptr<float>(), bi.defined() ? bi.data_ptr<float>() : nullptr,
+  bnas::int8_conv_avx512(prep.padded.data_ptr<uint8_t>(), wq.data_ptr<int8_t>(),
+                         prep.zp_wsum.data_ptr<int32_t>(), prep.scale.data_ptr<float>(),
+                         prep.bias.defined() ? prep.bias.data_ptr<float>() : nullptr,
                          out.data_ptr<float>(), g, threads);
   return out;
+}
+
+// int8_conv_nhwc, then a max-pool of its output (pool_* geometry, padding never wins), in one
+// pass (int8_conv.h): (pooled map channels_last, its packed NHWC signs or undefined).
+std::tuple<torch::Tensor, torch::Tensor> int8_conv_max_pool_nhwc(
+    const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& w_scale,
+    const torch::Tensor& w_sum, const c10::optional<torch::Tensor>& bias, int64_t out_channels,
+    int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t pool_kh,
+    int64_t pool_kw, int64_t pool_sh, int64_t pool_sw, int64_t pool_ph, int64_t pool_pw,
+    bool pack_output, int64_t num_threads) {
+  TORCH_CHECK(pool_kh >= 1 && pool_kh <= 64 && pool_kw >= 1 && pool_sh >= 1 && pool_sw >= 1 &&
+                  pool_ph >= 0 && pool_pw >= 0 && 2 * pool_ph <= pool_kh && 2 * pool_pw <= pool_kw,
+              "int8_conv_max_pool_nhwc: a pool kernel of 1 to 64 rows, padding at most half of it");
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  const Int8Prepared prep =
+      int8_prepare(x, wq, w_scale, w_sum, bias, out_channels, kh, kw, sh, sw, ph, pw, threads);
+  const bnas::Int8ConvGeometry& g = prep.g;
+  bnas::Int8PoolGeometry pg{pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw, 0, 0};
+  pg.OH = (g.OH + 2 * pool_ph - pool_kh) / pool_sh + 1;
+  pg.OW = (g.OW + 2 * pool_pw - pool_kw) / pool_sw + 1;
+  TORCH_CHECK(g.OH + 2 * pool_ph >= pool_kh && g.OW + 2 * pool_pw >= pool_kw,
+              "int8_conv_max_pool_nhwc: the pool does not fit in the conv's output");
+  auto out = torch::empty({g.N, out_channels, pg.OH, pg.OW},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  torch::Tensor packed;
+  if (pack_output)
+    packed = torch::empty({g.N, pg.OH, pg.OW, (out_channels + 31) / 32}, x.options().dtype(torch::kInt32));
+  bnas::int8_conv_max_pool_avx512(
+      prep.padded.data_ptr<uint8_t>(), wq.data_ptr<int8_t>(), prep.zp_wsum.data_ptr<int32_t>(),
+      prep.scale.data_ptr<float>(), prep.bias.defined() ? prep.bias.data_ptr<float>() : nullptr,
+      out.data_ptr<float>(),
+      pack_output ? reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()) : nullptr, g, pg,
+      threads);
+  return {out, packed};
 }
 
 }  // namespace
@@ -1144,7 +1197,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "1x1 float conv of a channels_last map, optionally on its 2x2/2 average pool");
   m.def("int8_supported", &int8_supported, "whether this CPU runs int8_conv_nhwc (AVX-512 VNNI)");
   m.def("int8_conv_nhwc", &int8_conv_nhwc,
-        "float conv of an image in 8-bit integers: per-tensor uint8 image, per-channel int8 weights");
+        "float conv of an image in 8-bit integers: per-image uint8 image, per-channel int8 weights");
+  m.def("int8_conv_max_pool_nhwc", &int8_conv_max_pool_nhwc,
+        "int8_conv_nhwc and a max-pool of its output in one pass (and the pooled map's packed signs)");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
 }
