@@ -15,8 +15,8 @@ from torch import nn
 import bnas
 from bnas import kernels
 from bnas.export import ExportError, PackedNetwork, pack_model
-from bnas.export.plan import ChannelsLastMaxPool2d, Int8ImageConv2d, Int8ImageConvMaxPool2d, PackedStep
-from bnas.kernels import cpu_backend, int8_conv2d, int8_conv2d_max_pool, pack_signs
+from bnas.export.plan import ChannelsLastMaxPool2d, ImageConvMaxPool2d, Int8ImageConv2d, PackedStep
+from bnas.kernels import conv2d_max_pool, cpu_backend, int8_conv2d, pack_signs
 from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_conv2d_reference, quantize_weights
 
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
@@ -192,25 +192,74 @@ POOLED = [
 
 @pytest.mark.parametrize("case", POOLED)
 @pytest.mark.parametrize("threads", ["1", "3"])
-def test_conv_and_max_pool_in_one_pass_equal_the_two_ops(
+def test_int8_conv_and_max_pool_in_one_pass_equal_the_two_ops(
     case: tuple[int, ...], threads: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n, c, h, w, k, size, stride, padding, pool, pool_stride, pool_padding = case
     x, weight, bias = case_tensors(n, c, h, w, k, size, size, seed=6)
     monkeypatch.setenv(cpu_backend.THREADS_ENV, threads)
-    pooled, packed = int8_conv2d_max_pool(
-        x, weight, bias, stride, padding, pool, pool_stride, pool_padding, pack_output=True
-    )
+    geometry = (stride, padding, pool, pool_stride, pool_padding)
+    pooled, packed = conv2d_max_pool(x, weight, bias, *geometry, pack_output=True, precision="int8")
     expected = F.max_pool2d(int8_conv2d(x, weight, bias, stride, padding), pool, pool_stride, pool_padding)
     assert pooled.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(pooled, expected)
     assert torch.equal(packed, pack_signs(expected))
-    assert torch.equal(int8_conv2d_max_pool(x, weight, bias, stride, padding, pool, pool_stride, pool_padding), pooled)
+    assert torch.equal(conv2d_max_pool(x, weight, bias, *geometry, precision="int8"), pooled)
 
 
-def test_conv_and_max_pool_refuse_a_pool_padding_over_half_its_kernel() -> None:
+@pytest.mark.parametrize("case", POOLED)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float_conv_and_max_pool_in_one_pass_are_the_float64_result_to_float32_rounding(
+    case: tuple[int, ...], channels_last: bool
+) -> None:
+    n, c, h, w, k, size, stride, padding, pool, pool_stride, pool_padding = case
+    x, weight, bias = case_tensors(n, c, h, w, k, size, size, seed=7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    geometry = (stride, padding, pool, pool_stride, pool_padding)
+    pooled, packed = conv2d_max_pool(x, weight, bias, *geometry, pack_output=True)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding)
+    # a sum of `taps` products and the bias, each step rounded: at most (taps + 1) roundings of
+    # the sum of magnitudes; max-pooling moves no value by more than the largest error
+    magnitude = F.conv2d(x.double().abs(), weight.double().abs(), bias.double().abs(), stride, padding)
+    bound = (c * size * size + 1) * 2.0**-24 * magnitude
+    slack = F.max_pool2d(bound, pool, pool_stride, pool_padding)
+    assert ((pooled.double() - F.max_pool2d(exact, pool, pool_stride, pool_padding)).abs() <= slack).all()
+    assert torch.equal(packed, pack_signs(pooled))
+    assert pooled.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_float_conv_and_max_pool_run_pytorchs_ops_on_other_backends() -> None:
+    x, weight, bias = case_tensors(2, 3, 33, 31, 48, 7, 7, seed=8)
+    name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")
+    with kernels.use_backend(name):
+        pooled = conv2d_max_pool(x, weight, bias, 2, 3, 3, 2, 1)
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # what the module tree's conv reads
+    assert torch.equal(pooled, F.max_pool2d(F.conv2d(x_cl, weight, bias, 2, 3), 3, 2, 1))
+
+
+def test_conv_and_max_pool_refuse_bad_pools_and_precisions() -> None:
+    x, weight = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
     with pytest.raises(ValueError, match="pool padding of at most half the kernel"):
-        int8_conv2d_max_pool(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 1, 1, 3, 2, 2)
+        conv2d_max_pool(x, weight, None, 1, 1, 3, 2, 2)
+    with pytest.raises(ValueError, match="precision 'bfloat16' is not one of float32, int8"):
+        conv2d_max_pool(x, weight, None, 1, 1, 3, 2, 1, precision="bfloat16")
+
+
+def test_resnet_stem_and_its_pool_run_as_one_float32_step_by_default() -> None:
+    genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18_imagenet.yaml")
+    torch.manual_seed(0)
+    packed = pack_model(randomize(bnas.build(genotype), seed=0))
+    plan = packed.plan()
+    assert plan is not None
+    called = [plan.get_submodule(str(n.target)) for n in plan.graph.nodes if n.op == "call_module"]
+    (stem,) = [m for m in called if isinstance(m, ImageConvMaxPool2d)]
+    assert stem.precision == "float32" and stem.pack_output
+    assert not any(type(m) in (nn.Conv2d, ChannelsLastMaxPool2d) for m in called)
+    x = torch.randn(1, *genotype.input)
+    with torch.no_grad():
+        tree = packed.net(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(packed(x), tree, rtol=1e-4, atol=1e-4 * tree.abs().max().item())
 
 
 def test_resnet_stem_and_its_pool_run_as_one_int8_step() -> None:
@@ -221,7 +270,8 @@ def test_resnet_stem_and_its_pool_run_as_one_int8_step() -> None:
     plan = packed.plan()
     assert plan is not None
     called = [plan.get_submodule(str(n.target)) for n in plan.graph.nodes if n.op == "call_module"]
-    (stem,) = [m for m in called if isinstance(m, Int8ImageConvMaxPool2d)]
+    (stem,) = [m for m in called if isinstance(m, ImageConvMaxPool2d)]
+    assert stem.precision == "int8"
     assert stem.pack_output  # the first Bi-Real unit reads the pooled map's packed signs
     assert not any(type(m) in (nn.Conv2d, Int8ImageConv2d, ChannelsLastMaxPool2d) for m in called)
     assert not any(isinstance(m, Int8ImageConv2d) for m in plan.modules())  # no unused module left

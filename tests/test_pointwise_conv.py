@@ -13,7 +13,7 @@ from torch import nn
 import bnas
 from bnas import kernels
 from bnas.export import PackedNetwork, pack_model
-from bnas.export.plan import ChannelsLastPointwiseConv2d
+from bnas.export.plan import ChannelsLastPointwiseConv2d, ImageConvMaxPool2d
 from bnas.kernels import cpu_backend, pointwise_conv2d
 from conftest import randomize
 
@@ -152,7 +152,9 @@ def test_bireal_downsample_shortcuts_become_one_pooled_pointwise_conv_each() -> 
     assert [m.pool for m in pointwise] == [2, 2, 2]  # the three downsampling units
     assert all(m.ceil_mode for m in pointwise)  # Bi-Real's shortcut pool keeps odd maps' last row
     assert not any(isinstance(m, nn.AvgPool2d) for m in called)  # each pool is inside its conv
-    assert sum(isinstance(m, nn.Conv2d) for m in called) == 1  # only the 7x7 stem is left to torch
+    # no conv is left to torch: the 7x7 stem runs with its max-pool in one pass
+    assert not any(isinstance(m, nn.Conv2d) for m in called)
+    assert sum(isinstance(m, ImageConvMaxPool2d) for m in called) == 1
     with torch.no_grad():
         fused = packed(x)
         tree = packed.net(x.contiguous(memory_format=torch.channels_last))

@@ -22,9 +22,12 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 * **The stem in 8-bit integers, when asked.** With ``int8_stem`` (``PackedNetwork.stem_precision
   = "int8"``) the plain float convs that read the image become :class:`Int8ImageConv2d`: each
   image quantized to uint8, the weights per output channel to int8, exact integer sums
-  (``bnas.kernels.int8_conv2d``; AVX-512 VNNI), with the max-pool that alone reads such a conv
-  in the same pass (:class:`Int8ImageConvMaxPool2d`). That changes the numbers (see
+  (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That changes the numbers (see
   :mod:`bnas.kernels.int8`), so it is off by default.
+* **The stem and its pool in one pass.** A float conv on the image that only a max-pool reads
+  (ResNet's 7x7/2 stem and 3x3/2 pool) becomes one :class:`ImageConvMaxPool2d`: the conv's
+  rows stay in cache for the pool (float32, or int8 with ``int8_stem``); the conv's 3.2 MB
+  output at 224x224 is never written, and the pool writes the packed signs the first unit reads.
 * **channels_last throughout.** The image is made channels_last once; PyTorch's float convs
   and pools then keep that layout (the packed kernels read and write it natively), so no
   layer converts layouts. A 3x3/2 max-pool on a 64x112x112 map takes ~0.3 ms in
@@ -56,8 +59,8 @@ from torch import Tensor, nn
 
 from ..kernels import (
     FusedConv2d,
+    conv2d_max_pool,
     int8_conv2d,
-    int8_conv2d_max_pool,
     max_pool2d_and_pack,
     max_pool2d_nhwc,
     pack_signs,
@@ -70,7 +73,7 @@ __all__ = [
     "ChannelsLastMaxPool2d",
     "ChannelsLastPointwiseConv2d",
     "Int8ImageConv2d",
-    "Int8ImageConvMaxPool2d",
+    "ImageConvMaxPool2d",
     "PackedStep",
     "build_plan",
 ]
@@ -375,9 +378,39 @@ class Int8ImageConv2d(nn.Module):
         return f"int8 {tuple(self.conv.weight.shape)}, stride={self.stride}, padding={self.padding}"
 
 
-def _int8_image_convs(gm: torch.fx.GraphModule) -> None:
-    """Plain float convs on the network's input (one group, no dilation, zero padding given
-    as numbers, at most MAX_TAPS taps) become :class:`Int8ImageConv2d` nodes."""
+class ImageConvMaxPool2d(ChannelsLastMaxPool2d):
+    """A float conv on the image and the channels_last max-pool that alone reads it (ResNet's
+    stem: 7x7/2 conv, BN folded, 3x3/2 pool) in one pass, :func:`bnas.kernels.conv2d_max_pool`:
+    the conv's rows stay in cache for the pool and its full output is never written. In
+    ``precision`` "float32" (the conv sums in its own order: PyTorch's result to float rounding)
+    or "int8" (the plan's ``int8_stem``); with ``pack_output`` the pooled map's signs come too.
+    It reads the conv's weight and bias at every call."""
+
+    conv: nn.Conv2d
+
+    def __init__(self, conv: nn.Conv2d, pool: ChannelsLastMaxPool2d, precision: str):
+        super().__init__(nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding))
+        self.__dict__["conv"] = conv  # held, not a child: a leaf, as ChannelsLastPointwiseConv2d
+        self.conv_stride, self.conv_padding = _pair(conv.stride), _pair(cast(tuple[int, int], conv.padding))
+        self.precision = precision
+
+    def forward(self, x: Tensor) -> Any:
+        c = self.conv
+        return conv2d_max_pool(
+            x, c.weight, c.bias, self.conv_stride, self.conv_padding, self.kernel_size, self.stride,
+            self.padding, pack_output=self.pack_output, precision=self.precision,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        conv = f"{self.precision} conv {tuple(self.conv.weight.shape)}, stride={self.conv_stride}"
+        return f"{conv} -> max-pool {super().extra_repr()}"
+
+
+def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool) -> None:
+    """Plain float convs on the network's input (one group, no dilation, zero padding given as
+    numbers): one that only a channels_last max-pool reads becomes, with the pool, an
+    :class:`ImageConvMaxPool2d` node (in int8 with ``int8_stem``); with ``int8_stem`` any other
+    becomes an :class:`Int8ImageConv2d` node. int8 needs at most MAX_TAPS taps per output."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     count = 0
     for node in list(gm.graph.nodes):
@@ -391,58 +424,22 @@ def _int8_image_convs(gm: torch.fx.GraphModule) -> None:
             or conv.padding_mode != "zeros"
             or conv.groups != 1
             or _pair(conv.dilation) != (1, 1)
-            or conv.in_channels * conv.weight.shape[2] * conv.weight.shape[3] > MAX_TAPS
         ):
             continue
-        name = f"_plan_int8_conv{count}"
+        int8 = int8_stem and conv.in_channels * conv.weight.shape[2] * conv.weight.shape[3] <= MAX_TAPS
+        pool_node = next(iter(node.users)) if len(node.users) == 1 else None
+        pool = _module(gm, pool_node) if pool_node is not None else None
+        name = f"_plan_image_conv{count}"
         count += 1
-        gm.add_submodule(name, Int8ImageConv2d(conv))
-        node.target = name
-
-
-class Int8ImageConvMaxPool2d(ChannelsLastMaxPool2d):
-    """An :class:`Int8ImageConv2d` and the max-pool that alone reads it (ResNet's stem: 7x7/2
-    conv, BN folded, 3x3/2 pool) in one pass, :func:`bnas.kernels.int8_conv2d_max_pool`: the
-    conv's rows stay in cache for the pool and its full output is never written. The values
-    are those of the two modules; with ``pack_output`` the pooled map's signs come too."""
-
-    conv: nn.Conv2d
-
-    def __init__(self, conv: Int8ImageConv2d, pool: ChannelsLastMaxPool2d):
-        super().__init__(nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding))
-        self.__dict__["conv"] = conv.conv
-        self.conv_stride, self.conv_padding = conv.stride, conv.padding
-
-    def forward(self, x: Tensor) -> Any:
-        c = self.conv
-        return int8_conv2d_max_pool(
-            x, c.weight, c.bias, self.conv_stride, self.conv_padding,
-            self.kernel_size, self.stride, self.padding, pack_output=self.pack_output,
-        )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return f"int8 {tuple(self.conv.weight.shape)}, stride={self.conv_stride} -> max-pool {super().extra_repr()}"
-
-
-def _fuse_int8_stem_pools(gm: torch.fx.GraphModule) -> None:
-    """An :class:`Int8ImageConv2d` read only by a channels_last max-pool: both become one
-    :class:`Int8ImageConvMaxPool2d` node."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        conv = _module(gm, node)
-        if not isinstance(conv, Int8ImageConv2d) or len(node.users) != 1:
-            continue
-        pool_node = next(iter(node.users))
-        pool = _module(gm, pool_node)
-        if type(pool) is not ChannelsLastMaxPool2d or pool_node.args != (node,) or pool_node.kwargs:
-            continue
-        name = f"_plan_int8_stem{count}"
-        count += 1
-        gm.add_submodule(name, Int8ImageConvMaxPool2d(conv, pool))
-        pool_node.target = name
-        pool_node.update_arg(0, node.args[0])
-        gm.graph.erase_node(node)
-        gm.delete_submodule(str(node.target))
+        if pool_node is not None and type(pool) is ChannelsLastMaxPool2d and pool_node.args == (node,):
+            gm.add_submodule(name, ImageConvMaxPool2d(conv, pool, "int8" if int8 else "float32"))
+            gm.delete_submodule(str(pool_node.target))  # the pool module the plan made: now unused
+            pool_node.target = name
+            pool_node.update_arg(0, node.args[0])
+            gm.graph.erase_node(node)
+        elif int8:
+            gm.add_submodule(name, Int8ImageConv2d(conv))
+            node.target = name
 
 
 def _binarising_readers(node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep]) -> list[torch.fx.Node]:
@@ -539,7 +536,7 @@ def _channels_last_input(gm: torch.fx.GraphModule) -> None:
     x.replace_all_uses_with(cl)
     cl.update_arg(0, x)
     for user in list(cl.users):  # the int8 conv quantizes NCHW input as it comes: no copy first
-        if isinstance(_module(gm, user), (Int8ImageConv2d, Int8ImageConvMaxPool2d)):
+        if isinstance(_module(gm, user), (Int8ImageConv2d, ImageConvMaxPool2d)):
             user.replace_input_with(cl, x)
 
 
@@ -566,9 +563,7 @@ def build_plan(net: nn.Module, int8_stem: bool = False) -> torch.fx.GraphModule 
     _chain_packed(gm, steps)
     _channels_last_pools(gm)
     _pointwise_convs(gm)
-    if int8_stem:
-        _int8_image_convs(gm)
-        _fuse_int8_stem_pools(gm)
+    _image_convs(gm, int8_stem)
     _chain_pool_packing(gm, steps)
     _write_into_residuals(gm, steps)
     _channels_last_input(gm)

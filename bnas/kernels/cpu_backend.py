@@ -58,7 +58,7 @@ _Layout = TypeVar("_Layout")
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
-HEADERS = [SOURCE.parent / "work_pool.h", SOURCE.parent / "pointwise_conv.h", SOURCE.parent / "int8_conv.h"]
+HEADERS = [SOURCE.parent / "work_pool.h", SOURCE.parent / "pointwise_conv.h", SOURCE.parent / "stem_conv.h"]
 # -fopenmp: the kernels run on torch's OpenMP team (csrc/work_pool.h); the extension then shares
 # the libgomp torch has loaded. No FMA contraction: the epilogue is exact.
 CFLAGS = ["-O3", "-pthread", "-fopenmp", "-ffp-contract=off"]
@@ -413,37 +413,42 @@ def int8_supported() -> bool:
     return _int8_supported
 
 
-def int8_conv2d_nhwc(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]
-) -> Tensor:
-    """``bnas.kernels.int8.int8_conv2d_reference`` on the AVX-512 VNNI kernel: a float32 image
-    (NCHW or channels_last) and (K, C, kh, kw) float weights, quantized once and cached;
-    float32 output in channels_last memory."""
-    out_channels, _, kh, kw = weight.shape
-    lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
-    return _built("cpu-avx512").int8_conv_nhwc(
-        x, lanes, w_scale, w_sum, bias, out_channels, kh, kw, *stride, *padding, kernel_threads()
-    )
-
-
-def int8_conv2d_max_pool_nhwc(
+def image_conv2d_nhwc(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     stride: tuple[int, int],
     padding: tuple[int, int],
-    pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]],
-    pack_output: bool,
+    precision: str,
+    pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
+    pack_output: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`int8_conv2d_nhwc` and a max-pool (``pool`` = kernel, stride, padding) of its output
-    in one pass: (the pooled map, channels_last; its signs packed NHWC, or None)."""
+    """A conv of a float32 image (NCHW or channels_last) by (K, C, kh, kw) float weights on the
+    AVX-512 kernels (``csrc/stem_conv.h``), in ``precision`` "float32" or "int8" (VNNI; the
+    rules of ``bnas.kernels.int8``), and with ``pool`` (kernel, stride, padding) the max-pool
+    of its output in the same pass: (the output, channels_last; with ``pack_output`` its signs
+    packed NHWC, else None). The weights' layout is made once per tensor and version."""
     out_channels, _, kh, kw = weight.shape
-    lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
-    out, packed = _built("cpu-avx512").int8_conv_max_pool_nhwc(
-        x, lanes, w_scale, w_sum, bias, out_channels, kh, kw, *stride, *padding,
-        *pool[0], *pool[1], *pool[2], pack_output, kernel_threads(),
+    if precision == "int8":
+        lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
+        args: tuple[Tensor | None, ...] = (lanes, w_scale, w_sum)
+    else:
+        args = (_cached_layout(weight, ("image",), lambda: _float_image_layout(weight)), None, None)
+    (pool_kernel, pool_stride, pool_padding) = pool if pool is not None else ((0, 0), (0, 0), (0, 0))
+    out, packed = _built("cpu-avx512").image_conv_nhwc(
+        x, *args, bias, out_channels, kh, kw, *stride, *padding,
+        *pool_kernel, *pool_stride, *pool_padding, pack_output, kernel_threads(),
     )  # fmt: skip
     return out, packed
+
+
+def _float_image_layout(weight: Tensor) -> Tensor:
+    """(K, C, kh, kw) -> (kh, kw * C, K rounded up to 16): per window row, the weights of each
+    of its kw * C values (tap kx, channel c at kx * C + c), zero past K."""
+    k, c, kh, kw = weight.shape
+    rows = torch.zeros(kh, kw * c, (k + 15) // 16 * 16, dtype=torch.float32)
+    rows[:, :, :k] = weight.detach().float().permute(2, 3, 1, 0).reshape(kh, kw * c, k)
+    return rows
 
 
 def _int8_layout(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -448,15 +448,18 @@ def int8_conv2d(
     AVX-512 VNNI (and the cpu-avx512 backend) the kernel runs, elsewhere PyTorch's ops compute
     the same numbers; the two agree bit for bit. Returns channels_last memory.
     ``in_channels * kh * kw`` is at most :data:`bnas.kernels.int8.MAX_TAPS` (518)."""
-    stride_, padding_ = _check_int8_conv(x, weight, bias, stride, padding, "int8_conv2d")
+    stride_, padding_ = _check_image_conv(x, weight, bias, stride, padding, "int8", "int8_conv2d")
     if x.shape[0] == 0:  # no image to quantize
         return torch.nn.functional.conv2d(x, weight, bias, stride_, padding_)
-    if _int8_kernel_runs(x, weight):
-        return cpu_backend.int8_conv2d_nhwc(x, weight, bias, stride_, padding_)
+    if _image_kernel_runs(x, weight, "int8"):
+        return cpu_backend.image_conv2d_nhwc(x, weight, bias, stride_, padding_, "int8")[0]
     return int8_conv2d_reference(x, weight, bias, stride_, padding_).contiguous(memory_format=torch.channels_last)
 
 
-def int8_conv2d_max_pool(
+STEM_PRECISIONS = ("float32", "int8")
+
+
+def conv2d_max_pool(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -466,26 +469,38 @@ def int8_conv2d_max_pool(
     pool_stride: IntPair,
     pool_padding: IntPair = 0,
     pack_output: bool = False,
+    precision: str = "float32",
 ) -> Any:
-    """``max_pool2d(int8_conv2d(x, weight, bias, stride, padding), pool_kernel, pool_stride,
-    pool_padding)``, channels_last, and with ``pack_output`` also the pooled map's signs packed
-    NHWC (``(pooled, packed)``): ResNet's stem (7x7/2 conv, BN folded, 3x3/2 max-pool) in one
-    pass on the AVX-512 VNNI kernel, which keeps the conv's rows in cache for the pool instead
-    of writing its whole output to memory. The values are those of the two separate ops."""
-    stride_, padding_ = _check_int8_conv(x, weight, bias, stride, padding, "int8_conv2d_max_pool")
+    """``max_pool2d(conv2d(x, weight, bias, stride, padding), pool_kernel, pool_stride,
+    pool_padding)`` of an image, channels_last, and with ``pack_output`` also the pooled map's
+    signs packed NHWC (``(pooled, packed)``): ResNet's stem (7x7/2 conv, BN folded, 3x3/2
+    max-pool). On the cpu-avx512 kernels it is one pass that keeps the conv's rows in cache
+    for the pool instead of writing the conv's whole output to memory; the conv sums in an
+    order of its own (float32: equal to PyTorch's conv up to float rounding). ``precision
+    "int8"`` computes the conv as :func:`int8_conv2d` does (AVX-512 VNNI for the kernel), with
+    the same numbers. Elsewhere PyTorch's conv (on the channels_last image) and pool run."""
+    if precision not in STEM_PRECISIONS:
+        raise ValueError(f"conv2d_max_pool: precision {precision!r} is not one of {', '.join(STEM_PRECISIONS)}")
+    stride_, padding_ = _check_image_conv(x, weight, bias, stride, padding, precision, "conv2d_max_pool")
     kernel = _pair(pool_kernel, "pool_kernel")
     pool_stride_, pool_padding_ = _pair(pool_stride, "pool_stride"), _pair(pool_padding, "pool_padding")
     if min(kernel) < 1 or min(pool_stride_) < 1 or any(2 * p > k for p, k in zip(pool_padding_, kernel, strict=True)):
         raise ValueError(
-            f"int8_conv2d_max_pool takes a pool kernel and stride >= 1 and a pool padding of at most half "
+            f"conv2d_max_pool takes a pool kernel and stride >= 1 and a pool padding of at most half "
             f"the kernel, got {kernel}, {pool_stride_} and {pool_padding_}"
         )
-    if x.shape[0] > 0 and _int8_kernel_runs(x, weight) and kernel[0] <= 64:
-        pooled, packed = cpu_backend.int8_conv2d_max_pool_nhwc(
-            x, weight, bias, stride_, padding_, (kernel, pool_stride_, pool_padding_), pack_output
+    packed: Tensor | None
+    if x.shape[0] > 0 and _image_kernel_runs(x, weight, precision) and kernel[0] <= 64:
+        pooled, packed = cpu_backend.image_conv2d_nhwc(
+            x, weight, bias, stride_, padding_, precision, (kernel, pool_stride_, pool_padding_), pack_output
         )
     else:
-        conv = int8_conv2d(x, weight, bias, stride_, padding_)
+        if precision == "int8":
+            conv = int8_conv2d(x, weight, bias, stride_, padding_)
+        else:
+            conv = torch.nn.functional.conv2d(
+                x.contiguous(memory_format=torch.channels_last), weight, bias, stride_, padding_
+            )
         pooled = torch.nn.functional.max_pool2d(conv, kernel, pool_stride_, pool_padding_).contiguous(
             memory_format=torch.channels_last
         )
@@ -493,8 +508,8 @@ def int8_conv2d_max_pool(
     return (pooled, packed) if pack_output else pooled
 
 
-def _check_int8_conv(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride: IntPair, padding: IntPair, what: str
+def _check_image_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: IntPair, padding: IntPair, precision: str, what: str
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     _check_float(x, "input")
     _check_float(weight, "weight")
@@ -504,9 +519,9 @@ def _check_int8_conv(
             f"and {tuple(weight.shape)}"
         )
     taps = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    if taps > MAX_TAPS:
+    if precision == "int8" and taps > MAX_TAPS:
         raise ValueError(
-            f"{what} sums at most {MAX_TAPS} taps per output (in_channels * kh * kw) so that its "
+            f"{what} sums at most {MAX_TAPS} taps per output (in_channels * kh * kw) in int8 so that its "
             f"int32 sums stay exact; these weights have {taps}: run this conv in float32"
         )
     stride_, padding_ = _pair(stride, "stride"), _pair(padding, "padding")
@@ -516,9 +531,11 @@ def _check_int8_conv(
     return stride_, padding_
 
 
-def _int8_kernel_runs(x: Tensor, weight: Tensor) -> bool:
+def _image_kernel_runs(x: Tensor, weight: Tensor, precision: str) -> bool:
     return (
-        _route(x.device) == "cpu-avx512" and x.dtype == weight.dtype == torch.float32 and cpu_backend.int8_supported()
+        _route(x.device) == "cpu-avx512"
+        and x.dtype == weight.dtype == torch.float32
+        and (precision != "int8" or cpu_backend.int8_supported())
     )
 
 

@@ -1,6 +1,6 @@
 """8-bit integer arithmetic for a float conv that reads the image (a binary network's stem).
 
-The rules, shared by the AVX-512 VNNI kernel (``csrc/int8_conv.h``) and :func:`int8_conv2d_reference`,
+The rules, shared by the AVX-512 VNNI kernel (``csrc/stem_conv.h``) and :func:`int8_conv2d_reference`,
 which computes the same float32 operations in PyTorch, so the two agree bit for bit:
 
 - each image of the batch, per call, asymmetric (so an image's result does not depend on

@@ -29,8 +29,8 @@
 #include <cstring>
 #include <vector>
 
-#include "int8_conv.h"
 #include "pointwise_conv.h"
+#include "stem_conv.h"
 #include "work_pool.h"
 
 namespace {
@@ -1040,135 +1040,140 @@ torch::Tensor pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tensor& w
 }
 
 // ---------------------------------------------------------------------------------------
-// A float conv on the image in 8-bit integers (int8_conv.h): each image quantized per call
-// to uint8; the weights, quantized once in Python per output channel to int8,
-// come as (kh, quads, Kp, 4) bytes with their float scales (K) and sums (K). Returns the
-// float32 output in channels_last memory. AVX-512 VNNI only: `int8_supported` says.
+// A float conv on the image (stem_conv.h), in float32 or (weights given as int8) in 8-bit
+// integers, alone or with the max-pool after it. Weights come in the kernel's layout from
+// Python: float32 (kh, kw * C, Kp), or int8 (kh, quads, Kp, 4) with float32 scales and int32
+// sums per output channel. Returns (output channels_last, its packed NHWC signs or undefined).
+// AVX-512 only, and VNNI for int8: `int8_supported` says.
 // ---------------------------------------------------------------------------------------
 bool int8_supported() {
   __builtin_cpu_init();
   return isa_supported(ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
 }
 
-// The image quantized and padded, with everything the kernel's epilogue needs per image.
-struct Int8Prepared {
-  bnas::Int8ConvGeometry g;
-  torch::Tensor padded, zp_wsum, scale, bias;
-};
-
-Int8Prepared int8_prepare(const torch::Tensor& x, const torch::Tensor& wq,
-                          const torch::Tensor& w_scale, const torch::Tensor& w_sum,
-                          const c10::optional<torch::Tensor>& bias, int64_t out_channels,
-                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                          int threads) {
-  TORCH_CHECK(int8_supported(), "int8_conv_nhwc: this CPU has no AVX-512 VNNI");
+std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
+    const torch::Tensor& x, const torch::Tensor& weights, const c10::optional<torch::Tensor>& w_scale,
+    const c10::optional<torch::Tensor>& w_sum, const c10::optional<torch::Tensor>& bias,
+    int64_t out_channels, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+    int64_t pool_kh, int64_t pool_kw, int64_t pool_sh, int64_t pool_sw, int64_t pool_ph,
+    int64_t pool_pw, bool pack_output, int64_t num_threads) {
+  const bool int8 = weights.scalar_type() == torch::kInt8;
+  TORCH_CHECK(int8 ? int8_supported() : isa_supported(ISA_AVX512),
+              "image_conv_nhwc: this CPU has no AVX-512", int8 ? " VNNI" : "");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
-              "int8_conv_nhwc: input must be a 4-d float32 CPU tensor");
+              "image_conv_nhwc: input must be a 4-d float32 CPU tensor");
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const torch::Tensor xc = channels_last ? x : x.contiguous();
-  Int8Prepared prep;
-  bnas::Int8ConvGeometry& g = prep.g;
+  bnas::ImageConvGeometry g{};
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
   g.K = out_channels, g.kh = kh, g.kw = kw, g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw;
   TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0,
-              "int8_conv_nhwc: bad kernel, stride or padding");
+              "image_conv_nhwc: bad kernel, stride or padding");
   g.Hp = g.H + 2 * ph, g.Wp = g.W + 2 * pw;
-  TORCH_CHECK(g.Hp >= kh && g.Wp >= kw, "int8_conv_nhwc: the kernel does not fit in the padded input");
+  TORCH_CHECK(g.Hp >= kh && g.Wp >= kw, "image_conv_nhwc: the kernel does not fit in the padded input");
   g.OH = (g.Hp - kh) / sh + 1, g.OW = (g.Wp - kw) / sw + 1;
   g.quads = (kw * g.C + 3) / 4;
   g.Kp = (out_channels + 15) / 16 * 16;
-  TORCH_CHECK(wq.scalar_type() == torch::kInt8 && wq.is_contiguous() &&
-                  wq.numel() == kh * g.quads * g.Kp * 4,
-              "int8_conv_nhwc: weights must be (", kh, ", ", g.quads, ", ", g.Kp, ", 4) int8");
-  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.numel() == out_channels &&
-                  w_sum.scalar_type() == torch::kInt32 && w_sum.numel() == out_channels,
-              "int8_conv_nhwc: weight scales (float32) and sums (int32) need one value per output");
-  if (bias.has_value()) prep.bias = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(!prep.bias.defined() || prep.bias.numel() == out_channels,
-              "bias must have one value per output");
-
-  // per image: its range, then its bytes (+ 64: a window row's last word may read up to 3
-  // bytes past the last image)
+  TORCH_CHECK(weights.is_contiguous() &&
+                  (int8 ? weights.numel() == kh * g.quads * g.Kp * 4
+                        : weights.scalar_type() == torch::kFloat32 && weights.numel() == kh * kw * g.C * g.Kp),
+              "image_conv_nhwc: weights must be (", kh, ", ", g.quads, ", ", g.Kp, ", 4) int8 or (", kh,
+              ", ", kw * g.C, ", ", g.Kp, ") float32");
+  torch::Tensor bi;
+  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
+  const bool pooled = pool_kh > 0;
+  bnas::PoolAfterConv pg{pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw, g.OH, g.OW};
+  if (pooled) {
+    TORCH_CHECK(pool_kh <= 64 && pool_kw >= 1 && pool_sh >= 1 && pool_sw >= 1 && pool_ph >= 0 &&
+                    pool_pw >= 0 && 2 * pool_ph <= pool_kh && 2 * pool_pw <= pool_kw,
+                "image_conv_nhwc: a pool kernel of 1 to 64 rows, padding at most half of it");
+    TORCH_CHECK(g.OH + 2 * pool_ph >= pool_kh && g.OW + 2 * pool_pw >= pool_kw,
+                "image_conv_nhwc: the pool does not fit in the conv's output");
+    pg.OH = (g.OH + 2 * pool_ph - pool_kh) / pool_sh + 1;
+    pg.OW = (g.OW + 2 * pool_pw - pool_kw) / pool_sw + 1;
+  }
+  TORCH_CHECK(pooled || !pack_output, "image_conv_nhwc: packed signs come with a pool only");
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   const float* xs = xc.data_ptr<float>();
-  const int64_t image_floats = g.C * g.H * g.W, image_bytes = g.Hp * g.Wp * g.C;
-  std::vector<bnas::Int8Quantization> qz(static_cast<size_t>(g.N));
-  prep.padded = torch::empty({g.N * image_bytes + 64}, torch::dtype(torch::kUInt8));
-  uint8_t* pd = prep.padded.data_ptr<uint8_t>();
-  std::memset(pd + g.N * image_bytes, 0, 64);
-  for (int64_t n = 0; n < g.N; ++n) {
-    float lo = 0.0f, hi = 0.0f;
-    bnas::int8_min_max(xs + n * image_floats, image_floats, &lo, &hi);
-    qz[n] = bnas::int8_image_quantization(lo, hi);
-    std::memset(pd + n * image_bytes, qz[n].zero_point, image_bytes);  // the padding: zp is 0.0
-  }
-  bnas::parallel_for(g.N * g.H, std::max<int64_t>(1, g.N * g.H / (4 * threads)),
-                     g.N * image_floats >= 65536 ? threads : 1, [&](int64_t begin, int64_t end) {
-                       for (int64_t i = begin; i < end; ++i)
-                         bnas::int8_quantize_row(xs, channels_last, g, qz[i / g.H], i / g.H, i % g.H, pd);
-                     });
-  prep.zp_wsum = torch::zeros({g.N, g.Kp}, torch::dtype(torch::kInt32));
-  prep.scale = torch::zeros({g.N, g.Kp}, torch::dtype(torch::kFloat32));
-  const torch::Tensor w_sum_c = w_sum.contiguous(), w_scale_c = w_scale.contiguous();
-  const int32_t* ws = w_sum_c.data_ptr<int32_t>();
-  const float* wsc = w_scale_c.data_ptr<float>();
-  for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t k = 0; k < out_channels; ++k) {
-      prep.zp_wsum.data_ptr<int32_t>()[n * g.Kp + k] = qz[n].zero_point * ws[k];
-      prep.scale.data_ptr<float>()[n * g.Kp + k] = qz[n].scale * wsc[k];
-    }
-  }
-  return prep;
-}
+  const int64_t image_floats = g.C * g.H * g.W, image_values = g.Hp * g.Wp * g.C;
+  const int64_t rows_to_pad = g.N * g.H;
+  const int pad_threads = g.N * image_floats >= 65536 ? threads : 1;
+  const int64_t pad_chunk = std::max<int64_t>(1, rows_to_pad / (4 * threads));
 
-torch::Tensor int8_conv_nhwc(const torch::Tensor& x, const torch::Tensor& wq,
-                             const torch::Tensor& w_scale, const torch::Tensor& w_sum,
-                             const c10::optional<torch::Tensor>& bias, int64_t out_channels,
-                             int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                             int64_t pw, int64_t num_threads) {
-  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
-  const Int8Prepared prep =
-      int8_prepare(x, wq, w_scale, w_sum, bias, out_channels, kh, kw, sh, sw, ph, pw, threads);
-  const bnas::Int8ConvGeometry& g = prep.g;
-  auto out = torch::empty({g.N, out_channels, g.OH, g.OW},
-                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  bnas::int8_conv_avx512(prep.padded.data_ptr<uint8_t>(), wq.data_ptr<int8_t>(),
-                         prep.zp_wsum.data_ptr<int32_t>(), prep.scale.data_ptr<float>(),
-                         prep.bias.defined() ? prep.bias.data_ptr<float>() : nullptr,
-                         out.data_ptr<float>(), g, threads);
-  return out;
-}
-
-// int8_conv_nhwc, then a max-pool of its output (pool_* geometry, padding never wins), in one
-// pass (int8_conv.h): (pooled map channels_last, its packed NHWC signs or undefined).
-std::tuple<torch::Tensor, torch::Tensor> int8_conv_max_pool_nhwc(
-    const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& w_scale,
-    const torch::Tensor& w_sum, const c10::optional<torch::Tensor>& bias, int64_t out_channels,
-    int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t pool_kh,
-    int64_t pool_kw, int64_t pool_sh, int64_t pool_sw, int64_t pool_ph, int64_t pool_pw,
-    bool pack_output, int64_t num_threads) {
-  TORCH_CHECK(pool_kh >= 1 && pool_kh <= 64 && pool_kw >= 1 && pool_sh >= 1 && pool_sw >= 1 &&
-                  pool_ph >= 0 && pool_pw >= 0 && 2 * pool_ph <= pool_kh && 2 * pool_pw <= pool_kw,
-              "int8_conv_max_pool_nhwc: a pool kernel of 1 to 64 rows, padding at most half of it");
-  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
-  const Int8Prepared prep =
-      int8_prepare(x, wq, w_scale, w_sum, bias, out_channels, kh, kw, sh, sw, ph, pw, threads);
-  const bnas::Int8ConvGeometry& g = prep.g;
-  bnas::Int8PoolGeometry pg{pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw, 0, 0};
-  pg.OH = (g.OH + 2 * pool_ph - pool_kh) / pool_sh + 1;
-  pg.OW = (g.OW + 2 * pool_pw - pool_kw) / pool_sw + 1;
-  TORCH_CHECK(g.OH + 2 * pool_ph >= pool_kh && g.OW + 2 * pool_pw >= pool_kw,
-              "int8_conv_max_pool_nhwc: the pool does not fit in the conv's output");
   auto out = torch::empty({g.N, out_channels, pg.OH, pg.OW},
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
   torch::Tensor packed;
   if (pack_output)
     packed = torch::empty({g.N, pg.OH, pg.OW, (out_channels + 31) / 32}, x.options().dtype(torch::kInt32));
-  bnas::int8_conv_max_pool_avx512(
-      prep.padded.data_ptr<uint8_t>(), wq.data_ptr<int8_t>(), prep.zp_wsum.data_ptr<int32_t>(),
-      prep.scale.data_ptr<float>(), prep.bias.defined() ? prep.bias.data_ptr<float>() : nullptr,
-      out.data_ptr<float>(),
-      pack_output ? reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()) : nullptr, g, pg,
-      threads);
+  float* o = out.data_ptr<float>();
+  uint32_t* pk = pack_output ? reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()) : nullptr;
+  const float* b = bi.defined() ? bi.data_ptr<float>() : nullptr;
+  auto run = [&](const auto& conv_row) {
+    if (pooled)
+      bnas::conv_max_pool_rows(g, pg, threads, o, pk, conv_row);
+    else
+      bnas::conv_rows(g, threads, o, conv_row);
+  };
+
+  if (!int8) {
+    // the padded float image (N, Hp, Wp, C): zeros around, the image's values inside
+    auto padded = torch::zeros({g.N * image_values}, torch::dtype(torch::kFloat32));
+    float* pd = padded.data_ptr<float>();
+    bnas::parallel_for(rows_to_pad, pad_chunk, pad_threads, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / g.H, r = i % g.H;
+        float* dst = pd + ((n * g.Hp + r + ph) * g.Wp + pw) * g.C;
+        if (channels_last) {
+          std::memcpy(dst, xs + (n * g.H + r) * g.W * g.C, sizeof(float) * g.W * g.C);
+        } else {
+          for (int64_t c = 0; c < g.C; ++c) {
+            const float* src = xs + ((n * g.C + c) * g.H + r) * g.W;
+            for (int64_t w = 0; w < g.W; ++w) dst[w * g.C + c] = src[w];
+          }
+        }
+      }
+    });
+    const float* wt = weights.data_ptr<float>();
+    run([&](int64_t n, int64_t oh, float* row) { bnas::float_conv_row_avx512(pd, wt, b, g, n, oh, row); });
+    return {out, packed};
+  }
+
+  TORCH_CHECK(w_scale.has_value() && w_sum.has_value() &&
+                  w_scale->scalar_type() == torch::kFloat32 && w_scale->numel() == out_channels &&
+                  w_sum->scalar_type() == torch::kInt32 && w_sum->numel() == out_channels,
+              "image_conv_nhwc: int8 weights need float32 scales and int32 sums, one per output");
+  // per image: its range, then its bytes (+ 64: a window row's last word may read up to 3
+  // bytes past the last image)
+  std::vector<bnas::Int8Quantization> qz(static_cast<size_t>(g.N));
+  auto padded = torch::empty({g.N * image_values + 64}, torch::dtype(torch::kUInt8));
+  uint8_t* pd = padded.data_ptr<uint8_t>();
+  std::memset(pd + g.N * image_values, 0, 64);
+  for (int64_t n = 0; n < g.N; ++n) {
+    float lo = 0.0f, hi = 0.0f;
+    bnas::int8_min_max(xs + n * image_floats, image_floats, &lo, &hi);
+    qz[n] = bnas::int8_image_quantization(lo, hi);
+    std::memset(pd + n * image_values, qz[n].zero_point, image_values);  // the padding: zp is 0.0
+  }
+  bnas::parallel_for(rows_to_pad, pad_chunk, pad_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      bnas::int8_quantize_row(xs, channels_last, g, qz[i / g.H], i / g.H, i % g.H, pd);
+  });
+  std::vector<int32_t> zp_wsum(static_cast<size_t>(g.N * g.Kp), 0);
+  std::vector<float> scale(static_cast<size_t>(g.N * g.Kp), 0.0f);
+  const torch::Tensor w_sum_c = w_sum->contiguous(), w_scale_c = w_scale->contiguous();
+  const int32_t* ws = w_sum_c.data_ptr<int32_t>();
+  const float* wsc = w_scale_c.data_ptr<float>();
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t k = 0; k < out_channels; ++k) {
+      zp_wsum[n * g.Kp + k] = qz[n].zero_point * ws[k];
+      scale[n * g.Kp + k] = qz[n].scale * wsc[k];
+    }
+  }
+  const int8_t* wq = weights.data_ptr<int8_t>();
+  run([&](int64_t n, int64_t oh, float* row) {
+    bnas::int8_conv_row_avx512(pd, wq, zp_wsum.data() + n * g.Kp, scale.data() + n * g.Kp, b, g, n, oh, row);
+  });
   return {out, packed};
 }
 
@@ -1195,11 +1200,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "max-pool of a channels_last float32 map (and its packed signs, with pack_output)");
   m.def("pointwise_conv_nhwc", &pointwise_conv_nhwc,
         "1x1 float conv of a channels_last map, optionally on its 2x2/2 average pool");
-  m.def("int8_supported", &int8_supported, "whether this CPU runs int8_conv_nhwc (AVX-512 VNNI)");
-  m.def("int8_conv_nhwc", &int8_conv_nhwc,
-        "float conv of an image in 8-bit integers: per-image uint8 image, per-channel int8 weights");
-  m.def("int8_conv_max_pool_nhwc", &int8_conv_max_pool_nhwc,
-        "int8_conv_nhwc and a max-pool of its output in one pass (and the pooled map's packed signs)");
+  m.def("int8_supported", &int8_supported, "whether this CPU runs image_conv_nhwc on int8 weights (AVX-512 VNNI)");
+  m.def("image_conv_nhwc", &image_conv_nhwc,
+        "float conv of an image, float32 or int8 (per-image uint8 image, per-channel int8 weights), "
+        "optionally with the max-pool after it and the pooled map's packed signs");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
 }

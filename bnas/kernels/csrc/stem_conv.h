@@ -1,25 +1,33 @@
-// A float conv on the image (a binary network's stem: few input channels, a wide kernel) in
-// 8-bit integer arithmetic with AVX-512 VNNI. ResNet's 7x7/2 stem has 118 M MACs at 224x224;
-// in float32 it runs at one core's FMA peak and takes more time than the 16 binary convs
-// together. VPDPBUSD does 64 8-bit multiply-adds per instruction against 16 float FMAs.
+// Float convs on the image: a binary network's stem (few input channels, a wide kernel), and
+// the max-pool after it. ResNet's 7x7/2 stem has 118 M MACs at 224x224 and writes a 3.2 MB map
+// that its 3x3/2 max-pool reads again; together they take more time than the 16 binary convs.
 //
-// Quantization (the Python reference, bnas.kernels.reference.int8_conv2d, does the same
-// float32 operations, so results are equal bit for bit):
-//   each image (of the batch), asymmetric: lo = min(min x, 0), hi = max(max x, 0),
-//     s = (hi - lo) / 255 (1 when that is 0), zp = clamp(round(-lo / s), 0, 255),
-//     q = clamp(round(x / s) + zp, 0, 255) as uint8 (round half to even); padding is zp (0.0);
-//   weights, per output channel, symmetric int8 (done once, in Python).
-//   out[k] = float(acc[k] - zp * sum(wq[k])) * (s * w_scale[k]) + bias[k], acc the exact
-//   int32 sum of q * wq (no overflow: the caller limits taps so that |acc| < 2^24, where the
-//   int -> float conversion is exact too).
+// Two precisions, one layout. The image is written once as padded NHWC values, so a window row
+// of kw pixels is kw * C consecutive values; output channels sit in SIMD lanes, and a step
+// takes P <= 6 output pixels and NV <= 4 vectors of 16 output channels (P * NV accumulators).
 //
-// Layout. The image is written once as padded NHWC bytes, so a window row of kw pixels is
-// kw * C consecutive bytes, read as `quads` = ceil(kw * C / 4) 32-bit words. Each word is
-// broadcast to all lanes and multiplied with a weight vector holding, per output channel (one
-// per 32-bit lane), the 4 weights of those 4 bytes (zero past kw * C: the word's extra bytes
-// belong to the next pixel and count for nothing). Weights: (kh, quads, Kp, 4) int8, Kp the
-// output channels rounded up to 16. A step takes P <= 6 output pixels and NV <= 4 vectors of
-// 16 output channels: P * NV int32 accumulators in zmm registers.
+// * float32 (float_conv_row_avx512): every value of the window row is broadcast and multiplied
+//   with one weight vector per 16 output channels, FMA in float32, summed over window rows and
+//   then along the row (PyTorch's convs pick another order: results agree to float rounding).
+//   Weights: (kh, kw * C, Kp) floats, Kp the output channels rounded up to 16.
+// * int8 (int8_conv_row_avx512), AVX-512 VNNI: VPDPBUSD does 64 8-bit multiply-adds per
+//   instruction against 16 float FMAs. The window row's kw * C bytes are read as `quads` =
+//   ceil(kw * C / 4) 32-bit words; each is broadcast and multiplied with a weight vector holding,
+//   per output channel (one per 32-bit lane), the 4 weights of those 4 bytes (zero past kw * C:
+//   the word's extra bytes belong to the next pixel and count for nothing). Weights: (kh, quads,
+//   Kp, 4) int8. Quantization (the Python reference, bnas.kernels.int8.int8_conv2d_reference,
+//   does the same float32 operations, so results are equal bit for bit):
+//     each image (of the batch), asymmetric: lo = min(min x, 0), hi = max(max x, 0),
+//       s = (hi - lo) / 255 (1 when that is 0), zp = clamp(round(-lo / s), 0, 255),
+//       q = clamp(round(x / s) + zp, 0, 255) as uint8 (round half to even); padding is zp (0.0);
+//     weights, per output channel, symmetric int8 (done once, in Python).
+//     out[k] = float(acc[k] - zp * sum(wq[k])) * (s * w_scale[k]) + bias[k], acc the exact
+//     int32 sum of q * wq (no overflow: the caller limits taps so that |acc| < 2^24, where the
+//     int -> float conversion is exact too).
+//
+// conv_max_pool: the conv's rows go to a ring of `pool kh` rows that the pool reads while they
+// are in cache, so the conv's full output is never written to memory; the pooled values are
+// those of the separate conv and pool, exactly.
 #pragma once
 
 #include <immintrin.h>
@@ -34,7 +42,7 @@
 
 namespace bnas {
 
-struct Int8ConvGeometry {
+struct ImageConvGeometry {
   int64_t N, C, H, W;     // image
   int64_t K, OH, OW;      // output
   int64_t kh, kw, sh, sw, ph, pw;
@@ -43,8 +51,8 @@ struct Int8ConvGeometry {
   int64_t Kp;             // output channels rounded up to 16
 };
 
-constexpr int kInt8Pixels = 6;  // with 4 vectors, 24 accumulators of the 32 registers
-constexpr int kInt8Vectors = 4;
+constexpr int kStemPixels = 6;  // with 4 vectors, 24 accumulators of the 32 registers
+constexpr int kStemVectors = 4;
 
 struct Int8Quantization {
   float scale;
@@ -91,7 +99,7 @@ __attribute__((target("avx512f"))) inline __m512i int8_quantize16(__m512 v, __m5
 // Row r of image n (float32, NCHW or channels_last contiguous) quantized into the padded
 // NHWC bytes.
 __attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_row(
-    const float* x, bool channels_last, const Int8ConvGeometry& g, Int8Quantization qz, int64_t n,
+    const float* x, bool channels_last, const ImageConvGeometry& g, Int8Quantization qz, int64_t n,
     int64_t r, uint8_t* padded) {
   const __m512 s = _mm512_set1_ps(qz.scale), zp = _mm512_set1_ps(static_cast<float>(qz.zero_point));
   uint8_t* dst = padded + ((n * g.Hp + r + g.ph) * g.Wp + g.pw) * g.C;
@@ -119,7 +127,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_row(
 
 template <int P, int NV>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_conv_step(
-    const uint8_t* const* windows, int64_t row_bytes, const Int8ConvGeometry& g, const int8_t* wq,
+    const uint8_t* const* windows, int64_t row_bytes, const ImageConvGeometry& g, const int8_t* wq,
     int64_t n0, const int32_t* const* zp_wsum, const float* const* scale, const float* bias,
     __mmask16 last_lanes, float* const* outs) {
   __m512i acc[P][NV];
@@ -151,7 +159,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_conv_step(
   }
 }
 
-using Int8ConvStep = void (*)(const uint8_t* const*, int64_t, const Int8ConvGeometry&,
+using Int8ConvStep = void (*)(const uint8_t* const*, int64_t, const ImageConvGeometry&,
                               const int8_t*, int64_t, const int32_t* const*, const float* const*,
                               const float*, __mmask16, float* const*);
 
@@ -179,23 +187,23 @@ inline Int8ConvStep int8_conv_step_of(int pixels, int nv) {
 // Output row oh of image n into `row` (OW * K floats): blocks of P pixels, vector groups of
 // output channels. zp_wsum and scale hold zp * sum(wq[k]) and s * w_scale[k] of image n.
 inline void int8_conv_row_avx512(const uint8_t* padded, const int8_t* wq, const int32_t* zp_wsum,
-                                 const float* scale, const float* bias, const Int8ConvGeometry& g,
+                                 const float* scale, const float* bias, const ImageConvGeometry& g,
                                  int64_t n, int64_t oh, float* row) {
   const int64_t vectors = (g.K + 15) / 16;
   const int64_t row_bytes = g.Wp * g.C;
-  const uint8_t* windows[kInt8Pixels];
-  const int32_t* corrs[kInt8Pixels];
-  const float* scales[kInt8Pixels];
-  float* outs[kInt8Pixels];
-  for (int p = 0; p < kInt8Pixels; ++p) corrs[p] = zp_wsum, scales[p] = scale;
-  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kInt8Pixels) {
-    const int count = static_cast<int>(std::min<int64_t>(kInt8Pixels, g.OW - ow0));
+  const uint8_t* windows[kStemPixels];
+  const int32_t* corrs[kStemPixels];
+  const float* scales[kStemPixels];
+  float* outs[kStemPixels];
+  for (int p = 0; p < kStemPixels; ++p) corrs[p] = zp_wsum, scales[p] = scale;
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kStemPixels) {
+    const int count = static_cast<int>(std::min<int64_t>(kStemPixels, g.OW - ow0));
     for (int p = 0; p < count; ++p) {
       windows[p] = padded + ((n * g.Hp + oh * g.sh) * g.Wp + (ow0 + p) * g.sw) * g.C;
       outs[p] = row + (ow0 + p) * g.K;
     }
-    for (int64_t v0 = 0; v0 < vectors; v0 += kInt8Vectors) {
-      const int nv = static_cast<int>(std::min<int64_t>(kInt8Vectors, vectors - v0));
+    for (int64_t v0 = 0; v0 < vectors; v0 += kStemVectors) {
+      const int nv = static_cast<int>(std::min<int64_t>(kStemVectors, vectors - v0));
       const int64_t last = g.K - 16 * (v0 + nv - 1);
       const __mmask16 last_lanes = static_cast<__mmask16>(last >= 16 ? 0xFFFFu : ((1u << last) - 1u));
       int8_conv_step_of(count, nv)(windows, row_bytes, g, wq, 16 * v0, corrs, scales, bias,
@@ -204,36 +212,108 @@ inline void int8_conv_row_avx512(const uint8_t* padded, const int8_t* wq, const 
   }
 }
 
-// out (N, OH, OW, K) float32 from the padded bytes (N, Hp, Wp, C) and the weights (kh, quads,
-// Kp, 4). zp_wsum holds zp * sum(wq[k]) and scale s * w_scale[k], (N, Kp) each: per image.
-inline void int8_conv_avx512(const uint8_t* padded, const int8_t* wq, const int32_t* zp_wsum,
-                             const float* scale, const float* bias, float* out,
-                             const Int8ConvGeometry& g, int threads) {
+// ---- float32 ------------------------------------------------------------------------------
+template <int P, int NV>
+__attribute__((target("avx512f"))) void float_conv_step(const float* const* windows,
+                                                        int64_t row_floats,
+                                                        const ImageConvGeometry& g,
+                                                        const float* wt, int64_t n0,
+                                                        const float* bias, __mmask16 last_lanes,
+                                                        float* const* outs) {
+  __m512 acc[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_ps();
+  const int64_t taps = g.kw * g.C;  // one window row
+  for (int64_t r = 0; r < g.kh; ++r) {
+    for (int64_t j = 0; j < taps; ++j) {
+      const float* w_row = wt + (r * taps + j) * g.Kp + n0;
+      __m512 w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(w_row + 16 * v);
+      for (int p = 0; p < P; ++p) {
+        const __m512 x = _mm512_set1_ps(windows[p][r * row_floats + j]);
+        for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(w[v], x, acc[p][v]);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 lanes = v == NV - 1 ? last_lanes : static_cast<__mmask16>(0xFFFF);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + n0 + 16 * v) : _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p)
+      _mm512_mask_storeu_ps(outs[p] + n0 + 16 * v, lanes, _mm512_add_ps(acc[p][v], b));
+  }
+}
+
+using FloatConvStep = void (*)(const float* const*, int64_t, const ImageConvGeometry&,
+                               const float*, int64_t, const float*, __mmask16, float* const*);
+
+template <int P>
+FloatConvStep float_conv_step_for(int nv) {
+  switch (nv) {
+    case 1: return &float_conv_step<P, 1>;
+    case 2: return &float_conv_step<P, 2>;
+    case 3: return &float_conv_step<P, 3>;
+    default: return &float_conv_step<P, 4>;
+  }
+}
+
+inline FloatConvStep float_conv_step_of(int pixels, int nv) {
+  switch (pixels) {
+    case 1: return float_conv_step_for<1>(nv);
+    case 2: return float_conv_step_for<2>(nv);
+    case 3: return float_conv_step_for<3>(nv);
+    case 4: return float_conv_step_for<4>(nv);
+    case 5: return float_conv_step_for<5>(nv);
+    default: return float_conv_step_for<6>(nv);
+  }
+}
+
+// Output row oh of image n into `row` (OW * K floats) from the padded float image (N, Hp, Wp,
+// C) and the weights (kh, kw * C, Kp).
+inline void float_conv_row_avx512(const float* padded, const float* wt, const float* bias,
+                                  const ImageConvGeometry& g, int64_t n, int64_t oh, float* row) {
+  const int64_t vectors = (g.K + 15) / 16;
+  const int64_t row_floats = g.Wp * g.C;
+  const float* windows[kStemPixels];
+  float* outs[kStemPixels];
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kStemPixels) {
+    const int count = static_cast<int>(std::min<int64_t>(kStemPixels, g.OW - ow0));
+    for (int p = 0; p < count; ++p) {
+      windows[p] = padded + ((n * g.Hp + oh * g.sh) * g.Wp + (ow0 + p) * g.sw) * g.C;
+      outs[p] = row + (ow0 + p) * g.K;
+    }
+    for (int64_t v0 = 0; v0 < vectors; v0 += kStemVectors) {
+      const int nv = static_cast<int>(std::min<int64_t>(kStemVectors, vectors - v0));
+      const int64_t last = g.K - 16 * (v0 + nv - 1);
+      const __mmask16 last_lanes = static_cast<__mmask16>(last >= 16 ? 0xFFFFu : ((1u << last) - 1u));
+      float_conv_step_of(count, nv)(windows, row_floats, g, wt, 16 * v0, bias, last_lanes, outs);
+    }
+  }
+}
+
+// ---- the conv alone, or the conv and a max-pool -------------------------------------------
+// `conv_row(n, oh, row)` writes output row oh of image n (OW * K floats).
+
+// out (N, OH, OW, K) float32, row by row.
+template <class ConvRow>
+void conv_rows(const ImageConvGeometry& g, int threads, float* out, const ConvRow& conv_row) {
   const int64_t rows = g.N * g.OH;
-  const int64_t macs_per_row = g.OW * g.kh * g.quads * 4 * g.K;
+  const int64_t macs_per_row = g.OW * g.kh * g.kw * g.C * g.K;
   const int use = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>({static_cast<int64_t>(threads), rows, rows * macs_per_row / 4194304 + 1})));
   parallel_for(rows, std::max<int64_t>(1, rows / (4 * use)), use, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / g.OH, oh = r % g.OH;
-      int8_conv_row_avx512(padded, wq, zp_wsum + n * g.Kp, scale + n * g.Kp, bias, g, n, oh,
-                           out + r * g.OW * g.K);
-    }
+    for (int64_t r = begin; r < end; ++r) conv_row(r / g.OH, r % g.OH, out + r * g.OW * g.K);
   });
 }
 
-// The int8 conv and then a max-pool of its output (ResNet's stem: 7x7/2 conv, 3x3/2 pool), the
-// conv's rows kept in a ring of `pool_kh` rows that the pool reads while they are in cache:
-// the conv's full output is never written to memory. The pooled values are those of the
-// separate conv and pool, exactly. `packed` (may be null): the pooled map's signs as NHWC
-// words (bit 1 where the max >= 0), for a binary conv that reads it.
-struct Int8PoolGeometry {
+struct PoolAfterConv {
   int64_t kh, kw, sh, sw, ph, pw;  // the pool's
   int64_t OH, OW;                  // pooled
 };
 
-__attribute__((target("avx512f"))) inline void int8_pool_row_avx512(
-    const float* const* ring, const Int8ConvGeometry& g, const Int8PoolGeometry& pg, int64_t poh,
+// Pooled row poh from the conv rows in `ring` (row ih at ring[ih % kh]); padding never wins.
+// `packed` (may be null): the pooled row's signs as NHWC words (bit 1 where the max >= 0).
+__attribute__((target("avx512f"))) inline void pool_row_from_ring_avx512(
+    const float* const* ring, const ImageConvGeometry& g, const PoolAfterConv& pg, int64_t poh,
     float* out, uint32_t* packed) {
   const int64_t ih0 = std::max<int64_t>(0, poh * pg.sh - pg.ph);
   const int64_t ih1 = std::min<int64_t>(g.OH, poh * pg.sh - pg.ph + pg.kh);
@@ -267,11 +347,11 @@ __attribute__((target("avx512f"))) inline void int8_pool_row_avx512(
   }
 }
 
-inline void int8_conv_max_pool_avx512(const uint8_t* padded, const int8_t* wq,
-                                      const int32_t* zp_wsum, const float* scale,
-                                      const float* bias, float* out, uint32_t* packed,
-                                      const Int8ConvGeometry& g, const Int8PoolGeometry& pg,
-                                      int threads) {
+// out (N, pooled OH, OW, K) and `packed` (may be null) = max-pool of the conv's output, which
+// goes row by row through a ring of pg.kh rows (pg.kh <= 64).
+template <class ConvRow>
+void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int threads,
+                        float* out, uint32_t* packed, const ConvRow& conv_row) {
   // Items are runs of pooled rows of one image; a run computes the conv rows its windows need
   // (a row shared with the previous run is computed again: one row per run for 3x3/2).
   const int64_t runs_per_image = std::max<int64_t>(1, std::min<int64_t>(pg.OH, threads));
@@ -284,17 +364,16 @@ inline void int8_conv_max_pool_avx512(const uint8_t* padded, const int8_t* wq,
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / runs_per_image, run = item % runs_per_image;
       const int64_t p0 = pg.OH * run / runs_per_image, p1 = pg.OH * (run + 1) / runs_per_image;
-      int64_t done = -1;  // the last conv row computed into the ring by this run
+      int64_t done = -1;  // the last conv row this run computed into the ring
       for (int64_t poh = p0; poh < p1; ++poh) {
         const int64_t ih0 = std::max<int64_t>(0, poh * pg.sh - pg.ph);
         const int64_t ih1 = std::min<int64_t>(g.OH, poh * pg.sh - pg.ph + pg.kh);
         for (int64_t ih = std::max(ih0, done + 1); ih < ih1; ++ih) {
-          int8_conv_row_avx512(padded, wq, zp_wsum + n * g.Kp, scale + n * g.Kp, bias, g, n, ih,
-                               ring_rows.data() + (ih % pg.kh) * g.OW * g.K);
+          conv_row(n, ih, ring_rows.data() + (ih % pg.kh) * g.OW * g.K);
           done = ih;
         }
-        int8_pool_row_avx512(ring, g, pg, poh, out + (n * pg.OH + poh) * pg.OW * g.K,
-                             packed ? packed + (n * pg.OH + poh) * pg.OW * words : nullptr);
+        pool_row_from_ring_avx512(ring, g, pg, poh, out + (n * pg.OH + poh) * pg.OW * g.K,
+                                  packed ? packed + (n * pg.OH + poh) * pg.OW * words : nullptr);
       }
     }
   });
