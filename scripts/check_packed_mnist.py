@@ -11,7 +11,9 @@ inputs are traced on its module tree (the same layers, run one by one).
 
 ``--dataset`` takes another test set (``fashion_mnist``, ``digits``, ...); ``--stem-precision
 int8`` runs the packed model's stem in 8-bit integers (``PackedNetwork.stem_precision``), so the
-count says how often that changes a prediction.
+count says how often that changes a prediction; for scale, the script then also counts how
+often the trained model itself changes its prediction when each image gets uniform noise of
+plus or minus half its int8 quantization step (seeded), an error of the same size.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
 from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
 from bnas.export.format import STEM_PRECISIONS
+from bnas.kernels.int8 import image_quantization
 from bnas.train import load_checkpoint
 
 _PACKED_TYPES = (PackedConv2d, PackedLinear, SignConv2d, SignLinear)
@@ -79,7 +82,8 @@ def main() -> None:
         packed = bnas.load_packed(packed_path)
         packed.stem_precision = args.stem_precision
         data = load_dataset(args.dataset, args.data_root)
-        same = total = right_trained = right_packed = 0
+        same = total = right_trained = right_packed = same_noisy = 0
+        noise = torch.Generator().manual_seed(0)
         worst = 0.0
         trained_in, trained_paths, trained_hooks = _sign_inputs(model)
         packed_in, packed_paths, packed_hooks = _sign_inputs(packed.net)
@@ -88,11 +92,17 @@ def main() -> None:
         first_flip_margin = 0.0  # largest |input| of the trained model at a flip whose inputs all agreed
         with torch.no_grad():
             for x, y in data.loader("test", 1000):
+                noisy = None
+                if args.stem_precision == "int8":  # first: the sign hooks keep the last call's inputs
+                    step, _ = image_quantization(x)
+                    noisy = model(x + (torch.rand(x.shape, generator=noise) - 0.5) * step).argmax(1)
                 a, b = model(x), packed(x)  # packed(x): the fused plan, as users run it
                 packed.net(x)  # the module tree of the same layers, for the hooks at binary inputs
                 same += (a.argmax(1) == b.argmax(1)).sum().item()
                 right_trained += (a.argmax(1) == y).sum().item()
                 right_packed += (b.argmax(1) == y).sum().item()
+                if noisy is not None:
+                    same_noisy += (noisy == a.argmax(1)).sum().item()
                 total += len(y)
                 worst = max(worst, ((a - b).abs() / a.abs().clamp_min(1e-6)).max().item())
                 clean = torch.ones(len(y), dtype=torch.bool)  # images whose earlier binary inputs all agreed
@@ -110,6 +120,9 @@ def main() -> None:
     print(f"{genotype.name} ({args.dataset}, stem {args.stem_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
           f"test accuracy trained {right_trained / total:.2%}, packed {right_packed / total:.2%}; "
           f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)")
+    if args.stem_precision == "int8":
+        print(f"for scale: the trained model with noise of half an int8 step on each image predicts its own class "
+              f"on {same_noisy}/{total}")
     print("sign disagreements at binary layer inputs (the packed module tree, stem in float32): " + ", ".join(f"{p} {n}" for p, n in flips.items())
           + f"; where they start, the trained model's input was at most {first_flip_margin:.2e} from zero")
 
