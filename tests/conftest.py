@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -158,3 +159,22 @@ def sigkill_when(
         time.sleep(0.05)
     proc.wait()
     return False
+
+
+def run_benchmark(name: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[Any, list[dict]]:
+    """Run ``benchmarks/NAME.py``'s ``main(argv)`` in this process, torch's thread count put back
+    afterwards: (the script's module, the JSON lines it printed)."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return script, [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize
+from conftest import randomize, run_benchmark
 from torch import nn
 
 import bnas
@@ -348,21 +348,9 @@ def test_only_plain_convs_on_the_image_run_in_int8() -> None:
 
 @needs_vnni
 def test_benchmark_script_reports_every_engine_and_its_ratio(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-    import json
     import statistics
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stem_conv.py"
-    spec = importlib.util.spec_from_file_location("stem_conv_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    threads = torch.get_num_threads()
-    try:
-        assert script.main(["--repeats", "2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    *lines, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    script, (*lines, summary) = run_benchmark("stem_conv", ["--repeats", "2"], capsys)
     assert [r["network"] for r in lines] == [s[-1] for s in script.SHAPES]
     ratios: dict[str, list[float]] = {"float32": [], "int8": []}
     for r in lines:

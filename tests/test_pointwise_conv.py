@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize, run_benchmark
 from torch import nn
 
 import bnas
@@ -15,7 +16,6 @@ from bnas import kernels
 from bnas.export import PackedNetwork, pack_model
 from bnas.export.plan import ChannelsLastPointwiseConv2d, ImageConvMaxPool2d
 from bnas.kernels import cpu_backend, pointwise_conv2d
-from conftest import randomize
 
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 needs_avx512 = pytest.mark.skipif(
@@ -195,21 +195,9 @@ def test_convs_that_are_not_plain_1x1_stay_pytorchs() -> None:
 
 @needs_avx512
 def test_benchmark_script_reports_both_sides_and_their_ratio(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-    import json
     import statistics
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pointwise_conv.py"
-    spec = importlib.util.spec_from_file_location("pointwise_conv_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    threads = torch.get_num_threads()
-    try:
-        assert script.main(["--repeats", "2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    *lines, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    script, (*lines, summary) = run_benchmark("pointwise_conv", ["--repeats", "2"], capsys)
     assert [r["shape"] for r in lines] == [list(s[:5]) for s in script.SHAPES]
     ratios = []
     for r in lines:

@@ -58,7 +58,7 @@ _Layout = TypeVar("_Layout")
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
-HEADERS = [SOURCE.parent / "work_pool.h", SOURCE.parent / "pointwise_conv.h", SOURCE.parent / "stem_conv.h"]
+HEADERS = [SOURCE.parent / name for name in ("work_pool.h", "register_blocks.h", "pointwise_conv.h", "stem_conv.h")]
 # -fopenmp: the kernels run on torch's OpenMP team (csrc/work_pool.h); the extension then shares
 # the libgomp torch has loaded. No FMA contraction: the epilogue is exact.
 CFLAGS = ["-O3", "-pthread", "-fopenmp", "-ffp-contract=off"]

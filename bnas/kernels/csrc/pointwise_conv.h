@@ -4,14 +4,15 @@
 // on one core of this machine class, under half the rate its 7x7 stem conv reaches, and the
 // pool is a separate pass over the map.
 //
-// A GEMM with output channels in SIMD lanes: a step takes P <= 6 output pixels and NV <= 4
-// vectors of 16 output channels, P * NV accumulators in zmm registers; every input channel
-// loads NV weight vectors and broadcasts one input value per pixel. The pool is computed per
-// block of P pixels into a small buffer, in the order PyTorch's channels_last avg-pool sums
-// (((x00 + x01) + x10) + x11) / 4, so the pooled values are PyTorch's; the 1x1 conv's sums run
-// over input channels in order and the bias is added last (PyTorch's convs pick their own
-// order: results agree to float rounding). Weights come transposed, (C, Kp) with Kp the output
-// channels rounded up to 16 and zero columns, so no weight load needs a mask.
+// A GEMM with output channels in SIMD lanes (register_blocks.h): a step takes P <= 6 output
+// pixels and NV <= 4 vectors of 16 output channels, P * NV accumulators in zmm registers;
+// every input channel loads NV weight vectors and broadcasts one input value per pixel. The
+// pool is computed per block of P pixels into a small buffer, in the order PyTorch's
+// channels_last avg-pool sums (((x00 + x01) + x10) + x11) / 4, so the pooled values are
+// PyTorch's; the 1x1 conv's sums run over input channels in order and the bias is added last
+// (PyTorch's convs pick their own order: results agree to float rounding). Weights come
+// transposed, (C, Kp) with Kp the output channels rounded up to 16 and zero columns, so no
+// weight load needs a mask.
 #pragma once
 
 #include <immintrin.h>
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "register_blocks.h"
 #include "work_pool.h"
 
 namespace bnas {
@@ -33,59 +35,27 @@ struct PointwiseGeometry {
   int64_t stride;      // without a pool: the conv's stride
 };
 
-constexpr int kPointwisePixels = 6;  // P: with 4 vectors, 24 accumulators of the 32 registers
-constexpr int kPointwiseVectors = 4;
-
-template <int P, int NV>
-__attribute__((target("avx512f"))) void pointwise_step_avx512(const float* const* rows,
-                                                              const float* wt, int64_t C,
-                                                              int64_t Kp, int64_t n0,
-                                                              const float* bias,
-                                                              __mmask16 last_lanes,
-                                                              float* const* outs) {
-  __m512 acc[P][NV];
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < C; ++c) {
-    const float* w_row = wt + c * Kp + n0;
-    __m512 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(w_row + 16 * v);
-    for (int p = 0; p < P; ++p) {
-      const __m512 x = _mm512_set1_ps(rows[p][c]);
-      for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(w[v], x, acc[p][v]);
-    }
-  }
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 lanes = v == NV - 1 ? last_lanes : static_cast<__mmask16>(0xFFFF);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + n0 + 16 * v) : _mm512_setzero_ps();
+struct PointwiseBlock {
+  template <int P, int NV>
+  static __attribute__((target("avx512f"))) void step(const float* const* rows, const float* wt,
+                                                      int64_t C, int64_t Kp, int64_t n0,
+                                                      const float* bias, __mmask16 last_lanes,
+                                                      float* const* outs) {
+    __m512 acc[P][NV];
     for (int p = 0; p < P; ++p)
-      _mm512_mask_storeu_ps(outs[p] + n0 + 16 * v, lanes, _mm512_add_ps(acc[p][v], b));
+      for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+      const float* w_row = wt + c * Kp + n0;
+      __m512 w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(w_row + 16 * v);
+      for (int p = 0; p < P; ++p) {
+        const __m512 x = _mm512_set1_ps(rows[p][c]);
+        for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(w[v], x, acc[p][v]);
+      }
+    }
+    store_with_bias<P, NV>(acc, bias, n0, last_lanes, outs);
   }
-}
-
-using PointwiseStep = void (*)(const float* const*, const float*, int64_t, int64_t, int64_t,
-                               const float*, __mmask16, float* const*);
-
-template <int P>
-PointwiseStep pointwise_step_for(int nv) {
-  switch (nv) {
-    case 1: return &pointwise_step_avx512<P, 1>;
-    case 2: return &pointwise_step_avx512<P, 2>;
-    case 3: return &pointwise_step_avx512<P, 3>;
-    default: return &pointwise_step_avx512<P, 4>;
-  }
-}
-
-inline PointwiseStep pointwise_step(int pixels, int nv) {
-  switch (pixels) {
-    case 1: return pointwise_step_for<1>(nv);
-    case 2: return pointwise_step_for<2>(nv);
-    case 3: return pointwise_step_for<3>(nv);
-    case 4: return pointwise_step_for<4>(nv);
-    case 5: return pointwise_step_for<5>(nv);
-    default: return pointwise_step_for<6>(nv);
-  }
-}
+};
 
 // The 2x2/2 average of output pixel (oh, ow) of image `img` into `dst` (C floats). A window
 // cut by the map's edge (ceil mode) averages the values inside it, as PyTorch does without
@@ -117,24 +87,24 @@ __attribute__((target("avx512f"))) inline void avg_pool_2x2_avx512(const float* 
 inline void pointwise_conv_avx512(const float* x, const float* wt, const float* bias, float* out,
                                   const PointwiseGeometry& g, int threads) {
   const int64_t pixels = g.N * g.OH * g.OW;
-  const int64_t blocks = (pixels + kPointwisePixels - 1) / kPointwisePixels;
+  const int64_t blocks = (pixels + kBlockPixels - 1) / kBlockPixels;
   const int64_t vectors = (g.K + 15) / 16;
-  const int64_t groups = (vectors + kPointwiseVectors - 1) / kPointwiseVectors;
+  const int64_t groups = (vectors + kBlockVectors - 1) / kBlockVectors;
   const int64_t items = blocks * groups;
-  const int64_t macs_per_item = kPointwisePixels * g.C * kPointwiseVectors * 16;
+  const int64_t macs_per_item = kBlockPixels * g.C * kBlockVectors * 16;
   const int use = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>({static_cast<int64_t>(threads), items, items * macs_per_item / 262144 + 1})));
   parallel_for(items, std::max<int64_t>(1, items / (4 * use)), use, [&](int64_t begin, int64_t end) {
-    std::vector<float> pooled(g.pool == 2 ? static_cast<size_t>(kPointwisePixels * g.C) : 0);
-    const float* rows[kPointwisePixels];
-    float* outs[kPointwisePixels];
+    std::vector<float> pooled(g.pool == 2 ? static_cast<size_t>(kBlockPixels * g.C) : 0);
+    const float* rows[kBlockPixels];
+    float* outs[kBlockPixels];
     int64_t ready = -1;  // the pixel block whose rows are set up
     int count = 0;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t block = item / groups, group = item % groups;
       if (block != ready) {
-        const int64_t p0 = block * kPointwisePixels;
-        count = static_cast<int>(std::min<int64_t>(kPointwisePixels, pixels - p0));
+        const int64_t p0 = block * kBlockPixels;
+        count = static_cast<int>(std::min<int64_t>(kBlockPixels, pixels - p0));
         for (int p = 0; p < count; ++p) {
           const int64_t pix = p0 + p;
           const int64_t n = pix / (g.OH * g.OW), oh = pix / g.OW % g.OH, ow = pix % g.OW;
@@ -149,11 +119,11 @@ inline void pointwise_conv_avx512(const float* x, const float* wt, const float* 
         }
         ready = block;
       }
-      const int64_t v0 = group * kPointwiseVectors;
-      const int nv = static_cast<int>(std::min<int64_t>(kPointwiseVectors, vectors - v0));
+      const int64_t v0 = group * kBlockVectors;
+      const int nv = static_cast<int>(std::min<int64_t>(kBlockVectors, vectors - v0));
       const int64_t last = g.K - 16 * (v0 + nv - 1);  // valid lanes of the group's last vector
       const __mmask16 last_lanes = static_cast<__mmask16>(last >= 16 ? 0xFFFFu : ((1u << last) - 1u));
-      pointwise_step(count, nv)(rows, wt, g.C, g.Kp, 16 * v0, bias, last_lanes, outs);
+      block_step<PointwiseBlock>(count, nv)(rows, wt, g.C, g.Kp, 16 * v0, bias, last_lanes, outs);
     }
   });
 }

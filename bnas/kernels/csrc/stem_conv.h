@@ -38,6 +38,7 @@
 #include <cstring>
 #include <vector>
 
+#include "register_blocks.h"
 #include "work_pool.h"
 
 namespace bnas {
@@ -50,9 +51,6 @@ struct ImageConvGeometry {
   int64_t quads;          // 32-bit words per window row
   int64_t Kp;             // output channels rounded up to 16
 };
-
-constexpr int kStemPixels = 6;  // with 4 vectors, 24 accumulators of the 32 registers
-constexpr int kStemVectors = 4;
 
 struct Int8Quantization {
   float scale;
@@ -125,169 +123,121 @@ __attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_row(
   }
 }
 
-template <int P, int NV>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_conv_step(
-    const uint8_t* const* windows, int64_t row_bytes, const ImageConvGeometry& g, const int8_t* wq,
-    int64_t n0, const int32_t* const* zp_wsum, const float* const* scale, const float* bias,
-    __mmask16 last_lanes, float* const* outs) {
-  __m512i acc[P][NV];
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_si512();
-  for (int64_t r = 0; r < g.kh; ++r) {
-    for (int64_t q = 0; q < g.quads; ++q) {
-      const int8_t* w_row = wq + ((r * g.quads + q) * g.Kp + n0) * 4;
-      __m512i w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(w_row + 64 * v);
-      for (int p = 0; p < P; ++p) {
-        int32_t word;
-        std::memcpy(&word, windows[p] + r * row_bytes + 4 * q, 4);
-        const __m512i x = _mm512_set1_epi32(word);
-        for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_dpbusd_epi32(acc[p][v], x, w[v]);
+struct Int8ConvBlock {
+  template <int P, int NV>
+  static __attribute__((target("avx512f,avx512bw,avx512vnni"))) void step(
+      const uint8_t* const* windows, int64_t row_bytes, const ImageConvGeometry& g,
+      const int8_t* wq, int64_t n0, const int32_t* const* zp_wsum, const float* const* scale,
+      const float* bias, __mmask16 last_lanes, float* const* outs) {
+    __m512i acc[P][NV];
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_si512();
+    for (int64_t r = 0; r < g.kh; ++r) {
+      for (int64_t q = 0; q < g.quads; ++q) {
+        const int8_t* w_row = wq + ((r * g.quads + q) * g.Kp + n0) * 4;
+        __m512i w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(w_row + 64 * v);
+        for (int p = 0; p < P; ++p) {
+          int32_t word;
+          std::memcpy(&word, windows[p] + r * row_bytes + 4 * q, 4);
+          const __m512i x = _mm512_set1_epi32(word);
+          for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_dpbusd_epi32(acc[p][v], x, w[v]);
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const int64_t k0 = n0 + 16 * v;
+      const __mmask16 lanes = v == NV - 1 ? last_lanes : static_cast<__mmask16>(0xFFFF);
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + k0) : _mm512_setzero_ps();
+      for (int p = 0; p < P; ++p) {  // each pixel's image has its own zero point and scale
+        const __m512i corr = _mm512_maskz_loadu_epi32(lanes, zp_wsum[p] + k0);
+        const __m512 sc = _mm512_maskz_loadu_ps(lanes, scale[p] + k0);
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p][v], corr));
+        _mm512_mask_storeu_ps(outs[p] + k0, lanes, _mm512_add_ps(_mm512_mul_ps(f, sc), b));
       }
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    const int64_t k0 = n0 + 16 * v;
-    const __mmask16 lanes = v == NV - 1 ? last_lanes : static_cast<__mmask16>(0xFFFF);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + k0) : _mm512_setzero_ps();
-    for (int p = 0; p < P; ++p) {  // each pixel's image has its own zero point and scale
-      const __m512i corr = _mm512_maskz_loadu_epi32(lanes, zp_wsum[p] + k0);
-      const __m512 sc = _mm512_maskz_loadu_ps(lanes, scale[p] + k0);
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p][v], corr));
-      _mm512_mask_storeu_ps(outs[p] + k0, lanes, _mm512_add_ps(_mm512_mul_ps(f, sc), b));
-    }
-  }
-}
+};
 
-using Int8ConvStep = void (*)(const uint8_t* const*, int64_t, const ImageConvGeometry&,
-                              const int8_t*, int64_t, const int32_t* const*, const float* const*,
-                              const float*, __mmask16, float* const*);
-
-template <int P>
-Int8ConvStep int8_conv_step_for(int nv) {
-  switch (nv) {
-    case 1: return &int8_conv_step<P, 1>;
-    case 2: return &int8_conv_step<P, 2>;
-    case 3: return &int8_conv_step<P, 3>;
-    default: return &int8_conv_step<P, 4>;
-  }
-}
-
-inline Int8ConvStep int8_conv_step_of(int pixels, int nv) {
-  switch (pixels) {
-    case 1: return int8_conv_step_for<1>(nv);
-    case 2: return int8_conv_step_for<2>(nv);
-    case 3: return int8_conv_step_for<3>(nv);
-    case 4: return int8_conv_step_for<4>(nv);
-    case 5: return int8_conv_step_for<5>(nv);
-    default: return int8_conv_step_for<6>(nv);
-  }
-}
-
-// Output row oh of image n into `row` (OW * K floats): blocks of P pixels, vector groups of
-// output channels. zp_wsum and scale hold zp * sum(wq[k]) and s * w_scale[k] of image n.
-inline void int8_conv_row_avx512(const uint8_t* padded, const int8_t* wq, const int32_t* zp_wsum,
-                                 const float* scale, const float* bias, const ImageConvGeometry& g,
-                                 int64_t n, int64_t oh, float* row) {
+// Every block of output row oh of image n: step(count, windows, outs, nv, n0, last_lanes) with
+// `count` pixels whose windows start at windows[p] in the padded image and whose K outputs go
+// to outs[p] in `row`, and output channels n0 .. n0 + 16 * nv (the last vector's valid lanes
+// in last_lanes).
+template <class T, class Step>
+inline void for_each_block(const T* padded, const ImageConvGeometry& g, int64_t n, int64_t oh,
+                           float* row, const Step& step) {
   const int64_t vectors = (g.K + 15) / 16;
-  const int64_t row_bytes = g.Wp * g.C;
-  const uint8_t* windows[kStemPixels];
-  const int32_t* corrs[kStemPixels];
-  const float* scales[kStemPixels];
-  float* outs[kStemPixels];
-  for (int p = 0; p < kStemPixels; ++p) corrs[p] = zp_wsum, scales[p] = scale;
-  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kStemPixels) {
-    const int count = static_cast<int>(std::min<int64_t>(kStemPixels, g.OW - ow0));
+  const T* windows[kBlockPixels];
+  float* outs[kBlockPixels];
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kBlockPixels) {
+    const int count = static_cast<int>(std::min<int64_t>(kBlockPixels, g.OW - ow0));
     for (int p = 0; p < count; ++p) {
       windows[p] = padded + ((n * g.Hp + oh * g.sh) * g.Wp + (ow0 + p) * g.sw) * g.C;
       outs[p] = row + (ow0 + p) * g.K;
     }
-    for (int64_t v0 = 0; v0 < vectors; v0 += kStemVectors) {
-      const int nv = static_cast<int>(std::min<int64_t>(kStemVectors, vectors - v0));
+    for (int64_t v0 = 0; v0 < vectors; v0 += kBlockVectors) {
+      const int nv = static_cast<int>(std::min<int64_t>(kBlockVectors, vectors - v0));
       const int64_t last = g.K - 16 * (v0 + nv - 1);
       const __mmask16 last_lanes = static_cast<__mmask16>(last >= 16 ? 0xFFFFu : ((1u << last) - 1u));
-      int8_conv_step_of(count, nv)(windows, row_bytes, g, wq, 16 * v0, corrs, scales, bias,
-                                   last_lanes, outs);
+      step(count, windows, outs, nv, 16 * v0, last_lanes);
     }
   }
 }
 
+// Output row oh of image n into `row` (OW * K floats). zp_wsum and scale hold zp * sum(wq[k])
+// and s * w_scale[k] of image n.
+inline void int8_conv_row_avx512(const uint8_t* padded, const int8_t* wq, const int32_t* zp_wsum,
+                                 const float* scale, const float* bias, const ImageConvGeometry& g,
+                                 int64_t n, int64_t oh, float* row) {
+  const int32_t* corrs[kBlockPixels];
+  const float* scales[kBlockPixels];
+  for (int p = 0; p < kBlockPixels; ++p) corrs[p] = zp_wsum, scales[p] = scale;
+  for_each_block(padded, g, n, oh, row,
+                 [&](int count, const uint8_t* const* windows, float* const* outs, int nv, int64_t n0,
+                     __mmask16 last_lanes) {
+                   block_step<Int8ConvBlock>(count, nv)(windows, g.Wp * g.C, g, wq, n0, corrs, scales,
+                                                        bias, last_lanes, outs);
+                 });
+}
+
 // ---- float32 ------------------------------------------------------------------------------
-template <int P, int NV>
-__attribute__((target("avx512f"))) void float_conv_step(const float* const* windows,
+struct FloatConvBlock {
+  template <int P, int NV>
+  static __attribute__((target("avx512f"))) void step(const float* const* windows,
                                                         int64_t row_floats,
                                                         const ImageConvGeometry& g,
                                                         const float* wt, int64_t n0,
                                                         const float* bias, __mmask16 last_lanes,
                                                         float* const* outs) {
-  __m512 acc[P][NV];
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_ps();
-  const int64_t taps = g.kw * g.C;  // one window row
-  for (int64_t r = 0; r < g.kh; ++r) {
-    for (int64_t j = 0; j < taps; ++j) {
-      const float* w_row = wt + (r * taps + j) * g.Kp + n0;
-      __m512 w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(w_row + 16 * v);
-      for (int p = 0; p < P; ++p) {
-        const __m512 x = _mm512_set1_ps(windows[p][r * row_floats + j]);
-        for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(w[v], x, acc[p][v]);
+    __m512 acc[P][NV];
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_ps();
+    const int64_t taps = g.kw * g.C;  // one window row
+    for (int64_t r = 0; r < g.kh; ++r) {
+      for (int64_t j = 0; j < taps; ++j) {
+        const float* w_row = wt + (r * taps + j) * g.Kp + n0;
+        __m512 w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(w_row + 16 * v);
+        for (int p = 0; p < P; ++p) {
+          const __m512 x = _mm512_set1_ps(windows[p][r * row_floats + j]);
+          for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(w[v], x, acc[p][v]);
+        }
       }
     }
+    store_with_bias<P, NV>(acc, bias, n0, last_lanes, outs);
   }
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 lanes = v == NV - 1 ? last_lanes : static_cast<__mmask16>(0xFFFF);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + n0 + 16 * v) : _mm512_setzero_ps();
-    for (int p = 0; p < P; ++p)
-      _mm512_mask_storeu_ps(outs[p] + n0 + 16 * v, lanes, _mm512_add_ps(acc[p][v], b));
-  }
-}
-
-using FloatConvStep = void (*)(const float* const*, int64_t, const ImageConvGeometry&,
-                               const float*, int64_t, const float*, __mmask16, float* const*);
-
-template <int P>
-FloatConvStep float_conv_step_for(int nv) {
-  switch (nv) {
-    case 1: return &float_conv_step<P, 1>;
-    case 2: return &float_conv_step<P, 2>;
-    case 3: return &float_conv_step<P, 3>;
-    default: return &float_conv_step<P, 4>;
-  }
-}
-
-inline FloatConvStep float_conv_step_of(int pixels, int nv) {
-  switch (pixels) {
-    case 1: return float_conv_step_for<1>(nv);
-    case 2: return float_conv_step_for<2>(nv);
-    case 3: return float_conv_step_for<3>(nv);
-    case 4: return float_conv_step_for<4>(nv);
-    case 5: return float_conv_step_for<5>(nv);
-    default: return float_conv_step_for<6>(nv);
-  }
-}
+};
 
 // Output row oh of image n into `row` (OW * K floats) from the padded float image (N, Hp, Wp,
 // C) and the weights (kh, kw * C, Kp).
 inline void float_conv_row_avx512(const float* padded, const float* wt, const float* bias,
                                   const ImageConvGeometry& g, int64_t n, int64_t oh, float* row) {
-  const int64_t vectors = (g.K + 15) / 16;
-  const int64_t row_floats = g.Wp * g.C;
-  const float* windows[kStemPixels];
-  float* outs[kStemPixels];
-  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += kStemPixels) {
-    const int count = static_cast<int>(std::min<int64_t>(kStemPixels, g.OW - ow0));
-    for (int p = 0; p < count; ++p) {
-      windows[p] = padded + ((n * g.Hp + oh * g.sh) * g.Wp + (ow0 + p) * g.sw) * g.C;
-      outs[p] = row + (ow0 + p) * g.K;
-    }
-    for (int64_t v0 = 0; v0 < vectors; v0 += kStemVectors) {
-      const int nv = static_cast<int>(std::min<int64_t>(kStemVectors, vectors - v0));
-      const int64_t last = g.K - 16 * (v0 + nv - 1);
-      const __mmask16 last_lanes = static_cast<__mmask16>(last >= 16 ? 0xFFFFu : ((1u << last) - 1u));
-      float_conv_step_of(count, nv)(windows, row_floats, g, wt, 16 * v0, bias, last_lanes, outs);
-    }
-  }
+  for_each_block(padded, g, n, oh, row,
+                 [&](int count, const float* const* windows, float* const* outs, int nv, int64_t n0,
+                     __mmask16 last_lanes) {
+                   block_step<FloatConvBlock>(count, nv)(windows, g.Wp * g.C, g, wt, n0, bias,
+                                                         last_lanes, outs);
+                 });
 }
 
 // ---- the conv alone, or the conv and a max-pool -------------------------------------------
@@ -310,36 +260,37 @@ struct PoolAfterConv {
   int64_t OH, OW;                  // pooled
 };
 
-// Pooled row poh from the conv rows in `ring` (row ih at ring[ih % kh]); padding never wins.
-// `packed` (may be null): the pooled row's signs as NHWC words (bit 1 where the max >= 0).
-__attribute__((target("avx512f"))) inline void pool_row_from_ring_avx512(
-    const float* const* ring, const ImageConvGeometry& g, const PoolAfterConv& pg, int64_t poh,
-    float* out, uint32_t* packed) {
-  const int64_t ih0 = std::max<int64_t>(0, poh * pg.sh - pg.ph);
-  const int64_t ih1 = std::min<int64_t>(g.OH, poh * pg.sh - pg.ph + pg.kh);
-  const int64_t words = (g.K + 31) / 32;
+// One row of a max-pool over channels_last maps: `rows` are the `count` input rows (W pixels
+// of C floats) the row's windows cover, already cut to the map; columns (kw, sw, pw) give
+// OW outputs. Padding never wins (as in PyTorch). `packed` (may be null): the output's signs
+// as NHWC words (bit 1 where the max >= 0), for a binary conv that reads the pooled map.
+__attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* const* rows,
+                                                                   int64_t count, int64_t W,
+                                                                   int64_t C, int64_t OW,
+                                                                   int64_t kw, int64_t sw,
+                                                                   int64_t pw, float* out,
+                                                                   uint32_t* packed) {
+  const int64_t words = (C + 31) / 32;
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t ow = 0; ow < pg.OW; ++ow) {
-    const int64_t iw0 = std::max<int64_t>(0, ow * pg.sw - pg.pw);
-    const int64_t iw1 = std::min<int64_t>(g.OW, ow * pg.sw - pg.pw + pg.kw);
-    float* o = out + ow * g.K;
-    uint32_t* pw = packed ? packed + ow * words : nullptr;
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * sw - pw);
+    const int64_t iw1 = std::min<int64_t>(W, ow * sw - pw + kw);
+    float* o = out + ow * C;
+    uint32_t* pk = packed ? packed + ow * words : nullptr;
     uint32_t word = 0;
-    for (int64_t c = 0; c < g.K; c += 16) {
-      const int64_t nl = std::min<int64_t>(16, g.K - c);
+    for (int64_t c = 0; c < C; c += 16) {
+      const int64_t nl = std::min<int64_t>(16, C - c);
       const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
       __m512 v = _mm512_set1_ps(-INFINITY);
-      for (int64_t ih = ih0; ih < ih1; ++ih) {
-        const float* conv_row = ring[ih % pg.kh];
+      for (int64_t i = 0; i < count; ++i)
         for (int64_t iw = iw0; iw < iw1; ++iw)
-          v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, conv_row + iw * g.K + c));
-      }
+          v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, rows[i] + iw * C + c));
       _mm512_mask_storeu_ps(o + c, lanes, v);
-      if (pw) {  // c is a multiple of 16: these lanes are bits (c % 32) .. of word c / 32
+      if (pk) {  // c is a multiple of 16: these lanes are bits (c % 32) .. of word c / 32
         const uint32_t bits = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
         word |= bits << (c & 31);
-        if ((c & 31) == 16 || c + 16 >= g.K) {
-          pw[c / 32] = word;
+        if ((c & 31) == 16 || c + 16 >= C) {
+          pk[c / 32] = word;
           word = 0;
         }
       }
@@ -372,8 +323,11 @@ void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int
           conv_row(n, ih, ring_rows.data() + (ih % pg.kh) * g.OW * g.K);
           done = ih;
         }
-        pool_row_from_ring_avx512(ring, g, pg, poh, out + (n * pg.OH + poh) * pg.OW * g.K,
-                                  packed ? packed + (n * pg.OH + poh) * pg.OW * words : nullptr);
+        const float* window_rows[64];
+        for (int64_t ih = ih0; ih < ih1; ++ih) window_rows[ih - ih0] = ring[ih % pg.kh];
+        max_pool_row_avx512(window_rows, ih1 - ih0, g.OW, g.K, pg.OW, pg.kw, pg.sw, pg.pw,
+                            out + (n * pg.OH + poh) * pg.OW * g.K,
+                            packed ? packed + (n * pg.OH + poh) * pg.OW * words : nullptr);
       }
     }
   });

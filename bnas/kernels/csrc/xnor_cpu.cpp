@@ -900,41 +900,6 @@ struct PoolGeometry {
   int64_t C, H, W, OH, OW, kh, kw, sh, sw, ph, pw;
 };
 
-// `packed` (may be null): the output's signs as NHWC words (bit 1 where the max >= 0), written
-// in the same pass, for a binary conv that reads the pooled map.
-__attribute__((target("avx512f"))) void max_pool_row_avx512(const float* img, float* out,
-                                                            uint32_t* packed,
-                                                            const PoolGeometry& g, int64_t oh) {
-  const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
-  const int64_t ih1 = std::min<int64_t>(g.H, oh * g.sh - g.ph + g.kh);
-  const int64_t words = (g.C + 31) / 32;
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t ow = 0; ow < g.OW; ++ow) {
-    const int64_t iw0 = std::max<int64_t>(0, ow * g.sw - g.pw);
-    const int64_t iw1 = std::min<int64_t>(g.W, ow * g.sw - g.pw + g.kw);
-    float* o = out + (oh * g.OW + ow) * g.C;
-    uint32_t* pw = packed ? packed + (oh * g.OW + ow) * words : nullptr;
-    uint32_t word = 0;
-    for (int64_t c = 0; c < g.C; c += 16) {
-      const int64_t nl = std::min<int64_t>(16, g.C - c);
-      const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
-      __m512 v = _mm512_set1_ps(-INFINITY);
-      for (int64_t ih = ih0; ih < ih1; ++ih)
-        for (int64_t iw = iw0; iw < iw1; ++iw)
-          v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, img + (ih * g.W + iw) * g.C + c));
-      _mm512_mask_storeu_ps(o + c, lanes, v);
-      if (pw) {  // c is a multiple of 16: these lanes are bits (c % 32) .. of word c / 32
-        const uint32_t bits = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
-        word |= bits << (c & 31);
-        if ((c & 31) == 16 || c + 16 >= g.C) {
-          pw[c / 32] = word;
-          word = 0;
-        }
-      }
-    }
-  }
-}
-
 void max_pool_row_generic(const float* img, float* out, uint32_t* packed, const PoolGeometry& g,
                           int64_t oh) {
   const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
@@ -989,14 +954,20 @@ std::tuple<torch::Tensor, torch::Tensor> max_pool2d_nhwc(const torch::Tensor& x,
       1, std::min<int64_t>({num_threads, rows, rows * g.OW * g.C / 65536 + 1})));
   bnas::parallel_for(rows, std::max<int64_t>(1, rows / (4 * threads)), threads,
                      [&](int64_t begin, int64_t end) {
+                       std::vector<const float*> rows_in(static_cast<size_t>(g.kh));
                        for (int64_t r = begin; r < end; ++r) {
                          const int64_t n = r / g.OH, oh = r % g.OH;
                          const float* img = src + n * g.H * g.W * g.C;
                          float* o = dst + n * g.OH * g.OW * g.C;
                          uint32_t* p = pdst ? pdst + n * g.OH * g.OW * words : nullptr;
-                         if (avx512)
-                           max_pool_row_avx512(img, o, p, g, oh);
-                         else
+                         if (avx512) {
+                           const int64_t ih0 = std::max<int64_t>(0, oh * g.sh - g.ph);
+                           const int64_t ih1 = std::min<int64_t>(g.H, oh * g.sh - g.ph + g.kh);
+                           for (int64_t ih = ih0; ih < ih1; ++ih) rows_in[ih - ih0] = img + ih * g.W * g.C;
+                           bnas::max_pool_row_avx512(rows_in.data(), ih1 - ih0, g.W, g.C, g.OW, g.kw, g.sw, g.pw,
+                                                     o + oh * g.OW * g.C,
+                                                     p ? p + oh * g.OW * words : nullptr);
+                         } else
                            max_pool_row_generic(img, o, p, g, oh);
                        }
                      });
