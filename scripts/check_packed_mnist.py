@@ -30,7 +30,7 @@ import bnas
 from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
 from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
-from bnas.export.format import STEM_PRECISIONS
+from bnas.kernels.dispatch import STEM_PRECISIONS
 from bnas.kernels.int8 import image_quantization
 from bnas.train import load_checkpoint
 
