@@ -442,24 +442,29 @@ def image_conv2d_nhwc(
     return out, packed
 
 
-def _float_image_layout(weight: Tensor) -> Tensor:
-    """(K, C, kh, kw) -> (kh, kw * C, K rounded up to 16): per window row, the weights of each
-    of its kw * C values (tap kx, channel c at kx * C + c), zero past K."""
+def _window_rows(weight: Tensor, row_values: int) -> Tensor:
+    """(K, C, kh, kw) -> (kh, row_values, K rounded up to 16) in the weights' dtype: per window
+    row, the weights of each of its kw * C values in an NHWC row (tap kx, channel c at kx * C
+    + c), zero past kw * C and past K."""
     k, c, kh, kw = weight.shape
-    rows = torch.zeros(kh, kw * c, (k + 15) // 16 * 16, dtype=torch.float32)
-    rows[:, :, :k] = weight.detach().float().permute(2, 3, 1, 0).reshape(kh, kw * c, k)
+    rows = torch.zeros(kh, row_values, (k + 15) // 16 * 16, dtype=weight.dtype)
+    rows[:, : kw * c, :k] = weight.permute(2, 3, 1, 0).reshape(kh, kw * c, k)
     return rows
 
 
+def _float_image_layout(weight: Tensor) -> Tensor:
+    """(K, C, kh, kw) -> the float32 kernel's (kh, kw * C, Kp) weights."""
+    _, c, _, kw = weight.shape
+    return _window_rows(weight.detach().float(), kw * c)
+
+
 def _int8_layout(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(K, C, kh, kw) float -> (the kernel's (kh, quads, Kp, 4) int8 weights, float32 scales,
-    int32 sums): per window row, the kw * C bytes of an NHWC row (tap kx, channel c at kx * C +
-    c), padded to whole 32-bit words, each word's 4 weights per output channel."""
+    """(K, C, kh, kw) float -> (the int8 kernel's (kh, quads, Kp, 4) weights, float32 scales,
+    int32 sums): each window row padded to whole 32-bit words, each word's 4 weights per output
+    channel."""
     wq, w_scale = quantize_weights(weight)
-    k, c, kh, kw = wq.shape
+    _, c, kh, kw = wq.shape
     quads = (kw * c + 3) // 4
-    kp = (k + 15) // 16 * 16
-    rows = torch.zeros(kh, quads * 4, kp, dtype=torch.int8)
-    rows[:, : kw * c, :k] = wq.permute(2, 3, 1, 0).reshape(kh, kw * c, k)
-    lanes = rows.reshape(kh, quads, 4, kp).permute(0, 1, 3, 2).contiguous()
+    rows = _window_rows(wq, quads * 4)
+    lanes = rows.reshape(kh, quads, 4, rows.shape[2]).permute(0, 1, 3, 2).contiguous()
     return lanes, w_scale.contiguous(), wq.sum(dim=(1, 2, 3), dtype=torch.int32)

@@ -490,7 +490,7 @@ def conv2d_max_pool(
             f"the kernel, got {kernel}, {pool_stride_} and {pool_padding_}"
         )
     packed: Tensor | None
-    if x.shape[0] > 0 and _image_kernel_runs(x, weight, precision) and kernel[0] <= 64:
+    if x.shape[0] > 0 and _image_kernel_runs(x, weight, precision):
         pooled, packed = cpu_backend.image_conv2d_nhwc(
             x, weight, bias, stride_, padding_, precision, (kernel, pool_stride_, pool_padding_), pack_output
         )

@@ -74,7 +74,7 @@ __attribute__((target("avx512f"))) inline void avg_pool_2x2_avx512(const float* 
   const __m512 inverse = _mm512_set1_ps(1.0f / static_cast<float>(count));
   for (int64_t c = 0; c < g.C; c += 16) {
     const int64_t nl = std::min<int64_t>(16, g.C - c);
-    const __mmask16 m = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+    const __mmask16 m = first_lanes(nl);
     __m512 s = _mm512_maskz_loadu_ps(m, taps[0] + c);
     for (int t = 1; t < count; ++t) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, taps[t] + c));
     _mm512_mask_storeu_ps(dst + c, m, _mm512_mul_ps(s, inverse));
@@ -122,7 +122,7 @@ inline void pointwise_conv_avx512(const float* x, const float* wt, const float* 
       const int64_t v0 = group * kBlockVectors;
       const int nv = static_cast<int>(std::min<int64_t>(kBlockVectors, vectors - v0));
       const int64_t last = g.K - 16 * (v0 + nv - 1);  // valid lanes of the group's last vector
-      const __mmask16 last_lanes = static_cast<__mmask16>(last >= 16 ? 0xFFFFu : ((1u << last) - 1u));
+      const __mmask16 last_lanes = first_lanes(last);
       block_step<PointwiseBlock>(count, nv)(rows, wt, g.C, g.Kp, 16 * v0, bias, last_lanes, outs);
     }
   });

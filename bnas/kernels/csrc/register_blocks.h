@@ -13,6 +13,11 @@ namespace bnas {
 constexpr int kBlockPixels = 6;   // P: with 4 vectors, 24 accumulators of the 32 registers
 constexpr int kBlockVectors = 4;  // NV
 
+// The mask of the first min(n, 16) lanes of a 16-lane vector (n >= 0).
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u));
+}
+
 template <class Kernel, int P>
 auto block_step_for_pixels(int vectors) {
   switch (vectors) {

@@ -106,7 +106,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_row(
     const int64_t len = g.W * g.C;
     for (int64_t i = 0; i < len; i += 16) {
       const int64_t nl = std::min<int64_t>(16, len - i);
-      const __mmask16 m = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+      const __mmask16 m = first_lanes(nl);
       _mm512_mask_cvtepi32_storeu_epi8(dst + i, m, int8_quantize16(_mm512_maskz_loadu_ps(m, src + i), s, zp));
     }
     return;
@@ -116,7 +116,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_row(
     const float* src = x + ((n * g.C + c) * g.H + r) * g.W;
     for (int64_t w0 = 0; w0 < g.W; w0 += 16) {
       const int64_t nl = std::min<int64_t>(16, g.W - w0);
-      const __mmask16 m = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+      const __mmask16 m = first_lanes(nl);
       _mm512_store_si512(lanes, int8_quantize16(_mm512_maskz_loadu_ps(m, src + w0), s, zp));
       for (int64_t j = 0; j < nl; ++j) dst[(w0 + j) * g.C + c] = static_cast<uint8_t>(lanes[j]);
     }
@@ -178,7 +178,7 @@ inline void for_each_block(const T* padded, const ImageConvGeometry& g, int64_t 
     for (int64_t v0 = 0; v0 < vectors; v0 += kBlockVectors) {
       const int nv = static_cast<int>(std::min<int64_t>(kBlockVectors, vectors - v0));
       const int64_t last = g.K - 16 * (v0 + nv - 1);
-      const __mmask16 last_lanes = static_cast<__mmask16>(last >= 16 ? 0xFFFFu : ((1u << last) - 1u));
+      const __mmask16 last_lanes = first_lanes(last);
       step(count, windows, outs, nv, 16 * v0, last_lanes);
     }
   }
@@ -280,7 +280,7 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
     uint32_t word = 0;
     for (int64_t c = 0; c < C; c += 16) {
       const int64_t nl = std::min<int64_t>(16, C - c);
-      const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+      const __mmask16 lanes = first_lanes(nl);
       __m512 v = _mm512_set1_ps(-INFINITY);
       for (int64_t i = 0; i < count; ++i)
         for (int64_t iw = iw0; iw < iw1; ++iw)
@@ -299,7 +299,7 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
 }
 
 // out (N, pooled OH, OW, K) and `packed` (may be null) = max-pool of the conv's output, which
-// goes row by row through a ring of pg.kh rows (pg.kh <= 64).
+// goes row by row through a ring of pg.kh rows.
 template <class ConvRow>
 void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int threads,
                         float* out, uint32_t* packed, const ConvRow& conv_row) {
@@ -309,9 +309,9 @@ void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int
   const int64_t items = g.N * runs_per_image;
   const int64_t words = (g.K + 31) / 32;
   parallel_for(items, 1, static_cast<int>(std::min<int64_t>(threads, items)), [&](int64_t begin, int64_t end) {
-    std::vector<float> ring_rows(static_cast<size_t>(pg.kh * g.OW * g.K));
-    const float* ring[64];
-    for (int64_t i = 0; i < pg.kh; ++i) ring[i] = ring_rows.data() + i * g.OW * g.K;
+    const int64_t row_floats = g.OW * g.K;
+    std::vector<float> ring(static_cast<size_t>(pg.kh * row_floats));  // conv row ih at slot ih % kh
+    std::vector<const float*> window_rows(static_cast<size_t>(pg.kh));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / runs_per_image, run = item % runs_per_image;
       const int64_t p0 = pg.OH * run / runs_per_image, p1 = pg.OH * (run + 1) / runs_per_image;
@@ -320,12 +320,11 @@ void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int
         const int64_t ih0 = std::max<int64_t>(0, poh * pg.sh - pg.ph);
         const int64_t ih1 = std::min<int64_t>(g.OH, poh * pg.sh - pg.ph + pg.kh);
         for (int64_t ih = std::max(ih0, done + 1); ih < ih1; ++ih) {
-          conv_row(n, ih, ring_rows.data() + (ih % pg.kh) * g.OW * g.K);
+          conv_row(n, ih, ring.data() + (ih % pg.kh) * row_floats);
           done = ih;
         }
-        const float* window_rows[64];
-        for (int64_t ih = ih0; ih < ih1; ++ih) window_rows[ih - ih0] = ring[ih % pg.kh];
-        max_pool_row_avx512(window_rows, ih1 - ih0, g.OW, g.K, pg.OW, pg.kw, pg.sw, pg.pw,
+        for (int64_t ih = ih0; ih < ih1; ++ih) window_rows[ih - ih0] = ring.data() + (ih % pg.kh) * row_floats;
+        max_pool_row_avx512(window_rows.data(), ih1 - ih0, g.OW, g.K, pg.OW, pg.kw, pg.sw, pg.pw,
                             out + (n * pg.OH + poh) * pg.OW * g.K,
                             packed ? packed + (n * pg.OH + poh) * pg.OW * words : nullptr);
       }

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "pointwise_conv.h"
+#include "register_blocks.h"
 #include "stem_conv.h"
 #include "work_pool.h"
 
@@ -165,7 +166,7 @@ __attribute__((target("avx512f,avx512vpopcntdq,avx512bw"))) void block_avx512(
   __m512 sc[Q], bi[Q];
   for (int q = 0; q < Q; ++q) {
     const int64_t nl = std::min<int64_t>(16, b.nch - 16 * q);
-    lanes[q] = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+    lanes[q] = bnas::first_lanes(nl);
     const int64_t k = b.k0 + 16 * q;
     sc[q] = e.scale ? _mm512_maskz_loadu_ps(lanes[q], e.scale + k) : _mm512_set1_ps(1.0f);
     bi[q] = e.bias ? _mm512_maskz_loadu_ps(lanes[q], e.bias + k) : _mm512_setzero_ps();
@@ -675,7 +676,7 @@ __attribute__((target("avx512f,avx512bw"))) void pack_pixels_avx512(const float*
   __mmask16 live[4];
   for (int b = 0; b < 4; ++b) {
     const int64_t n16 = std::max<int64_t>(0, std::min<int64_t>(16, np - 16 * b));
-    live[b] = static_cast<__mmask16>(n16 >= 16 ? 0xFFFFu : ((1u << n16) - 1u));
+    live[b] = bnas::first_lanes(n16);
   }
   const __m512 zero = _mm512_setzero_ps();
   alignas(64) uint32_t words[64];
@@ -718,8 +719,8 @@ __attribute__((target("avx512f,avx512bw"))) void pack_row_avx512(const float* x,
   for (int64_t w = 0; w * 32 < F; ++w) {
     const int64_t nch = std::min<int64_t>(32, F - w * 32);
     const int64_t lo = std::min<int64_t>(16, nch), hi = nch - lo;
-    const __mmask16 mlo = static_cast<__mmask16>(lo >= 16 ? 0xFFFFu : ((1u << lo) - 1u));
-    const __mmask16 mhi = static_cast<__mmask16>(hi >= 16 ? 0xFFFFu : ((1u << hi) - 1u));
+    const __mmask16 mlo = bnas::first_lanes(lo);
+    const __mmask16 mhi = bnas::first_lanes(hi);
     const __m512 zero = _mm512_setzero_ps();
     const uint32_t blo = _mm512_mask_cmp_ps_mask(mlo, _mm512_maskz_loadu_ps(mlo, x + w * 32),
                                                  zero, _CMP_GE_OQ);
@@ -838,7 +839,7 @@ __attribute__((target("avx512f"))) void real_binary_rows_avx512(
     }
     for (int q = 0; q < nvec; ++q) {
       const int64_t k = (v0 + q) * 16, nl = std::min<int64_t>(16, K - k);
-      const __mmask16 lanes = static_cast<__mmask16>(nl >= 16 ? 0xFFFFu : ((1u << nl) - 1u));
+      const __mmask16 lanes = bnas::first_lanes(nl);
       __m512 v = acc[q];
       if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(lanes, scale + k));
       if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias + k));
@@ -1056,9 +1057,9 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
   const bool pooled = pool_kh > 0;
   bnas::PoolAfterConv pg{pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw, g.OH, g.OW};
   if (pooled) {
-    TORCH_CHECK(pool_kh <= 64 && pool_kw >= 1 && pool_sh >= 1 && pool_sw >= 1 && pool_ph >= 0 &&
-                    pool_pw >= 0 && 2 * pool_ph <= pool_kh && 2 * pool_pw <= pool_kw,
-                "image_conv_nhwc: a pool kernel of 1 to 64 rows, padding at most half of it");
+    TORCH_CHECK(pool_kw >= 1 && pool_sh >= 1 && pool_sw >= 1 && pool_ph >= 0 && pool_pw >= 0 &&
+                    2 * pool_ph <= pool_kh && 2 * pool_pw <= pool_kw,
+                "image_conv_nhwc: a pool kernel and stride >= 1, padding at most half the kernel");
     TORCH_CHECK(g.OH + 2 * pool_ph >= pool_kh && g.OW + 2 * pool_pw >= pool_kw,
                 "image_conv_nhwc: the pool does not fit in the conv's output");
     pg.OH = (g.OH + 2 * pool_ph - pool_kh) / pool_sh + 1;
