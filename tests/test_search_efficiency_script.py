@@ -60,3 +60,28 @@ def test_summary_without_both_routes_says_so(tmp_path: Path) -> None:
     done = summarize(only)
     assert done.returncode != 0
     assert "no space and seed with both a per_trial and a oneshot line" in done.stderr
+
+
+def test_summary_compares_mean_accuracy_over_the_same_seeds(tmp_path: Path) -> None:
+    per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
+    # One retraining each says the one-shot network is worse; the mean of three says otherwise.
+    per_trial.write_text(route("per_trial", 0, 0.84, 4000.0, eval_test_accs={"0": 0.84, "1": 0.82, "2": 0.83}) + "\n")
+    oneshot.write_text(
+        route("oneshot", 0, 0.83, 700.0, supernet_epochs=3, eval_test_accs={"0": 0.83, "1": 0.84, "2": 0.835}) + "\n"
+    )
+    done = summarize(per_trial, oneshot)
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert not row["reached_baseline_acc"] and not row["meets_one_fifth"]
+    assert row["eval_seeds"] == [0, 1, 2]
+    assert row["baseline_test_acc_mean"] == 0.83 and row["ours_test_acc_mean"] == 0.835
+    assert row["reached_baseline_mean_acc"] and row["meets_one_fifth_by_mean"]
+
+
+def test_summary_refuses_means_over_different_seeds(tmp_path: Path) -> None:
+    per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
+    per_trial.write_text(route("per_trial", 0, 0.84, 4000.0, eval_test_accs={"0": 0.84, "1": 0.82}) + "\n")
+    oneshot.write_text(route("oneshot", 0, 0.83, 700.0, supernet_epochs=3, eval_test_accs={"0": 0.83, "2": 0.84}) + "\n")
+    done = summarize(per_trial, oneshot)
+    assert done.returncode != 0
+    assert "--eval-seeds differ between the routes: ['0', '1'] and ['0', '2']" in done.stderr
