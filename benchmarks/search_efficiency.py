@@ -20,7 +20,7 @@ The two routes can run as two processes, one core each (``--route per_trial > A`
 process's.
 
 One retraining is a noisy judge (on fashion_mnist_cells the same network's 2-epoch test
-accuracy moves by a point or two with the seed). ``--eval-seeds 1 2 3 4`` retrains each
+accuracy spanned 2 to 5 points over five seeds). ``--eval-seeds 1 2 3 4`` retrains each
 route's chosen network again with those seeds (the space's budget, the same splits) after
 the route has finished; the route line gains every seed's test accuracy and their mean
 (the route's own retraining, seed = the search's, included), and the summary compares the
