@@ -50,6 +50,7 @@ from bnas.search.objective import _trial_metrics, search_data  # noqa: E402
 from bnas.search.path_sampling import PATHS, SAMPLINGS  # noqa: E402
 from bnas.search.space import SearchSpace, load_space, sample_genotype  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
+from bnas.signal_flow import constant_output  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = "oneshot_ranking"
@@ -78,7 +79,8 @@ class _Uniform:
 
 
 def sample_archs(space: SearchSpace, n: int, seed: int, max_draws: int | None = None) -> list[dict[str, Any]]:
-    """``n`` distinct (by canonical hash) genotypes of ``space`` meeting its constraints, drawn
+    """``n`` distinct (by canonical hash) genotypes of ``space`` meeting its constraints (and,
+    as a search requires, with an output that depends on the input), drawn
     uniformly with ``random.Random(seed)``; each as ``{genotype, hash, choices, metrics}``."""
     rng = random.Random(seed)
     limit = max_draws if max_draws is not None else 200 * n
@@ -94,7 +96,7 @@ def sample_archs(space: SearchSpace, n: int, seed: int, max_draws: int | None = 
             continue
         seen.add(digest)
         metrics = _trial_metrics(genotype, with_latency=space.needs_latency)
-        if violations(metrics, dict(space.constraints)):
+        if violations(metrics, dict(space.constraints)) or constant_output(genotype) is not None:
             rejected += 1
             continue
         named = replace(genotype, name=f"{space.name}-rank-{len(archs)}")
@@ -102,9 +104,9 @@ def sample_archs(space: SearchSpace, n: int, seed: int, max_draws: int | None = 
     if len(archs) < n:
         raise RankingError(
             f"--archs {n}: only {len(archs)} distinct genotypes of {space.source or space.name} meet its constraints "
-            f"after {draws} draws ({rejected} over budget); ask for fewer --archs or loosen `constraints:`"
+            f"after {draws} draws ({rejected} rejected: over budget or with a constant output); ask for fewer --archs or loosen `constraints:`"
         )
-    log.info("sampled %d archs in %d draws (%d distinct ones over budget)", n, draws, rejected)
+    log.info("sampled %d archs in %d draws (%d distinct ones rejected by constraints)", n, draws, rejected)
     return archs
 
 

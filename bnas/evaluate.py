@@ -7,6 +7,7 @@ epoch, atomic), ``report.json``, ``report.md`` and ``curves.png``.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import platform
 import re
@@ -25,7 +26,10 @@ from .errors import BnasError
 from .genotype import Genotype, load_genotype
 from .metrics import summarize
 from .report import write_report
+from .signal_flow import constant_output
 from .train import Recipe, Trainer, TrainingError, _state_mismatch, evaluate_accuracy, load_checkpoint, seed_everything
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Initialiser", "evaluate", "resolve_device", "check_input_shape"]
 
@@ -138,6 +142,14 @@ def evaluate(
     if not isinstance(genotype, Genotype):
         genotype = load_genotype(genotype)
     check_ops(genotype)  # op names and options before any data is loaded, as on load before
+    constant = constant_output(genotype)
+    if constant is not None:
+        log.warning(
+            "%s: the network's output does not depend on its input (%s); it will predict one class for "
+            "every image, however long it trains",
+            genotype.source or genotype.name,
+            constant,
+        )
     recipe = Recipe.from_dict(genotype.training, f"{genotype.source or genotype.name}: training").merged(
         dict(overrides or {})
     )

@@ -181,7 +181,7 @@ def test_sampling_matches_the_supernets_and_keeps_the_constraints(tmp_path: Path
     within = [a["hash"] for a in archs if a["metrics"]["ops"] <= bound]
     assert len(within) >= 3 and [a["hash"] for a in kept] == within[:3]
     nothing = load_space(write_space(tmp_path, constraints={"max_ops": 1}))
-    with pytest.raises(script.RankingError, match=r"--archs 2: only 0 distinct genotypes .* after 5 draws \(5 over"):
+    with pytest.raises(script.RankingError, match=r"--archs 2: only 0 distinct genotypes .* after 5 draws \(5 rejected: over budget"):
         script.sample_archs(nothing, 2, seed=5, max_draws=5)
 
 

@@ -72,7 +72,7 @@ def test_search_outputs_constraints_before_training_and_show(tmp_path: Path, cap
     assert "[6/6]" in captured.err and "best val acc" in captured.err and "ETA" in captured.err
     assert "saved (" in captured.err and "by constraints checked before training" in captured.err
     summary = (out / "summary.md").read_text()
-    assert "## Best: trial" in summary and "over budget, never trained" in summary
+    assert "## Best: trial" in summary and "rejected by constraints, never trained" in summary
     assert main(["search", "--show", str(out)]) == 0
     assert "Search 'tiny'" in capsys.readouterr().out
 

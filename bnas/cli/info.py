@@ -12,6 +12,7 @@ from ..builder import build
 from ..errors import BnasError
 from ..genotype import load_genotype
 from ..metrics import summarize
+from ..signal_flow import constant_output
 from .catalogs import add_catalog_argument, load_catalogs
 
 __all__ = ["add_parser"]
@@ -46,4 +47,7 @@ def run_info(args: argparse.Namespace) -> int:
     else:
         print(f"{genotype.name}  (input {'x'.join(map(str, genotype.input))}, {genotype.num_classes} classes)")
         print(summary.table())
+    constant = constant_output(genotype)
+    if constant is not None:
+        print(f"warning: the network's output does not depend on its input: {constant}", file=sys.stderr)
     return 0

@@ -34,16 +34,22 @@ def unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
     met = [t for t in trials if "ops" in t.user_attrs and "constraint" not in t.user_attrs]
     if met or len(over) < min(UNSATISFIABLE_AFTER, cfg.trials):
         return None
+    # Only the draws that broke that bound: a genotype rejected for its constant output alone
+    # may be well within it.
     smallest = {
-        m: min(t.user_attrs[m] for t in over if m in t.user_attrs)
+        m: min(t.user_attrs[m] for t in over if m in t.user_attrs and f"> {key} " in t.user_attrs["constraint"])
         for key, m in CONSTRAINTS.items()
-        if key in cfg.space.constraints and any(m in t.user_attrs for t in over)
+        if key in cfg.space.constraints
+        and any(m in t.user_attrs and f"> {key} " in t.user_attrs["constraint"] for t in over)
     }
     bounds = ", ".join(
         f"{key} {cfg.space.constraints[key]:.4g} (smallest sampled: {smallest[m]:.4g})"
         for key, m in CONSTRAINTS.items()
         if m in smallest
     )
+    constant = sum("constant output" in t.user_attrs["constraint"] for t in over)
+    if constant:
+        bounds = "; ".join(filter(None, [bounds, f"{constant} with a constant output (cut off by zero ops)"]))
     return (
         f"none of the {len(over)} sampled genotypes meets the constraints of {cfg.space.source or cfg.space.name}: "
         f"{bounds}; nothing was trained. Loosen `constraints:` or offer smaller choices (channels, cells, ops), "

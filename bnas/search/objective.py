@@ -3,8 +3,9 @@ or train it and report every epoch to the pruner (or, in a one-shot search, scor
 supernet's inherited weights: ``oneshot.py``).
 
 A trial: sample a genotype (define-by-run), measure it and check the constraints *before*
-training (an over-budget genotype costs no training: it is recorded as PRUNED at step 0,
-with the violated bound in its ``constraint`` attribute), skip duplicates (same canonical
+training (an over-budget genotype, or one whose output cannot depend on its input
+(``bnas.signal_flow``), costs no training: it is recorded as PRUNED at step 0, with the
+reason in its ``constraint`` attribute), skip duplicates (same canonical
 hash as an earlier trial: its result is reused, nothing is trained), then train for the
 space's budget, reporting validation accuracy every epoch so the pruner can stop hopeless
 trials early.
@@ -27,6 +28,7 @@ from ..errors import BnasError
 from ..evaluate import evaluate
 from ..genotype import Genotype
 from ..metrics import summarize
+from ..signal_flow import constant_output
 from .config import SearchConfig
 from .constraints import violations
 from .space import SearchSpace, sample_genotype
@@ -186,13 +188,17 @@ class Objective:
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
         broken = violations(metrics, dict(space.constraints))
+        constant = constant_output(genotype)
+        if constant is not None:
+            # Its network predicts one class for every image: training it teaches nothing.
+            broken.append(f"constant output: {constant}")
         if broken:
-            # Checked before any training: an over-budget genotype costs nothing. PRUNED (not
+            # Checked before any training: a rejected genotype costs nothing. PRUNED (not
             # FAIL) at step 0 with no value: samplers rank it below every trained trial and
             # learn to leave that region; the pruner's statistics are untouched.
             trial.set_user_attr("constraint", "; ".join(broken))
-            self._write_genotype(trial, genotype, "over budget, not trained: " + "; ".join(broken))
-            raise optuna.TrialPruned("over budget: " + "; ".join(broken))
+            self._write_genotype(trial, genotype, "rejected, not trained: " + "; ".join(broken))
+            raise optuna.TrialPruned("rejected before training: " + "; ".join(broken))
         twin = self._earlier_twin(trial, digest)
         if twin is not None:
             return self._reuse(trial, genotype, twin)

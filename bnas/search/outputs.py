@@ -119,7 +119,7 @@ def summary_text(study: optuna.Study, out: Path) -> str:
         f"- objectives: {', '.join(objectives)} ({', '.join(d.name.lower() for d in study.directions)})",
         (
             f"- trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned "
-            f"({over} of them over budget, never trained), {count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running; "
+            f"({over} of them rejected by constraints, never trained), {count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running; "
             f"{dups} duplicate genotypes reused an earlier result"
         ),
         f"- training epochs: {saved_line(study)}",

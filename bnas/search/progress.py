@@ -19,7 +19,7 @@ def trial_note(t: FrozenTrial) -> str:
     if t.state == TrialState.FAIL:
         return f"failed ({a.get('error', 'unknown error')})"
     if "constraint" in a:
-        return f"over budget ({a['constraint']})"
+        return f"not trained ({a['constraint']})"
     if "duplicate_of" in a:
         return f"same genotype as trial {a['duplicate_of']}"
     if t.state == TrialState.PRUNED:
