@@ -155,6 +155,28 @@ def test_best_genotype_retrains_to_the_reported_accuracy(tmp_path: Path) -> None
     assert report["best_val_acc"] == pytest.approx(study.best_value, abs=1e-12)
 
 
+def test_eval_threads_repeats_a_trial_trained_on_that_many_threads(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["search", str(_space(tmp_path, TINY)), "--trials", "2", "--out", str(out), "--quiet",
+                 "--seed", "4", "--pruner", "none"]) == 0
+    study = _study(out)
+    assert {t.user_attrs["threads"] for t in study.trials} == {1}
+    assert "`--threads 1` (the CPU threads its trials trained on) repeats a trial's training exactly" in (
+        out / "summary.md").read_text()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what `bnas eval` would use by default on this machine
+    try:
+        assert main(["eval", str(out / "best.yaml"), "--dataset", "digits", "--threads", "1",
+                     "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["threads"] == 1
+    assert report["best_val_acc"] == pytest.approx(study.best_value, abs=1e-12)
+    assert main(["eval", str(out / "best.yaml"), "--threads", "0", "--out", str(tmp_path / "e0")]) == 2
+
+
 def test_unreachable_storage_conflicting_study_and_changed_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space = _space(tmp_path, TINY.replace("epochs: 2", "epochs: 1"))
     assert main(["search", str(space), "--trials", "1", "--out", str(tmp_path / "a"), "--quiet",

@@ -7,7 +7,10 @@ import argparse
 import time
 from typing import Any
 
+import torch
+
 from ..data import DATASETS
+from ..errors import BnasError
 from ..evaluate import evaluate
 from ..genotype import load_genotype
 from ..search.supernet_run import supernet_initialiser
@@ -47,6 +50,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="start from the weights the genotype inherits from a one-shot supernet (RUN/supernet.pt of "
         "`bnas supernet`) and fine-tune them",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: torch's). Float sums round differently with another thread count, and a "
+        "binary network amplifies that: a search trial trains on the search's --threads (default 1); give "
+        "the same to repeat its training exactly",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_catalog_argument(p)
     p.set_defaults(handler=run_eval)
@@ -54,6 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     load_catalogs(args)  # before the genotype (and the teacher): their ops may be the catalogs' presets
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise BnasError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
     genotype = load_genotype(args.genotype)
     overrides: dict[str, Any] = {
         "epochs": args.epochs,

@@ -220,6 +220,8 @@ class Objective:
                 if epoch < space.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch} (val acc {row['val_acc']:.4f})")
 
+        if torch.device(self.cfg.device).type == "cpu":
+            trial.set_user_attr("threads", torch.get_num_threads())  # `bnas eval --threads` repeats the training
         start = time.perf_counter()
         result = evaluate(
             genotype,

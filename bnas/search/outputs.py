@@ -105,6 +105,17 @@ def saved_line(study: optuna.Study) -> str:
     )
 
 
+def _threads_hint(trials: list[FrozenTrial]) -> str:
+    """How to repeat a trial's training bit for bit: with the CPU threads it trained on
+    (float sums round differently with another count)."""
+    threads = {t.user_attrs["threads"] for t in trials if "threads" in t.user_attrs}
+    if len(threads) != 1:
+        return ""
+    return (
+        f", and `--threads {threads.pop()}` (the CPU threads its trials trained on) repeats a trial's training exactly"
+    )
+
+
 def summary_text(study: optuna.Study, out: Path) -> str:
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
@@ -180,7 +191,7 @@ def summary_text(study: optuna.Study, out: Path) -> str:
         (
             "Plots: `history.png`, `pareto.png`, `importances.png`; every trial: `trials.csv` and "
             "`genotypes/trial-N.yaml`. Retrain a genotype with `bnas eval GENOTYPE.yaml --dataset D`; its `training:` "
-            "holds the search's recipe and seed."
+            "holds the search's recipe and seed" + _threads_hint(trials) + "."
         ),
         "",
     ]

@@ -345,7 +345,8 @@ def sample_genotype(trial: ChoiceSource, space: SearchSpace, training: Mapping[s
     """Ask ``trial`` for every choice of ``space`` and return the genotype those choices describe.
 
     ``training`` entries are added to the genotype's recipe (the search records its seed
-    there, so ``bnas eval`` on the genotype file repeats the trial's training exactly).
+    there, so ``bnas eval`` on the genotype file, on as many CPU threads as the trial trained
+    on, repeats the trial's training exactly).
     """
     macro = space.macro
     widths = _stage_widths(trial, macro)
