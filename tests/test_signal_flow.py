@@ -142,13 +142,14 @@ def test_a_space_of_only_constant_outputs_stops_naming_them(tmp_path: Path, caps
 
     # Within the OPs bound, yet every draw is cut off by its zero edges: the stop says so
     # instead of quoting a "smallest sampled" value that meets the bound.
-    text = tiny_space(ops=["zero"], constraints={"max_ops": 1e9})
-    out = tmp_path / "run"
-    assert main(["search", str(write_space(tmp_path, text)), "--trials", "4", "--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: none of the 4 sampled genotypes meets the constraints") and "\n" not in err
-    assert "smallest sampled" not in err
-    assert "constraints of " in err and ": 4 with a constant output (cut off by zero ops); nothing was trained" in err
+    for n, bounds in enumerate(({"max_ops": 1e9}, None)):  # with a bound it meets, and with none
+        text = tiny_space(ops=["zero"], **({"constraints": bounds} if bounds else {}))
+        out = tmp_path / f"run{n}"
+        assert main(["search", str(write_space(tmp_path, text)), "--trials", "4", "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: none of the 4 sampled genotypes meets the constraints") and "\n" not in err
+        assert "smallest sampled" not in err and "Loosen" not in err
+        assert ": 4 with a constant output (cut off by zero ops); nothing was trained. Offer ops other than zero" in err
 
 
 def test_info_warns_about_a_constant_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,13 +26,12 @@ def violations(metrics: dict[str, float], constraints: dict[str, float]) -> list
 
 def unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
     """Why to stop, once every sampled genotype has broken the constraints many times over:
-    the study would otherwise end with zero trained trials and nothing to report."""
-    if not cfg.space.constraints:
-        return None
+    the study would otherwise end with zero trained trials and nothing to report. (A space
+    without bounds gets here too when every draw has a constant output.)"""
     trials = study.get_trials(deepcopy=False)
     over = [t for t in trials if "constraint" in t.user_attrs]
     met = [t for t in trials if "ops" in t.user_attrs and "constraint" not in t.user_attrs]
-    if met or len(over) < min(UNSATISFIABLE_AFTER, cfg.trials):
+    if not over or met or len(over) < min(UNSATISFIABLE_AFTER, cfg.trials):
         return None
     # Only the draws that broke that bound: a genotype rejected for its constant output alone
     # may be well within it.
@@ -48,10 +47,13 @@ def unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
         if m in smallest
     )
     constant = sum("constant output" in t.user_attrs["constraint"] for t in over)
+    fixes = ["loosen `constraints:` or offer smaller choices (channels, cells, ops)"] if smallest else []
     if constant:
         bounds = "; ".join(filter(None, [bounds, f"{constant} with a constant output (cut off by zero ops)"]))
+        fixes.append("offer ops other than zero (or fewer zero choices) on the cell edges")
+    advice = " or ".join(fixes)
     return (
         f"none of the {len(over)} sampled genotypes meets the constraints of {cfg.space.source or cfg.space.name}: "
-        f"{bounds}; nothing was trained. Loosen `constraints:` or offer smaller choices (channels, cells, ops), "
+        f"{bounds}; nothing was trained. {advice[:1].upper()}{advice[1:]}, "
         "then search again with another --out or --study"
     )
