@@ -47,10 +47,14 @@ def cell_output_is_live(cell: CellSpec, live_inputs: Mapping[str, bool]) -> bool
     return any(node in live for node in cell.output) or (cell.residual and live_inputs.get("in1", False))
 
 
+def _zero_layer(path: str, op: str) -> str:
+    return f"{path} is the op {op!r}, which outputs zeros"
+
+
 def _first_dead_op(layers: Sequence[LayerSpec], section: str) -> str | None:
     for i, layer in enumerate(layers):
         if layer.op is not None and not carries_signal(layer.op):
-            return f"{section}[{i}] is the op {layer.op!r}, which outputs zeros"
+            return _zero_layer(f"{section}[{i}]", layer.op)
     return None
 
 
@@ -82,7 +86,7 @@ def constant_output(genotype: Genotype) -> str | None:
                 else:
                     out = state1
             elif layer.op is not None and not carries_signal(layer.op):
-                out = (False, f"{path} is the op {layer.op!r}, which outputs zeros") if state1[0] else state1
+                out = (False, _zero_layer(path, layer.op)) if state1[0] else state1
             else:
                 out = state1
             state0, state1 = state1, out

@@ -3,6 +3,8 @@ before any training, and when a space is judged to have no genotype that meets t
 
 from __future__ import annotations
 
+import math
+
 import optuna
 
 from .config import SearchConfig
@@ -35,12 +37,12 @@ def unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
         return None
     # Only the draws that broke that bound: a genotype rejected for its constant output alone
     # may be well within it.
-    smallest = {
-        m: min(t.user_attrs[m] for t in over if m in t.user_attrs and f"> {key} " in t.user_attrs["constraint"])
+    broke = {
+        m: [t.user_attrs[m] for t in over if t.user_attrs.get(m, -math.inf) > cfg.space.constraints[key]]
         for key, m in CONSTRAINTS.items()
         if key in cfg.space.constraints
-        and any(m in t.user_attrs and f"> {key} " in t.user_attrs["constraint"] for t in over)
     }
+    smallest = {m: min(values) for m, values in broke.items() if values}
     bounds = ", ".join(
         f"{key} {cfg.space.constraints[key]:.4g} (smallest sampled: {smallest[m]:.4g})"
         for key, m in CONSTRAINTS.items()
