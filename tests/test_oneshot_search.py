@@ -210,6 +210,86 @@ def test_retrain_top_retrains_once_and_resumes(
     assert _rows(out)[first]["retrain_val_acc"] == rows[first]["retrain_val_acc"]
 
 
+def test_retrain_recipe_replaces_the_budgets_keys_and_is_checked(
+    budgeted: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    space_file, supernet_file = budgeted
+    calls: list[dict[str, Any]] = []
+    real = retrain_module.evaluate
+
+    def recording(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "evaluate", recording)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("epochs: 2\noptimizer: {name: sgd, lr: 0.05}\n")
+    out = tmp_path / "run"
+    assert _search(space_file, out, supernet_file, "--retrain-top", "1", "--retrain-recipe", str(recipe_file)) == 0
+    assert len(calls) == 1 and calls[0]["overrides"] == {
+        "seed": 3,
+        "epochs": 2,
+        "optimizer": {"name": "sgd", "lr": 0.05},
+    }
+    (folder,) = (out / "retrain").iterdir()
+    recipe = json.loads((folder / "report.json").read_text())["recipe"]
+    budget = load_space(space_file).budget
+    # The file's keys replace the budget's whole (SGD's momentum is its default, not Adam's betas);
+    # every other key is the budget's; the seed is the search's.
+    assert recipe["optimizer"] == {"name": "sgd", "lr": 0.05} and recipe["epochs"] == 2 and recipe["seed"] == 3
+    assert recipe["batch_size"] == budget["batch_size"] == 128 and recipe["schedule"] == {"name": "cosine"}
+    # --retrain-epochs wins over the file's epochs; the finished retraining is kept, with a warning.
+    capsys.readouterr()
+    assert (
+        _search(
+            space_file,
+            out,
+            supernet_file,
+            "--retrain-top",
+            "1",
+            "--retrain-recipe",
+            str(recipe_file),
+            "--retrain-epochs",
+            "1",
+        )
+        == 0
+    )
+    assert len(calls) == 1
+    assert (
+        f"{folder / 'report.json'} was retrained with another recipe (epochs: 2, now 1); kept"
+        in capsys.readouterr().err
+    )
+    # A genotype file gives its training: section.
+    assert (
+        retrain_module.load_retrain_recipe(
+            Path(bnas.__file__).parents[1] / "search_spaces/genotypes/fashion_searched.yaml", load_space(space_file)
+        )["epochs"]
+        == 3
+    )
+    # Bad recipes fail before the search starts, naming the file and the key; no run folder is made.
+    capsys.readouterr()
+    for text, message in [
+        ("epochs: 0\n", "recipe.yaml: epochs: expected a positive integer, got 0"),
+        ("epochz: 3\n", "recipe.yaml: unknown recipe key(s) epochz"),
+        ("val_fraction: 0.5\n", "recipe.yaml: val_fraction: val_fraction 0.5 differs from the search's 0.1"),
+        ("name: g\nbody: []\n", "recipe.yaml: training: a genotype file whose training: section is missing"),
+    ]:
+        recipe_file.write_text(text)
+        assert (
+            _search(
+                space_file, tmp_path / "bad", supernet_file, "--retrain-top", "1", "--retrain-recipe", str(recipe_file)
+            )
+            == 2
+        )
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    assert _search(space_file, tmp_path / "bad", supernet_file, "--retrain-recipe", str(recipe_file)) == 2
+    assert "--retrain-recipe applies to --retrain-top K: add --retrain-top K, or drop it" in capsys.readouterr().err
+
+
 def test_retrain_candidates_skip_duplicates_and_over_budget_and_take_the_pareto_front() -> None:
     def trial(values: list[float], **attrs: Any) -> optuna.trial.FrozenTrial:
         return optuna.trial.create_trial(values=values, user_attrs=attrs)

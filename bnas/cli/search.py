@@ -18,7 +18,7 @@ from ..atomic import check_writable_dir
 from ..errors import BnasError
 from ..evaluate import resolve_device
 from ..search.outputs import saved_line, summary_text, write_outputs
-from ..search.retrain import retrain_top
+from ..search.retrain import load_retrain_recipe, retrain_top
 from ..search.runner import SearchConfig, open_study, run_search_study
 from ..search.space import PRUNERS, SAMPLERS, load_space
 from ..search.storage import SearchError, is_disk_full, open_storage, retry_db
@@ -95,7 +95,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--retrain-epochs",
         type=int,
         metavar="E",
-        help="with --retrain-top: epochs per retraining (default: the space's)",
+        help="with --retrain-top: epochs per retraining (default: the space's, or the --retrain-recipe's)",
+    )
+    p.add_argument(
+        "--retrain-recipe",
+        metavar="FILE.yaml",
+        help="with --retrain-top: retrain with this recipe instead of the space's budget: a YAML mapping of "
+        "training keys (epochs, batch_size, optimizer, schedule, ...; see a genotype's training: section), or a "
+        "genotype file, whose training: section is used; each key given replaces the budget's, the others stay",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_catalog_argument(p)
@@ -211,8 +218,9 @@ def run_search(args: argparse.Namespace) -> int:
         raise BnasError(f"--finetune-steps must be 0 or more, got {args.finetune_steps}")
     if args.finetune_steps is not None and args.supernet is None:
         raise BnasError("--finetune-steps applies to a one-shot search: add --supernet RUN/supernet.pt, or drop it")
-    if args.retrain_epochs is not None and args.retrain_top is None:
-        raise BnasError("--retrain-epochs sets the epochs of --retrain-top K: add --retrain-top K, or drop it")
+    for flag in ("retrain_epochs", "retrain_recipe"):
+        if getattr(args, flag) is not None and args.retrain_top is None:
+            raise BnasError(f"--{flag.replace('_', '-')} applies to --retrain-top K: add --retrain-top K, or drop it")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise BnasError(
             f"--timeout must be a positive, finite number of seconds, got {args.timeout}; "
@@ -227,6 +235,7 @@ def run_search(args: argparse.Namespace) -> int:
             "journal:PATH or a postgresql:// URL"
         )
     space = load_space(args.space)
+    retrain_recipe = load_retrain_recipe(args.retrain_recipe, space) if args.retrain_recipe else None
     out = Path(args.out or f"runs/{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_writable_dir(out, "--out")
     storage = args.storage
@@ -260,6 +269,7 @@ def run_search(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps or 0,
         retrain_top=args.retrain_top,
         retrain_epochs=args.retrain_epochs,
+        retrain_recipe=retrain_recipe,
     )
     start = time.perf_counter()
     worker_codes: list[int] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .space import SearchSpace
 
@@ -40,10 +41,12 @@ class SearchConfig:
     supernet: Path | None = None
     calibration_batches: int = 8
     finetune_steps: int = 0
-    # --retrain-top K: the best K trials retrained from scratch once the study is done
-    # (--retrain-epochs overrides the space's epochs).
+    # --retrain-top K: the best K trials retrained from scratch once the study is done,
+    # with the space's budget, changed by the --retrain-recipe keys (retrain.load_retrain_recipe)
+    # and --retrain-epochs.
     retrain_top: int | None = None
     retrain_epochs: int | None = None
+    retrain_recipe: dict[str, Any] | None = None
 
     @property
     def storage_url(self) -> str:

@@ -1,5 +1,6 @@
 """``bnas search ... --retrain-top K``: the best trials of a finished study retrained from
-scratch, stand-alone, with the space's budget.
+scratch, stand-alone, with the space's budget or a recipe of the user's
+(``--retrain-recipe FILE.yaml``, ``load_retrain_recipe``).
 
 Which trials: complete, within the constraints, not a duplicate of an earlier trial; for one
 objective the K best by value, for several the Pareto front (best val_acc first, at most K).
@@ -16,24 +17,80 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..data import DataSplits
-from ..errors import BnasError
+from ..errors import BnasError, LocatedError
 from ..evaluate import evaluate
 from ..genotype import Genotype, load_genotype
+from ..train.recipe import Recipe, TrainingError, recipe_changes
+from ..yaml_io import read_yaml_mapping
 from .config import SearchConfig
 from .objective import search_data
-from .space import sample_genotype
+from .space import SearchSpace, sample_genotype
 
-__all__ = ["RETRAINED_ATTR", "retrain_candidates", "retrain_top", "retrained"]
+__all__ = [
+    "RETRAINED_ATTR",
+    "load_retrain_recipe",
+    "retrain_candidates",
+    "retrain_overrides",
+    "retrain_top",
+    "retrained",
+]
 
 log = logging.getLogger(__name__)
 
 RETRAINED_ATTR = "retrained"
+
+
+def load_retrain_recipe(path: str | os.PathLike[str], space: SearchSpace) -> dict[str, Any]:
+    """The training keys of ``path`` for ``--retrain-recipe``: a YAML mapping of recipe keys
+    (``epochs``, ``optimizer``, ``schedule``, ...), or a genotype file, whose ``training:``
+    section is taken. Each key replaces the space's budget value of that key whole (an
+    ``optimizer`` mapping replaces the budget's optimizer); keys left out keep the budget's.
+    The merged recipe is validated here, so a bad key fails before the search starts, with
+    the file and the key in the message. ``val_fraction`` cannot change: retrainings
+    validate on the search's split."""
+    data = read_yaml_mapping(path, "recipe")
+    if "training" in data or "body" in data:  # a genotype file
+        if not isinstance(data.get("training"), dict):
+            raise TrainingError(
+                "a genotype file whose training: section is missing or not a mapping; give one, or a recipe file "
+                "(a YAML mapping of training keys)",
+                "training",
+                str(path),
+            )
+        where, keys = "training", dict(data["training"])
+    else:
+        where, keys = "", data
+    try:
+        recipe = Recipe.from_dict({**dict(space.budget), **keys}, where)
+    except LocatedError as exc:
+        exc.in_file(str(path))
+        raise
+    search_split = Recipe.from_dict(dict(space.budget)).val_fraction
+    if recipe.val_fraction != search_split:
+        raise TrainingError(
+            f"val_fraction {recipe.val_fraction} differs from the search's {search_split}: a retraining validates on "
+            "the search's split, so that its accuracy compares with the trials'; drop the key",
+            f"{where}.val_fraction" if where else "val_fraction",
+            str(path),
+        )
+    return keys
+
+
+def retrain_overrides(cfg: SearchConfig) -> dict[str, Any]:
+    """What a retraining changes in a trial's recipe (the space's budget): the
+    ``--retrain-recipe`` keys, the search's seed unless the recipe sets one, and
+    ``--retrain-epochs``, which wins over the recipe's epochs."""
+    overrides: dict[str, Any] = {"seed": cfg.seed, **(cfg.retrain_recipe or {})}
+    if cfg.retrain_epochs is not None:
+        overrides["epochs"] = cfg.retrain_epochs
+    return overrides
 
 
 def retrained(study: optuna.Study) -> dict[int, dict[str, Any]]:
@@ -90,21 +147,22 @@ def retrain_top(study: optuna.Study, cfg: SearchConfig, data: DataSplits | None 
     elif len(picks) < k:
         log.warning("--retrain-top %d: the study has %d eligible trial(s); retraining those", k, len(picks))
     results = retrained(study)
-    overrides: dict[str, Any] = {"seed": cfg.seed}
-    if cfg.retrain_epochs is not None:
-        overrides["epochs"] = cfg.retrain_epochs
+    overrides = retrain_overrides(cfg)
     for t in picks:
         folder = cfg.out / "retrain" / f"trial-{t.number}"
         report_path = folder / "report.json"
         if report_path.is_file():
             report = json.loads(report_path.read_text())
-            wanted = cfg.retrain_epochs or cfg.space.epochs
-            if int(report.get("recipe", {}).get("epochs", wanted)) != wanted:
+            genotype = _genotype(cfg, t)
+            wanted = Recipe.from_dict(genotype.training).merged(overrides)
+            changed = recipe_changes(report.get("recipe"), wanted)  # all but epochs and patience
+            if report.get("recipe", {}).get("epochs", wanted.epochs) != wanted.epochs:
+                changed = sorted({*changed, "epochs"})
+            if changed:
                 log.warning(
-                    "%s was retrained for %s epochs, not %d; kept (delete %s to retrain it)",
+                    "%s was retrained with another recipe (%s); kept (delete %s to retrain it)",
                     report_path,
-                    report["recipe"]["epochs"],
-                    wanted,
+                    "; ".join(f"{k}: {report['recipe'].get(k)!r}, now {wanted.to_dict().get(k)!r}" for k in changed),
                     folder,
                 )
         else:
