@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnas
 from bnas.binarize import binary_layers, clip_latent_weights
+from bnas.binarize.layers import BinaryLayer
 from bnas.builder import _build
 from bnas.data import load_dataset
 from bnas.genotype import genotype_from_dict
@@ -29,6 +30,7 @@ from bnas.search.supernet import (
     supernet_step,
     train_supernet_epoch,
 )
+from bnas.train.loop import fit
 from bnas.train.optimiser import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,6 +406,32 @@ def test_step_with_inplace_distillation_trains_the_largest_path(supernet: Supern
     after = supernet.state_dict()
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
     assert changed & path_names(supernet, big) - path_names(supernet, supernet.network(supernet.genotype(small)))
+
+
+def test_a_supernet_trained_on_one_path_trains_it_as_the_trainer_does(supernet: Supernet, space: SearchSpace) -> None:
+    """Sampling the same path for every batch is stand-alone training: from the same initial
+    weights, two epochs of the supernet's trainer and of ``bnas.train.fit`` (same recipe,
+    batches, learning-rate schedule, clipping) end bit for bit alike. So what weight sharing
+    does to a path's score comes from the sharing, not from the supernet's training loop."""
+    path = choices(supernet, stage0_cells=2)
+    genotype = supernet.genotype(path)
+    initial = {k: v.clone() for k, v in extract(supernet, genotype).state_dict().items()}
+    data = load_dataset("synthetic", val_fraction=0.25, seed=0, shape=(1, 8, 8), num_classes=4)
+    recipe = supernet_recipe(space, {"epochs": 2})
+    optimizer = make_supernet_optimizer(supernet, recipe)
+    for epoch in range(recipe.epochs):
+        train_supernet_epoch(supernet, data, optimizer, recipe, random.Random(0), epoch, sample=lambda rng: path)
+    alone = bnas.build(genotype)
+    alone.load_state_dict(initial)
+    fit(alone, data, recipe, progress=False)
+    shared, trained = extract(supernet, genotype).state_dict(), alone.state_dict()
+    binary_weights = [f"{name}.weight" for name, m in alone.named_modules() if isinstance(m, BinaryLayer)]
+    # Trained: every binary conv moved but those of body.1, whose output no later cell reads
+    # on this path (every edge picks the first input, k-2).
+    moved = {k.split(".")[1] for k in binary_weights if not torch.equal(trained[k], initial[k])}
+    assert moved == {k.split(".")[1] for k in binary_weights} - {"1"}
+    assert shared.keys() == trained.keys()
+    assert [k for k in shared if not torch.equal(shared[k], trained[k])] == []
 
 
 def test_training_improves_sampled_paths_on_digits() -> None:
