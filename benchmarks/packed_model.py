@@ -64,7 +64,7 @@ from common import emit, interleaved_times, machine, median_p90  # noqa: E402
 import bnas  # noqa: E402
 from bnas.errors import BnasError  # noqa: E402
 from bnas.export import freeze_model, pack_model  # noqa: E402
-from bnas.export.plan import ImageConvMaxPool2d, Int8ImageConv2d  # noqa: E402
+from bnas.export.plan import ImageConv2d, ImageConvMaxPool2d  # noqa: E402
 from bnas.kernels import backend, cpu_backend  # noqa: E402
 from bnas.metrics import summarize  # noqa: E402
 
@@ -479,7 +479,7 @@ def int8_stem_twin(model: torch.nn.Module) -> tuple[Any, str | None]:
     int8 = [
         m
         for m in (plan.modules() if plan is not None else [])
-        if isinstance(m, Int8ImageConv2d) or (isinstance(m, ImageConvMaxPool2d) and m.precision == "int8")
+        if isinstance(m, (ImageConv2d, ImageConvMaxPool2d)) and m.precision == "int8"
     ]
     if not int8:
         return None, "not timed: no float conv reads the image in this network's plan"

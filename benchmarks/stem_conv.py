@@ -7,8 +7,9 @@ timed interleaved in one run:
 
 - ``pytorch``: PyTorch's conv on the channels_last image, then for the pooled stem bnas's
   channels_last max-pool kernel with the packed signs (what the packed plan ran before);
-- ``float32`` (pooled stem only): ``bnas.kernels.conv2d_max_pool``, the conv and the pool in
-  one pass (what the packed plan runs by default);
+- ``float32``: the direct conv of the stem kernels, ``bnas.kernels.image_conv2d``, and for the
+  pooled stem ``bnas.kernels.conv2d_max_pool``, the conv and the pool in one pass (what the
+  packed plan runs by default);
 - ``int8``: the conv in 8-bit integers on the image as it comes (NCHW), quantization included,
   with the pool in the same pass for the pooled stem (``PackedNetwork.stem_precision = "int8"``).
 
@@ -51,6 +52,7 @@ def engines(
     if pool is None:
         return {
             "pytorch": lambda: F.conv2d(x_cl, weight, bias, stride, padding),
+            "float32": lambda: kernels.image_conv2d(x, weight, bias, stride, padding),
             "int8": lambda: kernels.int8_conv2d(x, weight, bias, stride, padding),
         }
     return {

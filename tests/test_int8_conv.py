@@ -15,8 +15,8 @@ from torch import nn
 import bnas
 from bnas import kernels
 from bnas.export import ExportError, PackedNetwork, pack_model
-from bnas.export.plan import ChannelsLastMaxPool2d, ImageConvMaxPool2d, Int8ImageConv2d, PackedStep
-from bnas.kernels import conv2d_max_pool, cpu_backend, int8_conv2d, pack_signs
+from bnas.export.plan import ChannelsLastMaxPool2d, ImageConv2d, ImageConvMaxPool2d, PackedStep
+from bnas.kernels import conv2d_max_pool, cpu_backend, image_conv2d, int8_conv2d, pack_signs
 from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_conv2d_reference, quantize_weights
 
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
@@ -229,6 +229,53 @@ def test_float_conv_and_max_pool_in_one_pass_are_the_float64_result_to_float32_r
     assert pooled.is_contiguous(memory_format=torch.channels_last)
 
 
+needs_avx512 = pytest.mark.skipif(
+    "cpu-avx512" not in cpu_backend.supported_backends(), reason="the float32 stem kernel runs on AVX-512 CPUs only"
+)
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_float_image_conv_is_the_float64_result_to_float32_rounding(
+    case: tuple[int, ...], channels_last: bool, with_bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, c, h, w, k, kh, kw, stride, padding = case
+    x, weight, bias = case_tensors(n, c, h, w, k, kh, kw, seed=9)
+    b = bias if with_bias else None
+    calls: list[str] = []
+    kernel = cpu_backend.image_conv2d_nhwc
+    monkeypatch.setattr(cpu_backend, "image_conv2d_nhwc", lambda *a, **kw: calls.append(a[5]) or kernel(*a, **kw))
+    out = image_conv2d(
+        x.contiguous(memory_format=torch.channels_last) if channels_last else x, weight, b, stride, padding
+    )
+    exact = F.conv2d(x.double(), weight.double(), b.double() if with_bias else None, stride, padding)
+    # a sum of `taps` products and the bias, each step rounded: at most (taps + 1) roundings of
+    # the sum of magnitudes (PyTorch's conv is held to the same bound)
+    magnitude = F.conv2d(x.double().abs(), weight.double().abs(), bias.double().abs() if with_bias else None, stride,
+                         padding)  # fmt: skip
+    bound = (c * kh * kw + 1) * 2.0**-24 * magnitude
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert ((F.conv2d(x, weight, b, stride, padding).double() - exact).abs() <= bound).all()
+    assert out.shape == exact.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert calls == ["float32"]  # the direct kernel, not PyTorch's conv
+
+
+def test_float_image_conv_runs_pytorchs_conv_on_other_backends_and_checks_its_precision() -> None:
+    x, weight, bias = case_tensors(2, 3, 17, 13, 37, 3, 3, seed=10)
+    name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")
+    with kernels.use_backend(name):
+        out = image_conv2d(x, weight, bias, 2, 1)
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # what the module tree's conv reads
+    assert torch.equal(out, F.conv2d(x_cl, weight, bias, 2, 1))
+    if cpu_backend.int8_supported():
+        assert torch.equal(image_conv2d(x, weight, bias, 2, 1, "int8"), int8_conv2d(x, weight, bias, 2, 1))
+    with pytest.raises(ValueError, match="image_conv2d: precision 'float16' is not one of float32, int8"):
+        image_conv2d(x, weight, bias, 2, 1, "float16")
+    assert image_conv2d(torch.randn(0, 3, 8, 8), weight, bias, 1, 1).shape == (0, 37, 8, 8)
+
+
 def test_float_conv_and_max_pool_run_pytorchs_ops_on_other_backends() -> None:
     x, weight, bias = case_tensors(2, 3, 33, 31, 48, 7, 7, seed=8)
     name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")
@@ -273,8 +320,8 @@ def test_resnet_stem_and_its_pool_run_as_one_int8_step() -> None:
     (stem,) = [m for m in called if isinstance(m, ImageConvMaxPool2d)]
     assert stem.precision == "int8"
     assert stem.pack_output  # the first Bi-Real unit reads the pooled map's packed signs
-    assert not any(type(m) in (nn.Conv2d, Int8ImageConv2d, ChannelsLastMaxPool2d) for m in called)
-    assert not any(isinstance(m, Int8ImageConv2d) for m in plan.modules())  # no unused module left
+    assert not any(type(m) in (nn.Conv2d, ImageConv2d, ChannelsLastMaxPool2d) for m in called)
+    assert not any(isinstance(m, ImageConv2d) for m in plan.modules())  # no unused module left
     assert sum(isinstance(m, PackedStep) for m in called) == 16
     x = torch.randn(1, *genotype.input)
     with torch.no_grad():
@@ -307,7 +354,8 @@ def test_packed_network_runs_its_stem_in_int8_when_asked() -> None:
         plan = packed.plan()
         assert plan is not None
         called = [plan.get_submodule(str(n.target)) for n in plan.graph.nodes if n.op == "call_module"]
-        (stem,) = [m for m in called if isinstance(m, Int8ImageConv2d)]
+        (stem,) = [m for m in called if isinstance(m, ImageConv2d)]
+        assert stem.precision == "int8"
         assert not any(type(m) is nn.Conv2d for m in called)  # the stem was the only float 3x3 conv
         # it reads the image as it comes: no channels_last copy is made for it
         assert not any(n.op == "call_function" and "channels_last" in str(n.target) for n in plan.graph.nodes)
@@ -339,8 +387,8 @@ def test_only_plain_convs_on_the_image_run_in_int8() -> None:
         packed.stem_precision = "int8"
         plan = packed.plan()
         assert plan is not None
-        count = sum(isinstance(m, Int8ImageConv2d) for m in plan.modules())
-        assert count == expected
+        stems = [m for m in plan.modules() if isinstance(m, ImageConv2d)]
+        assert len(stems) == expected and all(m.precision == "int8" for m in stems)
         x = torch.randn(1, module[0].in_channels, 9, 9)
         with torch.no_grad():
             assert packed(x).shape == module(x).shape
@@ -363,6 +411,8 @@ def test_benchmark_script_reports_every_engine_and_its_ratio(capsys: pytest.Capt
                 assert r[name]["ratio"] == pytest.approx(ratios[name][-1], rel=0.01, abs=0.01)
     imagenet = lines[0]
     assert imagenet["macs"] == 3 * 7 * 7 * 64 * 112 * 112 and imagenet["max_pool"] == [3, 2, 1]
-    assert imagenet["max_rel_error_vs_float64"]["float32"] < 1e-5
-    assert "float32" not in lines[1]  # a stem without a pool stays PyTorch's conv in float32
-    assert summary["median_ratio"]["int8"] == pytest.approx(statistics.median(ratios["int8"]), rel=0.01, abs=0.01)
+    assert all(r["max_rel_error_vs_float64"]["float32"] < 1e-5 for r in lines)
+    assert all(len(ratios[name]) == len(lines) for name in ratios)  # every stem, pooled or not, in both
+    for name in ratios:
+        expected = statistics.median(ratios[name])
+        assert summary["median_ratio"][name] == pytest.approx(expected, rel=0.01, abs=0.01)

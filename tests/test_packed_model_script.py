@@ -86,7 +86,7 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
     assert prof["float_share"] + prof["binary_share"] == pytest.approx(1.0, abs=2e-3)
     assert prof["binary_modules"] == 16  # the 16 binary 3x3 convs, each once
     # The stem conv, the three shortcuts (avg-pool and 1x1 conv in one module) and the linear.
-    assert prof["float_modules"] >= 5 and prof["float_ms_by_type"]["Conv2d"] > 0
+    assert prof["float_modules"] >= 5 and prof["float_ms_by_type"]["ImageConv2d"] > 0
     assert prof["float_ms_by_type"]["ChannelsLastPointwiseConv2d"] > 0
     assert prof["calls"] == 4 and prof["calls_kept"] == 2
     tops = prof["top_float"]
@@ -100,7 +100,7 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
     int8 = rec["int8_stem"]
     assert int8["ms"] > 0 and int8["ratio_vs_frozen"] == round(rec["frozen_ms"] / int8["ms"], 2)
     assert int8["ratio_vs_packed"] == round(rec["ours_ms"] / int8["ms"], 2) and int8["ratio_vs_lce"] is None
-    assert int8["profile"]["float_ms_by_type"]["Int8ImageConv2d"] > 0
+    assert int8["profile"]["float_ms_by_type"]["ImageConv2d"] > 0
     assert "Conv2d" not in int8["profile"]["float_ms_by_type"]  # the stem was the one float 3x3 conv
     assert 0 < int8["max_rel_logit_diff_vs_packed"] < 1.0  # other numbers, not other scales
 

@@ -19,15 +19,17 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   average pool before it when nothing else reads the pool (Bi-Real's downsample shortcut),
   becomes one :class:`ChannelsLastPointwiseConv2d`: on AVX-512 CPUs the kernels pool inside
   the conv and run it at about twice PyTorch's rate (``bnas.kernels.pointwise_conv2d``).
+* **The stem on the stem kernels.** A plain float conv that reads the image (few input
+  channels) becomes an :class:`ImageConv2d`: a direct conv with output channels in SIMD lanes
+  (``bnas.kernels.image_conv2d``), about twice PyTorch's rate on a 3-channel 3x3 stem, summing
+  in an order of its own. One that only a max-pool reads (ResNet's 7x7/2 stem and 3x3/2 pool)
+  becomes, with the pool, one :class:`ImageConvMaxPool2d`: the conv's rows stay in cache for
+  the pool; the conv's 3.2 MB output at 224x224 is never written, and the pool writes the
+  packed signs the first unit reads.
 * **The stem in 8-bit integers, when asked.** With ``int8_stem`` (``PackedNetwork.stem_precision
-  = "int8"``) the plain float convs that read the image become :class:`Int8ImageConv2d`: each
-  image quantized to uint8, the weights per output channel to int8, exact integer sums
-  (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That changes the numbers (see
-  :mod:`bnas.kernels.int8`), so it is off by default.
-* **The stem and its pool in one pass.** A float conv on the image that only a max-pool reads
-  (ResNet's 7x7/2 stem and 3x3/2 pool) becomes one :class:`ImageConvMaxPool2d`: the conv's
-  rows stay in cache for the pool (float32, or int8 with ``int8_stem``); the conv's 3.2 MB
-  output at 224x224 is never written, and the pool writes the packed signs the first unit reads.
+  = "int8"``) both run in 8-bit integers: each image quantized to uint8, the weights per output
+  channel to int8, exact integer sums (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That
+  changes the numbers (see :mod:`bnas.kernels.int8`), so it is off by default.
 * **channels_last throughout.** The image is made channels_last once; PyTorch's float convs
   and pools then keep that layout (the packed kernels read and write it natively), so no
   layer converts layouts. A 3x3/2 max-pool on a 64x112x112 map takes ~0.3 ms in
@@ -38,9 +40,10 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 Every value is computed by the same float32 operations as the module tree, in the same order
 (the fused epilogue rounds ``conv * scale + bias`` and then ``+ residual`` exactly as the
 separate add did), except where PyTorch's float convs pick another summation order for
-channels_last input. The plan's logits are therefore equal to the tree's or within float
-rounding of them (tested on every shipped genotype), and the predicted classes agree. The
-fused shortcut's pool is PyTorch's to the bit; its conv sums in an order of its own.
+channels_last input, and in the stem and shortcut kernels, which sum in orders of their own.
+The plan's logits are therefore equal to the tree's or within float rounding of them (tested
+on every shipped genotype), and the predicted classes agree. The fused shortcut's pool is
+PyTorch's to the bit.
 
 Networks that torch.fx cannot trace (Python control flow on tensor values) run as the module
 tree; :func:`build_plan` then returns None and says why at DEBUG level.
@@ -60,7 +63,7 @@ from torch import Tensor, nn
 from ..kernels import (
     FusedConv2d,
     conv2d_max_pool,
-    int8_conv2d,
+    image_conv2d,
     max_pool2d_and_pack,
     max_pool2d_nhwc,
     pack_signs,
@@ -72,7 +75,7 @@ from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, 
 __all__ = [
     "ChannelsLastMaxPool2d",
     "ChannelsLastPointwiseConv2d",
-    "Int8ImageConv2d",
+    "ImageConv2d",
     "ImageConvMaxPool2d",
     "PackedStep",
     "build_plan",
@@ -358,24 +361,26 @@ def _pointwise_convs(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(pool_node)
 
 
-class Int8ImageConv2d(nn.Module):
-    """A float ``nn.Conv2d`` that reads the image (the stem), run in 8-bit integers by
-    :func:`bnas.kernels.int8_conv2d` (the plan's ``int8_stem``): the image quantized per call,
-    the weights per output channel (once, cached). It reads the conv's weight and bias at every
-    call, so it follows them when they change."""
+class ImageConv2d(nn.Module):
+    """A float ``nn.Conv2d`` that reads the image (the stem) on the stem kernels,
+    :func:`bnas.kernels.image_conv2d`: in ``precision`` "float32" a direct conv that sums in an
+    order of its own (PyTorch's result to float rounding), or "int8" (the plan's
+    ``int8_stem``: the image quantized per call, the weights per output channel, once, cached).
+    It reads the conv's weight and bias at every call, so it follows them when they change."""
 
     conv: nn.Conv2d
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, precision: str):
         super().__init__()
         self.__dict__["conv"] = conv  # held, not a child: a leaf, as ChannelsLastPointwiseConv2d
         self.stride, self.padding = _pair(conv.stride), _pair(cast(tuple[int, int], conv.padding))
+        self.precision = precision
 
     def forward(self, x: Tensor) -> Tensor:
-        return int8_conv2d(x, self.conv.weight, self.conv.bias, self.stride, self.padding)
+        return image_conv2d(x, self.conv.weight, self.conv.bias, self.stride, self.padding, self.precision)
 
     def extra_repr(self) -> str:
-        return f"int8 {tuple(self.conv.weight.shape)}, stride={self.stride}, padding={self.padding}"
+        return f"{self.precision} {tuple(self.conv.weight.shape)}, stride={self.stride}, padding={self.padding}"
 
 
 class ImageConvMaxPool2d(ChannelsLastMaxPool2d):
@@ -408,9 +413,10 @@ class ImageConvMaxPool2d(ChannelsLastMaxPool2d):
 
 def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool) -> None:
     """Plain float convs on the network's input (one group, no dilation, zero padding given as
-    numbers): one that only a channels_last max-pool reads becomes, with the pool, an
-    :class:`ImageConvMaxPool2d` node (in int8 with ``int8_stem``); with ``int8_stem`` any other
-    becomes an :class:`Int8ImageConv2d` node. int8 needs at most MAX_TAPS taps per output."""
+    numbers, at most MAX_TAPS taps per output: few input channels, which the stem kernels are
+    made for): one that only a channels_last max-pool reads becomes, with the pool, an
+    :class:`ImageConvMaxPool2d` node, any other an :class:`ImageConv2d` node; in int8 with
+    ``int8_stem``, else in float32."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     count = 0
     for node in list(gm.graph.nodes):
@@ -424,21 +430,22 @@ def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool) -> None:
             or conv.padding_mode != "zeros"
             or conv.groups != 1
             or _pair(conv.dilation) != (1, 1)
+            or conv.in_channels * conv.weight.shape[2] * conv.weight.shape[3] > MAX_TAPS
         ):
             continue
-        int8 = int8_stem and conv.in_channels * conv.weight.shape[2] * conv.weight.shape[3] <= MAX_TAPS
+        precision = "int8" if int8_stem else "float32"
         pool_node = next(iter(node.users)) if len(node.users) == 1 else None
         pool = _module(gm, pool_node) if pool_node is not None else None
         name = f"_plan_image_conv{count}"
         count += 1
         if pool_node is not None and type(pool) is ChannelsLastMaxPool2d and pool_node.args == (node,):
-            gm.add_submodule(name, ImageConvMaxPool2d(conv, pool, "int8" if int8 else "float32"))
+            gm.add_submodule(name, ImageConvMaxPool2d(conv, pool, precision))
             gm.delete_submodule(str(pool_node.target))  # the pool module the plan made: now unused
             pool_node.target = name
             pool_node.update_arg(0, node.args[0])
             gm.graph.erase_node(node)
-        elif int8:
-            gm.add_submodule(name, Int8ImageConv2d(conv))
+        else:
+            gm.add_submodule(name, ImageConv2d(conv, precision))
             node.target = name
 
 
@@ -499,7 +506,7 @@ _FRESH_MODULES = (
     nn.BatchNorm2d,
     ChannelsLastMaxPool2d,
     ChannelsLastPointwiseConv2d,
-    Int8ImageConv2d,
+    ImageConv2d,
 )
 
 
@@ -536,7 +543,7 @@ def _channels_last_input(gm: torch.fx.GraphModule) -> None:
     x.replace_all_uses_with(cl)
     cl.update_arg(0, x)
     for user in list(cl.users):  # the int8 conv quantizes NCHW input as it comes: no copy first
-        if isinstance(_module(gm, user), (Int8ImageConv2d, ImageConvMaxPool2d)):
+        if isinstance(_module(gm, user), (ImageConv2d, ImageConvMaxPool2d)):
             user.replace_input_with(cl, x)
 
 
@@ -551,7 +558,7 @@ def build_plan(net: nn.Module, int8_stem: bool = False) -> torch.fx.GraphModule 
     """The fused program of a packed network's module tree (see the module docstring), or
     None when the tree cannot be traced. The plan shares the tree's modules and buffers.
     ``int8_stem`` runs the float convs that read the image in 8-bit integers
-    (:class:`Int8ImageConv2d`)."""
+    (:class:`ImageConv2d`, :class:`ImageConvMaxPool2d`)."""
     try:
         graph = _Tracer().trace(net)
     except Exception as exc:  # any tracing failure means: run the module tree

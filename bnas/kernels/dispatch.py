@@ -459,6 +459,30 @@ def int8_conv2d(
 STEM_PRECISIONS = ("float32", "int8")
 
 
+def image_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    precision: str = "float32",
+) -> Tensor:
+    """``conv2d(x, weight, bias, stride, padding)`` of an image (few input channels: a binary
+    network's stem), channels_last. ``precision "float32"``: on the cpu-avx512 kernels a
+    direct conv with output channels in SIMD lanes (``csrc/stem_conv.h``), which sums in an
+    order of its own (PyTorch's result to float rounding) and on a 3-channel stem runs about
+    twice as fast as PyTorch's conv; elsewhere PyTorch's conv on the channels_last image.
+    ``"int8"``: :func:`int8_conv2d`."""
+    if precision not in STEM_PRECISIONS:
+        raise ValueError(f"image_conv2d: precision {precision!r} is not one of {', '.join(STEM_PRECISIONS)}")
+    if precision == "int8":
+        return int8_conv2d(x, weight, bias, stride, padding)
+    stride_, padding_ = _check_image_conv(x, weight, bias, stride, padding, precision, "image_conv2d")
+    if x.shape[0] > 0 and _image_kernel_runs(x, weight, precision):
+        return cpu_backend.image_conv2d_nhwc(x, weight, bias, stride_, padding_, precision)[0]
+    return torch.nn.functional.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride_, padding_)
+
+
 def conv2d_max_pool(
     x: Tensor,
     weight: Tensor,
