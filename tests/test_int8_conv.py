@@ -416,3 +416,17 @@ def test_benchmark_script_reports_every_engine_and_its_ratio(capsys: pytest.Capt
     for name in ratios:
         expected = statistics.median(ratios[name])
         assert summary["median_ratio"][name] == pytest.approx(expected, rel=0.01, abs=0.01)
+
+
+@needs_vnni
+def test_cpu_peak_script_measures_both_loops_and_the_stem_floor(capsys: pytest.CaptureFixture[str]) -> None:
+    script, (record,) = run_benchmark("cpu_peak", ["--repeats", "3", "--iterations", "200000"], capsys)
+    fma, vnni = record["float32_fma"], record["int8_vnni"]
+    assert 0 < fma["gmacs_at_p90_time"] <= fma["gmacs"] and 0 < vnni["gmacs_at_p90_time"] <= vnni["gmacs"]
+    # VNNI does 64 multiply-adds per instruction to the FMA's 16, at no more than the same rate
+    assert vnni["gmacs"] <= 4.5 * fma["gmacs"]
+    assert record["stem_macs"] == 3 * 7 * 7 * 64 * 112 * 112
+    for name, loop in (("float32", fma), ("int8", vnni)):
+        floor = record[f"stem_floor_ms_{name}"]
+        assert floor == pytest.approx(record["stem_macs"] / (loop["gmacs"] * 1e9) * 1e3, rel=2e-3, abs=2e-3)
+    assert record["machine"]["cpu"]
