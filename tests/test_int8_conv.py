@@ -15,7 +15,13 @@ from torch import nn
 import bnas
 from bnas import kernels
 from bnas.export import ExportError, PackedNetwork, pack_model
-from bnas.export.plan import ChannelsLastMaxPool2d, ImageConv2d, ImageConvMaxPool2d, PackedStep
+from bnas.export.plan import (
+    FLOAT_STEM_KERNEL_MIN_MACS,
+    ChannelsLastMaxPool2d,
+    ImageConv2d,
+    ImageConvMaxPool2d,
+    PackedStep,
+)
 from bnas.kernels import conv2d_max_pool, cpu_backend, image_conv2d, int8_conv2d, pack_signs
 from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_conv2d_reference, quantize_weights
 
@@ -367,6 +373,29 @@ def test_packed_network_runs_its_stem_in_int8_when_asked() -> None:
         packed.fused = False
         packed.stem_precision = "int8"
         assert torch.equal(packed(x), packed.net(x))  # the module tree always runs float32
+
+
+@needs_avx512
+def test_a_float_stem_runs_on_the_kernel_only_where_that_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = nn.Conv2d(1, 32, 3, stride=2, padding=1)
+    packed = PackedNetwork(nn.Sequential(conv), None, [])
+    plan = packed.plan()
+    assert plan is not None
+    (stem,) = [m for m in plan.modules() if isinstance(m, ImageConv2d)]
+    assert stem.precision == "float32"
+    calls: list[str] = []
+    kernel = cpu_backend.image_conv2d_nhwc
+    monkeypatch.setattr(cpu_backend, "image_conv2d_nhwc", lambda *a, **kw: calls.append(a[5]) or kernel(*a, **kw))
+    with torch.no_grad():
+        # fashion_handcrafted's stem: 32 * 9 * 14 * 14 = 56 K MACs, under the threshold: PyTorch's conv
+        small = torch.randn(1, 1, 28, 28)
+        assert 32 * 9 * 14 * 14 < FLOAT_STEM_KERNEL_MIN_MACS
+        assert torch.equal(packed(small), conv(small.contiguous(memory_format=torch.channels_last)))
+        assert calls == []
+        large = torch.randn(1, 1, 112, 112)  # 32 * 9 * 56 * 56 = 903 K MACs: the kernel
+        assert 32 * 9 * 56 * 56 >= FLOAT_STEM_KERNEL_MIN_MACS
+        torch.testing.assert_close(packed(large), conv(large), rtol=1e-5, atol=1e-5)
+        assert calls == ["float32"]
 
 
 def test_stem_precision_is_checked() -> None:

@@ -22,7 +22,8 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 * **The stem on the stem kernels.** A plain float conv that reads the image (few input
   channels) becomes an :class:`ImageConv2d`: a direct conv with output channels in SIMD lanes
   (``bnas.kernels.image_conv2d``), about twice PyTorch's rate on a 3-channel 3x3 stem, summing
-  in an order of its own. One that only a max-pool reads (ResNet's 7x7/2 stem and 3x3/2 pool)
+  in an order of its own (a stem under ``FLOAT_STEM_KERNEL_MIN_MACS`` per image, where the
+  call's fixed cost outweighs that, stays PyTorch's conv). One that only a max-pool reads (ResNet's 7x7/2 stem and 3x3/2 pool)
   becomes, with the pool, one :class:`ImageConvMaxPool2d`: the conv's rows stay in cache for
   the pool; the conv's 3.2 MB output at 224x224 is never written, and the pool writes the
   packed signs the first unit reads.
@@ -75,6 +76,7 @@ from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, 
 __all__ = [
     "ChannelsLastMaxPool2d",
     "ChannelsLastPointwiseConv2d",
+    "FLOAT_STEM_KERNEL_MIN_MACS",
     "ImageConv2d",
     "ImageConvMaxPool2d",
     "PackedStep",
@@ -361,12 +363,20 @@ def _pointwise_convs(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(pool_node)
 
 
+# Below this many multiply-adds per image a float32 stem stays PyTorch's conv: the kernel's
+# fixed cost per call (about 15 us with the image's padded copy) then outweighs its speed
+# (benchmarks/stem_conv.py: 0.82x on fashion_handcrafted's 56 K-MAC stem, 1.9x on the
+# 1.8 M-MAC stem of bireal_resnet18).
+FLOAT_STEM_KERNEL_MIN_MACS = 500_000
+
+
 class ImageConv2d(nn.Module):
     """A float ``nn.Conv2d`` that reads the image (the stem) on the stem kernels,
     :func:`bnas.kernels.image_conv2d`: in ``precision`` "float32" a direct conv that sums in an
-    order of its own (PyTorch's result to float rounding), or "int8" (the plan's
-    ``int8_stem``: the image quantized per call, the weights per output channel, once, cached).
-    It reads the conv's weight and bias at every call, so it follows them when they change."""
+    order of its own (PyTorch's result to float rounding; PyTorch's conv itself on stems under
+    ``FLOAT_STEM_KERNEL_MIN_MACS`` per image), or "int8" (the plan's ``int8_stem``: the image
+    quantized per call, the weights per output channel, once, cached). It reads the conv's
+    weight and bias at every call, so it follows them when they change."""
 
     conv: nn.Conv2d
 
@@ -377,7 +387,15 @@ class ImageConv2d(nn.Module):
         self.precision = precision
 
     def forward(self, x: Tensor) -> Tensor:
-        return image_conv2d(x, self.conv.weight, self.conv.bias, self.stride, self.padding, self.precision)
+        c = self.conv
+        if self.precision == "float32" and x.dim() == 4:
+            k, _, kh, kw = c.weight.shape
+            (sh, sw), (ph, pw) = self.stride, self.padding
+            oh, ow = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+            if k * x.shape[1] * kh * kw * max(oh, 0) * max(ow, 0) < FLOAT_STEM_KERNEL_MIN_MACS:
+                return F.conv2d(x.contiguous(memory_format=torch.channels_last), c.weight, c.bias, self.stride,
+                                self.padding)  # fmt: skip
+        return image_conv2d(x, c.weight, c.bias, self.stride, self.padding, self.precision)
 
     def extra_repr(self) -> str:
         return f"{self.precision} {tuple(self.conv.weight.shape)}, stride={self.stride}, padding={self.padding}"
