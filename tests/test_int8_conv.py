@@ -268,6 +268,22 @@ def test_float_image_conv_is_the_float64_result_to_float32_rounding(
     assert calls == ["float32"]  # the direct kernel, not PyTorch's conv
 
 
+@needs_avx512
+@pytest.mark.parametrize("case", CASES)
+def test_an_nchw_image_gives_what_its_channels_last_copy_gives(case: tuple[int, ...]) -> None:
+    """The kernels put an NCHW image's rows in NHWC order themselves (RGB by permutes, other
+    channel counts a value at a time): the same padded image, so the same sums, bit for bit."""
+    n, c, h, w, k, kh, kw, stride, padding = case
+    x, weight, bias = case_tensors(n, c, h, w, k, kh, kw, seed=11)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    precisions = ["float32", "int8"] if cpu_backend.int8_supported() else ["float32"]
+    for precision in precisions:
+        assert torch.equal(
+            image_conv2d(x, weight, bias, stride, padding, precision),
+            image_conv2d(x_cl, weight, bias, stride, padding, precision),
+        )
+
+
 def test_float_image_conv_runs_pytorchs_conv_on_other_backends_and_checks_its_precision() -> None:
     x, weight, bias = case_tensors(2, 3, 17, 13, 37, 3, 3, seed=10)
     name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")

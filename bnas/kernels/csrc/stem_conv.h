@@ -94,32 +94,65 @@ __attribute__((target("avx512f"))) inline __m512i int8_quantize16(__m512 v, __m5
   return _mm512_cvtps_epi32(q);
 }
 
-// Row r of image n (float32, NCHW or channels_last contiguous) quantized into the padded
-// NHWC bytes.
-__attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_row(
-    const float* x, bool channels_last, const ImageConvGeometry& g, Int8Quantization qz, int64_t n,
-    int64_t r, uint8_t* padded) {
-  const __m512 s = _mm512_set1_ps(qz.scale), zp = _mm512_set1_ps(static_cast<float>(qz.zero_point));
-  uint8_t* dst = padded + ((n * g.Hp + r + g.ph) * g.Wp + g.pw) * g.C;
-  if (channels_last) {  // the row is W * C consecutive floats, in the padded row's order
-    const float* src = x + (n * g.H + r) * g.W * g.C;
-    const int64_t len = g.W * g.C;
-    for (int64_t i = 0; i < len; i += 16) {
-      const int64_t nl = std::min<int64_t>(16, len - i);
-      const __mmask16 m = first_lanes(nl);
-      _mm512_mask_cvtepi32_storeu_epi8(dst + i, m, int8_quantize16(_mm512_maskz_loadu_ps(m, src + i), s, zp));
-    }
+// Row r of image n of an NCHW float32 image in NHWC order: dst[w * C + c] = x[n, c, r, w].
+// One channel is a copy; three (RGB) move 16 pixels per step, each 16-value output vector put
+// together by two AVX-512 permutes; other channel counts go a value at a time.
+__attribute__((target("avx512f"))) inline void nchw_row_to_nhwc(const float* x, const ImageConvGeometry& g,
+                                                               int64_t n, int64_t r, float* dst) {
+  const float* plane0 = x + (n * g.C * g.H + r) * g.W;
+  const int64_t plane = g.H * g.W;
+  if (g.C == 1) {
+    std::memcpy(dst, plane0, sizeof(float) * g.W);
     return;
   }
-  alignas(64) int32_t lanes[16];
-  for (int64_t c = 0; c < g.C; ++c) {  // NCHW: C planes interleaved into the row
-    const float* src = x + ((n * g.C + c) * g.H + r) * g.W;
-    for (int64_t w0 = 0; w0 < g.W; w0 += 16) {
-      const int64_t nl = std::min<int64_t>(16, g.W - w0);
-      const __mmask16 m = first_lanes(nl);
-      _mm512_store_si512(lanes, int8_quantize16(_mm512_maskz_loadu_ps(m, src + w0), s, zp));
-      for (int64_t j = 0; j < nl; ++j) dst[(w0 + j) * g.C + c] = static_cast<uint8_t>(lanes[j]);
+  if (g.C != 3) {
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t w = 0; w < g.W; ++w) dst[w * g.C + c] = plane0[c * plane + w];
+    return;
+  }
+  // Output vector k holds values e = 16k + j (pixel e / 3, channel e % 3): the first permute
+  // takes channels 0 and 1 from planes 0 and 1, the second channel 2 from plane 2.
+  alignas(64) int32_t from01[3][16], from2[3][16];
+  for (int k = 0; k < 3; ++k) {
+    for (int j = 0; j < 16; ++j) {
+      const int e = 16 * k + j, p = e / 3, c = e % 3;
+      from01[k][j] = c == 0 ? p : c == 1 ? 16 + p : 0;
+      from2[k][j] = c == 2 ? 16 + p : j;
     }
+  }
+  for (int64_t w0 = 0; w0 < g.W; w0 += 16) {
+    const int64_t nl = std::min<int64_t>(16, g.W - w0);
+    const __mmask16 m = first_lanes(nl);
+    const __m512 a = _mm512_maskz_loadu_ps(m, plane0 + w0), b = _mm512_maskz_loadu_ps(m, plane0 + plane + w0),
+                 c = _mm512_maskz_loadu_ps(m, plane0 + 2 * plane + w0);
+    float* out = dst + 3 * w0;
+    for (int k = 0; k < 3; ++k) {
+      const int64_t left = 3 * nl - 16 * k;  // values of this step still to write
+      if (left <= 0) break;
+      const __m512 ab = _mm512_permutex2var_ps(a, _mm512_load_si512(from01[k]), b);
+      const __m512 v = _mm512_permutex2var_ps(ab, _mm512_load_si512(from2[k]), c);
+      _mm512_mask_storeu_ps(out + 16 * k, first_lanes(std::min<int64_t>(16, left)), v);
+    }
+  }
+}
+
+// Row r of image n (float32, NCHW or channels_last contiguous) quantized into the padded
+// NHWC bytes. An NCHW row is put in NHWC order first (`row`: W * C floats of scratch).
+__attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_row(
+    const float* x, bool channels_last, const ImageConvGeometry& g, Int8Quantization qz, int64_t n,
+    int64_t r, uint8_t* padded, float* row) {
+  const __m512 s = _mm512_set1_ps(qz.scale), zp = _mm512_set1_ps(static_cast<float>(qz.zero_point));
+  uint8_t* dst = padded + ((n * g.Hp + r + g.ph) * g.Wp + g.pw) * g.C;
+  const float* src = x + (n * g.H + r) * g.W * g.C;
+  if (!channels_last) {
+    nchw_row_to_nhwc(x, g, n, r, row);
+    src = row;
+  }
+  const int64_t len = g.W * g.C;  // the row is W * C consecutive floats, in the padded row's order
+  for (int64_t i = 0; i < len; i += 16) {
+    const int64_t nl = std::min<int64_t>(16, len - i);
+    const __mmask16 m = first_lanes(nl);
+    _mm512_mask_cvtepi32_storeu_epi8(dst + i, m, int8_quantize16(_mm512_maskz_loadu_ps(m, src + i), s, zp));
   }
 }
 

@@ -1096,14 +1096,10 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / g.H, r = i % g.H;
         float* dst = pd + ((n * g.Hp + r + ph) * g.Wp + pw) * g.C;
-        if (channels_last) {
+        if (channels_last)
           std::memcpy(dst, xs + (n * g.H + r) * g.W * g.C, sizeof(float) * g.W * g.C);
-        } else {
-          for (int64_t c = 0; c < g.C; ++c) {
-            const float* src = xs + ((n * g.C + c) * g.H + r) * g.W;
-            for (int64_t w = 0; w < g.W; ++w) dst[w * g.C + c] = src[w];
-          }
-        }
+        else
+          bnas::nchw_row_to_nhwc(xs, g, n, r, dst);
       }
     });
     const float* wt = weights.data_ptr<float>();
@@ -1128,8 +1124,9 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
     std::memset(pd + n * image_values, qz[n].zero_point, image_values);  // the padding: zp is 0.0
   }
   bnas::parallel_for(rows_to_pad, pad_chunk, pad_threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(channels_last ? 0 : g.W * g.C));
     for (int64_t i = begin; i < end; ++i)
-      bnas::int8_quantize_row(xs, channels_last, g, qz[i / g.H], i / g.H, i % g.H, pd);
+      bnas::int8_quantize_row(xs, channels_last, g, qz[i / g.H], i / g.H, i % g.H, pd, row.data());
   });
   std::vector<int32_t> zp_wsum(static_cast<size_t>(g.N * g.Kp), 0);
   std::vector<float> scale(static_cast<size_t>(g.N * g.Kp), 0.0f);
