@@ -161,10 +161,9 @@ def test_refused_supernets_and_studies(
     assert (per_trial / "study.db").read_bytes() == before
 
 
-def test_retrain_top_retrains_once_and_resumes(
-    budgeted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    space_file, supernet_file = budgeted
+@pytest.fixture
+def retrain_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The keyword arguments of every ``evaluate`` call the retraining makes (each still runs)."""
     calls: list[dict[str, Any]] = []
     real = retrain_module.evaluate
 
@@ -173,6 +172,14 @@ def test_retrain_top_retrains_once_and_resumes(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(retrain_module, "evaluate", recording)
+    return calls
+
+
+def test_retrain_top_retrains_once_and_resumes(
+    budgeted: tuple[Path, Path], tmp_path: Path, retrain_calls: list[dict[str, Any]]
+) -> None:
+    calls = retrain_calls
+    space_file, supernet_file = budgeted
     out = tmp_path / "run"
     flags = ("--retrain-epochs", "1")
     assert _search(space_file, out, supernet_file, "--retrain-top", "2", *flags, trials=10) == 0
@@ -213,18 +220,11 @@ def test_retrain_top_retrains_once_and_resumes(
 def test_retrain_recipe_replaces_the_budgets_keys_and_is_checked(
     budgeted: tuple[Path, Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    retrain_calls: list[dict[str, Any]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    calls = retrain_calls
     space_file, supernet_file = budgeted
-    calls: list[dict[str, Any]] = []
-    real = retrain_module.evaluate
-
-    def recording(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(retrain_module, "evaluate", recording)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text("epochs: 2\noptimizer: {name: sgd, lr: 0.05}\n")
     out = tmp_path / "run"
