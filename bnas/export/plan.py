@@ -23,10 +23,11 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   channels) becomes an :class:`ImageConv2d`: a direct conv with output channels in SIMD lanes
   (``bnas.kernels.image_conv2d``), about twice PyTorch's rate on a 3-channel 3x3 stem, summing
   in an order of its own (a stem under ``FLOAT_STEM_KERNEL_MIN_MACS`` per image, where the
-  call's fixed cost outweighs that, stays PyTorch's conv). One that only a max-pool reads (ResNet's 7x7/2 stem and 3x3/2 pool)
-  becomes, with the pool, one :class:`ImageConvMaxPool2d`: the conv's rows stay in cache for
-  the pool; the conv's 3.2 MB output at 224x224 is never written, and the pool writes the
-  packed signs the first unit reads.
+  call's fixed cost outweighs that, stays PyTorch's conv). One that only a max-pool reads
+  (ResNet's 7x7/2 stem and 3x3/2 pool) becomes, with the pool, one
+  :class:`ImageConvMaxPool2d`: the conv's rows stay in cache for the pool; the conv's 3.2 MB
+  output at 224x224 is never written, and the pool writes the packed signs the first unit
+  reads.
 * **The stem in 8-bit integers, when asked.** With ``int8_stem`` (``PackedNetwork.stem_precision
   = "int8"``) both run in 8-bit integers: each image quantized to uint8, the weights per output
   channel to int8, exact integer sums (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That
@@ -365,8 +366,8 @@ def _pointwise_convs(gm: torch.fx.GraphModule) -> None:
 
 # Below this many multiply-adds per image a float32 stem stays PyTorch's conv: the kernel's
 # fixed cost per call (about 15 us with the image's padded copy) then outweighs its speed
-# (benchmarks/stem_conv.py: 0.82x on fashion_handcrafted's 56 K-MAC stem, 1.9x on the
-# 1.8 M-MAC stem of bireal_resnet18).
+# (benchmarks/stem_conv.py: 0.82-0.83x on fashion_handcrafted's 56 K-MAC stem, 1.75-1.9x on
+# the 1.8 M-MAC stem of bireal_resnet18).
 FLOAT_STEM_KERNEL_MIN_MACS = 500_000
 
 
@@ -560,7 +561,7 @@ def _channels_last_input(gm: torch.fx.GraphModule) -> None:
         cl = gm.graph.call_function(_to_channels_last, (x,))
     x.replace_all_uses_with(cl)
     cl.update_arg(0, x)
-    for user in list(cl.users):  # the int8 conv quantizes NCHW input as it comes: no copy first
+    for user in list(cl.users):  # the stem kernels read NCHW input as it comes: no copy first
         if isinstance(_module(gm, user), (ImageConv2d, ImageConvMaxPool2d)):
             user.replace_input_with(cl, x)
 
