@@ -148,21 +148,24 @@ def retrain_top(study: optuna.Study, cfg: SearchConfig, data: DataSplits | None 
         log.warning("--retrain-top %d: the study has %d eligible trial(s); retraining those", k, len(picks))
     results = retrained(study)
     overrides = retrain_overrides(cfg)
+    # A trial's genotype trains with the space's budget (and the search's seed, which the
+    # overrides carry), so every retraining's recipe is this one.
+    wanted = Recipe.from_dict(dict(cfg.space.budget)).merged(overrides)
+    wanted_dict = wanted.to_dict()
     for t in picks:
         folder = cfg.out / "retrain" / f"trial-{t.number}"
         report_path = folder / "report.json"
         if report_path.is_file():
             report = json.loads(report_path.read_text())
-            genotype = _genotype(cfg, t)
-            wanted = Recipe.from_dict(genotype.training).merged(overrides)
-            changed = recipe_changes(report.get("recipe"), wanted)  # all but epochs and patience
-            if report.get("recipe", {}).get("epochs", wanted.epochs) != wanted.epochs:
+            done = report.get("recipe") or {}  # a report without one is taken as it is
+            changed = recipe_changes(done or None, wanted)  # all but epochs and patience
+            if done.get("epochs", wanted.epochs) != wanted.epochs:
                 changed = sorted({*changed, "epochs"})
             if changed:
                 log.warning(
                     "%s was retrained with another recipe (%s); kept (delete %s to retrain it)",
                     report_path,
-                    "; ".join(f"{k}: {report['recipe'].get(k)!r}, now {wanted.to_dict().get(k)!r}" for k in changed),
+                    "; ".join(f"{key}: {done.get(key)!r}, now {wanted_dict.get(key)!r}" for key in changed),
                     folder,
                 )
         else:
