@@ -26,19 +26,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, load_average, machine, median_p90  # noqa: E402
 
+from bnas.kernels import cpu_backend  # noqa: E402
+
 ACCUMULATORS = 12
 STEM_MACS = 3 * 7 * 7 * 64 * 112 * 112  # bireal_resnet18_imagenet's 7x7/2 stem conv
 
 SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
-#define ACC 12
+#define ACC @ACC@
 int64_t vnni_loop(int64_t iters) {
   __m512i acc[ACC];
   for (int i = 0; i < ACC; i++) acc[i] = _mm512_set1_epi32(i);
   __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
   for (int64_t n = 0; n < iters; n++) {
-    _Pragma("GCC unroll 12") for (int i = 0; i < ACC; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+    _Pragma("GCC unroll @ACC@") for (int i = 0; i < ACC; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
     __asm__ volatile("" : "+v"(a));  /* keeps the loop from being folded away */
   }
   __m512i s = acc[0];
@@ -50,7 +52,7 @@ double fma_loop(int64_t iters) {
   for (int i = 0; i < ACC; i++) acc[i] = _mm512_set1_ps((float)i);
   __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(1e-3f);
   for (int64_t n = 0; n < iters; n++) {
-    _Pragma("GCC unroll 12") for (int i = 0; i < ACC; i++) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+    _Pragma("GCC unroll @ACC@") for (int i = 0; i < ACC; i++) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
     __asm__ volatile("" : "+v"(a));
   }
   __m512 s = acc[0];
@@ -60,23 +62,12 @@ double fma_loop(int64_t iters) {
 """
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def build(folder: Path) -> ctypes.CDLL:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc) on PATH")
     source, library = folder / "peak.c", folder / "peak.so"
-    source.write_text(SOURCE)
+    source.write_text(SOURCE.replace("@ACC@", str(ACCUMULATORS)))
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-shared", "-fPIC"]
     subprocess.run([compiler, *flags, str(source), "-o", str(library)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(library))
@@ -90,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--iterations", type=int, default=2_000_000, help="loop trips per timed call")
     args = parser.parse_args(argv)
-    if not {"avx512f", "avx512_vnni"} <= _cpu_flags():
+    if not cpu_backend.int8_supported():  # AVX-512 with VNNI, as the int8 stem kernel needs
         emit({"benchmark": "cpu_peak", "skipped": "this CPU lacks AVX-512 F or VNNI"})
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         loops = {"float32_fma": (lib.fma_loop, 16), "int8_vnni": (lib.vnni_loop, 64)}
         load_before = load_average()
         times: dict[str, list[float]] = {name: [] for name in loops}
-        for name, (fn, _) in loops.items():  # warm-up: clocks and caches
+        for fn, _ in loops.values():  # warm-up: clocks and caches
             fn(args.iterations // 10)
         for _ in range(args.repeats):
             for name, (fn, _) in loops.items():

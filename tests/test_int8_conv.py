@@ -30,6 +30,9 @@ needs_vnni = pytest.mark.skipif(
     "cpu-avx512" not in cpu_backend.supported_backends() or not cpu_backend.int8_supported(),
     reason="the int8 kernel runs on AVX-512 VNNI CPUs only",
 )
+needs_avx512 = pytest.mark.skipif(
+    "cpu-avx512" not in cpu_backend.supported_backends(), reason="the float32 stem kernel runs on AVX-512 CPUs only"
+)
 
 # (N, C, H, W, K, kh, kw, stride, padding): ResNet's 7x7/2 stem, CIFAR and MNIST stems, channel
 # counts off the 16-lane grid, rectangular kernels, window rows that are not whole 32-bit words
@@ -233,11 +236,6 @@ def test_float_conv_and_max_pool_in_one_pass_are_the_float64_result_to_float32_r
     assert ((pooled.double() - F.max_pool2d(exact, pool, pool_stride, pool_padding)).abs() <= slack).all()
     assert torch.equal(packed, pack_signs(pooled))
     assert pooled.is_contiguous(memory_format=torch.channels_last)
-
-
-needs_avx512 = pytest.mark.skipif(
-    "cpu-avx512" not in cpu_backend.supported_backends(), reason="the float32 stem kernel runs on AVX-512 CPUs only"
-)
 
 
 @needs_avx512
