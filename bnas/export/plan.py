@@ -32,6 +32,11 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   = "int8"``) both run in 8-bit integers: each image quantized to uint8, the weights per output
   channel to int8, exact integer sums (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That
   changes the numbers (see :mod:`bnas.kernels.int8`), so it is off by default.
+* **The classifier on the kernels.** A float ``nn.Linear`` with at least
+  ``FLOAT_LINEAR_KERNEL_MIN_WEIGHTS`` weights becomes a :class:`KernelLinear`
+  (``bnas.kernels.linear``): at batch 1 its weight rows are split among the kernels' threads,
+  where PyTorch runs it on one (ResNet's 512 -> 1000 head reads 2 MB of weights that the rest
+  of the forward has pushed out of the cache); it sums in an order of its own.
 * **channels_last throughout.** The image is made channels_last once; PyTorch's float convs
   and pools then keep that layout (the packed kernels read and write it natively), so no
   layer converts layouts. A 3x3/2 max-pool on a 64x112x112 map takes ~0.3 ms in
@@ -42,7 +47,8 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 Every value is computed by the same float32 operations as the module tree, in the same order
 (the fused epilogue rounds ``conv * scale + bias`` and then ``+ residual`` exactly as the
 separate add did), except where PyTorch's float convs pick another summation order for
-channels_last input, and in the stem and shortcut kernels, which sum in orders of their own.
+channels_last input, and in the stem, shortcut and classifier kernels, which sum in orders of
+their own.
 The plan's logits are therefore equal to the tree's or within float rounding of them (tested
 on every shipped genotype), and the predicted classes agree. The fused shortcut's pool is
 PyTorch's to the bit.
@@ -66,6 +72,7 @@ from ..kernels import (
     FusedConv2d,
     conv2d_max_pool,
     image_conv2d,
+    linear,
     max_pool2d_and_pack,
     max_pool2d_nhwc,
     pack_signs,
@@ -77,9 +84,11 @@ from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, 
 __all__ = [
     "ChannelsLastMaxPool2d",
     "ChannelsLastPointwiseConv2d",
+    "FLOAT_LINEAR_KERNEL_MIN_WEIGHTS",
     "FLOAT_STEM_KERNEL_MIN_MACS",
     "ImageConv2d",
     "ImageConvMaxPool2d",
+    "KernelLinear",
     "PackedStep",
     "build_plan",
 ]
@@ -468,6 +477,47 @@ def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool) -> None:
             node.target = name
 
 
+# Below this many weights (in_features * out_features) a float linear layer stays PyTorch's:
+# the kernel call's fixed cost (about 2 us more) then outweighs its speed (1 thread, batch 1:
+# 0.0067 against 0.0048 ms for 256 -> 100; 0.047 against 0.072 ms for 512 -> 1000).
+FLOAT_LINEAR_KERNEL_MIN_WEIGHTS = 65_536
+
+
+class KernelLinear(nn.Module):
+    """A float ``nn.Linear`` (the classifier) by :func:`bnas.kernels.linear`: on AVX-512 CPUs
+    its weight rows split among the kernels' threads at small batch, a 1x1-conv GEMM at larger
+    ones; it sums in an order of its own (PyTorch's result to float rounding). It reads the
+    layer's weight and bias at every call, so it follows them when they change."""
+
+    linear: nn.Linear
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        self.__dict__["linear"] = layer  # held, not a child: a leaf, as ChannelsLastPointwiseConv2d
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.linear.weight, self.linear.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.linear.in_features}, out_features={self.linear.out_features}"
+
+
+def _float_linears(gm: torch.fx.GraphModule) -> None:
+    """Plain float ``nn.Linear`` layers with at least ``FLOAT_LINEAR_KERNEL_MIN_WEIGHTS``
+    weights become :class:`KernelLinear` nodes."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        layer = _module(gm, node)
+        if type(layer) is not nn.Linear or len(node.args) != 1 or node.kwargs:  # subclasses compute otherwise
+            continue
+        if layer.weight.numel() < FLOAT_LINEAR_KERNEL_MIN_WEIGHTS:
+            continue
+        name = f"_plan_linear{count}"
+        count += 1
+        gm.add_submodule(name, KernelLinear(layer))
+        node.target = name
+
+
 def _binarising_readers(node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep]) -> list[torch.fx.Node]:
     """The steps that binarise ``node`` as their input without a threshold, in one group:
     they can read its signs packed instead."""
@@ -590,6 +640,7 @@ def build_plan(net: nn.Module, int8_stem: bool = False) -> torch.fx.GraphModule 
     _channels_last_pools(gm)
     _pointwise_convs(gm)
     _image_convs(gm, int8_stem)
+    _float_linears(gm)
     _chain_pool_packing(gm, steps)
     _write_into_residuals(gm, steps)
     _channels_last_input(gm)

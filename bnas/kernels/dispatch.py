@@ -439,6 +439,31 @@ def pointwise_conv2d(
     return torch.nn.functional.conv2d(x, weight, bias, stride)
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)`` for a float32 (N, C) input: a network's
+    classifier. On the cpu-avx512 kernels, for up to ``cpu_backend.LINEAR_ROWS_MAX_BATCH`` rows,
+    the weight rows are split among the kernels' threads (PyTorch runs a batch-1 linear layer on one
+    thread), and a larger batch runs as the 1x1 conv of :func:`pointwise_conv2d`; both sum in
+    orders of their own (PyTorch's result to float rounding). Elsewhere, and for other shapes
+    or dtypes, PyTorch's ``linear``."""
+    if (
+        x.dim() != 2
+        or weight.dim() != 2
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or (bias is not None and bias.dtype != torch.float32)
+        or _route(x.device) != "cpu-avx512"
+    ):
+        return torch.nn.functional.linear(x, weight, bias)
+    if weight.shape[1] != x.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(
+            f"linear expects (N, C) input, (K, C) weights and K biases, got {tuple(x.shape)}, "
+            f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}"
+        )
+    _check_same_device(x, weight, None, bias, weight.shape[0], weights="weight")
+    return cpu_backend.float_linear(x, weight, bias, "cpu-avx512")
+
+
 def int8_conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: IntPair = 1, padding: IntPair = 0
 ) -> Tensor:

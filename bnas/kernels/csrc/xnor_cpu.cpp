@@ -29,6 +29,7 @@
 #include <cstring>
 #include <vector>
 
+#include "linear_rows.h"
 #include "pointwise_conv.h"
 #include "register_blocks.h"
 #include "stem_conv.h"
@@ -1012,6 +1013,30 @@ torch::Tensor pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tensor& w
 }
 
 // ---------------------------------------------------------------------------------------
+// A float linear layer on few input rows (linear_rows.h): a classifier at small batch.
+// ---------------------------------------------------------------------------------------
+torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w,
+                          const c10::optional<torch::Tensor>& bias, int64_t num_threads) {
+  TORCH_CHECK(isa_supported(ISA_AVX512), "linear_rows: this CPU has no AVX-512");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
+              "linear_rows: input must be a 2-d float32 CPU tensor");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kFloat32 && w.dim() == 2 &&
+                  w.size(1) == x.size(1),
+              "linear_rows: weights must be (K, ", x.size(1), ") float32, got ", w.sizes());
+  const torch::Tensor xc = x.contiguous(), wc = w.contiguous();
+  torch::Tensor bi;
+  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(!bi.defined() || bi.numel() == w.size(0), "bias must have one value per output");
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  if (out.numel() == 0) return out;
+  if (x.size(1) == 0) return bi.defined() ? out.copy_(bi.expand_as(out)) : out.zero_();
+  bnas::linear_rows_avx512(xc.data_ptr<float>(), wc.data_ptr<float>(),
+                           bi.defined() ? bi.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                           x.size(0), x.size(1), w.size(0), static_cast<int>(num_threads));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
 // A float conv on the image (stem_conv.h), in float32 or (weights given as int8) in 8-bit
 // integers, alone or with the max-pool after it. Weights come in the kernel's layout from
 // Python: float32 (kh, kw * C, Kp), or int8 (kh, quads, Kp, 4) with float32 scales and int32
@@ -1169,6 +1194,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "max-pool of a channels_last float32 map (and its packed signs, with pack_output)");
   m.def("pointwise_conv_nhwc", &pointwise_conv_nhwc,
         "1x1 float conv of a channels_last map, optionally on its 2x2/2 average pool");
+  m.def("linear_rows", &linear_rows, "float linear layer x w^T + bias, weight rows split among threads");
   m.def("int8_supported", &int8_supported, "whether this CPU runs image_conv_nhwc on int8 weights (AVX-512 VNNI)");
   m.def("image_conv_nhwc", &image_conv_nhwc,
         "float conv of an image, float32 or int8 (per-image uint8 image, per-channel int8 weights), "

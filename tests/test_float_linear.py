@@ -1,0 +1,161 @@
+"""The float classifier kernel (``bnas.kernels.linear``): ``x @ w.T + b`` with the weight rows
+split among threads at small batch, a 1x1-conv GEMM at larger ones, and the plan pass that
+runs a packed network's large float ``nn.Linear`` on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize
+from torch import nn
+
+import bnas
+from bnas import kernels
+from bnas.export import PackedNetwork, pack_model
+from bnas.export.plan import FLOAT_LINEAR_KERNEL_MIN_WEIGHTS, KernelLinear
+from bnas.kernels import cpu_backend, linear
+
+GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
+needs_avx512 = pytest.mark.skipif(
+    "cpu-avx512" not in cpu_backend.supported_backends(), reason="the kernel runs on cpu-avx512 only"
+)
+
+# (N, C, K): 1-3 rows on the row kernel (weight rows not a multiple of 4, channels off the
+# 16-lane grid, fewer than 16 channels), 4 and more on the 1x1-conv kernel, and the ImageNet head
+CASES = [(1, 512, 1000), (2, 37, 9), (3, 5, 6), (1, 16, 1), (4, 100, 33), (7, 512, 70), (1, 2048, 10)]
+
+
+def case_tensors(n: int, c: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g), torch.randn(k, c, generator=g), torch.randn(k, generator=g)
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernel_matches_the_float64_result_to_float32_rounding(
+    case: tuple[int, int, int], with_bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, c, k = case
+    x, weight, bias = case_tensors(n, c, k)
+    b = bias if with_bias else None
+    ext = cpu_backend.extension()
+    assert ext is not None
+    paths: list[str] = []
+    for kernel in ("linear_rows", "pointwise_conv_nhwc"):
+        original = getattr(ext, kernel)
+        monkeypatch.setattr(ext, kernel, lambda *a, _f=original, _k=kernel: paths.append(_k) or _f(*a))
+    with kernels.use_backend("cpu-avx512"):
+        ours = linear(x, weight, b)
+    assert paths == ["linear_rows" if n <= cpu_backend.LINEAR_ROWS_MAX_BATCH else "pointwise_conv_nhwc"]
+    exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert ours.shape == (n, k) and ours.dtype == torch.float32 and ours.is_contiguous()
+    # a sum of C float32 products and a bias: within C + 1 roundings of the sum of magnitudes
+    magnitude = F.linear(x.abs().double(), weight.abs().double(), None if b is None else b.abs().double())
+    bound = (c + 2) * torch.finfo(torch.float32).eps * magnitude
+    assert ((ours.double() - exact).abs() <= bound).all()
+
+
+@needs_avx512
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_result_does_not_depend_on_the_thread_count(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, weight, bias = case_tensors(n, 512, 1000, seed=1)
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv(cpu_backend.THREADS_ENV, threads)
+        with kernels.use_backend("cpu-avx512"):
+            results.append(linear(x, weight, bias))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@needs_avx512
+def test_a_row_gives_the_same_result_alone_as_in_a_small_batch() -> None:
+    x, weight, bias = case_tensors(3, 200, 50, seed=2)
+    with kernels.use_backend("cpu-avx512"):
+        batch = linear(x, weight, bias)
+        alone = [linear(x[i : i + 1], weight, bias) for i in range(3)]
+    for i in range(3):
+        assert torch.equal(batch[i : i + 1], alone[i])
+
+
+@needs_avx512
+def test_weights_changed_in_place_are_seen_on_both_kernels() -> None:
+    """The 1x1-conv path caches its transposed weights per tensor and version."""
+    for n in (1, 6):
+        x, weight, _ = case_tensors(n, 64, 48, seed=3)
+        with kernels.use_backend("cpu-avx512"):
+            before = linear(x, weight)
+            weight.mul_(-1)
+            after = linear(x, weight)
+        assert torch.equal(after, -before)
+
+
+@needs_avx512
+def test_empty_batches_and_empty_inputs() -> None:
+    _, weight, bias = case_tensors(1, 8, 5, seed=4)
+    with kernels.use_backend("cpu-avx512"):
+        assert linear(torch.randn(0, 8), weight, bias).shape == (0, 5)
+        assert torch.equal(linear(torch.randn(2, 0), torch.randn(5, 0), bias), bias.expand(2, 5))
+
+
+def test_other_backends_shapes_and_dtypes_run_pytorchs_linear_bit_for_bit() -> None:
+    x, weight, bias = case_tensors(2, 40, 24, seed=5)
+    name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")
+    with kernels.use_backend(name):
+        assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+    x3 = torch.randn(2, 3, 40)
+    assert torch.equal(linear(x3, weight, bias), F.linear(x3, weight, bias))
+    assert torch.equal(linear(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+
+
+@needs_avx512
+def test_bad_arguments_are_refused_by_message() -> None:
+    with kernels.use_backend("cpu-avx512"):
+        with pytest.raises(ValueError, match=r"\(N, C\) input, \(K, C\) weights and K biases"):
+            linear(torch.randn(2, 8), torch.randn(4, 6))
+        with pytest.raises(ValueError, match=r"\(N, C\) input, \(K, C\) weights and K biases"):
+            linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5))
+        with pytest.raises(ValueError, match="weight is on meta but the input is on cpu"):
+            linear(torch.randn(2, 8), torch.randn(4, 8, device="meta"))
+
+
+def _plan_modules(packed: PackedNetwork) -> list[nn.Module]:
+    plan = packed.plan()
+    assert plan is not None
+    return [plan.get_submodule(str(n.target)) for n in plan.graph.nodes if n.op == "call_module"]
+
+
+def test_the_imagenet_head_runs_on_the_kernel_and_small_heads_stay_pytorchs() -> None:
+    for name, on_kernel in (("bireal_resnet18_imagenet", True), ("bireal_resnet18", False)):
+        genotype = bnas.load_genotype(GENOTYPES / f"{name}.yaml")
+        torch.manual_seed(0)
+        packed = pack_model(randomize(bnas.build(genotype), seed=0))
+        called = _plan_modules(packed)
+        heads = [m for m in called if isinstance(m, KernelLinear)]
+        assert len(heads) == int(on_kernel)
+        assert sum(type(m) is nn.Linear for m in called) == int(not on_kernel)
+        if on_kernel:
+            assert heads[0].linear.weight.numel() >= FLOAT_LINEAR_KERNEL_MIN_WEIGHTS
+        x = torch.randn(2, *genotype.input)
+        with torch.no_grad():
+            fused = packed(x)
+            tree = packed.net(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(fused, tree, rtol=1e-5, atol=1e-5 * tree.abs().max().item())
+
+
+def test_the_plan_follows_the_layers_weights_and_keeps_pytorchs_numbers_elsewhere() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(256, 300), nn.ReLU(), nn.Linear(300, 10))
+    packed = PackedNetwork(net, None, [])
+    called = _plan_modules(packed)
+    assert [type(m) for m in called] == [nn.Flatten, KernelLinear, nn.ReLU, nn.Linear]  # 3,000 weights stay
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), net(x))
+        net[1].weight.mul_(2)
+        net[1].bias.mul_(2)
+        torch.testing.assert_close(packed(x), net(x))
+    name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")
+    with kernels.use_backend(name), torch.no_grad():
+        assert torch.equal(packed(x), net(x))
