@@ -56,11 +56,12 @@ from ..binarize import BinaryConv2d, BinaryLinear
 from ..builder import build
 from ..errors import BnasError
 from ..genotype import Genotype, genotype_from_dict
-from ..kernels.dispatch import STEM_PRECISIONS
+from ..kernels.dispatch import STEM_PRECISIONS, backend
 from ..kernels.thread_budget import PROCESS_BUDGET, torch_threads
 from ..yaml_io import parse_yaml_mapping
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
 from .plan import build_plan
+from .program import Program, lower_plan
 
 __all__ = [
     "FORMAT",
@@ -167,6 +168,9 @@ class PackedNetwork(nn.Module):
         #: float ops may round differently in the last bit on 1 thread than on 2; set False
         #: for outputs that never depend on the machine's load
         self.adaptive_threads = True
+        #: run the fused plan's binary steps as direct kernel calls (``bnas.export.program``:
+        #: the same calls, less Python); False runs the plan's torch.fx program
+        self.lowered = True
         self.stem_precision = "float32"
         self.requires_grad_(False)
         super().train(False)
@@ -200,6 +204,19 @@ class PackedNetwork(nn.Module):
             plans[self.stem_precision] = build_plan(self.net, int8_stem=self.stem_precision == "int8")
         return plans[self.stem_precision]
 
+    def program(self, route: str) -> Program | None:
+        """The plan lowered to direct kernel calls for CPU code path ``route``
+        (:mod:`bnas.export.program`), made again when a step's weights were replaced or changed
+        in place; None without a plan or where nothing would be lowered."""
+        plan = self.plan()
+        if plan is None:
+            return None
+        programs = self.__dict__.setdefault("_programs", {})  # kept out of the module tree
+        key = (self.stem_precision, route)
+        if key not in programs or (programs[key] is not None and not programs[key].current()):
+            programs[key] = lower_plan(plan, route)
+        return programs[key]
+
     def forward(self, x: Tensor) -> Tensor:
         threads = torch.get_num_threads()
         if self.adaptive_threads and threads > 1 and x.device.type == "cpu":
@@ -208,7 +225,8 @@ class PackedNetwork(nn.Module):
             if self.fused and x.device.type == "cpu" and x.dtype == torch.float32:
                 plan = self.plan()
                 if plan is not None:
-                    return plan(x)
+                    program = self.program(backend(x.device)) if self.lowered else None
+                    return program(x) if program is not None else plan(x)
             return self.net(x)
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -332,6 +332,18 @@ def xnor_linear_packed(
     )
 
 
+def fused_conv_call(
+    lanes: Tensor, static: tuple[Any, ...], name: str
+) -> tuple[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]]:
+    """:func:`conv2d_fused_on_lanes` split for a caller that binds a layer once and calls it on
+    every forward (``bnas.export.program``): the extension's function, the arguments before the
+    residual (``lanes``, then ``static`` = in and out channels, the 8 geometry values, groups,
+    scale, bias) and those after the three output flags (the code path); the thread count comes
+    last. ``call(xp, *head, residual, float_output, pack_output, into_residual, *tail, threads)``
+    is ``conv2d_fused_on_lanes``'s call."""
+    return _built(name).conv2d_packed_fused, (lanes, *static), (_isa(name),)
+
+
 def conv2d_fused_on_lanes(
     xp: Tensor,
     lanes: Tensor,

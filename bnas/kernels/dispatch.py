@@ -328,6 +328,11 @@ class FusedConv2d:
         self.dilation = _pair(dilation, "dilation")
         self._geometry = (*self.kernel_size, *self.stride, *self.padding, *self.dilation)
 
+    @property
+    def geometry(self) -> tuple[int, ...]:
+        """(kh, kw, sh, sw, ph, pw, dh, dw), as the kernels take it."""
+        return self._geometry
+
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         return conv_output_size(h, w, self._geometry)
 

@@ -1,0 +1,226 @@
+"""A packed network's plan lowered to a flat list of calls, for the CPU kernels.
+
+The plan (:mod:`bnas.export.plan`) is a torch.fx program of module calls. Beside its kernel,
+each binary step costs a module call, the step's checks, the dispatch to a code path, a
+weight-cache lookup and a read of the thread count in Python: several microseconds a step,
+against kernels of 20-100 us for a Bi-Real ResNet-18 at 32x32, and time that does not shrink
+with more threads.
+
+:func:`lower_plan` turns the plan into a :class:`Program`: every step that reads packed input
+(the plan chains them) becomes one direct call of the extension, its weights in the kernel's
+layout, its geometry and epilogue bound once; every other node runs as in the plan. A call
+then reads the thread count once, and per step checks only that the residual has the output's
+shape (a broadcast add goes through the step itself). The calls and their arguments are the
+plan's, so the outputs are equal bit for bit.
+
+A program is made for one code path; ``PackedNetwork`` runs it while that is the path its
+input takes and every bound step still holds the weights it was bound to (the same tensors,
+unchanged in place), and lowers the plan again otherwise.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor
+
+from ..kernels import cpu_backend
+from ..kernels.dispatch import CPU_BACKENDS
+from .plan import PackedStep
+
+__all__ = ["Program", "lower_plan"]
+
+# An instruction computes one node's value from the values before it and the thread count.
+Instruction = Callable[[list[Any], int], Any]
+
+
+class _BoundStep:
+    """A :class:`PackedStep` with packed input as one call of the extension."""
+
+    def __init__(self, step: PackedStep, route: str, x_slot: int, residual_slot: int | None):
+        fused = step.fused()
+        self.step, self.fused, self.version = step, fused, fused.wp._version
+        self.buffers = step.conv._buffers
+        lanes = cpu_backend.lane_weights(fused.wp, fused.groups, route)
+        static = (fused.in_channels, fused.out_channels, *fused.geometry, fused.groups, fused.scale, fused.bias)
+        self.call, self.head, self.tail = cpu_backend.fused_conv_call(lanes, static, route)
+        self.x_slot, self.residual_slot = x_slot, residual_slot
+        self.float_output, self.pack_output = step.float_output, step.pack_output
+        self.into_residual = step.into_residual
+
+    def current(self) -> bool:
+        """Whether the step still holds the tensors it was bound to, unchanged in place."""
+        buffers, fused = self.buffers, self.fused
+        return (
+            buffers["weight_packed"] is fused.wp
+            and buffers.get("scale") is fused.scale
+            and buffers.get("bias") is fused.bias
+            and fused.wp._version == self.version
+        )
+
+    def __call__(self, env: list[Any], threads: int) -> Any:
+        x, residual = env[self.x_slot], None
+        if self.residual_slot is not None:
+            residual = env[self.residual_slot]
+            n, h, w = x.shape[:3]  # packed input is NHWC
+            out_shape = (n, self.fused.out_channels, *self.fused.output_size(h, w))
+            if residual.dtype != torch.float32 or residual.shape != out_shape:
+                return self.step(x, residual)  # a broadcast add: the step's own path
+            residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
+        out, packed = self.call(
+            x, *self.head, residual, self.float_output, self.pack_output,
+            self.into_residual and residual is not None, *self.tail, threads,
+        )  # fmt: skip
+        if self.float_output and self.pack_output:
+            return out, packed
+        return out if self.float_output else packed
+
+
+class Program:
+    """The plan's nodes in order, each an instruction on the list of values before it; a value
+    is dropped after its last use, as the plan's generated code does. ``program(x)`` returns
+    what the plan returns for ``x``."""
+
+    def __init__(
+        self,
+        route: str,
+        instructions: Sequence[Instruction | None],
+        drops: Sequence[tuple[int, ...]],
+        output: Callable[[list[Any]], Any],
+        steps: Sequence[_BoundStep],
+    ):
+        self.route = route
+        self._instructions, self._drops, self._output = list(instructions), list(drops), output
+        self._steps = list(steps)
+
+    @property
+    def bound_steps(self) -> int:
+        """How many plan steps run as direct kernel calls."""
+        return len(self._steps)
+
+    def current(self) -> bool:
+        """Whether every bound step still holds the weights it was bound to."""
+        return all(step.current() for step in self._steps)
+
+    def __call__(self, x: Tensor) -> Any:
+        threads = cpu_backend.kernel_threads()
+        env: list[Any] = [None] * len(self._instructions)
+        env[0] = x
+        for i, instruction in enumerate(self._instructions):
+            if instruction is not None:
+                env[i] = instruction(env, threads)
+            for slot in self._drops[i]:
+                env[slot] = None
+        return self._output(env)
+
+
+def lower_plan(gm: torch.fx.GraphModule, route: str) -> Program | None:
+    """``gm`` (a plan from :func:`bnas.export.plan.build_plan`) as a :class:`Program` for CPU
+    code path ``route``; None when no step would run as a direct call (no step with packed
+    input, or a route that is not a CPU kernel's) or the graph's one input is not its first
+    node."""
+    if route not in CPU_BACKENDS:
+        return None
+    nodes = list(gm.graph.nodes)
+    if not nodes or nodes[0].op != "placeholder":
+        return None
+    if any(node.op == "placeholder" for node in nodes[1:]):
+        return None
+    slot_of = {node: i for i, node in enumerate(nodes)}
+    drops: list[list[int]] = [[] for _ in nodes]
+    last_use: dict[torch.fx.Node, int] = {}
+    for i, node in enumerate(nodes):
+        if node.op == "output":  # what the output reads stays until it is returned
+            continue
+        for used in node.all_input_nodes:
+            last_use[used] = i
+    for used, i in last_use.items():
+        drops[i].append(slot_of[used])
+
+    outputs = [node for node in nodes if node.op == "output"]
+    if len(outputs) != 1:
+        return None
+    instructions: list[Instruction | None] = [None]
+    steps: list[_BoundStep] = []
+    for node in nodes[1:]:
+        if node.op == "output":
+            instructions.append(None)
+            continue
+        instruction = _instruction(gm, node, route, slot_of)
+        if isinstance(instruction, _BoundStep):
+            steps.append(instruction)
+        instructions.append(instruction)
+    if not steps:
+        return None
+    output = _values(outputs[0].args[0], slot_of)
+    return Program(route, instructions, [tuple(d) for d in drops], output, steps)
+
+
+def _values(arg: Any, slot_of: dict[torch.fx.Node, int]) -> Callable[[list[Any]], Any]:
+    """A function of the value list that gives ``arg`` with its nodes replaced by their values:
+    a flat tuple of nodes and constants (what the plans hold) without walking it on every call."""
+    if isinstance(arg, torch.fx.Node):
+        slot = slot_of[arg]
+        return lambda env: env[slot]
+    if isinstance(arg, dict) and not arg:
+        return lambda env: {}
+    if isinstance(arg, tuple) and not any(isinstance(a, (tuple, list, dict)) for a in arg):
+        template = list(arg)
+        slots = [(i, slot_of[a]) for i, a in enumerate(arg) if isinstance(a, torch.fx.Node)]
+
+        def flat(env: list[Any]) -> tuple[Any, ...]:
+            values = template.copy()
+            for i, slot in slots:
+                values[i] = env[slot]
+            return tuple(values)
+
+        return flat
+    return lambda env: torch.fx.node.map_arg(arg, lambda node: env[slot_of[node]])
+
+
+def _instruction(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, route: str, slot_of: dict[torch.fx.Node, int]
+) -> Instruction:
+    args = node.args
+    kwargs = _values(node.kwargs, slot_of)
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, PackedStep) and module.packed_input and not node.kwargs and len(args) in (1, 2):
+            x, residual = args[0], args[1] if len(args) == 2 else None
+            if isinstance(x, torch.fx.Node) and (residual is None or isinstance(residual, torch.fx.Node)):
+                return _BoundStep(module, route, slot_of[x], None if residual is None else slot_of[residual])
+        positional = _values(args, slot_of)
+        return lambda env, threads: module(*positional(env), **kwargs(env))
+    if node.op == "call_function":
+        target = node.target
+        if target is operator.getitem and isinstance(args[0], torch.fx.Node) and isinstance(args[1], int):
+            source, index = slot_of[args[0]], args[1]
+            return lambda env, threads: env[source][index]
+        if not callable(target):
+            raise ValueError(f"lower_plan: node {node.name} calls {target!r}, which is not callable")
+        function = target
+        positional = _values(args, slot_of)
+        return lambda env, threads: function(*positional(env), **kwargs(env))
+    if node.op == "call_method":
+        method, positional = str(node.target), _values(args, slot_of)
+
+        def call_method(env: list[Any], threads: int) -> Any:
+            receiver, *rest = positional(env)
+            return getattr(receiver, method)(*rest, **kwargs(env))
+
+        return call_method
+    if node.op == "get_attr":
+        path = str(node.target)
+        return lambda env, threads: _attribute(gm, path)
+    raise ValueError(f"lower_plan: node {node.name} of kind {node.op!r} cannot be lowered")
+
+
+def _attribute(gm: torch.fx.GraphModule, path: str) -> Any:
+    value: Any = gm
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
