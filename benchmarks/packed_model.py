@@ -232,8 +232,9 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
     module outside them but ``nn.Identity`` (a no-op: its call cost is glue); ``other`` = the
     hook-free call time minus both: Python, residual adds, layout glue. The hooks are global
     (``register_module_forward_hook``), so modules of an execution plan kept outside the
-    module tree are seen too. Calls come in pairs, one without hooks (the real time), one with
-    them (the parts); the faster half of each is kept (load spikes dropped) and averaged.
+    module tree are seen too, and the steps a lowered program (``bnas.export.program``) calls
+    directly, which are not module calls, through its ``step_timer``. Calls come in pairs, one
+    without hooks (the real time), one with them (the parts); the faster half of each is kept (load spikes dropped) and averaged.
     The hooks' own cost is ``hook_overhead_ms``, left out of the parts."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
@@ -265,10 +266,20 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
                     kind[mod] = part
                 return
 
+    def step_time(step: torch.nn.Module, seconds: float) -> None:
+        # a step the lowered program calls directly: no module call for the hooks to see (one
+        # whose add broadcasts goes through the module, and the hooks timed it already)
+        if step not in spent:
+            spent[step] = seconds
+            kind[step] = "binary"
+
     samples = []
     with torch.no_grad():
         for _ in range(3):
             packed(x)
+        program = None
+        if getattr(packed, "lowered", False) and x.device.type == "cpu":
+            program = packed.program(backend(x.device))
         for _ in range(calls):
             t0 = time.perf_counter()
             packed(x)
@@ -276,6 +287,8 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
             hooks = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
             spent.clear()
             stack.clear()
+            if program is not None:
+                program.step_timer = step_time
             try:
                 t0 = time.perf_counter()
                 packed(x)
@@ -283,6 +296,8 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
             finally:
                 for h in hooks:
                     h.remove()
+                if program is not None:
+                    program.step_timer = None
             samples.append((plain, hooked, dict(spent)))
     half = max(1, (len(samples) + 1) // 2)
     # The faster half of the hooked calls gives the parts, the faster half of the plain

@@ -147,3 +147,18 @@ def test_a_broadcast_residual_goes_through_the_step(monkeypatch: pytest.MonkeyPa
     calls = step_calls(monkeypatch)
     packed(x)
     assert calls == steps  # the first packs its own input; the second's add broadcasts
+
+
+@needs_kernels
+def test_the_step_timer_sees_every_bound_step_once_per_call() -> None:
+    packed, x = packed_of("bireal_resnet18", seed=6)
+    packed(x)
+    program = packed.program(kernels.backend())
+    assert program is not None
+    seen: list[tuple[PackedStep, float]] = []
+    program.step_timer = lambda step, seconds: seen.append((step, seconds))
+    packed(x)
+    program.step_timer = None
+    packed(x)
+    chained = [s for s in packed.plan().modules() if isinstance(s, PackedStep) and s.packed_input]  # type: ignore[union-attr]
+    assert [step for step, _ in seen] == chained and all(seconds > 0 for _, seconds in seen)

@@ -21,6 +21,7 @@ unchanged in place), and lowers the plan again otherwise.
 from __future__ import annotations
 
 import operator
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,6 +97,9 @@ class Program:
         self.route = route
         self._instructions, self._drops, self._output = list(instructions), list(drops), output
         self._steps = list(steps)
+        #: called as ``step_timer(step, seconds)`` after every bound step's call, when set: the
+        #: bound steps are not module calls, so module hooks (profilers) do not see them
+        self.step_timer: Callable[[PackedStep, float], None] | None = None
 
     @property
     def bound_steps(self) -> int:
@@ -110,8 +114,15 @@ class Program:
         threads = cpu_backend.kernel_threads()
         env: list[Any] = [None] * len(self._instructions)
         env[0] = x
+        timer = self.step_timer
         for i, instruction in enumerate(self._instructions):
-            if instruction is not None:
+            if instruction is None:
+                pass
+            elif timer is not None and isinstance(instruction, _BoundStep):
+                start = time.perf_counter()
+                env[i] = instruction(env, threads)
+                timer(instruction.step, time.perf_counter() - start)
+            else:
                 env[i] = instruction(env, threads)
             for slot in self._drops[i]:
                 env[slot] = None
