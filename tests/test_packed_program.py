@@ -162,3 +162,16 @@ def test_the_step_timer_sees_every_bound_step_once_per_call() -> None:
     packed(x)
     chained = [s for s in packed.plan().modules() if isinstance(s, PackedStep) and s.packed_input]  # type: ignore[union-attr]
     assert [step for step, _ in seen] == chained and all(seconds > 0 for _, seconds in seen)
+
+
+@needs_kernels
+def test_a_packed_network_pickles_after_running_lowered() -> None:
+    import pickle
+
+    packed, x = packed_of("bireal_resnet18", seed=7)
+    out = packed(x)
+    assert packed.program(kernels.backend()) is not None
+    # torch.save(packed) pickles it so; the bound calls are closures: left out, made again
+    loaded = pickle.loads(pickle.dumps(packed))
+    assert torch.equal(loaded(x), out)
+    assert loaded.program(kernels.backend()) is not None

@@ -217,6 +217,11 @@ class PackedNetwork(nn.Module):
             programs[key] = lower_plan(plan, route)
         return programs[key]
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_programs", None)  # closures over bound kernel calls: made again on the next call
+        return state
+
     def forward(self, x: Tensor) -> Tensor:
         threads = torch.get_num_threads()
         if self.adaptive_threads and threads > 1 and x.device.type == "cpu":
