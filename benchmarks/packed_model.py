@@ -234,7 +234,8 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
     (``register_module_forward_hook``), so modules of an execution plan kept outside the
     module tree are seen too, and the steps a lowered program (``bnas.export.program``) calls
     directly, which are not module calls, through its ``step_timer``. Calls come in pairs, one
-    without hooks (the real time), one with them (the parts); the faster half of each is kept (load spikes dropped) and averaged.
+    without hooks (the real time), one with them (the parts); the faster half of each is kept
+    (load spikes dropped) and averaged.
     The hooks' own cost is ``hook_overhead_ms``, left out of the parts."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 

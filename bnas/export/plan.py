@@ -141,10 +141,8 @@ class PackedStep(nn.Module):
             if c.threshold is not None:
                 x = x - c.threshold.view(1, -1, 1, 1)
             x = pack_signs(x, c.groups)  # channels_last input packs without a copy
-        n, h, w = x.shape[:3]  # packed input is NHWC
-        out_shape = (n, fused.out_channels, *fused.output_size(h, w))
         # an add that broadcasts (a bias, a scalar) stays a float add after the conv
-        broadcast = residual is not None and residual.shape != out_shape
+        broadcast = residual is not None and residual.shape != fused.output_shape(x)
         if residual is not None and not broadcast and residual.dtype == torch.float32:
             residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
         fused_residual = None if broadcast else residual

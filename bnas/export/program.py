@@ -67,9 +67,7 @@ class _BoundStep:
         x, residual = env[self.x_slot], None
         if self.residual_slot is not None:
             residual = env[self.residual_slot]
-            n, h, w = x.shape[:3]  # packed input is NHWC
-            out_shape = (n, self.fused.out_channels, *self.fused.output_size(h, w))
-            if residual.dtype != torch.float32 or residual.shape != out_shape:
+            if residual.dtype != torch.float32 or residual.shape != self.fused.output_shape(x):
                 return self.step(x, residual)  # a broadcast add: the step's own path
             residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
         out, packed = self.call(
@@ -116,13 +114,11 @@ class Program:
         env[0] = x
         timer = self.step_timer
         for i, instruction in enumerate(self._instructions):
-            if instruction is None:
-                pass
-            elif timer is not None and isinstance(instruction, _BoundStep):
+            if timer is not None and isinstance(instruction, _BoundStep):
                 start = time.perf_counter()
                 env[i] = instruction(env, threads)
                 timer(instruction.step, time.perf_counter() - start)
-            else:
+            elif instruction is not None:
                 env[i] = instruction(env, threads)
             for slot in self._drops[i]:
                 env[slot] = None
@@ -137,9 +133,7 @@ def lower_plan(gm: torch.fx.GraphModule, route: str) -> Program | None:
     if route not in CPU_BACKENDS:
         return None
     nodes = list(gm.graph.nodes)
-    if not nodes or nodes[0].op != "placeholder":
-        return None
-    if any(node.op == "placeholder" for node in nodes[1:]):
+    if [i for i, node in enumerate(nodes) if node.op == "placeholder"] != [0]:
         return None
     slot_of = {node: i for i, node in enumerate(nodes)}
     drops: list[list[int]] = [[] for _ in nodes]

@@ -430,13 +430,13 @@ def float_linear(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> T
     n, (k, c) = x.shape[0], weight.shape
     if n <= LINEAR_ROWS_MAX_BATCH:
         return ext.linear_rows(x, weight, bias, kernel_threads())
-    transposed = _cached_layout(weight, ("pointwise",), lambda: _pointwise_layout(weight.reshape(k, c, 1, 1)))
+    transposed = _cached_layout(weight, ("pointwise",), lambda: _pointwise_layout(weight))
     out = ext.pointwise_conv_nhwc(x.view(n, c, 1, 1), transposed, k, bias, 1, False, 1, kernel_threads())
     return out.view(n, k)  # an (N, K, 1, 1) channels_last map is (N, K) in memory
 
 
 def _pointwise_layout(weight: Tensor) -> Tensor:
-    """(K, C, 1, 1) -> (C, K rounded up to 16), zero columns past K: the kernel's weight rows."""
+    """(K, C, 1, 1) or (K, C) -> (C, K rounded up to 16), zero columns past K: the kernel's weight rows."""
     out_channels, in_channels = weight.shape[:2]
     padded = torch.zeros(in_channels, (out_channels + 15) // 16 * 16, dtype=torch.float32)
     padded[:, :out_channels] = weight.detach().reshape(out_channels, in_channels).t()
