@@ -1,6 +1,7 @@
-"""The float classifier kernel (``bnas.kernels.linear``): ``x @ w.T + b`` with the weight rows
-split among threads at small batch, a 1x1-conv GEMM at larger ones, and the plan pass that
-runs a packed network's large float ``nn.Linear`` on it."""
+"""The float classifier kernels: ``bnas.kernels.linear`` (``x @ w.T + b`` with the weight rows
+split among threads at small batch, a 1x1-conv GEMM at larger ones) and
+``bnas.kernels.global_avg_pool2d`` (the head's ``mean(dim=(2, 3))``), and the plan passes that
+run a packed network's large float ``nn.Linear`` and its global average pool on them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,8 @@ from torch import nn
 import bnas
 from bnas import kernels
 from bnas.export import PackedNetwork, pack_model
-from bnas.export.plan import FLOAT_LINEAR_KERNEL_MIN_WEIGHTS, KernelLinear
-from bnas.kernels import cpu_backend, linear
+from bnas.export.plan import FLOAT_LINEAR_KERNEL_MIN_WEIGHTS, GlobalAvgPool2d, KernelLinear
+from bnas.kernels import cpu_backend, global_avg_pool2d, linear
 
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 needs_avx512 = pytest.mark.skipif(
@@ -159,3 +160,88 @@ def test_the_plan_follows_the_layers_weights_and_keeps_pytorchs_numbers_elsewher
     name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")
     with kernels.use_backend(name), torch.no_grad():
         assert torch.equal(packed(x), net(x))
+
+
+# (N, C, H, W): the ImageNet head's 7x7 map, channels off the 16-lane grid, one pixel, a batch
+POOL_CASES = [(1, 512, 7, 7), (2, 37, 3, 5), (3, 17, 1, 1), (4, 1000, 2, 2)]
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_global_pool_kernel_matches_the_float64_mean(
+    case: tuple[int, int, int, int], channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = torch.randn(*case, generator=torch.Generator().manual_seed(6))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ext = cpu_backend.extension()
+    assert ext is not None
+    calls: list[int] = []
+    original = ext.global_avg_pool_nhwc
+    monkeypatch.setattr(ext, "global_avg_pool_nhwc", lambda *a: calls.append(1) or original(*a))
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv(cpu_backend.THREADS_ENV, threads)
+        with kernels.use_backend("cpu-avx512"):
+            results.append(global_avg_pool2d(x))
+    assert calls == [1, 1, 1]
+    ours = results[0]
+    assert torch.equal(ours, results[1]) and torch.equal(ours, results[2])  # thread count: no effect
+    assert ours.shape == case[:2] and ours.dtype == torch.float32 and ours.is_contiguous()
+    pixels = case[2] * case[3]
+    exact = x.double().mean(dim=(2, 3))
+    # HW - 1 float32 additions and a division: within HW + 1 roundings of the mean of magnitudes
+    bound = (pixels + 1) * torch.finfo(torch.float32).eps * x.abs().double().mean(dim=(2, 3))
+    assert ((ours.double() - exact).abs() <= bound).all()
+    # each channel is summed over the pixels in order, then divided
+    first = x[0, 0].flatten()
+    in_order = torch.zeros((), dtype=torch.float32)
+    for value in first:
+        in_order = in_order + value
+    assert ours[0, 0] == in_order / pixels
+
+
+def test_global_pool_elsewhere_is_pytorchs_mean_and_bad_input_is_refused() -> None:
+    x = torch.randn(2, 40, 3, 3).contiguous(memory_format=torch.channels_last)
+    name = next((b for b in ("cpu-avx2", "cpu-popcnt") if b in cpu_backend.supported_backends()), "reference")
+    with kernels.use_backend(name):
+        assert torch.equal(global_avg_pool2d(x), x.mean(dim=(2, 3)))
+    assert torch.equal(global_avg_pool2d(x.double()), x.double().mean(dim=(2, 3)))
+    assert global_avg_pool2d(torch.randn(0, 8, 2, 2)).shape == (0, 8)
+    assert torch.isnan(global_avg_pool2d(torch.randn(1, 8, 0, 3))).all()  # no pixels: PyTorch's NaN
+    with pytest.raises(ValueError, match=r"global_avg_pool2d expects an \(N, C, H, W\) map, got \(2, 8\)"):
+        global_avg_pool2d(torch.randn(2, 8))
+
+
+class MeanHeads(nn.Module):
+    """Two heads on one map: the global average pool of ``global_avgpool``, and a mean that
+    keeps its dimensions (left to PyTorch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return y.mean(dim=(2, 3)), y.mean(dim=(2, 3), keepdim=True)
+
+
+def test_the_plan_runs_the_heads_global_pool_on_the_kernel() -> None:
+    genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18.yaml")
+    torch.manual_seed(0)
+    packed = pack_model(randomize(bnas.build(genotype), seed=0))
+    plan = packed.plan()
+    assert plan is not None
+    assert sum(isinstance(m, GlobalAvgPool2d) for m in _plan_modules(packed)) == 1
+    assert not [n for n in plan.graph.nodes if n.op == "call_method" and n.target == "mean"]
+    heads = PackedNetwork(MeanHeads(), None, [])
+    heads_plan = heads.plan()
+    assert heads_plan is not None
+    assert [type(m) for m in _plan_modules(heads)].count(GlobalAvgPool2d) == 1
+    kept = [n for n in heads_plan.graph.nodes if n.op == "call_method" and n.target == "mean"]
+    assert len(kept) == 1 and kept[0].kwargs.get("keepdim") is True
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        for ours, tree in zip(heads(x), heads.net(x), strict=True):
+            torch.testing.assert_close(ours, tree)

@@ -196,6 +196,9 @@ def test_a_shortcut_read_again_later_is_not_overwritten() -> None:
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         ref = packed.net(x.contiguous(memory_format=torch.channels_last))
-    assert torch.equal(packed(x), ref)
+    # the global average pool runs on bnas's kernel on AVX-512 CPUs, in a summation order of its own
+    torch.testing.assert_close(packed(x), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    with _shortcuts_on_pytorch(), torch.no_grad():
+        assert torch.equal(packed(x), ref)
     (step,) = steps_of(packed)
     assert step.residual and not step.into_residual

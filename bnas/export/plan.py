@@ -37,6 +37,10 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   (``bnas.kernels.linear``): at batch 1 its weight rows are split among the kernels' threads,
   where PyTorch runs it on one (ResNet's 512 -> 1000 head reads 2 MB of weights that the rest
   of the forward has pushed out of the cache); it sums in an order of its own.
+* **The global average pool on the kernels.** ``x.mean(dim=(2, 3))`` (the ``global_avgpool``
+  head) becomes a :class:`GlobalAvgPool2d` (``bnas.kernels.global_avg_pool2d``): one light
+  kernel call where PyTorch's reduction, whose code the rest of the forward has pushed out of
+  the caches, took 50-80 us at 224x224; it sums in an order of its own.
 * **channels_last throughout.** The image is made channels_last once; PyTorch's float convs
   and pools then keep that layout (the packed kernels read and write it natively), so no
   layer converts layouts. A 3x3/2 max-pool on a 64x112x112 map takes ~0.3 ms in
@@ -47,8 +51,8 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 Every value is computed by the same float32 operations as the module tree, in the same order
 (the fused epilogue rounds ``conv * scale + bias`` and then ``+ residual`` exactly as the
 separate add did), except where PyTorch's float convs pick another summation order for
-channels_last input, and in the stem, shortcut and classifier kernels, which sum in orders of
-their own.
+channels_last input, and in the stem, shortcut, global-pool and classifier kernels, which sum
+in orders of their own.
 The plan's logits are therefore equal to the tree's or within float rounding of them (tested
 on every shipped genotype), and the predicted classes agree. The fused shortcut's pool is
 PyTorch's to the bit.
@@ -71,6 +75,7 @@ from torch import Tensor, nn
 from ..kernels import (
     FusedConv2d,
     conv2d_max_pool,
+    global_avg_pool2d,
     image_conv2d,
     linear,
     max_pool2d_and_pack,
@@ -86,6 +91,7 @@ __all__ = [
     "ChannelsLastPointwiseConv2d",
     "FLOAT_LINEAR_KERNEL_MIN_WEIGHTS",
     "FLOAT_STEM_KERNEL_MIN_MACS",
+    "GlobalAvgPool2d",
     "ImageConv2d",
     "ImageConvMaxPool2d",
     "KernelLinear",
@@ -516,6 +522,35 @@ def _float_linears(gm: torch.fx.GraphModule) -> None:
         node.target = name
 
 
+class GlobalAvgPool2d(nn.Module):
+    """``x.mean(dim=(2, 3))`` of a float map by :func:`bnas.kernels.global_avg_pool2d` (a
+    classifier's input; it sums in an order of its own)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return global_avg_pool2d(x)
+
+
+def _global_pools(gm: torch.fx.GraphModule) -> None:
+    """``mean(dim=(2, 3))`` calls (the ``global_avgpool`` head), without keepdim or a dtype,
+    become :class:`GlobalAvgPool2d` nodes."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_method" or node.target != "mean" or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        dims = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim") if len(node.args) == 1 else None
+        if not isinstance(dims, (tuple, list)) or tuple(dims) not in ((2, 3), (-2, -1)):
+            continue
+        if set(node.kwargs) - {"dim"}:  # keepdim or dtype: left to PyTorch
+            continue
+        name = f"_plan_global_pool{count}"
+        count += 1
+        gm.add_submodule(name, GlobalAvgPool2d())
+        with gm.graph.inserting_after(node):
+            pool = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(pool)
+        gm.graph.erase_node(node)
+
+
 def _binarising_readers(node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep]) -> list[torch.fx.Node]:
     """The steps that binarise ``node`` as their input without a threshold, in one group:
     they can read its signs packed instead."""
@@ -639,6 +674,7 @@ def build_plan(net: nn.Module, int8_stem: bool = False) -> torch.fx.GraphModule 
     _pointwise_convs(gm)
     _image_convs(gm, int8_stem)
     _float_linears(gm)
+    _global_pools(gm)
     _chain_pool_packing(gm, steps)
     _write_into_residuals(gm, steps)
     _channels_last_input(gm)

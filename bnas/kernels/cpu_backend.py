@@ -395,6 +395,22 @@ def max_pool2d_nhwc(
     return out, packed
 
 
+def global_avg_pool_nhwc(x: Tensor, name: str) -> Tensor:
+    """(N, C) means over the pixels of a channels_last float32 map, with code path ``name``."""
+    return _built(name).global_avg_pool_nhwc(x, kernel_threads())
+
+
+# Kernel calls bound once for a caller that makes them on every forward (bnas.export.program):
+# each ``*_call`` returns ``call(x, threads)``, which is the function above it with the same
+# arguments (the weights' layout made now, the bias read at every call).
+KernelCall = Callable[[Tensor, int], Any]
+
+
+def global_avg_pool_call(name: str) -> KernelCall:
+    """:func:`global_avg_pool_nhwc` as ``call(x, threads)``."""
+    return _built(name).global_avg_pool_nhwc
+
+
 def pointwise_conv2d_nhwc(
     x: Tensor, weight: Tensor, bias: Tensor | None, pool: int, ceil_mode: bool, stride: int, name: str
 ) -> Tensor:
@@ -402,13 +418,19 @@ def pointwise_conv2d_nhwc(
     pool (``ceil_mode`` as in ``avg_pool2d``, no padding) when ``pool`` is 2, ``+ bias``;
     AVX-512 only (``name`` ``cpu-avx512``). The weights' transposed, zero-padded layout is
     built once and cached."""
+    return pointwise_conv_call(weight, bias, pool, ceil_mode, stride, name)(x, kernel_threads())
+
+
+def pointwise_conv_call(
+    weight: Tensor, bias: Tensor | None, pool: int, ceil_mode: bool, stride: int, name: str
+) -> KernelCall:
+    """:func:`pointwise_conv2d_nhwc` with these weights as ``call(x, threads)``."""
     if name != "cpu-avx512":
         raise ValueError(f"pointwise_conv2d_nhwc runs on cpu-avx512 only, not {name}")
     out_channels = weight.shape[0]
     transposed = _cached_layout(weight, ("pointwise",), lambda: _pointwise_layout(weight))
-    return _built(name).pointwise_conv_nhwc(
-        x, transposed, out_channels, bias, pool, ceil_mode, stride, kernel_threads()
-    )
+    conv = _built(name).pointwise_conv_nhwc
+    return lambda x, threads: conv(x, transposed, out_channels, bias, pool, ceil_mode, stride, threads)
 
 
 # Up to this many input rows a float linear layer runs on the row kernel (weight rows split
@@ -429,10 +451,19 @@ def float_linear(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> T
     x = x.contiguous()
     n, (k, c) = x.shape[0], weight.shape
     if n <= LINEAR_ROWS_MAX_BATCH:
-        return ext.linear_rows(x, weight, bias, kernel_threads())
+        return linear_rows_call(weight, bias, name)(x, kernel_threads())
     transposed = _cached_layout(weight, ("pointwise",), lambda: _pointwise_layout(weight))
     out = ext.pointwise_conv_nhwc(x.view(n, c, 1, 1), transposed, k, bias, 1, False, 1, kernel_threads())
     return out.view(n, k)  # an (N, K, 1, 1) channels_last map is (N, K) in memory
+
+
+def linear_rows_call(weight: Tensor, bias: Tensor | None, name: str) -> KernelCall:
+    """:func:`float_linear` for up to ``LINEAR_ROWS_MAX_BATCH`` contiguous rows, with these
+    weights, as ``call(x, threads)``."""
+    if name != "cpu-avx512":
+        raise ValueError(f"float_linear runs on cpu-avx512 only, not {name}")
+    rows = _built(name).linear_rows
+    return lambda x, threads: rows(x, weight, bias, threads)
 
 
 def _pointwise_layout(weight: Tensor) -> Tensor:
@@ -467,18 +498,29 @@ def image_conv2d_nhwc(
     rules of ``bnas.kernels.int8``), and with ``pool`` (kernel, stride, padding) the max-pool
     of its output in the same pass: (the output, channels_last; with ``pack_output`` its signs
     packed NHWC, else None). The weights' layout is made once per tensor and version."""
+    return image_conv_call(weight, bias, stride, padding, precision, pool, pack_output)(x, kernel_threads())
+
+
+def image_conv_call(
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    precision: str,
+    pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
+    pack_output: bool = False,
+) -> KernelCall:
+    """:func:`image_conv2d_nhwc` with these weights as ``call(x, threads)``."""
     out_channels, _, kh, kw = weight.shape
     if precision == "int8":
         lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
-        args: tuple[Tensor | None, ...] = (lanes, w_scale, w_sum)
+        layout: tuple[Tensor | None, ...] = (lanes, w_scale, w_sum)
     else:
-        args = (_cached_layout(weight, ("image",), lambda: _float_image_layout(weight)), None, None)
+        layout = (_cached_layout(weight, ("image",), lambda: _float_image_layout(weight)), None, None)
     (pool_kernel, pool_stride, pool_padding) = pool if pool is not None else ((0, 0), (0, 0), (0, 0))
-    out, packed = _built("cpu-avx512").image_conv_nhwc(
-        x, *args, bias, out_channels, kh, kw, *stride, *padding,
-        *pool_kernel, *pool_stride, *pool_padding, pack_output, kernel_threads(),
-    )  # fmt: skip
-    return out, packed
+    geometry = (out_channels, kh, kw, *stride, *padding, *pool_kernel, *pool_stride, *pool_padding, pack_output)
+    conv = _built("cpu-avx512").image_conv_nhwc
+    return lambda x, threads: conv(x, *layout, bias, *geometry, threads)
 
 
 def _window_rows(weight: Tensor, row_values: int) -> Tensor:

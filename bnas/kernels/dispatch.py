@@ -419,6 +419,20 @@ def _max_pool(
     return torch.nn.functional.max_pool2d(x, kernel, stride_, padding_), None
 
 
+def global_avg_pool2d(x: Tensor) -> Tensor:
+    """``x.mean(dim=(2, 3))`` of a float (N, C, H, W) map: a classifier's input. On the
+    cpu-avx512 kernels one light call on the channels_last map sums each channel over the
+    pixels in order, then divides by H * W (PyTorch's mean sums in an order of its own: results
+    agree to float rounding); elsewhere, and for other dtypes or a map without pixels,
+    PyTorch's mean."""
+    if x.dim() != 4:
+        raise ValueError(f"global_avg_pool2d expects an (N, C, H, W) map, got {tuple(x.shape)}")
+    name = _route(x.device)
+    if name == "cpu-avx512" and x.dtype == torch.float32 and x.shape[2] * x.shape[3] > 0:
+        return cpu_backend.global_avg_pool_nhwc(x.contiguous(memory_format=torch.channels_last), name)
+    return x.mean(dim=(2, 3))
+
+
 def pointwise_conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, pool: int = 1, stride: int = 1, ceil_mode: bool = False
 ) -> Tensor:

@@ -977,6 +977,39 @@ std::tuple<torch::Tensor, torch::Tensor> max_pool2d_nhwc(const torch::Tensor& x,
 }
 
 // ---------------------------------------------------------------------------------------
+// Global average pool of a channels_last float map: (N, C, H, W) -> (N, C), each channel's
+// values summed over the pixels in order (p = 0 .. H*W-1; the loop over channels vectorizes),
+// then divided by H*W. A classifier's input: run by PyTorch, this 25 K-value mean cost more
+// than the whole 512 -> 1000 head in a Bi-Real ResNet-18 forward (its reduction code has left
+// the caches by then). Images are split among the threads; a channel's sum never is, so the
+// result does not depend on the thread count.
+// ---------------------------------------------------------------------------------------
+torch::Tensor global_avg_pool_nhwc(const torch::Tensor& x, int64_t num_threads) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "global_avg_pool_nhwc: input must be a channels_last float32 CPU tensor");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK(HW > 0, "global_avg_pool_nhwc: the map has no pixels");
+  auto out = torch::empty({N, C}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float pixels = static_cast<float>(HW);
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({num_threads, N, N * HW * C / 262144 + 1})));
+  bnas::parallel_for(N, 1, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float* o = dst + n * C;
+      std::fill(o, o + C, 0.0f);
+      const float* img = src + n * HW * C;
+      for (int64_t p = 0; p < HW; ++p)
+        for (int64_t c = 0; c < C; ++c) o[c] += img[p * C + c];
+      for (int64_t c = 0; c < C; ++c) o[c] /= pixels;
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
 // 1x1 float conv of a channels_last map, on its 2x2/2 average pool (floor or ceil mode, no
 // padding) with pool == 2: a binary network's float downsample shortcut (pointwise_conv.h).
 // AVX-512 only: the caller runs PyTorch's ops on other CPUs.
@@ -1094,9 +1127,17 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   const float* xs = xc.data_ptr<float>();
   const int64_t image_floats = g.C * g.H * g.W, image_values = g.Hp * g.Wp * g.C;
-  const int64_t rows_to_pad = g.N * g.H;
+  // The padded image is written row by row on the threads, its border with the rows (a
+  // serial fill of the whole 635 KB buffer first cost ~30 us of the 224x224 stem).
+  const int64_t rows_to_pad = g.N * g.Hp;
   const int pad_threads = g.N * image_floats >= 65536 ? threads : 1;
   const int64_t pad_chunk = std::max<int64_t>(1, rows_to_pad / (4 * threads));
+  const int64_t row_values = g.Wp * g.C, border_values = pw * g.C, inner_values = g.W * g.C;
+  // Padded row i (image i / Hp, row i % Hp): its image row's index, or -1 for a padding row.
+  const auto image_row = [&](int64_t i) -> int64_t {
+    const int64_t r = i % g.Hp - ph;
+    return r >= 0 && r < g.H ? r : -1;
+  };
 
   auto out = torch::empty({g.N, out_channels, pg.OH, pg.OW},
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -1115,16 +1156,22 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
 
   if (!int8) {
     // the padded float image (N, Hp, Wp, C): zeros around, the image's values inside
-    auto padded = torch::zeros({g.N * image_values}, torch::dtype(torch::kFloat32));
+    auto padded = torch::empty({g.N * image_values}, torch::dtype(torch::kFloat32));
     float* pd = padded.data_ptr<float>();
     bnas::parallel_for(rows_to_pad, pad_chunk, pad_threads, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / g.H, r = i % g.H;
-        float* dst = pd + ((n * g.Hp + r + ph) * g.Wp + pw) * g.C;
+        float* row = pd + i * row_values;
+        const int64_t n = i / g.Hp, r = image_row(i);
+        if (r < 0) {
+          std::fill(row, row + row_values, 0.0f);
+          continue;
+        }
+        std::fill(row, row + border_values, 0.0f);
+        std::fill(row + border_values + inner_values, row + row_values, 0.0f);
         if (channels_last)
-          std::memcpy(dst, xs + (n * g.H + r) * g.W * g.C, sizeof(float) * g.W * g.C);
+          std::memcpy(row + border_values, xs + (n * g.H + r) * g.W * g.C, sizeof(float) * inner_values);
         else
-          bnas::nchw_row_to_nhwc(xs, g, n, r, dst);
+          bnas::nchw_row_to_nhwc(xs, g, n, r, row + border_values);
       }
     });
     const float* wt = weights.data_ptr<float>();
@@ -1146,12 +1193,21 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
     float lo = 0.0f, hi = 0.0f;
     bnas::int8_min_max(xs + n * image_floats, image_floats, &lo, &hi);
     qz[n] = bnas::int8_image_quantization(lo, hi);
-    std::memset(pd + n * image_values, qz[n].zero_point, image_values);  // the padding: zp is 0.0
   }
   bnas::parallel_for(rows_to_pad, pad_chunk, pad_threads, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(channels_last ? 0 : g.W * g.C));
-    for (int64_t i = begin; i < end; ++i)
-      bnas::int8_quantize_row(xs, channels_last, g, qz[i / g.H], i / g.H, i % g.H, pd, row.data());
+    std::vector<float> scratch(static_cast<size_t>(channels_last ? 0 : g.W * g.C));
+    for (int64_t i = begin; i < end; ++i) {
+      uint8_t* row = pd + i * row_values;
+      const int64_t n = i / g.Hp, r = image_row(i);
+      const uint8_t zp = static_cast<uint8_t>(qz[n].zero_point);  // the padding: zp is 0.0
+      if (r < 0) {
+        std::memset(row, zp, row_values);
+        continue;
+      }
+      std::memset(row, zp, border_values);
+      std::memset(row + border_values + inner_values, zp, row_values - border_values - inner_values);
+      bnas::int8_quantize_row(xs, channels_last, g, qz[n], n, r, pd, scratch.data());
+    }
   });
   std::vector<int32_t> zp_wsum(static_cast<size_t>(g.N * g.Kp), 0);
   std::vector<float> scale(static_cast<size_t>(g.N * g.Kp), 0.0f);
@@ -1194,6 +1250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "max-pool of a channels_last float32 map (and its packed signs, with pack_output)");
   m.def("pointwise_conv_nhwc", &pointwise_conv_nhwc,
         "1x1 float conv of a channels_last map, optionally on its 2x2/2 average pool");
+  m.def("global_avg_pool_nhwc", &global_avg_pool_nhwc, "mean over the pixels of a channels_last float32 map: (N, C)");
   m.def("linear_rows", &linear_rows, "float linear layer x w^T + bias, weight rows split among threads");
   m.def("int8_supported", &int8_supported, "whether this CPU runs image_conv_nhwc on int8 weights (AVX-512 VNNI)");
   m.def("image_conv_nhwc", &image_conv_nhwc,
