@@ -232,8 +232,9 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
     module outside them but ``nn.Identity`` (a no-op: its call cost is glue); ``other`` = the
     hook-free call time minus both: Python, residual adds, layout glue. The hooks are global
     (``register_module_forward_hook``), so modules of an execution plan kept outside the
-    module tree are seen too, and the steps a lowered program (``bnas.export.program``) calls
-    directly, which are not module calls, through its ``step_timer``. Calls come in pairs, one
+    module tree are seen too, and the steps and float kernels a lowered program
+    (``bnas.export.program``) calls directly, which are not module calls, through its
+    ``call_timer``. Calls come in pairs, one
     without hooks (the real time), one with them (the parts); the faster half of each is kept
     (load spikes dropped) and averaged.
     The hooks' own cost is ``hook_overhead_ms``, left out of the parts."""
@@ -267,12 +268,13 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
                     kind[mod] = part
                 return
 
-    def step_time(step: torch.nn.Module, seconds: float) -> None:
-        # a step the lowered program calls directly: no module call for the hooks to see (one
-        # whose add broadcasts goes through the module, and the hooks timed it already)
-        if step not in spent:
-            spent[step] = seconds
-            kind[step] = "binary"
+    def call_time(module: torch.nn.Module, seconds: float) -> None:
+        # a step or float kernel the lowered program calls directly: no module call for the
+        # hooks to see (an input it was not bound for goes through the module, and the hooks
+        # timed that already)
+        if module not in spent:
+            spent[module] = seconds
+            kind[module] = "binary" if type(module).__name__.startswith("Packed") else "float"
 
     samples = []
     with torch.no_grad():
@@ -289,7 +291,7 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
             spent.clear()
             stack.clear()
             if program is not None:
-                program.step_timer = step_time
+                program.call_timer = call_time
             try:
                 t0 = time.perf_counter()
                 packed(x)
@@ -298,7 +300,7 @@ def part_profile(packed: torch.nn.Module, x: torch.Tensor, calls: int, top: int 
                 for h in hooks:
                     h.remove()
                 if program is not None:
-                    program.step_timer = None
+                    program.call_timer = None
             samples.append((plain, hooked, dict(spent)))
     half = max(1, (len(samples) + 1) // 2)
     # The faster half of the hooked calls gives the parts, the faster half of the plain

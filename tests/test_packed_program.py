@@ -1,6 +1,6 @@
-"""The lowered plan (bnas.export.program): a packed network's binary steps as direct kernel
-calls. It must compute what the plan computes, call for call, and follow every change the
-plan follows."""
+"""The lowered plan (bnas.export.program): a packed network's binary steps and float kernel
+modules as direct kernel calls. It must compute what the plan computes, call for call, and
+follow every change the plan follows."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,12 +14,23 @@ import bnas
 from bnas import kernels
 from bnas.binarize import BinarizeConfig, BinaryConv2d
 from bnas.export import PackedNetwork, pack_model
-from bnas.export.plan import PackedStep
+from bnas.export.plan import (
+    ChannelsLastPointwiseConv2d,
+    GlobalAvgPool2d,
+    ImageConv2d,
+    ImageConvMaxPool2d,
+    KernelLinear,
+    PackedStep,
+)
 from bnas.kernels import cpu_backend
 
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 TRACEABLE = sorted(p.stem for p in GENOTYPES.glob("*.yaml") if p.stem != "kim2020_bnas_a")
 needs_kernels = pytest.mark.skipif(not cpu_backend.supported_backends(), reason="no CPU kernel extension")
+needs_avx512 = pytest.mark.skipif(
+    "cpu-avx512" not in cpu_backend.supported_backends(), reason="the float kernels run on cpu-avx512 only"
+)
+FLOAT_KERNEL_MODULES = (ChannelsLastPointwiseConv2d, GlobalAvgPool2d, ImageConv2d, ImageConvMaxPool2d, KernelLinear)
 
 
 def packed_of(name: str, seed: int = 0, batch: int = 2) -> tuple[PackedNetwork, torch.Tensor]:
@@ -149,19 +160,98 @@ def test_a_broadcast_residual_goes_through_the_step(monkeypatch: pytest.MonkeyPa
     assert calls == steps  # the first packs its own input; the second's add broadcasts
 
 
+def module_calls(monkeypatch: pytest.MonkeyPatch, classes: tuple[type[nn.Module], ...]) -> list[nn.Module]:
+    """Every forward call of a module of these classes from now on."""
+    calls: list[nn.Module] = []
+    for cls in classes:
+        forward = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _f=forward: calls.append(self) or _f(self, *a))
+    return calls
+
+
 @needs_kernels
-def test_the_step_timer_sees_every_bound_step_once_per_call() -> None:
+def test_the_call_timer_sees_every_bound_call_once_per_call() -> None:
     packed, x = packed_of("bireal_resnet18", seed=6)
     packed(x)
     program = packed.program(kernels.backend())
     assert program is not None
-    seen: list[tuple[PackedStep, float]] = []
-    program.step_timer = lambda step, seconds: seen.append((step, seconds))
+    seen: list[tuple[nn.Module, float]] = []
+    program.call_timer = lambda module, seconds: seen.append((module, seconds))
     packed(x)
-    program.step_timer = None
+    program.call_timer = None
     packed(x)
-    chained = [s for s in packed.plan().modules() if isinstance(s, PackedStep) and s.packed_input]  # type: ignore[union-attr]
-    assert [step for step, _ in seen] == chained and all(seconds > 0 for _, seconds in seen)
+    plan = packed.plan()
+    assert plan is not None
+    called = [plan.get_submodule(str(n.target)) for n in plan.graph.nodes if n.op == "call_module"]
+    bound = [
+        m
+        for m in called
+        if (isinstance(m, PackedStep) and m.packed_input)
+        or (kernels.backend() == "cpu-avx512" and isinstance(m, FLOAT_KERNEL_MODULES))
+    ]
+    assert [module for module, _ in seen] == bound and all(seconds > 0 for _, seconds in seen)
+    assert len(program.bound_kernels) == (5 if kernels.backend() == "cpu-avx512" else 0)
+
+
+@needs_avx512
+def test_the_float_kernel_modules_run_as_direct_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, kinds in (
+        ("bireal_resnet18_imagenet", ["ImageConvMaxPool2d"] + ["ChannelsLastPointwiseConv2d"] * 3
+         + ["GlobalAvgPool2d", "KernelLinear"]),
+        ("bireal_resnet18", ["ImageConv2d"] + ["ChannelsLastPointwiseConv2d"] * 3 + ["GlobalAvgPool2d"]),
+    ):  # fmt: skip
+        packed, x = packed_of(name, batch=1)
+        with kernels.use_backend("cpu-avx512"):
+            plan, lowered = plan_and_lowered(packed, x)
+            assert torch.equal(lowered, plan)
+            program = packed.program("cpu-avx512")
+            assert program is not None and program.bound_kernels == kinds
+            calls = module_calls(monkeypatch, FLOAT_KERNEL_MODULES)
+            assert torch.equal(packed(x), plan)
+            assert calls == []  # none of them ran as a module
+            monkeypatch.undo()
+
+
+@needs_avx512
+def test_float_weights_changed_in_place_or_replaced_are_followed() -> None:
+    packed, x = packed_of("bireal_resnet18_imagenet", seed=8, batch=1)
+    plan_of = packed.plan()
+    assert plan_of is not None
+    modules = {type(m): m for m in plan_of.modules() if isinstance(m, FLOAT_KERNEL_MODULES)}
+    stem, shortcut, head = modules[ImageConvMaxPool2d], modules[ChannelsLastPointwiseConv2d], modules[KernelLinear]
+    changes = [
+        lambda: shortcut.conv.weight.mul_(-1),  # in place: the layout bound is stale
+        lambda: setattr(stem.conv, "bias", nn.Parameter(stem.conv.bias + 1)),  # replaced
+        lambda: head.linear.weight.mul_(2),
+        lambda: setattr(head.linear, "weight", nn.Parameter(head.linear.weight * -1)),
+    ]
+    with kernels.use_backend("cpu-avx512"), torch.no_grad():
+        before = packed(x)
+        for change in changes:
+            program = packed.program("cpu-avx512")
+            change()
+            plan, lowered = plan_and_lowered(packed, x)
+            assert packed.program("cpu-avx512") is not program  # lowered again
+            assert torch.equal(lowered, plan) and not torch.equal(lowered, before)
+            before = lowered
+
+
+@needs_avx512
+def test_an_input_a_bound_kernel_was_not_bound_for_goes_through_its_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    packed, x = packed_of("bireal_resnet18", seed=9)
+    with kernels.use_backend("cpu-avx512"), torch.no_grad():
+        packed(x)
+        program = packed.program("cpu-avx512")
+        assert program is not None
+        pool = next(k for k in program._kernels if isinstance(k.module, GlobalAvgPool2d))
+        calls = module_calls(monkeypatch, (GlobalAvgPool2d,))
+        nchw = torch.randn(2, 512, 4, 4)  # not channels_last: the module's path
+        env: list[object] = [None] * (pool.slot + 1)
+        env[pool.slot] = nchw
+        assert torch.equal(pool(env, 1), pool.module(nchw))
+        assert calls == [pool.module, pool.module]
+        env[pool.slot] = nchw.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(pool(env, 1), pool.module(nchw)) and len(calls) == 3  # bound: no module call
 
 
 @needs_kernels

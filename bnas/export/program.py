@@ -8,13 +8,17 @@ with more threads.
 
 :func:`lower_plan` turns the plan into a :class:`Program`: every step that reads packed input
 (the plan chains them) becomes one direct call of the extension, its weights in the kernel's
-layout, its geometry and epilogue bound once; every other node runs as in the plan. A call
-then reads the thread count once, and per step checks only that the residual has the output's
-shape (a broadcast add goes through the step itself). The calls and their arguments are the
-plan's, so the outputs are equal bit for bit.
+layout, its geometry and epilogue bound once. The float modules on the kernels (the stem, the
+1x1 shortcuts, the global average pool and the classifier) become direct calls too, each with
+its weights' layout bound: their Python dispatch cost 25-45 us a call, a third of a 1x1
+shortcut's time at 224x224. Every other node runs as in the plan. A call then reads the thread
+count once; a bound step checks only that the residual has the output's shape (a broadcast add
+goes through the step itself), and a bound float call that its input has the dtype, layout and
+channels it was bound for (any other input goes through the module). The calls and their
+arguments are the plan's, so the outputs are equal bit for bit.
 
 A program is made for one code path; ``PackedNetwork`` runs it while that is the path its
-input takes and every bound step still holds the weights it was bound to (the same tensors,
+input takes and every bound call still holds the weights it was bound to (the same tensors,
 unchanged in place), and lowers the plan again otherwise.
 """
 
@@ -27,11 +31,20 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..kernels import cpu_backend
 from ..kernels.dispatch import CPU_BACKENDS
-from .plan import PackedStep
+from ..kernels.int8 import MAX_TAPS
+from .plan import (
+    FLOAT_STEM_KERNEL_MIN_MACS,
+    ChannelsLastPointwiseConv2d,
+    GlobalAvgPool2d,
+    ImageConv2d,
+    ImageConvMaxPool2d,
+    KernelLinear,
+    PackedStep,
+)
 
 __all__ = ["Program", "lower_plan"]
 
@@ -79,6 +92,136 @@ class _BoundStep:
         return out if self.float_output else packed
 
 
+class _BoundKernel:
+    """A float plan module of one input on the CPU kernels as one direct call: ``call(x,
+    threads)`` from ``bnas.kernels.cpu_backend``'s ``*_call`` functions, with the module's
+    weights (``watched``: the owner module and attribute of each) bound. An input that
+    ``accepts`` refuses goes through the module, which checks it and says what is wrong."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        slot: int,
+        call: cpu_backend.KernelCall,
+        accepts: Callable[[Tensor], bool],
+        watched: Sequence[tuple[nn.Module, str]] = (),
+    ):
+        self.module, self.slot, self.call, self.accepts = module, slot, call, accepts
+        self.watched = []
+        for owner, name in watched:
+            store = owner._parameters if name in owner._parameters else owner._buffers
+            tensor = store.get(name)
+            self.watched.append((store, name, tensor, None if tensor is None else tensor._version))
+
+    def current(self) -> bool:
+        """Whether the module still holds the tensors bound, unchanged in place."""
+        return all(
+            store.get(name) is tensor and (tensor is None or tensor._version == version)
+            for store, name, tensor, version in self.watched
+        )
+
+    def __call__(self, env: list[Any], threads: int) -> Any:
+        x = env[self.slot]
+        if self.accepts(x):
+            return self.call(x, threads)
+        return self.module(x)
+
+
+def _float_map(x: Any, channels: int) -> bool:
+    """A float32 CPU tensor (N, channels, H, W)."""
+    return (
+        isinstance(x, Tensor)
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.shape[1] == channels
+        and x.device.type == "cpu"
+    )
+
+
+def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | None:
+    """``module`` as a direct kernel call on code path ``route``, or None where its kernel does
+    not run there (it then runs as a module)."""
+    if route != "cpu-avx512":  # elsewhere these modules run PyTorch's ops
+        return None
+    channels_last = torch.channels_last
+    if isinstance(module, GlobalAvgPool2d):
+
+        def has_pixels(x: Any) -> bool:
+            return (
+                isinstance(x, Tensor)
+                and _float_map(x, x.shape[1] if x.dim() == 4 else -1)
+                and x.shape[2] * x.shape[3] > 0
+                and x.is_contiguous(memory_format=channels_last)
+            )
+
+        return _BoundKernel(module, slot, cpu_backend.global_avg_pool_call(route), has_pixels)
+    if isinstance(module, ChannelsLastPointwiseConv2d):
+        conv = module.conv
+        if conv.weight.dtype != torch.float32 or (conv.bias is not None and conv.bias.dtype != torch.float32):
+            return None
+        channels = conv.weight.shape[1]
+        call = cpu_backend.pointwise_conv_call(
+            conv.weight, conv.bias, module.pool, module.ceil_mode, module.stride, route
+        )
+        return _BoundKernel(
+            module, slot, call,
+            lambda x: _float_map(x, channels) and x.is_contiguous(memory_format=channels_last),
+            [(conv, "weight"), (conv, "bias")],
+        )  # fmt: skip
+    if isinstance(module, KernelLinear):
+        layer = module.linear
+        if layer.weight.dtype != torch.float32 or (layer.bias is not None and layer.bias.dtype != torch.float32):
+            return None
+        features = layer.in_features
+        return _BoundKernel(
+            module, slot, cpu_backend.linear_rows_call(layer.weight, layer.bias, route),
+            lambda x: isinstance(x, Tensor) and x.dtype == torch.float32 and x.dim() == 2
+            and x.shape[1] == features and 1 <= x.shape[0] <= cpu_backend.LINEAR_ROWS_MAX_BATCH
+            and x.device.type == "cpu" and x.is_contiguous(),
+            [(layer, "weight"), (layer, "bias")],
+        )  # fmt: skip
+    if isinstance(module, (ImageConv2d, ImageConvMaxPool2d)):
+        return _bind_image_conv(module, slot)
+    return None
+
+
+def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _BoundKernel | None:
+    conv = module.conv
+    k, channels, kh, kw = conv.weight.shape
+    if conv.weight.dtype != torch.float32 or (conv.bias is not None and conv.bias.dtype != torch.float32):
+        return None
+    if module.precision == "int8" and (channels * kh * kw > MAX_TAPS or not cpu_backend.int8_supported()):
+        return None
+    if isinstance(module, ImageConvMaxPool2d):
+        stride, padding = module.conv_stride, module.conv_padding
+        pool = (module.kernel_size, module.stride, module.padding)
+        call = cpu_backend.image_conv_call(
+            conv.weight, conv.bias, stride, padding, module.precision, pool, module.pack_output
+        )
+        if not module.pack_output:
+            conv_pool = call
+            call = lambda x, threads: conv_pool(x, threads)[0]  # noqa: E731 - the pooled map alone
+
+        def accepts(x: Any) -> bool:
+            return _float_map(x, channels) and x.shape[0] > 0
+
+    else:
+        (sh, sw), (ph, pw), precision = module.stride, module.padding, module.precision
+        image_conv = cpu_backend.image_conv_call(conv.weight, conv.bias, (sh, sw), (ph, pw), precision)
+        call = lambda x, threads: image_conv(x, threads)[0]  # noqa: E731
+
+        def accepts(x: Any) -> bool:
+            if not _float_map(x, channels) or x.shape[0] == 0:
+                return False
+            if precision == "int8":
+                return True
+            oh, ow = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+            # the module's own rule: small stems run PyTorch's conv
+            return k * channels * kh * kw * max(oh, 0) * max(ow, 0) >= FLOAT_STEM_KERNEL_MIN_MACS
+
+    return _BoundKernel(module, slot, call, accepts, [(conv, "weight"), (conv, "bias")])
+
+
 class Program:
     """The plan's nodes in order, each an instruction on the list of values before it; a value
     is dropped after its last use, as the plan's generated code does. ``program(x)`` returns
@@ -91,33 +234,42 @@ class Program:
         drops: Sequence[tuple[int, ...]],
         output: Callable[[list[Any]], Any],
         steps: Sequence[_BoundStep],
+        kernels: Sequence[_BoundKernel] = (),
     ):
         self.route = route
         self._instructions, self._drops, self._output = list(instructions), list(drops), output
         self._steps = list(steps)
-        #: called as ``step_timer(step, seconds)`` after every bound step's call, when set: the
-        #: bound steps are not module calls, so module hooks (profilers) do not see them
-        self.step_timer: Callable[[PackedStep, float], None] | None = None
+        self._kernels = list(kernels)
+        #: called as ``call_timer(module, seconds)`` after every bound call (a step, or a float
+        #: module on the kernels), when set: bound calls are not module calls, so module hooks
+        #: (profilers) do not see them
+        self.call_timer: Callable[[nn.Module, float], None] | None = None
 
     @property
     def bound_steps(self) -> int:
         """How many plan steps run as direct kernel calls."""
         return len(self._steps)
 
+    @property
+    def bound_kernels(self) -> list[str]:
+        """The classes of the float plan modules that run as direct kernel calls, in order."""
+        return [type(kernel.module).__name__ for kernel in self._kernels]
+
     def current(self) -> bool:
-        """Whether every bound step still holds the weights it was bound to."""
-        return all(step.current() for step in self._steps)
+        """Whether every bound call still holds the weights it was bound to."""
+        return all(step.current() for step in self._steps) and all(k.current() for k in self._kernels)
 
     def __call__(self, x: Tensor) -> Any:
         threads = cpu_backend.kernel_threads()
         env: list[Any] = [None] * len(self._instructions)
         env[0] = x
-        timer = self.step_timer
+        timer = self.call_timer
         for i, instruction in enumerate(self._instructions):
-            if timer is not None and isinstance(instruction, _BoundStep):
+            if timer is not None and isinstance(instruction, (_BoundStep, _BoundKernel)):
                 start = time.perf_counter()
                 env[i] = instruction(env, threads)
-                timer(instruction.step, time.perf_counter() - start)
+                timer(instruction.step if isinstance(instruction, _BoundStep) else instruction.module,
+                      time.perf_counter() - start)  # fmt: skip
             elif instruction is not None:
                 env[i] = instruction(env, threads)
             for slot in self._drops[i]:
@@ -151,6 +303,7 @@ def lower_plan(gm: torch.fx.GraphModule, route: str) -> Program | None:
         return None
     instructions: list[Instruction | None] = [None]
     steps: list[_BoundStep] = []
+    kernels: list[_BoundKernel] = []
     for node in nodes[1:]:
         if node.op == "output":
             instructions.append(None)
@@ -158,11 +311,13 @@ def lower_plan(gm: torch.fx.GraphModule, route: str) -> Program | None:
         instruction = _instruction(gm, node, route, slot_of)
         if isinstance(instruction, _BoundStep):
             steps.append(instruction)
+        elif isinstance(instruction, _BoundKernel):
+            kernels.append(instruction)
         instructions.append(instruction)
     if not steps:
         return None
     output = _values(outputs[0].args[0], slot_of)
-    return Program(route, instructions, [tuple(d) for d in drops], output, steps)
+    return Program(route, instructions, [tuple(d) for d in drops], output, steps, kernels)
 
 
 def _values(arg: Any, slot_of: dict[torch.fx.Node, int]) -> Callable[[list[Any]], Any]:
@@ -198,6 +353,10 @@ def _instruction(
             x, residual = args[0], args[1] if len(args) == 2 else None
             if isinstance(x, torch.fx.Node) and (residual is None or isinstance(residual, torch.fx.Node)):
                 return _BoundStep(module, route, slot_of[x], None if residual is None else slot_of[residual])
+        if len(args) == 1 and isinstance(args[0], torch.fx.Node) and not node.kwargs:
+            bound = _bind_kernel(module, slot_of[args[0]], route)
+            if bound is not None:
+                return bound
         positional = _values(args, slot_of)
         return lambda env, threads: module(*positional(env), **kwargs(env))
     if node.op == "call_function":
