@@ -32,11 +32,11 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   = "int8"``) both run in 8-bit integers: each image quantized to uint8, the weights per output
   channel to int8, exact integer sums (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That
   changes the numbers (see :mod:`bnas.kernels.int8`), so it is off by default.
-* **The classifier on the kernels.** A float ``nn.Linear`` with at least
-  ``FLOAT_LINEAR_KERNEL_MIN_WEIGHTS`` weights becomes a :class:`KernelLinear`
+* **The classifier on the kernels.** A float ``nn.Linear`` becomes a :class:`KernelLinear`
   (``bnas.kernels.linear``): at batch 1 its weight rows are split among the kernels' threads,
   where PyTorch runs it on one (ResNet's 512 -> 1000 head reads 2 MB of weights that the rest
-  of the forward has pushed out of the cache); it sums in an order of its own.
+  of the forward has pushed out of the cache), and a small head is one light call where
+  PyTorch's linear, its code cold by then, took 25-30 us; it sums in an order of its own.
 * **The global average pool on the kernels.** ``x.mean(dim=(2, 3))`` (the ``global_avgpool``
   head) becomes a :class:`GlobalAvgPool2d` (``bnas.kernels.global_avg_pool2d``): one light
   kernel call where PyTorch's reduction, whose code the rest of the forward has pushed out of
@@ -89,7 +89,6 @@ from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, 
 __all__ = [
     "ChannelsLastMaxPool2d",
     "ChannelsLastPointwiseConv2d",
-    "FLOAT_LINEAR_KERNEL_MIN_WEIGHTS",
     "FLOAT_STEM_KERNEL_MIN_MACS",
     "GlobalAvgPool2d",
     "ImageConv2d",
@@ -481,12 +480,6 @@ def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool) -> None:
             node.target = name
 
 
-# Below this many weights (in_features * out_features) a float linear layer stays PyTorch's:
-# the kernel call's fixed cost (about 2 us more) then outweighs its speed (1 thread, batch 1:
-# 0.0067 against 0.0048 ms for 256 -> 100; 0.047 against 0.072 ms for 512 -> 1000).
-FLOAT_LINEAR_KERNEL_MIN_WEIGHTS = 65_536
-
-
 class KernelLinear(nn.Module):
     """A float ``nn.Linear`` (the classifier) by :func:`bnas.kernels.linear`: on AVX-512 CPUs
     its weight rows split among the kernels' threads at small batch, a 1x1-conv GEMM at larger
@@ -507,14 +500,16 @@ class KernelLinear(nn.Module):
 
 
 def _float_linears(gm: torch.fx.GraphModule) -> None:
-    """Plain float ``nn.Linear`` layers with at least ``FLOAT_LINEAR_KERNEL_MIN_WEIGHTS``
-    weights become :class:`KernelLinear` nodes."""
+    """Plain float ``nn.Linear`` layers become :class:`KernelLinear` nodes. Even a 512 -> 10
+    head gains: alone and warm, PyTorch's linear is 2-3 us faster at batch 1 (the kernel's
+    Python dispatch, which a lowered program skips), but in a Bi-Real ResNet-18 forward it took
+    25-30 us, and a 32x32 forward ran 0.05-0.06 ms faster on the kernel (1 and 2 threads,
+    interleaved); from batch 100 the kernel is faster alone too (36 against 23 us for
+    500 -> 10)."""
     count = 0
     for node in list(gm.graph.nodes):
         layer = _module(gm, node)
         if type(layer) is not nn.Linear or len(node.args) != 1 or node.kwargs:  # subclasses compute otherwise
-            continue
-        if layer.weight.numel() < FLOAT_LINEAR_KERNEL_MIN_WEIGHTS:
             continue
         name = f"_plan_linear{count}"
         count += 1
