@@ -266,3 +266,18 @@ def test_a_packed_network_pickles_after_running_lowered() -> None:
     loaded = pickle.loads(pickle.dumps(packed))
     assert torch.equal(loaded(x), out)
     assert loaded.program(kernels.backend()) is not None
+
+
+@needs_avx512
+def test_weights_a_kernel_cannot_take_go_through_the_module_and_its_message() -> None:
+    packed, x = packed_of("bireal_resnet18", seed=10)
+    with kernels.use_backend("cpu-avx512"), torch.no_grad():
+        packed(x)
+        plan = packed.plan()
+        assert plan is not None
+        (head,) = [m for m in plan.modules() if isinstance(m, KernelLinear)]
+        head.linear.bias = nn.Parameter(torch.zeros(head.linear.out_features + 1))  # one bias too many
+        with pytest.raises(ValueError, match=r"linear expects \(N, C\) input, \(K, C\) weights and K biases"):
+            packed(x)
+        program = packed.program("cpu-avx512")
+        assert program is not None and "KernelLinear" not in program.bound_kernels

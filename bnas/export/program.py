@@ -138,6 +138,19 @@ def _float_map(x: Any, channels: int) -> bool:
     )
 
 
+def _cpu_float32(weight: Tensor, bias: Tensor | None) -> bool:
+    """Weights the kernels take as they are: float32 on the CPU, one bias per output or none
+    (anything else goes through the module, whose checks name the problem)."""
+    return (
+        weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and (
+            bias is None
+            or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.shape == weight.shape[:1])
+        )
+    )
+
+
 def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | None:
     """``module`` as a direct kernel call on code path ``route``, or None where its kernel does
     not run there (it then runs as a module)."""
@@ -149,7 +162,8 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         def has_pixels(x: Any) -> bool:
             return (
                 isinstance(x, Tensor)
-                and _float_map(x, x.shape[1] if x.dim() == 4 else -1)
+                and x.dim() == 4
+                and _float_map(x, x.shape[1])
                 and x.shape[2] * x.shape[3] > 0
                 and x.is_contiguous(memory_format=channels_last)
             )
@@ -157,7 +171,7 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         return _BoundKernel(module, slot, cpu_backend.global_avg_pool_call(route), has_pixels)
     if isinstance(module, ChannelsLastPointwiseConv2d):
         conv = module.conv
-        if conv.weight.dtype != torch.float32 or (conv.bias is not None and conv.bias.dtype != torch.float32):
+        if not _cpu_float32(conv.weight, conv.bias):
             return None
         channels = conv.weight.shape[1]
         call = cpu_backend.pointwise_conv_call(
@@ -170,7 +184,7 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         )  # fmt: skip
     if isinstance(module, KernelLinear):
         layer = module.linear
-        if layer.weight.dtype != torch.float32 or (layer.bias is not None and layer.bias.dtype != torch.float32):
+        if not _cpu_float32(layer.weight, layer.bias) or layer.weight.dim() != 2:
             return None
         features = layer.in_features
         return _BoundKernel(
@@ -188,7 +202,7 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
 def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _BoundKernel | None:
     conv = module.conv
     k, channels, kh, kw = conv.weight.shape
-    if conv.weight.dtype != torch.float32 or (conv.bias is not None and conv.bias.dtype != torch.float32):
+    if not _cpu_float32(conv.weight, conv.bias):
         return None
     if module.precision == "int8" and (channels * kh * kw > MAX_TAPS or not cpu_backend.int8_supported()):
         return None
