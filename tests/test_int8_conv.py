@@ -189,18 +189,20 @@ def test_an_empty_batch_gives_an_empty_output() -> None:
 
 
 # (N, C, H, W, K, kernel, stride, padding, pool kernel, pool stride, pool padding): ResNet's stem,
-# pools whose windows the conv's edge cuts, odd maps, K off the 32-bit word grid for the signs
+# pools whose windows the conv's edge cuts, odd maps, K off the 32-bit word grid for the signs,
+# a pool whose stride skips conv rows (the kernel's threads meet inside a segment of rows)
 POOLED = [
     (1, 3, 64, 64, 64, 7, 2, 3, 3, 2, 1),
     (2, 3, 33, 31, 48, 7, 2, 3, 3, 2, 1),
     (3, 1, 28, 28, 20, 3, 1, 1, 2, 2, 0),
     (2, 3, 17, 17, 40, 3, 2, 1, 3, 1, 1),
     (1, 2, 9, 12, 16, 3, 1, 0, 5, 3, 2),
+    (1, 3, 23, 20, 16, 3, 1, 1, 2, 3, 0),
 ]
 
 
 @pytest.mark.parametrize("case", POOLED)
-@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
 def test_int8_conv_and_max_pool_in_one_pass_equal_the_two_ops(
     case: tuple[int, ...], threads: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
