@@ -213,16 +213,18 @@ def test_global_pool_elsewhere_is_pytorchs_mean_and_bad_input_is_refused() -> No
 
 
 class MeanHeads(nn.Module):
-    """Two heads on one map: the global average pool of ``global_avgpool``, and a mean that
-    keeps its dimensions (left to PyTorch)."""
+    """Heads on one map: the global average pool of ``global_avgpool``, a mean that keeps its
+    dimensions (left to PyTorch), and means over the last two dimensions of a 5-d tensor
+    (the trace cannot tell it from a map: PyTorch's mean over the same dims)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         y = self.conv(x)
-        return y.mean(dim=(2, 3)), y.mean(dim=(2, 3), keepdim=True)
+        volume = y.unsqueeze(1).expand(-1, 2, -1, -1, -1)
+        return y.mean(dim=(2, 3)), y.mean(dim=(2, 3), keepdim=True), volume.mean(dim=(2, 3)), volume.mean(dim=(-2, -1))
 
 
 def test_the_plan_runs_the_heads_global_pool_on_the_kernel() -> None:
@@ -236,7 +238,7 @@ def test_the_plan_runs_the_heads_global_pool_on_the_kernel() -> None:
     heads = PackedNetwork(MeanHeads(), None, [])
     heads_plan = heads.plan()
     assert heads_plan is not None
-    assert [type(m) for m in _plan_modules(heads)].count(GlobalAvgPool2d) == 1
+    assert [type(m) for m in _plan_modules(heads)].count(GlobalAvgPool2d) == 3
     kept = [n for n in heads_plan.graph.nodes if n.op == "call_method" and n.target == "mean"]
     assert len(kept) == 1 and kept[0].kwargs.get("keepdim") is True
     x = torch.randn(2, 3, 9, 9)

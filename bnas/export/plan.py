@@ -518,11 +518,20 @@ def _float_linears(gm: torch.fx.GraphModule) -> None:
 
 
 class GlobalAvgPool2d(nn.Module):
-    """``x.mean(dim=(2, 3))`` of a float map by :func:`bnas.kernels.global_avg_pool2d` (a
-    classifier's input; it sums in an order of its own)."""
+    """``x.mean(dim=dims)`` (``dims`` the last two of an (N, C, H, W) map: ``(2, 3)`` or
+    ``(-2, -1)``) by :func:`bnas.kernels.global_avg_pool2d` (a classifier's input; it sums in
+    an order of its own); an input of another rank (the trace does not know ranks) gets
+    PyTorch's mean over the same dims."""
+
+    def __init__(self, dims: tuple[int, int] = (2, 3)):
+        super().__init__()
+        self.dims = dims
 
     def forward(self, x: Tensor) -> Tensor:
-        return global_avg_pool2d(x)
+        return global_avg_pool2d(x) if x.dim() == 4 else x.mean(dim=self.dims)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
 
 
 def _global_pools(gm: torch.fx.GraphModule) -> None:
@@ -539,7 +548,7 @@ def _global_pools(gm: torch.fx.GraphModule) -> None:
             continue
         name = f"_plan_global_pool{count}"
         count += 1
-        gm.add_submodule(name, GlobalAvgPool2d())
+        gm.add_submodule(name, GlobalAvgPool2d((int(dims[0]), int(dims[1]))))
         with gm.graph.inserting_after(node):
             pool = gm.graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(pool)
