@@ -168,8 +168,9 @@ class PackedNetwork(nn.Module):
         #: float ops may round differently in the last bit on 1 thread than on 2; set False
         #: for outputs that never depend on the machine's load
         self.adaptive_threads = True
-        #: run the fused plan's binary steps as direct kernel calls (``bnas.export.program``:
-        #: the same calls, less Python); False runs the plan's torch.fx program
+        #: run the fused plan's binary steps and float kernel modules as direct kernel calls
+        #: (``bnas.export.program``: the same calls, less Python); False runs the plan's
+        #: torch.fx program
         self.lowered = True
         self.stem_precision = "float32"
         self.requires_grad_(False)
@@ -206,8 +207,8 @@ class PackedNetwork(nn.Module):
 
     def program(self, route: str) -> Program | None:
         """The plan lowered to direct kernel calls for CPU code path ``route``
-        (:mod:`bnas.export.program`), made again when a step's weights were replaced or changed
-        in place; None without a plan or where nothing would be lowered."""
+        (:mod:`bnas.export.program`), made again when a bound call's weights were replaced or
+        changed in place; None without a plan or where nothing would be lowered."""
         plan = self.plan()
         if plan is None:
             return None

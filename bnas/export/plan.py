@@ -399,15 +399,22 @@ class ImageConv2d(nn.Module):
         self.stride, self.padding = _pair(conv.stride), _pair(cast(tuple[int, int], conv.padding))
         self.precision = precision
 
+    def small_float_stem(self, x: Tensor) -> bool:
+        """Whether ``x`` (N, C, H, W) makes this a float32 stem under
+        ``FLOAT_STEM_KERNEL_MIN_MACS`` per image, which runs PyTorch's conv."""
+        if self.precision != "float32":
+            return False
+        k, _, kh, kw = self.conv.weight.shape
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        oh, ow = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+        return k * x.shape[1] * kh * kw * max(oh, 0) * max(ow, 0) < FLOAT_STEM_KERNEL_MIN_MACS
+
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
-        if self.precision == "float32" and x.dim() == 4:
-            k, _, kh, kw = c.weight.shape
-            (sh, sw), (ph, pw) = self.stride, self.padding
-            oh, ow = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
-            if k * x.shape[1] * kh * kw * max(oh, 0) * max(ow, 0) < FLOAT_STEM_KERNEL_MIN_MACS:
-                return F.conv2d(x.contiguous(memory_format=torch.channels_last), c.weight, c.bias, self.stride,
-                                self.padding)  # fmt: skip
+        if x.dim() == 4 and self.small_float_stem(x):
+            return F.conv2d(
+                x.contiguous(memory_format=torch.channels_last), c.weight, c.bias, self.stride, self.padding
+            )
         return image_conv2d(x, c.weight, c.bias, self.stride, self.padding, self.precision)
 
     def extra_repr(self) -> str:

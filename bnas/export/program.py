@@ -37,7 +37,6 @@ from ..kernels import cpu_backend
 from ..kernels.dispatch import CPU_BACKENDS
 from ..kernels.int8 import MAX_TAPS
 from .plan import (
-    FLOAT_STEM_KERNEL_MIN_MACS,
     ChannelsLastPointwiseConv2d,
     GlobalAvgPool2d,
     ImageConv2d,
@@ -65,7 +64,7 @@ class _BoundStep:
 
     def __init__(self, step: PackedStep, route: str, x_slot: int, residual_slot: int | None):
         fused = step.fused()
-        self.step, self.fused = step, fused
+        self.module, self.fused = step, fused
         buffers = step.conv._buffers
         #: the tensors the call was made with; the packed weights went into a layout of their
         #: own, so they must also be unchanged in place (scale and bias are read at every call)
@@ -83,7 +82,7 @@ class _BoundStep:
         if self.residual_slot is not None:
             residual = env[self.residual_slot]
             if residual.dtype != torch.float32 or residual.shape != self.fused.output_shape(x):
-                return self.step(x, residual)  # a broadcast add: the step's own path
+                return self.module(x, residual)  # a broadcast add: the step's own path
             residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
         out, packed = self.call(
             x, *self.head, residual, self.float_output, self.pack_output,
@@ -110,8 +109,13 @@ class _BoundKernel:
         owner: nn.Module | None = None,
     ):
         self.module, self.slot, self.call, self.accepts = module, slot, call, accepts
-        self.held: list[Held] = [] if owner is None else [_held(owner, "weight"), _held(owner, "bias")]
-        self.unchanged = [(tensor, tensor._version) for _, _, tensor in self.held[:1] if tensor is not None]
+        self.held: list[Held] = []
+        self.unchanged: list[tuple[Tensor, int]] = []
+        if owner is not None:
+            self.held = [_held(owner, "weight"), _held(owner, "bias")]
+            weight = self.held[0][2]  # its layout is bound: in-place changes count too
+            if weight is not None:
+                self.unchanged = [(weight, weight._version)]
 
     def __call__(self, env: list[Any], threads: int) -> Any:
         x = env[self.slot]
@@ -120,14 +124,14 @@ class _BoundKernel:
         return self.module(x)
 
 
-def _float_map(x: Any, channels: int) -> bool:
-    """A float32 CPU tensor (N, channels, H, W)."""
+def _float_cpu(x: Any, rank: int, channels: int | None = None) -> bool:
+    """A float32 CPU tensor of ``rank`` dimensions, with ``channels`` in dimension 1 if given."""
     return (
         isinstance(x, Tensor)
         and x.dtype == torch.float32
-        and x.dim() == 4
-        and x.shape[1] == channels
         and x.device.type == "cpu"
+        and x.dim() == rank
+        and (channels is None or x.shape[1] == channels)
     )
 
 
@@ -151,17 +155,10 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         return None
     channels_last = torch.channels_last
     if isinstance(module, GlobalAvgPool2d):
-
-        def has_pixels(x: Any) -> bool:
-            return (
-                isinstance(x, Tensor)
-                and x.dim() == 4
-                and _float_map(x, x.shape[1])
-                and x.shape[2] * x.shape[3] > 0
-                and x.is_contiguous(memory_format=channels_last)
-            )
-
-        return _BoundKernel(module, slot, cpu_backend.global_avg_pool_call(route), has_pixels)
+        return _BoundKernel(
+            module, slot, cpu_backend.global_avg_pool_call(route),
+            lambda x: _float_cpu(x, 4) and x.shape[2] * x.shape[3] > 0 and x.is_contiguous(memory_format=channels_last),
+        )  # fmt: skip
     if isinstance(module, ChannelsLastPointwiseConv2d):
         conv = module.conv
         if not _cpu_float32(conv.weight, conv.bias):
@@ -172,7 +169,7 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         )
         return _BoundKernel(
             module, slot, call,
-            lambda x: _float_map(x, channels) and x.is_contiguous(memory_format=channels_last), conv,
+            lambda x: _float_cpu(x, 4, channels) and x.is_contiguous(memory_format=channels_last), conv,
         )  # fmt: skip
     if isinstance(module, KernelLinear):
         layer = module.linear
@@ -181,9 +178,8 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         features = layer.in_features
         return _BoundKernel(
             module, slot, cpu_backend.linear_rows_call(layer.weight, layer.bias, route),
-            lambda x: isinstance(x, Tensor) and x.dtype == torch.float32 and x.dim() == 2
-            and x.shape[1] == features and 1 <= x.shape[0] <= cpu_backend.LINEAR_ROWS_MAX_BATCH
-            and x.device.type == "cpu" and x.is_contiguous(), layer,
+            lambda x: _float_cpu(x, 2, features) and 1 <= x.shape[0] <= cpu_backend.LINEAR_ROWS_MAX_BATCH
+            and x.is_contiguous(), layer,
         )  # fmt: skip
     if isinstance(module, (ImageConv2d, ImageConvMaxPool2d)):
         return _bind_image_conv(module, slot)
@@ -192,7 +188,7 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
 
 def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _BoundKernel | None:
     conv = module.conv
-    k, channels, kh, kw = conv.weight.shape
+    _, channels, kh, kw = conv.weight.shape
     if not _cpu_float32(conv.weight, conv.bias):
         return None
     if module.precision == "int8" and (channels * kh * kw > MAX_TAPS or not cpu_backend.int8_supported()):
@@ -208,21 +204,17 @@ def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _Bo
             call = lambda x, threads: conv_pool(x, threads)[0]  # noqa: E731 - the pooled map alone
 
         def accepts(x: Any) -> bool:
-            return _float_map(x, channels) and x.shape[0] > 0
+            return _float_cpu(x, 4, channels) and x.shape[0] > 0
 
     else:
-        (sh, sw), (ph, pw), precision = module.stride, module.padding, module.precision
-        image_conv = cpu_backend.image_conv_call(conv.weight, conv.bias, (sh, sw), (ph, pw), precision)
+        image_conv = cpu_backend.image_conv_call(
+            conv.weight, conv.bias, module.stride, module.padding, module.precision
+        )
         call = lambda x, threads: image_conv(x, threads)[0]  # noqa: E731
+        stem = module
 
         def accepts(x: Any) -> bool:
-            if not _float_map(x, channels) or x.shape[0] == 0:
-                return False
-            if precision == "int8":
-                return True
-            oh, ow = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
-            # the module's own rule: small stems run PyTorch's conv
-            return k * channels * kh * kw * max(oh, 0) * max(ow, 0) >= FLOAT_STEM_KERNEL_MIN_MACS
+            return _float_cpu(x, 4, channels) and x.shape[0] > 0 and not stem.small_float_stem(x)
 
     return _BoundKernel(module, slot, call, accepts, conv)
 
@@ -286,8 +278,7 @@ class Program:
             if timer is not None and isinstance(instruction, (_BoundStep, _BoundKernel)):
                 start = time.perf_counter()
                 env[i] = instruction(env, threads)
-                timer(instruction.step if isinstance(instruction, _BoundStep) else instruction.module,
-                      time.perf_counter() - start)  # fmt: skip
+                timer(instruction.module, time.perf_counter() - start)
             elif instruction is not None:
                 env[i] = instruction(env, threads)
             for slot in self._drops[i]:
