@@ -9,13 +9,19 @@ trainings). Each is then scored with a supernet (BN-recalibrated validation accu
 inherited weights), and Kendall tau and Spearman rho between the two are reported. JSON lines
 on stdout: one per architecture, then a summary; progress on stderr.
 
+``--supernet A.pt B.pt ...`` scores with an ensemble of supernets (trained apart: another
+recipe, or another run): each ranks the architectures by its own score and an architecture's
+score is its mean rank over them. The summary's ``per_supernet_kendall_tau`` gives each
+supernet's own tau beside the ensemble's, and ``*_by_mean_acc`` the ensemble's tau when it
+ranks by the mean accuracy instead (a score one trial can be given alone).
+
 ``--train-seeds 0 1`` trains every architecture once per seed (same architectures, same data
 split; only the initialisation and batch order change). The stand-alone accuracy is then the
 mean over the seeds, and the summary gives the rank agreement between the seeds themselves
 (``standalone_seed_tau``): how far a single stand-alone training can be trusted as ground truth.
 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
-        [--standalone-only | --supernet RUN/supernet.pt | --supernet-epochs E [--distill] [--widths W] [--paths P] [--sampling S]]
+        [--standalone-only | --supernet RUN/supernet.pt [RUN2/supernet.pt ...] | --supernet-epochs E [--distill] [--widths W] [--paths P] [--sampling S]]
         [--calibration-batches 8] [--finetune-steps 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
@@ -222,16 +228,23 @@ def supernet_phase(
     if args.supernet is not None:
         from bnas.search.supernet_run import load_supernet
 
-        supernet = load_supernet(args.supernet, space, device=args.device)
-        meta = dict(getattr(supernet, "meta", {}) or {})
+        supernets = [load_supernet(path, space, device=args.device) for path in args.supernet]
+        metas = [dict(getattr(net, "meta", {}) or {}) for net in supernets]
+        for path, meta in zip(args.supernet, metas, strict=True):
+            if meta.get("seed") is not None and meta["seed"] != args.seed:
+                # Another seed held out other validation images, which that supernet trained on.
+                raise RankingError(
+                    f"--supernet {path}: trained with seed {meta['seed']} (asked: --seed {args.seed}); "
+                    f"score with a supernet of seed {args.seed}, or pass --seed {meta['seed']}"
+                )
         info.update(
-            supernet=str(args.supernet),
-            supernet_epochs=meta.get("epochs"),
-            distill=meta.get("distill"),
-            widths=meta.get("widths"),
-            paths=meta.get("paths"),
-            sampling=meta.get("sampling"),
-            supernet_seed=meta.get("seed"),
+            supernet=args.supernet[0] if len(args.supernet) == 1 else list(args.supernet),
+            supernet_epochs=_one_or_all([m.get("epochs") for m in metas]),
+            distill=_one_or_all([m.get("distill") for m in metas]),
+            widths=_one_or_all([m.get("widths") for m in metas]),
+            paths=_one_or_all([m.get("paths") for m in metas]),
+            sampling=_one_or_all([m.get("sampling") for m in metas]),
+            supernet_seed=_one_or_all([m.get("seed") for m in metas]),
             supernet_train_cpu_s=0.0,
         )
     else:
@@ -246,19 +259,21 @@ def supernet_phase(
             out,
             " (resuming)" if resume else "",
         )
-        supernet = train_supernet(
-            space,
-            out=out,
-            epochs=args.supernet_epochs,
-            resume=resume,
-            distill=args.distill,
-            widths=args.widths,
-            paths=args.paths,
-            sampling=args.sampling,
-            device=args.device,
-            seed=args.seed,
-            data=data,
-        )
+        supernets = [
+            train_supernet(
+                space,
+                out=out,
+                epochs=args.supernet_epochs,
+                resume=resume,
+                distill=args.distill,
+                widths=args.widths,
+                paths=args.paths,
+                sampling=args.sampling,
+                device=args.device,
+                seed=args.seed,
+                data=data,
+            )
+        ]
         info.update(
             supernet=str(out / "supernet.pt"),
             supernet_epochs=args.supernet_epochs,
@@ -271,28 +286,70 @@ def supernet_phase(
             supernet_resumed=resume,
         )
     cpu1 = time.process_time()
-    calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernet.device)
-    for i, arch in enumerate(archs):
-        acc, loss = score(
-            supernet,
-            arch["genotype"],
-            data,
-            calibration=calibration,
-            with_loss=True,
-            seed=args.seed,
-            finetune_steps=args.finetune_steps,
-        )
-        arch["supernet_acc"], arch["supernet_loss"] = float(acc), float(loss)
-        log.info(
-            "scored %d/%d: %s supernet %.4f stand-alone %.4f",
-            i + 1,
-            len(archs),
-            arch["hash"],
-            arch["supernet_acc"],
-            arch["standalone_acc"],
-        )
+    calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernets[0].device)
+    for k, supernet in enumerate(supernets):
+        for i, arch in enumerate(archs):
+            acc, loss = score(
+                supernet,
+                arch["genotype"],
+                data,
+                calibration=calibration,
+                with_loss=True,
+                seed=args.seed,
+                finetune_steps=args.finetune_steps,
+            )
+            arch.setdefault("supernet_accs", []).append(float(acc))
+            arch.setdefault("supernet_losses", []).append(float(loss))
+            log.info(
+                "supernet %d/%d scored %d/%d: %s supernet %.4f stand-alone %.4f",
+                k + 1,
+                len(supernets),
+                i + 1,
+                len(archs),
+                arch["hash"],
+                acc,
+                arch["standalone_acc"],
+            )
+    for arch in archs:
+        arch["supernet_acc"] = sum(arch["supernet_accs"]) / len(supernets)
+        arch["supernet_loss"] = sum(arch["supernet_losses"]) / len(supernets)
+        arch["score_by_acc"], arch["score_by_loss"] = arch["supernet_acc"], -arch["supernet_loss"]
+    if len(supernets) > 1:
+        # An ensemble of supernets: each ranks the archs, and an arch's score is its mean rank
+        # (Borda count), so a supernet whose accuracies spread wider does not outweigh the rest.
+        acc_ranks = [mean_ranks([a["supernet_accs"][k] for a in archs]) for k in range(len(supernets))]
+        loss_ranks = [mean_ranks([-a["supernet_losses"][k] for a in archs]) for k in range(len(supernets))]
+        for i, arch in enumerate(archs):
+            arch["score_by_acc"] = sum(r[i] for r in acc_ranks) / len(supernets)
+            arch["score_by_loss"] = sum(r[i] for r in loss_ranks) / len(supernets)
+        info["per_supernet_kendall_tau"] = [
+            rank_correlations([a["standalone_acc"] for a in archs], [a["supernet_accs"][k] for a in archs])[
+                "kendall_tau"
+            ]
+            for k in range(len(supernets))
+        ]
     info["scoring_cpu_s"] = round(time.process_time() - cpu1, 2)
     return info
+
+
+def _one_or_all(values: list[Any]) -> Any:
+    """One value when every supernet shares it, else the list (one per supernet)."""
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def mean_ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n of ``values`` (the highest ranks n), tied values sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for j in range(start, end + 1):
+            ranks[order[j]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
 
 
 def _default_supernet_out(space: SearchSpace, args: argparse.Namespace) -> Path:
@@ -330,7 +387,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON cache of stand-alone results (default runs/oneshot_ranking/standalone-SPACE-seedS.json)",
     )
     phase = parser.add_mutually_exclusive_group()
-    phase.add_argument("--supernet", default=None, help="a trained supernet (RUN/supernet.pt) to score with")
+    phase.add_argument(
+        "--supernet",
+        nargs="+",
+        default=None,
+        help="a trained supernet (RUN/supernet.pt) to score with; several: rank by each arch's mean rank over them",
+    )
     phase.add_argument("--supernet-epochs", type=int, default=None, help="train a supernet for E epochs here")
     phase.add_argument("--standalone-only", action="store_true", help="train and report the stand-alone phase only")
     parser.add_argument("--distill", action="store_true", help="with --supernet-epochs: in-place distillation")
@@ -432,6 +494,15 @@ def main(argv: list[str] | None = None) -> None:
                 "cached": cached[i],
                 "supernet_val_acc": arch.get("supernet_acc"),
                 "supernet_val_loss": arch.get("supernet_loss"),
+                **(
+                    {
+                        "supernet_val_accs": arch["supernet_accs"],
+                        "supernet_mean_rank": arch["score_by_acc"],
+                        "supernet_mean_rank_by_loss": arch["score_by_loss"],
+                    }
+                    if len(arch.get("supernet_accs", [])) > 1
+                    else {}
+                ),
             }
         )
     standalone = [a["standalone_acc"] for a in archs]
@@ -461,10 +532,15 @@ def main(argv: list[str] | None = None) -> None:
         summary["standalone_seed_tau"] = round(sum(defined) / len(defined), 4) if defined else None
     if not args.standalone_only:
         summary.update(info, calibration_batches=args.calibration_batches, finetune_steps=args.finetune_steps)
-        summary.update(rank_correlations(standalone, [a["supernet_acc"] for a in archs]))
+        summary.update(rank_correlations(standalone, [a["score_by_acc"] for a in archs]))
         # Ranking by the inherited weights' validation loss (lower is better) instead of accuracy.
-        by_loss = rank_correlations(standalone, [-a["supernet_loss"] for a in archs])
+        by_loss = rank_correlations(standalone, [a["score_by_loss"] for a in archs])
         summary.update({f"{k}_by_loss": v for k, v in by_loss.items()})
+        if isinstance(summary.get("supernet"), list):
+            # The ensemble by its mean accuracy instead of its mean rank: the score a search can
+            # give one trial at a time.
+            by_mean_acc = rank_correlations(standalone, [a["supernet_acc"] for a in archs])
+            summary.update({f"{k}_by_mean_acc": v for k, v in by_mean_acc.items()})
     summary.update(load_average=[round(v, 2) for v in os.getloadavg()], **machine())
     emit(summary)
 

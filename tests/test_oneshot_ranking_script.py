@@ -212,3 +212,49 @@ def test_train_seeds_rank_by_the_mean_and_compare_the_seeds(tmp_path: Path, caps
     # A cache trained with another seed is refused, naming both seeds.
     with pytest.raises(SCRIPT_MODULE.RankingError, match=r"trained with seed 4 \(asked: training seed 5\)"):
         SCRIPT_MODULE.load_cache(tmp_path / "cache-train4.json", load_space(space), 3, 5)
+
+
+def test_mean_ranks_share_ties() -> None:
+    assert SCRIPT_MODULE.mean_ranks([0.5, 0.2, 0.5, 0.9]) == [2.5, 1.0, 2.5, 4.0]
+    assert SCRIPT_MODULE.mean_ranks([3.0, 3.0, 3.0]) == [2.0, 2.0, 2.0]
+    assert SCRIPT_MODULE.mean_ranks([1.0]) == [1.0]
+
+
+def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = write_space(tmp_path)
+    cache = tmp_path / "cache.json"
+    common = ["--space", str(space), "--archs", "5", "--seed", "3", "--standalone-cache", str(cache)]
+    # Two supernets trained apart (one path per step, and fair groups), each scored alone first.
+    alone = []
+    for name, extra in (("uniform", []), ("fair", ["--sampling", "fair"])):
+        archs, summary = main_lines(
+            capsys, *common, "--supernet-epochs", "1", "--supernet-out", str(tmp_path / name), *extra
+        )
+        alone.append((archs, summary))
+    paths = [str(tmp_path / name / "supernet.pt") for name in ("uniform", "fair")]
+    archs, summary = main_lines(capsys, *common, "--supernet", *paths)
+    standalone = [a["standalone_val_acc"] for a in archs]
+    accs = [[a["supernet_val_acc"] for a in run_archs] for run_archs, _ in alone]
+    assert accs[0] != accs[1]  # two different supernets
+    assert [a["supernet_val_accs"] for a in archs] == [list(pair) for pair in zip(*accs, strict=True)]
+    assert [a["supernet_val_acc"] for a in archs] == pytest.approx([(x + y) / 2 for x, y in zip(*accs, strict=True)])
+    # The mean rank, by hand: rank each supernet's accuracies (ties share), then average.
+    ranks = [SCRIPT_MODULE.mean_ranks(run) for run in accs]
+    mean_rank = [(x + y) / 2 for x, y in zip(*ranks, strict=True)]
+    assert [a["supernet_mean_rank"] for a in archs] == mean_rank
+    tau = kendalltau(standalone, mean_rank).statistic
+    if summary["kendall_tau"] is None:
+        assert tau != tau
+    else:
+        assert summary["kendall_tau"] == pytest.approx(tau, abs=1e-4)
+    assert summary["per_supernet_kendall_tau"] == [s["kendall_tau"] for _, s in alone]
+    by_mean_acc = kendalltau(standalone, [a["supernet_val_acc"] for a in archs]).statistic
+    if summary["kendall_tau_by_mean_acc"] is None:
+        assert by_mean_acc != by_mean_acc
+    else:
+        assert summary["kendall_tau_by_mean_acc"] == pytest.approx(by_mean_acc, abs=1e-4)
+    assert summary["supernet"] == paths and summary["sampling"] == ["uniform", "fair"]
+    assert summary["supernet_epochs"] == 1
+    # A supernet trained with another seed (another validation split) is refused, naming it.
+    with pytest.raises(SCRIPT_MODULE.RankingError, match=r"--supernet .*uniform/supernet.pt: trained with seed 3 \(asked: --seed 4\)"):
+        main_lines(capsys, *common[:4], "--seed", "4", "--standalone-cache", str(tmp_path / "c4.json"), "--supernet", *paths)
