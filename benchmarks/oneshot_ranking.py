@@ -217,36 +217,49 @@ def standalone_phase(
 # --------------------------------------------------------------------------------------
 # Supernet phase
 # --------------------------------------------------------------------------------------
+def load_supernets(args: argparse.Namespace, space: SearchSpace) -> tuple[list[Any], dict[str, Any]]:
+    """The ``--supernet`` files, loaded and checked before any stand-alone training, and the
+    summary fields they give."""
+    from bnas.search.supernet_run import load_supernet
+
+    supernets = [load_supernet(path, space, device=args.device) for path in args.supernet]
+    metas = [dict(getattr(net, "meta", {}) or {}) for net in supernets]
+    for path, meta in zip(args.supernet, metas, strict=True):
+        if meta.get("seed") is not None and meta["seed"] != args.seed:
+            # Another seed held out other validation images, which that supernet trained on.
+            raise RankingError(
+                f"--supernet {path}: trained with seed {meta['seed']} (asked: --seed {args.seed}); "
+                f"score with a supernet of seed {args.seed}, or pass --seed {meta['seed']}"
+            )
+    info = dict(
+        supernet=args.supernet[0] if len(args.supernet) == 1 else list(args.supernet),
+        supernet_epochs=_one_or_all([m.get("epochs") for m in metas]),
+        distill=_one_or_all([m.get("distill") for m in metas]),
+        widths=_one_or_all([m.get("widths") for m in metas]),
+        paths=_one_or_all([m.get("paths") for m in metas]),
+        sampling=_one_or_all([m.get("sampling") for m in metas]),
+        supernet_seed=_one_or_all([m.get("seed") for m in metas]),
+        supernet_train_cpu_s=0.0,
+    )
+    return supernets, info
+
+
 def supernet_phase(
-    archs: list[dict[str, Any]], space: SearchSpace, args: argparse.Namespace, data: DataSplits
+    archs: list[dict[str, Any]],
+    space: SearchSpace,
+    args: argparse.Namespace,
+    data: DataSplits,
+    loaded: tuple[list[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Load or train the supernet, then score every arch; returns the phase's summary fields."""
+    """Score every arch with the ``loaded`` supernets (or train one), returning the phase's
+    summary fields."""
     from bnas.search.supernet import calibration_batches, score
 
     info: dict[str, Any] = {}
     cpu0 = time.process_time()
-    if args.supernet is not None:
-        from bnas.search.supernet_run import load_supernet
-
-        supernets = [load_supernet(path, space, device=args.device) for path in args.supernet]
-        metas = [dict(getattr(net, "meta", {}) or {}) for net in supernets]
-        for path, meta in zip(args.supernet, metas, strict=True):
-            if meta.get("seed") is not None and meta["seed"] != args.seed:
-                # Another seed held out other validation images, which that supernet trained on.
-                raise RankingError(
-                    f"--supernet {path}: trained with seed {meta['seed']} (asked: --seed {args.seed}); "
-                    f"score with a supernet of seed {args.seed}, or pass --seed {meta['seed']}"
-                )
-        info.update(
-            supernet=args.supernet[0] if len(args.supernet) == 1 else list(args.supernet),
-            supernet_epochs=_one_or_all([m.get("epochs") for m in metas]),
-            distill=_one_or_all([m.get("distill") for m in metas]),
-            widths=_one_or_all([m.get("widths") for m in metas]),
-            paths=_one_or_all([m.get("paths") for m in metas]),
-            sampling=_one_or_all([m.get("sampling") for m in metas]),
-            supernet_seed=_one_or_all([m.get("seed") for m in metas]),
-            supernet_train_cpu_s=0.0,
-        )
+    if loaded is not None:
+        supernets, loaded_info = loaded
+        info.update(loaded_info)
     else:
         from bnas.search.supernet_run import train_supernet
 
@@ -462,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         return loaded[0]
 
     archs = sample_archs(space, args.archs, args.seed)
+    loaded_supernets = load_supernets(args, space) if args.supernet is not None else None
     train_seeds = args.train_seeds if args.train_seeds else [args.seed]
     paths = cache_paths(cache_path, args.seed, train_seeds)
     cpu0 = time.process_time()
@@ -478,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     standalone_cpu = round(time.process_time() - cpu0, 2)
     info: dict[str, Any] = {}
     if not args.standalone_only:
-        info = supernet_phase(archs, space, args, get_data())
+        info = supernet_phase(archs, space, args, get_data(), loaded_supernets)
     for i, arch in enumerate(archs):
         emit(
             {

@@ -255,6 +255,8 @@ def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys:
         assert summary["kendall_tau_by_mean_acc"] == pytest.approx(by_mean_acc, abs=1e-4)
     assert summary["supernet"] == paths and summary["sampling"] == ["uniform", "fair"]
     assert summary["supernet_epochs"] == 1
-    # A supernet trained with another seed (another validation split) is refused, naming it.
+    # A supernet trained with another seed (another validation split) is refused, naming it,
+    # before anything is trained stand-alone.
     with pytest.raises(SCRIPT_MODULE.RankingError, match=r"--supernet .*uniform/supernet.pt: trained with seed 3 \(asked: --seed 4\)"):
         main_lines(capsys, *common[:4], "--seed", "4", "--standalone-cache", str(tmp_path / "c4.json"), "--supernet", *paths)
+    assert not (tmp_path / "c4.json").exists()
