@@ -352,18 +352,9 @@ def _one_or_all(values: list[Any]) -> Any:
 
 def mean_ranks(values: list[float]) -> list[float]:
     """Ranks 1..n of ``values`` (the highest ranks n), tied values sharing their mean rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for j in range(start, end + 1):
-            ranks[order[j]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    from scipy.stats import rankdata
 
+    return [float(r) for r in rankdata(values, method="average")]
 
 def _default_supernet_out(space: SearchSpace, args: argparse.Namespace) -> Path:
     tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}-{args.paths}{'-fair' if args.sampling == 'fair' else ''}-seed{args.seed}"
@@ -476,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
 
     archs = sample_archs(space, args.archs, args.seed)
     loaded_supernets = load_supernets(args, space) if args.supernet is not None else None
+    ensemble = args.supernet is not None and len(args.supernet) > 1
     train_seeds = args.train_seeds if args.train_seeds else [args.seed]
     paths = cache_paths(cache_path, args.seed, train_seeds)
     cpu0 = time.process_time()
@@ -514,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
                         "supernet_mean_rank": arch["score_by_acc"],
                         "supernet_mean_rank_by_loss": arch["score_by_loss"],
                     }
-                    if len(arch.get("supernet_accs", [])) > 1
+                    if ensemble
                     else {}
                 ),
             }
@@ -550,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         # Ranking by the inherited weights' validation loss (lower is better) instead of accuracy.
         by_loss = rank_correlations(standalone, [a["score_by_loss"] for a in archs])
         summary.update({f"{k}_by_loss": v for k, v in by_loss.items()})
-        if isinstance(summary.get("supernet"), list):
+        if ensemble:
             # The ensemble by its mean accuracy instead of its mean rank: the score a search can
             # give one trial at a time.
             by_mean_acc = rank_correlations(standalone, [a["supernet_acc"] for a in archs])
