@@ -461,6 +461,21 @@ def test_launcher_splits_only_grids_that_leave_sms_idle():
     assert torch.equal(out, ref)
 
 
+def test_launcher_takes_the_large_tile_only_for_groups_that_fill_it():
+    from bnas.kernels.conv_plan import plan_conv
+
+    def plan(n, c, h, w, k, groups=1):
+        return plan_conv(torch.zeros(n, h, w, groups * ((c // groups + 31) // 32), dtype=torch.int32),
+                         torch.zeros(k, 3, 3, (c // groups + 31) // 32, dtype=torch.int32), c, 3, 1, 1, 1, groups)
+
+    assert emu.launcher_tile(plan(256, 256, 8, 8, 256), 132) == "large"   # 256 blocks of 128x128
+    # 64 channels would leave half of every 128-column block idle: 4,096 small blocks instead
+    assert emu.launcher_tile(plan(256, 64, 32, 32, 64), 132) == "small"
+    assert emu.launcher_tile(plan(256, 256, 32, 32, 256, groups=4), 132) == "small"   # 64 per group
+    assert emu.launcher_tile(plan(64, 512, 7, 7, 512), 132) == "small"    # 100 large blocks < 132 SMs
+    assert emu.launcher_tile(plan(64, 512, 7, 7, 512), 100) == "large"
+
+
 def test_cuda_backend_keeps_tap_sums_per_weight_tensor(monkeypatch):
     # the GPU entry point computes a packed weight tensor's tap sums once and reuses them until
     # the tensor changes in place or is freed (here with the emulator standing in for the device)

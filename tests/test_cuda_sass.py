@@ -310,7 +310,13 @@ def test_working_tree_kernel_meets_the_static_targets(tmp_path):
     assert len(pairs) == len(base) == 6 and not unpaired
     for b, o in pairs:
         c = cs.compare(b, o)
-        assert all(c[t] for t in cs.TARGETS), c
+        assert c["meets_instr_per_bmma"] and c["meets_no_mov"] and c["meets_no_spills"], c
+        # The epilogue target (at most half the baseline's code) is no longer met: the epilogue
+        # now works from the accumulator registers, unrolled (0.52 of the baseline's code in the
+        # large tile, 0.85-0.87 in the small one), and the conv ran 1.4-4.5x faster on an H200
+        # than with the short staged loop that met it.  Its code must still stay below the baseline's: on the
+        # device, instruction fetch was already the main stall (ncu).
+        assert c["epilogue_ratio"] < 1, c
 
 
 @pytest.mark.skipif(TOOLS is None, reason="nvcc or cuobjdump not found")

@@ -46,6 +46,7 @@ __all__ = [
     "emulated_pack_weights",
     "emulated_tap_sums",
     "launcher_splits",
+    "launcher_tile",
     "emulated_xnor_conv2d_packed",
     "emulated_xnor_linear_packed",
     "load_emulator",
@@ -108,6 +109,8 @@ def _bind_emulator(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bnas_emu_tap_sums.restype = i32
     lib.bnas_emu_conv_splits.argtypes = [p, i32]
     lib.bnas_emu_conv_splits.restype = i32
+    lib.bnas_emu_conv_large_tile.argtypes = [p, i32]
+    lib.bnas_emu_conv_large_tile.restype = i32
     lib.bnas_emu_pack.argtypes = [p, i64, p, p, i32, i32, p, i64, cp, i32]
     lib.bnas_emu_pack.restype = i32
     lib.bnas_emu_fragment_bank_ways.argtypes = [i32]
@@ -200,6 +203,13 @@ def launcher_splits(plan: ConvPlan, sm_count: int) -> int:
     """The split-K depth slices the GPU launcher picks for ``plan`` on ``sm_count`` SMs (1 = none)."""
     dims = _i64_array(plan.dims)  # kept alive across the call
     return int(load_emulator().bnas_emu_conv_splits(dims.data_ptr(), sm_count))
+
+
+def launcher_tile(plan: ConvPlan, sm_count: int) -> str:
+    """The tile the GPU launcher picks for ``plan`` on ``sm_count`` SMs: ``"large"`` (128x128)
+    or ``"small"`` (64x64)."""
+    dims = _i64_array(plan.dims)  # kept alive across the call
+    return "large" if load_emulator().bnas_emu_conv_large_tile(dims.data_ptr(), sm_count) == 1 else "small"
 
 
 def _emu_runner(

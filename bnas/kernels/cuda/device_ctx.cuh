@@ -31,9 +31,8 @@ struct DeviceCtx {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
   }
-  // two adjacent ints to shared memory (8-byte aligned): one STS.64
-  __device__ __forceinline__ void st2_shared(int* p, int lo, int hi) const { *reinterpret_cast<int2*>(p) = make_int2(lo, hi); }
-  __device__ __forceinline__ uint32_t ballot(bool pred) const { return __ballot_sync(0xffffffffu, pred); }
+  // the epilogue's sign bits: the 4 lanes of a group OR 8 bits each into a shared word
+  __device__ __forceinline__ void atomic_or_shared(uint32_t* p, uint32_t v) const { atomicOr(p, v); }
 
   // Asynchronous global->shared copy of BYTES (4, 8 or 16); pred == false writes zeros
   // (src-size 0: nothing is read, src only has to be a valid global address).

@@ -5,12 +5,12 @@
 // stack and registers, shared memory is one byte array per block, and
 //   - __syncthreads is a barrier: no thread passes until every live thread of the block
 //     has arrived (a barrier reached after some thread exited is reported as an error);
-//   - the warp-collective instructions (the 1-bit mma, ldmatrix.x4, __ballot_sync) park each
+//   - the warp-collective instructions (the 1-bit mma, ldmatrix.x4) park each
 //     lane with its operands; once all 32 lanes of the warp arrived at the same instruction
 //     (same kind, same per-lane count of collective calls) it is carried out for the whole
 //     warp: the mma by the exact software model of mma.m16n8k256 .b1 .and.popc (mma_b1.cuh),
 //     ldmatrix by the PTX rule (lane l gives row l % 8 of matrix l / 8, lane (g, t) receives
-//     word t of row g of each matrix), ballot by collecting the 32 predicates;
+//     word t of row g of each matrix);
 //   - cp.async copies are queued per thread and land in shared memory only at the
 //     cp.async.wait_group that retires their commit group, so a wait/commit accounting
 //     mistake reads stale or poisoned shared memory, as it would on the device;
@@ -45,7 +45,7 @@ class EmuError {
 };
 
 enum class State { Ready, AtSync, AtWarp, Done };
-enum class WarpOp { Mma, Ldsm, Ballot };
+enum class WarpOp { Mma, Ldsm };
 
 struct Copy {
   uint8_t* dst;
@@ -70,11 +70,9 @@ class EmuCtx {
   void sync();
   void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]);
   void ldsm_x4(uint32_t r[4], const uint32_t* row);
-  uint32_t ballot(bool pred);
-  void st2_shared(int* p, int lo, int hi) {
-    check_shared(p, 8, 8);
-    p[0] = lo;
-    p[1] = hi;
+  void atomic_or_shared(uint32_t* p, uint32_t v) {
+    check_shared(p, 4, 4);
+    *p |= v;   // fibers never interleave inside this call
   }
   template <int BYTES>
   void cp_async(void* dst, const void* src, bool pred);
@@ -118,8 +116,6 @@ class EmuCtx {
   int32_t c_reg[4] = {0, 0, 0, 0};
   const uint8_t* ldsm_row = nullptr;
   uint32_t ldsm_reg[4] = {0, 0, 0, 0};
-  bool ballot_pred = false;
-  uint32_t ballot_word = 0;
 
  private:
   void wait_groups(int keep);
@@ -185,7 +181,7 @@ class BlockRunner {
       }
       if (!ran)
         throw EmuError("deadlock: some threads wait at __syncthreads while others wait in a warp-collective "
-                       "instruction (divergent mma.sync / ldmatrix / ballot or barrier)");
+                       "instruction (divergent mma.sync / ldmatrix or barrier)");
     }
   }
 
@@ -262,14 +258,10 @@ class BlockRunner {
         }
         mma_m16n8k256_b1_and_popc_model(a, b, c, d);
         for (int l = 0; l < 32; ++l) std::memcpy(ctxs_[w0 + l].c_reg, d[l], sizeof d[l]);
-      } else if (first.op == WarpOp::Ldsm) {
+      } else {
         for (int l = 0; l < 32; ++l)
           for (int j = 0; j < 4; ++j)
             std::memcpy(&ctxs_[w0 + l].ldsm_reg[j], ctxs_[w0 + 8 * j + l / 4].ldsm_row + 4 * (l % 4), 4);
-      } else {
-        uint32_t word = 0;
-        for (int l = 0; l < 32; ++l) word |= (uint32_t)ctxs_[w0 + l].ballot_pred << l;
-        for (int l = 0; l < 32; ++l) ctxs_[w0 + l].ballot_word = word;
       }
       for (int l = 0; l < 32; ++l) ctxs_[w0 + l].state = State::Ready;
       any = true;
@@ -317,12 +309,6 @@ void EmuCtx::ldsm_x4(uint32_t r[4], const uint32_t* row) {
   ldsm_row = reinterpret_cast<const uint8_t*>(row);
   arrive(WarpOp::Ldsm);
   std::memcpy(r, ldsm_reg, sizeof ldsm_reg);
-}
-
-uint32_t EmuCtx::ballot(bool pred) {
-  ballot_pred = pred;
-  arrive(WarpOp::Ballot);
-  return ballot_word;
 }
 
 void EmuCtx::check_shared(const void* p, size_t bytes, size_t align) {
@@ -552,6 +538,13 @@ int bnas_emu_conv_splits(const int64_t* dims, int sm_count) {
   ConvShape s;
   if (conv_shape_from_dims(dims, s)) return -1;
   return conv_splits(s, sm_count);
+}
+
+// The launcher's tile for conv dims on a GPU with sm_count SMs: 1 large, 0 small.
+int bnas_emu_conv_large_tile(const int64_t* dims, int sm_count) {
+  ConvShape s;
+  if (conv_shape_from_dims(dims, s)) return -1;
+  return use_large_tile(s, sm_count) ? 1 : 0;
 }
 
 // The tap-sum kernel (one entry per thread on the device) for packed weights of conv dims.

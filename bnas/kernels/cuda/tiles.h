@@ -28,8 +28,12 @@ inline long long output_tiles(const ConvShape& s) {
   return (long long)ceil_div(s.M, Tile::BM) * s.G * ceil_div(s.Kg, Tile::BN);
 }
 
-// The large tile when it still gives at least one block per SM.
-inline bool use_large_tile(const ConvShape& s, int sm_count) { return output_tiles<LargeTile<1>>(s) >= sm_count; }
+// The large tile when a group's channels fill its 128 columns (narrower groups would leave
+// part of every block idle; the small tile wastes nothing there) and it still gives at least
+// one block per SM.
+inline bool use_large_tile(const ConvShape& s, int sm_count) {
+  return s.Kg >= LargeTile<1>::BN && output_tiles<LargeTile<1>>(s) >= sm_count;
+}
 
 // Split-K for grids that would leave most SMs idle (batch 1, 7x7 maps): the small tile's
 // blocks times `splits` depth slices fill about one wave, each slice at least two stages

@@ -123,7 +123,7 @@ struct ConvTile {
   static_assert((kMmaM / ROWS_PER_LINE) % QUADS == 0, "the swizzle repeats every 16 rows");
   static_assert(VW == 1 || VW == 2 || VW == 4, "copy width");
   static_assert(THREADS % CHUNKS == 0 && (BM * CHUNKS) % THREADS == 0 && (BN * CHUNKS) % THREADS == 0, "copy split");
-  static_assert(BN % 32 == 0, "the epilogue takes 32 columns (one sign word) at a time");
+  static_assert(BN % 32 == 0 && WN % 32 == 0, "the epilogue packs a warp row's 32 columns (one sign word) at a time");
   static_assert(BM <= THREADS && BN <= THREADS, "one thread per row in the prologue");
   static_assert(STAGES >= 2, "pipeline");
 };
@@ -155,21 +155,6 @@ BNAS_HD int b_ldsm_word(int lane, int first_row, int ks) {
   const int mat = lane >> 3;
   return tile_word<Tile>(first_row + (lane & 7) + 8 * (mat >> 1), ks * 8 + 4 * (mat & 1));
 }
-
-// Epilogue staging: the accumulators go through shared memory (the free pipeline buffers)
-// in EPI_PASSES passes of BM / EPI_PASSES rows, row stride BN + 4 ints (fragment stores then
-// hit distinct banks); the epilogue itself is then a short loop, not a fully unrolled one.
-template <class Tile>
-struct EpilogueStaging {
-  static constexpr int STRIDE = Tile::BN + 4;
-  static constexpr int PIPE_INTS = Tile::STAGES * Tile::STAGE_WORDS;
-  static constexpr int PASSES = (Tile::BM * STRIDE + PIPE_INTS - 1) / PIPE_INTS;
-  static constexpr int MT_PER_PASS = Tile::MT / PASSES;
-  static constexpr int WARP_ROWS = MT_PER_PASS * kMmaM;        // rows per warp row per pass
-  static constexpr int ROWS = Tile::WARPS_M * WARP_ROWS;        // staged rows per pass
-  static_assert(Tile::MT % PASSES == 0 && ROWS * STRIDE <= PIPE_INTS, "epilogue staging fits the pipeline buffers");
-  static_assert(WARP_ROWS % 32 == 0, "32 consecutive staged rows are 32 consecutive pixels of one warp row");
-};
 
 // Shared memory layout (bytes), a function of the tap count only.
 struct ConvSmem {
@@ -233,6 +218,9 @@ BNAS_HD void conv_prologue_rows(const ConvShape& s, const BlockPos& b, const Con
   const int tid = ctx.tid();
   for (int t = tid; t < s.T; t += Tile::THREADS)
     tap_delta[t] = ((t / s.KW) * s.DH * s.W + (t % s.KW) * s.DW) * s.GW;
+  // the epilogue ORs sign bits into these words (each thread owns 8 bits of a word)
+  uint32_t* sign_rows = reinterpret_cast<uint32_t*>(sm + L.sign_rows);
+  for (int i = tid; i < Tile::BM * Tile::OUT_WORDS; i += Tile::THREADS) sign_rows[i] = 0;
   if (tid < Tile::BM) {
     int* row_pix = reinterpret_cast<int*>(sm + L.row_pix);
     int* row_out = reinterpret_cast<int*>(sm + L.row_out);
@@ -386,15 +374,17 @@ BNAS_HD uint32_t row_bits(const uint32_t* words, int nwords, int c, int n) {
 // Epilogue.  With bit 1 = +1 and the identity at the top of this file, element (row, col) is
 //   dot = 4*acc - 2*popx(row) - wsum_total(col) + sum over padded taps of row of wsum(tap, col)
 //   y = dot * scale[k] + bias[k]   (two roundings, like torch; scale/bias optional)
-// The accumulators are staged in shared memory.  With a packed output each warp then takes
-// one pixel row and 32 consecutive columns at a time (lane = column), so the padded-tap loop
-// is uniform over the warp and the 32 sign bits are one __ballot_sync; the sign words are
-// assembled into output words at the end (a word shared with another block, at a group or
-// channel-tile boundary, is OR-ed into the zeroed output).  With a float output alone a warp
-// takes 32 pixel rows of one column (lane = pixel): coalesced NCHW stores.
+// computed straight from the mma accumulators in registers: a binary conv's depth is short
+// (Q*32 bits per output, one 256-bit mma step per 8 words), so the per-output epilogue, not
+// the mma, sets the speed, and it is kept to a few instructions per output.  The thread of
+// lane (g, t) holds rows g and g + 8 of each m-tile and columns 2t, 2t + 1 of each n-tile
+// (the m16n8 accumulator layout).  Float output is stored at once (per instruction, 8
+// consecutive pixels of 4 channels: whole 32-byte sectors of NCHW); the sign bits of a row's
+// 32 columns come from the 4 lanes of its group, 8 bits each, and are OR-ed into the row's
+// word in shared memory, from which the packed words are assembled at the end (a word shared
+// with another block, at a group or channel-tile boundary, is OR-ed into the zeroed output).
 template <class Tile, class Ctx>
 BNAS_HD void conv_epilogue(const ConvArgs& a, const BlockPos& b, const ConvSmem& L, ConvRegs<Tile>& R, Ctx& ctx) {
-  using E = EpilogueStaging<Tile>;
   const ConvShape& s = a.s;
   uint8_t* sm = ctx.smem();
   const int tid = ctx.tid();
@@ -409,7 +399,6 @@ BNAS_HD void conv_epilogue(const ConvArgs& a, const BlockPos& b, const ConvSmem&
   const int* row_out = reinterpret_cast<const int*>(sm + L.row_out);
   const uint64_t* row_mask = reinterpret_cast<const uint64_t*>(sm + L.row_mask);
   uint32_t* sign_rows = reinterpret_cast<uint32_t*>(sm + L.sign_rows);
-  int* staged = reinterpret_cast<int*>(sm + L.pipe);
   float* BNAS_RESTRICT out = a.out;
 
   // popc(x) of each row: the 4 lanes of a group each counted 2 of every 8 words
@@ -424,50 +413,59 @@ BNAS_UNROLL
   ctx.sync();
   for (int row = tid; row < Tile::BM; row += Tile::THREADS)
     row_popx[row] = px_part[row * 4] + px_part[row * 4 + 1] + px_part[row * 4 + 2] + px_part[row * 4 + 3];
+  ctx.sync();
 
+  constexpr int WORDS = Tile::WN / 32;            // sign words per warp row
+  constexpr int NT_PER_WORD = 32 / kMmaN;
   const int kbase = b.g * s.Kg + b.n0;
-  const int wtot_row = s.T * Tile::BN;
+  const int col0 = wn * Tile::WN + 2 * t;         // this lane's column of n-tile 0
+  const int* wtot = wsum + s.T * Tile::BN;
 BNAS_UNROLL
-  for (int pass = 0; pass < E::PASSES; ++pass) {
-    // this warp's accumulators of m-tiles [pass*MT_PER_PASS, ...) -> staged rows
+  for (int mt = 0; mt < Tile::MT; ++mt) {
 BNAS_UNROLL
-    for (int i = 0; i < E::MT_PER_PASS; ++i) {
-      const int mt = pass * E::MT_PER_PASS + i;
-BNAS_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        int* dst = staged + (wm * E::WARP_ROWS + i * kMmaM + g + 8 * half) * E::STRIDE + wn * Tile::WN + 2 * t;
-BNAS_UNROLL
-        for (int nt = 0; nt < Tile::NT; ++nt) ctx.st2_shared(dst + nt * kMmaN, R.acc[mt][nt][2 * half], R.acc[mt][nt][2 * half + 1]);
-      }
-    }
-    ctx.sync();
-    // packed output: an item is one pixel row x 32 columns (lane = column, one ballot per
-    // sign word); float output alone: 32 pixel rows x one column (lane = pixel), so the
-    // NCHW stores of a warp are consecutive
-    const bool lanes_on_rows = !a.out_packed;
-    const int items = lanes_on_rows ? (E::ROWS / 32) * Tile::BN : E::ROWS * Tile::OUT_WORDS;
-    for (int item = warp; item < items; item += Tile::WARPS) {
-      const int srow = lanes_on_rows ? (item / Tile::BN) * 32 + lane : item / Tile::OUT_WORDS;
-      const int col = lanes_on_rows ? item % Tile::BN : (item % Tile::OUT_WORDS) * 32 + lane;
-      const int row = (srow / E::WARP_ROWS) * Tile::WM + pass * E::WARP_ROWS + srow % E::WARP_ROWS;
+    for (int half = 0; half < 2; ++half) {
+      const int row = wm * Tile::WM + mt * kMmaM + g + 8 * half;
       const int ro = row_out[row];
-      if (ro < 0) continue;   // no pixel; uniform over the warp when it takes part in ballots
-      int dot = 4 * staged[srow * E::STRIDE + col] - 2 * row_popx[row] - wsum[wtot_row + col];
+      if (ro < 0) continue;   // no pixel
+      const int row_term = 2 * row_popx[row];
+      int dot[Tile::NT][2];
+BNAS_UNROLL
+      for (int nt = 0; nt < Tile::NT; ++nt)
+BNAS_UNROLL
+        for (int j = 0; j < 2; ++j)
+          dot[nt][j] = 4 * R.acc[mt][nt][2 * half + j] - row_term - wtot[col0 + nt * kMmaN + j];
       // taps of this pixel in the zero padding: their weights were counted in the total
-      for (uint64_t mask = row_mask[row]; mask; mask &= mask - 1) dot += wsum[lowest_bit64(mask) * Tile::BN + col];
-      float y = static_cast<float>(dot);
-      if (a.scale) y = mul_rn(y, col_scale[col]);
-      if (a.bias) y = add_rn(y, col_bias[col]);
-      const bool real = col < b.ncols;
-      if (out && real) ctx.st(out + ro + (int64_t)(kbase + col) * s.OHW, y);
+      for (uint64_t mask = row_mask[row]; mask; mask &= mask - 1) {
+        const int* tap_sum = wsum + lowest_bit64(mask) * Tile::BN + col0;
+BNAS_UNROLL
+        for (int nt = 0; nt < Tile::NT; ++nt)
+BNAS_UNROLL
+          for (int j = 0; j < 2; ++j) dot[nt][j] += tap_sum[nt * kMmaN + j];
+      }
+      uint32_t bits[WORDS];
+BNAS_UNROLL
+      for (int w = 0; w < WORDS; ++w) bits[w] = 0;
+BNAS_UNROLL
+      for (int nt = 0; nt < Tile::NT; ++nt)
+BNAS_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          const int col = col0 + nt * kMmaN + j;
+          // without scale / bias the prologue left 1 and 0: exact for a float from an int
+          // (x * 1 = x, and x + 0 = x for every x but -0, which an int never converts to)
+          const float y = add_rn(mul_rn(static_cast<float>(dot[nt][j]), col_scale[col]), col_bias[col]);
+          const bool real = col < b.ncols;
+          if (out && real) ctx.st(out + ro + (int64_t)(kbase + col) * s.OHW, y);
+          if (real && y >= 0.0f) bits[nt / NT_PER_WORD] |= 1u << ((nt % NT_PER_WORD) * kMmaN + 2 * t + j);
+        }
       if (a.out_packed) {
-        const uint32_t word = ctx.ballot(real && y >= 0.0f);
-        if (lane == 0) sign_rows[row * Tile::OUT_WORDS + col / 32] = word;
+BNAS_UNROLL
+        for (int w = 0; w < WORDS; ++w)
+          if (bits[w]) ctx.atomic_or_shared(sign_rows + row * Tile::OUT_WORDS + wn * WORDS + w, bits[w]);
       }
     }
-    ctx.sync();   // the staging buffer is reused by the next pass; sign rows are complete
   }
   if (!a.out_packed) return;
+  ctx.sync();   // every lane's sign bits are in
 
   // Assemble packed words: the block owns channels [kb0, kb1) of the output.  A word whose
   // real channels all belong to this block is stored; a word shared with another block is
