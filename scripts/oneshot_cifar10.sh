@@ -3,11 +3,16 @@
 #
 #   scripts/oneshot_cifar10.sh cpu [RUN]   # darts_binary_proxy: a 2-core CPU, under 2 hours
 #   scripts/oneshot_cifar10.sh gpu [RUN]   # darts_binary itself, full CIFAR-10, on one GPU
+#   scripts/oneshot_cifar10.sh gpu-steps [RUN]
+#       the gpu recipe's three steps cut short, to time them in minutes on a lent GPU:
+#       1 supernet epoch, trials scored for 30 s (at most 40), the best retrained for 1 epoch
 #
 # Each step resumes where it stopped when the script is run again with the same RUN.
 # Data: BNAS_DATA (default ~/.cache/bnas/data) must hold CIFAR-10 (see the README's Datasets).
 set -euo pipefail
-mode=${1:?usage: scripts/oneshot_cifar10.sh cpu|gpu [RUN]}
+usage="usage: scripts/oneshot_cifar10.sh cpu|gpu|gpu-steps [RUN]"
+mode=${1:?$usage}
+limit=()
 case "$mode" in
   cpu)
     space=search_spaces/darts_binary_proxy.yaml
@@ -22,7 +27,12 @@ case "$mode" in
     device=cuda; supernet_epochs=100; trials=2000; top=3; retrain_epochs=100
     threads=()
     ;;
-  *) echo "usage: scripts/oneshot_cifar10.sh cpu|gpu [RUN]" >&2; exit 2 ;;
+  gpu-steps)
+    space=search_spaces/darts_binary.yaml
+    device=cuda; supernet_epochs=1; trials=40; top=1; retrain_epochs=1
+    threads=(); limit=(--timeout 30)
+    ;;
+  *) echo "$usage" >&2; exit 2 ;;
 esac
 run=${2:-runs/oneshot-cifar10-$mode}
 mkdir -p "$run"
@@ -32,5 +42,5 @@ start=$(date +%s)
 bnas supernet "$space" --out "$run/supernet" --epochs "$supernet_epochs" --device "$device" \
   "${threads[@]}" --quiet "${resume[@]}"
 bnas search "$space" --supernet "$run/supernet/supernet.pt" --out "$run/search" --trials "$trials" \
-  --device "$device" "${threads[@]}" --quiet --retrain-top "$top" --retrain-epochs "$retrain_epochs"
+  "${limit[@]}" --device "$device" "${threads[@]}" --quiet --retrain-top "$top" --retrain-epochs "$retrain_epochs"
 echo "one-shot search of $space on $device: $(( $(date +%s) - start )) s this session; summary: $run/search/summary.md"

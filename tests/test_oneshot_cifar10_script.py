@@ -39,14 +39,23 @@ def recorded_calls(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProc
 
 
 @pytest.mark.parametrize(
-    ("mode", "space", "device", "supernet_epochs", "trials", "top", "retrain_epochs"),
+    ("mode", "space", "device", "supernet_epochs", "trials", "top", "retrain_epochs", "timeout"),
     [
-        ("gpu", "search_spaces/darts_binary.yaml", "cuda", 100, 2000, 3, 100),
-        ("cpu", "search_spaces/darts_binary_proxy.yaml", "cpu", 12, 30, 1, 10),
+        ("gpu", "search_spaces/darts_binary.yaml", "cuda", 100, 2000, 3, 100, None),
+        ("gpu-steps", "search_spaces/darts_binary.yaml", "cuda", 1, 40, 1, 1, 30.0),
+        ("cpu", "search_spaces/darts_binary_proxy.yaml", "cpu", 12, 30, 1, 10, None),
     ],
 )
 def test_recipe_commands_parse_with_the_cli(
-    tmp_path: Path, mode: str, space: str, device: str, supernet_epochs: int, trials: int, top: int, retrain_epochs: int
+    tmp_path: Path,
+    mode: str,
+    space: str,
+    device: str,
+    supernet_epochs: int,
+    trials: int,
+    top: int,
+    retrain_epochs: int,
+    timeout: float | None,
 ) -> None:
     run = tmp_path / "run"
     done, calls = recorded_calls(tmp_path, mode, str(run))
@@ -60,8 +69,8 @@ def test_recipe_commands_parse_with_the_cli(
         str(run / "supernet"), supernet_epochs, device, False)
     assert search.supernet == str(run / "supernet" / "supernet.pt")
     assert (search.out, search.trials, search.device) == (str(run / "search"), trials, device)
-    assert (search.retrain_top, search.retrain_epochs) == (top, retrain_epochs)
-    # The CPU recipe pins one thread per process (OMP_NUM_THREADS, default 1); the GPU one leaves torch's.
+    assert (search.retrain_top, search.retrain_epochs, search.timeout) == (top, retrain_epochs, timeout)
+    # The CPU recipe pins one thread per process (OMP_NUM_THREADS, default 1); the GPU ones leave torch's.
     assert supernet.threads == search.threads == (1 if mode == "cpu" else None)
     assert f"summary: {run}/search/summary.md" in done.stdout
 
@@ -78,4 +87,4 @@ def test_rerun_resumes_the_supernet(tmp_path: Path) -> None:
 def test_unknown_mode_is_refused(tmp_path: Path) -> None:
     done, calls = recorded_calls(tmp_path, "tpu")
     assert done.returncode == 2 and calls == []
-    assert "usage: scripts/oneshot_cifar10.sh cpu|gpu [RUN]" in done.stderr
+    assert "usage: scripts/oneshot_cifar10.sh cpu|gpu|gpu-steps [RUN]" in done.stderr
