@@ -8,11 +8,15 @@
 #   pytest  - pytest -m gpu on the test files that hold GPU tests (JUnit XML)
 #   conv    - benchmarks/cuda_xnor_conv.py --json-out (CUDA-graph timings vs cuDNN fp16, 1-bit mma peak)
 #   packed  - benchmarks/packed_model.py --device cuda (JSON lines)
+#   profile - where ncu is on PATH: Nsight Compute on one launch of the conv at 256x256x8x8->256
+#             (speed of light, occupancy, launch, warp-state and scheduler sections); it never
+#             fails the check (ncu cannot read the counters on some machines: see ncu_conv.txt)
 # Each step has a timeout, clamped so that all steps together stay inside GPU_CHECK_BUDGET_S
 # (default 450 s, under 8 minutes); a failed or timed-out step is recorded and the next one runs.
 # Output, at most 8 files (the device tool brings back no more), in ${OUT:-./gpu-check-out}:
 #   summary.json (every step's exit code, status and seconds; pytest counts; the benchmark's summary line),
-#   log.txt (all steps' output), env.txt, pytest_gpu.xml, cuda_xnor_conv.jsonl, packed_model.jsonl.
+#   log.txt (all steps' output), env.txt, pytest_gpu.xml, cuda_xnor_conv.jsonl, packed_model.jsonl,
+#   ncu_conv.txt.
 # Exit code: 0 every step passed, 1 some step failed or timed out, 2 no CUDA device.
 #
 # The device call a session makes (one call; the wheels travel in the ignored folder .whl):
@@ -198,6 +202,17 @@ run_step pytest 150 "\"$PY\" -m pytest -m gpu -q -p no:cacheprovider --junitxml=
 # --- benchmarks ------------------------------------------------------------------------------------------
 run_step conv 150 "\"$PY\" benchmarks/cuda_xnor_conv.py --json-out \"$OUT/cuda_xnor_conv.jsonl\" >/dev/null"
 run_step packed 120 "\"$PY\" benchmarks/packed_model.py --device cuda >\"$OUT/packed_model.jsonl\""
+
+# --- profile: where the kernel's time goes, for the next change (launch 4 of the conv kernel is a
+# warm-up call of the timed packed-output conv; launches 1-3 check it against the reference)
+if command -v ncu >/dev/null; then
+  run_step profile 90 "ncu --clock-control none -k regex:xnor_conv_kernel --launch-skip 3 --launch-count 1 \
+--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+\"$PY\" benchmarks/cuda_xnor_conv.py --shapes 256x256x8x8:256 --repeats 1 --batches 1 >\"$OUT/ncu_conv.txt\" 2>&1 \
+|| echo 'ncu could not profile the kernel: see ncu_conv.txt'"
+else
+  echo "=== profile: skipped, no ncu on PATH" >>"$LOG"
+fi
 
 if awk -F'\t' '$3 != "ok" { bad = 1 } END { exit !bad }' "$STEPS"; then
   finish "" 1
