@@ -62,7 +62,6 @@ CUDA_SHAPES: list[Shape] = [
     (1, 512, 7, 7, 512),
 ]
 RATIO_BATCHES = (256, 64)  # the summary's median ratio is over the shapes of these batch sizes
-RATIO_SHAPE_NAMES = [f"{n}x{c}x{h}x{w}->{k}" for n, c, h, w, k in CUDA_SHAPES if n in RATIO_BATCHES]
 PEAK_SHAPE: Shape = (256, 256, 8, 8, 256)  # the summary's fraction of peak is this shape's
 TARGET_RATIO = 4.0  # issue 17: >= 4x cuDNN fp16, median over the six batch-256/64 shapes
 TARGET_FRACTION_OF_PEAK = 0.35  # issue 17: >= 35 % of the measured 1-bit mma peak
@@ -71,6 +70,9 @@ TARGET_FRACTION_OF_PEAK = 0.35  # issue 17: >= 35 % of the measured 1-bit mma pe
 def shape_name(shape: Shape) -> str:
     n, c, h, w, k = shape
     return f"{n}x{c}x{h}x{w}->{k}"
+
+
+RATIO_SHAPE_NAMES = [shape_name(shape) for shape in CUDA_SHAPES if shape[0] in RATIO_BATCHES]
 
 
 def cuda_time(fn: Callable[[], Any], repeats: int = 20, batches: int = 5, warmup: int = 10) -> float:

@@ -441,13 +441,18 @@ def test_split_k_is_bit_exact(case, splits):
     assert torch.equal(packed, reference_pack(y))
 
 
-def test_launcher_splits_only_grids_that_leave_sms_idle():
+def _plan_3x3(n, c, h, w, k, groups=1):
+    """The conv plan of a 3x3, stride 1, padding 1 conv on zero packed tensors (the launcher's
+    rules read only its dims)."""
     from bnas.kernels.conv_plan import plan_conv
 
-    def plan(n, c, h, w, k):
-        return plan_conv(torch.zeros(n, h, w, (c + 31) // 32, dtype=torch.int32),
-                         torch.zeros(k, 3, 3, (c + 31) // 32, dtype=torch.int32), c, 3, 1, 1)
+    words = (c // groups + 31) // 32
+    return plan_conv(torch.zeros(n, h, w, groups * words, dtype=torch.int32),
+                     torch.zeros(k, 3, 3, words, dtype=torch.int32), c, 3, 1, 1, 1, groups)
 
+
+def test_launcher_splits_only_grids_that_leave_sms_idle():
+    plan = _plan_3x3
     # batch 1, 7x7x512 -> 512: 8 blocks of 64x64 on 132 SMs, 9 stages -> 4 slices of >= 2 stages
     assert emu.launcher_splits(plan(1, 512, 7, 7, 512), 132) == 4
     assert emu.launcher_splits(plan(1, 256, 14, 14, 256), 132) == 2     # 16 blocks, 5 stages
@@ -462,12 +467,7 @@ def test_launcher_splits_only_grids_that_leave_sms_idle():
 
 
 def test_launcher_takes_the_large_tile_only_for_groups_that_fill_it():
-    from bnas.kernels.conv_plan import plan_conv
-
-    def plan(n, c, h, w, k, groups=1):
-        return plan_conv(torch.zeros(n, h, w, groups * ((c // groups + 31) // 32), dtype=torch.int32),
-                         torch.zeros(k, 3, 3, (c // groups + 31) // 32, dtype=torch.int32), c, 3, 1, 1, 1, groups)
-
+    plan = _plan_3x3
     assert emu.launcher_tile(plan(256, 256, 8, 8, 256), 132) == "large"   # 256 blocks of 128x128
     # 64 channels would leave half of every 128-column block idle: 4,096 small blocks instead
     assert emu.launcher_tile(plan(256, 64, 32, 32, 64), 132) == "small"

@@ -314,8 +314,8 @@ def test_working_tree_kernel_meets_the_static_targets(tmp_path):
         # The epilogue target (at most half the baseline's code) is no longer met: the epilogue
         # now works from the accumulator registers, unrolled (0.52 of the baseline's code in the
         # large tile, 0.85-0.87 in the small one), and the conv ran 1.4-4.5x faster on an H200
-        # than with the short staged loop that met it.  Its code must still stay below the baseline's: on the
-        # device, instruction fetch was already the main stall (ncu).
+        # than with the short staged loop that met it.  Its code must still stay below the
+        # baseline's: on the device, instruction fetch was already the main stall (ncu).
         assert c["epilogue_ratio"] < 1, c
 
 
