@@ -56,7 +56,7 @@ from ..binarize import BinaryConv2d, BinaryLinear
 from ..builder import build
 from ..errors import BnasError
 from ..genotype import Genotype, genotype_from_dict
-from ..kernels.dispatch import STEM_PRECISIONS, backend
+from ..kernels.dispatch import POINTWISE_PRECISIONS, STEM_PRECISIONS, backend
 from ..kernels.thread_budget import PROCESS_BUDGET, torch_threads
 from ..yaml_io import parse_yaml_mapping
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
@@ -173,6 +173,7 @@ class PackedNetwork(nn.Module):
         #: torch.fx program
         self.lowered = True
         self.stem_precision = "float32"
+        self.shortcut_precision = "float32"
         self.requires_grad_(False)
         super().train(False)
 
@@ -194,6 +195,23 @@ class PackedNetwork(nn.Module):
             raise ExportError(f"stem_precision {value!r} is not one of {', '.join(STEM_PRECISIONS)}")
         self.__dict__["_stem_precision"] = value
 
+    @property
+    def shortcut_precision(self) -> str:
+        """How the fused plan runs its 1x1 float convs (Bi-Real's downsample shortcuts, with
+        the 2x2 average pool before them): ``"float32"`` (the default) or ``"int8"``, by the
+        stem's rules with the (pooled) input map in the image's place
+        (``bnas.kernels.pointwise_conv2d(..., precision="int8")``; a conv of more than
+        ``bnas.kernels.int8.MAX_TAPS`` input channels stays float32). The shortcut's output
+        then differs by the quantization, which changes some predictions, as the int8 stem
+        does. The module tree (``fused = False``) always runs float32."""
+        return self.__dict__["_shortcut_precision"]
+
+    @shortcut_precision.setter
+    def shortcut_precision(self, value: str) -> None:
+        if value not in POINTWISE_PRECISIONS:
+            raise ExportError(f"shortcut_precision {value!r} is not one of {', '.join(POINTWISE_PRECISIONS)}")
+        self.__dict__["_shortcut_precision"] = value
+
     def train(self, mode: bool = True) -> PackedNetwork:
         return super().train(False)  # BN statistics are folded; there is nothing to train
 
@@ -201,9 +219,12 @@ class PackedNetwork(nn.Module):
         """The fused program (built once, sharing this network's modules), or None when the
         network cannot be traced."""
         plans = self.__dict__.setdefault("_plans", {})  # kept out of the module tree: not saved
-        if self.stem_precision not in plans:
-            plans[self.stem_precision] = build_plan(self.net, int8_stem=self.stem_precision == "int8")
-        return plans[self.stem_precision]
+        key = (self.stem_precision, self.shortcut_precision)
+        if key not in plans:
+            plans[key] = build_plan(
+                self.net, int8_stem=self.stem_precision == "int8", int8_shortcuts=self.shortcut_precision == "int8"
+            )
+        return plans[key]
 
     def program(self, route: str) -> Program | None:
         """The plan lowered to direct kernel calls for CPU code path ``route``
@@ -213,7 +234,7 @@ class PackedNetwork(nn.Module):
         if plan is None:
             return None
         programs = self.__dict__.setdefault("_programs", {})  # kept out of the module tree
-        key = (self.stem_precision, route)
+        key = (self.stem_precision, self.shortcut_precision, route)
         if key not in programs or (programs[key] is not None and not programs[key].current()):
             programs[key] = lower_plan(plan, route)
         return programs[key]

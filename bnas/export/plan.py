@@ -31,7 +31,10 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 * **The stem in 8-bit integers, when asked.** With ``int8_stem`` (``PackedNetwork.stem_precision
   = "int8"``) both run in 8-bit integers: each image quantized to uint8, the weights per output
   channel to int8, exact integer sums (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That
-  changes the numbers (see :mod:`bnas.kernels.int8`), so it is off by default.
+  changes the numbers (see :mod:`bnas.kernels.int8`), so it is off by default. So are the
+  1x1 shortcut convs in 8-bit integers, with ``int8_shortcuts``
+  (``PackedNetwork.shortcut_precision = "int8"``): their (pooled) input map quantized per
+  image as the image is (``bnas.kernels.pointwise_conv2d(..., precision="int8")``).
 * **The classifier on the kernels.** A float ``nn.Linear`` becomes a :class:`KernelLinear`
   (``bnas.kernels.linear``): at batch 1 its weight rows are split among the kernels' threads,
   where PyTorch runs it on one (ResNet's 512 -> 1000 head reads 2 MB of weights that the rest
@@ -296,25 +299,29 @@ def _channels_last_pools(gm: torch.fx.GraphModule) -> None:
 
 class ChannelsLastPointwiseConv2d(nn.Module):
     """A 1x1 ``nn.Conv2d`` (no padding, one group), on the 2x2/2 average pool of its input
-    when ``pool`` is 2, by :func:`bnas.kernels.pointwise_conv2d`: one pass, channels_last.
-    It reads the conv's weight and bias at every call, so it follows them when they change."""
+    when ``pool`` is 2, by :func:`bnas.kernels.pointwise_conv2d`: one pass, channels_last, in
+    ``precision`` "float32" or "int8". It reads the conv's weight and bias at every call, so it
+    follows them when they change."""
 
     conv: nn.Conv2d
 
-    def __init__(self, conv: nn.Conv2d, pool: int, ceil_mode: bool = False):
+    def __init__(self, conv: nn.Conv2d, pool: int, ceil_mode: bool = False, precision: str = "float32"):
         super().__init__()
         # the tree's conv, held but not a child: this module stays a leaf (one float op, as
         # profiles count them) and the conv's parameters keep one owner
         self.__dict__["conv"] = conv
         self.pool, self.stride, self.ceil_mode = pool, _pair(conv.stride)[0], ceil_mode
+        self.precision = precision
 
     def forward(self, x: Tensor) -> Tensor:
-        return pointwise_conv2d(x, self.conv.weight, self.conv.bias, self.pool, self.stride, self.ceil_mode)
+        return pointwise_conv2d(
+            x, self.conv.weight, self.conv.bias, self.pool, self.stride, self.ceil_mode, self.precision
+        )
 
     def extra_repr(self) -> str:
         if self.pool == 2:
-            return f"avg_pool 2x2/2{' ceil_mode' * self.ceil_mode} -> 1x1 conv"
-        return f"1x1 conv, stride={self.stride}"
+            return f"{self.precision} avg_pool 2x2/2{' ceil_mode' * self.ceil_mode} -> 1x1 conv"
+        return f"{self.precision} 1x1 conv, stride={self.stride}"
 
 
 def _is_pointwise(conv: nn.Module | None) -> bool:
@@ -342,15 +349,17 @@ def _is_halving_avg_pool(pool: nn.Module | None) -> bool:
     )
 
 
-def _pointwise_convs(gm: torch.fx.GraphModule) -> None:
+def _pointwise_convs(gm: torch.fx.GraphModule, int8_shortcuts: bool = False) -> None:
     """1x1 float convs, each with the 2x2/2 average pool that only it reads, become
-    :class:`ChannelsLastPointwiseConv2d` nodes."""
+    :class:`ChannelsLastPointwiseConv2d` nodes; in int8 with ``int8_shortcuts`` (those of up
+    to ``MAX_TAPS`` input channels, whose integer sums are exact), else in float32."""
     count = 0
     for node in list(gm.graph.nodes):
         module = _module(gm, node)
         if not _is_pointwise(module) or len(node.args) != 1 or node.kwargs:
             continue
         conv = cast(nn.Conv2d, module)
+        precision = "int8" if int8_shortcuts and conv.in_channels <= MAX_TAPS else "float32"
         source = node.args[0]
         pool_node = source if isinstance(source, torch.fx.Node) else None
         if not (
@@ -365,10 +374,10 @@ def _pointwise_convs(gm: torch.fx.GraphModule) -> None:
         name = f"_plan_pointwise{count}"
         count += 1
         if pool_node is None:
-            pointwise = ChannelsLastPointwiseConv2d(conv, pool=1)
+            pointwise = ChannelsLastPointwiseConv2d(conv, pool=1, precision=precision)
         else:
             avg_pool = cast(nn.AvgPool2d, _module(gm, pool_node))
-            pointwise = ChannelsLastPointwiseConv2d(conv, pool=2, ceil_mode=avg_pool.ceil_mode)
+            pointwise = ChannelsLastPointwiseConv2d(conv, pool=2, ceil_mode=avg_pool.ceil_mode, precision=precision)
         gm.add_submodule(name, pointwise)
         node.target = name
         if pool_node is not None:
@@ -667,11 +676,12 @@ def _to_channels_last(x: Tensor) -> Tensor:
 torch.fx.wrap("_to_channels_last")
 
 
-def build_plan(net: nn.Module, int8_stem: bool = False) -> torch.fx.GraphModule | None:
+def build_plan(net: nn.Module, int8_stem: bool = False, int8_shortcuts: bool = False) -> torch.fx.GraphModule | None:
     """The fused program of a packed network's module tree (see the module docstring), or
     None when the tree cannot be traced. The plan shares the tree's modules and buffers.
     ``int8_stem`` runs the float convs that read the image in 8-bit integers
-    (:class:`ImageConv2d`, :class:`ImageConvMaxPool2d`)."""
+    (:class:`ImageConv2d`, :class:`ImageConvMaxPool2d`), ``int8_shortcuts`` the 1x1 float
+    convs (:class:`ChannelsLastPointwiseConv2d`: Bi-Real's downsample shortcuts)."""
     try:
         graph = _Tracer().trace(net)
     except Exception as exc:  # any tracing failure means: run the module tree
@@ -682,7 +692,7 @@ def build_plan(net: nn.Module, int8_stem: bool = False) -> torch.fx.GraphModule 
     steps = _fuse_residuals(gm)
     _chain_packed(gm, steps)
     _channels_last_pools(gm)
-    _pointwise_convs(gm)
+    _pointwise_convs(gm, int8_shortcuts)
     _image_convs(gm, int8_stem)
     _float_linears(gm)
     _global_pools(gm)

@@ -164,8 +164,10 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         if not _cpu_float32(conv.weight, conv.bias):
             return None
         channels = conv.weight.shape[1]
+        if module.precision == "int8" and (channels > MAX_TAPS or not cpu_backend.int8_supported()):
+            return None
         call = cpu_backend.pointwise_conv_call(
-            conv.weight, conv.bias, module.pool, module.ceil_mode, module.stride, route
+            conv.weight, conv.bias, module.pool, module.ceil_mode, module.stride, route, module.precision
         )
         return _BoundKernel(
             module, slot, call,

@@ -412,22 +412,42 @@ def global_avg_pool_call(name: str) -> KernelCall:
 
 
 def pointwise_conv2d_nhwc(
-    x: Tensor, weight: Tensor, bias: Tensor | None, pool: int, ceil_mode: bool, stride: int, name: str
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    pool: int,
+    ceil_mode: bool,
+    stride: int,
+    name: str,
+    precision: str = "float32",
 ) -> Tensor:
     """1x1 conv (``weight`` (K, C, 1, 1)) of a channels_last float32 map, on its 2x2/2 average
     pool (``ceil_mode`` as in ``avg_pool2d``, no padding) when ``pool`` is 2, ``+ bias``;
-    AVX-512 only (``name`` ``cpu-avx512``). The weights' transposed, zero-padded layout is
-    built once and cached."""
-    return pointwise_conv_call(weight, bias, pool, ceil_mode, stride, name)(x, kernel_threads())
+    AVX-512 only (``name`` ``cpu-avx512``), in ``precision`` "float32" or "int8" (VNNI; the
+    rules of ``bnas.kernels.int8``, the pooled map quantized as an image). The weights' layout
+    is built once and cached."""
+    return pointwise_conv_call(weight, bias, pool, ceil_mode, stride, name, precision)(x, kernel_threads())
 
 
 def pointwise_conv_call(
-    weight: Tensor, bias: Tensor | None, pool: int, ceil_mode: bool, stride: int, name: str
+    weight: Tensor,
+    bias: Tensor | None,
+    pool: int,
+    ceil_mode: bool,
+    stride: int,
+    name: str,
+    precision: str = "float32",
 ) -> KernelCall:
     """:func:`pointwise_conv2d_nhwc` with these weights as ``call(x, threads)``."""
     if name != "cpu-avx512":
         raise ValueError(f"pointwise_conv2d_nhwc runs on cpu-avx512 only, not {name}")
     out_channels = weight.shape[0]
+    if precision == "int8":
+        lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
+        int8_conv = _built(name).int8_pointwise_conv_nhwc
+        return lambda x, threads: int8_conv(
+            x, lanes, w_scale, w_sum, out_channels, bias, pool, ceil_mode, stride, threads
+        )
     transposed = _cached_layout(weight, ("pointwise",), lambda: _pointwise_layout(weight))
     conv = _built(name).pointwise_conv_nhwc
     return lambda x, threads: conv(x, transposed, out_channels, bias, pool, ceil_mode, stride, threads)

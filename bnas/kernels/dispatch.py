@@ -23,7 +23,7 @@ from torch import Tensor
 from . import cpu_backend, reference
 from .conv_plan import conv_output_size
 from .conv_plan import pair as _pair
-from .int8 import MAX_TAPS, int8_conv2d_reference
+from .int8 import MAX_TAPS, int8_conv2d_reference, int8_pointwise_conv2d_reference
 from .packing import pack_signs_reference, pack_weights_reference, words_for
 
 CPU_BACKENDS = ("cpu-avx512", "cpu-avx2", "cpu-popcnt")
@@ -434,13 +434,25 @@ def global_avg_pool2d(x: Tensor) -> Tensor:
 
 
 def pointwise_conv2d(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, pool: int = 1, stride: int = 1, ceil_mode: bool = False
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    pool: int = 1,
+    stride: int = 1,
+    ceil_mode: bool = False,
+    precision: str = "float32",
 ) -> Tensor:
     """``conv2d(avg_pool2d(x, 2, ceil_mode=ceil_mode) if pool == 2 else x, weight, bias, stride)`` for a 1x1
     ``weight`` (the float downsample shortcut of a binary network: average pool, 1x1 conv, BN
     folded into the bias), returned in channels_last memory. On the cpu-avx512 kernels the
     pool is computed inside the conv, in PyTorch's summation order, and the conv sums in its
-    own order (equal to PyTorch's result up to float rounding); elsewhere PyTorch's ops run."""
+    own order (equal to PyTorch's result up to float rounding); elsewhere PyTorch's ops run.
+    ``precision "int8"``: the conv in 8-bit integers by the rules of :mod:`bnas.kernels.int8`,
+    the (pooled) map quantized per image as an image is (at most
+    :data:`bnas.kernels.int8.MAX_TAPS` input channels); on CPUs with AVX-512 VNNI a kernel runs,
+    elsewhere PyTorch's ops compute the same numbers (bit for bit)."""
+    if precision not in POINTWISE_PRECISIONS:
+        raise ValueError(f"pointwise_conv2d: precision {precision!r} is not one of {', '.join(POINTWISE_PRECISIONS)}")
     _check_float(x, "input")
     _check_float(weight, "weight")
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or weight.shape[1] != x.shape[1]:
@@ -451,13 +463,20 @@ def pointwise_conv2d(
     if pool not in (1, 2) or stride < 1 or (pool == 2 and stride != 1):
         raise ValueError(f"pointwise_conv2d takes pool 1 or 2 and a stride >= 1 (1 after a pool), got {pool}, {stride}")
     _check_same_device(x, weight, None, bias, weight.shape[0], weights="weight")
+    if precision == "int8" and x.shape[1] > MAX_TAPS:
+        raise ValueError(
+            f"pointwise_conv2d: int8 sums at most {MAX_TAPS} input channels exactly, got {x.shape[1]}; "
+            f"use precision 'float32'"
+        )
     x = x.contiguous(memory_format=torch.channels_last)
     name = _route(x.device)
-    if (
-        name == "cpu-avx512"
-        and x.dtype == weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-    ):
+    kernel_dtypes = x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    if precision == "int8":
+        if name == "cpu-avx512" and kernel_dtypes and cpu_backend.int8_supported() and x.shape[0] > 0:
+            return cpu_backend.pointwise_conv2d_nhwc(x, weight, bias, pool, ceil_mode, stride, name, "int8")
+        out = int8_pointwise_conv2d_reference(x, weight, bias, pool, stride, ceil_mode)
+        return out.contiguous(memory_format=torch.channels_last)
+    if name == "cpu-avx512" and kernel_dtypes:
         return cpu_backend.pointwise_conv2d_nhwc(x, weight, bias, pool, ceil_mode, stride, name)
     if pool == 2:
         x = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=ceil_mode)
@@ -507,6 +526,8 @@ def int8_conv2d(
 
 
 STEM_PRECISIONS = ("float32", "int8")
+#: what ``pointwise_conv2d`` and ``PackedNetwork.shortcut_precision`` take
+POINTWISE_PRECISIONS = STEM_PRECISIONS
 
 
 def image_conv2d(

@@ -16,7 +16,9 @@ which computes the same float32 operations in PyTorch, so the two agree bit for 
 The result differs from the float32 conv by the quantization of the image and the weights
 (about 0.4 % of the image's range and of each channel's largest weight per term); the float
 conv stays the default everywhere, and a packed network uses this only when asked
-(``PackedNetwork.stem_precision = "int8"``).
+(``PackedNetwork.stem_precision = "int8"``). A 1x1 conv (a downsample shortcut) follows the same
+rules with its (pooled) input map in the image's place (:func:`int8_pointwise_conv2d_reference`;
+``PackedNetwork.shortcut_precision = "int8"``).
 """
 
 from __future__ import annotations
@@ -68,3 +70,16 @@ def int8_conv2d_reference(
     if bias is not None:
         out = out + bias.float().view(1, -1, 1, 1)
     return out
+
+
+def int8_pointwise_conv2d_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, pool: int, stride: int, ceil_mode: bool
+) -> Tensor:
+    """``conv2d(avg_pool2d(x, 2, ceil_mode=ceil_mode) if pool == 2 else x, weight, bias,
+    stride)`` for a 1x1 ``weight`` in 8-bit integers, the (pooled) map quantized as an image,
+    computed with PyTorch's ops (any device): the int8 pointwise kernel's fallback and test.
+    The pool runs on the channels_last map, the kernel's summation order; a strided conv
+    quantizes only the pixels it reads."""
+    x = x.float().contiguous(memory_format=torch.channels_last)
+    x = F.avg_pool2d(x, 2, ceil_mode=ceil_mode) if pool == 2 else x[:, :, ::stride, ::stride]
+    return int8_conv2d_reference(x, weight, bias, (1, 1), (0, 0))

@@ -13,6 +13,9 @@
 // (PyTorch's convs pick their own order: results agree to float rounding). Weights come
 // transposed, (C, Kp) with Kp the output channels rounded up to 16 and zero columns, so no
 // weight load needs a mask.
+//
+// int8 (int8_pointwise_conv_avx512, opt-in): the same conv in 8-bit integers by the stem's
+// rules (stem_conv.h, bnas.kernels.int8), the pooled map standing for the image.
 #pragma once
 
 #include <immintrin.h>
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "register_blocks.h"
+#include "stem_conv.h"
 #include "work_pool.h"
 
 namespace bnas {
@@ -124,6 +128,98 @@ inline void pointwise_conv_avx512(const float* x, const float* wt, const float* 
       const int64_t last = g.K - 16 * (v0 + nv - 1);  // valid lanes of the group's last vector
       const __mmask16 last_lanes = first_lanes(last);
       block_step<PointwiseBlock>(count, nv)(rows, wt, g.C, g.Kp, 16 * v0, bias, last_lanes, outs);
+    }
+  });
+}
+
+// ---- int8 ------------------------------------------------------------------------------
+
+// n floats -> their uint8 values under quantization q (stem_conv.h's rules).
+__attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_values(const float* src, int64_t n,
+                                                                            Int8Quantization q, uint8_t* dst) {
+  const __m512 s = _mm512_set1_ps(q.scale), zp = _mm512_set1_ps(static_cast<float>(q.zero_point));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = first_lanes(n - i);
+    _mm512_mask_cvtepi32_storeu_epi8(dst + i, m, int8_quantize16(_mm512_maskz_loadu_ps(m, src + i), s, zp));
+  }
+}
+
+// out = conv1x1(pool(x)) in 8-bit integers: the pooled (or strided) map, PyTorch's values as
+// above, is quantized per image to uint8 (its own scale and zero point: a result never
+// depends on the rest of the batch), the weights per output channel to int8 (done once, in
+// Python: (1, quads, Kp, 4), quads = ceil(C / 4) words of 4 input channels), and VPDPBUSD sums
+// exactly in int32, a step being the stem's (Int8ConvBlock) with one window row of C bytes.
+// Three passes: the pooled floats, each image's range and bytes, the GEMM. C <= 518 (the
+// caller checks: bnas.kernels.int8.MAX_TAPS), so no sum overflows or rounds.
+inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const float* w_scale,
+                                       const int32_t* w_sum, const float* bias, float* out,
+                                       const PointwiseGeometry& g, int threads) {
+  const int64_t image_pixels = g.OH * g.OW, pixels = g.N * image_pixels;
+  const int64_t values = pixels * g.C;
+  const int use = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(threads), pixels, pixels * g.C * g.K / 262144 + 1})));
+  const int64_t pixel_chunk = std::max<int64_t>(1, pixels / (4 * use));
+  // kept between calls: a fresh buffer of this size costs page faults on every call
+  thread_local std::vector<float> pooled;
+  thread_local std::vector<uint8_t> bytes;
+  pooled.resize(static_cast<size_t>(values));
+  bytes.resize(static_cast<size_t>(values + 64));  // a pixel's last word may read 3 bytes past
+  float* pd = pooled.data();
+  uint8_t* qd = bytes.data();
+  parallel_for(pixels, pixel_chunk, use, [&](int64_t begin, int64_t end) {
+    for (int64_t pix = begin; pix < end; ++pix) {
+      const int64_t n = pix / image_pixels, oh = pix / g.OW % g.OH, ow = pix % g.OW;
+      const float* img = x + n * g.H * g.W * g.C;
+      if (g.pool == 2)
+        avg_pool_2x2_avx512(img, g, oh, ow, pd + pix * g.C);
+      else
+        std::memcpy(pd + pix * g.C, img + (oh * g.stride * g.W + ow * g.stride) * g.C, sizeof(float) * g.C);
+    }
+  });
+  std::vector<Int8Quantization> qz(static_cast<size_t>(g.N));
+  for (int64_t n = 0; n < g.N; ++n) {
+    float lo = 0.0f, hi = 0.0f;
+    int8_min_max(pd + n * image_pixels * g.C, image_pixels * g.C, &lo, &hi);
+    qz[static_cast<size_t>(n)] = int8_image_quantization(lo, hi);
+  }
+  std::memset(qd + values, 0, 64);
+  parallel_for(pixels, pixel_chunk, use, [&](int64_t begin, int64_t end) {
+    for (int64_t pix = begin; pix < end; ++pix)
+      int8_quantize_values(pd + pix * g.C, g.C, qz[static_cast<size_t>(pix / image_pixels)], qd + pix * g.C);
+  });
+  std::vector<int32_t> zp_wsum(static_cast<size_t>(g.N * g.Kp), 0);
+  std::vector<float> scale(static_cast<size_t>(g.N * g.Kp), 0.0f);
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t k = 0; k < g.K; ++k) {
+      zp_wsum[static_cast<size_t>(n * g.Kp + k)] = qz[static_cast<size_t>(n)].zero_point * w_sum[k];
+      scale[static_cast<size_t>(n * g.Kp + k)] = qz[static_cast<size_t>(n)].scale * w_scale[k];
+    }
+  ImageConvGeometry ig{};  // what Int8ConvBlock reads: one window row of `quads` words
+  ig.kh = 1, ig.quads = (g.C + 3) / 4, ig.Kp = g.Kp;
+  const int64_t blocks = (pixels + kBlockPixels - 1) / kBlockPixels;
+  const int64_t vectors = (g.K + 15) / 16;
+  const int64_t groups = (vectors + kBlockVectors - 1) / kBlockVectors;
+  const int64_t items = blocks * groups;
+  parallel_for(items, std::max<int64_t>(1, items / (4 * use)), use, [&](int64_t begin, int64_t end) {
+    const uint8_t* windows[kBlockPixels];
+    float* outs[kBlockPixels];
+    const int32_t* corrs[kBlockPixels];
+    const float* scales[kBlockPixels];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item / groups, group = item % groups;
+      const int64_t p0 = block * kBlockPixels;
+      const int count = static_cast<int>(std::min<int64_t>(kBlockPixels, pixels - p0));
+      for (int p = 0; p < count; ++p) {
+        const int64_t pix = p0 + p, n = pix / image_pixels;
+        windows[p] = qd + pix * g.C;
+        outs[p] = out + pix * g.K;
+        corrs[p] = zp_wsum.data() + n * g.Kp;
+        scales[p] = scale.data() + n * g.Kp;
+      }
+      const int64_t v0 = group * kBlockVectors;
+      const int nv = static_cast<int>(std::min<int64_t>(kBlockVectors, vectors - v0));
+      const __mmask16 last_lanes = first_lanes(g.K - 16 * (v0 + nv - 1));
+      block_step<Int8ConvBlock>(count, nv)(windows, 0, ig, wq, 16 * v0, corrs, scales, bias, last_lanes, outs);
     }
   });
 }

@@ -1045,6 +1045,47 @@ torch::Tensor pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tensor& w
   return out;
 }
 
+// The same shortcut in 8-bit integers (pointwise_conv.h): weights as the int8 image conv's,
+// (1, ceil(C / 4), Kp, 4) int8 with float32 scales and int32 sums per output channel. AVX-512
+// VNNI only: `int8_supported` says.
+bool int8_supported();
+
+torch::Tensor int8_pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tensor& weights,
+                                       const torch::Tensor& w_scale, const torch::Tensor& w_sum,
+                                       int64_t out_channels, const c10::optional<torch::Tensor>& bias,
+                                       int64_t pool, bool ceil_mode, int64_t stride, int64_t num_threads) {
+  TORCH_CHECK(int8_supported(), "int8_pointwise_conv_nhwc: this CPU has no AVX-512 VNNI");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "int8_pointwise_conv_nhwc: input must be a channels_last float32 CPU tensor");
+  TORCH_CHECK(pool == 1 || pool == 2, "int8_pointwise_conv_nhwc: pool must be 1 or 2");
+  TORCH_CHECK(stride >= 1 && (pool == 1 || stride == 1),
+              "int8_pointwise_conv_nhwc: a stride >= 1, and 1 after a pool");
+  bnas::PointwiseGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, out_channels,
+                            (out_channels + 15) / 16 * 16, pool, pool == 2 && ceil_mode, stride};
+  TORCH_CHECK(g.C <= 518, "int8_pointwise_conv_nhwc: at most 518 input channels (exact int32 sums)");
+  TORCH_CHECK(weights.scalar_type() == torch::kInt8 && weights.is_contiguous() &&
+                  weights.numel() == (g.C + 3) / 4 * g.Kp * 4,
+              "int8_pointwise_conv_nhwc: weights must be (1, ", (g.C + 3) / 4, ", ", g.Kp, ", 4) int8");
+  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.numel() == out_channels &&
+                  w_sum.scalar_type() == torch::kInt32 && w_sum.numel() == out_channels,
+              "int8_pointwise_conv_nhwc: float32 scales and int32 sums, one per output");
+  torch::Tensor bi;
+  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
+  g.OH = pool == 2 ? (g.H + (g.ceil ? 1 : 0)) / 2 : (g.H - 1) / stride + 1;
+  g.OW = pool == 2 ? (g.W + (g.ceil ? 1 : 0)) / 2 : (g.W - 1) / stride + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "int8_pointwise_conv_nhwc: the pool does not fit in the input");
+  auto out = torch::empty({g.N, out_channels, g.OH, g.OW},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const torch::Tensor scale_c = w_scale.contiguous(), sum_c = w_sum.contiguous();
+  bnas::int8_pointwise_conv_avx512(x.data_ptr<float>(), weights.data_ptr<int8_t>(), scale_c.data_ptr<float>(),
+                                   sum_c.data_ptr<int32_t>(), bi.defined() ? bi.data_ptr<float>() : nullptr,
+                                   out.data_ptr<float>(), g, static_cast<int>(num_threads));
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // A float linear layer on few input rows (linear_rows.h): a classifier at small batch.
 // ---------------------------------------------------------------------------------------
@@ -1250,6 +1291,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "max-pool of a channels_last float32 map (and its packed signs, with pack_output)");
   m.def("pointwise_conv_nhwc", &pointwise_conv_nhwc,
         "1x1 float conv of a channels_last map, optionally on its 2x2/2 average pool");
+  m.def("int8_pointwise_conv_nhwc", &int8_pointwise_conv_nhwc,
+        "1x1 conv of a channels_last map (optionally on its 2x2/2 average pool) in 8-bit integers");
   m.def("global_avg_pool_nhwc", &global_avg_pool_nhwc, "mean over the pixels of a channels_last float32 map: (N, C)");
   m.def("linear_rows", &linear_rows, "float linear layer x w^T + bias, weight rows split among threads");
   m.def("int8_supported", &int8_supported, "whether this CPU runs image_conv_nhwc on int8 weights (AVX-512 VNNI)");
