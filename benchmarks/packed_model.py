@@ -28,7 +28,9 @@ from the measured figures.
 ``int8_stem`` (CPUs with AVX-512 VNNI): a second packed copy with
 ``stem_precision = "int8"`` (the convs on the image in 8-bit integers, opt-in: it changes the
 numbers), timed in the same rounds, with its own ratios, profile and logit difference from the
-float32-stem packed model. The issue's ``meets_*`` fields stay those of the default model.
+float32-stem packed model; ``int8_stem_shortcuts``: a third with ``shortcut_precision = "int8"``
+as well (the 1x1 shortcut convs in 8-bit integers; networks that have them). The issue's
+``meets_*`` fields stay those of the default model.
 
 CUDA (issue 7): baseline = the float model in float16, channels_last, ``cudnn.benchmark`` on;
 ours = the packed model on the GPU kernels; CUDA events after warm-up (``cuda_time`` of
@@ -64,7 +66,7 @@ from common import emit, interleaved_times, machine, median_p90  # noqa: E402
 import bnas  # noqa: E402
 from bnas.errors import BnasError  # noqa: E402
 from bnas.export import freeze_model, pack_model  # noqa: E402
-from bnas.export.plan import ImageConv2d, ImageConvMaxPool2d  # noqa: E402
+from bnas.export.plan import ChannelsLastPointwiseConv2d, ImageConv2d, ImageConvMaxPool2d  # noqa: E402
 from bnas.kernels import backend, cpu_backend  # noqa: E402
 from bnas.metrics import summarize  # noqa: E402
 
@@ -393,7 +395,7 @@ def run_network(
     randomize_batchnorm(model)
     packed = pack_model(model)
     frozen = freeze_model(model)
-    packed_int8, int8_note = int8_stem_twin(model)
+    twins = {name: int8_twin(model, shortcuts) for name, shortcuts in INT8_TWINS.items()}
     counts = summarize(model, genotype.input)
     macs = {"binary": counts.bops, "float": counts.flops}
     for worker in workers.values():
@@ -406,8 +408,9 @@ def run_network(
             same_class = bool((ref.argmax(1) == out.argmax(1)).all())
             err = float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12))
         engines = {"built": partial(model, x), "packed": partial(packed, x), "frozen": partial(frozen, x)}
-        if packed_int8 is not None:
-            engines["packed_int8_stem"] = partial(packed_int8, x)
+        for name, (twin, _) in twins.items():
+            if twin is not None:
+                engines[f"packed_{name}"] = partial(twin, x)
         # LCE runs batch 1 only: at other batches its figures would not compare.
         timed_workers = workers if batch == 1 else {}
         load_before = [round(v, 2) for v in os.getloadavg()]
@@ -450,16 +453,17 @@ def run_network(
         if "lce" in timed_workers:
             ratio_vs_lce = record["ratio_vs_lce"]
         record["profile"] = parts
-        if packed_int8 is None:
-            record["int8_stem"] = int8_note
-        else:
+        for name, (twin, note) in twins.items():
+            if twin is None:
+                record[name] = note
+                continue
             with torch.no_grad():
-                out_int8 = packed_int8(x)
-                int8_parts = part_profile(packed_int8, x, args.profile_calls)
-            int8_ms = ms["packed_int8_stem"][0]
-            record["int8_stem"] = {
-                "engine": "packed, stem in int8 (PackedNetwork.stem_precision = 'int8'; opt-in)",
-                "ms": int8_ms, "p90_ms": ms["packed_int8_stem"][1],
+                out_int8 = twin(x)
+                int8_parts = part_profile(twin, x, args.profile_calls)
+            int8_ms = ms[f"packed_{name}"][0]
+            record[name] = {
+                "engine": INT8_ENGINES[name],
+                "ms": int8_ms, "p90_ms": ms[f"packed_{name}"][1],
                 "ratio_vs_frozen": round(froz / int8_ms, 2),
                 "ratio_vs_lce": round(ms["lce"][0] / int8_ms, 2) if "lce" in timed_workers else None,
                 "ratio_vs_packed": round(ours / int8_ms, 2),
@@ -486,21 +490,31 @@ def run_network(
             profile(packed, x)
 
 
-def int8_stem_twin(model: torch.nn.Module) -> tuple[Any, str | None]:
-    """A second packed copy of ``model`` whose plan runs the image convs in int8, or None and
-    why not (no such conv, or no AVX-512 VNNI kernel: the reference would time PyTorch)."""
+# the int8 twins timed beside the packed model: record key -> whether the shortcuts are int8 too
+INT8_TWINS = {"int8_stem": False, "int8_stem_shortcuts": True}
+INT8_ENGINES = {
+    "int8_stem": "packed, stem in int8 (PackedNetwork.stem_precision = 'int8'; opt-in)",
+    "int8_stem_shortcuts": "packed, stem and 1x1 shortcuts in int8 (stem_precision and shortcut_precision "
+    "= 'int8'; opt-in)",
+}
+
+
+def int8_twin(model: torch.nn.Module, shortcuts: bool) -> tuple[Any, str | None]:
+    """Another packed copy of ``model`` whose plan runs the image convs (and with ``shortcuts``
+    the 1x1 shortcut convs) in int8, or None and why not (no such conv, or no AVX-512 VNNI
+    kernel: the reference would time PyTorch)."""
     if not cpu_backend.int8_supported():
-        return None, "not timed: this CPU has no AVX-512 VNNI (the int8 stem kernel)"
+        return None, "not timed: this CPU has no AVX-512 VNNI (the int8 kernels)"
     twin = pack_model(model)
     twin.stem_precision = "int8"
+    if shortcuts:
+        twin.shortcut_precision = "int8"
     plan = twin.plan()
-    int8 = [
-        m
-        for m in (plan.modules() if plan is not None else [])
-        if isinstance(m, (ImageConv2d, ImageConvMaxPool2d)) and m.precision == "int8"
-    ]
-    if not int8:
+    modules = list(plan.modules()) if plan is not None else []
+    if not any(isinstance(m, (ImageConv2d, ImageConvMaxPool2d)) and m.precision == "int8" for m in modules):
         return None, "not timed: no float conv reads the image in this network's plan"
+    if shortcuts and not any(isinstance(m, ChannelsLastPointwiseConv2d) and m.precision == "int8" for m in modules):
+        return None, "not timed: no 1x1 float conv in this network's plan"
     return twin, None
 
 

@@ -7,13 +7,15 @@ Classes and logits come from the packed model as it runs (its fused plan); the b
 inputs are traced on its module tree (the same layers, run one by one).
 
     python scripts/check_packed_mnist.py GENOTYPE.yaml RUN_DIR [--data-root P]
-        [--dataset mnist] [--stem-precision float32|int8]
+        [--dataset mnist] [--stem-precision float32|int8] [--shortcut-precision float32|int8]
 
 ``--dataset`` takes another test set (``fashion_mnist``, ``digits``, ...); ``--stem-precision
 int8`` runs the packed model's stem in 8-bit integers (``PackedNetwork.stem_precision``), so the
 count says how often that changes a prediction; for scale, the script then also counts how
 often the trained model itself changes its prediction when each image gets uniform noise of
 plus or minus half its int8 quantization step (seeded), an error of the same size.
+``--shortcut-precision int8`` runs the 1x1 shortcut convs in 8-bit integers too
+(``PackedNetwork.shortcut_precision``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import bnas
 from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
 from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
-from bnas.kernels.dispatch import STEM_PRECISIONS
+from bnas.kernels.dispatch import POINTWISE_PRECISIONS, STEM_PRECISIONS
 from bnas.kernels.int8 import image_quantization
 from bnas.train import load_checkpoint
 
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--data-root")
     parser.add_argument("--dataset", default="mnist", help="the test set (default mnist)")
     parser.add_argument("--stem-precision", choices=STEM_PRECISIONS, default="float32")
+    parser.add_argument("--shortcut-precision", choices=POINTWISE_PRECISIONS, default="float32")
     args = parser.parse_args()
     genotype = bnas.load_genotype(args.genotype)
     weights = Path(args.run) / "model.pt"
@@ -81,6 +84,7 @@ def main() -> None:
         model.eval()
         packed = bnas.load_packed(packed_path)
         packed.stem_precision = args.stem_precision
+        packed.shortcut_precision = args.shortcut_precision
         data = load_dataset(args.dataset, args.data_root)
         same = total = right_trained = right_packed = same_noisy = 0
         noise = torch.Generator().manual_seed(0)
@@ -117,13 +121,13 @@ def main() -> None:
         for h in trained_hooks + packed_hooks:
             h.remove()
         size, float_size = os.path.getsize(packed_path), os.path.getsize(weights)
-    print(f"{genotype.name} ({args.dataset}, stem {args.stem_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
+    print(f"{genotype.name} ({args.dataset}, stem {args.stem_precision}, shortcuts {args.shortcut_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
           f"test accuracy trained {right_trained / total:.2%}, packed {right_packed / total:.2%}; "
           f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)")
     if args.stem_precision == "int8":
         print(f"for scale: the trained model with noise of half an int8 step on each image predicts its own class "
               f"on {same_noisy}/{total}")
-    print("sign disagreements at binary layer inputs (the packed module tree, stem in float32): " + ", ".join(f"{p} {n}" for p, n in flips.items())
+    print("sign disagreements at binary layer inputs (the packed module tree, stem and shortcuts in float32): " + ", ".join(f"{p} {n}" for p, n in flips.items())
           + f"; where they start, the trained model's input was at most {first_flip_margin:.2e} from zero")
 
 

@@ -96,13 +96,18 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
     # the opt-in int8 stem, timed in the same rounds where the kernel runs
     if not cpu_backend.int8_supported():
         assert rec["int8_stem"].startswith("not timed: this CPU has no AVX-512 VNNI")
+        assert rec["int8_stem_shortcuts"].startswith("not timed: this CPU has no AVX-512 VNNI")
         return
-    int8 = rec["int8_stem"]
-    assert int8["ms"] > 0 and int8["ratio_vs_frozen"] == round(rec["frozen_ms"] / int8["ms"], 2)
-    assert int8["ratio_vs_packed"] == round(rec["ours_ms"] / int8["ms"], 2) and int8["ratio_vs_lce"] is None
-    assert int8["profile"]["float_ms_by_type"]["ImageConv2d"] > 0
-    assert "Conv2d" not in int8["profile"]["float_ms_by_type"]  # the stem was the one float 3x3 conv
-    assert 0 < int8["max_rel_logit_diff_vs_packed"] < 1.0  # other numbers, not other scales
+    for key in ("int8_stem", "int8_stem_shortcuts"):
+        int8 = rec[key]
+        assert int8["ms"] > 0 and int8["ratio_vs_frozen"] == round(rec["frozen_ms"] / int8["ms"], 2)
+        assert int8["ratio_vs_packed"] == round(rec["ours_ms"] / int8["ms"], 2) and int8["ratio_vs_lce"] is None
+        assert int8["profile"]["float_ms_by_type"]["ImageConv2d"] > 0
+        assert int8["profile"]["float_ms_by_type"]["ChannelsLastPointwiseConv2d"] > 0
+        assert "Conv2d" not in int8["profile"]["float_ms_by_type"]  # the stem was the one float 3x3 conv
+        assert 0 < int8["max_rel_logit_diff_vs_packed"] < 1.0  # other numbers, not other scales
+    # the shortcuts' int8 changes the numbers again
+    assert rec["int8_stem_shortcuts"]["max_rel_logit_diff_vs_packed"] != rec["int8_stem"]["max_rel_logit_diff_vs_packed"]
 
 
 def test_part_profile_splits_a_toy_network() -> None:

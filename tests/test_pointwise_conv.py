@@ -208,3 +208,14 @@ def test_benchmark_script_reports_both_sides_and_their_ratio(capsys: pytest.Capt
     n, c, h, w, k = lines[0]["shape"]
     assert lines[0]["macs"] == n * c * k * (h // 2) * (w // 2)  # even maps: ceil mode adds nothing
     assert summary["summary"] and summary["median_ratio"] == pytest.approx(statistics.median(ratios), rel=0.01, abs=0.01)
+    if cpu_backend.int8_supported():  # the int8 engine, timed in the same rounds
+        int8_ratios = []
+        for r in lines:
+            int8 = r["int8"]
+            int8_ratios.append(r["ours_ms"] / int8["ms"])
+            assert int8["ratio_vs_ours"] == pytest.approx(int8_ratios[-1], rel=0.01, abs=0.01)
+            assert int8["ratio_vs_baseline"] == pytest.approx(r["baseline_ms"] / int8["ms"], rel=0.01, abs=0.01)
+            assert 1e-5 < int8["max_rel_error_vs_float64"] < 0.05  # quantized: not float32's error
+        assert summary["median_ratio_int8_vs_ours"] == pytest.approx(statistics.median(int8_ratios), rel=0.01, abs=0.01)
+    else:
+        assert "int8" not in lines[0] and "median_ratio_int8_vs_ours" not in summary
