@@ -304,3 +304,20 @@ def test_packed_threads_benchmark_prints_its_json_line(ext, competitor, capsys):
         assert record["meets_target"] == (record["ours_spread"]["p90_over_median"] <= 2.0)
     else:
         assert record["target"] is None and record["meets_target"] is None
+
+
+@pytest.mark.parametrize("items,chunk", [(2, 1), (57, 3), (1000, 16)])
+def test_two_openmp_threads_take_the_two_ends_of_the_range(ext, items, chunk):
+    """On torch's team, thread 0 claims chunks from the top and thread 1 from the bottom, so
+    each runs one contiguous part (whichever ran how much): the same part of every call."""
+    os.environ.pop(cpu_backend.THREADS_ENV, None)
+    torch.set_num_threads(2)
+    both_worked = False
+    for _ in range(5):  # a busy machine may not schedule thread 1 in time: then try again
+        owners = ext._work_pool_owners(items, chunk, 2, 200)  # 0.2 ms a chunk
+        assert owners[0] == 0 and set(owners) <= {0, 1}
+        first_of_1 = owners.index(1) if 1 in owners else items
+        assert owners == [0] * first_of_1 + [1] * (items - first_of_1)
+        both_worked = both_worked or first_of_1 < items
+    if items >= 4 * chunk and (os.cpu_count() or 1) >= 2:
+        assert both_worked  # thread 1 took chunks, from the bottom

@@ -313,8 +313,14 @@ BlockFn pick_block(int isa, int q) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Driver: work items are (group, channel block, output row); a thread keeps one channel
-// block's weights hot in L1 while it walks many rows.
+// Driver: work items are (group, row tile, channel block, output row in the tile), and a
+// chunk of work is one tile's rows of one channel block: a thread keeps the block's weights
+// hot in L1 while it walks the rows. The tiles go down the map, and parallel_for's threads
+// claim chunks from both ends of the range (work_pool.h), so on 2 threads each takes whole
+// rows (every channel block) of its own part of the map: in a network, much the rows it
+// wrote at the layer before, and no packed output word is written from two cores. (Ordered
+// channel block first, thread 0 took channels 0-63 of every pixel and thread 1 channels
+// 64-127, and each 16-byte packed pixel of a 128-channel map was written from both cores.)
 // ---------------------------------------------------------------------------------------
 void conv_driver(const int32_t* x, const int32_t* wrep, const Geometry& g, int isa,
                  const Epilogue& base_epi, int num_threads) {
@@ -324,7 +330,6 @@ void conv_driver(const int32_t* x, const int32_t* wrep, const Geometry& g, int i
   const int64_t nblocks = (nv + Qmax - 1) / Qmax;         // channel blocks per group
   const int64_t vstride = g.KH * g.KW * g.Wg * L;         // words between vectors
   const int64_t rows = g.N * g.OH;
-  const int64_t items = g.G * nblocks * rows;
   const bool contiguous_taps = (g.G == 1 && g.dw == 1);   // a tap row is one run of words
   constexpr int PB = 4;                                   // positions per interior step
 
@@ -340,18 +345,22 @@ void conv_driver(const int32_t* x, const int32_t* wrep, const Geometry& g, int i
   // Never split the work finer than the machine: tiny problems run on fewer threads.
   const int64_t work = rows * g.OW * g.K * g.KH * g.KW * g.Wg;
   const int threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>({num_threads, items, work / 4096 + 1})));
+      std::max<int64_t>(1, std::min<int64_t>({num_threads, g.G * nblocks * rows, work / 4096 + 1})));
 
-  // Dynamic chunks of consecutive items (same channel block, neighbouring rows): a thread
-  // that the OS pauses (a shared machine) does not hold up a fixed half of the work.
-  const int64_t chunk = std::max<int64_t>(1, items / (8 * static_cast<int64_t>(threads)));
+  // Dynamic chunks, about 8 per thread: a thread that the OS pauses (a shared machine) does
+  // not hold up a fixed share of the work. A tile's last rows past the map are no work.
+  const int64_t tile_rows =
+      std::clamp<int64_t>(g.G * nblocks * rows / (8 * static_cast<int64_t>(threads)), 1, rows);
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  const int64_t items = g.G * tiles * nblocks * tile_rows;
 
-  bnas::parallel_for(items, chunk, threads, [&](int64_t item_begin, int64_t item_end) {
+  bnas::parallel_for(items, tile_rows, threads, [&](int64_t item_begin, int64_t item_end) {
     std::vector<Segment> segs(g.KH * g.KW + 1), bsegs(g.KH * g.KW + 1);
     for (int64_t item = item_begin; item < item_end; ++item) {
-      const int64_t row = item % rows;
-      const int64_t gb = item / rows;
-      const int64_t grp = gb / nblocks, blk = gb % nblocks;
+      const int64_t tile_block = item / tile_rows;  // (group, tile, block)
+      const int64_t row = tile_block / nblocks % tiles * tile_rows + item % tile_rows;
+      if (row >= rows) continue;
+      const int64_t grp = tile_block / (nblocks * tiles), blk = tile_block % nblocks;
       const int64_t n = row / g.OH, oh = row % g.OH;
       const int64_t v0 = blk * Qmax;
       const int Q = static_cast<int>(std::min<int64_t>(Qmax, nv - v0));
