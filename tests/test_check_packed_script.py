@@ -1,0 +1,60 @@
+"""scripts/check_packed_mnist.py on a network trained for one epoch: it exports the run, runs the
+packed model on every test image with the stem and shortcuts in the precisions asked for, and
+reports how many classes agree with the trained model."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnas.cli import main
+from bnas.kernels import cpu_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_SMALL = ROOT / "search_spaces" / "genotypes" / "digits_small.yaml"
+LINE = re.compile(
+    r"digits_small \(digits, stem (\w+), shortcuts (\w+)\): same class on (\d+)/(\d+) test images; "
+    r"largest relative logit difference \S+; test accuracy trained ([\d.]+)%, packed ([\d.]+)%"
+)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("check_packed") / "run"
+    assert main(["-q", "eval", str(DIGITS_SMALL), "--dataset", "digits", "--epochs", "1", "--out", str(run)]) == 0
+    return run
+
+
+def _check(run: Path, *flags: str) -> tuple[str, ...]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_packed_mnist.py"), str(DIGITS_SMALL), str(run),
+         "--dataset", "digits", *flags],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    match = LINE.search(proc.stdout)
+    assert match, proc.stdout
+    return match.groups()
+
+
+@pytest.mark.slow
+def test_float32_packed_model_keeps_the_classes(trained_run: Path) -> None:
+    stem, shortcuts, same, total, trained, packed = _check(trained_run)
+    assert (stem, shortcuts) == ("float32", "float32")
+    # every class here; one image may flip on another CPU, whose float rounding trains another net
+    assert int(total) == 359 and int(same) >= int(total) - 1
+    assert abs(float(trained) - float(packed)) <= 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_backend.int8_supported(), reason="the int8 kernels run on AVX-512 VNNI CPUs only")
+def test_int8_stem_and_shortcuts_are_reported_as_asked(trained_run: Path) -> None:
+    stem, shortcuts, same, total, _, _ = _check(
+        trained_run, "--stem-precision", "int8", "--shortcut-precision", "int8"
+    )
+    assert (stem, shortcuts) == ("int8", "int8")
+    assert int(total) == 359 and int(same) >= 340  # quantization may move a few classes, not many
