@@ -395,7 +395,7 @@ def run_network(
     randomize_batchnorm(model)
     packed = pack_model(model)
     frozen = freeze_model(model)
-    twins = {name: int8_twin(model, shortcuts) for name, shortcuts in INT8_TWINS.items()}
+    twins = {name: int8_twin(model, shortcuts) for name, (shortcuts, _) in INT8_TWINS.items()}
     counts = summarize(model, genotype.input)
     macs = {"binary": counts.bops, "float": counts.flops}
     for worker in workers.values():
@@ -462,7 +462,7 @@ def run_network(
                 int8_parts = part_profile(twin, x, args.profile_calls)
             int8_ms = ms[f"packed_{name}"][0]
             record[name] = {
-                "engine": INT8_ENGINES[name],
+                "engine": INT8_TWINS[name][1],
                 "ms": int8_ms, "p90_ms": ms[f"packed_{name}"][1],
                 "ratio_vs_frozen": round(froz / int8_ms, 2),
                 "ratio_vs_lce": round(ms["lce"][0] / int8_ms, 2) if "lce" in timed_workers else None,
@@ -490,12 +490,14 @@ def run_network(
             profile(packed, x)
 
 
-# the int8 twins timed beside the packed model: record key -> whether the shortcuts are int8 too
-INT8_TWINS = {"int8_stem": False, "int8_stem_shortcuts": True}
-INT8_ENGINES = {
-    "int8_stem": "packed, stem in int8 (PackedNetwork.stem_precision = 'int8'; opt-in)",
-    "int8_stem_shortcuts": "packed, stem and 1x1 shortcuts in int8 (stem_precision and shortcut_precision "
-    "= 'int8'; opt-in)",
+# the int8 twins timed beside the packed model: record key -> (whether the shortcuts are int8
+# too, the engine's description)
+INT8_TWINS = {
+    "int8_stem": (False, "packed, stem in int8 (PackedNetwork.stem_precision = 'int8'; opt-in)"),
+    "int8_stem_shortcuts": (
+        True,
+        "packed, stem and 1x1 shortcuts in int8 (stem_precision and shortcut_precision = 'int8'; opt-in)",
+    ),
 }
 
 

@@ -33,6 +33,12 @@ BACKENDS = CPU_BACKENDS + (REFERENCE, CUDA_BACKEND)
 
 IntPair = int | Sequence[int]
 
+#: the arithmetic of the float convs the kernels run: the stem's (``image_conv2d``,
+#: ``PackedNetwork.stem_precision``) and the 1x1 shortcuts' (``pointwise_conv2d``,
+#: ``PackedNetwork.shortcut_precision``)
+STEM_PRECISIONS = ("float32", "int8")
+POINTWISE_PRECISIONS = STEM_PRECISIONS
+
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("bnas_kernel_backend", default=None)
 _cuda_module: ModuleType | None = None
 _cuda_import_error: str | None = None
@@ -523,11 +529,6 @@ def int8_conv2d(
     if _image_kernel_runs(x, weight, "int8"):
         return cpu_backend.image_conv2d_nhwc(x, weight, bias, stride_, padding_, "int8")[0]
     return int8_conv2d_reference(x, weight, bias, stride_, padding_).contiguous(memory_format=torch.channels_last)
-
-
-STEM_PRECISIONS = ("float32", "int8")
-#: what ``pointwise_conv2d`` and ``PackedNetwork.shortcut_precision`` take
-POINTWISE_PRECISIONS = STEM_PRECISIONS
 
 
 def image_conv2d(

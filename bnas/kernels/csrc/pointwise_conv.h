@@ -187,12 +187,7 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
         std::memcpy(pd + pix * g.C, img + (oh * g.stride * g.W + ow * g.stride) * g.C, sizeof(float) * g.C);
     }
   });
-  std::vector<Int8Quantization> qz(static_cast<size_t>(g.N));
-  for (int64_t n = 0; n < g.N; ++n) {
-    float lo = 0.0f, hi = 0.0f;
-    int8_min_max(pd + n * image_pixels * g.C, image_pixels * g.C, &lo, &hi);
-    qz[static_cast<size_t>(n)] = int8_image_quantization(lo, hi);
-  }
+  const std::vector<Int8Quantization> qz = int8_image_quantizations(pd, g.N, image_pixels * g.C);
   std::memset(qd + values, 0, 64);
   parallel_for(pixels, pixel_chunk, use, [&](int64_t begin, int64_t end) {
     while (begin < end) {  // the run of pixels of one image at a time
@@ -201,13 +196,7 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
       begin = stop;
     }
   });
-  std::vector<int32_t> zp_wsum(static_cast<size_t>(g.N * g.Kp), 0);
-  std::vector<float> scale(static_cast<size_t>(g.N * g.Kp), 0.0f);
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t k = 0; k < g.K; ++k) {
-      zp_wsum[static_cast<size_t>(n * g.Kp + k)] = qz[static_cast<size_t>(n)].zero_point * w_sum[k];
-      scale[static_cast<size_t>(n * g.Kp + k)] = qz[static_cast<size_t>(n)].scale * w_scale[k];
-    }
+  const Int8ImageTerms terms = int8_image_terms(qz, w_sum, w_scale, g.K, g.Kp);
   ImageConvGeometry ig{};  // what Int8ConvBlock reads: one window row of `quads` words
   ig.kh = 1, ig.quads = (g.C + 3) / 4, ig.Kp = g.Kp;
   const int64_t blocks = (pixels + kBlockPixels - 1) / kBlockPixels;
@@ -228,8 +217,8 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
         if (pix == (n + 1) * image_pixels) ++n;
         windows[p] = qd + pix * g.C;
         outs[p] = out + pix * g.K;
-        corrs[p] = zp_wsum.data() + n * g.Kp;
-        scales[p] = scale.data() + n * g.Kp;
+        corrs[p] = terms.zp_wsum.data() + n * g.Kp;
+        scales[p] = terms.scale.data() + n * g.Kp;
       }
       const int64_t v0 = group * kBlockVectors;
       const int nv = static_cast<int>(std::min<int64_t>(kBlockVectors, vectors - v0));

@@ -87,6 +87,35 @@ __attribute__((target("avx512f"))) inline void int8_min_max(const float* x, int6
   *hi = h;
 }
 
+// Each of the N images of `values` floats (consecutive in x): its scale and zero point.
+inline std::vector<Int8Quantization> int8_image_quantizations(const float* x, int64_t N, int64_t values) {
+  std::vector<Int8Quantization> qz(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) {
+    float lo = 0.0f, hi = 0.0f;
+    int8_min_max(x + n * values, values, &lo, &hi);
+    qz[static_cast<size_t>(n)] = int8_image_quantization(lo, hi);
+  }
+  return qz;
+}
+
+// What the int8 epilogue needs of each image n, for output channels k < K in rows of Kp (zero
+// past K): zp_wsum = zp * sum(wq[k]), the correction of the zero point; scale = s * w_scale[k].
+struct Int8ImageTerms {
+  std::vector<int32_t> zp_wsum;
+  std::vector<float> scale;
+};
+inline Int8ImageTerms int8_image_terms(const std::vector<Int8Quantization>& qz, const int32_t* w_sum,
+                                       const float* w_scale, int64_t K, int64_t Kp) {
+  Int8ImageTerms t{std::vector<int32_t>(qz.size() * static_cast<size_t>(Kp), 0),
+                   std::vector<float>(qz.size() * static_cast<size_t>(Kp), 0.0f)};
+  for (size_t n = 0; n < qz.size(); ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      t.zp_wsum[n * Kp + k] = qz[n].zero_point * w_sum[k];
+      t.scale[n * Kp + k] = qz[n].scale * w_scale[k];
+    }
+  return t;
+}
+
 // 16 floats -> clamp(round(x / s) + zp, 0, 255) as int32 lanes.
 __attribute__((target("avx512f"))) inline __m512i int8_quantize16(__m512 v, __m512 s, __m512 zp) {
   __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -350,25 +379,12 @@ void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int
   const int64_t segments_per_image = std::max<int64_t>(1, std::min<int64_t>(pg.OH, (threads + 1) / 2));
   const int64_t segments = g.N * segments_per_image;
   const int64_t words = (g.K + 31) / 32;
-  // the rows [top, bottom) of a segment that no thread has claimed, as top << 32 | bottom
-  std::vector<std::atomic<uint64_t>> unclaimed(static_cast<size_t>(segments));
+  // the rows of each segment that no thread has claimed
+  std::vector<TwoEndedRange> unclaimed(static_cast<size_t>(segments));
   for (int64_t s = 0; s < segments; ++s) {
     const int64_t part = s % segments_per_image;
-    const uint64_t top = static_cast<uint64_t>(pg.OH * part / segments_per_image);
-    const uint64_t bottom = static_cast<uint64_t>(pg.OH * (part + 1) / segments_per_image);
-    unclaimed[static_cast<size_t>(s)].store(top << 32 | bottom, std::memory_order_relaxed);
+    unclaimed[static_cast<size_t>(s)].reset(pg.OH * part / segments_per_image, pg.OH * (part + 1) / segments_per_image);
   }
-  // claims the segment's next row from its top (or bottom); -1 when none is left
-  const auto claim = [](std::atomic<uint64_t>& rows, bool from_top) -> int64_t {
-    uint64_t now = rows.load(std::memory_order_relaxed);
-    for (;;) {
-      const uint64_t top = now >> 32, bottom = now & 0xffffffffu;
-      if (top >= bottom) return -1;
-      const uint64_t next = from_top ? (top + 1) << 32 | bottom : top << 32 | (bottom - 1);
-      if (rows.compare_exchange_weak(now, next, std::memory_order_relaxed))
-        return static_cast<int64_t>(from_top ? top : bottom - 1);
-    }
-  };
   const int64_t ends = 2 * segments;  // items: (segment, from its top or its bottom)
   parallel_for(ends, 1, static_cast<int>(std::min<int64_t>(threads, ends)), [&](int64_t begin, int64_t end) {
     const int64_t row_floats = g.OW * g.K;
@@ -381,7 +397,7 @@ void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int
       // the first (they move up). The ring keeps the last kh rows computed and a window's
       // rows are consecutive, so computing the ones past that row gives the ring all of them.
       int64_t high = -1, low = g.OH;
-      for (int64_t poh; (poh = claim(unclaimed[static_cast<size_t>(segment)], from_top)) >= 0;) {
+      for (int64_t poh, poh_end; unclaimed[static_cast<size_t>(segment)].claim(1, from_top, poh, poh_end);) {
         const int64_t ih0 = std::max<int64_t>(0, poh * pg.sh - pg.ph);
         const int64_t ih1 = std::min<int64_t>(g.OH, poh * pg.sh - pg.ph + pg.kh);
         if (from_top) {

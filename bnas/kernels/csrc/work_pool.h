@@ -259,22 +259,8 @@ class WorkPool {
   std::atomic<int64_t> helper_chunks_{0};
 };
 
-// The environment variable that moves the kernels from torch's team to the pool.
-inline bool own_pool_requested() { return std::getenv("BNAS_KERNEL_THREADS") != nullptr; }
-
-// True in a child forked from this process. libgomp's threads do not survive fork, and a
-// parallel region in the child waits for them forever (torch's own float ops hang there
-// too), so a forked child's kernels run on a pool of its own. Set up when the extension loads.
-inline std::atomic<bool>& in_forked_child() {
-  static std::atomic<bool> forked{false};
-  return forked;
-}
-inline const bool kForkHandlerInstalled =
-    (pthread_atfork(nullptr, nullptr, [] { in_forked_child().store(true); }), true);
-
-#ifdef _OPENMP
-// The items of a range not yet claimed, [top, bottom), as top << 32 | bottom, claimed a chunk
-// at a time from either end.
+// The items of a range not yet claimed, [top, bottom), as top << 32 | bottom (ends below
+// 2^32), claimed a chunk at a time from either end by any number of threads.
 class TwoEndedRange {
  public:
   void reset(int64_t top, int64_t bottom) {
@@ -298,6 +284,20 @@ class TwoEndedRange {
   std::atomic<uint64_t> rows_{0};
 };
 
+// The environment variable that moves the kernels from torch's team to the pool.
+inline bool own_pool_requested() { return std::getenv("BNAS_KERNEL_THREADS") != nullptr; }
+
+// True in a child forked from this process. libgomp's threads do not survive fork, and a
+// parallel region in the child waits for them forever (torch's own float ops hang there
+// too), so a forked child's kernels run on a pool of its own. Set up when the extension loads.
+inline std::atomic<bool>& in_forked_child() {
+  static std::atomic<bool> forked{false};
+  return forked;
+}
+inline const bool kForkHandlerInstalled =
+    (pthread_atfork(nullptr, nullptr, [] { in_forked_child().store(true); }), true);
+
+#ifdef _OPENMP
 // f(begin, end) over [0, items) on torch's OpenMP team of `threads`, in chunks. The range is
 // cut into one segment per two threads, and a segment is claimed from both ends: thread 2s
 // of the team takes segment s's chunks from the top, thread 2s + 1 from the bottom, until

@@ -1023,29 +1023,42 @@ torch::Tensor global_avg_pool_nhwc(const torch::Tensor& x, int64_t num_threads) 
 // padding) with pool == 2: a binary network's float downsample shortcut (pointwise_conv.h).
 // AVX-512 only: the caller runs PyTorch's ops on other CPUs.
 // ---------------------------------------------------------------------------------------
+// The geometry of a pointwise call on channels_last float32 `x` (checked; `what` names the
+// function in errors), and its output, channels_last (N, K, OH, OW).
+bnas::PointwiseGeometry pointwise_geometry(const char* what, const torch::Tensor& x, int64_t out_channels,
+                                           int64_t pool, bool ceil_mode, int64_t stride) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              what, ": input must be a channels_last float32 CPU tensor");
+  TORCH_CHECK(pool == 1 || pool == 2, what, ": pool must be 1 or 2");
+  TORCH_CHECK(stride >= 1 && (pool == 1 || stride == 1), what, ": a stride >= 1, and 1 after a pool");
+  bnas::PointwiseGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, out_channels,
+                            (out_channels + 15) / 16 * 16, pool, pool == 2 && ceil_mode, stride};
+  g.OH = pool == 2 ? (g.H + (g.ceil ? 1 : 0)) / 2 : (g.H - 1) / stride + 1;
+  g.OW = pool == 2 ? (g.W + (g.ceil ? 1 : 0)) / 2 : (g.W - 1) / stride + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, what, ": the pool does not fit in the input");
+  return g;
+}
+
+// The bias as contiguous float32 (undefined without one), checked: one value per output.
+torch::Tensor output_bias(const c10::optional<torch::Tensor>& bias, int64_t out_channels) {
+  torch::Tensor bi;
+  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
+  return bi;
+}
+
 torch::Tensor pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tensor& wt,
                                   int64_t out_channels, const c10::optional<torch::Tensor>& bias,
                                   int64_t pool, bool ceil_mode, int64_t stride,
                                   int64_t num_threads) {
   TORCH_CHECK(isa_supported(ISA_AVX512), "pointwise_conv_nhwc: this CPU has no AVX-512");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
-                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "pointwise_conv_nhwc: input must be a channels_last float32 CPU tensor");
-  TORCH_CHECK(pool == 1 || pool == 2, "pointwise_conv_nhwc: pool must be 1 or 2");
-  TORCH_CHECK(stride >= 1 && (pool == 1 || stride == 1),
-              "pointwise_conv_nhwc: a stride >= 1, and 1 after a pool");
-  bnas::PointwiseGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, out_channels,
-                            (out_channels + 15) / 16 * 16, pool, pool == 2 && ceil_mode, stride};
+  const bnas::PointwiseGeometry g = pointwise_geometry("pointwise_conv_nhwc", x, out_channels, pool, ceil_mode, stride);
   TORCH_CHECK(wt.scalar_type() == torch::kFloat32 && wt.is_contiguous() && wt.dim() == 2 &&
                   wt.size(0) == g.C && wt.size(1) == g.Kp,
               "pointwise_conv_nhwc: weights must be (", g.C, ", ", g.Kp, ") float32, got ",
               wt.sizes());
-  torch::Tensor bi;
-  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
-  g.OH = pool == 2 ? (g.H + (g.ceil ? 1 : 0)) / 2 : (g.H - 1) / stride + 1;
-  g.OW = pool == 2 ? (g.W + (g.ceil ? 1 : 0)) / 2 : (g.W - 1) / stride + 1;
-  TORCH_CHECK(g.OH > 0 && g.OW > 0, "pointwise_conv_nhwc: the pool does not fit in the input");
+  const torch::Tensor bi = output_bias(bias, out_channels);
   auto out = torch::empty({g.N, out_channels, g.OH, g.OW},
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
   bnas::pointwise_conv_avx512(x.data_ptr<float>(), wt.data_ptr<float>(),
@@ -1064,14 +1077,8 @@ torch::Tensor int8_pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tens
                                        int64_t out_channels, const c10::optional<torch::Tensor>& bias,
                                        int64_t pool, bool ceil_mode, int64_t stride, int64_t num_threads) {
   TORCH_CHECK(int8_supported(), "int8_pointwise_conv_nhwc: this CPU has no AVX-512 VNNI");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 &&
-                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "int8_pointwise_conv_nhwc: input must be a channels_last float32 CPU tensor");
-  TORCH_CHECK(pool == 1 || pool == 2, "int8_pointwise_conv_nhwc: pool must be 1 or 2");
-  TORCH_CHECK(stride >= 1 && (pool == 1 || stride == 1),
-              "int8_pointwise_conv_nhwc: a stride >= 1, and 1 after a pool");
-  bnas::PointwiseGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), 0, 0, out_channels,
-                            (out_channels + 15) / 16 * 16, pool, pool == 2 && ceil_mode, stride};
+  const bnas::PointwiseGeometry g =
+      pointwise_geometry("int8_pointwise_conv_nhwc", x, out_channels, pool, ceil_mode, stride);
   TORCH_CHECK(g.C <= 518, "int8_pointwise_conv_nhwc: at most 518 input channels (exact int32 sums)");
   TORCH_CHECK(weights.scalar_type() == torch::kInt8 && weights.is_contiguous() &&
                   weights.numel() == (g.C + 3) / 4 * g.Kp * 4,
@@ -1079,12 +1086,7 @@ torch::Tensor int8_pointwise_conv_nhwc(const torch::Tensor& x, const torch::Tens
   TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.numel() == out_channels &&
                   w_sum.scalar_type() == torch::kInt32 && w_sum.numel() == out_channels,
               "int8_pointwise_conv_nhwc: float32 scales and int32 sums, one per output");
-  torch::Tensor bi;
-  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
-  g.OH = pool == 2 ? (g.H + (g.ceil ? 1 : 0)) / 2 : (g.H - 1) / stride + 1;
-  g.OW = pool == 2 ? (g.W + (g.ceil ? 1 : 0)) / 2 : (g.W - 1) / stride + 1;
-  TORCH_CHECK(g.OH > 0 && g.OW > 0, "int8_pointwise_conv_nhwc: the pool does not fit in the input");
+  const torch::Tensor bi = output_bias(bias, out_channels);
   auto out = torch::empty({g.N, out_channels, g.OH, g.OW},
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
@@ -1107,9 +1109,7 @@ torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w,
                   w.size(1) == x.size(1),
               "linear_rows: weights must be (K, ", x.size(1), ") float32, got ", w.sizes());
   const torch::Tensor xc = x.contiguous(), wc = w.contiguous();
-  torch::Tensor bi;
-  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(!bi.defined() || bi.numel() == w.size(0), "bias must have one value per output");
+  const torch::Tensor bi = output_bias(bias, w.size(0));
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());
   if (out.numel() == 0) return out;
   if (x.size(1) == 0) return bi.defined() ? out.copy_(bi.expand_as(out)) : out.zero_();
@@ -1159,9 +1159,7 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
                         : weights.scalar_type() == torch::kFloat32 && weights.numel() == kh * kw * g.C * g.Kp),
               "image_conv_nhwc: weights must be (", kh, ", ", g.quads, ", ", g.Kp, ", 4) int8 or (", kh,
               ", ", kw * g.C, ", ", g.Kp, ") float32");
-  torch::Tensor bi;
-  if (bias.has_value()) bi = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(!bi.defined() || bi.numel() == out_channels, "bias must have one value per output");
+  const torch::Tensor bi = output_bias(bias, out_channels);
   const bool pooled = pool_kh > 0;
   bnas::PoolAfterConv pg{pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw, g.OH, g.OW};
   if (pooled) {
@@ -1235,15 +1233,10 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
               "image_conv_nhwc: int8 weights need float32 scales and int32 sums, one per output");
   // per image: its range, then its bytes (+ 64: a window row's last word may read up to 3
   // bytes past the last image)
-  std::vector<bnas::Int8Quantization> qz(static_cast<size_t>(g.N));
+  const std::vector<bnas::Int8Quantization> qz = bnas::int8_image_quantizations(xs, g.N, image_floats);
   auto padded = torch::empty({g.N * image_values + 64}, torch::dtype(torch::kUInt8));
   uint8_t* pd = padded.data_ptr<uint8_t>();
   std::memset(pd + g.N * image_values, 0, 64);
-  for (int64_t n = 0; n < g.N; ++n) {
-    float lo = 0.0f, hi = 0.0f;
-    bnas::int8_min_max(xs + n * image_floats, image_floats, &lo, &hi);
-    qz[n] = bnas::int8_image_quantization(lo, hi);
-  }
   bnas::parallel_for(rows_to_pad, pad_chunk, pad_threads, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(channels_last ? 0 : g.W * g.C));
     for (int64_t i = begin; i < end; ++i) {
@@ -1259,20 +1252,13 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
       bnas::int8_quantize_row(xs, channels_last, g, qz[n], n, r, pd, scratch.data());
     }
   });
-  std::vector<int32_t> zp_wsum(static_cast<size_t>(g.N * g.Kp), 0);
-  std::vector<float> scale(static_cast<size_t>(g.N * g.Kp), 0.0f);
   const torch::Tensor w_sum_c = w_sum->contiguous(), w_scale_c = w_scale->contiguous();
-  const int32_t* ws = w_sum_c.data_ptr<int32_t>();
-  const float* wsc = w_scale_c.data_ptr<float>();
-  for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t k = 0; k < out_channels; ++k) {
-      zp_wsum[n * g.Kp + k] = qz[n].zero_point * ws[k];
-      scale[n * g.Kp + k] = qz[n].scale * wsc[k];
-    }
-  }
+  const bnas::Int8ImageTerms terms =
+      bnas::int8_image_terms(qz, w_sum_c.data_ptr<int32_t>(), w_scale_c.data_ptr<float>(), out_channels, g.Kp);
   const int8_t* wq = weights.data_ptr<int8_t>();
   run([&](int64_t n, int64_t oh, float* row) {
-    bnas::int8_conv_row_avx512(pd, wq, zp_wsum.data() + n * g.Kp, scale.data() + n * g.Kp, b, g, n, oh, row);
+    bnas::int8_conv_row_avx512(pd, wq, terms.zp_wsum.data() + n * g.Kp, terms.scale.data() + n * g.Kp, b, g, n, oh,
+                               row);
   });
   return {out, packed};
 }
