@@ -40,6 +40,16 @@ SHAPES = [
 TARGET_RATIO = 10.0
 
 
+def cpu_engines(x: torch.Tensor, weight: torch.Tensor, xp: torch.Tensor, wp: torch.Tensor) -> dict:
+    """The timed calls for one shape: float32 conv, packed conv, and packing included."""
+    c = x.shape[1]
+    return {
+        "float32": lambda: F.conv2d(x, weight, None, 1, 1),
+        "packed": lambda: kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1),
+        "end_to_end": lambda: kernels.xnor_conv2d_packed(kernels.pack_signs(x), wp, c, 3, 1, 1),
+    }
+
+
 def run_cpu(shapes: list[tuple[int, int, int, int, int]], repeats: int, warmup: int) -> None:
     info = machine()
     info["load_average_1min_at_start"] = load_average()
@@ -53,12 +63,7 @@ def run_cpu(shapes: list[tuple[int, int, int, int, int]], repeats: int, warmup: 
         wp = kernels.pack_weights(weight)
         exact = torch.equal(kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1),
                             F.conv2d(sign(x), sign(weight), None, 1, 1))
-        times = interleaved_times({
-            "float32": lambda: F.conv2d(x, weight, None, 1, 1),
-            "packed": lambda: kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1),
-            "end_to_end": lambda: kernels.xnor_conv2d_packed(kernels.pack_signs(x), wp, c, 3,
-                                                             1, 1),
-        }, repeats, warmup)
+        times = interleaved_times(cpu_engines(x, weight, xp, wp), repeats, warmup)
         stats = {name: median_p90(ts) for name, ts in times.items()}
         medians = {name: m for name, (m, _) in stats.items()}
         macs = n * k * h * w * c * 9

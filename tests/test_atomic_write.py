@@ -70,7 +70,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with atomic_path(target) as tmp:
             tmp.write_text("half")
-            1 / 0  # a bug in the writer keeps its own exception and traceback
+            _ = 1 / 0  # a bug in the writer keeps its own exception and traceback
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
 

@@ -1,6 +1,7 @@
 """The STE core: forward values and gradients checked against the formulas."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -218,7 +219,7 @@ def test_config_validation_messages() -> None:
 
 def test_config_is_frozen_and_shared_safely() -> None:
     cfg = BinarizeConfig("ste", "xnor")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.activation = "none"  # type: ignore[misc]
     a = BinaryConv2d(4, 4, 3, config=cfg)
     b = BinaryConv2d(4, 4, 3, config=cfg)

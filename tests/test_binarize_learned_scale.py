@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import randomize
 
 import bnas
 from bnas.binarize import BinarizeConfig, BinaryConv2d, BinaryLinear, WeightBinarizer, set_binarization, sign
@@ -17,7 +18,6 @@ from bnas.errors import GenotypeError
 from bnas.export import PackedConv2d, PackedLinear, load_packed, pack_model
 from bnas.schemas import validate
 from bnas.train import Recipe, param_groups
-from conftest import randomize
 
 NONE_MESSAGE = (
     "learned_scale: true cannot be used with weight: none; use one of sign, xnor, xnor_tensor, bireal, "

@@ -67,7 +67,7 @@ def test_cell_network_trains_one_step() -> None:
         assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{names[id(layer)]}: zero gradient on the latent weights"
     before = [layer.weight.detach().clone() for layer in layers]
     opt.step()
-    assert all(not torch.equal(b, layer.weight) for b, layer in zip(before, layers))
+    assert all(not torch.equal(b, layer.weight) for b, layer in zip(before, layers, strict=True))
 
 
 def test_odd_sizes_through_reduce_cells() -> None:
@@ -215,7 +215,7 @@ def test_cell_picture_labels_sit_on_their_own_edge_only(tmp_path: Path, monkeypa
     renderer = fig.canvas.get_renderer()
     axes = [ax for ax in fig.axes if ax.patches]
     checked = 0
-    for ax, (name, g) in zip(axes, genotype.cell_graphs().items()):
+    for ax, (name, g) in zip(axes, genotype.cell_graphs().items(), strict=True):
         pos = {n: ax.transData.transform(p) for n, p in _layout(g).items()}
         # Which edge is each drawn arc? The nearest nodes to its two ends.
         arcs: dict[tuple[str, str], list] = {}

@@ -53,7 +53,7 @@ def test_cifar10_from_its_jpeg_archive_without_extracting(tmp_path: Path) -> Non
     # Labels are the alphabetical class names; pixels arrive exactly, in (class, name) order.
     expected = [(CLASSES.index(cls), pixels) for (cls, _), pixels in sorted(test.items())]
     assert data.test_y.tolist() == [label for label, _ in expected]
-    for got, (_, pixels) in zip(data.test_x, expected):
+    for got, (_, pixels) in zip(data.test_x, expected, strict=True):
         assert torch.equal(got, torch.from_numpy(pixels).permute(2, 0, 1))
     assert [p.name for p in (tmp_path / "cifar10-jpeg").iterdir()] == ["copy.tar.xz"]  # nothing was extracted
     # A second load comes from the decoded cache and is identical.

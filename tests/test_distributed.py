@@ -31,7 +31,7 @@ def _pg_url() -> str:
         sqlalchemy.create_engine(url).connect().close()
     except Exception as exc:  # any driver error means: not reachable
         if os.environ.get("CI"):
-            raise AssertionError(f"CI must reach its PostgreSQL server at {url}: {exc}")
+            raise AssertionError(f"CI must reach its PostgreSQL server at {url}: {exc}") from exc
         pytest.skip(f"PostgreSQL at {url} is not reachable: {exc}")
     return url
 

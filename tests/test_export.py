@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
+from conftest import randomize
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -17,7 +18,6 @@ from bnas.data import load_dataset
 from bnas.evaluate import evaluate
 from bnas.export import ExportError, PackedConv2d, PackedLinear, freeze_model, load_packed, pack_model, save_packed
 from bnas.kernels import unpack_weights
-from conftest import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 GENOTYPES = ROOT / "search_spaces" / "genotypes"

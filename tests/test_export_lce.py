@@ -4,7 +4,6 @@ that predicts what the PyTorch model predicts (skipped without the [lce] extra).
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 from pathlib import Path
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -230,7 +231,7 @@ def test_binary_ops_convolve_signs_with_scaled_signs(name: str) -> None:
         recorder.watch(op)
         with recorder:
             op(_example_input(name, c_in))
-        assert sorted(id(c[0]) for c in recorder.calls) == sorted(id(l) for l in layers), (
+        assert sorted(id(c[0]) for c in recorder.calls) == sorted(id(layer) for layer in layers), (
             f"{name}: every binary layer must run exactly one conv/linear"
         )
         for layer, inp, weight in recorder.calls:
@@ -324,7 +325,7 @@ def test_no_op_shares_mutable_state(name: str) -> None:
     ref_state, after_state = reference.state_dict(), after.state_dict()
     assert ref_state.keys() == after_state.keys()
     assert all(torch.equal(ref_state[k], after_state[k]) for k in ref_state)
-    for a, b in zip(binary_layers(reference), binary_layers(after)):
+    for a, b in zip(binary_layers(reference), binary_layers(after), strict=True):
         assert (a.input_quantizer.enabled, a.kernel_quantizer.enabled) == (True, True)
         assert (a.input_quantizer.clip, a.kernel_quantizer.clip) == (b.input_quantizer.clip, b.kernel_quantizer.clip)
         assert a.input_quantizer.clip == a.config.clip and a.latent_clip_value == b.latent_clip_value

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize
 from torch import nn
 
 import bnas
 from bnas import kernels
-from bnas.kernels import cpu_backend
-from bnas.export import PackedNetwork, load_packed, pack_model
 from bnas.binarize import BinarizeConfig, BinaryConv2d
+from bnas.export import PackedNetwork, load_packed, pack_model
 from bnas.export.plan import ChannelsLastMaxPool2d, PackedStep
-from conftest import randomize
+from bnas.kernels import cpu_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 GENOTYPES = ROOT / "search_spaces" / "genotypes"

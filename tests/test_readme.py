@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bnas.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]

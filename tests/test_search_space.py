@@ -7,12 +7,12 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import tiny_space, write_space
 
 import bnas
 from bnas.errors import GenotypeError
 from bnas.search.runner import make_sampler
 from bnas.search.space import load_space, parse_space, sample_genotype
-from conftest import tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = tiny_space(cells_per_stage=[1])

@@ -16,7 +16,17 @@ from bnas.cli import main
 from bnas.data import DataError, load_dataset
 from bnas.evaluate import evaluate
 from bnas.genotype import loads_genotype
-from bnas.train import Recipe, Trainer, TrainingError, load_checkpoint, lr_factor, make_optimizer, param_groups, seed_everything, task_loss
+from bnas.train import (
+    Recipe,
+    Trainer,
+    TrainingError,
+    load_checkpoint,
+    lr_factor,
+    make_optimizer,
+    param_groups,
+    seed_everything,
+    task_loss,
+)
 from bnas.train import loop as train_loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +101,7 @@ def test_resume_after_interrupt_gives_identical_weights(tmp_path: Path) -> None:
     reference = _run(tmp_path / "a")
     # Interrupt mid-epoch 2 (21 train steps per epoch plus one validation forward per epoch).
     resumed = _run(tmp_path / "b", interrupt_at_step=30)
-    for (name, p), (_, q) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+    for (name, p), (_, q) in zip(reference.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
 
 
