@@ -85,3 +85,17 @@ def test_summary_refuses_means_over_different_seeds(tmp_path: Path) -> None:
     done = summarize(per_trial, oneshot)
     assert done.returncode != 0
     assert "--eval-seeds differ between the routes: ['0', '1'] and ['0', '2']" in done.stderr
+
+
+def test_summary_gives_each_routes_retraining_length(tmp_path: Path) -> None:
+    per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
+    per_trial.write_text(route("per_trial", 0, 0.83, 3000.0, retrain_epochs=2) + "\n")
+    oneshot.write_text(route("oneshot", 0, 0.84, 550.0, supernet_epochs=2, retrain_epochs=3) + "\n")
+    done = summarize(per_trial, oneshot)
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert (row["baseline_retrain_epochs"], row["ours_retrain_epochs"]) == (2, 3)
+    assert row["same_retrain_epochs"] is False
+    oneshot.write_text(route("oneshot", 0, 0.84, 550.0, supernet_epochs=2, retrain_epochs=2) + "\n")
+    (row,) = [json.loads(line) for line in summarize(per_trial, oneshot).stdout.splitlines()]
+    assert row["same_retrain_epochs"] is True
