@@ -55,7 +55,7 @@ from bnas.genotype import load_genotype  # noqa: E402
 from bnas.search import SearchConfig, run_search_study  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.path_sampling import PATHS  # noqa: E402
-from bnas.search.retrain import retrain_top  # noqa: E402
+from bnas.search.retrain import retrain_overrides, retrain_top  # noqa: E402
 from bnas.search.space import load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
@@ -84,9 +84,8 @@ def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds
     for seed in seeds:
         if seed in accs:
             continue
-        overrides: dict[str, Any] = {"seed": seed}
-        if cfg.retrain_epochs is not None:
-            overrides["epochs"] = cfg.retrain_epochs
+        # the route's own retraining recipe (``--retrain-epochs``), with this seed
+        overrides = {**retrain_overrides(cfg), "seed": seed}
         report = evaluate(genotype, cfg.space.dataset, overrides=overrides, out=cfg.out / "eval" / f"seed{seed}",
                           progress=False, data=data, test=True)
         accs[seed] = float(report["test_acc"])
@@ -95,9 +94,9 @@ def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds
             "eval_cpu_s": round(time.process_time() - cpu0, 1)}
 
 
-def _retrain_epochs(space: Any, args: argparse.Namespace) -> int:
+def _retrain_epochs(cfg: SearchConfig) -> int:
     """How long the route's retrainings train: ``--retrain-epochs``, else the space's budget."""
-    return int(args.retrain_epochs if args.retrain_epochs is not None else space.budget["epochs"])
+    return int(retrain_overrides(cfg).get("epochs", cfg.space.budget["epochs"]))
 
 
 def per_trial_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +107,7 @@ def per_trial_route(space: Any, seed: int, data: Any, folder: Path, args: argpar
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0
     row = {"route": "per_trial", "trials": args.trials, "search_cpu_s": round(search_cpu, 1),
-           "retrain_epochs": _retrain_epochs(space, args), **_best_retrained(study, cfg, data)}
+           "retrain_epochs": _retrain_epochs(cfg), **_best_retrained(study, cfg, data)}
     row["cpu_s"] = round(time.process_time() - cpu0, 1)
     if args.eval_seeds:
         row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
@@ -130,7 +129,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
     row = {"route": "oneshot", "trials": args.oneshot_trials, "supernet_epochs": args.supernet_epochs,
            "widths": args.widths, "paths": args.paths, "finetune_steps": args.finetune_steps,
            "supernet_cpu_s": round(supernet_cpu, 1), "search_cpu_s": round(search_cpu, 1),
-           "retrain_epochs": _retrain_epochs(space, args), **_best_retrained(study, cfg, data)}
+           "retrain_epochs": _retrain_epochs(cfg), **_best_retrained(study, cfg, data)}
     row["cpu_s"] = round(time.process_time() - cpu0, 1)
     if args.eval_seeds:
         row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
