@@ -22,10 +22,13 @@ mean over the seeds, and the summary gives the rank agreement between the seeds 
 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
         [--standalone-only | --supernet RUN/supernet.pt [RUN2/supernet.pt ...] | --supernet-epochs E [--distill] [--widths W] [--paths P] [--sampling S]]
-        [--calibration-batches 8] [--finetune-steps 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
+        [--calibration-batches 8] [--finetune-steps 0] [--probe-samples 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
 accuracy with the inherited weights, and their validation loss (`*_by_loss`, lower ranks higher).
+With ``--probe-samples N`` both come from a linear probe refitted on each architecture's own
+features for N training images (``bnas.search.linear_probe``) instead of from the supernet's
+shared classifier.
 """
 
 from __future__ import annotations
@@ -310,6 +313,7 @@ def supernet_phase(
                 with_loss=True,
                 seed=args.seed,
                 finetune_steps=args.finetune_steps,
+                probe_samples=args.probe_samples,
             )
             arch.setdefault("supernet_accs", []).append(float(acc))
             arch.setdefault("supernet_losses", []).append(float(loss))
@@ -355,6 +359,7 @@ def mean_ranks(values: list[float]) -> list[float]:
     from scipy.stats import rankdata
 
     return [float(r) for r in rankdata(values, method="average")]
+
 
 def _default_supernet_out(space: SearchSpace, args: argparse.Namespace) -> Path:
     tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}-{args.paths}{'-fair' if args.sampling == 'fair' else ''}-seed{args.seed}"
@@ -427,6 +432,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="train a copy of each arch's inherited weights this many steps before scoring (bnas search --finetune-steps)",
     )
+    parser.add_argument(
+        "--probe-samples",
+        type=int,
+        default=0,
+        help="score each arch by a linear probe refitted on its features for this many training images "
+        "(bnas.search.linear_probe) instead of by the supernet's shared classifier",
+    )
     parser.add_argument("--calibration-batches", type=int, default=8, help="BN recalibration batches (of 64)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -438,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--archs must be at least 2 (a rank correlation needs pairs)")
     if args.finetune_steps < 0:
         parser.error("--finetune-steps must be 0 or more")
+    if args.probe_samples < 0:
+        parser.error("--probe-samples must be 0 or more")
     if args.calibration_batches < 1:
         parser.error("--calibration-batches must be at least 1")
     if args.supernet_epochs is not None and args.supernet_epochs < 1:
@@ -537,7 +551,12 @@ def main(argv: list[str] | None = None) -> None:
         defined = [t for t in taus if t is not None]
         summary["standalone_seed_tau"] = round(sum(defined) / len(defined), 4) if defined else None
     if not args.standalone_only:
-        summary.update(info, calibration_batches=args.calibration_batches, finetune_steps=args.finetune_steps)
+        summary.update(
+            info,
+            calibration_batches=args.calibration_batches,
+            finetune_steps=args.finetune_steps,
+            probe_samples=args.probe_samples,
+        )
         summary.update(rank_correlations(standalone, [a["score_by_acc"] for a in archs]))
         # Ranking by the inherited weights' validation loss (lower is better) instead of accuracy.
         by_loss = rank_correlations(standalone, [a["score_by_loss"] for a in archs])

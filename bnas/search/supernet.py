@@ -67,6 +67,7 @@ from ..train.loop import evaluate_accuracy
 from ..train.losses import distill_loss, task_loss
 from ..train.optimiser import make_optimizer, set_lr
 from ..train.recipe import Recipe, TrainingError
+from .linear_probe import probe_accuracy
 from .space import SearchSpace, sample_genotype
 
 __all__ = [
@@ -659,6 +660,15 @@ def finetune_inherited(model: nn.Module, data: DataSplits, recipe: Recipe, steps
     return model
 
 
+def _accuracy(network: nn.Module, data: DataSplits, probe_samples: int, seed: int) -> tuple[float, float]:
+    """(validation accuracy, loss) of ``network``: by its own classifier, or with
+    ``probe_samples`` by a linear probe on its features."""
+    if probe_samples > 0:
+        return probe_accuracy(network, data, probe_samples, seed)
+    device = next(iter(network.parameters())).device
+    return evaluate_accuracy(network, data.loader("val", 512, device=device), device)
+
+
 def score(
     supernet: Supernet,
     genotype: Genotype,
@@ -671,6 +681,7 @@ def score(
     with_loss: bool = False,
     finetune_steps: int = 0,
     recipe: Recipe | None = None,
+    probe_samples: int = 0,
 ) -> Any:
     """``genotype``'s validation accuracy with the weights it inherits from ``supernet``
     (with ``with_loss``: the pair accuracy, mean cross-entropy).
@@ -682,6 +693,10 @@ def score(
     With ``finetune_steps``, a copy of the inherited network (``extract``) is first trained
     for that many steps (``finetune_inherited`` with ``recipe``, default the space's budget
     recipe, and ``seed``), then recalibrated and scored; the supernet is not touched.
+
+    With ``probe_samples``, the accuracy is not that of the shared classifier but of a linear
+    probe refitted on the path's own features for that many training images shuffled with
+    ``seed`` (``bnas.search.linear_probe``), after the same recalibration.
     """
     if not len(data.val_y):
         raise SupernetError(f"{data.name}: the validation split is empty; set val_fraction above 0 to score paths")
@@ -694,13 +709,13 @@ def score(
             extract(supernet, genotype), data, recipe or supernet_recipe(supernet.space), finetune_steps, seed
         )
         recalibrate_bn(tuned, batches)
-        acc, loss = evaluate_accuracy(tuned, data.loader("val", 512, device=device), device)
+        acc, loss = _accuracy(tuned, data, probe_samples, seed)
         return (acc, loss) if with_loss else acc
     net = supernet.network(genotype)
     saved = [(buf, buf.clone()) for bn in _batchnorms(net) for buf in bn.buffers()]
     try:
         recalibrate_bn(net, batches)
-        acc, loss = evaluate_accuracy(net, data.loader("val", 512, device=device), device)
+        acc, loss = _accuracy(net, data, probe_samples, seed)
     finally:
         for buf, value in saved:
             buf.copy_(value)
