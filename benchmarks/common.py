@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: machine description, timing, JSON lines."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def median_time(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> fl
     return statistics.median(times)
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3,
-                      burst_seconds: float = 2e-3, untimed: int = 0) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3, burst_seconds: float = 2e-3, untimed: int = 0
+) -> dict[str, list[float]]:
     """Seconds per call of each function, ``repeats`` samples each. Each round times every
     function once, in a rotating order (no function always follows another one's cache
     footprint), over a burst of calls lasting about ``burst_seconds``, so load from other
@@ -69,7 +71,7 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: i
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, calls = fns[name], bursts[name]
             for _ in range(untimed):
                 fn()

@@ -200,7 +200,7 @@ def template_params(name: str) -> dict[str, int]:
         names = CONV_TILE_PARAMS if "ConvTile" in name else ()
         return {(names[i] if i < len(names) else f"p{i}"): v for i, v in enumerate(ints)}
     for tname, args in lists:
-        parts = [{"true": "1", "false": "0"}.get(a.strip(), a.strip()) for a in args.split(",")]   # bools as 1/0
+        parts = [{"true": "1", "false": "0"}.get(a.strip(), a.strip()) for a in args.split(",")]  # bools as 1/0
         if not parts or not all(re.fullmatch(r"-?\d+[uUlL]*", p) for p in parts):
             continue
         ints = [int(re.sub(r"[uUlL]+$", "", p)) for p in parts]

@@ -28,6 +28,7 @@ and ``meets_4x_cudnn`` / ``meets_35pct_peak`` computed from those measurements.
 benchmarks/xnor_conv.py calls :func:`run_cuda` for ``--device cuda``; benchmarks/packed_model.py
 uses :func:`cuda_time`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -186,8 +187,7 @@ def _div(a: float, b: float) -> float | None:
     return None if a != a or b != b or b <= 0 else round(a / b, 4)
 
 
-def measure_shape(shape: Shape, peak_ops_per_s: float, repeats: int, batches: int,
-                  dev: torch.device) -> dict[str, Any]:
+def measure_shape(shape: Shape, peak_ops_per_s: float, repeats: int, batches: int, dev: torch.device) -> dict[str, Any]:
     """One shape's record (see the module doc); the timings are left out when the kernel is not
     bit-exact."""
     n, c, h, w, k = shape
@@ -204,7 +204,7 @@ def measure_shape(shape: Shape, peak_ops_per_s: float, repeats: int, batches: in
     def baseline() -> torch.Tensor:
         return F.conv2d(x16, w16, None, 1, 1)
 
-    sums = cb.tap_sums(wp, c, 3)   # computed once per weight tensor, outside the timed calls
+    sums = cb.tap_sums(wp, c, 3)  # computed once per weight tensor, outside the timed calls
 
     def ours() -> torch.Tensor:
         return cb.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, scale=scale, bias=bias, pack_output=True, tap_sums=sums)
@@ -281,8 +281,13 @@ def summarize(records: Sequence[dict[str, Any]], peak: dict[str, Any]) -> dict[s
     }  # fmt: skip
 
 
-def run_cuda(shapes: Sequence[Shape] = CUDA_SHAPES, repeats: int = 20, device: str | torch.device = "cuda",
-             batches: int = 10, json_out: str | Path | None = None) -> list[dict[str, Any]]:
+def run_cuda(
+    shapes: Sequence[Shape] = CUDA_SHAPES,
+    repeats: int = 20,
+    device: str | torch.device = "cuda",
+    batches: int = 10,
+    json_out: str | Path | None = None,
+) -> list[dict[str, Any]]:
     """Benchmarks every (N, C, H, W, K) shape, printing each record as a JSON line as soon as
     it is measured (and writing it to ``json_out`` when given), then the summary line; returns
     the per-shape records (see the module doc)."""
@@ -292,8 +297,10 @@ def run_cuda(shapes: Sequence[Shape] = CUDA_SHAPES, repeats: int = 20, device: s
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if not cb.is_supported(dev):
-        raise RuntimeError(f"the {cb.BACKEND_NAME} kernel cannot run on {torch.cuda.get_device_name(dev)} "
-                           f"(needs compute capability 8.0+ and nvcc)")
+        raise RuntimeError(
+            f"the {cb.BACKEND_NAME} kernel cannot run on {torch.cuda.get_device_name(dev)} "
+            f"(needs compute capability 8.0+ and nvcc)"
+        )
     sink = JsonLines(json_out)
     try:
         with torch.cuda.device(dev):
@@ -323,8 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="calls per CUDA graph / eager batch (default 20)")
     parser.add_argument("--batches", type=int, default=10, help="timed graph replays per callable (default 10)")
-    parser.add_argument("--shapes", type=_parse_shape, nargs="+", default=CUDA_SHAPES,
-                        help="NxCxHxW:K shapes (default: the issue-7 list)")
+    parser.add_argument(
+        "--shapes",
+        type=_parse_shape,
+        nargs="+",
+        default=CUDA_SHAPES,
+        help="NxCxHxW:K shapes (default: the issue-7 list)",
+    )
     parser.add_argument("--json-out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batches < 1:
@@ -335,8 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cuda_xnor_conv: {exc}", file=sys.stderr)
         return 2
     if not all(r["exact"] for r in records):
-        print("cuda_xnor_conv: the kernel is not bit-exact for " +
-              ", ".join(r["shape"] for r in records if not r["exact"]), file=sys.stderr)
+        print(
+            "cuda_xnor_conv: the kernel is not bit-exact for "
+            + ", ".join(r["shape"] for r in records if not r["exact"]),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -33,6 +33,7 @@ time it saves on a longer final training. The route line and the summary give ea
 retraining length (``retrain_epochs``, ``same_retrain_epochs``), since a longer retraining
 lifts any network's accuracy, not only a better architecture's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,12 @@ def _best_retrained(study: Any, cfg: SearchConfig, data: Any) -> dict[str, Any]:
     validation accuracy is the route's result (its test accuracy is never used to pick)."""
     results = retrain_top(study, cfg, data)
     number, best = max(results.items(), key=lambda item: (item[1]["val_acc"], -item[0]))
-    return {"trial": number, "retrained_val_acc": best["val_acc"], "retrained_test_acc": best["test_acc"],
-            "retrained": len(results)}
+    return {
+        "trial": number,
+        "retrained_val_acc": best["val_acc"],
+        "retrained_test_acc": best["test_acc"],
+        "retrained": len(results),
+    }
 
 
 def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds: list[int]) -> dict[str, Any]:
@@ -86,12 +91,21 @@ def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds
             continue
         # the route's own retraining recipe (``--retrain-epochs``), with this seed
         overrides = {**retrain_overrides(cfg), "seed": seed}
-        report = evaluate(genotype, cfg.space.dataset, overrides=overrides, out=cfg.out / "eval" / f"seed{seed}",
-                          progress=False, data=data, test=True)
+        report = evaluate(
+            genotype,
+            cfg.space.dataset,
+            overrides=overrides,
+            out=cfg.out / "eval" / f"seed{seed}",
+            progress=False,
+            data=data,
+            test=True,
+        )
         accs[seed] = float(report["test_acc"])
-    return {"eval_test_accs": {str(s): a for s, a in accs.items()},
-            "eval_test_acc_mean": round(statistics.mean(accs.values()), 5),
-            "eval_cpu_s": round(time.process_time() - cpu0, 1)}
+    return {
+        "eval_test_accs": {str(s): a for s, a in accs.items()},
+        "eval_test_acc_mean": round(statistics.mean(accs.values()), 5),
+        "eval_cpu_s": round(time.process_time() - cpu0, 1),
+    }
 
 
 def _retrain_epochs(cfg: SearchConfig) -> int:
@@ -102,12 +116,24 @@ def _retrain_epochs(cfg: SearchConfig) -> int:
 def per_trial_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every trial trains; the best is retrained from scratch and tested."""
     cpu0 = time.process_time()
-    cfg = SearchConfig(space=space, out=folder / "per-trial", trials=args.trials, seed=seed, progress=False,
-                       retrain_top=1, retrain_epochs=args.retrain_epochs)
+    cfg = SearchConfig(
+        space=space,
+        out=folder / "per-trial",
+        trials=args.trials,
+        seed=seed,
+        progress=False,
+        retrain_top=1,
+        retrain_epochs=args.retrain_epochs,
+    )
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0
-    row = {"route": "per_trial", "trials": args.trials, "search_cpu_s": round(search_cpu, 1),
-           "retrain_epochs": _retrain_epochs(cfg), **_best_retrained(study, cfg, data)}
+    row = {
+        "route": "per_trial",
+        "trials": args.trials,
+        "search_cpu_s": round(search_cpu, 1),
+        "retrain_epochs": _retrain_epochs(cfg),
+        **_best_retrained(study, cfg, data),
+    }
     row["cpu_s"] = round(time.process_time() - cpu0, 1)
     if args.eval_seeds:
         row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
@@ -117,19 +143,41 @@ def per_trial_route(space: Any, seed: int, data: Any, folder: Path, args: argpar
 def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One supernet, trials scored with its weights, the best K retrained from scratch."""
     cpu0 = time.process_time()
-    train_supernet(space, folder / "supernet", epochs=args.supernet_epochs, seed=seed, data=data, widths=args.widths,
-                   paths=args.paths)
+    train_supernet(
+        space,
+        folder / "supernet",
+        epochs=args.supernet_epochs,
+        seed=seed,
+        data=data,
+        widths=args.widths,
+        paths=args.paths,
+    )
     supernet_cpu = time.process_time() - cpu0
-    cfg = SearchConfig(space=space, out=folder / "oneshot", trials=args.oneshot_trials, seed=seed,
-                       progress=False, supernet=folder / "supernet" / SUPERNET_FILE,
-                       retrain_top=args.retrain_top, finetune_steps=args.finetune_steps,
-                       retrain_epochs=args.retrain_epochs)
+    cfg = SearchConfig(
+        space=space,
+        out=folder / "oneshot",
+        trials=args.oneshot_trials,
+        seed=seed,
+        progress=False,
+        supernet=folder / "supernet" / SUPERNET_FILE,
+        retrain_top=args.retrain_top,
+        finetune_steps=args.finetune_steps,
+        retrain_epochs=args.retrain_epochs,
+    )
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0 - supernet_cpu
-    row = {"route": "oneshot", "trials": args.oneshot_trials, "supernet_epochs": args.supernet_epochs,
-           "widths": args.widths, "paths": args.paths, "finetune_steps": args.finetune_steps,
-           "supernet_cpu_s": round(supernet_cpu, 1), "search_cpu_s": round(search_cpu, 1),
-           "retrain_epochs": _retrain_epochs(cfg), **_best_retrained(study, cfg, data)}
+    row = {
+        "route": "oneshot",
+        "trials": args.oneshot_trials,
+        "supernet_epochs": args.supernet_epochs,
+        "widths": args.widths,
+        "paths": args.paths,
+        "finetune_steps": args.finetune_steps,
+        "supernet_cpu_s": round(supernet_cpu, 1),
+        "search_cpu_s": round(search_cpu, 1),
+        "retrain_epochs": _retrain_epochs(cfg),
+        **_best_retrained(study, cfg, data),
+    }
     row["cpu_s"] = round(time.process_time() - cpu0, 1)
     if args.eval_seeds:
         row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
@@ -154,18 +202,33 @@ def summarize(files: list[str]) -> None:
 
 def _summary(space: str, seed: int, base: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
     reached = ours["retrained_test_acc"] >= base["retrained_test_acc"]
-    return {"benchmark": "search_efficiency_oneshot", "summary": True, "space": space, "seed": seed,
-            "baseline": "per_trial", "baseline_trials": base["trials"],
-            "baseline_test_acc": base["retrained_test_acc"], "baseline_cpu_s": base["cpu_s"],
-            "ours": "oneshot", "ours_trials": ours["trials"], "ours_supernet_epochs": ours["supernet_epochs"],
-            "ours_widths": ours.get("widths"), "ours_paths": ours.get("paths", "all"),
-            "ours_finetune_steps": ours.get("finetune_steps", 0),
-            "ours_test_acc": ours["retrained_test_acc"], "ours_cpu_s": ours["cpu_s"],
-            "baseline_retrain_epochs": base.get("retrain_epochs"), "ours_retrain_epochs": ours.get("retrain_epochs"),
-            "same_retrain_epochs": base.get("retrain_epochs") == ours.get("retrain_epochs"),
-            "cpu_ratio_ours_over_baseline": round(ours["cpu_s"] / base["cpu_s"], 3),
-            "reached_baseline_acc": reached, "meets_one_fifth": reached and ours["cpu_s"] <= base["cpu_s"] / 5,
-            **_mean_comparison(base, ours), "loadavg": os.getloadavg(), **machine()}
+    return {
+        "benchmark": "search_efficiency_oneshot",
+        "summary": True,
+        "space": space,
+        "seed": seed,
+        "baseline": "per_trial",
+        "baseline_trials": base["trials"],
+        "baseline_test_acc": base["retrained_test_acc"],
+        "baseline_cpu_s": base["cpu_s"],
+        "ours": "oneshot",
+        "ours_trials": ours["trials"],
+        "ours_supernet_epochs": ours["supernet_epochs"],
+        "ours_widths": ours.get("widths"),
+        "ours_paths": ours.get("paths", "all"),
+        "ours_finetune_steps": ours.get("finetune_steps", 0),
+        "ours_test_acc": ours["retrained_test_acc"],
+        "ours_cpu_s": ours["cpu_s"],
+        "baseline_retrain_epochs": base.get("retrain_epochs"),
+        "ours_retrain_epochs": ours.get("retrain_epochs"),
+        "same_retrain_epochs": base.get("retrain_epochs") == ours.get("retrain_epochs"),
+        "cpu_ratio_ours_over_baseline": round(ours["cpu_s"] / base["cpu_s"], 3),
+        "reached_baseline_acc": reached,
+        "meets_one_fifth": reached and ours["cpu_s"] <= base["cpu_s"] / 5,
+        **_mean_comparison(base, ours),
+        "loadavg": os.getloadavg(),
+        **machine(),
+    }
 
 
 def _mean_comparison(base: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
@@ -178,9 +241,13 @@ def _mean_comparison(base: dict[str, Any], ours: dict[str, Any]) -> dict[str, An
         raise SystemExit(f"--eval-seeds differ between the routes: {sorted(base_accs)} and {sorted(ours_accs)}")
     base_mean, ours_mean = statistics.mean(base_accs.values()), statistics.mean(ours_accs.values())
     reached = ours_mean >= base_mean
-    return {"eval_seeds": sorted(int(s) for s in base_accs), "baseline_test_acc_mean": round(base_mean, 5),
-            "ours_test_acc_mean": round(ours_mean, 5), "reached_baseline_mean_acc": reached,
-            "meets_one_fifth_by_mean": reached and ours["cpu_s"] <= base["cpu_s"] / 5}
+    return {
+        "eval_seeds": sorted(int(s) for s in base_accs),
+        "baseline_test_acc_mean": round(base_mean, 5),
+        "ours_test_acc_mean": round(ours_mean, 5),
+        "reached_baseline_mean_acc": reached,
+        "meets_one_fifth_by_mean": reached and ours["cpu_s"] <= base["cpu_s"] / 5,
+    }
 
 
 def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
@@ -216,23 +283,47 @@ def main() -> None:
     parser.add_argument("--supernet-epochs", type=int, default=8)
     parser.add_argument("--oneshot-trials", type=int, default=100)
     parser.add_argument("--retrain-top", type=int, default=3)
-    parser.add_argument("--widths", choices=WIDTHS, default="separate",
-                        help="--oneshot: the supernet's widths (bnas supernet --widths)")
-    parser.add_argument("--finetune-steps", type=int, default=0,
-                        help="--oneshot: steps each trial's inherited weights train before scoring")
-    parser.add_argument("--paths", choices=PATHS, default="all",
-                        help="--oneshot: the paths the supernet trains (bnas supernet --paths)")
-    parser.add_argument("--route", choices=("both", "per_trial", "oneshot"), default="both",
-                        help="--oneshot: run both routes, or one (see --summarize)")
-    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[], metavar="SEED",
-                        help="--oneshot: retrain each route's chosen network again with these seeds and compare "
-                             "the mean test accuracies (not counted in the route's CPU seconds)")
-    parser.add_argument("--retrain-epochs", type=int, default=None,
-                        help="--oneshot: the route's retrainings (its best, --eval-seeds) train E epochs "
-                             "(default: the space's budget); counted in its CPU seconds")
+    parser.add_argument(
+        "--widths", choices=WIDTHS, default="separate", help="--oneshot: the supernet's widths (bnas supernet --widths)"
+    )
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="--oneshot: steps each trial's inherited weights train before scoring",
+    )
+    parser.add_argument(
+        "--paths", choices=PATHS, default="all", help="--oneshot: the paths the supernet trains (bnas supernet --paths)"
+    )
+    parser.add_argument(
+        "--route",
+        choices=("both", "per_trial", "oneshot"),
+        default="both",
+        help="--oneshot: run both routes, or one (see --summarize)",
+    )
+    parser.add_argument(
+        "--eval-seeds",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="SEED",
+        help="--oneshot: retrain each route's chosen network again with these seeds and compare "
+        "the mean test accuracies (not counted in the route's CPU seconds)",
+    )
+    parser.add_argument(
+        "--retrain-epochs",
+        type=int,
+        default=None,
+        help="--oneshot: the route's retrainings (its best, --eval-seeds) train E epochs "
+        "(default: the space's budget); counted in its CPU seconds",
+    )
     parser.add_argument("--keep", help="--oneshot: keep the runs (supernet, studies, retrainings) in DIR/seedS")
-    parser.add_argument("--summarize", nargs="+", metavar="FILE",
-                        help="--oneshot: the summary of route lines saved from two --route runs")
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="FILE",
+        help="--oneshot: the summary of route lines saved from two --route runs",
+    )
     args = parser.parse_args()
     if args.oneshot and args.summarize:
         summarize(args.summarize)
@@ -249,8 +340,15 @@ def main() -> None:
     for seed in args.seeds:
         for method, (sampler, pruner) in METHODS.items():
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = SearchConfig(space=space, out=Path(tmp), trials=args.trials, sampler=sampler, pruner=pruner,
-                                   seed=seed, progress=False)
+                cfg = SearchConfig(
+                    space=space,
+                    out=Path(tmp),
+                    trials=args.trials,
+                    sampler=sampler,
+                    pruner=pruner,
+                    seed=seed,
+                    progress=False,
+                )
                 t0 = time.perf_counter()
                 study = run_search_study(cfg)
                 wall = time.perf_counter() - t0
@@ -258,15 +356,36 @@ def main() -> None:
                 best = max((t.values[0] for t in study.trials if t.state.name == "COMPLETE"), default=0.0)
                 row = {"best_val_acc": best, "training_epochs": trained, "wall_s": round(wall, 1)}
                 results[method].append(row)
-                emit({"benchmark": "search_efficiency", "space": space.name, "method": method, "seed": seed,
-                      "trials": args.trials, **row})
-    summary = {m: {k: round(statistics.mean(r[k] for r in rows), 4) for k in ("best_val_acc", "training_epochs", "wall_s")}
-               for m, rows in results.items()}
+                emit(
+                    {
+                        "benchmark": "search_efficiency",
+                        "space": space.name,
+                        "method": method,
+                        "seed": seed,
+                        "trials": args.trials,
+                        **row,
+                    }
+                )
+    summary = {
+        m: {k: round(statistics.mean(r[k] for r in rows), 4) for k in ("best_val_acc", "training_epochs", "wall_s")}
+        for m, rows in results.items()
+    }
     tpe, rnd = summary["tpe+median_pruning"], summary["random_no_pruning"]
-    emit({"benchmark": "search_efficiency", "summary": True, "space": space.name, "trials": args.trials, "seeds": args.seeds,
-          "baseline": "random_no_pruning", "baseline_mean": rnd, "ours": "tpe+median_pruning", "ours_mean": tpe,
-          "epochs_ratio_ours_over_baseline": round(tpe["training_epochs"] / max(rnd["training_epochs"], 1), 3),
-          **machine()})
+    emit(
+        {
+            "benchmark": "search_efficiency",
+            "summary": True,
+            "space": space.name,
+            "trials": args.trials,
+            "seeds": args.seeds,
+            "baseline": "random_no_pruning",
+            "baseline_mean": rnd,
+            "ours": "tpe+median_pruning",
+            "ours_mean": tpe,
+            "epochs_ratio_ours_over_baseline": round(tpe["training_epochs"] / max(rnd["training_epochs"], 1), 3),
+            **machine(),
+        }
+    )
 
 
 if __name__ == "__main__":

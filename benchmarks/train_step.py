@@ -9,6 +9,7 @@ trainer calls (glibc otherwise maps fresh pages for every large tensor, and ``si
 
     python benchmarks/train_step.py [--device cpu] [--repeats 10] [--untuned-allocator]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--networks", nargs="*", default=list(NETWORKS))
-    parser.add_argument("--untuned-allocator", action="store_true", help="keep glibc's malloc defaults (the trainer tunes them)")
+    parser.add_argument(
+        "--untuned-allocator", action="store_true", help="keep glibc's malloc defaults (the trainer tunes them)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     tuned = device.type == "cpu" and not args.untuned_allocator and tune_cpu_allocator()
@@ -68,11 +71,21 @@ def main() -> None:
             t_bin.append(median_time(binary, repeats=max(1, args.repeats // 3), warmup=2))
             t_real.append(median_time(real, repeats=max(1, args.repeats // 3), warmup=2))
         tb, tr = sorted(t_bin)[1], sorted(t_real)[1]
-        emit({
-            "benchmark": "train_step", "network": name, "batch": batch, "input": list(genotype.input),
-            "device": str(device), "baseline": "same network, binarization off", "baseline_ms": round(tr * 1e3, 2),
-            "ours_ms": round(tb * 1e3, 2), "ratio_binary_over_float": round(tb / tr, 3), "allocator_tuned": tuned, **machine(),
-        })
+        emit(
+            {
+                "benchmark": "train_step",
+                "network": name,
+                "batch": batch,
+                "input": list(genotype.input),
+                "device": str(device),
+                "baseline": "same network, binarization off",
+                "baseline_ms": round(tr * 1e3, 2),
+                "ours_ms": round(tb * 1e3, 2),
+                "ratio_binary_over_float": round(tb / tr, 3),
+                "allocator_tuned": tuned,
+                **machine(),
+            }
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ journal-file storage; prints one JSON line per configuration and the ratio.
 
     python benchmarks/workers.py [--trials 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,22 @@ def run(workers: int, trials: int, tmp: Path) -> float:
     space = tmp / "space.yaml"
     space.write_text(space_text())
     out = tmp / f"run-{workers}"
-    cmd = [sys.executable, "-m", "bnas", "search", str(space), "--trials", str(trials), "--out", str(out), "--quiet",
-           "--workers", str(workers), "--storage", f"journal:{out / 'study.journal'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bnas",
+        "search",
+        str(space),
+        "--trials",
+        str(trials),
+        "--out",
+        str(out),
+        "--quiet",
+        "--workers",
+        str(workers),
+        "--storage",
+        f"journal:{out / 'study.journal'}",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     return time.perf_counter() - t0
@@ -52,11 +67,27 @@ def main() -> None:
         times = {w: run(w, args.trials, Path(tmp)) for w in (1, 2)}
     rate = {w: args.trials / (t / 60) for w, t in times.items()}
     for w in (1, 2):
-        emit({"benchmark": "workers", "workers": w, "trials": args.trials, "wall_s": round(times[w], 1),
-              "trials_per_min": round(rate[w], 2)})
-    emit({"benchmark": "workers", "summary": True, "baseline": "1 worker", "ours": "2 workers",
-          "baseline_trials_per_min": round(rate[1], 2), "ours_trials_per_min": round(rate[2], 2),
-          "ratio": round(rate[2] / rate[1], 3), **machine()})
+        emit(
+            {
+                "benchmark": "workers",
+                "workers": w,
+                "trials": args.trials,
+                "wall_s": round(times[w], 1),
+                "trials_per_min": round(rate[w], 2),
+            }
+        )
+    emit(
+        {
+            "benchmark": "workers",
+            "summary": True,
+            "baseline": "1 worker",
+            "ours": "2 workers",
+            "baseline_trials_per_min": round(rate[1], 2),
+            "ours_trials_per_min": round(rate[2], 2),
+            "ratio": round(rate[2] / rate[1], 3),
+            **machine(),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ ratios. Every shape is also checked bit-exact against the float reference.
     python benchmarks/xnor_conv.py --device cpu [--repeats 30] [--threads 1] [--backend cpu-avx2]
     python benchmarks/xnor_conv.py --device cuda   # runs benchmarks/cuda_xnor_conv.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,7 @@ def run_cpu(shapes: list[tuple[int, int, int, int, int]], repeats: int, warmup: 
         weight = torch.randn(k, c, 3, 3)
         xp = kernels.pack_signs(x)
         wp = kernels.pack_weights(weight)
-        exact = torch.equal(kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1),
-                            F.conv2d(sign(x), sign(weight), None, 1, 1))
+        exact = torch.equal(kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1), F.conv2d(sign(x), sign(weight), None, 1, 1))
         times = interleaved_times(cpu_engines(x, weight, xp, wp), repeats, warmup)
         stats = {name: median_p90(ts) for name, ts in times.items()}
         medians = {name: m for name, (m, _) in stats.items()}
@@ -71,40 +71,64 @@ def run_cpu(shapes: list[tuple[int, int, int, int, int]], repeats: int, warmup: 
         e2e_ratio = medians["float32"] / medians["end_to_end"]
         packed_ratios.append(packed_ratio)
         e2e_ratios.append(e2e_ratio)
-        emit({
-            "benchmark": "xnor_conv", "device": "cpu", "backend": name,
-            "shape": {"N": n, "C": c, "H": h, "W": w, "K": k, "kernel": 3, "stride": 1,
-                      "padding": 1},
-            "float32_conv2d_ms": round(medians["float32"] * 1e3, 4),
-            "xnor_packed_ms": round(medians["packed"] * 1e3, 4),
-            "xnor_end_to_end_ms": round(medians["end_to_end"] * 1e3, 4),
-            "p90_ms": {name: round(p90 * 1e3, 4) for name, (_, p90) in stats.items()},
-            "ratio_packed": round(packed_ratio, 2),
-            "ratio_end_to_end": round(e2e_ratio, 2),
-            "float32_gmacs": round(macs / medians["float32"] / 1e9, 1),
-            "xnor_packed_gmacs": round(macs / medians["packed"] / 1e9, 1),
-            "exact": exact, "repeats": repeats, "machine": info,
-        })
+        emit(
+            {
+                "benchmark": "xnor_conv",
+                "device": "cpu",
+                "backend": name,
+                "shape": {"N": n, "C": c, "H": h, "W": w, "K": k, "kernel": 3, "stride": 1, "padding": 1},
+                "float32_conv2d_ms": round(medians["float32"] * 1e3, 4),
+                "xnor_packed_ms": round(medians["packed"] * 1e3, 4),
+                "xnor_end_to_end_ms": round(medians["end_to_end"] * 1e3, 4),
+                "p90_ms": {name: round(p90 * 1e3, 4) for name, (_, p90) in stats.items()},
+                "ratio_packed": round(packed_ratio, 2),
+                "ratio_end_to_end": round(e2e_ratio, 2),
+                "float32_gmacs": round(macs / medians["float32"] / 1e9, 1),
+                "xnor_packed_gmacs": round(macs / medians["packed"] / 1e9, 1),
+                "exact": exact,
+                "repeats": repeats,
+                "machine": info,
+            }
+        )
     median_packed = statistics.median(packed_ratios)
-    emit({
-        "benchmark": "xnor_conv", "device": "cpu", "backend": name, "summary": True,
-        "shapes": len(shapes), "median_ratio_packed": round(median_packed, 2),
-        "median_ratio_end_to_end": round(statistics.median(e2e_ratios), 2),
-        "target_ratio_packed": TARGET_RATIO, "target_met": median_packed >= TARGET_RATIO,
-        "load_average_1min_at_end": load_average(), "machine": info,
-    })
+    emit(
+        {
+            "benchmark": "xnor_conv",
+            "device": "cpu",
+            "backend": name,
+            "summary": True,
+            "shapes": len(shapes),
+            "median_ratio_packed": round(median_packed, 2),
+            "median_ratio_end_to_end": round(statistics.median(e2e_ratios), 2),
+            "target_ratio_packed": TARGET_RATIO,
+            "target_met": median_packed >= TARGET_RATIO,
+            "load_average_1min_at_end": load_average(),
+            "machine": info,
+        }
+    )
 
 
 def run_cuda_if_available(shapes: list[tuple[int, int, int, int, int]]) -> None:
     path = Path(__file__).resolve().parent / "cuda_xnor_conv.py"
     if not path.exists():
-        emit({"benchmark": "xnor_conv", "device": "cuda", "available": False,
-              "reason": "the CUDA kernel benchmark (benchmarks/cuda_xnor_conv.py) is not "
-                        "part of this checkout"})
+        emit(
+            {
+                "benchmark": "xnor_conv",
+                "device": "cuda",
+                "available": False,
+                "reason": "the CUDA kernel benchmark (benchmarks/cuda_xnor_conv.py) is not part of this checkout",
+            }
+        )
         return
     if not torch.cuda.is_available():
-        emit({"benchmark": "xnor_conv", "device": "cuda", "available": False,
-              "reason": "no CUDA GPU is visible to torch on this machine"})
+        emit(
+            {
+                "benchmark": "xnor_conv",
+                "device": "cuda",
+                "available": False,
+                "reason": "no CUDA GPU is visible to torch on this machine",
+            }
+        )
         return
     spec = importlib.util.spec_from_file_location("cuda_xnor_conv", path)
     module = importlib.util.module_from_spec(spec)
@@ -117,10 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch/OpenMP threads for both sides (default: torch's default)")
-    parser.add_argument("--backend", choices=list(kernels.BACKENDS),
-                        help="force a kernel backend (default: the fastest this CPU runs)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch/OpenMP threads for both sides (default: torch's default)"
+    )
+    parser.add_argument(
+        "--backend", choices=list(kernels.BACKENDS), help="force a kernel backend (default: the fastest this CPU runs)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

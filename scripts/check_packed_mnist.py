@@ -17,6 +17,7 @@ plus or minus half its int8 quantization step (seeded), an error of the same siz
 ``--shortcut-precision int8`` runs the 1x1 shortcut convs in 8-bit integers too
 (``PackedNetwork.shortcut_precision``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def _sign_inputs(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[
             if threshold is not None:
                 x = x - _as_channel_view(threshold.detach(), x.dim())
             seen[path] = x
+
         return hook
 
     for path, layer in model.named_modules():
@@ -78,7 +80,9 @@ def main() -> None:
     weights = Path(args.run) / "model.pt"
     with tempfile.TemporaryDirectory() as tmp:
         packed_path = Path(tmp) / "model.bnas"
-        subprocess.run([sys.executable, "-m", "bnas", "export", args.genotype, str(weights), "--out", str(packed_path)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "bnas", "export", args.genotype, str(weights), "--out", str(packed_path)], check=True
+        )
         model = bnas.build(genotype)
         model.load_state_dict(load_checkpoint(weights, advice="pass the folder of a finished `bnas eval` run"))
         model.eval()
@@ -121,14 +125,21 @@ def main() -> None:
         for h in trained_hooks + packed_hooks:
             h.remove()
         size, float_size = os.path.getsize(packed_path), os.path.getsize(weights)
-    print(f"{genotype.name} ({args.dataset}, stem {args.stem_precision}, shortcuts {args.shortcut_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
-          f"test accuracy trained {right_trained / total:.2%}, packed {right_packed / total:.2%}; "
-          f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)")
+    print(
+        f"{genotype.name} ({args.dataset}, stem {args.stem_precision}, shortcuts {args.shortcut_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
+        f"test accuracy trained {right_trained / total:.2%}, packed {right_packed / total:.2%}; "
+        f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)"
+    )
     if args.stem_precision == "int8":
-        print(f"for scale: the trained model with noise of half an int8 step on each image predicts its own class "
-              f"on {same_noisy}/{total}")
-    print("sign disagreements at binary layer inputs (the packed module tree, stem and shortcuts in float32): " + ", ".join(f"{p} {n}" for p, n in flips.items())
-          + f"; where they start, the trained model's input was at most {first_flip_margin:.2e} from zero")
+        print(
+            f"for scale: the trained model with noise of half an int8 step on each image predicts its own class "
+            f"on {same_noisy}/{total}"
+        )
+    print(
+        "sign disagreements at binary layer inputs (the packed module tree, stem and shortcuts in float32): "
+        + ", ".join(f"{p} {n}" for p, n in flips.items())
+        + f"; where they start, the trained model's input was at most {first_flip_margin:.2e} from zero"
+    )
 
 
 if __name__ == "__main__":

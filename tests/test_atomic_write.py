@@ -1,4 +1,5 @@
 """Atomic writes honour the umask (issue 11, defect 6); output locations are checked up front."""
+
 from __future__ import annotations
 
 import os

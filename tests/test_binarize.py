@@ -1,4 +1,5 @@
 """The STE core: forward values and gradients checked against the formulas."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,9 +51,11 @@ def test_ste_gradient_is_clipped_identity(clip: float) -> None:
 def test_approx_sign_gradient() -> None:
     g = _grad(ActivationQuantizer("approx_sign"), X)
     assert torch.allclose(g, torch.clamp(2 - 2 * X.abs(), min=0))
+
     # Matches the derivative of Bi-Real's piecewise polynomial, checked numerically.
     def poly(x: torch.Tensor) -> torch.Tensor:
         return torch.where(x < -1, -1.0, torch.where(x < 0, 2 * x + x * x, torch.where(x < 1, 2 * x - x * x, 1.0)))
+
     eps = 1e-6
     inner = X[(X.abs() < 0.99) & (X.abs() > 1e-3)]
     numeric = (poly(inner + eps) - poly(inner - eps)) / (2 * eps)
@@ -292,17 +295,24 @@ def test_quantizer_precision_is_one_bit_only_while_it_binarizes(cls: type) -> No
         ("ste", "xnor", False, True, (False, True, False, True)),
     ],
 )
-def test_binary_layer_flags_follow_its_quantizers(activation: str, weight: str, acts_on: bool, weights_on: bool,
-                                                  flags: tuple[bool, bool, bool, bool]) -> None:
-    for layer in (BinaryConv2d(4, 4, 3, config=BinarizeConfig(activation, weight)),
-                  BinaryLinear(4, 4, config=BinarizeConfig(activation, weight))):
+def test_binary_layer_flags_follow_its_quantizers(
+    activation: str, weight: str, acts_on: bool, weights_on: bool, flags: tuple[bool, bool, bool, bool]
+) -> None:
+    for layer in (
+        BinaryConv2d(4, 4, 3, config=BinarizeConfig(activation, weight)),
+        BinaryLinear(4, 4, config=BinarizeConfig(activation, weight)),
+    ):
         set_binarization(layer, activations=acts_on, weights=weights_on)
         assert (layer.binarizes_input, layer.binarizes_weights, layer.fully_binary, layer.has_latent_weights) == flags
 
 
 def test_binary_layers_finds_switched_off_layers_too() -> None:
-    model = torch.nn.Sequential(BinaryConv2d(1, 2, 3), torch.nn.Conv2d(2, 2, 1), torch.nn.Flatten(),
-                                BinaryLinear(8, 3, config=BinarizeConfig("none", "none")))
+    model = torch.nn.Sequential(
+        BinaryConv2d(1, 2, 3),
+        torch.nn.Conv2d(2, 2, 1),
+        torch.nn.Flatten(),
+        BinaryLinear(8, 3, config=BinarizeConfig("none", "none")),
+    )
     set_binarization(model, activations=False, weights=False)
     assert [type(m) for m in binary_layers(model)] == [BinaryConv2d, BinaryLinear]
     assert not any(layer.fully_binary for layer in binary_layers(model))

@@ -1,4 +1,5 @@
 """Genotype -> nn.Module, and the metric counts against hand-computed values."""
+
 from __future__ import annotations
 
 import json
@@ -157,15 +158,19 @@ def test_metrics_count_what_each_binary_layer_computes() -> None:
     # A binary-weight first layer on real pixels, then an XNOR layer: 1-bit weights in both,
     # but only the second one's MACs are BOPs. Hand counts on a 1x4x4 input, padding 1:
     # conv1 1->2 3x3: 18 weights, 2*16*9 = 288 MACs; conv2 2->2 3x3: 36 weights, 2*16*18 = 576.
-    model = nn.Sequential(BinaryConv2d(1, 2, 3, padding=1, config=BinarizeConfig("none", "sign")),
-                          BinaryConv2d(2, 2, 3, padding=1, config=BinarizeConfig("ste", "xnor")),
-                          nn.Flatten(), BinaryLinear(32, 3, config=BinarizeConfig("ste", "none")))
+    model = nn.Sequential(
+        BinaryConv2d(1, 2, 3, padding=1, config=BinarizeConfig("none", "sign")),
+        BinaryConv2d(2, 2, 3, padding=1, config=BinarizeConfig("ste", "xnor")),
+        nn.Flatten(),
+        BinaryLinear(32, 3, config=BinarizeConfig("ste", "none")),
+    )
     s = summarize(model, [1, 4, 4])
     assert (s.params_binary, s.params_real, s.bops, s.flops) == (18 + 36, 96, 576, 288 + 96)
     # The two-step schedule's first step: weights real again, no layer is fully binary.
     set_binarization(model, activations=True, weights=False)
     s = summarize(model, [1, 4, 4])
     assert (s.params_binary, s.params_real, s.bops, s.flops) == (0, 18 + 36 + 96, 0, 288 + 576 + 96)
+
 
 def test_info_graph_draws_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cells.png"
@@ -237,7 +242,9 @@ def test_cell_picture_labels_sit_on_their_own_edge_only(tmp_path: Path, monkeypa
             own = [(u, v) for u, v, data in g.edges(data=True) if data["op"] == label]
             box = text.get_window_extent(renderer)
             touching = {key for key, paths in arcs.items() for p in paths if _path_enters(p, box)}
-            assert touching and touching <= set(own), f"cell {name}: label {label!r} of {own} touches the arcs {sorted(touching)}"
+            assert touching and touching <= set(own), (
+                f"cell {name}: label {label!r} of {own} touches the arcs {sorted(touching)}"
+            )
             checked += 1
     assert checked == sum(1 for g in genotype.cell_graphs().values() for _, v in g.edges() if v != "out")
 

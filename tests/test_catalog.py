@@ -1,5 +1,6 @@
 """The registry and the named catalog: required names, presets and their binarizations,
 user primitives, re-registration, unknown names, and catalog files with mistakes."""
+
 from __future__ import annotations
 
 import subprocess
@@ -29,11 +30,34 @@ from bnas.registry import (
 from bnas.resources import resource_dir
 
 REQUIRED = {
-    "xnor_resnet_block", "bireal_resnet_block", "bireal_block", "xnor_vgg_block", "bireal_vgg_block",
-    "xnor_conv_3x3_noskip", "xnor_conv_1x1_noskip", "xnor_conv_3x3_cond_skip", "xnor_conv_3x3_skip_connect",
-    "skip_connect", "zero", "nin", "binary_conv_3x3", "binary_conv_5x5", "binary_dil_conv_3x3", "binary_dil_conv_5x5",
-    "avg_pool_3x3", "max_pool_3x3", "avgpool_downsample", "factorized_reduce", "conv_downsample",
-    "binary_conv_downsample", "binary_linear", "binary_conv_pool", "conv_bn", "global_avgpool", "flatten", "linear",
+    "xnor_resnet_block",
+    "bireal_resnet_block",
+    "bireal_block",
+    "xnor_vgg_block",
+    "bireal_vgg_block",
+    "xnor_conv_3x3_noskip",
+    "xnor_conv_1x1_noskip",
+    "xnor_conv_3x3_cond_skip",
+    "xnor_conv_3x3_skip_connect",
+    "skip_connect",
+    "zero",
+    "nin",
+    "binary_conv_3x3",
+    "binary_conv_5x5",
+    "binary_dil_conv_3x3",
+    "binary_dil_conv_5x5",
+    "avg_pool_3x3",
+    "max_pool_3x3",
+    "avgpool_downsample",
+    "factorized_reduce",
+    "conv_downsample",
+    "binary_conv_downsample",
+    "binary_linear",
+    "binary_conv_pool",
+    "conv_bn",
+    "global_avgpool",
+    "flatten",
+    "linear",
 }
 XNOR = BinarizeConfig(activation="ste", weight="xnor")
 BIREAL = BinarizeConfig(activation="approx_sign", weight="bireal")
@@ -66,10 +90,19 @@ def test_named_binarizations_are_those_of_the_design() -> None:
 @pytest.mark.parametrize(
     "name,configs",
     [
-        ("xnor_resnet_block", {XNOR}), ("bireal_resnet_block", {BIREAL}), ("bireal_block", {BIREAL}),
-        ("xnor_vgg_block", {XNOR}), ("bireal_vgg_block", {BIREAL}), ("nin", {XNOR}),
-        ("xnor_conv_3x3_cond_skip", {XNOR}), ("binary_conv_5x5", {XNOR}), ("binary_conv_downsample", {XNOR}),
-        ("binary_conv_pool", {XNOR}), ("binary_linear", {BINARYNET}), ("conv_unit", {XNOR}), ("resnet_block", {XNOR}),
+        ("xnor_resnet_block", {XNOR}),
+        ("bireal_resnet_block", {BIREAL}),
+        ("bireal_block", {BIREAL}),
+        ("xnor_vgg_block", {XNOR}),
+        ("bireal_vgg_block", {BIREAL}),
+        ("nin", {XNOR}),
+        ("xnor_conv_3x3_cond_skip", {XNOR}),
+        ("binary_conv_5x5", {XNOR}),
+        ("binary_conv_downsample", {XNOR}),
+        ("binary_conv_pool", {XNOR}),
+        ("binary_linear", {BINARYNET}),
+        ("conv_unit", {XNOR}),
+        ("resnet_block", {XNOR}),
     ],
 )
 def test_each_binary_entry_uses_its_binarization(name: str, configs: set[BinarizeConfig]) -> None:
@@ -155,14 +188,17 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_user_catalog_adds_presets(tmp_path: Path, isolated_registry: None) -> None:
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 binarize:
   mine: {activation: swish_sign, weight: xnor_tensor, swish_beta: 3.0}
 ops:
   my_swish_conv: {family: conv_unit, kernel: 5, binarize: mine, description: "5x5 BNN+ conv"}
   my_inline: {family: resnet_block, binarize: {activation: identity_ste, weight: sign}}
   my_avg_5: {family: pool, mode: avg, kernel: 5}
-""")
+""",
+    )
     assert load_catalog(path) == ["my_swish_conv", "my_inline", "my_avg_5"]
     conv = next(binary_layers(build_op("my_swish_conv", 4, 4, 1)))
     assert conv.kernel_size == (5, 5) and conv.config.swish_beta == 3.0 and conv.config.weight == "xnor_tensor"
@@ -178,13 +214,18 @@ ops:
         ("ops:\n  a: {family: conv_unitt}\n", "ops.a.family: unknown op family 'conv_unitt'"),
         ("ops:\n  a: {family: conv_unit, binarize: xnorr}\n", "ops.a.binarize: unknown binarization 'xnorr'"),
         ("ops:\n  a: {kernel: 3}\n", "ops.a: expected a mapping with a 'family' key"),
-        ("ops:\n  xnor_resnet_block: {family: resnet_block}\n", "ops.xnor_resnet_block: the name is already registered"),
+        (
+            "ops:\n  xnor_resnet_block: {family: resnet_block}\n",
+            "ops.xnor_resnet_block: the name is already registered",
+        ),
         ("binarize:\n  b: {activation: sgn}\n", "binarize.b: unknown activation quantizer 'sgn'"),
         ("ops: [a, b\n", "invalid YAML"),
         ("- just a list\n", "expected a mapping with 'binarize' and 'ops' sections"),
     ],
 )
-def test_catalog_mistakes_name_the_file_and_key(tmp_path: Path, isolated_registry: None, text: str, fragment: str) -> None:
+def test_catalog_mistakes_name_the_file_and_key(
+    tmp_path: Path, isolated_registry: None, text: str, fragment: str
+) -> None:
     path = _write(tmp_path, text)
     with pytest.raises(CatalogError) as info:
         load_catalog(path)
@@ -199,14 +240,18 @@ def test_catalog_cannot_silently_redefine_a_binarization(tmp_path: Path, isolate
     assert registry.BINARIZE_PRESETS["xnor"] == before
     load_catalog(path, override=True)
     assert registry.BINARIZE_PRESETS["xnor"] == BinarizeConfig(activation="ste", weight="sign")
-    same = _write(tmp_path, "binarize:\n  again: {activation: ste, weight: sign}\n  xnor: {activation: ste, weight: sign}\n")
+    same = _write(
+        tmp_path, "binarize:\n  again: {activation: ste, weight: sign}\n  xnor: {activation: ste, weight: sign}\n"
+    )
     assert load_catalog(same) == []  # an identical definition is no conflict
 
 
 def test_user_catalog_can_be_the_first_thing_loaded(tmp_path: Path) -> None:
     path = _write(tmp_path, "ops:\n  first_conv: {family: conv_unit, kernel: 5, binarize: xnor}\n")
-    code = (f"import bnas; print(bnas.load_catalog({str(path)!r})); "
-            "print(bnas.get_primitive('first_conv') is not None, 'xnor_resnet_block' in [s.name for s in bnas.list_primitives()])")
+    code = (
+        f"import bnas; print(bnas.load_catalog({str(path)!r})); "
+        "print(bnas.get_primitive('first_conv') is not None, 'xnor_resnet_block' in [s.name for s in bnas.list_primitives()])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[:2] == ["['first_conv']", "True True"]
@@ -218,13 +263,16 @@ def test_missing_catalog_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_catalog_with_a_mistake_registers_nothing(tmp_path: Path, isolated_registry: None) -> None:
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 binarize:
   fresh: {activation: ste, weight: sign}
 ops:
   fine_op: {family: conv_unit, binarize: fresh}
   broken_op: {family: conv_unitt}
-""")
+""",
+    )
     with pytest.raises(CatalogError, match="ops.broken_op.family"):
         load_catalog(path)
     assert "fresh" not in registry.BINARIZE_PRESETS
@@ -248,7 +296,9 @@ def test_list_primitives_filters_by_shell_pattern() -> None:
     names = [s.name for s in list_primitives("xnor_*")]
     assert names == sorted(names) and "xnor_resnet_block" in names and "xnor_vgg_block" in names
     assert all(n.startswith("xnor_") for n in names)
-    assert [s.name for s in list_primitives("*_block")] == sorted(n for n in (s.name for s in list_primitives()) if n.endswith("_block"))
+    assert [s.name for s in list_primitives("*_block")] == sorted(
+        n for n in (s.name for s in list_primitives()) if n.endswith("_block")
+    )
     assert list_primitives("no_such_*") == []
     assert len(list_primitives(None)) == len(list_primitives())
 

@@ -236,7 +236,10 @@ def test_preprocess_and_residual_round_trip_and_move_the_hash() -> None:
     assert len(hashes) == 3
     with_residual = one_cell("binary", width=8)
     with_residual["cells"]["c"]["output"]["residual"] = True
-    assert genotype_from_dict(with_residual).canonical_hash() != genotype_from_dict(one_cell("binary", width=8)).canonical_hash()
+    assert (
+        genotype_from_dict(with_residual).canonical_hash()
+        != genotype_from_dict(one_cell("binary", width=8)).canonical_hash()
+    )
 
 
 @pytest.mark.parametrize(

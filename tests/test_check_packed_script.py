@@ -53,8 +53,6 @@ def test_float32_packed_model_keeps_the_classes(trained_run: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_backend.int8_supported(), reason="the int8 kernels run on AVX-512 VNNI CPUs only")
 def test_int8_stem_and_shortcuts_are_reported_as_asked(trained_run: Path) -> None:
-    stem, shortcuts, same, total, _, _ = _check(
-        trained_run, "--stem-precision", "int8", "--shortcut-precision", "int8"
-    )
+    stem, shortcuts, same, total, _, _ = _check(trained_run, "--stem-precision", "int8", "--shortcut-precision", "int8")
     assert (stem, shortcuts) == ("int8", "int8")
     assert int(total) == 359 and int(same) >= 340  # quantization may move a few classes, not many

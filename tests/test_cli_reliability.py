@@ -1,4 +1,5 @@
 """The CLI's own commands (``info``) on bad output locations: one line, exit 2."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +19,9 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-def test_info_graph_into_a_read_only_folder_is_one_line(capsys: pytest.CaptureFixture[str], read_only_dir: Path) -> None:
+def test_info_graph_into_a_read_only_folder_is_one_line(
+    capsys: pytest.CaptureFixture[str], read_only_dir: Path
+) -> None:
     target = read_only_dir / "cells.png"
     assert main(["info", str(EXAMPLE_CELLS), "--graph", str(target)]) == 2
     assert f"--graph {target} is not writable" in _one_line_error(capsys)
@@ -33,8 +36,15 @@ DIGITS_SMALL = ROOT / "search_spaces" / "genotypes" / "digits_small.yaml"
 
 
 @pytest.mark.parametrize("flags, epoch_lines", [([], True), (["-q"], False), (["-v"], True)])
-def test_log_level_flags(flags: list[str], epoch_lines: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([*flags, "eval", str(DIGITS_SMALL), "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+def test_log_level_flags(
+    flags: list[str], epoch_lines: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [*flags, "eval", str(DIGITS_SMALL), "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "run")]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert ("epoch 1/1" in err) is epoch_lines, err
 
@@ -50,8 +60,10 @@ def test_training_curves_have_whole_epoch_ticks() -> None:
 
     from bnas.report import curves_figure
 
-    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc": 0.5 + e / 10, "val_acc": 0.5 + e / 11}
-               for e in (1, 2)]
+    history = [
+        {"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc": 0.5 + e / 10, "val_acc": 0.5 + e / 11}
+        for e in (1, 2)
+    ]
     fig = curves_figure(history, "two epochs")
     try:
         for ax in fig.axes:

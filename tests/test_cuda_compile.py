@@ -1,5 +1,6 @@
 """CI guard for the CUDA kernel: nvcc compiles it for sm_80 and sm_90a (no GPU needed), so a
 syntax, template or inline-PTX error never lands.  Skipped only when nvcc is absent."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,21 +16,42 @@ NVCC = cb._nvcc() or shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 
 # torch.utils.cpp_extension compiles .cu files with these; the kernel must build under them too
-TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 
 
-def nvcc_compile(arch_flags: list[str], source: str, out_dir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    cmd = [NVCC, "-std=c++17", "-O3", *arch_flags, "-Werror", "all-warnings", *extra,
-           "-c", str(cb.SOURCE_DIR / source), "-o", str(out_dir / (source + ".o"))]
+def nvcc_compile(
+    arch_flags: list[str], source: str, out_dir: Path, extra: list[str] = ()
+) -> subprocess.CompletedProcess:
+    cmd = [
+        NVCC,
+        "-std=c++17",
+        "-O3",
+        *arch_flags,
+        "-Werror",
+        "all-warnings",
+        *extra,
+        "-c",
+        str(cb.SOURCE_DIR / source),
+        "-o",
+        str(out_dir / (source + ".o")),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch_flags,extra", [
-    (["-arch=sm_80"], []),
-    (["-gencode", "arch=compute_90a,code=sm_90a"], TORCH_NVCC_DEFINES),
-], ids=["sm_80", "sm_90a"])
+@pytest.mark.parametrize(
+    "arch_flags,extra",
+    [
+        (["-arch=sm_80"], []),
+        (["-gencode", "arch=compute_90a,code=sm_90a"], TORCH_NVCC_DEFINES),
+    ],
+    ids=["sm_80", "sm_90a"],
+)
 def test_nvcc_compiles_kernels(arch_flags, extra, tmp_path):
     for source in ("xnor_conv.cu", "mma_peak.cu"):
         proc = nvcc_compile(arch_flags, source, tmp_path, extra)

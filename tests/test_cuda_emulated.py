@@ -1,6 +1,7 @@
 """The CUDA XNOR kernel, proven on the CPU: the host warp emulator runs the kernel's own
 __host__ __device__ code for every thread of every block, with an exact software model of
 mma.m16n8k256 .b1 .and.popc.  Everything is checked bit-exactly against float references."""
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,8 @@ from bnas.kernels import emulator as emu
 def _compiler_or_skip() -> None:
     try:
         emu.load_emulator()
-    except RuntimeError as exc:   # no C++ compiler on this machine
-        if cpu_backend.extension_required():   # CI: no kernel coverage is a failure, not a skip
+    except RuntimeError as exc:  # no C++ compiler on this machine
+        if cpu_backend.extension_required():  # CI: no kernel coverage is a failure, not a skip
             pytest.fail(f"cannot build the CUDA kernel emulator with {cpu_backend.REQUIRE_ENV} set: {exc}")
         pytest.skip(f"cannot build the CUDA kernel emulator: {exc}")
 
@@ -35,7 +36,7 @@ def sign(t: torch.Tensor) -> torch.Tensor:
 def words_from_bits(bits: torch.Tensor) -> torch.Tensor:
     """(..., 32*w) 0/1 -> (..., w) int32 words, bit j of word i = element 32*i + j."""
     shape = bits.shape[:-1] + (bits.shape[-1] // 32, 32)
-    weights = (1 << torch.arange(32, dtype=torch.int64))
+    weights = 1 << torch.arange(32, dtype=torch.int64)
     words = (bits.reshape(shape).to(torch.int64) * weights).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -53,7 +54,7 @@ def reference_pack(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 def random_input(shape, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(shape, generator=gen)
-    x[torch.rand(shape, generator=gen) < 0.05] = 0.0   # exact zeros must count as +1
+    x[torch.rand(shape, generator=gen) < 0.05] = 0.0  # exact zeros must count as +1
     return x
 
 
@@ -68,13 +69,13 @@ def fragments_from_matrices(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
     for lane in range(32):
         gid, tig = lane // 4, lane % 4
         for i in range(4):
-            row = gid if i in (0, 2) else gid + 8      # a0..a31, a64..a95 -> groupID
+            row = gid if i in (0, 2) else gid + 8  # a0..a31, a64..a95 -> groupID
             k0 = tig * 32 + (128 if i >= 2 else 0)
-            a[lane, i] = words_from_bits(A[row, k0:k0 + 32])[0]
+            a[lane, i] = words_from_bits(A[row, k0 : k0 + 32])[0]
             c[lane, i] = C[gid + (8 if i >= 2 else 0), tig * 2 + (i & 1)]
         for i in range(2):
             k0 = tig * 32 + 128 * i
-            b[lane, i] = words_from_bits(B[k0:k0 + 32, gid])[0]
+            b[lane, i] = words_from_bits(B[k0 : k0 + 32, gid])[0]
     return a, b, c
 
 
@@ -87,7 +88,7 @@ def test_mma_model_matches_naive_popcount_product(density):
         C = torch.randint(-1000, 1000, (16, 8), generator=gen)
         a, b, c = fragments_from_matrices(A, B, C)
         d = emu.emulated_mma(a, b, c)
-        expected = C + A @ B   # AND then popcount of 0/1 entries = the integer product
+        expected = C + A @ B  # AND then popcount of 0/1 entries = the integer product
         for lane in range(32):
             gid, tig = lane // 4, lane % 4
             for i in range(4):
@@ -111,12 +112,14 @@ def test_mma_model_single_bits_land_in_one_output():
 
 # ------------------------------------------------------------------------------------------
 # the fused bit-packing kernel
-@pytest.mark.parametrize("n,c,h,w,groups", [(1, 1, 1, 1, 1), (2, 3, 5, 4, 1), (1, 33, 3, 7, 1), (2, 100, 2, 3, 2),
-                                            (1, 64, 4, 4, 4), (3, 65, 1, 1, 5)])
+@pytest.mark.parametrize(
+    "n,c,h,w,groups",
+    [(1, 1, 1, 1, 1), (2, 3, 5, 4, 1), (1, 33, 3, 7, 1), (2, 100, 2, 3, 2), (1, 64, 4, 4, 4), (3, 65, 1, 1, 5)],
+)
 def test_pack_kernel_matches_contract_packing(n, c, h, w, groups):
     gen = torch.Generator().manual_seed(n * 1000 + c)
     x = random_input((n, c, h, w), gen)
-    x[0, 0, 0, 0] = -0.0                 # -0.0 >= 0: +1
+    x[0, 0, 0, 0] = -0.0  # -0.0 >= 0: +1
     got = emu.emulated_pack_signs(x, groups)
     assert got.dtype == torch.int32 and got.shape == (n, h, w, groups * ((c // groups + 31) // 32))
     assert torch.equal(got, reference_pack(x, groups))
@@ -134,13 +137,23 @@ def test_pack_kernel_reads_16bit_types(dtype):
     x = random_input((2, 70, 3, 5), gen).to(dtype)
     flat = x.view(-1)
     tiny = torch.finfo(dtype).tiny
-    specials = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), tiny / 4, -tiny / 4,
-                torch.finfo(dtype).max, -torch.finfo(dtype).max]
+    specials = [
+        0.0,
+        -0.0,
+        float("nan"),
+        -float("nan"),
+        float("inf"),
+        -float("inf"),
+        tiny / 4,
+        -tiny / 4,
+        torch.finfo(dtype).max,
+        -torch.finfo(dtype).max,
+    ]
     flat[: len(specials)] = torch.tensor(specials, dtype=dtype)
     got = emu.emulated_pack_signs(x, groups=2)
     assert torch.equal(got, reference_pack(x, groups=2))
     assert torch.equal(emu.emulated_pack_signs(x.contiguous(memory_format=torch.channels_last), 2), got)
-    assert not torch.equal(got, reference_pack(x.float().abs(), groups=2))   # the signs do matter
+    assert not torch.equal(got, reference_pack(x.float().abs(), groups=2))  # the signs do matter
 
 
 def test_pack_kernel_linear_and_nan():
@@ -148,8 +161,8 @@ def test_pack_kernel_linear_and_nan():
     got = emu.emulated_pack_signs(x)
     assert got.shape == (1, 2)
     bits = [(int(got[0, i // 32]) >> (i % 32)) & 1 for i in range(35)]
-    assert bits[:5] == [1, 0, 1, 0, 1]   # NaN -> -1, like torch.where(x >= 0, 1, -1)
-    assert all(bits[5:]) and int(got[0, 1]) >> 3 == 0   # padding bits are 0
+    assert bits[:5] == [1, 0, 1, 0, 1]  # NaN -> -1, like torch.where(x >= 0, 1, -1)
+    assert all(bits[5:]) and int(got[0, 1]) >> 3 == 0  # padding bits are 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -165,14 +178,14 @@ CONV_CASES = [
     (1, 33, 11, 9, 9, 3, 1, 2, 2, 1),
     (3, 64, 5, 5, 24, 3, 1, 1, 1, 2),
     (1, 96, 5, 7, 12, 3, 2, 1, 1, 3),
-    (1, 16, 6, 6, 16, 3, 1, 1, 1, 16),     # depthwise
-    (2, 40, 5, 5, 30, 1, 1, 0, 1, 1),      # 1x1
-    (1, 24, 9, 9, 10, 5, 1, 2, 1, 1),      # 5x5
-    (1, 7, 8, 13, 6, (1, 3), (1, 2), (0, 1), 1, 1),   # rectangular kernel, anisotropic stride
-    (1, 256, 4, 3, 8, 3, 1, 1, 1, 1),      # Q = 72 words: several pipeline stages, a half-full last stage
-    (1, 40, 9, 9, 12, 7, 1, 3, 1, 1),      # 7x7: 49 taps, padded taps above bit 31 of the mask
-    (1, 33, 8, 8, 9, 8, 1, 4, 1, 1),       # 8x8: 64 taps, the most the kernel takes
-    (2, 64, 7, 6, 16, (5, 9), 1, (2, 4), 1, 1),   # 45 taps, rectangular
+    (1, 16, 6, 6, 16, 3, 1, 1, 1, 16),  # depthwise
+    (2, 40, 5, 5, 30, 1, 1, 0, 1, 1),  # 1x1
+    (1, 24, 9, 9, 10, 5, 1, 2, 1, 1),  # 5x5
+    (1, 7, 8, 13, 6, (1, 3), (1, 2), (0, 1), 1, 1),  # rectangular kernel, anisotropic stride
+    (1, 256, 4, 3, 8, 3, 1, 1, 1, 1),  # Q = 72 words: several pipeline stages, a half-full last stage
+    (1, 40, 9, 9, 12, 7, 1, 3, 1, 1),  # 7x7: 49 taps, padded taps above bit 31 of the mask
+    (1, 33, 8, 8, 9, 8, 1, 4, 1, 1),  # 8x8: 64 taps, the most the kernel takes
+    (2, 64, 7, 6, 16, (5, 9), 1, (2, 4), 1, 1),  # 45 taps, rectangular
 ]
 
 
@@ -201,16 +214,18 @@ def test_emulated_conv_is_bit_exact(case, tile):
 def test_emulated_conv_every_copy_width(c, vw):
     # vectorized 16/8-byte cp.async paths need Wg % vw == 0
     x, wt, ref, (stride, pad, dil, groups) = _conv_case((2, c, 5, 4, 12, 3, 1, 1, 1, 1), seed=c + vw)
-    out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), c, 3, stride, pad,
-                                         dil, groups, tile="small", vw=vw)
+    out = emu.emulated_xnor_conv2d_packed(
+        emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), c, 3, stride, pad, dil, groups, tile="small", vw=vw
+    )
     assert torch.equal(out, ref)
 
 
 def test_emulated_conv_many_blocks_both_directions():
     # M = 2*9*9 = 162 pixels -> 3 row blocks of 64; K = 150 -> 3 channel blocks of 64
     x, wt, ref, (stride, pad, dil, groups) = _conv_case((2, 40, 9, 9, 150, 3, 1, 1, 1, 1), seed=7)
-    out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), 40, 3, stride, pad,
-                                         dil, groups, tile="small")
+    out = emu.emulated_xnor_conv2d_packed(
+        emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), 40, 3, stride, pad, dil, groups, tile="small"
+    )
     assert torch.equal(out, ref)
 
 
@@ -228,8 +243,17 @@ def test_randomized_conv_shapes():
         w = rnd.randint(max(1, dil * (ks - 1) + 1 - 2 * pad), 9)
         case = (rnd.choice([1, 2]), c, h, w, k, ks, rnd.choice([1, 2]), pad, dil, groups)
         x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=trial)
-        out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x, groups), emu.emulated_pack_weights(wt), c,
-                                             ks, stride, pad, dil, groups, tile=rnd.choice(["small", "large"]))
+        out = emu.emulated_xnor_conv2d_packed(
+            emu.emulated_pack_signs(x, groups),
+            emu.emulated_pack_weights(wt),
+            c,
+            ks,
+            stride,
+            pad,
+            dil,
+            groups,
+            tile=rnd.choice(["small", "large"]),
+        )
         assert torch.equal(out, ref), case
 
 
@@ -247,27 +271,44 @@ def test_emulated_epilogue_scale_and_bias():
     assert torch.equal(only_scale, ref * scale.view(1, -1, 1, 1))
 
 
-@pytest.mark.parametrize("case,out_groups", [
-    ((2, 33, 6, 5, 20, 3, 1, 1, 1, 1), 1),
-    ((1, 40, 7, 7, 100, 3, 2, 1, 1, 1), 1),     # 2 channel blocks, 4 output words
-    ((2, 24, 5, 5, 40, 3, 1, 1, 1, 2), 1),      # group boundary inside an output word: OR-ed
-    ((2, 24, 5, 5, 40, 3, 1, 1, 1, 2), 2),      # packed for a next layer with 2 groups
-    ((1, 30, 5, 6, 90, 3, 1, 0, 1, 3), 3),
-])
+@pytest.mark.parametrize(
+    "case,out_groups",
+    [
+        ((2, 33, 6, 5, 20, 3, 1, 1, 1, 1), 1),
+        ((1, 40, 7, 7, 100, 3, 2, 1, 1, 1), 1),  # 2 channel blocks, 4 output words
+        ((2, 24, 5, 5, 40, 3, 1, 1, 1, 2), 1),  # group boundary inside an output word: OR-ed
+        ((2, 24, 5, 5, 40, 3, 1, 1, 1, 2), 2),  # packed for a next layer with 2 groups
+        ((1, 30, 5, 6, 90, 3, 1, 0, 1, 3), 3),
+    ],
+)
 def test_emulated_packed_output(case, out_groups):
     x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=5)
     k = case[4]
     gen = torch.Generator().manual_seed(9)
     scale = torch.randn(k, generator=gen)
-    bias = torch.randint(-3, 4, (k,), generator=gen).float()   # exact zeros happen: sign(0) = +1
+    bias = torch.randint(-3, 4, (k,), generator=gen).float()  # exact zeros happen: sign(0) = +1
     xp, wp = emu.emulated_pack_signs(x, groups), emu.emulated_pack_weights(wt)
     for tile in ("small", "large"):
-        got = emu.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], 3, stride, pad, dil, groups, scale=scale, bias=bias,
-                                             pack_output=True, out_groups=out_groups, tile=tile)
+        got = emu.emulated_xnor_conv2d_packed(
+            xp,
+            wp,
+            x.shape[1],
+            3,
+            stride,
+            pad,
+            dil,
+            groups,
+            scale=scale,
+            bias=bias,
+            pack_output=True,
+            out_groups=out_groups,
+            tile=tile,
+        )
         y = ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
         assert torch.equal(got, reference_pack(y, out_groups))
-        plain = emu.emulated_xnor_conv2d_packed(xp, wp, x.shape[1], 3, stride, pad, dil, groups, pack_output=True,
-                                               out_groups=out_groups, tile=tile)
+        plain = emu.emulated_xnor_conv2d_packed(
+            xp, wp, x.shape[1], 3, stride, pad, dil, groups, pack_output=True, out_groups=out_groups, tile=tile
+        )
         assert torch.equal(plain, reference_pack(ref, out_groups))
 
 
@@ -277,8 +318,9 @@ def test_emulated_chained_binary_layers():
     x = random_input((1, 20, 6, 6), gen)
     w1, w2 = random_input((36, 20, 3, 3), gen), random_input((12, 36, 3, 3), gen)
     bias1 = torch.randint(-2, 3, (36,), generator=gen).float()
-    h = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(w1), 20, 3, padding=1,
-                                       bias=bias1, pack_output=True)
+    h = emu.emulated_xnor_conv2d_packed(
+        emu.emulated_pack_signs(x), emu.emulated_pack_weights(w1), 20, 3, padding=1, bias=bias1, pack_output=True
+    )
     out = emu.emulated_xnor_conv2d_packed(h, emu.emulated_pack_weights(w2), 36, 3, stride=2, padding=1)
     y1 = F.conv2d(sign(x), sign(w1), None, 1, 1) + bias1.view(1, -1, 1, 1)
     assert torch.equal(out, F.conv2d(sign(y1), sign(w2), None, 2, 1))
@@ -313,8 +355,17 @@ def test_launcher_rule_picks_tiles_and_copy_width():
     for case in [(2, 128, 6, 6, 12, 3, 1, 1, 1, 1), (1, 33, 5, 5, 7, 3, 1, 1, 1, 1)]:
         x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=1)
         for sms in (1, 1000):
-            out = emu.emulated_xnor_conv2d_packed(emu.emulated_pack_signs(x), emu.emulated_pack_weights(wt), case[1], 3,
-                                                 stride, pad, dil, groups, sm_count=sms)
+            out = emu.emulated_xnor_conv2d_packed(
+                emu.emulated_pack_signs(x),
+                emu.emulated_pack_weights(wt),
+                case[1],
+                3,
+                stride,
+                pad,
+                dil,
+                groups,
+                sm_count=sms,
+            )
             assert torch.equal(out, ref)
 
 
@@ -326,8 +377,9 @@ def test_argument_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match="does not fit"):
         emu.emulated_xnor_conv2d_packed(torch.zeros(1, 1, 1, 2, dtype=torch.int32), wp, 64, 3)
     with pytest.raises(ValueError, match="taps"):
-        emu.emulated_xnor_conv2d_packed(torch.zeros(1, 9, 9, 1, dtype=torch.int32),
-                                       torch.zeros(1, 9, 9, 1, dtype=torch.int32), 3, 9)
+        emu.emulated_xnor_conv2d_packed(
+            torch.zeros(1, 9, 9, 1, dtype=torch.int32), torch.zeros(1, 9, 9, 1, dtype=torch.int32), 3, 9
+        )
     with pytest.raises(ValueError, match="int32"):
         emu.emulated_xnor_conv2d_packed(xp.float(), wp, 64, 3)
     with pytest.raises(ValueError, match="out_groups"):
@@ -335,8 +387,9 @@ def test_argument_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match="one value per output channel"):
         emu.emulated_xnor_conv2d_packed(xp, wp, 64, 3, scale=torch.ones(3))
     with pytest.raises(RuntimeError, match="vw must divide"):
-        emu.emulated_xnor_conv2d_packed(torch.zeros(1, 5, 5, 1, dtype=torch.int32),
-                                       torch.zeros(4, 3, 3, 1, dtype=torch.int32), 32, 3, vw=2)
+        emu.emulated_xnor_conv2d_packed(
+            torch.zeros(1, 5, 5, 1, dtype=torch.int32), torch.zeros(4, 3, 3, 1, dtype=torch.int32), 32, 3, vw=2
+        )
     with pytest.raises(ValueError, match="3x3 kernel"):
         emu.emulated_xnor_conv2d_packed(xp, wp, 64, (1, 3))
 
@@ -357,7 +410,13 @@ def test_matches_project_packing_and_packed_reference():
     assert torch.equal(emu.emulated_xnor_conv2d_packed(*args), reference.xnor_conv2d_packed(*args))
     assert torch.equal(emu.emulated_xnor_conv2d_packed(*args, True), reference.xnor_conv2d_packed(*args, True))
     xl, wl = random_input((3, 70), gen), random_input((40, 70), gen)
-    largs = (packing.pack_signs_reference(xl), packing.pack_weights_reference(wl), 70, scale[:1].expand(40).clone(), None)
+    largs = (
+        packing.pack_signs_reference(xl),
+        packing.pack_weights_reference(wl),
+        70,
+        scale[:1].expand(40).clone(),
+        None,
+    )
     assert torch.equal(emu.emulated_xnor_linear_packed(*largs), reference.xnor_linear_packed(*largs))
     assert torch.equal(emu.emulated_xnor_linear_packed(*largs, True), reference.xnor_linear_packed(*largs, True))
 
@@ -396,8 +455,11 @@ def _with_stray_tail_bits(packed: torch.Tensor, cg: int, groups: int, gen: torch
     return dirty.reshape(packed.shape)
 
 
-@pytest.mark.parametrize("case", [(2, 33, 6, 5, 20, 3, 1, 1, 1, 1), (1, 70, 5, 5, 12, 3, 1, 1, 1, 2),
-                                  (1, 3, 7, 7, 40, 7, 2, 3, 1, 1)], ids=["cg33", "cg35x2", "rgb7x7"])
+@pytest.mark.parametrize(
+    "case",
+    [(2, 33, 6, 5, 20, 3, 1, 1, 1, 1), (1, 70, 5, 5, 12, 3, 1, 1, 1, 2), (1, 3, 7, 7, 40, 7, 2, 3, 1, 1)],
+    ids=["cg33", "cg35x2", "rgb7x7"],
+)
 def test_stray_tail_bits_are_masked(case):
     x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=4)
     c, k = case[1], case[4]
@@ -410,22 +472,27 @@ def test_stray_tail_bits_are_masked(case):
     for tile in ("small", "large"):
         got = emu.emulated_xnor_conv2d_packed(xd, wd, c, wt.shape[2:], stride, pad, dil, groups, tile=tile)
         assert torch.equal(got, ref)
-        packed = emu.emulated_xnor_conv2d_packed(xd, wd, c, wt.shape[2:], stride, pad, dil, groups, scale=scale,
-                                                bias=bias, pack_output=True, tile=tile)
+        packed = emu.emulated_xnor_conv2d_packed(
+            xd, wd, c, wt.shape[2:], stride, pad, dil, groups, scale=scale, bias=bias, pack_output=True, tile=tile
+        )
         assert torch.equal(packed, reference_pack(ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)))
-    assert torch.equal(emu.emulated_tap_sums(wd, c, wt.shape[2:], groups), emu.emulated_tap_sums(wp, c, wt.shape[2:],
-                                                                                                  groups))
+    assert torch.equal(
+        emu.emulated_tap_sums(wd, c, wt.shape[2:], groups), emu.emulated_tap_sums(wp, c, wt.shape[2:], groups)
+    )
 
 
 # ------------------------------------------------------------------------------------------
 # split-K: depth slices whose partial sums meet in a workspace; the last block runs the epilogue
-@pytest.mark.parametrize("case,splits", [
-    ((1, 256, 5, 5, 64, 3, 1, 1, 1, 1), 2),       # Q = 72 words: 5 stages in 2 slices
-    ((1, 256, 4, 3, 40, 3, 1, 1, 1, 1), 5),       # one stage per slice, a half-full last stage
-    ((2, 100, 7, 6, 70, 3, 2, 1, 1, 1), 3),       # 2 channel blocks, partial columns
-    ((1, 96, 5, 5, 48, 3, 1, 1, 1, 3), 2),        # groups: a boundary inside an output word
-    ((1, 40, 9, 9, 12, 7, 1, 3, 1, 1), 8),        # 49 taps, 8 slices
-])
+@pytest.mark.parametrize(
+    "case,splits",
+    [
+        ((1, 256, 5, 5, 64, 3, 1, 1, 1, 1), 2),  # Q = 72 words: 5 stages in 2 slices
+        ((1, 256, 4, 3, 40, 3, 1, 1, 1, 1), 5),  # one stage per slice, a half-full last stage
+        ((2, 100, 7, 6, 70, 3, 2, 1, 1, 1), 3),  # 2 channel blocks, partial columns
+        ((1, 96, 5, 5, 48, 3, 1, 1, 1, 3), 2),  # groups: a boundary inside an output word
+        ((1, 40, 9, 9, 12, 7, 1, 3, 1, 1), 8),  # 49 taps, 8 slices
+    ],
+)
 def test_split_k_is_bit_exact(case, splits):
     x, wt, ref, (stride, pad, dil, groups) = _conv_case(case, seed=splits)
     c, k = case[1], case[4]
@@ -447,18 +514,26 @@ def _plan_3x3(n, c, h, w, k, groups=1):
     from bnas.kernels.conv_plan import plan_conv
 
     words = (c // groups + 31) // 32
-    return plan_conv(torch.zeros(n, h, w, groups * words, dtype=torch.int32),
-                     torch.zeros(k, 3, 3, words, dtype=torch.int32), c, 3, 1, 1, 1, groups)
+    return plan_conv(
+        torch.zeros(n, h, w, groups * words, dtype=torch.int32),
+        torch.zeros(k, 3, 3, words, dtype=torch.int32),
+        c,
+        3,
+        1,
+        1,
+        1,
+        groups,
+    )
 
 
 def test_launcher_splits_only_grids_that_leave_sms_idle():
     plan = _plan_3x3
     # batch 1, 7x7x512 -> 512: 8 blocks of 64x64 on 132 SMs, 9 stages -> 4 slices of >= 2 stages
     assert emu.launcher_splits(plan(1, 512, 7, 7, 512), 132) == 4
-    assert emu.launcher_splits(plan(1, 256, 14, 14, 256), 132) == 2     # 16 blocks, 5 stages
-    assert emu.launcher_splits(plan(64, 512, 7, 7, 512), 132) == 1      # 392 blocks: no split
-    assert emu.launcher_splits(plan(1, 32, 7, 7, 32), 132) == 1         # one stage: nothing to split
-    assert emu.launcher_splits(plan(1, 512, 7, 7, 512), 8) == 1         # the 8 blocks fill 8 SMs
+    assert emu.launcher_splits(plan(1, 256, 14, 14, 256), 132) == 2  # 16 blocks, 5 stages
+    assert emu.launcher_splits(plan(64, 512, 7, 7, 512), 132) == 1  # 392 blocks: no split
+    assert emu.launcher_splits(plan(1, 32, 7, 7, 32), 132) == 1  # one stage: nothing to split
+    assert emu.launcher_splits(plan(1, 512, 7, 7, 512), 8) == 1  # the 8 blocks fill 8 SMs
     # the launcher's own choice (here 2 slices) is exact
     x, wt, ref, _ = _conv_case((1, 256, 5, 5, 64, 3, 1, 1, 1, 1), seed=3)
     assert emu.launcher_splits(plan(1, 256, 5, 5, 64), 132) == 2
@@ -468,11 +543,11 @@ def test_launcher_splits_only_grids_that_leave_sms_idle():
 
 def test_launcher_takes_the_large_tile_only_for_groups_that_fill_it():
     plan = _plan_3x3
-    assert emu.launcher_tile(plan(256, 256, 8, 8, 256), 132) == "large"   # 256 blocks of 128x128
+    assert emu.launcher_tile(plan(256, 256, 8, 8, 256), 132) == "large"  # 256 blocks of 128x128
     # 64 channels would leave half of every 128-column block idle: 4,096 small blocks instead
     assert emu.launcher_tile(plan(256, 64, 32, 32, 64), 132) == "small"
-    assert emu.launcher_tile(plan(256, 256, 32, 32, 256, groups=4), 132) == "small"   # 64 per group
-    assert emu.launcher_tile(plan(64, 512, 7, 7, 512), 132) == "small"    # 100 large blocks < 132 SMs
+    assert emu.launcher_tile(plan(256, 256, 32, 32, 256, groups=4), 132) == "small"  # 64 per group
+    assert emu.launcher_tile(plan(64, 512, 7, 7, 512), 132) == "small"  # 100 large blocks < 132 SMs
     assert emu.launcher_tile(plan(64, 512, 7, 7, 512), 100) == "large"
 
 
@@ -498,11 +573,11 @@ def test_cuda_backend_keeps_tap_sums_per_weight_tensor(monkeypatch):
     first = cb._cached_tap_sums(wp, plan)
     assert cb._cached_tap_sums(wp, plan) is first and len(calls) == 1
     assert torch.equal(first, sign(wt).sum(1).flatten(1).to(torch.int32))
-    wp[0, 0, 0, 0] ^= 1                      # in place: the version counter moves
+    wp[0, 0, 0, 0] ^= 1  # in place: the version counter moves
     again = cb._cached_tap_sums(wp, plan)
     assert len(calls) == 2 and not torch.equal(again, first)
     other_plan = plan_conv(torch.zeros(1, 5, 5, 4, dtype=torch.int32), wp, 80, 3, 1, 1, groups=2)
-    cb._cached_tap_sums(wp, other_plan)     # the same words read as another conv
+    cb._cached_tap_sums(wp, other_plan)  # the same words read as another conv
     assert len(calls) == 3 and calls[-1] == (80, (3, 3), 2)
     # a new tensor with the same words computes its own; nothing is stored on the tensor (a
     # saved model would carry it), and the entry goes when the tensor does

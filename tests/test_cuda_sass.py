@@ -186,8 +186,9 @@ def test_template_params_and_label():
     # a bool parameter (the split-K flag) counts as 1/0
     flagged = "void ns::xnor_conv_kernel<ns::ConvTile<64, 64, 32, 32, 16, 3, 1, true> >(ns::ConvArgs)"
     assert cs.kernel_label(flagged) == ("64x64/32x32/vw1/p7=1", "64x64/32x32/vw1")
-    assert cs.template_params("_ZN2ns16xnor_conv_kernelINS_8ConvTileILi64ELi64ELi32ELi32ELi16ELi3ELi1ELb1EEEEEvNS_8ConvArgsE") == {
-        "BM": 64, "BN": 64, "WM": 32, "WN": 32, "BKW": 16, "STAGES": 3, "VW": 1, "p7": 1}
+    assert cs.template_params(
+        "_ZN2ns16xnor_conv_kernelINS_8ConvTileILi64ELi64ELi32ELi32ELi16ELi3ELi1ELb1EEEEEvNS_8ConvArgsE"
+    ) == {"BM": 64, "BN": 64, "WM": 32, "WN": 32, "BKW": 16, "STAGES": 3, "VW": 1, "p7": 1}
     # another kernel: its short name
     assert cs.kernel_label("void mma_peak_kernel<8>(unsigned int*)") == ("mma_peak_kernel<8>",) * 2
     assert cs.template_params("void mma_peak_kernel<8>(unsigned int*)") == {"p0": 8}

@@ -1,4 +1,5 @@
 """Dataset sources that need no downloads: image archives, image trees, idx files."""
+
 from __future__ import annotations
 
 import gzip
@@ -25,7 +26,11 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def _images(seed: int, per_class: int) -> dict[tuple[str, str], np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {(cls, f"{i:03d}.png"): rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for cls in CLASSES for i in range(per_class)}
+    return {
+        (cls, f"{i:03d}.png"): rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        for cls in CLASSES
+        for i in range(per_class)
+    }
 
 
 def _archive(path: Path, splits: dict[str, dict[tuple[str, str], np.ndarray]]) -> None:
@@ -88,7 +93,11 @@ def _idx_set(folder: Path, truncate: int = 0) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 20), ("t10k", 5)):
-        _idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), truncate if prefix == "t10k" else 0)
+        _idx(
+            folder / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28)),
+            truncate if prefix == "t10k" else 0,
+        )
         _idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
 
 
@@ -100,7 +109,9 @@ def test_fashion_mnist_from_gzipped_idx_in_torchvision_layout(tmp_path: Path) ->
 
 def test_truncated_idx_file_names_the_file(tmp_path: Path) -> None:
     _idx_set(tmp_path / "MNIST" / "raw", truncate=7)
-    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: \d+ bytes where its header promises \d+; the file is truncated"):
+    with pytest.raises(
+        DataError, match=r"t10k-images-idx3-ubyte.gz: \d+ bytes where its header promises \d+; the file is truncated"
+    ):
         load_dataset("mnist", tmp_path)
 
 
@@ -111,6 +122,9 @@ def test_one_dataset_list_for_the_loader_the_search_space_and_the_schema() -> No
     assert data.DATASETS == ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder:PATH", "synthetic")
     assert set(data.DATASETS) == {*data.DATASET_NAMES, data.IMAGEFOLDER + "PATH"}
     assert space.DATASETS is data.DATASET_NAMES
-    with pytest.raises(DataError, match=r"did you mean 'imagefolder:PATH'\?.*known: digits, mnist, fashion_mnist, "
-                                        r"cifar10, imagefolder:PATH, synthetic"):
+    with pytest.raises(
+        DataError,
+        match=r"did you mean 'imagefolder:PATH'\?.*known: digits, mnist, fashion_mnist, "
+        r"cifar10, imagefolder:PATH, synthetic",
+    ):
         load_dataset("imagefolders")

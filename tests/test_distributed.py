@@ -1,6 +1,7 @@
 """Distributed search: several workers on one study (PostgreSQL, journal file), a worker
 killed mid-trial, workers riding out a short database outage, and a worker stopping cleanly
 when the database stays away past its limit."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ import pytest
 from conftest import tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE = tiny_space("dist", ops=["binary_conv_3x3", "skip_connect", "bireal_block", "binary_dil_conv_3x3"], epochs=3,
-                   pruner="none")
+SPACE = tiny_space(
+    "dist", ops=["binary_conv_3x3", "skip_connect", "bireal_block", "binary_dil_conv_3x3"], epochs=3, pruner="none"
+)
 
 
 def _pg_url() -> str:
@@ -41,7 +43,17 @@ def _space(tmp_path: Path) -> Path:
 
 
 def _cmd(space: Path, out: Path, *extra: str, quiet: bool = True) -> list[str]:
-    return [sys.executable, "-m", "bnas", "search", str(space), "--out", str(out), *(["--quiet"] if quiet else []), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "bnas",
+        "search",
+        str(space),
+        "--out",
+        str(out),
+        *(["--quiet"] if quiet else []),
+        *extra,
+    ]
 
 
 def _check_study(study: optuna.Study, out: Path, total: int) -> None:
@@ -55,7 +67,9 @@ def _check_study(study: optuna.Study, out: Path, total: int) -> None:
 
 def test_journal_file_workers_without_server(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(_cmd(_space(tmp_path), out, "--workers", "2", "--trials", "5"), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        _cmd(_space(tmp_path), out, "--workers", "2", "--trials", "5"), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
     study = optuna.load_study(study_name="dist", storage=storage)
@@ -74,16 +88,32 @@ def test_two_hosts_with_the_same_command_replay_nothing(tmp_path: Path) -> None:
     space = tmp_path / "space.yaml"
     space.write_text(SPACE.replace("epochs: 3", "epochs: 1").replace("name: dist", "name: dist\ntrain_subset: 128"))
     journal = tmp_path / "study.journal"
-    cmd = _cmd(space, tmp_path / "run", "--trials", "6", "--storage", f"journal:{journal}", "--study", "s1", "--sampler", "random")
+    cmd = _cmd(
+        space,
+        tmp_path / "run",
+        "--trials",
+        "6",
+        "--storage",
+        f"journal:{journal}",
+        "--study",
+        "s1",
+        "--sampler",
+        "random",
+    )
     hosts = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for h in hosts:
         assert h.wait(timeout=600) == 0, h.stderr.read()[-2000:]
-    study = optuna.load_study(study_name="s1", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(journal))))
+    study = optuna.load_study(
+        study_name="s1",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))),
+    )
     shared = {t.number: t.user_attrs["genotype_hash"] for t in study.trials if t.state.name == "COMPLETE"}
     assert len(shared) == 6 and len({t.user_attrs["worker"] for t in study.trials}) == 2
-    alone_study = run_search_study(SearchConfig(space=load_space(space), out=tmp_path / "alone", trials=max(shared) + 1,
-                                                sampler="random", progress=False))
+    alone_study = run_search_study(
+        SearchConfig(
+            space=load_space(space), out=tmp_path / "alone", trials=max(shared) + 1, sampler="random", progress=False
+        )
+    )
     alone = {t.number: t.user_attrs["genotype_hash"] for t in alone_study.trials}
     assert all(shared[n] == alone[n] for n in shared)
     assert len(shared) - len(set(shared.values())) <= len(alone) - len(set(alone.values()))
@@ -94,8 +124,12 @@ def test_three_workers_on_postgres(tmp_path: Path) -> None:
     url = _pg_url()
     name = f"three-{os.getpid()}-{time.time_ns()}"
     out = tmp_path / "run"
-    proc = subprocess.run(_cmd(_space(tmp_path), out, "--workers", "3", "--trials", "6", "--storage", url, "--study", name),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        _cmd(_space(tmp_path), out, "--workers", "3", "--trials", "6", "--storage", url, "--study", name),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     study = optuna.load_study(study_name=name, storage=url)
     _check_study(study, out, 6)
@@ -145,12 +179,17 @@ def test_sigkill_one_worker_mid_trial(tmp_path: Path) -> None:
     space = _space(tmp_path)
     optuna.create_study(study_name=name, storage=url, direction="maximize")
     cmd = _cmd(space, out, "--trials", "6", "--storage", url, "--study", name, "--heartbeat", "2")
-    workers = [subprocess.Popen(cmd + ["--seed", str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(3)]
+    workers = [
+        subprocess.Popen(cmd + ["--seed", str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for i in range(3)
+    ]
     storage = optuna.storages.RDBStorage(url)
 
     def running_after_a_completion() -> bool:
         trials = optuna.load_study(study_name=name, storage=storage).trials
-        return any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and "worker" in t.user_attrs for t in trials)
+        return any(t.state.name == "COMPLETE" for t in trials) and any(
+            t.state.name == "RUNNING" and "worker" in t.user_attrs for t in trials
+        )
 
     _wait_for(running_after_a_completion, 300, "a running trial after a completed one")
     victim, pid = _freeze_a_worker_mid_trial(name, storage)
@@ -161,7 +200,11 @@ def test_sigkill_one_worker_mid_trial(tmp_path: Path) -> None:
     study = optuna.load_study(study_name=name, storage=storage)
     by_number = {t.number: t for t in study.trials}
     assert by_number[victim.number].state.name == "FAIL"
-    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == victim.number or t.system_attrs.get("failed_trial") == victim.number]
+    retried = [
+        t
+        for t in study.trials
+        if t.user_attrs.get("retry_of") == victim.number or t.system_attrs.get("failed_trial") == victim.number
+    ]
     assert retried, "the killed trial was not retried"
     for number, values in completed_before.items():
         assert by_number[number].state.name == "COMPLETE" and by_number[number].values == values
@@ -171,8 +214,12 @@ def test_sigkill_one_worker_mid_trial(tmp_path: Path) -> None:
 def _server(action: str, data_dir: str, url: str) -> None:
     """Stop or start the test server where it was (its data folder and port)."""
     env = {**os.environ, "BNAS_PG_PORT": str(urlsplit(url).port or 5432)}
-    subprocess.run(["bash", str(REPO / "scripts" / "pg_test_server.sh"), action, data_dir], check=True, capture_output=True,
-                   env=env)
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / "pg_test_server.sh"), action, data_dir],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
 
 
 def _restartable_server() -> tuple[str, str]:
@@ -211,8 +258,21 @@ def test_workers_ride_out_a_short_database_outage(tmp_path: Path) -> None:
     name = f"outage-{os.getpid()}-{time.time_ns()}"
     out = tmp_path / "run"
     # Not --quiet: whatever --quiet hides, the retries this test counts must be shown.
-    cmd = _cmd(_space(tmp_path), out, "--workers", "2", "--trials", "6", "--storage", url, "--study", name, "--heartbeat", "2",
-               quiet=False)
+    cmd = _cmd(
+        _space(tmp_path),
+        out,
+        "--workers",
+        "2",
+        "--trials",
+        "6",
+        "--storage",
+        url,
+        "--study",
+        name,
+        "--heartbeat",
+        "2",
+        quiet=False,
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     before = _completed_before_outage(name, url)
     _server("stop", data_dir, url)

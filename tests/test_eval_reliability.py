@@ -1,6 +1,7 @@
 """bnas eval under bad input and faults: one line and exit code 2, never a traceback, and
 what was saved stays usable (issue 11: devices, damaged checkpoints, unwritable --out, full
 disk, Ctrl-C)."""
+
 from __future__ import annotations
 
 import errno
@@ -105,8 +106,9 @@ class _Foreign:
 def _trainer_checkpoint(out: Path, genotype_text: str = MLP) -> Path:
     """A real trainer checkpoint for ``genotype_text``, written without training."""
     genotype = loads_genotype(genotype_text)
-    trainer = Trainer(bnas.build(genotype), load_dataset("digits"), Recipe.from_dict(genotype.training), out_dir=out,
-                      progress=False)
+    trainer = Trainer(
+        bnas.build(genotype), load_dataset("digits"), Recipe.from_dict(genotype.training), out_dir=out, progress=False
+    )
     trainer._save()
     return out / "checkpoint.pt"
 
@@ -133,8 +135,12 @@ def _damage(kind: str, path: Path) -> None:
         raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["empty", "random", "truncated", "pickled_object", "plain_pickle", "tensor", "state_dict"])
-def test_resume_from_a_bad_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind", ["empty", "random", "truncated", "pickled_object", "plain_pickle", "tensor", "state_dict"]
+)
+def test_resume_from_a_bad_checkpoint_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
     out = tmp_path / "run"
     _damage(kind, out / "checkpoint.pt")
     assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(out), "--resume"]) == 2
@@ -146,9 +152,13 @@ def test_resume_from_a_bad_checkpoint_is_one_line(tmp_path: Path, capsys: pytest
 
 
 def test_bad_checkpoint_messages_say_what_is_wrong(tmp_path: Path) -> None:
-    for kind, expected in [("empty", "is empty (0 bytes)"), ("random", "not a PyTorch checkpoint"),
-                           ("truncated", "truncated or damaged"), ("pickled_object", "Python objects other than tensors"),
-                           ("tensor", "holds a Tensor, not a bnas checkpoint")]:
+    for kind, expected in [
+        ("empty", "is empty (0 bytes)"),
+        ("random", "not a PyTorch checkpoint"),
+        ("truncated", "truncated or damaged"),
+        ("pickled_object", "Python objects other than tensors"),
+        ("tensor", "holds a Tensor, not a bnas checkpoint"),
+    ]:
         path = tmp_path / kind / "checkpoint.pt"
         _damage(kind, path)
         with pytest.raises(BnasError, match=re.escape(expected)):
@@ -165,7 +175,9 @@ def test_resume_with_another_width_names_the_tensor(tmp_path: Path, capsys: pyte
     assert "another genotype or width" in err
 
 
-def test_resume_with_another_genotype_names_the_missing_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_another_genotype_names_the_missing_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     _trainer_checkpoint(out, MLP.replace("  - {op: binary_linear, channels: 64}\n", ""))  # one binary layer fewer
     assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(out), "--resume"]) == 2
@@ -177,8 +189,20 @@ def test_teacher_checkpoint_of_another_width_is_one_line(tmp_path: Path, capsys:
     teacher = _genotype(tmp_path, name="teacher.yaml")
     narrow = tmp_path / "narrow"
     _trainer_checkpoint(narrow, MLP.replace("{op: binary_linear, channels: 64}", "{op: binary_linear, channels: 32}"))
-    assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--teacher", str(teacher),
-                 "--teacher-checkpoint", str(narrow / "checkpoint.pt")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                str(_genotype(tmp_path)),
+                "--quiet",
+                "--teacher",
+                str(teacher),
+                "--teacher-checkpoint",
+                str(narrow / "checkpoint.pt"),
+            ]
+        )
+        == 2
+    )
     err = _one_line_error(capsys)
     assert f"teacher checkpoint {narrow / 'checkpoint.pt'} does not fit the teacher {teacher}" in err
     assert "[32, 64] in the checkpoint but [64, 64]" in err
@@ -224,8 +248,9 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Trainer, "fit", refuse)
 
 
-def test_out_that_cannot_be_a_folder_is_refused_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                         no_training: None) -> None:
+def test_out_that_cannot_be_a_folder_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(blocker / "run")]) == 2
@@ -233,8 +258,9 @@ def test_out_that_cannot_be_a_folder_is_refused_up_front(tmp_path: Path, capsys:
     assert f"--out {blocker / 'run'} is not writable" in err
 
 
-def test_read_only_out_is_refused_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None,
-                                           read_only_dir: Path) -> None:
+def test_read_only_out_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None, read_only_dir: Path
+) -> None:
     out = read_only_dir
     assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(out)]) == 2
     assert f"--out {out} is not writable" in _one_line_error(capsys)
@@ -259,8 +285,9 @@ def _fail_save_call(monkeypatch: pytest.MonkeyPatch, failing_call: int, exc: Bas
     monkeypatch.setattr(torch, "save", save)
 
 
-def test_disk_full_mid_run_keeps_the_last_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_mid_run_keeps_the_last_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     genotype, out = _genotype(tmp_path), tmp_path / "run"
     _fail_save_call(monkeypatch, 2, RuntimeError(DISK_FULL))  # the checkpoint after epoch 2
     assert main(["eval", str(genotype), "--epochs", "2", "--quiet", "--out", str(out)]) == 2
@@ -274,8 +301,9 @@ def test_disk_full_mid_run_keeps_the_last_checkpoint(tmp_path: Path, capsys: pyt
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2 and (out / "model.pt").is_file()
 
 
-def test_disk_full_at_the_first_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_at_the_first_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     _fail_save_call(monkeypatch, 1, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     assert main(["eval", str(_genotype(tmp_path)), "--quiet", "--out", str(out)]) == 2
@@ -284,8 +312,9 @@ def test_disk_full_at_the_first_checkpoint(tmp_path: Path, capsys: pytest.Captur
     assert not out.exists()  # nothing was saved, and the run folder the run made is gone too
 
 
-def test_disk_full_writing_model_pt_says_resume_finishes_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_writing_model_pt_says_resume_finishes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     genotype, out = _genotype(tmp_path), tmp_path / "run"
     _fail_save_call(monkeypatch, 2, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))  # checkpoint, then model.pt
     assert main(["eval", str(genotype), "--quiet", "--out", str(out)]) == 2
@@ -325,7 +354,8 @@ def test_ctrl_c_says_interrupted_once_and_resume_continues(tmp_path: Path) -> No
     assert saved["epoch"] >= 1
     # Resume, now only to the end of the epoch the saved position is in.
     stop_at = saved["epoch"] + 1
-    done = subprocess.run(cmd + ["--resume", "--quiet", "--epochs", str(stop_at)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        cmd + ["--resume", "--quiet", "--epochs", str(stop_at)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == stop_at

@@ -1,4 +1,5 @@
 """Export of trained networks to the packed 1-bit format (bnas.export, `bnas export`)."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_cli_export_matches_trained_model_on_every_test_image(trained: dict, tmp_path: Path, capsys) -> None:
     target = tmp_path / "model.bnas"
-    rc = main(["export", str(GENOTYPES / "digits_small.yaml"), str(trained["out"] / "checkpoint.pt"), "--out", str(target)])
+    rc = main(
+        ["export", str(GENOTYPES / "digits_small.yaml"), str(trained["out"] / "checkpoint.pt"), "--out", str(target)]
+    )
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     packed = load_packed(target)
@@ -86,8 +89,10 @@ def test_binary_weights_take_one_bit_each(trained: dict, tmp_path: Path) -> None
     float_bytes = (trained["out"] / "model.pt").stat().st_size
     file_bytes = target.stat().st_size
     binary_float_bytes = binary_weights * 4
-    print(f"\npacked file {file_bytes} B vs float checkpoint {float_bytes} B: {float_bytes / file_bytes:.1f}x smaller; "
-          f"binary weights {bits // 8} B vs {binary_float_bytes} B as float32 (32x)")
+    print(
+        f"\npacked file {file_bytes} B vs float checkpoint {float_bytes} B: {float_bytes / file_bytes:.1f}x smaller; "
+        f"binary weights {bits // 8} B vs {binary_float_bytes} B as float32 (32x)"
+    )
     assert file_bytes < float_bytes / 3
 
 
@@ -112,7 +117,9 @@ def test_file_round_trip_is_exact(tmp_path: Path) -> None:
     assert torch.equal(loaded(x), packed(x))
     # the packed weights are the signs of the latent weights
     conv = model.body[0].op.conv
-    assert torch.equal(unpack_weights(loaded.net.body[0].op.conv.weight_packed, 32), torch.where(conv.weight >= 0, 1.0, -1.0))
+    assert torch.equal(
+        unpack_weights(loaded.net.body[0].op.conv.weight_packed, 32), torch.where(conv.weight >= 0, 1.0, -1.0)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -143,19 +150,37 @@ MIXED = {
     "stem": [{"op": "conv_bn", "channels": 40}],
     "body": [
         # rsign threshold, RPReLU, odd channel count (40: a padded last word)
-        {"op": "conv_unit", "channels": 40, "order": "conv_bn_act", "activation": "rprelu",
-         "binarize": {"activation": "rsign", "weight": "xnor"}},
+        {
+            "op": "conv_unit",
+            "channels": 40,
+            "order": "conv_bn_act",
+            "activation": "rprelu",
+            "binarize": {"activation": "rsign", "weight": "xnor"},
+        },
         # conv -> max-pool -> BN: the BN must stay in float
         {"op": "vgg_block", "channels": 40, "stride": 2, "binarize": {"activation": "ste", "weight": "xnor_tensor"}},
         # BN -> sign -> conv (no BN after the conv); grouped
         {"op": "conv_unit", "channels": 40, "groups": 2, "binarize": {"activation": "ste", "weight": "sign"}},
         # real activations: a float conv with alpha * sign(W)
-        {"op": "conv_unit", "channels": 40, "order": "conv_bn_act", "binarize": {"activation": "none", "weight": "xnor"}},
+        {
+            "op": "conv_unit",
+            "channels": 40,
+            "order": "conv_bn_act",
+            "binarize": {"activation": "none", "weight": "xnor"},
+        },
         # binary activations, real weights: a float conv on signs
-        {"op": "conv_unit", "channels": 40, "order": "conv_bn_act", "binarize": {"activation": "approx_sign", "weight": "none"}},
+        {
+            "op": "conv_unit",
+            "channels": 40,
+            "order": "conv_bn_act",
+            "binarize": {"activation": "approx_sign", "weight": "none"},
+        },
     ],
-    "head": [{"op": "global_avgpool"}, {"op": "binary_linear", "channels": 24, "binarize": {"activation": "ste", "weight": "bireal"}},
-             {"op": "linear"}],
+    "head": [
+        {"op": "global_avgpool"},
+        {"op": "binary_linear", "channels": 24, "binarize": {"activation": "ste", "weight": "bireal"}},
+        {"op": "linear"},
+    ],
 }
 
 
@@ -209,8 +234,15 @@ def test_wrong_files_give_clear_errors(tmp_path: Path) -> None:
 
 
 def test_wrong_genotype_checkpoint_pair(trained: dict, tmp_path: Path, capsys) -> None:
-    rc = main(["export", str(GENOTYPES / "bireal_resnet18.yaml"), str(trained["out"] / "checkpoint.pt"),
-               "--out", str(tmp_path / "x.bnas")])
+    rc = main(
+        [
+            "export",
+            str(GENOTYPES / "bireal_resnet18.yaml"),
+            str(trained["out"] / "checkpoint.pt"),
+            "--out",
+            str(tmp_path / "x.bnas"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint") and "does not match the network" in err
@@ -230,7 +262,11 @@ def test_real_input_first_layer_keeps_one_bit_weights(tmp_path: Path) -> None:
     packed = pack_model(model)
     first = packed.net.body[0].op[0]
     assert [e["kind"] for e in packed.layers if e["kind"] != "identity"] == [
-        "packed_weight_linear", "packed_linear", "packed_linear", "packed_linear"]
+        "packed_weight_linear",
+        "packed_linear",
+        "packed_linear",
+        "packed_linear",
+    ]
     assert first.weight_packed.shape == (2048, 25) and first.weight_packed.dtype == torch.int32  # 784 bits -> 25 words
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():

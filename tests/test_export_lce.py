@@ -179,7 +179,9 @@ def test_shipped_cell_genotypes_export(tmp_path: Path, name: str) -> None:
     genotype = bnas.load_genotype(GENOTYPES / f"{name}.yaml")
     # one of each repeated cell: every cell kind and every transition between them stays, the
     # conversion takes a third of the time (kim2020_bnas_a: 20 cells -> 6)
-    genotype = dataclasses.replace(genotype, body=tuple(dataclasses.replace(layer, repeat=1) for layer in genotype.body))
+    genotype = dataclasses.replace(
+        genotype, body=tuple(dataclasses.replace(layer, repeat=1) for layer in genotype.body)
+    )
     model = dyadic(bnas.build(genotype))
     path = to_lce(model, tmp_path / f"{name}.tflite")
     assert _ops(path).get("LceBconv2d", 0) > 0

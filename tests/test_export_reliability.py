@@ -1,4 +1,5 @@
 """`bnas export` and `.bnas` files under bad inputs and faults (issue 11: defects 2, 5, 6, 8)."""
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,11 @@ def test_export_honours_umask(checkpoint: Path, tmp_path: Path, mask: int, expec
 # Defect 5: dtypes are checked, not only shapes
 # --------------------------------------------------------------------------------------
 def test_packed_weights_resaved_as_float32_are_refused(packed_file: Path, tmp_path: Path) -> None:
-    bad = rewrite(packed_file, tmp_path / "float.bnas",
-                  tensors=lambda s: {k: v.float() for k, v in s.items() if k.endswith("weight_packed")})
+    bad = rewrite(
+        packed_file,
+        tmp_path / "float.bnas",
+        tensors=lambda s: {k: v.float() for k, v in s.items() if k.endswith("weight_packed")},
+    )
     # the silent conversion this guards against: float32 rounds the 32-bit words
     with safe_open(str(bad), framework="pt") as fh, safe_open(str(packed_file), framework="pt") as ok:
         k = next(k for k in ok.keys() if k.endswith("weight_packed"))
@@ -94,11 +98,15 @@ def test_packed_weights_resaved_as_float32_are_refused(packed_file: Path, tmp_pa
     assert "weight_packed is float32, expected int32 (packed sign bits)" in message
 
 
-@pytest.mark.parametrize("name, dtype", [("scale", torch.float64), ("bias", torch.float16),
-                                         ("weight_packed", torch.int64)])
+@pytest.mark.parametrize(
+    "name, dtype", [("scale", torch.float64), ("bias", torch.float16), ("weight_packed", torch.int64)]
+)
 def test_any_wrong_dtype_is_refused(packed_file: Path, tmp_path: Path, name: str, dtype: torch.dtype) -> None:
-    bad = rewrite(packed_file, tmp_path / "bad.bnas",
-                  tensors=lambda s: {k: v.to(dtype) for k, v in s.items() if k.endswith("." + name)})
+    bad = rewrite(
+        packed_file,
+        tmp_path / "bad.bnas",
+        tensors=lambda s: {k: v.to(dtype) for k, v in s.items() if k.endswith("." + name)},
+    )
     with pytest.raises(ExportError, match=rf"\.{name} is {str(dtype)[6:]}, expected (int32|float32)"):
         load_packed(bad)
 
@@ -112,8 +120,9 @@ def test_untouched_file_still_loads(packed_file: Path, model: torch.nn.Module) -
 # Defect 8: hostile or damaged headers give one line that names the file
 # --------------------------------------------------------------------------------------
 def test_python_tag_in_header_genotype_is_one_line(packed_file: Path, tmp_path: Path) -> None:
-    bad = rewrite(packed_file, tmp_path / "tag.bnas",
-                  metadata={"genotype": "!!python/object/apply:os.system ['echo pwned']\n"})
+    bad = rewrite(
+        packed_file, tmp_path / "tag.bnas", metadata={"genotype": "!!python/object/apply:os.system ['echo pwned']\n"}
+    )
     with pytest.raises(BnasError) as info:
         load_packed(bad)
     message = str(info.value)
@@ -134,7 +143,7 @@ def test_unknown_layer_kind_names_the_file(packed_file: Path, tmp_path: Path) ->
     with pytest.raises(ExportError) as info:
         load_packed(bad)
     message = str(info.value)
-    assert message.startswith(f"{bad}: unknown packed layer kind \"packed_conv3d\"")
+    assert message.startswith(f'{bad}: unknown packed layer kind "packed_conv3d"')
     assert "packed_conv2d" in message and "upgrade bnas" in message
 
 
@@ -144,8 +153,11 @@ def test_layer_table_cannot_allocate_beyond_the_genotype(packed_file: Path, tmp_
     entry = next(e for e in table if e["kind"] == "packed_conv2d")
     entry["kernel_size"] = [2**31, 2**31]  # torch.zeros would overflow (or try terabytes)
     bad = rewrite(packed_file, tmp_path / "huge.bnas", metadata={"layers": json.dumps(table)})
-    with pytest.raises(ExportError, match=rf"layer {entry['path']} \(packed_conv2d\) has kernel_size=\[2147483648, "
-                                          r"2147483648\], expected \[3, 3\]"):
+    with pytest.raises(
+        ExportError,
+        match=rf"layer {entry['path']} \(packed_conv2d\) has kernel_size=\[2147483648, "
+        r"2147483648\], expected \[3, 3\]",
+    ):
         load_packed(bad)
 
 
@@ -169,8 +181,9 @@ def test_export_out_read_only_folder_is_one_line(tmp_path: Path, capsys, read_on
     assert f"--out {ro / 'm.bnas'} is not writable" in err and "choose another folder" in err
 
 
-def test_export_disk_full_is_one_line_and_keeps_the_old_file(checkpoint: Path, tmp_path: Path, capsys,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_disk_full_is_one_line_and_keeps_the_old_file(
+    checkpoint: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "m.bnas"
     out.write_bytes(b"the previous export")
     real = Path.write_bytes
@@ -189,9 +202,15 @@ def test_export_disk_full_is_one_line_and_keeps_the_old_file(checkpoint: Path, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bnas", "model.pt"]
 
 
-@pytest.mark.parametrize("content", [random.Random(0).randbytes(5000),  # torch: UnpicklingError
-                                     random.Random(2).randbytes(5000),  # torch: IndexError
-                                     b""], ids=["random-bytes", "random-bytes-indexerror", "empty"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        random.Random(0).randbytes(5000),  # torch: UnpicklingError
+        random.Random(2).randbytes(5000),  # torch: IndexError
+        b"",
+    ],
+    ids=["random-bytes", "random-bytes-indexerror", "empty"],
+)
 def test_export_bad_checkpoint_bytes_are_one_line(tmp_path: Path, capsys, content: bytes) -> None:
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(content)
@@ -217,8 +236,13 @@ def test_export_and_load_print_no_cuda_notice(checkpoint: Path, tmp_path: Path) 
         "assert main(['export', sys.argv[1], sys.argv[2], '--out', sys.argv[3]]) == 0\n"
         "print(load_packed(sys.argv[3])(torch.randn(2, 1, 8, 8)).shape)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(GENOTYPE), str(checkpoint), str(tmp_path / "m.bnas")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(GENOTYPE), str(checkpoint), str(tmp_path / "m.bnas")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "torch.Size([2, 10])" in proc.stdout
     assert "No CUDA runtime" not in proc.stderr and "CUDA_HOME" not in proc.stderr, proc.stderr

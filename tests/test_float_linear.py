@@ -2,6 +2,7 @@
 split among threads at small batch, a 1x1-conv GEMM at larger ones) and
 ``bnas.kernels.global_avg_pool2d`` (the head's ``mean(dim=(2, 3))``), and the plan passes that
 run a packed network's large float ``nn.Linear`` and its global average pool on them."""
+
 from __future__ import annotations
 
 from pathlib import Path

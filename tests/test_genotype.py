@@ -1,4 +1,5 @@
 """Genotype YAML: round trips, validation errors that name file and path, the CLI's exit code."""
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,16 @@ VALID = TINY_GENOTYPE.read_text()
 
 def test_shipped_genotypes_exist() -> None:
     names = {p.stem for p in GENOTYPES}
-    assert {"binarynet_mlp", "bnn_mlp_2048", "binary_lenet5", "xnor_resnet18", "bireal_resnet18",
-            "binary_vgg_small", "binary_nin", "example_cells"} <= names
+    assert {
+        "binarynet_mlp",
+        "bnn_mlp_2048",
+        "binary_lenet5",
+        "xnor_resnet18",
+        "bireal_resnet18",
+        "binary_vgg_small",
+        "binary_nin",
+        "example_cells",
+    } <= names
 
 
 @pytest.mark.parametrize("path", GENOTYPES, ids=lambda p: p.stem)
@@ -96,7 +105,12 @@ def test_parsing_checks_structure_only_and_the_builder_resolves_op_names(tmp_pat
         ("[skip_connect, n0]", "[skip_connect, n9]", "cells.normal.nodes.n1[0][1]", "unknown input or node 'n9'"),
         ("{cell: normal, channels: 8}", "{cell: normal2, channels: 8}", "body[0].cell", "unknown cell 'normal2'"),
         ("{cell: normal, channels: 8}", "{cell: normal, channels: -8}", "body[0].channels", "positive integer"),
-        ("{cell: normal, channels: 8}", "{cell: normal, channels: eight}", "body[0].channels", "positive integer, got 'eight'"),
+        (
+            "{cell: normal, channels: 8}",
+            "{cell: normal, channels: eight}",
+            "body[0].channels",
+            "positive integer, got 'eight'",
+        ),
         ("{cell: normal, channels: 8}", "{cell: normal, channels: 8, repeat: 0}", "body[0].repeat", "positive integer"),
         ("num_classes: 4", "num_classes: 0", "num_classes", "positive integer"),
         ("combine: concat", "combine: product", "cells.normal.output.combine", "invalid combine 'product'"),
@@ -131,7 +145,10 @@ def test_forward_reference_to_later_node() -> None:
         ("", "the file is empty"),
         ("- 1\n- 2\n", "expected a YAML mapping at the top level, got a list"),
         ("name: [unclosed\n", "invalid YAML"),
-        ("name: !!python/object/apply:os.system ['echo hacked']\n", "invalid YAML: tags that construct Python objects are not allowed"),
+        (
+            "name: !!python/object/apply:os.system ['echo hacked']\n",
+            "invalid YAML: tags that construct Python objects are not allowed",
+        ),
     ],
 )
 def test_unreadable_yaml(text: str, fragment: str) -> None:
@@ -196,8 +213,10 @@ def test_op_option_typo_suggests_the_closest_option() -> None:
     text = "name: t\ninput: [3, 8, 8]\nnum_classes: 10\nbody:\n  - {op: bireal_block, chanels: 16}\n"
     err = _error(text)
     assert err.path == "body[0].chanels"
-    assert err.message == ("unknown option 'chanels' for bireal_block; did you mean 'channels'? "
-                           "valid: channels, stride, repeat, activation, binarize")
+    assert err.message == (
+        "unknown option 'chanels' for bireal_block; did you mean 'channels'? "
+        "valid: channels, stride, repeat, activation, binarize"
+    )
     # An edge option typo in a cell lists the op's own options.
     cell = """
 name: t

@@ -10,6 +10,7 @@ format are written out below rather than taken from ``bnas.binarize`` or
 ``BNAS_REQUIRE_EXTENSION=1`` (CI) an extension that cannot be built fails the session
 instead of skipping every CPU backend.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,7 @@ from bnas.kernels import cpu_backend
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_CPU = ["cpu-avx512", "cpu-avx2", "cpu-popcnt"]
-CPU_FLAGS = {"cpu-avx512": {"avx512f", "avx512bw", "avx512_vpopcntdq"}, "cpu-avx2": {"avx2"},
-             "cpu-popcnt": {"popcnt"}}
+CPU_FLAGS = {"cpu-avx512": {"avx512f", "avx512bw", "avx512_vpopcntdq"}, "cpu-avx2": {"avx2"}, "cpu-popcnt": {"popcnt"}}
 
 # (N, C, H, W, K, kernel, stride, padding, dilation, groups)
 CONV_CASES = [
@@ -43,8 +43,8 @@ CONV_CASES = [
     (1, 66, 6, 6, 66, 1, 1, 0, 1, 2),
     (1, 128, 5, 5, 64, 5, 1, 2, 1, 1),
     (3, 256, 5, 5, 130, 3, 1, 1, 1, 1),
-    (1, 5, 3, 3, 4, 1, 1, 2, 1, 1),        # whole output rows made only of padding
-    (1, 96, 13, 11, 24, 3, 2, 1, 1, 4),    # 4 groups of 24 channels: word-crossing blocks
+    (1, 5, 3, 3, 4, 1, 1, 2, 1, 1),  # whole output rows made only of padding
+    (1, 96, 13, 11, 24, 3, 2, 1, 1, 4),  # 4 groups of 24 channels: word-crossing blocks
 ]
 LINEAR_CASES = [(1, 1, 1), (3, 31, 5), (5, 65, 33), (2, 100, 70), (4, 2048, 10)]
 
@@ -92,8 +92,7 @@ def cpu_backends() -> list[str]:
 def backend_name(request, cpu_backends) -> str:
     name = request.param
     if name != "reference" and name not in cpu_backends:
-        pytest.skip(f"{name} cannot run on this machine "
-                    f"({cpu_backend.build_error() or 'CPU feature missing'})")
+        pytest.skip(f"{name} cannot run on this machine ({cpu_backend.build_error() or 'CPU feature missing'})")
     with kernels.use_backend(name):
         yield name
 
@@ -192,8 +191,7 @@ def test_conv2d_epilogue_scale_bias_and_packed_output(backend_name, groups, k):
     wp = kernels.pack_weights(weight, groups)
     out = kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, 1, groups, scale=scale, bias=bias)
     assert torch.equal(out, expected)
-    packed = kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, 1, groups, scale=scale, bias=bias,
-                                        pack_output=True)
+    packed = kernels.xnor_conv2d_packed(xp, wp, c, 3, 1, 1, 1, groups, scale=scale, bias=bias, pack_output=True)
     assert packed.dtype == torch.int32
     assert torch.equal(packed, pack_signs_reference(expected))
     # Random real-valued scale and bias: still the same float operations, bit for bit.
@@ -226,21 +224,31 @@ def test_packed_layers_chain_like_the_float_network(backend_name):
     w1 = torch.randn(70, 50, 3, 3, generator=gen)
     w2 = torch.randn(33, 70, 3, 3, generator=gen)
     scale, bias = torch.rand(70, generator=gen) + 0.5, torch.randn(70, generator=gen) * 4
-    hidden = F.conv2d(sign(x), sign(w1), None, 1, 1) * scale.view(1, -1, 1, 1) \
-        + bias.view(1, -1, 1, 1)
+    hidden = F.conv2d(sign(x), sign(w1), None, 1, 1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
     expected = F.conv2d(sign(hidden), sign(w2), None, 2, 1)
-    h = kernels.xnor_conv2d_packed(kernels.pack_signs(x), kernels.pack_weights(w1), 50, 3, 1, 1,
-                                   scale=scale, bias=bias, pack_output=True)
+    h = kernels.xnor_conv2d_packed(
+        kernels.pack_signs(x), kernels.pack_weights(w1), 50, 3, 1, 1, scale=scale, bias=bias, pack_output=True
+    )
     assert h.shape == (2, 9, 9, 3)
     out = kernels.xnor_conv2d_packed(h, kernels.pack_weights(w2), 70, 3, 2, 1)
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 1, 3, 5), 1), ((1, 33, 4, 3), 1),
-                                          ((2, 100, 5, 2), 4), ((1, 64, 3, 3), 2),
-                                          ((3, 257, 1, 1), 1), ((4, 70), 1),
-                                          ((2, 70, 9, 11), 2), ((3, 1000), 1),
-                                          ((2, 96, 5, 4), 3), ((1, 200, 3, 5), 1)])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [
+        ((2, 1, 3, 5), 1),
+        ((1, 33, 4, 3), 1),
+        ((2, 100, 5, 2), 4),
+        ((1, 64, 3, 3), 2),
+        ((3, 257, 1, 1), 1),
+        ((4, 70), 1),
+        ((2, 70, 9, 11), 2),
+        ((3, 1000), 1),
+        ((2, 96, 5, 4), 3),
+        ((1, 200, 3, 5), 1),
+    ],
+)
 def test_pack_signs_matches_reference_format(backend_name, shape, groups):
     gen = torch.Generator().manual_seed(sum(shape))
     x = small_ints(*shape, generator=gen)
@@ -255,7 +263,7 @@ def test_pack_signs_matches_reference_format(backend_name, shape, groups):
 
 def test_packed_bit_layout_by_hand():
     x = -torch.ones(1, 40, 1, 1)
-    x[0, [0, 31, 33, 39], 0, 0] = 0.0     # zeros are +1 -> bit set
+    x[0, [0, 31, 33, 39], 0, 0] = 0.0  # zeros are +1 -> bit set
     words = pack_signs_reference(x)[0, 0, 0]
     assert words.tolist() == [1 | -(2**31), (1 << 1) | (1 << 7)]  # bits past 40 stay 0
     grouped = pack_signs_reference(x, groups=2)[0, 0, 0]  # 20 channels per group, 1 word each
@@ -264,6 +272,7 @@ def test_packed_bit_layout_by_hand():
     assert w.shape == (2, 1, 2, 1) and w.unique().tolist() == [0b111]
     # the project's packer (the reference backend's) writes the same words
     from bnas.kernels import packing
+
     assert torch.equal(packing.pack_signs_reference(x), pack_signs_reference(x))
     assert torch.equal(packing.pack_signs_reference(x, groups=2), pack_signs_reference(x, groups=2))
     assert torch.equal(packing.pack_weights_reference(torch.ones(2, 3, 1, 2)), w)
@@ -275,7 +284,7 @@ def test_inplace_update_of_packed_weights_is_seen(backend_name):
     w = torch.randn(24, 40, 3, 3, generator=gen)
     xp, wp = kernels.pack_signs(x), kernels.pack_weights(w)
     kernels.xnor_conv2d_packed(xp, wp, 40, 3, padding=1)
-    wp.copy_(kernels.pack_weights(-w))     # new weights in the same tensor
+    wp.copy_(kernels.pack_weights(-w))  # new weights in the same tensor
     out = kernels.xnor_conv2d_packed(xp, wp, 40, 3, padding=1)
     assert torch.equal(out, F.conv2d(sign(x), sign(-w), None, 1, 1))
     # Weights packed inside xnor_conv2d are temporaries: their cache entries go with them.
@@ -304,8 +313,7 @@ def test_argument_errors_say_what_to_do():
     with pytest.raises(TypeError, match="must be a float tensor"):
         kernels.pack_signs(x.to(torch.int64))
     with pytest.raises(ValueError, match="40 features pack into 2 words"):
-        kernels.xnor_linear_packed(xp.reshape(25, 2), kernels.pack_weights(torch.randn(3, 70)),
-                                   40)
+        kernels.xnor_linear_packed(xp.reshape(25, 2), kernels.pack_weights(torch.randn(3, 70)), 40)
 
 
 def test_without_a_compiler_one_warning_and_the_reference(tmp_path):
@@ -322,12 +330,13 @@ def test_without_a_compiler_one_warning_and_the_reference(tmp_path):
         "    ok = torch.equal(K.xnor_conv2d(x, w, padding=1), F.conv2d(sign(x), sign(w), None, 1, 1))\n"
         "msgs = [str(c.message) for c in caught if 'bnas.kernels' in str(c.message)]\n"
         "cuda_imported = 'bnas.kernels.cuda_backend' in sys.modules\n"
-        "print(name, ok, len(msgs), cuda_imported); print(msgs[0] if msgs else '')\n")
-    env = dict(os.environ, BNAS_CACHE=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"),
-               PYTHONPATH=str(REPO))
+        "print(name, ok, len(msgs), cuda_imported); print(msgs[0] if msgs else '')\n"
+    )
+    env = dict(os.environ, BNAS_CACHE=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"), PYTHONPATH=str(REPO))
     env.pop(cpu_backend.REQUIRE_ENV, None)  # the fallback is what is tested here
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     first, message = result.stdout.strip().splitlines()[-2:]
     assert first == "reference True 1 False"
@@ -339,6 +348,7 @@ def test_without_a_compiler_one_warning_and_the_reference(tmp_path):
 def failed_build(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh extension state whose build fails the way a missing compiler does (the module
     state is restored afterwards)."""
+
     def load(**kwargs: object) -> None:
         raise RuntimeError("g++: error: no such file or directory")
 
@@ -487,12 +497,15 @@ def test_real_input_binary_weight_linear_checks_shapes():
         kernels.real_binary_linear(torch.randn(2, 41), wp, 40)
 
 
-@pytest.mark.parametrize("shape,kernel,stride,padding", [
-    ((1, 64, 112, 112), 3, 2, 1),   # ResNet's stem pool
-    ((2, 40, 9, 7), 3, 2, 1),       # a partial SIMD vector of channels, odd map
-    ((1, 16, 8, 8), 2, 2, 0),
-    ((1, 24, 10, 10), (3, 2), (1, 2), (1, 0)),
-])
+@pytest.mark.parametrize(
+    "shape,kernel,stride,padding",
+    [
+        ((1, 64, 112, 112), 3, 2, 1),  # ResNet's stem pool
+        ((2, 40, 9, 7), 3, 2, 1),  # a partial SIMD vector of channels, odd map
+        ((1, 16, 8, 8), 2, 2, 0),
+        ((1, 24, 10, 10), (3, 2), (1, 2), (1, 0)),
+    ],
+)
 def test_channels_last_max_pool_equals_torch(backend_name, shape, kernel, stride, padding):
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=gen) - 2.0  # mostly negative: padding must never win
@@ -524,8 +537,22 @@ def test_fused_step_can_write_into_its_residual(backend_name):
     expected = F.conv2d(sign(x), sign(weight), None, 1, 1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
     expected = expected + residual
     buffer = residual.data_ptr()
-    out, packed = kernels.xnor_conv2d_fused(kernels.pack_signs(x), kernels.pack_weights(weight), 64, 3, 1, 1, 1, 1,
-                                            scale, bias, residual, True, True, into_residual=True)
+    out, packed = kernels.xnor_conv2d_fused(
+        kernels.pack_signs(x),
+        kernels.pack_weights(weight),
+        64,
+        3,
+        1,
+        1,
+        1,
+        1,
+        scale,
+        bias,
+        residual,
+        True,
+        True,
+        into_residual=True,
+    )
     assert out.data_ptr() == buffer and torch.equal(residual, expected)
     assert torch.equal(out, expected) and torch.equal(packed, pack_signs_reference(expected))
     with pytest.raises(ValueError, match="into_residual needs a residual"):
@@ -541,7 +568,7 @@ def test_stray_bits_past_the_channels_are_rejected_or_ignored(backend_name):
     ref = F.conv2d(torch.where(x >= 0, 1.0, -1.0), torch.where(w >= 0, 1.0, -1.0), None, 1, 1, 1, 2)
     assert torch.equal(kernels.xnor_conv2d_packed(xp, wp, 70, 3, 1, 1, 1, 2), ref)
     dirty_x = xp.clone()
-    dirty_x[1, 2, 3, 1] |= 1 << 20          # group 0's last word holds channels 32..34: bit 20 is padding
+    dirty_x[1, 2, 3, 1] |= 1 << 20  # group 0's last word holds channels 32..34: bit 20 is padding
     dirty_w = wp.clone()
     dirty_w[5, 1, 1, 1] |= 1 << 31
     for xd, wd, what in [(dirty_x, wp, "packed activations"), (xp, dirty_w, "packed weights")]:

@@ -1,6 +1,7 @@
 """The CUDA XNOR kernel on a real GPU: bit-exact against the float reference.  Skipped
 cleanly without a CUDA device of compute capability 8.0+ (the emulator tests in
 test_cuda_emulated.py cover the same code on the CPU)."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,9 +40,9 @@ def test_hardware_mma_matches_the_emulator_model(extension):
     # the one hardware instruction against the software model the emulator uses
     gen = torch.Generator().manual_seed(0)
     for _ in range(8):
-        a = torch.randint(-2**31, 2**31, (32, 4), generator=gen, dtype=torch.int64).to(torch.int32)
-        b = torch.randint(-2**31, 2**31, (32, 2), generator=gen, dtype=torch.int64).to(torch.int32)
-        c = torch.randint(-10**6, 10**6, (32, 4), generator=gen, dtype=torch.int32)
+        a = torch.randint(-(2**31), 2**31, (32, 4), generator=gen, dtype=torch.int64).to(torch.int32)
+        b = torch.randint(-(2**31), 2**31, (32, 2), generator=gen, dtype=torch.int64).to(torch.int32)
+        c = torch.randint(-(10**6), 10**6, (32, 4), generator=gen, dtype=torch.int32)
         d = torch.empty(32, 4, dtype=torch.int32, device=DEV)
         extension.mma_single(a.to(DEV), b.to(DEV), c.to(DEV), d)
         assert torch.equal(d.cpu(), emu.emulated_mma(a, b, c))
@@ -70,9 +71,9 @@ CASES = [
     (2, 40, 5, 5, 30, 1, 1, 0, 1, 1),
     (1, 24, 9, 9, 10, 5, 1, 2, 1, 1),
     (1, 7, 8, 13, 6, (1, 3), (1, 2), (0, 1), 1, 1),
-    (2, 40, 9, 9, 12, 7, 1, 3, 1, 1),      # 49 taps
-    (1, 33, 8, 8, 9, 8, 1, 4, 1, 1),       # 64 taps
-    (1, 256, 4, 3, 8, 3, 1, 1, 1, 1),      # Q = 72 words: a half-full last stage
+    (2, 40, 9, 9, 12, 7, 1, 3, 1, 1),  # 49 taps
+    (1, 33, 8, 8, 9, 8, 1, 4, 1, 1),  # 64 taps
+    (1, 256, 4, 3, 8, 3, 1, 1, 1, 1),  # Q = 72 words: a half-full last stage
     # large enough for the 128x128 tile and every copy width
     (32, 128, 16, 16, 128, 3, 1, 1, 1, 1),
     (16, 256, 8, 8, 256, 3, 1, 1, 1, 1),
@@ -108,8 +109,9 @@ def test_epilogue_and_packed_output_on_device():
     out = cb.xnor_conv2d_packed(xp, wp, 64, 3, 1, 1, 1, 2, scale=scale.to(DEV), bias=bias.to(DEV))
     assert torch.equal(out.cpu(), y)
     for out_groups in (1, 2):
-        packed = cb.xnor_conv2d_packed(xp, wp, 64, 3, 1, 1, 1, 2, scale=scale.to(DEV), bias=bias.to(DEV),
-                                       pack_output=True, out_groups=out_groups)
+        packed = cb.xnor_conv2d_packed(
+            xp, wp, 64, 3, 1, 1, 1, 2, scale=scale.to(DEV), bias=bias.to(DEV), pack_output=True, out_groups=out_groups
+        )
         assert torch.equal(packed.cpu(), emu.emulated_pack_signs(y, out_groups))
 
 

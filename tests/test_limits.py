@@ -1,6 +1,7 @@
 """Caps on what bnas reads and builds (issue 11, defects 2, 3 and 7): alias bombs, huge files,
 widths, depths and node counts that no real network reaches, and networks past the machine's
 memory each end in one short line that names the cap and how to raise it, fast."""
+
 from __future__ import annotations
 
 import time
@@ -42,8 +43,13 @@ def _one_short_line(message: str) -> None:
 @pytest.mark.parametrize("key", ["name", "input"])
 def test_alias_bomb_is_refused_in_one_short_line(tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
     rest = {"name": "name: bomb", "input": "input: [3, 8, 8]"}
-    text = "\n".join([line for k, line in rest.items() if k != key] + ["num_classes: 10", "body: [{op: skip_connect}]",
-                                                                       f"{key}:", *_alias_bomb()]) + "\n"
+    text = (
+        "\n".join(
+            [line for k, line in rest.items() if k != key]
+            + ["num_classes: 10", "body: [{op: skip_connect}]", f"{key}:", *_alias_bomb()]
+        )
+        + "\n"
+    )
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
     assert len(text) < 1000
@@ -67,9 +73,11 @@ def test_recursive_alias_is_an_error() -> None:
 def test_error_messages_never_print_a_huge_value() -> None:
     # The same value given from Python, where no YAML cap applies: the message quotes a prefix.
     huge = [["lol"] * 1000] * 1000
-    for data in ({"name": huge, "input": [3, 8, 8], "num_classes": 10, "body": []},
-                 {"name": "x", "input": huge, "num_classes": 10, "body": []},
-                 {"name": "x", "input": [3, 8, 8], "num_classes": 10, "body": [{"op": "conv_bn", "channels": huge}]}):
+    for data in (
+        {"name": huge, "input": [3, 8, 8], "num_classes": 10, "body": []},
+        {"name": "x", "input": huge, "num_classes": 10, "body": []},
+        {"name": "x", "input": [3, 8, 8], "num_classes": 10, "body": [{"op": "conv_bn", "channels": huge}]},
+    ):
         with pytest.raises(GenotypeError) as info:
             genotype_from_dict(data)
         _one_short_line(str(info.value))
@@ -99,7 +107,9 @@ def test_a_file_past_the_size_cap_is_refused_before_parsing(tmp_path: Path, monk
         load_genotype(path)
 
 
-def test_a_bad_cap_variable_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_cap_variable_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("BNAS_MAX_CHANNELS", "lots")
     assert main(["info", str(REPO / "search_spaces" / "genotypes" / "digits_small.yaml")]) == 2
     assert "BNAS_MAX_CHANNELS='lots': expected a positive integer" in capsys.readouterr().err
@@ -113,9 +123,14 @@ def test_a_bad_cap_variable_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch,
         ("input: [3, 8, 8]", "input: [3, 100000, 8]", "input[1]", "BNAS_MAX_INPUT_SIZE"),
         ("input: [3, 8, 8]", "input: [1000000, 8, 8]", "input[0]", "BNAS_MAX_CHANNELS"),
         ("num_classes: 10", "num_classes: 10000000", "num_classes", "BNAS_MAX_CLASSES"),
-        ("channels: 16}", "channels: 16, repeat: 1000}\n  - {op: xnor_resnet_block, repeat: 1000}\n"
-                          "  - {op: xnor_resnet_block, repeat: 1000}\n  - {op: xnor_resnet_block, repeat: 1000}\n"
-                          "  - {op: xnor_resnet_block, repeat: 1000}", "body", "BNAS_MAX_LAYERS"),
+        (
+            "channels: 16}",
+            "channels: 16, repeat: 1000}\n  - {op: xnor_resnet_block, repeat: 1000}\n"
+            "  - {op: xnor_resnet_block, repeat: 1000}\n  - {op: xnor_resnet_block, repeat: 1000}\n"
+            "  - {op: xnor_resnet_block, repeat: 1000}",
+            "body",
+            "BNAS_MAX_LAYERS",
+        ),
         ("xnor_resnet_block, channels: 16}", "pool, kernel: 100001}", "body[0].kernel", "BNAS_MAX_KERNEL"),
     ],
 )
@@ -133,7 +148,9 @@ def test_genotype_caps(old: str, new: str, path: str, variable: str) -> None:
 def test_cell_node_and_edge_caps() -> None:
     nodes = "\n".join(f"      n{i}: [[skip_connect, in1]]" for i in range(65))
     text = NET.replace("body:", f"cells:\n  c:\n    nodes:\n{nodes}\n    output: {{nodes: [n0]}}\nbody:")
-    with pytest.raises(LimitError, match=r"cells\.c\.nodes: the number of nodes in the cell is 65, past the cap of 64.*BNAS_MAX_NODES"):
+    with pytest.raises(
+        LimitError, match=r"cells\.c\.nodes: the number of nodes in the cell is 65, past the cap of 64.*BNAS_MAX_NODES"
+    ):
         loads_genotype(text, "cell.yaml")
 
 
@@ -178,7 +195,10 @@ def test_memory_limit_defaults_to_the_machine(monkeypatch: pytest.MonkeyPatch) -
 
 def _space(**macro: object) -> dict[str, object]:
     return {
-        "name": "s", "input": [1, 8, 8], "num_classes": 10, "stem": [{"op": "conv_bn", "channels": 8}],
+        "name": "s",
+        "input": [1, 8, 8],
+        "num_classes": 10,
+        "stem": [{"op": "conv_bn", "channels": 8}],
         "cells": {"ops": ["skip_connect", "binary_conv_3x3"], **macro.pop("cells", {})},  # type: ignore[dict-item]
         "macro": {"stages": 2, "channels": [8], "cells_per_stage": [1], **macro},
         "budget": {"epochs": 1},
@@ -213,8 +233,9 @@ def test_duplicate_keys_are_errors_everywhere(tmp_path: Path) -> None:
     text = NET.replace("channels: 16}", "channels: 32, channels: 16}")
     with pytest.raises(GenotypeError) as info:
         loads_genotype(text, "dup.yaml")
-    assert str(info.value) == ("dup.yaml: line 5: duplicate key 'channels' (first at line 5); "
-                               "each key may appear once per mapping")
+    assert str(info.value) == (
+        "dup.yaml: line 5: duplicate key 'channels' (first at line 5); each key may appear once per mapping"
+    )
     space = tmp_path / "space.yaml"
     space.write_text("name: s\nname: t\ninput: [1, 8, 8]\n")
     with pytest.raises(GenotypeError, match=r"space\.yaml: line 2: duplicate key 'name' \(first at line 1\)"):
@@ -224,7 +245,9 @@ def test_duplicate_keys_are_errors_everywhere(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match=r"catalog\.yaml: line 3: duplicate key 'a'"):
         load_catalog(catalog)
     # A merge key (``<<: *base``) is not a duplicate: the mapping may override what it merges.
-    text = NET.replace("  - {op: xnor_resnet_block, channels: 16}",
-                       "  - &base {op: xnor_resnet_block, channels: 16}\n  - {<<: *base, channels: 32}")
+    text = NET.replace(
+        "  - {op: xnor_resnet_block, channels: 16}",
+        "  - &base {op: xnor_resnet_block, channels: 16}\n  - {<<: *base, channels: 32}",
+    )
     genotype = loads_genotype(text)
     assert [layer.channels for layer in genotype.body] == [16, 32]

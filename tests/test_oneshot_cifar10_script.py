@@ -66,7 +66,11 @@ def test_recipe_commands_parse_with_the_cli(
     load_space(ROOT / supernet.space)  # the recipe's space file exists and is valid
     assert supernet.space == search.space == space
     assert (supernet.out, supernet.epochs, supernet.device, supernet.resume) == (
-        str(run / "supernet"), supernet_epochs, device, False)
+        str(run / "supernet"),
+        supernet_epochs,
+        device,
+        False,
+    )
     assert search.supernet == str(run / "supernet" / "supernet.pt")
     assert (search.out, search.trials, search.device) == (str(run / "search"), trials, device)
     assert (search.retrain_top, search.retrain_epochs, search.timeout) == (top, retrain_epochs, timeout)

@@ -181,7 +181,9 @@ def test_sampling_matches_the_supernets_and_keeps_the_constraints(tmp_path: Path
     within = [a["hash"] for a in archs if a["metrics"]["ops"] <= bound]
     assert len(within) >= 3 and [a["hash"] for a in kept] == within[:3]
     nothing = load_space(write_space(tmp_path, constraints={"max_ops": 1}))
-    with pytest.raises(script.RankingError, match=r"--archs 2: only 0 distinct genotypes .* after 5 draws \(5 rejected: over budget"):
+    with pytest.raises(
+        script.RankingError, match=r"--archs 2: only 0 distinct genotypes .* after 5 draws \(5 rejected: over budget"
+    ):
         script.sample_archs(nothing, 2, seed=5, max_draws=5)
 
 
@@ -257,6 +259,10 @@ def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys:
     assert summary["supernet_epochs"] == 1
     # A supernet trained with another seed (another validation split) is refused, naming it,
     # before anything is trained stand-alone.
-    with pytest.raises(SCRIPT_MODULE.RankingError, match=r"--supernet .*uniform/supernet.pt: trained with seed 3 \(asked: --seed 4\)"):
-        main_lines(capsys, *common[:4], "--seed", "4", "--standalone-cache", str(tmp_path / "c4.json"), "--supernet", *paths)
+    with pytest.raises(
+        SCRIPT_MODULE.RankingError, match=r"--supernet .*uniform/supernet.pt: trained with seed 3 \(asked: --seed 4\)"
+    ):
+        main_lines(
+            capsys, *common[:4], "--seed", "4", "--standalone-cache", str(tmp_path / "c4.json"), "--supernet", *paths
+        )
     assert not (tmp_path / "c4.json").exists()

@@ -1,6 +1,7 @@
 """Every catalog primitive: shapes at stride 1 and 2 (odd sizes too), gradients, channel rules;
 binary ops really convolve +-1 activations with +-alpha weights; no op shares mutable state;
 and the op semantics (shortcuts, factorized reduce, pools, activations) against hand formulas."""
+
 from __future__ import annotations
 
 import copy
@@ -120,7 +121,12 @@ def test_lenet_conv_pool_shapes_and_gradients(stride: int, c_in: int, c_out: int
 @pytest.mark.parametrize(
     "name,args,options,fragment",
     [
-        ("skip_connect", (32, 64, 1), {}, "skip_connect needs C_out == C_in at stride 1 (got 32 -> 64); use a conv unit"),
+        (
+            "skip_connect",
+            (32, 64, 1),
+            {},
+            "skip_connect needs C_out == C_in at stride 1 (got 32 -> 64); use a conv unit",
+        ),
         ("avg_pool_3x3", (8, 16, 2), {}, "avg_pool keeps the channel count (got 8 -> 16)"),
         ("global_avgpool", (8, 16, 1), {}, "global_avgpool keeps the channel count (got 8 -> 16)"),
         ("factorized_reduce", (8, 1, 2), {}, "needs C_out >= 2"),
@@ -131,7 +137,12 @@ def test_lenet_conv_pool_shapes_and_gradients(stride: int, c_in: int, c_out: int
         ("binary_conv_3x3", (8, 8, 1), {"kernel": 4}, "kernel must be an odd positive integer"),
         ("binary_conv_3x3", (8, 8, 1), {"dilation": 0}, "dilation must be a positive integer"),
         ("binary_conv_3x3", (8, 8, 1), {"order": "conv_act_bn"}, "order must be one of bn_conv_act, conv_bn_act"),
-        ("xnor_conv_3x3_cond_skip", (8, 8, 1), {"reduction": "maxpool"}, "reduction must be one of conv, factorized, avgpool, pool"),
+        (
+            "xnor_conv_3x3_cond_skip",
+            (8, 8, 1),
+            {"reduction": "maxpool"},
+            "reduction must be one of conv, factorized, avgpool, pool",
+        ),
         ("binary_conv_3x3", (8, 8, 1), {"activation": "gelu"}, "unknown activation 'gelu'"),
         ("binary_conv_3x3", (8, 8, 1), {"binarize": "xnr"}, "unknown binarization 'xnr'"),
         ("binary_conv_3x3", (8, 8, 1), {"binarize": {"activation": "sgn"}}, "unknown activation quantizer 'sgn'"),
@@ -140,7 +151,9 @@ def test_lenet_conv_pool_shapes_and_gradients(stride: int, c_in: int, c_out: int
         ("binary_linear", (8, 8, 1), {"dropout": 1.5}, "dropout must be a probability in [0, 1)"),
     ],
 )
-def test_bad_builds_give_clear_errors(name: str, args: tuple[int, int, int], options: dict[str, Any], fragment: str) -> None:
+def test_bad_builds_give_clear_errors(
+    name: str, args: tuple[int, int, int], options: dict[str, Any], fragment: str
+) -> None:
     with pytest.raises(ValueError) as info:
         build_op(name, *args, **options)
     assert fragment in str(info.value)
@@ -149,7 +162,9 @@ def test_bad_builds_give_clear_errors(name: str, args: tuple[int, int, int], opt
 @pytest.mark.parametrize("name", ["linear", "binary_linear"])
 def test_linear_ops_reject_feature_maps(name: str) -> None:
     op = build_op(name, 7, 4, 1)
-    with pytest.raises(RuntimeError, match=r"expects \(N, 7\) inputs, got \(2, 3, 5, 7\); put flatten or global_avgpool"):
+    with pytest.raises(
+        RuntimeError, match=r"expects \(N, 7\) inputs, got \(2, 3, 5, 7\); put flatten or global_avgpool"
+    ):
         op(torch.randn(2, 3, 5, 7))  # W == C_in: nn.Linear alone would silently accept this
 
 
@@ -165,7 +180,9 @@ class BinaryCallRecorder(TorchFunctionMode):
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []
         self.outputs: dict[int, Tensor] = {}  # id(layer) -> the layer's output
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func in (F.conv2d, F.linear, torch.conv2d) and self.active:
             self.calls.append((self.active[-1], args[0].detach().clone(), args[1].detach().clone()))
@@ -204,7 +221,11 @@ BINARY_NAMES = sorted(s.name for s in list_primitives() if s.binarize != "real")
 REAL_NAMES = sorted(s.name for s in list_primitives() if s.binarize == "real")
 # (binarize option, stride): the op's own binarization at both strides, then the others.
 CONFIGS = [
-    (None, 1), (None, 2), ("bireal", 2), ("binarynet", 1), ("reactnet", 2),
+    (None, 1),
+    (None, 2),
+    ("bireal", 2),
+    ("binarynet", 1),
+    ("reactnet", 2),
     ({"activation": "swish_sign", "weight": "xnor_tensor"}, 1),
 ]
 
@@ -241,17 +262,23 @@ def test_binary_ops_convolve_signs_with_scaled_signs(name: str) -> None:
             # The conv runs on the signs of the weights (exact integer sums) and the layer scales
             # its output: the layer computes the conv with the weights +-alpha.
             w = layer.weight.detach()
-            assert torch.equal(weight, torch.where(w >= 0, 1.0, -1.0)), f"{name} ({binarize}): conv weights are not signs"
+            assert torch.equal(weight, torch.where(w >= 0, 1.0, -1.0)), (
+                f"{name} ({binarize}): conv weights are not signs"
+            )
             expected = expected_binary_weight(layer)
             assert torch.allclose(layer.binary_weight().detach(), expected, rtol=1e-6, atol=0)
             if isinstance(layer, BinaryLinear):
                 reference = F.linear(inp, expected, layer.bias)
             else:
-                reference = F.conv2d(inp, expected, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+                reference = F.conv2d(
+                    inp, expected, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
+                )
             torch.testing.assert_close(recorder.outputs[id(layer)], reference, rtol=1e-5, atol=1e-5)
             # One magnitude per output channel: the values are exactly {-alpha_k, +alpha_k}.
             magnitudes = expected.abs().flatten(1)
-            assert torch.equal(magnitudes, magnitudes[:, :1].expand_as(magnitudes)), f"{name}: a channel has two |values|"
+            assert torch.equal(magnitudes, magnitudes[:, :1].expand_as(magnitudes)), (
+                f"{name}: a channel has two |values|"
+            )
 
 
 def test_alpha_is_mean_abs_per_output_channel_for_xnor() -> None:
@@ -263,7 +290,7 @@ def test_alpha_is_mean_abs_per_output_channel_for_xnor() -> None:
     recorder.watch(op)
     with recorder:
         op(torch.randn(2, 2, 5, 5))
-    (_, inp, signs), = recorder.calls
+    ((_, inp, signs),) = recorder.calls
     weight = layer.binary_weight().detach()
     assert torch.allclose(recorder.outputs[id(layer)], F.conv2d(inp, weight, padding=1), atol=1e-5)
     # Channel 0 holds -2.7 ... -1.0: alpha_0 = 1.85 and every weight is -1.85.
@@ -485,7 +512,11 @@ def test_vgg_block_pools_after_the_conv_at_stride_2() -> None:
 def test_nin_is_a_3x3_then_two_1x1_binary_convs() -> None:
     convs = list(binary_layers(build_op("nin", 8, 16, 2)))
     assert [c.kernel_size for c in convs] == [(3, 3), (1, 1), (1, 1)]
-    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [(8, 16, (2, 2)), (16, 16, (1, 1)), (16, 16, (1, 1))]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [
+        (8, 16, (2, 2)),
+        (16, 16, (1, 1)),
+        (16, 16, (1, 1)),
+    ]
 
 
 def test_dilated_and_grouped_convs() -> None:
@@ -498,7 +529,13 @@ def test_dilated_and_grouped_convs() -> None:
 
 def test_activations_after_the_unit() -> None:
     x = torch.randn(2, 8, 5, 5)
-    for name, kind in [("relu", nn.ReLU), ("prelu", nn.PReLU), ("rprelu", RPReLU), ("hardtanh", nn.Hardtanh), ("none", nn.Identity)]:
+    for name, kind in [
+        ("relu", nn.ReLU),
+        ("prelu", nn.PReLU),
+        ("rprelu", RPReLU),
+        ("hardtanh", nn.Hardtanh),
+        ("none", nn.Identity),
+    ]:
         op = build_op("bireal_block", 8, 8, 1, activation=name)
         assert isinstance(op.act, kind)
         assert op(x).shape == x.shape

@@ -2,6 +2,7 @@
 with DARTS's exact layer sequences and parameter counts, their binary twins, ``groups:
 depthwise``, the BN / ReLU / PReLU ops, SNAS's pool + BN, EBNAS's average-pool shortcut, and
 DARTS's ``none``. Every count is checked against a hand computation in the comment beside it."""
+
 from __future__ import annotations
 
 import math
@@ -83,10 +84,21 @@ def test_sep_conv_is_dartss_layer_sequence() -> None:
 
 
 DARTS_OPS = [
-    "sep_conv_3x3", "sep_conv_5x5", "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7",
-    "binary_sep_conv_3x3", "binary_sep_conv_5x5", "binary_sep_conv_7x7",
-    "binary_dil_sep_conv_3x3", "binary_dil_sep_conv_5x5",
-    "avg_pool_3x3_bn", "max_pool_3x3_bn", "avgpool_shortcut", "none",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "sep_conv_7x7",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+    "conv_7x1_1x7",
+    "binary_sep_conv_3x3",
+    "binary_sep_conv_5x5",
+    "binary_sep_conv_7x7",
+    "binary_dil_sep_conv_3x3",
+    "binary_dil_sep_conv_5x5",
+    "avg_pool_3x3_bn",
+    "max_pool_3x3_bn",
+    "avgpool_shortcut",
+    "none",
 ]
 
 
@@ -164,8 +176,11 @@ def test_a_fixed_group_that_stops_dividing_the_width_is_an_error() -> None:
 
 
 BINARY_SEPARABLE = [
-    "binary_sep_conv_3x3", "binary_sep_conv_5x5", "binary_sep_conv_7x7",
-    "binary_dil_sep_conv_3x3", "binary_dil_sep_conv_5x5",
+    "binary_sep_conv_3x3",
+    "binary_sep_conv_5x5",
+    "binary_sep_conv_7x7",
+    "binary_dil_sep_conv_3x3",
+    "binary_dil_sep_conv_5x5",
 ]
 
 

@@ -107,7 +107,9 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
         assert "Conv2d" not in int8["profile"]["float_ms_by_type"]  # the stem was the one float 3x3 conv
         assert 0 < int8["max_rel_logit_diff_vs_packed"] < 1.0  # other numbers, not other scales
     # the shortcuts' int8 changes the numbers again
-    assert rec["int8_stem_shortcuts"]["max_rel_logit_diff_vs_packed"] != rec["int8_stem"]["max_rel_logit_diff_vs_packed"]
+    assert (
+        rec["int8_stem_shortcuts"]["max_rel_logit_diff_vs_packed"] != rec["int8_stem"]["max_rel_logit_diff_vs_packed"]
+    )
 
 
 def test_part_profile_splits_a_toy_network() -> None:

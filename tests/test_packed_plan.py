@@ -1,5 +1,6 @@
 """The fused execution plan of packed networks (bnas.export.plan): residual adds in the binary
 conv's epilogue, packed outputs chained between binary layers, channels_last glue."""
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
@@ -88,8 +89,14 @@ def test_threshold_and_grouped_convs_pack_their_own_input() -> None:
         "body": [
             {"op": "bireal_block", "channels": 64},
             {"op": "bireal_block", "channels": 64, "binarize": {"activation": "rsign", "weight": "xnor"}},
-            {"op": "conv_unit", "channels": 64, "order": "conv_bn_act", "shortcut": True, "groups": 2,
-             "binarize": {"activation": "ste", "weight": "sign"}},
+            {
+                "op": "conv_unit",
+                "channels": 64,
+                "order": "conv_bn_act",
+                "shortcut": True,
+                "groups": 2,
+                "binarize": {"activation": "ste", "weight": "sign"},
+            },
         ],
         "head": [{"op": "global_avgpool"}, {"op": "linear"}],
     }
@@ -152,8 +159,7 @@ def test_plan_sees_weights_loaded_after_it_was_built() -> None:
     assert torch.equal(a(x), c(x))
 
 
-def test_stem_max_pool_runs_channels_last_packs_for_the_first_unit_and_units_overwrite_their_shortcut_buffer(
-) -> None:
+def test_stem_max_pool_runs_channels_last_packs_for_the_first_unit_and_units_overwrite_their_shortcut_buffer() -> None:
     _, packed, _ = packed_of("bireal_resnet18_imagenet")
     x = torch.randn(1, 3, 224, 224)
     kept = x.clone()

@@ -1,6 +1,7 @@
 """The lowered plan (bnas.export.program): a packed network's binary steps and float kernel
 modules as direct kernel calls. It must compute what the plan computes, call for call, and
 follow every change the plan follows."""
+
 from __future__ import annotations
 
 from pathlib import Path

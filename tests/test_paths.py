@@ -1,6 +1,7 @@
 """One cache-folder rule for everything bnas rebuilds (kernels, emulator, decoded data, the
 default data root): ``$BNAS_CACHE/<kind>``, else ``$XDG_CACHE_HOME/bnas/<kind>``, else
 ``~/.cache/bnas/<kind>``."""
+
 from __future__ import annotations
 
 import shutil
@@ -28,8 +29,9 @@ def test_default_is_the_user_cache(home: Path) -> None:
     assert paths.cache_dir("kernels") == home / ".cache" / "bnas" / "kernels"
 
 
-def test_xdg_cache_home_is_honoured_and_empty_means_unset(home: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_xdg_cache_home_is_honoured_and_empty_means_unset(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert paths.cache_dir("decoded") == tmp_path / "xdg" / "bnas" / "decoded"
     monkeypatch.setenv("XDG_CACHE_HOME", "")

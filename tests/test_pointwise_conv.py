@@ -1,6 +1,7 @@
 """The float shortcut kernel (``bnas.kernels.pointwise_conv2d``): a 1x1 conv of a channels_last
 map, on its 2x2/2 average pool with ``pool=2``, and the plan pass that uses it for Bi-Real's
 downsample shortcuts (``AvgPool2d(2)`` -> 1x1 conv, BN folded)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -207,7 +208,9 @@ def test_benchmark_script_reports_both_sides_and_their_ratio(capsys: pytest.Capt
         assert r["max_rel_error_vs_float64"] < 1e-5
     n, c, h, w, k = lines[0]["shape"]
     assert lines[0]["macs"] == n * c * k * (h // 2) * (w // 2)  # even maps: ceil mode adds nothing
-    assert summary["summary"] and summary["median_ratio"] == pytest.approx(statistics.median(ratios), rel=0.01, abs=0.01)
+    assert summary["summary"] and summary["median_ratio"] == pytest.approx(
+        statistics.median(ratios), rel=0.01, abs=0.01
+    )
     if cpu_backend.int8_supported():  # the int8 engine, timed in the same rounds
         int8_ratios = []
         for r in lines:

@@ -6,6 +6,7 @@ written there first (the README shows such files before the code that reads them
 YAML blocks build, the ``bnas info`` output block matches the real output, and every ``bnas``
 command in a shell block parses; the quickstart commands run.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,9 @@ def test_readme_has_the_blocks_this_file_checks() -> None:
 def test_python_block_runs_as_written(index: int, scratch: Path) -> None:
     block = _blocks("python")[index]
     result = _run_python(block, scratch)
-    assert result.returncode == 0, f"README python block {index} failed:\n{block}\n--- stderr ---\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"README python block {index} failed:\n{block}\n--- stderr ---\n{result.stderr[-3000:]}"
+    )
 
 
 def test_genotype_yaml_blocks_build() -> None:
@@ -76,10 +79,12 @@ def test_genotype_yaml_blocks_build() -> None:
 
 
 def test_catalog_block_loads(scratch: Path) -> None:
-    code = ("import bnas\n"
-            "added = bnas.load_catalog('my_presets.yaml')\n"
-            "assert 'my_rsign_conv_3x3' in added, added\n"
-            "assert 'my_rsign_conv_3x3' in [s.name for s in bnas.list_primitives()]\n")
+    code = (
+        "import bnas\n"
+        "added = bnas.load_catalog('my_presets.yaml')\n"
+        "assert 'my_rsign_conv_3x3' in added, added\n"
+        "assert 'my_rsign_conv_3x3' in [s.name for s in bnas.list_primitives()]\n"
+    )
     result = _run_python(code, scratch)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -118,9 +123,14 @@ def test_quickstart_commands_run_as_written(scratch: Path) -> None:
     quickstart = [c for c in _commands() if c[0] == "bnas" and "--out" in c and "runs/quickstart" in " ".join(c)]
     assert len(quickstart) == 2, quickstart
     for command in quickstart:
-        result = subprocess.run([sys.executable, "-m", "bnas", *command[1:]], cwd=scratch,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                                timeout=900)
+        result = subprocess.run(
+            [sys.executable, "-m", "bnas", *command[1:]],
+            cwd=scratch,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-3000:]}"
     assert (scratch / "runs/quickstart/report.json").is_file()
     assert (scratch / "runs/quickstart-search/best.yaml").is_file()

@@ -3,6 +3,7 @@ are refused with the file, the YAML path and the message, the loaders (genotype,
 recipe, catalog) give those very errors since they validate with the schemas, the committed
 JSON Schemas are what the models emit, and the schemas' closed choices and defaults are the
 loaders'."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,11 +30,14 @@ GENOTYPES = sorted((REPO / "search_spaces" / "genotypes").glob("*.yaml"))
 CATALOGS = sorted((REPO / "primitives").glob("*.yaml"))
 SHIPPED = [("space", p) for p in SPACES] + [("genotype", p) for p in GENOTYPES] + [("catalog", p) for p in CATALOGS]
 
-GENOTYPE = TINY_GENOTYPE.read_text() + """\
+GENOTYPE = (
+    TINY_GENOTYPE.read_text()
+    + """\
 training:
   epochs: 2
   optimizer: {name: adam, lr: 0.01}
 """
+)
 
 SPACE = (REPO / "tests" / "data" / "tiny_space.yaml").read_text()
 
@@ -87,46 +91,106 @@ GENOTYPE_MISTAKES = [
     ("num_classes: 4", "num_classes: 0", "num_classes", "expected a positive integer, got 0"),
     ("input: [3, 8, 8]", "input: [3, 8]", "input", "expected [C, H, W], got [3, 8]"),
     ("input: [3, 8, 8]", "input: [3, true, 8]", "input[1]", "expected a positive integer, got True (bool)"),
-    ("channels: 8}\nhead", "channels: eight}\nhead", "body[0].channels",
-     "expected a positive integer, got 'eight' (str)"),
+    (
+        "channels: 8}\nhead",
+        "channels: eight}\nhead",
+        "body[0].channels",
+        "expected a positive integer, got 'eight' (str)",
+    ),
     ("channels: 8}\nhead", "channels: 8, stride: 3}\nhead", "body[0].stride", "expected stride 1 or 2, got 3"),
     ("channels: 8}\nhead", "channels: 8, repeat: 0}\nhead", "body[0].repeat", "expected a positive integer, got 0"),
-    ("{cell: normal, channels: 8}", "{cell: normal2, channels: 8}", "body[0].cell",
-     "unknown cell 'normal2'; cells defined under 'cells': normal"),
-    ("{cell: normal, channels: 8}", "{cell: normal}", "body[0].channels",
-     "a cell entry needs 'channels' (the width every node of the cell works at)"),
-    ("{cell: normal, channels: 8}", "{cell: normal, channels: 8, kernel: 3}", "body[0]",
-     "unknown key(s) 'kernel' for a cell entry; expected cell, channels, stride, repeat"),
+    (
+        "{cell: normal, channels: 8}",
+        "{cell: normal2, channels: 8}",
+        "body[0].cell",
+        "unknown cell 'normal2'; cells defined under 'cells': normal",
+    ),
+    (
+        "{cell: normal, channels: 8}",
+        "{cell: normal}",
+        "body[0].channels",
+        "a cell entry needs 'channels' (the width every node of the cell works at)",
+    ),
+    (
+        "{cell: normal, channels: 8}",
+        "{cell: normal, channels: 8, kernel: 3}",
+        "body[0]",
+        "unknown key(s) 'kernel' for a cell entry; expected cell, channels, stride, repeat",
+    ),
     ("{cell: normal, channels: 8}", "{op: conv_bn, cell: normal}", "body[0]", "expected exactly one of 'op' or 'cell'"),
-    ("{op: conv_bn, channels: 8, kernel: 3}", "{cell: normal, channels: 8}", "stem[0].cell",
-     "cells are only allowed in 'body'"),
+    (
+        "{op: conv_bn, channels: 8, kernel: 3}",
+        "{cell: normal, channels: 8}",
+        "stem[0].cell",
+        "cells are only allowed in 'body'",
+    ),
     ("  - {cell: normal, channels: 8}\n", "", "body", "expected at least one layer"),
-    ("[skip_connect, n0]", "[skip_connect, n9]", "cells.normal.nodes.n1[0][1]",
-     "unknown input or node 'n9'; known: in0, in1, n0, n1"),
-    ("[skip_connect, n0]", "[skip_connect]", "cells.normal.nodes.n1[0]",
-     "expected an edge [op, input] or [op, input, {options}], got ['skip_connect']"),
-    ("[skip_connect, n0]", "[skip_connect, n0, [3]]", "cells.normal.nodes.n1[0][2]",
-     "expected a mapping of op options, got list"),
+    (
+        "[skip_connect, n0]",
+        "[skip_connect, n9]",
+        "cells.normal.nodes.n1[0][1]",
+        "unknown input or node 'n9'; known: in0, in1, n0, n1",
+    ),
+    (
+        "[skip_connect, n0]",
+        "[skip_connect]",
+        "cells.normal.nodes.n1[0]",
+        "expected an edge [op, input] or [op, input, {options}], got ['skip_connect']",
+    ),
+    (
+        "[skip_connect, n0]",
+        "[skip_connect, n0, [3]]",
+        "cells.normal.nodes.n1[0][2]",
+        "expected a mapping of op options, got list",
+    ),
     ("[skip_connect, n0]", "[7, n0]", "cells.normal.nodes.n1[0][0]", "expected an op name (a string), got 7 (int)"),
-    ("n1: [[skip_connect, n0]]", "out: [[skip_connect, n0]]", "cells.normal.nodes.out",
-     "invalid node name 'out' (in0, in1 and out are reserved)"),
-    ("n1: [[skip_connect, n0]]", "n1: []", "cells.normal.nodes.n1",
-     "expected a non-empty list of edges [[op, input], ...]"),
-    ("inputs: 2", "inputs: 3", "cells.normal.inputs",
-     "expected inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1), got 3"),
-    ("combine: concat", "combine: product", "cells.normal.output.combine",
-     "invalid combine 'product'; expected one of concat, sum"),
+    (
+        "n1: [[skip_connect, n0]]",
+        "out: [[skip_connect, n0]]",
+        "cells.normal.nodes.out",
+        "invalid node name 'out' (in0, in1 and out are reserved)",
+    ),
+    (
+        "n1: [[skip_connect, n0]]",
+        "n1: []",
+        "cells.normal.nodes.n1",
+        "expected a non-empty list of edges [[op, input], ...]",
+    ),
+    (
+        "inputs: 2",
+        "inputs: 3",
+        "cells.normal.inputs",
+        "expected inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1), got 3",
+    ),
+    (
+        "combine: concat",
+        "combine: product",
+        "cells.normal.output.combine",
+        "invalid combine 'product'; expected one of concat, sum",
+    ),
     ("nodes: [n0, n1]", "nodes: [n0, n5]", "cells.normal.output.nodes[1]", "unknown node 'n5'; nodes: n0, n1"),
     ("channels: 8}\nhead", "channels: 8, stride: 2.0}\nhead", "body[0].stride", "expected stride 1 or 2, got 2.0"),
-    ("inputs: 2", "inputs: 2.0", "cells.normal.inputs",
-     "expected inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1), got 2.0"),
+    (
+        "inputs: 2",
+        "inputs: 2.0",
+        "cells.normal.inputs",
+        "expected inputs: 1 or 2 (cell k-1 only, or cells k-2 and k-1), got 2.0",
+    ),
     ("input: [3, 8, 8]", "input: [[3], [8]]", "input", "expected [C, H, W], got [[3], [8]]"),
     ("  normal:\n", "  5:\n", "cells.5", "expected a cell name (a string), got 5 (int)"),
-    ("n1: [[skip_connect, n0]]", "5: [[skip_connect, n0]]", "cells.normal.nodes.5",
-     "invalid node name 5 (in0, in1 and out are reserved)"),
+    (
+        "n1: [[skip_connect, n0]]",
+        "5: [[skip_connect, n0]]",
+        "cells.normal.nodes.5",
+        "invalid node name 5 (in0, in1 and out are reserved)",
+    ),
     ("epochs: 2", "epochs: two", "training.epochs", "expected a positive integer, got 'two'"),
-    ("name: adam, lr: 0.01", "name: adm, lr: 0.01", "training.optimizer.name",
-     "expected adam or adamw or sgd, got 'adm'"),
+    (
+        "name: adam, lr: 0.01",
+        "name: adm, lr: 0.01",
+        "training.optimizer.name",
+        "expected adam or adamw or sgd, got 'adm'",
+    ),
 ]
 
 
@@ -140,52 +204,120 @@ def test_genotype_mistakes(old: str, new: str, path: str, message: str) -> None:
 
 SPACE_MISTAKES = [
     ("nodes: 2", "nodez: 2", "cells.nodez", "unknown key 'nodez'; did you mean 'nodes'?"),
-    ("binary_conv_3x3, skip", "skip_connect, skip", "cells.ops",
-     "repeated ops in ['skip_connect', 'skip_connect', 'bireal_block']"),
+    (
+        "binary_conv_3x3, skip",
+        "skip_connect, skip",
+        "cells.ops",
+        "repeated ops in ['skip_connect', 'skip_connect', 'bireal_block']",
+    ),
     ("combine: sum", "combine: max", "cells.combine", "invalid combine 'max'; expected concat or sum"),
     ("inputs: 2", "inputs: 3", "cells.inputs", "expected 1 or 2, got 3"),
-    ("channels: [8, 16]", "channels: [8, -1]", "macro.channels[1]",
-     "expected a positive integer or a non-empty list of them, got -1"),
-    ("channels: [8, 16]", "channels: [[8], [16], [32]]", "macro.channels",
-     "expected one choice list per stage (2 stages), got 3"),
-    ("channels: [8, 16]", "channels: [8, [16]]", "macro.channels",
-     "expected a list of integers, or a list of integer lists (one per stage), not a mixture"),
-    ("cells_per_stage: [1, 2]", "cells_per_stage: [[1], [0]]", "macro.cells_per_stage[1][0]",
-     "expected a positive integer or a non-empty list of them, got 0"),
+    (
+        "channels: [8, 16]",
+        "channels: [8, -1]",
+        "macro.channels[1]",
+        "expected a positive integer or a non-empty list of them, got -1",
+    ),
+    (
+        "channels: [8, 16]",
+        "channels: [[8], [16], [32]]",
+        "macro.channels",
+        "expected one choice list per stage (2 stages), got 3",
+    ),
+    (
+        "channels: [8, 16]",
+        "channels: [8, [16]]",
+        "macro.channels",
+        "expected a list of integers, or a list of integer lists (one per stage), not a mixture",
+    ),
+    (
+        "cells_per_stage: [1, 2]",
+        "cells_per_stage: [[1], [0]]",
+        "macro.cells_per_stage[1][0]",
+        "expected a positive integer or a non-empty list of them, got 0",
+    ),
     ("channels: [8, 16]", "channels: [8, 8]", "macro.channels", "repeated choices in [8, 8]"),
-    ("stages: 2", "stages: 2\n  stage_ops: [xnor_resnet_block]", "macro.stage_ops",
-     "a space searches either cells (`cells:`) or one block op per stage (`macro.stage_ops`); this one has both"),
+    (
+        "stages: 2",
+        "stages: 2\n  stage_ops: [xnor_resnet_block]",
+        "macro.stage_ops",
+        "a space searches either cells (`cells:`) or one block op per stage (`macro.stage_ops`); this one has both",
+    ),
     ("epochs: 2", "epochs: 0", "budget.epochs", "expected a positive integer, got 0"),
-    ("batch_size: 128", "batch_size: 128\n  epoch: 3", "budget",
-     ("unknown recipe key(s) epoch; expected some of amp, batch_size, decay_binary_weights, distill, epochs, "
-      "improvement_threshold, label_smoothing, loss, optimizer, patience, patience_increase, schedule, seed, "
-      "two_step, val_fraction")),
-    ("dataset: digits", "dataset: fashion-mnist", "dataset",
-     ("unknown dataset 'fashion-mnist'; did you mean 'fashion_mnist'?; expected one of digits, mnist, "
-      "fashion_mnist, cifar10, synthetic or imagefolder:PATH")),
-    ("name: tiny", "name: tiny run", "name",
-     "expected a name without spaces or slashes (it names the study and the run folder), got 'tiny run'"),
-    ("name: tiny", "name: tiny\nobjectives: [ops]", "objectives",
-     "expected a list starting with val_acc, e.g. [val_acc] or [val_acc, ops]; got ['ops']"),
-    ("name: tiny", "name: tiny\nobjectives: [val_acc, flops]", "objectives[1]",
-     "unknown objective 'flops'; expected one of val_acc, ops, size, latency"),
-    ("name: tiny", "name: tiny\nconstraints: {max_flops: 3}", "constraints.max_flops",
-     "unknown constraint 'max_flops'; expected some of max_ops, max_size_bytes, max_params, max_latency_ms"),
-    ("name: tiny", "name: tiny\nconstraints: {max_ops: 3.0e7}", "constraints.max_ops",
-     "expected a positive number, got '3.0e7' (YAML reads 3.0e7 as text: write 3.0e+7)"),
+    (
+        "batch_size: 128",
+        "batch_size: 128\n  epoch: 3",
+        "budget",
+        (
+            "unknown recipe key(s) epoch; expected some of amp, batch_size, decay_binary_weights, distill, epochs, "
+            "improvement_threshold, label_smoothing, loss, optimizer, patience, patience_increase, schedule, seed, "
+            "two_step, val_fraction"
+        ),
+    ),
+    (
+        "dataset: digits",
+        "dataset: fashion-mnist",
+        "dataset",
+        (
+            "unknown dataset 'fashion-mnist'; did you mean 'fashion_mnist'?; expected one of digits, mnist, "
+            "fashion_mnist, cifar10, synthetic or imagefolder:PATH"
+        ),
+    ),
+    (
+        "name: tiny",
+        "name: tiny run",
+        "name",
+        "expected a name without spaces or slashes (it names the study and the run folder), got 'tiny run'",
+    ),
+    (
+        "name: tiny",
+        "name: tiny\nobjectives: [ops]",
+        "objectives",
+        "expected a list starting with val_acc, e.g. [val_acc] or [val_acc, ops]; got ['ops']",
+    ),
+    (
+        "name: tiny",
+        "name: tiny\nobjectives: [val_acc, flops]",
+        "objectives[1]",
+        "unknown objective 'flops'; expected one of val_acc, ops, size, latency",
+    ),
+    (
+        "name: tiny",
+        "name: tiny\nconstraints: {max_flops: 3}",
+        "constraints.max_flops",
+        "unknown constraint 'max_flops'; expected some of max_ops, max_size_bytes, max_params, max_latency_ms",
+    ),
+    (
+        "name: tiny",
+        "name: tiny\nconstraints: {max_ops: 3.0e7}",
+        "constraints.max_ops",
+        "expected a positive number, got '3.0e7' (YAML reads 3.0e7 as text: write 3.0e+7)",
+    ),
     ("name: tiny", "name: tiny\nsampler: cmaes", "sampler", "expected tpe, random, nsga2 or gp, got 'cmaes'"),
     ("name: tiny", "name: tiny\npruner: asha", "pruner", "expected median, hyperband or none, got 'asha'"),
     ("name: tiny", "name: tiny\ntrain_subset: 0", "train_subset", "expected a positive integer, got 0"),
-    ("  - {op: global_avgpool}", "  - {op: global_avgpool, cell: x}", "head[0]",
-     "expected exactly one of 'op' or 'cell'"),
+    (
+        "  - {op: global_avgpool}",
+        "  - {op: global_avgpool, cell: x}",
+        "head[0]",
+        "expected exactly one of 'op' or 'cell'",
+    ),
     ("num_classes: 10\n", "", "num_classes", "missing required key 'num_classes'"),
-    ("name: tiny", "name: tiny\nconstraints: {max_ops: null}", "constraints.max_ops",
-     "expected a positive number, got None"),
+    (
+        "name: tiny",
+        "name: tiny\nconstraints: {max_ops: null}",
+        "constraints.max_ops",
+        "expected a positive number, got None",
+    ),
     ("name: tiny", "name: tiny\nconstraints: []", "constraints", "expected a mapping like {max_ops: 1.0e+6}"),
     ("input: [1, 8, 8]", "input: [[1], [8]]", "input", "expected [C, H, W], got [[1], [8]]"),
     ("inputs: 2", "inputs: 2.0", "cells.inputs", "expected 1 or 2, got 2.0"),
-    ("  ops: [binary_conv_3x3, skip_connect, bireal_block]\n", "", "cells.ops",
-     "expected a non-empty list of op names (see `bnas primitives`)"),
+    (
+        "  ops: [binary_conv_3x3, skip_connect, bireal_block]\n",
+        "",
+        "cells.ops",
+        "expected a non-empty list of op names (see `bnas primitives`)",
+    ),
     ("stages: 2", "stages: 2\n  stage_ops: {}", "macro.stage_ops", "expected a list of op names, got {}"),
 ]
 
@@ -204,20 +336,39 @@ def test_space_mistakes(old: str, new: str, path: str, message: str) -> None:
         ("opz: {}\n", "opz", "unknown key 'opz'; did you mean 'ops'?"),
         ("ops:\n  a: {kernel: 3}\n", "ops.a", "expected a mapping with a 'family' key"),
         ("ops:\n  a: [1]\n", "ops.a", "expected a mapping with a 'family' key"),
-        ("binarize:\n  b: {activation: sgn}\n", "binarize.b",
-         ("unknown activation quantizer 'sgn'; expected one of ste, approx_sign, swish_sign, identity_ste, "
-          "stochastic, rsign, none")),
+        (
+            "binarize:\n  b: {activation: sgn}\n",
+            "binarize.b",
+            (
+                "unknown activation quantizer 'sgn'; expected one of ste, approx_sign, swish_sign, identity_ste, "
+                "stochastic, rsign, none"
+            ),
+        ),
         ("binarize:\n  b: {clip: -1}\n", "binarize.b", "clip must be a positive number, got -1"),
-        ("binarize:\n  b: {latent_clip: golrot}\n", "binarize.b",
-         "latent_clip must be a positive number, 'glorot' or null, got 'golrot'"),
-        ("binarize:\n  b: {foo: 1}\n", "binarize.b",
-         ("unknown binarize option(s) foo; expected some of activation, clip, latent_clip, learned_scale, lr_scale, "
-          "swish_beta, weight, weight_clip")),
-        ("ops:\n  a: {family: resnet_block, binarize: {weight: sgn}}\n", "ops.a.binarize",
-         "unknown weight binarizer 'sgn'; expected one of sign, xnor, xnor_tensor, bireal, stochastic, none"),
+        (
+            "binarize:\n  b: {latent_clip: golrot}\n",
+            "binarize.b",
+            "latent_clip must be a positive number, 'glorot' or null, got 'golrot'",
+        ),
+        (
+            "binarize:\n  b: {foo: 1}\n",
+            "binarize.b",
+            (
+                "unknown binarize option(s) foo; expected some of activation, clip, latent_clip, learned_scale, lr_scale, "
+                "swish_beta, weight, weight_clip"
+            ),
+        ),
+        (
+            "ops:\n  a: {family: resnet_block, binarize: {weight: sgn}}\n",
+            "ops.a.binarize",
+            "unknown weight binarizer 'sgn'; expected one of sign, xnor, xnor_tensor, bireal, stochastic, none",
+        ),
         ("binarize: []\n", "binarize", "expected a mapping of named binarizations, got list"),
-        ("ops:\n  a: {family: resnet_block, binarize: 5}\n", "ops.a.binarize",
-         "expected a binarization name or mapping, got 5"),
+        (
+            "ops:\n  a: {family: resnet_block, binarize: 5}\n",
+            "ops.a.binarize",
+            "expected a binarization name or mapping, got 5",
+        ),
     ],
 )
 def test_catalog_mistakes(text: str, path: str, message: str, tmp_path: Path) -> None:
@@ -244,9 +395,11 @@ def test_recipe_mistakes_take_the_path_of_their_section() -> None:
 
 def test_messages_never_print_a_huge_value() -> None:
     huge = [["lol"] * 1000] * 1000
-    for data in ({"name": huge, "input": [3, 8, 8], "num_classes": 10, "body": [{"op": "x"}]},
-                 {"input": huge, "num_classes": 10, "body": [{"op": "x"}]},
-                 {"input": [3, 8, 8], "num_classes": 10, "body": [{"op": "x", "channels": huge}]}):
+    for data in (
+        {"name": huge, "input": [3, 8, 8], "num_classes": 10, "body": [{"op": "x"}]},
+        {"input": huge, "num_classes": 10, "body": [{"op": "x"}]},
+        {"input": [3, 8, 8], "num_classes": 10, "body": [{"op": "x", "channels": huge}]},
+    ):
         with pytest.raises(GenotypeError) as info:
             validate("genotype", data)
         assert "\n" not in str(info.value) and len(str(info.value)) < 300 and "..." in str(info.value)
@@ -269,8 +422,10 @@ def test_yaml_paths_come_from_the_location_not_from_text() -> None:
 # The loaders validate with the schema: their errors are the schema's, word for word
 # (pinned here, so a change of wording in either place fails)
 # --------------------------------------------------------------------------------------
-_KEYS = ("amp, batch_size, decay_binary_weights, distill, epochs, improvement_threshold, label_smoothing, loss, "
-         "optimizer, patience, patience_increase, schedule, seed, two_step, val_fraction")
+_KEYS = (
+    "amp, batch_size, decay_binary_weights, distill, epochs, improvement_threshold, label_smoothing, loss, "
+    "optimizer, patience, patience_increase, schedule, seed, two_step, val_fraction"
+)
 _OPT = "expected a mapping {name: adam|adamw|sgd, lr: ...}, got"
 _BAD_RECIPES: list[tuple[Any, str, str]] = [
     ({"epoch": 3}, "", f"unknown recipe key(s) epoch; expected some of {_KEYS}"),
@@ -288,43 +443,70 @@ _BAD_RECIPES: list[tuple[Any, str, str]] = [
     ({"optimizer": {"betas": [0.9]}}, ".optimizer.betas", "expected two numbers in [0, 1), got [0.9]"),
     ({"optimizer": {"betas": [0.9, 1.0]}}, ".optimizer.betas", "expected two numbers in [0, 1), got [0.9, 1.0]"),
     ({"optimizer": {"eps": 0}}, ".optimizer.eps", "expected a positive number, got 0"),
-    ({"optimizer": {"foo": 1}}, ".optimizer",
-     "unknown key(s) foo; expected some of betas, eps, lr, momentum, name, nesterov, weight_decay"),
+    (
+        {"optimizer": {"foo": 1}},
+        ".optimizer",
+        "unknown key(s) foo; expected some of betas, eps, lr, momentum, name, nesterov, weight_decay",
+    ),
     ({"schedule": [1]}, ".schedule", "expected a mapping {name: cosine|linear|step|exponential|constant}, got [1]"),
-    ({"schedule": {"name": "cos"}}, ".schedule.name",
-     "expected cosine or linear or step or exponential or constant, got 'cos'"),
+    (
+        {"schedule": {"name": "cos"}},
+        ".schedule.name",
+        "expected cosine or linear or step or exponential or constant, got 'cos'",
+    ),
     ({"schedule": {"warmup_epochs": -1}}, ".schedule.warmup_epochs", "expected an integer >= 0, got -1"),
     ({"schedule": {"warmup_epochs": 1.5}}, ".schedule.warmup_epochs", "expected an integer >= 0, got 1.5"),
     ({"schedule": {"step_size": 0}}, ".schedule.step_size", "expected a positive integer, got 0"),
     ({"schedule": {"gamma": 0}}, ".schedule.gamma", "expected a positive number, got 0"),
     ({"schedule": {"final_lr": -1}}, ".schedule.final_lr", "expected a number >= 0, got -1"),
     ({"schedule": {"final_lr": None}}, ".schedule.final_lr", "expected a number >= 0, got None"),
-    ({"schedule": {"name": "exponential", "final_lr": 0}}, ".schedule.final_lr",
-     "expected a positive number for the exponential schedule, got 0"),
-    ({"schedule": {"bar": 1}}, ".schedule",
-     "unknown key(s) bar; expected some of final_lr, gamma, name, step_size, warmup_epochs"),
+    (
+        {"schedule": {"name": "exponential", "final_lr": 0}},
+        ".schedule.final_lr",
+        "expected a positive number for the exponential schedule, got 0",
+    ),
+    (
+        {"schedule": {"bar": 1}},
+        ".schedule",
+        "unknown key(s) bar; expected some of final_lr, gamma, name, step_size, warmup_epochs",
+    ),
     ({"epochs": 0}, ".epochs", "expected a positive integer, got 0"),
     ({"epochs": "two"}, ".epochs", "expected a positive integer, got 'two'"),
     ({"epochs": 2.0}, ".epochs", "expected a positive integer, got 2.0"),
     ({"batch_size": None}, ".batch_size", "expected a positive integer, got None"),
     ({"loss": "hinge"}, ".loss", "expected cross_entropy or squared_hinge, got 'hinge'"),
     ({"label_smoothing": 1}, ".label_smoothing", "expected a number in [0, 1), got 1"),
-    ({"label_smoothing": 0.1, "loss": "squared_hinge"}, ".label_smoothing",
-     "expected 0 with the squared_hinge loss (it applies to cross_entropy), got 0.1"),
+    (
+        {"label_smoothing": 0.1, "loss": "squared_hinge"},
+        ".label_smoothing",
+        "expected 0 with the squared_hinge loss (it applies to cross_entropy), got 0.1",
+    ),
     ({"decay_binary_weights": "yes"}, ".decay_binary_weights", "expected true or false, got 'yes'"),
     ({"two_step": -1}, ".two_step", "expected an integer >= 0 (epochs before the weights are binarized), got -1"),
-    ({"distill": []}, ".distill",
-     "expected {teacher: GENOTYPE.yaml, checkpoint: PATH, temperature: T, alpha: A}, got []"),
+    (
+        {"distill": []},
+        ".distill",
+        "expected {teacher: GENOTYPE.yaml, checkpoint: PATH, temperature: T, alpha: A}, got []",
+    ),
     ({"distill": {}}, ".distill.teacher", "expected the path of a teacher genotype YAML, got None"),
     ({"distill": {"teacher": ""}}, ".distill.teacher", "expected the path of a teacher genotype YAML, got ''"),
-    ({"distill": {"teacher": "t.yaml", "checkpoint": 5}}, ".distill.checkpoint",
-     "expected the path of the teacher's checkpoint, got 5"),
-    ({"distill": {"teacher": "t.yaml", "checkpoint": None}}, ".distill.checkpoint",
-     "expected the path of the teacher's checkpoint, got None"),
+    (
+        {"distill": {"teacher": "t.yaml", "checkpoint": 5}},
+        ".distill.checkpoint",
+        "expected the path of the teacher's checkpoint, got 5",
+    ),
+    (
+        {"distill": {"teacher": "t.yaml", "checkpoint": None}},
+        ".distill.checkpoint",
+        "expected the path of the teacher's checkpoint, got None",
+    ),
     ({"distill": {"teacher": "t.yaml", "temperature": 0}}, ".distill.temperature", "expected a positive number, got 0"),
     ({"distill": {"teacher": "t.yaml", "alpha": 2}}, ".distill.alpha", "expected a number in [0, 1], got 2"),
-    ({"distill": {"teacher": "t", "x": 1}}, ".distill",
-     "unknown key(s) x; expected some of alpha, checkpoint, teacher, temperature"),
+    (
+        {"distill": {"teacher": "t", "x": 1}},
+        ".distill",
+        "unknown key(s) x; expected some of alpha, checkpoint, teacher, temperature",
+    ),
     ({"patience": 0}, ".patience", "expected a positive integer or null, got 0"),
     ({"patience_increase": 0.5}, ".patience_increase", "expected a number >= 1, got 0.5"),
     ({"improvement_threshold": 0}, ".improvement_threshold", "expected a number in (0, 1], got 0"),
@@ -437,7 +619,9 @@ def test_defaults_are_the_loaders() -> None:
 def test_committed_json_schemas_are_current(kind: str) -> None:
     path = SCHEMAS / f"{kind}.schema.json"
     assert path.exists(), f"run: python scripts/write_schemas.py (then commit {path.relative_to(REPO)})"
-    assert path.read_text() == json_schema_text(kind), "stale: run python scripts/write_schemas.py and commit the result"
+    assert path.read_text() == json_schema_text(kind), (
+        "stale: run python scripts/write_schemas.py and commit the result"
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -462,8 +646,14 @@ def test_the_json_schema_refuses_typical_mistakes() -> None:
     validator = jsonschema.Draft202012Validator(json_schema("genotype"))
     good = yaml.safe_load(GENOTYPE)
     assert list(validator.iter_errors(good)) == []
-    for change in ({"nmae": "x"}, {"body": [{"cell": "normal"}]}, {"body": [{"op": "x", "cell": "normal"}]},
-                   {"body": [{"op": "x", "stride": 3}]}, {"training": {"epoch": 3}}, {"input": [3, 8]}):
+    for change in (
+        {"nmae": "x"},
+        {"body": [{"cell": "normal"}]},
+        {"body": [{"op": "x", "cell": "normal"}]},
+        {"body": [{"op": "x", "stride": 3}]},
+        {"training": {"epoch": 3}},
+        {"input": [3, 8]},
+    ):
         assert list(validator.iter_errors({**good, **change})), change
     space = jsonschema.Draft202012Validator(json_schema("space"))
     for change in ({"objectives": ["ops"]}, {"dataset": "mnsit"}, {"sampler": "cmaes"}, {"macro": {"channels": []}}):
@@ -492,11 +682,17 @@ def test_cli_refuses_an_unwritable_out_in_one_line(read_only_dir: Path, capsys: 
 
 
 def test_cli_refuses_an_unknown_kind() -> None:
-    proc = subprocess.run([sys.executable, "-m", "bnas", "schema", "genome"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnas", "schema", "genome"], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 2 and "invalid choice: 'genome'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_write_schemas_script_checks_freshness() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "write_schemas.py"), "--check"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "write_schemas.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,6 @@
 """The study runner and `bnas search`: outputs, constraints before training, duplicates,
 crashes, SIGKILL + resume, seeds, retraining the best genotype, bad storage and studies."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,9 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
 
 
-def test_search_outputs_constraints_before_training_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_search_outputs_constraints_before_training_and_show(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     space = _space(tmp_path, TINY.replace("name: tiny", "name: tiny\nconstraints: {max_ops: 60000}"))
     out = tmp_path / "run"
     assert main(["search", str(space), "--trials", "6", "--out", str(out), "--seed", "3"]) == 0
@@ -53,7 +56,9 @@ def test_search_outputs_constraints_before_training_and_show(tmp_path: Path, cap
     assert over, "the OPs budget should exclude some of this space"
     for t in over:
         assert t.state.name == "PRUNED" and t.user_attrs["epochs"] == 0 and t.user_attrs["ops"] > 60000
-        assert "max_ops" in t.user_attrs["constraint"] and not t.intermediate_values and "train_time_s" not in t.user_attrs
+        assert (
+            "max_ops" in t.user_attrs["constraint"] and not t.intermediate_values and "train_time_s" not in t.user_attrs
+        )
     trained = [t for t in finished if "constraint" not in t.user_attrs]
     assert all(t.user_attrs["ops"] <= 60000 and t.user_attrs["epochs"] >= 1 for t in trained)
     # Every finished trial's genotype is a loadable, buildable file carrying the search's seed.
@@ -66,7 +71,9 @@ def test_search_outputs_constraints_before_training_and_show(tmp_path: Path, cap
     for png in ("history.png", "pareto.png", "importances.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     rows = (out / "trials.csv").read_text().splitlines()
-    assert rows[0].startswith("number,state,values,val_acc,ops,size_bytes,params") and len(rows) == len(study.trials) + 1
+    assert (
+        rows[0].startswith("number,state,values,val_acc,ops,size_bytes,params") and len(rows) == len(study.trials) + 1
+    )
     assert json.loads((out / "run.json").read_text())["study"] == "tiny"
     # Progress lines and the epochs-saved figure.
     assert "[6/6]" in captured.err and "best val acc" in captured.err and "ETA" in captured.err
@@ -79,7 +86,9 @@ def test_search_outputs_constraints_before_training_and_show(tmp_path: Path, cap
 
 def test_duplicate_genotypes_are_not_trained_twice(tmp_path: Path) -> None:
     space = load_space(_space(tmp_path, TWO_GENOTYPES))
-    study = run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=5, progress=False, sampler="random", pruner="none"))
+    study = run_search_study(
+        SearchConfig(space=space, out=tmp_path / "run", trials=5, progress=False, sampler="random", pruner="none")
+    )
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 5
     trained = [t for t in complete if "duplicate_of" not in t.user_attrs]
@@ -101,10 +110,15 @@ def test_duplicate_of_a_pruned_trial_is_pruned_without_training(tmp_path: Path) 
     out = tmp_path / "run"
     out.mkdir()
     planted = optuna.create_study(study_name="two", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
-    planted.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.PRUNED, params=choices,
-        distributions={k: CategoricalDistribution([v]) for k, v in choices.items()}, intermediate_values={1: 0.125},
-        user_attrs={"genotype_hash": digest, "epochs": 1, "val_acc": 0.125}))
+    planted.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.PRUNED,
+            params=choices,
+            distributions={k: CategoricalDistribution([v]) for k, v in choices.items()},
+            intermediate_values={1: 0.125},
+            user_attrs={"genotype_hash": digest, "epochs": 1, "val_acc": 0.125},
+        )
+    )
     study = run_search_study(SearchConfig(space=space, out=out, trials=2, progress=False))
     new = study.trials[1]
     assert new.state.name == "PRUNED" and new.user_attrs["duplicate_of"] == 0 and new.user_attrs["epochs"] == 0
@@ -126,7 +140,9 @@ def test_crashed_trial_is_recorded_and_study_goes_on(tmp_path: Path) -> None:
     text = TWO_GENOTYPES.replace("ops: [skip_connect, binary_conv_3x3]", "ops: [test_crashing_op, binary_conv_3x3]")
     space = load_space(_space(tmp_path, text))
     out = tmp_path / "run"
-    study = run_search_study(SearchConfig(space=space, out=out, trials=3, progress=False, sampler="random", pruner="none", seed=1))
+    study = run_search_study(
+        SearchConfig(space=space, out=out, trials=3, progress=False, sampler="random", pruner="none", seed=1)
+    )
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert failed and all(t.user_attrs["error"] == "RuntimeError: deliberate crash in training" for t in failed)
     assert all("deliberate crash" in (out / "errors" / f"trial-{t.number}.txt").read_text() for t in failed)
@@ -137,7 +153,9 @@ def test_same_seed_same_first_trials_through_the_runner(tmp_path: Path) -> None:
     space = load_space(_space(tmp_path, TINY.replace("epochs: 2", "epochs: 1")))
 
     def hashes(out: str, seed: int) -> list[str]:
-        study = run_search_study(SearchConfig(space=space, out=tmp_path / out, trials=3, progress=False, seed=seed, pruner="none"))
+        study = run_search_study(
+            SearchConfig(space=space, out=tmp_path / out, trials=3, progress=False, seed=seed, pruner="none")
+        )
         return [t.user_attrs["genotype_hash"] for t in study.trials]
 
     first = hashes("a", 11)
@@ -149,25 +167,63 @@ def test_best_genotype_retrains_to_the_reported_accuracy(tmp_path: Path) -> None
     space = load_space(_space(tmp_path, TINY))
     out = tmp_path / "run"
     study = run_search_study(SearchConfig(space=space, out=out, trials=3, progress=False, seed=4, pruner="none"))
-    report = evaluate(out / "best.yaml" if (out / "best.yaml").exists() else out / "genotypes" / f"trial-{study.best_trial.number}.yaml",
-                      "digits", progress=False, test=False)
+    report = evaluate(
+        out / "best.yaml"
+        if (out / "best.yaml").exists()
+        else out / "genotypes" / f"trial-{study.best_trial.number}.yaml",
+        "digits",
+        progress=False,
+        test=False,
+    )
     # Same split, seed, recipe and thread count: the very same number.
     assert report["best_val_acc"] == pytest.approx(study.best_value, abs=1e-12)
 
 
 def test_eval_threads_repeats_a_trial_trained_on_that_many_threads(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["search", str(_space(tmp_path, TINY)), "--trials", "2", "--out", str(out), "--quiet",
-                 "--seed", "4", "--pruner", "none"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(_space(tmp_path, TINY)),
+                "--trials",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+                "--seed",
+                "4",
+                "--pruner",
+                "none",
+            ]
+        )
+        == 0
+    )
     study = _study(out)
     assert {t.user_attrs["threads"] for t in study.trials} == {1}
-    assert "`--threads 1` (the CPU threads its trials trained on) repeats a trial's training exactly" in (
-        out / "summary.md").read_text()
+    assert (
+        "`--threads 1` (the CPU threads its trials trained on) repeats a trial's training exactly"
+        in (out / "summary.md").read_text()
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # what `bnas eval` would use by default on this machine
     try:
-        assert main(["eval", str(out / "best.yaml"), "--dataset", "digits", "--threads", "1",
-                     "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(out / "best.yaml"),
+                    "--dataset",
+                    "digits",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(tmp_path / "eval"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -177,14 +233,44 @@ def test_eval_threads_repeats_a_trial_trained_on_that_many_threads(tmp_path: Pat
     assert main(["eval", str(out / "best.yaml"), "--threads", "0", "--out", str(tmp_path / "e0")]) == 2
 
 
-def test_unreachable_storage_conflicting_study_and_changed_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_storage_conflicting_study_and_changed_space(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     space = _space(tmp_path, TINY.replace("epochs: 2", "epochs: 1"))
-    assert main(["search", str(space), "--trials", "1", "--out", str(tmp_path / "a"), "--quiet",
-                 "--storage", "sqlite:////nonexistent-dir/x/study.db"]) == 2
+    assert (
+        main(
+            [
+                "search",
+                str(space),
+                "--trials",
+                "1",
+                "--out",
+                str(tmp_path / "a"),
+                "--quiet",
+                "--storage",
+                "sqlite:////nonexistent-dir/x/study.db",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "cannot open the study storage" in err and "Traceback" not in err
-    assert main(["search", str(space), "--trials", "1", "--out", str(tmp_path / "b"), "--quiet",
-                 "--storage", "postgresql://bnas:secret@127.0.0.1:1/none"]) == 2
+    assert (
+        main(
+            [
+                "search",
+                str(space),
+                "--trials",
+                "1",
+                "--out",
+                str(tmp_path / "b"),
+                "--quiet",
+                "--storage",
+                "postgresql://bnas:secret@127.0.0.1:1/none",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "cannot open the study storage 'postgresql://bnas:***@127.0.0.1:1/none'" in err and "secret" not in err
     out = tmp_path / "run"
@@ -205,25 +291,45 @@ def test_unreachable_storage_conflicting_study_and_changed_space(tmp_path: Path,
 
 
 def test_multi_objective_returns_pareto_front(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    multi = _space(tmp_path, TINY.replace("name: tiny", "name: tiny\nobjectives: [val_acc, ops]").replace("epochs: 2", "epochs: 1"))
+    multi = _space(
+        tmp_path, TINY.replace("name: tiny", "name: tiny\nobjectives: [val_acc, ops]").replace("epochs: 2", "epochs: 1")
+    )
     out = tmp_path / "run"
     assert main(["search", str(multi), "--trials", "4", "--out", str(out), "--sampler", "nsga2"]) == 0
     # A warning of the library's log (the CLI shows warnings on stderr).
-    assert any(r.levelname == "WARNING" and "cannot prune multi-objective studies" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.levelname == "WARNING" and "cannot prune multi-objective studies" in r.getMessage() for r in caplog.records
+    )
     study = _study(out)
     assert len(study.directions) == 2
     front = sorted((out / "pareto").glob("*.yaml"))
     assert {p.name for p in front} == {f"trial-{t.number}.yaml" for t in study.best_trials}
     for t in study.best_trials:  # values are (val acc, OPs) and the OPs are the genotype's
         assert t.values[1] == t.user_attrs["ops"]
-        assert bnas.load_genotype(out / "pareto" / f"trial-{t.number}.yaml").canonical_hash() == t.user_attrs["genotype_hash"]
+        assert (
+            bnas.load_genotype(out / "pareto" / f"trial-{t.number}.yaml").canonical_hash()
+            == t.user_attrs["genotype_hash"]
+        )
     assert "cannot prune multi-objective" in (out / "summary.md").read_text()
 
 
 def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
     space = _space(tmp_path, TINY.replace("epochs: 2", "epochs: 3"))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "bnas", "search", str(space), "--trials", "4", "--out", str(out), "--quiet", "--pruner", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bnas",
+        "search",
+        str(space),
+        "--trials",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+        "--pruner",
+        "none",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / "study.db"
 
@@ -273,9 +379,13 @@ def test_rerun_with_a_larger_count_continues_the_study(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_latency_objective_measures_the_packed_model(tmp_path: Path) -> None:
-    text = TWO_GENOTYPES.replace("name: two", "name: two\nobjectives: [val_acc, latency]\nconstraints: {max_latency_ms: 1000}")
+    text = TWO_GENOTYPES.replace(
+        "name: two", "name: two\nobjectives: [val_acc, latency]\nconstraints: {max_latency_ms: 1000}"
+    )
     space = load_space(_space(tmp_path, text))
-    study = run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=2, progress=False, sampler="random"))
+    study = run_search_study(
+        SearchConfig(space=space, out=tmp_path / "run", trials=2, progress=False, sampler="random")
+    )
     for t in _finished(study):
         assert 0 < t.user_attrs["latency_ms"] < 1000 and t.values[1] == t.user_attrs["latency_ms"]
 
@@ -285,7 +395,9 @@ def test_latency_constraint_is_checked_before_training(tmp_path: Path) -> None:
     # search says that no sampled genotype meets the constraint.
     text = TWO_GENOTYPES.replace("name: two", "name: two\nconstraints: {max_latency_ms: 1.0e-6}")
     space = load_space(_space(tmp_path, text))
-    with pytest.raises(SearchError, match=r"none of the 2 sampled genotypes meets the constraints.*max_latency_ms 1e-06"):
+    with pytest.raises(
+        SearchError, match=r"none of the 2 sampled genotypes meets the constraints.*max_latency_ms 1e-06"
+    ):
         run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=2, progress=False, sampler="random"))
     study = _study(tmp_path / "run", "two")
     assert len(study.trials) == 2
@@ -318,6 +430,8 @@ def test_orphaned_running_trial_is_failed_after_the_grace_period(tmp_path: Path)
     assert fail_dead_local_workers(study) == 0  # both just started: within the grace period
     assert fail_dead_local_workers(study, orphan_grace_s=0.0) == 1
     states = {t.number: t for t in study.trials}
-    assert states[orphan.number].state.name == "FAIL" and "never registered" in states[orphan.number].user_attrs["error"]
+    assert (
+        states[orphan.number].state.name == "FAIL" and "never registered" in states[orphan.number].user_attrs["error"]
+    )
     assert states[alive.number].state.name == "RUNNING"
     assert not study.get_trials(states=(optuna.trial.TrialState.WAITING,))  # nothing sampled, nothing to retry

@@ -81,7 +81,9 @@ def test_summary_compares_mean_accuracy_over_the_same_seeds(tmp_path: Path) -> N
 def test_summary_refuses_means_over_different_seeds(tmp_path: Path) -> None:
     per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
     per_trial.write_text(route("per_trial", 0, 0.84, 4000.0, eval_test_accs={"0": 0.84, "1": 0.82}) + "\n")
-    oneshot.write_text(route("oneshot", 0, 0.83, 700.0, supernet_epochs=3, eval_test_accs={"0": 0.83, "2": 0.84}) + "\n")
+    oneshot.write_text(
+        route("oneshot", 0, 0.83, 700.0, supernet_epochs=3, eval_test_accs={"0": 0.83, "2": 0.84}) + "\n"
+    )
     done = summarize(per_trial, oneshot)
     assert done.returncode != 0
     assert "--eval-seeds differ between the routes: ['0', '1'] and ['0', '2']" in done.stderr

@@ -1,6 +1,7 @@
 """Issue 11, the search's part: no replayed genotypes on resume, failures reported early and
 in one line (bad flags, unwritable --out, full disk, unsatisfiable constraints, too many
 crashed trials, a missing PostgreSQL driver), and the history picture."""
+
 from __future__ import annotations
 
 import errno
@@ -47,8 +48,9 @@ def test_resumed_study_proposes_what_one_uninterrupted_run_would(tmp_path: Path,
     space = load_space(_space(tmp_path))
 
     def run(out: str, trials: int) -> optuna.Study:
-        return run_search_study(SearchConfig(space=space, out=tmp_path / out, trials=trials, progress=False,
-                                             sampler=sampler, seed=5))
+        return run_search_study(
+            SearchConfig(space=space, out=tmp_path / out, trials=trials, progress=False, sampler=sampler, seed=5)
+        )
 
     whole = _hashes(run("whole", 4))
     run("resumed", 2)  # stopped after 2 trials, then the same command again with the full count
@@ -66,8 +68,17 @@ def test_a_second_process_on_a_shared_study_draws_fresh_proposals(tmp_path: Path
     storage = f"journal:{tmp_path / 'shared.journal'}"
 
     def host(out: str, trials: int, storage: str | None = storage) -> optuna.Study:
-        return run_search_study(SearchConfig(space=space, out=tmp_path / out, trials=trials, progress=False,
-                                             sampler="random", storage=storage, study_name="s1"))
+        return run_search_study(
+            SearchConfig(
+                space=space,
+                out=tmp_path / out,
+                trials=trials,
+                progress=False,
+                sampler="random",
+                storage=storage,
+                study_name="s1",
+            )
+        )
 
     host("host-a", 2)
     shared = _hashes(host("host-b", 4))
@@ -122,7 +133,9 @@ budget: {epochs: 1, batch_size: 64, optimizer: {name: adam, lr: 0.01}}
 """
 
 
-def test_ten_failures_in_a_row_write_trials_csv_before_stopping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ten_failures_in_a_row_write_trials_csv_before_stopping(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     assert main(["search", str(_space(tmp_path, CRASHING)), "--trials", "20", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -151,19 +164,23 @@ def test_many_over_budget_draws_stop_before_the_trial_count(tmp_path: Path, monk
         run_search_study(SearchConfig(space=space, out=tmp_path / "run", trials=1000, progress=False))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--timeout", "nan"], "--timeout must be a positive, finite number"),
-    (["--timeout", "inf"], "--timeout must be a positive, finite number"),
-    (["--timeout", "-1"], "--timeout must be a positive, finite number"),
-    (["--devices", "0,1"], "but this run uses --device cpu"),
-    (["--devices", "0,x", "--workers", "2"], "--devices takes comma-separated GPU numbers"),
-    (["--workers", "2", "--storage", "sqlite:///x.db"], "SQLite locks the file against several writing processes"),
-    (["--device", "tpu"], "tpu"),
-    (["--device", "cuda:abc"], "cuda:abc"),
-    (["--device", "meta"], "meta"),
-])
-def test_bad_flags_are_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                    flags: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--timeout", "nan"], "--timeout must be a positive, finite number"),
+        (["--timeout", "inf"], "--timeout must be a positive, finite number"),
+        (["--timeout", "-1"], "--timeout must be a positive, finite number"),
+        (["--devices", "0,1"], "but this run uses --device cpu"),
+        (["--devices", "0,x", "--workers", "2"], "--devices takes comma-separated GPU numbers"),
+        (["--workers", "2", "--storage", "sqlite:///x.db"], "SQLite locks the file against several writing processes"),
+        (["--device", "tpu"], "tpu"),
+        (["--device", "cuda:abc"], "cuda:abc"),
+        (["--device", "meta"], "meta"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
     out = tmp_path / "run"
     assert main(["search", str(_space(tmp_path)), "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
@@ -179,12 +196,22 @@ def test_cuda_without_a_gpu_is_refused_up_front(tmp_path: Path, capsys: pytest.C
     assert not out.exists()  # no study, no trial burnt
 
 
-def test_postgres_url_without_the_driver_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_postgres_url_without_the_driver_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for driver in ("psycopg", "psycopg2"):
         monkeypatch.setitem(sys.modules, driver, None)  # as if not installed
-    code = main(["search", str(_space(tmp_path)), "--out", str(tmp_path / "run"), "--quiet",
-                 "--storage", "postgresql://bnas:secret@127.0.0.1:1/none"])
+    code = main(
+        [
+            "search",
+            str(_space(tmp_path)),
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+            "--storage",
+            "postgresql://bnas:secret@127.0.0.1:1/none",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and 'pip install -e ".[postgres]"' in err and "appropriate" not in err and "secret" not in err
 
@@ -200,15 +227,17 @@ def test_out_under_a_file_is_one_line_before_training(tmp_path: Path, capsys: py
     assert f"--out {blocker / 'run'} is not writable" in err and "Traceback" not in err
 
 
-def test_read_only_out_is_one_line_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                   read_only_dir: Path) -> None:
+def test_read_only_out_is_one_line_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], read_only_dir: Path
+) -> None:
     assert main(["search", str(_space(tmp_path)), "--out", str(read_only_dir / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "is not writable" in err and "Traceback" not in err
 
 
-def test_disk_full_during_a_trial_stops_at_once_and_keeps_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full_during_a_trial_stops_at_once_and_keeps_the_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     space = _space(tmp_path)
     assert main(["search", str(space), "--trials", "2", "--out", str(out), "--quiet"]) == 0
@@ -229,8 +258,9 @@ def test_disk_full_during_a_trial_stops_at_once_and_keeps_the_study(tmp_path: Pa
     assert study.trials[2].user_attrs["error"].startswith("disk full")
 
 
-def test_disk_full_while_writing_outputs_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full_while_writing_outputs_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import bnas.search.outputs as outputs
 
     def full(path: object, text: str, *args: object, **kwargs: object) -> None:
@@ -256,8 +286,9 @@ def test_full_study_database_is_not_retried(tmp_path: Path) -> None:
     assert calls == [1]  # waiting does not free space
 
 
-def test_retry_db_sees_the_database_error_behind_another_and_stops_at_its_patience(monkeypatch: pytest.MonkeyPatch,
-                                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_retry_db_sees_the_database_error_behind_another_and_stops_at_its_patience(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from sqlalchemy.exc import OperationalError
 
     monkeypatch.setattr("bnas.search.storage.time.sleep", lambda s: None)
@@ -298,11 +329,25 @@ def test_retry_db_sees_the_database_error_behind_another_and_stops_at_its_patien
 def test_history_picture_best_line_to_the_last_trial_integer_ticks_legend_clear() -> None:
     study = optuna.create_study(direction="maximize")
     dist = {"x": CategoricalDistribution([0, 1])}
-    for number, (state, acc) in enumerate([(TrialState.COMPLETE, 0.6), (TrialState.COMPLETE, 0.9),
-                                           (TrialState.PRUNED, 0.12), (TrialState.PRUNED, 0.1), (TrialState.PRUNED, 0.11)]):
-        study.add_trial(optuna.trial.create_trial(
-            state=state, params={"x": number % 2}, distributions=dist, user_attrs={"val_acc": acc},
-            value=acc if state == TrialState.COMPLETE else None, intermediate_values={1: acc}))
+    for number, (state, acc) in enumerate(
+        [
+            (TrialState.COMPLETE, 0.6),
+            (TrialState.COMPLETE, 0.9),
+            (TrialState.PRUNED, 0.12),
+            (TrialState.PRUNED, 0.1),
+            (TrialState.PRUNED, 0.11),
+        ]
+    ):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                params={"x": number % 2},
+                distributions=dist,
+                user_attrs={"val_acc": acc},
+                value=acc if state == TrialState.COMPLETE else None,
+                intermediate_values={1: acc},
+            )
+        )
     fig = history_figure(study)
     try:
         ax = fig.axes[0]
@@ -322,8 +367,9 @@ def test_history_picture_best_line_to_the_last_trial_integer_ticks_legend_clear(
         plt.close(fig)
 
 
-def test_workers_parent_exits_2_when_a_worker_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_workers_parent_exits_2_when_a_worker_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The --workers parent writes the outputs of what finished, then says which worker stopped
     early and exits 2: a worker's failure is not hidden behind exit code 0."""
     import bnas.cli.search as search_command
@@ -339,8 +385,9 @@ def test_workers_parent_exits_2_when_a_worker_failed(tmp_path: Path, monkeypatch
     assert (out / "trials.csv").is_file()
 
 
-def test_database_error_in_a_heartbeat_thread_is_one_warning(monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_database_error_in_a_heartbeat_thread_is_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Optuna's heartbeat thread dies with a traceback when the database goes away; the worker
     reports the outage itself, so that thread's death is one warning line. Other thread errors
     still reach the previous hook."""

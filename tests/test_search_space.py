@@ -1,5 +1,6 @@
 """Search-space files: validation with path-naming errors, the define-by-run mapping from a
 trial to a genotype, macro choices, seeds, and the shipped spaces. No training here."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,12 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("inputs: 2", "inputs: 3", "cells.inputs", "expected 1 or 2"),
         ("combine: sum", "combine: sum\n  reduce_cell: yes please", "cells.reduce_cell", "true or false"),
         ("channels: [8, 16]", "channels: [8, -1]", "macro.channels[1]", "positive integer"),
-        ("channels: [8, 16]", "channels: [[8], [16], [32]]", "macro.channels", "one choice list per stage (2 stages), got 3"),
+        (
+            "channels: [8, 16]",
+            "channels: [[8], [16], [32]]",
+            "macro.channels",
+            "one choice list per stage (2 stages), got 3",
+        ),
         ("channels: [8, 16]", "channels: [8, [16]]", "macro.channels", "not a mixture"),
         ("cells_per_stage: [1]", "cells_per_stage: [[1], [0]]", "macro.cells_per_stage[1][0]", "positive integer"),
         ("stages: 2", "stages: 2\n  stage_ops: [xnor_resnet_block]", "macro.stage_ops", "has both"),
@@ -52,7 +58,9 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("  - {op: global_avgpool}", "  - {op: global_avgpol}", "head[0].op", "global_avgpool"),
     ],
 )
-def test_invalid_space_files_name_file_and_yaml_path(tmp_path: Path, old: str, new: str, path: str, fragment: str) -> None:
+def test_invalid_space_files_name_file_and_yaml_path(
+    tmp_path: Path, old: str, new: str, path: str, fragment: str
+) -> None:
     assert old in TINY
     file = _write(tmp_path, TINY.replace(old, new, 1))
     with pytest.raises(GenotypeError) as info:
@@ -96,10 +104,17 @@ class _Choices:
 
 def test_trial_choices_map_to_the_genotype(tmp_path: Path) -> None:
     space = load_space(_write(tmp_path, TINY))
-    picks = {"channels": 8, "normal.n0.e0.input": "in0", "normal.n0.e0.op": "bireal_block",
-             "normal.n1.e0.input": "n0", "normal.n1.e0.op": "skip_connect",
-             "reduce.n0.e0.input": "in1", "reduce.n0.e0.op": "binary_conv_3x3",
-             "reduce.n1.e0.input": "in0", "reduce.n1.e0.op": "binary_conv_3x3"}
+    picks = {
+        "channels": 8,
+        "normal.n0.e0.input": "in0",
+        "normal.n0.e0.op": "bireal_block",
+        "normal.n1.e0.input": "n0",
+        "normal.n1.e0.op": "skip_connect",
+        "reduce.n0.e0.input": "in1",
+        "reduce.n0.e0.op": "binary_conv_3x3",
+        "reduce.n1.e0.input": "in0",
+        "reduce.n1.e0.op": "binary_conv_3x3",
+    }
     trial = _Choices(picks)
     g = sample_genotype(trial, space, training={"seed": 5})
     # Every choice the genotype made is a parameter, with exactly the allowed candidates.
@@ -113,7 +128,10 @@ def test_trial_choices_map_to_the_genotype(tmp_path: Path) -> None:
     assert normal.output == ("n0", "n1") and normal.combine == "sum"
     assert [(e.op, e.source) for e in g.cells["reduce"].nodes["n1"]] == [("binary_conv_3x3", "in0")]
     # Stage 0 at width 8, stage 1 opens with the reduce cell at twice the width.
-    assert [(layer.cell, layer.channels, layer.stride, layer.repeat) for layer in g.body] == [("normal", 8, 1, 1), ("reduce", 16, 2, 1)]
+    assert [(layer.cell, layer.channels, layer.stride, layer.repeat) for layer in g.body] == [
+        ("normal", 8, 1, 1),
+        ("reduce", 16, 2, 1),
+    ]
     assert g.name == "tiny-trial-3" and g.training["seed"] == 5 and g.training["epochs"] == 2
     model = bnas.build(g)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
@@ -129,7 +147,9 @@ def test_sampled_genotype_file_round_trips(tmp_path: Path) -> None:
 
 
 def test_per_stage_macro_choices_and_depth(tmp_path: Path) -> None:
-    text = TINY.replace("channels: [8, 16]", "channels: [[8, 12], [20, 24]]").replace("cells_per_stage: [1]", "cells_per_stage: [[1, 2], [2, 3]]")
+    text = TINY.replace("channels: [8, 16]", "channels: [[8, 12], [20, 24]]").replace(
+        "cells_per_stage: [1]", "cells_per_stage: [[1, 2], [2, 3]]"
+    )
     space = load_space(_write(tmp_path, text))
     trial = _Choices({"stage0.channels": 12, "stage1.channels": 20, "stage0.cells": 2, "stage1.cells": 3})
     g = sample_genotype(trial, space)
@@ -137,24 +157,34 @@ def test_per_stage_macro_choices_and_depth(tmp_path: Path) -> None:
     assert trial.asked["stage1.cells"] == [2, 3]
     # Depth counts the reduction: stage 1 = reduce cell + 2 normal cells.
     assert [(layer.cell, layer.channels, layer.stride, layer.repeat) for layer in g.body] == [
-        ("normal", 12, 1, 2), ("reduce", 20, 2, 1), ("normal", 20, 1, 2)]
+        ("normal", 12, 1, 2),
+        ("reduce", 20, 2, 1),
+        ("normal", 20, 1, 2),
+    ]
     assert bnas.build(g)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
 
 def test_stage_ops_space_searches_blocks(tmp_path: Path) -> None:
-    text = TINY.split("cells:")[0] + """macro:
+    text = (
+        TINY.split("cells:")[0]
+        + """macro:
   stages: 2
   channels: [8]
   cells_per_stage: [1, 2]
   stage_ops: [xnor_resnet_block, bireal_block]
 budget: {epochs: 1}
 """
+    )
     space = load_space(_write(tmp_path, text))
-    trial = _Choices({"stage0.op": "bireal_block", "stage0.cells": 2, "stage1.op": "xnor_resnet_block", "stage1.cells": 1})
+    trial = _Choices(
+        {"stage0.op": "bireal_block", "stage0.cells": 2, "stage1.op": "xnor_resnet_block", "stage1.cells": 1}
+    )
     g = sample_genotype(trial, space)
     assert not g.cells
     assert [(layer.op, layer.channels, layer.stride, layer.repeat) for layer in g.body] == [
-        ("bireal_block", 8, 1, 2), ("xnor_resnet_block", 16, 2, 1)]
+        ("bireal_block", 8, 1, 2),
+        ("xnor_resnet_block", 16, 2, 1),
+    ]
 
 
 def test_fingerprint_tracks_what_decides_a_trial() -> None:
@@ -165,7 +195,10 @@ def test_fingerprint_tracks_what_decides_a_trial() -> None:
     assert parse_space({**base, "sampler": "random", "pruner": "none"}).fingerprint() == ref
     assert parse_space({**base, "budget": {**base["budget"], "epochs": 3}}).fingerprint() != ref
     assert parse_space({**base, "constraints": {"max_ops": 1e5}}).fingerprint() != ref
-    assert parse_space({**base, "cells": {**base["cells"], "ops": ["skip_connect", "binary_conv_3x3"]}}).fingerprint() != ref
+    assert (
+        parse_space({**base, "cells": {**base["cells"], "ops": ["skip_connect", "binary_conv_3x3"]}}).fingerprint()
+        != ref
+    )
 
 
 def test_the_space_is_built_from_the_values_as_written() -> None:
@@ -174,8 +207,14 @@ def test_the_space_is_built_from_the_values_as_written() -> None:
     import yaml
 
     base = yaml.safe_load(TINY)
-    space = parse_space({**base, "budget": {"epochs": 2, "optimizer": {"name": "sgd", "lr": 1}},
-                         "constraints": {"max_ops": 1000000}, "objectives": "val_acc"})
+    space = parse_space(
+        {
+            **base,
+            "budget": {"epochs": 2, "optimizer": {"name": "sgd", "lr": 1}},
+            "constraints": {"max_ops": 1000000},
+            "objectives": "val_acc",
+        }
+    )
     assert space.budget == {"epochs": 2, "optimizer": {"name": "sgd", "lr": 1}}
     assert type(space.budget["optimizer"]["lr"]) is int
     assert space.constraints == {"max_ops": 1e6} and space.objectives == ("val_acc",)
@@ -184,12 +223,24 @@ def test_the_space_is_built_from_the_values_as_written() -> None:
     # An empty stem or head is what it always was: no stem, the default head.
     empty = parse_space({**base, "stem": [], "head": []})
     assert empty.stem == () and empty.head == ({"op": "global_avgpool"}, {"op": "linear"})
-    g = sample_genotype(optuna.trial.FixedTrial({"channels": 8, "normal.n0.e0.input": "in1",
-                                                 "normal.n0.e0.op": "skip_connect", "normal.n1.e0.input": "n0",
-                                                 "normal.n1.e0.op": "skip_connect", "reduce.n0.e0.input": "in1",
-                                                 "reduce.n0.e0.op": "skip_connect", "reduce.n1.e0.input": "n0",
-                                                 "reduce.n1.e0.op": "skip_connect", "stage0.cells": 1,
-                                                 "stage1.cells": 1}), space)
+    g = sample_genotype(
+        optuna.trial.FixedTrial(
+            {
+                "channels": 8,
+                "normal.n0.e0.input": "in1",
+                "normal.n0.e0.op": "skip_connect",
+                "normal.n1.e0.input": "n0",
+                "normal.n1.e0.op": "skip_connect",
+                "reduce.n0.e0.input": "in1",
+                "reduce.n0.e0.op": "skip_connect",
+                "reduce.n1.e0.input": "n0",
+                "reduce.n1.e0.op": "skip_connect",
+                "stage0.cells": 1,
+                "stage1.cells": 1,
+            }
+        ),
+        space,
+    )
     assert g.training is not None and type(g.training["optimizer"]["lr"]) is int
 
 
@@ -215,7 +266,13 @@ def test_same_seed_same_first_genotypes(sampler: str) -> None:
 
 def test_shipped_spaces_load_sample_and_build() -> None:
     spaces = sorted((REPO / "search_spaces").glob("*.yaml"))
-    assert {p.stem for p in spaces} >= {"quickstart", "mnist_cells", "fashion_mnist_cells", "bars_macro", "darts_binary"}
+    assert {p.stem for p in spaces} >= {
+        "quickstart",
+        "mnist_cells",
+        "fashion_mnist_cells",
+        "bars_macro",
+        "darts_binary",
+    }
     for path in spaces:
         space = load_space(path)
         study = optuna.create_study(directions=space.directions, sampler=optuna.samplers.RandomSampler(seed=0))
@@ -228,8 +285,16 @@ def test_shipped_spaces_load_sample_and_build() -> None:
 def test_darts_space_uses_the_ops_of_kim_et_al() -> None:
     space = load_space(REPO / "search_spaces" / "darts_binary.yaml")
     assert space.cells is not None
-    assert set(space.cells.ops) == {"binary_conv_3x3", "binary_conv_5x5", "binary_dil_conv_3x3", "binary_dil_conv_5x5",
-                                    "max_pool_3x3", "avg_pool_3x3", "skip_connect", "zero"}
+    assert set(space.cells.ops) == {
+        "binary_conv_3x3",
+        "binary_conv_5x5",
+        "binary_dil_conv_3x3",
+        "binary_dil_conv_5x5",
+        "max_pool_3x3",
+        "avg_pool_3x3",
+        "skip_connect",
+        "zero",
+    }
     assert space.cells.nodes == 4 and space.cells.combine == "concat"
 
 

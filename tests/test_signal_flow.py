@@ -1,5 +1,6 @@
 """bnas.signal_flow: genotypes whose network output cannot depend on the input, judged on the
 genotype and checked against the built network itself; the search rejects them untrained."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,15 +19,17 @@ from bnas.signal_flow import carries_signal, cell_output_is_live, constant_outpu
 
 
 def _genotype(normal: dict[str, Any], body: list[dict[str, Any]] | None = None, **cells: dict[str, Any]) -> Any:
-    return genotype_from_dict({
-        "name": "flow",
-        "input": [1, 8, 8],
-        "num_classes": 10,
-        "stem": [{"op": "conv_bn", "channels": 8}],
-        "cells": {"normal": normal, **cells},
-        "body": body or [{"cell": "normal", "channels": 8}],
-        "head": [{"op": "global_avgpool"}, {"op": "linear"}],
-    })
+    return genotype_from_dict(
+        {
+            "name": "flow",
+            "input": [1, 8, 8],
+            "num_classes": 10,
+            "stem": [{"op": "conv_bn", "channels": 8}],
+            "cells": {"normal": normal, **cells},
+            "body": body or [{"cell": "normal", "channels": 8}],
+            "head": [{"op": "global_avgpool"}, {"op": "linear"}],
+        }
+    )
 
 
 def _cell(n0: list[list[str]], n1: list[list[str]] | None = None, residual: bool = False) -> dict[str, Any]:
@@ -75,8 +78,9 @@ def test_a_dead_cell_is_bypassed_by_the_next_cells_k_minus_2_input() -> None:
     # The second cell reads the first cell's input (in0 = k-2) through a conv, so the flow
     # goes around the dead first cell.
     bypass = _cell([["zero", "in1"], ["binary_conv_3x3", "in0"]])
-    genotype = _genotype(ZERO_CELL, [{"cell": "normal", "channels": 8}, {"cell": "bypass", "channels": 8}],
-                         bypass=bypass)
+    genotype = _genotype(
+        ZERO_CELL, [{"cell": "normal", "channels": 8}, {"cell": "bypass", "channels": 8}], bypass=bypass
+    )
     assert constant_output(genotype) is None and _output_varies(genotype)
     # Reading its k-2 input only through a zero op, it is dead too, and the message says
     # where each of its inputs stopped.
@@ -97,12 +101,16 @@ def test_a_cell_whose_live_path_starts_from_a_dead_input_is_dead() -> None:
 
 
 def test_a_zero_op_layer_ends_the_flow() -> None:
-    genotype = genotype_from_dict({
-        "name": "flow", "input": [1, 8, 8], "num_classes": 10,
-        "stem": [{"op": "conv_bn", "channels": 8}],
-        "body": [{"op": "skip_connect"}, {"op": "zero"}, {"op": "skip_connect"}],
-        "head": [{"op": "global_avgpool"}, {"op": "linear"}],
-    })
+    genotype = genotype_from_dict(
+        {
+            "name": "flow",
+            "input": [1, 8, 8],
+            "num_classes": 10,
+            "stem": [{"op": "conv_bn", "channels": 8}],
+            "body": [{"op": "skip_connect"}, {"op": "zero"}, {"op": "skip_connect"}],
+            "head": [{"op": "global_avgpool"}, {"op": "linear"}],
+        }
+    )
     assert constant_output(genotype) == "body[1] is the op 'zero', which outputs zeros"
     assert not _output_varies(genotype)
 

@@ -7,6 +7,7 @@ so a cycle hidden behind a function-level import is caught too. Importing ``bnas
 ``bnas/__init__`` first; that implicit edge is left out, or every module would be in a cycle
 through the package that re-exports it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,8 @@ def _modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
@@ -113,8 +115,23 @@ def test_a_genotype_is_plain_data() -> None:
 
 def test_registry_ops_genotype_builder_have_no_cycle() -> None:
     graph = import_graph()
-    core = {n for n in graph if n.split(".")[1:2] in (["registry"], ["ops"], ["genotype"], ["builder"], ["binarize"],
-                                                     ["catalog"], ["errors"], ["yaml_io"], ["atomic"], ["resources"])}
+    core = {
+        n
+        for n in graph
+        if n.split(".")[1:2]
+        in (
+            ["registry"],
+            ["ops"],
+            ["genotype"],
+            ["builder"],
+            ["binarize"],
+            ["catalog"],
+            ["errors"],
+            ["yaml_io"],
+            ["atomic"],
+            ["resources"],
+        )
+    }
     sub = graph.subgraph(core | {d for n in core for d in nx.descendants(graph, n)})
     assert nx.is_directed_acyclic_graph(sub), list(nx.simple_cycles(sub))
 
@@ -136,9 +153,11 @@ def test_each_module_imports_on_its_own(module: str) -> None:
 
 def test_every_name_is_registered_when_asked() -> None:
     # The catalog loads on the first query, whichever module asks first.
-    code = ("from bnas.registry import get_spec, list_primitives; "
-            "assert get_spec('xnor_resnet_block').family == 'resnet_block'; "
-            "assert get_spec('conv_unit').source == 'python'; print(len(list_primitives()))")
+    code = (
+        "from bnas.registry import get_spec, list_primitives; "
+        "assert get_spec('xnor_resnet_block').family == 'resnet_block'; "
+        "assert get_spec('conv_unit').source == 'python'; print(len(list_primitives()))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout) >= 28

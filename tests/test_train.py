@@ -1,4 +1,5 @@
 """Data and trainer: learning, exact resume, NaN handling, recipe rules, clear errors."""
+
 from __future__ import annotations
 
 import math
@@ -207,7 +208,9 @@ def test_eval_writes_report_and_resume_refuses_to_overwrite(tmp_path: Path, caps
     import json
 
     report = json.loads((out / "report.json").read_text())
-    assert {"test_acc", "best_val_acc", "history", "metrics", "recipe", "genotype", "versions", "wall_time_s"} <= set(report)
+    assert {"test_acc", "best_val_acc", "history", "metrics", "recipe", "genotype", "versions", "wall_time_s"} <= set(
+        report
+    )
     assert report["recipe"]["epochs"] == 2
     assert (out / "report.md").read_text().startswith("# digits_mlp on digits")
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -233,8 +236,13 @@ def test_distillation_from_a_real_valued_teacher(tmp_path: Path) -> None:
     teacher = tmp_path / "teacher.yaml"
     teacher.write_text(MLP)
     genotype = loads_genotype(MLP)
-    report = evaluate(genotype, "digits", progress=False, out=tmp_path / "run",
-                      overrides={"epochs": 2, "distill": {"teacher": str(teacher), "temperature": 2.0, "alpha": 0.5}})
+    report = evaluate(
+        genotype,
+        "digits",
+        progress=False,
+        out=tmp_path / "run",
+        overrides={"epochs": 2, "distill": {"teacher": str(teacher), "temperature": 2.0, "alpha": 0.5}},
+    )
     # The teacher (binarization off) was trained first, then distilled into the binary net.
     assert (tmp_path / "run" / "teacher" / "checkpoint.pt").is_file()
     teacher_state = load_checkpoint(tmp_path / "run" / "teacher" / "checkpoint.pt")
@@ -251,16 +259,26 @@ def test_two_step_schedule_binarizes_weights_later() -> None:
     seen: list[list[tuple[bool, bool]]] = []
     trainer = Trainer(model, load_dataset("digits"), recipe, progress=False)
     # Every binary layer, after each epoch: (activations binarized, weights binarized).
-    trainer.callbacks.append(lambda epoch, row: seen.append(
-        [(layer.input_quantizer.enabled, layer.kernel_quantizer.enabled) for layer in layers]))
+    trainer.callbacks.append(
+        lambda epoch, row: seen.append(
+            [(layer.input_quantizer.enabled, layer.kernel_quantizer.enabled) for layer in layers]
+        )
+    )
     trainer.fit()
     assert seen == [[(True, False)] * len(layers), [(True, True)] * len(layers)]
 
 
 def test_patience_stops_early_by_the_lenet_rule() -> None:
     genotype = loads_genotype(MLP)
-    recipe = Recipe.from_dict({**genotype.training, "epochs": 30, "patience": 2, "patience_increase": 1.0,
-                               "optimizer": {"name": "adam", "lr": 1e-9}})
+    recipe = Recipe.from_dict(
+        {
+            **genotype.training,
+            "epochs": 30,
+            "patience": 2,
+            "patience_increase": 1.0,
+            "optimizer": {"name": "adam", "lr": 1e-9},
+        }
+    )
     result = Trainer(bnas.build(genotype), load_dataset("digits"), recipe, progress=False).fit()
     # With a learning rate too small to improve anything, patience is never extended.
     assert result.stopped_early and result.epochs_run == 2
@@ -275,13 +293,16 @@ def _scripted_trainer(monkeypatch: pytest.MonkeyPatch, recipe: Recipe, out: Path
     """A trainer on digits whose validation accuracy after epoch e is VAL_SCRIPT[e - 1]."""
     trainer = Trainer(bnas.build(loads_genotype(MLP)), load_dataset("digits"), recipe, out_dir=out, progress=False)
     # Keyed by the trainer's own history, so a resumed trainer continues the script where it stopped.
-    monkeypatch.setattr(train_loop, "evaluate_accuracy", lambda model, loader, device: (VAL_SCRIPT[len(trainer.history)], 1.0))
+    monkeypatch.setattr(
+        train_loop, "evaluate_accuracy", lambda model, loader, device: (VAL_SCRIPT[len(trainer.history)], 1.0)
+    )
     return trainer
 
 
 def _patience_recipe(patience_increase: float, epochs: int = 30) -> Recipe:
-    return Recipe.from_dict({**loads_genotype(MLP).training, "epochs": epochs, "patience": 2,
-                             "patience_increase": patience_increase})
+    return Recipe.from_dict(
+        {**loads_genotype(MLP).training, "epochs": epochs, "patience": 2, "patience_increase": patience_increase}
+    )
 
 
 # Stop after epoch e once e >= patience; an improvement at epoch e raises patience to
@@ -291,8 +312,9 @@ def _patience_recipe(patience_increase: float, epochs: int = 30) -> Recipe:
 #   2.0: epochs 1-3 -> 2, 4, 6; epoch 5 -> 10; epoch 8's small gain would make it 16 -> stops after epoch 10.
 # Epoch 8's gain is still the best accuracy, so it is the best epoch once the run reaches it.
 @pytest.mark.parametrize(("patience_increase", "stop_epoch", "best_epoch"), [(1.0, 2, 2), (1.5, 8, 8), (2.0, 10, 8)])
-def test_patience_increase_extends_patience(monkeypatch: pytest.MonkeyPatch, patience_increase: float, stop_epoch: int,
-                                            best_epoch: int) -> None:
+def test_patience_increase_extends_patience(
+    monkeypatch: pytest.MonkeyPatch, patience_increase: float, stop_epoch: int, best_epoch: int
+) -> None:
     result = _scripted_trainer(monkeypatch, _patience_recipe(patience_increase)).fit()
     assert result.stopped_early and result.epochs_run == stop_epoch
     assert [row["val_acc"] for row in result.history] == VAL_SCRIPT[:stop_epoch]
@@ -335,11 +357,10 @@ def _allocator_probe(env: dict[str, str]) -> list[str]:
     import subprocess
     import sys
 
-    code = (
-        "from bnas.train import tune_cpu_allocator as t\n"
-        "print(t(), t(), t(enable=False))\n"
+    code = "from bnas.train import tune_cpu_allocator as t\nprint(t(), t(), t(enable=False))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True
     )
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return out.stdout.split()
 
 
