@@ -226,7 +226,10 @@ def main(argv: list[str] | None = None) -> None:
             set_binarization(supernet, activations=False, weights=False)
         return supernet
 
-    probe = fresh_supernet()
+    # The base path is drawn within the space's constraints as built (binary): with --real the
+    # float convs would count as float OPs and no path would fit.
+    torch.manual_seed(args.seed)
+    probe = Supernet(space)
     base = PathSampler(probe, "feasible").draw(random.Random(args.seed))
     genotype = probe.genotype(base, name=f"{space.name}-base-path")
     log.info("base path %s; %d steps", genotype.canonical_hash(), args.steps)
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         "base_path": genotype.canonical_hash(),
     }
     if args.head_scales:
-        scales = classifier_input_scales(probe, base, batches[0][0], args.head_scales, args.seed)
+        scales = classifier_input_scales(fresh_supernet(), base, batches[0][0], args.head_scales, args.seed)
         emit(
             {
                 **common,

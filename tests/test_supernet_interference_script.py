@@ -111,3 +111,15 @@ def test_last_quarter_counts_at_least_one_step() -> None:
     assert SCRIPT_MODULE.last_quarter(200) == 150
     assert SCRIPT_MODULE.last_quarter(3) == 2
     assert SCRIPT_MODULE.last_quarter(1) == 0
+
+
+def test_real_mode_draws_the_base_path_as_built(tiny_space: Path) -> None:
+    # A budget only binary paths meet: with binarization off the float convs would break it.
+    space = yaml.safe_load(tiny_space.read_text(encoding="utf-8"))
+    space["constraints"] = {"max_ops": 60_000}
+    tiny_space.write_text(yaml.safe_dump(space), encoding="utf-8")
+    binary, real = (
+        run("--space", str(tiny_space), "--steps", "4", "--modes", "fixed", *flag)[0] for flag in ((), ("--real",))
+    )
+    assert real["real"] is True and binary["real"] is False
+    assert real["base_path"] == binary["base_path"]
