@@ -376,3 +376,38 @@ def test_finetuned_scoring_is_recorded_and_checked_on_resume(
     assert "--finetune-steps applies to a one-shot search" in capsys.readouterr().err
     assert _search(space_file, tmp_path / "y", supernet_file, "--finetune-steps", "-1") == 2
     assert "--finetune-steps must be 0 or more, got -1" in capsys.readouterr().err
+
+
+def test_probe_scoring_is_recorded_and_checked_on_resume(
+    budgeted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space_file, supernet_file = budgeted
+    out = tmp_path / "probed"
+    assert _search(space_file, out, supernet_file, "--probe-samples", "128", trials=3) == 0
+    study = _study(out)
+    assert study.user_attrs["supernet"]["probe_samples"] == 128
+    # Each score is supernet.score with a probe on 128 images, seeded with the search's seed.
+    space = load_space(space_file)
+    supernet = load_supernet(supernet_file, space)
+    data = search_data(space, 3)
+    batches = calibration_batches(data, num_batches=8, batch_size=64, seed=3, device="cpu")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert complete
+    for t in complete:
+        genotype = bnas.load_genotype(out / "genotypes" / f"trial-{t.number}.yaml")
+        assert (
+            score(supernet, genotype, data, calibration=batches, seed=3, probe_samples=128)
+            == t.user_attrs["supernet_acc"]
+        )
+    capsys.readouterr()
+    assert main(["search", "--show", str(out)]) == 0
+    assert "a linear probe refitted on its features for 128 training images" in capsys.readouterr().out
+    # Resumed with the shared classifier: refused, nothing changed.
+    before = (out / "study.db").read_bytes()
+    assert _search(space_file, out, supernet_file, trials=4) == 2
+    assert "a linear probe fitted on 128 training images, not as asked now" in capsys.readouterr().err
+    assert (out / "study.db").read_bytes() == before
+    assert _search(space_file, tmp_path / "x", None, "--probe-samples", "64") == 2
+    assert "--probe-samples applies to a one-shot search" in capsys.readouterr().err
+    assert _search(space_file, tmp_path / "y", supernet_file, "--probe-samples", "-1") == 2
+    assert "--probe-samples must be 0 or more, got -1" in capsys.readouterr().err

@@ -84,6 +84,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default 0: the inherited weights as they are)",
     )
     p.add_argument(
+        "--probe-samples",
+        type=int,
+        metavar="N",
+        help="with --supernet: score each trial by a linear classifier refitted on its own features for N seeded "
+        "training images instead of by the supernet's shared classifier (default 0: the shared one)",
+    )
+    p.add_argument(
         "--retrain-top",
         type=int,
         metavar="K",
@@ -167,6 +174,7 @@ def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> tuple[optuna.St
             ("--supernet", cfg.supernet),
             ("--calibration-batches", args.calibration_batches),
             ("--finetune-steps", args.finetune_steps),
+            ("--probe-samples", args.probe_samples),
         ):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -218,6 +226,10 @@ def run_search(args: argparse.Namespace) -> int:
         raise BnasError(f"--finetune-steps must be 0 or more, got {args.finetune_steps}")
     if args.finetune_steps is not None and args.supernet is None:
         raise BnasError("--finetune-steps applies to a one-shot search: add --supernet RUN/supernet.pt, or drop it")
+    if args.probe_samples is not None and args.probe_samples < 0:
+        raise BnasError(f"--probe-samples must be 0 or more, got {args.probe_samples}")
+    if args.probe_samples is not None and args.supernet is None:
+        raise BnasError("--probe-samples applies to a one-shot search: add --supernet RUN/supernet.pt, or drop it")
     for flag in ("retrain_epochs", "retrain_recipe"):
         if getattr(args, flag) is not None and args.retrain_top is None:
             raise BnasError(f"--{flag.replace('_', '-')} applies to --retrain-top K: add --retrain-top K, or drop it")
@@ -267,6 +279,7 @@ def run_search(args: argparse.Namespace) -> int:
         supernet=Path(args.supernet).resolve() if args.supernet else None,
         calibration_batches=args.calibration_batches or 8,
         finetune_steps=args.finetune_steps or 0,
+        probe_samples=args.probe_samples or 0,
         retrain_top=args.retrain_top,
         retrain_epochs=args.retrain_epochs,
         retrain_recipe=retrain_recipe,

@@ -37,10 +37,13 @@ class SearchConfig:
     catalogs: tuple[str, ...] = ()
     # One-shot search (--supernet): trials are scored with the supernet's inherited weights
     # (BN recalibrated on this many seeded training batches) instead of being trained;
-    # with finetune_steps, a copy of the inherited weights first trains that many steps.
+    # with finetune_steps, a copy of the inherited weights first trains that many steps;
+    # with probe_samples, a linear probe refitted on that many training images' features
+    # scores instead of the shared classifier (bnas.search.linear_probe).
     supernet: Path | None = None
     calibration_batches: int = 8
     finetune_steps: int = 0
+    probe_samples: int = 0
     # --retrain-top K: the best K trials retrained from scratch once the study is done,
     # with the space's budget, changed by the --retrain-recipe keys (retrain.load_retrain_recipe)
     # and --retrain-epochs.

@@ -6,10 +6,11 @@ unchanged; this module supplies what replaces training there: the supernet, load
 process and checked against the space (``load_oneshot``), and a ``SupernetScorer`` that rates
 a genotype with ``supernet.score`` on calibration batches drawn once per process with the
 search's seed (so every trial, in every worker, is scored on the same batches), optionally
-after fine-tuning a copy of the inherited weights for a few seeded steps (``--finetune-steps``).
+after fine-tuning a copy of the inherited weights for a few seeded steps (``--finetune-steps``),
+and optionally by a linear probe refitted on the path's own features (``--probe-samples``).
 
 A one-shot study records its supernet (``SUPERNET_ATTR``: path, file hash, epochs trained,
-calibration batches, fine-tuning steps); ``check_supernet`` refuses to resume it without that
+calibration batches, fine-tuning steps, probe samples); ``check_supernet`` refuses to resume it without that
 supernet or with another scoring, or a per-trial study with one: their scores would not compare.
 """
 
@@ -84,6 +85,7 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
         cfg.space.fingerprint(),
         cfg.calibration_batches,
         cfg.finetune_steps,
+        cfg.probe_samples,
     )
     if key not in _loaded:
         from .supernet_run import load_supernet  # the training module, only for one-shot searches
@@ -103,6 +105,7 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
             "epochs": int(meta.get("epochs", 0)),
             "calibration_batches": cfg.calibration_batches,
             "finetune_steps": cfg.finetune_steps,
+            "probe_samples": cfg.probe_samples,
         }
         _loaded.clear()
         _loaded[key] = OneShot(supernet, info)
@@ -145,12 +148,24 @@ def check_supernet(stored: Mapping[str, Any] | None, given: Mapping[str, Any] | 
             f"scoring, not {given.get('finetune_steps', 0)}; resume it with --finetune-steps "
             f"{stored.get('finetune_steps', 0)}, or {other}"
         )
+    # Studies from before --probe-samples scored with the shared classifier.
+    if stored.get("probe_samples", 0) != given.get("probe_samples", 0):
+        raise SearchError(
+            f"{where} scored each trial with "
+            + (
+                f"a linear probe fitted on {stored['probe_samples']} training images"
+                if stored.get("probe_samples")
+                else "the supernet's own classifier"
+            )
+            + f", not as asked now; resume it with --probe-samples {stored.get('probe_samples', 0)}, or {other}"
+        )
 
 
 class SupernetScorer:
     """Scores a genotype with the supernet's inherited weights (``supernet.score``) on
     calibration batches drawn once, with the search's seed; with ``cfg.finetune_steps``, a
-    copy of them first trains that many steps (the search's seed, the space's budget recipe)."""
+    copy of them first trains that many steps (the search's seed, the space's budget recipe);
+    with ``cfg.probe_samples``, a linear probe on the path's features gives the accuracy."""
 
     def __init__(self, oneshot: OneShot, data: DataSplits, cfg: SearchConfig):
         self.supernet = oneshot.supernet
@@ -158,6 +173,7 @@ class SupernetScorer:
         self.data = data
         self.seed = cfg.seed
         self.finetune_steps = cfg.finetune_steps
+        self.probe_samples = cfg.probe_samples
         self.batches: list[Tensor] = calibration_batches(
             data,
             num_batches=cfg.calibration_batches,
@@ -175,5 +191,6 @@ class SupernetScorer:
                 calibration=self.batches,
                 seed=self.seed,
                 finetune_steps=self.finetune_steps,
+                probe_samples=self.probe_samples,
             )
         )

@@ -144,8 +144,13 @@ def summary_text(study: optuna.Study, out: Path) -> str:
                 if supernet.get("finetune_steps")
                 else ""
             )
-            + f"BatchNorm recalibrated on {supernet.get('calibration_batches')} training batches); "
-            "no trial was trained from scratch"
+            + f"BatchNorm recalibrated on {supernet.get('calibration_batches')} training batches"
+            + (
+                f"; accuracy of a linear probe refitted on its features for {supernet['probe_samples']} training images"
+                if supernet.get("probe_samples")
+                else ""
+            )
+            + "); no trial was trained from scratch"
         )
     if len(study.directions) > 1 and not supernet:
         lines.append(f"- multi-objective: {MULTI_OBJECTIVE_NOTE}")
