@@ -86,6 +86,27 @@ budget: {epochs: 1, batch_size: 256, optimizer: {name: adam, lr: 0.01}}
 """
 
 
+# A two-stage cell space on synthetic 1x8x8 images, for tests that train or score supernet paths
+# in seconds (copy it before changing it).
+TINY_CELL_SPACE: dict[str, Any] = {
+    "name": "tiny_cells",
+    "dataset": "synthetic",
+    "input": [1, 8, 8],
+    "num_classes": 4,
+    "stem": [{"op": "conv_bn", "channels": 4, "kernel": 3}],
+    "cells": {
+        "ops": ["binary_conv_3x3", "skip_connect", "max_pool_3x3"],
+        "nodes": 2,
+        "inputs": 2,
+        "edges_per_node": 2,
+        "combine": "sum",
+    },
+    "macro": {"stages": 2, "channels": [4, 6], "cells_per_stage": [1, 2]},
+    "head": [{"op": "global_avgpool"}, {"op": "linear"}],
+    "budget": {"epochs": 1, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.01}},
+}
+
+
 def _flow(value: object) -> str:
     """A value as the fixture writes it: lists in flow style, ``[a, b]``."""
     if isinstance(value, (list, tuple)):

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from conftest import TINY_CELL_SPACE
 from torch import nn
 
 from bnas.data import load_dataset
@@ -16,23 +17,6 @@ from bnas.search import Supernet
 from bnas.search.linear_probe import PROBE_L2, classifier_inputs, fit_probe, probe_accuracy
 from bnas.search.space import parse_space
 from bnas.search.supernet import calibration_batches, recalibrate_bn, score
-
-SPACE = {
-    "name": "tiny_probe",
-    "dataset": "synthetic",
-    "input": [1, 8, 8],
-    "num_classes": 4,
-    "stem": [{"op": "conv_bn", "channels": 4, "kernel": 3}],
-    "cells": {
-        "ops": ["binary_conv_3x3", "skip_connect", "max_pool_3x3"],
-        "nodes": 2,
-        "inputs": 2,
-        "edges_per_node": 2,
-        "combine": "sum",
-    },
-    "macro": {"stages": 2, "channels": [4, 6], "cells_per_stage": [1, 2]},
-    "budget": {"epochs": 1, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.01}},
-}
 
 
 def data():
@@ -89,7 +73,7 @@ def test_a_network_without_a_linear_layer_is_refused() -> None:
 
 def test_probe_score_ignores_a_broken_shared_classifier() -> None:
     torch.manual_seed(0)
-    supernet = Supernet(parse_space(SPACE))
+    supernet = Supernet(parse_space(TINY_CELL_SPACE))
     splits = data()
     genotype = supernet.sample(random.Random(3))
     network = supernet.network(genotype)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import TINY_CELL_SPACE
 from scipy.stats import kendalltau, spearmanr
 
 from bnas.search import Supernet
@@ -27,19 +28,8 @@ from bnas.search.supernet_run import load_supernet
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "oneshot_ranking.py"
 TINY = {
+    **TINY_CELL_SPACE,
     "name": "tiny_ranking",
-    "dataset": "synthetic",
-    "input": [1, 8, 8],
-    "num_classes": 4,
-    "stem": [{"op": "conv_bn", "channels": 4, "kernel": 3}],
-    "cells": {
-        "ops": ["binary_conv_3x3", "skip_connect", "max_pool_3x3"],
-        "nodes": 2,
-        "inputs": 2,
-        "edges_per_node": 2,
-        "combine": "sum",
-    },
-    "macro": {"stages": 2, "channels": [4, 6], "cells_per_stage": [1, 2]},
     "train_subset": 256,  # a proxy task: seconds per training
     "budget": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.01}},
 }

@@ -345,15 +345,41 @@ def test_sigkilled_oneshot_search_resumes(budgeted: tuple[Path, Path], tmp_path:
     assert all("supernet_acc" in t.user_attrs for t in finished if t.state.name == "COMPLETE")
 
 
-def test_finetuned_scoring_is_recorded_and_checked_on_resume(
-    budgeted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("flag", "value", "key", "shown", "refused"),
+    [
+        (
+            "--finetune-steps",
+            2,
+            "finetune_steps",
+            "a copy of them fine-tuned for 2 steps",
+            "fine-tuned each trial's inherited weights for 2 steps before scoring, not 0",
+        ),
+        (
+            "--probe-samples",
+            128,
+            "probe_samples",
+            "a linear probe refitted on its features for 128 training images",
+            "a linear probe fitted on 128 training images, not as asked now",
+        ),
+    ],
+)
+def test_scoring_options_are_recorded_and_checked_on_resume(
+    budgeted: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    value: int,
+    key: str,
+    shown: str,
+    refused: str,
 ) -> None:
     space_file, supernet_file = budgeted
-    out = tmp_path / "tuned"
-    assert _search(space_file, out, supernet_file, "--finetune-steps", "2", trials=3) == 0
+    out = tmp_path / "scored"
+    assert _search(space_file, out, supernet_file, flag, str(value), trials=3) == 0
     study = _study(out)
-    assert study.user_attrs["supernet"]["finetune_steps"] == 2
-    # Each score is supernet.score with two fine-tuning steps, seeded with the search's seed.
+    assert study.user_attrs["supernet"][key] == value
+    # Each score is supernet.score with the option, seeded with the search's seed.
     space = load_space(space_file)
     supernet = load_supernet(supernet_file, space)
     data = search_data(space, 3)
@@ -362,52 +388,17 @@ def test_finetuned_scoring_is_recorded_and_checked_on_resume(
     assert complete
     for t in complete:
         genotype = bnas.load_genotype(out / "genotypes" / f"trial-{t.number}.yaml")
-        tuned = score(supernet, genotype, data, calibration=batches, seed=3, finetune_steps=2)
-        assert tuned == t.user_attrs["supernet_acc"]
+        expected = score(supernet, genotype, data, calibration=batches, seed=3, **{key: value})
+        assert expected == t.user_attrs["supernet_acc"]
     capsys.readouterr()
     assert main(["search", "--show", str(out)]) == 0
-    assert "a copy of them fine-tuned for 2 steps" in capsys.readouterr().out
-    # Resumed with other fine-tuning (none): refused, nothing changed.
+    assert shown in capsys.readouterr().out
+    # Resumed without the option: refused, nothing changed.
     before = (out / "study.db").read_bytes()
     assert _search(space_file, out, supernet_file, trials=4) == 2
-    assert "fine-tuned each trial's inherited weights for 2 steps before scoring, not 0" in capsys.readouterr().err
+    assert refused in capsys.readouterr().err
     assert (out / "study.db").read_bytes() == before
-    assert _search(space_file, tmp_path / "x", None, "--finetune-steps", "2") == 2
-    assert "--finetune-steps applies to a one-shot search" in capsys.readouterr().err
-    assert _search(space_file, tmp_path / "y", supernet_file, "--finetune-steps", "-1") == 2
-    assert "--finetune-steps must be 0 or more, got -1" in capsys.readouterr().err
-
-
-def test_probe_scoring_is_recorded_and_checked_on_resume(
-    budgeted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    space_file, supernet_file = budgeted
-    out = tmp_path / "probed"
-    assert _search(space_file, out, supernet_file, "--probe-samples", "128", trials=3) == 0
-    study = _study(out)
-    assert study.user_attrs["supernet"]["probe_samples"] == 128
-    # Each score is supernet.score with a probe on 128 images, seeded with the search's seed.
-    space = load_space(space_file)
-    supernet = load_supernet(supernet_file, space)
-    data = search_data(space, 3)
-    batches = calibration_batches(data, num_batches=8, batch_size=64, seed=3, device="cpu")
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert complete
-    for t in complete:
-        genotype = bnas.load_genotype(out / "genotypes" / f"trial-{t.number}.yaml")
-        assert (
-            score(supernet, genotype, data, calibration=batches, seed=3, probe_samples=128)
-            == t.user_attrs["supernet_acc"]
-        )
-    capsys.readouterr()
-    assert main(["search", "--show", str(out)]) == 0
-    assert "a linear probe refitted on its features for 128 training images" in capsys.readouterr().out
-    # Resumed with the shared classifier: refused, nothing changed.
-    before = (out / "study.db").read_bytes()
-    assert _search(space_file, out, supernet_file, trials=4) == 2
-    assert "a linear probe fitted on 128 training images, not as asked now" in capsys.readouterr().err
-    assert (out / "study.db").read_bytes() == before
-    assert _search(space_file, tmp_path / "x", None, "--probe-samples", "64") == 2
-    assert "--probe-samples applies to a one-shot search" in capsys.readouterr().err
-    assert _search(space_file, tmp_path / "y", supernet_file, "--probe-samples", "-1") == 2
-    assert "--probe-samples must be 0 or more, got -1" in capsys.readouterr().err
+    assert _search(space_file, tmp_path / "x", None, flag, str(value)) == 2
+    assert f"{flag} applies to a one-shot search" in capsys.readouterr().err
+    assert _search(space_file, tmp_path / "y", supernet_file, flag, "-1") == 2
+    assert f"{flag} must be 0 or more, got -1" in capsys.readouterr().err

@@ -15,29 +15,13 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import TINY_CELL_SPACE
 
 from bnas.search import Supernet
 from bnas.search.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "supernet_interference.py"
-TINY = {
-    "name": "tiny_interference",
-    "dataset": "synthetic",
-    "input": [1, 8, 8],
-    "num_classes": 4,
-    "stem": [{"op": "conv_bn", "channels": 4, "kernel": 3}],
-    "cells": {
-        "ops": ["binary_conv_3x3", "skip_connect", "max_pool_3x3"],
-        "nodes": 2,
-        "inputs": 2,
-        "edges_per_node": 2,
-        "combine": "sum",
-    },
-    "macro": {"stages": 2, "channels": [4, 6], "cells_per_stage": [1, 2]},
-    "head": [{"op": "global_avgpool"}, {"op": "linear"}],
-    "budget": {"epochs": 1, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.01}},
-}
 
 
 def load_script() -> ModuleType:
@@ -54,7 +38,7 @@ SCRIPT_MODULE = load_script()
 @pytest.fixture
 def tiny_space(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    path.write_text(yaml.safe_dump(TINY_CELL_SPACE), encoding="utf-8")
     return path
 
 
