@@ -453,7 +453,11 @@ def test_benchmark_script_reports_every_engine_and_its_ratio(capsys: pytest.Capt
         for name in ("float32", "int8"):
             if name in r:
                 ratios[name].append(r["baseline_ms"] / r[name]["ms"])
-                assert r[name]["ratio"] == pytest.approx(ratios[name][-1], rel=0.01, abs=0.01)
+                # The script rounds the ratio to 2 decimals and each time to 4 (in ms): tiny stems
+                # take some 10 us, where the times' rounding alone moves their ratio by ~1 %.
+                rounding = 5e-5 / r["baseline_ms"] + 5e-5 / r[name]["ms"]
+                bound = 0.005 + ratios[name][-1] * rounding * 1.01 + 1e-9
+                assert abs(r[name]["ratio"] - ratios[name][-1]) <= bound
     imagenet = lines[0]
     assert imagenet["macs"] == 3 * 7 * 7 * 64 * 112 * 112 and imagenet["max_pool"] == [3, 2, 1]
     assert all(r["max_rel_error_vs_float64"]["float32"] < 1e-5 for r in lines)
