@@ -51,12 +51,16 @@ from bnas.binarize import clip_latent_weights, set_binarization  # noqa: E402
 from bnas.builder import build  # noqa: E402
 from bnas.data import DataSplits  # noqa: E402
 from bnas.errors import BnasError  # noqa: E402
+from bnas.search.linear_probe import classifier_inputs  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.path_sampling import PathSampler  # noqa: E402
 from bnas.search.space import load_space  # noqa: E402
-from bnas.search.supernet import (  # noqa: E402
+from bnas.search.supernet import (  # noqa: E402  (its private choice-name rules too)
     Choices,
     Supernet,
+    _is_cell_choice,
+    _is_depth,
+    _is_width,
     calibration_batches,
     make_supernet_optimizer,
     recalibrate_bn,
@@ -75,15 +79,11 @@ log = logging.getLogger(BENCHMARK)
 
 
 def _is_macro(name: str) -> bool:
-    return name.endswith((".channels", ".cells")) or name == "channels"
+    return _is_width(name) or _is_depth(name)
 
 
 def _is_cell_op(name: str) -> bool:
-    return name.startswith(("normal.", "reduce.")) and name.endswith(".op")
-
-
-def _is_cell_choice(name: str) -> bool:
-    return name.startswith(("normal.", "reduce."))
+    return _is_cell_choice(name) and name.endswith(".op")
 
 
 # What each mode draws anew at every step; the other choices stay the base path's.
@@ -154,31 +154,17 @@ def train_supernet_mode(
     return hits / seen, len(distinct)
 
 
-def classifier_input(net: nn.Module, x: Tensor) -> Tensor:
-    """The input of ``net``'s last ``nn.Linear`` on ``x``, in training mode (BatchNorm on the
-    batch's statistics)."""
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise BnasError("--head-scales needs a head that ends in a linear layer")
-    seen: list[Tensor] = []
-    hook = linears[-1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
-    try:
-        net.train()
-        with torch.no_grad():
-            net(x)
-    finally:
-        hook.remove()
-    return seen[0]
-
-
-def classifier_input_scales(supernet: Supernet, base: Choices, x: Tensor, count: int, seed: int) -> list[float]:
+def classifier_input_scales(
+    supernet: Supernet, base: Choices, batch: tuple[Tensor, Tensor], count: int, seed: int
+) -> list[float]:
     """Mean |input| of the classifier of ``count`` paths drawn as ``ops`` draws them, at the
-    supernet's weights."""
+    supernet's weights, with BatchNorm on the batch's statistics (as in training)."""
     rng = random.Random(f"bnas-interference-scales:{seed}")
     scales: list[float] = []
     for _ in range(count):
         net = supernet.network(supernet.genotype(mixed_path(supernet, base, MODES["ops"], rng)))
-        scales.append(round(float(classifier_input(net, x).abs().mean()), 4))
+        features, _ = classifier_inputs(net, [batch], batch_statistics=True)
+        scales.append(round(float(features.abs().mean()), 4))
     return scales
 
 
@@ -242,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         "base_path": genotype.canonical_hash(),
     }
     if args.head_scales:
-        scales = classifier_input_scales(fresh_supernet(), base, batches[0][0], args.head_scales, args.seed)
+        scales = classifier_input_scales(fresh_supernet(), base, batches[0], args.head_scales, args.seed)
         emit(
             {
                 **common,

@@ -33,23 +33,26 @@ def _last_linear(network: nn.Module) -> nn.Linear:
     linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise BnasError(
-            "a linear probe refits the network's classifier, but this network has no nn.Linear; "
-            "end the space's head with {op: linear}, or score without the probe"
+            "the classifier's input is read at the last nn.Linear, but this network has no nn.Linear; "
+            "end the space's head with {op: linear}"
         )
     return linears[-1]
 
 
 @torch.no_grad()
-def classifier_inputs(network: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """The input of ``network``'s last linear layer, in eval mode, for every ``(x, y)`` of
-    ``batches``, as float32 rows; and the labels."""
+def classifier_inputs(
+    network: nn.Module, batches: list[tuple[Tensor, Tensor]], batch_statistics: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The input of ``network``'s last linear layer, in eval mode (with ``batch_statistics``:
+    training mode, BatchNorm on each batch's statistics), for every ``(x, y)`` of ``batches``,
+    as float32 rows; and the labels. The network's mode is restored."""
     seen: list[Tensor] = []
     hook = _last_linear(network).register_forward_hook(
         lambda module, inputs, output: seen.append(inputs[0].detach().float().flatten(1))
     )
     was_training = network.training
     try:
-        network.eval()
+        network.train(batch_statistics)
         for x, _ in batches:
             network(x)
     finally:
