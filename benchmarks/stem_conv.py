@@ -11,7 +11,11 @@ timed interleaved in one run:
   pooled stem ``bnas.kernels.conv2d_max_pool``, the conv and the pool in one pass (what the
   packed plan runs by default);
 - ``int8``: the conv in 8-bit integers on the image as it comes (NCHW), quantization included,
-  with the pool in the same pass for the pooled stem (``PackedNetwork.stem_precision = "int8"``).
+  with the pool in the same pass for the pooled stem (``PackedNetwork.stem_precision = "int8"``),
+  on AMX tiles where the CPU has AMX-INT8 (``int8_unit``), else on AVX-512 VNNI;
+- ``int8_vnni`` (AMX CPUs only): the same int8 conv kept on the VNNI kernel
+  (``cpu_backend.amx_int8(False)``), the same numbers bit for bit, with ``amx_vs_vnni``, the
+  ratio of the two.
 
 Every engine's result is checked against the float64 conv (largest error relative to the
 output's largest magnitude). Prints one JSON line per shape and a summary line.
@@ -50,18 +54,32 @@ def engines(
 ) -> dict[str, Callable[[], Any]]:
     x_cl = x.contiguous(memory_format=torch.channels_last)
     if pool is None:
-        return {
+        fns: dict[str, Callable[[], Any]] = {
             "pytorch": lambda: F.conv2d(x_cl, weight, bias, stride, padding),
             "float32": lambda: kernels.image_conv2d(x, weight, bias, stride, padding),
             "int8": lambda: kernels.int8_conv2d(x, weight, bias, stride, padding),
         }
-    return {
-        "pytorch": lambda: kernels.max_pool2d_and_pack(F.conv2d(x_cl, weight, bias, stride, padding), *pool),
-        "float32": lambda: kernels.conv2d_max_pool(x, weight, bias, stride, padding, *pool, pack_output=True),
-        "int8": lambda: kernels.conv2d_max_pool(
-            x, weight, bias, stride, padding, *pool, pack_output=True, precision="int8"
-        ),
-    }
+    else:
+        fns = {
+            "pytorch": lambda: kernels.max_pool2d_and_pack(F.conv2d(x_cl, weight, bias, stride, padding), *pool),
+            "float32": lambda: kernels.conv2d_max_pool(x, weight, bias, stride, padding, *pool, pack_output=True),
+            "int8": lambda: kernels.conv2d_max_pool(
+                x, weight, bias, stride, padding, *pool, pack_output=True, precision="int8"
+            ),
+        }
+    if cpu_backend.amx_int8_supported():
+        fns["int8_vnni"] = on_vnni(fns["int8"])
+    return fns
+
+
+def on_vnni(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with the int8 convs kept off AMX."""
+
+    def call() -> Any:
+        with cpu_backend.amx_int8(False):
+            return fn()
+
+    return call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({"benchmark": "stem_conv", "skipped": "the kernels need AVX-512 VNNI and the cpu-avx512 backend"})
         return 0
     torch.set_num_threads(args.threads)
-    ratios: dict[str, list[float]] = {"float32": [], "int8": []}
+    ratios: dict[str, list[float]] = {"float32": [], "int8": [], "int8_vnni": []}
     with torch.no_grad(), kernels.use_backend("cpu-avx512"):
         for c, h, w, k, size, stride, padding, pool, network in SHAPES:
             g = torch.Generator().manual_seed(0)
@@ -103,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline_ms": round(ms["pytorch"][0] * 1e3, 4),
                 "baseline_gmacs": round(macs / ms["pytorch"][0] / 1e9, 1),
             }
-            for name in ("float32", "int8"):
+            for name in ("float32", "int8", "int8_vnni"):
                 if name not in ms:
                     continue
                 ratio = ms["pytorch"][0] / ms[name][0]
@@ -114,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio": round(ratio, 2),
                     "gmacs": round(macs / ms[name][0] / 1e9, 1),
                 }
+            record["int8_unit"] = "amx" if cpu_backend.amx_int8_supported() else "vnni"
+            if "int8_vnni" in ms:
+                record["amx_vs_vnni"] = round(ms["int8_vnni"][0] / ms["int8"][0], 2)
             record.update(
                 {
                     "p90_ms": {"baseline": round(ms["pytorch"][1] * 1e3, 4)},

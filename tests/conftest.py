@@ -29,6 +29,20 @@ def packed_networks_keep_torchs_threads(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(packed_format, "PROCESS_BUDGET", ThreadBudget(sample=lambda: None))
 
 
+@pytest.fixture(params=["vnni", "amx"])
+def int8_unit(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test of the int8 kernels once on the AVX-512 VNNI kernels and once on AMX tiles
+    (skipped where the CPU or its kernel has no AMX-INT8), the process's setting restored after."""
+    from bnas.kernels import cpu_backend
+
+    if "cpu-avx512" not in cpu_backend.supported_backends() or not cpu_backend.int8_supported():
+        pytest.skip("the int8 kernels run on AVX-512 VNNI CPUs only")
+    if request.param == "amx" and not cpu_backend.amx_int8_supported():
+        pytest.skip("this CPU or its kernel has no AMX-INT8")
+    with cpu_backend.amx_int8(request.param == "amx"):
+        yield request.param
+
+
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     """A folder in which no file can be created: chmod 555 for an ordinary user, or, as root

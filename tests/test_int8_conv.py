@@ -4,6 +4,9 @@ float reference, bit for bit), the quantization rules of ``bnas.kernels.int8``, 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,12 +37,14 @@ needs_avx512 = pytest.mark.skipif(
     "cpu-avx512" not in cpu_backend.supported_backends(), reason="the float32 stem kernel runs on AVX-512 CPUs only"
 )
 
-# (N, C, H, W, K, kh, kw, stride, padding): ResNet's 7x7/2 stem, CIFAR and MNIST stems, channel
+# (N, C, H, W, K, kh, kw, stride, padding): ResNet's 7x7/2 stem (rows of 32 and 48 outputs: one
+# or one and a half of AMX's 32-pixel blocks), CIFAR and MNIST stems, channel
 # counts off the 16-lane grid, rectangular kernels, window rows that are not whole 32-bit words
 # (kw * C = 21, 9, 5, 28), maps smaller than the kernel's padding, batches whose pixel blocks
 # span images
 CASES = [
     (1, 3, 64, 64, 64, 7, 7, 2, 3),
+    (1, 3, 96, 96, 64, 7, 7, 2, 3),
     (2, 3, 32, 32, 64, 3, 3, 1, 1),
     (3, 1, 28, 28, 20, 5, 5, 1, 0),
     (2, 1, 28, 28, 32, 3, 3, 2, 1),
@@ -57,10 +62,11 @@ def case_tensors(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int, seed:
     return x, torch.randn(k, c, kh, kw, generator=g) * 0.1, torch.randn(k, generator=g)
 
 
-@needs_vnni
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_kernel_equals_its_float_reference_bit_for_bit(case: tuple[int, ...], channels_last: bool) -> None:
+def test_kernel_equals_its_float_reference_bit_for_bit(
+    case: tuple[int, ...], channels_last: bool, int8_unit: str
+) -> None:
     n, c, h, w, k, kh, kw, stride, padding = case
     x, weight, bias = case_tensors(n, c, h, w, k, kh, kw)
     if channels_last:
@@ -98,8 +104,7 @@ def test_result_is_within_the_quantization_bound_of_the_float_conv(case: tuple[i
     assert ((out.double() - exact).abs() > 0.1 * bound).any()
 
 
-@needs_vnni
-def test_an_image_gives_the_same_result_alone_as_in_any_batch() -> None:
+def test_an_image_gives_the_same_result_alone_as_in_any_batch(int8_unit: str) -> None:
     x, weight, bias = case_tensors(3, 3, 20, 20, 24, 3, 3, seed=2)
     with kernels.use_backend("cpu-avx512"):
         batch = int8_conv2d(x, weight, bias, 1, 1)
@@ -108,8 +113,7 @@ def test_an_image_gives_the_same_result_alone_as_in_any_batch() -> None:
         assert torch.equal(batch[i : i + 1], alone[i])
 
 
-@needs_vnni
-def test_result_does_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_result_does_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPatch, int8_unit: str) -> None:
     x, weight, bias = case_tensors(2, 3, 96, 96, 64, 7, 7, seed=3)
     results = []
     for threads in ("1", "2", "3"):
@@ -137,6 +141,20 @@ def test_other_backends_compute_the_same_numbers() -> None:
         out = int8_conv2d(x, weight, bias, 2, 1)
     assert torch.equal(out, int8_conv2d_reference(x, weight, bias, (2, 2), (1, 1)))
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_vnni
+def test_amx_is_switched_per_process_and_off_with_bnas_amx_0() -> None:
+    ext = cpu_backend._built("cpu-avx512")
+    with cpu_backend.amx_int8(False):
+        with cpu_backend.amx_int8(True):
+            assert ext.set_amx_int8_enabled(True) is True  # the inner block's setting
+        assert ext.set_amx_int8_enabled(False) is False  # the outer block's, restored
+    probe = "from bnas.kernels import cpu_backend; print(cpu_backend._built('cpu-avx512').set_amx_int8_enabled(True))"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "BNAS_AMX": value}
+        run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert run.stdout.strip() == expected
 
 
 def test_image_quantization_follows_the_rules() -> None:
@@ -204,7 +222,7 @@ POOLED = [
 @pytest.mark.parametrize("case", POOLED)
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
 def test_int8_conv_and_max_pool_in_one_pass_equal_the_two_ops(
-    case: tuple[int, ...], threads: str, monkeypatch: pytest.MonkeyPatch
+    case: tuple[int, ...], threads: str, monkeypatch: pytest.MonkeyPatch, int8_unit: str
 ) -> None:
     n, c, h, w, k, size, stride, padding, pool, pool_stride, pool_padding = case
     x, weight, bias = case_tensors(n, c, h, w, k, size, size, seed=6)
@@ -331,7 +349,7 @@ def test_resnet_stem_and_its_pool_run_as_one_float32_step_by_default() -> None:
         torch.testing.assert_close(packed(x), tree, rtol=1e-4, atol=1e-4 * tree.abs().max().item())
 
 
-def test_resnet_stem_and_its_pool_run_as_one_int8_step() -> None:
+def test_resnet_stem_and_its_pool_run_as_one_int8_step(int8_unit: str) -> None:
     genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18_imagenet.yaml")
     torch.manual_seed(0)
     packed = pack_model(randomize(bnas.build(genotype), seed=0))
@@ -465,6 +483,18 @@ def test_benchmark_script_reports_every_engine_and_its_ratio(capsys: pytest.Capt
     for name in ratios:
         expected = statistics.median(ratios[name])
         assert summary["median_ratio"][name] == pytest.approx(expected, rel=0.01, abs=0.01)
+    amx = cpu_backend.amx_int8_supported()
+    for r in lines:
+        assert r["int8_unit"] == ("amx" if amx else "vnni")
+        # the VNNI engine computes the very same numbers; its ratio to AMX is of the two times
+        assert ("int8_vnni" in r) is amx and ("amx_vs_vnni" in r) is amx
+        if amx:
+            assert r["max_rel_error_vs_float64"]["int8_vnni"] == errors_of(r, "int8")
+            assert r["amx_vs_vnni"] == pytest.approx(r["int8_vnni"]["ms"] / r["int8"]["ms"], abs=0.006)
+
+
+def errors_of(record: dict, engine: str) -> float:
+    return record["max_rel_error_vs_float64"][engine]
 
 
 @needs_vnni

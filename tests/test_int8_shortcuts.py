@@ -50,9 +50,8 @@ def case_tensors(n: int, c: int, h: int, w: int, k: int, seed: int = 0) -> tuple
     return x, torch.randn(k, c, 1, 1, generator=g) * 0.1, torch.randn(k, generator=g)
 
 
-@needs_vnni
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_int8_kernel_equals_its_reference_bit_for_bit(case: tuple) -> None:
+def test_int8_kernel_equals_its_reference_bit_for_bit(case: tuple, int8_unit: str) -> None:
     n, c, h, w, k, pool, stride, ceil = case
     x, weight, bias = case_tensors(n, c, h, w, k, seed=CASES.index(case))
     with kernels.use_backend("cpu-avx512"):
@@ -66,8 +65,7 @@ def test_int8_kernel_equals_its_reference_bit_for_bit(case: tuple) -> None:
     assert (out - as_float).abs().max() <= 0.03 * as_float.abs().max()
 
 
-@needs_vnni
-def test_int8_kernel_runs_without_bias_and_on_every_thread_count() -> None:
+def test_int8_kernel_runs_without_bias_and_on_every_thread_count(int8_unit: str) -> None:
     x, weight, _ = case_tensors(2, 64, 12, 12, 40)
     expected = int8_pointwise_conv2d_reference(x, weight, None, 2, 1, False)
     threads = torch.get_num_threads()
@@ -164,8 +162,7 @@ def test_packed_network_runs_its_shortcuts_in_int8_when_asked() -> None:
         assert torch.equal(packed(x), packed.net(x))  # the module tree always runs float32
 
 
-@needs_vnni
-def test_lowered_program_binds_the_int8_shortcuts_and_equals_the_plan() -> None:
+def test_lowered_program_binds_the_int8_shortcuts_and_equals_the_plan(int8_unit: str) -> None:
     genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18_imagenet.yaml")
     torch.manual_seed(0)
     packed = pack_model(randomize(bnas.build(genotype), seed=0))

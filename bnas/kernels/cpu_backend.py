@@ -32,6 +32,7 @@ is running on (:mod:`bnas.kernels.thread_budget`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -42,7 +43,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -60,7 +61,14 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
 HEADERS = [
     SOURCE.parent / name
-    for name in ("work_pool.h", "register_blocks.h", "linear_rows.h", "pointwise_conv.h", "stem_conv.h")
+    for name in (
+        "work_pool.h",
+        "register_blocks.h",
+        "linear_rows.h",
+        "amx_tiles.h",
+        "pointwise_conv.h",
+        "stem_conv.h",
+    )
 ]
 # -fopenmp: the kernels run on torch's OpenMP team (csrc/work_pool.h); the extension then shares
 # the libgomp torch has loaded. No FMA contraction: the epilogue is exact.
@@ -501,6 +509,27 @@ def int8_supported() -> bool:
         ext = extension()
         _int8_supported = ext is not None and bool(ext.int8_supported())
     return _int8_supported
+
+
+def amx_int8_supported() -> bool:
+    """Whether this CPU and kernel run Intel AMX-INT8 tiles (False without the extension). The
+    int8 convs (the image conv, the 1x1 shortcuts) then use them: the same exact int32 sums as
+    the VNNI kernels, so the same results bit for bit, from a faster matrix unit."""
+    ext = extension()
+    return ext is not None and bool(ext.amx_int8_supported())
+
+
+@contextlib.contextmanager
+def amx_int8(enabled: bool) -> Iterator[None]:
+    """Within the block, let the int8 convs use AMX tiles (where :func:`amx_int8_supported`) or
+    keep them on the VNNI kernels; the setting is the process's (``BNAS_AMX=0`` in the
+    environment starts it off). The benchmarks time both in one process with it."""
+    ext = _built("cpu-avx512")
+    previous = ext.set_amx_int8_enabled(enabled)
+    try:
+        yield
+    finally:
+        ext.set_amx_int8_enabled(previous)
 
 
 def image_conv2d_nhwc(

@@ -155,11 +155,64 @@ __attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_values(con
   }
 }
 
+// The quantized pixels (rows of C bytes) times the weights on AMX tiles
+// (stem_conv.h's amx_int8_block: a pixel's C bytes are its window), 32 pixels a block,
+// then the VNNI kernel's epilogue, each pixel with its image's terms.
+__attribute__((target("avx512f"))) inline void int8_pointwise_blocks_amx(const uint8_t* bytes,
+                                                                         const AmxInt8Weights& w,
+                                                                         const Int8ImageTerms& terms,
+                                                                         const float* bias, float* out,
+                                                                         const PointwiseGeometry& g, int64_t begin,
+                                                                         int64_t end) {
+  const int64_t image_pixels = g.OH * g.OW, pixels = g.N * image_pixels;
+  thread_local std::vector<int32_t> sum_scratch;
+  if (sum_scratch.size() < static_cast<size_t>(32 * w.Kpa)) sum_scratch.resize(static_cast<size_t>(32 * w.Kpa));
+  int32_t* const sums = sum_scratch.data();
+  static const AmxTileConfig config = amx_full_tiles(8);
+  AmxTileScope tiles(config);
+  std::vector<const uint8_t*> steps(static_cast<size_t>(w.k_steps));
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t p0 = 32 * block, count = std::min<int64_t>(32, pixels - p0);
+    for (int64_t t = 0; t < w.k_steps; ++t) steps[static_cast<size_t>(t)] = bytes + p0 * g.C + 64 * t;
+    // rows past `count` read the next pixels' (or the buffer's spare) bytes: never used
+    if (count > 16)
+      amx_int8_block<2>(steps.data(), g.C, w, sums, w.Kpa * 4);
+    else
+      amx_int8_block<1>(steps.data(), g.C, w, sums, w.Kpa * 4);
+    for (int64_t p = 0; p < count;) {  // the block's pixels one image at a time
+      const int64_t n = (p0 + p) / image_pixels, stop = std::min(count, (n + 1) * image_pixels - p0);
+      const int32_t* corr = terms.zp_wsum.data() + n * g.Kp;
+      const float* scale = terms.scale.data() + n * g.Kp;
+      for (int64_t k0 = 0; k0 < g.K; k0 += 16) {
+        const __mmask16 lanes = first_lanes(g.K - k0);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + k0) : _mm512_setzero_ps();
+        const __m512i c = _mm512_maskz_loadu_epi32(lanes, corr + k0);
+        const __m512 sc = _mm512_maskz_loadu_ps(lanes, scale + k0);
+        for (int64_t q = p; q < stop; ++q) {
+          const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(sums + q * w.Kpa + k0), c));
+          _mm512_mask_storeu_ps(out + (p0 + q) * g.K + k0, lanes, _mm512_add_ps(_mm512_mul_ps(f, sc), b));
+        }
+      }
+      p = stop;
+    }
+  }
+}
+
+inline void int8_pointwise_gemm_amx(const uint8_t* bytes, const int8_t* wq, const Int8ImageTerms& terms,
+                                    const float* bias, float* out, const PointwiseGeometry& g, int use) {
+  const AmxInt8Weights w = amx_int8_pointwise_weights(wq, (g.C + 3) / 4, g.Kp);
+  const int64_t blocks = (g.N * g.OH * g.OW + 31) / 32;
+  parallel_for(blocks, std::max<int64_t>(1, blocks / (4 * use)), use, [&](int64_t begin, int64_t end) {
+    int8_pointwise_blocks_amx(bytes, w, terms, bias, out, g, begin, end);
+  });
+}
+
 // out = conv1x1(pool(x)) in 8-bit integers: the pooled (or strided) map, PyTorch's values as
 // above, is quantized per image to uint8 (its own scale and zero point: a result never
 // depends on the rest of the batch), the weights per output channel to int8 (done once, in
 // Python: (1, quads, Kp, 4), quads = ceil(C / 4) words of 4 input channels), and VPDPBUSD sums
-// exactly in int32, a step being the stem's (Int8ConvBlock) with one window row of C bytes.
+// exactly in int32, a step being the stem's (Int8ConvBlock) with one window row of C bytes,
+// or, on AMX, int8_pointwise_gemm_amx.
 // Three passes: the pooled floats, each image's range and bytes, the GEMM. C <= 518 (the
 // caller checks: bnas.kernels.int8.MAX_TAPS), so no sum overflows or rounds.
 inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const float* w_scale,
@@ -174,7 +227,8 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
   thread_local std::vector<float> pooled;
   thread_local std::vector<uint8_t> bytes;
   pooled.resize(static_cast<size_t>(values));
-  bytes.resize(static_cast<size_t>(values + 64));  // a pixel's last word may read 3 bytes past
+  // + 64: a pixel's last word may read 3 bytes past; AMX reads whole tiles of 16 pixels
+  bytes.resize(static_cast<size_t>((pixels + 31) / 32 * 32 * g.C + 64));
   float* pd = pooled.data();
   uint8_t* qd = bytes.data();
   parallel_for(pixels, pixel_chunk, use, [&](int64_t begin, int64_t end) {
@@ -199,6 +253,10 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
   const Int8ImageTerms terms = int8_image_terms(qz, w_sum, w_scale, g.K, g.Kp);
   ImageConvGeometry ig{};  // what Int8ConvBlock reads: one window row of `quads` words
   ig.kh = 1, ig.quads = (g.C + 3) / 4, ig.Kp = g.Kp;
+  if (amx_int8_available()) {
+    int8_pointwise_gemm_amx(qd, wq, terms, bias, out, g, use);
+    return;
+  }
   const int64_t blocks = (pixels + kBlockPixels - 1) / kBlockPixels;
   const int64_t vectors = (g.K + 15) / 16;
   const int64_t groups = (vectors + kBlockVectors - 1) / kBlockVectors;

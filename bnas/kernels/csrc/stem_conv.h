@@ -39,6 +39,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "register_blocks.h"
 #include "work_pool.h"
 
@@ -263,6 +264,181 @@ inline void int8_conv_row_avx512(const uint8_t* padded, const int8_t* wq, const 
                  });
 }
 
+// ---- int8 on AMX tiles (amx_tiles.h) -------------------------------------------------------
+// The same sums as int8_conv_row_avx512, as a matrix product: an A tile holds 64 bytes of 16
+// output pixels' windows, a B tile the weights of those 64 bytes for 16 output channels (16
+// quads x 16 channels x 4 bytes, the VNNI layout above), with output channels padded to a
+// multiple of 32. Tiles are not renamed, so a step works a 2 x 2 block: two A tiles (32
+// pixels) and two B tiles (32 channels), each loaded once and used twice, into four C tiles;
+// the last 16 pixels of a row, if odd, take a 1 x 2 block. The image conv first copies its 32
+// pixels' windows into consecutive rows (im2col: window row r's quads at quad r * quads,
+// kh * quads quads padded to a multiple of 16). AMX reads such rows faster than the windows
+// where they lie in a layout that makes them contiguous (for the 7x7/2 stem, rows in groups
+// of two interleaved per column, read by tile loads with a 12-byte stride and 256 bytes a
+// window: the 224x224 stem and its pool took 0.35-0.46 ms against 0.31-0.32 with im2col,
+// interleaved in one process). A 1x1 conv's pixels are its windows already. The epilogue is
+// the VNNI kernel's, operation for operation.
+struct AmxInt8Weights {
+  const int8_t* quads;  // (k_steps * 16, Kpa, 4)
+  int64_t k_steps;      // steps of 64 input bytes
+  int64_t Kpa;          // output channels rounded up to 32
+  std::vector<int8_t> padded;  // the weights in that layout, where the caller's are not already
+
+  AmxInt8Weights() = default;
+  AmxInt8Weights(AmxInt8Weights&&) = default;  // a moved vector keeps its buffer: `quads` stays valid
+  AmxInt8Weights(const AmxInt8Weights&) = delete;
+  AmxInt8Weights& operator=(const AmxInt8Weights&) = delete;
+};
+
+// A 1x1 conv's weights in the VNNI layout (quads = ceil(C / 4) words of 4 input channels, Kp
+// channels), used in place when quads % 16 == 0 and Kp % 32 == 0, else padded.
+inline AmxInt8Weights amx_int8_pointwise_weights(const int8_t* wq, int64_t quads, int64_t Kp) {
+  AmxInt8Weights w;
+  w.k_steps = (quads + 15) / 16;
+  w.Kpa = (Kp + 31) / 32 * 32;
+  w.quads = wq;
+  if (w.k_steps * 16 == quads && w.Kpa == Kp) return w;
+  w.padded.assign(static_cast<size_t>(w.k_steps * 16 * w.Kpa * 4), 0);
+  for (int64_t q = 0; q < quads; ++q)
+    std::memcpy(w.padded.data() + q * w.Kpa * 4, wq + q * Kp * 4, static_cast<size_t>(Kp * 4));
+  w.quads = w.padded.data();
+  return w;
+}
+
+// sums (16 * MB pixels, c_stride bytes apart) = A x weights, where step t's A rows are the
+// 64 bytes at a_steps[t] + p * a_stride (pixel p), MB = 1 or 2 tiles of pixels; tiles: C 0-3,
+// A 4-5, B 6-7.
+template <int MB>
+__attribute__((target("amx-tile,amx-int8"))) inline void amx_int8_block(const uint8_t* const* a_steps, int64_t a_stride,
+                                                                       const AmxInt8Weights& w, int32_t* sums,
+                                                                       int64_t c_stride) {
+  const int64_t b_stride = w.Kpa * 4, second = 16 * a_stride;
+  int32_t* sums1 = sums + 16 * (c_stride / 4);
+  for (int64_t j0 = 0; j0 < w.Kpa; j0 += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (MB == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t t = 0; t < w.k_steps; ++t) {
+      const int8_t* b = w.quads + (16 * t * w.Kpa + j0) * 4;
+      _tile_loadd(4, a_steps[t], a_stride);
+      _tile_loadd(6, b, b_stride);
+      _tile_loadd(7, b + 64, b_stride);
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 4, 7);
+      if (MB == 2) {
+        _tile_loadd(5, a_steps[t] + second, a_stride);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+      }
+    }
+    _tile_stored(0, sums + j0, c_stride);
+    _tile_stored(1, sums + j0 + 16, c_stride);
+    if (MB == 2) {
+      _tile_stored(2, sums1 + j0, c_stride);
+      _tile_stored(3, sums1 + j0 + 16, c_stride);
+    }
+  }
+}
+
+// The image conv's weights (VNNI layout: (kh, quads, Kp, 4)) for the im2col rows: window row
+// r's quads at quad r * quads, zero past kh * quads and K.
+inline AmxInt8Weights amx_int8_image_weights(const int8_t* wq, const ImageConvGeometry& g) {
+  AmxInt8Weights w;
+  const int64_t used = g.kh * g.quads;
+  w.k_steps = (used + 15) / 16;
+  w.Kpa = (g.Kp + 31) / 32 * 32;
+  w.padded.assign(static_cast<size_t>(w.k_steps * 16 * w.Kpa * 4), 0);
+  for (int64_t q = 0; q < used; ++q)
+    std::memcpy(w.padded.data() + q * w.Kpa * 4, wq + q * g.Kp * 4, static_cast<size_t>(g.Kp * 4));
+  w.quads = w.padded.data();
+  return w;
+}
+// The exact int32 sums of output row oh of image n into `out` (OW * K int32, no zero-point
+// correction yet), from the padded NHWC image.
+__attribute__((target("amx-tile,amx-int8,avx2,avx512f,avx512bw"))) inline void int8_conv_sums_row_amx(
+    const uint8_t* padded, const AmxInt8Weights& w, const ImageConvGeometry& g, int64_t n, int64_t oh,
+    int32_t* out) {
+  const int64_t window_bytes = g.quads * 4, row_bytes = g.Wp * g.C, a_stride = w.k_steps * 64;
+  thread_local std::vector<uint8_t> window_scratch;  // 32 pixels' im2col rows
+  thread_local std::vector<int32_t> sum_scratch;     // 32 pixels x Kpa
+  thread_local std::vector<const uint8_t*> steps;
+  if (window_scratch.size() < static_cast<size_t>(32 * a_stride + 32))  // + 32: the last 32-byte move
+    window_scratch.assign(static_cast<size_t>(32 * a_stride + 32), 0);
+  if (sum_scratch.size() < static_cast<size_t>(32 * w.Kpa)) sum_scratch.resize(static_cast<size_t>(32 * w.Kpa));
+  steps.resize(static_cast<size_t>(w.k_steps));
+  uint8_t* const windows = window_scratch.data();
+  for (int64_t t = 0; t < w.k_steps; ++t) steps[static_cast<size_t>(t)] = windows + 64 * t;
+  int32_t* const scratch = sum_scratch.data();
+  static const AmxTileConfig config = amx_full_tiles(8);
+  AmxTileScope tiles(config);
+  const __mmask64 tail = window_bytes % 64 == 0 ? ~0ULL : (1ULL << (window_bytes % 64)) - 1;
+  const uint8_t* const image_row = padded + (n * g.Hp + oh * g.sh) * row_bytes;
+  const int64_t kh = g.kh, K = g.K, pixel_step = g.sw * g.C;
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += 32) {
+    const int64_t count = std::min<int64_t>(32, g.OW - ow0);
+    // rows past `count` keep earlier windows: their sums are computed and never read
+    const uint8_t* pixel = image_row + ow0 * pixel_step;
+    for (int64_t p = 0; p < count; ++p, pixel += pixel_step) {
+      const uint8_t* src = pixel;
+      uint8_t* dst = windows + p * a_stride;
+      if (window_bytes <= 32) {
+        // 32-byte moves: the bytes past a window row land where the next row (or the next
+        // pixel's first) is written after, or in the zero-weight padding of the last
+        for (int64_t r = 0; r < kh; ++r, src += row_bytes, dst += window_bytes)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+        continue;
+      }
+      for (int64_t r = 0; r < kh; ++r, src += row_bytes, dst += window_bytes) {
+        int64_t b0 = 0;
+        for (; b0 + 64 < window_bytes; b0 += 64) _mm512_storeu_si512(dst + b0, _mm512_loadu_si512(src + b0));
+        _mm512_mask_storeu_epi8(dst + b0, tail, _mm512_maskz_loadu_epi8(tail, src + b0));
+      }
+    }
+    const int mb = count > 16 ? 2 : 1;
+    // whole tiles of pixels and no padded channels: the tiles go straight to the output
+    const bool direct = count == 16 * mb && w.Kpa == K;
+    int32_t* sums = direct ? out + ow0 * K : scratch;
+    const int64_t c_stride = (direct ? K : w.Kpa) * 4;
+    if (mb == 2)
+      amx_int8_block<2>(steps.data(), a_stride, w, sums, c_stride);
+    else
+      amx_int8_block<1>(steps.data(), a_stride, w, sums, c_stride);
+    if (!direct)
+      for (int64_t p = 0; p < count; ++p)
+        std::memcpy(out + (ow0 + p) * K, scratch + p * w.Kpa, sizeof(int32_t) * K);
+  }
+}
+
+// The int8 epilogue on 16 channels' sums (lanes masked): float(sum - zp_wsum) * scale + bias.
+__attribute__((target("avx512f"))) inline __m512 int8_epilogue16(__m512i sum, __mmask16 lanes, const int32_t* zp_wsum,
+                                                                const float* scale, const float* bias) {
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias) : _mm512_setzero_ps();
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_maskz_loadu_epi32(lanes, zp_wsum)));
+  return _mm512_add_ps(_mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, scale)), b);
+}
+
+// Output row oh of image n into `row` (OW * K floats), as int8_conv_row_avx512 computes it.
+__attribute__((target("avx512f"))) inline void int8_conv_row_amx(const uint8_t* padded, const AmxInt8Weights& w,
+                                                                 const int32_t* zp_wsum, const float* scale,
+                                                                 const float* bias, const ImageConvGeometry& g,
+                                                                 int64_t n, int64_t oh, float* row) {
+  // the sums in place of the floats: each value is read before its float is written
+  int32_t* sums = reinterpret_cast<int32_t*>(row);
+  int8_conv_sums_row_amx(padded, w, g, n, oh, sums);
+  for (int64_t k0 = 0; k0 < g.K; k0 += 16) {
+    const __mmask16 lanes = first_lanes(g.K - k0);
+    for (int64_t p = 0; p < g.OW; ++p) {
+      const __m512i sum = _mm512_maskz_loadu_epi32(lanes, sums + p * g.K + k0);
+      _mm512_mask_storeu_ps(row + p * g.K + k0, lanes, int8_epilogue16(sum, lanes, zp_wsum + k0, scale + k0,
+                                                                       bias ? bias + k0 : nullptr));
+    }
+  }
+}
+
 // ---- float32 ------------------------------------------------------------------------------
 struct FloatConvBlock {
   template <int P, int NV>
@@ -361,6 +537,40 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
   }
 }
 
+// max_pool_row_avx512 over the int8 conv's int32 sums, the epilogue applied to each window's
+// largest sum: the epilogue is non-decreasing in the sum (its scale s * w_scale is positive,
+// and float conversion, multiply and add are monotonic), so this is exactly the epilogue
+// first and the max after, with a quarter of the epilogues for a 3x3/2 pool.
+__attribute__((target("avx512f"))) inline void max_pool_int8_sums_row_avx512(
+    const int32_t* const* rows, int64_t count, int64_t W, int64_t C, int64_t OW, int64_t kw, int64_t sw, int64_t pw,
+    const int32_t* zp_wsum, const float* scale, const float* bias, float* out, uint32_t* packed) {
+  const int64_t words = (C + 31) / 32;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * sw - pw);
+    const int64_t iw1 = std::min<int64_t>(W, ow * sw - pw + kw);
+    float* o = out + ow * C;
+    uint32_t* pk = packed ? packed + ow * words : nullptr;
+    uint32_t word = 0;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 lanes = first_lanes(C - c);
+      __m512i v = _mm512_set1_epi32(INT32_MIN);
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t iw = iw0; iw < iw1; ++iw)
+          v = _mm512_max_epi32(v, _mm512_maskz_loadu_epi32(lanes, rows[i] + iw * C + c));
+      const __m512 f = int8_epilogue16(v, lanes, zp_wsum + c, scale + c, bias ? bias + c : nullptr);
+      _mm512_mask_storeu_ps(o + c, lanes, f);
+      if (pk) {
+        word |= static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(lanes, f, zero, _CMP_GE_OQ)) << (c & 31);
+        if ((c & 31) == 16 || c + 16 >= C) {
+          pk[c / 32] = word;
+          word = 0;
+        }
+      }
+    }
+  }
+}
+
 // out (N, pooled OH, OW, K) and `packed` (may be null) = max-pool of the conv's output, which
 // goes row by row through a ring of pg.kh rows.
 //
@@ -373,9 +583,12 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
 // two threads meet, a conv row both windows need is computed twice (one row per segment for
 // 3x3/2). Every row is computed and pooled as by one thread, so the result does not depend
 // on the split.
-template <class ConvRow>
+//
+// pool_row(n, window_rows, count, out_row, packed_row) pools one output row of image n from
+// the `count` ring rows its windows cover (conv_row's values: floats, or the int8 sums).
+template <class ConvRow, class PoolRow>
 void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int threads,
-                        float* out, uint32_t* packed, const ConvRow& conv_row) {
+                        float* out, uint32_t* packed, const ConvRow& conv_row, const PoolRow& pool_row) {
   const int64_t segments_per_image = std::max<int64_t>(1, std::min<int64_t>(pg.OH, (threads + 1) / 2));
   const int64_t segments = g.N * segments_per_image;
   const int64_t words = (g.K + 31) / 32;
@@ -408,9 +621,8 @@ void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int
           low = std::min(low, ih0);
         }
         for (int64_t ih = ih0; ih < ih1; ++ih) window_rows[ih - ih0] = ring.data() + (ih % pg.kh) * row_floats;
-        max_pool_row_avx512(window_rows.data(), ih1 - ih0, g.OW, g.K, pg.OW, pg.kw, pg.sw, pg.pw,
-                            out + (n * pg.OH + poh) * pg.OW * g.K,
-                            packed ? packed + (n * pg.OH + poh) * pg.OW * words : nullptr);
+        pool_row(n, window_rows.data(), ih1 - ih0, out + (n * pg.OH + poh) * pg.OW * g.K,
+                 packed ? packed + (n * pg.OH + poh) * pg.OW * words : nullptr);
       }
     }
   });

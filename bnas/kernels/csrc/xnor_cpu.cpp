@@ -1195,9 +1195,12 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
   float* o = out.data_ptr<float>();
   uint32_t* pk = pack_output ? reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()) : nullptr;
   const float* b = bi.defined() ? bi.data_ptr<float>() : nullptr;
+  const auto float_pool_row = [&](int64_t, const float* const* rows, int64_t count, float* out_row, uint32_t* packed_row) {
+    bnas::max_pool_row_avx512(rows, count, g.OW, g.K, pg.OW, pg.kw, pg.sw, pg.pw, out_row, packed_row);
+  };
   auto run = [&](const auto& conv_row) {
     if (pooled)
-      bnas::conv_max_pool_rows(g, pg, threads, o, pk, conv_row);
+      bnas::conv_max_pool_rows(g, pg, threads, o, pk, conv_row, float_pool_row);
     else
       bnas::conv_rows(g, threads, o, conv_row);
   };
@@ -1231,9 +1234,13 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
                   w_scale->scalar_type() == torch::kFloat32 && w_scale->numel() == out_channels &&
                   w_sum->scalar_type() == torch::kInt32 && w_sum->numel() == out_channels,
               "image_conv_nhwc: int8 weights need float32 scales and int32 sums, one per output");
+  const std::vector<bnas::Int8Quantization> qz = bnas::int8_image_quantizations(xs, g.N, image_floats);
+  const torch::Tensor w_sum_c = w_sum->contiguous(), w_scale_c = w_scale->contiguous();
+  const bnas::Int8ImageTerms terms =
+      bnas::int8_image_terms(qz, w_sum_c.data_ptr<int32_t>(), w_scale_c.data_ptr<float>(), out_channels, g.Kp);
+  const int8_t* wq = weights.data_ptr<int8_t>();
   // per image: its range, then its bytes (+ 64: a window row's last word may read up to 3
   // bytes past the last image)
-  const std::vector<bnas::Int8Quantization> qz = bnas::int8_image_quantizations(xs, g.N, image_floats);
   auto padded = torch::empty({g.N * image_values + 64}, torch::dtype(torch::kUInt8));
   uint8_t* pd = padded.data_ptr<uint8_t>();
   std::memset(pd + g.N * image_values, 0, 64);
@@ -1252,10 +1259,28 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
       bnas::int8_quantize_row(xs, channels_last, g, qz[n], n, r, pd, scratch.data());
     }
   });
-  const torch::Tensor w_sum_c = w_sum->contiguous(), w_scale_c = w_scale->contiguous();
-  const bnas::Int8ImageTerms terms =
-      bnas::int8_image_terms(qz, w_sum_c.data_ptr<int32_t>(), w_scale_c.data_ptr<float>(), out_channels, g.Kp);
-  const int8_t* wq = weights.data_ptr<int8_t>();
+  if (bnas::amx_int8_available()) {
+    const bnas::AmxInt8Weights amx_weights = bnas::amx_int8_image_weights(wq, g);
+    if (!pooled) {
+      run([&](int64_t n, int64_t oh, float* row) {
+        bnas::int8_conv_row_amx(pd, amx_weights, terms.zp_wsum.data() + n * g.Kp, terms.scale.data() + n * g.Kp, b,
+                                g, n, oh, row);
+      });
+      return {out, packed};
+    }
+    // the ring holds each conv row's int32 sums; the epilogue runs on the pooled maxima
+    bnas::conv_max_pool_rows(
+        g, pg, threads, o, pk,
+        [&](int64_t n, int64_t oh, float* row) {
+          bnas::int8_conv_sums_row_amx(pd, amx_weights, g, n, oh, reinterpret_cast<int32_t*>(row));
+        },
+        [&](int64_t n, const float* const* rows, int64_t count, float* out_row, uint32_t* packed_row) {
+          bnas::max_pool_int8_sums_row_avx512(reinterpret_cast<const int32_t* const*>(rows), count, g.OW, g.K, pg.OW,
+                                              pg.kw, pg.sw, pg.pw, terms.zp_wsum.data() + n * g.Kp,
+                                              terms.scale.data() + n * g.Kp, b, out_row, packed_row);
+        });
+    return {out, packed};
+  }
   run([&](int64_t n, int64_t oh, float* row) {
     bnas::int8_conv_row_avx512(pd, wq, terms.zp_wsum.data() + n * g.Kp, terms.scale.data() + n * g.Kp, b, g, n, oh,
                                row);
@@ -1291,6 +1316,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("global_avg_pool_nhwc", &global_avg_pool_nhwc, "mean over the pixels of a channels_last float32 map: (N, C)");
   m.def("linear_rows", &linear_rows, "float linear layer x w^T + bias, weight rows split among threads");
   m.def("int8_supported", &int8_supported, "whether this CPU runs image_conv_nhwc on int8 weights (AVX-512 VNNI)");
+  m.def("amx_int8_supported", &bnas::amx_int8_hardware,
+        "whether this CPU and kernel run AMX-INT8 tiles (the int8 convs then use them)");
+  m.def("set_amx_int8_enabled", [](bool enabled) { return bnas::amx_int8_switch().exchange(enabled); },
+        "let the int8 convs use AMX (default; BNAS_AMX=0 turns it off) or not; returns the previous setting");
   m.def("image_conv_nhwc", &image_conv_nhwc,
         "float conv of an image, float32 or int8 (per-image uint8 image, per-channel int8 weights), "
         "optionally with the max-pool after it and the pooled map's packed signs");
