@@ -537,6 +537,41 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
   }
 }
 
+// max_pool_int8_sums_row_avx512 for C = 16 * NV channels (NV <= 4): the epilogue's terms stay in
+// registers for the whole row, and every load is a full vector.
+template <int NV>
+__attribute__((target("avx512f"))) inline void max_pool_int8_sums_row_vectors(
+    const int32_t* const* rows, int64_t count, int64_t W, int64_t OW, int64_t kw, int64_t sw, int64_t pw,
+    const int32_t* zp_wsum, const float* scale, const float* bias, float* out, uint32_t* packed) {
+  constexpr int64_t C = 16 * NV, words = (C + 31) / 32;
+  __m512i corr[NV];
+  __m512 sc[NV], b[NV];
+  for (int v = 0; v < NV; ++v) {
+    corr[v] = _mm512_loadu_si512(zp_wsum + 16 * v);
+    sc[v] = _mm512_loadu_ps(scale + 16 * v);
+    b[v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * sw - pw);
+    const int64_t iw1 = std::min<int64_t>(W, ow * sw - pw + kw);
+    __m512i m[NV];
+    for (int v = 0; v < NV; ++v) m[v] = _mm512_set1_epi32(INT32_MIN);
+    for (int64_t i = 0; i < count; ++i)
+      for (const int32_t *p = rows[i] + iw0 * C, *e = rows[i] + iw1 * C; p < e; p += C)
+        for (int v = 0; v < NV; ++v) m[v] = _mm512_max_epi32(m[v], _mm512_loadu_si512(p + 16 * v));
+    uint32_t bits[NV];
+    for (int v = 0; v < NV; ++v) {
+      const __m512 f = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(m[v], corr[v])), sc[v]), b[v]);
+      _mm512_storeu_ps(out + ow * C + 16 * v, f);
+      bits[v] = _mm512_cmp_ps_mask(f, zero, _CMP_GE_OQ);
+    }
+    if (packed)
+      for (int64_t word = 0; word < words; ++word)
+        packed[ow * words + word] = bits[2 * word] | (2 * word + 1 < NV ? bits[2 * word + 1] << 16 : 0u);
+  }
+}
+
 // max_pool_row_avx512 over the int8 conv's int32 sums, the epilogue applied to each window's
 // largest sum: the epilogue is non-decreasing in the sum (its scale s * w_scale is positive,
 // and float conversion, multiply and add are monotonic), so this is exactly the epilogue
@@ -544,6 +579,14 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
 __attribute__((target("avx512f"))) inline void max_pool_int8_sums_row_avx512(
     const int32_t* const* rows, int64_t count, int64_t W, int64_t C, int64_t OW, int64_t kw, int64_t sw, int64_t pw,
     const int32_t* zp_wsum, const float* scale, const float* bias, float* out, uint32_t* packed) {
+  const auto vectors = [&](auto pool) { pool(rows, count, W, OW, kw, sw, pw, zp_wsum, scale, bias, out, packed); };
+  switch (C) {  // 0.35-0.36 against 0.40-0.42 ms for the 224x224 stem and pool, interleaved
+    case 16: return vectors(max_pool_int8_sums_row_vectors<1>);
+    case 32: return vectors(max_pool_int8_sums_row_vectors<2>);
+    case 48: return vectors(max_pool_int8_sums_row_vectors<3>);
+    case 64: return vectors(max_pool_int8_sums_row_vectors<4>);
+    default: break;
+  }
   const int64_t words = (C + 31) / 32;
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t ow = 0; ow < OW; ++ow) {
