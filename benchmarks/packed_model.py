@@ -29,8 +29,10 @@ from the measured figures.
 ``stem_precision = "int8"`` (the convs on the image in 8-bit integers, opt-in: it changes the
 numbers), timed in the same rounds, with its own ratios, profile and logit difference from the
 float32-stem packed model; ``int8_stem_shortcuts``: a third with ``shortcut_precision = "int8"``
-as well (the 1x1 shortcut convs in 8-bit integers; networks that have them). The issue's
-``meets_*`` fields stay those of the default model.
+as well (the 1x1 shortcut convs in 8-bit integers; networks that have them); ``int8_all``: a
+fourth with ``head_precision = "int8"`` too (the classifier in 8-bit integers). On CPUs with
+AMX-INT8 their int8 layers run on AMX tiles (``int8_unit``). The issue's ``meets_*`` fields
+stay those of the default model.
 
 CUDA (issue 7): baseline = the float model in float16, channels_last, ``cudnn.benchmark`` on;
 ours = the packed model on the GPU kernels; CUDA events after warm-up (``cuda_time`` of
@@ -66,7 +68,7 @@ from common import emit, interleaved_times, machine, median_p90  # noqa: E402
 import bnas  # noqa: E402
 from bnas.errors import BnasError  # noqa: E402
 from bnas.export import freeze_model, pack_model  # noqa: E402
-from bnas.export.plan import ChannelsLastPointwiseConv2d, ImageConv2d, ImageConvMaxPool2d  # noqa: E402
+from bnas.export.plan import ChannelsLastPointwiseConv2d, ImageConv2d, ImageConvMaxPool2d, KernelLinear  # noqa: E402
 from bnas.kernels import backend, cpu_backend  # noqa: E402
 from bnas.metrics import summarize  # noqa: E402
 
@@ -395,7 +397,7 @@ def run_network(
     randomize_batchnorm(model)
     packed = pack_model(model)
     frozen = freeze_model(model)
-    twins = {name: int8_twin(model, shortcuts) for name, (shortcuts, _) in INT8_TWINS.items()}
+    twins = {name: int8_twin(model, parts) for name, (parts, _) in INT8_TWINS.items()}
     counts = summarize(model, genotype.input)
     macs = {"binary": counts.bops, "float": counts.flops}
     for worker in workers.values():
@@ -463,6 +465,7 @@ def run_network(
             int8_ms = ms[f"packed_{name}"][0]
             record[name] = {
                 "engine": INT8_TWINS[name][1],
+                "int8_unit": "amx" if cpu_backend.amx_int8_supported() else "vnni",
                 "ms": int8_ms, "p90_ms": ms[f"packed_{name}"][1],
                 "ratio_vs_frozen": round(froz / int8_ms, 2),
                 "ratio_vs_lce": round(ms["lce"][0] / int8_ms, 2) if "lce" in timed_workers else None,
@@ -490,33 +493,43 @@ def run_network(
             profile(packed, x)
 
 
-# the int8 twins timed beside the packed model: record key -> (whether the shortcuts are int8
-# too, the engine's description)
+# the int8 twins timed beside the packed model: record key -> (what runs in int8 besides the
+# stem, the engine's description)
 INT8_TWINS = {
-    "int8_stem": (False, "packed, stem in int8 (PackedNetwork.stem_precision = 'int8'; opt-in)"),
+    "int8_stem": ((), "packed, stem in int8 (PackedNetwork.stem_precision = 'int8'; opt-in)"),
     "int8_stem_shortcuts": (
-        True,
+        ("shortcuts",),
         "packed, stem and 1x1 shortcuts in int8 (stem_precision and shortcut_precision = 'int8'; opt-in)",
+    ),
+    "int8_all": (
+        ("shortcuts", "head"),
+        "packed, stem, 1x1 shortcuts and classifier in int8 (stem_, shortcut_ and head_precision = 'int8'; opt-in)",
     ),
 }
 
 
-def int8_twin(model: torch.nn.Module, shortcuts: bool) -> tuple[Any, str | None]:
-    """Another packed copy of ``model`` whose plan runs the image convs (and with ``shortcuts``
-    the 1x1 shortcut convs) in int8, or None and why not (no such conv, or no AVX-512 VNNI
-    kernel: the reference would time PyTorch)."""
+def int8_twin(model: torch.nn.Module, parts: tuple[str, ...]) -> tuple[Any, str | None]:
+    """Another packed copy of ``model`` whose plan runs the image convs in int8, and the 1x1
+    shortcut convs and the classifier where ``parts`` names them, or None and why not (no such
+    layer, or no AVX-512 VNNI kernel: the reference would time PyTorch)."""
     if not cpu_backend.int8_supported():
         return None, "not timed: this CPU has no AVX-512 VNNI (the int8 kernels)"
     twin = pack_model(model)
     twin.stem_precision = "int8"
-    if shortcuts:
+    if "shortcuts" in parts:
         twin.shortcut_precision = "int8"
+    if "head" in parts:
+        twin.head_precision = "int8"
     plan = twin.plan()
     modules = list(plan.modules()) if plan is not None else []
     if not any(isinstance(m, (ImageConv2d, ImageConvMaxPool2d)) and m.precision == "int8" for m in modules):
         return None, "not timed: no float conv reads the image in this network's plan"
-    if shortcuts and not any(isinstance(m, ChannelsLastPointwiseConv2d) and m.precision == "int8" for m in modules):
+    if "shortcuts" in parts and not any(
+        isinstance(m, ChannelsLastPointwiseConv2d) and m.precision == "int8" for m in modules
+    ):
         return None, "not timed: no 1x1 float conv in this network's plan"
+    if "head" in parts and not any(isinstance(m, KernelLinear) and m.precision == "int8" for m in modules):
+        return None, "not timed: no float linear layer in this network's plan"
     return twin, None
 
 

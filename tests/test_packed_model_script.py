@@ -97,19 +97,21 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
     if not cpu_backend.int8_supported():
         assert rec["int8_stem"].startswith("not timed: this CPU has no AVX-512 VNNI")
         assert rec["int8_stem_shortcuts"].startswith("not timed: this CPU has no AVX-512 VNNI")
+        assert rec["int8_all"].startswith("not timed: this CPU has no AVX-512 VNNI")
         return
-    for key in ("int8_stem", "int8_stem_shortcuts"):
+    for key in ("int8_stem", "int8_stem_shortcuts", "int8_all"):
         int8 = rec[key]
+        assert int8["int8_unit"] == ("amx" if cpu_backend.amx_int8_supported() else "vnni")
         assert int8["ms"] > 0 and int8["ratio_vs_frozen"] == round(rec["frozen_ms"] / int8["ms"], 2)
         assert int8["ratio_vs_packed"] == round(rec["ours_ms"] / int8["ms"], 2) and int8["ratio_vs_lce"] is None
         assert int8["profile"]["float_ms_by_type"]["ImageConv2d"] > 0
         assert int8["profile"]["float_ms_by_type"]["ChannelsLastPointwiseConv2d"] > 0
         assert "Conv2d" not in int8["profile"]["float_ms_by_type"]  # the stem was the one float 3x3 conv
         assert 0 < int8["max_rel_logit_diff_vs_packed"] < 1.0  # other numbers, not other scales
-    # the shortcuts' int8 changes the numbers again
-    assert (
-        rec["int8_stem_shortcuts"]["max_rel_logit_diff_vs_packed"] != rec["int8_stem"]["max_rel_logit_diff_vs_packed"]
-    )
+    # the shortcuts' int8 changes the numbers again, and the classifier's once more
+    diffs = [rec[key]["max_rel_logit_diff_vs_packed"] for key in ("int8_stem", "int8_stem_shortcuts", "int8_all")]
+    assert len(set(diffs)) == 3
+    assert rec["int8_all"]["profile"]["float_ms_by_type"]["KernelLinear"] > 0
 
 
 def test_part_profile_splits_a_toy_network() -> None:

@@ -174,6 +174,7 @@ class PackedNetwork(nn.Module):
         self.lowered = True
         self.stem_precision = "float32"
         self.shortcut_precision = "float32"
+        self.head_precision = "float32"
         self.requires_grad_(False)
         super().train(False)
 
@@ -212,6 +213,26 @@ class PackedNetwork(nn.Module):
             raise ExportError(f"shortcut_precision {value!r} is not one of {', '.join(POINTWISE_PRECISIONS)}")
         self.__dict__["_shortcut_precision"] = value
 
+    @property
+    def head_precision(self) -> str:
+        """How the fused plan runs its float linear layers (the classifier): ``"float32"`` (the
+        default) or ``"int8"``, by the stem's rules with each input row in the image's place
+        (``bnas.kernels.linear(..., precision="int8")``; a layer of more than
+        ``bnas.kernels.int8.MAX_TAPS`` inputs stays float32). ResNet's 512 -> 1000 head then
+        reads 0.5 MB of weights instead of 2 MB. The logits differ by the quantization, which
+        can change predictions, as the int8 stem does. The module tree (``fused = False``)
+        always runs float32."""
+        return self.__dict__["_head_precision"]
+
+    @head_precision.setter
+    def head_precision(self, value: str) -> None:
+        if value not in POINTWISE_PRECISIONS:
+            raise ExportError(f"head_precision {value!r} is not one of {', '.join(POINTWISE_PRECISIONS)}")
+        self.__dict__["_head_precision"] = value
+
+    def _precisions(self) -> tuple[str, str, str]:
+        return (self.stem_precision, self.shortcut_precision, self.head_precision)
+
     def train(self, mode: bool = True) -> PackedNetwork:
         return super().train(False)  # BN statistics are folded; there is nothing to train
 
@@ -219,10 +240,13 @@ class PackedNetwork(nn.Module):
         """The fused program (built once, sharing this network's modules), or None when the
         network cannot be traced."""
         plans = self.__dict__.setdefault("_plans", {})  # kept out of the module tree: not saved
-        key = (self.stem_precision, self.shortcut_precision)
+        key = self._precisions()
         if key not in plans:
             plans[key] = build_plan(
-                self.net, int8_stem=self.stem_precision == "int8", int8_shortcuts=self.shortcut_precision == "int8"
+                self.net,
+                int8_stem=self.stem_precision == "int8",
+                int8_shortcuts=self.shortcut_precision == "int8",
+                int8_head=self.head_precision == "int8",
             )
         return plans[key]
 
@@ -234,7 +258,7 @@ class PackedNetwork(nn.Module):
         if plan is None:
             return None
         programs = self.__dict__.setdefault("_programs", {})  # kept out of the module tree
-        key = (self.stem_precision, self.shortcut_precision, route)
+        key = (*self._precisions(), route)
         if key not in programs or (programs[key] is not None and not programs[key].current()):
             programs[key] = lower_plan(plan, route)
         return programs[key]

@@ -34,7 +34,10 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   changes the numbers (see :mod:`bnas.kernels.int8`), so it is off by default. So are the
   1x1 shortcut convs in 8-bit integers, with ``int8_shortcuts``
   (``PackedNetwork.shortcut_precision = "int8"``): their (pooled) input map quantized per
-  image as the image is (``bnas.kernels.pointwise_conv2d(..., precision="int8")``).
+  image as the image is (``bnas.kernels.pointwise_conv2d(..., precision="int8")``), and the
+  classifier with ``int8_head`` (``PackedNetwork.head_precision = "int8"``: each input row
+  quantized as an image, ``bnas.kernels.linear(..., precision="int8")``). On CPUs with
+  AMX-INT8 all three run on AMX tiles (the same numbers).
 * **The classifier on the kernels.** A float ``nn.Linear`` becomes a :class:`KernelLinear`
   (``bnas.kernels.linear``): at batch 1 its weight rows are split among the kernels' threads,
   where PyTorch runs it on one (ResNet's 512 -> 1000 head reads 2 MB of weights that the rest
@@ -499,29 +502,31 @@ def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool) -> None:
 class KernelLinear(nn.Module):
     """A float ``nn.Linear`` (the classifier) by :func:`bnas.kernels.linear`: on AVX-512 CPUs
     its weight rows split among the kernels' threads at small batch, a 1x1-conv GEMM at larger
-    ones; it sums in an order of its own (PyTorch's result to float rounding). It reads the
-    layer's weight and bias at every call, so it follows them when they change."""
+    ones; it sums in an order of its own (PyTorch's result to float rounding). In ``precision``
+    "int8" the layer runs in 8-bit integers (``bnas.kernels.linear(..., precision="int8")``). It
+    reads the layer's weight and bias at every call, so it follows them when they change."""
 
     linear: nn.Linear
 
-    def __init__(self, layer: nn.Linear):
+    def __init__(self, layer: nn.Linear, precision: str = "float32"):
         super().__init__()
         self.__dict__["linear"] = layer  # held, not a child: a leaf, as ChannelsLastPointwiseConv2d
+        self.precision = precision
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.linear.weight, self.linear.bias)
+        return linear(x, self.linear.weight, self.linear.bias, self.precision)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.linear.in_features}, out_features={self.linear.out_features}"
+        return f"{self.precision} in_features={self.linear.in_features}, out_features={self.linear.out_features}"
 
 
-def _float_linears(gm: torch.fx.GraphModule) -> None:
+def _float_linears(gm: torch.fx.GraphModule, int8_head: bool = False) -> None:
     """Plain float ``nn.Linear`` layers become :class:`KernelLinear` nodes. Even a 512 -> 10
     head gains: alone and warm, PyTorch's linear is 2-3 us faster at batch 1 (the kernel's
     Python dispatch, which a lowered program skips), but in a Bi-Real ResNet-18 forward it took
     25-30 us, and a 32x32 forward ran 0.05-0.06 ms faster on the kernel (1 and 2 threads,
     interleaved); from batch 100 the kernel is faster alone too (36 against 23 us for
-    500 -> 10)."""
+    500 -> 10). With ``int8_head`` those of up to ``MAX_TAPS`` inputs run in 8-bit integers."""
     count = 0
     for node in list(gm.graph.nodes):
         layer = _module(gm, node)
@@ -529,7 +534,8 @@ def _float_linears(gm: torch.fx.GraphModule) -> None:
             continue
         name = f"_plan_linear{count}"
         count += 1
-        gm.add_submodule(name, KernelLinear(layer))
+        precision = "int8" if int8_head and layer.in_features <= MAX_TAPS else "float32"
+        gm.add_submodule(name, KernelLinear(layer, precision))
         node.target = name
 
 
@@ -676,12 +682,15 @@ def _to_channels_last(x: Tensor) -> Tensor:
 torch.fx.wrap("_to_channels_last")
 
 
-def build_plan(net: nn.Module, int8_stem: bool = False, int8_shortcuts: bool = False) -> torch.fx.GraphModule | None:
+def build_plan(
+    net: nn.Module, int8_stem: bool = False, int8_shortcuts: bool = False, int8_head: bool = False
+) -> torch.fx.GraphModule | None:
     """The fused program of a packed network's module tree (see the module docstring), or
     None when the tree cannot be traced. The plan shares the tree's modules and buffers.
     ``int8_stem`` runs the float convs that read the image in 8-bit integers
     (:class:`ImageConv2d`, :class:`ImageConvMaxPool2d`), ``int8_shortcuts`` the 1x1 float
-    convs (:class:`ChannelsLastPointwiseConv2d`: Bi-Real's downsample shortcuts)."""
+    convs (:class:`ChannelsLastPointwiseConv2d`: Bi-Real's downsample shortcuts),
+    ``int8_head`` the float linear layers (:class:`KernelLinear`: the classifier)."""
     try:
         graph = _Tracer().trace(net)
     except Exception as exc:  # any tracing failure means: run the module tree
@@ -694,7 +703,7 @@ def build_plan(net: nn.Module, int8_stem: bool = False, int8_shortcuts: bool = F
     _channels_last_pools(gm)
     _pointwise_convs(gm, int8_shortcuts)
     _image_convs(gm, int8_stem)
-    _float_linears(gm)
+    _float_linears(gm, int8_head)
     _global_pools(gm)
     _chain_pool_packing(gm, steps)
     _write_into_residuals(gm, steps)

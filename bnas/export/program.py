@@ -178,6 +178,13 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         if not _cpu_float32(layer.weight, layer.bias) or layer.weight.dim() != 2:
             return None
         features = layer.in_features
+        if module.precision == "int8":
+            if features > MAX_TAPS or not cpu_backend.int8_supported():
+                return None
+            return _BoundKernel(
+                module, slot, cpu_backend.int8_linear_call(layer.weight, layer.bias, route),
+                lambda x: _float_cpu(x, 2, features) and x.shape[0] > 0 and x.is_contiguous(), layer,
+            )  # fmt: skip
         return _BoundKernel(
             module, slot, cpu_backend.linear_rows_call(layer.weight, layer.bias, route),
             lambda x: _float_cpu(x, 2, features) and 1 <= x.shape[0] <= cpu_backend.LINEAR_ROWS_MAX_BATCH

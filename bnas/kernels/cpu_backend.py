@@ -485,6 +485,29 @@ def float_linear(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> T
     return out.view(n, k)  # an (N, K, 1, 1) channels_last map is (N, K) in memory
 
 
+def int8_linear_call(weight: Tensor, bias: Tensor | None, name: str) -> KernelCall:
+    """``x (N, C) @ weight (K, C).T + bias`` in 8-bit integers as ``call(x, threads)``: the int8
+    1x1 conv of an (N, C, 1, 1) map (:func:`pointwise_conv_call`), each row quantized as an
+    image; the weights' layout is built once per weight tensor and cached."""
+    if name != "cpu-avx512":
+        raise ValueError(f"int8 linear runs on cpu-avx512 only, not {name}")
+    out_channels, in_channels = weight.shape
+    # keyed on the 2-d weight itself: a (K, C, 1, 1) view made per call would miss the cache
+    lanes, w_scale, w_sum = _cached_layout(
+        weight, ("int8",), lambda: _int8_layout(weight.detach().reshape(out_channels, in_channels, 1, 1))
+    )
+    int8_conv = _built(name).int8_pointwise_conv_nhwc
+
+    def call(x: Tensor, threads: int) -> Tensor:
+        rows = x.shape[0]
+        out = int8_conv(
+            x.view(rows, in_channels, 1, 1), lanes, w_scale, w_sum, out_channels, bias, 1, False, 1, threads
+        )
+        return out.view(rows, out_channels)  # an (N, K, 1, 1) channels_last map is (N, K) in memory
+
+    return call
+
+
 def linear_rows_call(weight: Tensor, bias: Tensor | None, name: str) -> KernelCall:
     """:func:`float_linear` for up to ``LINEAR_ROWS_MAX_BATCH`` contiguous rows, with these
     weights, as ``call(x, threads)``."""

@@ -34,8 +34,9 @@ BACKENDS = CPU_BACKENDS + (REFERENCE, CUDA_BACKEND)
 IntPair = int | Sequence[int]
 
 #: the arithmetic of the float convs the kernels run: the stem's (``image_conv2d``,
-#: ``PackedNetwork.stem_precision``) and the 1x1 shortcuts' (``pointwise_conv2d``,
-#: ``PackedNetwork.shortcut_precision``)
+#: ``PackedNetwork.stem_precision``), the 1x1 shortcuts' (``pointwise_conv2d``,
+#: ``PackedNetwork.shortcut_precision``) and the classifier's (``linear``,
+#: ``PackedNetwork.head_precision``)
 STEM_PRECISIONS = ("float32", "int8")
 POINTWISE_PRECISIONS = STEM_PRECISIONS
 
@@ -489,13 +490,23 @@ def pointwise_conv2d(
     return torch.nn.functional.conv2d(x, weight, bias, stride)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, precision: str = "float32") -> Tensor:
     """``torch.nn.functional.linear(x, weight, bias)`` for a float32 (N, C) input: a network's
     classifier. On the cpu-avx512 kernels, for up to ``cpu_backend.LINEAR_ROWS_MAX_BATCH`` rows,
     the weight rows are split among the kernels' threads (PyTorch runs a batch-1 linear layer on one
     thread), and a larger batch runs as the 1x1 conv of :func:`pointwise_conv2d`; both sum in
     orders of their own (PyTorch's result to float rounding). Elsewhere, and for other shapes
-    or dtypes, PyTorch's ``linear``."""
+    or dtypes, PyTorch's ``linear``.
+
+    ``precision "int8"``: the layer in 8-bit integers, as the int8 1x1 conv of
+    :func:`pointwise_conv2d` on an (N, C, 1, 1) map (each row quantized as an image is, the
+    weights per output row; at most :data:`bnas.kernels.int8.MAX_TAPS` inputs): the AVX-512 VNNI
+    or AMX kernel, elsewhere PyTorch's ops computing the same numbers bit for bit. A 512 -> 1000
+    classifier then reads 0.5 MB of weights instead of 2 MB."""
+    if precision not in POINTWISE_PRECISIONS:
+        raise ValueError(f"linear: precision {precision!r} is not one of {', '.join(POINTWISE_PRECISIONS)}")
+    if precision == "int8":
+        return _int8_linear(x, weight, bias)
     if (
         x.dim() != 2
         or weight.dim() != 2
@@ -512,6 +523,28 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         )
     _check_same_device(x, weight, None, bias, weight.shape[0], weights="weight")
     return cpu_backend.float_linear(x, weight, bias, "cpu-avx512")
+
+
+def _int8_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    _check_float(x, "input")
+    _check_float(weight, "weight")
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"linear expects (N, C) input and (K, C) weights, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    rows, (out_features, in_features) = x.shape[0], weight.shape
+    if in_features > MAX_TAPS:
+        raise ValueError(
+            f"linear: int8 sums at most {MAX_TAPS} inputs exactly, got {in_features}; use precision 'float32'"
+        )
+    _check_same_device(x, weight, None, bias, out_features, weights="weight")
+    kernel_dtypes = x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    if _route(x.device) == "cpu-avx512" and kernel_dtypes and cpu_backend.int8_supported() and rows > 0:
+        return cpu_backend.int8_linear_call(weight, bias, "cpu-avx512")(x.contiguous(), cpu_backend.kernel_threads())
+    out = int8_pointwise_conv2d_reference(
+        x.reshape(rows, in_features, 1, 1), weight.reshape(out_features, in_features, 1, 1), bias, 1, 1, False
+    )
+    return out.reshape(rows, out_features)
 
 
 def int8_conv2d(

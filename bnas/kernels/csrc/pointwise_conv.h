@@ -155,6 +155,11 @@ __attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_values(con
   }
 }
 
+// The fewest pixels a call runs on AMX tiles (int8_pointwise_conv_avx512). Measured on one
+// core (us, AMX against VNNI): 512 -> 1000 on 1, 4, 8, 16 and 32 rows 38/13, 40/17, 43/27,
+// 50/40 and 70/76; 256 -> 512 on 9, 16 and 49 pixels 10/13, 11/15 and 21/30.
+constexpr int64_t kAmxMinPixels = 9;
+
 // The quantized pixels (rows of C bytes) times the weights on AMX tiles
 // (stem_conv.h's amx_int8_block: a pixel's C bytes are its window), 32 pixels a block,
 // then the VNNI kernel's epilogue, each pixel with its image's terms.
@@ -253,7 +258,10 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
   const Int8ImageTerms terms = int8_image_terms(qz, w_sum, w_scale, g.K, g.Kp);
   ImageConvGeometry ig{};  // what Int8ConvBlock reads: one window row of `quads` words
   ig.kh = 1, ig.quads = (g.C + 3) / 4, ig.Kp = g.Kp;
-  if (amx_int8_available()) {
+  // AMX computes 16 pixels a tile and reloads every weight per 32-pixel block, their rows
+  // Kp * 4 bytes apart: a few pixels against many weights (a classifier at batch 1: 512 -> 1000,
+  // 38 against 13 us) run faster on VNNI, which reads the weights once
+  if (amx_int8_available() && pixels >= kAmxMinPixels) {
     int8_pointwise_gemm_amx(qd, wq, terms, bias, out, g, use);
     return;
   }
