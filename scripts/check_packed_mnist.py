@@ -8,6 +8,7 @@ inputs are traced on its module tree (the same layers, run one by one).
 
     python scripts/check_packed_mnist.py GENOTYPE.yaml RUN_DIR [--data-root P]
         [--dataset mnist] [--stem-precision float32|int8] [--shortcut-precision float32|int8]
+        [--head-precision float32|int8]
 
 ``--dataset`` takes another test set (``fashion_mnist``, ``digits``, ...); ``--stem-precision
 int8`` runs the packed model's stem in 8-bit integers (``PackedNetwork.stem_precision``), so the
@@ -15,7 +16,8 @@ count says how often that changes a prediction; for scale, the script then also 
 often the trained model itself changes its prediction when each image gets uniform noise of
 plus or minus half its int8 quantization step (seeded), an error of the same size.
 ``--shortcut-precision int8`` runs the 1x1 shortcut convs in 8-bit integers too
-(``PackedNetwork.shortcut_precision``).
+(``PackedNetwork.shortcut_precision``), ``--head-precision int8`` the classifier
+(``PackedNetwork.head_precision``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist", help="the test set (default mnist)")
     parser.add_argument("--stem-precision", choices=STEM_PRECISIONS, default="float32")
     parser.add_argument("--shortcut-precision", choices=POINTWISE_PRECISIONS, default="float32")
+    parser.add_argument("--head-precision", choices=POINTWISE_PRECISIONS, default="float32")
     args = parser.parse_args()
     genotype = bnas.load_genotype(args.genotype)
     weights = Path(args.run) / "model.pt"
@@ -89,6 +92,7 @@ def main() -> None:
         packed = bnas.load_packed(packed_path)
         packed.stem_precision = args.stem_precision
         packed.shortcut_precision = args.shortcut_precision
+        packed.head_precision = args.head_precision
         data = load_dataset(args.dataset, args.data_root)
         same = total = right_trained = right_packed = same_noisy = 0
         noise = torch.Generator().manual_seed(0)
@@ -126,7 +130,8 @@ def main() -> None:
             h.remove()
         size, float_size = os.path.getsize(packed_path), os.path.getsize(weights)
     print(
-        f"{genotype.name} ({args.dataset}, stem {args.stem_precision}, shortcuts {args.shortcut_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
+        f"{genotype.name} ({args.dataset}, stem {args.stem_precision}, shortcuts {args.shortcut_precision}, "
+        f"head {args.head_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
         f"test accuracy trained {right_trained / total:.2%}, packed {right_packed / total:.2%}; "
         f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)"
     )

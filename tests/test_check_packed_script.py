@@ -1,5 +1,5 @@
 """scripts/check_packed_mnist.py on a network trained for one epoch: it exports the run, runs the
-packed model on every test image with the stem and shortcuts in the precisions asked for, and
+packed model on every test image with the stem, shortcuts and head in the precisions asked for, and
 reports how many classes agree with the trained model."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from bnas.kernels import cpu_backend
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SMALL = ROOT / "search_spaces" / "genotypes" / "digits_small.yaml"
 LINE = re.compile(
-    r"digits_small \(digits, stem (\w+), shortcuts (\w+)\): same class on (\d+)/(\d+) test images; "
+    r"digits_small \(digits, stem (\w+), shortcuts (\w+), head (\w+)\): same class on (\d+)/(\d+) test images; "
     r"largest relative logit difference \S+; test accuracy trained ([\d.]+)%, packed ([\d.]+)%"
 )
 
@@ -43,8 +43,8 @@ def _check(run: Path, *flags: str) -> tuple[str, ...]:
 
 @pytest.mark.slow
 def test_float32_packed_model_keeps_the_classes(trained_run: Path) -> None:
-    stem, shortcuts, same, total, trained, packed = _check(trained_run)
-    assert (stem, shortcuts) == ("float32", "float32")
+    stem, shortcuts, head, same, total, trained, packed = _check(trained_run)
+    assert (stem, shortcuts, head) == ("float32", "float32", "float32")
     # every class here; one image may flip on another CPU, whose float rounding trains another net
     assert int(total) == 359 and int(same) >= int(total) - 1
     assert abs(float(trained) - float(packed)) <= 0.3
@@ -52,7 +52,8 @@ def test_float32_packed_model_keeps_the_classes(trained_run: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_backend.int8_supported(), reason="the int8 kernels run on AVX-512 VNNI CPUs only")
-def test_int8_stem_and_shortcuts_are_reported_as_asked(trained_run: Path) -> None:
-    stem, shortcuts, same, total, _, _ = _check(trained_run, "--stem-precision", "int8", "--shortcut-precision", "int8")
-    assert (stem, shortcuts) == ("int8", "int8")
+def test_int8_stem_shortcuts_and_head_are_reported_as_asked(trained_run: Path) -> None:
+    flags = ("--stem-precision", "int8", "--shortcut-precision", "int8", "--head-precision", "int8")
+    stem, shortcuts, head, same, total, _, _ = _check(trained_run, *flags)
+    assert (stem, shortcuts, head) == ("int8", "int8", "int8")
     assert int(total) == 359 and int(same) >= 340  # quantization may move a few classes, not many
