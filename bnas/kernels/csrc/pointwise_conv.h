@@ -228,12 +228,14 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
   const int use = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>({static_cast<int64_t>(threads), pixels, pixels * g.C * g.K / 262144 + 1})));
   const int64_t pixel_chunk = std::max<int64_t>(1, pixels / (4 * use));
-  // kept between calls: a fresh buffer of this size costs page faults on every call
+  // kept between calls, and only grown: a fresh buffer of this size costs page faults on every
+  // call, and growing a vector back (a network's shortcuts take turns) zero-fills it
   thread_local std::vector<float> pooled;
   thread_local std::vector<uint8_t> bytes;
-  pooled.resize(static_cast<size_t>(values));
+  if (pooled.size() < static_cast<size_t>(values)) pooled.resize(static_cast<size_t>(values));
   // + 64: a pixel's last word may read 3 bytes past; AMX reads whole tiles of 16 pixels
-  bytes.resize(static_cast<size_t>((pixels + 31) / 32 * 32 * g.C + 64));
+  const size_t byte_count = static_cast<size_t>((pixels + 31) / 32 * 32 * g.C + 64);
+  if (bytes.size() < byte_count) bytes.resize(byte_count);
   float* pd = pooled.data();
   uint8_t* qd = bytes.data();
   parallel_for(pixels, pixel_chunk, use, [&](int64_t begin, int64_t end) {
