@@ -465,7 +465,7 @@ def run_network(
             int8_ms = ms[f"packed_{name}"][0]
             record[name] = {
                 "engine": INT8_TWINS[name][1],
-                "int8_unit": "amx" if cpu_backend.amx_int8_supported() else "vnni",
+                "int8_unit": "amx" if cpu_backend.amx_int8_enabled() else "vnni",
                 "ms": int8_ms, "p90_ms": ms[f"packed_{name}"][1],
                 "ratio_vs_frozen": round(froz / int8_ms, 2),
                 "ratio_vs_lce": round(ms["lce"][0] / int8_ms, 2) if "lce" in timed_workers else None,

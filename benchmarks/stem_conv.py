@@ -67,7 +67,7 @@ def engines(
                 x, weight, bias, stride, padding, *pool, pack_output=True, precision="int8"
             ),
         }
-    if cpu_backend.amx_int8_supported():
+    if cpu_backend.amx_int8_enabled():
         fns["int8_vnni"] = on_vnni(fns["int8"])
     return fns
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio": round(ratio, 2),
                     "gmacs": round(macs / ms[name][0] / 1e9, 1),
                 }
-            record["int8_unit"] = "amx" if cpu_backend.amx_int8_supported() else "vnni"
+            record["int8_unit"] = "amx" if cpu_backend.amx_int8_enabled() else "vnni"
             if "int8_vnni" in ms:
                 record["amx_vs_vnni"] = round(ms["int8_vnni"][0] / ms["int8"][0], 2)
             record.update(

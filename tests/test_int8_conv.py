@@ -147,8 +147,10 @@ def test_other_backends_compute_the_same_numbers() -> None:
 def test_amx_is_switched_per_process_and_off_with_bnas_amx_0() -> None:
     ext = cpu_backend._built("cpu-avx512")
     with cpu_backend.amx_int8(False):
+        assert not cpu_backend.amx_int8_enabled()
         with cpu_backend.amx_int8(True):
             assert ext.set_amx_int8_enabled(True) is True  # the inner block's setting
+            assert cpu_backend.amx_int8_enabled() is cpu_backend.amx_int8_supported()
         assert ext.set_amx_int8_enabled(False) is False  # the outer block's, restored
     probe = "from bnas.kernels import cpu_backend; print(cpu_backend._built('cpu-avx512').set_amx_int8_enabled(True))"
     for value, expected in (("0", "False"), ("1", "True")):
@@ -483,7 +485,7 @@ def test_benchmark_script_reports_every_engine_and_its_ratio(capsys: pytest.Capt
     for name in ratios:
         expected = statistics.median(ratios[name])
         assert summary["median_ratio"][name] == pytest.approx(expected, rel=0.01, abs=0.01)
-    amx = cpu_backend.amx_int8_supported()
+    amx = cpu_backend.amx_int8_enabled()
     for r in lines:
         assert r["int8_unit"] == ("amx" if amx else "vnni")
         # the VNNI engine computes the very same numbers; its ratio to AMX is of the two times

@@ -101,7 +101,7 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
         return
     for key in ("int8_stem", "int8_stem_shortcuts", "int8_all"):
         int8 = rec[key]
-        assert int8["int8_unit"] == ("amx" if cpu_backend.amx_int8_supported() else "vnni")
+        assert int8["int8_unit"] == ("amx" if cpu_backend.amx_int8_enabled() else "vnni")
         assert int8["ms"] > 0 and int8["ratio_vs_frozen"] == round(rec["frozen_ms"] / int8["ms"], 2)
         assert int8["ratio_vs_packed"] == round(rec["ours_ms"] / int8["ms"], 2) and int8["ratio_vs_lce"] is None
         assert int8["profile"]["float_ms_by_type"]["ImageConv2d"] > 0

@@ -542,6 +542,13 @@ def amx_int8_supported() -> bool:
     return ext is not None and bool(ext.amx_int8_supported())
 
 
+def amx_int8_enabled() -> bool:
+    """Whether the int8 convs use AMX tiles now: :func:`amx_int8_supported` and the process's
+    setting (:func:`amx_int8`, ``BNAS_AMX``) allows them."""
+    ext = extension()
+    return ext is not None and bool(ext.amx_int8_enabled())
+
+
 @contextlib.contextmanager
 def amx_int8(enabled: bool) -> Iterator[None]:
     """Within the block, let the int8 convs use AMX tiles (where :func:`amx_int8_supported`) or

@@ -1318,6 +1318,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_supported", &int8_supported, "whether this CPU runs image_conv_nhwc on int8 weights (AVX-512 VNNI)");
   m.def("amx_int8_supported", &bnas::amx_int8_hardware,
         "whether this CPU and kernel run AMX-INT8 tiles (the int8 convs then use them)");
+  m.def("amx_int8_enabled", &bnas::amx_int8_available,
+        "whether the int8 convs use AMX tiles now (the CPU and kernel have them, and the switch is on)");
   m.def("set_amx_int8_enabled", [](bool enabled) { return bnas::amx_int8_switch().exchange(enabled); },
         "let the int8 convs use AMX (default; BNAS_AMX=0 turns it off) or not; returns the previous setting");
   m.def("image_conv_nhwc", &image_conv_nhwc,
