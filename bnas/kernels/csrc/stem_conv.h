@@ -499,16 +499,15 @@ struct PoolAfterConv {
   int64_t OH, OW;                  // pooled
 };
 
-// One row of a max-pool over channels_last maps: `rows` are the `count` input rows (W pixels
-// of C floats) the row's windows cover, already cut to the map; columns (kw, sw, pw) give
-// OW outputs. Padding never wins (as in PyTorch). `packed` (may be null): the output's signs
-// as NHWC words (bit 1 where the max >= 0), for a binary conv that reads the pooled map.
-__attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* const* rows,
-                                                                   int64_t count, int64_t W,
-                                                                   int64_t C, int64_t OW,
-                                                                   int64_t kw, int64_t sw,
-                                                                   int64_t pw, float* out,
-                                                                   uint32_t* packed) {
+// One row of a max-pool over channels_last maps, as its OW outputs of C floats: columns (kw, sw,
+// pw) give each output's window [iw0, iw1), already cut to the map, and window(iw0, iw1, c,
+// lanes) gives the output's channels c .. c + 15 (the lanes valid). `packed` (may be null): the
+// outputs' signs as NHWC words (bit 1 where the value >= 0), for a binary conv that reads the
+// pooled map.
+template <class Window>
+__attribute__((target("avx512f"))) inline void pool_row_avx512(int64_t W, int64_t C, int64_t OW, int64_t kw,
+                                                               int64_t sw, int64_t pw, float* out, uint32_t* packed,
+                                                               const Window& window) {
   const int64_t words = (C + 31) / 32;
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t ow = 0; ow < OW; ++ow) {
@@ -518,16 +517,11 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
     uint32_t* pk = packed ? packed + ow * words : nullptr;
     uint32_t word = 0;
     for (int64_t c = 0; c < C; c += 16) {
-      const int64_t nl = std::min<int64_t>(16, C - c);
-      const __mmask16 lanes = first_lanes(nl);
-      __m512 v = _mm512_set1_ps(-INFINITY);
-      for (int64_t i = 0; i < count; ++i)
-        for (int64_t iw = iw0; iw < iw1; ++iw)
-          v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, rows[i] + iw * C + c));
+      const __mmask16 lanes = first_lanes(C - c);
+      const __m512 v = window(iw0, iw1, c, lanes);
       _mm512_mask_storeu_ps(o + c, lanes, v);
       if (pk) {  // c is a multiple of 16: these lanes are bits (c % 32) .. of word c / 32
-        const uint32_t bits = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
-        word |= bits << (c & 31);
+        word |= static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ)) << (c & 31);
         if ((c & 31) == 16 || c + 16 >= C) {
           pk[c / 32] = word;
           word = 0;
@@ -535,6 +529,25 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
       }
     }
   }
+}
+
+// One row of a max-pool over channels_last float maps: `rows` are the `count` input rows (W
+// pixels of C floats) the row's windows cover, already cut to the map. Padding never wins (as
+// in PyTorch).
+__attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* const* rows,
+                                                                   int64_t count, int64_t W,
+                                                                   int64_t C, int64_t OW,
+                                                                   int64_t kw, int64_t sw,
+                                                                   int64_t pw, float* out,
+                                                                   uint32_t* packed) {
+  pool_row_avx512(W, C, OW, kw, sw, pw, out, packed,
+                  [&](int64_t iw0, int64_t iw1, int64_t c, __mmask16 lanes) __attribute__((target("avx512f"))) {
+                    __m512 v = _mm512_set1_ps(-INFINITY);
+                    for (int64_t i = 0; i < count; ++i)
+                      for (int64_t iw = iw0; iw < iw1; ++iw)
+                        v = _mm512_max_ps(v, _mm512_maskz_loadu_ps(lanes, rows[i] + iw * C + c));
+                    return v;
+                  });
 }
 
 // max_pool_int8_sums_row_avx512 for C = 16 * NV channels (NV <= 4): the epilogue's terms stay in
@@ -587,31 +600,14 @@ __attribute__((target("avx512f"))) inline void max_pool_int8_sums_row_avx512(
     case 64: return vectors(max_pool_int8_sums_row_vectors<4>);
     default: break;
   }
-  const int64_t words = (C + 31) / 32;
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t ow = 0; ow < OW; ++ow) {
-    const int64_t iw0 = std::max<int64_t>(0, ow * sw - pw);
-    const int64_t iw1 = std::min<int64_t>(W, ow * sw - pw + kw);
-    float* o = out + ow * C;
-    uint32_t* pk = packed ? packed + ow * words : nullptr;
-    uint32_t word = 0;
-    for (int64_t c = 0; c < C; c += 16) {
-      const __mmask16 lanes = first_lanes(C - c);
-      __m512i v = _mm512_set1_epi32(INT32_MIN);
-      for (int64_t i = 0; i < count; ++i)
-        for (int64_t iw = iw0; iw < iw1; ++iw)
-          v = _mm512_max_epi32(v, _mm512_maskz_loadu_epi32(lanes, rows[i] + iw * C + c));
-      const __m512 f = int8_epilogue16(v, lanes, zp_wsum + c, scale + c, bias ? bias + c : nullptr);
-      _mm512_mask_storeu_ps(o + c, lanes, f);
-      if (pk) {
-        word |= static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(lanes, f, zero, _CMP_GE_OQ)) << (c & 31);
-        if ((c & 31) == 16 || c + 16 >= C) {
-          pk[c / 32] = word;
-          word = 0;
-        }
-      }
-    }
-  }
+  pool_row_avx512(W, C, OW, kw, sw, pw, out, packed,
+                  [&](int64_t iw0, int64_t iw1, int64_t c, __mmask16 lanes) __attribute__((target("avx512f"))) {
+                    __m512i v = _mm512_set1_epi32(INT32_MIN);
+                    for (int64_t i = 0; i < count; ++i)
+                      for (int64_t iw = iw0; iw < iw1; ++iw)
+                        v = _mm512_max_epi32(v, _mm512_maskz_loadu_epi32(lanes, rows[i] + iw * C + c));
+                    return int8_epilogue16(v, lanes, zp_wsum + c, scale + c, bias ? bias + c : nullptr);
+                  });
 }
 
 // out (N, pooled OH, OW, K) and `packed` (may be null) = max-pool of the conv's output, which
