@@ -30,7 +30,7 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   reads.
 * **The stem in 8-bit integers, when asked.** With ``int8_stem`` (``PackedNetwork.stem_precision
   = "int8"``) both run in 8-bit integers: each image quantized to uint8, the weights per output
-  channel to int8, exact integer sums (``bnas.kernels.int8_conv2d``; AVX-512 VNNI). That
+  channel to int8, exact integer sums (``bnas.kernels.int8_conv2d``; AVX-512 VNNI or AMX). That
   changes the numbers (see :mod:`bnas.kernels.int8`), so it is off by default. So are the
   1x1 shortcut convs in 8-bit integers, with ``int8_shortcuts``
   (``PackedNetwork.shortcut_precision = "int8"``): their (pooled) input map quantized per

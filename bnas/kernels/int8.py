@@ -1,7 +1,8 @@
 """8-bit integer arithmetic for a float conv that reads the image (a binary network's stem).
 
-The rules, shared by the AVX-512 VNNI kernel (``csrc/stem_conv.h``) and :func:`int8_conv2d_reference`,
-which computes the same float32 operations in PyTorch, so the two agree bit for bit:
+The rules, shared by the AVX-512 VNNI and AMX kernels (``csrc/stem_conv.h``) and
+:func:`int8_conv2d_reference`, which computes the same float32 operations in PyTorch, so all three
+agree bit for bit:
 
 - each image of the batch, per call, asymmetric (so an image's result does not depend on
   the others in its batch): ``lo = min(min x, 0)``, ``hi = max(max x, 0)``,
@@ -18,7 +19,8 @@ The result differs from the float32 conv by the quantization of the image and th
 conv stays the default everywhere, and a packed network uses this only when asked
 (``PackedNetwork.stem_precision = "int8"``). A 1x1 conv (a downsample shortcut) follows the same
 rules with its (pooled) input map in the image's place (:func:`int8_pointwise_conv2d_reference`;
-``PackedNetwork.shortcut_precision = "int8"``).
+``PackedNetwork.shortcut_precision = "int8"``), and so does a linear layer (a classifier) with
+each input row as an (N, C, 1, 1) map (``PackedNetwork.head_precision = "int8"``).
 """
 
 from __future__ import annotations
