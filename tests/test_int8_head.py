@@ -21,9 +21,10 @@ from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_pointwise_conv2
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 
 # (N, C, K): ResNet's 512 -> 1000 head and CIFAR's 512 -> 10 at batch 1 and larger, inputs that
-# are not whole 32-bit words or 64-byte tile rows, outputs off the 16- and 32-lane grids, and
-# the widest input whose int32 sums are exact
-CASES = [(1, 512, 1000), (3, 512, 10), (5, 13, 17), (2, 100, 33), (1, MAX_TAPS, 40)]
+# are not whole 32-bit words or 64-byte tile rows, outputs off the 16- and 32-lane grids, the
+# widest input whose int32 sums are exact, and batches of 9 rows or more (AMX, where the CPU
+# has it; fewer rows run on VNNI)
+CASES = [(1, 512, 1000), (3, 512, 10), (5, 13, 17), (2, 100, 33), (1, MAX_TAPS, 40), (12, 64, 20), (40, 512, 1000)]
 
 
 def case_tensors(n: int, c: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
