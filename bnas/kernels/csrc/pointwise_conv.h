@@ -193,10 +193,9 @@ __attribute__((target("avx512f"))) inline void int8_pointwise_blocks_amx(const u
         const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + k0) : _mm512_setzero_ps();
         const __m512i c = _mm512_maskz_loadu_epi32(lanes, corr + k0);
         const __m512 sc = _mm512_maskz_loadu_ps(lanes, scale + k0);
-        for (int64_t q = p; q < stop; ++q) {
-          const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(sums + q * w.Kpa + k0), c));
-          _mm512_mask_storeu_ps(out + (p0 + q) * g.K + k0, lanes, _mm512_add_ps(_mm512_mul_ps(f, sc), b));
-        }
+        for (int64_t q = p; q < stop; ++q)
+          _mm512_mask_storeu_ps(out + (p0 + q) * g.K + k0, lanes,
+                                int8_epilogue(_mm512_loadu_si512(sums + q * w.Kpa + k0), c, sc, b));
       }
       p = stop;
     }
@@ -205,7 +204,7 @@ __attribute__((target("avx512f"))) inline void int8_pointwise_blocks_amx(const u
 
 inline void int8_pointwise_gemm_amx(const uint8_t* bytes, const int8_t* wq, const Int8ImageTerms& terms,
                                     const float* bias, float* out, const PointwiseGeometry& g, int use) {
-  const AmxInt8Weights w = amx_int8_pointwise_weights(wq, (g.C + 3) / 4, g.Kp);
+  const AmxInt8Weights w = amx_int8_weights(wq, (g.C + 3) / 4, g.Kp);
   const int64_t blocks = (g.N * g.OH * g.OW + 31) / 32;
   parallel_for(blocks, std::max<int64_t>(1, blocks / (4 * use)), use, [&](int64_t begin, int64_t end) {
     int8_pointwise_blocks_amx(bytes, w, terms, bias, out, g, begin, end);

@@ -187,6 +187,14 @@ __attribute__((target("avx512f,avx512bw"))) inline void int8_quantize_row(
   }
 }
 
+// The int8 epilogue on 16 channels' int32 sums, the terms loaded: float(sum - zp_wsum) *
+// scale + bias, one multiply and one add rounded to float32 (every int8 kernel's, so all agree
+// bit for bit with bnas.kernels.int8's reference).
+__attribute__((target("avx512f"))) inline __m512 int8_epilogue(__m512i sum, __m512i zp_wsum, __m512 scale,
+                                                              __m512 bias) {
+  return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, zp_wsum)), scale), bias);
+}
+
 struct Int8ConvBlock {
   template <int P, int NV>
   static __attribute__((target("avx512f,avx512bw,avx512vnni"))) void step(
@@ -216,8 +224,7 @@ struct Int8ConvBlock {
       for (int p = 0; p < P; ++p) {  // each pixel's image has its own zero point and scale
         const __m512i corr = _mm512_maskz_loadu_epi32(lanes, zp_wsum[p] + k0);
         const __m512 sc = _mm512_maskz_loadu_ps(lanes, scale[p] + k0);
-        const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p][v], corr));
-        _mm512_mask_storeu_ps(outs[p] + k0, lanes, _mm512_add_ps(_mm512_mul_ps(f, sc), b));
+        _mm512_mask_storeu_ps(outs[p] + k0, lanes, int8_epilogue(acc[p][v], corr, sc, b));
       }
     }
   }
@@ -290,9 +297,11 @@ struct AmxInt8Weights {
   AmxInt8Weights& operator=(const AmxInt8Weights&) = delete;
 };
 
-// A 1x1 conv's weights in the VNNI layout (quads = ceil(C / 4) words of 4 input channels, Kp
-// channels), used in place when quads % 16 == 0 and Kp % 32 == 0, else padded.
-inline AmxInt8Weights amx_int8_pointwise_weights(const int8_t* wq, int64_t quads, int64_t Kp) {
+// Weights in the VNNI layout, `quads` words of 4 input bytes by Kp output channels (a 1x1
+// conv's (1, ceil(C / 4), Kp, 4); the image conv's (kh, quads, Kp, 4), whose window rows are
+// the im2col rows' quads in the same order), for the tiles: used in place when quads % 16 == 0
+// and Kp % 32 == 0, else copied with zeros past them.
+inline AmxInt8Weights amx_int8_weights(const int8_t* wq, int64_t quads, int64_t Kp) {
   AmxInt8Weights w;
   w.k_steps = (quads + 15) / 16;
   w.Kpa = (Kp + 31) / 32 * 32;
@@ -343,19 +352,6 @@ __attribute__((target("amx-tile,amx-int8"))) inline void amx_int8_block(const ui
   }
 }
 
-// The image conv's weights (VNNI layout: (kh, quads, Kp, 4)) for the im2col rows: window row
-// r's quads at quad r * quads, zero past kh * quads and K.
-inline AmxInt8Weights amx_int8_image_weights(const int8_t* wq, const ImageConvGeometry& g) {
-  AmxInt8Weights w;
-  const int64_t used = g.kh * g.quads;
-  w.k_steps = (used + 15) / 16;
-  w.Kpa = (g.Kp + 31) / 32 * 32;
-  w.padded.assign(static_cast<size_t>(w.k_steps * 16 * w.Kpa * 4), 0);
-  for (int64_t q = 0; q < used; ++q)
-    std::memcpy(w.padded.data() + q * w.Kpa * 4, wq + q * g.Kp * 4, static_cast<size_t>(g.Kp * 4));
-  w.quads = w.padded.data();
-  return w;
-}
 // The exact int32 sums of output row oh of image n into `out` (OW * K int32, no zero-point
 // correction yet), from the padded NHWC image.
 __attribute__((target("amx-tile,amx-int8,avx2,avx512f,avx512bw"))) inline void int8_conv_sums_row_amx(
@@ -413,12 +409,11 @@ __attribute__((target("amx-tile,amx-int8,avx2,avx512f,avx512bw"))) inline void i
   }
 }
 
-// The int8 epilogue on 16 channels' sums (lanes masked): float(sum - zp_wsum) * scale + bias.
+// int8_epilogue with its terms loaded from memory (lanes masked; bias may be null).
 __attribute__((target("avx512f"))) inline __m512 int8_epilogue16(__m512i sum, __mmask16 lanes, const int32_t* zp_wsum,
                                                                 const float* scale, const float* bias) {
   const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias) : _mm512_setzero_ps();
-  const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_maskz_loadu_epi32(lanes, zp_wsum)));
-  return _mm512_add_ps(_mm512_mul_ps(f, _mm512_maskz_loadu_ps(lanes, scale)), b);
+  return int8_epilogue(sum, _mm512_maskz_loadu_epi32(lanes, zp_wsum), _mm512_maskz_loadu_ps(lanes, scale), b);
 }
 
 // Output row oh of image n into `row` (OW * K floats), as int8_conv_row_avx512 computes it.
@@ -575,7 +570,7 @@ __attribute__((target("avx512f"))) inline void max_pool_int8_sums_row_vectors(
         for (int v = 0; v < NV; ++v) m[v] = _mm512_max_epi32(m[v], _mm512_loadu_si512(p + 16 * v));
     uint32_t bits[NV];
     for (int v = 0; v < NV; ++v) {
-      const __m512 f = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(m[v], corr[v])), sc[v]), b[v]);
+      const __m512 f = int8_epilogue(m[v], corr[v], sc[v], b[v]);
       _mm512_storeu_ps(out + ow * C + 16 * v, f);
       bits[v] = _mm512_cmp_ps_mask(f, zero, _CMP_GE_OQ);
     }

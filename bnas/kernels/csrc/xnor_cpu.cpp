@@ -1260,7 +1260,7 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
     }
   });
   if (bnas::amx_int8_available()) {
-    const bnas::AmxInt8Weights amx_weights = bnas::amx_int8_image_weights(wq, g);
+    const bnas::AmxInt8Weights amx_weights = bnas::amx_int8_weights(wq, g.kh * g.quads, g.Kp);
     if (!pooled) {
       run([&](int64_t n, int64_t oh, float* row) {
         bnas::int8_conv_row_amx(pd, amx_weights, terms.zp_wsum.data() + n * g.Kp, terms.scale.data() + n * g.Kp, b,
