@@ -14,7 +14,10 @@ inputs are traced on its module tree (the same layers, run one by one).
 int8`` runs the packed model's stem in 8-bit integers (``PackedNetwork.stem_precision``), so the
 count says how often that changes a prediction; for scale, the script then also counts how
 often the trained model itself changes its prediction when each image gets uniform noise of
-plus or minus half its int8 quantization step (seeded), an error of the same size.
+plus or minus half its int8 quantization step (seeded), an error of the same size, and how often
+it does so with the weights of its convs on the image (those the int8 stem runs) rounded per
+output channel to 8, 12 and 16 bits, the image exact: how finely the network must compute its
+first layer to keep every class.
 ``--shortcut-precision int8`` runs the 1x1 shortcut convs in 8-bit integers too
 (``PackedNetwork.shortcut_precision``), ``--head-precision int8`` the classifier
 (``PackedNetwork.head_precision``).
@@ -67,6 +70,55 @@ def _sign_inputs(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[
         paths.append(path)
         handles.append(layer.register_forward_pre_hook(keep(path, threshold)))
     return seen, paths, handles
+
+
+#: the weight precisions, in bits, of the "for scale" count with rounded image-conv weights
+WEIGHT_BITS = (8, 12, 16)
+
+
+def _image_convs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.nn.Conv2d]:
+    """The float convs of ``model`` that read the image ``x`` itself (those the int8 stem runs)."""
+    found: list[torch.nn.Conv2d] = []
+
+    def note(module: torch.nn.Module, args: tuple) -> None:
+        if args[0] is x and isinstance(module, torch.nn.Conv2d):
+            found.append(module)
+
+    handles = [m.register_forward_pre_hook(note) for m in model.modules() if type(m) is torch.nn.Conv2d]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return found
+
+
+def _rounded(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight`` rounded to ``bits``-bit symmetric integers per output channel (the int8 stem's
+    rule at 8 bits: ``bnas.kernels.int8.quantize_weights``), back in float."""
+    levels = 2 ** (bits - 1) - 1
+    scale = weight.abs().flatten(1).amax(1).view(-1, *([1] * (weight.dim() - 1))) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(weight / scale), -levels, levels) * scale
+
+
+def _same_with_rounded_image_convs(model: torch.nn.Module, data, bits: int) -> tuple[int, int]:
+    """(images on which ``model`` keeps its class when the weights of its image convs are
+    rounded to ``bits`` bits, how many such convs it has); the weights are put back afterwards."""
+    same = 0
+    batches = data.loader("test", 1000)
+    convs = _image_convs(model, next(iter(batches))[0])
+    kept = [c.weight.detach().clone() for c in convs]
+    with torch.no_grad():
+        for x, _ in batches:
+            expected = model(x).argmax(1)
+            try:
+                for c in convs:
+                    c.weight.copy_(_rounded(c.weight, bits))
+                same += (model(x).argmax(1) == expected).sum().item()
+            finally:
+                for c, w in zip(convs, kept, strict=True):
+                    c.weight.copy_(w)
+    return same, len(convs)
 
 
 def main() -> None:
@@ -139,6 +191,13 @@ def main() -> None:
         print(
             f"for scale: the trained model with noise of half an int8 step on each image predicts its own class "
             f"on {same_noisy}/{total}"
+        )
+        rounded = [_same_with_rounded_image_convs(model, data, bits) for bits in WEIGHT_BITS]
+        print(
+            f"for scale: with the weights of its {rounded[0][1]} image conv(s) rounded per output channel to "
+            + ", ".join(f"{bits} bits" for bits in WEIGHT_BITS)
+            + " (the image exact) it predicts its own class on "
+            + ", ".join(f"{n}/{total}" for n, _ in rounded)
         )
     print(
         "sign disagreements at binary layer inputs (the packed module tree, stem and shortcuts in float32): "

@@ -20,6 +20,10 @@ LINE = re.compile(
     r"digits_small \(digits, stem (\w+), shortcuts (\w+), head (\w+)\): same class on (\d+)/(\d+) test images; "
     r"largest relative logit difference \S+; test accuracy trained ([\d.]+)%, packed ([\d.]+)%"
 )
+ROUNDED = re.compile(
+    r"with the weights of its (\d+) image conv\(s\) rounded per output channel to 8 bits, 12 bits, 16 bits "
+    r"\(the image exact\) it predicts its own class on (\d+)/359, (\d+)/359, (\d+)/359"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def _check(run: Path, *flags: str) -> tuple[str, ...]:
+def _check(run: Path, *flags: str) -> tuple[tuple[str, ...], str]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "check_packed_mnist.py"), str(DIGITS_SMALL), str(run),
          "--dataset", "digits", *flags],
@@ -38,12 +42,13 @@ def _check(run: Path, *flags: str) -> tuple[str, ...]:
     assert proc.returncode == 0, proc.stderr[-2000:]
     match = LINE.search(proc.stdout)
     assert match, proc.stdout
-    return match.groups()
+    return match.groups(), proc.stdout
 
 
 @pytest.mark.slow
 def test_float32_packed_model_keeps_the_classes(trained_run: Path) -> None:
-    stem, shortcuts, head, same, total, trained, packed = _check(trained_run)
+    (stem, shortcuts, head, same, total, trained, packed), out = _check(trained_run)
+    assert "rounded per output channel" not in out  # the int8 stem's scale lines only when it is asked
     assert (stem, shortcuts, head) == ("float32", "float32", "float32")
     # every class here; one image may flip on another CPU, whose float rounding trains another net
     assert int(total) == 359 and int(same) >= int(total) - 1
@@ -54,6 +59,11 @@ def test_float32_packed_model_keeps_the_classes(trained_run: Path) -> None:
 @pytest.mark.skipif(not cpu_backend.int8_supported(), reason="the int8 kernels run on AVX-512 VNNI CPUs only")
 def test_int8_stem_shortcuts_and_head_are_reported_as_asked(trained_run: Path) -> None:
     flags = ("--stem-precision", "int8", "--shortcut-precision", "int8", "--head-precision", "int8")
-    stem, shortcuts, head, same, total, _, _ = _check(trained_run, *flags)
+    (stem, shortcuts, head, same, total, _, _), out = _check(trained_run, *flags)
     assert (stem, shortcuts, head) == ("int8", "int8", "int8")
     assert int(total) == 359 and int(same) >= 340  # quantization may move a few classes, not many
+    rounded = ROUNDED.search(out)
+    assert rounded, out
+    convs, at8, at12, at16 = map(int, rounded.groups())
+    assert convs == 1  # digits_small's 3x3 stem conv is its one float conv on the image
+    assert 340 <= at8 <= 359 and at16 >= 358  # 16-bit weights err by about 1e-5 of the largest
