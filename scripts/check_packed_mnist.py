@@ -193,12 +193,15 @@ def main() -> None:
             f"on {same_noisy}/{total}"
         )
         rounded = [_same_with_rounded_image_convs(model, data, bits) for bits in WEIGHT_BITS]
-        print(
-            f"for scale: with the weights of its {rounded[0][1]} image conv(s) rounded per output channel to "
-            + ", ".join(f"{bits} bits" for bits in WEIGHT_BITS)
-            + " (the image exact) it predicts its own class on "
-            + ", ".join(f"{n}/{total}" for n, _ in rounded)
-        )
+        if rounded[0][1] == 0:
+            print("for scale: none of its convs with float weights reads the image, so there are no weights to round")
+        else:
+            print(
+                f"for scale: with the weights of its {rounded[0][1]} image conv(s) rounded per output channel to "
+                + ", ".join(f"{bits} bits" for bits in WEIGHT_BITS)
+                + " (the image exact) it predicts its own class on "
+                + ", ".join(f"{n}/{total}" for n, _ in rounded)
+            )
     print(
         "sign disagreements at binary layer inputs (the packed module tree, stem and shortcuts in float32): "
         + ", ".join(f"{p} {n}" for p, n in flips.items())
