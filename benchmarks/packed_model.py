@@ -30,7 +30,9 @@ from the measured figures.
 numbers), timed in the same rounds, with its own ratios, profile and logit difference from the
 float32-stem packed model; ``int8_stem_shortcuts``: a third with ``shortcut_precision = "int8"``
 as well (the 1x1 shortcut convs in 8-bit integers; networks that have them); ``int8_all``: a
-fourth with ``head_precision = "int8"`` too (the classifier in 8-bit integers). On CPUs with
+fourth with ``head_precision = "int8"`` too (the classifier in 8-bit integers);
+``int8_all_grid``: a fifth, ``int8_all`` with its stem quantizing on a fixed pixel grid
+(``PackedNetwork.input_grid``) instead of each image's range. On CPUs with
 AMX-INT8 their int8 layers run on AMX tiles (``int8_unit``). The issue's ``meets_*`` fields
 stay those of the default model.
 
@@ -505,7 +507,15 @@ INT8_TWINS = {
         ("shortcuts", "head"),
         "packed, stem, 1x1 shortcuts and classifier in int8 (stem_, shortcut_ and head_precision = 'int8'; opt-in)",
     ),
+    "int8_all_grid": (
+        ("shortcuts", "head", "grid"),
+        "packed, int8_all with the stem on a pixel grid (PackedNetwork.input_grid = INPUT_GRID; opt-in)",
+    ),
 }
+
+#: the pixel grid of the int8_all_grid twin: 8-bit pixels p as (p - 127) * 8 / 255, which spans
+#: the benchmark's normal inputs (it times the same work as any grid: no per-image range)
+INPUT_GRID = (8 / 255, 127.0)
 
 
 def int8_twin(model: torch.nn.Module, parts: tuple[str, ...]) -> tuple[Any, str | None]:
@@ -520,6 +530,8 @@ def int8_twin(model: torch.nn.Module, parts: tuple[str, ...]) -> tuple[Any, str 
         twin.shortcut_precision = "int8"
     if "head" in parts:
         twin.head_precision = "int8"
+    if "grid" in parts:
+        twin.input_grid = INPUT_GRID
     plan = twin.plan()
     modules = list(plan.modules()) if plan is not None else []
     if not any(isinstance(m, (ImageConv2d, ImageConvMaxPool2d)) and m.precision == "int8" for m in modules):

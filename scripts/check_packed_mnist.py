@@ -8,7 +8,7 @@ inputs are traced on its module tree (the same layers, run one by one).
 
     python scripts/check_packed_mnist.py GENOTYPE.yaml RUN_DIR [--data-root P]
         [--dataset mnist] [--stem-precision float32|int8] [--shortcut-precision float32|int8]
-        [--head-precision float32|int8]
+        [--head-precision float32|int8] [--input-grid]
 
 ``--dataset`` takes another test set (``fashion_mnist``, ``digits``, ...); ``--stem-precision
 int8`` runs the packed model's stem in 8-bit integers (``PackedNetwork.stem_precision``), so the
@@ -18,7 +18,10 @@ plus or minus half its int8 quantization step (seeded), an error of the same siz
 it does so with the weights of its convs on the image (those the int8 stem runs) rounded per
 output channel to 8, 12 and 16 bits, the image exact: how finely the network must compute its
 first layer to keep every class.
-``--shortcut-precision int8`` runs the 1x1 shortcut convs in 8-bit integers too
+``--input-grid`` has the int8 stem quantize each image on the dataset's pixel grid
+(``PackedNetwork.input_grid = bnas.kernels.int8.pixel_grid(mean, std, levels)``: each pixel to
+itself; 255 levels for 8-bit images, 16 for the digits) instead of by its own range. ``--shortcut-precision int8`` runs the 1x1 shortcut convs in 8-bit
+integers too
 (``PackedNetwork.shortcut_precision``), ``--head-precision int8`` the classifier
 (``PackedNetwork.head_precision``).
 """
@@ -39,7 +42,7 @@ from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
 from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
 from bnas.kernels.dispatch import POINTWISE_PRECISIONS, STEM_PRECISIONS
-from bnas.kernels.int8 import image_quantization
+from bnas.kernels.int8 import image_quantization, pixel_grid
 from bnas.train import load_checkpoint
 
 _PACKED_TYPES = (PackedConv2d, PackedLinear, SignConv2d, SignLinear)
@@ -121,6 +124,18 @@ def _same_with_rounded_image_convs(model: torch.nn.Module, data, bits: int) -> t
     return same, len(convs)
 
 
+def _pixel_levels(images: torch.Tensor) -> int:
+    """How many levels above 0 the dataset's pixels take: 255 for 8-bit images, else the fewest
+    (up to 255) on which every pixel of its [0, 1] scale is whole (the digits': 16)."""
+    if images.dtype == torch.uint8:
+        return 255
+    values = images.float()
+    for levels in range(1, 256):
+        if torch.equal(torch.round(values * levels), values * levels):
+            return levels
+    raise SystemExit("--input-grid: this dataset's pixels lie on no grid of up to 255 levels")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("genotype")
@@ -130,6 +145,9 @@ def main() -> None:
     parser.add_argument("--stem-precision", choices=STEM_PRECISIONS, default="float32")
     parser.add_argument("--shortcut-precision", choices=POINTWISE_PRECISIONS, default="float32")
     parser.add_argument("--head-precision", choices=POINTWISE_PRECISIONS, default="float32")
+    parser.add_argument(
+        "--input-grid", action="store_true", help="the int8 stem quantizes on the test set's pixel grid"
+    )
     args = parser.parse_args()
     genotype = bnas.load_genotype(args.genotype)
     weights = Path(args.run) / "model.pt"
@@ -146,6 +164,8 @@ def main() -> None:
         packed.shortcut_precision = args.shortcut_precision
         packed.head_precision = args.head_precision
         data = load_dataset(args.dataset, args.data_root)
+        if args.input_grid:
+            packed.input_grid = pixel_grid(data.mean, data.std, _pixel_levels(data.train_x))
         same = total = right_trained = right_packed = same_noisy = 0
         noise = torch.Generator().manual_seed(0)
         worst = 0.0
@@ -183,7 +203,7 @@ def main() -> None:
         size, float_size = os.path.getsize(packed_path), os.path.getsize(weights)
     print(
         f"{genotype.name} ({args.dataset}, stem {args.stem_precision}, shortcuts {args.shortcut_precision}, "
-        f"head {args.head_precision}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
+        f"head {args.head_precision}{', on the pixel grid' if args.input_grid else ''}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
         f"test accuracy trained {right_trained / total:.2%}, packed {right_packed / total:.2%}; "
         f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)"
     )

@@ -17,7 +17,7 @@ from bnas.kernels import cpu_backend
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SMALL = ROOT / "search_spaces" / "genotypes" / "digits_small.yaml"
 LINE = re.compile(
-    r"digits_small \(digits, stem (\w+), shortcuts (\w+), head (\w+)\): same class on (\d+)/(\d+) test images; "
+    r"digits_small \(digits, stem (\w+), shortcuts (\w+), head (\w+)(, on the pixel grid)?\): same class on (\d+)/(\d+) test images; "
     r"largest relative logit difference \S+; test accuracy trained ([\d.]+)%, packed ([\d.]+)%"
 )
 ROUNDED = re.compile(
@@ -47,7 +47,8 @@ def _check(run: Path, *flags: str) -> tuple[tuple[str, ...], str]:
 
 @pytest.mark.slow
 def test_float32_packed_model_keeps_the_classes(trained_run: Path) -> None:
-    (stem, shortcuts, head, same, total, trained, packed), out = _check(trained_run)
+    (stem, shortcuts, head, grid, same, total, trained, packed), out = _check(trained_run)
+    assert grid is None
     assert "rounded per output channel" not in out  # the int8 stem's scale lines only when it is asked
     assert (stem, shortcuts, head) == ("float32", "float32", "float32")
     # every class here; one image may flip on another CPU, whose float rounding trains another net
@@ -59,7 +60,8 @@ def test_float32_packed_model_keeps_the_classes(trained_run: Path) -> None:
 @pytest.mark.skipif(not cpu_backend.int8_supported(), reason="the int8 kernels run on AVX-512 VNNI CPUs only")
 def test_int8_stem_shortcuts_and_head_are_reported_as_asked(trained_run: Path) -> None:
     flags = ("--stem-precision", "int8", "--shortcut-precision", "int8", "--head-precision", "int8")
-    (stem, shortcuts, head, same, total, _, _), out = _check(trained_run, *flags)
+    (stem, shortcuts, head, grid, same, total, _, _), out = _check(trained_run, *flags)
+    assert grid is None
     assert (stem, shortcuts, head) == ("int8", "int8", "int8")
     assert int(total) == 359 and int(same) >= 340  # quantization may move a few classes, not many
     rounded = ROUNDED.search(out)
@@ -67,3 +69,16 @@ def test_int8_stem_shortcuts_and_head_are_reported_as_asked(trained_run: Path) -
     convs, at8, at12, at16 = map(int, rounded.groups())
     assert convs == 1  # digits_small's 3x3 stem conv is its one float conv on the image
     assert 340 <= at8 <= 359 and at16 >= 358  # 16-bit weights err by about 1e-5 of the largest
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_backend.int8_supported(), reason="the int8 kernels run on AVX-512 VNNI CPUs only")
+def test_int8_stem_on_the_pixel_grid_is_reported_as_asked(trained_run: Path) -> None:
+    (stem, _, _, grid, same, total, _, _), out = _check(trained_run, "--stem-precision", "int8", "--input-grid")
+    assert (stem, grid) == ("int8", ", on the pixel grid")
+    assert int(total) == 359 and int(same) >= 340
+    # the digits' 16 levels are exact on the grid: only the stem weights' rounding is left, so the
+    # classes are about those of the trained model with its stem weights rounded to 8 bits
+    rounded = ROUNDED.search(out)
+    assert rounded, out
+    assert abs(int(same) - int(rounded.group(2))) <= 2

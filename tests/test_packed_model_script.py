@@ -98,8 +98,9 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
         assert rec["int8_stem"].startswith("not timed: this CPU has no AVX-512 VNNI")
         assert rec["int8_stem_shortcuts"].startswith("not timed: this CPU has no AVX-512 VNNI")
         assert rec["int8_all"].startswith("not timed: this CPU has no AVX-512 VNNI")
+        assert rec["int8_all_grid"].startswith("not timed: this CPU has no AVX-512 VNNI")
         return
-    for key in ("int8_stem", "int8_stem_shortcuts", "int8_all"):
+    for key in ("int8_stem", "int8_stem_shortcuts", "int8_all", "int8_all_grid"):
         int8 = rec[key]
         assert int8["int8_unit"] == ("amx" if cpu_backend.amx_int8_enabled() else "vnni")
         assert int8["ms"] > 0 and int8["ratio_vs_frozen"] == round(rec["frozen_ms"] / int8["ms"], 2)
@@ -109,9 +110,12 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
         assert "Conv2d" not in int8["profile"]["float_ms_by_type"]  # the stem was the one float 3x3 conv
         assert 0 < int8["max_rel_logit_diff_vs_packed"] < 1.0  # other numbers, not other scales
     # the shortcuts' int8 changes the numbers again, and the classifier's once more
-    diffs = [rec[key]["max_rel_logit_diff_vs_packed"] for key in ("int8_stem", "int8_stem_shortcuts", "int8_all")]
-    assert len(set(diffs)) == 3
+    # and the grid's quantization of the image once more
+    keys = ("int8_stem", "int8_stem_shortcuts", "int8_all", "int8_all_grid")
+    diffs = [rec[key]["max_rel_logit_diff_vs_packed"] for key in keys]
+    assert len(set(diffs)) == 4
     assert rec["int8_all"]["profile"]["float_ms_by_type"]["KernelLinear"] > 0
+    assert rec["int8_all_grid"]["profile"]["float_ms_by_type"]["KernelLinear"] > 0
 
 
 def test_part_profile_splits_a_toy_network() -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from ..builder import build
 from ..errors import BnasError
 from ..genotype import Genotype, genotype_from_dict
 from ..kernels.dispatch import POINTWISE_PRECISIONS, STEM_PRECISIONS, backend
+from ..kernels.int8 import PixelGrid, check_pixel_grid
 from ..kernels.thread_budget import PROCESS_BUDGET, torch_threads
 from ..yaml_io import parse_yaml_mapping
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
@@ -175,6 +176,7 @@ class PackedNetwork(nn.Module):
         self.stem_precision = "float32"
         self.shortcut_precision = "float32"
         self.head_precision = "float32"
+        self.input_grid = None
         self.requires_grad_(False)
         super().train(False)
 
@@ -230,8 +232,26 @@ class PackedNetwork(nn.Module):
             raise ExportError(f"head_precision {value!r} is not one of {', '.join(POINTWISE_PRECISIONS)}")
         self.__dict__["_head_precision"] = value
 
-    def _precisions(self) -> tuple[str, str, str]:
-        return (self.stem_precision, self.shortcut_precision, self.head_precision)
+    @property
+    def input_grid(self) -> PixelGrid | None:
+        """The pixel grid ``(scale, zero)`` of the images this network reads, or None (the
+        default): every input value is ``(p - zero) * scale`` for a whole ``p`` in [0, 255].
+        With ``stem_precision = "int8"`` the int8 stem then quantizes each pixel to itself
+        instead of by each image's range, so the image is exact inside the stem (the rules:
+        ``bnas.kernels.int8``). For 8-bit images normalized per channel with one mean and std,
+        as ``bnas.data`` loads single-channel datasets:
+        ``bnas.kernels.int8.pixel_grid(mean, std)``. It changes nothing in float32."""
+        return self.__dict__["_input_grid"]
+
+    @input_grid.setter
+    def input_grid(self, value: Sequence[float] | None) -> None:
+        try:
+            self.__dict__["_input_grid"] = check_pixel_grid(value) if value is not None else None
+        except ValueError as exc:
+            raise ExportError(f"input_grid: {exc}") from exc
+
+    def _precisions(self) -> tuple[str, str, str, PixelGrid | None]:
+        return (self.stem_precision, self.shortcut_precision, self.head_precision, self.input_grid)
 
     def train(self, mode: bool = True) -> PackedNetwork:
         return super().train(False)  # BN statistics are folded; there is nothing to train
@@ -247,6 +267,7 @@ class PackedNetwork(nn.Module):
                 int8_stem=self.stem_precision == "int8",
                 int8_shortcuts=self.shortcut_precision == "int8",
                 int8_head=self.head_precision == "int8",
+                input_grid=self.input_grid,
             )
         return plans[key]
 

@@ -89,7 +89,7 @@ from ..kernels import (
     pack_signs,
     pointwise_conv2d,
 )
-from ..kernels.int8 import MAX_TAPS
+from ..kernels.int8 import MAX_TAPS, PixelGrid
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
 
 __all__ = [
@@ -400,16 +400,18 @@ class ImageConv2d(nn.Module):
     :func:`bnas.kernels.image_conv2d`: in ``precision`` "float32" a direct conv that sums in an
     order of its own (PyTorch's result to float rounding; PyTorch's conv itself on stems under
     ``FLOAT_STEM_KERNEL_MIN_MACS`` per image), or "int8" (the plan's ``int8_stem``: the image
-    quantized per call, the weights per output channel, once, cached). It reads the conv's
-    weight and bias at every call, so it follows them when they change."""
+    quantized per call, by its range or on pixel grid ``grid``, the weights per output channel,
+    once, cached). It reads the conv's weight and bias at every call, so it follows them when
+    they change."""
 
     conv: nn.Conv2d
 
-    def __init__(self, conv: nn.Conv2d, precision: str):
+    def __init__(self, conv: nn.Conv2d, precision: str, grid: PixelGrid | None = None):
         super().__init__()
         self.__dict__["conv"] = conv  # held, not a child: a leaf, as ChannelsLastPointwiseConv2d
         self.stride, self.padding = _pair(conv.stride), _pair(cast(tuple[int, int], conv.padding))
         self.precision = precision
+        self.grid = grid
 
     def small_float_stem(self, x: Tensor) -> bool:
         """Whether ``x`` (N, C, H, W) makes this a float32 stem under
@@ -427,10 +429,11 @@ class ImageConv2d(nn.Module):
             return F.conv2d(
                 x.contiguous(memory_format=torch.channels_last), c.weight, c.bias, self.stride, self.padding
             )
-        return image_conv2d(x, c.weight, c.bias, self.stride, self.padding, self.precision)
+        return image_conv2d(x, c.weight, c.bias, self.stride, self.padding, self.precision, self.grid)
 
     def extra_repr(self) -> str:
-        return f"{self.precision} {tuple(self.conv.weight.shape)}, stride={self.stride}, padding={self.padding}"
+        grid = f", grid={self.grid}" if self.grid is not None else ""
+        return f"{self.precision} {tuple(self.conv.weight.shape)}, stride={self.stride}, padding={self.padding}{grid}"
 
 
 class ImageConvMaxPool2d(ChannelsLastMaxPool2d):
@@ -438,35 +441,38 @@ class ImageConvMaxPool2d(ChannelsLastMaxPool2d):
     stem: 7x7/2 conv, BN folded, 3x3/2 pool) in one pass, :func:`bnas.kernels.conv2d_max_pool`:
     the conv's rows stay in cache for the pool and its full output is never written. In
     ``precision`` "float32" (the conv sums in its own order: PyTorch's result to float rounding)
-    or "int8" (the plan's ``int8_stem``); with ``pack_output`` the pooled map's signs come too.
-    It reads the conv's weight and bias at every call."""
+    or "int8" (the plan's ``int8_stem``, on pixel grid ``grid`` when given); with
+    ``pack_output`` the pooled map's signs come too. It reads the conv's weight and bias at
+    every call."""
 
     conv: nn.Conv2d
 
-    def __init__(self, conv: nn.Conv2d, pool: ChannelsLastMaxPool2d, precision: str):
+    def __init__(self, conv: nn.Conv2d, pool: ChannelsLastMaxPool2d, precision: str, grid: PixelGrid | None = None):
         super().__init__(nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding))
         self.__dict__["conv"] = conv  # held, not a child: a leaf, as ChannelsLastPointwiseConv2d
         self.conv_stride, self.conv_padding = _pair(conv.stride), _pair(cast(tuple[int, int], conv.padding))
         self.precision = precision
+        self.grid = grid
 
     def forward(self, x: Tensor) -> Any:
         c = self.conv
         return conv2d_max_pool(
             x, c.weight, c.bias, self.conv_stride, self.conv_padding, self.kernel_size, self.stride,
-            self.padding, pack_output=self.pack_output, precision=self.precision,
+            self.padding, pack_output=self.pack_output, precision=self.precision, grid=self.grid,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        conv = f"{self.precision} conv {tuple(self.conv.weight.shape)}, stride={self.conv_stride}"
+        grid = f", grid={self.grid}" if self.grid is not None else ""
+        conv = f"{self.precision} conv {tuple(self.conv.weight.shape)}, stride={self.conv_stride}{grid}"
         return f"{conv} -> max-pool {super().extra_repr()}"
 
 
-def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool) -> None:
+def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool, grid: PixelGrid | None = None) -> None:
     """Plain float convs on the network's input (one group, no dilation, zero padding given as
     numbers, at most MAX_TAPS taps per output: few input channels, which the stem kernels are
     made for): one that only a channels_last max-pool reads becomes, with the pool, an
     :class:`ImageConvMaxPool2d` node, any other an :class:`ImageConv2d` node; in int8 with
-    ``int8_stem``, else in float32."""
+    ``int8_stem`` (on pixel grid ``grid`` when given), else in float32."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     count = 0
     for node in list(gm.graph.nodes):
@@ -489,13 +495,13 @@ def _image_convs(gm: torch.fx.GraphModule, int8_stem: bool) -> None:
         name = f"_plan_image_conv{count}"
         count += 1
         if pool_node is not None and type(pool) is ChannelsLastMaxPool2d and pool_node.args == (node,):
-            gm.add_submodule(name, ImageConvMaxPool2d(conv, pool, precision))
+            gm.add_submodule(name, ImageConvMaxPool2d(conv, pool, precision, grid if int8_stem else None))
             gm.delete_submodule(str(pool_node.target))  # the pool module the plan made: now unused
             pool_node.target = name
             pool_node.update_arg(0, node.args[0])
             gm.graph.erase_node(node)
         else:
-            gm.add_submodule(name, ImageConv2d(conv, precision))
+            gm.add_submodule(name, ImageConv2d(conv, precision, grid if int8_stem else None))
             node.target = name
 
 
@@ -683,14 +689,20 @@ torch.fx.wrap("_to_channels_last")
 
 
 def build_plan(
-    net: nn.Module, int8_stem: bool = False, int8_shortcuts: bool = False, int8_head: bool = False
+    net: nn.Module,
+    int8_stem: bool = False,
+    int8_shortcuts: bool = False,
+    int8_head: bool = False,
+    input_grid: PixelGrid | None = None,
 ) -> torch.fx.GraphModule | None:
     """The fused program of a packed network's module tree (see the module docstring), or
     None when the tree cannot be traced. The plan shares the tree's modules and buffers.
     ``int8_stem`` runs the float convs that read the image in 8-bit integers
     (:class:`ImageConv2d`, :class:`ImageConvMaxPool2d`), ``int8_shortcuts`` the 1x1 float
     convs (:class:`ChannelsLastPointwiseConv2d`: Bi-Real's downsample shortcuts),
-    ``int8_head`` the float linear layers (:class:`KernelLinear`: the classifier)."""
+    ``int8_head`` the float linear layers (:class:`KernelLinear`: the classifier).
+    ``input_grid``: the pixel grid of the images the network reads, which the int8 stem
+    quantizes on (``bnas.kernels.int8``)."""
     try:
         graph = _Tracer().trace(net)
     except Exception as exc:  # any tracing failure means: run the module tree
@@ -702,7 +714,7 @@ def build_plan(
     _chain_packed(gm, steps)
     _channels_last_pools(gm)
     _pointwise_convs(gm, int8_shortcuts)
-    _image_convs(gm, int8_stem)
+    _image_convs(gm, int8_stem, input_grid)
     _float_linears(gm, int8_head)
     _global_pools(gm)
     _chain_pool_packing(gm, steps)

@@ -206,7 +206,7 @@ def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _Bo
         stride, padding = module.conv_stride, module.conv_padding
         pool = (module.kernel_size, module.stride, module.padding)
         call = cpu_backend.image_conv_call(
-            conv.weight, conv.bias, stride, padding, module.precision, pool, module.pack_output
+            conv.weight, conv.bias, stride, padding, module.precision, pool, module.pack_output, module.grid
         )
         if not module.pack_output:
             conv_pool = call
@@ -217,7 +217,7 @@ def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _Bo
 
     else:
         image_conv = cpu_backend.image_conv_call(
-            conv.weight, conv.bias, module.stride, module.padding, module.precision
+            conv.weight, conv.bias, module.stride, module.padding, module.precision, grid=module.grid
         )
         call = lambda x, threads: image_conv(x, threads)[0]  # noqa: E731
         stem = module
@@ -225,7 +225,10 @@ def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _Bo
         def accepts(x: Any) -> bool:
             return _float_cpu(x, 4, channels) and x.shape[0] > 0 and not stem.small_float_stem(x)
 
-    return _BoundKernel(module, slot, call, accepts, conv)
+    bound = _BoundKernel(module, slot, call, accepts, conv)
+    if module.grid is not None and conv.bias is not None:  # the call holds a bias made from it
+        bound.unchanged.append((conv.bias, conv.bias._version))
+    return bound
 
 
 class Program:

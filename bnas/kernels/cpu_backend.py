@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .. import paths
 from ..errors import BnasError
-from .int8 import quantize_weights
+from .int8 import PixelGrid, grid_bias, grid_zero_point, quantize_weights
 
 _Layout = TypeVar("_Layout")
 
@@ -571,13 +571,15 @@ def image_conv2d_nhwc(
     precision: str,
     pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
     pack_output: bool = False,
+    grid: PixelGrid | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """A conv of a float32 image (NCHW or channels_last) by (K, C, kh, kw) float weights on the
     AVX-512 kernels (``csrc/stem_conv.h``), in ``precision`` "float32" or "int8" (VNNI; the
-    rules of ``bnas.kernels.int8``), and with ``pool`` (kernel, stride, padding) the max-pool
-    of its output in the same pass: (the output, channels_last; with ``pack_output`` its signs
-    packed NHWC, else None). The weights' layout is made once per tensor and version."""
-    return image_conv_call(weight, bias, stride, padding, precision, pool, pack_output)(x, kernel_threads())
+    rules of ``bnas.kernels.int8``, with ``grid`` the images' pixel grid), and with ``pool``
+    (kernel, stride, padding) the max-pool of its output in the same pass: (the output,
+    channels_last; with ``pack_output`` its signs packed NHWC, else None). The weights' layout
+    is made once per tensor and version."""
+    return image_conv_call(weight, bias, stride, padding, precision, pool, pack_output, grid)(x, kernel_threads())
 
 
 def image_conv_call(
@@ -588,9 +590,14 @@ def image_conv_call(
     precision: str,
     pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
     pack_output: bool = False,
+    grid: PixelGrid | None = None,
 ) -> KernelCall:
-    """:func:`image_conv2d_nhwc` with these weights as ``call(x, threads)``."""
+    """:func:`image_conv2d_nhwc` with these weights as ``call(x, threads)``; with ``grid`` its
+    bias is :func:`bnas.kernels.int8.grid_bias`, made here, so the call reads the bias as it is
+    now (a program remakes its calls when the bias changes)."""
     out_channels, _, kh, kw = weight.shape
+    if grid is not None and precision != "int8":
+        raise ValueError(f"a pixel grid is for the int8 image conv, not {precision!r}")
     if precision == "int8":
         lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
         layout: tuple[Tensor | None, ...] = (lanes, w_scale, w_sum)
@@ -598,8 +605,12 @@ def image_conv_call(
         layout = (_cached_layout(weight, ("image",), lambda: _float_image_layout(weight)), None, None)
     (pool_kernel, pool_stride, pool_padding) = pool if pool is not None else ((0, 0), (0, 0), (0, 0))
     geometry = (out_channels, kh, kw, *stride, *padding, *pool_kernel, *pool_stride, *pool_padding, pack_output)
+    quantization = (0.0, 0)  # each image by its own range
+    if grid is not None:
+        bias = grid_bias(weight, bias, grid)
+        quantization = (grid[0], grid_zero_point(grid))
     conv = _built("cpu-avx512").image_conv_nhwc
-    return lambda x, threads: conv(x, *layout, bias, *geometry, threads)
+    return lambda x, threads: conv(x, *layout, bias, *geometry, *quantization, threads)
 
 
 def _window_rows(weight: Tensor, row_values: int) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import cpu_backend, reference
 from .conv_plan import conv_output_size
 from .conv_plan import pair as _pair
-from .int8 import MAX_TAPS, int8_conv2d_reference, int8_pointwise_conv2d_reference
+from .int8 import MAX_TAPS, PixelGrid, check_pixel_grid, int8_conv2d_reference, int8_pointwise_conv2d_reference
 from .packing import pack_signs_reference, pack_weights_reference, words_for
 
 CPU_BACKENDS = ("cpu-avx512", "cpu-avx2", "cpu-popcnt")
@@ -548,20 +548,30 @@ def _int8_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def int8_conv2d(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: IntPair = 1, padding: IntPair = 0
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    grid: PixelGrid | None = None,
 ) -> Tensor:
     """``conv2d(x, weight, bias, stride, padding)`` in 8-bit integers (:mod:`bnas.kernels.int8`:
     each image quantized per call to uint8, the weights per output channel to int8, the sums
-    exact): a binary network's stem at about 2 to 2.7 times float32's rate. On CPUs with
-    AVX-512 VNNI (and the cpu-avx512 backend) the kernel runs, elsewhere PyTorch's ops compute
-    the same numbers; the two agree bit for bit. Returns channels_last memory.
-    ``in_channels * kh * kw`` is at most :data:`bnas.kernels.int8.MAX_TAPS` (518)."""
+    exact): a binary network's stem at about 2 to 2.7 times float32's rate. ``grid``
+    ``(scale, zero)``: the images' values lie on that pixel grid (``bnas.kernels.int8.pixel_grid``
+    of their normalization), and each pixel is then quantized to itself. On CPUs with AVX-512
+    VNNI (and the cpu-avx512 backend) the kernel runs, elsewhere PyTorch's ops compute the same
+    numbers; the two agree bit for bit. Returns channels_last memory. ``in_channels * kh * kw``
+    is at most :data:`bnas.kernels.int8.MAX_TAPS` (518)."""
     stride_, padding_ = _check_image_conv(x, weight, bias, stride, padding, "int8", "int8_conv2d")
+    grid_ = check_pixel_grid(grid) if grid is not None else None
     if x.shape[0] == 0:  # no image to quantize
         return torch.nn.functional.conv2d(x, weight, bias, stride_, padding_)
     if _image_kernel_runs(x, weight, "int8"):
-        return cpu_backend.image_conv2d_nhwc(x, weight, bias, stride_, padding_, "int8")[0]
-    return int8_conv2d_reference(x, weight, bias, stride_, padding_).contiguous(memory_format=torch.channels_last)
+        return cpu_backend.image_conv2d_nhwc(x, weight, bias, stride_, padding_, "int8", grid=grid_)[0]
+    return int8_conv2d_reference(x, weight, bias, stride_, padding_, grid_).contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 def image_conv2d(
@@ -571,17 +581,20 @@ def image_conv2d(
     stride: IntPair = 1,
     padding: IntPair = 0,
     precision: str = "float32",
+    grid: PixelGrid | None = None,
 ) -> Tensor:
     """``conv2d(x, weight, bias, stride, padding)`` of an image (few input channels: a binary
     network's stem), channels_last. ``precision "float32"``: on the cpu-avx512 kernels a
     direct conv with output channels in SIMD lanes (``csrc/stem_conv.h``), which sums in an
     order of its own (PyTorch's result to float rounding) and on a 3-channel stem runs about
     twice as fast as PyTorch's conv; elsewhere PyTorch's conv on the channels_last image.
-    ``"int8"``: :func:`int8_conv2d`."""
+    ``"int8"``: :func:`int8_conv2d`, with ``grid`` (int8 only)."""
     if precision not in STEM_PRECISIONS:
         raise ValueError(f"image_conv2d: precision {precision!r} is not one of {', '.join(STEM_PRECISIONS)}")
     if precision == "int8":
-        return int8_conv2d(x, weight, bias, stride, padding)
+        return int8_conv2d(x, weight, bias, stride, padding, grid)
+    if grid is not None:
+        raise ValueError("image_conv2d: a pixel grid is for precision 'int8'")
     stride_, padding_ = _check_image_conv(x, weight, bias, stride, padding, precision, "image_conv2d")
     if x.shape[0] > 0 and _image_kernel_runs(x, weight, precision):
         return cpu_backend.image_conv2d_nhwc(x, weight, bias, stride_, padding_, precision)[0]
@@ -599,6 +612,7 @@ def conv2d_max_pool(
     pool_padding: IntPair = 0,
     pack_output: bool = False,
     precision: str = "float32",
+    grid: PixelGrid | None = None,
 ) -> Any:
     """``max_pool2d(conv2d(x, weight, bias, stride, padding), pool_kernel, pool_stride,
     pool_padding)`` of an image, channels_last, and with ``pack_output`` also the pooled map's
@@ -607,9 +621,13 @@ def conv2d_max_pool(
     for the pool instead of writing the conv's whole output to memory; the conv sums in an
     order of its own (float32: equal to PyTorch's conv up to float rounding). ``precision
     "int8"`` computes the conv as :func:`int8_conv2d` does (AVX-512 VNNI for the kernel), with
-    the same numbers. Elsewhere PyTorch's conv (on the channels_last image) and pool run."""
+    the same numbers (``grid``: its pixel grid, int8 only). Elsewhere PyTorch's conv (on the
+    channels_last image) and pool run."""
     if precision not in STEM_PRECISIONS:
         raise ValueError(f"conv2d_max_pool: precision {precision!r} is not one of {', '.join(STEM_PRECISIONS)}")
+    if grid is not None and precision != "int8":
+        raise ValueError("conv2d_max_pool: a pixel grid is for precision 'int8'")
+    grid_ = check_pixel_grid(grid) if grid is not None else None
     stride_, padding_ = _check_image_conv(x, weight, bias, stride, padding, precision, "conv2d_max_pool")
     kernel = _pair(pool_kernel, "pool_kernel")
     pool_stride_, pool_padding_ = _pair(pool_stride, "pool_stride"), _pair(pool_padding, "pool_padding")
@@ -621,11 +639,11 @@ def conv2d_max_pool(
     packed: Tensor | None
     if x.shape[0] > 0 and _image_kernel_runs(x, weight, precision):
         pooled, packed = cpu_backend.image_conv2d_nhwc(
-            x, weight, bias, stride_, padding_, precision, (kernel, pool_stride_, pool_padding_), pack_output
+            x, weight, bias, stride_, padding_, precision, (kernel, pool_stride_, pool_padding_), pack_output, grid_
         )
     else:
         if precision == "int8":
-            conv = int8_conv2d(x, weight, bias, stride_, padding_)
+            conv = int8_conv2d(x, weight, bias, stride_, padding_, grid_)
         else:
             conv = torch.nn.functional.conv2d(
                 x.contiguous(memory_format=torch.channels_last), weight, bias, stride_, padding_

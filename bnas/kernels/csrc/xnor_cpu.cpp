@@ -1136,10 +1136,12 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
     const c10::optional<torch::Tensor>& w_sum, const c10::optional<torch::Tensor>& bias,
     int64_t out_channels, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
     int64_t pool_kh, int64_t pool_kw, int64_t pool_sh, int64_t pool_sw, int64_t pool_ph,
-    int64_t pool_pw, bool pack_output, int64_t num_threads) {
+    int64_t pool_pw, bool pack_output, double grid_scale, int64_t grid_zero_point, int64_t num_threads) {
   const bool int8 = weights.scalar_type() == torch::kInt8;
   TORCH_CHECK(int8 ? int8_supported() : isa_supported(ISA_AVX512),
               "image_conv_nhwc: this CPU has no AVX-512", int8 ? " VNNI" : "");
+  TORCH_CHECK(grid_scale <= 0.0 || (int8 && grid_zero_point >= 0 && grid_zero_point <= 255),
+              "image_conv_nhwc: a pixel grid (scale > 0) is for int8 weights, with a zero point in [0, 255]");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
               "image_conv_nhwc: input must be a 4-d float32 CPU tensor");
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
@@ -1234,7 +1236,12 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
                   w_scale->scalar_type() == torch::kFloat32 && w_scale->numel() == out_channels &&
                   w_sum->scalar_type() == torch::kInt32 && w_sum->numel() == out_channels,
               "image_conv_nhwc: int8 weights need float32 scales and int32 sums, one per output");
-  const std::vector<bnas::Int8Quantization> qz = bnas::int8_image_quantizations(xs, g.N, image_floats);
+  // the images' own ranges, or the pixel grid the caller gives (the same for every image)
+  const std::vector<bnas::Int8Quantization> qz =
+      grid_scale > 0.0 ? std::vector<bnas::Int8Quantization>(
+                             static_cast<size_t>(g.N),
+                             bnas::Int8Quantization{static_cast<float>(grid_scale), static_cast<int32_t>(grid_zero_point)})
+                       : bnas::int8_image_quantizations(xs, g.N, image_floats);
   const torch::Tensor w_sum_c = w_sum->contiguous(), w_scale_c = w_scale->contiguous();
   const bnas::Int8ImageTerms terms =
       bnas::int8_image_terms(qz, w_sum_c.data_ptr<int32_t>(), w_scale_c.data_ptr<float>(), out_channels, g.Kp);
@@ -1323,8 +1330,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx_int8_enabled", [](bool enabled) { return bnas::amx_int8_switch().exchange(enabled); },
         "let the int8 convs use AMX (default; BNAS_AMX=0 turns it off) or not; returns the previous setting");
   m.def("image_conv_nhwc", &image_conv_nhwc,
-        "float conv of an image, float32 or int8 (per-image uint8 image, per-channel int8 weights), "
-        "optionally with the max-pool after it and the pooled map's packed signs");
+        "float conv of an image, float32 or int8 (per-image uint8 image, or on a given pixel grid; per-channel "
+        "int8 weights), optionally with the max-pool after it and the pooled map's packed signs");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
 }
