@@ -46,14 +46,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 
 from .. import paths
 from ..errors import BnasError
-from .int8 import PixelGrid, grid_bias, grid_zero_point, quantize_weights
+from .int8 import PixelGrid, grid_zero_point, quantize_weights, with_grid_term
 
 _Layout = TypeVar("_Layout")
 
@@ -593,8 +593,8 @@ def image_conv_call(
     grid: PixelGrid | None = None,
 ) -> KernelCall:
     """:func:`image_conv2d_nhwc` with these weights as ``call(x, threads)``; with ``grid`` its
-    bias is :func:`bnas.kernels.int8.grid_bias`, made here, so the call reads the bias as it is
-    now (a program remakes its calls when the bias changes)."""
+    bias is :func:`bnas.kernels.int8.grid_bias` (from the cached weight layout), made here, so
+    the call reads the bias as it is now (a program remakes its calls when the bias changes)."""
     out_channels, _, kh, kw = weight.shape
     if grid is not None and precision != "int8":
         raise ValueError(f"a pixel grid is for the int8 image conv, not {precision!r}")
@@ -607,7 +607,9 @@ def image_conv_call(
     geometry = (out_channels, kh, kw, *stride, *padding, *pool_kernel, *pool_stride, *pool_padding, pack_output)
     quantization = (0.0, 0)  # each image by its own range
     if grid is not None:
-        bias = grid_bias(weight, bias, grid)
+        w_scale, w_sum = cast(Tensor, layout[1]), cast(Tensor, layout[2])
+        term = _cached_layout(weight, ("int8-grid", grid), lambda: with_grid_term(None, w_scale, w_sum, grid))
+        bias = term if bias is None else bias.detach().float() + term  # with_grid_term's sum
         quantization = (grid[0], grid_zero_point(grid))
     conv = _built("cpu-avx512").image_conv_nhwc
     return lambda x, threads: conv(x, *layout, bias, *geometry, *quantization, threads)

@@ -120,8 +120,14 @@ def grid_bias(weight: Tensor, bias: Tensor | None, grid: PixelGrid) -> Tensor:
     term that cancels the rounding of the grid's zero point (the module docstring's rule), in
     float32."""
     wq, w_scale = quantize_weights(weight)
-    shift = torch.tensor((grid_zero_point(grid) - grid[1]) * grid[0], dtype=torch.float32, device=weight.device)
-    term = (w_scale * shift) * wq.sum(dim=(1, 2, 3), dtype=torch.int32).float()
+    return with_grid_term(bias, w_scale, wq.sum(dim=(1, 2, 3), dtype=torch.int32), grid)
+
+
+def with_grid_term(bias: Tensor | None, w_scale: Tensor, w_sum: Tensor, grid: PixelGrid) -> Tensor:
+    """:func:`grid_bias` from the weights' float32 scales and int32 sums per output channel
+    (what the kernels' weight layout caches), the same float32 operations."""
+    shift = torch.tensor((grid_zero_point(grid) - grid[1]) * grid[0], dtype=torch.float32, device=w_scale.device)
+    term = (w_scale * shift) * w_sum.float()
     return (bias.detach().float() if bias is not None else torch.zeros_like(term)) + term
 
 
