@@ -66,6 +66,7 @@ HEADERS = [
         "register_blocks.h",
         "linear_rows.h",
         "amx_tiles.h",
+        "cache_line_vector.h",
         "pointwise_conv.h",
         "stem_conv.h",
     )

@@ -108,7 +108,7 @@ inline void pointwise_conv_avx512(const float* x, const float* wt, const float* 
   const int use = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>({static_cast<int64_t>(threads), items, items * macs_per_item / 262144 + 1})));
   parallel_for(items, std::max<int64_t>(1, items / (4 * use)), use, [&](int64_t begin, int64_t end) {
-    std::vector<float> pooled(g.pool == 2 ? static_cast<size_t>(kBlockPixels * g.C) : 0);
+    CacheLineVector<float> pooled(g.pool == 2 ? static_cast<size_t>(kBlockPixels * g.C) : 0);
     const float* rows[kBlockPixels];
     float* outs[kBlockPixels];
     int64_t ready = -1;  // the pixel block whose rows are set up
@@ -170,7 +170,7 @@ __attribute__((target("avx512f"))) inline void int8_pointwise_blocks_amx(const u
                                                                          const PointwiseGeometry& g, int64_t begin,
                                                                          int64_t end) {
   const int64_t image_pixels = g.OH * g.OW, pixels = g.N * image_pixels;
-  thread_local std::vector<int32_t> sum_scratch;
+  thread_local CacheLineVector<int32_t> sum_scratch;
   if (sum_scratch.size() < static_cast<size_t>(32 * w.Kpa)) sum_scratch.resize(static_cast<size_t>(32 * w.Kpa));
   int32_t* const sums = sum_scratch.data();
   static const AmxTileConfig config = amx_full_tiles(8);
@@ -229,8 +229,8 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
   const int64_t pixel_chunk = std::max<int64_t>(1, pixels / (4 * use));
   // kept between calls, and only grown: a fresh buffer of this size costs page faults on every
   // call, and growing a vector back (a network's shortcuts take turns) zero-fills it
-  thread_local std::vector<float> pooled;
-  thread_local std::vector<uint8_t> bytes;
+  thread_local CacheLineVector<float> pooled;
+  thread_local CacheLineVector<uint8_t> bytes;
   if (pooled.size() < static_cast<size_t>(values)) pooled.resize(static_cast<size_t>(values));
   // + 64: a pixel's last word may read 3 bytes past; AMX reads whole tiles of 16 pixels
   const size_t byte_count = static_cast<size_t>((pixels + 31) / 32 * 32 * g.C + 64);

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "cache_line_vector.h"
 #include "register_blocks.h"
 #include "work_pool.h"
 
@@ -102,13 +103,13 @@ inline std::vector<Int8Quantization> int8_image_quantizations(const float* x, in
 // What the int8 epilogue needs of each image n, for output channels k < K in rows of Kp (zero
 // past K): zp_wsum = zp * sum(wq[k]), the correction of the zero point; scale = s * w_scale[k].
 struct Int8ImageTerms {
-  std::vector<int32_t> zp_wsum;
-  std::vector<float> scale;
+  CacheLineVector<int32_t> zp_wsum;
+  CacheLineVector<float> scale;
 };
 inline Int8ImageTerms int8_image_terms(const std::vector<Int8Quantization>& qz, const int32_t* w_sum,
                                        const float* w_scale, int64_t K, int64_t Kp) {
-  Int8ImageTerms t{std::vector<int32_t>(qz.size() * static_cast<size_t>(Kp), 0),
-                   std::vector<float>(qz.size() * static_cast<size_t>(Kp), 0.0f)};
+  Int8ImageTerms t{CacheLineVector<int32_t>(qz.size() * static_cast<size_t>(Kp), 0),
+                   CacheLineVector<float>(qz.size() * static_cast<size_t>(Kp), 0.0f)};
   for (size_t n = 0; n < qz.size(); ++n)
     for (int64_t k = 0; k < K; ++k) {
       t.zp_wsum[n * Kp + k] = qz[n].zero_point * w_sum[k];
@@ -289,7 +290,7 @@ struct AmxInt8Weights {
   const int8_t* quads;  // (k_steps * 16, Kpa, 4)
   int64_t k_steps;      // steps of 64 input bytes
   int64_t Kpa;          // output channels rounded up to 32
-  std::vector<int8_t> padded;  // the weights in that layout, where the caller's are not already
+  CacheLineVector<int8_t> padded;  // the weights in that layout, where the caller's are not already
 
   AmxInt8Weights() = default;
   AmxInt8Weights(AmxInt8Weights&&) = default;  // a moved vector keeps its buffer: `quads` stays valid
@@ -358,8 +359,8 @@ __attribute__((target("amx-tile,amx-int8,avx2,avx512f,avx512bw"))) inline void i
     const uint8_t* padded, const AmxInt8Weights& w, const ImageConvGeometry& g, int64_t n, int64_t oh,
     int32_t* out) {
   const int64_t window_bytes = g.quads * 4, row_bytes = g.Wp * g.C, a_stride = w.k_steps * 64;
-  thread_local std::vector<uint8_t> window_scratch;  // 32 pixels' im2col rows
-  thread_local std::vector<int32_t> sum_scratch;     // 32 pixels x Kpa
+  thread_local CacheLineVector<uint8_t> window_scratch;  // 32 pixels' im2col rows
+  thread_local CacheLineVector<int32_t> sum_scratch;     // 32 pixels x Kpa
   thread_local std::vector<const uint8_t*> steps;
   if (window_scratch.size() < static_cast<size_t>(32 * a_stride + 32))  // + 32: the last 32-byte move
     window_scratch.assign(static_cast<size_t>(32 * a_stride + 32), 0);
@@ -635,7 +636,7 @@ void conv_max_pool_rows(const ImageConvGeometry& g, const PoolAfterConv& pg, int
   const int64_t ends = 2 * segments;  // items: (segment, from its top or its bottom)
   parallel_for(ends, 1, static_cast<int>(std::min<int64_t>(threads, ends)), [&](int64_t begin, int64_t end) {
     const int64_t row_floats = g.OW * g.K;
-    std::vector<float> ring(static_cast<size_t>(pg.kh * row_floats));  // conv row ih at slot ih % kh
+    CacheLineVector<float> ring(static_cast<size_t>(pg.kh * row_floats));  // conv row ih at slot ih % kh
     std::vector<const float*> window_rows(static_cast<size_t>(pg.kh));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t segment = item / 2, n = segment / segments_per_image;

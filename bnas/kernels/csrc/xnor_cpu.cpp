@@ -1252,7 +1252,7 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
   uint8_t* pd = padded.data_ptr<uint8_t>();
   std::memset(pd + g.N * image_values, 0, 64);
   bnas::parallel_for(rows_to_pad, pad_chunk, pad_threads, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(static_cast<size_t>(channels_last ? 0 : g.W * g.C));
+    bnas::CacheLineVector<float> scratch(static_cast<size_t>(channels_last ? 0 : g.W * g.C));
     for (int64_t i = begin; i < end; ++i) {
       uint8_t* row = pd + i * row_values;
       const int64_t n = i / g.Hp, r = image_row(i);
