@@ -1,7 +1,7 @@
 """Threads for a packed network on the CPU (issue 15): 1 thread against 2, and what a busy
 neighbour does to the 2-thread call.
 
-    python benchmarks/packed_threads.py [--genotype G.yaml ...] [--repeats 60] [--competitor]
+    python benchmarks/packed_threads.py [--genotype G.yaml ...] [--repeats 60] [--competitor] [--int8-grid]
 
 For each genotype (default: Bi-Real ResNet-18 at 224x224, then at 32x32), batch 1, the packed
 model (``bnas.export.pack_model(bnas.build(g).eval())``, BN statistics randomised as a trained
@@ -23,6 +23,10 @@ processes, ``benchmarks/packed_model.py --threads 1`` and ``--threads 2``: 1.79x
 machine then has one core fewer than the threads asked for, as a shared machine often has)
 and reports the spread of the 2-thread calls: p90 / median, target at most 2, for the packed
 model and for the float conv.
+
+``--int8-grid`` times the packed model in the opt-in int8 configuration of
+``benchmarks/packed_model.py``'s ``int8_all_grid`` twin (stem, 1x1 shortcuts and classifier in
+8-bit integers, the stem on a pixel grid) instead of float32.
 
 Prints one JSON line per genotype: medians and p90 in ms, the load average before and after,
 whether the 1- and 2-thread outputs are bit-identical, the kernel backend and the thread
@@ -46,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from common import emit, interleaved_times, load_average, machine, median_p90  # noqa: E402
-from packed_model import randomize_batchnorm  # noqa: E402
+from packed_model import INPUT_GRID, randomize_batchnorm  # noqa: E402
 
 import bnas  # noqa: E402
 from bnas.export import pack_model  # noqa: E402
@@ -114,6 +118,9 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     model = bnas.build(genotype).eval()
     randomize_batchnorm(model)
     packed = pack_model(model)
+    if args.int8_grid:
+        packed.stem_precision = packed.shortcut_precision = packed.head_precision = "int8"
+        packed.input_grid = INPUT_GRID
     x = torch.randn(args.batch, *genotype.input)
     conv_in, conv_w = first_binary_conv_shape(model, x)
     fx, fw = torch.randn(conv_in), torch.randn(conv_w)
@@ -162,6 +169,7 @@ def run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         "competitor": args.competitor,
         "baseline": "packed model, 1 thread",
         "ours": "packed model, 2 threads",
+        "precision": "int8 stem on a pixel grid, shortcuts and head" if args.int8_grid else "float32",
         "baseline_ms": round(base * 1e3, 3),
         "ours_ms": round(ours * 1e3, 3),
         "ratio": round(ratio, 2),
@@ -207,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--competitor", action="store_true", help="run a busy-looping process alongside, as a shared machine has"
+    )
+    p.add_argument(
+        "--int8-grid", action="store_true", help="the packed model with packed_model.py's int8_all_grid settings"
     )
     args = p.parse_args(argv)
     competitor = start_competitor() if args.competitor else None

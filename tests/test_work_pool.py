@@ -276,8 +276,10 @@ def test_the_shipped_headers_exist():
     assert cpu_backend.HEADERS and all(Path(h).is_file() for h in cpu_backend.HEADERS)
 
 
-@pytest.mark.parametrize("competitor", [False, True], ids=["idle", "competitor"])
-def test_packed_threads_benchmark_prints_its_json_line(ext, competitor, capsys):
+@pytest.mark.parametrize(
+    "competitor,int8_grid", [(False, False), (True, False), (False, True)], ids=["idle", "competitor", "int8_grid"]
+)
+def test_packed_threads_benchmark_prints_its_json_line(ext, competitor, int8_grid, capsys):
     import importlib.util
     import json
 
@@ -287,10 +289,14 @@ def test_packed_threads_benchmark_prints_its_json_line(ext, competitor, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     genotype = root / "search_spaces" / "genotypes" / "bireal_resnet18.yaml"
-    bench.main(["--genotype", str(genotype), "--repeats", "3"] + (["--competitor"] if competitor else []))
+    if int8_grid and not cpu_backend.int8_supported():
+        pytest.skip("the int8 kernels run on AVX-512 VNNI CPUs only")
+    flags = (["--competitor"] if competitor else []) + (["--int8-grid"] if int8_grid else [])
+    bench.main(["--genotype", str(genotype), "--repeats", "3", *flags])
     (line,) = capsys.readouterr().out.strip().splitlines()
     record = json.loads(line)
     assert record["genotype"] == "bireal_resnet18" and record["input"] == [3, 32, 32]
+    assert record["precision"] == ("int8 stem on a pixel grid, shortcuts and head" if int8_grid else "float32")
     assert record["outputs_identical_1_vs_2_threads"] is True
     assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], abs=0.01)
     assert record["float_conv"]["weight"] == [64, 64, 3, 3]
