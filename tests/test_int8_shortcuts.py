@@ -35,6 +35,7 @@ CASES = [
     (1, 128, 28, 28, 256, 2, 1, False),
     (1, 256, 14, 14, 512, 2, 1, False),
     (3, 13, 9, 7, 20, 2, 1, True),
+    (3, 128, 9, 7, 40, 2, 1, True),  # C % 64 == 0: AMX blocks quantize their own pixels, across images
     (2, 30, 10, 11, 17, 1, 2, False),
     (2, 7, 5, 5, 33, 2, 1, False),
     (4, 5, 3, 3, 3, 1, 1, False),

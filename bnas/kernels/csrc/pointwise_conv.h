@@ -21,7 +21,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "register_blocks.h"
@@ -163,12 +165,12 @@ constexpr int64_t kAmxMinPixels = 9;
 // The quantized pixels (rows of C bytes) times the weights on AMX tiles
 // (stem_conv.h's amx_int8_block: a pixel's C bytes are its window), 32 pixels a block,
 // then the VNNI kernel's epilogue, each pixel with its image's terms.
-__attribute__((target("avx512f"))) inline void int8_pointwise_blocks_amx(const uint8_t* bytes,
-                                                                         const AmxInt8Weights& w,
-                                                                         const Int8ImageTerms& terms,
-                                                                         const float* bias, float* out,
-                                                                         const PointwiseGeometry& g, int64_t begin,
-                                                                         int64_t end) {
+// With `floats` (C % 64 == 0: a tile row is whole pixels), the blocks' own pixels' floats are
+// quantized into `bytes` first (then no thread reads bytes another writes).
+__attribute__((target("avx512f,avx512bw"))) inline void int8_pointwise_blocks_amx(
+    uint8_t* bytes, const AmxInt8Weights& w, const Int8ImageTerms& terms, const float* bias, float* out,
+    const PointwiseGeometry& g, int64_t begin, int64_t end, const float* floats = nullptr,
+    const std::vector<Int8Quantization>* qz = nullptr) {
   const int64_t image_pixels = g.OH * g.OW, pixels = g.N * image_pixels;
   thread_local CacheLineVector<int32_t> sum_scratch;
   if (sum_scratch.size() < static_cast<size_t>(32 * w.Kpa)) sum_scratch.resize(static_cast<size_t>(32 * w.Kpa));
@@ -176,6 +178,13 @@ __attribute__((target("avx512f"))) inline void int8_pointwise_blocks_amx(const u
   static const AmxTileConfig config = amx_full_tiles(8);
   AmxTileScope tiles(config);
   std::vector<const uint8_t*> steps(static_cast<size_t>(w.k_steps));
+  // the blocks' pixels first, one image at a time: tiles loaded right after their bytes were
+  // stored would wait for the stores
+  for (int64_t p = 32 * begin, last = std::min(32 * end, pixels); floats != nullptr && p < last;) {
+    const int64_t n = p / image_pixels, stop = std::min(last, (n + 1) * image_pixels);
+    int8_quantize_values(floats + p * g.C, (stop - p) * g.C, (*qz)[static_cast<size_t>(n)], bytes + p * g.C);
+    p = stop;
+  }
   for (int64_t block = begin; block < end; ++block) {
     const int64_t p0 = 32 * block, count = std::min<int64_t>(32, pixels - p0);
     for (int64_t t = 0; t < w.k_steps; ++t) steps[static_cast<size_t>(t)] = bytes + p0 * g.C + 64 * t;
@@ -202,12 +211,14 @@ __attribute__((target("avx512f"))) inline void int8_pointwise_blocks_amx(const u
   }
 }
 
-inline void int8_pointwise_gemm_amx(const uint8_t* bytes, const int8_t* wq, const Int8ImageTerms& terms,
-                                    const float* bias, float* out, const PointwiseGeometry& g, int use) {
+inline void int8_pointwise_gemm_amx(uint8_t* bytes, const int8_t* wq, const Int8ImageTerms& terms,
+                                    const float* bias, float* out, const PointwiseGeometry& g, int use,
+                                    const float* floats = nullptr,
+                                    const std::vector<Int8Quantization>* qz = nullptr) {
   const AmxInt8Weights w = amx_int8_weights(wq, (g.C + 3) / 4, g.Kp);
   const int64_t blocks = (g.N * g.OH * g.OW + 31) / 32;
   parallel_for(blocks, std::max<int64_t>(1, blocks / (4 * use)), use, [&](int64_t begin, int64_t end) {
-    int8_pointwise_blocks_amx(bytes, w, terms, bias, out, g, begin, end);
+    int8_pointwise_blocks_amx(bytes, w, terms, bias, out, g, begin, end, floats, qz);
   });
 }
 
@@ -217,7 +228,8 @@ inline void int8_pointwise_gemm_amx(const uint8_t* bytes, const int8_t* wq, cons
 // Python: (1, quads, Kp, 4), quads = ceil(C / 4) words of 4 input channels), and VPDPBUSD sums
 // exactly in int32, a step being the stem's (Int8ConvBlock) with one window row of C bytes,
 // or, on AMX, int8_pointwise_gemm_amx.
-// Three passes: the pooled floats, each image's range and bytes, the GEMM. C <= 518 (the
+// Three passes: the pooled floats with each image's range, the bytes, the GEMM (two on AMX
+// threads when C % 64 == 0: each chunk of the GEMM quantizes its own pixels). C <= 518 (the
 // caller checks: bnas.kernels.int8.MAX_TAPS), so no sum overflows or rounds.
 inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const float* w_scale,
                                        const int32_t* w_sum, const float* bias, float* out,
@@ -237,6 +249,9 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
   if (bytes.size() < byte_count) bytes.resize(byte_count);
   float* pd = pooled.data();
   uint8_t* qd = bytes.data();
+  // each image's range, found as its pixels are pooled: min and max do not depend on the order
+  std::vector<float> lo(static_cast<size_t>(g.N), INFINITY), hi(static_cast<size_t>(g.N), -INFINITY);
+  std::mutex range_lock;
   parallel_for(pixels, pixel_chunk, use, [&](int64_t begin, int64_t end) {
     int64_t n = begin / image_pixels, oh = begin / g.OW % g.OH, ow = begin % g.OW;
     for (int64_t pix = begin; pix < end; ++pix, next_pixel(g, n, oh, ow)) {
@@ -246,9 +261,27 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
       else
         std::memcpy(pd + pix * g.C, img + (oh * g.stride * g.W + ow * g.stride) * g.C, sizeof(float) * g.C);
     }
+    for (int64_t pix = begin; pix < end;) {  // this chunk's part of each image
+      const int64_t image = pix / image_pixels, stop = std::min(end, (image + 1) * image_pixels);
+      float l = 0.0f, h = 0.0f;
+      int8_min_max(pd + pix * g.C, (stop - pix) * g.C, &l, &h);
+      const std::lock_guard<std::mutex> hold(range_lock);
+      lo[static_cast<size_t>(image)] = std::min(lo[static_cast<size_t>(image)], l);
+      hi[static_cast<size_t>(image)] = std::max(hi[static_cast<size_t>(image)], h);
+      pix = stop;
+    }
   });
-  const std::vector<Int8Quantization> qz = int8_image_quantizations(pd, g.N, image_pixels * g.C);
+  std::vector<Int8Quantization> qz(static_cast<size_t>(g.N));
+  for (size_t n = 0; n < qz.size(); ++n) qz[n] = int8_image_quantization(lo[n], hi[n]);
   std::memset(qd + values, 0, 64);
+  const Int8ImageTerms terms = int8_image_terms(qz, w_sum, w_scale, g.K, g.Kp);
+  const bool amx = amx_int8_available() && pixels >= kAmxMinPixels;
+  // on several threads each AMX chunk quantizes its own pixels: one parallel pass fewer, with
+  // its barrier (on one thread there is none to save)
+  if (amx && g.C % 64 == 0 && use > 1) {
+    int8_pointwise_gemm_amx(qd, wq, terms, bias, out, g, use, pd, &qz);
+    return;
+  }
   parallel_for(pixels, pixel_chunk, use, [&](int64_t begin, int64_t end) {
     while (begin < end) {  // the run of pixels of one image at a time
       const int64_t n = begin / image_pixels, stop = std::min(end, (n + 1) * image_pixels);
@@ -256,13 +289,12 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
       begin = stop;
     }
   });
-  const Int8ImageTerms terms = int8_image_terms(qz, w_sum, w_scale, g.K, g.Kp);
   ImageConvGeometry ig{};  // what Int8ConvBlock reads: one window row of `quads` words
   ig.kh = 1, ig.quads = (g.C + 3) / 4, ig.Kp = g.Kp;
   // AMX computes 16 pixels a tile and reloads every weight per 32-pixel block, their rows
   // Kp * 4 bytes apart: a few pixels against many weights (a classifier at batch 1: 512 -> 1000,
   // 38 against 13 us) run faster on VNNI, which reads the weights once
-  if (amx_int8_available() && pixels >= kAmxMinPixels) {
+  if (amx) {
     int8_pointwise_gemm_amx(qd, wq, terms, bias, out, g, use);
     return;
   }
