@@ -185,7 +185,7 @@ class PackedNetwork(nn.Module):
         """How the fused plan runs the float convs that read the image (the stem):
         ``"float32"`` (the default: the trained network's arithmetic) or ``"int8"`` (8-bit
         integers, ``bnas.kernels.int8_conv2d`` and ``conv2d_max_pool``; ResNet's 7x7/2 stem and
-        its pool run about 2.3 times faster on AVX-512 VNNI and 4.7 times on AMX-INT8, and
+        its pool run about 2.3-2.4 times faster on AVX-512 VNNI and 4.7-5.6 times on AMX-INT8, and
         Bi-Real ResNet-18 at 224x224 about 1.4 times on AMX). The stem's outputs then differ by the
         quantization of the image and the weights (under 1 % of the output's range), which
         changes some predictions of a binary network (the README measures how many). The
