@@ -250,7 +250,7 @@ class PackedNetwork(nn.Module):
         except ValueError as exc:
             raise ExportError(f"input_grid: {exc}") from exc
 
-    def _precisions(self) -> tuple[str, str, str, PixelGrid | None]:
+    def _plan_key(self) -> tuple[str, str, str, PixelGrid | None]:
         return (self.stem_precision, self.shortcut_precision, self.head_precision, self.input_grid)
 
     def train(self, mode: bool = True) -> PackedNetwork:
@@ -260,7 +260,7 @@ class PackedNetwork(nn.Module):
         """The fused program (built once, sharing this network's modules), or None when the
         network cannot be traced."""
         plans = self.__dict__.setdefault("_plans", {})  # kept out of the module tree: not saved
-        key = self._precisions()
+        key = self._plan_key()
         if key not in plans:
             plans[key] = build_plan(
                 self.net,
@@ -279,7 +279,7 @@ class PackedNetwork(nn.Module):
         if plan is None:
             return None
         programs = self.__dict__.setdefault("_programs", {})  # kept out of the module tree
-        key = (*self._precisions(), route)
+        key = (*self._plan_key(), route)
         if key not in programs or (programs[key] is not None and not programs[key].current()):
             programs[key] = lower_plan(plan, route)
         return programs[key]

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .. import paths
 from ..errors import BnasError
-from .int8 import PixelGrid, grid_zero_point, quantize_weights, with_grid_term
+from .int8 import PixelGrid, add_grid_term, grid_term, grid_zero_point, quantize_weights
 
 _Layout = TypeVar("_Layout")
 
@@ -609,8 +609,8 @@ def image_conv_call(
     quantization = (0.0, 0)  # each image by its own range
     if grid is not None:
         w_scale, w_sum = cast(Tensor, layout[1]), cast(Tensor, layout[2])
-        term = _cached_layout(weight, ("int8-grid", grid), lambda: with_grid_term(None, w_scale, w_sum, grid))
-        bias = term if bias is None else bias.detach().float() + term  # with_grid_term's sum
+        term = _cached_layout(weight, ("int8-grid", grid), lambda: grid_term(w_scale, w_sum, grid))
+        bias = add_grid_term(bias, term)
         quantization = (grid[0], grid_zero_point(grid))
     conv = _built("cpu-avx512").image_conv_nhwc
     return lambda x, threads: conv(x, *layout, bias, *geometry, *quantization, threads)

@@ -50,14 +50,16 @@ from torch import Tensor
 MAX_TAPS = (2**24 - 1) // (255 * 127)
 
 
-def quantize_weights(weight: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_weights(weight: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """(K, C, kh, kw) float weights -> (int8 weights of the same shape, float32 scale per output
-    channel)."""
+    channel). With ``bits`` other than 8, the same rule on ``bits``-bit symmetric integers
+    (int32), to measure how finely a network needs its weights."""
+    levels = 2 ** (bits - 1) - 1
     w = weight.detach().float()
-    scale = w.abs().amax(dim=(1, 2, 3)) / 127
+    scale = w.abs().amax(dim=(1, 2, 3)) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    wq = torch.clamp(torch.round(w / scale.view(-1, 1, 1, 1)), -127, 127).to(torch.int8)
-    return wq, scale
+    wq = torch.clamp(torch.round(w / scale.view(-1, 1, 1, 1)), -levels, levels)
+    return wq.to(torch.int8 if bits <= 8 else torch.int32), scale
 
 
 def image_quantization(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,19 +118,23 @@ def grid_zero_point(grid: PixelGrid) -> int:
 
 
 def grid_bias(weight: Tensor, bias: Tensor | None, grid: PixelGrid) -> Tensor:
-    """The bias an int8 conv on pixel grid ``grid`` runs with: ``bias`` (zeros for None) plus the
-    term that cancels the rounding of the grid's zero point (the module docstring's rule), in
-    float32."""
+    """The bias an int8 conv on pixel grid ``grid`` runs with: ``bias`` plus the term that cancels
+    the rounding of the grid's zero point (the module docstring's rule), in float32."""
     wq, w_scale = quantize_weights(weight)
-    return with_grid_term(bias, w_scale, wq.sum(dim=(1, 2, 3), dtype=torch.int32), grid)
+    return add_grid_term(bias, grid_term(w_scale, wq.sum(dim=(1, 2, 3), dtype=torch.int32), grid))
 
 
-def with_grid_term(bias: Tensor | None, w_scale: Tensor, w_sum: Tensor, grid: PixelGrid) -> Tensor:
-    """:func:`grid_bias` from the weights' float32 scales and int32 sums per output channel
-    (what the kernels' weight layout caches), the same float32 operations."""
+def grid_term(w_scale: Tensor, w_sum: Tensor, grid: PixelGrid) -> Tensor:
+    """That term per output channel, from the weights' float32 scales and int32 sums (what the
+    kernels' weight layout caches)."""
     shift = torch.tensor((grid_zero_point(grid) - grid[1]) * grid[0], dtype=torch.float32, device=w_scale.device)
-    term = (w_scale * shift) * w_sum.float()
-    return (bias.detach().float() if bias is not None else torch.zeros_like(term)) + term
+    return (w_scale * shift) * w_sum.float()
+
+
+def add_grid_term(bias: Tensor | None, term: Tensor) -> Tensor:
+    """``bias + term`` in float32 (``term`` alone for no bias): the one sum the kernels and the
+    reference both use, so they agree bit for bit."""
+    return term if bias is None else bias.detach().float() + term
 
 
 def int8_conv2d_reference(
