@@ -42,7 +42,7 @@ from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
 from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
 from bnas.kernels.dispatch import POINTWISE_PRECISIONS, STEM_PRECISIONS
-from bnas.kernels.int8 import image_quantization, pixel_grid
+from bnas.kernels.int8 import image_quantization, pixel_grid, quantize_weights
 from bnas.train import load_checkpoint
 
 _PACKED_TYPES = (PackedConv2d, PackedLinear, SignConv2d, SignLinear)
@@ -95,33 +95,35 @@ def _image_convs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.nn.Conv2
     return found
 
 
-def _rounded(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """``weight`` rounded to ``bits``-bit symmetric integers per output channel (the int8 stem's
-    rule at 8 bits: ``bnas.kernels.int8.quantize_weights``), back in float."""
-    levels = 2 ** (bits - 1) - 1
-    scale = weight.abs().flatten(1).amax(1).view(-1, *([1] * (weight.dim() - 1))) / levels
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.clamp(torch.round(weight / scale), -levels, levels) * scale
-
-
-def _same_with_rounded_image_convs(model: torch.nn.Module, data, bits: int) -> tuple[int, int]:
-    """(images on which ``model`` keeps its class when the weights of its image convs are
-    rounded to ``bits`` bits, how many such convs it has); the weights are put back afterwards."""
-    same = 0
+def _same_with_rounded_image_convs(model: torch.nn.Module, data) -> tuple[list[int], int]:
+    """(for each of WEIGHT_BITS, the images on which ``model`` keeps its class when the weights
+    of its image convs are rounded per output channel to that many bits by the int8 stem's rule,
+    ``bnas.kernels.int8.quantize_weights``; how many such convs it has). The weights are put
+    back afterwards."""
+    same = [0] * len(WEIGHT_BITS)
     batches = data.loader("test", 1000)
     convs = _image_convs(model, next(iter(batches))[0])
     kept = [c.weight.detach().clone() for c in convs]
+    rounded = [[_dequantized(w, bits) for w in kept] for bits in WEIGHT_BITS]
     with torch.no_grad():
-        for x, _ in batches:
-            expected = model(x).argmax(1)
-            try:
-                for c in convs:
-                    c.weight.copy_(_rounded(c.weight, bits))
-                same += (model(x).argmax(1) == expected).sum().item()
-            finally:
+        try:
+            for x, _ in batches:
                 for c, w in zip(convs, kept, strict=True):
                     c.weight.copy_(w)
+                expected = model(x).argmax(1)
+                for i, weights in enumerate(rounded):
+                    for c, w in zip(convs, weights, strict=True):
+                        c.weight.copy_(w)
+                    same[i] += (model(x).argmax(1) == expected).sum().item()
+        finally:
+            for c, w in zip(convs, kept, strict=True):
+                c.weight.copy_(w)
     return same, len(convs)
+
+
+def _dequantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    wq, scale = quantize_weights(weight, bits)
+    return wq.float() * scale.view(-1, 1, 1, 1)
 
 
 def _pixel_levels(images: torch.Tensor) -> int:
@@ -212,15 +214,15 @@ def main() -> None:
             f"for scale: the trained model with noise of half an int8 step on each image predicts its own class "
             f"on {same_noisy}/{total}"
         )
-        rounded = [_same_with_rounded_image_convs(model, data, bits) for bits in WEIGHT_BITS]
-        if rounded[0][1] == 0:
+        rounded, convs = _same_with_rounded_image_convs(model, data)
+        if convs == 0:
             print("for scale: none of its convs with float weights reads the image, so there are no weights to round")
         else:
             print(
-                f"for scale: with the weights of its {rounded[0][1]} image conv(s) rounded per output channel to "
+                f"for scale: with the weights of its {convs} image conv(s) rounded per output channel to "
                 + ", ".join(f"{bits} bits" for bits in WEIGHT_BITS)
                 + " (the image exact) it predicts its own class on "
-                + ", ".join(f"{n}/{total}" for n, _ in rounded)
+                + ", ".join(f"{n}/{total}" for n in rounded)
             )
     print(
         "sign disagreements at binary layer inputs (the packed module tree, stem and shortcuts in float32): "
