@@ -65,11 +65,15 @@ def test_lowered_program_computes_the_plans_outputs_bit_for_bit(name: str, monke
     assert torch.equal(lowered, plan)
     route = kernels.backend()
     program = packed.program(route)
-    chained = [s for s in packed.plan().modules() if isinstance(s, PackedStep) and s.packed_input]  # type: ignore[union-attr]
-    assert (program.bound_steps if program is not None else 0) == len(chained)
+    plan_module = packed.plan()
+    assert plan_module is not None
+    called = [plan_module.get_submodule(str(n.target)) for n in plan_module.graph.nodes if n.op == "call_module"]
+    steps = [s for s in called if isinstance(s, PackedStep)]
+    bindable = [s for s in steps if s.packed_input or s.conv.threshold is None]  # float input: packed first
+    assert (program.bound_steps if program is not None else 0) == len(bindable)
     calls = step_calls(monkeypatch)
     assert torch.equal(packed(x), plan)
-    assert not any(s.packed_input for s in calls)  # bound steps run without the module
+    assert not any(s in bindable for s in calls)  # bound steps run without the module
 
 
 @needs_kernels
@@ -156,9 +160,11 @@ def test_a_broadcast_residual_goes_through_the_step(monkeypatch: pytest.MonkeyPa
         torch.testing.assert_close(lowered, packed.net(x.contiguous(memory_format=torch.channels_last)))
     steps = [s for s in packed.plan().modules() if isinstance(s, PackedStep)]  # type: ignore[union-attr]
     assert [s.packed_input for s in steps] == [False, True] and steps[1].residual
+    program = packed.program(kernels.backend())
+    assert program is not None and program.bound_steps == 2 and not program.native
     calls = step_calls(monkeypatch)
     packed(x)
-    assert calls == steps  # the first packs its own input; the second's add broadcasts
+    assert calls == steps[1:]  # the first, bound, packs its own input; the second's add broadcasts
 
 
 def module_calls(monkeypatch: pytest.MonkeyPatch, classes: tuple[type[nn.Module], ...]) -> list[nn.Module]:
@@ -187,7 +193,7 @@ def test_the_call_timer_sees_every_bound_call_once_per_call() -> None:
     bound = [
         m
         for m in called
-        if (isinstance(m, PackedStep) and m.packed_input)
+        if (isinstance(m, PackedStep) and (m.packed_input or m.conv.threshold is None))
         or (kernels.backend() == "cpu-avx512" and isinstance(m, FLOAT_KERNEL_MODULES))
     ]
     assert [module for module, _ in seen] == bound and all(seconds > 0 for _, seconds in seen)

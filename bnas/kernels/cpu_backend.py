@@ -286,6 +286,12 @@ def pack_signs(x: Tensor, groups: int, name: str) -> Tensor:
     return _built(name).pack_signs(x, groups, _isa(name), kernel_threads())
 
 
+def pack_signs_call(name: str) -> Callable[[Tensor, int, int], Tensor]:
+    """:func:`pack_signs` as ``call(x, groups, threads)``."""
+    pack, isa = _built(name).pack_signs, _isa(name)
+    return lambda x, groups, threads: pack(x, groups, isa, threads)
+
+
 def xnor_conv2d_packed(
     xp: Tensor,
     wp: Tensor,
@@ -409,15 +415,31 @@ def global_avg_pool_nhwc(x: Tensor, name: str) -> Tensor:
     return _built(name).global_avg_pool_nhwc(x, kernel_threads())
 
 
-# Kernel calls bound once for a caller that makes them on every forward (bnas.export.program):
-# each ``*_call`` returns ``call(x, threads)``, which is the function above it with the same
-# arguments (the weights' layout made now, the bias read at every call).
-KernelCall = Callable[[Tensor, int], Any]
+class KernelCall:
+    """A kernel call bound once for a caller that makes it on every forward
+    (``bnas.export.program``): ``call(x, threads)`` is the function it was made for, with the
+    same arguments (the weights' layout made then, the bias read at every call). ``kind`` names
+    the extension's entry point and ``args`` holds what the call passes after the input (the
+    thread count comes last), so that the extension's ``ProgramRunner`` makes the same call
+    from C++; ``take`` (0 or 1) keeps one tensor of a call that returns two (-1: all)."""
+
+    __slots__ = ("kind", "args", "take", "_call")
+
+    def __init__(self, kind: str, args: tuple[Any, ...], call: Callable[[Tensor, int], Any], take: int = -1):
+        self.kind, self.args, self.take, self._call = kind, args, take, call
+
+    def __call__(self, x: Tensor, threads: int) -> Any:
+        return self._call(x, threads)
+
+    def taking(self, index: int) -> KernelCall:
+        """This call keeping only tensor ``index`` of the two it returns."""
+        call = self._call
+        return KernelCall(self.kind, self.args, lambda x, threads: call(x, threads)[index], index)
 
 
 def global_avg_pool_call(name: str) -> KernelCall:
     """:func:`global_avg_pool_nhwc` as ``call(x, threads)``."""
-    return _built(name).global_avg_pool_nhwc
+    return KernelCall("global_avg_pool_nhwc", (), _built(name).global_avg_pool_nhwc)
 
 
 def pointwise_conv2d_nhwc(
@@ -454,12 +476,12 @@ def pointwise_conv_call(
     if precision == "int8":
         lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
         int8_conv = _built(name).int8_pointwise_conv_nhwc
-        return lambda x, threads: int8_conv(
-            x, lanes, w_scale, w_sum, out_channels, bias, pool, ceil_mode, stride, threads
-        )
+        int8_args = (lanes, w_scale, w_sum, out_channels, bias, pool, ceil_mode, stride)
+        return KernelCall("int8_pointwise_conv_nhwc", int8_args, lambda x, threads: int8_conv(x, *int8_args, threads))
     transposed = _cached_layout(weight, ("pointwise",), lambda: _pointwise_layout(weight))
     conv = _built(name).pointwise_conv_nhwc
-    return lambda x, threads: conv(x, transposed, out_channels, bias, pool, ceil_mode, stride, threads)
+    args = (transposed, out_channels, bias, pool, ceil_mode, stride)
+    return KernelCall("pointwise_conv_nhwc", args, lambda x, threads: conv(x, *args, threads))
 
 
 # Up to this many input rows a float linear layer runs on the row kernel (weight rows split
@@ -498,15 +520,14 @@ def int8_linear_call(weight: Tensor, bias: Tensor | None, name: str) -> KernelCa
         weight, ("int8",), lambda: _int8_layout(weight.detach().reshape(out_channels, in_channels, 1, 1))
     )
     int8_conv = _built(name).int8_pointwise_conv_nhwc
+    args = (lanes, w_scale, w_sum, out_channels, bias, 1, False, 1)
 
     def call(x: Tensor, threads: int) -> Tensor:
         rows = x.shape[0]
-        out = int8_conv(
-            x.view(rows, in_channels, 1, 1), lanes, w_scale, w_sum, out_channels, bias, 1, False, 1, threads
-        )
+        out = int8_conv(x.view(rows, in_channels, 1, 1), *args, threads)
         return out.view(rows, out_channels)  # an (N, K, 1, 1) channels_last map is (N, K) in memory
 
-    return call
+    return KernelCall("int8_linear", args, call)
 
 
 def linear_rows_call(weight: Tensor, bias: Tensor | None, name: str) -> KernelCall:
@@ -515,7 +536,7 @@ def linear_rows_call(weight: Tensor, bias: Tensor | None, name: str) -> KernelCa
     if name != "cpu-avx512":
         raise ValueError(f"float_linear runs on cpu-avx512 only, not {name}")
     rows = _built(name).linear_rows
-    return lambda x, threads: rows(x, weight, bias, threads)
+    return KernelCall("linear_rows", (weight, bias), lambda x, threads: rows(x, weight, bias, threads))
 
 
 def _pointwise_layout(weight: Tensor) -> Tensor:
@@ -613,7 +634,8 @@ def image_conv_call(
         bias = add_grid_term(bias, term)
         quantization = (grid[0], grid_zero_point(grid))
     conv = _built("cpu-avx512").image_conv_nhwc
-    return lambda x, threads: conv(x, *layout, bias, *geometry, *quantization, threads)
+    args = (*layout, bias, *geometry, *quantization)
+    return KernelCall("image_conv_nhwc", args, lambda x, threads: conv(x, *args, threads))
 
 
 def _window_rows(weight: Tensor, row_values: int) -> Tensor:

@@ -302,7 +302,11 @@ inline void int8_pointwise_conv_avx512(const float* x, const int8_t* wq, const f
   const int64_t vectors = (g.K + 15) / 16;
   const int64_t groups = (vectors + kBlockVectors - 1) / kBlockVectors;
   const int64_t items = blocks * groups;
-  parallel_for(items, std::max<int64_t>(1, items / (4 * use)), use, [&](int64_t begin, int64_t end) {
+  // split by output channels too: a classifier at batch 1 (one pixel, 512 -> 1000) reads its
+  // weights from beyond L2 after the rest of the network, each core half of them
+  const int gemm_use = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(threads), items, pixels * g.C * g.K / 262144 + 1})));
+  parallel_for(items, std::max<int64_t>(1, items / (4 * gemm_use)), gemm_use, [&](int64_t begin, int64_t end) {
     const uint8_t* windows[kBlockPixels];
     float* outs[kBlockPixels];
     const int32_t* corrs[kBlockPixels];

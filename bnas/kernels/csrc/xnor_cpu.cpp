@@ -24,13 +24,16 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "linear_rows.h"
 #include "pointwise_conv.h"
+#include "program_runner.h"
 #include "register_blocks.h"
 #include "stem_conv.h"
 #include "work_pool.h"
@@ -1295,6 +1298,142 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
   return {out, packed};
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The kernel calls a ProgramRunner replays (program_runner.h, bnas.export.native): `kind`
+// names an entry point above, `args` are the arguments Python binds after the input (in the
+// order bnas.kernels.cpu_backend's KernelCall.args holds them), `inputs` the slots of the
+// input and, for a packed step, of its residual (-1: none). `take` >= 0 keeps one tensor of
+// a call that returns two. Each call is the one the Python program makes, argument for
+// argument, so the outputs are the same bit for bit.
+// ---------------------------------------------------------------------------------------
+template <class T>
+T program_arg(const py::tuple& args, size_t i) {
+  return args[i].cast<T>();
+}
+
+c10::optional<torch::Tensor> program_tensor(const py::tuple& args, size_t i) {
+  if (args[i].is_none()) return c10::nullopt;
+  return args[i].cast<torch::Tensor>();
+}
+
+const torch::Tensor& program_input(const bnas::ProgramInputs& env, int64_t slot) {
+  const bnas::ProgramValue& v = env[static_cast<size_t>(slot)];
+  TORCH_CHECK(!v.pair && v.first.defined(), "ProgramRunner: input ", slot, " is not a tensor");
+  return v.first;
+}
+
+bnas::ProgramValue program_pair(torch::Tensor first, torch::Tensor second, int64_t take) {
+  if (take == 0) return {std::move(first), torch::Tensor(), false};
+  if (take == 1) return {std::move(second), torch::Tensor(), false};
+  return {std::move(first), std::move(second), true};
+}
+
+bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<int64_t>& inputs,
+                                     const py::tuple& a, int64_t take) {
+  TORCH_CHECK(!inputs.empty() && inputs[0] >= 0, "ProgramRunner: ", kind, " needs an input slot");
+  const int64_t x = inputs[0];
+  auto expect = [&](size_t count) {
+    TORCH_CHECK(a.size() == count, "ProgramRunner: ", kind, " takes ", count, " arguments, got ", a.size());
+  };
+  if (kind == "conv2d_packed_fused") {
+    // lanes, in and out channels, kh, kw, sh, sw, ph, pw, dh, dw, groups, scale, bias,
+    // float_output, pack_output, into_residual, isa, and the groups to pack a float input in
+    // first (0: the input comes packed)
+    expect(19);
+    TORCH_CHECK(inputs.size() == 2, "ProgramRunner: a packed step has an input and a residual slot");
+    const int64_t residual_slot = inputs[1];
+    const torch::Tensor lanes = program_arg<torch::Tensor>(a, 0);
+    std::array<int64_t, 10> geometry{};  // in and out channels, then the 8 of the conv
+    for (size_t i = 0; i < geometry.size(); ++i) geometry[i] = program_arg<int64_t>(a, 1 + i);
+    const int64_t groups = program_arg<int64_t>(a, 11);
+    const auto scale = program_tensor(a, 12), bias = program_tensor(a, 13);
+    const bool float_output = program_arg<bool>(a, 14), pack_output = program_arg<bool>(a, 15);
+    const bool into_residual = program_arg<bool>(a, 16);
+    const int64_t isa = program_arg<int64_t>(a, 17), pack_groups = program_arg<int64_t>(a, 18);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      c10::optional<torch::Tensor> residual;
+      if (residual_slot >= 0)  // no copy when it is channels_last already (as in Python)
+        residual = program_input(env, residual_slot).contiguous(at::MemoryFormat::ChannelsLast);
+      const torch::Tensor& in = program_input(env, x);
+      const std::vector<torch::Tensor> out = conv2d_packed_fused(
+          pack_groups > 0 ? pack_signs(in, pack_groups, isa, threads) : in, lanes, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4],
+          geometry[5], geometry[6], geometry[7], geometry[8], geometry[9], groups, scale, bias,
+          residual, float_output, pack_output, into_residual && residual.has_value(), isa, threads);
+      if (float_output && pack_output) return program_pair(out[0], out[1], take);
+      return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
+    };
+  }
+  if (kind == "image_conv_nhwc") {
+    // weights, w_scale, w_sum, bias, out_channels, kh, kw, sh, sw, ph, pw, the pool's kh, kw,
+    // sh, sw, ph, pw, pack_output, grid_scale, grid_zero_point
+    expect(20);
+    const torch::Tensor weights = program_arg<torch::Tensor>(a, 0);
+    const auto w_scale = program_tensor(a, 1), w_sum = program_tensor(a, 2), bias = program_tensor(a, 3);
+    std::array<int64_t, 13> geometry{};
+    for (size_t i = 0; i < geometry.size(); ++i) geometry[i] = program_arg<int64_t>(a, 4 + i);
+    const bool pack_output = program_arg<bool>(a, 17);
+    const double grid_scale = program_arg<double>(a, 18);
+    const int64_t grid_zero_point = program_arg<int64_t>(a, 19);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      auto [out, packed] = image_conv_nhwc(
+          program_input(env, x), weights, w_scale, w_sum, bias, geometry[0], geometry[1], geometry[2],
+          geometry[3], geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9],
+          geometry[10], geometry[11], geometry[12], pack_output, grid_scale, grid_zero_point, threads);
+      return program_pair(std::move(out), std::move(packed), take);
+    };
+  }
+  TORCH_CHECK(take < 0, "ProgramRunner: ", kind, " returns one tensor");
+  if (kind == "pointwise_conv_nhwc") {
+    expect(6);  // transposed weights, out_channels, bias, pool, ceil_mode, stride
+    const torch::Tensor wt = program_arg<torch::Tensor>(a, 0);
+    const int64_t out_channels = program_arg<int64_t>(a, 1);
+    const auto bias = program_tensor(a, 2);
+    const int64_t pool = program_arg<int64_t>(a, 3), stride = program_arg<int64_t>(a, 5);
+    const bool ceil_mode = program_arg<bool>(a, 4);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      return bnas::ProgramValue{
+          pointwise_conv_nhwc(program_input(env, x), wt, out_channels, bias, pool, ceil_mode, stride, threads)};
+    };
+  }
+  if (kind == "int8_pointwise_conv_nhwc" || kind == "int8_linear") {
+    // weights, w_scale, w_sum, out_channels, bias, pool, ceil_mode, stride; int8_linear: an
+    // (N, C) input as the (N, C, 1, 1) map, the output as (N, K)
+    expect(8);
+    const torch::Tensor weights = program_arg<torch::Tensor>(a, 0), w_scale = program_arg<torch::Tensor>(a, 1);
+    const torch::Tensor w_sum = program_arg<torch::Tensor>(a, 2);
+    const int64_t out_channels = program_arg<int64_t>(a, 3);
+    const auto bias = program_tensor(a, 4);
+    const int64_t pool = program_arg<int64_t>(a, 5), stride = program_arg<int64_t>(a, 7);
+    const bool ceil_mode = program_arg<bool>(a, 6), rows = kind == "int8_linear";
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      const torch::Tensor& in = program_input(env, x);
+      if (!rows)
+        return bnas::ProgramValue{int8_pointwise_conv_nhwc(in, weights, w_scale, w_sum, out_channels, bias, pool,
+                                                           ceil_mode, stride, threads)};
+      TORCH_CHECK(in.dim() == 2, "ProgramRunner: int8_linear takes (N, C) rows");
+      const torch::Tensor out = int8_pointwise_conv_nhwc(in.view({in.size(0), in.size(1), 1, 1}), weights, w_scale,
+                                                         w_sum, out_channels, bias, 1, false, 1, threads);
+      return bnas::ProgramValue{out.view({in.size(0), out_channels})};
+    };
+  }
+  if (kind == "global_avg_pool_nhwc") {
+    expect(0);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      return bnas::ProgramValue{global_avg_pool_nhwc(program_input(env, x), threads)};
+    };
+  }
+  if (kind == "linear_rows") {
+    expect(2);  // weight, bias
+    const torch::Tensor w = program_arg<torch::Tensor>(a, 0);
+    const auto bias = program_tensor(a, 1);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      return bnas::ProgramValue{linear_rows(program_input(env, x), w, bias, threads)};
+    };
+  }
+  TORCH_CHECK(false, "ProgramRunner: no kernel call of kind '", kind, "'");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1334,4 +1473,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 weights), optionally with the max-pool after it and the pooled map's packed signs");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
+  py::class_<bnas::ProgramRunner>(m, "ProgramRunner",
+                                  "a lowered packed network's kernel calls, replayed without Python between them")
+      .def(py::init<int64_t>(), py::arg("slots"))
+      .def(
+          "kernel",
+          [](bnas::ProgramRunner& runner, int64_t out, const std::string& kind, std::vector<int64_t> inputs,
+             const py::tuple& args, int64_t take, std::vector<int64_t> drops) {
+            runner.add(out, program_kernel(kind, inputs, args, take), std::move(drops));
+          },
+          "value `out` = the kernel call `kind` on the values in `inputs`, with `args`; then drop `drops`")
+      .def("getitem", &bnas::ProgramRunner::getitem, "value `out` = one tensor of the pair in `source`")
+      .def("set_output", &bnas::ProgramRunner::set_output)
+      .def("__len__", &bnas::ProgramRunner::size)
+      .def(
+          "run",
+          [](const bnas::ProgramRunner& runner, const torch::Tensor& x, int64_t threads) {
+            py::gil_scoped_release released;
+            return runner.run(x, threads, nullptr);
+          },
+          "the program's output for x")
+      .def(
+          "run_timed",
+          [](const bnas::ProgramRunner& runner, const torch::Tensor& x, int64_t threads) {
+            std::vector<double> seconds;
+            torch::Tensor out;
+            {
+              py::gil_scoped_release released;
+              out = runner.run(x, threads, &seconds);
+            }
+            return std::make_pair(out, seconds);
+          },
+          "(output, each instruction's seconds)");
 }

@@ -1,0 +1,94 @@
+// A lowered packed network (bnas.export.program) replayed in C++: the same kernel calls with
+// the same arguments, in the same order, without a Python frame, argument conversion or check
+// between them. In the Python program each call costs several microseconds beside its kernel,
+// most of it with the caches cold from the kernel before (about a sixth of a Bi-Real
+// ResNet-18 forward at 224x224 on two threads), and that time does not shrink with threads.
+//
+// The runner knows nothing of the kernels: each instruction is a function of the values before
+// it and the thread count (xnor_cpu.cpp makes them, one kind per kernel entry point). A value
+// is a tensor or a pair of tensors (a call that returns a float map and its packed signs);
+// `getitem` takes one of a pair. A value is dropped after its last use, as in Python.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <utility>
+#include <vector>
+
+namespace bnas {
+
+struct ProgramValue {
+  torch::Tensor first, second;  // second: only in a pair
+  bool pair = false;
+};
+
+using ProgramInputs = std::vector<ProgramValue>;
+using ProgramFunction = std::function<ProgramValue(const ProgramInputs& env, int64_t threads)>;
+
+class ProgramRunner {
+ public:
+  explicit ProgramRunner(int64_t slots) : slots_(slots) {
+    TORCH_CHECK(slots >= 2, "ProgramRunner: a program has an input and at least one value");
+  }
+
+  // value `out` = function(values before it, threads); then the values in `drops` are released
+  void add(int64_t out, ProgramFunction function, std::vector<int64_t> drops) {
+    TORCH_CHECK(out > last_out_ && out < slots_, "ProgramRunner: instruction ", out, " out of order");
+    for (int64_t slot : drops) TORCH_CHECK(slot >= 0 && slot <= out, "ProgramRunner: bad drop ", slot);
+    instructions_.push_back({out, std::move(function), std::move(drops)});
+    last_out_ = out;
+  }
+
+  void getitem(int64_t out, int64_t source, int64_t index, std::vector<int64_t> drops) {
+    TORCH_CHECK(source >= 0 && source < out && (index == 0 || index == 1), "ProgramRunner: bad getitem");
+    add(
+        out,
+        [source, index](const ProgramInputs& env, int64_t) {
+          const ProgramValue& v = env[static_cast<size_t>(source)];
+          TORCH_CHECK(v.pair, "ProgramRunner: getitem on a value that is not a pair");
+          return ProgramValue{index == 0 ? v.first : v.second, torch::Tensor(), false};
+        },
+        std::move(drops));
+  }
+
+  void set_output(int64_t slot) {
+    TORCH_CHECK(slot >= 0 && slot < slots_, "ProgramRunner: bad output slot");
+    output_ = slot;
+  }
+
+  int64_t size() const { return static_cast<int64_t>(instructions_.size()); }
+
+  // The output for input `x`; with `seconds`, each instruction's wall time is appended to it.
+  torch::Tensor run(const torch::Tensor& x, int64_t threads, std::vector<double>* seconds) const {
+    TORCH_CHECK(output_ >= 0, "ProgramRunner: no output set");
+    at::NoGradGuard no_grad;
+    ProgramInputs env(static_cast<size_t>(slots_));
+    env[0].first = x;
+    using Clock = std::chrono::steady_clock;
+    for (const Instruction& instruction : instructions_) {
+      const Clock::time_point start = seconds ? Clock::now() : Clock::time_point();
+      env[static_cast<size_t>(instruction.out)] = instruction.function(env, threads);
+      for (int64_t slot : instruction.drops) env[static_cast<size_t>(slot)] = ProgramValue();
+      if (seconds) seconds->push_back(std::chrono::duration<double>(Clock::now() - start).count());
+    }
+    const ProgramValue& result = env[static_cast<size_t>(output_)];
+    TORCH_CHECK(!result.pair, "ProgramRunner: the output is a pair");
+    return result.first;
+  }
+
+ private:
+  struct Instruction {
+    int64_t out;
+    ProgramFunction function;
+    std::vector<int64_t> drops;
+  };
+  int64_t slots_;
+  int64_t last_out_ = 0;
+  int64_t output_ = -1;
+  std::vector<Instruction> instructions_;
+};
+
+}  // namespace bnas

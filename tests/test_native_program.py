@@ -1,0 +1,217 @@
+"""The lowered program replayed in C++ (``bnas.export.program.Program``'s runner, the
+extension's ``ProgramRunner``): the same outputs bit for bit as the Python instructions, only
+for inputs whose layout has run through Python without a fallback, and every bound call still
+seen by a call timer."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import randomize
+from torch import nn
+
+import bnas
+from bnas import kernels
+from bnas.export import PackedNetwork, pack_model
+from bnas.export.plan import ChannelsLastPointwiseConv2d, GlobalAvgPool2d, ImageConvMaxPool2d, KernelLinear, PackedStep
+from bnas.export.program import Program
+from bnas.kernels import cpu_backend
+
+GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
+needs_kernels = pytest.mark.skipif(not cpu_backend.supported_backends(), reason="no CPU kernel extension")
+needs_avx512 = pytest.mark.skipif(
+    "cpu-avx512" not in cpu_backend.supported_backends(), reason="the float kernels run on cpu-avx512 only"
+)
+
+
+def imagenet_packed(seed: int = 0, name: str = "bireal_resnet18_imagenet") -> tuple[PackedNetwork, torch.Tensor]:
+    genotype = bnas.load_genotype(GENOTYPES / f"{name}.yaml")
+    torch.manual_seed(seed)
+    packed = pack_model(randomize(bnas.build(genotype), seed=seed))
+    packed.adaptive_threads = False
+    return packed, torch.randn(1, *genotype.input)
+
+
+class RunCounter:
+    """The program's runner, counting its runs."""
+
+    def __init__(self, program: Program):
+        self.runner, self.runs = program._runner, 0
+        program._runner = self
+
+    def run(self, x: torch.Tensor, threads: int) -> Any:
+        self.runs += 1
+        return self.runner.run(x, threads)
+
+    def run_timed(self, x: torch.Tensor, threads: int) -> Any:
+        self.runs += 1
+        return self.runner.run_timed(x, threads)
+
+
+def python_and_native(packed: PackedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(the output of the Python instructions, that of the runner, the runner's runs)."""
+    packed(x)
+    program = packed.program(kernels.backend())
+    assert program is not None and program.native
+    counter = RunCounter(program)
+    program.native_enabled = False
+    python = packed(x)
+    program.native_enabled = True
+    native = packed(x)
+    return python, native, counter.runs
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", ["bireal_resnet18_imagenet", "bireal_resnet18"])  # 32x32: a float-input step
+def test_the_runner_computes_the_python_programs_outputs_bit_for_bit(threads: int, name: str) -> None:
+    packed, x = imagenet_packed(name=name)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        python, native, runs = python_and_native(packed, x)
+    finally:
+        torch.set_num_threads(before)
+    assert runs == 1 and torch.equal(native, python)
+    packed.lowered = False
+    assert torch.equal(native, packed(x))  # and the plan's
+
+
+@needs_avx512
+def test_the_int8_configuration_on_the_runner() -> None:
+    if not cpu_backend.int8_supported():
+        pytest.skip("the int8 kernels need AVX-512 VNNI")
+    packed, x = imagenet_packed(seed=1)
+    packed.stem_precision = packed.shortcut_precision = packed.head_precision = "int8"
+    packed.input_grid = (8 / 255, 127.0)
+    python, native, runs = python_and_native(packed, x)
+    assert runs == 1 and torch.equal(native, python)
+    float32 = imagenet_packed(seed=1)[0](x)
+    assert not torch.equal(native, float32)  # the int8 calls did run
+
+
+@needs_kernels
+def test_a_new_input_layout_runs_in_python_first() -> None:
+    packed, x = imagenet_packed(seed=2)
+    packed(x)
+    program = packed.program(kernels.backend())
+    assert program is not None
+    counter = RunCounter(program)
+    packed(x)
+    assert counter.runs == 1
+    for other in (x.contiguous(memory_format=torch.channels_last), torch.randn(1, 3, 160, 192)):
+        with torch.no_grad():
+            expected = packed.plan()(other)  # type: ignore[misc]
+        first, second = packed(other), packed(other)
+        assert counter.runs == 2 and torch.equal(first, expected) and torch.equal(second, expected)
+        counter.runs = 1
+
+
+@needs_avx512
+def test_an_input_that_falls_back_never_runs_on_the_runner() -> None:
+    # the float classifier's row kernel takes 1 to 3 rows; 4 go through the module
+    packed, _ = imagenet_packed(seed=3)
+    x = torch.randn(cpu_backend.LINEAR_ROWS_MAX_BATCH + 1, 3, 64, 64)
+    with kernels.use_backend("cpu-avx512"):
+        packed(x)
+        program = packed.program("cpu-avx512")
+        assert program is not None
+        counter = RunCounter(program)
+        head = next(k for k in program._kernels if isinstance(k.module, KernelLinear))
+        outputs = [packed(x) for _ in range(3)]
+        assert counter.runs == 0 and head.fallbacks == 4
+        packed.lowered = False
+        assert all(torch.equal(out, packed(x)) for out in outputs)
+
+
+@needs_kernels
+def test_weights_changed_in_place_are_read_by_the_runner() -> None:
+    packed, x = imagenet_packed(seed=4)
+    before = packed(x)
+    packed(x)
+    step = next(s for s in packed.plan().modules() if isinstance(s, PackedStep) and s.packed_input)  # type: ignore[union-attr]
+    with torch.no_grad():
+        step.conv.bias.add_(1.0)  # read at every call, by Python and the runner alike
+    program = packed.program(kernels.backend())
+    assert program is not None
+    counter = RunCounter(program)
+    after = packed(x)
+    assert counter.runs == 1 and not torch.equal(after, before)
+    packed.lowered = False
+    assert torch.equal(after, packed(x))
+
+
+@needs_avx512
+def test_the_call_timer_sees_every_bound_call_on_the_runner() -> None:
+    packed, x = imagenet_packed(seed=5)
+    with kernels.use_backend("cpu-avx512"):
+        packed(x)
+        program = packed.program("cpu-avx512")
+        assert program is not None
+        counter = RunCounter(program)
+        seen: list[tuple[nn.Module, float]] = []
+        program.call_timer = lambda module, seconds: seen.append((module, seconds))
+        timed = packed(x)
+        program.call_timer = None
+    assert counter.runs == 1
+    plan = packed.plan()
+    assert plan is not None
+    called = [plan.get_submodule(str(n.target)) for n in plan.graph.nodes if n.op == "call_module"]
+    assert [module for module, _ in seen] == called and all(seconds > 0 for _, seconds in seen)
+    kinds = [type(module) for module, _ in seen]
+    assert kinds.count(PackedStep) == 16 and kinds.count(ChannelsLastPointwiseConv2d) == 3
+    assert {ImageConvMaxPool2d, GlobalAvgPool2d, KernelLinear} <= set(kinds)
+    assert torch.equal(timed, packed(x))
+
+
+@needs_kernels
+def test_networks_with_a_call_the_runner_cannot_make_have_none() -> None:
+    # its BatchNorm after the binary convs runs as a module
+    genotype = bnas.load_genotype(GENOTYPES / "binary_vgg_small.yaml")
+    packed = pack_model(randomize(bnas.build(genotype)))
+    x = torch.randn(2, *genotype.input)
+    out = packed(x)
+    program = packed.program(kernels.backend())
+    assert program is not None and program.bound_steps > 0 and not program.native
+    assert torch.equal(packed(x), out)
+
+
+@needs_kernels
+def test_the_runner_runs_from_several_python_threads_and_copies() -> None:
+    packed, x = imagenet_packed(seed=6)
+    expected = packed(x)
+    packed(x)
+    results: list[torch.Tensor] = []
+
+    def work() -> None:
+        results.extend(packed(x) for _ in range(3))
+
+    workers = [threading.Thread(target=work) for _ in range(2)]  # the runner releases the GIL
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(results) == 6 and all(torch.equal(r, expected) for r in results)
+    assert torch.equal(copy.deepcopy(packed)(x), expected)
+
+
+@needs_kernels
+def test_the_runners_own_errors() -> None:
+    runner = cpu_backend.extension().ProgramRunner(4)
+    with pytest.raises(RuntimeError, match="no kernel call of kind 'conv3d'"):
+        runner.kernel(1, "conv3d", [0], (), -1, [])
+    with pytest.raises(RuntimeError, match="global_avg_pool_nhwc takes 0 arguments, got 1"):
+        runner.kernel(1, "global_avg_pool_nhwc", [0], (1,), -1, [])
+    runner.kernel(2, "global_avg_pool_nhwc", [0], (), -1, [0])
+    with pytest.raises(RuntimeError, match="instruction 1 out of order"):
+        runner.getitem(1, 0, 0, [])
+    with pytest.raises(RuntimeError, match="no output set"):
+        runner.run(torch.randn(1, 8, 2, 2), 1)
+    runner.set_output(2)
+    x = torch.randn(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(runner.run(x, 1), x.mean(dim=(2, 3)))
