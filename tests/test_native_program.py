@@ -38,19 +38,23 @@ def imagenet_packed(seed: int = 0, name: str = "bireal_resnet18_imagenet") -> tu
 
 
 class RunCounter:
-    """The program's runner, counting its runs."""
+    """The program's runner, counting the forwards it ran."""
 
     def __init__(self, program: Program):
         self.runner, self.runs = program._runner, 0
         program._runner = self
 
-    def run(self, x: torch.Tensor, threads: int) -> Any:
-        self.runs += 1
-        return self.runner.run(x, threads)
+    def run_known(self, x: torch.Tensor, threads: int) -> Any:
+        out = self.runner.run_known(x, threads)
+        self.runs += out is not None
+        return out
 
     def run_timed(self, x: torch.Tensor, threads: int) -> Any:
         self.runs += 1
         return self.runner.run_timed(x, threads)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
 
 
 def python_and_native(packed: PackedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

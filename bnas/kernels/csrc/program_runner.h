@@ -61,6 +61,27 @@ class ProgramRunner {
 
   int64_t size() const { return static_cast<int64_t>(instructions_.size()); }
 
+  // Inputs whose every later value has the shape and layout the calls were bound for (the
+  // caller has seen them run through without a fallback): dtype, device, sizes and strides.
+  bool known(const torch::Tensor& x) const {
+    for (const InputLayout& layout : known_)
+      if (layout.matches(x)) return true;
+    return false;
+  }
+  void remember(const torch::Tensor& x, size_t at_most) {
+    if (!known(x) && known_.size() < at_most) known_.push_back(InputLayout::of(x));
+  }
+  size_t known_inputs() const { return known_.size(); }
+
+  // The tensors whose layouts the calls hold must be unchanged in place: each with its version
+  // when bound (a tensor's version counts its in-place changes).
+  void watch_versions(std::vector<std::pair<torch::Tensor, int64_t>> tensors) { versions_ = std::move(tensors); }
+  bool versions_unchanged() const {
+    for (const auto& [tensor, version] : versions_)
+      if (static_cast<int64_t>(tensor._version()) != version) return false;
+    return true;
+  }
+
   // The output for input `x`; with `seconds`, each instruction's wall time is appended to it.
   torch::Tensor run(const torch::Tensor& x, int64_t threads, std::vector<double>* seconds) const {
     TORCH_CHECK(output_ >= 0, "ProgramRunner: no output set");
@@ -80,6 +101,18 @@ class ProgramRunner {
   }
 
  private:
+  struct InputLayout {
+    c10::ScalarType dtype;
+    c10::Device device;
+    std::vector<int64_t> sizes, strides;
+    static InputLayout of(const torch::Tensor& x) {
+      return {x.scalar_type(), x.device(), x.sizes().vec(), x.strides().vec()};
+    }
+    bool matches(const torch::Tensor& x) const {
+      return x.scalar_type() == dtype && x.device() == device && x.sizes().equals(sizes) &&
+             x.strides().equals(strides);
+    }
+  };
   struct Instruction {
     int64_t out;
     ProgramFunction function;
@@ -89,6 +122,8 @@ class ProgramRunner {
   int64_t last_out_ = 0;
   int64_t output_ = -1;
   std::vector<Instruction> instructions_;
+  std::vector<InputLayout> known_;
+  std::vector<std::pair<torch::Tensor, int64_t>> versions_;
 };
 
 }  // namespace bnas
