@@ -219,3 +219,15 @@ def test_the_runners_own_errors() -> None:
     runner.set_output(2)
     x = torch.randn(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)
     assert torch.allclose(runner.run(x, 1), x.mean(dim=(2, 3)))
+
+
+@needs_kernels
+def test_still_held_compares_identity() -> None:
+    still_held = cpu_backend.extension().ProgramRunner.still_held
+    weight, store = torch.zeros(2), {}
+    store["weight"] = weight
+    assert still_held([(store, "weight", weight), (store, "bias", None)])
+    store["weight"] = weight.clone()  # equal values, another tensor: the call is stale
+    assert not still_held([(store, "weight", weight)])
+    with pytest.raises(TypeError, match=r"still_held takes \(dict, name, object\) tuples"):
+        still_held([(store, "weight")])

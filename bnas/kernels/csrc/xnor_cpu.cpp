@@ -1473,22 +1473,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 weights), optionally with the max-pool after it and the pooled map's packed signs");
   m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
   bnas::bind_work_pool(m);
-  m.def(
-      "still_held",
-      [](const py::list& held) {
-        // each (dict, name, object): dict.get(name) is object (a module's parameter or buffer
-        // still the tensor a call was bound to); in C, as a forward's Python is slow cold
-        for (const py::handle item : held) {
-          PyObject* entry = item.ptr();
-          if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3 || !PyDict_Check(PyTuple_GET_ITEM(entry, 0)))
-            throw py::type_error("still_held takes (dict, name, object) tuples");
-          PyObject* now = PyDict_GetItemWithError(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1));
-          if (now == nullptr && PyErr_Occurred()) throw py::error_already_set();
-          if ((now == nullptr ? Py_None : now) != PyTuple_GET_ITEM(entry, 2)) return false;
-        }
-        return true;
-      },
-      "whether, for each (dict, name, object) tuple, dict.get(name) is object");
+  auto still_held = [](const py::list& held) {
+    // each (dict, name, object): dict.get(name) is object (a module's parameter or buffer
+    // still the tensor a call was bound to); in C, as a forward's Python is slow cold
+    for (const py::handle item : held) {
+      PyObject* entry = item.ptr();
+      if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3 || !PyDict_Check(PyTuple_GET_ITEM(entry, 0)))
+        throw py::type_error("still_held takes (dict, name, object) tuples");
+      PyObject* now = PyDict_GetItemWithError(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1));
+      if (now == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      if ((now == nullptr ? Py_None : now) != PyTuple_GET_ITEM(entry, 2)) return false;
+    }
+    return true;
+  };
   py::class_<bnas::ProgramRunner>(m, "ProgramRunner",
                                   "a lowered packed network's kernel calls, replayed without Python between them")
       .def(py::init<int64_t>(), py::arg("slots"))
@@ -1506,6 +1503,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "run inputs of x's dtype, device, sizes and strides from now on (at most `at_most` layouts)")
       .def("known_inputs", &bnas::ProgramRunner::known_inputs)
       .def("known", &bnas::ProgramRunner::known, "whether inputs of x's layout run here")
+      .def_static("still_held", still_held, "whether, for each (dict, name, object) tuple, dict.get(name) is object")
       .def("watch_versions", &bnas::ProgramRunner::watch_versions,
            "[(tensor, version)]: the tensors versions_unchanged checks")
       .def("versions_unchanged", &bnas::ProgramRunner::versions_unchanged)
