@@ -231,3 +231,26 @@ def test_still_held_compares_identity() -> None:
     assert not still_held([(store, "weight", weight)])
     with pytest.raises(TypeError, match=r"still_held takes \(dict, name, object\) tuples"):
         still_held([(store, "weight")])
+
+
+@needs_kernels
+def test_the_runner_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("program_runner", root / "benchmarks" / "program_runner.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = torch.get_num_threads()
+    try:
+        bench.main(["--sizes", "32", "--threads", "1", "--repeats", "3"])
+    finally:
+        torch.set_num_threads(before)
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(records) == (2 if cpu_backend.int8_supported() else 1)
+    for record in records:
+        assert record["genotype"] == "bireal_resnet18" and record["threads"] == 1
+        assert record["outputs_identical"] is True
+        assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], abs=0.01)
