@@ -327,3 +327,22 @@ def test_two_openmp_threads_take_the_two_ends_of_the_range(ext, items, chunk):
         both_worked = both_worked or 0 < first_of_1 < items
     if items >= 4 * chunk and (os.cpu_count() or 1) >= 2:
         assert both_worked  # each took chunks, thread 0 from the top and thread 1 from the bottom
+
+
+@pytest.mark.parametrize("items,chunk", [(100, 10), (57, 3), (5, 8)])
+def test_guided_claims_shrink_near_the_middle_and_cover_every_item_once(ext, items, chunk):
+    whole = ext._two_ended_claims(items, chunk, False)
+    guided = ext._two_ended_claims(items, chunk, True)
+    for claims in (whole, guided):
+        covered = sorted(i for begin, end in claims for i in range(begin, end))
+        assert covered == list(range(items))
+        assert all(0 < end - begin <= chunk for begin, end in claims)
+    # turns alternate: from the top, then from the bottom
+    assert guided[0][0] == 0 and (len(guided) == 1 or guided[1][1] == items)
+    left = items
+    for begin, end in guided:  # at most half of what is left
+        assert end - begin == min(chunk, max(1, left // 2))
+        left -= end - begin
+    if items == 100:
+        assert [end - begin for begin, end in whole] == [10] * 10
+        assert [end - begin for begin, end in guided][-5:] == [5, 2, 1, 1, 1]

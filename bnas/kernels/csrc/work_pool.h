@@ -267,13 +267,18 @@ class TwoEndedRange {
     rows_.store(static_cast<uint64_t>(top) << 32 | static_cast<uint64_t>(bottom), std::memory_order_relaxed);
   }
   // The next chunk [begin, end) from the top (or the bottom); false when none is left.
-  bool claim(int64_t chunk, bool from_top, int64_t& begin, int64_t& end) {
+  // `guided`: near the middle a claim takes at most half of what is left, so the two threads
+  // finish within about an item of each other, where a whole last chunk can leave one waiting
+  // for a chunk's time (for a kernel whose chunks recompute no overlap: the stem's conv-pool
+  // recomputes the conv rows two chunks share).
+  bool claim(int64_t chunk, bool from_top, int64_t& begin, int64_t& end, bool guided = false) {
     uint64_t now = rows_.load(std::memory_order_relaxed);
     for (;;) {
       const int64_t top = static_cast<int64_t>(now >> 32), bottom = static_cast<int64_t>(now & 0xffffffffu);
       if (top >= bottom) return false;
-      begin = from_top ? top : std::max(top, bottom - chunk);
-      end = from_top ? std::min(bottom, top + chunk) : bottom;
+      const int64_t take = guided ? std::min(chunk, std::max<int64_t>(1, (bottom - top) / 2)) : chunk;
+      begin = from_top ? top : std::max(top, bottom - take);
+      end = from_top ? std::min(bottom, top + take) : bottom;
       const uint64_t next = from_top ? static_cast<uint64_t>(end) << 32 | static_cast<uint64_t>(bottom)
                                      : static_cast<uint64_t>(top) << 32 | static_cast<uint64_t>(begin);
       if (rows_.compare_exchange_weak(now, next, std::memory_order_relaxed)) return true;
@@ -310,7 +315,7 @@ inline const bool kForkHandlerInstalled =
 // first exception is rethrown after the region (an exception must not leave it); later
 // chunks are skipped.
 template <class F>
-void parallel_for_openmp(int64_t items, int64_t chunk, int threads, F& f) {
+void parallel_for_openmp(int64_t items, int64_t chunk, int threads, F& f, bool guided) {
   const int segments = static_cast<int>(std::min<int64_t>((threads + 1) / 2, items));
   std::vector<TwoEndedRange> ranges(static_cast<size_t>(segments));
   for (int s = 0; s < segments; ++s) ranges[static_cast<size_t>(s)].reset(items * s / segments, items * (s + 1) / segments);
@@ -324,7 +329,7 @@ void parallel_for_openmp(int64_t items, int64_t chunk, int threads, F& f) {
     int64_t begin = 0, end = 0;
     for (int k = 0; k < segments; ++k) {  // its own segment first, then the others
       TwoEndedRange& range = ranges[static_cast<size_t>((id / 2 + k) % segments)];
-      while (!failed.load(std::memory_order_relaxed) && range.claim(chunk, from_top, begin, end)) {
+      while (!failed.load(std::memory_order_relaxed) && range.claim(chunk, from_top, begin, end, guided)) {
         try {
           f(begin, end);
         } catch (...) {
@@ -341,9 +346,10 @@ void parallel_for_openmp(int64_t items, int64_t chunk, int threads, F& f) {
 
 // parallel_for(items, chunk, threads, f): f(begin, end) over [0, items) in chunks of at most
 // `chunk` items, on torch's OpenMP team or (BNAS_KERNEL_THREADS set, inside a parallel region
-// already, or in a forked child) on the pool.
+// already, or in a forked child) on the pool; `guided`: on the team, the last chunks smaller
+// (TwoEndedRange::claim).
 template <class F>
-void parallel_for(int64_t items, int64_t chunk, int threads, F&& f) {
+void parallel_for(int64_t items, int64_t chunk, int threads, F&& f, bool guided = false) {
   if (items <= 0) return;
   if (threads <= 1) {
     f(int64_t{0}, items);
@@ -355,7 +361,7 @@ void parallel_for(int64_t items, int64_t chunk, int threads, F&& f) {
     return;
   }
   if (!own_pool_requested() && !omp_in_parallel() && !in_forked_child().load(std::memory_order_relaxed)) {
-    parallel_for_openmp(items, std::max<int64_t>(1, chunk), threads, f);
+    parallel_for_openmp(items, std::max<int64_t>(1, chunk), threads, f, guided);
     return;
   }
 #endif
@@ -409,6 +415,19 @@ void bind_work_pool(Module& m) {
         return owner;
       },
       "test hook: which thread of torch's OpenMP team ran each item of a job");
+  m.def(
+      "_two_ended_claims",
+      [](int64_t items, int64_t chunk, bool guided) {
+        // the chunks one thread claims from the top and one from the bottom, taking turns
+        TwoEndedRange range;
+        range.reset(0, items);
+        std::vector<std::pair<int64_t, int64_t>> claims;
+        int64_t begin = 0, end = 0;
+        for (bool from_top = true; range.claim(chunk, from_top, begin, end, guided); from_top = !from_top)
+          claims.emplace_back(begin, end);
+        return claims;
+      },
+      "test hook: the [begin, end) chunks two threads claim from the two ends of a range");
 }
 
 }  // namespace bnas

@@ -351,7 +351,9 @@ void conv_driver(const int32_t* x, const int32_t* wrep, const Geometry& g, int i
       std::max<int64_t>(1, std::min<int64_t>({num_threads, g.G * nblocks * rows, work / 4096 + 1})));
 
   // Dynamic chunks, about 8 per thread: a thread that the OS pauses (a shared machine) does
-  // not hold up a fixed share of the work. A tile's last rows past the map are no work.
+  // not hold up a fixed share of the work; guided, the last ones smaller (on 2 threads, a
+  // Bi-Real ResNet-18 forward at 224x224 took 2-3 % less). A tile's last rows past the map
+  // are no work.
   const int64_t tile_rows =
       std::clamp<int64_t>(g.G * nblocks * rows / (8 * static_cast<int64_t>(threads)), 1, rows);
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
@@ -453,7 +455,7 @@ void conv_driver(const int32_t* x, const int32_t* wrep, const Geometry& g, int i
         block_1(b, e);
       }
     }
-  });
+  }, /*guided=*/true);
 }
 
 void check_packed(const torch::Tensor& t, const char* name) {
