@@ -254,3 +254,31 @@ def test_the_runner_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixtur
         assert record["genotype"] == "bireal_resnet18" and record["threads"] == 1
         assert record["outputs_identical"] is True
         assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], abs=0.01)
+
+
+@needs_avx512
+def test_bound_layouts_never_require_grad_even_for_parameters_that_do() -> None:
+    # the forward no longer runs under no_grad as a whole: the plan and the program are made
+    # under it, and no layout they bind may keep an autograd graph alive
+    if not cpu_backend.int8_supported():
+        pytest.skip("the int8 kernels need AVX-512 VNNI")
+    packed, x = imagenet_packed(seed=7)
+    packed.stem_precision = packed.shortcut_precision = packed.head_precision = "int8"
+    packed.input_grid = (8 / 255, 127.0)  # the stem's bias is then made from the conv's
+    parameters = set()
+    for parameter in packed.parameters():
+        parameter.requires_grad_(True)
+        parameters.add(parameter)
+    assert torch.is_grad_enabled() and parameters
+    with kernels.use_backend("cpu-avx512"):
+        out = packed(x)
+        program = packed.program("cpu-avx512")
+    assert not out.requires_grad and program is not None
+    made = [
+        arg
+        for kernel in program._kernels
+        for arg in kernel.call.args
+        if isinstance(arg, torch.Tensor) and arg not in parameters
+    ]
+    assert len(made) >= 8  # layouts, scales, sums and the grid's bias
+    assert not any(arg.requires_grad for arg in made)

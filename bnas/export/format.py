@@ -262,13 +262,14 @@ class PackedNetwork(nn.Module):
         plans = self.__dict__.setdefault("_plans", {})  # kept out of the module tree: not saved
         key = self._plan_key()
         if key not in plans:
-            plans[key] = build_plan(
-                self.net,
-                int8_stem=self.stem_precision == "int8",
-                int8_shortcuts=self.shortcut_precision == "int8",
-                int8_head=self.head_precision == "int8",
-                input_grid=self.input_grid,
-            )
+            with torch.no_grad():  # folded weights and layouts are constants, not graph nodes
+                plans[key] = build_plan(
+                    self.net,
+                    int8_stem=self.stem_precision == "int8",
+                    int8_shortcuts=self.shortcut_precision == "int8",
+                    int8_head=self.head_precision == "int8",
+                    input_grid=self.input_grid,
+                )
         return plans[key]
 
     def program(self, route: str) -> Program | None:
@@ -282,7 +283,8 @@ class PackedNetwork(nn.Module):
             plan = self.plan()
             if plan is None:
                 return None
-            program = programs[key] = lower_plan(plan, route)
+            with torch.no_grad():  # the weights' layouts are constants, not graph nodes
+                program = programs[key] = lower_plan(plan, route)
         return program
 
     def __getstate__(self) -> dict[str, Any]:
