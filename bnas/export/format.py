@@ -56,7 +56,7 @@ from ..binarize import BinaryConv2d, BinaryLinear
 from ..builder import build
 from ..errors import BnasError
 from ..genotype import Genotype, genotype_from_dict
-from ..kernels.dispatch import POINTWISE_PRECISIONS, STEM_PRECISIONS, backend
+from ..kernels.dispatch import POINTWISE_PRECISIONS, STEM_PRECISIONS, cpu_backend_name
 from ..kernels.int8 import PixelGrid, check_pixel_grid
 from ..kernels.thread_budget import PROCESS_BUDGET
 from ..yaml_io import parse_yaml_mapping
@@ -304,7 +304,7 @@ class PackedNetwork(nn.Module):
             torch.set_num_threads(threads)
         try:
             if self.fused and on_cpu and x.dtype == torch.float32:
-                program = self.program(backend(x.device)) if self.lowered else None
+                program = self.program(cpu_backend_name()) if self.lowered else None
                 if program is not None:
                     return program(x)  # without gradients, in C++ or in Python
                 plan = self.plan()

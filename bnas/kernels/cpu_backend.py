@@ -105,7 +105,9 @@ class KernelThreadsError(BnasError):
 def kernel_threads() -> int:
     """Threads one kernel call may use: ``$BNAS_KERNEL_THREADS`` where set (read on every
     call), else ``torch.get_num_threads()``."""
-    value = os.environ.get(THREADS_ENV, "").strip()
+    if THREADS_ENV not in os.environ:  # the usual case, without get's KeyError inside
+        return torch.get_num_threads()
+    value = os.environ[THREADS_ENV].strip()
     if not value:
         return torch.get_num_threads()
     try:

@@ -99,15 +99,21 @@ def backend(device: str | torch.device = "cpu") -> str:
     return _resolve(torch.device(device))
 
 
-def _resolve(device: torch.device) -> str:
+def cpu_backend_name() -> str:
+    """``backend("cpu")``, without making a device (a packed forward asks on every call)."""
     forced = _forced.get()
+    if forced is None:
+        available = cpu_backend.supported_backends()
+        return available[0] if available else REFERENCE
+    if forced == CUDA_BACKEND:
+        raise ValueError(f"backend {CUDA_BACKEND!r} is forced but the tensors are on the CPU")
+    return forced
+
+
+def _resolve(device: torch.device) -> str:
     if device.type == "cpu":
-        if forced is None:
-            available = cpu_backend.supported_backends()
-            return available[0] if available else REFERENCE
-        if forced == CUDA_BACKEND:
-            raise ValueError(f"backend {CUDA_BACKEND!r} is forced but the tensors are on the CPU")
-        return forced
+        return cpu_backend_name()
+    forced = _forced.get()
     if device.type == "cuda":
         if forced in CPU_BACKENDS:
             raise ValueError(
