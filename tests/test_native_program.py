@@ -219,6 +219,14 @@ def test_the_runners_own_errors() -> None:
     runner.set_output(2)
     x = torch.randn(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)
     assert torch.allclose(runner.run(x, 1), x.mean(dim=(2, 3)))
+    # a kernel's own check, raised while the runner does not hold the GIL, reaches Python
+    with pytest.raises(RuntimeError, match="global_avg_pool_nhwc: input must be a channels_last float32 CPU tensor"):
+        runner.run(torch.randn(1, 8, 2, 3), 1)
+    assert runner.run_known(x, 1) is None  # no layout remembered yet
+    runner.remember(x, 1)
+    assert runner.known_inputs() == 1 and torch.equal(runner.run_known(x, 1), runner.run(x, 1))
+    runner.remember(torch.randn(2, 8, 2, 2), 1)  # at most 1: not kept
+    assert runner.known_inputs() == 1 and runner.run_known(torch.randn(2, 8, 2, 2), 1) is None
 
 
 @needs_kernels
