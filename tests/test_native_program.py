@@ -37,6 +37,17 @@ def imagenet_packed(seed: int = 0, name: str = "bireal_resnet18_imagenet") -> tu
     return packed, torch.randn(1, *genotype.input)
 
 
+def int8_grid_packed(seed: int) -> tuple[PackedNetwork, torch.Tensor]:
+    """``imagenet_packed`` in the opt-in int8 configuration of ``packed_model.py``'s
+    ``int8_all_grid`` (skips the test without AVX-512 VNNI)."""
+    if not cpu_backend.int8_supported():
+        pytest.skip("the int8 kernels need AVX-512 VNNI")
+    packed, x = imagenet_packed(seed=seed)
+    packed.stem_precision = packed.shortcut_precision = packed.head_precision = "int8"
+    packed.input_grid = (8 / 255, 127.0)  # the stem's bias is then made from the conv's
+    return packed, x
+
+
 class RunCounter:
     """The program's runner, counting the forwards it ran."""
 
@@ -88,11 +99,7 @@ def test_the_runner_computes_the_python_programs_outputs_bit_for_bit(threads: in
 
 @needs_avx512
 def test_the_int8_configuration_on_the_runner() -> None:
-    if not cpu_backend.int8_supported():
-        pytest.skip("the int8 kernels need AVX-512 VNNI")
-    packed, x = imagenet_packed(seed=1)
-    packed.stem_precision = packed.shortcut_precision = packed.head_precision = "int8"
-    packed.input_grid = (8 / 255, 127.0)
+    packed, x = int8_grid_packed(seed=1)
     python, native, runs = python_and_native(packed, x)
     assert runs == 1 and torch.equal(native, python)
     float32 = imagenet_packed(seed=1)[0](x)
@@ -268,11 +275,7 @@ def test_the_runner_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixtur
 def test_bound_layouts_never_require_grad_even_for_parameters_that_do() -> None:
     # the forward no longer runs under no_grad as a whole: the plan and the program are made
     # under it, and no layout they bind may keep an autograd graph alive
-    if not cpu_backend.int8_supported():
-        pytest.skip("the int8 kernels need AVX-512 VNNI")
-    packed, x = imagenet_packed(seed=7)
-    packed.stem_precision = packed.shortcut_precision = packed.head_precision = "int8"
-    packed.input_grid = (8 / 255, 127.0)  # the stem's bias is then made from the conv's
+    packed, x = int8_grid_packed(seed=7)
     parameters = set()
     for parameter in packed.parameters():
         parameter.requires_grad_(True)
