@@ -20,7 +20,7 @@ arguments are the plan's, so the outputs are equal bit for bit.
 
 Where every instruction is such a call (or takes one tensor of a call's pair), the program
 also runs in C++ (the extension's ``ProgramRunner``, csrc/program_runner.h): the same calls
-with the same arguments and no Python between them: 0.08-0.15 ms less per Bi-Real ResNet-18
+with the same arguments and no Python between them: 0.08-0.31 ms less per Bi-Real ResNet-18
 forward at 32x32 and 224x224, on one thread or two (``benchmarks/program_runner.py``). An input takes that route once
 an input of its dtype, shape and strides has run through the Python instructions without a
 bound call falling back to its module.
