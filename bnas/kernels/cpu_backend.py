@@ -537,8 +537,8 @@ def linear_rows_call(weight: Tensor, bias: Tensor | None, name: str) -> KernelCa
     weights, as ``call(x, threads)``."""
     if name != "cpu-avx512":
         raise ValueError(f"float_linear runs on cpu-avx512 only, not {name}")
-    rows = _built(name).linear_rows
-    return KernelCall("linear_rows", (weight, bias), lambda x, threads: rows(x, weight, bias, threads))
+    rows, args = _built(name).linear_rows, (weight, bias)
+    return KernelCall("linear_rows", args, lambda x, threads: rows(x, *args, threads))
 
 
 def _pointwise_layout(weight: Tensor) -> Tensor:

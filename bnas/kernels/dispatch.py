@@ -127,9 +127,8 @@ def _resolve(device: torch.device) -> str:
 
 
 def _route(device: torch.device) -> str:
-    if device.type == "cpu" and _forced.get() is None:
-        available = cpu_backend.supported_backends()
-        return available[0] if available else REFERENCE
+    if device.type == "cpu":
+        return cpu_backend_name()
     name = _resolve(device)
     if name == REFERENCE and device.type == "cuda" and _forced.get() != REFERENCE:
         global _warned_cuda_fallback

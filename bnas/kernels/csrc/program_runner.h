@@ -59,8 +59,6 @@ class ProgramRunner {
     output_ = slot;
   }
 
-  int64_t size() const { return static_cast<int64_t>(instructions_.size()); }
-
   // Inputs whose every later value has the shape and layout the calls were bound for (the
   // caller has seen them run through without a fallback): dtype, device, sizes and strides.
   bool known(const torch::Tensor& x) const {

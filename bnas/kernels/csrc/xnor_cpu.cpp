@@ -1300,9 +1300,8 @@ std::tuple<torch::Tensor, torch::Tensor> image_conv_nhwc(
   return {out, packed};
 }
 
-
 // ---------------------------------------------------------------------------------------
-// The kernel calls a ProgramRunner replays (program_runner.h, bnas.export.native): `kind`
+// The kernel calls a ProgramRunner replays (program_runner.h, bnas.export.program): `kind`
 // names an entry point above, `args` are the arguments Python binds after the input (in the
 // order bnas.kernels.cpu_backend's KernelCall.args holds them), `inputs` the slots of the
 // input and, for a packed step, of its residual (-1: none). `take` >= 0 keeps one tensor of
@@ -1358,10 +1357,11 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
       if (residual_slot >= 0)  // no copy when it is channels_last already (as in Python)
         residual = program_input(env, residual_slot).contiguous(at::MemoryFormat::ChannelsLast);
       const torch::Tensor& in = program_input(env, x);
+      const torch::Tensor xp = pack_groups > 0 ? pack_signs(in, pack_groups, isa, threads) : in;
       const std::vector<torch::Tensor> out = conv2d_packed_fused(
-          pack_groups > 0 ? pack_signs(in, pack_groups, isa, threads) : in, lanes, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4],
-          geometry[5], geometry[6], geometry[7], geometry[8], geometry[9], groups, scale, bias,
-          residual, float_output, pack_output, into_residual && residual.has_value(), isa, threads);
+          xp, lanes, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5], geometry[6],
+          geometry[7], geometry[8], geometry[9], groups, scale, bias, residual, float_output, pack_output,
+          into_residual && residual.has_value(), isa, threads);
       if (float_output && pack_output) return program_pair(out[0], out[1], take);
       return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
     };
@@ -1410,13 +1410,11 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const bool ceil_mode = program_arg<bool>(a, 6), rows = kind == "int8_linear";
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
       const torch::Tensor& in = program_input(env, x);
-      if (!rows)
-        return bnas::ProgramValue{int8_pointwise_conv_nhwc(in, weights, w_scale, w_sum, out_channels, bias, pool,
-                                                           ceil_mode, stride, threads)};
-      TORCH_CHECK(in.dim() == 2, "ProgramRunner: int8_linear takes (N, C) rows");
-      const torch::Tensor out = int8_pointwise_conv_nhwc(in.view({in.size(0), in.size(1), 1, 1}), weights, w_scale,
-                                                         w_sum, out_channels, bias, 1, false, 1, threads);
-      return bnas::ProgramValue{out.view({in.size(0), out_channels})};
+      TORCH_CHECK(!rows || in.dim() == 2, "ProgramRunner: int8_linear takes (N, C) rows");
+      const torch::Tensor out = int8_pointwise_conv_nhwc(rows ? in.view({in.size(0), in.size(1), 1, 1}) : in, weights,
+                                                         w_scale, w_sum, out_channels, bias, pool, ceil_mode, stride,
+                                                         threads);
+      return bnas::ProgramValue{rows ? out.view({in.size(0), out_channels}) : out};
     };
   }
   if (kind == "global_avg_pool_nhwc") {
@@ -1500,7 +1498,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "value `out` = the kernel call `kind` on the values in `inputs`, with `args`; then drop `drops`")
       .def("getitem", &bnas::ProgramRunner::getitem, "value `out` = one tensor of the pair in `source`")
       .def("set_output", &bnas::ProgramRunner::set_output)
-      .def("__len__", &bnas::ProgramRunner::size)
       .def("remember", &bnas::ProgramRunner::remember, py::arg("x"), py::arg("at_most"),
            "run inputs of x's dtype, device, sizes and strides from now on (at most `at_most` layouts)")
       .def("known_inputs", &bnas::ProgramRunner::known_inputs)
