@@ -20,6 +20,27 @@ from bnas.export import format as packed_format
 from bnas.kernels.thread_budget import ThreadBudget
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> None:
+    """torch runs on one thread in the tests. The README's command runs two pytest-xdist
+    workers on a 2-core machine, and torch's default of a thread per core put four threads on
+    two cores: a parallel op then waits at its barrier for a thread the OS has descheduled.
+    (The supernet training test took 81 s in the suite and 5 s alone; the suite took 503 s,
+    and 325 s on one thread, on 2026-12-05.) The kernel and packed-network tests run on two
+    (``kernel_threads``), so their threaded paths stay covered on any machine."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def kernel_threads() -> Iterator[None]:
+    """Two torch threads for a test of the CPU kernels, which split their work among them;
+    the session's one thread is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def packed_networks_keep_torchs_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Packed networks run on torch's thread count in tests. Their default caps it at the cores

@@ -19,6 +19,9 @@ from bnas.export import PackedConv2d, PackedLinear, load_packed, pack_model
 from bnas.schemas import validate
 from bnas.train import Recipe, param_groups
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 NONE_MESSAGE = (
     "learned_scale: true cannot be used with weight: none; use one of sign, xnor, xnor_tensor, bireal, "
     "or learned_scale: false"

@@ -336,6 +336,7 @@ PUBLISHED_SMALL = {
 }
 
 
+@pytest.mark.usefixtures("kernel_threads")
 def test_new_ops_export_packed_and_match(tmp_path: Path) -> None:
     torch.manual_seed(3)
     model = bnas.build(PUBLISHED_SMALL).eval()

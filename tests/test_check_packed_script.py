@@ -14,6 +14,9 @@ import pytest
 from bnas.cli import main
 from bnas.kernels import cpu_backend
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SMALL = ROOT / "search_spaces" / "genotypes" / "digits_small.yaml"
 LINE = re.compile(

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from bnas.kernels import cpu_backend
 from bnas.kernels import emulator as emu
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 
 def _compiler_or_skip() -> None:
     try:

@@ -20,6 +20,9 @@ from bnas.evaluate import evaluate
 from bnas.export import ExportError, PackedConv2d, PackedLinear, freeze_model, load_packed, pack_model, save_packed
 from bnas.kernels import unpack_weights
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 ROOT = Path(__file__).resolve().parents[1]
 GENOTYPES = ROOT / "search_spaces" / "genotypes"
 

@@ -20,6 +20,9 @@ from bnas.cli import main
 from bnas.errors import BnasError
 from bnas.export import ExportError, load_packed, pack_model, save_packed
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 ROOT = Path(__file__).resolve().parents[1]
 GENOTYPE = ROOT / "search_spaces" / "genotypes" / "digits_small.yaml"
 

@@ -19,6 +19,9 @@ from bnas.export import PackedNetwork, pack_model
 from bnas.export.plan import GlobalAvgPool2d, KernelLinear
 from bnas.kernels import cpu_backend, global_avg_pool2d, linear
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 needs_avx512 = pytest.mark.skipif(
     "cpu-avx512" not in cpu_backend.supported_backends(), reason="the kernel runs on cpu-avx512 only"

@@ -28,6 +28,9 @@ from bnas.export.plan import (
 from bnas.kernels import conv2d_max_pool, cpu_backend, image_conv2d, int8_conv2d, pack_signs
 from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_conv2d_reference, quantize_weights
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 needs_vnni = pytest.mark.skipif(
     "cpu-avx512" not in cpu_backend.supported_backends() or not cpu_backend.int8_supported(),

@@ -27,6 +27,9 @@ from bnas.kernels.int8 import (
     quantize_weights,
 )
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 FASHION_GRID = pixel_grid([0.2860], [0.3530])  # zero 72.93: its rounding needs the bias term
 

@@ -18,6 +18,9 @@ from bnas.export.plan import KernelLinear
 from bnas.kernels import cpu_backend, linear
 from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_pointwise_conv2d_reference
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 
 # (N, C, K): ResNet's 512 -> 1000 head and CIFAR's 512 -> 10 at batch 1 and larger, inputs that

@@ -19,6 +19,9 @@ from bnas.export.plan import ChannelsLastPointwiseConv2d
 from bnas.kernels import cpu_backend, pointwise_conv2d
 from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_conv2d_reference, int8_pointwise_conv2d_reference
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 needs_vnni = pytest.mark.skipif(
     "cpu-avx512" not in cpu_backend.supported_backends() or not cpu_backend.int8_supported(),

@@ -26,6 +26,9 @@ import bnas.errors
 import bnas.kernels as kernels
 from bnas.kernels import cpu_backend
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 REPO = Path(__file__).resolve().parents[1]
 ALL_CPU = ["cpu-avx512", "cpu-avx2", "cpu-popcnt"]
 CPU_FLAGS = {"cpu-avx512": {"avx512f", "avx512bw", "avx512_vpopcntdq"}, "cpu-avx2": {"avx2"}, "cpu-popcnt": {"popcnt"}}
@@ -47,6 +50,12 @@ CONV_CASES = [
     (1, 96, 13, 11, 24, 3, 2, 1, 1, 4),  # 4 groups of 24 channels: word-crossing blocks
 ]
 LINEAR_CASES = [(1, 1, 1), (3, 31, 5), (5, 65, 33), (2, 100, 70), (4, 2048, 10)]
+
+
+def test_kernel_tests_run_on_two_threads() -> None:
+    """conftest runs the suite on one torch thread; this file's tests run the kernels'
+    threaded paths on two (the pytestmark above), whatever the machine's core count."""
+    assert torch.get_num_threads() == 2
 
 
 def sign(t: torch.Tensor) -> torch.Tensor:

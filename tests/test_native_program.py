@@ -22,6 +22,9 @@ from bnas.export.plan import ChannelsLastPointwiseConv2d, GlobalAvgPool2d, Image
 from bnas.export.program import Program
 from bnas.kernels import cpu_backend
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 needs_kernels = pytest.mark.skipif(not cpu_backend.supported_backends(), reason="no CPU kernel extension")
 needs_avx512 = pytest.mark.skipif(

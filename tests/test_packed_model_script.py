@@ -21,6 +21,9 @@ import torch
 
 from bnas.kernels import cpu_backend
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # bnas info search_spaces/genotypes/bireal_resnet18.yaml / bireal_resnet18_imagenet.yaml

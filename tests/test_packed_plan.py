@@ -18,6 +18,9 @@ from bnas.export import PackedNetwork, load_packed, pack_model
 from bnas.export.plan import ChannelsLastMaxPool2d, PackedStep
 from bnas.kernels import cpu_backend
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 ROOT = Path(__file__).resolve().parents[1]
 GENOTYPES = ROOT / "search_spaces" / "genotypes"
 SHIPPED = sorted(p.stem for p in GENOTYPES.glob("*.yaml") if p.stem != "bireal_resnet18_imagenet")

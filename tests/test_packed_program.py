@@ -25,6 +25,9 @@ from bnas.export.plan import (
 )
 from bnas.kernels import cpu_backend
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 TRACEABLE = sorted(p.stem for p in GENOTYPES.glob("*.yaml") if p.stem != "kim2020_bnas_a")
 needs_kernels = pytest.mark.skipif(not cpu_backend.supported_backends(), reason="no CPU kernel extension")

@@ -18,6 +18,9 @@ from bnas.export import PackedNetwork, pack_model
 from bnas.export.plan import ChannelsLastPointwiseConv2d, ImageConvMaxPool2d
 from bnas.kernels import cpu_backend, pointwise_conv2d
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 needs_avx512 = pytest.mark.skipif(
     "cpu-avx512" not in cpu_backend.supported_backends(), reason="the kernel runs on cpu-avx512 only"

@@ -19,6 +19,9 @@ from bnas.export import pack_model
 from bnas.kernels import cpu_backend
 from bnas.kernels.thread_budget import ThreadBudget, running_elsewhere, torch_threads
 
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = pytest.mark.usefixtures("kernel_threads")
+
 GENOTYPES = Path(__file__).resolve().parents[1] / "search_spaces" / "genotypes"
 
 
