@@ -69,7 +69,8 @@ def test_trials_are_scored_with_the_supernet_never_trained(
     for t in over:
         assert t.state.name == "PRUNED" and t.user_attrs["ops"] > 60000
         assert "supernet_acc" not in t.user_attrs and "score_time_s" not in t.user_attrs
-        assert rows[t.number]["supernet_acc"] == ""
+        assert "supernet_loss" not in t.user_attrs
+        assert rows[t.number]["supernet_acc"] == rows[t.number]["supernet_loss"] == ""
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert complete
     for t in complete:
@@ -78,6 +79,7 @@ def test_trials_are_scored_with_the_supernet_never_trained(
         assert "train_time_s" not in t.user_attrs and not t.intermediate_values
         row = rows[t.number]
         assert float(row["supernet_acc"]) == acc and row["epochs"] == "0"
+        assert float(row["supernet_loss"]) == t.user_attrs["supernet_loss"] > 0
         assert row["retrain_val_acc"] == row["retrain_test_acc"] == ""
     # Each score is supernet.score on the search's calibration batches (seed 3, 8 of 64).
     space = load_space(space_file)
@@ -86,7 +88,8 @@ def test_trials_are_scored_with_the_supernet_never_trained(
     batches = calibration_batches(data, num_batches=8, batch_size=64, seed=3, device="cpu")
     for t in complete:
         genotype = bnas.load_genotype(out / "genotypes" / f"trial-{t.number}.yaml")
-        assert score(supernet, genotype, data, calibration=batches) == t.user_attrs["supernet_acc"]
+        acc, loss = score(supernet, genotype, data, calibration=batches, with_loss=True)
+        assert (acc, loss) == (t.user_attrs["supernet_acc"], t.user_attrs["supernet_loss"])
     # The study and run.json name the supernet; the summary says the search was one-shot.
     recorded = study.user_attrs["supernet"]
     assert recorded["path"] == str(supernet_file.resolve()) and recorded["epochs"] == 1
@@ -112,6 +115,7 @@ def test_duplicates_reuse_the_score(tmp_path: Path) -> None:
     for t in dups:
         twin = by_number[t.user_attrs["duplicate_of"]]
         assert t.user_attrs["supernet_acc"] == twin.user_attrs["supernet_acc"] and t.values == twin.values
+        assert t.user_attrs["supernet_loss"] == twin.user_attrs["supernet_loss"]
         assert "score_time_s" not in t.user_attrs  # not scored again
     scored = [t for t in trials if "score_time_s" in t.user_attrs]
     assert len(scored) == len({t.user_attrs["genotype_hash"] for t in trials}) <= 2

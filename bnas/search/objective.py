@@ -131,10 +131,11 @@ class Objective:
         cfg: SearchConfig,
         data: DataSplits,
         study: optuna.Study,
-        scorer: Callable[[Genotype], float] | None = None,
+        scorer: Callable[[Genotype], tuple[float, float]] | None = None,
     ):
         """``scorer`` (a one-shot search's ``oneshot.SupernetScorer``) rates a genotype
-        instead of training it: its result is the trial's val_acc, no epoch is trained."""
+        instead of training it: its (accuracy, loss); the accuracy is the trial's val_acc
+        (``supernet_acc``), the loss its ``supernet_loss``, and no epoch is trained."""
         self.cfg, self.data, self.study, self.scorer = cfg, data, study, scorer
         self.space = cfg.space
         (cfg.out / "genotypes").mkdir(parents=True, exist_ok=True)
@@ -205,9 +206,10 @@ class Objective:
         self._write_genotype(trial, genotype, "sampled")
         if self.scorer is not None:
             start = time.perf_counter()
-            acc = float(self.scorer(genotype))
+            acc, loss = self.scorer(genotype)
             trial.set_user_attr("score_time_s", time.perf_counter() - start)
             trial.set_user_attr("supernet_acc", acc)
+            trial.set_user_attr("supernet_loss", loss)
             trial.set_user_attr("val_acc", acc)
             return self._values(acc, metrics)
 
@@ -246,8 +248,9 @@ class Objective:
         """The same genotype as ``twin``: its result stands for this trial, nothing is trained."""
         trial.set_user_attr("duplicate_of", twin.number)
         trial.set_user_attr("val_acc", twin.user_attrs.get("val_acc"))
-        if "supernet_acc" in twin.user_attrs:
-            trial.set_user_attr("supernet_acc", twin.user_attrs["supernet_acc"])
+        for key in ("supernet_acc", "supernet_loss"):
+            if key in twin.user_attrs:
+                trial.set_user_attr(key, twin.user_attrs[key])
         if twin.state == TrialState.PRUNED:
             self._write_genotype(
                 trial, genotype, f"same genotype as trial {twin.number}, which was pruned; not trained again"

@@ -165,7 +165,10 @@ class SupernetScorer:
     """Scores a genotype with the supernet's inherited weights (``supernet.score``) on
     calibration batches drawn once, with the search's seed; with ``cfg.finetune_steps``, a
     copy of them first trains that many steps (the search's seed, the space's budget recipe);
-    with ``cfg.probe_samples``, a linear probe on the path's features gives the accuracy."""
+    with ``cfg.probe_samples``, a linear probe on the path's features gives the accuracy.
+    A call returns the validation (accuracy, mean cross-entropy): the accuracy is the trial's
+    score, the loss is kept beside it (on ``fashion_mnist_cells`` it sometimes ranked
+    architectures better, docs/oneshot-experiments.md)."""
 
     def __init__(self, oneshot: OneShot, data: DataSplits, cfg: SearchConfig):
         self.supernet = oneshot.supernet
@@ -182,15 +185,15 @@ class SupernetScorer:
             device=self.supernet.device,
         )
 
-    def __call__(self, genotype: Genotype) -> float:
-        return float(
-            score(
-                self.supernet,
-                genotype,
-                self.data,
-                calibration=self.batches,
-                seed=self.seed,
-                finetune_steps=self.finetune_steps,
-                probe_samples=self.probe_samples,
-            )
+    def __call__(self, genotype: Genotype) -> tuple[float, float]:
+        acc, loss = score(
+            self.supernet,
+            genotype,
+            self.data,
+            calibration=self.batches,
+            seed=self.seed,
+            with_loss=True,
+            finetune_steps=self.finetune_steps,
+            probe_samples=self.probe_samples,
         )
+        return float(acc), float(loss)

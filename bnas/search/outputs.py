@@ -44,6 +44,7 @@ COLUMNS = [
     "error",
     "choices",
     "supernet_acc",
+    "supernet_loss",
     "retrain_val_acc",
     "retrain_test_acc",
 ]
@@ -76,6 +77,7 @@ def _row(t: FrozenTrial, again: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "error": a.get("error", ""),
         "choices": json.dumps(t.params, sort_keys=True),
         "supernet_acc": a.get("supernet_acc", ""),
+        "supernet_loss": a.get("supernet_loss", ""),
         "retrain_val_acc": retrain.get("val_acc", ""),
         "retrain_test_acc": retrain.get("test_acc", ""),
     }
