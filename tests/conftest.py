@@ -17,7 +17,7 @@ from bnas import binarize, registry
 from bnas.binarize import BinaryConv2d, BinaryLinear
 from bnas.binarize import config as binarize_config
 from bnas.export import format as packed_format
-from bnas.kernels.thread_budget import ThreadBudget
+from bnas.kernels.thread_budget import ThreadBudget, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,7 +26,7 @@ def one_torch_thread() -> None:
     workers on a 2-core machine, and torch's default of a thread per core put four threads on
     two cores: a parallel op then waits at its barrier for a thread the OS has descheduled.
     (The supernet training test took 81 s in the suite and 5 s alone; the suite took 503 s,
-    and 325 s on one thread, on 2026-12-05.) The kernel and packed-network tests run on two
+    and 368 s with these settings, on 2026-12-05.) The kernel and packed-network tests run on two
     (``kernel_threads``), so their threaded paths stay covered on any machine."""
     torch.set_num_threads(1)
 
@@ -35,10 +35,8 @@ def one_torch_thread() -> None:
 def kernel_threads() -> Iterator[None]:
     """Two torch threads for a test of the CPU kernels, which split their work among them;
     the session's one thread is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(autouse=True)
