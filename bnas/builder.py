@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .binarize import set_binarization
 from .errors import GenotypeError, LimitError, short_repr
 from .genotype import CellSpec, Genotype, LayerSpec, Preprocess, cell_graph, load_genotype
+from .ops.basic import Zero
 from .ops.cell_inputs import make_cell_input, make_residual
 from .registry import UnknownPrimitiveError, build_op, get_spec
 
@@ -291,7 +292,15 @@ class Cell(nn.Module):
                 self.edges[f"{node}_{i}"] = _make_op(
                     edge.op, channels, channels, edge_stride, edge.options, cell_path, provider, f"{key}/{node}.e{i}"
                 )
-        self.plan, self.outputs = self._compile(self.graph)
+        plan, self.outputs = self._compile(self.graph)
+        # A zero edge adds nothing to its node's sum: the node sums its other edges (bit for
+        # bit the same, up to the sign of a zero), and the network runs no zeros and no adds
+        # of them; its exports and packed programs do not either. A node of zero edges alone
+        # keeps its first.
+        self.plan = [
+            (node, [edge for edge in edges if not isinstance(self.edges[edge[0]], Zero)] or edges[:1])
+            for node, edges in plan
+        ]
         self.order = [node for node, _ in self.plan]
         self.combine = spec.combine
         self.residual: nn.Module | None = None

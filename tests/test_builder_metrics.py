@@ -15,6 +15,7 @@ from bnas.builder import Cell
 from bnas.cli import main
 from bnas.genotype import loads_genotype
 from bnas.metrics import summarize
+from bnas.ops.basic import Zero
 
 REPO = Path(__file__).resolve().parents[1]
 GENOTYPES = sorted((REPO / "search_spaces" / "genotypes").glob("*.yaml"))
@@ -281,6 +282,52 @@ def _reference_cell_forward(cell: Cell, s0: torch.Tensor, s1: torch.Tensor) -> t
         states[node] = total
     outs = [states[n] for n in cell.spec.output]
     return torch.cat(outs, dim=1) if cell.spec.combine == "concat" else torch.stack(outs).sum(0)
+
+
+def test_cell_sums_skip_zero_edges_and_keep_the_values() -> None:
+    # A zero edge adds nothing: the plan leaves it out (and so do traces and exports of the
+    # network), a node of zero edges alone keeps one, and the cell's output is the reference
+    # sum's, which adds the zeros.
+    text = """
+name: zeros
+input: [3, 8, 8]
+num_classes: 4
+stem: [{op: conv_bn, channels: 8}]
+cells:
+  c:
+    nodes:
+      n0: [[zero, in1], [binary_conv_3x3, in1], [zero, in0]]
+      n1: [[zero, n0], [zero, in1]]
+      n2: [[max_pool_3x3, n0], [skip_connect, n1], [zero, in0]]
+    output: {combine: concat, nodes: [n0, n1, n2]}
+body: [{cell: c, channels: 8}, {cell: c, channels: 8, stride: 2}]
+head: [{op: global_avgpool}, {op: linear}]
+"""
+    model = bnas.build(loads_genotype(text)).eval()
+    cells = [unit for unit in model.body if isinstance(unit, Cell)]
+    assert cells[0].plan == [
+        ("n0", [("n0_1", "in1")]),
+        ("n1", [("n1_0", "n0")]),
+        ("n2", [("n2_0", "n0"), ("n2_1", "n1")]),
+    ]
+    zeros_run: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, Zero):
+            module.register_forward_hook(lambda m, args, out, name=name: zeros_run.append(name))
+    with torch.no_grad():
+        s0 = s1 = model.stem(torch.randn(2, 3, 8, 8))
+        for unit in cells:
+            out = unit(s0, s1)
+            assert torch.equal(out, _reference_cell_forward(unit, s0, s1))
+            channels = out.shape[1] // 3
+            assert not out[:, channels : 2 * channels].any()  # n1: zeros of the cell's shape
+            s0, s1 = s1, out
+    # the reference ran every zero edge; the cells' own forwards only n1's first
+    assert zeros_run.count("body.0.edges.n1_0") == 2 and "body.0.edges.n0_0" in zeros_run
+    zeros_run.clear()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 8, 8))
+    assert zeros_run == ["body.0.edges.n1_0", "body.1.edges.n1_0"]
 
 
 @pytest.mark.parametrize("combine", ["concat", "sum"])
