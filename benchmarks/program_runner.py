@@ -1,6 +1,7 @@
 """A packed network's lowered program replayed in C++ against the same program in Python.
 
     python benchmarks/program_runner.py [--threads 1 2] [--repeats 60] [--sizes 32 224]
+                                        [--genotypes fashion_searched example_cells ...]
 
 ``bnas.export.program.Program`` runs a packed network's plan as a list of direct kernel calls.
 Where every call is one the extension's ``ProgramRunner`` can make, the program replays them
@@ -10,8 +11,11 @@ the runner), ours = the runner; both through ``PackedNetwork.__call__``, batch 1
 in rounds (``common.interleaved_times``, 3 untimed calls before each burst). Networks:
 Bi-Real ResNet-18 at 32x32 (``bireal_resnet18.yaml``) and 224x224
 (``bireal_resnet18_imagenet.yaml``) in float32 and, on CPUs with AVX-512 VNNI, in the opt-in
-int8 configuration of ``benchmarks/packed_model.py``'s ``int8_all_grid`` twin. Each line
-says whether the two outputs are equal bit for bit (they must be: the same calls).
+int8 configuration of ``benchmarks/packed_model.py``'s ``int8_all_grid`` twin. ``--genotypes``
+times shipped genotypes (``search_spaces/genotypes/NAME.yaml``) in float32 instead (or as well,
+with ``--sizes``): cell networks and plain CNNs, whose float glue (BatchNorm, pools, the sums
+and concatenations of cell nodes) the runner makes as PyTorch's own ops. Each line says whether
+the two outputs are equal bit for bit (they must be: the same calls).
 
 Prints one JSON line per network, precision and thread count: medians and p90 in ms, the
 ratio baseline / ours, the time saved per call, and the load average before and after.
@@ -53,14 +57,14 @@ def packed_network(name: str, int8: bool) -> tuple[PackedNetwork, torch.Tensor]:
     return packed, torch.randn(1, *genotype.input)
 
 
-def measure(size: int, int8: bool, threads: int, args: argparse.Namespace) -> dict[str, Any]:
-    packed, x = packed_network(NETWORKS[size], int8)
+def measure(name: str, int8: bool, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    packed, x = packed_network(name, int8)
     torch.set_num_threads(threads)
     with torch.no_grad():
         packed(x)  # lowers the plan and runs it in Python: the runner takes this layout from now on
         program = packed.program(backend(x.device))
         if program is None or not program.native:
-            raise SystemExit(f"{NETWORKS[size]}: no program to replay in C++ on this CPU ({backend(x.device)})")
+            raise SystemExit(f"{name}: no program to replay in C++ on this CPU ({backend(x.device)})")
 
         def run(native: bool) -> Any:
             def call() -> torch.Tensor:
@@ -76,11 +80,11 @@ def measure(size: int, int8: bool, threads: int, args: argparse.Namespace) -> di
     (base, base_p90), (ours, ours_p90) = median_p90(times["python"]), median_p90(times["runner"])
     return {
         "benchmark": "program_runner",
-        "genotype": NETWORKS[size],
+        "genotype": name,
         "input": list(x.shape[1:]),
         "precision": "int8 stem on a pixel grid, shortcuts and head" if int8 else "float32",
         "threads": threads,
-        "baseline": "the lowered program, each kernel call made from Python (native_enabled = False)",
+        "baseline": "the lowered program, each kernel call and PyTorch op made from Python (native_enabled = False)",
         "ours": "the same calls replayed in C++ (ProgramRunner)",
         "baseline_ms": round(base * 1e3, 4),
         "ours_ms": round(ours * 1e3, 4),
@@ -96,15 +100,22 @@ def measure(size: int, int8: bool, threads: int, args: argparse.Namespace) -> di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", choices=sorted(NETWORKS), default=sorted(NETWORKS))
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", choices=sorted(NETWORKS), help="Bi-Real ResNet-18 inputs (default: both)"
+    )
+    parser.add_argument("--genotypes", nargs="+", default=[], help="shipped genotypes to time in float32")
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=60)
     args = parser.parse_args(argv)
+    for name in args.genotypes:
+        if not (GENOTYPES / f"{name}.yaml").is_file():
+            parser.error(f"--genotypes: no {name}.yaml in {GENOTYPES}")
+    sizes = args.sizes if args.sizes is not None else ([] if args.genotypes else sorted(NETWORKS))
     precisions = [False, True] if cpu_backend.int8_supported() else [False]
-    for size in args.sizes:
-        for int8 in precisions:
-            for threads in args.threads:
-                emit(measure(size, int8, threads, args))
+    runs = [(NETWORKS[size], int8) for size in sizes for int8 in precisions]
+    for name, int8 in [*runs, *((name, False) for name in args.genotypes)]:
+        for threads in args.threads:
+            emit(measure(name, int8, threads, args))
 
 
 if __name__ == "__main__":

@@ -185,8 +185,9 @@ def test_the_call_timer_sees_every_bound_call_on_the_runner() -> None:
 
 @needs_kernels
 def test_networks_with_a_call_the_runner_cannot_make_have_none() -> None:
-    # its BatchNorm after the binary convs runs as a module
-    genotype = bnas.load_genotype(GENOTYPES / "binary_vgg_small.yaml")
+    # its binary classifier layer (PackedLinear) is a module call, not a kernel call the
+    # runner knows
+    genotype = bnas.load_genotype(GENOTYPES / "binary_lenet5.yaml")
     packed = pack_model(randomize(bnas.build(genotype)))
     x = torch.randn(2, *genotype.input)
     out = packed(x)
@@ -264,13 +265,15 @@ def test_the_runner_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixtur
     before = torch.get_num_threads()
     try:
         bench.main(["--sizes", "32", "--threads", "1", "--repeats", "3"])
+        bench.main(["--genotypes", "fashion_searched", "--threads", "1", "--repeats", "3"])
     finally:
         torch.set_num_threads(before)
     records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert len(records) == (2 if cpu_backend.int8_supported() else 1)
+    assert len(records) == (3 if cpu_backend.int8_supported() else 2)
+    assert [r["genotype"] for r in records] == ["bireal_resnet18"] * (len(records) - 1) + ["fashion_searched"]
+    assert records[-1]["precision"] == "float32" and records[-1]["input"] == [1, 28, 28]
     for record in records:
-        assert record["genotype"] == "bireal_resnet18" and record["threads"] == 1
-        assert record["outputs_identical"] is True
+        assert record["threads"] == 1 and record["outputs_identical"] is True
         assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], abs=0.01)
 
 

@@ -272,8 +272,17 @@ def test_the_kernels_share_torchs_openmp_runtime(ext):
     assert len(mapped) == 1, mapped
 
 
-def test_the_shipped_headers_exist():
+def test_the_shipped_headers_exist_and_every_included_one_keys_the_build():
     assert cpu_backend.HEADERS and all(Path(h).is_file() for h in cpu_backend.HEADERS)
+    csrc = cpu_backend.SOURCE.parent
+    included = {
+        line.split('"')[1]
+        for source in [cpu_backend.SOURCE, *csrc.glob("*.h")]
+        for line in source.read_text().splitlines()
+        if line.startswith('#include "')
+    }
+    assert "program_runner.h" in included and "program_torch_ops.h" in included
+    assert included <= {Path(h).name for h in cpu_backend.HEADERS}
 
 
 @pytest.mark.parametrize(

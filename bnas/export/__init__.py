@@ -13,6 +13,9 @@ One job per module:
   what);
 * :mod:`~bnas.export.plan`: how a packed network runs on the CPU (one torch.fx program,
   residual adds and sign packing fused into the binary convs, channels_last glue);
+* :mod:`~bnas.export.program`: the plan lowered to direct kernel calls, replayed in C++
+  where every call is one the extension's runner makes;
+* :mod:`~bnas.export.torch_ops`: which of the plan's PyTorch ops the runner makes too;
 * :mod:`~bnas.export.format`: the ``.bnas`` file (``save_packed``, ``load_packed``, the layer
   table and every check on reading);
 """

@@ -18,12 +18,20 @@ goes through the step itself), and a bound float call that its input has the dty
 channels it was bound for (any other input goes through the module). The calls and their
 arguments are the plan's, so the outputs are equal bit for bit.
 
+The plan's float glue between those calls is PyTorch's own ops: BatchNorm in inference, the
+sums and concatenations of cell nodes, pads, slices, pools, activations and flatten
+(:mod:`bnas.export.torch_ops`). Such a node runs in Python as in the plan, and names the ATen
+call the runner makes for it. The stem is PyTorch's conv below ``FLOAT_STEM_KERNEL_MIN_MACS``
+per image, in Python and in the runner alike. The channels-last max-pool and the 1x1 convs
+are kernel calls too; a 1x1 conv makes its input channels_last first, as its module does.
+
 Where every instruction is such a call (or takes one tensor of a call's pair), the program
 also runs in C++ (the extension's ``ProgramRunner``, csrc/program_runner.h): the same calls
-with the same arguments and no Python between them: 0.08-0.31 ms less per Bi-Real ResNet-18
-forward at 32x32 and 224x224, on one thread or two (``benchmarks/program_runner.py``). An input takes that route once
-an input of its dtype, shape and strides has run through the Python instructions without a
-bound call falling back to its module.
+with the same arguments and no Python between them. That is 0.08-0.31 ms less per Bi-Real
+ResNet-18 forward at 32x32 and 224x224, on one thread or two, and 1.2-3x faster for the
+shipped cell networks and small CNNs (``benchmarks/program_runner.py``). An input takes that
+route once an input of its dtype, shape and strides has run through the Python instructions
+without a bound call falling back to its module.
 
 A program is made for one code path; ``PackedNetwork`` runs it while that is the path its
 input takes and every bound call still holds the weights it was bound to (the same tensors,
@@ -45,6 +53,8 @@ from ..kernels import cpu_backend
 from ..kernels.dispatch import CPU_BACKENDS
 from ..kernels.int8 import MAX_TAPS
 from .plan import (
+    FLOAT_STEM_KERNEL_MIN_MACS,
+    ChannelsLastMaxPool2d,
     ChannelsLastPointwiseConv2d,
     GlobalAvgPool2d,
     ImageConv2d,
@@ -52,6 +62,7 @@ from .plan import (
     KernelLinear,
     PackedStep,
 )
+from .torch_ops import TorchOp, torch_op
 
 __all__ = ["Program", "lower_plan"]
 
@@ -63,7 +74,15 @@ Held = tuple[dict[str, Any], str, Tensor | None]
 
 
 def _held(owner: nn.Module, name: str) -> Held:
-    store = owner._parameters if name in owner._parameters else owner._buffers
+    """``owner.name``'s current object and where the module keeps it: its parameters, its
+    buffers, or (a flag such as ``training``) its ``__dict__``."""
+    store: dict[str, Any]
+    if name in owner._parameters:
+        store = owner._parameters
+    elif name in owner._buffers:
+        store = owner._buffers
+    else:
+        store = owner.__dict__
     return store, name, store.get(name)
 
 
@@ -171,6 +190,25 @@ class _GetItem:
         return env[self.source][self.index]
 
 
+class _TorchCall:
+    """A plan node of PyTorch's own ops that the runner also makes (:mod:`bnas.export.torch_ops`):
+    in Python it runs as the plan runs it (``run``: the module or function call)."""
+
+    __slots__ = ("run", "op", "module", "held", "unchanged")
+
+    def __init__(self, run: Instruction, op: TorchOp, module: nn.Module | None):
+        self.run, self.op, self.module = run, op, module
+        self.held: list[Held] = [_held(owner, name) for owner, name in op.holds]
+        self.unchanged: list[tuple[Tensor, int]] = []  # the runner reads their values at every call
+
+    def __call__(self, env: list[Any], threads: int) -> Any:
+        return self.run(env, threads)
+
+    def native_call(self) -> tuple[str, list[int], tuple[Any, ...], int]:
+        """(kind, input slots, arguments, take) of this call for the extension's ``ProgramRunner``."""
+        return self.op.kind, self.op.slots, self.op.args, -1
+
+
 def _float_cpu(x: Any, rank: int, channels: int | None = None) -> bool:
     """A float32 CPU tensor of ``rank`` dimensions, with ``channels`` in dimension 1 if given."""
     return (
@@ -198,9 +236,14 @@ def _cpu_float32(weight: Tensor, bias: Tensor | None) -> bool:
 def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | None:
     """``module`` as a direct kernel call on code path ``route``, or None where its kernel does
     not run there (it then runs as a module)."""
+    channels_last = torch.channels_last
+    if type(module) is ChannelsLastMaxPool2d:  # its kernel runs on every CPU code path
+        pool = cpu_backend.max_pool_call(module.kernel_size, module.stride, module.padding, route, module.pack_output)
+        return _BoundKernel(
+            module, slot, pool, lambda x: _float_cpu(x, 4) and x.is_contiguous(memory_format=channels_last)
+        )
     if route != "cpu-avx512":  # elsewhere these modules run PyTorch's ops
         return None
-    channels_last = torch.channels_last
     if isinstance(module, GlobalAvgPool2d):
         return _BoundKernel(
             module, slot, cpu_backend.global_avg_pool_call(route),
@@ -216,10 +259,7 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         call = cpu_backend.pointwise_conv_call(
             conv.weight, conv.bias, module.pool, module.ceil_mode, module.stride, route, module.precision
         )
-        return _BoundKernel(
-            module, slot, call,
-            lambda x: _float_cpu(x, 4, channels) and x.is_contiguous(memory_format=channels_last), conv,
-        )  # fmt: skip
+        return _BoundKernel(module, slot, call, lambda x: _float_cpu(x, 4, channels), conv)  # channels_last in the call
     if isinstance(module, KernelLinear):
         layer = module.linear
         if not _cpu_float32(layer.weight, layer.bias) or layer.weight.dim() != 2:
@@ -265,15 +305,29 @@ def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _Bo
         call = cpu_backend.image_conv_call(
             conv.weight, conv.bias, module.stride, module.padding, module.precision, grid=module.grid
         ).taking(0)
-        stem = module
+        if module.precision == "float32":
+            call = _small_stem_or(call, module)
 
         def accepts(x: Any) -> bool:
-            return _float_cpu(x, 4, channels) and x.shape[0] > 0 and not stem.small_float_stem(x)
+            return _float_cpu(x, 4, channels) and x.shape[0] > 0
 
     bound = _BoundKernel(module, slot, call, accepts, conv)
     if module.grid is not None and conv.bias is not None:  # the call holds a bias made from it
         bound.unchanged.append((conv.bias, conv.bias._version))
     return bound
+
+
+def _small_stem_or(kernel: cpu_backend.KernelCall, stem: ImageConv2d) -> cpu_backend.KernelCall:
+    """``kernel`` (the stem's image_conv_nhwc call) where an image makes ``stem`` a float32 stem of
+    at least ``FLOAT_STEM_KERNEL_MIN_MACS`` multiply-adds; below, the stem's own PyTorch conv,
+    in the runner too (its ``image_conv_nhwc_or_conv2d`` makes the same choice)."""
+    conv = stem.conv
+
+    def call(x: Tensor, threads: int) -> Any:
+        return stem.forward(x) if stem.small_float_stem(x) else kernel(x, threads)
+
+    args = (*kernel.args, conv.weight, conv.bias, FLOAT_STEM_KERNEL_MIN_MACS)
+    return cpu_backend.KernelCall("image_conv_nhwc_or_conv2d", args, call, kernel.take)
 
 
 # Input layouts (dtype, device, shape, strides) a program remembers as run through in Python
@@ -303,6 +357,7 @@ class Program:
         steps: Sequence[_BoundStep],
         kernels: Sequence[_BoundKernel] = (),
         output_slot: int | None = None,
+        torch_calls: Sequence[_TorchCall] = (),
     ):
         self.route = route
         self._instructions, self._drops, self._output = list(instructions), list(drops), output
@@ -314,7 +369,7 @@ class Program:
         # what current() checks, flat: it runs before every forward, when the forward before
         # has pushed Python's objects out of the caches (per bound call and check it cost
         # 2 us there, against 0.5 us warm)
-        bound: list[_BoundStep | _BoundKernel] = [*self._steps, *self._kernels]
+        bound: list[_BoundStep | _BoundKernel | _TorchCall] = [*self._steps, *self._kernels, *torch_calls]
         self._held = [held for call in bound for held in call.held]
         self._unchanged = [unchanged for call in bound for unchanged in call.unchanged]
         if self._runner is not None:  # current() checks in C: 8 us against 13 us in Python, cold
@@ -425,6 +480,7 @@ def lower_plan(gm: torch.fx.GraphModule, route: str) -> Program | None:
     instructions: list[Instruction | None] = [None]
     steps: list[_BoundStep] = []
     kernels: list[_BoundKernel] = []
+    torch_calls: list[_TorchCall] = []
     for node in nodes[1:]:
         if node.op == "output":
             instructions.append(None)
@@ -434,13 +490,15 @@ def lower_plan(gm: torch.fx.GraphModule, route: str) -> Program | None:
             steps.append(instruction)
         elif isinstance(instruction, _BoundKernel):
             kernels.append(instruction)
+        elif isinstance(instruction, _TorchCall):
+            torch_calls.append(instruction)
         instructions.append(instruction)
     if not steps:
         return None
     returned = outputs[0].args[0]
     output = _values(returned, slot_of)
     output_slot = slot_of[returned] if isinstance(returned, torch.fx.Node) else None
-    return Program(route, instructions, [tuple(d) for d in drops], output, steps, kernels, output_slot)
+    return Program(route, instructions, [tuple(d) for d in drops], output, steps, kernels, output_slot, torch_calls)
 
 
 def _native_runner(
@@ -465,7 +523,7 @@ def _native_runner(
                 return None, []
             runner.getitem(i, instruction.source, instruction.index, list(drops[i]))
             modules.append(None)
-        elif isinstance(instruction, (_BoundStep, _BoundKernel)):
+        elif isinstance(instruction, (_BoundStep, _BoundKernel, _TorchCall)):
             kind, slots, args, take = instruction.native_call()
             runner.kernel(i, kind, slots, args, take, list(drops[i]))
             modules.append(instruction.module)
@@ -518,7 +576,12 @@ def _instruction(
             if bound is not None:
                 return bound
         positional = _values(args, slot_of)
-        return lambda env, threads: module(*positional(env), **kwargs(env))
+
+        def call_module(env: list[Any], threads: int) -> Any:
+            return module(*positional(env), **kwargs(env))
+
+        op = torch_op(gm, node, slot_of)
+        return call_module if op is None else _TorchCall(call_module, op, module)
     if node.op == "call_function":
         target = node.target
         if target is operator.getitem and isinstance(args[0], torch.fx.Node) and isinstance(args[1], int):
@@ -527,7 +590,12 @@ def _instruction(
             raise ValueError(f"lower_plan: node {node.name} calls {target!r}, which is not callable")
         function = target
         positional = _values(args, slot_of)
-        return lambda env, threads: function(*positional(env), **kwargs(env))
+
+        def call_function(env: list[Any], threads: int) -> Any:
+            return function(*positional(env), **kwargs(env))
+
+        op = torch_op(gm, node, slot_of)
+        return call_function if op is None else _TorchCall(call_function, op, None)
     if node.op == "call_method":
         method, positional = str(node.target), _values(args, slot_of)
 

@@ -59,18 +59,8 @@ _Layout = TypeVar("_Layout")
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor_cpu.cpp"
 EXTENSION_NAME = "bnas_xnor_cpu"
-HEADERS = [
-    SOURCE.parent / name
-    for name in (
-        "work_pool.h",
-        "register_blocks.h",
-        "linear_rows.h",
-        "amx_tiles.h",
-        "cache_line_vector.h",
-        "pointwise_conv.h",
-        "stem_conv.h",
-    )
-]
+# every header xnor_cpu.cpp includes (all of csrc's): a change to one rebuilds the extension
+HEADERS = sorted(SOURCE.parent.glob("*.h"))
 # -fopenmp: the kernels run on torch's OpenMP team (csrc/work_pool.h); the extension then shares
 # the libgomp torch has loaded. No FMA contraction: the epilogue is exact.
 CFLAGS = ["-O3", "-pthread", "-fopenmp", "-ffp-contract=off"]
@@ -439,6 +429,21 @@ class KernelCall:
         return KernelCall(self.kind, self.args, lambda x, threads: call(x, threads)[index], index)
 
 
+def max_pool_call(
+    kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], name: str, pack_output: bool
+) -> KernelCall:
+    """:func:`max_pool2d_nhwc` as ``call(x, threads)``: (the pooled map, its packed signs) with
+    ``pack_output``, else the pooled map alone."""
+    ext, isa = _built(name), _isa(name)
+    geometry = (*kernel_size, *stride, *padding, isa)
+
+    def call(x: Tensor, threads: int) -> Any:
+        return ext.max_pool2d_nhwc(x, *geometry, threads, pack_output)
+
+    pooled = KernelCall("max_pool2d_nhwc", (*geometry, pack_output), call)
+    return pooled if pack_output else pooled.taking(0)
+
+
 def global_avg_pool_call(name: str) -> KernelCall:
     """:func:`global_avg_pool_nhwc` as ``call(x, threads)``."""
     return KernelCall("global_avg_pool_nhwc", (), _built(name).global_avg_pool_nhwc)
@@ -471,7 +476,9 @@ def pointwise_conv_call(
     name: str,
     precision: str = "float32",
 ) -> KernelCall:
-    """:func:`pointwise_conv2d_nhwc` with these weights as ``call(x, threads)``."""
+    """:func:`pointwise_conv2d_nhwc` with these weights as ``call(x, threads)``, on ``x`` made
+    channels_last first (no copy when it is; a slice of a padded map, as a factorized reduce
+    takes, is not)."""
     if name != "cpu-avx512":
         raise ValueError(f"pointwise_conv2d_nhwc runs on cpu-avx512 only, not {name}")
     out_channels = weight.shape[0]
@@ -479,11 +486,19 @@ def pointwise_conv_call(
         lanes, w_scale, w_sum = _cached_layout(weight, ("int8",), lambda: _int8_layout(weight))
         int8_conv = _built(name).int8_pointwise_conv_nhwc
         int8_args = (lanes, w_scale, w_sum, out_channels, bias, pool, ceil_mode, stride)
-        return KernelCall("int8_pointwise_conv_nhwc", int8_args, lambda x, threads: int8_conv(x, *int8_args, threads))
+        return KernelCall(
+            "int8_pointwise_conv_nhwc",
+            int8_args,
+            lambda x, threads: int8_conv(x.contiguous(memory_format=torch.channels_last), *int8_args, threads),
+        )
     transposed = _cached_layout(weight, ("pointwise",), lambda: _pointwise_layout(weight))
     conv = _built(name).pointwise_conv_nhwc
     args = (transposed, out_channels, bias, pool, ceil_mode, stride)
-    return KernelCall("pointwise_conv_nhwc", args, lambda x, threads: conv(x, *args, threads))
+    return KernelCall(
+        "pointwise_conv_nhwc",
+        args,
+        lambda x, threads: conv(x.contiguous(memory_format=torch.channels_last), *args, threads),
+    )
 
 
 # Up to this many input rows a float linear layer runs on the row kernel (weight rows split

@@ -34,6 +34,7 @@
 #include "linear_rows.h"
 #include "pointwise_conv.h"
 #include "program_runner.h"
+#include "program_torch_ops.h"
 #include "register_blocks.h"
 #include "stem_conv.h"
 #include "work_pool.h"
@@ -1332,6 +1333,10 @@ bnas::ProgramValue program_pair(torch::Tensor first, torch::Tensor second, int64
 
 bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<int64_t>& inputs,
                                      const py::tuple& a, int64_t take) {
+  if (kind.rfind("torch.", 0) == 0) {
+    TORCH_CHECK(take < 0, "ProgramRunner: ", kind, " returns one tensor");
+    return bnas::program_torch_op(kind.substr(6), inputs, a);
+  }
   TORCH_CHECK(!inputs.empty() && inputs[0] >= 0, "ProgramRunner: ", kind, " needs an input slot");
   const int64_t x = inputs[0];
   auto expect = [&](size_t count) {
@@ -1366,10 +1371,17 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
       return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
     };
   }
-  if (kind == "image_conv_nhwc") {
+  if (kind == "image_conv_nhwc" || kind == "image_conv_nhwc_or_conv2d") {
     // weights, w_scale, w_sum, bias, out_channels, kh, kw, sh, sw, ph, pw, the pool's kh, kw,
-    // sh, sw, ph, pw, pack_output, grid_scale, grid_zero_point
-    expect(20);
+    // sh, sw, ph, pw, pack_output, grid_scale, grid_zero_point; the _or_conv2d kind also the
+    // conv's weight and bias and the multiply-adds per image below which a stem is PyTorch's
+    // conv on the channels_last image (bnas.export.plan.ImageConv2d.small_float_stem)
+    const bool or_conv2d = kind == "image_conv_nhwc_or_conv2d";
+    expect(or_conv2d ? 23 : 20);
+    TORCH_CHECK(!or_conv2d || take == 0, "ProgramRunner: ", kind, " keeps the map alone");
+    const torch::Tensor conv_weight = or_conv2d ? program_arg<torch::Tensor>(a, 20) : torch::Tensor();
+    const auto conv_bias = or_conv2d ? program_tensor(a, 21) : c10::nullopt;
+    const int64_t min_macs = or_conv2d ? program_arg<int64_t>(a, 22) : 0;
     const torch::Tensor weights = program_arg<torch::Tensor>(a, 0);
     const auto w_scale = program_tensor(a, 1), w_sum = program_tensor(a, 2), bias = program_tensor(a, 3);
     std::array<int64_t, 13> geometry{};
@@ -1378,10 +1390,31 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const double grid_scale = program_arg<double>(a, 18);
     const int64_t grid_zero_point = program_arg<int64_t>(a, 19);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      const torch::Tensor& in = program_input(env, x);
+      if (or_conv2d && in.dim() == 4) {
+        const int64_t kh = geometry[1], kw = geometry[2], sh = geometry[3], sw = geometry[4];
+        const int64_t ph = geometry[5], pw = geometry[6];
+        auto out_size = [](int64_t span, int64_t stride) { return span < 0 ? 0 : span / stride + 1; };
+        const int64_t oh = out_size(in.size(2) + 2 * ph - kh, sh), ow = out_size(in.size(3) + 2 * pw - kw, sw);
+        if (geometry[0] * in.size(1) * kh * kw * oh * ow < min_macs)
+          return bnas::ProgramValue{
+              at::conv2d(in.contiguous(at::MemoryFormat::ChannelsLast), conv_weight, conv_bias, {sh, sw}, {ph, pw})};
+      }
       auto [out, packed] = image_conv_nhwc(
-          program_input(env, x), weights, w_scale, w_sum, bias, geometry[0], geometry[1], geometry[2],
+          in, weights, w_scale, w_sum, bias, geometry[0], geometry[1], geometry[2],
           geometry[3], geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9],
           geometry[10], geometry[11], geometry[12], pack_output, grid_scale, grid_zero_point, threads);
+      return program_pair(std::move(out), std::move(packed), take);
+    };
+  }
+  if (kind == "max_pool2d_nhwc") {
+    expect(8);  // kh, kw, sh, sw, ph, pw, isa, pack_output
+    std::array<int64_t, 7> geometry{};
+    for (size_t i = 0; i < geometry.size(); ++i) geometry[i] = program_arg<int64_t>(a, i);
+    const bool pack_output = program_arg<bool>(a, 7);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      auto [out, packed] = max_pool2d_nhwc(program_input(env, x), geometry[0], geometry[1], geometry[2], geometry[3],
+                                           geometry[4], geometry[5], geometry[6], threads, pack_output);
       return program_pair(std::move(out), std::move(packed), take);
     };
   }
@@ -1393,9 +1426,9 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const auto bias = program_tensor(a, 2);
     const int64_t pool = program_arg<int64_t>(a, 3), stride = program_arg<int64_t>(a, 5);
     const bool ceil_mode = program_arg<bool>(a, 4);
-    return [=](const bnas::ProgramInputs& env, int64_t threads) {
-      return bnas::ProgramValue{
-          pointwise_conv_nhwc(program_input(env, x), wt, out_channels, bias, pool, ceil_mode, stride, threads)};
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {  // channels_last first, as in Python
+      const torch::Tensor in = program_input(env, x).contiguous(at::MemoryFormat::ChannelsLast);
+      return bnas::ProgramValue{pointwise_conv_nhwc(in, wt, out_channels, bias, pool, ceil_mode, stride, threads)};
     };
   }
   if (kind == "int8_pointwise_conv_nhwc" || kind == "int8_linear") {
@@ -1409,7 +1442,8 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const int64_t pool = program_arg<int64_t>(a, 5), stride = program_arg<int64_t>(a, 7);
     const bool ceil_mode = program_arg<bool>(a, 6), rows = kind == "int8_linear";
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
-      const torch::Tensor& in = program_input(env, x);
+      const torch::Tensor& given = program_input(env, x);  // a map channels_last first, as in Python
+      const torch::Tensor in = rows ? given : given.contiguous(at::MemoryFormat::ChannelsLast);
       TORCH_CHECK(!rows || in.dim() == 2, "ProgramRunner: int8_linear takes (N, C) rows");
       const torch::Tensor out = int8_pointwise_conv_nhwc(rows ? in.view({in.size(0), in.size(1), 1, 1}) : in, weights,
                                                          w_scale, w_sum, out_channels, bias, pool, ceil_mode, stride,
