@@ -88,7 +88,9 @@ def _held(owner: nn.Module, name: str) -> Held:
 
 class _BoundStep:
     """A :class:`PackedStep` as one call of the extension: on packed input, or on float input
-    it packs first (one call more) when its conv has no threshold to subtract."""
+    it packs first (one call more) when its conv has no threshold to subtract. A depthwise
+    conv (one channel per group) reads its float input as it is, channels in SIMD lanes
+    (``cpu_backend.depthwise_conv_call``: the packed path's outputs bit for bit)."""
 
     def __init__(self, step: PackedStep, route: str, x_slot: int, residual_slot: int | None):
         fused = step.fused()
@@ -99,12 +101,21 @@ class _BoundStep:
         #: a float input's step was bound for a conv without a threshold
         names = ("weight_packed", "scale", "bias") + (() if step.packed_input else ("threshold",))
         self.held: list[Held] = [(buffers, name, buffers.get(name)) for name in names]
-        self.pack_groups = 0 if step.packed_input else fused.groups  # 0: the input comes packed
+        #: a depthwise conv (one channel per group) on float input runs on the float map, channels
+        #: in SIMD lanes (cpu_backend.depthwise_conv_call), not on one bit per packed word
+        self.depthwise = not step.packed_input and fused.groups == fused.in_channels == fused.out_channels > 1
+        # the groups to pack a float input in first; 0: it comes packed, or the call reads it as it is
+        self.pack_groups = 0 if step.packed_input or self.depthwise else fused.groups
         self.pack = cpu_backend.pack_signs_call(route)
         self.unchanged = [(fused.wp, fused.wp._version)]
-        lanes = cpu_backend.lane_weights(fused.wp, fused.groups, route)
-        static = (fused.in_channels, fused.out_channels, *fused.geometry, fused.groups, fused.scale, fused.bias)
-        self.call, self.head, self.tail = cpu_backend.fused_conv_call(lanes, static, route)
+        if self.depthwise:
+            self.call, self.head, self.tail = cpu_backend.depthwise_conv_call(
+                fused.wp, fused.geometry, fused.scale, fused.bias, route
+            )
+        else:
+            lanes = cpu_backend.lane_weights(fused.wp, fused.groups, route)
+            static = (fused.in_channels, fused.out_channels, *fused.geometry, fused.groups, fused.scale, fused.bias)
+            self.call, self.head, self.tail = cpu_backend.fused_conv_call(lanes, static, route)
         self.x_slot, self.residual_slot = x_slot, residual_slot
         self.float_output, self.pack_output = step.float_output, step.pack_output
         self.into_residual = step.into_residual
@@ -114,6 +125,8 @@ class _BoundStep:
         """(kind, input slots, arguments, take) of this call for the extension's ``ProgramRunner``."""
         flags = (self.float_output, self.pack_output, self.into_residual)
         slots = [self.x_slot, -1 if self.residual_slot is None else self.residual_slot]
+        if self.depthwise:
+            return "depthwise_conv_fused", slots, (*self.head, *flags, *self.tail), -1
         return "conv2d_packed_fused", slots, (*self.head, *flags, *self.tail, self.pack_groups), -1
 
     def _module(self, x: Any, residual: Any) -> Any:
@@ -123,13 +136,18 @@ class _BoundStep:
     def __call__(self, env: list[Any], threads: int) -> Any:
         x, residual = env[self.x_slot], None
         xp = x
-        if self.pack_groups:
+        if self.pack_groups or self.depthwise:
             if not _float_cpu(x, 4, self.fused.in_channels):
                 return self._module(x, None if self.residual_slot is None else env[self.residual_slot])
-            xp = self.pack(x, self.pack_groups, threads)
+            if self.pack_groups:
+                xp = self.pack(x, self.pack_groups, threads)
         if self.residual_slot is not None:
             residual = env[self.residual_slot]
-            if residual.dtype != torch.float32 or residual.shape != self.fused.output_shape(xp):
+            if self.depthwise:  # a float (N, C, H, W) input
+                shape = (x.shape[0], self.fused.out_channels, *self.fused.output_size(x.shape[2], x.shape[3]))
+            else:
+                shape = self.fused.output_shape(xp)
+            if residual.dtype != torch.float32 or residual.shape != shape:
                 return self._module(x, residual)  # a broadcast add: the step's own path
             residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
         out, packed = self.call(

@@ -54,6 +54,7 @@ from torch import Tensor
 from .. import paths
 from ..errors import BnasError
 from .int8 import PixelGrid, add_grid_term, grid_term, grid_zero_point, quantize_weights
+from .packing import unpack_weights
 
 _Layout = TypeVar("_Layout")
 
@@ -349,6 +350,28 @@ def fused_conv_call(
     last. ``call(xp, *head, residual, float_output, pack_output, into_residual, *tail, threads)``
     is ``conv2d_fused_on_lanes``'s call."""
     return _built(name).conv2d_packed_fused, (lanes, *static), (_isa(name),)
+
+
+def depthwise_conv_call(
+    wp: Tensor, geometry: tuple[int, ...], scale: Tensor | None, bias: Tensor | None, name: str
+) -> tuple[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]]:
+    """A depthwise binary conv (groups = input = output channels; packed weights ``wp``,
+    ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw)) on a float map, split as
+    :func:`fused_conv_call` splits its call: ``call(x, *head, residual, float_output,
+    pack_output, into_residual, *tail, threads)`` returns what ``conv2d_packed_fused`` returns
+    for ``x``'s packed signs, bit for bit, from the float map itself (channels in SIMD lanes,
+    where the packed path holds one bit per word). The weights' signs are unpacked once and
+    cached."""
+    kh, kw = geometry[:2]
+    bits = _cached_layout(wp, ("depthwise",), lambda: _depthwise_weight_bits(wp, kh, kw))
+    return _built(name).depthwise_conv_fused, (bits, *geometry, scale, bias), (_isa(name),)
+
+
+def _depthwise_weight_bits(wp: Tensor, kh: int, kw: int) -> Tensor:
+    """Packed (K, kh, kw, 1) weights of one channel per group -> (kh, kw, K) uint8, 1 where
+    the sign is +1."""
+    signs = unpack_weights(wp, 1)  # (K, 1, kh, kw) of +-1
+    return (signs[:, 0] > 0).permute(1, 2, 0).to(torch.uint8).contiguous()
 
 
 def conv2d_fused_on_lanes(

@@ -510,6 +510,72 @@ torch::Tensor repack_weights(const torch::Tensor& wp_in, int64_t groups, int64_t
 
 // Output NHWC: float (N, OH, OW, K) (or viewed as (N, K, OH, OW) channels_last), or packed
 // (N, OH, OW, ceil(K / 32)).
+// The outputs and the epilogue of a fused binary conv with an (N, K, OH, OW) output: scale,
+// bias and residual checked and bound; the float output (channels_last NCHW, or NHWC unless
+// `nchw_channels_last`; the residual's own buffer with `into_residual`) and the packed signs
+// (zeroed: the epilogue ORs bits in) allocated as asked.
+struct FusedOutputs {
+  Epilogue e{};
+  torch::Tensor sc, bi, res, out, packed;  // out: the float output, or the packed one alone
+};
+
+FusedOutputs fused_outputs(int64_t N, int64_t OH, int64_t OW, int64_t K, const torch::TensorOptions& int_options,
+                           const c10::optional<torch::Tensor>& scale, const c10::optional<torch::Tensor>& bias,
+                           const c10::optional<torch::Tensor>& residual, bool float_output, bool pack_output,
+                           bool nchw_channels_last, bool into_residual) {
+  FusedOutputs o;
+  Epilogue& e = o.e;
+  if (scale.has_value()) {
+    o.sc = scale->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(o.sc.numel() == K, "scale must have one value per output channel");
+    e.scale = o.sc.data_ptr<float>();
+  }
+  if (bias.has_value()) {
+    o.bi = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(o.bi.numel() == K, "bias must have one value per output channel");
+    e.bias = o.bi.data_ptr<float>();
+  }
+  TORCH_CHECK(float_output || pack_output, "the conv must write a float or a packed output");
+  if (residual.has_value()) {
+    // NHWC memory: a channels_last (N, K, OH, OW) tensor or an (N, OH, OW, K) one.
+    const auto& r = *residual;
+    TORCH_CHECK(r.scalar_type() == torch::kFloat32 && r.dim() == 4, "residual must be float32 4-d");
+    const bool nhwc = nchw_channels_last
+        ? (r.size(0) == N && r.size(1) == K && r.size(2) == OH && r.size(3) == OW &&
+           r.is_contiguous(at::MemoryFormat::ChannelsLast))
+        : (r.size(0) == N && r.size(1) == OH && r.size(2) == OW && r.size(3) == K && r.is_contiguous());
+    TORCH_CHECK(nhwc, "residual must have the output's shape (N, ", K, ", ", OH, ", ", OW,
+                ") in NHWC memory, got ", r.sizes());
+    o.res = r;
+    e.residual = o.res.data_ptr<float>();
+  }
+  if (pack_output) {
+    e.Kw = (K + 31) / 32;
+    o.packed = torch::zeros({N, OH, OW, e.Kw}, int_options.dtype(torch::kInt32));
+    e.out_p = o.packed.data_ptr<int32_t>();
+    o.out = o.packed;
+  }
+  TORCH_CHECK(!into_residual || (float_output && o.res.defined()),
+              "writing into the residual needs a residual and a float output");
+  if (into_residual) {
+    // each output element is written right after its residual element is read, by the same
+    // lane: the shortcut's buffer takes the unit's output (no new tensor, half the traffic)
+    o.out = o.res;
+    e.out_f = o.out.data_ptr<float>();
+  } else if (float_output) {
+    if (nchw_channels_last) {
+      // (N, K, OH, OW) whose memory is NHWC: what the kernel writes, no permute needed.
+      o.out = torch::empty({N, K, OH, OW},
+                           int_options.dtype(torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
+    } else {
+      o.out = torch::empty({N, OH, OW, K}, int_options.dtype(torch::kFloat32));
+    }
+    e.out_f = o.out.data_ptr<float>();
+  }
+  e.K = K;
+  return o;
+}
+
 torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int64_t in_channels,
                         int64_t out_channels, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                         int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t groups,
@@ -553,59 +619,11 @@ torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int6
     for (int64_t l = 0; l < L; ++l) check_tail_bits(ww, taps, g.Wg * L, (g.Wg - 1) * L + l, g.Cg, "packed weights");
   }
 
-  Epilogue e{};
-  torch::Tensor sc, bi, out;
-  if (scale.has_value()) {
-    sc = scale->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(sc.numel() == g.K, "scale must have one value per output channel");
-    e.scale = sc.data_ptr<float>();
-  }
-  if (bias.has_value()) {
-    bi = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(bi.numel() == g.K, "bias must have one value per output channel");
-    e.bias = bi.data_ptr<float>();
-  }
-  TORCH_CHECK(float_output || pack_output, "the conv must write a float or a packed output");
-  torch::Tensor res, packed;
-  if (residual.has_value()) {
-    // NHWC memory: a channels_last (N, K, OH, OW) tensor or an (N, OH, OW, K) one.
-    const auto& r = *residual;
-    TORCH_CHECK(r.scalar_type() == torch::kFloat32 && r.dim() == 4, "residual must be float32 4-d");
-    const bool nhwc = nchw_channels_last
-        ? (r.size(0) == g.N && r.size(1) == g.K && r.size(2) == g.OH && r.size(3) == g.OW &&
-           r.is_contiguous(at::MemoryFormat::ChannelsLast))
-        : (r.size(0) == g.N && r.size(1) == g.OH && r.size(2) == g.OW && r.size(3) == g.K &&
-           r.is_contiguous());
-    TORCH_CHECK(nhwc, "residual must have the output's shape (N, ", g.K, ", ", g.OH, ", ", g.OW,
-                ") in NHWC memory, got ", r.sizes());
-    res = r;
-    e.residual = res.data_ptr<float>();
-  }
-  if (pack_output) {
-    e.Kw = (g.K + 31) / 32;
-    packed = torch::zeros({g.N, g.OH, g.OW, e.Kw}, xp.options());
-    e.out_p = packed.data_ptr<int32_t>();
-    out = packed;
-  }
-  TORCH_CHECK(!into_residual || (float_output && res.defined()),
-              "writing into the residual needs a residual and a float output");
-  if (into_residual) {
-    // each output element is written right after its residual element is read, by the same
-    // lane: the shortcut's buffer takes the unit's output (no new tensor, half the traffic)
-    out = res;
-    e.out_f = out.data_ptr<float>();
-  } else if (float_output) {
-    if (nchw_channels_last) {
-      // (N, K, OH, OW) whose memory is NHWC: what the kernel writes, no permute needed.
-      out = torch::empty({g.N, g.K, g.OH, g.OW},
-                         xp.options().dtype(torch::kFloat32)
-                             .memory_format(at::MemoryFormat::ChannelsLast));
-    } else {
-      out = torch::empty({g.N, g.OH, g.OW, g.K}, xp.options().dtype(torch::kFloat32));
-    }
-    e.out_f = out.data_ptr<float>();
-  }
-  e.K = g.K;
+  FusedOutputs o = fused_outputs(g.N, g.OH, g.OW, g.K, xp.options(), scale, bias, residual, float_output,
+                                 pack_output, nchw_channels_last, into_residual);
+  Epilogue& e = o.e;
+  torch::Tensor& out = o.out;
+  torch::Tensor& packed = o.packed;
   conv_driver(xp.data_ptr<int32_t>(), wrep.data_ptr<int32_t>(), g, static_cast<int>(isa), e,
               static_cast<int>(std::max<int64_t>(1, num_threads)));
   if (packed_out != nullptr) *packed_out = packed;
@@ -638,6 +656,156 @@ std::vector<torch::Tensor> conv2d_packed_fused(
                                 dw, groups, scale, bias, residual, float_output, pack_output, true,
                                 isa, num_threads, &packed, into_residual);
   return {float_output ? out : torch::Tensor(), packed};
+}
+
+// ---------------------------------------------------------------------------------------
+// Depthwise binary conv (groups = in = out channels) on a float map: each output channel sums
+// sign(x) * sign(w) over its own channel's taps inside the image, then the fused epilogue.
+// The packed path gives each channel a group of one bit per 32-bit word: a 3x3 depthwise conv
+// of DARTS's sep_conv at 36x32x32 took 0.66 ms there, the whole binary network no faster
+// than its float twin. Here channels sit in SIMD lanes, straight from the float map: each
+// tap is one compare (the sign, as pack_signs takes it: x >= 0) and one masked add of its
+// mismatches with the weights' signs. The sums are the same integers as the packed path's
+// (K_valid - 2 * mismatches), and the epilogue the same, so the outputs are equal bit for bit.
+// ---------------------------------------------------------------------------------------
+struct DepthwiseGeometry {
+  int64_t N, H, W, C, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
+};
+
+// mismatches[c] over the taps inside the image for output pixel (n, oh, ow); returns K_valid
+// (the taps summed, one channel each). weight_bits: per tap, C bytes, 1 where sign(w) = +1.
+inline int64_t depthwise_pixel_generic(const float* img, const uint8_t* weight_bits, const DepthwiseGeometry& g,
+                                       int64_t oh, int64_t ow, int32_t* mismatches) {
+  std::fill(mismatches, mismatches + g.C, 0);
+  int64_t taps = 0;
+  for (int64_t i = 0; i < g.KH; ++i) {
+    const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+      if (iw < 0 || iw >= g.W) continue;
+      ++taps;
+      const float* x = img + (ih * g.W + iw) * g.C;
+      const uint8_t* w = weight_bits + (i * g.KW + j) * g.C;
+      for (int64_t c = 0; c < g.C; ++c) mismatches[c] += static_cast<int32_t>((x[c] >= 0.0f) != (w[c] != 0));
+    }
+  }
+  return taps;
+}
+
+// One output row in AVX-512 lanes, 16 channels a vector: per pixel, the taps inside the image
+// once, then per vector the mismatches of x >= 0 with the weights' signs (weight_masks: per
+// tap, one 16-bit mask per vector) and the epilogue of block_avx512, vectorized the same way.
+__attribute__((target("avx512f"))) void depthwise_row_avx512(const float* img, const uint16_t* weight_masks,
+                                                             const DepthwiseGeometry& g, int64_t n, int64_t oh,
+                                                             const Epilogue& e) {
+  const int64_t vectors = (g.C + 15) / 16;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1);
+  std::vector<int64_t> offsets(static_cast<size_t>(g.KH * g.KW)), taps_at(offsets.size());
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    int64_t taps = 0;
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t j = 0; j < g.KW; ++j) {
+        const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+        if (iw < 0 || iw >= g.W) continue;
+        offsets[static_cast<size_t>(taps)] = (ih * g.W + iw) * g.C;
+        taps_at[static_cast<size_t>(taps++)] = (i * g.KW + j) * vectors;
+      }
+    }
+    const int64_t pos = (n * g.OH + oh) * g.OW + ow;
+    const __m512i kvalid = _mm512_set1_epi32(static_cast<int32_t>(taps));
+    uint64_t bits = 0;
+    for (int64_t q = 0; q < vectors; ++q) {
+      const int64_t c0 = 16 * q;
+      const __mmask16 live = bnas::first_lanes(std::min<int64_t>(16, g.C - c0));
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t t = 0; t < taps; ++t) {
+        const __m512 x = _mm512_maskz_loadu_ps(live, img + offsets[static_cast<size_t>(t)] + c0);
+        const __mmask16 sign = _mm512_mask_cmp_ps_mask(live, x, zero, _CMP_GE_OQ);
+        const __mmask16 differ = static_cast<__mmask16>((sign ^ weight_masks[taps_at[static_cast<size_t>(t)] + q]) & live);
+        acc = _mm512_mask_add_epi32(acc, differ, acc, one);
+      }
+      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(kvalid, _mm512_slli_epi32(acc, 1)));
+      if (e.scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, e.scale + c0));
+      if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, e.bias + c0));
+      const int64_t at = pos * e.K + c0;
+      if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, e.residual + at));
+      if (e.out_f) _mm512_mask_storeu_ps(e.out_f + at, live, v);
+      if (e.out_p) {
+        bits |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, v, zero, _CMP_GE_OQ)) << (16 * (q % 4));
+        if (q % 4 == 3 || q == vectors - 1) {  // 64 channels' signs, from channel 64 * (q / 4)
+          or_bits(e.out_p + pos * e.Kw, 64 * (q / 4), bits, false);
+          bits = 0;
+        }
+      }
+    }
+  }
+}
+
+// Float output as (N, C, OH, OW) in channels_last memory; returns [float, packed] as
+// conv2d_packed_fused does. weight_bits: (KH, KW, C) uint8, 1 where sign(w) = +1.
+std::vector<torch::Tensor> depthwise_conv_fused(
+    const torch::Tensor& x_in, const torch::Tensor& weight_bits, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+    int64_t ph, int64_t pw, int64_t dh, int64_t dw, const c10::optional<torch::Tensor>& scale,
+    const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& residual, bool float_output,
+    bool pack_output, bool into_residual, int64_t isa, int64_t num_threads) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 4,
+              "depthwise_conv_fused: input must be a float32 (N, C, H, W) CPU tensor");
+  TORCH_CHECK(isa_supported(isa), "this CPU does not support the requested instruction set");
+  const torch::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  DepthwiseGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), kh, kw, sh, sw, ph, pw, dh, dw, 0, 0};
+  TORCH_CHECK(weight_bits.scalar_type() == torch::kUInt8 && weight_bits.is_contiguous() &&
+                  weight_bits.dim() == 3 && weight_bits.size(0) == kh && weight_bits.size(1) == kw &&
+                  weight_bits.size(2) == g.C,
+              "depthwise_conv_fused: weight bits must be contiguous uint8 (", kh, ", ", kw, ", ", g.C, ")");
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && dh > 0 && dw > 0,
+              "depthwise_conv_fused: bad geometry");
+  g.OH = (g.H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  g.OW = (g.W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(g.H + 2 * ph - dh * (kh - 1) - 1 >= 0 && g.W + 2 * pw - dw * (kw - 1) - 1 >= 0,
+              "the kernel does not fit in the padded input");
+  FusedOutputs o = fused_outputs(g.N, g.OH, g.OW, g.C, x.options().dtype(torch::kInt32), scale, bias, residual,
+                                 float_output, pack_output, true, into_residual);
+  const float* src = x.data_ptr<float>();
+  const uint8_t* bits = weight_bits.data_ptr<uint8_t>();
+  const bool avx512 = isa == ISA_AVX512;
+  const int64_t vectors = (g.C + 15) / 16;
+  std::vector<uint16_t> masks;
+  if (avx512) {  // per tap, one mask per 16 channels
+    masks.assign(static_cast<size_t>(kh * kw * vectors), 0);
+    for (int64_t t = 0; t < kh * kw; ++t)
+      for (int64_t c = 0; c < g.C; ++c)
+        if (bits[t * g.C + c]) masks[static_cast<size_t>(t * vectors + c / 16)] |= static_cast<uint16_t>(1u << (c % 16));
+  }
+  const int64_t rows = g.N * g.OH;
+  const int threads = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({num_threads, rows, rows * g.OW * g.C * kh * kw / 65536 + 1})));
+  const Epilogue& e = o.e;
+  bnas::parallel_for(rows, std::max<int64_t>(1, rows / (4 * threads)), threads, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> mismatches(static_cast<size_t>(avx512 ? 0 : g.C));
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.OH, oh = r % g.OH;
+      const float* img = src + n * g.H * g.W * g.C;
+      if (avx512) {
+        depthwise_row_avx512(img, masks.data(), g, n, oh, e);
+        continue;
+      }
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        Block b{};
+        b.pos[0] = (n * g.OH + oh) * g.OW + ow;
+        b.kvalid[0] = depthwise_pixel_generic(img, bits, g, oh, ow, mismatches.data());
+        for (int64_t c0 = 0; c0 < g.C; c0 += 64) {  // the epilogue packs up to 64 bits at a time
+          b.k0 = c0;
+          b.nch = std::min<int64_t>(64, g.C - c0);
+          epilogue_scalar(mismatches.data() + c0, 1, 64, b, e);
+        }
+      }
+    }
+  });
+  return {float_output ? o.out : torch::Tensor(), o.packed};
 }
 
 // Linear = 1x1 convolution over a (1, 1, N) image of N samples.
@@ -1371,6 +1539,31 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
       return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
     };
   }
+  if (kind == "depthwise_conv_fused") {
+    // weight bits, kh, kw, sh, sw, ph, pw, dh, dw, scale, bias, float_output, pack_output,
+    // into_residual, isa
+    expect(15);
+    TORCH_CHECK(inputs.size() == 2, "ProgramRunner: a packed step has an input and a residual slot");
+    const int64_t residual_slot = inputs[1];
+    const torch::Tensor bits = program_arg<torch::Tensor>(a, 0);
+    std::array<int64_t, 8> geometry{};
+    for (size_t i = 0; i < geometry.size(); ++i) geometry[i] = program_arg<int64_t>(a, 1 + i);
+    const auto scale = program_tensor(a, 9), bias = program_tensor(a, 10);
+    const bool float_output = program_arg<bool>(a, 11), pack_output = program_arg<bool>(a, 12);
+    const bool into_residual = program_arg<bool>(a, 13);
+    const int64_t isa = program_arg<int64_t>(a, 14);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      c10::optional<torch::Tensor> residual;
+      if (residual_slot >= 0)  // no copy when it is channels_last already (as in Python)
+        residual = program_input(env, residual_slot).contiguous(at::MemoryFormat::ChannelsLast);
+      const std::vector<torch::Tensor> out = depthwise_conv_fused(
+          program_input(env, x), bits, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
+          geometry[6], geometry[7], scale, bias, residual, float_output, pack_output,
+          into_residual && residual.has_value(), isa, threads);
+      if (float_output && pack_output) return program_pair(out[0], out[1], take);
+      return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
+    };
+  }
   if (kind == "image_conv_nhwc" || kind == "image_conv_nhwc_or_conv2d") {
     // weights, w_scale, w_sum, bias, out_channels, kh, kw, sh, sw, ph, pw, the pool's kh, kw,
     // sh, sw, ph, pw, pack_output, grid_scale, grid_zero_point; the _or_conv2d kind also the
@@ -1480,6 +1673,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "output channels per SIMD vector for a code path");
   m.def("repack_weights", &repack_weights, "packed conv weights -> the kernel's lane layout");
   m.def("conv2d_packed", &conv2d_packed, "XNOR-popcount conv2d on packed NHWC input");
+  m.def("depthwise_conv_fused", &depthwise_conv_fused,
+        "depthwise binary conv of a float map (channels in SIMD lanes) with the fused epilogue; [float, packed]");
   m.def("conv2d_packed_fused", &conv2d_packed_fused,
         "XNOR-popcount conv2d with a residual input and float and/or packed outputs");
   m.def("linear_packed", &linear_packed, "XNOR-popcount linear on packed (N, words) input");

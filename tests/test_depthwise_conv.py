@@ -1,0 +1,144 @@
+"""The depthwise binary conv on float maps (``cpu_backend.depthwise_conv_call``): the packed
+path's outputs bit for bit, float and packed, for every geometry, channel count, epilogue and
+code path, and the packed networks whose cells use it (DARTS's sep_conv)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnas.kernels import cpu_backend, pack_signs
+from bnas.kernels.packing import pack_weights_reference
+
+# threaded kernel paths: two torch threads (conftest.kernel_threads)
+pytestmark = [
+    pytest.mark.usefixtures("kernel_threads"),
+    pytest.mark.skipif(not cpu_backend.supported_backends(), reason="no CPU kernel extension"),
+]
+
+ROUTES = cpu_backend.supported_backends()
+
+
+def signed_map(n: int, c: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Random values with exact zeros, negative zeros and NaNs (x >= 0 decides the sign, as
+    pack_signs takes it), channels_last."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    pick = torch.rand(n, c, h, w, generator=g)
+    x[pick < 0.05] = 0.0
+    x[(pick >= 0.05) & (pick < 0.1)] = -0.0
+    x[(pick >= 0.1) & (pick < 0.12)] = float("nan")
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def both_paths(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    geometry: tuple[int, ...],
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    flags: tuple[bool, bool, bool],
+    route: str,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    channels = x.shape[1]
+    wp = pack_weights_reference(weight, channels)
+    call, head, tail = cpu_backend.depthwise_conv_call(wp, geometry, scale, bias, route)
+    float_output, pack_output, into_residual = flags
+    ours = call(x, *head, None if residual is None else residual.clone(), *flags, *tail, 2)
+    lanes = cpu_backend.lane_weights(wp, channels, route)
+    packed = cpu_backend.conv2d_fused_on_lanes(
+        pack_signs(x, channels), lanes, channels, channels, geometry, channels, scale, bias,
+        None if residual is None else residual.clone(), float_output, pack_output, into_residual, route,
+    )  # fmt: skip
+    return list(ours), list(packed)
+
+
+def assert_same(ours: list[torch.Tensor | None], packed: list[torch.Tensor | None]) -> None:
+    assert [o is None for o in ours] == [p is None for p in packed]
+    for o, p in zip(ours, packed, strict=True):
+        if o is not None and p is not None:
+            assert o.shape == p.shape and o.stride() == p.stride()
+            assert torch.equal(o.view(torch.int32), p.view(torch.int32))  # bit for bit, NaNs too
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("channels", [1, 4, 16, 17, 36, 64, 65, 70])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        (3, 3, 1, 1, 1, 1, 1, 1),  # DARTS's sep_conv_3x3
+        (3, 3, 2, 2, 1, 1, 1, 1),  # at stride 2 (a reduction cell)
+        (5, 5, 1, 1, 2, 2, 1, 1),  # sep_conv_5x5
+        (3, 3, 1, 1, 2, 2, 2, 2),  # dil_conv_3x3
+        (5, 3, 2, 1, 0, 1, 1, 2),  # uneven, without padding on one side
+    ],
+)
+def test_the_depthwise_conv_is_the_packed_paths_bit_for_bit(
+    route: str, channels: int, geometry: tuple[int, ...]
+) -> None:
+    x = signed_map(2, channels, 9, 11, seed=channels)
+    weight = torch.randn(channels, 1, geometry[0], geometry[1], generator=torch.Generator().manual_seed(1))
+    scale, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    ours, packed = both_paths(x, weight, geometry, scale, bias, None, (True, True, False), route)
+    assert_same(ours, packed)
+    assert ours[0] is not None and ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(
+    "epilogue",
+    ["none", "scale", "bias", "residual", "packed only", "into residual", "nchw input"],
+)
+def test_the_depthwise_epilogues_are_the_packed_paths(route: str, epilogue: str) -> None:
+    channels, geometry = 36, (3, 3, 1, 1, 1, 1, 1, 1)
+    x = signed_map(1, channels, 8, 8, seed=3)
+    if epilogue == "nchw input":
+        x = x.contiguous()  # made channels_last first
+    weight = torch.randn(channels, 1, 3, 3, generator=torch.Generator().manual_seed(4))
+    scale = torch.rand(channels) + 0.5 if epilogue in ("scale", "residual", "into residual") else None
+    bias = torch.randn(channels) if epilogue in ("bias", "residual", "into residual") else None
+    residual = signed_map(1, channels, 8, 8, seed=5) if "residual" in epilogue else None
+    flags = {
+        "packed only": (False, True, False),
+        "into residual": (True, False, True),
+    }.get(epilogue, (True, True, False))
+    ours, packed = both_paths(x, weight, geometry, scale, bias, residual, flags, route)
+    assert_same(ours, packed)
+
+
+def test_the_depthwise_conv_checks_its_input() -> None:
+    route = ROUTES[0]
+    wp = pack_weights_reference(torch.randn(4, 1, 3, 3), 4)
+    call, head, tail = cpu_backend.depthwise_conv_call(wp, (3, 3, 1, 1, 1, 1, 1, 1), None, None, route)
+    with pytest.raises(RuntimeError, match=r"weight bits must be contiguous uint8 \(3, 3, 5\)"):
+        call(torch.randn(1, 5, 4, 4), *head, None, True, False, False, *tail, 1)
+    with pytest.raises(RuntimeError, match="input must be a float32"):
+        call(torch.randn(1, 4, 4, 4, dtype=torch.float64), *head, None, True, False, False, *tail, 1)
+    with pytest.raises(RuntimeError, match="the kernel does not fit in the padded input"):
+        cpu_backend.depthwise_conv_call(wp, (3, 3, 1, 1, 0, 0, 1, 1), None, None, route)[0](
+            torch.randn(1, 4, 2, 2), *head[:1], 3, 3, 1, 1, 0, 0, 1, 1, None, None, None, True, False, False, *tail, 1
+        )
+
+
+def test_the_depthwise_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("depthwise_conv", root / "benchmarks" / "depthwise_conv.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = torch.get_num_threads()
+    try:
+        bench.main(["--no-network", "--repeats", "2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(records) == len(bench.SHAPES)
+    for record in records:
+        assert record["benchmark"] == "depthwise_conv" and record["threads"] == 1
+        assert record["outputs_identical"] is True  # ms are rounded to 0.1 us: the ratio to 2 %
+        assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], rel=0.02)
