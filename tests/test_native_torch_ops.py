@@ -51,6 +51,7 @@ NETWORKS = [
     "example_cells",  # concatenated cells, a ReLU, a slice of a padded map into a 1x1 conv
     "ebnas_cifar10",  # PReLU, average pools
     "darts_v2_binary",  # depthwise binary convs (sep_conv, dil_conv) on their float input
+    # (ebnas_cifar10 above: grouped ones of 4 channels a group)
     "binary_vgg_small",  # BN after the binary convs, ceil-mode max-pools, flatten
     "binary_nin",
     "xnor_resnet18",
@@ -90,7 +91,7 @@ def test_networks_with_float_glue_run_on_the_runner_bit_for_bit(name: str) -> No
     python, native, runs = python_and_native(packed, x)
     assert runs == 1 and torch.equal(native, python)
     packed.lowered = False
-    assert torch.equal(native, packed(x))  # and the plan's (whose depthwise convs run packed)
+    assert torch.equal(native, packed(x))  # and the plan's (whose grouped convs run packed)
     packed.fused = False
     assert torch.allclose(native, packed(x), rtol=1e-4, atol=1e-4)  # the module tree's, to float rounding
 
@@ -102,7 +103,7 @@ def test_every_torch_kind_is_made_by_a_network_above() -> None:
         packed(x)
         made.update(native_kinds(packed))
     assert TORCH_KINDS <= made
-    assert "depthwise_conv_fused" in made
+    assert "grouped_conv_fused" in made
     if "cpu-avx512" in cpu_backend.supported_backends() and kernels.backend() == "cpu-avx512":
         assert "image_conv_nhwc_or_conv2d" in made
 

@@ -88,9 +88,10 @@ def _held(owner: nn.Module, name: str) -> Held:
 
 class _BoundStep:
     """A :class:`PackedStep` as one call of the extension: on packed input, or on float input
-    it packs first (one call more) when its conv has no threshold to subtract. A depthwise
-    conv (one channel per group) reads its float input as it is, channels in SIMD lanes
-    (``cpu_backend.depthwise_conv_call``: the packed path's outputs bit for bit)."""
+    it packs first (one call more) when its conv has no threshold to subtract. A grouped conv
+    of small groups (a depthwise one: one channel a group) reads its float input as it is,
+    output channels in SIMD lanes (``cpu_backend.grouped_conv_call``: the packed path's
+    outputs bit for bit)."""
 
     def __init__(self, step: PackedStep, route: str, x_slot: int, residual_slot: int | None):
         fused = step.fused()
@@ -101,16 +102,19 @@ class _BoundStep:
         #: a float input's step was bound for a conv without a threshold
         names = ("weight_packed", "scale", "bias") + (() if step.packed_input else ("threshold",))
         self.held: list[Held] = [(buffers, name, buffers.get(name)) for name in names]
-        #: a depthwise conv (one channel per group) on float input runs on the float map, channels
-        #: in SIMD lanes (cpu_backend.depthwise_conv_call), not on one bit per packed word
-        self.depthwise = not step.packed_input and fused.groups == fused.in_channels == fused.out_channels > 1
+        #: a grouped conv of small groups (depthwise: one channel a group) on float input runs
+        #: on the float map, channels in SIMD lanes (cpu_backend.grouped_conv_call), not on a
+        #: packed word per group
+        self.on_float_map = not step.packed_input and cpu_backend.grouped_on_float_map(
+            fused.in_channels, fused.out_channels, fused.groups
+        )
         # the groups to pack a float input in first; 0: it comes packed, or the call reads it as it is
-        self.pack_groups = 0 if step.packed_input or self.depthwise else fused.groups
+        self.pack_groups = 0 if step.packed_input or self.on_float_map else fused.groups
         self.pack = cpu_backend.pack_signs_call(route)
         self.unchanged = [(fused.wp, fused.wp._version)]
-        if self.depthwise:
-            self.call, self.head, self.tail = cpu_backend.depthwise_conv_call(
-                fused.wp, fused.geometry, fused.scale, fused.bias, route
+        if self.on_float_map:
+            self.call, self.head, self.tail = cpu_backend.grouped_conv_call(
+                fused.wp, fused.in_channels // fused.groups, fused.geometry, fused.scale, fused.bias, route
             )
         else:
             lanes = cpu_backend.lane_weights(fused.wp, fused.groups, route)
@@ -125,8 +129,8 @@ class _BoundStep:
         """(kind, input slots, arguments, take) of this call for the extension's ``ProgramRunner``."""
         flags = (self.float_output, self.pack_output, self.into_residual)
         slots = [self.x_slot, -1 if self.residual_slot is None else self.residual_slot]
-        if self.depthwise:
-            return "depthwise_conv_fused", slots, (*self.head, *flags, *self.tail), -1
+        if self.on_float_map:
+            return "grouped_conv_fused", slots, (*self.head, *flags, *self.tail), -1
         return "conv2d_packed_fused", slots, (*self.head, *flags, *self.tail, self.pack_groups), -1
 
     def _module(self, x: Any, residual: Any) -> Any:
@@ -136,14 +140,14 @@ class _BoundStep:
     def __call__(self, env: list[Any], threads: int) -> Any:
         x, residual = env[self.x_slot], None
         xp = x
-        if self.pack_groups or self.depthwise:
+        if self.pack_groups or self.on_float_map:
             if not _float_cpu(x, 4, self.fused.in_channels):
                 return self._module(x, None if self.residual_slot is None else env[self.residual_slot])
             if self.pack_groups:
                 xp = self.pack(x, self.pack_groups, threads)
         if self.residual_slot is not None:
             residual = env[self.residual_slot]
-            if self.depthwise:  # a float (N, C, H, W) input
+            if self.on_float_map:  # a float (N, C, H, W) input
                 shape = (x.shape[0], self.fused.out_channels, *self.fused.output_size(x.shape[2], x.shape[3]))
             else:
                 shape = self.fused.output_shape(xp)

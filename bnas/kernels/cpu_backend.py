@@ -352,26 +352,50 @@ def fused_conv_call(
     return _built(name).conv2d_packed_fused, (lanes, *static), (_isa(name),)
 
 
-def depthwise_conv_call(
-    wp: Tensor, geometry: tuple[int, ...], scale: Tensor | None, bias: Tensor | None, name: str
+# Channels a group for which a grouped conv on float input runs on the float map. Its kernel
+# takes 1, 2, 4, 8 or 16; with 16 the packed path's popcount of a group's word is as fast or
+# faster on some shapes (benchmarks/grouped_conv.py: 1 to 8 channels a group run faster on
+# the float map in every shape there).
+FLOAT_MAP_GROUP_CHANNELS = (1, 2, 4, 8)
+
+
+def grouped_on_float_map(in_channels: int, out_channels: int, groups: int) -> bool:
+    """Whether a grouped binary conv of this shape on float input runs on the float map
+    (:func:`grouped_conv_call`): more than one group, as many outputs as inputs, and
+    ``FLOAT_MAP_GROUP_CHANNELS`` channels a group (a depthwise conv is one)."""
+    per_group = in_channels // groups if groups > 0 else 0
+    return groups > 1 and in_channels == out_channels == groups * per_group and per_group in FLOAT_MAP_GROUP_CHANNELS
+
+
+def grouped_conv_call(
+    wp: Tensor, channels_per_group: int, geometry: tuple[int, ...], scale: Tensor | None, bias: Tensor | None, name: str
 ) -> tuple[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]]:
-    """A depthwise binary conv (groups = input = output channels; packed weights ``wp``,
-    ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw)) on a float map, split as
+    """A grouped binary conv of 1, 2, 4, 8 or 16 channels a group, as many outputs as inputs
+    (packed weights ``wp``, ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw)), on a float map, split as
     :func:`fused_conv_call` splits its call: ``call(x, *head, residual, float_output,
     pack_output, into_residual, *tail, threads)`` returns what ``conv2d_packed_fused`` returns
-    for ``x``'s packed signs, bit for bit, from the float map itself (channels in SIMD lanes,
-    where the packed path holds one bit per word). The weights' signs are unpacked once and
-    cached."""
+    for ``x``'s packed signs, bit for bit, from the float map itself (output channels in SIMD
+    lanes, where the packed path holds a group's few bits in a word of their own). The
+    weights' signs are unpacked once and cached."""
     kh, kw = geometry[:2]
-    bits = _cached_layout(wp, ("depthwise",), lambda: _depthwise_weight_bits(wp, kh, kw))
-    return _built(name).depthwise_conv_fused, (bits, *geometry, scale, bias), (_isa(name),)
+    words = _cached_layout(
+        wp, ("grouped", channels_per_group), lambda: _grouped_weight_words(wp, channels_per_group, kh, kw)
+    )
+    channels = wp.shape[0]
+    return _built(name).grouped_conv_fused, (words, channels, channels_per_group, *geometry, scale, bias), (_isa(name),)
 
 
-def _depthwise_weight_bits(wp: Tensor, kh: int, kw: int) -> Tensor:
-    """Packed (K, kh, kw, 1) weights of one channel per group -> (kh, kw, K) uint8, 1 where
-    the sign is +1."""
-    signs = unpack_weights(wp, 1)  # (K, 1, kh, kw) of +-1
-    return (signs[:, 0] > 0).permute(1, 2, 0).to(torch.uint8).contiguous()
+def _grouped_weight_words(wp: Tensor, channels_per_group: int, kh: int, kw: int) -> Tensor:
+    """Packed (K, kh, kw, 1) weights of ``channels_per_group`` channels a group -> (kh, kw, K
+    rounded up to 16) int32: per tap, output channel k's word has bit c set where the sign of
+    its weight on its group's channel c is +1 (zero words past K)."""
+    signs = unpack_weights(wp, channels_per_group)  # (K, Cg, kh, kw) of +-1
+    place = torch.tensor([1 << c for c in range(channels_per_group)], dtype=torch.int32).view(1, -1, 1, 1)
+    words = ((signs > 0).to(torch.int32) * place).sum(dim=1, dtype=torch.int32)  # (K, kh, kw)
+    k = words.shape[0]
+    lanes = torch.zeros(kh, kw, (k + 15) // 16 * 16, dtype=torch.int32)
+    lanes[:, :, :k] = words.permute(1, 2, 0)
+    return lanes
 
 
 def conv2d_fused_on_lanes(

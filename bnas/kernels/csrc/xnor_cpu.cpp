@@ -659,24 +659,25 @@ std::vector<torch::Tensor> conv2d_packed_fused(
 }
 
 // ---------------------------------------------------------------------------------------
-// Depthwise binary conv (groups = in = out channels) on a float map: each output channel sums
-// sign(x) * sign(w) over its own channel's taps inside the image, then the fused epilogue.
-// The packed path gives each channel a group of one bit per 32-bit word: a 3x3 depthwise conv
-// of DARTS's sep_conv at 36x32x32 took 0.66 ms there, the whole binary network no faster
-// than its float twin. Here channels sit in SIMD lanes, straight from the float map: each
-// tap is one compare (the sign, as pack_signs takes it: x >= 0) and one masked add of its
-// mismatches with the weights' signs. The sums are the same integers as the packed path's
-// (K_valid - 2 * mismatches), and the epilogue the same, so the outputs are equal bit for bit.
+// Grouped binary conv with small groups on a float map: Cg input and Cg output channels per
+// group, Cg dividing 16 (a depthwise conv: Cg = 1). Each output channel sums sign(x) * sign(w)
+// over its group's channels and taps inside the image, then the fused epilogue. The packed
+// path gives each group its own 32-bit word of Cg bits: a 3x3 depthwise conv of DARTS's
+// sep_conv at 36x32x32 took 0.53 ms there, and the whole binary network ran no faster than
+// its float twin. Here output channels sit in SIMD lanes, straight from the float map: per
+// tap and per channel j of a group, each lane takes its group's channel j (a permute within
+// the 16 channels of the vector), compares it (the sign as pack_signs takes it: x >= 0) and
+// adds its mismatches with the weights' signs under a mask. The sums are the same integers as
+// the packed path's (K_valid - 2 * mismatches), and the epilogue is the same, so the outputs
+// are equal bit for bit.
 // ---------------------------------------------------------------------------------------
-struct DepthwiseGeometry {
-  int64_t N, H, W, C, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
+struct GroupedGeometry {
+  int64_t N, H, W, C, Cg, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
 };
 
-// mismatches[c] over the taps inside the image for output pixel (n, oh, ow); returns K_valid
-// (the taps summed, one channel each). weight_bits: per tap, C bytes, 1 where sign(w) = +1.
-inline int64_t depthwise_pixel_generic(const float* img, const uint8_t* weight_bits, const DepthwiseGeometry& g,
-                                       int64_t oh, int64_t ow, int32_t* mismatches) {
-  std::fill(mismatches, mismatches + g.C, 0);
+// The taps of output pixel (oh, ow) inside the image: for each, its input pixel's offset in
+// the map (in floats) and its index i * KW + j; returns how many.
+inline int64_t inside_taps(const GroupedGeometry& g, int64_t oh, int64_t ow, int64_t* offsets, int64_t* indices) {
   int64_t taps = 0;
   for (int64_t i = 0; i < g.KH; ++i) {
     const int64_t ih = oh * g.sh - g.ph + i * g.dh;
@@ -684,39 +685,53 @@ inline int64_t depthwise_pixel_generic(const float* img, const uint8_t* weight_b
     for (int64_t j = 0; j < g.KW; ++j) {
       const int64_t iw = ow * g.sw - g.pw + j * g.dw;
       if (iw < 0 || iw >= g.W) continue;
-      ++taps;
-      const float* x = img + (ih * g.W + iw) * g.C;
-      const uint8_t* w = weight_bits + (i * g.KW + j) * g.C;
-      for (int64_t c = 0; c < g.C; ++c) mismatches[c] += static_cast<int32_t>((x[c] >= 0.0f) != (w[c] != 0));
+      offsets[taps] = (ih * g.W + iw) * g.C;
+      indices[taps++] = i * g.KW + j;
     }
   }
   return taps;
 }
 
-// One output row in AVX-512 lanes, 16 channels a vector: per pixel, the taps inside the image
-// once, then per vector the mismatches of x >= 0 with the weights' signs (weight_masks: per
-// tap, one 16-bit mask per vector) and the epilogue of block_avx512, vectorized the same way.
-__attribute__((target("avx512f"))) void depthwise_row_avx512(const float* img, const uint16_t* weight_masks,
-                                                             const DepthwiseGeometry& g, int64_t n, int64_t oh,
-                                                             const Epilogue& e) {
+// mismatches[k] over `taps` taps (inside_taps) of one output pixel. weight_words: per tap, one
+// word per output channel (padded to 16), bit c set where the sign of its weight on its
+// group's channel c is +1.
+inline void grouped_pixel_generic(const float* img, const int32_t* weight_words, const GroupedGeometry& g,
+                                  const int64_t* offsets, const int64_t* indices, int64_t taps, int32_t* mismatches) {
+  const int64_t lanes = (g.C + 15) / 16 * 16;
+  std::fill(mismatches, mismatches + g.C, 0);
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* x = img + offsets[t];
+    const int32_t* w = weight_words + indices[t] * lanes;
+    for (int64_t k = 0; k < g.C; ++k) {
+      const float* group = x + (k - k % g.Cg);
+      for (int64_t c = 0; c < g.Cg; ++c)
+        mismatches[k] += static_cast<int32_t>((group[c] >= 0.0f) != (((w[k] >> c) & 1) != 0));
+    }
+  }
+}
+
+// One output row in AVX-512 lanes, 16 output channels a vector: per pixel, the taps inside
+// the image once, then per vector the mismatches and the epilogue of block_avx512, vectorized
+// the same way. A tap's 16 signs are one compare. One channel a group (depthwise): lane k's
+// mismatch is bit k of (signs XOR the weights' 16-bit mask), added under that mask. Several:
+// lane k takes its group's Cg signs (the mask shifted right by its group's first lane), and
+// adds the popcount of their XOR with its own Cg weight bits (weight_words: per tap and
+// vector, 16 words).
+__attribute__((target("avx512f,avx512vpopcntdq"))) void grouped_row_avx512(
+    const float* img, const uint16_t* weight_masks, const int32_t* weight_words, const GroupedGeometry& g, int64_t n,
+    int64_t oh, const Epilogue& e) {
   const int64_t vectors = (g.C + 15) / 16;
   const __m512 zero = _mm512_setzero_ps();
   const __m512i one = _mm512_set1_epi32(1);
-  std::vector<int64_t> offsets(static_cast<size_t>(g.KH * g.KW)), taps_at(offsets.size());
+  const __m512i group_bits = _mm512_set1_epi32(static_cast<int32_t>((1u << g.Cg) - 1u));
+  alignas(64) int32_t first_lane[16];
+  for (int k = 0; k < 16; ++k) first_lane[k] = static_cast<int32_t>(k - k % g.Cg);
+  const __m512i shifts = _mm512_load_si512(first_lane);
+  std::vector<int64_t> offsets(static_cast<size_t>(g.KH * g.KW)), indices(offsets.size());
   for (int64_t ow = 0; ow < g.OW; ++ow) {
-    int64_t taps = 0;
-    for (int64_t i = 0; i < g.KH; ++i) {
-      const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-      if (ih < 0 || ih >= g.H) continue;
-      for (int64_t j = 0; j < g.KW; ++j) {
-        const int64_t iw = ow * g.sw - g.pw + j * g.dw;
-        if (iw < 0 || iw >= g.W) continue;
-        offsets[static_cast<size_t>(taps)] = (ih * g.W + iw) * g.C;
-        taps_at[static_cast<size_t>(taps++)] = (i * g.KW + j) * vectors;
-      }
-    }
+    const int64_t taps = inside_taps(g, oh, ow, offsets.data(), indices.data());
     const int64_t pos = (n * g.OH + oh) * g.OW + ow;
-    const __m512i kvalid = _mm512_set1_epi32(static_cast<int32_t>(taps));
+    const __m512i kvalid = _mm512_set1_epi32(static_cast<int32_t>(taps * g.Cg));
     uint64_t bits = 0;
     for (int64_t q = 0; q < vectors; ++q) {
       const int64_t c0 = 16 * q;
@@ -724,9 +739,17 @@ __attribute__((target("avx512f"))) void depthwise_row_avx512(const float* img, c
       __m512i acc = _mm512_setzero_si512();
       for (int64_t t = 0; t < taps; ++t) {
         const __m512 x = _mm512_maskz_loadu_ps(live, img + offsets[static_cast<size_t>(t)] + c0);
-        const __mmask16 sign = _mm512_mask_cmp_ps_mask(live, x, zero, _CMP_GE_OQ);
-        const __mmask16 differ = static_cast<__mmask16>((sign ^ weight_masks[taps_at[static_cast<size_t>(t)] + q]) & live);
-        acc = _mm512_mask_add_epi32(acc, differ, acc, one);
+        const __mmask16 signs = _mm512_mask_cmp_ps_mask(live, x, zero, _CMP_GE_OQ);
+        const int64_t at = indices[static_cast<size_t>(t)] * vectors + q;
+        if (g.Cg == 1) {
+          const __mmask16 differ = static_cast<__mmask16>((signs ^ weight_masks[at]) & live);
+          acc = _mm512_mask_add_epi32(acc, differ, acc, one);
+        } else {
+          const __m512i own = _mm512_and_si512(
+              _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int32_t>(signs)), shifts), group_bits);
+          const __m512i w = _mm512_load_si512(weight_words + at * 16);
+          acc = _mm512_add_epi32(acc, _mm512_popcnt_epi32(_mm512_xor_si512(own, w)));
+        }
       }
       __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(kvalid, _mm512_slli_epi32(acc, 1)));
       if (e.scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, e.scale + c0));
@@ -746,57 +769,67 @@ __attribute__((target("avx512f"))) void depthwise_row_avx512(const float* img, c
 }
 
 // Float output as (N, C, OH, OW) in channels_last memory; returns [float, packed] as
-// conv2d_packed_fused does. weight_bits: (KH, KW, C) uint8, 1 where sign(w) = +1.
-std::vector<torch::Tensor> depthwise_conv_fused(
-    const torch::Tensor& x_in, const torch::Tensor& weight_bits, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-    int64_t ph, int64_t pw, int64_t dh, int64_t dw, const c10::optional<torch::Tensor>& scale,
+// conv2d_packed_fused does. weight_words: (KH, KW, C rounded up to 16) int32, bit c of output
+// channel k's word set where the sign of its weight on its group's channel c is +1.
+std::vector<torch::Tensor> grouped_conv_fused(
+    const torch::Tensor& x_in, const torch::Tensor& weight_words, int64_t channels, int64_t channels_per_group,
+    int64_t kh, int64_t kw,
+    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, const c10::optional<torch::Tensor>& scale,
     const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& residual, bool float_output,
     bool pack_output, bool into_residual, int64_t isa, int64_t num_threads) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 4,
-              "depthwise_conv_fused: input must be a float32 (N, C, H, W) CPU tensor");
+              "grouped_conv_fused: input must be a float32 (N, C, H, W) CPU tensor");
   TORCH_CHECK(isa_supported(isa), "this CPU does not support the requested instruction set");
+  TORCH_CHECK(x_in.size(1) == channels, "grouped_conv_fused: the conv takes ", channels, " channels, got ",
+              x_in.size(1));
   const torch::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  DepthwiseGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), kh, kw, sh, sw, ph, pw, dh, dw, 0, 0};
-  TORCH_CHECK(weight_bits.scalar_type() == torch::kUInt8 && weight_bits.is_contiguous() &&
-                  weight_bits.dim() == 3 && weight_bits.size(0) == kh && weight_bits.size(1) == kw &&
-                  weight_bits.size(2) == g.C,
-              "depthwise_conv_fused: weight bits must be contiguous uint8 (", kh, ", ", kw, ", ", g.C, ")");
+  const int64_t lanes = (channels + 15) / 16 * 16;
+  TORCH_CHECK(weight_words.scalar_type() == torch::kInt32 && weight_words.is_contiguous() && weight_words.dim() == 3 &&
+                  weight_words.size(0) == kh && weight_words.size(1) == kw && weight_words.size(2) == lanes,
+              "grouped_conv_fused: weight words must be contiguous int32 (", kh, ", ", kw, ", ", lanes, ")");
+  GroupedGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), channels_per_group, kh, kw, sh, sw, ph, pw, dh, dw,
+                    0, 0};
+  TORCH_CHECK(g.Cg > 0 && 16 % g.Cg == 0 && g.C % g.Cg == 0,
+              "grouped_conv_fused: groups of 1, 2, 4, 8 or 16 channels that divide the ", g.C, ", got ", g.Cg);
   TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && dh > 0 && dw > 0,
-              "depthwise_conv_fused: bad geometry");
-  g.OH = (g.H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-  g.OW = (g.W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+              "grouped_conv_fused: bad geometry");
   TORCH_CHECK(g.H + 2 * ph - dh * (kh - 1) - 1 >= 0 && g.W + 2 * pw - dw * (kw - 1) - 1 >= 0,
               "the kernel does not fit in the padded input");
+  g.OH = (g.H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  g.OW = (g.W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   FusedOutputs o = fused_outputs(g.N, g.OH, g.OW, g.C, x.options().dtype(torch::kInt32), scale, bias, residual,
                                  float_output, pack_output, true, into_residual);
   const float* src = x.data_ptr<float>();
-  const uint8_t* bits = weight_bits.data_ptr<uint8_t>();
+  const int32_t* words = weight_words.data_ptr<int32_t>();
   const bool avx512 = isa == ISA_AVX512;
-  const int64_t vectors = (g.C + 15) / 16;
-  std::vector<uint16_t> masks;
-  if (avx512) {  // per tap, one mask per 16 channels
+  const int64_t vectors = lanes / 16;
+  std::vector<uint16_t> masks;  // one channel a group: per tap, the words' bit 0 as one mask per vector
+  if (avx512 && g.Cg == 1) {
     masks.assign(static_cast<size_t>(kh * kw * vectors), 0);
     for (int64_t t = 0; t < kh * kw; ++t)
-      for (int64_t c = 0; c < g.C; ++c)
-        if (bits[t * g.C + c]) masks[static_cast<size_t>(t * vectors + c / 16)] |= static_cast<uint16_t>(1u << (c % 16));
+      for (int64_t k = 0; k < g.C; ++k)
+        if (words[t * lanes + k] & 1) masks[static_cast<size_t>(t * vectors + k / 16)] |= static_cast<uint16_t>(1u << (k % 16));
   }
   const int64_t rows = g.N * g.OH;
   const int threads = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>({num_threads, rows, rows * g.OW * g.C * kh * kw / 65536 + 1})));
+      1, std::min<int64_t>({num_threads, rows, rows * g.OW * g.C * g.Cg * kh * kw / 65536 + 1})));
   const Epilogue& e = o.e;
   bnas::parallel_for(rows, std::max<int64_t>(1, rows / (4 * threads)), threads, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> mismatches(static_cast<size_t>(avx512 ? 0 : g.C));
+    std::vector<int64_t> offsets(static_cast<size_t>(avx512 ? 0 : kh * kw)), indices(offsets.size());
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.OH, oh = r % g.OH;
       const float* img = src + n * g.H * g.W * g.C;
       if (avx512) {
-        depthwise_row_avx512(img, masks.data(), g, n, oh, e);
+        grouped_row_avx512(img, masks.data(), words, g, n, oh, e);
         continue;
       }
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         Block b{};
         b.pos[0] = (n * g.OH + oh) * g.OW + ow;
-        b.kvalid[0] = depthwise_pixel_generic(img, bits, g, oh, ow, mismatches.data());
+        const int64_t taps = inside_taps(g, oh, ow, offsets.data(), indices.data());
+        grouped_pixel_generic(img, words, g, offsets.data(), indices.data(), taps, mismatches.data());
+        b.kvalid[0] = taps * g.Cg;
         for (int64_t c0 = 0; c0 < g.C; c0 += 64) {  // the epilogue packs up to 64 bits at a time
           b.k0 = c0;
           b.nch = std::min<int64_t>(64, g.C - c0);
@@ -1539,25 +1572,26 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
       return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
     };
   }
-  if (kind == "depthwise_conv_fused") {
-    // weight bits, kh, kw, sh, sw, ph, pw, dh, dw, scale, bias, float_output, pack_output,
-    // into_residual, isa
-    expect(15);
+  if (kind == "grouped_conv_fused") {
+    // weight words, channels, channels per group, kh, kw, sh, sw, ph, pw, dh, dw, scale, bias,
+    // float_output, pack_output, into_residual, isa
+    expect(17);
     TORCH_CHECK(inputs.size() == 2, "ProgramRunner: a packed step has an input and a residual slot");
     const int64_t residual_slot = inputs[1];
-    const torch::Tensor bits = program_arg<torch::Tensor>(a, 0);
+    const torch::Tensor words = program_arg<torch::Tensor>(a, 0);
+    const int64_t channels = program_arg<int64_t>(a, 1), per_group = program_arg<int64_t>(a, 2);
     std::array<int64_t, 8> geometry{};
-    for (size_t i = 0; i < geometry.size(); ++i) geometry[i] = program_arg<int64_t>(a, 1 + i);
-    const auto scale = program_tensor(a, 9), bias = program_tensor(a, 10);
-    const bool float_output = program_arg<bool>(a, 11), pack_output = program_arg<bool>(a, 12);
-    const bool into_residual = program_arg<bool>(a, 13);
-    const int64_t isa = program_arg<int64_t>(a, 14);
+    for (size_t i = 0; i < geometry.size(); ++i) geometry[i] = program_arg<int64_t>(a, 3 + i);
+    const auto scale = program_tensor(a, 11), bias = program_tensor(a, 12);
+    const bool float_output = program_arg<bool>(a, 13), pack_output = program_arg<bool>(a, 14);
+    const bool into_residual = program_arg<bool>(a, 15);
+    const int64_t isa = program_arg<int64_t>(a, 16);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
       c10::optional<torch::Tensor> residual;
       if (residual_slot >= 0)  // no copy when it is channels_last already (as in Python)
         residual = program_input(env, residual_slot).contiguous(at::MemoryFormat::ChannelsLast);
-      const std::vector<torch::Tensor> out = depthwise_conv_fused(
-          program_input(env, x), bits, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
+      const std::vector<torch::Tensor> out = grouped_conv_fused(
+          program_input(env, x), words, channels, per_group, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
           geometry[6], geometry[7], scale, bias, residual, float_output, pack_output,
           into_residual && residual.has_value(), isa, threads);
       if (float_output && pack_output) return program_pair(out[0], out[1], take);
@@ -1673,8 +1707,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "output channels per SIMD vector for a code path");
   m.def("repack_weights", &repack_weights, "packed conv weights -> the kernel's lane layout");
   m.def("conv2d_packed", &conv2d_packed, "XNOR-popcount conv2d on packed NHWC input");
-  m.def("depthwise_conv_fused", &depthwise_conv_fused,
-        "depthwise binary conv of a float map (channels in SIMD lanes) with the fused epilogue; [float, packed]");
+  m.def("grouped_conv_fused", &grouped_conv_fused,
+        "grouped binary conv of 1-16 channels a group on a float map (channels in SIMD lanes) with the fused "
+        "epilogue; [float, packed]");
   m.def("conv2d_packed_fused", &conv2d_packed_fused,
         "XNOR-popcount conv2d with a residual input and float and/or packed outputs");
   m.def("linear_packed", &linear_packed, "XNOR-popcount linear on packed (N, words) input");

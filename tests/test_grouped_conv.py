@@ -1,11 +1,12 @@
-"""The depthwise binary conv on float maps (``cpu_backend.depthwise_conv_call``): the packed
-path's outputs bit for bit, float and packed, for every geometry, channel count, epilogue and
-code path, and the packed networks whose cells use it (DARTS's sep_conv)."""
+"""Grouped binary convs with small groups on float maps (``cpu_backend.grouped_conv_call``;
+depthwise convs are groups of one channel): the packed path's outputs bit for bit, float and
+packed, for every group size, geometry, channel count, epilogue and code path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_benchmark
 
 from bnas.kernels import cpu_backend, pack_signs
 from bnas.kernels.packing import pack_weights_reference
@@ -41,14 +42,15 @@ def both_paths(
     flags: tuple[bool, bool, bool],
     route: str,
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-    channels = x.shape[1]
-    wp = pack_weights_reference(weight, channels)
-    call, head, tail = cpu_backend.depthwise_conv_call(wp, geometry, scale, bias, route)
+    channels, per_group = x.shape[1], weight.shape[1]
+    groups = channels // per_group
+    wp = pack_weights_reference(weight, groups)
+    call, head, tail = cpu_backend.grouped_conv_call(wp, per_group, geometry, scale, bias, route)
     float_output, pack_output, into_residual = flags
     ours = call(x, *head, None if residual is None else residual.clone(), *flags, *tail, 2)
-    lanes = cpu_backend.lane_weights(wp, channels, route)
+    lanes = cpu_backend.lane_weights(wp, groups, route)
     packed = cpu_backend.conv2d_fused_on_lanes(
-        pack_signs(x, channels), lanes, channels, channels, geometry, channels, scale, bias,
+        pack_signs(x, groups), lanes, channels, channels, geometry, groups, scale, bias,
         None if residual is None else residual.clone(), float_output, pack_output, into_residual, route,
     )  # fmt: skip
     return list(ours), list(packed)
@@ -63,7 +65,7 @@ def assert_same(ours: list[torch.Tensor | None], packed: list[torch.Tensor | Non
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("channels", [1, 4, 16, 17, 36, 64, 65, 70])
+@pytest.mark.parametrize("channels", [4, 16, 17, 36, 64, 65, 70])
 @pytest.mark.parametrize(
     "geometry",
     [
@@ -83,6 +85,34 @@ def test_the_depthwise_conv_is_the_packed_paths_bit_for_bit(
     ours, packed = both_paths(x, weight, geometry, scale, bias, None, (True, True, False), route)
     assert_same(ours, packed)
     assert ours[0] is not None and ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("per_group", [2, 4, 8, 16])
+@pytest.mark.parametrize("channels", [16, 48, 56, 80])
+@pytest.mark.parametrize("geometry", [(3, 3, 1, 1, 1, 1, 1, 1), (5, 5, 2, 2, 2, 2, 1, 1), (3, 3, 1, 1, 2, 2, 2, 2)])
+def test_small_groups_are_the_packed_paths_bit_for_bit(
+    route: str, per_group: int, channels: int, geometry: tuple[int, ...]
+) -> None:
+    if channels % per_group or channels == per_group:
+        pytest.skip("groups must divide the channels, and be more than one")
+    x = signed_map(2, channels, 9, 10, seed=per_group)
+    weight = torch.randn(channels, per_group, *geometry[:2], generator=torch.Generator().manual_seed(channels))
+    scale, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    ours, packed = both_paths(x, weight, geometry, scale, bias, None, (True, True, False), route)
+    assert_same(ours, packed)
+
+
+def test_which_groups_run_on_the_float_map() -> None:
+    assert cpu_backend.grouped_on_float_map(36, 36, 36)  # depthwise
+    assert cpu_backend.grouped_on_float_map(56, 56, 14)  # EBNAS's 4 channels a group
+    assert cpu_backend.grouped_on_float_map(32, 32, 16)  # 2 channels a group
+    assert not cpu_backend.grouped_on_float_map(32, 32, 2)  # 16 channels a group: the packed path
+    assert not cpu_backend.grouped_on_float_map(36, 36, 12)  # 3 channels a group
+    assert not cpu_backend.grouped_on_float_map(36, 72, 36)  # a channel multiplier
+    assert not cpu_backend.grouped_on_float_map(36, 36, 1)  # one group
+    assert cpu_backend.grouped_on_float_map(64, 64, 8)  # 8 channels a group
+    assert not cpu_backend.grouped_on_float_map(64, 64, 4)  # 16: the packed path
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -107,38 +137,29 @@ def test_the_depthwise_epilogues_are_the_packed_paths(route: str, epilogue: str)
     assert_same(ours, packed)
 
 
-def test_the_depthwise_conv_checks_its_input() -> None:
+def test_the_grouped_conv_checks_its_input() -> None:
     route = ROUTES[0]
-    wp = pack_weights_reference(torch.randn(4, 1, 3, 3), 4)
-    call, head, tail = cpu_backend.depthwise_conv_call(wp, (3, 3, 1, 1, 1, 1, 1, 1), None, None, route)
-    with pytest.raises(RuntimeError, match=r"weight bits must be contiguous uint8 \(3, 3, 5\)"):
+    wp = pack_weights_reference(torch.randn(6, 3, 3, 3), 2)
+    call, head, tail = cpu_backend.grouped_conv_call(wp, 3, (3, 3, 1, 1, 1, 1, 1, 1), None, None, route)
+    with pytest.raises(RuntimeError, match="the conv takes 6 channels, got 5"):
         call(torch.randn(1, 5, 4, 4), *head, None, True, False, False, *tail, 1)
+    with pytest.raises(RuntimeError, match=r"weight words must be contiguous int32 \(3, 3, 16\)"):
+        call(torch.randn(1, 6, 4, 4), head[0][:, :, :8], *head[1:], None, True, False, False, *tail, 1)
+    with pytest.raises(RuntimeError, match="groups of 1, 2, 4, 8 or 16 channels that divide the 6, got 3"):
+        call(torch.randn(1, 6, 4, 4), *head, None, True, False, False, *tail, 1)
+    wp = pack_weights_reference(torch.randn(4, 1, 3, 3), 4)
+    call, head, tail = cpu_backend.grouped_conv_call(wp, 1, (3, 3, 1, 1, 0, 0, 1, 1), None, None, route)
     with pytest.raises(RuntimeError, match="input must be a float32"):
         call(torch.randn(1, 4, 4, 4, dtype=torch.float64), *head, None, True, False, False, *tail, 1)
     with pytest.raises(RuntimeError, match="the kernel does not fit in the padded input"):
-        cpu_backend.depthwise_conv_call(wp, (3, 3, 1, 1, 0, 0, 1, 1), None, None, route)[0](
-            torch.randn(1, 4, 2, 2), *head[:1], 3, 3, 1, 1, 0, 0, 1, 1, None, None, None, True, False, False, *tail, 1
-        )
+        call(torch.randn(1, 4, 2, 2), *head, None, True, False, False, *tail, 1)
 
 
-def test_the_depthwise_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("depthwise_conv", root / "benchmarks" / "depthwise_conv.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    before = torch.get_num_threads()
-    try:
-        bench.main(["--no-network", "--repeats", "2", "--threads", "1"])
-    finally:
-        torch.set_num_threads(before)
-    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+def test_the_grouped_conv_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    bench, records = run_benchmark("grouped_conv", ["--no-network", "--repeats", "2", "--threads", "1"], capsys)
     assert len(records) == len(bench.SHAPES)
-    for record in records:
-        assert record["benchmark"] == "depthwise_conv" and record["threads"] == 1
+    for record, (network, channels, groups, _, _) in zip(records, bench.SHAPES, strict=True):
+        assert record["benchmark"] == "grouped_conv" and record["threads"] == 1
+        assert record["network"] == network and record["channels_per_group"] == channels // groups
         assert record["outputs_identical"] is True  # ms are rounded to 0.1 us: the ratio to 2 %
         assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], rel=0.02)
