@@ -45,6 +45,8 @@ TORCH_KINDS = {
     "torch.max_pool2d",
     "torch.flatten",
     "torch.channels_last",
+    "torch.hardtanh",
+    "torch.dropout",
 }
 NETWORKS = [
     "fashion_searched",  # cells: BN alignment, node sums, a factorized reduce (pad, slice, cat), pools
@@ -57,6 +59,9 @@ NETWORKS = [
     "xnor_resnet18",
     "fashion_handcrafted",  # a stem small enough to be PyTorch's conv
     "digits_small",
+    "binary_lenet5",  # a binary linear layer on packed signs
+    "bnn_mlp_2048",  # no binary conv: binary linear layers on real and binary rows, hardtanh, dropout
+    "binarynet_mlp",
 ]
 
 NO_STEM = """
@@ -103,7 +108,7 @@ def test_every_torch_kind_is_made_by_a_network_above() -> None:
         packed(x)
         made.update(native_kinds(packed))
     assert TORCH_KINDS <= made
-    assert "grouped_conv_fused" in made
+    assert {"grouped_conv_fused", "linear_packed_float", "real_binary_linear"} <= made
     if "cpu-avx512" in cpu_backend.supported_backends() and kernels.backend() == "cpu-avx512":
         assert "image_conv_nhwc_or_conv2d" in made
 

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..kernels import cpu_backend
 from ..kernels.dispatch import CPU_BACKENDS
 from ..kernels.int8 import MAX_TAPS
+from .layers import PackedLinear, PackedWeightLinear
 from .plan import (
     FLOAT_STEM_KERNEL_MIN_MACS,
     ChannelsLastMaxPool2d,
@@ -259,6 +260,8 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
     """``module`` as a direct kernel call on code path ``route``, or None where its kernel does
     not run there (it then runs as a module)."""
     channels_last = torch.channels_last
+    if isinstance(module, (PackedLinear, PackedWeightLinear)):  # kernels of every CPU code path
+        return _bind_binary_linear(module, slot, route)
     if type(module) is ChannelsLastMaxPool2d:  # its kernel runs on every CPU code path
         pool = cpu_backend.max_pool_call(module.kernel_size, module.stride, module.padding, route, module.pack_output)
         return _BoundKernel(
@@ -302,6 +305,25 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
     if isinstance(module, (ImageConv2d, ImageConvMaxPool2d)):
         return _bind_image_conv(module, slot)
     return None
+
+
+def _bind_binary_linear(module: PackedLinear | PackedWeightLinear, slot: int, route: str) -> _BoundKernel | None:
+    """A binary linear layer on float (N, F) rows as one direct call: its signs packed and the
+    XNOR-popcount linear (``PackedLinear`` without a threshold), or real rows times 1-bit
+    weights (``PackedWeightLinear``). Its scale and bias are read at every call; the packed
+    weights went into a layout of their own, so they must also be unchanged in place."""
+    features = module.in_features
+    wp = module.weight_packed
+    if isinstance(module, PackedLinear):
+        if module.threshold is not None:
+            return None
+        call = cpu_backend.packed_linear_call(wp, features, module.scale, module.bias, route)
+    else:
+        call = cpu_backend.real_binary_linear_call(wp, features, module.scale, module.bias, route)
+    bound = _BoundKernel(module, slot, call, lambda x: _float_cpu(x, 2, features) and x.is_contiguous())
+    bound.held = [_held(module, name) for name in ("weight_packed", "scale", "bias", "threshold")]
+    bound.unchanged = [(wp, wp._version)]
+    return bound
 
 
 def _bind_image_conv(module: ImageConv2d | ImageConvMaxPool2d, slot: int) -> _BoundKernel | None:
@@ -477,9 +499,9 @@ class Program:
 
 def lower_plan(gm: torch.fx.GraphModule, route: str) -> Program | None:
     """``gm`` (a plan from :func:`bnas.export.plan.build_plan`) as a :class:`Program` for CPU
-    code path ``route``; None when no step would run as a direct call (no step with packed
-    input, or a route that is not a CPU kernel's) or the graph's one input is not its first
-    node."""
+    code path ``route``; None when no binary layer would run as a direct call (no binary conv
+    step and no binary linear layer bound, or a route that is not a CPU kernel's) or the
+    graph's one input is not its first node."""
     if route not in CPU_BACKENDS:
         return None
     nodes = list(gm.graph.nodes)
@@ -515,8 +537,8 @@ def lower_plan(gm: torch.fx.GraphModule, route: str) -> Program | None:
         elif isinstance(instruction, _TorchCall):
             torch_calls.append(instruction)
         instructions.append(instruction)
-    if not steps:
-        return None
+    if not steps and not any(isinstance(k.module, (PackedLinear, PackedWeightLinear)) for k in kernels):
+        return None  # no binary layer runs as a direct call
     returned = outputs[0].args[0]
     output = _values(returned, slot_of)
     output_slot = slot_of[returned] if isinstance(returned, torch.fx.Node) else None

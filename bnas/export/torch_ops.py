@@ -2,7 +2,8 @@
 
 Between its kernel calls, a packed cell network runs PyTorch's own ops: BatchNorm in
 inference (a cell input's alignment, an edge's ``bn -> conv``), the sums and concatenations of
-a cell's nodes, the pad and slice of a factorized reduce, pools, activations and flatten. In
+a cell's nodes, the pad and slice of a factorized reduce, pools, activations, flatten and
+dropout (the identity in eval). In
 the Python program each is a module or function call of 5-15 us on the small maps of a cell
 network, several times the op itself. :func:`torch_op` describes such a plan node as a
 ``torch.<op>`` kind of the extension's ``ProgramRunner`` (``csrc/program_torch_ops.h``), which
@@ -65,6 +66,15 @@ def _module_op(module: nn.Module, x: int) -> TorchOp | None:
         return TorchOp("torch.batch_norm", [x], (*statistics, torch.backends.cudnn.enabled), holds)
     if kind is nn.ReLU:
         return TorchOp("torch.relu", [x], (cast(nn.ReLU, module).inplace,), [(module, "inplace")])
+    if kind is nn.Hardtanh:
+        hardtanh = cast(nn.Hardtanh, module)
+        args = (float(hardtanh.min_val), float(hardtanh.max_val), hardtanh.inplace)
+        return TorchOp("torch.hardtanh", [x], args, [(module, name) for name in ("min_val", "max_val", "inplace")])
+    if kind is nn.Dropout:
+        if module.training:
+            return None  # it would drop
+        dropout = cast(nn.Dropout, module)
+        return TorchOp("torch.dropout", [x], (float(dropout.p), dropout.inplace), [(module, "training")])
     if kind is nn.PReLU:
         return TorchOp("torch.prelu", [x], (cast(nn.PReLU, module).weight,), [(module, "weight")])
     if kind is nn.AvgPool2d:

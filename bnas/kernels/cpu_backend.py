@@ -433,6 +433,35 @@ def real_binary_linear(
     return _built(name).real_binary_linear(x, masks, wp.shape[0], scale, bias, _isa(name))
 
 
+def packed_linear_call(
+    wp: Tensor, in_features: int, scale: Tensor | None, bias: Tensor | None, name: str
+) -> KernelCall:
+    """A binary linear layer without a threshold (``PackedLinear``) as ``call(x, threads)``:
+    the float (N, F) rows' signs packed, then :func:`xnor_linear_packed` on them, as the
+    module's two calls make it (the weights' lane layout cached)."""
+    ext, isa = _built(name), _isa(name)
+    lanes = lane_weights(wp, 1, name)
+    args = (lanes, in_features, wp.shape[0], scale, bias, isa)
+
+    def call(x: Tensor, threads: int) -> Any:
+        return ext.linear_packed(ext.pack_signs(x, 1, isa, threads), *args[:5], False, isa, threads)
+
+    return KernelCall("linear_packed_float", args, call)
+
+
+def real_binary_linear_call(
+    wp: Tensor, in_features: int, scale: Tensor | None, bias: Tensor | None, name: str
+) -> KernelCall:
+    """:func:`real_binary_linear` with these weights (``PackedWeightLinear``) as ``call(x,
+    threads)`` (one thread: the kernel takes no thread count)."""
+    ext, isa = _built(name), _isa(name)
+    masks = _cached_layout(
+        wp, ("masks", in_features, name), lambda: ext.repack_real_weights(wp.contiguous(), in_features)
+    )
+    args = (masks, wp.shape[0], scale, bias, isa)
+    return KernelCall("real_binary_linear", args, lambda x, threads: ext.real_binary_linear(x, *args))
+
+
 def max_pool2d_nhwc(
     x: Tensor,
     kernel_size: tuple[int, int],

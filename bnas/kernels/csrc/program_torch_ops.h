@@ -1,6 +1,6 @@
 // PyTorch's own ops in a ProgramRunner (program_runner.h): the float glue of a packed cell
 // network between its kernel calls (BatchNorm in inference, the sums and concatenations of a
-// cell's nodes, pads, slices, pools, activations, flatten). Python binds each as a
+// cell's nodes, pads, slices, pools, activations, flatten, dropout in eval). Python binds each as a
 // `torch.<op>` kind (bnas.export.program's _TorchCall) with the arguments its module or
 // function passes; the runner calls the same ATen function, so the values are the same bit for
 // bit, and without the Python module call (5-10 us each on a small map, several times the op).
@@ -108,6 +108,24 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     return [=](const ProgramInputs& env, int64_t) {
       torch::Tensor in = tensor_at(env, x);  // a handle: relu_ changes the value in its slot, as in Python
       return ProgramValue{inplace ? at::relu_(in) : at::relu(in)};
+    };
+  }
+  if (kind == "hardtanh") {  // min, max, inplace
+    expect(3, 1);
+    const double low = a[0].cast<double>(), high = a[1].cast<double>();
+    const bool inplace = a[2].cast<bool>();
+    return [=](const ProgramInputs& env, int64_t) {
+      torch::Tensor in = tensor_at(env, x);  // a handle: hardtanh_ changes the value in its slot, as in Python
+      return ProgramValue{inplace ? at::hardtanh_(in, low, high) : at::hardtanh(in, low, high)};
+    };
+  }
+  if (kind == "dropout") {  // p, inplace; bound in eval only, where it returns its input
+    expect(2, 1);
+    const double p = a[0].cast<double>();
+    const bool inplace = a[1].cast<bool>();
+    return [=](const ProgramInputs& env, int64_t) {
+      torch::Tensor in = tensor_at(env, x);
+      return ProgramValue{inplace ? at::dropout_(in, p, false) : at::dropout(in, p, false)};
     };
   }
   if (kind == "prelu") {  // weight

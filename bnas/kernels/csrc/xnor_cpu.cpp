@@ -1678,6 +1678,27 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
       return bnas::ProgramValue{rows ? out.view({in.size(0), out_channels}) : out};
     };
   }
+  if (kind == "linear_packed_float") {
+    expect(6);  // lanes, in_features, out_features, scale, bias, isa: the rows' signs packed first
+    const torch::Tensor lanes = program_arg<torch::Tensor>(a, 0);
+    const int64_t in_features = program_arg<int64_t>(a, 1), out_features = program_arg<int64_t>(a, 2);
+    const auto scale = program_tensor(a, 3), bias = program_tensor(a, 4);
+    const int64_t isa = program_arg<int64_t>(a, 5);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      const torch::Tensor xp = pack_signs(program_input(env, x), 1, isa, threads);
+      return bnas::ProgramValue{linear_packed(xp, lanes, in_features, out_features, scale, bias, false, isa, threads)};
+    };
+  }
+  if (kind == "real_binary_linear") {
+    expect(5);  // masks, out_features, scale, bias, isa
+    const torch::Tensor masks = program_arg<torch::Tensor>(a, 0);
+    const int64_t out_features = program_arg<int64_t>(a, 1);
+    const auto scale = program_tensor(a, 2), bias = program_tensor(a, 3);
+    const int64_t isa = program_arg<int64_t>(a, 4);
+    return [=](const bnas::ProgramInputs& env, int64_t) {
+      return bnas::ProgramValue{real_binary_linear(program_input(env, x), masks, out_features, scale, bias, isa)};
+    };
+  }
   if (kind == "global_avg_pool_nhwc") {
     expect(0);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
