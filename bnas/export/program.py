@@ -217,12 +217,12 @@ class _TorchCall:
     """A plan node of PyTorch's own ops that the runner also makes (:mod:`bnas.export.torch_ops`):
     in Python it runs as the plan runs it (``run``: the module or function call)."""
 
-    __slots__ = ("run", "op", "module", "held", "unchanged")
+    __slots__ = ("run", "op", "module", "held")
 
     def __init__(self, run: Instruction, op: TorchOp, module: nn.Module | None):
         self.run, self.op, self.module = run, op, module
+        #: what the call holds; it binds no layout, so it reads their values at every call
         self.held: list[Held] = [_held(owner, name) for owner, name in op.holds]
-        self.unchanged: list[tuple[Tensor, int]] = []  # the runner reads their values at every call
 
     def __call__(self, env: list[Any], threads: int) -> Any:
         return self.run(env, threads)
@@ -413,8 +413,8 @@ class Program:
         # what current() checks, flat: it runs before every forward, when the forward before
         # has pushed Python's objects out of the caches (per bound call and check it cost
         # 2 us there, against 0.5 us warm)
-        bound: list[_BoundStep | _BoundKernel | _TorchCall] = [*self._steps, *self._kernels, *torch_calls]
-        self._held = [held for call in bound for held in call.held]
+        bound: list[_BoundStep | _BoundKernel] = [*self._steps, *self._kernels]
+        self._held = [held for call in (*bound, *torch_calls) for held in call.held]
         self._unchanged = [unchanged for call in bound for unchanged in call.unchanged]
         if self._runner is not None:  # current() checks in C: 8 us against 13 us in Python, cold
             self._runner.watch_versions(self._unchanged)

@@ -427,10 +427,7 @@ def real_binary_linear(
 ) -> Tensor:
     """Real (N, F) input times 1-bit (K, words) weights, ``* scale + bias``, with code path
     ``name`` (the weights' 16-channel masks are built once and cached)."""
-    masks = _cached_layout(
-        wp, ("masks", in_features, name), lambda: _built(name).repack_real_weights(wp.contiguous(), in_features)
-    )
-    return _built(name).real_binary_linear(x, masks, wp.shape[0], scale, bias, _isa(name))
+    return real_binary_linear_call(wp, in_features, scale, bias, name)(x, 1)
 
 
 def packed_linear_call(

@@ -28,6 +28,24 @@ struct ProgramValue {
 using ProgramInputs = std::vector<ProgramValue>;
 using ProgramFunction = std::function<ProgramValue(const ProgramInputs& env, int64_t threads)>;
 
+// What the functions of an instruction kind share: the tensor in a value slot, and the
+// arguments Python bound (a tensor or None, an int or None).
+inline const torch::Tensor& program_input(const ProgramInputs& env, int64_t slot) {
+  const ProgramValue& v = env[static_cast<size_t>(slot)];
+  TORCH_CHECK(!v.pair && v.first.defined(), "ProgramRunner: input ", slot, " is not a tensor");
+  return v.first;
+}
+
+inline c10::optional<torch::Tensor> program_tensor(const pybind11::tuple& args, size_t i) {
+  if (args[i].is_none()) return c10::nullopt;
+  return args[i].cast<torch::Tensor>();
+}
+
+inline c10::optional<int64_t> program_optional_int(const pybind11::handle& value) {
+  if (value.is_none()) return c10::nullopt;
+  return value.cast<int64_t>();
+}
+
 class ProgramRunner {
  public:
   explicit ProgramRunner(int64_t slots) : slots_(slots) {

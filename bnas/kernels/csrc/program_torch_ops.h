@@ -16,33 +16,11 @@
 
 namespace bnas {
 
-namespace torch_ops {
-
-namespace py = pybind11;
-
-inline const torch::Tensor& tensor_at(const ProgramInputs& env, int64_t slot) {
-  const ProgramValue& v = env[static_cast<size_t>(slot)];
-  TORCH_CHECK(!v.pair && v.first.defined(), "ProgramRunner: input ", slot, " is not a tensor");
-  return v.first;
-}
-
-inline c10::optional<torch::Tensor> optional_tensor(const py::tuple& a, size_t i) {
-  if (a[i].is_none()) return c10::nullopt;
-  return a[i].cast<torch::Tensor>();
-}
-
-inline c10::optional<int64_t> optional_int(const py::handle& h) {
-  if (h.is_none()) return c10::nullopt;
-  return h.cast<int64_t>();
-}
-
-}  // namespace torch_ops
 
 // `kind` without its "torch." prefix; `inputs` the value slots (one, or the tensors of an add or
 // a cat); `a` the arguments after them.
 inline ProgramFunction program_torch_op(const std::string& kind, const std::vector<int64_t>& inputs,
                                         const pybind11::tuple& a) {
-  using namespace torch_ops;
   TORCH_CHECK(!inputs.empty(), "ProgramRunner: torch.", kind, " needs an input slot");
   for (int64_t slot : inputs) TORCH_CHECK(slot >= 0, "ProgramRunner: torch.", kind, ": bad input slot ", slot);
   auto expect = [&](size_t count, size_t slots) {
@@ -52,18 +30,18 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
   const int64_t x = inputs[0];
   if (kind == "batch_norm") {  // weight, bias, running mean, running variance, momentum, eps, cudnn
     expect(7, 1);
-    const auto weight = optional_tensor(a, 0), bias = optional_tensor(a, 1);
-    const auto mean = optional_tensor(a, 2), var = optional_tensor(a, 3);
+    const auto weight = program_tensor(a, 0), bias = program_tensor(a, 1);
+    const auto mean = program_tensor(a, 2), var = program_tensor(a, 3);
     const double momentum = a[4].cast<double>(), eps = a[5].cast<double>();
     const bool cudnn = a[6].cast<bool>();
     return [=](const ProgramInputs& env, int64_t) {
-      return ProgramValue{at::batch_norm(tensor_at(env, x), weight, bias, mean, var, false, momentum, eps, cudnn)};
+      return ProgramValue{at::batch_norm(program_input(env, x), weight, bias, mean, var, false, momentum, eps, cudnn)};
     };
   }
   if (kind == "add") {
     expect(0, 2);
     const int64_t y = inputs[1];
-    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{at::add(tensor_at(env, x), tensor_at(env, y))}; };
+    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{at::add(program_input(env, x), program_input(env, y))}; };
   }
   if (kind == "cat") {  // dim
     expect(1, 0);
@@ -72,7 +50,7 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     return [=](const ProgramInputs& env, int64_t) {
       std::vector<torch::Tensor> parts;
       parts.reserve(slots.size());
-      for (int64_t slot : slots) parts.push_back(tensor_at(env, slot));
+      for (int64_t slot : slots) parts.push_back(program_input(env, slot));
       return ProgramValue{at::cat(parts, dim)};
     };
   }
@@ -81,7 +59,7 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     const std::vector<int64_t> pad = a[0].cast<std::vector<int64_t>>();
     const std::string mode = a[1].cast<std::string>();
     const c10::optional<double> value = a[2].is_none() ? c10::nullopt : c10::optional<double>(a[2].cast<double>());
-    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{at::pad(tensor_at(env, x), pad, mode, value)}; };
+    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{at::pad(program_input(env, x), pad, mode, value)}; };
   }
   if (kind == "slice") {  // [(dim, start, stop, step)]: x[..., start:stop:step, ...] per dim
     expect(1, 1);
@@ -91,13 +69,13 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
       int64_t step;
     };
     std::vector<Cut> cuts;
-    for (const py::handle& cut : a[0].cast<py::list>()) {
-      const py::tuple t = cut.cast<py::tuple>();
+    for (const pybind11::handle& cut : a[0].cast<pybind11::list>()) {
+      const pybind11::tuple t = cut.cast<pybind11::tuple>();
       TORCH_CHECK(t.size() == 4, "ProgramRunner: torch.slice takes (dim, start, stop, step) cuts");
-      cuts.push_back({t[0].cast<int64_t>(), optional_int(t[1]), optional_int(t[2]), t[3].cast<int64_t>()});
+      cuts.push_back({t[0].cast<int64_t>(), program_optional_int(t[1]), program_optional_int(t[2]), t[3].cast<int64_t>()});
     }
     return [=](const ProgramInputs& env, int64_t) {
-      torch::Tensor out = tensor_at(env, x);
+      torch::Tensor out = program_input(env, x);
       for (const Cut& cut : cuts) out = at::slice(out, cut.dim, cut.start, cut.stop, cut.step);
       return ProgramValue{out};
     };
@@ -106,7 +84,7 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     expect(1, 1);
     const bool inplace = a[0].cast<bool>();
     return [=](const ProgramInputs& env, int64_t) {
-      torch::Tensor in = tensor_at(env, x);  // a handle: relu_ changes the value in its slot, as in Python
+      torch::Tensor in = program_input(env, x);  // a handle: relu_ changes the value in its slot, as in Python
       return ProgramValue{inplace ? at::relu_(in) : at::relu(in)};
     };
   }
@@ -115,7 +93,7 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     const double low = a[0].cast<double>(), high = a[1].cast<double>();
     const bool inplace = a[2].cast<bool>();
     return [=](const ProgramInputs& env, int64_t) {
-      torch::Tensor in = tensor_at(env, x);  // a handle: hardtanh_ changes the value in its slot, as in Python
+      torch::Tensor in = program_input(env, x);  // a handle: hardtanh_ changes the value in its slot, as in Python
       return ProgramValue{inplace ? at::hardtanh_(in, low, high) : at::hardtanh(in, low, high)};
     };
   }
@@ -124,23 +102,23 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     const double p = a[0].cast<double>();
     const bool inplace = a[1].cast<bool>();
     return [=](const ProgramInputs& env, int64_t) {
-      torch::Tensor in = tensor_at(env, x);
+      torch::Tensor in = program_input(env, x);
       return ProgramValue{inplace ? at::dropout_(in, p, false) : at::dropout(in, p, false)};
     };
   }
   if (kind == "prelu") {  // weight
     expect(1, 1);
     const torch::Tensor weight = a[0].cast<torch::Tensor>();
-    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{at::prelu(tensor_at(env, x), weight)}; };
+    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{at::prelu(program_input(env, x), weight)}; };
   }
   if (kind == "avg_pool2d") {  // kernel, stride, padding (pairs), ceil_mode, count_include_pad, divisor_override
     expect(6, 1);
     const auto kernel = a[0].cast<std::vector<int64_t>>(), stride = a[1].cast<std::vector<int64_t>>();
     const auto padding = a[2].cast<std::vector<int64_t>>();
     const bool ceil_mode = a[3].cast<bool>(), count_include_pad = a[4].cast<bool>();
-    const c10::optional<int64_t> divisor = optional_int(a[5]);
+    const c10::optional<int64_t> divisor = program_optional_int(a[5]);
     return [=](const ProgramInputs& env, int64_t) {
-      return ProgramValue{at::avg_pool2d(tensor_at(env, x), kernel, stride, padding, ceil_mode, count_include_pad, divisor)};
+      return ProgramValue{at::avg_pool2d(program_input(env, x), kernel, stride, padding, ceil_mode, count_include_pad, divisor)};
     };
   }
   if (kind == "max_pool2d") {  // kernel, stride, padding, dilation (pairs), ceil_mode
@@ -149,18 +127,18 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     const auto padding = a[2].cast<std::vector<int64_t>>(), dilation = a[3].cast<std::vector<int64_t>>();
     const bool ceil_mode = a[4].cast<bool>();
     return [=](const ProgramInputs& env, int64_t) {
-      return ProgramValue{at::max_pool2d(tensor_at(env, x), kernel, stride, padding, dilation, ceil_mode)};
+      return ProgramValue{at::max_pool2d(program_input(env, x), kernel, stride, padding, dilation, ceil_mode)};
     };
   }
   if (kind == "flatten") {  // start_dim, end_dim
     expect(2, 1);
     const int64_t start = a[0].cast<int64_t>(), end = a[1].cast<int64_t>();
-    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{tensor_at(env, x).flatten(start, end)}; };
+    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{program_input(env, x).flatten(start, end)}; };
   }
   if (kind == "channels_last") {  // the plan's _to_channels_last
     expect(0, 1);
     return [=](const ProgramInputs& env, int64_t) {
-      const torch::Tensor& in = tensor_at(env, x);
+      const torch::Tensor& in = program_input(env, x);
       return ProgramValue{in.dim() == 4 ? in.contiguous(at::MemoryFormat::ChannelsLast) : in};
     };
   }

@@ -768,6 +768,13 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void grouped_row_avx512(
   }
 }
 
+// masks[i] = bit 0 of the 16 weight words from words + 16 * i: made on every call, so one test
+// per vector rather than a loop over every word.
+__attribute__((target("avx512f"))) void grouped_masks_avx512(const int32_t* words, int64_t count, uint16_t* masks) {
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < count; ++i) masks[i] = _mm512_test_epi32_mask(_mm512_loadu_si512(words + 16 * i), one);
+}
+
 // Float output as (N, C, OH, OW) in channels_last memory; returns [float, packed] as
 // conv2d_packed_fused does. weight_words: (KH, KW, C rounded up to 16) int32, bit c of output
 // channel k's word set where the sign of its weight on its group's channel c is +1.
@@ -805,10 +812,8 @@ std::vector<torch::Tensor> grouped_conv_fused(
   const int64_t vectors = lanes / 16;
   std::vector<uint16_t> masks;  // one channel a group: per tap, the words' bit 0 as one mask per vector
   if (avx512 && g.Cg == 1) {
-    masks.assign(static_cast<size_t>(kh * kw * vectors), 0);
-    for (int64_t t = 0; t < kh * kw; ++t)
-      for (int64_t k = 0; k < g.C; ++k)
-        if (words[t * lanes + k] & 1) masks[static_cast<size_t>(t * vectors + k / 16)] |= static_cast<uint16_t>(1u << (k % 16));
+    masks.resize(static_cast<size_t>(kh * kw * vectors));
+    grouped_masks_avx512(words, static_cast<int64_t>(masks.size()), masks.data());
   }
   const int64_t rows = g.N * g.OH;
   const int threads = static_cast<int>(std::max<int64_t>(
@@ -1515,21 +1520,27 @@ T program_arg(const py::tuple& args, size_t i) {
   return args[i].cast<T>();
 }
 
-c10::optional<torch::Tensor> program_tensor(const py::tuple& args, size_t i) {
-  if (args[i].is_none()) return c10::nullopt;
-  return args[i].cast<torch::Tensor>();
-}
-
-const torch::Tensor& program_input(const bnas::ProgramInputs& env, int64_t slot) {
-  const bnas::ProgramValue& v = env[static_cast<size_t>(slot)];
-  TORCH_CHECK(!v.pair && v.first.defined(), "ProgramRunner: input ", slot, " is not a tensor");
-  return v.first;
-}
+using bnas::program_input;
+using bnas::program_tensor;
 
 bnas::ProgramValue program_pair(torch::Tensor first, torch::Tensor second, int64_t take) {
   if (take == 0) return {std::move(first), torch::Tensor(), false};
   if (take == 1) return {std::move(second), torch::Tensor(), false};
   return {std::move(first), std::move(second), true};
+}
+
+// A fused step's residual: none (slot -1), or the value channels_last (no copy when it is,
+// as in Python).
+c10::optional<torch::Tensor> step_residual(const bnas::ProgramInputs& env, int64_t slot) {
+  if (slot < 0) return c10::nullopt;
+  return program_input(env, slot).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// A fused step's value from its [float, packed] outputs: both as a pair (or the one `take`
+// keeps), else the one it wrote.
+bnas::ProgramValue step_value(const std::vector<torch::Tensor>& out, bool float_output, bool pack_output, int64_t take) {
+  if (float_output && pack_output) return program_pair(out[0], out[1], take);
+  return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
 }
 
 bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<int64_t>& inputs,
@@ -1559,17 +1570,14 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const bool into_residual = program_arg<bool>(a, 16);
     const int64_t isa = program_arg<int64_t>(a, 17), pack_groups = program_arg<int64_t>(a, 18);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
-      c10::optional<torch::Tensor> residual;
-      if (residual_slot >= 0)  // no copy when it is channels_last already (as in Python)
-        residual = program_input(env, residual_slot).contiguous(at::MemoryFormat::ChannelsLast);
+      const c10::optional<torch::Tensor> residual = step_residual(env, residual_slot);
       const torch::Tensor& in = program_input(env, x);
       const torch::Tensor xp = pack_groups > 0 ? pack_signs(in, pack_groups, isa, threads) : in;
       const std::vector<torch::Tensor> out = conv2d_packed_fused(
           xp, lanes, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5], geometry[6],
           geometry[7], geometry[8], geometry[9], groups, scale, bias, residual, float_output, pack_output,
           into_residual && residual.has_value(), isa, threads);
-      if (float_output && pack_output) return program_pair(out[0], out[1], take);
-      return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
+      return step_value(out, float_output, pack_output, take);
     };
   }
   if (kind == "grouped_conv_fused") {
@@ -1587,15 +1595,12 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const bool into_residual = program_arg<bool>(a, 15);
     const int64_t isa = program_arg<int64_t>(a, 16);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
-      c10::optional<torch::Tensor> residual;
-      if (residual_slot >= 0)  // no copy when it is channels_last already (as in Python)
-        residual = program_input(env, residual_slot).contiguous(at::MemoryFormat::ChannelsLast);
+      const c10::optional<torch::Tensor> residual = step_residual(env, residual_slot);
       const std::vector<torch::Tensor> out = grouped_conv_fused(
           program_input(env, x), words, channels, per_group, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
           geometry[6], geometry[7], scale, bias, residual, float_output, pack_output,
           into_residual && residual.has_value(), isa, threads);
-      if (float_output && pack_output) return program_pair(out[0], out[1], take);
-      return bnas::ProgramValue{float_output ? out[0] : out[1], torch::Tensor(), false};
+      return step_value(out, float_output, pack_output, take);
     };
   }
   if (kind == "image_conv_nhwc" || kind == "image_conv_nhwc_or_conv2d") {
