@@ -10,6 +10,7 @@ from conftest import run_benchmark
 
 from bnas.kernels import cpu_backend, pack_signs
 from bnas.kernels.packing import pack_weights_reference
+from bnas.ops.common import rprelu
 
 # threaded kernel paths: two torch threads (conftest.kernel_threads)
 pytestmark = [
@@ -41,17 +42,22 @@ def both_paths(
     residual: torch.Tensor | None,
     flags: tuple[bool, bool, bool],
     route: str,
+    pack_threshold: torch.Tensor | None = None,
+    rprelu: tuple[torch.Tensor, ...] = (),
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     channels, per_group = x.shape[1], weight.shape[1]
     groups = channels // per_group
     wp = pack_weights_reference(weight, groups)
-    call, head, tail = cpu_backend.grouped_conv_call(wp, per_group, geometry, scale, bias, route)
+    call, head, tail = cpu_backend.grouped_conv_call(
+        wp, per_group, geometry, scale, bias, route, pack_threshold, rprelu
+    )
     float_output, pack_output, into_residual = flags
     ours = call(x, *head, None if residual is None else residual.clone(), *flags, *tail, 2)
     lanes = cpu_backend.lane_weights(wp, groups, route)
     packed = cpu_backend.conv2d_fused_on_lanes(
         pack_signs(x, groups), lanes, channels, channels, geometry, groups, scale, bias,
         None if residual is None else residual.clone(), float_output, pack_output, into_residual, route,
+        pack_threshold, rprelu,
     )  # fmt: skip
     return list(ours), list(packed)
 
@@ -102,6 +108,40 @@ def test_small_groups_are_the_packed_paths_bit_for_bit(
     scale, bias = torch.rand(channels) + 0.5, torch.randn(channels)
     ours, packed = both_paths(x, weight, geometry, scale, bias, None, (True, True, False), route)
     assert_same(ours, packed)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("per_group", [1, 4])
+def test_the_packed_output_against_a_threshold_is_the_packed_paths(route: str, per_group: int) -> None:
+    """A grouped conv whose reader binarises against a threshold per channel (RSign) packs
+    ``y >= threshold``: the packed path's bits, and the signs of ``y - threshold``."""
+    channels, geometry = 40, (3, 3, 1, 1, 1, 1, 1, 1)
+    x = signed_map(2, channels, 7, 6, seed=per_group)
+    weight = torch.randn(channels, per_group, 3, 3, generator=torch.Generator().manual_seed(2))
+    scale, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    threshold = torch.randn(channels, generator=torch.Generator().manual_seed(3))
+    ours, packed = both_paths(x, weight, geometry, scale, bias, None, (True, True, False), route, threshold)
+    assert_same(ours, packed)
+    out, bits = ours
+    assert out is not None and bits is not None
+    assert torch.equal(bits, pack_signs(out - threshold.view(1, -1, 1, 1)))
+    assert not torch.equal(bits, pack_signs(out))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("per_group", [1, 4])
+def test_rprelu_in_the_epilogue_is_the_packed_paths(route: str, per_group: int) -> None:
+    channels, geometry = 40, (3, 3, 1, 1, 1, 1, 1, 1)
+    x = signed_map(2, channels, 7, 6, seed=per_group)
+    weight = torch.randn(channels, per_group, 3, 3, generator=torch.Generator().manual_seed(2))
+    residual = signed_map(2, channels, 7, 6, seed=9).nan_to_num(0.0)
+    g = torch.Generator().manual_seed(4)
+    params = (torch.randn(channels, generator=g), torch.rand(channels, generator=g), torch.randn(channels, generator=g))
+    plain, _ = both_paths(x, weight, geometry, None, None, residual, (True, False, False), route)
+    ours, packed = both_paths(x, weight, geometry, None, None, residual, (True, True, False), route, None, params)
+    assert_same(ours, packed)
+    assert plain[0] is not None and ours[0] is not None
+    assert torch.equal(ours[0], rprelu(plain[0], *params))
 
 
 def test_which_groups_run_on_the_float_map() -> None:

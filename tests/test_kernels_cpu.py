@@ -270,6 +270,96 @@ def test_pack_signs_matches_reference_format(backend_name, shape, groups):
         assert torch.equal(kernels.pack_signs(x.contiguous(memory_format=torch.channels_last), groups), packed)
 
 
+def values_around(threshold: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Values at, one float step above and below, and far from a threshold per channel (dim 1):
+    the ties and near-ties where packing against it must equal the sign of ``x - threshold``."""
+    t = threshold.view(1, -1, *([1] * (len(shape) - 2))).expand(shape)
+    pick = torch.randint(0, 5, shape, generator=generator)
+    far = torch.randn(shape, generator=generator) * 4
+    up, down = (
+        torch.nextafter(t, torch.full_like(t, float("inf"))),
+        torch.nextafter(t, torch.full_like(t, -float("inf"))),
+    )
+    return torch.where(pick == 0, t, torch.where(pick == 1, up, torch.where(pick == 2, down, t + far))).contiguous()
+
+
+@pytest.mark.parametrize(
+    "shape, groups", [((2, 33, 5, 4), 1), ((2, 70, 3, 5), 2), ((1, 64, 6, 6), 4), ((3, 100), 1), ((2, 31), 1)]
+)
+def test_pack_signs_against_a_threshold_is_the_sign_of_x_minus_it(backend_name, shape, groups):
+    gen = torch.Generator().manual_seed(sum(shape) + groups)
+    threshold = torch.randn(shape[1], generator=gen)
+    threshold[::7] = 0.0
+    x = values_around(threshold, shape, gen)
+    expected = pack_signs_reference(x - threshold.view(1, -1, *([1] * (x.dim() - 2))), groups)
+    ties = x == threshold.view(1, -1, *([1] * (x.dim() - 2)))
+    assert ties.any() and (~ties).any()
+    assert torch.equal(kernels.pack_signs(x, groups, threshold), expected)
+    if x.dim() == 4:
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(kernels.pack_signs(channels_last, groups, threshold), expected)
+    assert not torch.equal(expected, pack_signs_reference(x, groups))  # the threshold moved bits
+    with pytest.raises(ValueError, match=rf"one value per channel \({shape[1]}\) on cpu, got {shape[1] - 1}"):
+        kernels.pack_signs(x, groups, threshold[1:])
+
+
+def test_fused_step_packs_its_output_against_a_threshold(backend_name):
+    """The packed output of a step whose reader has a threshold per channel (RSign) is the
+    sign of ``y - threshold``, in every output combination, ties included (integer sums and
+    integer thresholds)."""
+    gen = torch.Generator().manual_seed(8)
+    x, weight = small_ints(2, 40, 6, 5, generator=gen), small_ints(36, 40, 3, 3, generator=gen)
+    residual = small_ints(2, 36, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    threshold = small_ints(36, generator=gen) * 3
+    xp, wp = kernels.pack_signs(x), kernels.pack_weights(weight)
+    conv = F.conv2d(sign(x), sign(weight), None, 1, 1)
+    for res in (None, residual):
+        expected = conv if res is None else conv + res
+        want = pack_signs_reference(expected - threshold.view(1, -1, 1, 1))
+        assert (expected == threshold.view(1, -1, 1, 1)).any()
+        for float_output in (True, False):
+            out, packed = kernels.xnor_conv2d_fused(
+                xp, wp, 40, 3, 1, 1, residual=res, float_output=float_output, pack_output=True, pack_threshold=threshold
+            )
+            assert torch.equal(packed, want)
+            assert out is None if not float_output else torch.equal(out, expected)
+        fused = kernels.FusedConv2d(wp, 40, 3, 1, 1)
+        assert torch.equal(fused(xp, res, False, True, False, threshold)[1], want)
+
+
+def rprelu(y: torch.Tensor, shift_in: torch.Tensor, slope: torch.Tensor, shift_out: torch.Tensor) -> torch.Tensor:
+    """ReActNet's RPReLU, written out: y - shift_in, times slope where negative, + shift_out."""
+    view = (1, -1, 1, 1)
+    z = y - shift_in.view(view)
+    return torch.where(z >= 0, z, slope.view(view) * z) + shift_out.view(view)
+
+
+def test_fused_step_applies_rprelu_after_the_residual(backend_name):
+    gen = torch.Generator().manual_seed(9)
+    x, weight = small_ints(2, 40, 6, 5, generator=gen), small_ints(36, 40, 3, 3, generator=gen)
+    scale, bias = torch.rand(36, generator=gen) + 0.5, torch.randn(36, generator=gen)
+    residual = torch.randn(2, 36, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    params = (torch.randn(36, generator=gen), torch.rand(36, generator=gen) - 0.2, torch.randn(36, generator=gen))
+    threshold = torch.randn(36, generator=gen)
+    xp, wp = kernels.pack_signs(x), kernels.pack_weights(weight)
+    conv = F.conv2d(sign(x), sign(weight), None, 1, 1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    expected = rprelu(conv + residual, *params)
+    negative = conv + residual - params[0].view(1, -1, 1, 1) < 0
+    assert negative.any() and (~negative).any()
+    out, packed = kernels.xnor_conv2d_fused(
+        xp, wp, 40, 3, 1, 1, 1, 1, scale, bias, residual.clone(), True, True, pack_threshold=threshold, rprelu=params
+    )
+    assert torch.equal(out, expected)  # bit for bit: the same float ops in the same order
+    assert torch.equal(packed, pack_signs_reference(expected - threshold.view(1, -1, 1, 1)))
+    into = residual.clone()
+    out, _ = kernels.xnor_conv2d_fused(
+        xp, wp, 40, 3, 1, 1, 1, 1, scale, bias, into, True, into_residual=True, rprelu=params
+    )
+    assert out.data_ptr() == into.data_ptr() and torch.equal(into, expected)
+    _, packed = kernels.xnor_conv2d_fused(xp, wp, 40, 3, 1, 1, 1, 1, scale, bias, None, False, True, rprelu=params)
+    assert torch.equal(packed, pack_signs_reference(rprelu(conv, *params)))
+
+
 def test_packed_bit_layout_by_hand():
     x = -torch.ones(1, 40, 1, 1)
     x[0, [0, 31, 33, 39], 0, 0] = 0.0  # zeros are +1 -> bit set

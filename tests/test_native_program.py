@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import randomize, run_benchmark
 from torch import nn
 
 import bnas
@@ -84,6 +84,19 @@ def python_and_native(packed: PackedNetwork, x: torch.Tensor) -> tuple[torch.Ten
     return python, native, counter.runs
 
 
+def changed_on_the_runner(packed: PackedNetwork, x: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """The output after a change in place: computed by the runner, not ``before``, and the
+    plan's (``packed.lowered`` is False afterwards)."""
+    program = packed.program(kernels.backend())
+    assert program is not None
+    counter = RunCounter(program)
+    after = packed(x)
+    assert counter.runs == 1 and not torch.equal(after, before)
+    packed.lowered = False
+    assert torch.equal(after, packed(x))
+    return after
+
+
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", ["bireal_resnet18_imagenet", "bireal_resnet18"])  # 32x32: a float-input step
@@ -98,6 +111,104 @@ def test_the_runner_computes_the_python_programs_outputs_bit_for_bit(threads: in
     assert runs == 1 and torch.equal(native, python)
     packed.lowered = False
     assert torch.equal(native, packed(x))  # and the plan's
+
+
+# ReActNet's parts: RSign (a learned threshold per channel before each binary conv and the
+# binary linear layer) and RPReLU; the stride-2 unit's shortcut is an avg-pool and a 1x1 conv
+REACTNET = {
+    "name": "reactnet_parts",
+    "input": [3, 16, 16],
+    "num_classes": 10,
+    "stem": [{"op": "conv_bn", "channels": 32}],
+    "body": [
+        {"op": "bireal_block", "channels": 32, "binarize": "reactnet", "activation": "rprelu", "repeat": 2},
+        {"op": "bireal_block", "channels": 64, "stride": 2, "binarize": "reactnet"},
+        {"op": "bireal_block", "channels": 64, "binarize": "reactnet"},
+    ],
+    "head": [
+        {"op": "global_avgpool"},
+        {"op": "binary_linear", "channels": 48, "binarize": "reactnet"},
+        {"op": "linear"},
+    ],
+}
+
+
+def reactnet_packed(seed: int) -> tuple[nn.Module, PackedNetwork, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = randomize(bnas.build(bnas.genotype.genotype_from_dict(REACTNET)), seed=seed).eval()
+    packed = pack_model(model)
+    packed.adaptive_threads = False
+    return model, packed, torch.randn(2, 3, 16, 16)
+
+
+@needs_kernels
+def test_reactnet_layers_run_on_the_runner_with_signs_packed_against_their_thresholds() -> None:
+    model, packed, x = reactnet_packed(seed=6)
+    python, native, runs = python_and_native(packed, x)
+    assert runs == 1 and torch.equal(native, python)
+    program = packed.program(kernels.backend())
+    assert program is not None and program.bound_steps == 4  # the four units' convs
+    assert "PackedLinear" in program.bound_kernels
+    plan = packed.plan()
+    assert plan is not None
+    steps = [m for m in plan.modules() if isinstance(m, PackedStep)]
+    thresholds = [s.conv.threshold for s in steps]
+    assert all(t is not None and bool((t != 0).all()) for t in thresholds)  # randomized: the bits move
+    # the first two units' RPReLU runs in their epilogue; each unit's output is packed against
+    # the next conv's threshold there too
+    assert [s.rprelu is not None for s in steps] == [True, True, False, False]
+    assert [s.pack_threshold is t for s, t in zip(steps, thresholds[1:], strict=False)] == [True] * 3
+    assert steps[-1].pack_threshold is None
+    assert [s.packed_input for s in steps] == [False, True, True, True]
+    assert "torch.rprelu" not in [i.native_call()[0] for i in program._instructions if hasattr(i, "native_call")]
+    packed.lowered = False
+    assert torch.equal(native, packed(x))  # the plan's
+    with torch.no_grad():
+        torch.testing.assert_close(native, model(x), rtol=0, atol=1e-4)  # the float model's
+        for threshold in thresholds:  # read at every call, by Python and the runner alike
+            threshold.add_(0.3)
+        rprelu = steps[0].rprelu
+        assert rprelu is not None
+        rprelu.slope.mul_(-2.0)
+    packed.lowered = True
+    after = changed_on_the_runner(packed, x, native)
+    packed.fused = False  # the module tree: each conv subtracts its threshold, then packs
+    torch.testing.assert_close(after, packed(x), rtol=0, atol=1e-4)
+
+
+@needs_kernels
+def test_a_replaced_threshold_or_rprelu_parameter_lowers_the_program_again() -> None:
+    _, packed, x = reactnet_packed(seed=7)
+    packed(x)
+    program = packed.program(kernels.backend())
+    plan = packed.plan()
+    assert program is not None and plan is not None
+    steps = [m for m in plan.modules() if isinstance(m, PackedStep)]
+    reader = steps[1].conv
+    reader.threshold = reader.threshold + 0.25  # a new tensor: the producer's bound call packed against the old one
+    assert not program.current()
+    relowered = packed.program(kernels.backend())
+    assert relowered is not program and relowered is not None and relowered.current()
+    rprelu = steps[0].rprelu
+    assert rprelu is not None
+    rprelu.shift_out = nn.Parameter(rprelu.shift_out + 0.5)  # likewise the epilogue's RPReLU
+    assert not relowered.current()
+    out = packed(x)
+    packed.lowered = False
+    assert torch.equal(out, packed(x))
+    packed.fused = False
+    torch.testing.assert_close(out, packed(x), rtol=0, atol=1e-4)
+
+
+@needs_kernels
+def test_the_reactnet_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    _, records = run_benchmark("reactnet_packed", ["--sizes", "32", "--repeats", "2", "--threads", "1"], capsys)
+    assert [r["variant"] for r in records] == ["rsign", "rsign_rprelu"]
+    for record in records:
+        assert record["genotype"] == "bireal_resnet18_reactnet" and record["threads"] == 1
+        assert record["native_programs"] == {"bireal": True, "reactnet": True}
+        assert record["same_class_as_float_model"] is True and record["max_abs_logit_difference"] < 1e-3
+        assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], abs=0.01)
 
 
 @needs_avx512
@@ -151,13 +262,7 @@ def test_weights_changed_in_place_are_read_by_the_runner() -> None:
     step = next(s for s in packed.plan().modules() if isinstance(s, PackedStep) and s.packed_input)  # type: ignore[union-attr]
     with torch.no_grad():
         step.conv.bias.add_(1.0)  # read at every call, by Python and the runner alike
-    program = packed.program(kernels.backend())
-    assert program is not None
-    counter = RunCounter(program)
-    after = packed(x)
-    assert counter.runs == 1 and not torch.equal(after, before)
-    packed.lowered = False
-    assert torch.equal(after, packed(x))
+    changed_on_the_runner(packed, x, before)
 
 
 @needs_avx512
@@ -185,8 +290,8 @@ def test_the_call_timer_sees_every_bound_call_on_the_runner() -> None:
 
 @needs_kernels
 def test_networks_with_a_call_the_runner_cannot_make_have_none() -> None:
-    # binary layers on sign(x - threshold) (rsign), among others, are module calls, not calls
-    # the runner knows
+    # the zoo's float convs on binary activations (SignConv2d) are module calls, not calls the
+    # runner knows
     from deploy_nets import quantizer_zoo
 
     packed = pack_model(quantizer_zoo())

@@ -41,6 +41,7 @@ TORCH_KINDS = {
     "torch.slice",
     "torch.relu",
     "torch.prelu",
+    "torch.rprelu",
     "torch.avg_pool2d",
     "torch.max_pool2d",
     "torch.flatten",
@@ -75,9 +76,24 @@ body:
 head: [{op: global_avgpool}, {op: linear}]
 """
 
+# ReActNet's RSign (a threshold per channel before each binary conv, depthwise ones too) and
+# RPReLU: after the stem as one of the runner's torch ops, after a unit in its epilogue
+REACTNET_UNITS = """
+name: reactnet_units
+input: [3, 12, 12]
+num_classes: 5
+stem: [{op: conv_bn, channels: 16, kernel: 3, activation: rprelu}]
+body:
+  - {op: bireal_block, channels: 16, binarize: reactnet, activation: rprelu}
+  - {op: binary_sep_conv_3x3, channels: 16, binarize: reactnet}
+  - {op: bireal_block, channels: 16, binarize: reactnet}
+head: [{op: global_avgpool}, {op: linear}]
+"""
+INLINE = {"no_stem": NO_STEM, "reactnet_units": REACTNET_UNITS}
+
 
 def packed_network(name: str, seed: int = 0) -> tuple[PackedNetwork, torch.Tensor]:
-    genotype = loads_genotype(NO_STEM) if name == "no_stem" else bnas.load_genotype(GENOTYPES / f"{name}.yaml")
+    genotype = loads_genotype(INLINE[name]) if name in INLINE else bnas.load_genotype(GENOTYPES / f"{name}.yaml")
     torch.manual_seed(seed)
     packed = pack_model(randomize(bnas.build(genotype), seed=seed))
     packed.adaptive_threads = False
@@ -90,7 +106,7 @@ def native_kinds(packed: PackedNetwork) -> list[str]:
     return [i.native_call()[0] for i in program._instructions if hasattr(i, "native_call")]
 
 
-@pytest.mark.parametrize("name", [*NETWORKS, "no_stem"])
+@pytest.mark.parametrize("name", [*NETWORKS, *INLINE])
 def test_networks_with_float_glue_run_on_the_runner_bit_for_bit(name: str) -> None:
     packed, x = packed_network(name)
     python, native, runs = python_and_native(packed, x)
@@ -103,7 +119,7 @@ def test_networks_with_float_glue_run_on_the_runner_bit_for_bit(name: str) -> No
 
 def test_every_torch_kind_is_made_by_a_network_above() -> None:
     made: set[str] = set()
-    for name in [*NETWORKS, "no_stem"]:
+    for name in [*NETWORKS, *INLINE]:
         packed, x = packed_network(name)
         packed(x)
         made.update(native_kinds(packed))

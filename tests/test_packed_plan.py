@@ -81,9 +81,10 @@ def test_bireal_units_become_one_step_each_with_chained_packed_outputs() -> None
     assert "Identity" not in code and ".bn" not in code  # folded BNs are gone from the program
 
 
-def test_threshold_and_grouped_convs_pack_their_own_input() -> None:
-    """rsign (a per-channel threshold before the sign) and grouped convs read float input:
-    the producer's packed signs would be the wrong bits for them."""
+def test_threshold_convs_read_signs_packed_against_their_threshold_and_grouped_convs_pack_their_own() -> None:
+    """rsign (a per-channel threshold before the sign) reads the producer's output packed
+    against its threshold; a grouped conv reads float input (the producer's packed words are
+    not grouped)."""
     genotype = {
         "name": "mixed",
         "input": [3, 10, 10],
@@ -110,9 +111,15 @@ def test_threshold_and_grouped_convs_pack_their_own_input() -> None:
     with _shortcuts_on_pytorch(), torch.no_grad():
         assert torch.equal(packed(x), packed.net(x.contiguous(memory_format=torch.channels_last)))
     steps = steps_of(packed)
-    assert [s.packed_input for s in steps] == [False, False, False]
-    assert not any(s.pack_output for s in steps)
-    assert steps[1].conv.threshold is not None and steps[2].conv.groups == 2
+    threshold = steps[1].conv.threshold
+    assert threshold is not None and bool((threshold != 0).all()) and steps[2].conv.groups == 2
+    assert [s.packed_input for s in steps] == [False, True, False]
+    assert [s.pack_output for s in steps] == [True, False, False]
+    assert steps[0].pack_threshold is threshold and steps[0].float_output  # the shortcut reads it too
+    with torch.no_grad():  # read at every call: a changed threshold changes the bits
+        threshold.add_(0.5)
+    with _shortcuts_on_pytorch(), torch.no_grad():
+        assert torch.equal(packed(x), packed.net(x.contiguous(memory_format=torch.channels_last)))
 
 
 class Untraceable(nn.Module):

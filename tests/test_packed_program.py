@@ -72,11 +72,10 @@ def test_lowered_program_computes_the_plans_outputs_bit_for_bit(name: str, monke
     assert plan_module is not None
     called = [plan_module.get_submodule(str(n.target)) for n in plan_module.graph.nodes if n.op == "call_module"]
     steps = [s for s in called if isinstance(s, PackedStep)]
-    bindable = [s for s in steps if s.packed_input or s.conv.threshold is None]  # float input: packed first
-    assert (program.bound_steps if program is not None else 0) == len(bindable)
+    assert (program.bound_steps if program is not None else 0) == len(steps)
     calls = step_calls(monkeypatch)
     assert torch.equal(packed(x), plan)
-    assert not any(s in bindable for s in calls)  # bound steps run without the module
+    assert not any(s in steps for s in calls)  # bound steps run without the module
 
 
 @needs_kernels
@@ -196,8 +195,7 @@ def test_the_call_timer_sees_every_bound_call_once_per_call() -> None:
     bound = [
         m
         for m in called
-        if (isinstance(m, PackedStep) and (m.packed_input or m.conv.threshold is None))
-        or (kernels.backend() == "cpu-avx512" and isinstance(m, FLOAT_KERNEL_MODULES))
+        if isinstance(m, PackedStep) or (kernels.backend() == "cpu-avx512" and isinstance(m, FLOAT_KERNEL_MODULES))
     ]
     assert [module for module, _ in seen] == bound and all(seconds > 0 for _, seconds in seen)
     assert len(program.bound_kernels) == (6 if kernels.backend() == "cpu-avx512" else 0)

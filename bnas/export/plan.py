@@ -8,10 +8,15 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
 * **Residual adds fused into the binary conv.** ``add(PackedConv2d(x), shortcut)`` where the
   conv's only consumer is the add (a Bi-Real unit: ``BN(conv(sign(x))) + x``, the BN already
   folded) becomes one :class:`PackedStep` whose epilogue adds the shortcut.
-* **Packed outputs chained.** A step whose output feeds binary convs (without a threshold,
-  ``groups=1``) also writes the signs of its output, packed, in the same pass; those convs
-  take the packed words and skip their own packing. The float output is still written when
-  something else (a shortcut, a pool, the head) reads it.
+* **RPReLU in the epilogue.** An RPReLU that alone reads a step's output (ReActNet's unit:
+  ``RPReLU(BN(conv(x)) + x)``) runs in the step's epilogue, after the residual, with the
+  float ops of its module in the same order (the same values bit for bit).
+* **Packed outputs chained.** A step whose output feeds binary convs (``groups=1``) also
+  writes the signs of its output, packed, in the same pass; those convs take the packed words
+  and skip their own packing. The float output is still written when something else (a
+  shortcut, a pool, the head) reads it. A conv with a threshold per channel (ReActNet's
+  RSign, ``sign(x - threshold)``) reads signs packed against its threshold, when the convs
+  without one read none of that output.
 * **The stem's pool packs too.** A max-pool whose output a step binarises (ResNet's stem
   pool before the first Bi-Real unit) writes the packed signs in the same pass as the pooled
   map, and the step reads them.
@@ -90,6 +95,7 @@ from ..kernels import (
     pointwise_conv2d,
 )
 from ..kernels.int8 import MAX_TAPS, PixelGrid
+from ..ops.common import RPReLU
 from .layers import PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear
 
 __all__ = [
@@ -127,6 +133,33 @@ class PackedStep(nn.Module):
         #: write the output into the residual's buffer (set by the plan when nothing reads the
         #: residual afterwards)
         self.into_residual = False
+        # the conv that reads the packed output and whose threshold it is packed against, and
+        # the RPReLU applied in the epilogue (set by the plan); kept out of the module tree, as
+        # they are other modules' (another step's conv, the unit's activation)
+        self.__dict__["_threshold_reader"] = None
+        self.__dict__["_rprelu"] = None
+
+    @property
+    def rprelu(self) -> RPReLU | None:
+        """The RPReLU applied after the residual, in the epilogue, or None."""
+        return self.__dict__.get("_rprelu")
+
+    def rprelu_parameters(self) -> tuple[Tensor, ...]:
+        """(shift_in, slope, shift_out) of :attr:`rprelu`, or () without one."""
+        act = self.rprelu
+        return () if act is None else (act.shift_in, act.slope, act.shift_out)
+
+    @property
+    def pack_threshold(self) -> Tensor | None:
+        """The threshold per channel the packed output is compared with (``out >= threshold``:
+        its reader's ``sign(out - threshold)``), or None for plain signs."""
+        reader = self.__dict__.get("_threshold_reader")
+        return None if reader is None else reader.threshold
+
+    def pack_for(self, reader: PackedConv2d) -> None:
+        """Pack the output for ``reader``: against its threshold, if it has one."""
+        self.pack_output = True
+        self.__dict__["_threshold_reader"] = reader if reader.threshold is not None else None
 
     def fused(self) -> FusedConv2d:
         """The conv's kernel call with its weights bound, made again when the conv's buffers
@@ -149,24 +182,30 @@ class PackedStep(nn.Module):
         fused = self.fused()
         if not self.packed_input:
             c = self.conv
-            if c.threshold is not None:
-                x = x - c.threshold.view(1, -1, 1, 1)
-            x = pack_signs(x, c.groups)  # channels_last input packs without a copy
+            threshold = c.threshold
+            if threshold is not None and x.dtype != torch.float32:
+                x, threshold = x - threshold.view(1, -1, 1, 1), None
+            x = pack_signs(x, c.groups, threshold)  # channels_last input packs without a copy
         # an add that broadcasts (a bias, a scalar) stays a float add after the conv
         broadcast = residual is not None and residual.shape != fused.output_shape(x)
         if residual is not None and not broadcast and residual.dtype == torch.float32:
             residual = residual.contiguous(memory_format=torch.channels_last)  # no copy when it is
         fused_residual = None if broadcast else residual
+        pack_threshold = self.pack_threshold if self.pack_output else None
         out, packed = fused(
             x,
             fused_residual,
             self.float_output or broadcast,
             self.pack_output and not broadcast,
             self.into_residual and fused_residual is not None,
+            pack_threshold,
+            () if broadcast else self.rprelu_parameters(),
         )
         if broadcast:
             out = cast(Tensor, out) + cast(Tensor, residual)
-            packed = pack_signs(out) if self.pack_output else None
+            if self.rprelu is not None:
+                out = self.rprelu(out)
+            packed = pack_signs(out, threshold=pack_threshold) if self.pack_output else None
         if self.float_output and self.pack_output:
             return out, packed
         return out if self.float_output else packed
@@ -175,19 +214,23 @@ class PackedStep(nn.Module):
         parts = ["packed input" if self.packed_input else "float input"]
         if self.residual:
             parts.append("+ residual")
+        if self.rprelu is not None:
+            parts.append("then RPReLU")
         parts.append("->" + " float" * self.float_output + " packed" * self.pack_output)
+        if self.pack_output and self.__dict__.get("_threshold_reader") is not None:
+            parts.append("packed against the reader's threshold")
         if self.into_residual:
             parts.append("in place of the residual")
         return ", ".join(parts)
 
 
 class _Tracer(torch.fx.Tracer):
-    """Stops at the packed and sign layers (their forward calls the kernels) and at PyTorch's
-    own modules."""
+    """Stops at the packed and sign layers (their forward calls the kernels), at RPReLU (one
+    call in the C++ runner, not eight traced ops) and at PyTorch's own modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(
-            m, (PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear)
+            m, (PackedConv2d, PackedLinear, PackedWeightLinear, SignConv2d, SignLinear, RPReLU)
         ) or super().is_leaf_module(m, qualname)
 
 
@@ -241,15 +284,30 @@ def _fuse_residuals(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, PackedStep]
     return steps
 
 
+def _fuse_rprelus(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, PackedStep]) -> None:
+    """An RPReLU that alone reads a step's output moves into the step's epilogue (ReActNet's
+    unit, ``RPReLU(BN(conv(x)) + x)``): its users read the step instead."""
+    for node, step in steps.items():
+        if len(node.users) != 1:
+            continue
+        act = next(iter(node.users))
+        module = _module(gm, act)
+        if type(module) is not RPReLU or act.args != (node,) or act.kwargs:
+            continue
+        step.__dict__["_rprelu"] = module
+        act.replace_all_uses_with(node)
+        gm.graph.erase_node(act)
+
+
 def _chain_packed(gm: torch.fx.GraphModule, steps: dict[torch.fx.Node, PackedStep]) -> None:
-    """A step whose output some steps binarise (no threshold, one group) also writes the
-    packed signs; those steps read them. Every other use (a shortcut, a pool, the residual of
-    the next unit) keeps the float output."""
+    """A step whose output some steps binarise (one group; no threshold, or else one threshold
+    tensor) also writes the packed signs; those steps read them. Every other use (a shortcut,
+    a pool, the residual of the next unit) keeps the float output."""
     for producer, step in steps.items():
-        readers = _binarising_readers(producer, steps)
+        readers = _binarising_readers(producer, steps, thresholds=True)
         if not readers:
             continue
-        step.pack_output = True
+        step.pack_for(steps[readers[0]].conv)
         step.float_output = any(u not in readers or producer in u.args[1:] for u in producer.users)
         _split_packed_output(gm, producer, readers, steps, step.float_output)
 
@@ -583,14 +641,19 @@ def _global_pools(gm: torch.fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def _binarising_readers(node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep]) -> list[torch.fx.Node]:
-    """The steps that binarise ``node`` as their input without a threshold, in one group:
-    they can read its signs packed instead."""
-    return [
-        u
-        for u in node.users
-        if u in steps and u.args[0] is node and steps[u].conv.threshold is None and steps[u].conv.groups == 1
-    ]
+def _binarising_readers(
+    node: torch.fx.Node, steps: dict[torch.fx.Node, PackedStep], thresholds: bool = False
+) -> list[torch.fx.Node]:
+    """The steps that binarise ``node`` as their input in one group, without a threshold: they
+    can read its signs packed instead. With ``thresholds`` (a producer that can pack against a
+    threshold), where there are none, the steps that binarise it against the first one's
+    threshold tensor."""
+    readers = [u for u in node.users if u in steps and u.args[0] is node and steps[u].conv.groups == 1]
+    plain = [u for u in readers if steps[u].conv.threshold is None]
+    if plain or not readers or not thresholds:
+        return plain
+    threshold = steps[readers[0]].conv.threshold
+    return [u for u in readers if steps[u].conv.threshold is threshold]
 
 
 def _split_packed_output(
@@ -711,6 +774,7 @@ def build_plan(
     gm = torch.fx.GraphModule(net, graph)
     _drop_identities(gm)
     steps = _fuse_residuals(gm)
+    _fuse_rprelus(gm, steps)
     _chain_packed(gm, steps)
     _channels_last_pools(gm)
     _pointwise_convs(gm, int8_shortcuts)

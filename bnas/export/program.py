@@ -7,8 +7,8 @@ against kernels of 20-100 us for a Bi-Real ResNet-18 at 32x32, and time that doe
 with more threads.
 
 :func:`lower_plan` turns the plan into a :class:`Program`: every step that reads packed input
-(the plan chains them), or float input it packs itself (no threshold to subtract first),
-becomes one direct call of the extension, its weights in the kernel's layout, its geometry and
+(the plan chains them), or float input it packs itself (against its conv's threshold per
+channel, if it has one), becomes one direct call of the extension, its weights in the kernel's layout, its geometry and
 epilogue bound once. The float modules on the kernels (the stem, the
 1x1 shortcuts, the global average pool and the classifier) become direct calls too, each with
 its weights' layout bound: their Python dispatch cost 25-45 us a call, a third of a 1x1
@@ -43,7 +43,7 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -89,25 +89,39 @@ def _held(owner: nn.Module, name: str) -> Held:
 
 class _BoundStep:
     """A :class:`PackedStep` as one call of the extension: on packed input, or on float input
-    it packs first (one call more) when its conv has no threshold to subtract. A grouped conv
-    of small groups (a depthwise one: one channel a group) reads its float input as it is,
-    output channels in SIMD lanes (``cpu_backend.grouped_conv_call``: the packed path's
-    outputs bit for bit)."""
+    it packs first (one call more; against the conv's threshold, if it has one). A grouped
+    conv of small groups (a depthwise one: one channel a group) without a threshold reads its
+    float input as it is, output channels in SIMD lanes (``cpu_backend.grouped_conv_call``:
+    the packed path's outputs bit for bit)."""
 
     def __init__(self, step: PackedStep, route: str, x_slot: int, residual_slot: int | None):
         fused = step.fused()
         self.module, self.fused = step, fused
         buffers = step.conv._buffers
         #: the tensors the call was made with; the packed weights went into a layout of their
-        #: own, so they must also be unchanged in place (scale and bias are read at every call);
-        #: a float input's step was bound for a conv without a threshold
+        #: own, so they must also be unchanged in place (scale, bias and the thresholds are read
+        #: at every call): a float input's threshold, and the one the packed output is packed
+        #: against (its reader's)
         names = ("weight_packed", "scale", "bias") + (() if step.packed_input else ("threshold",))
         self.held: list[Held] = [(buffers, name, buffers.get(name)) for name in names]
+        self.threshold = None if step.packed_input else buffers.get("threshold")
+        reader = step.__dict__.get("_threshold_reader") if step.pack_output else None
+        pack_threshold = None
+        if reader is not None:
+            self.held.append(_held(reader, "threshold"))
+            pack_threshold = self.held[-1][2]
+        rprelu: list[Tensor] = []  # the epilogue's RPReLU parameters, read at every call
+        if step.rprelu is not None:
+            for name in ("shift_in", "slope", "shift_out"):
+                self.held.append(_held(step.rprelu, name))
+                rprelu.append(cast(Tensor, self.held[-1][2]))
         #: a grouped conv of small groups (depthwise: one channel a group) on float input runs
         #: on the float map, channels in SIMD lanes (cpu_backend.grouped_conv_call), not on a
         #: packed word per group
-        self.on_float_map = not step.packed_input and cpu_backend.grouped_on_float_map(
-            fused.in_channels, fused.out_channels, fused.groups
+        self.on_float_map = (
+            not step.packed_input
+            and self.threshold is None
+            and cpu_backend.grouped_on_float_map(fused.in_channels, fused.out_channels, fused.groups)
         )
         # the groups to pack a float input in first; 0: it comes packed, or the call reads it as it is
         self.pack_groups = 0 if step.packed_input or self.on_float_map else fused.groups
@@ -115,12 +129,13 @@ class _BoundStep:
         self.unchanged = [(fused.wp, fused.wp._version)]
         if self.on_float_map:
             self.call, self.head, self.tail = cpu_backend.grouped_conv_call(
-                fused.wp, fused.in_channels // fused.groups, fused.geometry, fused.scale, fused.bias, route
-            )
+                fused.wp, fused.in_channels // fused.groups, fused.geometry, fused.scale, fused.bias, route,
+                pack_threshold, rprelu,
+            )  # fmt: skip
         else:
             lanes = cpu_backend.lane_weights(fused.wp, fused.groups, route)
             static = (fused.in_channels, fused.out_channels, *fused.geometry, fused.groups, fused.scale, fused.bias)
-            self.call, self.head, self.tail = cpu_backend.fused_conv_call(lanes, static, route)
+            self.call, self.head, self.tail = cpu_backend.fused_conv_call(lanes, static, route, pack_threshold, rprelu)
         self.x_slot, self.residual_slot = x_slot, residual_slot
         self.float_output, self.pack_output = step.float_output, step.pack_output
         self.into_residual = step.into_residual
@@ -132,7 +147,7 @@ class _BoundStep:
         slots = [self.x_slot, -1 if self.residual_slot is None else self.residual_slot]
         if self.on_float_map:
             return "grouped_conv_fused", slots, (*self.head, *flags, *self.tail), -1
-        return "conv2d_packed_fused", slots, (*self.head, *flags, *self.tail, self.pack_groups), -1
+        return "conv2d_packed_fused", slots, (*self.head, *flags, *self.tail, self.pack_groups, self.threshold), -1
 
     def _module(self, x: Any, residual: Any) -> Any:
         self.fallbacks += 1
@@ -145,7 +160,7 @@ class _BoundStep:
             if not _float_cpu(x, 4, self.fused.in_channels):
                 return self._module(x, None if self.residual_slot is None else env[self.residual_slot])
             if self.pack_groups:
-                xp = self.pack(x, self.pack_groups, threads)
+                xp = self.pack(x, self.pack_groups, threads, self.threshold)
         if self.residual_slot is not None:
             residual = env[self.residual_slot]
             if self.on_float_map:  # a float (N, C, H, W) input
@@ -315,9 +330,7 @@ def _bind_binary_linear(module: PackedLinear | PackedWeightLinear, slot: int, ro
     features = module.in_features
     wp = module.weight_packed
     if isinstance(module, PackedLinear):
-        if module.threshold is not None:
-            return None
-        call = cpu_backend.packed_linear_call(wp, features, module.scale, module.bias, route)
+        call = cpu_backend.packed_linear_call(wp, features, module.scale, module.bias, route, module.threshold)
     else:
         call = cpu_backend.real_binary_linear_call(wp, features, module.scale, module.bias, route)
     bound = _BoundKernel(module, slot, call, lambda x: _float_cpu(x, 2, features) and x.is_contiguous())
@@ -606,12 +619,7 @@ def _instruction(
     kwargs = _values(node.kwargs, slot_of)
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        if (
-            isinstance(module, PackedStep)
-            and (module.packed_input or module.conv.threshold is None)
-            and not node.kwargs
-            and len(args) in (1, 2)
-        ):
+        if isinstance(module, PackedStep) and not node.kwargs and len(args) in (1, 2):
             x, residual = args[0], args[1] if len(args) == 2 else None
             if isinstance(x, torch.fx.Node) and (residual is None or isinstance(residual, torch.fx.Node)):
                 return _BoundStep(module, route, slot_of[x], None if residual is None else slot_of[residual])

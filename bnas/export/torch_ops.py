@@ -2,8 +2,8 @@
 
 Between its kernel calls, a packed cell network runs PyTorch's own ops: BatchNorm in
 inference (a cell input's alignment, an edge's ``bn -> conv``), the sums and concatenations of
-a cell's nodes, the pad and slice of a factorized reduce, pools, activations, flatten and
-dropout (the identity in eval). In
+a cell's nodes, the pad and slice of a factorized reduce, pools, activations (ReActNet's
+RPReLU too), flatten and dropout (the identity in eval). In
 the Python program each is a module or function call of 5-15 us on the small maps of a cell
 network, several times the op itself. :func:`torch_op` describes such a plan node as a
 ``torch.<op>`` kind of the extension's ``ProgramRunner`` (``csrc/program_torch_ops.h``), which
@@ -22,6 +22,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops.common import RPReLU
 
 __all__ = ["TorchOp", "torch_op"]
 
@@ -77,6 +79,10 @@ def _module_op(module: nn.Module, x: int) -> TorchOp | None:
         return TorchOp("torch.dropout", [x], (float(dropout.p), dropout.inplace), [(module, "training")])
     if kind is nn.PReLU:
         return TorchOp("torch.prelu", [x], (cast(nn.PReLU, module).weight,), [(module, "weight")])
+    if kind is RPReLU:
+        rprelu = cast(RPReLU, module)
+        names = ("shift_in", "slope", "shift_out")
+        return TorchOp("torch.rprelu", [x], tuple(getattr(rprelu, n) for n in names), [(module, n) for n in names])
     if kind is nn.AvgPool2d:
         avg = cast(nn.AvgPool2d, module)
         geometry = (_pair(avg.kernel_size), _pair(avg.stride), _pair(avg.padding))

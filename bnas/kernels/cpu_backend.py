@@ -43,7 +43,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar, cast
@@ -271,18 +271,19 @@ def _cached_layout(wp: Tensor, layout: tuple, make: Callable[[], _Layout]) -> _L
 def pack_weights(w: Tensor, name: str) -> Tensor:
     """Float (K, Cg, kh, kw) weights are an NCHW image batch of K: packing them gives
     (K, kh, kw, Wg) directly; (K, F) gives (K, words)."""
-    return _built(name).pack_signs(w, 1, _isa(name), kernel_threads())
+    return _built(name).pack_signs(w, 1, _isa(name), kernel_threads(), None)
 
 
-def pack_signs(x: Tensor, groups: int, name: str) -> Tensor:
-    """Float NCHW -> packed NHWC, or (N, F) -> (N, words), with code path ``name``."""
-    return _built(name).pack_signs(x, groups, _isa(name), kernel_threads())
+def pack_signs(x: Tensor, groups: int, name: str, threshold: Tensor | None = None) -> Tensor:
+    """Float NCHW -> packed NHWC, or (N, F) -> (N, words), with code path ``name``: bit 1 where
+    ``x >= 0``, or ``x >= threshold`` per channel (feature) when given."""
+    return _built(name).pack_signs(x, groups, _isa(name), kernel_threads(), threshold)
 
 
-def pack_signs_call(name: str) -> Callable[[Tensor, int, int], Tensor]:
-    """:func:`pack_signs` as ``call(x, groups, threads)``."""
+def pack_signs_call(name: str) -> Callable[..., Tensor]:
+    """:func:`pack_signs` as ``call(x, groups, threads, threshold=None)``."""
     pack, isa = _built(name).pack_signs, _isa(name)
-    return lambda x, groups, threads: pack(x, groups, isa, threads)
+    return lambda x, groups, threads, threshold=None: pack(x, groups, isa, threads, threshold)
 
 
 def xnor_conv2d_packed(
@@ -341,15 +342,19 @@ def xnor_linear_packed(
 
 
 def fused_conv_call(
-    lanes: Tensor, static: tuple[Any, ...], name: str
+    lanes: Tensor,
+    static: tuple[Any, ...],
+    name: str,
+    pack_threshold: Tensor | None = None,
+    rprelu: Sequence[Tensor] = (),
 ) -> tuple[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]]:
     """:func:`conv2d_fused_on_lanes` split for a caller that binds a layer once and calls it on
     every forward (``bnas.export.program``): the extension's function, the arguments before the
     residual (``lanes``, then ``static`` = in and out channels, the 8 geometry values, groups,
-    scale, bias) and those after the three output flags (the code path); the thread count comes
-    last. ``call(xp, *head, residual, float_output, pack_output, into_residual, *tail, threads)``
-    is ``conv2d_fused_on_lanes``'s call."""
-    return _built(name).conv2d_packed_fused, (lanes, *static), (_isa(name),)
+    scale, bias) and those after the three output flags (``pack_threshold``, ``rprelu``, the
+    code path); the thread count comes last. ``call(xp, *head, residual, float_output,
+    pack_output, into_residual, *tail, threads)`` is ``conv2d_fused_on_lanes``'s call."""
+    return _built(name).conv2d_packed_fused, (lanes, *static), (pack_threshold, list(rprelu), _isa(name))
 
 
 # Channels a group for which a grouped conv on float input runs on the float map. Its kernel
@@ -368,7 +373,14 @@ def grouped_on_float_map(in_channels: int, out_channels: int, groups: int) -> bo
 
 
 def grouped_conv_call(
-    wp: Tensor, channels_per_group: int, geometry: tuple[int, ...], scale: Tensor | None, bias: Tensor | None, name: str
+    wp: Tensor,
+    channels_per_group: int,
+    geometry: tuple[int, ...],
+    scale: Tensor | None,
+    bias: Tensor | None,
+    name: str,
+    pack_threshold: Tensor | None = None,
+    rprelu: Sequence[Tensor] = (),
 ) -> tuple[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]]:
     """A grouped binary conv of 1, 2, 4, 8 or 16 channels a group, as many outputs as inputs
     (packed weights ``wp``, ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw)), on a float map, split as
@@ -382,7 +394,11 @@ def grouped_conv_call(
         wp, ("grouped", channels_per_group), lambda: _grouped_weight_words(wp, channels_per_group, kh, kw)
     )
     channels = wp.shape[0]
-    return _built(name).grouped_conv_fused, (words, channels, channels_per_group, *geometry, scale, bias), (_isa(name),)
+    return (
+        _built(name).grouped_conv_fused,
+        (words, channels, channels_per_group, *geometry, scale, bias),
+        (pack_threshold, list(rprelu), _isa(name)),
+    )
 
 
 def _grouped_weight_words(wp: Tensor, channels_per_group: int, kh: int, kw: int) -> Tensor:
@@ -412,13 +428,16 @@ def conv2d_fused_on_lanes(
     pack_output: bool,
     into_residual: bool,
     name: str,
+    pack_threshold: Tensor | None = None,
+    rprelu: Sequence[Tensor] = (),
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Packed conv + epilogue + residual with code path ``name`` on weights in its lane layout
-    (:func:`lane_weights`), ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw): (float
-    channels_last output or None, packed NHWC signs or None)."""
+    """Packed conv + epilogue + residual (+ RPReLU, given its shift_in, slope and shift_out)
+    with code path ``name`` on weights in its lane layout (:func:`lane_weights`), ``geometry``
+    = (kh, kw, sh, sw, ph, pw, dh, dw): (float channels_last output or None, packed NHWC
+    signs, of ``y >= pack_threshold`` per channel when given, or None)."""
     return _built(name).conv2d_packed_fused(
         xp.contiguous(), lanes, in_channels, out_channels, *geometry, groups, scale, bias, residual,
-        float_output, pack_output, into_residual, _isa(name), kernel_threads(),
+        float_output, pack_output, into_residual, pack_threshold, list(rprelu), _isa(name), kernel_threads(),
     )  # fmt: skip
 
 
@@ -431,17 +450,23 @@ def real_binary_linear(
 
 
 def packed_linear_call(
-    wp: Tensor, in_features: int, scale: Tensor | None, bias: Tensor | None, name: str
+    wp: Tensor,
+    in_features: int,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    name: str,
+    threshold: Tensor | None = None,
 ) -> KernelCall:
-    """A binary linear layer without a threshold (``PackedLinear``) as ``call(x, threads)``:
-    the float (N, F) rows' signs packed, then :func:`xnor_linear_packed` on them, as the
-    module's two calls make it (the weights' lane layout cached)."""
+    """A binary linear layer (``PackedLinear``) as ``call(x, threads)``: the float (N, F) rows'
+    signs packed (against ``threshold`` per feature when given), then
+    :func:`xnor_linear_packed` on them, as the module's calls make it (the weights' lane layout
+    cached; the threshold's values read at every call)."""
     ext, isa = _built(name), _isa(name)
     lanes = lane_weights(wp, 1, name)
-    args = (lanes, in_features, wp.shape[0], scale, bias, isa)
+    args = (lanes, in_features, wp.shape[0], scale, bias, isa, threshold)
 
     def call(x: Tensor, threads: int) -> Any:
-        return ext.linear_packed(ext.pack_signs(x, 1, isa, threads), *args[:5], False, isa, threads)
+        return ext.linear_packed(ext.pack_signs(x, 1, isa, threads, threshold), *args[:5], False, isa, threads)
 
     return KernelCall("linear_packed_float", args, call)
 

@@ -15,7 +15,7 @@ import importlib
 import warnings
 from collections.abc import Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -178,17 +178,29 @@ def _check_float(t: Tensor, what: str) -> None:
 # --------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------
-def pack_signs(x: Tensor, groups: int = 1) -> Tensor:
+def pack_signs(x: Tensor, groups: int = 1, threshold: Tensor | None = None) -> Tensor:
     """Float NCHW -> packed NHWC int32 ``(N, H, W, groups * ceil(C / groups / 32))``;
-    float ``(N, F)`` -> ``(N, ceil(F / 32))``. Bit 1 where ``x >= 0``."""
+    float ``(N, F)`` -> ``(N, ceil(F / 32))``. Bit 1 where ``x >= 0``, or with ``threshold``
+    (one value per channel or feature: ReActNet's RSign) where ``x >= threshold``: the signs
+    of ``x - threshold``, which in float32 is ``>= 0`` exactly when ``x >= threshold`` (unless
+    denormals are flushed to zero, ``torch.set_flush_denormal(True)``)."""
     _check_float(x, "pack_signs input")
     if x.dim() == 4 and (groups < 1 or x.shape[1] % groups):
         raise ValueError(f"pack_signs: {x.shape[1]} channels do not split into {groups} groups")
     if x.dim() not in (2, 4):
         raise ValueError(f"pack_signs expects NCHW or (N, F) input, got shape {tuple(x.shape)}")
+    if threshold is not None:
+        _check_float(threshold, "pack_signs threshold")
+        if threshold.numel() != x.shape[1] or threshold.device != x.device:
+            raise ValueError(
+                f"pack_signs: the threshold must have one value per channel ({x.shape[1]}) on {x.device}, "
+                f"got {threshold.numel()} on {threshold.device}"
+            )
     name = _route(x.device)
     if name in CPU_BACKENDS:
-        return cpu_backend.pack_signs(x, groups, name)
+        return cpu_backend.pack_signs(x, groups, name, threshold)
+    if threshold is not None:
+        x = x - threshold.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
     if name == CUDA_BACKEND and _cuda_module is not None and hasattr(_cuda_module, "pack_signs"):
         return _cuda_module.pack_signs(x, groups)
     return pack_signs_reference(x, groups)
@@ -275,12 +287,16 @@ def xnor_conv2d_fused(
     float_output: bool = True,
     pack_output: bool = False,
     into_residual: bool = False,
+    pack_threshold: Tensor | None = None,
+    rprelu: Sequence[Tensor] = (),
 ) -> tuple[Tensor | None, Tensor | None]:
     """One step of a packed network: ``y = conv2d(sign(x), sign(w)) * scale + bias + residual``
-    (a Bi-Real unit's ``BN(conv(x)) + shortcut`` with the BN folded), returned as
+    (a Bi-Real unit's ``BN(conv(x)) + shortcut`` with the BN folded), then ReActNet's RPReLU
+    when ``rprelu`` gives its ``(shift_in, slope, shift_out)``, returned as
     ``(y, packed signs of y)``: the float ``y`` (channels_last memory) when ``float_output``,
     else None, and its signs packed NHWC for the next binary layer when ``pack_output``, else
-    None. ``residual`` has ``y``'s shape. ``into_residual=True`` writes ``y`` into the
+    None: ``pack_signs(y, threshold=pack_threshold)``, so a next layer with a threshold per
+    channel (RSign) reads them as they are. ``residual`` has ``y``'s shape. ``into_residual=True`` writes ``y`` into the
     residual tensor itself (its old values are gone: for a shortcut nothing else reads). On
     the CPU kernels this is one pass over the output; other backends compute the same values
     in separate steps."""
@@ -294,12 +310,18 @@ def xnor_conv2d_fused(
         )  # fmt: skip
         return cpu_backend.conv2d_fused_on_lanes(
             xp, cpu_backend.lane_weights(wp, groups, name), in_channels, wp.shape[0], geometry, groups, scale, bias,
-            residual, float_output, pack_output, into_residual, name,
+            residual, float_output, pack_output, into_residual, name, pack_threshold, rprelu,
         )  # fmt: skip
     out = xnor_conv2d_packed(xp, wp, in_channels, kernel_size, stride, padding, dilation, groups, scale, bias)
     if residual is not None:
-        out = residual.copy_(out + residual) if into_residual else out + residual
-    return (out if float_output else None), (pack_signs(out) if pack_output else None)
+        out = out + residual
+    if rprelu:
+        from ..ops.common import rprelu as apply_rprelu  # the module's own ops (bnas.ops imports no kernels)
+
+        out = apply_rprelu(out, *rprelu)
+    if into_residual:
+        out = cast(Tensor, residual).copy_(out)
+    return (out if float_output else None), (pack_signs(out, threshold=pack_threshold) if pack_output else None)
 
 
 def _check_fused_outputs(residual: Tensor | None, float_output: bool, pack_output: bool, into_residual: bool) -> None:
@@ -313,7 +335,7 @@ class FusedConv2d:
     """:func:`xnor_conv2d_fused` with the packed weights, the geometry and the epilogue bound
     once, for a layer that runs on every forward (a packed network's plan steps).
 
-    ``fused(xp, residual, float_output, pack_output, into_residual)`` returns what
+    ``fused(xp, residual, float_output, pack_output, into_residual, pack_threshold, rprelu)`` returns what
     ``xnor_conv2d_fused(xp, wp, ...)`` returns. On the CPU a call normalises and looks up
     nothing but the code path: under 2 us of Python against 7 us for the function, which on
     2 threads was a fifth of a 7x7 step (35 us, the kernel 27 us). The weights' lane layout
@@ -361,17 +383,20 @@ class FusedConv2d:
         float_output: bool = True,
         pack_output: bool = False,
         into_residual: bool = False,
+        pack_threshold: Tensor | None = None,
+        rprelu: Sequence[Tensor] = (),
     ) -> tuple[Tensor | None, Tensor | None]:
         name = _route(xp.device)
         if name not in CPU_BACKENDS:
             return xnor_conv2d_fused(
                 xp, self.wp, self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-                self.groups, self.scale, self.bias, residual, float_output, pack_output, into_residual,
+                self.groups, self.scale, self.bias, residual, float_output, pack_output, into_residual, pack_threshold,
+                rprelu,
             )  # fmt: skip
         _check_fused_outputs(residual, float_output, pack_output, into_residual)
         return cpu_backend.conv2d_fused_on_lanes(
             xp, cpu_backend.lane_weights(self.wp, self.groups, name), self.in_channels, self.out_channels, self._geometry, self.groups, self.scale, self.bias,
-            residual, float_output, pack_output, into_residual, name,
+            residual, float_output, pack_output, into_residual, name, pack_threshold, rprelu,
         )  # fmt: skip
 
 

@@ -53,10 +53,16 @@ class RPReLU(nn.Module):
         self.shift_out = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = x - self.shift_in.view(shape)
-        y = torch.where(y >= 0, y, self.slope.view(shape) * y)
-        return y + self.shift_out.view(shape)
+        return rprelu(x, self.shift_in, self.slope, self.shift_out)
+
+
+def rprelu(x: Tensor, shift_in: Tensor, slope: Tensor, shift_out: Tensor) -> Tensor:
+    """RPReLU of ``x`` (channels in dimension 1) with these per-channel parameters: the float
+    ops, in this order, that the packed kernels' epilogue makes too."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = x - shift_in.view(shape)
+    y = torch.where(y >= 0, y, slope.view(shape) * y)
+    return y + shift_out.view(shape)
 
 
 def make_activation(name: str, channels: int) -> nn.Module:

@@ -1,6 +1,6 @@
 // PyTorch's own ops in a ProgramRunner (program_runner.h): the float glue of a packed cell
 // network between its kernel calls (BatchNorm in inference, the sums and concatenations of a
-// cell's nodes, pads, slices, pools, activations, flatten, dropout in eval). Python binds each as a
+// cell's nodes, pads, slices, pools, activations, ReActNet's RPReLU, flatten, dropout in eval). Python binds each as a
 // `torch.<op>` kind (bnas.export.program's _TorchCall) with the arguments its module or
 // function passes; the runner calls the same ATen function, so the values are the same bit for
 // bit, and without the Python module call (5-10 us each on a small map, several times the op).
@@ -8,6 +8,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -110,6 +111,19 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     expect(1, 1);
     const torch::Tensor weight = a[0].cast<torch::Tensor>();
     return [=](const ProgramInputs& env, int64_t) { return ProgramValue{at::prelu(program_input(env, x), weight)}; };
+  }
+  if (kind == "rprelu") {  // shift_in, slope, shift_out: bnas.ops.common.RPReLU's forward, op for op
+    expect(3, 1);
+    const torch::Tensor shift_in = a[0].cast<torch::Tensor>(), slope = a[1].cast<torch::Tensor>();
+    const torch::Tensor shift_out = a[2].cast<torch::Tensor>();
+    return [=](const ProgramInputs& env, int64_t) {
+      const torch::Tensor& in = program_input(env, x);
+      std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(in.dim(), 2)), 1);
+      shape[1] = -1;  // (1, -1, 1, ...), one per channel
+      const torch::Tensor y = at::sub(in, shift_in.view(shape));
+      const torch::Tensor z = at::where(at::ge(y, 0), y, at::mul(slope.view(shape), y));
+      return ProgramValue{at::add(z, shift_out.view(shape))};
+    };
   }
   if (kind == "avg_pool2d") {  // kernel, stride, padding (pairs), ceil_mode, count_include_pad, divisor_override
     expect(6, 1);

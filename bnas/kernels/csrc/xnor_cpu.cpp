@@ -87,6 +87,13 @@ struct Epilogue {
   float* out_f;           // (pixels, K) NHWC float, or nullptr
   int32_t* out_p;         // (pixels, Kw) packed signs, or nullptr (both may be set: the float
                           // result feeds a shortcut, its signs the next binary layer)
+  const float* pack_threshold;  // K or nullptr: a packed bit is v >= pack_threshold[k], the
+                                // next layer's sign(v - threshold), else v >= 0
+  // ReActNet's RPReLU after the residual (K each, or all nullptr): v - shift_in, times slope
+  // where negative, + shift_out, one rounding per op as PyTorch's elementwise ops make them
+  const float* rprelu_shift_in;
+  const float* rprelu_slope;
+  const float* rprelu_shift_out;
   int64_t K;              // output channels
   int64_t Kw;             // words per packed output pixel
   bool atomic_bits;       // this block shares packed words with another block
@@ -134,11 +141,23 @@ inline void epilogue_scalar(const int32_t* acc, int P, int64_t stride, const Blo
       if (e.scale) v = v * e.scale[k];
       if (e.bias) v = v + e.bias[k];
       if (e.residual) v = v + e.residual[b.pos[p] * e.K + k];
+      if (e.rprelu_shift_in) {
+        const float y = v - e.rprelu_shift_in[k];
+        v = (y >= 0.0f ? y : e.rprelu_slope[k] * y) + e.rprelu_shift_out[k];
+      }
       if (e.out_f) e.out_f[b.pos[p] * e.K + k] = v;
-      if (v >= 0.0f) bits |= uint64_t{1} << c;
+      if (v >= (e.pack_threshold ? e.pack_threshold[k] : 0.0f)) bits |= uint64_t{1} << c;
     }
     if (e.out_p) or_bits(e.out_p + b.pos[p] * e.Kw, b.k0, bits, e.atomic_bits);
   }
+}
+
+// RPReLU on 16 channels, op for op as epilogue_scalar (and PyTorch) computes it.
+__attribute__((target("avx512f"))) inline __m512 rprelu_avx512(__m512 v, __m512 shift_in, __m512 slope,
+                                                               __m512 shift_out) {
+  const __m512 y = _mm512_sub_ps(v, shift_in);
+  const __mmask16 non_negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GE_OQ);
+  return _mm512_add_ps(_mm512_mask_blend_ps(non_negative, _mm512_mul_ps(slope, y), y), shift_out);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -168,13 +187,19 @@ __attribute__((target("avx512f,avx512vpopcntdq,avx512bw"))) void block_avx512(
   }
   // Epilogue, vectorized: 16 channels per step, per-channel scale and bias loaded once.
   __mmask16 lanes[Q];
-  __m512 sc[Q], bi[Q];
+  __m512 sc[Q], bi[Q], th[Q], r_in[Q], r_slope[Q], r_out[Q];
   for (int q = 0; q < Q; ++q) {
     const int64_t nl = std::min<int64_t>(16, b.nch - 16 * q);
     lanes[q] = bnas::first_lanes(nl);
     const int64_t k = b.k0 + 16 * q;
     sc[q] = e.scale ? _mm512_maskz_loadu_ps(lanes[q], e.scale + k) : _mm512_set1_ps(1.0f);
     bi[q] = e.bias ? _mm512_maskz_loadu_ps(lanes[q], e.bias + k) : _mm512_setzero_ps();
+    th[q] = e.pack_threshold ? _mm512_maskz_loadu_ps(lanes[q], e.pack_threshold + k) : _mm512_setzero_ps();
+    if (e.rprelu_shift_in) {
+      r_in[q] = _mm512_maskz_loadu_ps(lanes[q], e.rprelu_shift_in + k);
+      r_slope[q] = _mm512_maskz_loadu_ps(lanes[q], e.rprelu_slope + k);
+      r_out[q] = _mm512_maskz_loadu_ps(lanes[q], e.rprelu_shift_out + k);
+    }
   }
   for (int p = 0; p < P; ++p) {
     const __m512i kv = _mm512_set1_epi32(static_cast<int32_t>(b.kvalid[p]));
@@ -185,10 +210,10 @@ __attribute__((target("avx512f,avx512vpopcntdq,avx512bw"))) void block_avx512(
       if (e.bias) v = _mm512_add_ps(v, bi[q]);
       const int64_t at = b.pos[p] * e.K + b.k0 + 16 * q;
       if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes[q], e.residual + at));
+      if (e.rprelu_shift_in) v = rprelu_avx512(v, r_in[q], r_slope[q], r_out[q]);
       if (e.out_f) _mm512_mask_storeu_ps(e.out_f + at, lanes[q], v);
       if (e.out_p) {
-        const __mmask16 m = _mm512_mask_cmp_ps_mask(lanes[q], v, _mm512_setzero_ps(),
-                                                    _CMP_GE_OQ);
+        const __mmask16 m = _mm512_mask_cmp_ps_mask(lanes[q], v, th[q], _CMP_GE_OQ);
         bits |= static_cast<uint64_t>(m) << (16 * q);
       }
     }
@@ -516,13 +541,16 @@ torch::Tensor repack_weights(const torch::Tensor& wp_in, int64_t groups, int64_t
 // (zeroed: the epilogue ORs bits in) allocated as asked.
 struct FusedOutputs {
   Epilogue e{};
-  torch::Tensor sc, bi, res, out, packed;  // out: the float output, or the packed one alone
+  torch::Tensor sc, bi, th, res, out, packed;  // out: the float output, or the packed one alone
+  std::vector<torch::Tensor> rprelu;           // shift_in, slope, shift_out as float32
 };
 
 FusedOutputs fused_outputs(int64_t N, int64_t OH, int64_t OW, int64_t K, const torch::TensorOptions& int_options,
                            const c10::optional<torch::Tensor>& scale, const c10::optional<torch::Tensor>& bias,
                            const c10::optional<torch::Tensor>& residual, bool float_output, bool pack_output,
-                           bool nchw_channels_last, bool into_residual) {
+                           bool nchw_channels_last, bool into_residual,
+                           const c10::optional<torch::Tensor>& pack_threshold,
+                           const std::vector<torch::Tensor>& rprelu) {
   FusedOutputs o;
   Epilogue& e = o.e;
   if (scale.has_value()) {
@@ -534,6 +562,21 @@ FusedOutputs fused_outputs(int64_t N, int64_t OH, int64_t OW, int64_t K, const t
     o.bi = bias->to(torch::kFloat32).contiguous();
     TORCH_CHECK(o.bi.numel() == K, "bias must have one value per output channel");
     e.bias = o.bi.data_ptr<float>();
+  }
+  if (pack_threshold.has_value()) {
+    o.th = pack_threshold->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(o.th.numel() == K, "pack_threshold must have one value per output channel");
+    e.pack_threshold = o.th.data_ptr<float>();
+  }
+  TORCH_CHECK(rprelu.empty() || rprelu.size() == 3, "rprelu takes (shift_in, slope, shift_out)");
+  for (const torch::Tensor& t : rprelu) {
+    o.rprelu.push_back(t.to(torch::kFloat32).contiguous());
+    TORCH_CHECK(o.rprelu.back().numel() == K, "rprelu's parameters must have one value per output channel");
+  }
+  if (!o.rprelu.empty()) {
+    e.rprelu_shift_in = o.rprelu[0].data_ptr<float>();
+    e.rprelu_slope = o.rprelu[1].data_ptr<float>();
+    e.rprelu_shift_out = o.rprelu[2].data_ptr<float>();
   }
   TORCH_CHECK(float_output || pack_output, "the conv must write a float or a packed output");
   if (residual.has_value()) {
@@ -584,7 +627,9 @@ torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int6
                         const c10::optional<torch::Tensor>& residual, bool float_output,
                         bool pack_output, bool nchw_channels_last, int64_t isa,
                         int64_t num_threads, torch::Tensor* packed_out,
-                        bool into_residual) {
+                        bool into_residual,
+                        const c10::optional<torch::Tensor>& pack_threshold = c10::nullopt,
+                        const std::vector<torch::Tensor>& rprelu = {}) {
   check_packed(xp, "packed input");
   check_packed(wrep, "repacked weights");
   TORCH_CHECK(xp.dim() == 4, "packed input must be (N, H, W, words)");
@@ -620,7 +665,7 @@ torch::Tensor conv_nhwc(const torch::Tensor& xp, const torch::Tensor& wrep, int6
   }
 
   FusedOutputs o = fused_outputs(g.N, g.OH, g.OW, g.K, xp.options(), scale, bias, residual, float_output,
-                                 pack_output, nchw_channels_last, into_residual);
+                                 pack_output, nchw_channels_last, into_residual, pack_threshold, rprelu);
   Epilogue& e = o.e;
   torch::Tensor& out = o.out;
   torch::Tensor& packed = o.packed;
@@ -642,19 +687,23 @@ torch::Tensor conv2d_packed(const torch::Tensor& xp, const torch::Tensor& wrep, 
                    nullptr, false);
 }
 
-// The fused step of a packed network: conv -> * scale + bias -> + residual (a shortcut), and
-// the result as float (channels_last NCHW), as packed signs for the next binary layer, or
-// both. Returns [float, packed]; an output not asked for is an undefined tensor (None).
+// The fused step of a packed network: conv -> * scale + bias -> + residual (a shortcut) (->
+// RPReLU, given its shift_in, slope and shift_out), and the result as float (channels_last
+// NCHW), as packed signs for the next binary layer (of y >= pack_threshold per channel when
+// given: that layer's sign(y - threshold)), or both.
+// Returns [float, packed]; an output not asked for is an undefined tensor (None).
 std::vector<torch::Tensor> conv2d_packed_fused(
     const torch::Tensor& xp, const torch::Tensor& wrep, int64_t in_channels, int64_t out_channels,
     int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
     int64_t groups, const c10::optional<torch::Tensor>& scale,
     const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& residual,
-    bool float_output, bool pack_output, bool into_residual, int64_t isa, int64_t num_threads) {
+    bool float_output, bool pack_output, bool into_residual,
+    const c10::optional<torch::Tensor>& pack_threshold, const std::vector<torch::Tensor>& rprelu, int64_t isa,
+    int64_t num_threads) {
   torch::Tensor packed;
   torch::Tensor out = conv_nhwc(xp, wrep, in_channels, out_channels, kh, kw, sh, sw, ph, pw, dh,
                                 dw, groups, scale, bias, residual, float_output, pack_output, true,
-                                isa, num_threads, &packed, into_residual);
+                                isa, num_threads, &packed, into_residual, pack_threshold, rprelu);
   return {float_output ? out : torch::Tensor(), packed};
 }
 
@@ -756,9 +805,14 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void grouped_row_avx512(
       if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, e.bias + c0));
       const int64_t at = pos * e.K + c0;
       if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, e.residual + at));
+      if (e.rprelu_shift_in)
+        v = rprelu_avx512(v, _mm512_maskz_loadu_ps(live, e.rprelu_shift_in + c0),
+                          _mm512_maskz_loadu_ps(live, e.rprelu_slope + c0),
+                          _mm512_maskz_loadu_ps(live, e.rprelu_shift_out + c0));
       if (e.out_f) _mm512_mask_storeu_ps(e.out_f + at, live, v);
       if (e.out_p) {
-        bits |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, v, zero, _CMP_GE_OQ)) << (16 * (q % 4));
+        const __m512 t = e.pack_threshold ? _mm512_maskz_loadu_ps(live, e.pack_threshold + c0) : zero;
+        bits |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, v, t, _CMP_GE_OQ)) << (16 * (q % 4));
         if (q % 4 == 3 || q == vectors - 1) {  // 64 channels' signs, from channel 64 * (q / 4)
           or_bits(e.out_p + pos * e.Kw, 64 * (q / 4), bits, false);
           bits = 0;
@@ -783,7 +837,8 @@ std::vector<torch::Tensor> grouped_conv_fused(
     int64_t kh, int64_t kw,
     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, const c10::optional<torch::Tensor>& scale,
     const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& residual, bool float_output,
-    bool pack_output, bool into_residual, int64_t isa, int64_t num_threads) {
+    bool pack_output, bool into_residual, const c10::optional<torch::Tensor>& pack_threshold,
+    const std::vector<torch::Tensor>& rprelu, int64_t isa, int64_t num_threads) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 4,
               "grouped_conv_fused: input must be a float32 (N, C, H, W) CPU tensor");
   TORCH_CHECK(isa_supported(isa), "this CPU does not support the requested instruction set");
@@ -805,7 +860,7 @@ std::vector<torch::Tensor> grouped_conv_fused(
   g.OH = (g.H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
   g.OW = (g.W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   FusedOutputs o = fused_outputs(g.N, g.OH, g.OW, g.C, x.options().dtype(torch::kInt32), scale, bias, residual,
-                                 float_output, pack_output, true, into_residual);
+                                 float_output, pack_output, true, into_residual, pack_threshold, rprelu);
   const float* src = x.data_ptr<float>();
   const int32_t* words = weight_words.data_ptr<int32_t>();
   const bool avx512 = isa == ISA_AVX512;
@@ -862,9 +917,10 @@ torch::Tensor linear_packed(const torch::Tensor& xp, const torch::Tensor& wrep,
 }
 
 // ---------------------------------------------------------------------------------------
-// Packing signs of a float NCHW tensor into NHWC words (bit 1 where x >= 0). A task is one
-// image and a run of pixels; every word of those pixels is built, then written out in
-// NHWC order as one contiguous stretch.
+// Packing signs of a float NCHW tensor into NHWC words (bit 1 where x >= 0, or x >= t[c] with
+// a threshold per channel: sign(x - t), since without flush-to-zero x - t >= 0 exactly when
+// x >= t). A task is one image and a run of pixels; every word of those pixels is built, then
+// written out in NHWC order as one contiguous stretch.
 // ---------------------------------------------------------------------------------------
 struct PackGeometry {
   int64_t C, HW, Cg, Wg, Ctot;
@@ -873,7 +929,7 @@ struct PackGeometry {
 // Generic: 32 channels at a time, bits gathered per pixel (the compiler vectorizes the
 // pixel loop).
 void pack_pixels_generic(const float* img, const PackGeometry& g, int64_t p0, int64_t np,
-                         uint32_t* out) {
+                         uint32_t* out, const float* threshold) {
   for (int64_t word = 0; word < g.Ctot; ++word) {
     const int64_t grp = word / g.Wg, wi = word % g.Wg;
     const int64_t c0 = grp * g.Cg + wi * 32;
@@ -882,7 +938,8 @@ void pack_pixels_generic(const float* img, const PackGeometry& g, int64_t p0, in
     for (int64_t j = 0; j < nch; ++j) {
       const float* r = img + (c0 + j) * g.HW + p0;
       const uint32_t bit = 1u << j;
-      for (int64_t p = 0; p < np; ++p) bits[p] |= (r[p] >= 0.0f) ? bit : 0u;
+      const float t = threshold ? threshold[c0 + j] : 0.0f;
+      for (int64_t p = 0; p < np; ++p) bits[p] |= (r[p] >= t) ? bit : 0u;
     }
     for (int64_t p = 0; p < np; ++p) out[(p0 + p) * g.Ctot + word] = bits[p];
   }
@@ -894,7 +951,8 @@ void pack_pixels_generic(const float* img, const PackGeometry& g, int64_t p0, in
 __attribute__((target("avx512f,avx512bw"))) void pack_pixels_avx512(const float* img,
                                                                     const PackGeometry& g,
                                                                     int64_t p0, int64_t np,
-                                                                    uint32_t* out) {
+                                                                    uint32_t* out,
+                                                                    const float* threshold) {
   __mmask16 live[4];
   for (int b = 0; b < 4; ++b) {
     const int64_t n16 = std::max<int64_t>(0, std::min<int64_t>(16, np - 16 * b));
@@ -911,9 +969,10 @@ __attribute__((target("avx512f,avx512bw"))) void pack_pixels_avx512(const float*
     const float* r = img + c0 * g.HW + p0;
     for (int64_t j = 0; j < nch; ++j, r += g.HW) {
       const __m512i bit = _mm512_set1_epi32(static_cast<int>(1u << j));
+      const __m512 t = threshold ? _mm512_set1_ps(threshold[c0 + j]) : zero;
       for (int b = 0; b < 4; ++b) {
         const __m512 v = _mm512_maskz_loadu_ps(live[b], r + 16 * b);
-        const __mmask16 ge = _mm512_mask_cmp_ps_mask(live[b], v, zero, _CMP_GE_OQ);
+        const __mmask16 ge = _mm512_mask_cmp_ps_mask(live[b], v, t, _CMP_GE_OQ);
         acc[b] = _mm512_mask_or_epi32(acc[b], ge, acc[b], bit);
       }
     }
@@ -926,59 +985,75 @@ __attribute__((target("avx512f,avx512bw"))) void pack_pixels_avx512(const float*
   }
 }
 
-// Rows of contiguous features (linear layers): 32 neighbouring floats make one word.
-void pack_row_generic(const float* x, int64_t F, uint32_t* out) {
+// Rows of contiguous features (linear layers): 32 neighbouring floats make one word; with a
+// threshold, feature j's bit is x[j] >= threshold[j].
+void pack_row_generic(const float* x, int64_t F, uint32_t* out, const float* threshold) {
   for (int64_t w = 0; w * 32 < F; ++w) {
     const int64_t nch = std::min<int64_t>(32, F - w * 32);
     uint32_t bits = 0;
-    for (int64_t j = 0; j < nch; ++j) bits |= (x[w * 32 + j] >= 0.0f) ? (1u << j) : 0u;
+    for (int64_t j = 0; j < nch; ++j) {
+      const int64_t i = w * 32 + j;
+      bits |= (x[i] >= (threshold ? threshold[i] : 0.0f)) ? (1u << j) : 0u;
+    }
     out[w] = bits;
   }
 }
 
 __attribute__((target("avx512f,avx512bw"))) void pack_row_avx512(const float* x, int64_t F,
-                                                                 uint32_t* out) {
+                                                                 uint32_t* out, const float* threshold) {
   for (int64_t w = 0; w * 32 < F; ++w) {
     const int64_t nch = std::min<int64_t>(32, F - w * 32);
     const int64_t lo = std::min<int64_t>(16, nch), hi = nch - lo;
     const __mmask16 mlo = bnas::first_lanes(lo);
     const __mmask16 mhi = bnas::first_lanes(hi);
-    const __m512 zero = _mm512_setzero_ps();
+    const __m512 tlo = threshold ? _mm512_maskz_loadu_ps(mlo, threshold + w * 32) : _mm512_setzero_ps();
+    const __m512 thi = threshold ? _mm512_maskz_loadu_ps(mhi, threshold + w * 32 + 16) : _mm512_setzero_ps();
     const uint32_t blo = _mm512_mask_cmp_ps_mask(mlo, _mm512_maskz_loadu_ps(mlo, x + w * 32),
-                                                 zero, _CMP_GE_OQ);
+                                                 tlo, _CMP_GE_OQ);
     const uint32_t bhi = _mm512_mask_cmp_ps_mask(
-        mhi, _mm512_maskz_loadu_ps(mhi, x + w * 32 + 16), zero, _CMP_GE_OQ);
+        mhi, _mm512_maskz_loadu_ps(mhi, x + w * 32 + 16), thi, _CMP_GE_OQ);
     out[w] = blo | (bhi << 16);
   }
 }
 
-// Rows of f contiguous floats -> rows of ceil(f / 32) words, rows split among threads.
+// Rows of f contiguous floats -> rows of ceil(f / 32) words, rows split among threads. With a
+// threshold, row i compares with its f values from threshold + (i % threshold_rows) * f (the
+// rows of a channels_last map cycle through its groups).
 void pack_rows(const float* src, int64_t n, int64_t f, uint32_t* dst, bool avx512,
-               int64_t num_threads) {
+               int64_t num_threads, const float* threshold = nullptr, int64_t threshold_rows = 1) {
   const int64_t words = (f + 31) / 32;
   const int threads = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>({num_threads, n, n * f / 32768 + 1})));
   bnas::parallel_for(n, n / (4 * threads), threads, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      const float* t = threshold ? threshold + (i % threshold_rows) * f : nullptr;
       if (avx512)
-        pack_row_avx512(src + i * f, f, dst + i * words);
+        pack_row_avx512(src + i * f, f, dst + i * words, t);
       else
-        pack_row_generic(src + i * f, f, dst + i * words);
+        pack_row_generic(src + i * f, f, dst + i * words, t);
     }
   });
 }
 
+// `threshold`: one value per channel (feature) or none; a bit is then x >= threshold.
 torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
-                         int64_t num_threads) {
+                         int64_t num_threads, const c10::optional<torch::Tensor>& threshold = c10::nullopt) {
   TORCH_CHECK(x_in.device().is_cpu(), "pack_signs: input must be on the CPU");
   TORCH_CHECK(x_in.dim() == 4 || x_in.dim() == 2, "pack_signs: input must be NCHW or (N, F)");
   const bool avx512 = isa == ISA_AVX512 && isa_supported(ISA_AVX512);
+  torch::Tensor th;
+  if (threshold.has_value()) {
+    th = threshold->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(th.device().is_cpu() && th.numel() == x_in.size(1), "pack_signs: the threshold must have one value "
+                "per channel (", x_in.size(1), "), got ", th.numel());
+  }
+  const float* thresholds = th.defined() ? th.data_ptr<float>() : nullptr;
   if (x_in.dim() == 2) {
     auto x = x_in.to(torch::kFloat32).contiguous();
     const int64_t n = x.size(0), f = x.size(1), words = (f + 31) / 32;
     auto out = torch::empty({n, words}, x.options().dtype(torch::kInt32));
     pack_rows(x.data_ptr<float>(), n, f, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()),
-              avx512, num_threads);
+              avx512, num_threads, thresholds);
     return out;
   }
   TORCH_CHECK(x_in.size(1) % groups == 0, "channels must divide by groups");
@@ -989,7 +1064,7 @@ torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
     const int64_t N = x_in.size(0), Cg = x_in.size(1) / groups, H = x_in.size(2), W = x_in.size(3);
     auto out = torch::empty({N, H, W, groups * ((Cg + 31) / 32)}, x_in.options().dtype(torch::kInt32));
     pack_rows(x_in.data_ptr<float>(), N * H * W * groups, Cg,
-              reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), avx512, num_threads);
+              reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), avx512, num_threads, thresholds, groups);
     return out;
   }
   auto x = x_in.to(torch::kFloat32).contiguous();
@@ -1011,9 +1086,9 @@ torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
       const float* img = src + n * C * g.HW;
       uint32_t* o = dst + n * g.HW * g.Ctot;
       if (avx512)
-        pack_pixels_avx512(img, g, p0, np, o);
+        pack_pixels_avx512(img, g, p0, np, o, thresholds);
       else
-        pack_pixels_generic(img, g, p0, np, o);
+        pack_pixels_generic(img, g, p0, np, o, thresholds);
     }
   });
   return out;
@@ -1556,9 +1631,10 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
   };
   if (kind == "conv2d_packed_fused") {
     // lanes, in and out channels, kh, kw, sh, sw, ph, pw, dh, dw, groups, scale, bias,
-    // float_output, pack_output, into_residual, isa, and the groups to pack a float input in
-    // first (0: the input comes packed)
-    expect(19);
+    // float_output, pack_output, into_residual, pack_threshold, rprelu ([] or its three
+    // parameters), isa, the groups to pack a float input in first (0: the input comes packed)
+    // and the threshold it is packed against
+    expect(22);
     TORCH_CHECK(inputs.size() == 2, "ProgramRunner: a packed step has an input and a residual slot");
     const int64_t residual_slot = inputs[1];
     const torch::Tensor lanes = program_arg<torch::Tensor>(a, 0);
@@ -1568,22 +1644,25 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const auto scale = program_tensor(a, 12), bias = program_tensor(a, 13);
     const bool float_output = program_arg<bool>(a, 14), pack_output = program_arg<bool>(a, 15);
     const bool into_residual = program_arg<bool>(a, 16);
-    const int64_t isa = program_arg<int64_t>(a, 17), pack_groups = program_arg<int64_t>(a, 18);
+    const auto pack_threshold = program_tensor(a, 17);
+    const auto rprelu = program_arg<std::vector<torch::Tensor>>(a, 18);
+    const int64_t isa = program_arg<int64_t>(a, 19), pack_groups = program_arg<int64_t>(a, 20);
+    const auto threshold = program_tensor(a, 21);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
       const c10::optional<torch::Tensor> residual = step_residual(env, residual_slot);
       const torch::Tensor& in = program_input(env, x);
-      const torch::Tensor xp = pack_groups > 0 ? pack_signs(in, pack_groups, isa, threads) : in;
+      const torch::Tensor xp = pack_groups > 0 ? pack_signs(in, pack_groups, isa, threads, threshold) : in;
       const std::vector<torch::Tensor> out = conv2d_packed_fused(
           xp, lanes, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5], geometry[6],
           geometry[7], geometry[8], geometry[9], groups, scale, bias, residual, float_output, pack_output,
-          into_residual && residual.has_value(), isa, threads);
+          into_residual && residual.has_value(), pack_threshold, rprelu, isa, threads);
       return step_value(out, float_output, pack_output, take);
     };
   }
   if (kind == "grouped_conv_fused") {
     // weight words, channels, channels per group, kh, kw, sh, sw, ph, pw, dh, dw, scale, bias,
-    // float_output, pack_output, into_residual, isa
-    expect(17);
+    // float_output, pack_output, into_residual, pack_threshold, rprelu, isa
+    expect(19);
     TORCH_CHECK(inputs.size() == 2, "ProgramRunner: a packed step has an input and a residual slot");
     const int64_t residual_slot = inputs[1];
     const torch::Tensor words = program_arg<torch::Tensor>(a, 0);
@@ -1593,13 +1672,15 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const auto scale = program_tensor(a, 11), bias = program_tensor(a, 12);
     const bool float_output = program_arg<bool>(a, 13), pack_output = program_arg<bool>(a, 14);
     const bool into_residual = program_arg<bool>(a, 15);
-    const int64_t isa = program_arg<int64_t>(a, 16);
+    const auto pack_threshold = program_tensor(a, 16);
+    const auto rprelu = program_arg<std::vector<torch::Tensor>>(a, 17);
+    const int64_t isa = program_arg<int64_t>(a, 18);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
       const c10::optional<torch::Tensor> residual = step_residual(env, residual_slot);
       const std::vector<torch::Tensor> out = grouped_conv_fused(
           program_input(env, x), words, channels, per_group, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5],
           geometry[6], geometry[7], scale, bias, residual, float_output, pack_output,
-          into_residual && residual.has_value(), isa, threads);
+          into_residual && residual.has_value(), pack_threshold, rprelu, isa, threads);
       return step_value(out, float_output, pack_output, take);
     };
   }
@@ -1684,13 +1765,15 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     };
   }
   if (kind == "linear_packed_float") {
-    expect(6);  // lanes, in_features, out_features, scale, bias, isa: the rows' signs packed first
+    // lanes, in_features, out_features, scale, bias, isa, threshold: the rows' signs packed first
+    expect(7);
     const torch::Tensor lanes = program_arg<torch::Tensor>(a, 0);
     const int64_t in_features = program_arg<int64_t>(a, 1), out_features = program_arg<int64_t>(a, 2);
     const auto scale = program_tensor(a, 3), bias = program_tensor(a, 4);
     const int64_t isa = program_arg<int64_t>(a, 5);
+    const auto threshold = program_tensor(a, 6);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
-      const torch::Tensor xp = pack_signs(program_input(env, x), 1, isa, threads);
+      const torch::Tensor xp = pack_signs(program_input(env, x), 1, isa, threads, threshold);
       return bnas::ProgramValue{linear_packed(xp, lanes, in_features, out_features, scale, bias, false, isa, threads)};
     };
   }
@@ -1761,7 +1844,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("image_conv_nhwc", &image_conv_nhwc,
         "float conv of an image, float32 or int8 (per-image uint8 image, or on a given pixel grid; per-channel "
         "int8 weights), optionally with the max-pool after it and the pooled map's packed signs");
-  m.def("pack_signs", &pack_signs, "float NCHW (or (N, F)) -> packed NHWC sign bits");
+  m.def("pack_signs", &pack_signs,
+        "float NCHW (or (N, F)) -> packed NHWC sign bits: x >= 0, or x >= a threshold per channel");
   bnas::bind_work_pool(m);
   auto still_held = [](const py::list& held) {
     // each (dict, name, object): dict.get(name) is object (a module's parameter or buffer
