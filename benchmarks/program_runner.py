@@ -2,6 +2,7 @@
 
     python benchmarks/program_runner.py [--threads 1 2] [--repeats 60] [--sizes 32 224]
                                         [--genotypes fashion_searched example_cells ...]
+                                        [--backend cpu-avx2]
 
 ``bnas.export.program.Program`` runs a packed network's plan as a list of direct kernel calls.
 Where every call is one the extension's ``ProgramRunner`` can make, the program replays them
@@ -15,7 +16,9 @@ int8 configuration of ``benchmarks/packed_model.py``'s ``int8_all_grid`` twin. `
 times shipped genotypes (``search_spaces/genotypes/NAME.yaml``) in float32 instead (or as well,
 with ``--sizes``): cell networks and plain CNNs, whose float glue (BatchNorm, pools, the sums
 and concatenations of cell nodes) the runner makes as PyTorch's own ops. Each line says whether
-the two outputs are equal bit for bit (they must be: the same calls).
+the two outputs are equal bit for bit (they must be: the same calls). ``--backend`` runs another
+CPU code path this machine has (``cpu-avx2``, ``cpu-popcnt``: there the stem, shortcuts,
+global pool and classifier are PyTorch's ops, in the runner as well).
 
 Prints one JSON line per network, precision and thread count: medians and p90 in ms, the
 ratio baseline / ours, the time saved per call, and the load average before and after.
@@ -38,7 +41,7 @@ from packed_model import INPUT_GRID, randomize_batchnorm  # noqa: E402
 
 import bnas  # noqa: E402
 from bnas.export import PackedNetwork, pack_model  # noqa: E402
-from bnas.kernels import backend, cpu_backend  # noqa: E402
+from bnas.kernels import backend, cpu_backend, use_backend  # noqa: E402
 
 GENOTYPES = ROOT / "search_spaces" / "genotypes"
 NETWORKS = {32: "bireal_resnet18", 224: "bireal_resnet18_imagenet"}
@@ -92,6 +95,7 @@ def measure(name: str, int8: bool, threads: int, args: argparse.Namespace) -> di
         "saved_ms": round((base - ours) * 1e3, 4),
         "p90_ms": {"baseline": round(base_p90 * 1e3, 4), "ours": round(ours_p90 * 1e3, 4)},
         "outputs_identical": bool(torch.equal(outputs[0], outputs[1])),
+        "route": backend(x.device),
         "load_average_1min": [load_start, load_end],
         "repeats": args.repeats,
         "machine": {k: v for k, v in machine().items() if k != "threads"},
@@ -106,16 +110,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--genotypes", nargs="+", default=[], help="shipped genotypes to time in float32")
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--backend", help="a CPU code path of this machine (default: its fastest)")
     args = parser.parse_args(argv)
+    if args.backend is not None and args.backend not in cpu_backend.supported_backends():
+        parser.error(f"--backend: {args.backend} is not one of {', '.join(cpu_backend.supported_backends())}")
     for name in args.genotypes:
         if not (GENOTYPES / f"{name}.yaml").is_file():
             parser.error(f"--genotypes: no {name}.yaml in {GENOTYPES}")
     sizes = args.sizes if args.sizes is not None else ([] if args.genotypes else sorted(NETWORKS))
-    precisions = [False, True] if cpu_backend.int8_supported() else [False]
+    precisions = [False, True] if cpu_backend.int8_supported() and args.backend in (None, "cpu-avx512") else [False]
     runs = [(NETWORKS[size], int8) for size in sizes for int8 in precisions]
-    for name, int8 in [*runs, *((name, False) for name in args.genotypes)]:
-        for threads in args.threads:
-            emit(measure(name, int8, threads, args))
+    with use_backend(args.backend or backend()):
+        for name, int8 in [*runs, *((name, False) for name in args.genotypes)]:
+            for threads in args.threads:
+                emit(measure(name, int8, threads, args))
 
 
 if __name__ == "__main__":

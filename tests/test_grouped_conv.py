@@ -154,6 +154,8 @@ def test_which_groups_run_on_the_float_map() -> None:
     assert not cpu_backend.grouped_on_float_map(36, 36, 1)  # one group
     assert cpu_backend.grouped_on_float_map(64, 64, 8)  # 8 channels a group
     assert not cpu_backend.grouped_on_float_map(64, 64, 4)  # 16: the packed path
+    for route in ("cpu-avx2", "cpu-popcnt"):  # a scalar loop there: the packed path is faster
+        assert not cpu_backend.grouped_on_float_map(36, 36, 36, route)
 
 
 @pytest.mark.parametrize("route", ROUTES)

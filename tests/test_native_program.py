@@ -372,9 +372,16 @@ def test_the_runner_benchmark_prints_its_json_lines(capsys: pytest.CaptureFixtur
     try:
         bench.main(["--sizes", "32", "--threads", "1", "--repeats", "3"])
         bench.main(["--genotypes", "fashion_searched", "--threads", "1", "--repeats", "3"])
+        other = [route for route in cpu_backend.supported_backends() if route != "cpu-avx512"]
+        if other:  # the float modules as PyTorch's ops in the runner
+            bench.main(["--sizes", "32", "--backend", other[0], "--threads", "1", "--repeats", "3"])
     finally:
         torch.set_num_threads(before)
     records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    if other:
+        assert records[-1]["route"] == other[0] and records[-1]["genotype"] == "bireal_resnet18"
+        assert records[-1]["precision"] == "float32" and records[-1]["outputs_identical"] is True
+        records = records[:-1]
     assert len(records) == (3 if cpu_backend.int8_supported() else 2)
     assert [r["genotype"] for r in records] == ["bireal_resnet18"] * (len(records) - 1) + ["fashion_searched"]
     assert records[-1]["precision"] == "float32" and records[-1]["input"] == [1, 28, 28]

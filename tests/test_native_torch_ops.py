@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize
-from test_native_program import RunCounter, python_and_native
+from test_native_program import RunCounter, changed_on_the_runner, python_and_native
+from test_packed_program import FLOAT_KERNEL_MODULES, module_calls
 from torch import nn
 
 import bnas
 from bnas import kernels
 from bnas.export import PackedNetwork, pack_model
-from bnas.export.plan import ImageConv2d
+from bnas.export.plan import ImageConv2d, ImageConvMaxPool2d
 from bnas.export.torch_ops import torch_op
 from bnas.genotype import loads_genotype
 from bnas.kernels import cpu_backend
@@ -124,9 +125,45 @@ def test_every_torch_kind_is_made_by_a_network_above() -> None:
         packed(x)
         made.update(native_kinds(packed))
     assert TORCH_KINDS <= made
-    assert {"grouped_conv_fused", "linear_packed_float", "real_binary_linear"} <= made
+    assert {"linear_packed_float", "real_binary_linear"} <= made
+    assert ("grouped_conv_fused" in made) == (kernels.backend() in cpu_backend.FLOAT_MAP_ROUTES)
     if "cpu-avx512" in cpu_backend.supported_backends() and kernels.backend() == "cpu-avx512":
         assert "image_conv_nhwc_or_conv2d" in made
+
+
+# Code paths without the AVX-512 float kernels: there the stem, the shortcuts, the global pool
+# and the classifier run PyTorch's ops, in the runner as well.
+OTHER_ROUTES = [route for route in cpu_backend.supported_backends() if route != "cpu-avx512"]
+
+
+@pytest.mark.parametrize("route", OTHER_ROUTES)
+@pytest.mark.parametrize(
+    "name, kinds",
+    [
+        ("bireal_resnet18_imagenet", {"conv2d_max_pool", "torch.pointwise_conv", "torch.mean_hw", "torch.linear"}),
+        ("bireal_resnet18", {"torch.conv2d", "torch.pointwise_conv", "torch.mean_hw", "torch.linear"}),
+    ],
+)
+def test_float_modules_without_avx512_are_pytorchs_ops_on_the_runner(
+    route: str, name: str, kinds: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    packed, x = packed_network(name)
+    with kernels.use_backend(route):
+        python, native, runs = python_and_native(packed, x)
+        assert runs == 1 and torch.equal(native, python)
+        assert kinds <= set(native_kinds(packed))
+        calls = module_calls(monkeypatch, FLOAT_KERNEL_MODULES)
+        assert torch.equal(packed(x), native) and calls == []  # none of them ran as a module
+        monkeypatch.undo()
+        packed.lowered = False
+        assert torch.equal(native, packed(x))  # the plan's
+        plan = packed.plan()
+        assert plan is not None
+        stem = next(m for m in plan.modules() if isinstance(m, (ImageConv2d, ImageConvMaxPool2d)))
+        with torch.no_grad():
+            stem.conv.weight.mul_(-1.0)  # no layout bound: read at every call
+        packed.lowered = True
+        changed_on_the_runner(packed, x, native)
 
 
 SMALL_STEM = """

@@ -121,7 +121,7 @@ class _BoundStep:
         self.on_float_map = (
             not step.packed_input
             and self.threshold is None
-            and cpu_backend.grouped_on_float_map(fused.in_channels, fused.out_channels, fused.groups)
+            and cpu_backend.grouped_on_float_map(fused.in_channels, fused.out_channels, fused.groups, route)
         )
         # the groups to pack a float input in first; 0: it comes packed, or the call reads it as it is
         self.pack_groups = 0 if step.packed_input or self.on_float_map else fused.groups
@@ -282,8 +282,8 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         return _BoundKernel(
             module, slot, pool, lambda x: _float_cpu(x, 4) and x.is_contiguous(memory_format=channels_last)
         )
-    if route != "cpu-avx512":  # elsewhere these modules run PyTorch's ops
-        return None
+    if route != "cpu-avx512":  # elsewhere these modules run PyTorch's ops: the runner makes them too
+        return _bind_pytorch_float(module, slot, route)
     if isinstance(module, GlobalAvgPool2d):
         return _BoundKernel(
             module, slot, cpu_backend.global_avg_pool_call(route),
@@ -319,6 +319,62 @@ def _bind_kernel(module: nn.Module, slot: int, route: str) -> _BoundKernel | Non
         )  # fmt: skip
     if isinstance(module, (ImageConv2d, ImageConvMaxPool2d)):
         return _bind_image_conv(module, slot)
+    return None
+
+
+def _bind_pytorch_float(module: nn.Module, slot: int, route: str) -> _BoundKernel | None:
+    """A float plan module in float32 on code path ``route`` (not cpu-avx512), where its
+    dispatch runs PyTorch's own ops, as a call of those ops in the runner: ``torch.conv2d``
+    (the stem: the image made channels_last, then the conv), ``torch.pointwise_conv`` (the
+    shortcut: channels_last, the 2x2/2 average pool if it has one, the 1x1 conv),
+    ``conv2d_max_pool`` (ResNet's stem and its pool, and the pooled map's packed signs),
+    ``torch.linear`` and ``torch.mean_hw`` (the global pool of an (N, C, H, W) map). In Python
+    the module runs as it is. Such a call binds no layout: it holds the weights and reads them
+    at every call. None for anything else (int8 precisions run references in Python)."""
+
+    def bound(call: cpu_backend.KernelCall, accepts: Callable[[Tensor], bool], owner: nn.Module) -> _BoundKernel:
+        kernel = _BoundKernel(module, slot, call, accepts, owner)
+        kernel.unchanged = []  # no layout made from the weights: PyTorch reads them at every call
+        return kernel
+
+    def run(x: Tensor, threads: int) -> Any:
+        return module(x)
+
+    if isinstance(module, GlobalAvgPool2d):
+        call = cpu_backend.KernelCall("torch.mean_hw", (), run)
+        return _BoundKernel(module, slot, call, lambda x: _float_cpu(x, 4))
+    if getattr(module, "precision", "float32") != "float32":
+        return None
+    if isinstance(module, ChannelsLastPointwiseConv2d):
+        conv = module.conv
+        if not _cpu_float32(conv.weight, conv.bias):
+            return None
+        channels = conv.weight.shape[1]
+        args = (conv.weight, conv.bias, module.pool, module.ceil_mode, module.stride)
+        return bound(
+            cpu_backend.KernelCall("torch.pointwise_conv", args, run), lambda x: _float_cpu(x, 4, channels), conv
+        )
+    if isinstance(module, KernelLinear):
+        layer = module.linear
+        if not _cpu_float32(layer.weight, layer.bias) or layer.weight.dim() != 2:
+            return None
+        features = layer.in_features
+        call = cpu_backend.KernelCall("torch.linear", (layer.weight, layer.bias), run)
+        return bound(call, lambda x: _float_cpu(x, 2, features), layer)
+    if isinstance(module, (ImageConv2d, ImageConvMaxPool2d)):
+        conv = module.conv
+        if not _cpu_float32(conv.weight, conv.bias):
+            return None
+        channels = conv.weight.shape[1]
+        if isinstance(module, ImageConv2d):
+            stem = (conv.weight, conv.bias, list(module.stride), list(module.padding))
+            call = cpu_backend.KernelCall("torch.conv2d", stem, run)
+        else:
+            pool = [*module.kernel_size, *module.stride, *module.padding]
+            geometry = (*module.conv_stride, *module.conv_padding, *pool)
+            stem_pool = (conv.weight, conv.bias, *geometry, module.pack_output, cpu_backend.isa_of(route))
+            call = cpu_backend.KernelCall("conv2d_max_pool", stem_pool, run)
+        return bound(call, lambda x: _float_cpu(x, 4, channels) and x.shape[0] > 0, conv)
     return None
 
 

@@ -149,6 +149,44 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     const int64_t start = a[0].cast<int64_t>(), end = a[1].cast<int64_t>();
     return [=](const ProgramInputs& env, int64_t) { return ProgramValue{program_input(env, x).flatten(start, end)}; };
   }
+  // The float plan modules on code paths without their AVX-512 kernels, as their dispatch runs
+  // them (bnas.export.program._bind_pytorch_float).
+  if (kind == "conv2d") {  // weight, bias, stride, padding: the stem on the channels_last image
+    expect(4, 1);
+    const torch::Tensor weight = a[0].cast<torch::Tensor>();
+    const auto bias = program_tensor(a, 1);
+    const auto stride = a[2].cast<std::vector<int64_t>>(), padding = a[3].cast<std::vector<int64_t>>();
+    return [=](const ProgramInputs& env, int64_t) {
+      return ProgramValue{
+          at::conv2d(program_input(env, x).contiguous(at::MemoryFormat::ChannelsLast), weight, bias, stride, padding)};
+    };
+  }
+  if (kind == "pointwise_conv") {  // weight, bias, pool (1 or 2: a 2x2/2 average pool first), ceil_mode, stride
+    expect(5, 1);
+    const torch::Tensor weight = a[0].cast<torch::Tensor>();
+    const auto bias = program_tensor(a, 1);
+    const int64_t pool = a[2].cast<int64_t>(), stride = a[4].cast<int64_t>();
+    const bool ceil_mode = a[3].cast<bool>();
+    return [=](const ProgramInputs& env, int64_t) {
+      torch::Tensor in = program_input(env, x).contiguous(at::MemoryFormat::ChannelsLast);
+      if (pool == 2) in = at::avg_pool2d(in, {2, 2}, {}, {0, 0}, ceil_mode, true, c10::nullopt);
+      return ProgramValue{at::conv2d(in, weight, bias, {stride, stride})};
+    };
+  }
+  if (kind == "linear") {  // weight, bias
+    expect(2, 1);
+    const torch::Tensor weight = a[0].cast<torch::Tensor>();
+    const auto bias = program_tensor(a, 1);
+    return [=](const ProgramInputs& env, int64_t) { return ProgramValue{at::linear(program_input(env, x), weight, bias)}; };
+  }
+  if (kind == "mean_hw") {  // the global average pool of an (N, C, H, W) map
+    expect(0, 1);
+    return [=](const ProgramInputs& env, int64_t) {
+      const torch::Tensor& in = program_input(env, x);
+      TORCH_CHECK(in.dim() == 4, "ProgramRunner: torch.mean_hw takes an (N, C, H, W) map");
+      return ProgramValue{at::mean(in, {2, 3})};
+    };
+  }
   if (kind == "channels_last") {  // the plan's _to_channels_last
     expect(0, 1);
     return [=](const ProgramInputs& env, int64_t) {

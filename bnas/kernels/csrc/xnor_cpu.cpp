@@ -1720,6 +1720,28 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
       return program_pair(std::move(out), std::move(packed), take);
     };
   }
+  if (kind == "conv2d_max_pool") {
+    // weight, bias, sh, sw, ph, pw, the pool's kh, kw, sh, sw, ph, pw, pack_output, isa: PyTorch's
+    // conv on the channels_last image and its max-pool, channels_last, and the pooled map's
+    // packed signs (bnas.kernels.conv2d_max_pool without the AVX-512 kernel)
+    expect(14);
+    const torch::Tensor weight = program_arg<torch::Tensor>(a, 0);
+    const auto bias = program_tensor(a, 1);
+    std::array<int64_t, 10> geometry{};
+    for (size_t i = 0; i < geometry.size(); ++i) geometry[i] = program_arg<int64_t>(a, 2 + i);
+    const bool pack_output = program_arg<bool>(a, 12);
+    const int64_t isa = program_arg<int64_t>(a, 13);
+    return [=](const bnas::ProgramInputs& env, int64_t threads) {
+      const torch::Tensor conv = at::conv2d(program_input(env, x).contiguous(at::MemoryFormat::ChannelsLast), weight,
+                                            bias, {geometry[0], geometry[1]}, {geometry[2], geometry[3]});
+      torch::Tensor pooled = at::max_pool2d(conv, {geometry[4], geometry[5]}, {geometry[6], geometry[7]},
+                                            {geometry[8], geometry[9]})
+                                 .contiguous(at::MemoryFormat::ChannelsLast);
+      if (!pack_output) return bnas::ProgramValue{pooled};
+      torch::Tensor packed = pack_signs(pooled, 1, isa, threads);
+      return program_pair(std::move(pooled), std::move(packed), take);
+    };
+  }
   if (kind == "max_pool2d_nhwc") {
     expect(8);  // kh, kw, sh, sw, ph, pw, isa, pack_output
     std::array<int64_t, 7> geometry{};
