@@ -1,7 +1,7 @@
 """Grouped binary convs of small groups on float maps against the packed path, and the networks
 they serve.
 
-    python benchmarks/grouped_conv.py [--threads 1] [--repeats 60] [--no-network]
+    python benchmarks/grouped_conv.py [--threads 1] [--repeats 60] [--no-network] [--backend cpu-avx2]
 
 DARTS's ``sep_conv`` and ``dil_conv`` are depthwise convs (one channel a group) followed by
 1x1 convs; EBNAS's cells have grouped convs of 4 and 8 channels a group. On the packed path
@@ -14,7 +14,8 @@ Both run interleaved in rounds (``common.interleaved_times``), and each line say
 outputs are equal bit for bit. With the networks (the default), one more line each times the
 packed network (random BatchNorm statistics, batch 1) against its float model as built.
 
-Prints one JSON line per shape, network and thread count: medians and p90 in ms, the ratio
+``--backend`` runs another CPU code path this machine has (``cpu-avx2``: its float-map kernel
+has 8 lanes). Prints one JSON line per shape, network and thread count: medians and p90 in ms, the ratio
 baseline / ours, and the load average before and after.
 """
 
@@ -35,7 +36,7 @@ from packed_model import randomize_batchnorm  # noqa: E402
 
 import bnas  # noqa: E402
 from bnas.export import pack_model  # noqa: E402
-from bnas.kernels import backend, cpu_backend  # noqa: E402
+from bnas.kernels import backend, cpu_backend, use_backend  # noqa: E402
 from bnas.kernels.packing import pack_weights_reference  # noqa: E402
 
 # (network or None, channels, groups, map size, geometry (kh, kw, sh, sw, ph, pw, dh, dw))
@@ -129,6 +130,7 @@ def measure_network(name: str, threads: int, repeats: int) -> dict[str, Any]:
         ours=f"the packed network (its program, {on_map} grouped steps on float maps)",
         threads=threads,
         same_class=same_class,
+        route=backend(x.device),
     )
     return record
 
@@ -138,9 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--no-network", action="store_true", help="only the per-shape kernels")
+    parser.add_argument("--backend", help="a CPU code path of this machine (default: its fastest)")
     args = parser.parse_args(argv)
     if not cpu_backend.supported_backends():
         raise SystemExit("no CPU kernel extension: nothing to time")
+    if args.backend is not None and args.backend not in cpu_backend.supported_backends():
+        parser.error(f"--backend: {args.backend} is not one of {', '.join(cpu_backend.supported_backends())}")
+    with use_backend(args.backend or backend()):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for network, channels, groups, size, geometry in SHAPES:

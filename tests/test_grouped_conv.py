@@ -154,8 +154,9 @@ def test_which_groups_run_on_the_float_map() -> None:
     assert not cpu_backend.grouped_on_float_map(36, 36, 1)  # one group
     assert cpu_backend.grouped_on_float_map(64, 64, 8)  # 8 channels a group
     assert not cpu_backend.grouped_on_float_map(64, 64, 4)  # 16: the packed path
-    for route in ("cpu-avx2", "cpu-popcnt"):  # a scalar loop there: the packed path is faster
-        assert not cpu_backend.grouped_on_float_map(36, 36, 36, route)
+    assert cpu_backend.grouped_on_float_map(36, 36, 36, "cpu-avx2")  # 8 lanes: depthwise convs only
+    assert not cpu_backend.grouped_on_float_map(56, 56, 14, "cpu-avx2")
+    assert not cpu_backend.grouped_on_float_map(36, 36, 36, "cpu-popcnt")  # a scalar loop: packed is faster
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -206,3 +207,11 @@ def test_the_grouped_conv_benchmark_prints_its_json_lines(capsys: pytest.Capture
         assert record["network"] == network and record["channels_per_group"] == channels // groups
         assert record["outputs_identical"] is True  # ms are rounded to 0.1 us: the ratio to 2 %
         assert record["ratio"] == pytest.approx(record["baseline_ms"] / record["ours_ms"], rel=0.02)
+
+
+@pytest.mark.skipif("cpu-avx2" not in ROUTES, reason="no AVX2 code path here")
+def test_the_grouped_conv_benchmark_times_another_code_path(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--no-network", "--repeats", "2", "--threads", "1", "--backend", "cpu-avx2"]
+    bench, records = run_benchmark("grouped_conv", argv, capsys)
+    assert len(records) == len(bench.SHAPES)
+    assert all(r["route"] == "cpu-avx2" and r["outputs_identical"] is True for r in records)

@@ -126,7 +126,7 @@ def test_every_torch_kind_is_made_by_a_network_above() -> None:
         made.update(native_kinds(packed))
     assert TORCH_KINDS <= made
     assert {"linear_packed_float", "real_binary_linear"} <= made
-    assert ("grouped_conv_fused" in made) == (kernels.backend() in cpu_backend.FLOAT_MAP_ROUTES)
+    assert ("grouped_conv_fused" in made) == (kernels.backend() in cpu_backend.FLOAT_MAP_GROUP_CHANNELS)
     if "cpu-avx512" in cpu_backend.supported_backends() and kernels.backend() == "cpu-avx512":
         assert "image_conv_nhwc_or_conv2d" in made
 
@@ -164,6 +164,17 @@ def test_float_modules_without_avx512_are_pytorchs_ops_on_the_runner(
             stem.conv.weight.mul_(-1.0)  # no layout bound: read at every call
         packed.lowered = True
         changed_on_the_runner(packed, x, native)
+
+
+@pytest.mark.skipif("cpu-avx2" not in cpu_backend.supported_backends(), reason="no AVX2 code path here")
+def test_depthwise_convs_run_on_the_float_map_on_avx2() -> None:
+    packed, x = packed_network("darts_v2_binary")
+    with kernels.use_backend("cpu-avx2"):
+        python, native, runs = python_and_native(packed, x)
+        assert runs == 1 and torch.equal(native, python)
+        assert "grouped_conv_fused" in native_kinds(packed)
+        packed.lowered = False
+        assert torch.equal(native, packed(x))  # the plan's, whose grouped convs run packed
 
 
 SMALL_STEM = """

@@ -362,28 +362,26 @@ def fused_conv_call(
     return _built(name).conv2d_packed_fused, (lanes, *static), (pack_threshold, list(rprelu), _isa(name))
 
 
-# Channels a group for which a grouped conv on float input runs on the float map. Its kernel
-# takes 1, 2, 4, 8 or 16; with 16 the packed path's popcount of a group's word is as fast or
-# faster on some shapes (benchmarks/grouped_conv.py: 1 to 8 channels a group run faster on
-# the float map in every shape there).
-FLOAT_MAP_GROUP_CHANNELS = (1, 2, 4, 8)
-# The code paths where it does: its kernel is vectorized for AVX-512. Elsewhere it is a scalar
-# loop, and the packed path is faster (packed ebnas_cifar10 on cpu-avx2: 22 ms a forward
-# against 95 ms on the float map, on cpu-popcnt 31 against 99 ms; 1 thread).
-FLOAT_MAP_ROUTES = ("cpu-avx512",)
+# Channels a group for which a grouped conv on float input runs on the float map, by code
+# path. The AVX-512 kernel takes 1, 2, 4, 8 or 16; with 16 the packed path's popcount of a
+# group's word is as fast or faster on some shapes (benchmarks/grouped_conv.py: 1 to 8
+# channels a group run faster on the float map in every shape there). The AVX2 kernel (8
+# lanes, a table popcount) is 3.4-5.8x faster than the packed path on DARTS's depthwise convs
+# and 0.8-1.0x on EBNAS's groups of 4 and 8 (`--backend cpu-avx2`), so there only depthwise
+# convs use it. Elsewhere it is a scalar loop, slower than the packed path (packed
+# ebnas_cifar10 on cpu-popcnt: 31 ms a forward against 99 ms on the float map).
+FLOAT_MAP_GROUP_CHANNELS = {"cpu-avx512": (1, 2, 4, 8), "cpu-avx2": (1,)}
 
 
 def grouped_on_float_map(in_channels: int, out_channels: int, groups: int, name: str = "cpu-avx512") -> bool:
     """Whether a grouped binary conv of this shape on float input runs on the float map
-    (:func:`grouped_conv_call`) on code path ``name``: one of ``FLOAT_MAP_ROUTES``, more than
-    one group, as many outputs as inputs, and ``FLOAT_MAP_GROUP_CHANNELS`` channels a group
-    (a depthwise conv is one)."""
+    (:func:`grouped_conv_call`) on code path ``name``: more than one group, as many outputs as
+    inputs, and ``FLOAT_MAP_GROUP_CHANNELS[name]`` channels a group (a depthwise conv is one)."""
     per_group = in_channels // groups if groups > 0 else 0
     return (
-        name in FLOAT_MAP_ROUTES
-        and groups > 1
+        groups > 1
         and in_channels == out_channels == groups * per_group
-        and per_group in FLOAT_MAP_GROUP_CHANNELS
+        and per_group in FLOAT_MAP_GROUP_CHANNELS.get(name, ())
     )
 
 

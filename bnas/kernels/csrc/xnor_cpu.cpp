@@ -759,6 +759,48 @@ inline void grouped_pixel_generic(const float* img, const int32_t* weight_words,
   }
 }
 
+// grouped_pixel_generic in AVX2 lanes, 8 output channels a vector, for groups of 1, 2, 4 or 8
+// channels: a tap's 8 signs are one compare; lane k takes its group's signs (the compare's
+// movemask shifted right by its group's first lane) and adds the popcount of their XOR with
+// its weight bits (a nibble table; at most 8 bits).
+__attribute__((target("avx2"))) void grouped_pixel_avx2(const float* img, const int32_t* weight_words,
+                                                        const GroupedGeometry& g, const int64_t* offsets,
+                                                        const int64_t* indices, int64_t taps, int32_t* mismatches) {
+  const int64_t lanes = (g.C + 15) / 16 * 16;  // weight words per tap: 8 from any c0 < C are in bounds
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256i group_bits = _mm256_set1_epi32(static_cast<int32_t>((1u << g.Cg) - 1u));
+  const __m256i nibble = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi32(1);
+  const __m256i counts = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
+                                          2, 2, 3, 2, 3, 3, 4);
+  alignas(32) int32_t first_lane[8], live_lanes[8], sums[8];
+  for (int k = 0; k < 8; ++k) first_lane[k] = static_cast<int32_t>(k - k % g.Cg);
+  const __m256i shifts = _mm256_load_si256(reinterpret_cast<const __m256i*>(first_lane));
+  for (int64_t c0 = 0; c0 < g.C; c0 += 8) {
+    const int64_t live = std::min<int64_t>(8, g.C - c0);
+    for (int k = 0; k < 8; ++k) live_lanes[k] = k < live ? -1 : 0;
+    const __m256i load_mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(live_lanes));
+    const int live_bits = (1 << live) - 1;
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t t = 0; t < taps; ++t) {
+      const __m256 x = _mm256_maskload_ps(img + offsets[t] + c0, load_mask);
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight_words + indices[t] * lanes + c0));
+      if (g.Cg == 1) {  // depthwise: a lane's own sign (the compare's lowest bit) against its weight's
+        const __m256i own = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_GE_OQ)), one);
+        acc = _mm256_add_epi32(acc, _mm256_xor_si256(own, w));
+        continue;
+      }
+      const int signs = _mm256_movemask_ps(_mm256_cmp_ps(x, zero, _CMP_GE_OQ)) & live_bits;
+      const __m256i own = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(signs), shifts), group_bits);
+      const __m256i d = _mm256_xor_si256(own, w);  // at most 8 bits a lane: its low byte
+      const __m256i ones = _mm256_add_epi8(_mm256_shuffle_epi8(counts, _mm256_and_si256(d, nibble)),
+                                           _mm256_shuffle_epi8(counts, _mm256_and_si256(_mm256_srli_epi32(d, 4), nibble)));
+      acc = _mm256_add_epi32(acc, _mm256_and_si256(ones, _mm256_set1_epi32(0xFF)));
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sums), acc);
+    std::copy(sums, sums + live, mismatches + c0);
+  }
+}
+
 // One output row in AVX-512 lanes, 16 output channels a vector: per pixel, the taps inside
 // the image once, then per vector the mismatches and the epilogue of block_avx512, vectorized
 // the same way. A tap's 16 signs are one compare. One channel a group (depthwise): lane k's
@@ -864,6 +906,7 @@ std::vector<torch::Tensor> grouped_conv_fused(
   const float* src = x.data_ptr<float>();
   const int32_t* words = weight_words.data_ptr<int32_t>();
   const bool avx512 = isa == ISA_AVX512;
+  const bool avx2 = isa == ISA_AVX2 && 8 % g.Cg == 0;  // groups within its 8 lanes
   const int64_t vectors = lanes / 16;
   std::vector<uint16_t> masks;  // one channel a group: per tap, the words' bit 0 as one mask per vector
   if (avx512 && g.Cg == 1) {
@@ -888,7 +931,10 @@ std::vector<torch::Tensor> grouped_conv_fused(
         Block b{};
         b.pos[0] = (n * g.OH + oh) * g.OW + ow;
         const int64_t taps = inside_taps(g, oh, ow, offsets.data(), indices.data());
-        grouped_pixel_generic(img, words, g, offsets.data(), indices.data(), taps, mismatches.data());
+        if (avx2)
+          grouped_pixel_avx2(img, words, g, offsets.data(), indices.data(), taps, mismatches.data());
+        else
+          grouped_pixel_generic(img, words, g, offsets.data(), indices.data(), taps, mismatches.data());
         b.kvalid[0] = taps * g.Cg;
         for (int64_t c0 = 0; c0 < g.C; c0 += 64) {  // the epilogue packs up to 64 bits at a time
           b.k0 = c0;
