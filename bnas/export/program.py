@@ -8,11 +8,12 @@ with more threads.
 
 :func:`lower_plan` turns the plan into a :class:`Program`: every step that reads packed input
 (the plan chains them), or float input it packs itself (against its conv's threshold per
-channel, if it has one), becomes one direct call of the extension, its weights in the kernel's layout, its geometry and
-epilogue bound once. The float modules on the kernels (the stem, the
-1x1 shortcuts, the global average pool and the classifier) become direct calls too, each with
-its weights' layout bound: their Python dispatch cost 25-45 us a call, a third of a 1x1
-shortcut's time at 224x224. Every other node runs as in the plan. A call then reads the thread
+channel, if it has one), becomes one direct call of the extension, its weights in the
+kernel's layout, its geometry and epilogue bound once. The float modules on the kernels (the
+stem, the 1x1 shortcuts, the global average pool and the classifier) become direct calls too,
+each with its weights' layout bound: their Python dispatch cost 25-45 us a call, a third of a
+1x1 shortcut's time at 224x224. On code paths without those AVX-512 kernels they run
+PyTorch's ops, and are bound as those ops. Every other node runs as in the plan. A call then reads the thread
 count once; a bound step checks only that the residual has the output's shape (a broadcast add
 goes through the step itself), and a bound float call that its input has the dtype, layout and
 channels it was bound for (any other input goes through the module). The calls and their
@@ -379,10 +380,11 @@ def _bind_pytorch_float(module: nn.Module, slot: int, route: str) -> _BoundKerne
 
 
 def _bind_binary_linear(module: PackedLinear | PackedWeightLinear, slot: int, route: str) -> _BoundKernel | None:
-    """A binary linear layer on float (N, F) rows as one direct call: its signs packed and the
-    XNOR-popcount linear (``PackedLinear`` without a threshold), or real rows times 1-bit
-    weights (``PackedWeightLinear``). Its scale and bias are read at every call; the packed
-    weights went into a layout of their own, so they must also be unchanged in place."""
+    """A binary linear layer on float (N, F) rows as one direct call: its signs packed (against
+    its threshold per feature, if it has one) and the XNOR-popcount linear (``PackedLinear``),
+    or real rows times 1-bit weights (``PackedWeightLinear``). Its scale, bias and threshold are
+    read at every call; the packed weights went into a layout of their own, so they must also
+    be unchanged in place."""
     features = module.in_features
     wp = module.weight_packed
     if isinstance(module, PackedLinear):

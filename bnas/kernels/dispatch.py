@@ -316,7 +316,7 @@ def xnor_conv2d_fused(
     if residual is not None:
         out = out + residual
     if rprelu:
-        from ..ops.common import rprelu as apply_rprelu  # the module's own ops (bnas.ops imports no kernels)
+        from ..ops.common import rprelu as apply_rprelu  # the module's own ops: bnas.ops sits above the kernels
 
         out = apply_rprelu(out, *rprelu)
     if into_residual:
