@@ -6,6 +6,7 @@ seen by a call timer."""
 from __future__ import annotations
 
 import copy
+import pickle
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from torch import nn
 
 import bnas
 from bnas import kernels
-from bnas.export import PackedNetwork, pack_model
+from bnas.export import PackedNetwork, load_packed, pack_model
 from bnas.export.plan import ChannelsLastPointwiseConv2d, GlobalAvgPool2d, ImageConvMaxPool2d, KernelLinear, PackedStep
 from bnas.export.program import Program
 from bnas.kernels import cpu_backend
@@ -174,6 +175,25 @@ def test_reactnet_layers_run_on_the_runner_with_signs_packed_against_their_thres
     after = changed_on_the_runner(packed, x, native)
     packed.fused = False  # the module tree: each conv subtracts its threshold, then packs
     torch.testing.assert_close(after, packed(x), rtol=0, atol=1e-4)
+
+
+@needs_kernels
+def test_a_reactnet_network_copies_pickles_and_saves_with_its_plan(tmp_path: Path) -> None:
+    """The plan's steps hold their reader's conv and their RPReLU outside the module tree: a
+    copy's steps hold the copy's, and a saved network loads to the same outputs."""
+    _, packed, x = reactnet_packed(seed=3)
+    out = packed(x)
+    for twin in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert torch.equal(twin(x), out)
+        plan = twin.plan()
+        assert plan is not None
+        steps = [s for s in plan.modules() if isinstance(s, PackedStep)]
+        held = [m for s in steps for m in (s.rprelu, s.__dict__["_threshold_reader"]) if m is not None]
+        in_net = {id(m) for m in twin.net.modules()}
+        assert len(held) == 5 and all(id(m) in in_net for m in held)  # two RPReLUs, three readers
+    loaded = load_packed(packed.save(tmp_path / "reactnet.bnas"))
+    loaded.adaptive_threads = False
+    assert torch.equal(loaded(x), out)
 
 
 @needs_kernels
