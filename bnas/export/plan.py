@@ -150,10 +150,15 @@ class PackedStep(nn.Module):
         return () if act is None else (act.shift_in, act.slope, act.shift_out)
 
     @property
+    def threshold_reader(self) -> PackedConv2d | None:
+        """The conv with a threshold that reads the packed output, or None."""
+        return self.__dict__.get("_threshold_reader")
+
+    @property
     def pack_threshold(self) -> Tensor | None:
         """The threshold per channel the packed output is compared with (``out >= threshold``:
         its reader's ``sign(out - threshold)``), or None for plain signs."""
-        reader = self.__dict__.get("_threshold_reader")
+        reader = self.threshold_reader
         return None if reader is None else reader.threshold
 
     def pack_for(self, reader: PackedConv2d) -> None:
@@ -217,7 +222,7 @@ class PackedStep(nn.Module):
         if self.rprelu is not None:
             parts.append("then RPReLU")
         parts.append("->" + " float" * self.float_output + " packed" * self.pack_output)
-        if self.pack_output and self.__dict__.get("_threshold_reader") is not None:
+        if self.pack_output and self.threshold_reader is not None:
             parts.append("packed against the reader's threshold")
         if self.into_residual:
             parts.append("in place of the residual")

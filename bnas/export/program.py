@@ -106,7 +106,7 @@ class _BoundStep:
         names = ("weight_packed", "scale", "bias") + (() if step.packed_input else ("threshold",))
         self.held: list[Held] = [(buffers, name, buffers.get(name)) for name in names]
         self.threshold = None if step.packed_input else buffers.get("threshold")
-        reader = step.__dict__.get("_threshold_reader") if step.pack_output else None
+        reader = step.threshold_reader if step.pack_output else None
         pack_threshold = None
         if reader is not None:
             self.held.append(_held(reader, "threshold"))
@@ -183,9 +183,9 @@ class _BoundStep:
 class _BoundKernel:
     """A float plan module of one input on the CPU kernels as one direct call: ``call(x,
     threads)`` from ``bnas.kernels.cpu_backend``'s ``*_call`` functions, made with the module's
-    weight (``owner.weight``, in a layout of the kernel's) and bias (read at every call). An
-    input that ``accepts`` refuses goes through the module, which checks it and says what is
-    wrong."""
+    weight (``owner.weight``, in a layout of the kernel's unless ``layout_bound`` is False) and
+    bias (read at every call). An input that ``accepts`` refuses goes through the module, which
+    checks it and says what is wrong."""
 
     def __init__(
         self,
@@ -194,6 +194,7 @@ class _BoundKernel:
         call: cpu_backend.KernelCall,
         accepts: Callable[[Tensor], bool],
         owner: nn.Module | None = None,
+        layout_bound: bool = True,
     ):
         self.module, self.slot, self.call, self.accepts = module, slot, call, accepts
         self.fallbacks = 0  # calls that went through the module
@@ -201,8 +202,8 @@ class _BoundKernel:
         self.unchanged: list[tuple[Tensor, int]] = []
         if owner is not None:
             self.held = [_held(owner, "weight"), _held(owner, "bias")]
-            weight = self.held[0][2]  # its layout is bound: in-place changes count too
-            if weight is not None:
+            weight = self.held[0][2]  # a layout made from it: in-place changes count too
+            if weight is not None and layout_bound:
                 self.unchanged = [(weight, weight._version)]
 
     def __call__(self, env: list[Any], threads: int) -> Any:
@@ -334,9 +335,8 @@ def _bind_pytorch_float(module: nn.Module, slot: int, route: str) -> _BoundKerne
     at every call. None for anything else (int8 precisions run references in Python)."""
 
     def bound(call: cpu_backend.KernelCall, accepts: Callable[[Tensor], bool], owner: nn.Module) -> _BoundKernel:
-        kernel = _BoundKernel(module, slot, call, accepts, owner)
-        kernel.unchanged = []  # no layout made from the weights: PyTorch reads them at every call
-        return kernel
+        # no layout made from the weights: PyTorch reads them at every call
+        return _BoundKernel(module, slot, call, accepts, owner, layout_bound=False)
 
     def run(x: Tensor, threads: int) -> Any:
         return module(x)

@@ -240,13 +240,9 @@ def _built(name: str) -> ModuleType:
     return ext
 
 
-def _isa(name: str) -> int:
-    return int(getattr(_built(name), ISA_OF_BACKEND[name]))
-
-
 def isa_of(name: str) -> int:
     """The extension's instruction-set code of code path ``name``, as its calls take it."""
-    return _isa(name)
+    return int(getattr(_built(name), ISA_OF_BACKEND[name]))
 
 
 def lane_weights(wp: Tensor, groups: int, name: str) -> Tensor:
@@ -255,7 +251,7 @@ def lane_weights(wp: Tensor, groups: int, name: str) -> Tensor:
     counter (an in-place update bumps it), and dropped when the tensor is freed, so
     temporary weights (``xnor_conv2d`` on float tensors) do not pile up."""
     return _cached_layout(
-        wp, ("lanes", groups, name), lambda: _built(name).repack_weights(wp.contiguous(), groups, _isa(name))
+        wp, ("lanes", groups, name), lambda: _built(name).repack_weights(wp.contiguous(), groups, isa_of(name))
     )
 
 
@@ -276,18 +272,18 @@ def _cached_layout(wp: Tensor, layout: tuple, make: Callable[[], _Layout]) -> _L
 def pack_weights(w: Tensor, name: str) -> Tensor:
     """Float (K, Cg, kh, kw) weights are an NCHW image batch of K: packing them gives
     (K, kh, kw, Wg) directly; (K, F) gives (K, words)."""
-    return _built(name).pack_signs(w, 1, _isa(name), kernel_threads(), None)
+    return _built(name).pack_signs(w, 1, isa_of(name), kernel_threads(), None)
 
 
 def pack_signs(x: Tensor, groups: int, name: str, threshold: Tensor | None = None) -> Tensor:
     """Float NCHW -> packed NHWC, or (N, F) -> (N, words), with code path ``name``: bit 1 where
     ``x >= 0``, or ``x >= threshold`` per channel (feature) when given."""
-    return _built(name).pack_signs(x, groups, _isa(name), kernel_threads(), threshold)
+    return _built(name).pack_signs(x, groups, isa_of(name), kernel_threads(), threshold)
 
 
 def pack_signs_call(name: str) -> Callable[..., Tensor]:
     """:func:`pack_signs` as ``call(x, groups, threads, threshold=None)``."""
-    pack, isa = _built(name).pack_signs, _isa(name)
+    pack, isa = _built(name).pack_signs, isa_of(name)
     return lambda x, groups, threads, threshold=None: pack(x, groups, isa, threads, threshold)
 
 
@@ -324,7 +320,7 @@ def xnor_conv2d_packed(
         scale,
         bias,
         pack_output,
-        _isa(name),
+        isa_of(name),
         kernel_threads(),
     )
 
@@ -341,7 +337,7 @@ def xnor_linear_packed(
         scale,
         bias,
         pack_output,
-        _isa(name),
+        isa_of(name),
         kernel_threads(),
     )
 
@@ -359,7 +355,7 @@ def fused_conv_call(
     scale, bias) and those after the three output flags (``pack_threshold``, ``rprelu``, the
     code path); the thread count comes last. ``call(xp, *head, residual, float_output,
     pack_output, into_residual, *tail, threads)`` is ``conv2d_fused_on_lanes``'s call."""
-    return _built(name).conv2d_packed_fused, (lanes, *static), (pack_threshold, list(rprelu), _isa(name))
+    return _built(name).conv2d_packed_fused, (lanes, *static), (pack_threshold, list(rprelu), isa_of(name))
 
 
 # Channels a group for which a grouped conv on float input runs on the float map, by code
@@ -410,7 +406,7 @@ def grouped_conv_call(
     return (
         _built(name).grouped_conv_fused,
         (words, channels, channels_per_group, *geometry, scale, bias),
-        (pack_threshold, list(rprelu), _isa(name)),
+        (pack_threshold, list(rprelu), isa_of(name)),
     )
 
 
@@ -450,7 +446,7 @@ def conv2d_fused_on_lanes(
     signs, of ``y >= pack_threshold`` per channel when given, or None)."""
     return _built(name).conv2d_packed_fused(
         xp.contiguous(), lanes, in_channels, out_channels, *geometry, groups, scale, bias, residual,
-        float_output, pack_output, into_residual, pack_threshold, list(rprelu), _isa(name), kernel_threads(),
+        float_output, pack_output, into_residual, pack_threshold, list(rprelu), isa_of(name), kernel_threads(),
     )  # fmt: skip
 
 
@@ -474,7 +470,7 @@ def packed_linear_call(
     signs packed (against ``threshold`` per feature when given), then
     :func:`xnor_linear_packed` on them, as the module's calls make it (the weights' lane layout
     cached; the threshold's values read at every call)."""
-    ext, isa = _built(name), _isa(name)
+    ext, isa = _built(name), isa_of(name)
     lanes = lane_weights(wp, 1, name)
     args = (lanes, in_features, wp.shape[0], scale, bias, isa, threshold)
 
@@ -489,7 +485,7 @@ def real_binary_linear_call(
 ) -> KernelCall:
     """:func:`real_binary_linear` with these weights (``PackedWeightLinear``) as ``call(x,
     threads)`` (one thread: the kernel takes no thread count)."""
-    ext, isa = _built(name), _isa(name)
+    ext, isa = _built(name), isa_of(name)
     masks = _cached_layout(
         wp, ("masks", in_features, name), lambda: ext.repack_real_weights(wp.contiguous(), in_features)
     )
@@ -508,7 +504,7 @@ def max_pool2d_nhwc(
     """Max-pool of a channels_last float32 map with code path ``name``: (the pooled map, its
     signs packed NHWC in the same pass when ``pack_output``, else None)."""
     out, packed = _built(name).max_pool2d_nhwc(
-        x, *kernel_size, *stride, *padding, _isa(name), kernel_threads(), pack_output
+        x, *kernel_size, *stride, *padding, isa_of(name), kernel_threads(), pack_output
     )
     return out, packed
 
@@ -545,7 +541,7 @@ def max_pool_call(
 ) -> KernelCall:
     """:func:`max_pool2d_nhwc` as ``call(x, threads)``: (the pooled map, its packed signs) with
     ``pack_output``, else the pooled map alone."""
-    ext, isa = _built(name), _isa(name)
+    ext, isa = _built(name), isa_of(name)
     geometry = (*kernel_size, *stride, *padding, isa)
 
     def call(x: Tensor, threads: int) -> Any:

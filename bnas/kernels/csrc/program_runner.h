@@ -41,6 +41,15 @@ inline c10::optional<torch::Tensor> program_tensor(const pybind11::tuple& args, 
   return args[i].cast<torch::Tensor>();
 }
 
+// PyTorch's conv of an image made channels_last first, as the stems call it without their
+// AVX-512 kernel (bnas.export.plan.ImageConv2d's small stem, bnas.kernels.image_conv2d and
+// conv2d_max_pool elsewhere).
+inline torch::Tensor channels_last_conv2d(const torch::Tensor& image, const torch::Tensor& weight,
+                                          const c10::optional<torch::Tensor>& bias, at::IntArrayRef stride,
+                                          at::IntArrayRef padding) {
+  return at::conv2d(image.contiguous(at::MemoryFormat::ChannelsLast), weight, bias, stride, padding);
+}
+
 inline c10::optional<int64_t> program_optional_int(const pybind11::handle& value) {
   if (value.is_none()) return c10::nullopt;
   return value.cast<int64_t>();

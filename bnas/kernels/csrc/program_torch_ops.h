@@ -157,8 +157,7 @@ inline ProgramFunction program_torch_op(const std::string& kind, const std::vect
     const auto bias = program_tensor(a, 1);
     const auto stride = a[2].cast<std::vector<int64_t>>(), padding = a[3].cast<std::vector<int64_t>>();
     return [=](const ProgramInputs& env, int64_t) {
-      return ProgramValue{
-          at::conv2d(program_input(env, x).contiguous(at::MemoryFormat::ChannelsLast), weight, bias, stride, padding)};
+      return ProgramValue{channels_last_conv2d(program_input(env, x), weight, bias, stride, padding)};
     };
   }
   if (kind == "pointwise_conv") {  // weight, bias, pool (1 or 2: a 2x2/2 average pool first), ceil_mode, stride

@@ -152,12 +152,46 @@ inline void epilogue_scalar(const int32_t* acc, int P, int64_t stride, const Blo
   }
 }
 
-// RPReLU on 16 channels, op for op as epilogue_scalar (and PyTorch) computes it.
-__attribute__((target("avx512f"))) inline __m512 rprelu_avx512(__m512 v, __m512 shift_in, __m512 slope,
-                                                               __m512 shift_out) {
-  const __m512 y = _mm512_sub_ps(v, shift_in);
-  const __mmask16 non_negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GE_OQ);
-  return _mm512_add_ps(_mm512_mask_blend_ps(non_negative, _mm512_mul_ps(slope, y), y), shift_out);
+// The epilogue's per-channel vectors for 16 channels from channel k (`live` lanes).
+struct EpilogueVectors {
+  __mmask16 live;
+  __m512 scale, bias, threshold, shift_in, slope, shift_out;
+};
+
+__attribute__((target("avx512f"))) inline __m512 channel_vector(const float* values, int64_t k, __mmask16 live,
+                                                                 __m512 otherwise) {
+  return values ? _mm512_maskz_loadu_ps(live, values + k) : otherwise;
+}
+
+__attribute__((target("avx512f"))) inline EpilogueVectors epilogue_vectors(const Epilogue& e, int64_t k,
+                                                                           __mmask16 live) {
+  const __m512 zero = _mm512_setzero_ps();
+  return {live,
+          channel_vector(e.scale, k, live, _mm512_set1_ps(1.0f)),
+          channel_vector(e.bias, k, live, zero),
+          channel_vector(e.pack_threshold, k, live, zero),
+          channel_vector(e.rprelu_shift_in, k, live, zero),
+          channel_vector(e.rprelu_slope, k, live, zero),
+          channel_vector(e.rprelu_shift_out, k, live, zero)};
+}
+
+// epilogue_scalar on 16 channels: K_valid - 2 * popcount, * scale + bias (+ the residual at
+// `at`) (-> RPReLU), the same ops in the same order, stored as floats at `at` when asked;
+// returns the mask of their packed signs (0 without a packed output).
+__attribute__((target("avx512f"))) inline __mmask16 epilogue_avx512(__m512i kvalid, __m512i popcounts,
+                                                                    const Epilogue& e, const EpilogueVectors& c,
+                                                                    int64_t at) {
+  __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(kvalid, _mm512_slli_epi32(popcounts, 1)));
+  if (e.scale) v = _mm512_mul_ps(v, c.scale);
+  if (e.bias) v = _mm512_add_ps(v, c.bias);
+  if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(c.live, e.residual + at));
+  if (e.rprelu_shift_in) {
+    const __m512 y = _mm512_sub_ps(v, c.shift_in);
+    const __mmask16 non_negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GE_OQ);
+    v = _mm512_add_ps(_mm512_mask_blend_ps(non_negative, _mm512_mul_ps(c.slope, y), y), c.shift_out);
+  }
+  if (e.out_f) _mm512_mask_storeu_ps(e.out_f + at, c.live, v);
+  return e.out_p ? _mm512_mask_cmp_ps_mask(c.live, v, c.threshold, _CMP_GE_OQ) : __mmask16{0};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -185,37 +219,16 @@ __attribute__((target("avx512f,avx512vpopcntdq,avx512bw"))) void block_avx512(
       }
     }
   }
-  // Epilogue, vectorized: 16 channels per step, per-channel scale and bias loaded once.
-  __mmask16 lanes[Q];
-  __m512 sc[Q], bi[Q], th[Q], r_in[Q], r_slope[Q], r_out[Q];
-  for (int q = 0; q < Q; ++q) {
-    const int64_t nl = std::min<int64_t>(16, b.nch - 16 * q);
-    lanes[q] = bnas::first_lanes(nl);
-    const int64_t k = b.k0 + 16 * q;
-    sc[q] = e.scale ? _mm512_maskz_loadu_ps(lanes[q], e.scale + k) : _mm512_set1_ps(1.0f);
-    bi[q] = e.bias ? _mm512_maskz_loadu_ps(lanes[q], e.bias + k) : _mm512_setzero_ps();
-    th[q] = e.pack_threshold ? _mm512_maskz_loadu_ps(lanes[q], e.pack_threshold + k) : _mm512_setzero_ps();
-    if (e.rprelu_shift_in) {
-      r_in[q] = _mm512_maskz_loadu_ps(lanes[q], e.rprelu_shift_in + k);
-      r_slope[q] = _mm512_maskz_loadu_ps(lanes[q], e.rprelu_slope + k);
-      r_out[q] = _mm512_maskz_loadu_ps(lanes[q], e.rprelu_shift_out + k);
-    }
-  }
+  // Epilogue, vectorized: 16 channels per step, the per-channel vectors loaded once.
+  EpilogueVectors channels[Q];
+  for (int q = 0; q < Q; ++q)
+    channels[q] = epilogue_vectors(e, b.k0 + 16 * q, bnas::first_lanes(std::min<int64_t>(16, b.nch - 16 * q)));
   for (int p = 0; p < P; ++p) {
     const __m512i kv = _mm512_set1_epi32(static_cast<int32_t>(b.kvalid[p]));
     uint64_t bits = 0;
     for (int q = 0; q < Q; ++q) {
-      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(kv, _mm512_slli_epi32(acc[p][q], 1)));
-      if (e.scale) v = _mm512_mul_ps(v, sc[q]);
-      if (e.bias) v = _mm512_add_ps(v, bi[q]);
       const int64_t at = b.pos[p] * e.K + b.k0 + 16 * q;
-      if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes[q], e.residual + at));
-      if (e.rprelu_shift_in) v = rprelu_avx512(v, r_in[q], r_slope[q], r_out[q]);
-      if (e.out_f) _mm512_mask_storeu_ps(e.out_f + at, lanes[q], v);
-      if (e.out_p) {
-        const __mmask16 m = _mm512_mask_cmp_ps_mask(lanes[q], v, th[q], _CMP_GE_OQ);
-        bits |= static_cast<uint64_t>(m) << (16 * q);
-      }
+      bits |= static_cast<uint64_t>(epilogue_avx512(kv, acc[p][q], e, channels[q], at)) << (16 * q);
     }
     if (e.out_p) or_bits(e.out_p + b.pos[p] * e.Kw, b.k0, bits, e.atomic_bits);
   }
@@ -541,9 +554,21 @@ torch::Tensor repack_weights(const torch::Tensor& wp_in, int64_t groups, int64_t
 // (zeroed: the epilogue ORs bits in) allocated as asked.
 struct FusedOutputs {
   Epilogue e{};
-  torch::Tensor sc, bi, th, res, out, packed;  // out: the float output, or the packed one alone
-  std::vector<torch::Tensor> rprelu;           // shift_in, slope, shift_out as float32
+  // the per-channel values as float32 (scale, bias, pack threshold, RPReLU's three), held
+  // while the kernel reads them
+  std::array<torch::Tensor, 6> channel_values;
+  torch::Tensor res, out, packed;  // out: the float output, or the packed one alone
 };
+
+// `t`'s `count` values as contiguous float32, kept in `held` while a kernel reads them;
+// nullptr without a tensor.
+const float* channel_values(const c10::optional<torch::Tensor>& t, int64_t count, const char* what,
+                            torch::Tensor& held) {
+  if (!t.has_value()) return nullptr;
+  held = t->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(held.numel() == count, what, " must have one value per channel (", count, "), got ", held.numel());
+  return held.data_ptr<float>();
+}
 
 FusedOutputs fused_outputs(int64_t N, int64_t OH, int64_t OW, int64_t K, const torch::TensorOptions& int_options,
                            const c10::optional<torch::Tensor>& scale, const c10::optional<torch::Tensor>& bias,
@@ -553,30 +578,15 @@ FusedOutputs fused_outputs(int64_t N, int64_t OH, int64_t OW, int64_t K, const t
                            const std::vector<torch::Tensor>& rprelu) {
   FusedOutputs o;
   Epilogue& e = o.e;
-  if (scale.has_value()) {
-    o.sc = scale->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(o.sc.numel() == K, "scale must have one value per output channel");
-    e.scale = o.sc.data_ptr<float>();
-  }
-  if (bias.has_value()) {
-    o.bi = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(o.bi.numel() == K, "bias must have one value per output channel");
-    e.bias = o.bi.data_ptr<float>();
-  }
-  if (pack_threshold.has_value()) {
-    o.th = pack_threshold->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(o.th.numel() == K, "pack_threshold must have one value per output channel");
-    e.pack_threshold = o.th.data_ptr<float>();
-  }
+  auto& held = o.channel_values;
+  e.scale = channel_values(scale, K, "scale", held[0]);
+  e.bias = channel_values(bias, K, "bias", held[1]);
+  e.pack_threshold = channel_values(pack_threshold, K, "pack_threshold", held[2]);
   TORCH_CHECK(rprelu.empty() || rprelu.size() == 3, "rprelu takes (shift_in, slope, shift_out)");
-  for (const torch::Tensor& t : rprelu) {
-    o.rprelu.push_back(t.to(torch::kFloat32).contiguous());
-    TORCH_CHECK(o.rprelu.back().numel() == K, "rprelu's parameters must have one value per output channel");
-  }
-  if (!o.rprelu.empty()) {
-    e.rprelu_shift_in = o.rprelu[0].data_ptr<float>();
-    e.rprelu_slope = o.rprelu[1].data_ptr<float>();
-    e.rprelu_shift_out = o.rprelu[2].data_ptr<float>();
+  if (!rprelu.empty()) {
+    e.rprelu_shift_in = channel_values(rprelu[0], K, "rprelu's shift_in", held[3]);
+    e.rprelu_slope = channel_values(rprelu[1], K, "rprelu's slope", held[4]);
+    e.rprelu_shift_out = channel_values(rprelu[2], K, "rprelu's shift_out", held[5]);
   }
   TORCH_CHECK(float_output || pack_output, "the conv must write a float or a packed output");
   if (residual.has_value()) {
@@ -769,7 +779,7 @@ __attribute__((target("avx2"))) void grouped_pixel_avx2(const float* img, const 
   const int64_t lanes = (g.C + 15) / 16 * 16;  // weight words per tap: 8 from any c0 < C are in bounds
   const __m256 zero = _mm256_setzero_ps();
   const __m256i group_bits = _mm256_set1_epi32(static_cast<int32_t>((1u << g.Cg) - 1u));
-  const __m256i nibble = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi32(1);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi32(1), low_byte = _mm256_set1_epi32(0xFF);
   const __m256i counts = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
                                           2, 2, 3, 2, 3, 3, 4);
   alignas(32) int32_t first_lane[8], live_lanes[8], sums[8];
@@ -794,7 +804,7 @@ __attribute__((target("avx2"))) void grouped_pixel_avx2(const float* img, const 
       const __m256i d = _mm256_xor_si256(own, w);  // at most 8 bits a lane: its low byte
       const __m256i ones = _mm256_add_epi8(_mm256_shuffle_epi8(counts, _mm256_and_si256(d, nibble)),
                                            _mm256_shuffle_epi8(counts, _mm256_and_si256(_mm256_srli_epi32(d, 4), nibble)));
-      acc = _mm256_add_epi32(acc, _mm256_and_si256(ones, _mm256_set1_epi32(0xFF)));
+      acc = _mm256_add_epi32(acc, _mm256_and_si256(ones, low_byte));
     }
     _mm256_store_si256(reinterpret_cast<__m256i*>(sums), acc);
     std::copy(sums, sums + live, mismatches + c0);
@@ -842,19 +852,9 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void grouped_row_avx512(
           acc = _mm512_add_epi32(acc, _mm512_popcnt_epi32(_mm512_xor_si512(own, w)));
         }
       }
-      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(kvalid, _mm512_slli_epi32(acc, 1)));
-      if (e.scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, e.scale + c0));
-      if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, e.bias + c0));
-      const int64_t at = pos * e.K + c0;
-      if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, e.residual + at));
-      if (e.rprelu_shift_in)
-        v = rprelu_avx512(v, _mm512_maskz_loadu_ps(live, e.rprelu_shift_in + c0),
-                          _mm512_maskz_loadu_ps(live, e.rprelu_slope + c0),
-                          _mm512_maskz_loadu_ps(live, e.rprelu_shift_out + c0));
-      if (e.out_f) _mm512_mask_storeu_ps(e.out_f + at, live, v);
+      const __mmask16 packed = epilogue_avx512(kvalid, acc, e, epilogue_vectors(e, c0, live), pos * e.K + c0);
       if (e.out_p) {
-        const __m512 t = e.pack_threshold ? _mm512_maskz_loadu_ps(live, e.pack_threshold + c0) : zero;
-        bits |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, v, t, _CMP_GE_OQ)) << (16 * (q % 4));
+        bits |= static_cast<uint64_t>(packed) << (16 * (q % 4));
         if (q % 4 == 3 || q == vectors - 1) {  // 64 channels' signs, from channel 64 * (q / 4)
           or_bits(e.out_p + pos * e.Kw, 64 * (q / 4), bits, false);
           bits = 0;
@@ -1087,13 +1087,9 @@ torch::Tensor pack_signs(const torch::Tensor& x_in, int64_t groups, int64_t isa,
   TORCH_CHECK(x_in.device().is_cpu(), "pack_signs: input must be on the CPU");
   TORCH_CHECK(x_in.dim() == 4 || x_in.dim() == 2, "pack_signs: input must be NCHW or (N, F)");
   const bool avx512 = isa == ISA_AVX512 && isa_supported(ISA_AVX512);
-  torch::Tensor th;
-  if (threshold.has_value()) {
-    th = threshold->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(th.device().is_cpu() && th.numel() == x_in.size(1), "pack_signs: the threshold must have one value "
-                "per channel (", x_in.size(1), "), got ", th.numel());
-  }
-  const float* thresholds = th.defined() ? th.data_ptr<float>() : nullptr;
+  TORCH_CHECK(!threshold.has_value() || threshold->device().is_cpu(), "pack_signs: the threshold must be on the CPU");
+  torch::Tensor held;
+  const float* thresholds = channel_values(threshold, x_in.size(1), "pack_signs: the threshold", held);
   if (x_in.dim() == 2) {
     auto x = x_in.to(torch::kFloat32).contiguous();
     const int64_t n = x.size(0), f = x.size(1), words = (f + 31) / 32;
@@ -1757,7 +1753,7 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
         const int64_t oh = out_size(in.size(2) + 2 * ph - kh, sh), ow = out_size(in.size(3) + 2 * pw - kw, sw);
         if (geometry[0] * in.size(1) * kh * kw * oh * ow < min_macs)
           return bnas::ProgramValue{
-              at::conv2d(in.contiguous(at::MemoryFormat::ChannelsLast), conv_weight, conv_bias, {sh, sw}, {ph, pw})};
+              bnas::channels_last_conv2d(in, conv_weight, conv_bias, {sh, sw}, {ph, pw})};
       }
       auto [out, packed] = image_conv_nhwc(
           in, weights, w_scale, w_sum, bias, geometry[0], geometry[1], geometry[2],
@@ -1778,8 +1774,8 @@ bnas::ProgramFunction program_kernel(const std::string& kind, const std::vector<
     const bool pack_output = program_arg<bool>(a, 12);
     const int64_t isa = program_arg<int64_t>(a, 13);
     return [=](const bnas::ProgramInputs& env, int64_t threads) {
-      const torch::Tensor conv = at::conv2d(program_input(env, x).contiguous(at::MemoryFormat::ChannelsLast), weight,
-                                            bias, {geometry[0], geometry[1]}, {geometry[2], geometry[3]});
+      const torch::Tensor conv = bnas::channels_last_conv2d(program_input(env, x), weight, bias,
+                                                            {geometry[0], geometry[1]}, {geometry[2], geometry[3]});
       torch::Tensor pooled = at::max_pool2d(conv, {geometry[4], geometry[5]}, {geometry[6], geometry[7]},
                                             {geometry[8], geometry[9]})
                                  .contiguous(at::MemoryFormat::ChannelsLast);
