@@ -4,7 +4,8 @@ Python blocks run in a fresh interpreter in a scratch folder that sees the repos
 ``search_spaces/`` and ``primitives/``; a YAML block whose first line is ``# NAME.yaml`` is
 written there first (the README shows such files before the code that reads them). Genotype
 YAML blocks build, the ``bnas info`` output block matches the real output, and every ``bnas``
-command in a shell block parses; the quickstart commands run.
+command in a shell block parses; the quickstart commands run. Every relative link in the README
+and in ``docs/`` reaches a file, and a heading there where it names one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bnas.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def _blocks(language: str) -> list[str]:
@@ -134,3 +136,40 @@ def test_quickstart_commands_run_as_written(scratch: Path) -> None:
         assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-3000:]}"
     assert (scratch / "runs/quickstart/report.json").is_file()
     assert (scratch / "runs/quickstart-search/best.yaml").is_file()
+
+
+def _heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation but hyphens dropped,
+    spaces as hyphens."""
+    headings = [line.lstrip("#").strip() for line in FENCE.sub("", markdown).splitlines() if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def _relative_links(page: Path) -> list[tuple[str, Path, str]]:
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    links = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        path, _, anchor = target.partition("#")
+        links.append((target, (page.parent / path).resolve() if path else page, anchor))
+    return links
+
+
+def test_relative_links_reach_their_files_and_headings() -> None:
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target, path, anchor in _relative_links(page):
+            assert path.exists(), f"{page.name}: the link {target} reaches no file"
+            if anchor:
+                assert anchor in _heading_anchors(path.read_text(encoding="utf-8")), (
+                    f"{page.name}: the link {target} names no heading of {path.name}"
+                )
+            checked += 1
+    assert checked >= 10  # the README links its results to its sections and docs/
+
+
+def test_heading_anchors_follow_github() -> None:
+    anchors = _heading_anchors("# bnas\n## Parts in 8-bit integers (opt-in)\n```\n# a comment\n```\n")
+    assert anchors == {"bnas", "parts-in-8-bit-integers-opt-in"}
