@@ -41,6 +41,7 @@ import bnas
 from bnas.binarize import BinaryConv2d, BinaryLinear, sign
 from bnas.data import load_dataset
 from bnas.export import PackedConv2d, PackedLinear, SignConv2d, SignLinear, _as_channel_view
+from bnas.export.plan import KernelLinear
 from bnas.kernels.dispatch import POINTWISE_PRECISIONS, STEM_PRECISIONS
 from bnas.kernels.int8 import image_quantization, pixel_grid, quantize_weights
 from bnas.train import load_checkpoint
@@ -168,6 +169,9 @@ def main() -> None:
         data = load_dataset(args.dataset, args.data_root)
         if args.input_grid:
             packed.input_grid = pixel_grid(data.mean, data.std, _pixel_levels(data.train_x))
+        plan = packed.plan()
+        heads = [m.precision for m in plan.modules() if isinstance(m, KernelLinear)] if plan is not None else []
+        head_kept_float = args.head_precision == "int8" and heads and "int8" not in heads
         same = total = right_trained = right_packed = same_noisy = 0
         noise = torch.Generator().manual_seed(0)
         worst = 0.0
@@ -205,7 +209,8 @@ def main() -> None:
         size, float_size = os.path.getsize(packed_path), os.path.getsize(weights)
     print(
         f"{genotype.name} ({args.dataset}, stem {args.stem_precision}, shortcuts {args.shortcut_precision}, "
-        f"head {args.head_precision}{', on the pixel grid' if args.input_grid else ''}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
+        f"head {args.head_precision}{' (kept float32: under INT8_HEAD_MIN_MACS)' if head_kept_float else ''}"
+        f"{', on the pixel grid' if args.input_grid else ''}): same class on {same}/{total} test images; largest relative logit difference {worst:.2e}; "
         f"test accuracy trained {right_trained / total:.2%}, packed {right_packed / total:.2%}; "
         f"packed file {size:,} B vs float weights {float_size:,} B ({float_size / size:.1f}x smaller)"
     )

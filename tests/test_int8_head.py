@@ -14,7 +14,7 @@ from torch import nn
 import bnas
 from bnas import kernels
 from bnas.export import ExportError, PackedNetwork, pack_model
-from bnas.export.plan import KernelLinear
+from bnas.export.plan import INT8_HEAD_MIN_MACS, KernelLinear
 from bnas.kernels import cpu_backend, linear
 from bnas.kernels.int8 import MAX_TAPS, image_quantization, int8_pointwise_conv2d_reference
 
@@ -112,7 +112,7 @@ def _head_reference(packed: PackedNetwork, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_packed_network_runs_its_head_in_int8_when_asked() -> None:
-    genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18.yaml")
+    genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18_imagenet.yaml")  # a 512 -> 1000 head
     torch.manual_seed(0)
     packed = pack_model(randomize(bnas.build(genotype), seed=0))
     x = torch.randn(2, *genotype.input)
@@ -156,13 +156,30 @@ def test_lowered_program_binds_the_int8_head_and_equals_the_plan(int8_unit: str)
         assert torch.equal(packed(x), lowered)  # the plan's torch.fx program, bit for bit
 
 
-def test_head_precision_is_checked_and_wide_layers_stay_float() -> None:
+def test_head_precision_is_checked_and_wide_or_small_layers_stay_float() -> None:
     packed = PackedNetwork(nn.Sequential(nn.Linear(8, 8)), None, [])
     with pytest.raises(ExportError, match="head_precision 'int4' is not one of float32, int8"):
         packed.head_precision = "int4"
     assert packed.head_precision == "float32"
-    wide = PackedNetwork(nn.Sequential(nn.Linear(MAX_TAPS + 1, 8), nn.Linear(8, 4)), None, [])
-    wide.head_precision = "int8"
-    assert [m.precision for m in _heads(wide)] == ["float32", "int8"]
+    # too many inputs to sum exactly; just enough multiply-adds (512 x 256); one short of them
+    layers = [nn.Linear(MAX_TAPS + 1, 512), nn.Linear(512, 256), nn.Linear(256, 511), nn.Linear(511, 10)]
+    assert 512 * 256 == INT8_HEAD_MIN_MACS > 256 * 511
+    mixed = PackedNetwork(nn.Sequential(*layers), None, [])
+    mixed.head_precision = "int8"
+    assert [m.precision for m in _heads(mixed)] == ["float32", "int8", "float32", "float32"]
     with torch.no_grad():
-        assert wide(torch.randn(2, MAX_TAPS + 1)).shape == (2, 4)
+        assert mixed(torch.randn(2, MAX_TAPS + 1)).shape == (2, 10)
+
+
+def test_a_small_head_stays_float32_under_int8() -> None:
+    """CIFAR's 512 -> 10 head: int8 would be slower there and only round; the network's output
+    is the float32 plan's, bit for bit."""
+    genotype = bnas.load_genotype(GENOTYPES / "bireal_resnet18.yaml")
+    torch.manual_seed(0)
+    packed = pack_model(randomize(bnas.build(genotype), seed=0))
+    x = torch.randn(2, *genotype.input)
+    with torch.no_grad():
+        float_head = packed(x)
+        packed.head_precision = "int8"
+        assert [m.precision for m in _heads(packed)] == ["float32"]
+        assert torch.equal(packed(x), float_head)

@@ -112,11 +112,12 @@ def test_cifar_line_without_lce(capsys: pytest.CaptureFixture[str], monkeypatch:
         assert int8["profile"]["float_ms_by_type"]["ChannelsLastPointwiseConv2d"] > 0
         assert "Conv2d" not in int8["profile"]["float_ms_by_type"]  # the stem was the one float 3x3 conv
         assert 0 < int8["max_rel_logit_diff_vs_packed"] < 1.0  # other numbers, not other scales
-    # the shortcuts' int8 changes the numbers again, and the classifier's once more
-    # and the grid's quantization of the image once more
+    # the shortcuts' int8 changes the numbers again; the 512 -> 10 classifier stays float32 under
+    # head_precision "int8" (under INT8_HEAD_MIN_MACS), so int8_all is int8_stem_shortcuts; the
+    # grid's quantization of the image changes them once more
     keys = ("int8_stem", "int8_stem_shortcuts", "int8_all", "int8_all_grid")
     diffs = [rec[key]["max_rel_logit_diff_vs_packed"] for key in keys]
-    assert len(set(diffs)) == 4
+    assert diffs[0] != diffs[1] and diffs[1] == diffs[2] and diffs[3] != diffs[2]
     assert rec["int8_all"]["profile"]["float_ms_by_type"]["KernelLinear"] > 0
     assert rec["int8_all_grid"]["profile"]["float_ms_by_type"]["KernelLinear"] > 0
 

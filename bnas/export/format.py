@@ -220,7 +220,9 @@ class PackedNetwork(nn.Module):
         """How the fused plan runs its float linear layers (the classifier): ``"float32"`` (the
         default) or ``"int8"``, by the stem's rules with each input row in the image's place
         (``bnas.kernels.linear(..., precision="int8")``; a layer of more than
-        ``bnas.kernels.int8.MAX_TAPS`` inputs stays float32). ResNet's 512 -> 1000 head then
+        ``bnas.kernels.int8.MAX_TAPS`` inputs, or of fewer than
+        ``bnas.export.plan.INT8_HEAD_MIN_MACS`` multiply-adds per row, where int8 is no faster,
+        stays float32). ResNet's 512 -> 1000 head then
         reads 0.5 MB of weights instead of 2 MB. The logits differ by the quantization, which
         can change predictions, as the int8 stem does. The module tree (``fused = False``)
         always runs float32."""

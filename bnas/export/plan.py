@@ -41,7 +41,8 @@ layout the image came in. :func:`build_plan` traces the tree once and rewrites t
   (``PackedNetwork.shortcut_precision = "int8"``): their (pooled) input map quantized per
   image as the image is (``bnas.kernels.pointwise_conv2d(..., precision="int8")``), and the
   classifier with ``int8_head`` (``PackedNetwork.head_precision = "int8"``: each input row
-  quantized as an image, ``bnas.kernels.linear(..., precision="int8")``). On CPUs with
+  quantized as an image, ``bnas.kernels.linear(..., precision="int8")``; a head of fewer than
+  ``INT8_HEAD_MIN_MACS`` multiply-adds per row stays float32). On CPUs with
   AMX-INT8 all three run on AMX tiles (the same numbers).
 * **The classifier on the kernels.** A float ``nn.Linear`` becomes a :class:`KernelLinear`
   (``bnas.kernels.linear``): at batch 1 its weight rows are split among the kernels' threads,
@@ -103,6 +104,7 @@ __all__ = [
     "ChannelsLastPointwiseConv2d",
     "FLOAT_STEM_KERNEL_MIN_MACS",
     "GlobalAvgPool2d",
+    "INT8_HEAD_MIN_MACS",
     "ImageConv2d",
     "ImageConvMaxPool2d",
     "KernelLinear",
@@ -589,13 +591,24 @@ class KernelLinear(nn.Module):
         return f"{self.precision} in_features={self.linear.in_features}, out_features={self.linear.out_features}"
 
 
+# A float linear layer of fewer multiply-adds per input row stays float32 under ``int8_head``:
+# int8 buys it no time (one quantization pass per row, and the weights are small anyway:
+# alone, warm and at batch 1 on one thread, bnas.kernels.linear in int8 took 1.52x the float32
+# time at 512 -> 10, 1.19x at 512 -> 128, 1.02x at 512 -> 256 and 0.61x at 512 -> 1000, Zen 4),
+# while its rounding can move a prediction (one of 10,000 MNIST test images of a binary_lenet5,
+# whose 500 -> 10 head is 5,000 multiply-adds).
+INT8_HEAD_MIN_MACS = 131_072
+
+
 def _float_linears(gm: torch.fx.GraphModule, int8_head: bool = False) -> None:
     """Plain float ``nn.Linear`` layers become :class:`KernelLinear` nodes. Even a 512 -> 10
     head gains: alone and warm, PyTorch's linear is 2-3 us faster at batch 1 (the kernel's
     Python dispatch, which a lowered program skips), but in a Bi-Real ResNet-18 forward it took
     25-30 us, and a 32x32 forward ran 0.05-0.06 ms faster on the kernel (1 and 2 threads,
     interleaved); from batch 100 the kernel is faster alone too (36 against 23 us for
-    500 -> 10). With ``int8_head`` those of up to ``MAX_TAPS`` inputs run in 8-bit integers."""
+    500 -> 10). With ``int8_head`` those of up to ``MAX_TAPS`` inputs and at least
+    ``INT8_HEAD_MIN_MACS`` multiply-adds per row (ResNet's 512 -> 1000 head) run in 8-bit
+    integers."""
     count = 0
     for node in list(gm.graph.nodes):
         layer = _module(gm, node)
@@ -603,7 +616,9 @@ def _float_linears(gm: torch.fx.GraphModule, int8_head: bool = False) -> None:
             continue
         name = f"_plan_linear{count}"
         count += 1
-        precision = "int8" if int8_head and layer.in_features <= MAX_TAPS else "float32"
+        sums_exactly = layer.in_features <= MAX_TAPS
+        pays = layer.in_features * layer.out_features >= INT8_HEAD_MIN_MACS
+        precision = "int8" if int8_head and sums_exactly and pays else "float32"
         gm.add_submodule(name, KernelLinear(layer, precision))
         node.target = name
 
