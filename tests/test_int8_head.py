@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import randomize, run_benchmark
 from torch import nn
 
 import bnas
@@ -183,3 +183,15 @@ def test_a_small_head_stays_float32_under_int8() -> None:
         packed.head_precision = "int8"
         assert [m.precision for m in _heads(packed)] == ["float32"]
         assert torch.equal(packed(x), float_head)
+
+
+@pytest.mark.skipif(not cpu_backend.int8_supported(), reason="the int8 kernels run on AVX-512 VNNI CPUs only")
+def test_benchmark_script_times_both_precisions_by_size(capsys: pytest.CaptureFixture[str]) -> None:
+    script, lines = run_benchmark("int8_head", ["--repeats", "2"], capsys)
+    assert [tuple(r["shape"]) for r in lines] == script.SHAPES
+    for r in lines:
+        fin, fout = r["shape"]
+        assert r["macs"] == fin * fout and r["keeps_float32"] == (fin * fout < INT8_HEAD_MIN_MACS)
+        assert r["baseline_us"] > 0 and r["ours_us"] > 0
+        assert r["ratio"] == pytest.approx(r["baseline_us"] / r["ours_us"], rel=0.02, abs=0.01)
+    assert [r["keeps_float32"] for r in lines][0] and not [r["keeps_float32"] for r in lines][-1]

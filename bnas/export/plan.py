@@ -593,10 +593,10 @@ class KernelLinear(nn.Module):
 
 # A float linear layer of fewer multiply-adds per input row stays float32 under ``int8_head``:
 # int8 buys it no time (one quantization pass per row, and the weights are small anyway:
-# alone, warm and at batch 1 on one thread, bnas.kernels.linear in int8 took 1.52x the float32
-# time at 512 -> 10, 1.19x at 512 -> 128, 1.02x at 512 -> 256 and 0.61x at 512 -> 1000, Zen 4),
-# while its rounding can move a prediction (one of 10,000 MNIST test images of a binary_lenet5,
-# whose 500 -> 10 head is 5,000 multiply-adds).
+# `python benchmarks/int8_head.py`, alone, warm, batch 1, one thread, on a Zen 4: float32 ran
+# 0.61-0.84x int8's time from 500 -> 10 to 512 -> 128, 1.01-1.07x at 512 -> 256 and 1.98-2.03x
+# at 512 -> 1000), while its rounding can move a prediction (one of 10,000 MNIST test images of
+# a binary_lenet5, whose 500 -> 10 head is 5,000 multiply-adds).
 INT8_HEAD_MIN_MACS = 131_072
 
 
