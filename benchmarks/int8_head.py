@@ -6,8 +6,8 @@ Each shape is in -> out features: the CIFAR and MNIST heads of the shipped netwo
 500 -> 10), sizes between, and ResNet's 512 -> 1000. Timed interleaved in one run, warm (the
 layer alone: inside a forward its weights come from further away, which favours int8's smaller
 ones). The plan keeps a layer under ``bnas.export.plan.INT8_HEAD_MIN_MACS`` multiply-adds per
-row in float32 (``keeps_float32``); ``ratio`` is float32's time over int8's, so below 1 int8 is
-the slower. Prints one JSON line per shape.
+row in float32 (``keeps_float32``: not ``bnas.export.plan.int8_head_runs``); ``ratio`` is
+float32's time over int8's, so below 1 int8 is the slower. Prints one JSON line per shape.
 
     python benchmarks/int8_head.py [--repeats 300] [--threads 1]
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, interleaved_times, load_average, machine, median_p90  # noqa: E402
 
 from bnas import kernels  # noqa: E402
-from bnas.export.plan import INT8_HEAD_MIN_MACS  # noqa: E402
+from bnas.export.plan import int8_head_runs  # noqa: E402
 from bnas.kernels import cpu_backend  # noqa: E402
 
 # (in_features, out_features)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                     "benchmark": "int8_head",
                     "shape": [fin, fout],
                     "macs": fin * fout,
-                    "keeps_float32": fin * fout < INT8_HEAD_MIN_MACS,
+                    "keeps_float32": not int8_head_runs(fin, fout),
                     "baseline": "bnas.kernels.linear, float32, batch 1",
                     "ours": "bnas.kernels.linear, int8, batch 1",
                     "baseline_us": round(base * 1e6, 2),

@@ -171,7 +171,7 @@ def main() -> None:
             packed.input_grid = pixel_grid(data.mean, data.std, _pixel_levels(data.train_x))
         plan = packed.plan()
         heads = [m.precision for m in plan.modules() if isinstance(m, KernelLinear)] if plan is not None else []
-        head_kept_float = args.head_precision == "int8" and heads and "int8" not in heads
+        head_kept_float = args.head_precision == "int8" and bool(heads) and "int8" not in heads
         same = total = right_trained = right_packed = same_noisy = 0
         noise = torch.Generator().manual_seed(0)
         worst = 0.0

@@ -110,6 +110,7 @@ __all__ = [
     "KernelLinear",
     "PackedStep",
     "build_plan",
+    "int8_head_runs",
 ]
 
 log = logging.getLogger(__name__)
@@ -600,6 +601,13 @@ class KernelLinear(nn.Module):
 INT8_HEAD_MIN_MACS = 131_072
 
 
+def int8_head_runs(in_features: int, out_features: int) -> bool:
+    """Whether ``int8_head`` runs a float linear layer of this shape in 8-bit integers: its sums
+    exact (at most ``MAX_TAPS`` inputs) and worth it (at least ``INT8_HEAD_MIN_MACS``
+    multiply-adds per row)."""
+    return in_features <= MAX_TAPS and in_features * out_features >= INT8_HEAD_MIN_MACS
+
+
 def _float_linears(gm: torch.fx.GraphModule, int8_head: bool = False) -> None:
     """Plain float ``nn.Linear`` layers become :class:`KernelLinear` nodes. Even a 512 -> 10
     head gains: alone and warm, PyTorch's linear is 2-3 us faster at batch 1 (the kernel's
@@ -616,9 +624,7 @@ def _float_linears(gm: torch.fx.GraphModule, int8_head: bool = False) -> None:
             continue
         name = f"_plan_linear{count}"
         count += 1
-        sums_exactly = layer.in_features <= MAX_TAPS
-        pays = layer.in_features * layer.out_features >= INT8_HEAD_MIN_MACS
-        precision = "int8" if int8_head and sums_exactly and pays else "float32"
+        precision = "int8" if int8_head and int8_head_runs(layer.in_features, layer.out_features) else "float32"
         gm.add_submodule(name, KernelLinear(layer, precision))
         node.target = name
 
