@@ -15,6 +15,11 @@ score is its mean rank over them. The summary's ``per_supernet_kendall_tau`` giv
 supernet's own tau beside the ensemble's, and ``*_by_mean_acc`` the ensemble's tau when it
 ranks by the mean accuracy instead (a score one trial can be given alone).
 
+``--standalone-only --part K/N`` trains only every N-th architecture, from the K-th on (K in
+1..N), so N processes, one thread each, can share the stand-alone phase. The cache is saved
+by merging into the file on disk under a lock, so parts sharing one cache file lose nothing;
+a later run without ``--part`` finds every result there.
+
 ``--train-seeds 0 1`` trains every architecture once per seed (same architectures, same data
 split; only the initialisation and batch order change). The stand-alone accuracy is then the
 mean over the seeds, and the summary gives the rank agreement between the seeds themselves
@@ -23,6 +28,7 @@ mean over the seeds, and the summary gives the rank agreement between the seeds 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
         [--standalone-only | --supernet RUN/supernet.pt [RUN2/supernet.pt ...] | --supernet-epochs E [--distill] [--widths W] [--paths P] [--sampling S]]
         [--calibration-batches 8] [--finetune-steps 0] [--probe-samples 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
+        [--part K/N (with --standalone-only)]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
 accuracy with the inherited weights, and their validation loss (`*_by_loss`, lower ranks higher).
@@ -34,6 +40,7 @@ shared classifier.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import math
@@ -163,8 +170,33 @@ def cache_paths(base: Path, seed: int, train_seeds: list[int]) -> list[Path]:
     return [base if t == seed else base.with_name(f"{base.stem}-train{t}{base.suffix}") for t in train_seeds]
 
 
-def save_cache(path: Path, cache: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True) + "\n", what="stand-alone cache")
+def save_cache(path: Path, cache: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """Merge ``cache``'s results into the file at ``path`` and write it atomically, under an
+    exclusive lock on ``path`` + ``.lock``: processes sharing the file (``--part``) each add
+    their own results and lose none of the others'. Returns the merged cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            on_disk = load_cache(path, space, cache["seed"], cache["train_seed"])
+            merged = {**cache, "archs": {**on_disk["archs"], **cache["archs"]}}
+            write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True) + "\n", what="stand-alone cache")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return merged
+
+
+def in_part(index: int, part: tuple[int, int] | None) -> bool:
+    """Whether architecture ``index`` (from 0) belongs to ``--part K/N``: every N-th from the K-th."""
+    return part is None or index % part[1] == part[0] - 1
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``K/N`` with 1 <= K <= N, as ``--part`` takes it."""
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give K/N with 1 <= K <= N, e.g. 1/2 and 2/2 for two processes")
+    return int(k), int(n)
 
 
 def standalone_phase(
@@ -212,7 +244,7 @@ def standalone_phase(
         }
         log.info("  val acc %.4f, %.0f CPU s", entry["val_acc"], entry["cpu_s"])
         cache["archs"][arch["hash"]] = entry
-        save_cache(cache_path, cache)
+        cache = save_cache(cache_path, cache, space)
         arch["standalone"], arch["cached"] = entry, False
     return cache
 
@@ -439,6 +471,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score each arch by a linear probe refitted on its features for this many training images "
         "(bnas.search.linear_probe) instead of by the supernet's shared classifier",
     )
+    parser.add_argument(
+        "--part",
+        type=parse_part,
+        default=None,
+        metavar="K/N",
+        help="with --standalone-only: train and report only every N-th architecture from the K-th, "
+        "so N processes can share the stand-alone phase (and its cache file)",
+    )
     parser.add_argument("--calibration-batches", type=int, default=8, help="BN recalibration batches (of 64)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -458,6 +498,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--supernet-epochs must be at least 1")
     if args.distill and args.supernet_epochs is None:
         parser.error("--distill applies to --supernet-epochs (a loaded supernet was trained as it was)")
+    if args.part is not None and not args.standalone_only:
+        parser.error("--part applies to --standalone-only (scoring needs every architecture's result)")
+    if args.part is not None and args.part[1] > args.archs:
+        parser.error(f"--part {args.part[0]}/{args.part[1]}: at most --archs ({args.archs}) parts")
     if not (args.standalone_only or args.supernet or args.supernet_epochs):
         parser.error("give --supernet RUN/supernet.pt, --supernet-epochs E or --standalone-only")
     return args
@@ -480,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
         return loaded[0]
 
     archs = sample_archs(space, args.archs, args.seed)
+    # --part: this process's share of the sample; each keeps its index in the whole sample.
+    indices = [i for i in range(len(archs)) if in_part(i, args.part)]
+    archs = [archs[i] for i in indices]
     loaded_supernets = load_supernets(args, space) if args.supernet is not None else None
     ensemble = args.supernet is not None and len(args.supernet) > 1
     train_seeds = args.train_seeds if args.train_seeds else [args.seed]
@@ -504,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "benchmark": BENCHMARK,
                 "space": space.name,
-                "arch": i,
+                "arch": indices[i],
                 "hash": arch["hash"],
                 "ops": arch["metrics"]["ops"],
                 "choices": arch["choices"],
@@ -531,6 +578,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary": True,
         "space": space.name,
         "archs": len(archs),
+        "part": None if args.part is None else f"{args.part[0]}/{args.part[1]}",
         "seed": args.seed,
         "train_seeds": train_seeds,
         "standalone_cache": str(cache_path),

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,66 @@ def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys:
             capsys, *common[:4], "--seed", "4", "--standalone-cache", str(tmp_path / "c4.json"), "--supernet", *paths
         )
     assert not (tmp_path / "c4.json").exists()
+
+
+def test_parts_share_the_stand_alone_phase_and_its_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = write_space(tmp_path)
+    cache = tmp_path / "cache.json"
+    common = ["--space", str(space), "--archs", "4", "--seed", "3", "--standalone-cache", str(cache)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Two processes at once, on one cache file: each trains its half and loses none of the other's.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), *common, "--standalone-only", "--part", part],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for part in ("1/2", "2/2")
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    parts = [
+        lines(subprocess.CompletedProcess([], p.returncode, out, err))
+        for p, (out, err) in zip(procs, outputs, strict=True)
+    ]
+    assert [[a["arch"] for a in archs] for archs, _ in parts] == [[0, 2], [1, 3]]
+    assert [s["part"] for _, s in parts] == ["1/2", "2/2"]
+    assert all(s["archs"] == 2 and s["standalone_trained"] == 2 for _, s in parts)
+    stored = json.loads(cache.read_text())
+    printed = {a["hash"]: a["standalone_val_acc"] for archs, _ in parts for a in archs}
+    assert {h: e["val_acc"] for h, e in stored["archs"].items()} == printed
+    # The whole sample afterwards: everything from the cache, in sample order.
+    whole, summary = main_lines(capsys, *common, "--standalone-only")
+    assert summary["standalone_trained"] == 0 and summary["part"] is None
+    assert [a["arch"] for a in whole] == [0, 1, 2, 3]
+    assert [a["hash"] for a in whole] == [parts[i % 2][0][i // 2]["hash"] for i in range(4)]
+    assert {a["hash"]: a["standalone_val_acc"] for a in whole} == printed
+
+
+def test_saving_merges_into_the_cache_on_disk(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path))
+    path = tmp_path / "cache.json"
+    first, second = SCRIPT_MODULE.load_cache(path, space, 3), SCRIPT_MODULE.load_cache(path, space, 3)
+    first["archs"]["a"] = {"val_acc": 0.5}
+    second["archs"]["b"] = {"val_acc": 0.25}
+    SCRIPT_MODULE.save_cache(path, first, space)
+    merged = SCRIPT_MODULE.save_cache(path, second, space)  # loaded before "a" was saved
+    assert merged["archs"] == {"a": {"val_acc": 0.5}, "b": {"val_acc": 0.25}}
+    assert json.loads(path.read_text())["archs"] == merged["archs"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--part", "3/2", "--standalone-only"], r"'3/2': give K/N with 1 <= K <= N"),
+        (["--part", "1-2", "--standalone-only"], r"'1-2': give K/N"),
+        (["--part", "1/2", "--supernet", "x.pt"], r"--part applies to --standalone-only"),
+        (["--part", "1/5", "--archs", "4", "--standalone-only"], r"--part 1/5: at most --archs \(4\) parts"),
+    ],
+)
+def test_part_flag_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        SCRIPT_MODULE.parse_args(flags)
+    assert re.search(message, capsys.readouterr().err)
