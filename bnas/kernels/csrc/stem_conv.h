@@ -27,7 +27,8 @@
 //
 // conv_max_pool: the conv's rows go to a ring of `pool kh` rows that the pool reads while they
 // are in cache, so the conv's full output is never written to memory; the pooled values are
-// those of the separate conv and pool, exactly.
+// those of the separate conv and pool, exactly. In int8 (VNNI or AMX) the ring holds the exact
+// int32 sums and the epilogue runs on each window's largest only.
 #pragma once
 
 #include <immintrin.h>
@@ -196,6 +197,29 @@ __attribute__((target("avx512f"))) inline __m512 int8_epilogue(__m512i sum, __m5
   return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, zp_wsum)), scale), bias);
 }
 
+// The exact int32 sums of P pixels' windows (windows[p], window rows row_bytes apart) with
+// output channels n0 .. n0 + 16 * NV, into acc.
+template <int P, int NV>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void int8_window_sums(
+    const uint8_t* const* windows, int64_t row_bytes, const ImageConvGeometry& g, const int8_t* wq, int64_t n0,
+    __m512i (&acc)[P][NV]) {
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_si512();
+  for (int64_t r = 0; r < g.kh; ++r) {
+    for (int64_t q = 0; q < g.quads; ++q) {
+      const int8_t* w_row = wq + ((r * g.quads + q) * g.Kp + n0) * 4;
+      __m512i w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(w_row + 64 * v);
+      for (int p = 0; p < P; ++p) {
+        int32_t word;
+        std::memcpy(&word, windows[p] + r * row_bytes + 4 * q, 4);
+        const __m512i x = _mm512_set1_epi32(word);
+        for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_dpbusd_epi32(acc[p][v], x, w[v]);
+      }
+    }
+  }
+}
+
 struct Int8ConvBlock {
   template <int P, int NV>
   static __attribute__((target("avx512f,avx512bw,avx512vnni"))) void step(
@@ -203,21 +227,7 @@ struct Int8ConvBlock {
       const int8_t* wq, int64_t n0, const int32_t* const* zp_wsum, const float* const* scale,
       const float* bias, __mmask16 last_lanes, float* const* outs) {
     __m512i acc[P][NV];
-    for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_si512();
-    for (int64_t r = 0; r < g.kh; ++r) {
-      for (int64_t q = 0; q < g.quads; ++q) {
-        const int8_t* w_row = wq + ((r * g.quads + q) * g.Kp + n0) * 4;
-        __m512i w[NV];
-        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(w_row + 64 * v);
-        for (int p = 0; p < P; ++p) {
-          int32_t word;
-          std::memcpy(&word, windows[p] + r * row_bytes + 4 * q, 4);
-          const __m512i x = _mm512_set1_epi32(word);
-          for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_dpbusd_epi32(acc[p][v], x, w[v]);
-        }
-      }
-    }
+    int8_window_sums<P, NV>(windows, row_bytes, g, wq, n0, acc);
     for (int v = 0; v < NV; ++v) {
       const int64_t k0 = n0 + 16 * v;
       const __mmask16 lanes = v == NV - 1 ? last_lanes : static_cast<__mmask16>(0xFFFF);
@@ -227,6 +237,25 @@ struct Int8ConvBlock {
         const __m512 sc = _mm512_maskz_loadu_ps(lanes, scale[p] + k0);
         _mm512_mask_storeu_ps(outs[p] + k0, lanes, int8_epilogue(acc[p][v], corr, sc, b));
       }
+    }
+  }
+};
+
+// The same sums, stored as they are (outs[p] as int32): for a max-pool after the conv, whose
+// epilogue then runs on the pooled maxima only (max_pool_int8_sums_row_avx512).
+struct Int8SumsBlock {
+  template <int P, int NV>
+  static __attribute__((target("avx512f,avx512bw,avx512vnni"))) void step(const uint8_t* const* windows,
+                                                                          int64_t row_bytes,
+                                                                          const ImageConvGeometry& g,
+                                                                          const int8_t* wq, int64_t n0,
+                                                                          __mmask16 last_lanes, float* const* outs) {
+    __m512i acc[P][NV];
+    int8_window_sums<P, NV>(windows, row_bytes, g, wq, n0, acc);
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 lanes = v == NV - 1 ? last_lanes : static_cast<__mmask16>(0xFFFF);
+      for (int p = 0; p < P; ++p)
+        _mm512_mask_storeu_epi32(reinterpret_cast<int32_t*>(outs[p]) + n0 + 16 * v, lanes, acc[p][v]);
     }
   }
 };
@@ -269,6 +298,17 @@ inline void int8_conv_row_avx512(const uint8_t* padded, const int8_t* wq, const 
                      __mmask16 last_lanes) {
                    block_step<Int8ConvBlock>(count, nv)(windows, g.Wp * g.C, g, wq, n0, corrs, scales,
                                                         bias, last_lanes, outs);
+                 });
+}
+
+// The exact int32 sums of output row oh of image n into `sums` (OW * K int32, no zero-point
+// correction yet), as int8_conv_sums_row_amx gives them.
+inline void int8_conv_sums_row_avx512(const uint8_t* padded, const int8_t* wq, const ImageConvGeometry& g, int64_t n,
+                                      int64_t oh, int32_t* sums) {
+  for_each_block(padded, g, n, oh, reinterpret_cast<float*>(sums),
+                 [&](int count, const uint8_t* const* windows, float* const* outs, int nv, int64_t n0,
+                     __mmask16 last_lanes) {
+                   block_step<Int8SumsBlock>(count, nv)(windows, g.Wp * g.C, g, wq, n0, last_lanes, outs);
                  });
 }
 
