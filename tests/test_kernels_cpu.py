@@ -613,7 +613,9 @@ def test_channels_last_max_pool_equals_torch(backend_name, shape, kernel, stride
     assert torch.equal(out, F.max_pool2d(x, kernel, stride, padding))
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 112, 112), (2, 40, 9, 7), (1, 16, 8, 8), (1, 48, 6, 5), (1, 33, 7, 7)])
+@pytest.mark.parametrize(
+    "shape", [(1, 64, 112, 112), (2, 40, 9, 7), (1, 16, 8, 8), (1, 32, 9, 9), (1, 48, 6, 5), (1, 33, 7, 7)]
+)
 def test_max_pool_and_pack_writes_the_pooled_map_and_its_packed_signs(backend_name, shape):
     """Channel counts of one 16-lane vector, a half word, whole and partial words: the words
     are pack_signs' of the pooled map, bits past the channels 0; exact zeros pack as +1."""

@@ -567,6 +567,51 @@ __attribute__((target("avx512f"))) inline void pool_row_avx512(int64_t W, int64_
   }
 }
 
+// A max-pool row as pool_row_avx512 computes it, for C = 16 * NV channels (NV <= 4): every
+// load a full vector, and the window loop over all NV vectors at once. V is the values'
+// vector (floats, or the int8 conv's int32 sums): load(p) reads one, max(a, b) takes the larger
+// of two, `lowest` starts a window, and finish(v, m) gives vector v's floats from its maxima.
+template <int NV, class T, class V, class Load, class Max, class Finish>
+__attribute__((target("avx512f"))) inline void max_pool_row_vectors(const T* const* rows, int64_t count, int64_t W,
+                                                                    int64_t OW, int64_t kw, int64_t sw, int64_t pw,
+                                                                    float* out, uint32_t* packed, V lowest,
+                                                                    const Load& load, const Max& max,
+                                                                    const Finish& finish) {
+  constexpr int64_t C = 16 * NV, words = (C + 31) / 32;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * sw - pw);
+    const int64_t iw1 = std::min<int64_t>(W, ow * sw - pw + kw);
+    V m[NV];
+    for (int v = 0; v < NV; ++v) m[v] = lowest;
+    for (int64_t i = 0; i < count; ++i)
+      for (const T *p = rows[i] + iw0 * C, *e = rows[i] + iw1 * C; p < e; p += C)
+        for (int v = 0; v < NV; ++v) m[v] = max(m[v], load(p + 16 * v));
+    uint32_t bits[NV];
+    for (int v = 0; v < NV; ++v) {
+      const __m512 f = finish(v, m[v]);
+      _mm512_storeu_ps(out + ow * C + 16 * v, f);
+      bits[v] = _mm512_cmp_ps_mask(f, zero, _CMP_GE_OQ);
+    }
+    if (packed)
+      for (int64_t word = 0; word < words; ++word)
+        packed[ow * words + word] = bits[2 * word] | (2 * word + 1 < NV ? bits[2 * word + 1] << 16 : 0u);
+  }
+}
+
+// max_pool_row_vectors over floats.
+template <int NV>
+__attribute__((target("avx512f"))) inline void max_pool_float_row_vectors(const float* const* rows, int64_t count,
+                                                                          int64_t W, int64_t OW, int64_t kw,
+                                                                          int64_t sw, int64_t pw, float* out,
+                                                                          uint32_t* packed) {
+  max_pool_row_vectors<NV>(
+      rows, count, W, OW, kw, sw, pw, out, packed, _mm512_set1_ps(-INFINITY),
+      [](const float* p) __attribute__((target("avx512f"))) { return _mm512_loadu_ps(p); },
+      [](__m512 a, __m512 b) __attribute__((target("avx512f"))) { return _mm512_max_ps(a, b); },
+      [](int, __m512 m) __attribute__((target("avx512f"))) { return m; });
+}
+
 // One row of a max-pool over channels_last float maps: `rows` are the `count` input rows (W
 // pixels of C floats) the row's windows cover, already cut to the map. Padding never wins (as
 // in PyTorch).
@@ -576,6 +621,13 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
                                                                    int64_t kw, int64_t sw,
                                                                    int64_t pw, float* out,
                                                                    uint32_t* packed) {
+  switch (C) {  // ResNet's 3x3/2 pool on 112x112x64 with its signs: 0.070 against 0.135 ms (Zen 4)
+    case 16: return max_pool_float_row_vectors<1>(rows, count, W, OW, kw, sw, pw, out, packed);
+    case 32: return max_pool_float_row_vectors<2>(rows, count, W, OW, kw, sw, pw, out, packed);
+    case 48: return max_pool_float_row_vectors<3>(rows, count, W, OW, kw, sw, pw, out, packed);
+    case 64: return max_pool_float_row_vectors<4>(rows, count, W, OW, kw, sw, pw, out, packed);
+    default: break;
+  }
   pool_row_avx512(W, C, OW, kw, sw, pw, out, packed,
                   [&](int64_t iw0, int64_t iw1, int64_t c, __mmask16 lanes) __attribute__((target("avx512f"))) {
                     __m512 v = _mm512_set1_ps(-INFINITY);
@@ -586,13 +638,12 @@ __attribute__((target("avx512f"))) inline void max_pool_row_avx512(const float* 
                   });
 }
 
-// max_pool_int8_sums_row_avx512 for C = 16 * NV channels (NV <= 4): the epilogue's terms stay in
-// registers for the whole row, and every load is a full vector.
+// max_pool_row_vectors over the int8 conv's int32 sums, the epilogue's terms in registers for
+// the whole row.
 template <int NV>
 __attribute__((target("avx512f"))) inline void max_pool_int8_sums_row_vectors(
     const int32_t* const* rows, int64_t count, int64_t W, int64_t OW, int64_t kw, int64_t sw, int64_t pw,
     const int32_t* zp_wsum, const float* scale, const float* bias, float* out, uint32_t* packed) {
-  constexpr int64_t C = 16 * NV, words = (C + 31) / 32;
   __m512i corr[NV];
   __m512 sc[NV], b[NV];
   for (int v = 0; v < NV; ++v) {
@@ -600,25 +651,11 @@ __attribute__((target("avx512f"))) inline void max_pool_int8_sums_row_vectors(
     sc[v] = _mm512_loadu_ps(scale + 16 * v);
     b[v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
   }
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t ow = 0; ow < OW; ++ow) {
-    const int64_t iw0 = std::max<int64_t>(0, ow * sw - pw);
-    const int64_t iw1 = std::min<int64_t>(W, ow * sw - pw + kw);
-    __m512i m[NV];
-    for (int v = 0; v < NV; ++v) m[v] = _mm512_set1_epi32(INT32_MIN);
-    for (int64_t i = 0; i < count; ++i)
-      for (const int32_t *p = rows[i] + iw0 * C, *e = rows[i] + iw1 * C; p < e; p += C)
-        for (int v = 0; v < NV; ++v) m[v] = _mm512_max_epi32(m[v], _mm512_loadu_si512(p + 16 * v));
-    uint32_t bits[NV];
-    for (int v = 0; v < NV; ++v) {
-      const __m512 f = int8_epilogue(m[v], corr[v], sc[v], b[v]);
-      _mm512_storeu_ps(out + ow * C + 16 * v, f);
-      bits[v] = _mm512_cmp_ps_mask(f, zero, _CMP_GE_OQ);
-    }
-    if (packed)
-      for (int64_t word = 0; word < words; ++word)
-        packed[ow * words + word] = bits[2 * word] | (2 * word + 1 < NV ? bits[2 * word + 1] << 16 : 0u);
-  }
+  max_pool_row_vectors<NV>(
+      rows, count, W, OW, kw, sw, pw, out, packed, _mm512_set1_epi32(INT32_MIN),
+      [](const int32_t* p) __attribute__((target("avx512f"))) { return _mm512_loadu_si512(p); },
+      [](__m512i x, __m512i y) __attribute__((target("avx512f"))) { return _mm512_max_epi32(x, y); },
+      [&](int v, __m512i m) __attribute__((target("avx512f"))) { return int8_epilogue(m, corr[v], sc[v], b[v]); });
 }
 
 // max_pool_row_avx512 over the int8 conv's int32 sums, the epilogue applied to each window's
