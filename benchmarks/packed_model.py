@@ -38,6 +38,14 @@ fourth with ``head_precision = "int8"`` too (the classifier in 8-bit integers wh
 AMX-INT8 their int8 layers run on AMX tiles (``int8_unit``). The issue's ``meets_*`` fields
 stay those of the default model.
 
+``--peak`` (CPUs with AVX-512 VNNI) first measures one core's float32 FMA and int8 VNNI peaks
+(``benchmarks/cpu_peak.py``'s loops) and adds ``float_share_floor``: the float share each
+model would have if every float MAC ran at a peak (the packed model: the FMA peak; the int8
+twins: the VNNI peak, the faster) and nothing else cost time, beside the binary layers'
+measured time. No kernel can do better on this CPU, so a floor above the target says the
+target is out of this CPU's reach (the int8 twins' floor is left out where they run on AMX,
+whose peak is not measured).
+
 CUDA (issue 7): baseline = the float model in float16, channels_last, ``cudnn.benchmark`` on;
 ours = the packed model on the GPU kernels; CUDA events after warm-up (``cuda_time`` of
 ``benchmarks/cuda_xnor_conv.py``); batch 256 and 1 by default.
@@ -68,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from common import emit, interleaved_times, machine, median_p90  # noqa: E402
+from cpu_peak import measure_peaks  # noqa: E402
 
 import bnas  # noqa: E402
 from bnas.errors import BnasError  # noqa: E402
@@ -356,6 +365,38 @@ def network_targets(genotype_path: Path, size: int) -> dict[str, float | None]:
     return {"ratio_vs_frozen": None, "ratio_vs_lce": None, "float_share": None}
 
 
+def share_floors(
+    peaks: dict[str, dict[str, float]], float_macs: int, record: dict[str, Any], target: float | None
+) -> dict[str, Any]:
+    """``float_share_floor`` of the packed model (float32: the FMA peak) and of its int8 twins
+    that run on VNNI (the VNNI peak, as if every float MAC were in int8)."""
+    floors: dict[str, Any] = {"peaks_gmacs": {name: peak["gmacs"] for name, peak in peaks.items()}}
+    floors["packed"] = float_share_floor(
+        float_macs, peaks["float32_fma"]["gmacs"], record["profile"]["binary_ms"], target
+    )
+    for name in INT8_TWINS:
+        twin = record.get(name)
+        if not isinstance(twin, dict):
+            continue
+        if twin["int8_unit"] != "vnni":
+            floors[name] = "runs on AMX, whose peak is not measured"
+            continue
+        binary_ms = twin["profile"]["binary_ms"]
+        floors[name] = float_share_floor(float_macs, peaks["int8_vnni"]["gmacs"], binary_ms, target)
+    return floors
+
+
+def float_share_floor(float_macs: int, gmacs: float, binary_ms: float, target: float | None) -> dict[str, Any]:
+    """The float share if all ``float_macs`` ran at ``gmacs`` and took no other time, beside
+    ``binary_ms`` of binary layers: a lower bound on the measured share of the same model."""
+    float_ms = float_macs / (gmacs * 1e9) * 1e3
+    share = float_ms / (float_ms + binary_ms)
+    return {
+        "float_ms_at_peak": round(float_ms, 4), "binary_ms": binary_ms, "share": round(share, 3),
+        "target_reachable": None if target is None else share <= target,
+    }  # fmt: skip
+
+
 def meets(value: float | None, target: float | None, at_least: bool = True) -> bool | None:
     if value is None or target is None:
         return None
@@ -364,6 +405,11 @@ def meets(value: float | None, target: float | None, at_least: bool = True) -> b
 
 def run_cpu(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    peaks = None
+    if args.peak:
+        if not cpu_backend.int8_supported():
+            raise BenchmarkError("--peak measures AVX-512 VNNI, which this CPU lacks; run without --peak")
+        peaks = measure_peaks()
     for genotype_path in args.genotypes:
         genotype = bnas.load_genotype(genotype_path)
         size = int(genotype.input[-1])
@@ -382,7 +428,7 @@ def run_cpu(args: argparse.Namespace) -> None:
                     workers["lce_default"] = LceWorker(
                         args.lce_python, layout, args.threads, indirect_bgemm=False, xnnpack=args.lce_xnnpack
                     )
-            run_network(args, genotype_path, genotype, size, workers, lce_note)
+            run_network(args, genotype_path, genotype, size, workers, lce_note, peaks)
         finally:
             for worker in workers.values():
                 worker.close()
@@ -395,6 +441,7 @@ def run_network(
     size: int,
     workers: dict[str, LceWorker],
     lce_note: str | None,
+    peaks: dict[str, dict[str, float]] | None = None,
 ) -> None:
     torch.manual_seed(0)
     model = bnas.build(genotype).eval()
@@ -479,6 +526,8 @@ def run_network(
                 "max_rel_logit_diff_vs_packed": float((out_int8 - out).abs().max() / out.abs().max().clamp_min(1e-12)),
                 "same_class_as_packed": bool((out_int8.argmax(1) == out.argmax(1)).all()),
             }  # fmt: skip
+        if peaks is not None:
+            record["float_share_floor"] = share_floors(peaks, macs["float"], record, targets["float_share"])
         record.update({
             "threads": args.threads,
             "load_average": {"before": load_before, "after": load_after},
@@ -624,6 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lce-xnnpack", action="store_true", help="cpu: LCE runs its float ops on TFLite's XNNPack")
     p.add_argument("--profile-calls", type=int, default=30, help="cpu: packed calls of the per-part profile")
     p.add_argument("--profile", action="store_true", help="cpu: also print a torch.profiler table (stderr)")
+    p.add_argument(
+        "--peak", action="store_true",
+        help="cpu: measure one core's FMA and VNNI peaks first and add float_share_floor (AVX-512 VNNI CPUs)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     for flag in ("repeats", "block", "threads", "profile_calls"):
         if getattr(args, flag) < 1:

@@ -185,6 +185,51 @@ def test_rounds_interleave_every_engine_in_blocks() -> None:
     assert blocks == ["a", "b", "lce", "a", "b", "lce", "b", "lce", "a", "lce", "a", "b"]
 
 
+def test_share_floors_by_hand() -> None:
+    """``float_share_floor``: all float MACs at a peak, beside the measured binary time."""
+    peaks = {"float32_fma": {"gmacs": 50.0, "gmacs_at_p90_time": 45.0}, "int8_vnni": {"gmacs": 200.0}}
+    record = {
+        "profile": {"binary_ms": 1.5},
+        "int8_stem": "not timed: this CPU has no AVX-512 VNNI",
+        "int8_all": {"int8_unit": "vnni", "profile": {"binary_ms": 1.6}},
+        "int8_all_grid": {"int8_unit": "amx", "profile": {"binary_ms": 1.4}},
+    }
+    floors = SCRIPT.share_floors(peaks, 100_000_000, record, 0.25)
+    assert floors["peaks_gmacs"] == {"float32_fma": 50.0, "int8_vnni": 200.0}
+    # 1e8 MACs at 50 GMAC/s: 2 ms beside 1.5 ms binary; at 200 GMAC/s: 0.5 ms beside 1.6 ms
+    assert floors["packed"] == {"float_ms_at_peak": 2.0, "binary_ms": 1.5, "share": 0.571, "target_reachable": False}
+    assert floors["int8_all"] == {"float_ms_at_peak": 0.5, "binary_ms": 1.6, "share": 0.238, "target_reachable": True}
+    assert floors["int8_all_grid"] == "runs on AMX, whose peak is not measured"
+    assert "int8_stem" not in floors and "int8_stem_shortcuts" not in floors
+    # no target (32x32): no verdict
+    assert SCRIPT.share_floors(peaks, 100_000_000, record, None)["packed"]["target_reachable"] is None
+
+
+@pytest.mark.skipif(not cpu_backend.int8_supported(), reason="--peak measures AVX-512 VNNI")
+def test_peak_adds_the_float_share_floor(capsys: pytest.CaptureFixture[str]) -> None:
+    (rec,) = run_main(capsys, "--peak")
+    floors = rec["float_share_floor"]
+    peaks = floors["peaks_gmacs"]
+    assert 0 < peaks["float32_fma"] < peaks["int8_vnni"] <= 4.5 * peaks["float32_fma"]
+    packed = floors["packed"]
+    assert packed["binary_ms"] == rec["profile"]["binary_ms"] and packed["target_reachable"] is None
+    float_ms = CIFAR_MACS["float"] / (peaks["float32_fma"] * 1e9) * 1e3
+    assert packed["float_ms_at_peak"] == pytest.approx(float_ms, abs=1e-4)
+    assert packed["share"] == pytest.approx(float_ms / (float_ms + packed["binary_ms"]), abs=1e-3)
+    for key in ("int8_stem", "int8_stem_shortcuts", "int8_all", "int8_all_grid"):
+        if cpu_backend.amx_int8_enabled():
+            assert floors[key] == "runs on AMX, whose peak is not measured"
+        else:
+            assert floors[key]["binary_ms"] == rec[key]["profile"]["binary_ms"]
+            assert floors[key]["float_ms_at_peak"] < packed["float_ms_at_peak"]
+
+
+def test_peak_without_vnni_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_backend, "int8_supported", lambda: False)
+    with pytest.raises(SCRIPT.BenchmarkError, match=r"--peak measures AVX-512 VNNI, which this CPU lacks"):
+        SCRIPT.main(["--sizes", "32", "--threads", "1", "--peak"])
+
+
 def test_bad_lce_python_is_one_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-python"
     with pytest.raises(SCRIPT.BenchmarkError, match=r"--lce-python .*no-python: cannot run it"):
