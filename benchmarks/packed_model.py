@@ -42,8 +42,8 @@ stay those of the default model.
 (``benchmarks/cpu_peak.py``'s loops) and adds ``float_share_floor``: the float share each
 model would have if every float MAC ran at a peak (the packed model: the FMA peak; the int8
 twins: the VNNI peak, the faster) and nothing else cost time, beside the binary layers'
-measured time. No kernel can do better on this CPU, so a floor above the target says the
-target is out of this CPU's reach (the int8 twins' floor is left out where they run on AMX,
+measured time. With ``--threads N`` the float work gets N cores' peaks. No kernel can do
+better on this CPU, so a floor above the target says the target is out of this CPU's reach (the int8 twins' floor is left out where they run on AMX,
 whose peak is not measured).
 
 CUDA (issue 7): baseline = the float model in float16, channels_last, ``cudnn.benchmark`` on;
@@ -366,14 +366,14 @@ def network_targets(genotype_path: Path, size: int) -> dict[str, float | None]:
 
 
 def share_floors(
-    peaks: dict[str, dict[str, float]], float_macs: int, record: dict[str, Any], target: float | None
+    peaks: dict[str, dict[str, float]], float_macs: int, record: dict[str, Any], target: float | None, cores: int = 1
 ) -> dict[str, Any]:
     """``float_share_floor`` of the packed model (float32: the FMA peak) and of its int8 twins
-    that run on VNNI (the VNNI peak, as if every float MAC were in int8)."""
-    floors: dict[str, Any] = {"peaks_gmacs": {name: peak["gmacs"] for name, peak in peaks.items()}}
-    floors["packed"] = float_share_floor(
-        float_macs, peaks["float32_fma"]["gmacs"], record["profile"]["binary_ms"], target
-    )
+    that run on VNNI (the VNNI peak, as if every float MAC were in int8), the float work
+    spread over ``cores`` cores at one core's peak each."""
+    floors: dict[str, Any] = {"peaks_gmacs": {name: peak["gmacs"] for name, peak in peaks.items()}, "cores": cores}
+    fma, vnni = peaks["float32_fma"]["gmacs"] * cores, peaks["int8_vnni"]["gmacs"] * cores
+    floors["packed"] = float_share_floor(float_macs, fma, record["profile"]["binary_ms"], target)
     for name in INT8_TWINS:
         twin = record.get(name)
         if not isinstance(twin, dict):
@@ -382,7 +382,7 @@ def share_floors(
             floors[name] = "runs on AMX, whose peak is not measured"
             continue
         binary_ms = twin["profile"]["binary_ms"]
-        floors[name] = float_share_floor(float_macs, peaks["int8_vnni"]["gmacs"], binary_ms, target)
+        floors[name] = float_share_floor(float_macs, vnni, binary_ms, target)
     return floors
 
 
@@ -527,7 +527,9 @@ def run_network(
                 "same_class_as_packed": bool((out_int8.argmax(1) == out.argmax(1)).all()),
             }  # fmt: skip
         if peaks is not None:
-            record["float_share_floor"] = share_floors(peaks, macs["float"], record, targets["float_share"])
+            record["float_share_floor"] = share_floors(
+                peaks, macs["float"], record, targets["float_share"], args.threads
+            )
         record.update({
             "threads": args.threads,
             "load_average": {"before": load_before, "after": load_after},
@@ -675,7 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="cpu: also print a torch.profiler table (stderr)")
     p.add_argument(
         "--peak", action="store_true",
-        help="cpu: measure one core's FMA and VNNI peaks first and add float_share_floor (AVX-512 VNNI CPUs)",
+        help="cpu: measure one core's FMA and VNNI peaks first and add float_share_floor, the float work at "
+        "--threads cores' peaks (AVX-512 VNNI CPUs)",
     )  # fmt: skip
     args = p.parse_args(argv)
     for flag in ("repeats", "block", "threads", "profile_calls"):

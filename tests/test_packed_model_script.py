@@ -195,7 +195,7 @@ def test_share_floors_by_hand() -> None:
         "int8_all_grid": {"int8_unit": "amx", "profile": {"binary_ms": 1.4}},
     }
     floors = SCRIPT.share_floors(peaks, 100_000_000, record, 0.25)
-    assert floors["peaks_gmacs"] == {"float32_fma": 50.0, "int8_vnni": 200.0}
+    assert floors["peaks_gmacs"] == {"float32_fma": 50.0, "int8_vnni": 200.0} and floors["cores"] == 1
     # 1e8 MACs at 50 GMAC/s: 2 ms beside 1.5 ms binary; at 200 GMAC/s: 0.5 ms beside 1.6 ms
     assert floors["packed"] == {"float_ms_at_peak": 2.0, "binary_ms": 1.5, "share": 0.571, "target_reachable": False}
     assert floors["int8_all"] == {"float_ms_at_peak": 0.5, "binary_ms": 1.6, "share": 0.238, "target_reachable": True}
@@ -203,11 +203,15 @@ def test_share_floors_by_hand() -> None:
     assert "int8_stem" not in floors and "int8_stem_shortcuts" not in floors
     # no target (32x32): no verdict
     assert SCRIPT.share_floors(peaks, 100_000_000, record, None)["packed"]["target_reachable"] is None
+    # two cores: the float work at twice one core's peak (1 ms beside 1.5 ms)
+    two = SCRIPT.share_floors(peaks, 100_000_000, record, 0.25, cores=2)
+    assert two["cores"] == 2 and two["packed"]["float_ms_at_peak"] == 1.0 and two["packed"]["share"] == 0.4
 
 
 @pytest.mark.skipif(not cpu_backend.int8_supported(), reason="--peak measures AVX-512 VNNI")
 def test_peak_adds_the_float_share_floor(capsys: pytest.CaptureFixture[str]) -> None:
     (rec,) = run_main(capsys, "--peak")
+    assert rec["threads"] == 1 and rec["float_share_floor"]["cores"] == 1
     floors = rec["float_share_floor"]
     peaks = floors["peaks_gmacs"]
     assert 0 < peaks["float32_fma"] < peaks["int8_vnni"] <= 4.5 * peaks["float32_fma"]
