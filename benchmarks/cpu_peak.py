@@ -76,26 +76,23 @@ def build(folder: Path) -> ctypes.CDLL:
     return lib
 
 
-# loop name -> multiply-adds per instruction
-LOOPS = {"float32_fma": 16, "int8_vnni": 64}
-
-
 def measure_peaks(repeats: int = 15, iterations: int = 2_000_000) -> dict[str, dict[str, float]]:
     """One core's float32 FMA and int8 VNNI rates, in GMAC/s: ``{loop: {"gmacs": at the median
     time, "gmacs_at_p90_time": at the p90 time}}``. The caller runs on a CPU with VNNI."""
+    times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         lib = build(Path(tmp))
-        functions = {"float32_fma": lib.fma_loop, "int8_vnni": lib.vnni_loop}
-        times: dict[str, list[float]] = {name: [] for name in LOOPS}
-        for fn in functions.values():  # warm-up: clocks and caches
+        # loop name -> (function, multiply-adds per instruction)
+        loops = {"float32_fma": (lib.fma_loop, 16), "int8_vnni": (lib.vnni_loop, 64)}
+        for fn, _ in loops.values():  # warm-up: clocks and caches
             fn(iterations // 10)
         for _ in range(repeats):
-            for name, fn in functions.items():
+            for name, (fn, _) in loops.items():
                 t0 = time.perf_counter()
                 fn(iterations)
-                times[name].append(time.perf_counter() - t0)
+                times.setdefault(name, []).append(time.perf_counter() - t0)
     peaks: dict[str, dict[str, float]] = {}
-    for name, macs_per_instruction in LOOPS.items():
+    for name, (_, macs_per_instruction) in loops.items():
         median, p90 = median_p90(times[name])
         macs = iterations * ACCUMULATORS * macs_per_instruction
         # the p90 time is the slow tail, so its rate is the low one

@@ -176,13 +176,10 @@ def save_cache(path: Path, cache: dict[str, Any], space: SearchSpace) -> dict[st
     their own results and lose none of the others'. Returns the merged cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            on_disk = load_cache(path, space, cache["seed"], cache["train_seed"])
-            merged = {**cache, "archs": {**on_disk["archs"], **cache["archs"]}}
-            write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True) + "\n", what="stand-alone cache")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        on_disk = load_cache(path, space, cache["seed"], cache["train_seed"])
+        merged = {**cache, "archs": {**on_disk["archs"], **cache["archs"]}}
+        write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True) + "\n", what="stand-alone cache")
     return merged
 
 
