@@ -28,13 +28,20 @@ mean over the seeds, and the summary gives the rank agreement between the seeds 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
         [--standalone-only | --supernet RUN/supernet.pt [RUN2/supernet.pt ...] | --supernet-epochs E [--distill] [--widths W] [--paths P] [--sampling S]]
         [--calibration-batches 8] [--finetune-steps 0] [--probe-samples 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
-        [--part K/N (with --standalone-only)]
+        [--part K/N (with --standalone-only)] [--training-free]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
 accuracy with the inherited weights, and their validation loss (`*_by_loss`, lower ranks higher).
 With ``--probe-samples N`` both come from a linear probe refitted on each architecture's own
 features for N training images (``bnas.search.linear_probe``) instead of from the supernet's
 shared classifier.
+
+Two baselines are ranked beside the supernet against the same stand-alone accuracies: the
+architecture's OPs alone (``*_by_ops``, always), and with ``--training-free`` a score that
+trains nothing (``*_training_free``): Mellor et al.'s NASWOT taken on a binary network's own
+codes, the log-determinant of how often the signs each binarizing layer takes agree between
+128 seeded training images, averaged over 3 random initialisations. A supernet that ranks no
+better than these has not paid for its training.
 """
 
 from __future__ import annotations
@@ -378,6 +385,74 @@ def supernet_phase(
     return info
 
 
+# --------------------------------------------------------------------------------------
+# A training-free baseline: what a supernet's ranking should beat at no training cost
+# --------------------------------------------------------------------------------------
+TRAINING_FREE_IMAGES = 128
+TRAINING_FREE_INITS = 3
+
+
+def sign_codes(network: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Each image's binary code: 1 where a binarizing layer's quantizer gave +1, over every
+    such layer of ``network`` in order (rows: images; float 0/1)."""
+    from bnas.binarize.layers import binary_layers
+
+    codes: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        codes.append((output > 0).flatten(1).float())
+
+    hooks = [
+        layer.input_quantizer.register_forward_hook(keep) for layer in binary_layers(network) if layer.binarizes_input
+    ]
+    try:
+        with torch.no_grad():
+            network(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not codes:
+        raise RankingError("--training-free: the network has no layer binarizing its input, so no sign codes to score")
+    return torch.cat(codes, dim=1)
+
+
+def sign_code_logdet(codes: torch.Tensor) -> float:
+    """log det of the images' code-agreement kernel: K[i, j] is the fraction of positions where
+    codes i and j agree (1 on the diagonal). Higher when the network's signs tell the images
+    apart (Mellor et al.'s NASWOT score on a binary network's own codes; the 1e-6 ridge keeps
+    images with identical codes finite)."""
+    c = codes.double()
+    agree = (c @ c.T + (1 - c) @ (1 - c).T) / c.shape[1]
+    ridge = 1e-6 * torch.eye(len(agree), dtype=agree.dtype)
+    return float(torch.linalg.slogdet(agree + ridge).logabsdet)
+
+
+def training_free_score(genotype: Any, images: torch.Tensor, seed: int, inits: int = TRAINING_FREE_INITS) -> float:
+    """The mean ``sign_code_logdet`` of ``genotype`` built with ``inits`` seeded random
+    initialisations (seeds ``seed``, ``seed + 1``, ...), in training mode (BatchNorm normalises
+    with the batch's statistics, as in a network's first step)."""
+    from bnas.builder import build
+
+    scores = []
+    for init in range(inits):
+        torch.manual_seed(seed + init)
+        network = build(genotype).to(images.device).train()
+        scores.append(sign_code_logdet(sign_codes(network, images)))
+    return sum(scores) / len(scores)
+
+
+def training_free_phase(archs: list[dict[str, Any]], data: DataSplits, seed: int, device: str) -> float:
+    """Set ``arch["training_free"]`` for every arch, all on the same seeded training images;
+    returns the CPU seconds taken."""
+    from bnas.search.supernet import calibration_batches
+
+    cpu0 = time.process_time()
+    (images,) = calibration_batches(data, 1, TRAINING_FREE_IMAGES, seed, device)
+    for arch in archs:
+        arch["training_free"] = training_free_score(arch["genotype"], images, seed)
+    return round(time.process_time() - cpu0, 2)
+
+
 def _one_or_all(values: list[Any]) -> Any:
     """One value when every supernet shares it, else the list (one per supernet)."""
     return values[0] if all(v == values[0] for v in values) else values
@@ -476,6 +551,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --standalone-only: train and report only every N-th architecture from the K-th, "
         "so N processes can share the stand-alone phase (and its cache file)",
     )
+    parser.add_argument(
+        "--training-free",
+        action="store_true",
+        help=f"also rank by a training-free score: the log-determinant of the sign-code agreement of "
+        f"{TRAINING_FREE_IMAGES} training images at initialisation (mean of {TRAINING_FREE_INITS} initialisations)",
+    )
     parser.add_argument("--calibration-batches", type=int, default=8, help="BN recalibration batches (of 64)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -543,6 +624,8 @@ def main(argv: list[str] | None = None) -> None:
     info: dict[str, Any] = {}
     if not args.standalone_only:
         info = supernet_phase(archs, space, args, get_data(), loaded_supernets)
+    if args.training_free:
+        info["training_free_cpu_s"] = training_free_phase(archs, get_data(), args.seed, args.device)
     for i, arch in enumerate(archs):
         emit(
             {
@@ -558,6 +641,7 @@ def main(argv: list[str] | None = None) -> None:
                 "cached": cached[i],
                 "supernet_val_acc": arch.get("supernet_acc"),
                 "supernet_val_loss": arch.get("supernet_loss"),
+                **({"training_free_score": arch["training_free"]} if args.training_free else {}),
                 **(
                     {
                         "supernet_val_accs": arch["supernet_accs"],
@@ -585,6 +669,14 @@ def main(argv: list[str] | None = None) -> None:
         "standalone_cpu_s_all": round(sum(r["cpu_s"] for run in runs for r in run), 2),
         "standalone_val_acc_range": [min(standalone), max(standalone)],
     }
+    # The baselines a supernet's ranking is judged beside: the architecture's size alone, and
+    # (--training-free) a score taken at initialisation.
+    by_ops = rank_correlations(standalone, [a["metrics"]["ops"] for a in archs])
+    summary.update({f"{k}_by_ops": v for k, v in by_ops.items()})
+    if args.training_free:
+        free = rank_correlations(standalone, [a["training_free"] for a in archs])
+        summary.update({f"{k}_training_free": v for k, v in free.items()})
+        summary["training_free_cpu_s"] = info.pop("training_free_cpu_s")
     if len(train_seeds) > 1:
         # How well one stand-alone training ranks like another: the ceiling a supernet's tau
         # can be judged against (the mean over pairs of seeds).

@@ -320,3 +320,65 @@ def test_part_flag_errors(flags: list[str], message: str, capsys: pytest.Capture
     with pytest.raises(SystemExit):
         SCRIPT_MODULE.parse_args(flags)
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_sign_code_logdet_by_hand() -> None:
+    codes = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.float32)
+    # Agreement fractions: rows 0-1 agree at 3 of 4 positions, 0-2 at 1, 1-2 at none.
+    # det [[1, .75, .25], [.75, 1, 0], [.25, 0, 1]] = 1 - .75 * .75 - .25 * .25 = 0.375.
+    assert SCRIPT_MODULE.sign_code_logdet(codes) == pytest.approx(-0.980829, abs=1e-5)
+    # Images the codes cannot tell apart score far lower than any that differ.
+    twins = torch.tensor([[1, 0, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.float32)
+    assert SCRIPT_MODULE.sign_code_logdet(twins) < -10.0
+
+
+def test_sign_codes_are_each_binarizing_layers_signs(tmp_path: Path) -> None:
+    from bnas.binarize.layers import binary_layers
+    from bnas.builder import build
+
+    space = load_space(write_space(tmp_path))
+    genotype = next(a["genotype"] for a in SCRIPT_MODULE.sample_archs(space, 6, seed=5) if "binary_conv_3x3" in str(a))
+    torch.manual_seed(0)
+    network = build(genotype).train()
+    images = torch.randn(5, 1, 8, 8)
+    layers = [layer for layer in binary_layers(network) if layer.binarizes_input]
+    assert layers
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach().clone())) for layer in layers
+    ]
+    codes = SCRIPT_MODULE.sign_codes(network, images)
+    for hook in hooks:
+        hook.remove()
+    # The quantizers here take the plain sign: a code is 1 exactly where the layer's input is positive.
+    expected = torch.cat([(x > 0).flatten(1).float() for x in seen], dim=1)
+    assert torch.equal(codes, expected)
+    # The full-precision twin binarizes nothing: a clear error, not an empty score.
+    with pytest.raises(SCRIPT_MODULE.RankingError, match=r"--training-free: the network has no layer binarizing"):
+        SCRIPT_MODULE.sign_codes(build(genotype, binarize=False), images)
+
+
+def test_baselines_rank_by_ops_and_at_initialisation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = write_space(tmp_path)
+    common = ["--space", str(space), "--archs", "5", "--seed", "3", "--standalone-cache", str(tmp_path / "c.json")]
+    archs, summary = main_lines(capsys, *common, "--standalone-only", "--training-free")
+    standalone = [a["standalone_val_acc"] for a in archs]
+    loaded = load_space(space)
+    sampled = {a["hash"]: a["genotype"] for a in SCRIPT_MODULE.sample_archs(loaded, 5, 3)}
+    (images,) = calibration_batches(search_data(loaded, 3), 1, SCRIPT_MODULE.TRAINING_FREE_IMAGES, 3, "cpu")
+    for arch in archs:
+        assert arch["training_free_score"] == SCRIPT_MODULE.training_free_score(sampled[arch["hash"]], images, 3)
+    for suffix, scores in (
+        ("_by_ops", [a["ops"] for a in archs]),
+        ("_training_free", [a["training_free_score"] for a in archs]),
+    ):
+        tau = kendalltau(standalone, scores).statistic
+        if summary[f"kendall_tau{suffix}"] is None:
+            assert tau != tau
+        else:
+            assert summary[f"kendall_tau{suffix}"] == pytest.approx(tau, abs=1e-4)
+    assert summary["training_free_cpu_s"] > 0
+    # Without the flag only the OPs baseline, which costs nothing, is given.
+    archs2, summary2 = main_lines(capsys, *common, "--standalone-only")
+    assert "training_free_score" not in archs2[0] and "kendall_tau_training_free" not in summary2
+    assert summary2["kendall_tau_by_ops"] == summary["kendall_tau_by_ops"]
