@@ -624,8 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     info: dict[str, Any] = {}
     if not args.standalone_only:
         info = supernet_phase(archs, space, args, get_data(), loaded_supernets)
-    if args.training_free:
-        info["training_free_cpu_s"] = training_free_phase(archs, get_data(), args.seed, args.device)
+    training_free_cpu_s = training_free_phase(archs, get_data(), args.seed, args.device) if args.training_free else None
     for i, arch in enumerate(archs):
         emit(
             {
@@ -676,7 +675,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.training_free:
         free = rank_correlations(standalone, [a["training_free"] for a in archs])
         summary.update({f"{k}_training_free": v for k, v in free.items()})
-        summary["training_free_cpu_s"] = info.pop("training_free_cpu_s")
+        summary["training_free_cpu_s"] = training_free_cpu_s
     if len(train_seeds) > 1:
         # How well one stand-alone training ranks like another: the ceiling a supernet's tau
         # can be judged against (the mean over pairs of seeds).
