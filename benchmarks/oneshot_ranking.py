@@ -28,7 +28,7 @@ mean over the seeds, and the summary gives the rank agreement between the seeds 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
         [--standalone-only | --supernet RUN/supernet.pt [RUN2/supernet.pt ...] | --supernet-epochs E [--distill] [--widths W] [--paths P] [--sampling S]]
         [--calibration-batches 8] [--finetune-steps 0] [--probe-samples 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
-        [--part K/N (with --standalone-only)] [--training-free]
+        [--part K/N (with --standalone-only)] [--training-free] [--short-training STEPS]
 
 The summary gives Kendall tau and Spearman rho for two supernet scores: the validation
 accuracy with the inherited weights, and their validation loss (`*_by_loss`, lower ranks higher).
@@ -36,12 +36,15 @@ With ``--probe-samples N`` both come from a linear probe refitted on each archit
 features for N training images (``bnas.search.linear_probe``) instead of from the supernet's
 shared classifier.
 
-Two baselines are ranked beside the supernet against the same stand-alone accuracies: the
-architecture's OPs alone (``*_by_ops``, always), and with ``--training-free`` a score that
+Baselines are ranked beside the supernet against the same stand-alone accuracies: the
+architecture's OPs alone (``*_by_ops``, always); with ``--training-free`` a score that
 trains nothing (``*_training_free``): Mellor et al.'s NASWOT taken on a binary network's own
 codes, the log-determinant of how often the signs each binarizing layer takes agree between
-128 seeded training images, averaged over 3 random initialisations. A supernet that ranks no
-better than these has not paid for its training.
+128 seeded training images, averaged over 3 random initialisations; and with
+``--short-training STEPS`` (``*_short_training``) each architecture's validation accuracy after STEPS
+steps of its own training from scratch (the space's budget optimiser and batch size, mean of 2
+seeded runs), what a per-trial search would learn from a budget of a few steps. A supernet
+that ranks no better than these has not paid for its training.
 """
 
 from __future__ import annotations
@@ -453,6 +456,58 @@ def training_free_phase(archs: list[dict[str, Any]], data: DataSplits, seed: int
     return round(time.process_time() - cpu0, 2)
 
 
+# --------------------------------------------------------------------------------------
+# A short-training baseline: a few steps of each architecture's own training from scratch
+# --------------------------------------------------------------------------------------
+SHORT_TRAINING_INITS = 2
+
+
+def short_trained(genotype: Any, data: DataSplits, recipe: Any, steps: int, seed: int, device: str = "cpu") -> Any:
+    """``genotype`` built with torch seeded ``seed`` and trained ``steps`` steps from scratch on
+    the first training batches shuffled with ``seed`` (the recipe's optimiser and batch size at
+    its initial learning rate, latent weights clipped: ``finetune_inherited`` applied to a fresh
+    network)."""
+    from bnas.builder import build
+    from bnas.search.supernet import finetune_inherited
+
+    torch.manual_seed(seed)
+    network = build(genotype).to(device).train()
+    return finetune_inherited(network, data, recipe, steps, seed)
+
+
+def short_training_score(
+    genotype: Any,
+    data: DataSplits,
+    recipe: Any,
+    steps: int,
+    seed: int,
+    device: str = "cpu",
+    inits: int = SHORT_TRAINING_INITS,
+) -> float:
+    """The mean validation accuracy of ``short_trained`` networks seeded ``seed``, ``seed + 1``,
+    ... (``inits`` of them), each scored in eval mode with the BatchNorm statistics it ran up."""
+    from bnas.train.loop import evaluate_accuracy
+
+    accuracies = []
+    for init in range(inits):
+        network = short_trained(genotype, data, recipe, steps, seed + init, device).eval()
+        accuracies.append(evaluate_accuracy(network, data.loader("val", 512, device=device), device)[0])
+    return sum(accuracies) / len(accuracies)
+
+
+def short_training_phase(
+    archs: list[dict[str, Any]], space: SearchSpace, data: DataSplits, steps: int, seed: int, device: str
+) -> float:
+    """Set ``arch["short_training"]`` for every arch; returns the CPU seconds taken."""
+    from bnas.search.supernet import supernet_recipe
+
+    recipe = supernet_recipe(space)
+    cpu0 = time.process_time()
+    for arch in archs:
+        arch["short_training"] = short_training_score(arch["genotype"], data, recipe, steps, seed, device)
+    return round(time.process_time() - cpu0, 2)
+
+
 def _one_or_all(values: list[Any]) -> Any:
     """One value when every supernet shares it, else the list (one per supernet)."""
     return values[0] if all(v == values[0] for v in values) else values
@@ -557,6 +612,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"also rank by a training-free score: the log-determinant of the sign-code agreement of "
         f"{TRAINING_FREE_IMAGES} training images at initialisation (mean of {TRAINING_FREE_INITS} initialisations)",
     )
+    parser.add_argument(
+        "--short-training",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help=f"also rank by a short training: each arch's validation accuracy after STEPS steps from scratch "
+        f"(the space's budget optimiser and batch size; mean of {SHORT_TRAINING_INITS} seeded runs)",
+    )
     parser.add_argument("--calibration-batches", type=int, default=8, help="BN recalibration batches (of 64)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -570,6 +633,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--finetune-steps must be 0 or more")
     if args.probe_samples < 0:
         parser.error("--probe-samples must be 0 or more")
+    if args.short_training is not None and args.short_training < 1:
+        parser.error("--short-training must be at least 1 step")
     if args.calibration_batches < 1:
         parser.error("--calibration-batches must be at least 1")
     if args.supernet_epochs is not None and args.supernet_epochs < 1:
@@ -625,6 +690,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.standalone_only:
         info = supernet_phase(archs, space, args, get_data(), loaded_supernets)
     training_free_cpu_s = training_free_phase(archs, get_data(), args.seed, args.device) if args.training_free else None
+    short_training_cpu_s = (
+        short_training_phase(archs, space, get_data(), args.short_training, args.seed, args.device)
+        if args.short_training is not None
+        else None
+    )
     for i, arch in enumerate(archs):
         emit(
             {
@@ -641,6 +711,7 @@ def main(argv: list[str] | None = None) -> None:
                 "supernet_val_acc": arch.get("supernet_acc"),
                 "supernet_val_loss": arch.get("supernet_loss"),
                 **({"training_free_score": arch["training_free"]} if args.training_free else {}),
+                **({"short_training_val_acc": arch["short_training"]} if args.short_training is not None else {}),
                 **(
                     {
                         "supernet_val_accs": arch["supernet_accs"],
@@ -676,6 +747,10 @@ def main(argv: list[str] | None = None) -> None:
         free = rank_correlations(standalone, [a["training_free"] for a in archs])
         summary.update({f"{k}_training_free": v for k, v in free.items()})
         summary["training_free_cpu_s"] = training_free_cpu_s
+    if args.short_training is not None:
+        short = rank_correlations(standalone, [a["short_training"] for a in archs])
+        summary.update({f"{k}_short_training": v for k, v in short.items()})
+        summary.update(short_training_steps=args.short_training, short_training_cpu_s=short_training_cpu_s)
     if len(train_seeds) > 1:
         # How well one stand-alone training ranks like another: the ceiling a supernet's tau
         # can be judged against (the mean over pairs of seeds).

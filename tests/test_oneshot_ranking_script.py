@@ -23,7 +23,7 @@ from scipy.stats import kendalltau, spearmanr
 from bnas.search import Supernet
 from bnas.search.objective import search_data
 from bnas.search.space import load_space
-from bnas.search.supernet import calibration_batches, score
+from bnas.search.supernet import calibration_batches, score, supernet_recipe
 from bnas.search.supernet_run import load_supernet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,6 +314,7 @@ def test_saving_merges_into_the_cache_on_disk(tmp_path: Path) -> None:
         (["--part", "1-2", "--standalone-only"], r"'1-2': give K/N"),
         (["--part", "1/2", "--supernet", "x.pt"], r"--part applies to --standalone-only"),
         (["--part", "1/5", "--archs", "4", "--standalone-only"], r"--part 1/5: at most --archs \(4\) parts"),
+        (["--short-training", "0", "--standalone-only"], r"--short-training must be at least 1 step"),
     ],
 )
 def test_part_flag_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -358,10 +359,51 @@ def test_sign_codes_are_each_binarizing_layers_signs(tmp_path: Path) -> None:
         SCRIPT_MODULE.sign_codes(build(genotype, binarize=False), images)
 
 
+def test_short_training_is_a_seeded_training_from_scratch(tmp_path: Path) -> None:
+    from bnas.binarize.layers import clip_latent_weights
+    from bnas.builder import build
+    from bnas.train.loop import evaluate_accuracy
+    from bnas.train.losses import task_loss
+    from bnas.train.optimiser import make_optimizer
+
+    space = load_space(write_space(tmp_path))
+    data = search_data(space, 2)
+    recipe = supernet_recipe(space)
+    genotype = next(a["genotype"] for a in SCRIPT_MODULE.sample_archs(space, 6, seed=5) if "binary_conv_3x3" in str(a))
+
+    def trained_by_hand(seed: int, steps: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        network = build(genotype).train()
+        optimizer = make_optimizer(network, recipe)
+        for step, (x, y) in enumerate(data.loader("train", recipe.batch_size, shuffle=True, seed=seed)):
+            if step == steps:
+                break
+            loss = task_loss(network(x).float(), y, recipe)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            clip_latent_weights(network)
+        return network
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+    by_hand = trained_by_hand(7, 3)
+    assert same(SCRIPT_MODULE.short_trained(genotype, data, recipe, 3, 7), by_hand)
+    # Three steps really trained it, and on its own seed's batches.
+    assert not same(by_hand, trained_by_hand(7, 0))
+    assert not same(SCRIPT_MODULE.short_trained(genotype, data, recipe, 3, 8), trained_by_hand(8, 0))
+    first, second = (
+        evaluate_accuracy(net.eval(), data.loader("val", 512), "cpu")[0] for net in (by_hand, trained_by_hand(8, 3))
+    )
+    assert SCRIPT_MODULE.short_training_score(genotype, data, recipe, 3, 7, inits=1) == first
+    assert SCRIPT_MODULE.short_training_score(genotype, data, recipe, 3, 7) == (first + second) / 2
+
+
 def test_baselines_rank_by_ops_and_at_initialisation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space = write_space(tmp_path)
     common = ["--space", str(space), "--archs", "5", "--seed", "3", "--standalone-cache", str(tmp_path / "c.json")]
-    archs, summary = main_lines(capsys, *common, "--standalone-only", "--training-free")
+    archs, summary = main_lines(capsys, *common, "--standalone-only", "--training-free", "--short-training", "2")
     standalone = [a["standalone_val_acc"] for a in archs]
     loaded = load_space(space)
     sampled = {a["hash"]: a["genotype"] for a in SCRIPT_MODULE.sample_archs(loaded, 5, 3)}
@@ -371,6 +413,7 @@ def test_baselines_rank_by_ops_and_at_initialisation(tmp_path: Path, capsys: pyt
     for suffix, scores in (
         ("_by_ops", [a["ops"] for a in archs]),
         ("_training_free", [a["training_free_score"] for a in archs]),
+        ("_short_training", [a["short_training_val_acc"] for a in archs]),
     ):
         tau = kendalltau(standalone, scores).statistic
         if summary[f"kendall_tau{suffix}"] is None:
@@ -378,7 +421,14 @@ def test_baselines_rank_by_ops_and_at_initialisation(tmp_path: Path, capsys: pyt
         else:
             assert summary[f"kendall_tau{suffix}"] == pytest.approx(tau, abs=1e-4)
     assert summary["training_free_cpu_s"] > 0
-    # Without the flag only the OPs baseline, which costs nothing, is given.
+    assert summary["short_training_steps"] == 2 and summary["short_training_cpu_s"] > 0
+    recipe = supernet_recipe(loaded)
+    data = search_data(loaded, 3)
+    for arch in archs[:2]:
+        expected = SCRIPT_MODULE.short_training_score(sampled[arch["hash"]], data, recipe, 2, 3)
+        assert arch["short_training_val_acc"] == expected
+    # Without the flags only the OPs baseline, which costs nothing, is given.
     archs2, summary2 = main_lines(capsys, *common, "--standalone-only")
     assert "training_free_score" not in archs2[0] and "kendall_tau_training_free" not in summary2
+    assert "short_training_val_acc" not in archs2[0] and "kendall_tau_short_training" not in summary2
     assert summary2["kendall_tau_by_ops"] == summary["kendall_tau_by_ops"]
