@@ -32,6 +32,12 @@ epochs instead of the budget's, counted in its ``cpu_s``: the one-shot route can
 time it saves on a longer final training. The route line and the summary give each route's
 retraining length (``retrain_epochs``, ``same_retrain_epochs``), since a longer retraining
 lifts any network's accuracy, not only a better architecture's.
+
+``--rerank-top K`` (one-shot route) puts a short training between the search and the
+retraining: the K best trials by supernet score each train ``--rerank-steps`` steps from
+scratch (``oneshot_ranking.py --short-training``: the mean validation accuracy of two seeded
+runs), and only the best of them by that is retrained, in place of ``--retrain-top``. Its CPU
+seconds count in the route's (``rerank_cpu_s`` gives them apart).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from bnas.genotype import load_genotype  # noqa: E402
 from bnas.search import SearchConfig, run_search_study  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.path_sampling import PATHS  # noqa: E402
-from bnas.search.retrain import retrain_overrides, retrain_top  # noqa: E402
+from bnas.search.retrain import retrain_candidates, retrain_overrides, retrain_top  # noqa: E402
 from bnas.search.space import load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
@@ -105,6 +111,47 @@ def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds
         "eval_test_accs": {str(s): a for s, a in accs.items()},
         "eval_test_acc_mean": round(statistics.mean(accs.values()), 5),
         "eval_cpu_s": round(time.process_time() - cpu0, 1),
+    }
+
+
+def _reranked_retrained(study: Any, cfg: SearchConfig, data: Any, top: int, steps: int) -> dict[str, Any]:
+    """``--rerank-top``: the study's ``top`` best trials by supernet score each train ``steps``
+    steps from scratch (``oneshot_ranking.short_training_score``: mean validation accuracy of
+    two seeded runs); only the best of them by that is retrained (the route's recipe) and
+    tested. Ties go to the better supernet score."""
+    from oneshot_ranking import short_training_score
+
+    from bnas.search.supernet import supernet_recipe
+
+    cpu0 = time.process_time()
+    candidates = retrain_candidates(study, top)
+    recipe = supernet_recipe(cfg.space)
+    short = {
+        t.number: short_training_score(
+            load_genotype(cfg.out / "genotypes" / f"trial-{t.number}.yaml"), data, recipe, steps, cfg.seed
+        )
+        for t in candidates
+    }
+    number = max(short, key=lambda n: short[n])  # max keeps the first (best supernet score) of equals
+    rerank_cpu = time.process_time() - cpu0
+    report = evaluate(
+        load_genotype(cfg.out / "genotypes" / f"trial-{number}.yaml"),
+        cfg.space.dataset,
+        overrides=retrain_overrides(cfg),
+        out=cfg.out / "retrain" / f"trial-{number}",
+        progress=False,
+        data=data,
+        test=True,
+    )
+    return {
+        "trial": number,
+        "retrained_val_acc": float(report["best_val_acc"]),
+        "retrained_test_acc": float(report["test_acc"]),
+        "retrained": 1,
+        "rerank_steps": steps,
+        "rerank_cpu_s": round(rerank_cpu, 1),
+        "rerank_short_val_acc": {str(n): round(a, 5) for n, a in short.items()},
+        "rerank_supernet_acc": {str(t.number): t.values[0] for t in candidates},
     }
 
 
@@ -160,12 +207,16 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         seed=seed,
         progress=False,
         supernet=folder / "supernet" / SUPERNET_FILE,
-        retrain_top=args.retrain_top,
+        retrain_top=0 if args.rerank_top else args.retrain_top,
         finetune_steps=args.finetune_steps,
         retrain_epochs=args.retrain_epochs,
     )
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0 - supernet_cpu
+    if args.rerank_top:
+        picked = _reranked_retrained(study, cfg, data, args.rerank_top, args.rerank_steps)
+    else:
+        picked = _best_retrained(study, cfg, data)
     row = {
         "route": "oneshot",
         "trials": args.oneshot_trials,
@@ -176,7 +227,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         "supernet_cpu_s": round(supernet_cpu, 1),
         "search_cpu_s": round(search_cpu, 1),
         "retrain_epochs": _retrain_epochs(cfg),
-        **_best_retrained(study, cfg, data),
+        **picked,
     }
     row["cpu_s"] = round(time.process_time() - cpu0, 1)
     if args.eval_seeds:
@@ -317,6 +368,16 @@ def main() -> None:
         help="--oneshot: the route's retrainings (its best, --eval-seeds) train E epochs "
         "(default: the space's budget); counted in its CPU seconds",
     )
+    parser.add_argument(
+        "--rerank-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="--oneshot: the K best trials by supernet score each train --rerank-steps steps from scratch "
+        "(mean of 2 seeded runs) and only the best of them by that is retrained (instead of --retrain-top); "
+        "counted in the route's CPU seconds",
+    )
+    parser.add_argument("--rerank-steps", type=int, default=25, help="--oneshot --rerank-top: training steps each")
     parser.add_argument("--keep", help="--oneshot: keep the runs (supernet, studies, retrainings) in DIR/seedS")
     parser.add_argument(
         "--summarize",
@@ -325,6 +386,10 @@ def main() -> None:
         help="--oneshot: the summary of route lines saved from two --route runs",
     )
     args = parser.parse_args()
+    if args.rerank_top < 0 or args.rerank_steps < 1:
+        parser.error("--rerank-top must be 0 or more and --rerank-steps at least 1")
+    if args.rerank_top and args.route == "per_trial":
+        parser.error("--rerank-top applies to the one-shot route (--route oneshot or both)")
     if args.oneshot and args.summarize:
         summarize(args.summarize)
         return

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "search_efficiency.py"
 
@@ -101,3 +103,55 @@ def test_summary_gives_each_routes_retraining_length(tmp_path: Path) -> None:
     oneshot.write_text(route("oneshot", 0, 0.84, 550.0, supernet_epochs=2, retrain_epochs=2) + "\n")
     (row,) = [json.loads(line) for line in summarize(per_trial, oneshot).stdout.splitlines()]
     assert row["same_retrain_epochs"] is True
+
+
+def test_rerank_retrains_the_best_of_the_top_by_short_training(tmp_path: Path) -> None:
+    """--rerank-top K: the K best trials by supernet score each get a short training from
+    scratch, and only the best of them by it is retrained."""
+    import importlib.util
+    import os
+
+    import yaml
+    from conftest import TINY_CELL_SPACE
+
+    from bnas.genotype import load_genotype
+    from bnas.search.objective import search_data
+    from bnas.search.space import load_space
+    from bnas.search.supernet import supernet_recipe
+
+    space_file = tmp_path / "tiny.yaml"
+    tiny = {**TINY_CELL_SPACE, "name": "tiny_rerank", "train_subset": 256}
+    tiny["budget"] = {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.01}}
+    space_file.write_text(yaml.safe_dump(tiny), encoding="utf-8")
+    keep = tmp_path / "keep"
+    flags = ["--oneshot", "--route", "oneshot", "--space", str(space_file), "--supernet-epochs", "1"]
+    flags += ["--oneshot-trials", "5", "--rerank-top", "3", "--rerank-steps", "2", "--keep", str(keep)]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    short, supernet = row["rerank_short_val_acc"], row["rerank_supernet_acc"]
+    assert len(short) == 3 and short.keys() == supernet.keys()
+    assert row["retrained"] == 1 and row["rerank_steps"] == 2 and row["rerank_cpu_s"] > 0
+    # The retrained trial is the best by the short training (the better supernet score of equals).
+    by_supernet = sorted(short, key=lambda n: (-supernet[n], int(n)))
+    assert str(row["trial"]) == max(by_supernet, key=lambda n: short[n])
+    # Each short-training score is the ranking benchmark's, recomputed here.
+    spec = importlib.util.spec_from_file_location("oneshot_ranking", ROOT / "benchmarks" / "oneshot_ranking.py")
+    assert spec is not None and spec.loader is not None
+    ranking = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ranking)
+    space = load_space(space_file)
+    data, recipe = search_data(space, 0), supernet_recipe(space)
+    folder = keep / "seed0" / "oneshot"
+    for number, acc in short.items():
+        genotype = load_genotype(folder / "genotypes" / f"trial-{number}.yaml")
+        assert ranking.short_training_score(genotype, data, recipe, 2, 0) == pytest.approx(acc, abs=1e-5)
+    # Only the chosen trial was retrained.
+    assert sorted(p.name for p in (folder / "retrain").iterdir()) == [f"trial-{row['trial']}"]
