@@ -126,16 +126,12 @@ def _reranked_retrained(study: Any, cfg: SearchConfig, data: Any, top: int, step
     cpu0 = time.process_time()
     candidates = retrain_candidates(study, top)
     recipe = supernet_recipe(cfg.space)
-    short = {
-        t.number: short_training_score(
-            load_genotype(cfg.out / "genotypes" / f"trial-{t.number}.yaml"), data, recipe, steps, cfg.seed
-        )
-        for t in candidates
-    }
+    genotypes = {t.number: load_genotype(cfg.out / "genotypes" / f"trial-{t.number}.yaml") for t in candidates}
+    short = {n: short_training_score(genotype, data, recipe, steps, cfg.seed) for n, genotype in genotypes.items()}
     number = max(short, key=lambda n: short[n])  # max keeps the first (best supernet score) of equals
     rerank_cpu = time.process_time() - cpu0
     report = evaluate(
-        load_genotype(cfg.out / "genotypes" / f"trial-{number}.yaml"),
+        genotypes[number],
         cfg.space.dataset,
         overrides=retrain_overrides(cfg),
         out=cfg.out / "retrain" / f"trial-{number}",

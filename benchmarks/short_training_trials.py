@@ -38,8 +38,6 @@ from oneshot_ranking import rank_correlations, short_training_score  # noqa: E40
 from bnas.errors import BnasError  # noqa: E402
 from bnas.genotype import load_genotype  # noqa: E402
 
-log = logging.getLogger("bnas.benchmarks.short_training_trials")
-
 
 def completed_trials(run: Path) -> tuple[dict[str, Any], list[Any]]:
     """The run's ``run.json`` and its study's COMPLETE trials, in trial order."""
@@ -54,8 +52,8 @@ def completed_trials(run: Path) -> tuple[dict[str, Any], list[Any]]:
     return manifest, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def score_run(run: Path, steps: int, device: str) -> list[dict[str, Any]]:
-    """One line per COMPLETE trial of the search in ``run``, then its summary line."""
+def score_run(run: Path, steps: int, device: str) -> dict[str, Any]:
+    """Print one line per COMPLETE trial of the search in ``run``; returns the run's summary line."""
     from bnas.search.objective import search_data
     from bnas.search.space import load_space
     from bnas.search.supernet import supernet_recipe
@@ -81,7 +79,7 @@ def score_run(run: Path, steps: int, device: str) -> list[dict[str, Any]]:
         }
         emit(line)
         lines.append(line)
-    return lines + [summarize_run(run, manifest, lines, steps)]
+    return summarize_run(run, manifest, lines, steps)
 
 
 def summarize_run(run: Path, manifest: dict[str, Any], lines: list[dict[str, Any]], steps: int) -> dict[str, Any]:
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         for run in args.runs:
-            emit(score_run(run, args.steps, args.device)[-1])
+            emit(score_run(run, args.steps, args.device))
     except BnasError as exc:
         sys.exit(f"error: {exc}")
 

@@ -215,17 +215,24 @@ def sigkill_when(
     return False
 
 
-def run_benchmark(name: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[Any, list[dict]]:
-    """Run ``benchmarks/NAME.py``'s ``main(argv)`` in this process, torch's thread count put back
-    afterwards: (the script's module, the JSON lines it printed)."""
+def load_benchmark(name: str) -> Any:
+    """``benchmarks/NAME.py`` imported as a module (its ``main`` not run)."""
     import importlib.util
-    import json
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def run_benchmark(name: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[Any, list[dict]]:
+    """Run ``benchmarks/NAME.py``'s ``main(argv)`` in this process, torch's thread count put back
+    afterwards: (the script's module, the JSON lines it printed)."""
+    import json
+
+    script = load_benchmark(name)
     threads = torch.get_num_threads()
     try:
         assert script.main(argv) == 0

@@ -108,11 +108,10 @@ def test_summary_gives_each_routes_retraining_length(tmp_path: Path) -> None:
 def test_rerank_retrains_the_best_of_the_top_by_short_training(tmp_path: Path) -> None:
     """--rerank-top K: the K best trials by supernet score each get a short training from
     scratch, and only the best of them by it is retrained."""
-    import importlib.util
     import os
 
     import yaml
-    from conftest import TINY_CELL_SPACE
+    from conftest import TINY_CELL_SPACE, load_benchmark
 
     from bnas.genotype import load_genotype
     from bnas.search.objective import search_data
@@ -143,10 +142,7 @@ def test_rerank_retrains_the_best_of_the_top_by_short_training(tmp_path: Path) -
     by_supernet = sorted(short, key=lambda n: (-supernet[n], int(n)))
     assert str(row["trial"]) == max(by_supernet, key=lambda n: short[n])
     # Each short-training score is the ranking benchmark's, recomputed here.
-    spec = importlib.util.spec_from_file_location("oneshot_ranking", ROOT / "benchmarks" / "oneshot_ranking.py")
-    assert spec is not None and spec.loader is not None
-    ranking = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ranking)
+    ranking = load_benchmark("oneshot_ranking")
     space = load_space(space_file)
     data, recipe = search_data(space, 0), supernet_recipe(space)
     folder = keep / "seed0" / "oneshot"

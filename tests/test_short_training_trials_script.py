@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import TINY_CELL_SPACE
+from conftest import TINY_CELL_SPACE, load_benchmark
 
 from bnas.genotype import load_genotype
 from bnas.search.objective import search_data
@@ -62,10 +61,7 @@ def test_every_completed_trial_is_scored_as_the_ranking_benchmark_scores_it(per_
     assert [r["trial"] for r in lines] == [t.number for t in complete]
     assert [r["search_value"] for r in lines] == [t.values[0] for t in complete]
 
-    spec = importlib.util.spec_from_file_location("oneshot_ranking", ROOT / "benchmarks" / "oneshot_ranking.py")
-    assert spec is not None and spec.loader is not None
-    ranking = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ranking)
+    ranking = load_benchmark("oneshot_ranking")
     space = load_space(manifest["space"])
     data, recipe = search_data(space, 0), supernet_recipe(space)
     for row in lines:
