@@ -38,11 +38,21 @@ retraining: the K best trials by supernet score each train ``--rerank-steps`` st
 scratch (``oneshot_ranking.py --short-training``: the mean validation accuracy of two seeded
 runs), and only the best of them by that is retrained, in place of ``--retrain-top``. Its CPU
 seconds count in the route's (``rerank_cpu_s`` gives them apart).
+
+``--route proxy`` runs a third route for the comparison: the per-trial route on a proxy task.
+The same search (``--trials`` trials, the space's sampler, seed and constraints), but every
+trial trains ``--proxy-epochs`` epochs on a seeded ``--proxy-subset`` of the training images
+(the space's ``train_subset``; validation on the full split). The best trial's genotype is then
+retrained from scratch with the space's own budget on the full training set and tested. With
+the defaults (3,200 images, 1 epoch, batch 128) a trial trains 25 steps at the budget's
+initial learning rate, the short training ``oneshot_ranking.py --short-training 25`` ranks by.
+``--summarize`` compares it with the per-trial route as it does the one-shot route.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -52,23 +62,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
 from bnas.evaluate import evaluate  # noqa: E402
-from bnas.genotype import load_genotype  # noqa: E402
+from bnas.genotype import Genotype, load_genotype  # noqa: E402
 from bnas.search import SearchConfig, run_search_study  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.retrain import retrain_candidates, retrain_overrides, retrain_top  # noqa: E402
-from bnas.search.space import load_space  # noqa: E402
+from bnas.search.space import SearchSpace, load_space, sample_genotype  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
 from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The routes --summarize compares with the per-trial route.
+OTHER_ROUTES = ("oneshot", "proxy")
 METHODS = {"tpe+median_pruning": ("tpe", "median"), "random_no_pruning": ("random", "none")}
 
 
@@ -85,12 +98,16 @@ def _best_retrained(study: Any, cfg: SearchConfig, data: Any) -> dict[str, Any]:
     }
 
 
-def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds: list[int]) -> dict[str, Any]:
-    """The chosen trial's network retrained again with each of ``seeds`` (the space's budget,
-    the same splits): every test accuracy with its seed, the route's own first, and the mean.
-    Measurement only: its CPU seconds are reported apart from the route's."""
+def _seeded_retrainings(
+    cfg: SearchConfig, row: dict[str, Any], data: Any, seeds: list[int], genotype: Genotype | None = None
+) -> dict[str, Any]:
+    """The chosen trial's network (``genotype``, else the trial's genotype file) retrained again
+    with each of ``seeds`` (the space's budget, the same splits): every test accuracy with its
+    seed, the route's own first, and the mean. Measurement only: its CPU seconds are reported
+    apart from the route's."""
     cpu0 = time.process_time()
-    genotype = load_genotype(cfg.out / "genotypes" / f"trial-{row['trial']}.yaml")
+    if genotype is None:
+        genotype = load_genotype(cfg.out / "genotypes" / f"trial-{row['trial']}.yaml")
     accs = {cfg.seed: row["retrained_test_acc"]}
     for seed in seeds:
         if seed in accs:
@@ -231,6 +248,60 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
     return row
 
 
+def proxy_space(space: SearchSpace, subset: int, epochs: int) -> SearchSpace:
+    """``space`` whose trials train ``epochs`` epochs on a seeded ``subset`` of the training images."""
+    return dataclasses.replace(space, train_subset=subset, budget={**space.budget, "epochs": epochs})
+
+
+def proxy_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The per-trial search on a proxy task (``proxy_space``); its best trial's genotype,
+    rebuilt with the space's own budget, is retrained on the full training set and tested."""
+    cpu0 = time.process_time()
+    cfg = SearchConfig(
+        space=proxy_space(space, args.proxy_subset, args.proxy_epochs),
+        out=folder / "proxy",
+        trials=args.trials,
+        seed=seed,
+        progress=False,
+        retrain_top=0,
+    )
+    study = run_search_study(cfg)
+    search_cpu = time.process_time() - cpu0
+    best = retrain_candidates(study, 1)
+    if not best:
+        raise SystemExit(f"--route proxy, seed {seed}: no trial of the proxy search completed")
+    (trial,) = best
+    # The trial's choices in the space itself: its genotype with the space's budget as recipe.
+    genotype = sample_genotype(optuna.trial.FixedTrial(trial.params), space, training={"seed": seed})
+    full = dataclasses.replace(cfg, space=space, retrain_epochs=args.retrain_epochs)
+    report = evaluate(
+        genotype,
+        space.dataset,
+        overrides=retrain_overrides(full),
+        out=cfg.out / "retrain" / f"trial-{trial.number}",
+        progress=False,
+        data=data,
+        test=True,
+    )
+    row = {
+        "route": "proxy",
+        "trials": args.trials,
+        "proxy_subset": args.proxy_subset,
+        "proxy_epochs": args.proxy_epochs,
+        "search_cpu_s": round(search_cpu, 1),
+        "retrain_epochs": _retrain_epochs(full),
+        "trial": trial.number,
+        "proxy_val_acc": trial.values[0],
+        "retrained_val_acc": float(report["best_val_acc"]),
+        "retrained_test_acc": float(report["test_acc"]),
+        "retrained": 1,
+    }
+    row["cpu_s"] = round(time.process_time() - cpu0, 1)
+    if args.eval_seeds:
+        row.update(_seeded_retrainings(full, row, data, args.eval_seeds, genotype))
+    return row
+
+
 def summarize(files: list[str]) -> None:
     """The summary lines of route lines printed earlier (``--route per_trial`` and
     ``--route oneshot`` run as two processes), paired by space and seed."""
@@ -240,11 +311,18 @@ def summarize(files: list[str]) -> None:
             row = json.loads(line)
             if row.get("benchmark") == "search_efficiency_oneshot" and "route" in row:
                 routes.setdefault((row["space"], row["seed"]), {})[row["route"]] = row
-    pairs = [(key, got) for key, got in sorted(routes.items()) if {"per_trial", "oneshot"} <= got.keys()]
+    pairs = [
+        (space, seed, got["per_trial"], got[route])
+        for (space, seed), got in sorted(routes.items())
+        for route in OTHER_ROUTES
+        if "per_trial" in got and route in got
+    ]
     if not pairs:
-        raise SystemExit(f"--summarize {' '.join(files)}: no space and seed with both a per_trial and a oneshot line")
-    for (space, seed), got in pairs:
-        emit(_summary(space, seed, got["per_trial"], got["oneshot"]))
+        raise SystemExit(
+            f"--summarize {' '.join(files)}: no space and seed with both a per_trial and a oneshot or proxy line"
+        )
+    for space, seed, base, ours in pairs:
+        emit(_summary(space, seed, base, ours))
 
 
 def _summary(space: str, seed: int, base: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
@@ -258,12 +336,9 @@ def _summary(space: str, seed: int, base: dict[str, Any], ours: dict[str, Any]) 
         "baseline_trials": base["trials"],
         "baseline_test_acc": base["retrained_test_acc"],
         "baseline_cpu_s": base["cpu_s"],
-        "ours": "oneshot",
+        "ours": ours.get("route", "oneshot"),
         "ours_trials": ours["trials"],
-        "ours_supernet_epochs": ours["supernet_epochs"],
-        "ours_widths": ours.get("widths"),
-        "ours_paths": ours.get("paths", "all"),
-        "ours_finetune_steps": ours.get("finetune_steps", 0),
+        **_route_settings(ours),
         "ours_test_acc": ours["retrained_test_acc"],
         "ours_cpu_s": ours["cpu_s"],
         "baseline_retrain_epochs": base.get("retrain_epochs"),
@@ -275,6 +350,18 @@ def _summary(space: str, seed: int, base: dict[str, Any], ours: dict[str, Any]) 
         **_mean_comparison(base, ours),
         "loadavg": os.getloadavg(),
         **machine(),
+    }
+
+
+def _route_settings(ours: dict[str, Any]) -> dict[str, Any]:
+    """What the compared route was run with: the supernet's settings, or the proxy task's."""
+    if ours.get("route") == "proxy":
+        return {"ours_proxy_subset": ours["proxy_subset"], "ours_proxy_epochs": ours["proxy_epochs"]}
+    return {
+        "ours_supernet_epochs": ours["supernet_epochs"],
+        "ours_widths": ours.get("widths"),
+        "ours_paths": ours.get("paths", "all"),
+        "ours_finetune_steps": ours.get("finetune_steps", 0),
     }
 
 
@@ -315,6 +402,8 @@ def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
             if args.route in ("both", "oneshot"):
                 oneshot = {**head, **oneshot_route(space, seed, data, folder, args)}
                 emit(oneshot)
+            if args.route == "proxy":
+                emit({**head, **proxy_route(space, seed, data, folder, args)})
             if per_trial and oneshot:
                 rows.append((seed, per_trial, oneshot))
     for seed, base, ours in rows:
@@ -344,9 +433,19 @@ def main() -> None:
     )
     parser.add_argument(
         "--route",
-        choices=("both", "per_trial", "oneshot"),
+        choices=("both", "per_trial", "oneshot", "proxy"),
         default="both",
-        help="--oneshot: run both routes, or one (see --summarize)",
+        help="--oneshot: run both routes, or one (see --summarize); proxy: the per-trial search on a proxy task",
+    )
+    parser.add_argument(
+        "--proxy-subset",
+        type=int,
+        default=3200,
+        metavar="N",
+        help="--route proxy: each trial trains on a seeded N of the training images (the space's train_subset)",
+    )
+    parser.add_argument(
+        "--proxy-epochs", type=int, default=1, metavar="E", help="--route proxy: each trial trains E epochs"
     )
     parser.add_argument(
         "--eval-seeds",
@@ -384,8 +483,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.rerank_top < 0 or args.rerank_steps < 1:
         parser.error("--rerank-top must be 0 or more and --rerank-steps at least 1")
-    if args.rerank_top and args.route == "per_trial":
+    if args.rerank_top and args.route in ("per_trial", "proxy"):
         parser.error("--rerank-top applies to the one-shot route (--route oneshot or both)")
+    if args.proxy_subset < 1 or args.proxy_epochs < 1:
+        parser.error("--proxy-subset and --proxy-epochs must be at least 1")
     if args.oneshot and args.summarize:
         summarize(args.summarize)
         return

@@ -1,11 +1,13 @@
-"""benchmarks/search_efficiency.py --oneshot --summarize: the summary of two route runs."""
+"""benchmarks/search_efficiency.py --oneshot: the summary of route runs, the rerank and the proxy route."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +38,33 @@ def summarize(*files: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def route_line(flags: list[str]) -> dict[str, Any]:
+    """The one route line of a benchmark run with ``flags``, on one OpenMP thread."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    return row
+
+
+def tiny_space(folder: Path, name: str, train_subset: int, epochs: int) -> Path:
+    """A tiny cell space on synthetic data, written to ``folder/tiny.yaml``."""
+    import yaml
+    from conftest import TINY_CELL_SPACE
+
+    tiny = {**TINY_CELL_SPACE, "name": name, "train_subset": train_subset}
+    tiny["budget"] = {"epochs": epochs, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.01}}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny), encoding="utf-8")
+    return path
+
+
 def test_summary_pairs_routes_by_seed(tmp_path: Path) -> None:
     per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
     per_trial.write_text(route("per_trial", 0, 0.82, 4000.0) + "\n" + route("per_trial", 1, 0.83, 5000.0) + "\n")
@@ -61,7 +90,7 @@ def test_summary_without_both_routes_says_so(tmp_path: Path) -> None:
     only.write_text(route("per_trial", 0, 0.82, 4000.0) + "\n")
     done = summarize(only)
     assert done.returncode != 0
-    assert "no space and seed with both a per_trial and a oneshot line" in done.stderr
+    assert "no space and seed with both a per_trial and a oneshot or proxy line" in done.stderr
 
 
 def test_summary_compares_mean_accuracy_over_the_same_seeds(tmp_path: Path) -> None:
@@ -108,33 +137,18 @@ def test_summary_gives_each_routes_retraining_length(tmp_path: Path) -> None:
 def test_rerank_retrains_the_best_of_the_top_by_short_training(tmp_path: Path) -> None:
     """--rerank-top K: the K best trials by supernet score each get a short training from
     scratch, and only the best of them by it is retrained."""
-    import os
-
-    import yaml
-    from conftest import TINY_CELL_SPACE, load_benchmark
+    from conftest import load_benchmark
 
     from bnas.genotype import load_genotype
     from bnas.search.objective import search_data
     from bnas.search.space import load_space
     from bnas.search.supernet import supernet_recipe
 
-    space_file = tmp_path / "tiny.yaml"
-    tiny = {**TINY_CELL_SPACE, "name": "tiny_rerank", "train_subset": 256}
-    tiny["budget"] = {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.01}}
-    space_file.write_text(yaml.safe_dump(tiny), encoding="utf-8")
+    space_file = tiny_space(tmp_path, "tiny_rerank", train_subset=256, epochs=1)
     keep = tmp_path / "keep"
     flags = ["--oneshot", "--route", "oneshot", "--space", str(space_file), "--supernet-epochs", "1"]
     flags += ["--oneshot-trials", "5", "--rerank-top", "3", "--rerank-steps", "2", "--keep", str(keep)]
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *flags],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    row = route_line(flags)
     short, supernet = row["rerank_short_val_acc"], row["rerank_supernet_acc"]
     assert len(short) == 3 and short.keys() == supernet.keys()
     assert row["retrained"] == 1 and row["rerank_steps"] == 2 and row["rerank_cpu_s"] > 0
@@ -151,3 +165,69 @@ def test_rerank_retrains_the_best_of_the_top_by_short_training(tmp_path: Path) -
         assert ranking.short_training_score(genotype, data, recipe, 2, 0) == pytest.approx(acc, abs=1e-5)
     # Only the chosen trial was retrained.
     assert sorted(p.name for p in (folder / "retrain").iterdir()) == [f"trial-{row['trial']}"]
+
+
+def test_summary_compares_the_proxy_route_with_the_per_trial_route(tmp_path: Path) -> None:
+    per_trial, proxy = tmp_path / "per_trial.jsonl", tmp_path / "proxy.jsonl"
+    per_trial.write_text(route("per_trial", 0, 0.83, 4000.0, eval_test_accs={"0": 0.83, "1": 0.84}) + "\n")
+    proxy.write_text(
+        route("proxy", 0, 0.84, 500.0, proxy_subset=3200, proxy_epochs=1, eval_test_accs={"0": 0.84, "1": 0.82}) + "\n"
+    )
+    done = summarize(per_trial, proxy)
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["ours"] == "proxy" and (row["ours_proxy_subset"], row["ours_proxy_epochs"]) == (3200, 1)
+    assert "ours_supernet_epochs" not in row
+    assert row["cpu_ratio_ours_over_baseline"] == 0.125  # 500 / 4000
+    assert row["meets_one_fifth"] and not row["meets_one_fifth_by_mean"]  # 0.84 once; 0.83 < 0.835 by the mean
+
+
+def test_proxy_route_searches_on_the_subset_and_retrains_the_best_with_the_full_budget(tmp_path: Path) -> None:
+    """--route proxy: every trial trains --proxy-epochs epochs on --proxy-subset images; the best
+    trial's choices are retrained with the space's own budget and training set."""
+    import optuna
+    import torch
+    import yaml
+
+    from bnas.evaluate import evaluate
+    from bnas.genotype import genotype_from_dict, load_genotype
+    from bnas.search.objective import search_data
+    from bnas.search.space import load_space
+
+    space_file = tiny_space(tmp_path, "tiny_proxy", train_subset=512, epochs=2)
+    tiny = yaml.safe_load(space_file.read_text(encoding="utf-8"))
+    keep = tmp_path / "keep"
+    flags = ["--oneshot", "--route", "proxy", "--space", str(space_file), "--trials", "4"]
+    flags += ["--proxy-subset", "128", "--proxy-epochs", "1", "--keep", str(keep)]
+    row = route_line(flags)
+    assert (row["route"], row["proxy_subset"], row["proxy_epochs"], row["retrain_epochs"]) == ("proxy", 128, 1, 2)
+    folder = keep / "seed0" / "proxy"
+    study = optuna.load_study(study_name="tiny_proxy", storage=f"sqlite:///{folder / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs["epochs"] == 1 for t in complete)
+    best = max(complete, key=lambda t: (t.values[0], -t.number))
+    assert row["trial"] == best.number and row["proxy_val_acc"] == best.values[0]
+    # The trial's value is a 1-epoch training on the 128-image subset: repeated here.
+    space = load_space(space_file)
+    proxy = yaml.safe_load(space_file.read_text(encoding="utf-8"))
+    proxy["train_subset"] = 128
+    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(proxy), encoding="utf-8")
+    proxy_data = search_data(load_space(tmp_path / "proxy.yaml"), 0)
+    assert len(proxy_data.train_y) == 128
+    trial_genotype = load_genotype(folder / "genotypes" / f"trial-{best.number}.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = evaluate(trial_genotype, space.dataset, data=proxy_data, progress=False, overrides={"seed": 0})
+        assert again["best_val_acc"] == pytest.approx(best.values[0], abs=1e-9)
+        # The retraining: the same network with the space's 2-epoch budget on all 512 of its
+        # training images, also repeated here.
+        full = trial_genotype.to_dict()
+        full["training"] = {**tiny["budget"], "seed": 0}
+        retrained = evaluate(genotype_from_dict(full), space.dataset, data=search_data(space, 0), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((folder / "retrain" / f"trial-{best.number}" / "report.json").read_text(encoding="utf-8"))
+    assert report["recipe"]["epochs"] == 2 and report["epochs_run"] == 2
+    assert report["test_acc"] == row["retrained_test_acc"]
+    assert retrained["best_val_acc"] == pytest.approx(row["retrained_val_acc"], abs=1e-9)
