@@ -62,19 +62,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
 from bnas.evaluate import evaluate  # noqa: E402
-from bnas.genotype import Genotype, load_genotype  # noqa: E402
+from bnas.genotype import load_genotype  # noqa: E402
 from bnas.search import SearchConfig, run_search_study  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.retrain import retrain_candidates, retrain_overrides, retrain_top  # noqa: E402
-from bnas.search.space import SearchSpace, load_space, sample_genotype  # noqa: E402
+from bnas.search.space import SearchSpace, load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
 from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
@@ -98,16 +97,12 @@ def _best_retrained(study: Any, cfg: SearchConfig, data: Any) -> dict[str, Any]:
     }
 
 
-def _seeded_retrainings(
-    cfg: SearchConfig, row: dict[str, Any], data: Any, seeds: list[int], genotype: Genotype | None = None
-) -> dict[str, Any]:
-    """The chosen trial's network (``genotype``, else the trial's genotype file) retrained again
-    with each of ``seeds`` (the space's budget, the same splits): every test accuracy with its
-    seed, the route's own first, and the mean. Measurement only: its CPU seconds are reported
-    apart from the route's."""
+def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds: list[int]) -> dict[str, Any]:
+    """The chosen trial's network retrained again with each of ``seeds`` (the route's
+    retraining recipe, the same splits): every test accuracy with its seed, the route's own
+    first, and the mean. Measurement only: its CPU seconds are reported apart from the route's."""
     cpu0 = time.process_time()
-    if genotype is None:
-        genotype = load_genotype(cfg.out / "genotypes" / f"trial-{row['trial']}.yaml")
+    genotype = load_genotype(cfg.out / "genotypes" / f"trial-{row['trial']}.yaml")
     accs = {cfg.seed: row["retrained_test_acc"]}
     for seed in seeds:
         if seed in accs:
@@ -220,7 +215,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         seed=seed,
         progress=False,
         supernet=folder / "supernet" / SUPERNET_FILE,
-        retrain_top=0 if args.rerank_top else args.retrain_top,
+        retrain_top=0 if args.rerank_top else (3 if args.retrain_top is None else args.retrain_top),
         finetune_steps=args.finetune_steps,
         retrain_epochs=args.retrain_epochs,
     )
@@ -254,8 +249,9 @@ def proxy_space(space: SearchSpace, subset: int, epochs: int) -> SearchSpace:
 
 
 def proxy_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The per-trial search on a proxy task (``proxy_space``); its best trial's genotype,
-    rebuilt with the space's own budget, is retrained on the full training set and tested."""
+    """The per-trial search on a proxy task (``proxy_space``); its best ``--retrain-top`` trials
+    (default 1) by proxy score are retrained with the space's own budget on the full training
+    set, and the best of them by retrained validation accuracy is tested."""
     cpu0 = time.process_time()
     cfg = SearchConfig(
         space=proxy_space(space, args.proxy_subset, args.proxy_epochs),
@@ -263,42 +259,29 @@ def proxy_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.N
         trials=args.trials,
         seed=seed,
         progress=False,
-        retrain_top=0,
+        # The proxy budget is the space's but for its epochs: retrained with the space's
+        # epochs (or --retrain-epochs), a trial's genotype trains with the space's recipe.
+        retrain_top=1 if args.retrain_top is None else args.retrain_top,
+        retrain_epochs=args.retrain_epochs or space.epochs,
     )
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0
-    best = retrain_candidates(study, 1)
-    if not best:
+    if not retrain_candidates(study, 1):
         raise SystemExit(f"--route proxy, seed {seed}: no trial of the proxy search completed")
-    (trial,) = best
-    # The trial's choices in the space itself: its genotype with the space's budget as recipe.
-    genotype = sample_genotype(optuna.trial.FixedTrial(trial.params), space, training={"seed": seed})
-    full = dataclasses.replace(cfg, space=space, retrain_epochs=args.retrain_epochs)
-    report = evaluate(
-        genotype,
-        space.dataset,
-        overrides=retrain_overrides(full),
-        out=cfg.out / "retrain" / f"trial-{trial.number}",
-        progress=False,
-        data=data,
-        test=True,
-    )
+    picked = _best_retrained(study, cfg, data)
     row = {
         "route": "proxy",
         "trials": args.trials,
         "proxy_subset": args.proxy_subset,
         "proxy_epochs": args.proxy_epochs,
         "search_cpu_s": round(search_cpu, 1),
-        "retrain_epochs": _retrain_epochs(full),
-        "trial": trial.number,
-        "proxy_val_acc": trial.values[0],
-        "retrained_val_acc": float(report["best_val_acc"]),
-        "retrained_test_acc": float(report["test_acc"]),
-        "retrained": 1,
+        "retrain_epochs": _retrain_epochs(cfg),
+        **picked,
+        "proxy_val_acc": {str(t.number): t.values[0] for t in retrain_candidates(study, cfg.retrain_top)},
     }
     row["cpu_s"] = round(time.process_time() - cpu0, 1)
     if args.eval_seeds:
-        row.update(_seeded_retrainings(full, row, data, args.eval_seeds, genotype))
+        row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
     return row
 
 
@@ -418,7 +401,14 @@ def main() -> None:
     parser.add_argument("--oneshot", action="store_true", help="compare the one-shot route with the per-trial one")
     parser.add_argument("--supernet-epochs", type=int, default=8)
     parser.add_argument("--oneshot-trials", type=int, default=100)
-    parser.add_argument("--retrain-top", type=int, default=3)
+    parser.add_argument(
+        "--retrain-top",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--oneshot: retrain the route's best K (default 3 for the one-shot route, 1 for proxy) "
+        "and keep the best by validation",
+    )
     parser.add_argument(
         "--widths", choices=WIDTHS, default="separate", help="--oneshot: the supernet's widths (bnas supernet --widths)"
     )
@@ -485,6 +475,8 @@ def main() -> None:
         parser.error("--rerank-top must be 0 or more and --rerank-steps at least 1")
     if args.rerank_top and args.route in ("per_trial", "proxy"):
         parser.error("--rerank-top applies to the one-shot route (--route oneshot or both)")
+    if args.retrain_top is not None and args.retrain_top < 1:
+        parser.error("--retrain-top must be at least 1")
     if args.proxy_subset < 1 or args.proxy_epochs < 1:
         parser.error("--proxy-subset and --proxy-epochs must be at least 1")
     if args.oneshot and args.summarize:

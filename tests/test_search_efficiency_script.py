@@ -198,20 +198,26 @@ def test_proxy_route_searches_on_the_subset_and_retrains_the_best_with_the_full_
     tiny = yaml.safe_load(space_file.read_text(encoding="utf-8"))
     keep = tmp_path / "keep"
     flags = ["--oneshot", "--route", "proxy", "--space", str(space_file), "--trials", "4"]
-    flags += ["--proxy-subset", "128", "--proxy-epochs", "1", "--keep", str(keep)]
+    flags += ["--proxy-subset", "128", "--proxy-epochs", "1", "--retrain-top", "2", "--keep", str(keep)]
     row = route_line(flags)
     assert (row["route"], row["proxy_subset"], row["proxy_epochs"], row["retrain_epochs"]) == ("proxy", 128, 1, 2)
     folder = keep / "seed0" / "proxy"
     study = optuna.load_study(study_name="tiny_proxy", storage=f"sqlite:///{folder / 'study.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert complete and all(t.user_attrs["epochs"] == 1 for t in complete)
-    best = max(complete, key=lambda t: (t.values[0], -t.number))
-    assert row["trial"] == best.number and row["proxy_val_acc"] == best.values[0]
+    assert len(complete) >= 2 and all(t.user_attrs["epochs"] == 1 for t in complete)
+    # The two best by proxy score are retrained; the better of them by retrained validation is kept.
+    top = sorted(complete, key=lambda t: (-t.values[0], t.number))[:2]
+    assert row["proxy_val_acc"] == {str(t.number): t.values[0] for t in top}
+    reports = {
+        t.number: json.loads((folder / "retrain" / f"trial-{t.number}" / "report.json").read_text(encoding="utf-8"))
+        for t in top
+    }
+    assert sorted(p.name for p in (folder / "retrain").iterdir()) == sorted(f"trial-{t.number}" for t in top)
+    assert row["trial"] == max(reports, key=lambda n: (reports[n]["best_val_acc"], -n))
+    best = next(t for t in top if t.number == row["trial"])
     # The trial's value is a 1-epoch training on the 128-image subset: repeated here.
     space = load_space(space_file)
-    proxy = yaml.safe_load(space_file.read_text(encoding="utf-8"))
-    proxy["train_subset"] = 128
-    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(proxy), encoding="utf-8")
+    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump({**tiny, "train_subset": 128}), encoding="utf-8")
     proxy_data = search_data(load_space(tmp_path / "proxy.yaml"), 0)
     assert len(proxy_data.train_y) == 128
     trial_genotype = load_genotype(folder / "genotypes" / f"trial-{best.number}.yaml")
@@ -227,7 +233,16 @@ def test_proxy_route_searches_on_the_subset_and_retrains_the_best_with_the_full_
         retrained = evaluate(genotype_from_dict(full), space.dataset, data=search_data(space, 0), progress=False)
     finally:
         torch.set_num_threads(threads)
-    report = json.loads((folder / "retrain" / f"trial-{best.number}" / "report.json").read_text(encoding="utf-8"))
+    report = reports[best.number]
     assert report["recipe"]["epochs"] == 2 and report["epochs_run"] == 2
     assert report["test_acc"] == row["retrained_test_acc"]
     assert retrained["best_val_acc"] == pytest.approx(row["retrained_val_acc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("flags", [["--retrain-top", "0"], ["--route", "proxy", "--proxy-subset", "0"]])
+def test_bad_route_settings_are_refused_before_any_work(flags: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--oneshot", *flags], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert done.returncode == 2
+    assert "must be at least 1" in done.stderr.splitlines()[-1]
