@@ -42,8 +42,9 @@ seconds count in the route's (``rerank_cpu_s`` gives them apart).
 ``--route proxy`` runs a third route for the comparison: the per-trial route on a proxy task.
 The same search (``--trials`` trials, the space's sampler, seed and constraints), but every
 trial trains ``--proxy-epochs`` epochs on a seeded ``--proxy-subset`` of the training images
-(the space's ``train_subset``; validation on the full split). The best trial's genotype is then
-retrained from scratch with the space's own budget on the full training set and tested. With
+(the space's ``train_subset``, replacing any the space has; validation on the full split). The
+best ``--retrain-top`` trials (default 1) by that score are then retrained from scratch with the
+space's own budget on its full training set, and the best of them by validation is tested. With
 the defaults (3,200 images, 1 epoch, batch 128) a trial trains 25 steps at the budget's
 initial learning rate, the short training ``oneshot_ranking.py --short-training 25`` ranks by.
 ``--summarize`` compares it with the per-trial route as it does the one-shot route.
