@@ -127,6 +127,17 @@ def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds
     }
 
 
+def _closed_row(
+    row: dict[str, Any], cpu0: float, cfg: SearchConfig, data: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """A route's line, completed: its CPU seconds since ``cpu0``, then (not counted in them)
+    the ``--eval-seeds`` retrainings of its pick."""
+    row["cpu_s"] = round(time.process_time() - cpu0, 1)
+    if args.eval_seeds:
+        row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
+    return row
+
+
 def _reranked_retrained(study: Any, cfg: SearchConfig, data: Any, top: int, steps: int) -> dict[str, Any]:
     """``--rerank-top``: the study's ``top`` best trials by supernet score each train ``steps``
     steps from scratch (``oneshot_ranking.short_training_score``: mean validation accuracy of
@@ -190,10 +201,7 @@ def per_trial_route(space: Any, seed: int, data: Any, folder: Path, args: argpar
         "retrain_epochs": _retrain_epochs(cfg),
         **_best_retrained(study, cfg, data),
     }
-    row["cpu_s"] = round(time.process_time() - cpu0, 1)
-    if args.eval_seeds:
-        row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
-    return row
+    return _closed_row(row, cpu0, cfg, data, args)
 
 
 def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -238,10 +246,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         "retrain_epochs": _retrain_epochs(cfg),
         **picked,
     }
-    row["cpu_s"] = round(time.process_time() - cpu0, 1)
-    if args.eval_seeds:
-        row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
-    return row
+    return _closed_row(row, cpu0, cfg, data, args)
 
 
 def proxy_space(space: SearchSpace, subset: int, epochs: int) -> SearchSpace:
@@ -267,7 +272,8 @@ def proxy_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.N
     )
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0
-    if not retrain_candidates(study, 1):
+    candidates = retrain_candidates(study, cfg.retrain_top)
+    if not candidates:
         raise SystemExit(f"--route proxy, seed {seed}: no trial of the proxy search completed")
     picked = _best_retrained(study, cfg, data)
     row = {
@@ -278,12 +284,9 @@ def proxy_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.N
         "search_cpu_s": round(search_cpu, 1),
         "retrain_epochs": _retrain_epochs(cfg),
         **picked,
-        "proxy_val_acc": {str(t.number): t.values[0] for t in retrain_candidates(study, cfg.retrain_top)},
+        "proxy_val_acc": {str(t.number): t.values[0] for t in candidates},
     }
-    row["cpu_s"] = round(time.process_time() - cpu0, 1)
-    if args.eval_seeds:
-        row.update(_seeded_retrainings(cfg, row, data, args.eval_seeds))
-    return row
+    return _closed_row(row, cpu0, cfg, data, args)
 
 
 def summarize(files: list[str]) -> None:
