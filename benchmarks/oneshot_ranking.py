@@ -34,7 +34,10 @@ The summary gives Kendall tau and Spearman rho for two supernet scores: the vali
 accuracy with the inherited weights, and their validation loss (`*_by_loss`, lower ranks higher).
 With ``--probe-samples N`` both come from a linear probe refitted on each architecture's own
 features for N training images (``bnas.search.linear_probe``) instead of from the supernet's
-shared classifier.
+shared classifier. A third score needs no data: ABS's angle metric (Hu et al. 2020,
+``*_by_angle``), the angle between the vector of the path's conv and linear weights in the
+untrained supernet (rebuilt from the supernet's seed) and in the trained one; a larger angle
+ranks higher.
 
 Baselines are ranked beside the supernet against the same stand-alone accuracies: the
 architecture's OPs alone (``*_by_ops``, always); with ``--training-free`` a score that
@@ -296,6 +299,7 @@ def supernet_phase(
     """Score every arch with the ``loaded`` supernets (or train one), returning the phase's
     summary fields."""
     from bnas.search.supernet import calibration_batches, score
+    from bnas.search.supernet_run import initial_supernet
 
     info: dict[str, Any] = {}
     cpu0 = time.process_time()
@@ -343,7 +347,11 @@ def supernet_phase(
     cpu1 = time.process_time()
     calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernets[0].device)
     for k, supernet in enumerate(supernets):
+        meta = dict(getattr(supernet, "meta", {}) or {})
+        initial = initial_supernet(space, meta.get("seed", args.seed), meta.get("widths", args.widths))
+        initial.to(supernet.device)
         for i, arch in enumerate(archs):
+            arch.setdefault("supernet_angles", []).append(path_angle(supernet, initial, arch["genotype"]))
             acc, loss = score(
                 supernet,
                 arch["genotype"],
@@ -369,15 +377,19 @@ def supernet_phase(
     for arch in archs:
         arch["supernet_acc"] = sum(arch["supernet_accs"]) / len(supernets)
         arch["supernet_loss"] = sum(arch["supernet_losses"]) / len(supernets)
+        arch["supernet_angle"] = sum(arch["supernet_angles"]) / len(supernets)
         arch["score_by_acc"], arch["score_by_loss"] = arch["supernet_acc"], -arch["supernet_loss"]
+        arch["score_by_angle"] = arch["supernet_angle"]
     if len(supernets) > 1:
         # An ensemble of supernets: each ranks the archs, and an arch's score is its mean rank
         # (Borda count), so a supernet whose accuracies spread wider does not outweigh the rest.
         acc_ranks = [mean_ranks([a["supernet_accs"][k] for a in archs]) for k in range(len(supernets))]
         loss_ranks = [mean_ranks([-a["supernet_losses"][k] for a in archs]) for k in range(len(supernets))]
+        angle_ranks = [mean_ranks([a["supernet_angles"][k] for a in archs]) for k in range(len(supernets))]
         for i, arch in enumerate(archs):
             arch["score_by_acc"] = sum(r[i] for r in acc_ranks) / len(supernets)
             arch["score_by_loss"] = sum(r[i] for r in loss_ranks) / len(supernets)
+            arch["score_by_angle"] = sum(r[i] for r in angle_ranks) / len(supernets)
         info["per_supernet_kendall_tau"] = [
             rank_correlations([a["standalone_acc"] for a in archs], [a["supernet_accs"][k] for a in archs])[
                 "kendall_tau"
@@ -386,6 +398,23 @@ def supernet_phase(
         ]
     info["scoring_cpu_s"] = round(time.process_time() - cpu1, 2)
     return info
+
+
+def path_angle(trained: Any, initial: Any, genotype: Any) -> float:
+    """ABS's angle metric (Hu et al. 2020): the angle, in radians, between the vector of every
+    conv and linear weight of ``genotype``'s path in the ``initial`` supernet and the same
+    vector in the ``trained`` one. BatchNorm's affine parameters are left out: they are not
+    what the path's ops learn."""
+    from bnas.search.supernet import extract
+
+    start = dict(extract(initial, genotype).named_parameters())
+    now = dict(extract(trained, genotype).named_parameters())
+    names = [name for name, weight in start.items() if weight.dim() > 1]
+    # float64: an angle near 0 comes from a cosine near 1, where float32 rounding would dominate.
+    before = torch.cat([start[name].detach().flatten() for name in names]).double()
+    after = torch.cat([now[name].detach().flatten() for name in names]).double().to(before.device)
+    cosine = float(torch.dot(before, after) / (before.norm() * after.norm()))
+    return math.acos(max(-1.0, min(1.0, cosine)))
 
 
 # --------------------------------------------------------------------------------------
@@ -710,6 +739,7 @@ def main(argv: list[str] | None = None) -> None:
                 "cached": cached[i],
                 "supernet_val_acc": arch.get("supernet_acc"),
                 "supernet_val_loss": arch.get("supernet_loss"),
+                "supernet_angle": arch.get("supernet_angle"),
                 **({"training_free_score": arch["training_free"]} if args.training_free else {}),
                 **({"short_training_val_acc": arch["short_training"]} if args.short_training is not None else {}),
                 **(
@@ -717,6 +747,8 @@ def main(argv: list[str] | None = None) -> None:
                         "supernet_val_accs": arch["supernet_accs"],
                         "supernet_mean_rank": arch["score_by_acc"],
                         "supernet_mean_rank_by_loss": arch["score_by_loss"],
+                        "supernet_angles": arch["supernet_angles"],
+                        "supernet_mean_rank_by_angle": arch["score_by_angle"],
                     }
                     if ensemble
                     else {}
@@ -772,6 +804,9 @@ def main(argv: list[str] | None = None) -> None:
         # Ranking by the inherited weights' validation loss (lower is better) instead of accuracy.
         by_loss = rank_correlations(standalone, [a["score_by_loss"] for a in archs])
         summary.update({f"{k}_by_loss": v for k, v in by_loss.items()})
+        # ABS's angle: how far each path's weights turned from their initialisation.
+        by_angle = rank_correlations(standalone, [a["score_by_angle"] for a in archs])
+        summary.update({f"{k}_by_angle": v for k, v in by_angle.items()})
         if ensemble:
             # The ensemble by its mean accuracy instead of its mean rank: the score a search can
             # give one trial at a time.

@@ -3,8 +3,10 @@ the JSON lines, the rank correlations against scipy's, the stand-alone cache, an
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -23,8 +25,8 @@ from scipy.stats import kendalltau, spearmanr
 from bnas.search import Supernet
 from bnas.search.objective import search_data
 from bnas.search.space import load_space
-from bnas.search.supernet import calibration_batches, score, supernet_recipe
-from bnas.search.supernet_run import load_supernet
+from bnas.search.supernet import calibration_batches, extract, score, supernet_recipe
+from bnas.search.supernet_run import initial_supernet, load_supernet
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "oneshot_ranking.py"
@@ -67,6 +69,15 @@ def lines(proc: subprocess.CompletedProcess[str]) -> tuple[list[dict[str, Any]],
     return records[:-1], records[-1]
 
 
+def assert_reported(reported: float | None, expected: float) -> None:
+    """A rank correlation the summary reports matches ``expected`` (scipy's), both undefined
+    (null in the JSON, nan from scipy) when one side is constant."""
+    if reported is None:
+        assert expected != expected
+    else:
+        assert reported == pytest.approx(expected, abs=1e-4)
+
+
 def main_lines(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The script's ``main`` run in this process (its thread setting undone)."""
     threads = torch.get_num_threads()
@@ -107,10 +118,7 @@ def test_ranking_run_then_rerun_from_the_cache(tmp_path: Path, capsys: pytest.Ca
         assert summary["spearman_rho"] == pytest.approx(rho, abs=1e-4)
     # Ranked by the inherited validation loss as well (lower loss ranks higher).
     by_loss = kendalltau(standalone, [-a["supernet_val_loss"] for a in archs]).statistic
-    if summary["kendall_tau_by_loss"] is None:
-        assert by_loss != by_loss
-    else:
-        assert summary["kendall_tau_by_loss"] == pytest.approx(by_loss, abs=1e-4)
+    assert_reported(summary["kendall_tau_by_loss"], by_loss)
     assert all(a["supernet_val_loss"] > 0 for a in archs)
     # The cache holds every arch, keyed by hash, with the printed accuracies.
     stored = json.loads(cache.read_text())
@@ -143,6 +151,15 @@ def test_ranking_run_then_rerun_from_the_cache(tmp_path: Path, capsys: pytest.Ca
     for arch in tuned:
         expected = score(supernet_loaded, genotypes[arch["hash"]], data, calibration=batches, seed=3, finetune_steps=2)
         assert arch["supernet_val_acc"] == expected
+
+    # ABS's angle: each path's weights in the supernet against the untrained one of its seed,
+    # the same from the supernet trained in the first run and from its file.
+    initial = initial_supernet(loaded_space, 3)
+    angles = [SCRIPT_MODULE.path_angle(supernet_loaded, initial, genotypes[a["hash"]]) for a in again]
+    assert all(angle > 0 for angle in angles)
+    assert [a["supernet_angle"] for a in again] == angles == [a["supernet_angle"] for a in archs]
+    by_angle = kendalltau(standalone, angles).statistic
+    assert_reported(summary2["kendall_tau_by_angle"], by_angle)
 
     # A cache made with another seed is refused, naming the flag.
     with pytest.raises(
@@ -194,10 +211,7 @@ def test_train_seeds_rank_by_the_mean_and_compare_the_seeds(tmp_path: Path, caps
         assert arch["standalone_val_accs"] == [a3, a4]
         assert arch["standalone_val_acc"] == pytest.approx((a3 + a4) / 2)
     tau = kendalltau(accs3, accs4).statistic
-    if summary["standalone_seed_tau"] is None:
-        assert tau != tau
-    else:
-        assert summary["standalone_seed_tau"] == pytest.approx(tau, abs=1e-4)
+    assert_reported(summary["standalone_seed_tau"], tau)
     # The seed-3 cache is the one a single-seed run uses: nothing is trained again.
     again, summary2 = main_lines(capsys, *common, "--standalone-only")
     assert summary2["standalone_trained"] == 0 and "standalone_seed_tau" not in summary2
@@ -211,6 +225,35 @@ def test_mean_ranks_share_ties() -> None:
     assert SCRIPT_MODULE.mean_ranks([0.5, 0.2, 0.5, 0.9]) == [2.5, 1.0, 2.5, 4.0]
     assert SCRIPT_MODULE.mean_ranks([3.0, 3.0, 3.0]) == [2.0, 2.0, 2.0]
     assert SCRIPT_MODULE.mean_ranks([1.0]) == [1.0]
+
+
+def test_path_angle_by_hand(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path))
+    genotype = SCRIPT_MODULE.sample_archs(space, 1, 0)[0]["genotype"]
+    initial = initial_supernet(space, 0)
+    assert SCRIPT_MODULE.path_angle(initial, initial, genotype) == pytest.approx(0.0, abs=1e-6)
+    trained = copy.deepcopy(initial)
+    with torch.no_grad():
+        for weight in trained.parameters():
+            weight.mul_(-3.0)  # the opposite direction: half a turn, whatever the length
+    assert SCRIPT_MODULE.path_angle(trained, initial, genotype) == pytest.approx(math.pi, abs=1e-6)
+    # Zero one conv weight of the path: the cosine is then |the rest| / |all| (by hand).
+    trained = copy.deepcopy(initial)
+    weights = [(n, w) for n, w in extract(initial, genotype).named_parameters() if w.dim() > 1]
+    name, zeroed = next((n, w) for n, w in weights if w.dim() == 4)
+    with torch.no_grad():
+        dict(trained.network(genotype).named_parameters())[name].zero_()
+    total = sum(float(w.detach().double().pow(2).sum()) for _, w in weights)
+    left = total - float(zeroed.detach().double().pow(2).sum())
+    assert SCRIPT_MODULE.path_angle(trained, initial, genotype) == pytest.approx(math.acos(math.sqrt(left / total)))
+    # BatchNorm's affine parameters do not count.
+    trained = copy.deepcopy(initial)
+    affine = [w for w in trained.network(genotype).parameters() if w.dim() == 1]
+    assert affine
+    with torch.no_grad():
+        for weight in affine:
+            weight.add_(1.0)
+    assert SCRIPT_MODULE.path_angle(trained, initial, genotype) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,16 +279,17 @@ def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys:
     mean_rank = [(x + y) / 2 for x, y in zip(*ranks, strict=True)]
     assert [a["supernet_mean_rank"] for a in archs] == mean_rank
     tau = kendalltau(standalone, mean_rank).statistic
-    if summary["kendall_tau"] is None:
-        assert tau != tau
-    else:
-        assert summary["kendall_tau"] == pytest.approx(tau, abs=1e-4)
+    assert_reported(summary["kendall_tau"], tau)
     assert summary["per_supernet_kendall_tau"] == [s["kendall_tau"] for _, s in alone]
+    # The angle too: each supernet's own, and the mean rank over them.
+    angles = [[a["supernet_angle"] for a in run_archs] for run_archs, _ in alone]
+    assert [a["supernet_angles"] for a in archs] == [list(pair) for pair in zip(*angles, strict=True)]
+    angle_rank = [(x + y) / 2 for x, y in zip(*(SCRIPT_MODULE.mean_ranks(run) for run in angles), strict=True)]
+    assert [a["supernet_mean_rank_by_angle"] for a in archs] == angle_rank
+    by_angle = kendalltau(standalone, angle_rank).statistic
+    assert_reported(summary["kendall_tau_by_angle"], by_angle)
     by_mean_acc = kendalltau(standalone, [a["supernet_val_acc"] for a in archs]).statistic
-    if summary["kendall_tau_by_mean_acc"] is None:
-        assert by_mean_acc != by_mean_acc
-    else:
-        assert summary["kendall_tau_by_mean_acc"] == pytest.approx(by_mean_acc, abs=1e-4)
+    assert_reported(summary["kendall_tau_by_mean_acc"], by_mean_acc)
     assert summary["supernet"] == paths and summary["sampling"] == ["uniform", "fair"]
     assert summary["supernet_epochs"] == 1
     # A supernet trained with another seed (another validation split) is refused, naming it,
@@ -416,10 +460,7 @@ def test_baselines_rank_by_ops_and_at_initialisation(tmp_path: Path, capsys: pyt
         ("_short_training", [a["short_training_val_acc"] for a in archs]),
     ):
         tau = kendalltau(standalone, scores).statistic
-        if summary[f"kendall_tau{suffix}"] is None:
-            assert tau != tau
-        else:
-            assert summary[f"kendall_tau{suffix}"] == pytest.approx(tau, abs=1e-4)
+        assert_reported(summary[f"kendall_tau{suffix}"], tau)
     assert summary["training_free_cpu_s"] > 0
     assert summary["short_training_steps"] == 2 and summary["short_training_cpu_s"] > 0
     recipe = supernet_recipe(loaded)

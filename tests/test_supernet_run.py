@@ -23,7 +23,13 @@ from bnas.genotype import load_genotype
 from bnas.search import SupernetError, extract
 from bnas.search.space import load_space
 from bnas.search.supernet import score
-from bnas.search.supernet_run import SUPERNET_FILE, load_supernet, supernet_initialiser, train_supernet
+from bnas.search.supernet_run import (
+    SUPERNET_FILE,
+    initial_supernet,
+    load_supernet,
+    supernet_initialiser,
+    train_supernet,
+)
 
 # History entries that measure the clock, not the training.
 CLOCKS = {"epoch_time_s", "samples_per_s", "cpu_s"}
@@ -112,6 +118,21 @@ def test_refusals_name_the_file_and_what_to_do(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2)}, model_pt)
     with pytest.raises(SupernetError, match=r"model.pt is not a bnas supernet .*bnas supernet SPACE --out RUN"):
         load_supernet(model_pt)
+
+
+def test_initial_supernet_is_where_training_starts(tmp_path: Path) -> None:
+    space = load_space(space_file(tmp_path))
+    # With a vanishing learning rate the weights stay where training started.
+    still = train_supernet(space, None, epochs=1, seed=2, overrides={"optimizer.lr": 1e-12})
+    start = initial_supernet(space, 2).state_dict()
+    # BatchNorm's running statistics move with every forward pass; the weights must not.
+    weights = {k: v for k, v in still.state_dict().items() if "running_" not in k and "num_batches" not in k}
+    assert len(weights) > 10 and weights.keys() <= start.keys()
+    assert all(torch.allclose(v, start[k], atol=1e-6) for k, v in weights.items())
+    other = initial_supernet(space, 3).state_dict()
+    assert any(not torch.equal(start[k], other[k]) for k in weights)
+    trained = train_supernet(space, None, epochs=1, seed=2).state_dict()
+    assert any(not torch.allclose(trained[k], start[k], atol=1e-3) for k in weights)
 
 
 def test_loaded_supernet_scores_as_trained(tmp_path: Path) -> None:

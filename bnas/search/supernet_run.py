@@ -59,6 +59,7 @@ from .supernet import (
 __all__ = [
     "SUPERNET_FILE",
     "SupernetTrainer",
+    "initial_supernet",
     "load_supernet",
     "monitor_paths",
     "supernet_initialiser",
@@ -384,8 +385,7 @@ def train_supernet(
         data = search_data(space, seed, data_root)
     check_input_shape(probe_genotype(space), data)
     data = data.to(dev)
-    seed_everything(seed)
-    supernet = Supernet(space, widths=widths)
+    supernet = initial_supernet(space, seed, widths)
     trainer = SupernetTrainer(
         supernet,
         data,
@@ -408,6 +408,14 @@ def train_supernet(
     trainer.fit()
     supernet.meta = _meta(trainer.state(), str(path) if path else "")
     return supernet
+
+
+def initial_supernet(space: SearchSpace, seed: int = 0, widths: str = "separate") -> Supernet:
+    """The untrained supernet that ``train_supernet`` starts from with ``seed`` and
+    ``widths``: the weights a path's training is measured from (``benchmarks/oneshot_ranking.py``
+    ranks by the angle each path's weights turn through)."""
+    seed_everything(seed)
+    return Supernet(space, widths=widths)
 
 
 def _meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
