@@ -347,9 +347,8 @@ def supernet_phase(
     cpu1 = time.process_time()
     calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernets[0].device)
     for k, supernet in enumerate(supernets):
-        meta = dict(getattr(supernet, "meta", {}) or {})
-        initial = initial_supernet(space, meta.get("seed", args.seed), meta.get("widths", args.widths))
-        initial.to(supernet.device)
+        # Trained here or loaded, a supernet's meta says the seed and widths it started from.
+        initial = initial_supernet(space, supernet.meta["seed"], supernet.meta["widths"]).to(supernet.device)
         for i, arch in enumerate(archs):
             arch.setdefault("supernet_angles", []).append(path_angle(supernet, initial, arch["genotype"]))
             acc, loss = score(
@@ -412,7 +411,7 @@ def path_angle(trained: Any, initial: Any, genotype: Any) -> float:
     names = [name for name, weight in start.items() if weight.dim() > 1]
     # float64: an angle near 0 comes from a cosine near 1, where float32 rounding would dominate.
     before = torch.cat([start[name].detach().flatten() for name in names]).double()
-    after = torch.cat([now[name].detach().flatten() for name in names]).double().to(before.device)
+    after = torch.cat([now[name].detach().flatten() for name in names]).double()
     cosine = float(torch.dot(before, after) / (before.norm() * after.norm()))
     return math.acos(max(-1.0, min(1.0, cosine)))
 
