@@ -298,7 +298,7 @@ def supernet_phase(
 ) -> dict[str, Any]:
     """Score every arch with the ``loaded`` supernets (or train one), returning the phase's
     summary fields."""
-    from bnas.search.supernet import calibration_batches, score
+    from bnas.search.supernet import calibration_batches, path_angle, score
     from bnas.search.supernet_run import initial_supernet
 
     info: dict[str, Any] = {}
@@ -397,23 +397,6 @@ def supernet_phase(
         ]
     info["scoring_cpu_s"] = round(time.process_time() - cpu1, 2)
     return info
-
-
-def path_angle(trained: Any, initial: Any, genotype: Any) -> float:
-    """ABS's angle metric (Hu et al. 2020): the angle, in radians, between the vector of every
-    conv and linear weight of ``genotype``'s path in the ``initial`` supernet and the same
-    vector in the ``trained`` one. BatchNorm's affine parameters are left out: they are not
-    what the path's ops learn."""
-    from bnas.search.supernet import extract
-
-    start = dict(extract(initial, genotype).named_parameters())
-    now = dict(extract(trained, genotype).named_parameters())
-    names = [name for name, weight in start.items() if weight.dim() > 1]
-    # float64: an angle near 0 comes from a cosine near 1, where float32 rounding would dominate.
-    before = torch.cat([start[name].detach().flatten() for name in names]).double()
-    after = torch.cat([now[name].detach().flatten() for name in names]).double()
-    cosine = float(torch.dot(before, after) / (before.norm() * after.norm()))
-    return math.acos(max(-1.0, min(1.0, cosine)))
 
 
 # --------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ from common import emit, machine  # noqa: E402
 from bnas.evaluate import evaluate  # noqa: E402
 from bnas.genotype import load_genotype  # noqa: E402
 from bnas.search import SearchConfig, run_search_study  # noqa: E402
+from bnas.search.config import SUPERNET_SCORES  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.retrain import retrain_candidates, retrain_overrides, retrain_top  # noqa: E402
@@ -226,6 +227,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         supernet=folder / "supernet" / SUPERNET_FILE,
         retrain_top=0 if args.rerank_top else (3 if args.retrain_top is None else args.retrain_top),
         finetune_steps=args.finetune_steps,
+        supernet_score=args.supernet_score,
         retrain_epochs=args.retrain_epochs,
     )
     study = run_search_study(cfg)
@@ -241,6 +243,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         "widths": args.widths,
         "paths": args.paths,
         "finetune_steps": args.finetune_steps,
+        "supernet_score": args.supernet_score,
         "supernet_cpu_s": round(supernet_cpu, 1),
         "search_cpu_s": round(search_cpu, 1),
         "retrain_epochs": _retrain_epochs(cfg),
@@ -349,6 +352,7 @@ def _route_settings(ours: dict[str, Any]) -> dict[str, Any]:
         "ours_widths": ours.get("widths"),
         "ours_paths": ours.get("paths", "all"),
         "ours_finetune_steps": ours.get("finetune_steps", 0),
+        "ours_supernet_score": ours.get("supernet_score", "accuracy"),
     }
 
 
@@ -426,6 +430,12 @@ def main() -> None:
         "--paths", choices=PATHS, default="all", help="--oneshot: the paths the supernet trains (bnas supernet --paths)"
     )
     parser.add_argument(
+        "--supernet-score",
+        choices=SUPERNET_SCORES,
+        default="accuracy",
+        help="--oneshot: what scores a trial (bnas search --supernet-score): inherited accuracy, or ABS's angle",
+    )
+    parser.add_argument(
         "--route",
         choices=("both", "per_trial", "oneshot", "proxy"),
         default="both",
@@ -483,6 +493,10 @@ def main() -> None:
         parser.error("--retrain-top must be at least 1")
     if args.proxy_subset < 1 or args.proxy_epochs < 1:
         parser.error("--proxy-subset and --proxy-epochs must be at least 1")
+    if args.supernet_score == "angle" and args.finetune_steps:
+        parser.error(
+            "--finetune-steps trains each trial before it is evaluated on data; --supernet-score angle reads none"
+        )
     if args.oneshot and args.summarize:
         summarize(args.summarize)
         return

@@ -3,10 +3,8 @@ the JSON lines, the rank correlations against scipy's, the stand-alone cache, an
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
-import math
 import os
 import random
 import re
@@ -25,7 +23,7 @@ from scipy.stats import kendalltau, spearmanr
 from bnas.search import Supernet
 from bnas.search.objective import search_data
 from bnas.search.space import load_space
-from bnas.search.supernet import calibration_batches, extract, score, supernet_recipe
+from bnas.search.supernet import calibration_batches, path_angle, score, supernet_recipe
 from bnas.search.supernet_run import initial_supernet, load_supernet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +153,7 @@ def test_ranking_run_then_rerun_from_the_cache(tmp_path: Path, capsys: pytest.Ca
     # ABS's angle: each path's weights in the supernet against the untrained one of its seed,
     # the same from the supernet trained in the first run and from its file.
     initial = initial_supernet(loaded_space, 3)
-    angles = [SCRIPT_MODULE.path_angle(supernet_loaded, initial, genotypes[a["hash"]]) for a in again]
+    angles = [path_angle(supernet_loaded, initial, genotypes[a["hash"]]) for a in again]
     assert all(angle > 0 for angle in angles)
     assert [a["supernet_angle"] for a in again] == angles == [a["supernet_angle"] for a in archs]
     by_angle = kendalltau(standalone, angles).statistic
@@ -225,35 +223,6 @@ def test_mean_ranks_share_ties() -> None:
     assert SCRIPT_MODULE.mean_ranks([0.5, 0.2, 0.5, 0.9]) == [2.5, 1.0, 2.5, 4.0]
     assert SCRIPT_MODULE.mean_ranks([3.0, 3.0, 3.0]) == [2.0, 2.0, 2.0]
     assert SCRIPT_MODULE.mean_ranks([1.0]) == [1.0]
-
-
-def test_path_angle_by_hand(tmp_path: Path) -> None:
-    space = load_space(write_space(tmp_path))
-    genotype = SCRIPT_MODULE.sample_archs(space, 1, 0)[0]["genotype"]
-    initial = initial_supernet(space, 0)
-    assert SCRIPT_MODULE.path_angle(initial, initial, genotype) == pytest.approx(0.0, abs=1e-6)
-    trained = copy.deepcopy(initial)
-    with torch.no_grad():
-        for weight in trained.parameters():
-            weight.mul_(-3.0)  # the opposite direction: half a turn, whatever the length
-    assert SCRIPT_MODULE.path_angle(trained, initial, genotype) == pytest.approx(math.pi, abs=1e-6)
-    # Zero one conv weight of the path: the cosine is then |the rest| / |all| (by hand).
-    trained = copy.deepcopy(initial)
-    weights = [(n, w) for n, w in extract(initial, genotype).named_parameters() if w.dim() > 1]
-    name, zeroed = next((n, w) for n, w in weights if w.dim() == 4)
-    with torch.no_grad():
-        dict(trained.network(genotype).named_parameters())[name].zero_()
-    total = sum(float(w.detach().double().pow(2).sum()) for _, w in weights)
-    left = total - float(zeroed.detach().double().pow(2).sum())
-    assert SCRIPT_MODULE.path_angle(trained, initial, genotype) == pytest.approx(math.acos(math.sqrt(left / total)))
-    # BatchNorm's affine parameters do not count.
-    trained = copy.deepcopy(initial)
-    affine = [w for w in trained.network(genotype).parameters() if w.dim() == 1]
-    assert affine
-    with torch.no_grad():
-        for weight in affine:
-            weight.add_(1.0)
-    assert SCRIPT_MODULE.path_angle(trained, initial, genotype) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -23,8 +24,8 @@ from bnas.cli import main
 from bnas.search.objective import search_data
 from bnas.search.retrain import retrain_candidates
 from bnas.search.space import load_space
-from bnas.search.supernet import calibration_batches, score
-from bnas.search.supernet_run import load_supernet, train_supernet
+from bnas.search.supernet import calibration_batches, path_angle, score
+from bnas.search.supernet_run import initial_supernet, load_supernet, train_supernet
 
 # The tests' tiny space with an OPs budget that some of its genotypes exceed (seed 3 samples some).
 BUDGETED = tiny_space().replace("name: tiny", "name: tiny\nconstraints: {max_ops: 60000}")
@@ -103,19 +104,64 @@ def test_trials_are_scored_with_the_supernet_never_trained(
     assert "no epochs trained (one-shot)" in shown and "supernet score" in shown
 
 
-def test_duplicates_reuse_the_score(tmp_path: Path) -> None:
+def test_trials_scored_by_angle(
+    budgeted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space_file, supernet_file = budgeted
+    out = tmp_path / "run"
+    assert _search(space_file, out, supernet_file, "--supernet-score", "angle", "--retrain-top", "1", trials=8) == 0
+    study = _study(out)
+    rows = _rows(out)
+    assert study.user_attrs["supernet"]["score"] == "angle"
+    complete = [t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    assert len(complete) >= 2
+    # Each score is path_angle against the supernet as its training started (seed 3, separate widths).
+    space = load_space(space_file)
+    trained = load_supernet(supernet_file, space)
+    initial = initial_supernet(space, 3, "separate")
+    for t in complete:
+        genotype = bnas.load_genotype(out / "genotypes" / f"trial-{t.number}.yaml")
+        angle = path_angle(trained, initial, genotype)
+        assert 0 < angle < math.pi / 2
+        assert t.values == [angle] and t.user_attrs["supernet_angle"] == angle
+        assert "val_acc" not in t.user_attrs and "supernet_acc" not in t.user_attrs
+        assert float(rows[t.number]["supernet_angle"]) == angle and rows[t.number]["supernet_acc"] == ""
+    # --retrain-top retrains the largest angle.
+    best = max(complete, key=lambda t: (t.values[0], -t.number))
+    assert {n for n, r in rows.items() if r["retrain_test_acc"]} == {best.number}
+    summary = (out / "summary.md").read_text()
+    assert "every trial scored by ABS's angle" in summary and "no data read" in summary
+    # Resuming it with the accuracy score is refused, and nothing changes.
+    before = (out / "study.db").read_bytes()
+    capsys.readouterr()
+    assert _search(space_file, out, supernet_file, trials=10) == 2
+    assert "scored each trial by its angle, not by its accuracy; resume it with --supernet-score angle" in (
+        capsys.readouterr().err
+    )
+    assert (out / "study.db").read_bytes() == before
+    # The angle reads no data: the flags that change how data scores a trial are refused beside it.
+    for flag in ("--calibration-batches", "--finetune-steps", "--probe-samples"):
+        assert _search(space_file, tmp_path / "x", supernet_file, "--supernet-score", "angle", flag, "4") == 2
+        assert f"{flag} changes how the inherited weights are evaluated on data" in capsys.readouterr().err
+    assert _search(space_file, tmp_path / "x", None, "--supernet-score", "angle") == 2
+    assert "--supernet-score applies to a one-shot search" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("by", ["accuracy", "angle"])
+def test_duplicates_reuse_the_score(tmp_path: Path, by: str) -> None:
     space_file = write_space(tmp_path, TWO_GENOTYPES)
     train_supernet(load_space(space_file), tmp_path / "sn", epochs=1, seed=3)
     out = tmp_path / "run"
-    assert _search(space_file, out, tmp_path / "sn" / "supernet.pt", trials=5) == 0
+    assert _search(space_file, out, tmp_path / "sn" / "supernet.pt", "--supernet-score", by, trials=5) == 0
     trials = _study(out, "two").trials
     dups = [t for t in trials if "duplicate_of" in t.user_attrs]
     assert dups and len(trials) == 5
     by_number = {t.number: t for t in trials}
+    recorded = ["supernet_angle"] if by == "angle" else ["supernet_acc", "supernet_loss"]
     for t in dups:
         twin = by_number[t.user_attrs["duplicate_of"]]
-        assert t.user_attrs["supernet_acc"] == twin.user_attrs["supernet_acc"] and t.values == twin.values
-        assert t.user_attrs["supernet_loss"] == twin.user_attrs["supernet_loss"]
+        assert t.values == twin.values
+        assert all(t.user_attrs[key] == twin.user_attrs[key] for key in recorded)
         assert "score_time_s" not in t.user_attrs  # not scored again
     scored = [t for t in trials if "score_time_s" in t.user_attrs]
     assert len(scored) == len({t.user_attrs["genotype_hash"] for t in trials}) <= 2

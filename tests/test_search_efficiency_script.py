@@ -246,3 +246,31 @@ def test_bad_route_settings_are_refused_before_any_work(flags: list[str]) -> Non
     )
     assert done.returncode == 2
     assert "must be at least 1" in done.stderr.splitlines()[-1]
+
+
+def test_oneshot_route_scores_by_angle(tmp_path: Path) -> None:
+    """--supernet-score angle: the route's search scores its trials by ABS's angle, and the
+    largest angle is the one retrained."""
+    import optuna
+
+    space_file = tiny_space(tmp_path, "tiny_angle", train_subset=256, epochs=1)
+    keep = tmp_path / "keep"
+    flags = ["--oneshot", "--route", "oneshot", "--space", str(space_file), "--supernet-epochs", "1"]
+    flags += ["--oneshot-trials", "4", "--retrain-top", "1", "--supernet-score", "angle", "--keep", str(keep)]
+    row = route_line(flags)
+    assert row["supernet_score"] == "angle" and row["retrained"] == 1
+    folder = keep / "seed0" / "oneshot"
+    study = optuna.load_study(study_name="tiny_angle", storage=f"sqlite:///{folder / 'study.db'}")
+    assert study.user_attrs["supernet"]["score"] == "angle"
+    scored = [t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    assert scored and all(t.values == [t.user_attrs["supernet_angle"]] for t in scored)
+    assert row["trial"] == max(scored, key=lambda t: (t.values[0], -t.number)).number
+
+
+def test_angle_with_finetuning_is_refused() -> None:
+    flags = ["--oneshot", "--supernet-score", "angle", "--finetune-steps", "3"]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert done.returncode == 2
+    assert "--supernet-score angle reads none" in done.stderr.splitlines()[-1]

@@ -4,7 +4,9 @@ resume after an epoch or a Ctrl-C inside one, refusals), ``load_supernet`` and
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import signal
 from dataclasses import replace
@@ -22,7 +24,7 @@ from bnas.evaluate import evaluate
 from bnas.genotype import load_genotype
 from bnas.search import SupernetError, extract
 from bnas.search.space import load_space
-from bnas.search.supernet import score
+from bnas.search.supernet import path_angle, score
 from bnas.search.supernet_run import (
     SUPERNET_FILE,
     initial_supernet,
@@ -133,6 +135,35 @@ def test_initial_supernet_is_where_training_starts(tmp_path: Path) -> None:
     assert any(not torch.equal(start[k], other[k]) for k in weights)
     trained = train_supernet(space, None, epochs=1, seed=2).state_dict()
     assert any(not torch.allclose(trained[k], start[k], atol=1e-3) for k in weights)
+
+
+def test_path_angle_by_hand(tmp_path: Path) -> None:
+    space = load_space(space_file(tmp_path))
+    initial = initial_supernet(space, 0)
+    genotype = initial.genotype({k: v[0] for k, v in initial._lists.items()}, name="first")
+    assert path_angle(initial, initial, genotype) == pytest.approx(0.0, abs=1e-6)
+    trained = copy.deepcopy(initial)
+    with torch.no_grad():
+        for weight in trained.parameters():
+            weight.mul_(-3.0)  # the opposite direction: half a turn, whatever the length
+    assert path_angle(trained, initial, genotype) == pytest.approx(math.pi, abs=1e-6)
+    # Zero one conv weight of the path: the cosine is then |the rest| / |all| (by hand).
+    trained = copy.deepcopy(initial)
+    weights = [(n, w) for n, w in extract(initial, genotype).named_parameters() if w.dim() > 1]
+    name, zeroed = next((n, w) for n, w in weights if w.dim() == 4)
+    with torch.no_grad():
+        dict(trained.network(genotype).named_parameters())[name].zero_()
+    total = sum(float(w.detach().double().pow(2).sum()) for _, w in weights)
+    left = total - float(zeroed.detach().double().pow(2).sum())
+    assert path_angle(trained, initial, genotype) == pytest.approx(math.acos(math.sqrt(left / total)))
+    # BatchNorm's affine parameters do not count.
+    trained = copy.deepcopy(initial)
+    affine = [w for w in trained.network(genotype).parameters() if w.dim() == 1]
+    assert affine
+    with torch.no_grad():
+        for weight in affine:
+            weight.add_(1.0)
+    assert path_angle(trained, initial, genotype) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_loaded_supernet_scores_as_trained(tmp_path: Path) -> None:

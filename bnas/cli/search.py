@@ -17,6 +17,7 @@ import optuna
 from ..atomic import check_writable_dir
 from ..errors import BnasError
 from ..evaluate import resolve_device
+from ..search.config import SUPERNET_SCORES
 from ..search.outputs import saved_line, summary_text, write_outputs
 from ..search.retrain import load_retrain_recipe, retrain_top
 from ..search.runner import SearchConfig, open_study, run_search_study
@@ -68,6 +69,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RUN/supernet.pt",
         help="one-shot search: score each trial with the weights it inherits from this supernet "
         "(from `bnas supernet`, trained on the same space) instead of training it",
+    )
+    p.add_argument(
+        "--supernet-score",
+        choices=SUPERNET_SCORES,
+        help="with --supernet: what scores a trial: accuracy (default), the validation accuracy of its inherited "
+        "weights after BatchNorm recalibration; angle, ABS's angle between its weights in the untrained supernet "
+        "and in the trained one (no data, a larger angle ranks higher)",
     )
     p.add_argument(
         "--calibration-batches",
@@ -172,6 +180,7 @@ def _run_workers(args: argparse.Namespace, cfg: SearchConfig) -> tuple[optuna.St
             ("--artifacts", args.artifacts),
             ("--threads", args.threads),
             ("--supernet", cfg.supernet),
+            ("--supernet-score", args.supernet_score),
             ("--calibration-batches", args.calibration_batches),
             ("--finetune-steps", args.finetune_steps),
             ("--probe-samples", args.probe_samples),
@@ -222,6 +231,15 @@ def run_search(args: argparse.Namespace) -> int:
         raise BnasError(
             "--calibration-batches applies to a one-shot search: add --supernet RUN/supernet.pt, or drop it"
         )
+    if args.supernet_score is not None and args.supernet is None:
+        raise BnasError("--supernet-score applies to a one-shot search: add --supernet RUN/supernet.pt, or drop it")
+    if args.supernet_score == "angle":
+        for flag in ("calibration_batches", "finetune_steps", "probe_samples"):
+            if getattr(args, flag) is not None:
+                raise BnasError(
+                    f"--{flag.replace('_', '-')} changes how the inherited weights are evaluated on data, which "
+                    "--supernet-score angle does not do; drop one of the two"
+                )
     if args.finetune_steps is not None and args.finetune_steps < 0:
         raise BnasError(f"--finetune-steps must be 0 or more, got {args.finetune_steps}")
     if args.finetune_steps is not None and args.supernet is None:
@@ -277,6 +295,7 @@ def run_search(args: argparse.Namespace) -> int:
         catalogs=tuple(catalogs),
         # Absolute: --workers children and run.json name the same file from any folder.
         supernet=Path(args.supernet).resolve() if args.supernet else None,
+        supernet_score=args.supernet_score or "accuracy",
         calibration_batches=args.calibration_batches or 8,
         finetune_steps=args.finetune_steps or 0,
         probe_samples=args.probe_samples or 0,

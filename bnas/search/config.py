@@ -9,7 +9,11 @@ from typing import Any
 
 from .space import SearchSpace
 
-__all__ = ["SearchConfig"]
+__all__ = ["SUPERNET_SCORES", "SearchConfig"]
+
+# What scores a one-shot trial (--supernet-score): its inherited weights' validation accuracy,
+# or ABS's angle between its weights before and after supernet training.
+SUPERNET_SCORES = ("accuracy", "angle")
 
 
 @dataclass
@@ -40,7 +44,9 @@ class SearchConfig:
     # with finetune_steps, a copy of the inherited weights first trains that many steps;
     # with probe_samples, a linear probe refitted on that many training images' features
     # scores instead of the shared classifier (bnas.search.linear_probe).
+    # supernet_score "angle" scores by ABS's angle instead, without any data.
     supernet: Path | None = None
+    supernet_score: str = "accuracy"
     calibration_batches: int = 8
     finetune_steps: int = 0
     probe_samples: int = 0

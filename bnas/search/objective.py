@@ -131,11 +131,12 @@ class Objective:
         cfg: SearchConfig,
         data: DataSplits,
         study: optuna.Study,
-        scorer: Callable[[Genotype], tuple[float, float]] | None = None,
+        scorer: Callable[[Genotype], tuple[float, dict[str, float]]] | None = None,
     ):
         """``scorer`` (a one-shot search's ``oneshot.SupernetScorer``) rates a genotype
-        instead of training it: its (accuracy, loss); the accuracy is the trial's val_acc
-        (``supernet_acc``), the loss its ``supernet_loss``, and no epoch is trained."""
+        instead of training it: its score, the trial's first objective value, and the user
+        attributes to record (by accuracy: ``supernet_acc``, also the trial's val_acc, and
+        ``supernet_loss``; by angle: ``supernet_angle``); no epoch is trained."""
         self.cfg, self.data, self.study, self.scorer = cfg, data, study, scorer
         self.space = cfg.space
         (cfg.out / "genotypes").mkdir(parents=True, exist_ok=True)
@@ -206,12 +207,11 @@ class Objective:
         self._write_genotype(trial, genotype, "sampled")
         if self.scorer is not None:
             start = time.perf_counter()
-            acc, loss = self.scorer(genotype)
+            value, attrs = self.scorer(genotype)
             trial.set_user_attr("score_time_s", time.perf_counter() - start)
-            trial.set_user_attr("supernet_acc", acc)
-            trial.set_user_attr("supernet_loss", loss)
-            trial.set_user_attr("val_acc", acc)
-            return self._values(acc, metrics)
+            for key, recorded in attrs.items():
+                trial.set_user_attr(key, recorded)
+            return self._values(value, metrics)
 
         def report(epoch: int, row: dict[str, float]) -> None:
             trial.set_user_attr("epochs", epoch)
@@ -248,7 +248,7 @@ class Objective:
         """The same genotype as ``twin``: its result stands for this trial, nothing is trained."""
         trial.set_user_attr("duplicate_of", twin.number)
         trial.set_user_attr("val_acc", twin.user_attrs.get("val_acc"))
-        for key in ("supernet_acc", "supernet_loss"):
+        for key in ("supernet_acc", "supernet_loss", "supernet_angle"):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
         if twin.state == TrialState.PRUNED:

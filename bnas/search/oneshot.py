@@ -8,9 +8,11 @@ a genotype with ``supernet.score`` on calibration batches drawn once per process
 search's seed (so every trial, in every worker, is scored on the same batches), optionally
 after fine-tuning a copy of the inherited weights for a few seeded steps (``--finetune-steps``),
 and optionally by a linear probe refitted on the path's own features (``--probe-samples``).
+With ``--supernet-score angle`` it rates a genotype by ABS's angle instead (``supernet.path_angle``,
+against the untrained supernet rebuilt from the supernet's seed), which reads no data.
 
 A one-shot study records its supernet (``SUPERNET_ATTR``: path, file hash, epochs trained,
-calibration batches, fine-tuning steps, probe samples); ``check_supernet`` refuses to resume it without that
+score, calibration batches, fine-tuning steps, probe samples); ``check_supernet`` refuses to resume it without that
 supernet or with another scoring, or a per-trial study with one: their scores would not compare.
 """
 
@@ -28,7 +30,7 @@ from ..data import DataSplits
 from ..genotype import Genotype
 from .config import SearchConfig
 from .storage import SearchError
-from .supernet import Supernet, SupernetError, calibration_batches, score
+from .supernet import Supernet, SupernetError, calibration_batches, path_angle, score
 
 __all__ = [
     "CALIBRATION_BATCH_SIZE",
@@ -58,6 +60,8 @@ class OneShot:
 
     supernet: Supernet
     info: dict[str, Any] = field(default_factory=dict)
+    # With --supernet-score angle: the supernet as training started (the angle's reference).
+    initial: Supernet | None = None
 
 
 # One supernet per process: open_study and the objective both ask for it.
@@ -83,12 +87,13 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
         stat.st_mtime_ns,
         cfg.device,
         cfg.space.fingerprint(),
+        cfg.supernet_score,
         cfg.calibration_batches,
         cfg.finetune_steps,
         cfg.probe_samples,
     )
     if key not in _loaded:
-        from .supernet_run import load_supernet  # the training module, only for one-shot searches
+        from .supernet_run import initial_supernet, load_supernet  # the training module, only for one-shot searches
 
         supernet = load_supernet(path, cfg.space, device=cfg.device)
         meta = getattr(supernet, "meta", {}) or {}
@@ -99,16 +104,20 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
                 f"--supernet {cfg.supernet} was trained with --seed {meta['seed']}, which holds out the "
                 f"validation images trials are scored on; search with --seed {meta['seed']}"
             )
+        initial = None
+        if cfg.supernet_score == "angle":
+            initial = initial_supernet(cfg.space, int(meta["seed"]), str(meta["widths"])).to(supernet.device)
         info = {
             "path": str(path),
             "sha256": file_sha256(path),
             "epochs": int(meta.get("epochs", 0)),
+            "score": cfg.supernet_score,
             "calibration_batches": cfg.calibration_batches,
             "finetune_steps": cfg.finetune_steps,
             "probe_samples": cfg.probe_samples,
         }
         _loaded.clear()
-        _loaded[key] = OneShot(supernet, info)
+        _loaded[key] = OneShot(supernet, info, initial)
     return _loaded[key]
 
 
@@ -134,6 +143,13 @@ def check_supernet(stored: Mapping[str, Any] | None, given: Mapping[str, Any] | 
             f"sha256 {str(stored.get('sha256'))[:12]}), not {given['path']} ({given.get('epochs')} epochs, sha256 "
             f"{str(given.get('sha256'))[:12]}); its scores would not compare with new ones. Resume it with "
             f"--supernet {stored['path']}, or {other}"
+        )
+    # Studies from before --supernet-score were scored by accuracy.
+    if stored.get("score", "accuracy") != given.get("score", "accuracy"):
+        raise SearchError(
+            f"{where} scored each trial by its {stored.get('score', 'accuracy')}, not by its "
+            f"{given.get('score', 'accuracy')}; resume it with --supernet-score {stored.get('score', 'accuracy')}, "
+            f"or {other}"
         )
     if stored.get("calibration_batches") != given.get("calibration_batches"):
         raise SearchError(
@@ -162,30 +178,42 @@ def check_supernet(stored: Mapping[str, Any] | None, given: Mapping[str, Any] | 
 
 
 class SupernetScorer:
-    """Scores a genotype with the supernet's inherited weights (``supernet.score``) on
-    calibration batches drawn once, with the search's seed; with ``cfg.finetune_steps``, a
-    copy of them first trains that many steps (the search's seed, the space's budget recipe);
-    with ``cfg.probe_samples``, a linear probe on the path's features gives the accuracy.
-    A call returns the validation (accuracy, mean cross-entropy): the accuracy is the trial's
-    score, the loss is kept beside it (on ``fashion_mnist_cells`` it sometimes ranked
-    architectures better, docs/oneshot-experiments.md)."""
+    """Scores a genotype with the supernet's inherited weights. By accuracy (the default),
+    ``supernet.score`` on calibration batches drawn once, with the search's seed; with
+    ``cfg.finetune_steps``, a copy of them first trains that many steps (the search's seed,
+    the space's budget recipe); with ``cfg.probe_samples``, a linear probe on the path's
+    features gives the accuracy. By angle, ``supernet.path_angle`` against the untrained
+    supernet, with no data.
+
+    A call returns the trial's score and the user attributes it records: by accuracy, the
+    validation accuracy (the score) and mean cross-entropy (kept beside it: on
+    ``fashion_mnist_cells`` it sometimes ranked architectures better,
+    docs/oneshot-experiments.md); by angle, the angle in radians."""
 
     def __init__(self, oneshot: OneShot, data: DataSplits, cfg: SearchConfig):
         self.supernet = oneshot.supernet
+        self.initial = oneshot.initial
         self.info = oneshot.info
         self.data = data
         self.seed = cfg.seed
         self.finetune_steps = cfg.finetune_steps
         self.probe_samples = cfg.probe_samples
-        self.batches: list[Tensor] = calibration_batches(
-            data,
-            num_batches=cfg.calibration_batches,
-            batch_size=CALIBRATION_BATCH_SIZE,
-            seed=cfg.seed,
-            device=self.supernet.device,
+        self.batches: list[Tensor] = (
+            []
+            if self.initial is not None
+            else calibration_batches(
+                data,
+                num_batches=cfg.calibration_batches,
+                batch_size=CALIBRATION_BATCH_SIZE,
+                seed=cfg.seed,
+                device=self.supernet.device,
+            )
         )
 
-    def __call__(self, genotype: Genotype) -> tuple[float, float]:
+    def __call__(self, genotype: Genotype) -> tuple[float, dict[str, float]]:
+        if self.initial is not None:
+            angle = path_angle(self.supernet, self.initial, genotype)
+            return angle, {"supernet_angle": angle}
         acc, loss = score(
             self.supernet,
             genotype,
@@ -196,4 +224,4 @@ class SupernetScorer:
             finetune_steps=self.finetune_steps,
             probe_samples=self.probe_samples,
         )
-        return float(acc), float(loss)
+        return float(acc), {"supernet_acc": float(acc), "supernet_loss": float(loss), "val_acc": float(acc)}

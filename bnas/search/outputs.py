@@ -45,6 +45,7 @@ COLUMNS = [
     "choices",
     "supernet_acc",
     "supernet_loss",
+    "supernet_angle",
     "retrain_val_acc",
     "retrain_test_acc",
 ]
@@ -78,6 +79,7 @@ def _row(t: FrozenTrial, again: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "choices": json.dumps(t.params, sort_keys=True),
         "supernet_acc": a.get("supernet_acc", ""),
         "supernet_loss": a.get("supernet_loss", ""),
+        "supernet_angle": a.get("supernet_angle", ""),
         "retrain_val_acc": retrain.get("val_acc", ""),
         "retrain_test_acc": retrain.get("test_acc", ""),
     }
@@ -137,7 +139,13 @@ def summary_text(study: optuna.Study, out: Path) -> str:
         ),
         f"- training epochs: {saved_line(study)}",
     ]
-    if supernet:
+    if supernet and supernet.get("score") == "angle":
+        lines.append(
+            f"- one-shot: every trial scored by ABS's angle between its weights in the supernet `{supernet['path']}` "
+            f"(trained {supernet.get('epochs')} epoch(s)) and in the same supernet untrained (radians, larger ranks "
+            "higher; no data read); no trial was trained from scratch"
+        )
+    elif supernet:
         lines.append(
             f"- one-shot: every trial scored with the weights it inherits from the supernet `{supernet['path']}` "
             f"(trained {supernet.get('epochs')} epoch(s); "
@@ -257,7 +265,8 @@ def _importances(study: optuna.Study) -> dict[str, float]:
 
 def history_figure(study: optuna.Study) -> Any:
     """The optimisation history (a matplotlib Figure): every scored trial's validation
-    accuracy and the best so far, drawn to the last trial of the study."""
+    accuracy (a one-shot search by angle: its angle) and the best so far, drawn to the last
+    trial of the study."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,15 +275,15 @@ def history_figure(study: optuna.Study) -> Any:
 
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    by_angle = (study.user_attrs.get(SUPERNET_ATTR) or {}).get("score") == "angle"
+    key = "supernet_angle" if by_angle else "val_acc"
     scored = [
-        t
-        for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("val_acc") is not None
+        t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get(key) is not None
     ]
     fig, ax = plt.subplots(figsize=(7, 4.4))
     ax.scatter(
         [t.number for t in scored],
-        [t.user_attrs["val_acc"] for t in scored],
+        [t.user_attrs[key] for t in scored],
         s=20,
         c=["tab:blue" if t.state == TrialState.COMPLETE else "tab:gray" for t in scored],
         label="trials (gray: pruned, at the epoch it stopped)",
@@ -290,7 +299,7 @@ def history_figure(study: optuna.Study) -> Any:
         ax.step([b[0] for b in best], [b[1] for b in best], where="post", color="tab:red", label="best so far")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers are whole
     ax.set_xlabel("trial")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel("supernet angle (radians)" if by_angle else "validation accuracy")
     ax.set_title(f"optimisation history: {study.study_name}", pad=28)
     # Above the axes, between the title and the plot: it can never hide a point.
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize="small")

@@ -79,6 +79,7 @@ __all__ = [
     "extract",
     "finetune_inherited",
     "make_supernet_optimizer",
+    "path_angle",
     "recalibrate_bn",
     "score",
     "supernet_recipe",
@@ -587,6 +588,22 @@ def extract(supernet: Supernet, genotype: Genotype) -> BinaryNetwork:
     # The provider changes where modules come from, never their paths: the keys agree.
     model.load_state_dict(shared.state_dict())
     return model.to(supernet.device)
+
+
+def path_angle(trained: Supernet, initial: Supernet, genotype: Genotype) -> float:
+    """ABS's angle metric (Hu et al. 2020): the angle, in radians, between the vector of every
+    conv and linear weight of ``genotype``'s path in the ``initial`` supernet (``trained``'s
+    start, ``supernet_run.initial_supernet``) and the same vector in ``trained``. A larger
+    angle ranks higher. It needs no data. BatchNorm's affine parameters are left out: they
+    are not what the path's ops learn."""
+    start = dict(extract(initial, genotype).named_parameters())
+    now = dict(extract(trained, genotype).named_parameters())
+    names = [name for name, weight in start.items() if weight.dim() > 1]
+    # float64: an angle near 0 comes from a cosine near 1, where float32 rounding would dominate.
+    before = torch.cat([start[name].detach().flatten() for name in names]).double()
+    after = torch.cat([now[name].detach().flatten() for name in names]).double()
+    cosine = float(torch.dot(before, after) / (before.norm() * after.norm()))
+    return math.acos(max(-1.0, min(1.0, cosine)))
 
 
 def _batchnorms(network: nn.Module) -> list[_BatchNorm]:
