@@ -75,7 +75,7 @@ from bnas.search.config import SUPERNET_SCORES  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
 from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.retrain import retrain_candidates, retrain_overrides, retrain_top  # noqa: E402
-from bnas.search.space import SearchSpace, load_space  # noqa: E402
+from bnas.search.space import SAMPLERS, SearchSpace, load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
 from bnas.search.supernet import WIDTHS  # noqa: E402
 from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
@@ -228,6 +228,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         retrain_top=0 if args.rerank_top else (3 if args.retrain_top is None else args.retrain_top),
         finetune_steps=args.finetune_steps,
         supernet_score=args.supernet_score,
+        sampler=args.oneshot_sampler,
         retrain_epochs=args.retrain_epochs,
     )
     study = run_search_study(cfg)
@@ -244,6 +245,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         "paths": args.paths,
         "finetune_steps": args.finetune_steps,
         "supernet_score": args.supernet_score,
+        "sampler": args.oneshot_sampler or space.sampler,
         "supernet_cpu_s": round(supernet_cpu, 1),
         "search_cpu_s": round(search_cpu, 1),
         "retrain_epochs": _retrain_epochs(cfg),
@@ -434,6 +436,12 @@ def main() -> None:
         choices=SUPERNET_SCORES,
         default="accuracy",
         help="--oneshot: what scores a trial (bnas search --supernet-score): inherited accuracy, or ABS's angle",
+    )
+    parser.add_argument(
+        "--oneshot-sampler",
+        choices=SAMPLERS,
+        default=None,
+        help="--oneshot: the one-shot search's sampler (bnas search --sampler; default: the space's)",
     )
     parser.add_argument(
         "--route",

@@ -250,21 +250,35 @@ def test_bad_route_settings_are_refused_before_any_work(flags: list[str]) -> Non
 
 def test_oneshot_route_scores_by_angle(tmp_path: Path) -> None:
     """--supernet-score angle: the route's search scores its trials by ABS's angle, and the
-    largest angle is the one retrained."""
+    largest angle is the one retrained; --oneshot-sampler random draws every trial as
+    bnas's per-trial-seeded random sampler does."""
     import optuna
+
+    from bnas.search.space import load_space, sample_genotype
+    from bnas.search.study import PerTrialSeeded
 
     space_file = tiny_space(tmp_path, "tiny_angle", train_subset=256, epochs=1)
     keep = tmp_path / "keep"
     flags = ["--oneshot", "--route", "oneshot", "--space", str(space_file), "--supernet-epochs", "1"]
-    flags += ["--oneshot-trials", "4", "--retrain-top", "1", "--supernet-score", "angle", "--keep", str(keep)]
+    flags += ["--oneshot-trials", "12", "--retrain-top", "1", "--supernet-score", "angle"]
+    flags += ["--oneshot-sampler", "random", "--keep", str(keep)]
     row = route_line(flags)
-    assert row["supernet_score"] == "angle" and row["retrained"] == 1
+    assert row["supernet_score"] == "angle" and row["sampler"] == "random" and row["retrained"] == 1
     folder = keep / "seed0" / "oneshot"
     study = optuna.load_study(study_name="tiny_angle", storage=f"sqlite:///{folder / 'study.db'}")
     assert study.user_attrs["supernet"]["score"] == "angle"
     scored = [t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
     assert scored and all(t.values == [t.user_attrs["supernet_angle"]] for t in scored)
     assert row["trial"] == max(scored, key=lambda t: (t.values[0], -t.number)).number
+    # Past TPE's 10 random start-up trials, only the random sampler still draws these.
+    space = load_space(space_file)
+    again = optuna.create_study(sampler=PerTrialSeeded("random", 0))
+    for kept in sorted(study.trials, key=lambda t: t.number):
+        trial = again.ask()
+        sample_genotype(trial, space)
+        again.tell(trial, 0.0)
+        assert trial.params == kept.params, kept.number
+    assert len(study.trials) == 12
 
 
 def test_angle_with_finetuning_is_refused() -> None:
