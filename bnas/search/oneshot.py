@@ -145,11 +145,11 @@ def check_supernet(stored: Mapping[str, Any] | None, given: Mapping[str, Any] | 
             f"--supernet {stored['path']}, or {other}"
         )
     # Studies from before --supernet-score were scored by accuracy.
-    if stored.get("score", "accuracy") != given.get("score", "accuracy"):
+    made_by, asked = stored.get("score", "accuracy"), given.get("score", "accuracy")
+    if made_by != asked:
         raise SearchError(
-            f"{where} scored each trial by its {stored.get('score', 'accuracy')}, not by its "
-            f"{given.get('score', 'accuracy')}; resume it with --supernet-score {stored.get('score', 'accuracy')}, "
-            f"or {other}"
+            f"{where} scored each trial by its {made_by}, not by its {asked}; resume it with "
+            f"--supernet-score {made_by}, or {other}"
         )
     if stored.get("calibration_batches") != given.get("calibration_batches"):
         raise SearchError(
@@ -198,17 +198,15 @@ class SupernetScorer:
         self.seed = cfg.seed
         self.finetune_steps = cfg.finetune_steps
         self.probe_samples = cfg.probe_samples
-        self.batches: list[Tensor] = (
-            []
-            if self.initial is not None
-            else calibration_batches(
+        self.batches: list[Tensor] = []
+        if self.initial is None:  # the angle reads no data
+            self.batches = calibration_batches(
                 data,
                 num_batches=cfg.calibration_batches,
                 batch_size=CALIBRATION_BATCH_SIZE,
                 seed=cfg.seed,
                 device=self.supernet.device,
             )
-        )
 
     def __call__(self, genotype: Genotype) -> tuple[float, dict[str, float]]:
         if self.initial is not None:

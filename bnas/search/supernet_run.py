@@ -412,8 +412,7 @@ def train_supernet(
 
 def initial_supernet(space: SearchSpace, seed: int = 0, widths: str = "separate") -> Supernet:
     """The untrained supernet that ``train_supernet`` starts from with ``seed`` and
-    ``widths``: the weights a path's training is measured from (``benchmarks/oneshot_ranking.py``
-    ranks by the angle each path's weights turn through)."""
+    ``widths``: the weights ``supernet.path_angle`` measures a path's training from."""
     seed_everything(seed)
     return Supernet(space, widths=widths)
 
