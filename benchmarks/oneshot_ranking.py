@@ -26,7 +26,7 @@ mean over the seeds, and the summary gives the rank agreement between the seeds 
 (``standalone_seed_tau``): how far a single stand-alone training can be trusted as ground truth.
 
     python benchmarks/oneshot_ranking.py [--space SPACE.yaml] [--archs 20] [--seed 0]
-        [--standalone-only | --supernet RUN/supernet.pt [RUN2/supernet.pt ...] | --supernet-epochs E [--distill] [--widths W] [--paths P] [--sampling S]]
+        [--standalone-only | --supernet RUN/supernet.pt [RUN2/supernet.pt ...] | --supernet-epochs E [--distill] [--widths W] [--kernels K] [--paths P] [--sampling S]]
         [--calibration-batches 8] [--finetune-steps 0] [--probe-samples 0] [--standalone-cache FILE] [--train-seeds 0 1] [--threads 1]
         [--part K/N (with --standalone-only)] [--training-free] [--short-training STEPS]
 
@@ -78,7 +78,7 @@ from bnas.search.constraints import violations  # noqa: E402
 from bnas.search.objective import _trial_metrics, search_data  # noqa: E402
 from bnas.search.path_sampling import PATHS, SAMPLINGS  # noqa: E402
 from bnas.search.space import SearchSpace, load_space, sample_genotype  # noqa: E402
-from bnas.search.supernet import WIDTHS  # noqa: E402
+from bnas.search.supernet import KERNELS, WIDTHS  # noqa: E402
 from bnas.signal_flow import constant_output  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,6 +281,7 @@ def load_supernets(args: argparse.Namespace, space: SearchSpace) -> tuple[list[A
         supernet_epochs=_one_or_all([m.get("epochs") for m in metas]),
         distill=_one_or_all([m.get("distill") for m in metas]),
         widths=_one_or_all([m.get("widths") for m in metas]),
+        kernels=_one_or_all([m.get("kernels") for m in metas]),
         paths=_one_or_all([m.get("paths") for m in metas]),
         sampling=_one_or_all([m.get("sampling") for m in metas]),
         supernet_seed=_one_or_all([m.get("seed") for m in metas]),
@@ -326,6 +327,7 @@ def supernet_phase(
                 resume=resume,
                 distill=args.distill,
                 widths=args.widths,
+                kernels=args.kernels,
                 paths=args.paths,
                 sampling=args.sampling,
                 device=args.device,
@@ -338,6 +340,7 @@ def supernet_phase(
             supernet_epochs=args.supernet_epochs,
             distill=args.distill,
             widths=args.widths,
+            kernels=args.kernels,
             paths=args.paths,
             sampling=args.sampling,
             supernet_seed=args.seed,
@@ -347,8 +350,9 @@ def supernet_phase(
     cpu1 = time.process_time()
     calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernets[0].device)
     for k, supernet in enumerate(supernets):
-        # Trained here or loaded, a supernet's meta says the seed and widths it started from.
-        initial = initial_supernet(space, supernet.meta["seed"], supernet.meta["widths"]).to(supernet.device)
+        # Trained here or loaded, a supernet's meta says the seed, widths and kernels it started from.
+        meta = supernet.meta
+        initial = initial_supernet(space, meta["seed"], meta["widths"], meta["kernels"]).to(supernet.device)
         for i, arch in enumerate(archs):
             arch.setdefault("supernet_angles", []).append(path_angle(supernet, initial, arch["genotype"]))
             acc, loss = score(
@@ -532,7 +536,7 @@ def mean_ranks(values: list[float]) -> list[float]:
 
 
 def _default_supernet_out(space: SearchSpace, args: argparse.Namespace) -> Path:
-    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}-{args.paths}{'-fair' if args.sampling == 'fair' else ''}-seed{args.seed}"
+    tag = f"supernet-{space.name}-e{args.supernet_epochs}{'-distill' if args.distill else ''}-{args.widths}{'-entangled' if args.kernels == 'entangled' else ''}-{args.paths}{'-fair' if args.sampling == 'fair' else ''}-seed{args.seed}"
     return REPO / "runs" / BENCHMARK / tag
 
 
@@ -576,6 +580,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     phase.add_argument("--standalone-only", action="store_true", help="train and report the stand-alone phase only")
     parser.add_argument("--distill", action="store_true", help="with --supernet-epochs: in-place distillation")
     parser.add_argument("--widths", choices=WIDTHS, default="separate", help="with --supernet-epochs: its widths")
+    parser.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="separate",
+        help="with --supernet-epochs: its kernels (bnas supernet --kernels)",
+    )
     parser.add_argument("--paths", choices=PATHS, default="all", help="with --supernet-epochs: the paths it trains")
     parser.add_argument(
         "--sampling",

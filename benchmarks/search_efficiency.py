@@ -77,7 +77,7 @@ from bnas.search.path_sampling import PATHS  # noqa: E402
 from bnas.search.retrain import retrain_candidates, retrain_overrides, retrain_top  # noqa: E402
 from bnas.search.space import SAMPLERS, SearchSpace, load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
-from bnas.search.supernet import WIDTHS  # noqa: E402
+from bnas.search.supernet import KERNELS, WIDTHS  # noqa: E402
 from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,6 +215,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         seed=seed,
         data=data,
         widths=args.widths,
+        kernels=args.kernels,
         paths=args.paths,
     )
     supernet_cpu = time.process_time() - cpu0
@@ -242,6 +243,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         "trials": args.oneshot_trials,
         "supernet_epochs": args.supernet_epochs,
         "widths": args.widths,
+        "kernels": args.kernels,
         "paths": args.paths,
         "finetune_steps": args.finetune_steps,
         "supernet_score": args.supernet_score,
@@ -352,6 +354,7 @@ def _route_settings(ours: dict[str, Any]) -> dict[str, Any]:
     return {
         "ours_supernet_epochs": ours["supernet_epochs"],
         "ours_widths": ours.get("widths"),
+        "ours_kernels": ours.get("kernels", "separate"),
         "ours_paths": ours.get("paths", "all"),
         "ours_finetune_steps": ours.get("finetune_steps", 0),
         "ours_supernet_score": ours.get("supernet_score", "accuracy"),
@@ -421,6 +424,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--widths", choices=WIDTHS, default="separate", help="--oneshot: the supernet's widths (bnas supernet --widths)"
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="separate",
+        help="--oneshot: the supernet's kernels (bnas supernet --kernels)",
     )
     parser.add_argument(
         "--finetune-steps",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "search_efficiency.py"
@@ -288,3 +289,36 @@ def test_angle_with_finetuning_is_refused() -> None:
     )
     assert done.returncode == 2
     assert "--supernet-score angle reads none" in done.stderr.splitlines()[-1]
+
+
+def test_oneshot_route_trains_an_entangled_supernet(tmp_path: Path) -> None:
+    """--kernels entangled reaches the route's supernet: it is saved entangled, its 3x3
+    kernels the centre of its 5x5 ones, and the route line and the summary say so."""
+    import yaml
+
+    from bnas.search.supernet_run import load_supernet
+
+    space_file = tiny_space(tmp_path, "tiny_kernels", train_subset=256, epochs=1)
+    raw = yaml.safe_load(space_file.read_text(encoding="utf-8"))
+    raw["cells"]["ops"] = ["binary_conv_3x3", "binary_conv_5x5", "skip_connect"]
+    space_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    keep = tmp_path / "keep"
+    flags = ["--oneshot", "--route", "oneshot", "--space", str(space_file), "--supernet-epochs", "1"]
+    flags += ["--oneshot-trials", "3", "--retrain-top", "1", "--kernels", "entangled", "--keep", str(keep)]
+    row = route_line(flags)
+    assert row["kernels"] == "entangled"
+    supernet = load_supernet(keep / "seed0" / "supernet" / "supernet.pt")
+    assert supernet.kernels == "entangled" and supernet._tied > 0
+    weights = supernet.state_dict()
+    threes = [k for k in weights if "/binary_conv_3x3/" in k and k.endswith("conv.weight")]
+    assert threes and all(
+        torch.equal(weights[k], weights[k.replace("binary_conv_3x3", "binary_conv_5x5")][:, :, 1:4, 1:4])
+        for k in threes
+    )
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text(route("per_trial", 0, 0.5, 1000.0, space=row["space"]) + "\n", encoding="utf-8")
+    done = summarize(theirs, ours)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["ours_kernels"] == "entangled"

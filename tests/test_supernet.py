@@ -37,8 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 OPS = ["binary_conv_3x3", "skip_connect", "max_pool_3x3"]
 
 
-def tiny_space(**macro: Any) -> SearchSpace:
-    """Two stages (widths 4/8 or 6/12, doubling), depths 1-2, two-node sum cells over three ops."""
+def tiny_space(ops: list[str] = OPS, reduce_cell: bool = False, **macro: Any) -> SearchSpace:
+    """Two stages (widths 4/8 or 6/12, doubling), depths 1-2, two-node sum cells over ``ops``
+    (three by default), with a reduction cell of their own if ``reduce_cell``."""
+    cells: dict[str, Any] = {"ops": ops, "nodes": 2, "inputs": 2, "edges_per_node": 2, "combine": "sum"}
+    if reduce_cell:
+        cells["reduce_cell"] = True
     return parse_space(
         {
             "name": "tiny",
@@ -46,7 +50,7 @@ def tiny_space(**macro: Any) -> SearchSpace:
             "input": [1, 8, 8],
             "num_classes": 4,
             "stem": [{"op": "conv_bn", "channels": 4, "kernel": 3}],
-            "cells": {"ops": OPS, "nodes": 2, "inputs": 2, "edges_per_node": 2, "combine": "sum"},
+            "cells": cells,
             "macro": {"stages": 2, "channels": [4, 6], "cells_per_stage": [1, 2], **macro},
             "budget": {"epochs": 2, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.01}},
         }
@@ -463,3 +467,94 @@ def test_training_improves_sampled_paths_on_digits() -> None:
     trained = mean_score()
     assert untrained < 0.15  # ten classes: chance
     assert trained > untrained + 0.04
+
+
+def kernel_space() -> SearchSpace:
+    """``tiny_space`` with 3x3, 5x5 and Bi-Real conv ops (a stride-2 Bi-Real also holds 1x1
+    shortcut projections) beside a skip, and a reduction cell."""
+    return tiny_space(ops=["binary_conv_3x3", "binary_conv_5x5", "bireal_block", "skip_connect"], reduce_cell=True)
+
+
+def conv_kernel(module: nn.Module) -> nn.Parameter:
+    return module.conv.weight  # type: ignore[union-attr,return-value]
+
+
+def test_entangled_kernels_are_the_centre_of_the_largest() -> None:
+    space = kernel_space()
+    torch.manual_seed(0)
+    separate = Supernet(space)
+    torch.manual_seed(0)
+    entangled = Supernet(space, kernels="entangled")
+    places = {
+        name.rsplit("/", 3)[0] + "|" + "/".join(name.rsplit("/", 2)[1:])
+        for name in entangled.shared
+        if "/bireal_block/" in name
+    }
+    assert len(places) >= 8
+    tied = 0
+    for place in places:
+        where, rest = place.split("|")
+        five = conv_kernel(entangled.shared[f"{where}/binary_conv_5x5/{rest}"])
+        for op in ("binary_conv_3x3", "bireal_block"):
+            three = conv_kernel(entangled.shared[f"{where}/{op}/{rest}"])
+            assert three.shape[2:] == (3, 3) and five.shape[2:] == (5, 5)
+            assert three.untyped_storage().data_ptr() == five.untyped_storage().data_ptr(), (place, op)
+            assert torch.equal(three, five[:, :, 1:4, 1:4]), (place, op)
+            tied += 1
+        bireal = entangled.shared[f"{where}/bireal_block/{rest}"]
+        for name, tensor in bireal.named_parameters():
+            if tensor.dim() == 4 and tensor.shape[2:] == (1, 1):  # a stride-2 shortcut's projections
+                assert tensor.untyped_storage().data_ptr() != five.untyped_storage().data_ptr(), name
+    assert entangled._tied == tied and separate._tied == 0
+    # Each tied 3x3 kernel is stored once, inside its 5x5; the rest is as in the separate supernet.
+    threes = sum(
+        conv_kernel(m).numel() for n, m in separate.shared.items() if "/binary_conv_3x3/" in n or "/bireal_block/" in n
+    )
+    assert entangled.num_params() == separate.num_params() - threes
+    # The same initial values except the tied kernels; a state_dict of one loads into the other.
+    assert entangled.state_dict().keys() == separate.state_dict().keys()
+    separate.load_state_dict(entangled.state_dict())
+
+
+def test_a_step_on_a_3x3_path_trains_the_5x5_centre_only() -> None:
+    space = kernel_space()
+    torch.manual_seed(0)
+    supernet = Supernet(space, kernels="entangled")
+    supernet.to(torch.float64).to(torch.float32)  # moving or casting keeps the ties
+    path = {k: v[0] for k, v in supernet._lists.items()}
+    path.update({"normal.n0.e0.op": "binary_conv_3x3", "reduce.n0.e0.input": "in1"})
+    network = supernet.network(supernet.genotype(path))
+    three_name = next(
+        n
+        for n, m in supernet.shared.items()
+        if n.startswith("s0%2Ep0/n0%2Ee0/binary_conv_3x3/") and m in set(network.modules())
+    )
+    five = conv_kernel(supernet.shared[three_name.replace("binary_conv_3x3", "binary_conv_5x5")])
+    three = conv_kernel(supernet.shared[three_name])
+    assert three.untyped_storage().data_ptr() == five.untyped_storage().data_ptr()
+    before = five.detach().clone()
+    recipe = supernet_recipe(space)
+    optimizer = make_supernet_optimizer(supernet, recipe)
+    assert not optimizer.defaults["fused"]  # strided views
+    x, y = torch.randn(8, *space.input), torch.randint(0, 4, (8,))
+    supernet_step(supernet, path, x, y, optimizer, recipe)
+    after = five.detach()
+    assert not torch.equal(before[:, :, 1:4, 1:4], after[:, :, 1:4, 1:4])
+    border = torch.ones_like(after, dtype=torch.bool)
+    border[:, :, 1:4, 1:4] = False
+    assert torch.equal(before[border], after[border])
+    assert torch.equal(three.detach(), after[:, :, 1:4, 1:4])
+
+
+def test_entangled_kernels_with_sliced_widths_share_one_tensor() -> None:
+    torch.manual_seed(0)
+    supernet = Supernet(kernel_space(), widths="sliced", kernels="entangled")
+    narrow = conv_kernel(supernet.shared["s0%2Ep0/n0%2Ee0/binary_conv_3x3/s1/4>4"])
+    wide_five = conv_kernel(supernet.shared["s0%2Ep0/n0%2Ee0/binary_conv_5x5/s1/6>6"])
+    assert narrow.untyped_storage().data_ptr() == wide_five.untyped_storage().data_ptr()
+    assert torch.equal(narrow, wide_five[:4, :4, 1:4, 1:4])
+
+
+def test_unknown_kernels_mode_is_refused(space: SearchSpace) -> None:
+    with pytest.raises(SupernetError, match=r"kernels must be one of separate, entangled, got 'shared'"):
+        Supernet(space, kernels="shared")

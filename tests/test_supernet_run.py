@@ -253,3 +253,29 @@ def test_sliced_supernet_resumes_bit_identically_and_loads_sliced(tmp_path: Path
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, saved[key]), key
     assert loaded.num_params() < sum(p.numel() for p in loaded.parameters())
+
+
+def test_entangled_supernet_resumes_bit_identically_and_loads_entangled(tmp_path: Path) -> None:
+    space = load_space(space_file(tmp_path, ops=["binary_conv_3x3", "binary_conv_5x5", "skip_connect"]))
+    train_supernet(space, tmp_path / "straight", epochs=2, kernels="entangled")
+    out = tmp_path / "split"
+    assert (
+        main(["supernet", str(space.source), "--out", str(out), "--epochs", "1", "--kernels", "entangled", "--quiet"])
+        == 0
+    )
+    with pytest.raises(SupernetError, match="kernels 'entangled', not 'separate'.*--kernels"):
+        train_supernet(space, out, epochs=2, resume=True)
+    train_supernet(space, out, epochs=2, resume=True, kernels="entangled")
+    same_weights(state(tmp_path / "straight" / SUPERNET_FILE), state(out / SUPERNET_FILE))
+    loaded = load_supernet(out / SUPERNET_FILE)
+    assert loaded.kernels == "entangled" and loaded.meta["kernels"] == "entangled" and loaded._tied > 0
+    saved = state(out / SUPERNET_FILE)["model"]
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    # Trained tied: every saved 3x3 kernel is its 5x5's centre.
+    threes = [k for k in saved if "/binary_conv_3x3/" in k and k.endswith("conv.weight")]
+    assert threes
+    for key in threes:
+        assert torch.equal(saved[key], saved[key.replace("binary_conv_3x3", "binary_conv_5x5")][:, :, 1:4, 1:4]), key
+    # The angle's starting point is the entangled supernet the training started from.
+    assert initial_supernet(space, 0, kernels="entangled")._tied == loaded._tied

@@ -12,7 +12,7 @@ import torch
 from ..errors import BnasError
 from ..search.path_sampling import PATHS, SAMPLINGS
 from ..search.space import load_space
-from ..search.supernet import WIDTHS
+from ..search.supernet import KERNELS, WIDTHS
 from ..search.supernet_run import SUPERNET_FILE, train_supernet
 from .catalogs import add_catalog_argument, load_catalogs
 
@@ -45,6 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="separate",
         help="separate (default): each width choice has its own weights; sliced: narrower widths are the "
         "leading channels of the widest's weights",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="separate",
+        help="separate (default): each op of an edge has its own weights; entangled: the conv ops of one edge "
+        "share one kernel, a smaller kernel being the centre of the largest (AutoFormer's weight "
+        "entanglement), so every sampled conv op trains it",
     )
     p.add_argument(
         "--paths",
@@ -98,6 +106,7 @@ def run_supernet(args: argparse.Namespace) -> int:
         resume=args.resume,
         distill=args.distill,
         widths=args.widths,
+        kernels=args.kernels,
         paths=args.paths,
         sampling=args.sampling,
         device=args.device,

@@ -106,7 +106,8 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
             )
         initial = None
         if cfg.supernet_score == "angle":
-            initial = initial_supernet(cfg.space, int(meta["seed"]), str(meta["widths"])).to(supernet.device)
+            initial = initial_supernet(cfg.space, int(meta["seed"]), str(meta["widths"]), str(meta["kernels"]))
+            initial = initial.to(supernet.device)
         info = {
             "path": str(path),
             "sha256": file_sha256(path),

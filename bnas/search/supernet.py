@@ -26,6 +26,14 @@ out of one widest tensor, as once-for-all networks do. On ``fashion_mnist_cells`
 trained paths to higher accuracy but ranked architectures worse (README, Results), hence
 the default.
 
+Kernels: with ``kernels="separate"`` (the default) every op of a cell edge has its own weights.
+With ``kernels="entangled"`` the ops of one place (the same edge, stride and widths) that
+each hold one spatial conv kernel of the same channels share it, AutoFormer's weight entanglement
+(Chen et al. 2021): a smaller kernel is the centre of the place's largest, so
+``binary_conv_3x3``, ``binary_dil_conv_3x3`` and ``bireal_block`` all train the centre 3x3 of
+``binary_conv_5x5``. Each op keeps its own BatchNorm and quantizers. Every sampled conv op
+then trains the shared kernel, so paths learn in fewer epochs (``docs/oneshot-experiments.md``).
+
 Slicing: modules whose keys differ only in their widths (the key's last part, ``16>16`` or
 ``32x14x14>24``) are still made separately, since bnas ops come from arbitrary registered
 factories and only a factory knows how a width shapes its module. Then, in a space with a
@@ -48,6 +56,7 @@ import itertools
 import logging
 import math
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -72,6 +81,7 @@ from .space import SearchSpace, sample_genotype
 
 __all__ = [
     "EpochStats",
+    "KERNELS",
     "Supernet",
     "SupernetError",
     "WIDTHS",
@@ -93,6 +103,11 @@ Choices = dict[str, Any]
 
 # How a supernet holds a module at several widths (``Supernet(widths=...)``, module doc).
 WIDTHS = ("separate", "sliced")
+# Whether the conv ops of one place share their kernel (``Supernet(kernels=...)``, module doc).
+KERNELS = ("separate", "entangled")
+
+# An op's key (``bnas.builder._make_op``): its place, the op with its options, stride, widths.
+_OP_KEY = re.compile(r"^(?P<place>.+)/(?P<op>[^/]+)/(?P<stride>s\d+)/(?P<widths>\d+>\d+)$")
 
 
 class SupernetError(BnasError):
@@ -162,14 +177,17 @@ class Supernet(nn.Module):
     combinations), some 20 s for ``bars_macro`` (486) on one CPU core.
     """
 
-    def __init__(self, space: SearchSpace, cache_size: int = 64, widths: str = "separate"):
+    def __init__(self, space: SearchSpace, cache_size: int = 64, widths: str = "separate", kernels: str = "separate"):
         super().__init__()
         if cache_size < 1:
             raise SupernetError(f"cache_size must be at least 1 (networks kept for reuse), got {cache_size}")
         if widths not in WIDTHS:
             raise SupernetError(f"widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
+        if kernels not in KERNELS:
+            raise SupernetError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
         self.space = space
         self.widths = widths
+        self.kernels = kernels
         self.shared = nn.ModuleDict()
         self.cache_size = cache_size
         self._cache: OrderedDict[str, BinaryNetwork] = OrderedDict()
@@ -181,7 +199,7 @@ class Supernet(nn.Module):
         for choices in self._covering():
             _build(self.genotype(choices), provider=self._provide)
         self._building = False
-        self._tie_widths()
+        self._tie()
         log.info("supernet of %s: %d shared modules, %d parameters", space.name, len(self.shared), self.num_params())
 
     # -- widths: narrower modules are views of the widest ---------------------------------
@@ -226,11 +244,49 @@ class Supernet(nn.Module):
                     owner._buffers[attr] = block
                 self._tied += 1
 
+    # -- kernels: an edge's smaller kernels are the centre of its largest ------------------
+    def _kernel_groups(self) -> list[list[Tensor]]:
+        """Per place (an op key without its op) and channel shape, the conv kernels of the ops
+        there that hold exactly one spatial kernel (a rank-4 parameter larger than 1x1: an op's
+        1x1 shortcut projections are not its kernel)."""
+        groups: dict[tuple[str, str, str, tuple[int, int]], list[Tensor]] = {}
+        for name, module in self.shared.items():
+            match = _OP_KEY.match(name)
+            if match is None:
+                continue  # cell inputs, residuals: not an op
+            kernels = [p for p in module.parameters() if p.dim() == 4 and p.shape[2] * p.shape[3] > 1]
+            if len(kernels) != 1:
+                continue  # no conv, or several (which one would be shared is not defined)
+            kernel = kernels[0]
+            place = (match["place"], match["stride"], match["widths"], (kernel.shape[0], kernel.shape[1]))
+            groups.setdefault(place, []).append(kernel)
+        return [members for members in groups.values() if len(members) > 1]
+
+    def _tie_kernels(self) -> None:
+        """Point every smaller kernel of a place at the centre of its largest (module doc)."""
+        if self.kernels != "entangled":
+            return
+        for members in self._kernel_groups():
+            largest = max(members, key=lambda k: k.numel())
+            height, width = largest.shape[2:]
+            for kernel in members:
+                kh, kw = kernel.shape[2:]
+                if kernel is largest or kh > height or kw > width or (height - kh) % 2 or (width - kw) % 2:
+                    continue  # not inside the largest, or no centre there: left on its own
+                top, left = (height - kh) // 2, (width - kw) // 2
+                kernel.data = largest.detach()[:, :, top : top + kh, left : left + kw]
+                self._tied += 1
+
+    def _tie(self) -> None:
+        # Widths first: a narrower place's largest kernel is then already a view of the widest.
+        self._tie_widths()
+        self._tie_kernels()
+
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Supernet:
         # Moving or casting copies every tensor on its own, views included: tie them again.
         super()._apply(fn, recurse)
         if not self._building:
-            self._tie_widths()
+            self._tie()
         return self
 
     # -- the table --------------------------------------------------------------------

@@ -74,7 +74,7 @@ FORMAT = 2  # 2: records its widths, separate or sliced (bnas.search.supernet)
 _ADVICE = "pass the supernet.pt that `bnas supernet SPACE --out RUN` wrote"
 # What a key that older supernet files lack meant: files from before --paths trained every path,
 # and those from before --sampling one path per step.
-_ABSENT = {"paths": "all", "sampling": "uniform"}
+_ABSENT = {"paths": "all", "sampling": "uniform", "kernels": "separate"}
 
 
 # --------------------------------------------------------------------------------------
@@ -171,6 +171,7 @@ class SupernetTrainer:
             "recipe": self.recipe.to_dict(),
             "distill": self.distill,
             "widths": self.supernet.widths,
+            "kernels": self.supernet.kernels,
             "paths": self.sampler.mode,
             "sampling": self.sampler.sampling,
             "seed": self.seed,
@@ -190,6 +191,7 @@ class SupernetTrainer:
             ("seed", self.seed),
             ("distill", self.distill),
             ("widths", self.supernet.widths),
+            ("kernels", self.supernet.kernels),
             ("paths", self.sampler.mode),
             ("sampling", self.sampler.sampling),
             ("dataset", self.data.name),
@@ -198,7 +200,7 @@ class SupernetTrainer:
             if saved != mine:
                 raise SupernetError(
                     f"{where} was trained with {key} {saved!r}, not {mine!r}; resume it with the "
-                    f"same space file, --seed, --distill, --widths, --paths and --sampling, or {advice}"
+                    f"same space file, --seed, --distill, --widths, --kernels, --paths and --sampling, or {advice}"
                 )
         changed = recipe_changes(state.get("recipe") or {}, self.recipe)
         if changed:
@@ -351,6 +353,7 @@ def train_supernet(
     resume: bool = False,
     distill: bool = False,
     widths: str = "separate",
+    kernels: str = "separate",
     paths: str = "all",
     sampling: str = "uniform",
     device: str = "cpu",
@@ -385,7 +388,7 @@ def train_supernet(
         data = search_data(space, seed, data_root)
     check_input_shape(probe_genotype(space), data)
     data = data.to(dev)
-    supernet = initial_supernet(space, seed, widths)
+    supernet = initial_supernet(space, seed, widths, kernels)
     trainer = SupernetTrainer(
         supernet,
         data,
@@ -410,11 +413,13 @@ def train_supernet(
     return supernet
 
 
-def initial_supernet(space: SearchSpace, seed: int = 0, widths: str = "separate") -> Supernet:
-    """The untrained supernet that ``train_supernet`` starts from with ``seed`` and
-    ``widths``: the weights ``supernet.path_angle`` measures a path's training from."""
+def initial_supernet(
+    space: SearchSpace, seed: int = 0, widths: str = "separate", kernels: str = "separate"
+) -> Supernet:
+    """The untrained supernet that ``train_supernet`` starts from with ``seed``, ``widths``
+    and ``kernels``: the weights ``supernet.path_angle`` measures a path's training from."""
     seed_everything(seed)
-    return Supernet(space, widths=widths)
+    return Supernet(space, widths=widths, kernels=kernels)
 
 
 def _meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
@@ -428,6 +433,7 @@ def _meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
         "dataset": state.get("dataset", ""),
         "distill": bool(state.get("distill", False)),
         "widths": str(state.get("widths", "separate")),
+        "kernels": str(state.get("kernels", _ABSENT["kernels"])),
         "paths": str(state.get("paths", _ABSENT["paths"])),
         "sampling": str(state.get("sampling", _ABSENT["sampling"])),
         "recipe": dict(state.get("recipe") or {}),
@@ -463,7 +469,7 @@ def load_supernet(path: str | os.PathLike[str], space: SearchSpace | None = None
             "this space with `bnas supernet SPACE --out RUN`"
         )
     meta = _meta(state, where)
-    supernet = Supernet(space, widths=meta["widths"])
+    supernet = Supernet(space, widths=meta["widths"], kernels=meta["kernels"])
     try:
         supernet.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
