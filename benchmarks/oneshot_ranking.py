@@ -300,7 +300,7 @@ def supernet_phase(
     """Score every arch with the ``loaded`` supernets (or train one), returning the phase's
     summary fields."""
     from bnas.search.supernet import calibration_batches, path_angle, score
-    from bnas.search.supernet_run import initial_supernet
+    from bnas.search.supernet_run import initial_of
 
     info: dict[str, Any] = {}
     cpu0 = time.process_time()
@@ -351,8 +351,7 @@ def supernet_phase(
     calibration = calibration_batches(data, args.calibration_batches, 64, args.seed, supernets[0].device)
     for k, supernet in enumerate(supernets):
         # Trained here or loaded, a supernet's meta says the seed, widths and kernels it started from.
-        meta = supernet.meta
-        initial = initial_supernet(space, meta["seed"], meta["widths"], meta["kernels"]).to(supernet.device)
+        initial = initial_of(supernet)
         for i, arch in enumerate(archs):
             arch.setdefault("supernet_angles", []).append(path_angle(supernet, initial, arch["genotype"]))
             acc, loss = score(

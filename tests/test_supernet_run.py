@@ -27,6 +27,7 @@ from bnas.search.space import load_space
 from bnas.search.supernet import path_angle, score
 from bnas.search.supernet_run import (
     SUPERNET_FILE,
+    initial_of,
     initial_supernet,
     load_supernet,
     supernet_initialiser,
@@ -131,6 +132,9 @@ def test_initial_supernet_is_where_training_starts(tmp_path: Path) -> None:
     weights = {k: v for k, v in still.state_dict().items() if "running_" not in k and "num_batches" not in k}
     assert len(weights) > 10 and weights.keys() <= start.keys()
     assert all(torch.allclose(v, start[k], atol=1e-6) for k, v in weights.items())
+    # A trained supernet's meta rebuilds the same start (seed 2, not the default 0).
+    rebuilt = initial_of(still).state_dict()
+    assert all(torch.equal(rebuilt[k], start[k]) for k in start)
     other = initial_supernet(space, 3).state_dict()
     assert any(not torch.equal(start[k], other[k]) for k in weights)
     trained = train_supernet(space, None, epochs=1, seed=2).state_dict()
@@ -278,4 +282,7 @@ def test_entangled_supernet_resumes_bit_identically_and_loads_entangled(tmp_path
     for key in threes:
         assert torch.equal(saved[key], saved[key.replace("binary_conv_3x3", "binary_conv_5x5")][:, :, 1:4, 1:4]), key
     # The angle's starting point is the entangled supernet the training started from.
-    assert initial_supernet(space, 0, kernels="entangled")._tied == loaded._tied
+    initial = initial_of(loaded)
+    assert initial.kernels == "entangled" and initial._tied == loaded._tied
+    fresh = initial_supernet(space, 0, kernels="entangled").state_dict()
+    assert all(torch.equal(value, fresh[key]) for key, value in initial.state_dict().items())

@@ -93,7 +93,7 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
         cfg.probe_samples,
     )
     if key not in _loaded:
-        from .supernet_run import initial_supernet, load_supernet  # the training module, only for one-shot searches
+        from .supernet_run import initial_of, load_supernet  # the training module, only for one-shot searches
 
         supernet = load_supernet(path, cfg.space, device=cfg.device)
         meta = getattr(supernet, "meta", {}) or {}
@@ -106,8 +106,7 @@ def load_oneshot(cfg: SearchConfig) -> OneShot:
             )
         initial = None
         if cfg.supernet_score == "angle":
-            initial = initial_supernet(cfg.space, int(meta["seed"]), str(meta["widths"]), str(meta["kernels"]))
-            initial = initial.to(supernet.device)
+            initial = initial_of(supernet)
         info = {
             "path": str(path),
             "sha256": file_sha256(path),

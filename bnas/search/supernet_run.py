@@ -59,6 +59,7 @@ from .supernet import (
 __all__ = [
     "SUPERNET_FILE",
     "SupernetTrainer",
+    "initial_of",
     "initial_supernet",
     "load_supernet",
     "monitor_paths",
@@ -420,6 +421,15 @@ def initial_supernet(
     and ``kernels``: the weights ``supernet.path_angle`` measures a path's training from."""
     seed_everything(seed)
     return Supernet(space, widths=widths, kernels=kernels)
+
+
+def initial_of(supernet: Supernet) -> Supernet:
+    """The untrained supernet that the trained ``supernet`` started from, rebuilt from the
+    seed, widths and kernels its ``meta`` records, on its device."""
+    meta = supernet.meta
+    return initial_supernet(supernet.space, int(meta["seed"]), str(meta["widths"]), str(meta["kernels"])).to(
+        supernet.device
+    )
 
 
 def _meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
