@@ -4,7 +4,7 @@ from .runner import SearchConfig, run_search_study
 from .space import SearchSpace, load_space, sample_genotype
 from .storage import SearchError
 from .supernet import Supernet, SupernetError, extract, path_angle, recalibrate_bn, score, train_supernet_epoch
-from .supernet_run import initial_supernet, load_supernet, train_supernet
+from .supernet_run import initial_of, initial_supernet, load_supernet, train_supernet
 
 __all__ = [
     "SearchConfig",
@@ -13,6 +13,7 @@ __all__ = [
     "Supernet",
     "SupernetError",
     "extract",
+    "initial_of",
     "initial_supernet",
     "load_space",
     "load_supernet",
