@@ -74,7 +74,7 @@ KIND = "bnas-supernet"
 FORMAT = 2  # 2: records its widths, separate or sliced (bnas.search.supernet)
 _ADVICE = "pass the supernet.pt that `bnas supernet SPACE --out RUN` wrote"
 # What a key that older supernet files lack meant: files from before --paths trained every path,
-# and those from before --sampling one path per step.
+# those from before --sampling one path per step, and those from before --kernels separate kernels.
 _ABSENT = {"paths": "all", "sampling": "uniform", "kernels": "separate"}
 
 
