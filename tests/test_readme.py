@@ -128,7 +128,10 @@ def test_quickstart_commands_run_as_written(scratch: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "bnas", *command[1:]],
             cwd=scratch,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            # One torch thread, as the suite's own (tests/conftest.py): `bnas eval` defaults to
+            # two, which wait on each other beside the other pytest worker (this test took 81 s
+            # on two threads, 61 s on one, beside a one-thread process; Zen 3, 2026-12-07).
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
             capture_output=True,
             text=True,
             timeout=900,
