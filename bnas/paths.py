@@ -6,7 +6,7 @@
 =============  =========================================================================
 ``extensions`` the compiled CPU XNOR kernels (one folder per torch / Python build)
 ``kernels``    the compiled host emulator of the CUDA kernel (tests only)
-``decoded``    image trees and archives decoded to tensors (``bnas.data``)
+``decoded``    image trees, archives and the digits decoded to tensors (``bnas.data``)
 ``data``       the default data root when neither ``--data-root`` nor ``$BNAS_DATA`` is set
 =============  =========================================================================
 

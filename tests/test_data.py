@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -64,6 +67,41 @@ def test_cifar10_from_its_jpeg_archive_without_extracting(tmp_path: Path) -> Non
     # A second load comes from the decoded cache and is identical.
     again = load_dataset("cifar10", tmp_path, val_fraction=0.0)
     assert torch.equal(again.test_x, data.test_x) and list((tmp_path / "cache" / "decoded").glob("archive-*.pt"))
+
+
+def _sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return torch.from_numpy(bunch.images / 16.0).float(), torch.from_numpy(bunch.target)
+
+
+def test_digits_are_decoded_once_then_read_without_scikit_learn(tmp_path: Path) -> None:
+    images, labels = _sklearn_digits()
+    first = load_dataset("digits", val_fraction=0.0)
+    assert len(list((tmp_path / "cache" / "decoded").glob("digits-*.pt"))) == 1
+    again = load_dataset("digits", val_fraction=0.0)
+    for split in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(first, split), getattr(again, split))
+    # The splits hold scikit-learn's images (scaled to [0, 1]) and labels, each once.
+    x = torch.cat([first.train_x, first.test_x]).squeeze(1)
+    y = torch.cat([first.train_y, first.test_y])
+    order = sorted(range(len(x)), key=lambda i: x[i].flatten().tolist())
+    expected = sorted(range(len(images)), key=lambda i: images[i].flatten().tolist())
+    assert torch.equal(x[order], images[expected]) and torch.equal(y[order], labels[expected])
+    # A fresh process reads the cache and never imports scikit-learn.
+    probe = "import sys; from bnas.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    env = {**os.environ, "BNAS_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_digits_load_where_the_cache_cannot_be_written(read_only_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNAS_CACHE", str(read_only_dir / "cache"))
+    data = load_dataset("digits", val_fraction=0.0)
+    images, _ = _sklearn_digits()
+    assert len(data.train_x) + len(data.test_x) == len(images)
+    assert not (read_only_dir / "cache").exists()
 
 
 def test_archive_with_a_test_class_missing_from_train_is_refused(tmp_path: Path) -> None:

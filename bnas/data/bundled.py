@@ -4,20 +4,31 @@ split) and ``synthetic`` (class prototypes plus noise, any shape).
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import numpy as np
 import torch
 from torch import Tensor
 
+from .cache import _cached
 from .errors import DataError
 from .splits import _fixed_test_split
 
 
-def _load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _decode_digits() -> dict[str, object]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # 0..16 -> [0, 1]
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return {"x": x, "y": torch.from_numpy(bunch.target.astype(np.int64))}
+
+
+def _load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # Importing scikit-learn takes about 0.9 s, longer than a whole trial on the digits often
+    # does; its digits are decoded once per scikit-learn version and then read from the cache.
+    blob = _cached(["sklearn-digits", metadata.version("scikit-learn")], "digits", _decode_digits, must_write=False)
+    x, y = blob["x"], blob["y"]
+    assert isinstance(x, Tensor) and isinstance(y, Tensor)
     return _fixed_test_split(x, y)
 
 
