@@ -120,6 +120,33 @@ def test_the_readme_test_command_is_what_ci_runs() -> None:
     assert " ".join(pytest_commands[0]) in ci
 
 
+def test_the_long_test_files_are_handed_out_first() -> None:
+    # The README's command hands out files in collection order (--no-loadscope-reorder), which
+    # tests/conftest.py sorts: the named long files first, in their order, then the rest.
+    from conftest import LONGEST_FILES_FIRST, pytest_collection_modifyitems
+
+    assert "--no-loadscope-reorder" in [c for c in _commands() if c[:3] == ["python", "-m", "pytest"]][0]
+    assert len(set(LONGEST_FILES_FIRST)) == len(LONGEST_FILES_FIRST)
+    missing = [name for name in LONGEST_FILES_FIRST if not (ROOT / "tests" / name).is_file()]
+    assert not missing, f"tests/conftest.py names test files that are gone: {missing}"
+
+    class Item:
+        def __init__(self, name: str, index: int) -> None:
+            self.path, self.index = ROOT / "tests" / name, index
+
+    items = [Item("test_ops.py", 0), Item("test_cuda_build.py", 1), Item("test_genotype.py", 2)]
+    items += [Item("test_distributed.py", 3), Item("test_cuda_build.py", 4), Item("test_ops.py", 5)]
+    pytest_collection_modifyitems(items)
+    assert [(item.path.name, item.index) for item in items] == [
+        ("test_distributed.py", 3),
+        ("test_cuda_build.py", 1),
+        ("test_cuda_build.py", 4),
+        ("test_ops.py", 0),
+        ("test_genotype.py", 2),
+        ("test_ops.py", 5),
+    ]
+
+
 @pytest.mark.slow
 def test_quickstart_commands_run_as_written(scratch: Path) -> None:
     quickstart = [c for c in _commands() if c[0] == "bnas" and "--out" in c and "runs/quickstart" in " ".join(c)]
