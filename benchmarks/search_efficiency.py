@@ -39,6 +39,12 @@ scratch (``oneshot_ranking.py --short-training``: the mean validation accuracy o
 runs), and only the best of them by that is retrained, in place of ``--retrain-top``. Its CPU
 seconds count in the route's (``rerank_cpu_s`` gives them apart).
 
+``--retrain-from supernet`` (with ``--rerank-top``) starts the one-shot route's retraining, and
+its ``--eval-seeds`` retrainings, from the weights the chosen network inherits from the
+supernet (``bnas eval --init-from``: BatchNorm re-estimated, then the same recipe and epochs)
+instead of a random initialisation. It costs what a retraining from scratch costs; the route
+line says ``retrain_from``.
+
 ``--route proxy`` runs a third route for the comparison: the per-trial route on a proxy task.
 The same search (``--trials`` trials, the space's sampler, seed and constraints), but every
 trial trains ``--proxy-epochs`` epochs on a seeded ``--proxy-subset`` of the training images
@@ -68,8 +74,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
-from bnas.evaluate import evaluate  # noqa: E402
-from bnas.genotype import load_genotype  # noqa: E402
+from bnas.evaluate import Initialiser, evaluate  # noqa: E402
+from bnas.genotype import Genotype, load_genotype  # noqa: E402
 from bnas.search import SearchConfig, run_search_study  # noqa: E402
 from bnas.search.config import SUPERNET_SCORES  # noqa: E402
 from bnas.search.objective import search_data  # noqa: E402
@@ -78,7 +84,7 @@ from bnas.search.retrain import retrain_candidates, retrain_overrides, retrain_t
 from bnas.search.space import SAMPLERS, SearchSpace, load_space  # noqa: E402
 from bnas.search.stats import epochs_saved  # noqa: E402
 from bnas.search.supernet import KERNELS, WIDTHS  # noqa: E402
-from bnas.search.supernet_run import SUPERNET_FILE, train_supernet  # noqa: E402
+from bnas.search.supernet_run import SUPERNET_FILE, supernet_initialiser, train_supernet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The routes --summarize compares with the per-trial route.
@@ -99,10 +105,20 @@ def _best_retrained(study: Any, cfg: SearchConfig, data: Any) -> dict[str, Any]:
     }
 
 
+def _initialiser(cfg: SearchConfig, genotype: Genotype, retrain_from: str) -> Initialiser | None:
+    """Where a retraining starts: a random initialisation, or (``supernet``) the weights
+    ``genotype`` inherits from the route's supernet."""
+    if retrain_from == "scratch":
+        return None
+    assert cfg.supernet is not None, "--retrain-from supernet needs the one-shot route"
+    return supernet_initialiser(cfg.supernet, genotype)
+
+
 def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds: list[int]) -> dict[str, Any]:
     """The chosen trial's network retrained again with each of ``seeds`` (the route's
-    retraining recipe, the same splits): every test accuracy with its seed, the route's own
-    first, and the mean. Measurement only: its CPU seconds are reported apart from the route's."""
+    retraining recipe and starting weights, the same splits): every test accuracy with its
+    seed, the route's own first, and the mean. Measurement only: its CPU seconds are reported
+    apart from the route's."""
     cpu0 = time.process_time()
     genotype = load_genotype(cfg.out / "genotypes" / f"trial-{row['trial']}.yaml")
     accs = {cfg.seed: row["retrained_test_acc"]}
@@ -119,6 +135,7 @@ def _seeded_retrainings(cfg: SearchConfig, row: dict[str, Any], data: Any, seeds
             progress=False,
             data=data,
             test=True,
+            initialise=_initialiser(cfg, genotype, row.get("retrain_from", "scratch")),
         )
         accs[seed] = float(report["test_acc"])
     return {
@@ -139,11 +156,13 @@ def _closed_row(
     return row
 
 
-def _reranked_retrained(study: Any, cfg: SearchConfig, data: Any, top: int, steps: int) -> dict[str, Any]:
+def _reranked_retrained(
+    study: Any, cfg: SearchConfig, data: Any, top: int, steps: int, retrain_from: str
+) -> dict[str, Any]:
     """``--rerank-top``: the study's ``top`` best trials by supernet score each train ``steps``
     steps from scratch (``oneshot_ranking.short_training_score``: mean validation accuracy of
-    two seeded runs); only the best of them by that is retrained (the route's recipe) and
-    tested. Ties go to the better supernet score."""
+    two seeded runs); only the best of them by that is retrained (the route's recipe, from
+    ``retrain_from``) and tested. Ties go to the better supernet score."""
     from oneshot_ranking import short_training_score
 
     from bnas.search.supernet import supernet_recipe
@@ -163,6 +182,7 @@ def _reranked_retrained(study: Any, cfg: SearchConfig, data: Any, top: int, step
         progress=False,
         data=data,
         test=True,
+        initialise=_initialiser(cfg, genotypes[number], retrain_from),
     )
     return {
         "trial": number,
@@ -235,7 +255,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
     study = run_search_study(cfg)
     search_cpu = time.process_time() - cpu0 - supernet_cpu
     if args.rerank_top:
-        picked = _reranked_retrained(study, cfg, data, args.rerank_top, args.rerank_steps)
+        picked = _reranked_retrained(study, cfg, data, args.rerank_top, args.rerank_steps, args.retrain_from)
     else:
         picked = _best_retrained(study, cfg, data)
     row = {
@@ -251,6 +271,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         "supernet_cpu_s": round(supernet_cpu, 1),
         "search_cpu_s": round(search_cpu, 1),
         "retrain_epochs": _retrain_epochs(cfg),
+        "retrain_from": args.retrain_from,
         **picked,
     }
     return _closed_row(row, cpu0, cfg, data, args)
@@ -358,6 +379,7 @@ def _route_settings(ours: dict[str, Any]) -> dict[str, Any]:
         "ours_paths": ours.get("paths", "all"),
         "ours_finetune_steps": ours.get("finetune_steps", 0),
         "ours_supernet_score": ours.get("supernet_score", "accuracy"),
+        "ours_retrain_from": ours.get("retrain_from", "scratch"),
     }
 
 
@@ -494,6 +516,13 @@ def main() -> None:
         "counted in the route's CPU seconds",
     )
     parser.add_argument("--rerank-steps", type=int, default=25, help="--oneshot --rerank-top: training steps each")
+    parser.add_argument(
+        "--retrain-from",
+        choices=("scratch", "supernet"),
+        default="scratch",
+        help="--oneshot --rerank-top: the one-shot route's retrainings (its pick, --eval-seeds) start from a random "
+        "initialisation, or from the weights the pick inherits from the supernet (bnas eval --init-from)",
+    )
     parser.add_argument("--keep", help="--oneshot: keep the runs (supernet, studies, retrainings) in DIR/seedS")
     parser.add_argument(
         "--summarize",
@@ -506,6 +535,8 @@ def main() -> None:
         parser.error("--rerank-top must be 0 or more and --rerank-steps at least 1")
     if args.rerank_top and args.route in ("per_trial", "proxy"):
         parser.error("--rerank-top applies to the one-shot route (--route oneshot or both)")
+    if args.retrain_from == "supernet" and not (args.rerank_top and args.route in ("both", "oneshot")):
+        parser.error("--retrain-from supernet applies to the one-shot route with --rerank-top")
     if args.retrain_top is not None and args.retrain_top < 1:
         parser.error("--retrain-top must be at least 1")
     if args.proxy_subset < 1 or args.proxy_epochs < 1:

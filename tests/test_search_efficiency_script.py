@@ -166,6 +166,31 @@ def test_rerank_retrains_the_best_of_the_top_by_short_training(tmp_path: Path) -
         assert ranking.short_training_score(genotype, data, recipe, 2, 0) == pytest.approx(acc, abs=1e-5)
     # Only the chosen trial was retrained.
     assert sorted(p.name for p in (folder / "retrain").iterdir()) == [f"trial-{row['trial']}"]
+    assert row["retrain_from"] == "scratch"
+    assert "init_from" not in json.loads((folder / "retrain" / f"trial-{row['trial']}" / "report.json").read_text())
+
+
+def test_rerank_can_retrain_from_the_supernets_weights(tmp_path: Path) -> None:
+    """--retrain-from supernet: the pick's retraining and its --eval-seeds retrainings start
+    from the weights it inherits from the supernet."""
+    space_file = tiny_space(tmp_path, "tiny_inherit", train_subset=256, epochs=1)
+    keep = tmp_path / "keep"
+    flags = ["--oneshot", "--route", "oneshot", "--space", str(space_file), "--supernet-epochs", "1"]
+    flags += ["--oneshot-trials", "3", "--rerank-top", "2", "--rerank-steps", "2", "--keep", str(keep)]
+    row = route_line([*flags, "--retrain-from", "supernet", "--eval-seeds", "1"])
+    assert row["retrain_from"] == "supernet" and set(row["eval_test_accs"]) == {"0", "1"}
+    folder = keep / "seed0"
+    supernet = str(folder / "supernet" / "supernet.pt")
+    for report in (folder / "oneshot" / "retrain" / f"trial-{row['trial']}", folder / "oneshot" / "eval" / "seed1"):
+        assert json.loads((report / "report.json").read_text())["init_from"] == supernet
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT), "--oneshot", "--route", "oneshot", "--retrain-from", "supernet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "--retrain-from supernet applies to the one-shot route with --rerank-top" in refused.stderr
 
 
 def test_summary_compares_the_proxy_route_with_the_per_trial_route(tmp_path: Path) -> None:
