@@ -145,11 +145,14 @@ def test_part_profile_splits_a_toy_network() -> None:
             time.sleep(0.008)
             return self.block(x)
 
-    prof = SCRIPT.part_profile(Net(), torch.randn(1, 4), calls=2)
+    prof = SCRIPT.part_profile(Net(), torch.randn(1, 4), calls=6)
     assert prof["binary_modules"] == 1 and prof["float_modules"] == 1
     assert list(prof["float_ms_by_type"]) == ["Linear"]
     assert 20 <= prof["binary_ms"] < 40
-    assert 7 <= prof["other_ms"] < 30  # the 8 ms sleep, less timer jitter
+    # The 8 ms sleep: "other" is the plain calls' total less the hooked calls' parts, so each
+    # sleep's overshoot (about a millisecond on a loaded machine) moves it either way; 6.9 ms was
+    # seen with calls=2 in CI (2026-12-07). Had the sleep gone to the binary part, it would be ~0.
+    assert 4 <= prof["other_ms"] < 30
     assert prof["float_ms"] < 2
 
 
