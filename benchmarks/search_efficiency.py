@@ -428,7 +428,7 @@ def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
         emit(_summary(space.name, seed, base, ours))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", help="default: quickstart (pruning) or fashion_mnist_cells (--oneshot)")
     parser.add_argument("--trials", type=int, default=None, help="default 20 (pruning) or 40 (--oneshot)")
@@ -530,7 +530,7 @@ def main() -> None:
         metavar="FILE",
         help="--oneshot: the summary of route lines saved from two --route runs",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.rerank_top < 0 or args.rerank_steps < 1:
         parser.error("--rerank-top must be 0 or more and --rerank-steps at least 1")
     if args.rerank_top and args.route in ("per_trial", "proxy"):
@@ -547,12 +547,12 @@ def main() -> None:
         )
     if args.oneshot and args.summarize:
         summarize(args.summarize)
-        return
+        return 0
     if args.oneshot:
         args.seeds = args.seeds or [0]
         args.trials = args.trials or 40
         oneshot_vs_per_trial(args)
-        return
+        return 0
     args.seeds = args.seeds or [0, 1, 2]
     args.trials = args.trials or 20
     space = load_space(args.space or str(REPO / "search_spaces" / "quickstart.yaml"))
@@ -606,7 +606,8 @@ def main() -> None:
             **machine(),
         }
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

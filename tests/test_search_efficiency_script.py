@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "search_efficiency.py"
@@ -30,13 +33,40 @@ def route(name: str, seed: int, acc: float, cpu: float, **extra: object) -> str:
     return json.dumps(row)
 
 
-def summarize(*files: Path) -> subprocess.CompletedProcess[str]:
+def summarize_cli(*files: Path) -> subprocess.CompletedProcess[str]:
+    """``--oneshot --summarize FILES`` as a user runs it, in a process of its own."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--oneshot", "--summarize", *map(str, files)],
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+@functools.cache
+def efficiency() -> ModuleType:
+    """The script, imported once: the summaries and the refusals run in this process (in a
+    process of their own each spent about 2.5 s importing torch and bnas; one test keeps the CLI)."""
+    return load_benchmark("search_efficiency")
+
+
+def summarize(capsys: pytest.CaptureFixture[str], *files: Path) -> list[dict[str, Any]]:
+    """The summary lines ``--oneshot --summarize FILES`` prints."""
+    capsys.readouterr()
+    assert efficiency().main(["--oneshot", "--summarize", *map(str, files)]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def refusal(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
+    """The one line the script exits with for ``flags``: argparse's error (exit status 2) or
+    its own ``SystemExit`` message."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        efficiency().main(list(flags))
+    if stopped.value.code == 2:
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    assert isinstance(stopped.value.code, str), stopped.value.code
+    return stopped.value.code
 
 
 def route_line(flags: list[str]) -> dict[str, Any]:
@@ -75,7 +105,7 @@ def test_summary_pairs_routes_by_seed(tmp_path: Path) -> None:
         + route("oneshot", 1, 0.82, 900.0, supernet_epochs=3)
         + "\n"
     )
-    done = summarize(per_trial, oneshot)
+    done = summarize_cli(per_trial, oneshot)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["seed"] for r in rows] == [0, 1]
@@ -86,60 +116,52 @@ def test_summary_pairs_routes_by_seed(tmp_path: Path) -> None:
     assert not second["meets_one_fifth"]
 
 
-def test_summary_without_both_routes_says_so(tmp_path: Path) -> None:
+def test_summary_without_both_routes_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     only = tmp_path / "per_trial.jsonl"
     only.write_text(route("per_trial", 0, 0.82, 4000.0) + "\n")
-    done = summarize(only)
-    assert done.returncode != 0
-    assert "no space and seed with both a per_trial and a oneshot or proxy line" in done.stderr
+    message = refusal(capsys, "--oneshot", "--summarize", str(only))
+    assert "no space and seed with both a per_trial and a oneshot or proxy line" in message
 
 
-def test_summary_compares_mean_accuracy_over_the_same_seeds(tmp_path: Path) -> None:
+def test_summary_compares_mean_accuracy_over_the_same_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
     # One retraining each says the one-shot network is worse; the mean of three says otherwise.
     per_trial.write_text(route("per_trial", 0, 0.84, 4000.0, eval_test_accs={"0": 0.84, "1": 0.82, "2": 0.83}) + "\n")
     oneshot.write_text(
         route("oneshot", 0, 0.83, 700.0, supernet_epochs=3, eval_test_accs={"0": 0.83, "1": 0.84, "2": 0.835}) + "\n"
     )
-    done = summarize(per_trial, oneshot)
-    assert done.returncode == 0, done.stderr
-    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    (row,) = summarize(capsys, per_trial, oneshot)
     assert not row["reached_baseline_acc"] and not row["meets_one_fifth"]
     assert row["eval_seeds"] == [0, 1, 2]
     assert row["baseline_test_acc_mean"] == 0.83 and row["ours_test_acc_mean"] == 0.835
     assert row["reached_baseline_mean_acc"] and row["meets_one_fifth_by_mean"]
 
 
-def test_summary_refuses_means_over_different_seeds(tmp_path: Path) -> None:
+def test_summary_refuses_means_over_different_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
     per_trial.write_text(route("per_trial", 0, 0.84, 4000.0, eval_test_accs={"0": 0.84, "1": 0.82}) + "\n")
     oneshot.write_text(
         route("oneshot", 0, 0.83, 700.0, supernet_epochs=3, eval_test_accs={"0": 0.83, "2": 0.84}) + "\n"
     )
-    done = summarize(per_trial, oneshot)
-    assert done.returncode != 0
-    assert "--eval-seeds differ between the routes: ['0', '1'] and ['0', '2']" in done.stderr
+    message = refusal(capsys, "--oneshot", "--summarize", str(per_trial), str(oneshot))
+    assert "--eval-seeds differ between the routes: ['0', '1'] and ['0', '2']" in message
 
 
-def test_summary_gives_each_routes_retraining_length(tmp_path: Path) -> None:
+def test_summary_gives_each_routes_retraining_length(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     per_trial, oneshot = tmp_path / "per_trial.jsonl", tmp_path / "oneshot.jsonl"
     per_trial.write_text(route("per_trial", 0, 0.83, 3000.0, retrain_epochs=2) + "\n")
     oneshot.write_text(route("oneshot", 0, 0.84, 550.0, supernet_epochs=2, retrain_epochs=3) + "\n")
-    done = summarize(per_trial, oneshot)
-    assert done.returncode == 0, done.stderr
-    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    (row,) = summarize(capsys, per_trial, oneshot)
     assert (row["baseline_retrain_epochs"], row["ours_retrain_epochs"]) == (2, 3)
     assert row["same_retrain_epochs"] is False
     oneshot.write_text(route("oneshot", 0, 0.84, 550.0, supernet_epochs=2, retrain_epochs=2) + "\n")
-    (row,) = [json.loads(line) for line in summarize(per_trial, oneshot).stdout.splitlines()]
+    (row,) = summarize(capsys, per_trial, oneshot)
     assert row["same_retrain_epochs"] is True
 
 
 def test_rerank_retrains_the_best_of_the_top_by_short_training(tmp_path: Path) -> None:
     """--rerank-top K: the K best trials by supernet score each get a short training from
     scratch, and only the best of them by it is retrained."""
-    from conftest import load_benchmark
-
     from bnas.genotype import load_genotype
     from bnas.search.objective import search_data
     from bnas.search.space import load_space
@@ -185,15 +207,15 @@ def test_rerank_can_retrain_from_the_supernets_weights(tmp_path: Path) -> None:
         assert json.loads((report / "report.json").read_text())["init_from"] == supernet
 
 
-def test_summary_compares_the_proxy_route_with_the_per_trial_route(tmp_path: Path) -> None:
+def test_summary_compares_the_proxy_route_with_the_per_trial_route(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     per_trial, proxy = tmp_path / "per_trial.jsonl", tmp_path / "proxy.jsonl"
     per_trial.write_text(route("per_trial", 0, 0.83, 4000.0, eval_test_accs={"0": 0.83, "1": 0.84}) + "\n")
     proxy.write_text(
         route("proxy", 0, 0.84, 500.0, proxy_subset=3200, proxy_epochs=1, eval_test_accs={"0": 0.84, "1": 0.82}) + "\n"
     )
-    done = summarize(per_trial, proxy)
-    assert done.returncode == 0, done.stderr
-    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    (row,) = summarize(capsys, per_trial, proxy)
     assert row["ours"] == "proxy" and (row["ours_proxy_subset"], row["ours_proxy_epochs"]) == (3200, 1)
     assert "ours_supernet_epochs" not in row
     assert row["cpu_ratio_ours_over_baseline"] == 0.125  # 500 / 4000
@@ -269,12 +291,10 @@ def test_proxy_route_searches_on_the_subset_and_retrains_the_best_with_the_full_
         ),
     ],
 )
-def test_bad_route_settings_are_refused_before_any_work(flags: list[str], message: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--oneshot", *flags], capture_output=True, text=True, check=False, timeout=120
-    )
-    assert done.returncode == 2
-    assert message in done.stderr.splitlines()[-1]
+def test_bad_route_settings_are_refused_before_any_work(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert message in refusal(capsys, "--oneshot", *flags)
 
 
 def test_oneshot_route_scores_by_angle(tmp_path: Path) -> None:
@@ -310,16 +330,12 @@ def test_oneshot_route_scores_by_angle(tmp_path: Path) -> None:
     assert len(study.trials) == 12
 
 
-def test_angle_with_finetuning_is_refused() -> None:
-    flags = ["--oneshot", "--supernet-score", "angle", "--finetune-steps", "3"]
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, check=False, timeout=120
-    )
-    assert done.returncode == 2
-    assert "--supernet-score angle reads none" in done.stderr.splitlines()[-1]
+def test_angle_with_finetuning_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    message = refusal(capsys, "--oneshot", "--supernet-score", "angle", "--finetune-steps", "3")
+    assert "--supernet-score angle reads none" in message
 
 
-def test_oneshot_route_trains_an_entangled_supernet(tmp_path: Path) -> None:
+def test_oneshot_route_trains_an_entangled_supernet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--kernels entangled reaches the route's supernet: it is saved entangled, its 3x3
     kernels the centre of its 5x5 ones, and the route line and the summary say so."""
     import yaml
@@ -347,6 +363,4 @@ def test_oneshot_route_trains_an_entangled_supernet(tmp_path: Path) -> None:
     ours.write_text(json.dumps(row) + "\n", encoding="utf-8")
     theirs = tmp_path / "theirs.jsonl"
     theirs.write_text(route("per_trial", 0, 0.5, 1000.0, space=row["space"]) + "\n", encoding="utf-8")
-    done = summarize(theirs, ours)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1])["ours_kernels"] == "entangled"
+    assert summarize(capsys, theirs, ours)[-1]["ours_kernels"] == "entangled"
