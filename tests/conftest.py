@@ -46,7 +46,6 @@ LONGEST_FILES_FIRST = (
     "test_short_training_trials_script.py",
     "test_supernet_interference_script.py",
     "test_structure.py",
-    "test_cuda_build.py",
 )
 
 

@@ -1,8 +1,10 @@
-"""CI guard for the CUDA kernel: nvcc compiles it for sm_80 and sm_90a (no GPU needed), so a
-syntax, template or inline-PTX error never lands.  Skipped only when nvcc is absent."""
+"""CI guard for the CUDA kernel: nvcc compiles it for sm_80, sm_90 and sm_90a (no GPU needed),
+so a syntax, template or inline-PTX error never lands, and the gencode flags ``load_extension``
+passes put a cubin per architecture in one object.  Skipped only when nvcc is absent."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,8 +14,25 @@ import torch
 
 from bnas.kernels import cuda_backend as cb
 
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
 NVCC = cb._nvcc() or shutil.which("nvcc")
+CUOBJDUMP = _cuobjdump()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+# The flags load_extension passes on a machine with an sm_80 and an sm_90 GPU (and an sm_75 one,
+# which it leaves out): one object holding a cubin for each.
+MIXED_MACHINE = cb.gencode_flags(cb.build_architectures([(8, 0), (9, 0), (7, 5)]))
 
 # torch.utils.cpp_extension compiles .cu files with these; the kernel must build under them too
 TORCH_NVCC_DEFINES = [
@@ -47,16 +66,23 @@ def nvcc_compile(
 @pytest.mark.parametrize(
     "arch_flags,extra",
     [
-        (["-arch=sm_80"], []),
+        (MIXED_MACHINE, []),
         (["-gencode", "arch=compute_90a,code=sm_90a"], TORCH_NVCC_DEFINES),
     ],
-    ids=["sm_80", "sm_90a"],
+    ids=["sm_80+sm_90", "sm_90a"],
 )
 def test_nvcc_compiles_kernels(arch_flags, extra, tmp_path):
     for source in ("xnor_conv.cu", "mma_peak.cu"):
         proc = nvcc_compile(arch_flags, source, tmp_path, extra)
         assert proc.returncode == 0, f"nvcc {' '.join(arch_flags)} {source} failed:\n{proc.stderr[-3000:]}"
         assert (tmp_path / (source + ".o")).stat().st_size > 0
+    if arch_flags is MIXED_MACHINE:
+        assert MIXED_MACHINE == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        if CUOBJDUMP is None:
+            pytest.skip("cuobjdump not found (on PATH or in triton's package): the cubins go unlisted")
+        obj = tmp_path / "xnor_conv.cu.o"
+        listing = subprocess.run([CUOBJDUMP, "--list-elf", str(obj)], capture_output=True, text=True, check=True).stdout
+        assert set(re.findall(r"\.sm_(\d+[a-z]?)\.cubin", listing)) == {"80", "90"}, listing
 
 
 @needs_nvcc
