@@ -20,7 +20,7 @@ from bnas.export import format as packed_format
 from bnas.kernels.thread_budget import ThreadBudget, torch_threads
 
 # The test files that take longest, longest first (seconds of test time in the suite on the
-# AMD EPYC Zen 3, 2026-12-07: 140 for test_distributed.py down to 18 for test_cuda_build.py).
+# AMD EPYC Zen 3, 2026-12-07: 140 for test_distributed.py down to 17 for test_structure.py).
 # The README's command hands out whole files (`--dist loadfile`) in collection order
 # (`--no-loadscope-reorder`); with these first, the many short files fill in at the end and
 # both workers finish together. xdist's default order, most tests first, left these few-test
