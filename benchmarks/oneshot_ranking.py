@@ -48,12 +48,20 @@ codes, the log-determinant of how often the signs each binarizing layer takes ag
 steps of its own training from scratch (the space's budget optimiser and batch size, mean of 2
 seeded runs), what a per-trial search would learn from a budget of a few steps. A supernet
 that ranks no better than these has not paid for its training.
+
+When two or more of the supernet, ``--training-free`` and ``--short-training`` score the same
+architectures, the summary also ranks by their combination: each score ranks the
+architectures, and an architecture's combined score is its mean rank (as an ensemble of
+supernets is combined). ``*_supernet_and_short_training`` and the like name each pair, and
+``*_supernet_and_training_free_and_short_training`` all three. Scores whose errors differ
+gain from this; supernets trained alike did not (their ensembles rank as each alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -527,6 +535,19 @@ def _one_or_all(values: list[Any]) -> Any:
     return values[0] if all(v == values[0] for v in values) else values
 
 
+def combined_scores(scores: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Every combination of two or more of ``scores`` (name -> one score per architecture):
+    ``"a_and_b"`` -> each architecture's mean rank under ``a`` and ``b``."""
+    ranks = {name: mean_ranks(values) for name, values in scores.items()}
+    combined: dict[str, list[float]] = {}
+    for size in range(2, len(ranks) + 1):
+        for names in itertools.combinations(ranks, size):
+            combined["_and_".join(names)] = [
+                sum(ranks[name][i] for name in names) / size for i in range(len(ranks[names[0]]))
+            ]
+    return combined
+
+
 def mean_ranks(values: list[float]) -> list[float]:
     """Ranks 1..n of ``values`` (the highest ranks n), tied values sharing their mean rank."""
     from scipy.stats import rankdata
@@ -774,6 +795,15 @@ def main(argv: list[str] | None = None) -> None:
         short = rank_correlations(standalone, [a["short_training"] for a in archs])
         summary.update({f"{k}_short_training": v for k, v in short.items()})
         summary.update(short_training_steps=args.short_training, short_training_cpu_s=short_training_cpu_s)
+    # Scores whose errors differ may rank better together than alone: each combination of the
+    # scores taken here, by mean rank.
+    scores = {
+        **({"supernet": [a["score_by_acc"] for a in archs]} if not args.standalone_only else {}),
+        **({"training_free": [a["training_free"] for a in archs]} if args.training_free else {}),
+        **({"short_training": [a["short_training"] for a in archs]} if args.short_training is not None else {}),
+    }
+    for name, combined in combined_scores(scores).items():
+        summary.update({f"{k}_{name}": v for k, v in rank_correlations(standalone, combined).items()})
     if len(train_seeds) > 1:
         # How well one stand-alone training ranks like another: the ceiling a supernet's tau
         # can be judged against (the mean over pairs of seeds).

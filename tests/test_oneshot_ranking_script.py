@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_CELL_SPACE
-from scipy.stats import kendalltau, spearmanr
+from scipy.stats import kendalltau, rankdata, spearmanr
 
 from bnas.search import Supernet
 from bnas.search.objective import search_data
@@ -237,7 +237,8 @@ def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys:
         )
         alone.append((archs, summary))
     paths = [str(tmp_path / name / "supernet.pt") for name in ("uniform", "fair")]
-    archs, summary = main_lines(capsys, *common, "--supernet", *paths)
+    assert not [k for _, s in alone for k in s if "_and_" in k]  # one score: nothing to combine
+    archs, summary = main_lines(capsys, *common, "--supernet", *paths, "--training-free")
     standalone = [a["standalone_val_acc"] for a in archs]
     accs = [[a["supernet_val_acc"] for a in run_archs] for run_archs, _ in alone]
     assert accs[0] != accs[1]  # two different supernets
@@ -261,6 +262,10 @@ def test_an_ensemble_of_supernets_ranks_by_the_mean_rank(tmp_path: Path, capsys:
     assert_reported(summary["kendall_tau_by_mean_acc"], by_mean_acc)
     assert summary["supernet"] == paths and summary["sampling"] == ["uniform", "fair"]
     assert summary["supernet_epochs"] == 1
+    # With --training-free beside it: the ensemble and the training-free score combined by
+    # their mean rank, by hand.
+    together = (rankdata(mean_rank) + rankdata([a["training_free_score"] for a in archs])) / 2
+    assert_reported(summary["kendall_tau_supernet_and_training_free"], kendalltau(standalone, together).statistic)
     # A supernet trained with another seed (another validation split) is refused, naming it,
     # before anything is trained stand-alone.
     with pytest.raises(
@@ -431,6 +436,12 @@ def test_baselines_rank_by_ops_and_at_initialisation(tmp_path: Path, capsys: pyt
         tau = kendalltau(standalone, scores).statistic
         assert_reported(summary[f"kendall_tau{suffix}"], tau)
     assert summary["training_free_cpu_s"] > 0
+    # The two scores combined by their mean rank, by hand (ties share their mean rank).
+    free_rank = rankdata([a["training_free_score"] for a in archs])
+    short_rank = rankdata([a["short_training_val_acc"] for a in archs])
+    together = kendalltau(standalone, (free_rank + short_rank) / 2).statistic
+    assert_reported(summary["kendall_tau_training_free_and_short_training"], together)
+    assert not [k for k in summary if k.startswith("kendall_tau_supernet")]  # no supernet here
     assert summary["short_training_steps"] == 2 and summary["short_training_cpu_s"] > 0
     recipe = supernet_recipe(loaded)
     data = search_data(loaded, 3)
@@ -441,4 +452,5 @@ def test_baselines_rank_by_ops_and_at_initialisation(tmp_path: Path, capsys: pyt
     archs2, summary2 = main_lines(capsys, *common, "--standalone-only")
     assert "training_free_score" not in archs2[0] and "kendall_tau_training_free" not in summary2
     assert "short_training_val_acc" not in archs2[0] and "kendall_tau_short_training" not in summary2
+    assert not [k for k in summary2 if "_and_" in k]
     assert summary2["kendall_tau_by_ops"] == summary["kendall_tau_by_ops"]
