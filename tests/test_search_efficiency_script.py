@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from conftest import load_benchmark
+from conftest import load_benchmark, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "search_efficiency.py"
@@ -43,18 +41,11 @@ def summarize_cli(*files: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@functools.cache
-def efficiency() -> ModuleType:
-    """The script, imported once: the summaries and the refusals run in this process (in a
-    process of their own each spent about 2.5 s importing torch and bnas; one test keeps the CLI)."""
-    return load_benchmark("search_efficiency")
-
-
+# The summaries and the refusals run the script's main() in this process: in a process of their
+# own each spent about 2.5 s importing torch and bnas (summarize_cli keeps one test on the CLI).
 def summarize(capsys: pytest.CaptureFixture[str], *files: Path) -> list[dict[str, Any]]:
     """The summary lines ``--oneshot --summarize FILES`` prints."""
-    capsys.readouterr()
-    assert efficiency().main(["--oneshot", "--summarize", *map(str, files)]) == 0
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return run_benchmark("search_efficiency", ["--oneshot", "--summarize", *map(str, files)], capsys)[1]
 
 
 def refusal(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
@@ -62,7 +53,7 @@ def refusal(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
     its own ``SystemExit`` message."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
-        efficiency().main(list(flags))
+        load_benchmark("search_efficiency").main(list(flags))
     if stopped.value.code == 2:
         return capsys.readouterr().err.strip().splitlines()[-1]
     assert isinstance(stopped.value.code, str), stopped.value.code
