@@ -29,7 +29,7 @@ from deploy_nets import (  # noqa: E402
 import bnas  # noqa: E402
 from bnas.cli import main  # noqa: E402
 from bnas.export import ExportError  # noqa: E402
-from bnas.export.lce import LARQ_ACTIVATIONS, _padding, to_lce  # noqa: E402
+from bnas.export.lce import LARQ_ACTIVATIONS, _padding, import_lce, to_lce  # noqa: E402
 from bnas.export.verify import run_exported  # noqa: E402
 from bnas.genotype import loads_genotype  # noqa: E402
 
@@ -90,6 +90,32 @@ def test_every_quantizer_exports_and_agrees(tmp_path: Path) -> None:
     assert ops.get("LceBconv2d") == 9, ops
     x = torch.randn(300, 3, 9, 9, generator=torch.Generator().manual_seed(0))
     assert_agrees(model, run_exported(path, "lce", x), x)
+
+
+def test_an_export_runs_the_layers_as_written_not_through_autograph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Autograph's transpiling was two thirds of an export's time (benchmarks/lce_export.py)
+    # and bnas's, larq's and tf-keras's layers have no tensor-dependent control flow for it.
+    lib = import_lce()  # tensorflow imported as bnas imports it (Keras 2)
+    from tensorflow.python.autograph.impl import api
+
+    transpiled: list[str] = []
+    convert = api._convert_actual
+
+    def spy(entity, program_ctx):
+        transpiled.append(getattr(entity, "__module__", None) or "")
+        return convert(entity, program_ctx)
+
+    monkeypatch.setattr(api, "_convert_actual", spy)
+    to_lce(bnas.build(bnas.load_genotype(GENOTYPES / "digits_small.yaml")).eval(), tmp_path / "m.tflite")
+    # (the model's own traced function is transpiled on request, whatever its module)
+    layers = ("bnas.", "larq.", "tf_keras.src.engine.", "tf_keras.src.layers.")
+    assert not [m for m in transpiled if m.startswith(layers)], transpiled
+    # outside an export, autograph transpiles larq's layers again
+    sign = lib.lq.quantizers.SteSign()
+    lib.tf.function(lambda x: sign(x))(lib.tf.ones((2, 2)))
+    assert any(m.startswith("larq.") for m in transpiled), transpiled
 
 
 def test_cli_exports_digits_small_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -119,6 +119,32 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
 
 
+@contextlib.contextmanager
+def _without_autograph() -> Iterator[None]:
+    """Keras and its SavedModel export run every subclassed layer's ``call`` through
+    autograph, which transpiles it to a graph of ``tf.cond`` / ``tf.while_loop`` for
+    tensor-dependent Python control flow. Neither bnas's layers nor larq's have any, and the
+    transpiling was about two thirds of an export's time (the flatbuffer is the same byte for
+    byte without it), so the modules that define them are left to run as written. The rule
+    table is TensorFlow's internal one (pinned by the [lce] extra); where it is missing, the
+    export still works, only slower."""
+    try:
+        from tensorflow.python.autograph.core import config, config_lib  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:  # a TensorFlow that moved its autograph internals
+        yield
+        return
+    saved = config.CONVERSION_RULES
+    config.CONVERSION_RULES = tuple(config_lib.DoNotConvert(m) for m in _NOT_TRANSPILED) + saved
+    try:
+        yield
+    finally:
+        config.CONVERSION_RULES = saved
+
+
+# The modules whose layers an export builds: its own (below), larq's and tf-keras's.
+_NOT_TRANSPILED = (__name__, "larq", "tf_keras")
+
+
 # --------------------------------------------------------------------------------------
 # Padding: PyTorch's symmetric padding (and ceil_mode) against TFLite's VALID / SAME
 # --------------------------------------------------------------------------------------
@@ -636,7 +662,8 @@ def to_keras(model: nn.Module, input_shape: tuple[int, ...] | None = None, lib: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # larq: "binary weight quantizer without kernel_constraint" (inference only)
         logging.getLogger("larq").setLevel(logging.ERROR)
-        return _KerasBuilder(lib, net, gm, rows).build(input_shape)
+        with _without_autograph():
+            return _KerasBuilder(lib, net, gm, rows).build(input_shape)
 
 
 def to_lce(model: nn.Module, out: str | os.PathLike[str], input_shape: tuple[int, ...] | None = None) -> Path:
@@ -644,7 +671,7 @@ def to_lce(model: nn.Module, out: str | os.PathLike[str], input_shape: tuple[int
     lib = import_lce()
     keras_model = to_keras(model, input_shape, lib)
     try:
-        with _quiet_stderr(), warnings.catch_warnings():
+        with _quiet_stderr(), warnings.catch_warnings(), _without_autograph():
             warnings.simplefilter("ignore")
             flatbuffer = lib.lce.convert_keras_model(keras_model)
     except Exception as exc:
