@@ -19,6 +19,8 @@ import inspect
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,12 +28,13 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
+from .binarize import config as binarize_config
 from .binarize import set_binarization
 from .errors import GenotypeError, LimitError, short_repr
 from .genotype import CellSpec, Genotype, LayerSpec, Preprocess, cell_graph, load_genotype
 from .ops.basic import Zero
 from .ops.cell_inputs import make_cell_input, make_residual
-from .registry import UnknownPrimitiveError, build_op, get_spec
+from .registry import UnknownPrimitiveError, build_op, get_spec, list_primitives
 
 __all__ = [
     "build",
@@ -90,6 +93,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
+def _same_tensor(x: Tensor) -> Tensor:
+    return x
+
+
 class _MemoryBudget:
     """Adds up parameter and buffer bytes as modules are made; refuses past ``cap``."""
 
@@ -110,6 +117,11 @@ class _MemoryBudget:
         # The meta-device probe cannot run the sign's data-dependent checks; shapes do not
         # depend on binarization, so probe this throwaway copy with its quantizers off.
         set_binarization(module, activations=False, weights=False)
+        # BatchNorm keeps its input's shape, and on the meta device it runs as a chain of
+        # Python decompositions that took half of the estimate's time: pass the input through.
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.forward = _same_tensor  # type: ignore[method-assign,assignment]
 
 
 # --------------------------------------------------------------------------------------
@@ -480,10 +492,39 @@ def _build(
     return BinaryNetwork(genotype, nn.Sequential(*stem_modules), nn.ModuleList(units), nn.Sequential(*head_modules))
 
 
+# Sizing a network on the meta device costs about what building it costs, and the same
+# architecture is sized again and again: a search trial builds its network for its metrics,
+# then for its training. A size holds for the architecture (``canonical_hash``: ops, widths,
+# input) with the registry's ops and the named binarizations as they were: any of them
+# registered or replaced since, by any name, sizes it afresh. Each entry keeps those objects,
+# so their ids stay theirs.
+_SIZES: OrderedDict[tuple[str, tuple[int, ...], tuple[str, ...]], tuple[int | None, list[object]]] = OrderedDict()
+_SIZES_KEPT = 256
+_SIZES_LOCK = threading.Lock()
+
+
 def estimate_memory(genotype: Genotype, cap: int | None = None) -> int | None:
     """Bytes of parameters and buffers of ``genotype``'s network, found by building it on the
     ``meta`` device (no memory is allocated); a ``LimitError`` as soon as the running total
     passes ``cap``. None when an op cannot be built on ``meta`` (then nothing is known)."""
+    presets = binarize_config.BINARIZE_PRESETS  # looked up here: a catalog may swap the table
+    made_of: list[object] = [*list_primitives(), *presets.values()]
+    key = (genotype.canonical_hash(), tuple(id(obj) for obj in made_of), tuple(presets))
+    with _SIZES_LOCK:
+        known = _SIZES.get(key)
+        # A size past ``cap`` is found again, so that the error names the layer that passes it.
+        if known is not None and (known[0] is None or cap is None or known[0] <= cap):
+            _SIZES.move_to_end(key)
+            return known[0]
+    total = _meta_size(genotype, cap)
+    with _SIZES_LOCK:
+        _SIZES[key] = (total, made_of)
+        if len(_SIZES) > _SIZES_KEPT:
+            _SIZES.popitem(last=False)
+    return total
+
+
+def _meta_size(genotype: Genotype, cap: int | None) -> int | None:
     budget = _MemoryBudget(
         cap if cap is not None else 2**63, from_env=bool(os.environ.get("BNAS_MAX_PARAM_BYTES", "").strip())
     )

@@ -251,3 +251,49 @@ def test_duplicate_keys_are_errors_everywhere(tmp_path: Path) -> None:
     )
     genotype = loads_genotype(text)
     assert [layer.channels for layer in genotype.body] == [16, 32]
+
+
+def test_a_size_is_found_once_per_architecture_and_again_when_its_ops_change(
+    isolated_registry: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch import nn
+
+    from bnas import binarize, builder, register_primitive
+
+    def actual_bytes(genotype: object) -> int:
+        model = bnas.build(genotype)
+        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+    sized: list[str] = []
+    meta_size = builder._meta_size
+    monkeypatch.setattr(builder, "_meta_size", lambda g, cap: sized.append(g.name) or meta_size(g, cap))
+    genotype = loads_genotype(NET.replace("name: net", "name: cached"))
+    first = estimate_memory(genotype)
+    assert first == actual_bytes(genotype)
+    assert sized == ["cached"]  # bnas.build found it in the cache
+    # the same architecture under another name and recipe is the same size
+    other = loads_genotype(NET.replace("name: net", "name: other") + "training: {epochs: 3}")
+    assert estimate_memory(other) == first and sized == ["cached"]
+
+    # the op replaced by one with more weights
+    register_primitive(
+        "xnor_resnet_block",
+        lambda c_in, c_out, stride, **options: nn.Conv2d(c_in, c_out, 5, stride, 2),
+        override=True,
+    )
+    replaced = estimate_memory(genotype)
+    assert sized == ["cached", "cached"] and replaced == actual_bytes(genotype) != first
+
+    # a binarization named in the genotype replaced: RSign's learnable thresholds join
+    inline = loads_genotype(
+        NET.replace("{op: xnor_resnet_block, channels: 16}", "{op: binary_conv_3x3, channels: 16, binarize: xnor}")
+    )
+    plain = estimate_memory(inline)
+    binarize.BINARIZE_PRESETS["xnor"] = binarize.BINARIZE_PRESETS["reactnet"]
+    thresholds = estimate_memory(inline)
+    assert len(sized) == 4 and thresholds == actual_bytes(inline) > plain
+
+    # under a cap below a size it knows, it sizes again, to name the layer that passes the cap
+    with pytest.raises(LimitError, match=r"^head\[1\]: the network's parameters need more than"):
+        estimate_memory(genotype, cap=replaced - 1)
+    assert len(sized) == 5
