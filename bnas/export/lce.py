@@ -119,6 +119,10 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
 
 
+# The modules whose layers an export builds: its own (below), larq's and tf-keras's.
+_NOT_TRANSPILED = (__name__, "larq", "tf_keras")
+
+
 @contextlib.contextmanager
 def _without_autograph() -> Iterator[None]:
     """Keras and its SavedModel export run every subclassed layer's ``call`` through
@@ -139,10 +143,6 @@ def _without_autograph() -> Iterator[None]:
         yield
     finally:
         config.CONVERSION_RULES = saved
-
-
-# The modules whose layers an export builds: its own (below), larq's and tf-keras's.
-_NOT_TRANSPILED = (__name__, "larq", "tf_keras")
 
 
 # --------------------------------------------------------------------------------------
