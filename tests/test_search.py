@@ -125,7 +125,6 @@ def test_duplicate_of_a_pruned_trial_is_pruned_without_training(tmp_path: Path) 
     assert new.intermediate_values == {1: 0.125} and "train_time_s" not in new.user_attrs
 
 
-@bnas.register_primitive("test_crashing_op", override=True)
 def _crashing_op(C_in: int, C_out: int, stride: int = 1) -> nn.Module:
     class Crash(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +135,10 @@ def _crashing_op(C_in: int, C_out: int, stride: int = 1) -> nn.Module:
     return Crash()
 
 
-def test_crashed_trial_is_recorded_and_study_goes_on(tmp_path: Path) -> None:
+def test_crashed_trial_is_recorded_and_study_goes_on(tmp_path: Path, isolated_registry: None) -> None:
+    # Registered for this test only: an op registered at import would join the parametrisation
+    # of test_ops.py over every primitive whenever this file is collected first.
+    bnas.register_primitive("test_crashing_op")(_crashing_op)
     text = TWO_GENOTYPES.replace("ops: [skip_connect, binary_conv_3x3]", "ops: [test_crashing_op, binary_conv_3x3]")
     space = load_space(_space(tmp_path, text))
     out = tmp_path / "run"
