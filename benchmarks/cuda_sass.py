@@ -51,7 +51,8 @@ KERNEL_DIR = "bnas/kernels/cuda"
 KERNEL_SOURCE = "xnor_conv.cu"
 DEFAULT_REV = "d0fbc15"
 DEFAULT_ARCH = "sm_90a"
-# torch.utils.cpp_extension compiles .cu files with these (see tests/test_cuda_compile.py)
+# torch.utils.cpp_extension compiles .cu files with these (its COMMON_NVCC_FLAGS; checked in
+# tests/test_cuda_sass.py)
 TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF_OPERATORS__",
     "-D__CUDA_NO_HALF_CONVERSIONS__",

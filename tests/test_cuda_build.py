@@ -105,4 +105,4 @@ def test_devices_below_8_0_are_refused(monkeypatch):
 
 
 # nvcc itself given load_extension's flags for a mixed machine (one object, a cubin per
-# architecture): tests/test_cuda_compile.py::test_nvcc_compiles_kernels[sm_80+sm_90].
+# architecture): tests/test_cuda_compile.py::test_torch_extension_builds_and_loads.

@@ -291,6 +291,13 @@ def _tools() -> tuple[str, str] | None:
 TOOLS = _tools()
 
 
+def test_the_compile_uses_the_defines_of_torchs_extension_build():
+    # the SASS analysed is that of the kernel as load_extension builds it
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    assert cs.TORCH_NVCC_DEFINES == [flag for flag in COMMON_NVCC_FLAGS if flag.startswith("-D")]
+
+
 @pytest.mark.skipif(TOOLS is None, reason="nvcc or cuobjdump not found")
 def test_working_tree_kernel_meets_the_static_targets(tmp_path):
     reps = cs.analyze(ROOT / cs.KERNEL_DIR, "sm_90a", *TOOLS)

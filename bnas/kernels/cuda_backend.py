@@ -122,11 +122,16 @@ def is_supported(device: str | torch.device | None = None) -> bool:
     return torch.cuda.get_device_capability(dev) >= MIN_CAPABILITY
 
 
-def build_extension(capabilities: tuple[int, int] | Sequence[tuple[int, int]], verbose: bool = False) -> Any:
+def build_extension(
+    capabilities: tuple[int, int] | Sequence[tuple[int, int]],
+    verbose: bool = False,
+    extra_cuda_cflags: Sequence[str] = (),
+) -> Any:
     """Compiles and loads the extension for the given GPU architectures (one capability such as
     (9, 0), or a list of them: one cubin each) with torch.utils.cpp_extension (cached in its
     build directory under a name that encodes the architectures; rebuilt when a source
-    changes).  Needs nvcc, not a GPU."""
+    changes).  Needs nvcc, not a GPU.  ``extra_cuda_cflags`` go to nvcc after the defaults
+    (the tests add ``-Werror all-warnings``)."""
     from torch.utils.cpp_extension import load
 
     if len(capabilities) == 2 and all(isinstance(v, int) for v in capabilities):
@@ -140,7 +145,7 @@ def build_extension(capabilities: tuple[int, int] | Sequence[tuple[int, int]], v
         extra_include_paths=[str(SOURCE_DIR), *includes],
         extra_cflags=["-O3"],  # torch sets the C++ standard its headers need
         # an explicit -gencode keeps torch from adding its own arch list (TORCH_CUDA_ARCH_LIST)
-        extra_cuda_cflags=["-O3", "-std=c++17", *gencode_flags(archs)],
+        extra_cuda_cflags=["-O3", "-std=c++17", *gencode_flags(archs), *extra_cuda_cflags],
         extra_ldflags=ldflags,
         verbose=verbose,
     )
