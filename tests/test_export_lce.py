@@ -148,7 +148,8 @@ def test_bireal_resnet18_on_synthetic_inputs(tmp_path: Path) -> None:
     path = to_lce(model, tmp_path / "bireal.tflite")
     assert _ops(path).get("LceBconv2d") == 16
     assert _ops(path).get("REVERSE_V2") == 6  # 3 stride-2 binary convs on even maps, reversed in and out
-    x = dyadic_inputs(128, (3, 32, 32))
+    # 32 images, each through every layer (LCE's interpreter takes about 50 ms an image here)
+    x = dyadic_inputs(32, (3, 32, 32))
     assert_agrees(model, run_exported(path, "lce", x), x, rel=1e-3)
 
 
