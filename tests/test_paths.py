@@ -61,7 +61,7 @@ def test_every_cache_follows_the_rule(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("BNAS_CACHE", str(tmp_path))
     monkeypatch.delenv("BNAS_DATA", raising=False)
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
-    assert cpu_backend.cache_dir() == tmp_path / "extensions" / tag
+    assert cpu_backend.cache_dir().parent == tmp_path / "extensions" / tag
     assert data.data_root() == tmp_path / "data"
     # $BNAS_DATA stays the data root's own variable, and --data-root beats both.
     monkeypatch.setenv("BNAS_DATA", str(tmp_path / "datasets"))
@@ -84,3 +84,16 @@ def test_the_emulator_builds_into_the_kernels_cache(tmp_path: Path, monkeypatch:
         emulator.load_emulator()
     assert (tmp_path / "kernels").is_dir()
     assert not list((tmp_path / "kernels").iterdir())
+
+
+def test_each_checkout_builds_the_cpu_kernels_in_a_folder_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch's build names the source by its absolute path: two checkouts sharing one folder
+    # rebuilt the kernels whenever the other one had built them last.
+    monkeypatch.setenv("BNAS_CACHE", str(tmp_path))
+    here = cpu_backend.cache_dir()
+    assert cpu_backend.cache_dir() == here
+    monkeypatch.setattr(cpu_backend, "SOURCE", tmp_path / "clone" / "bnas" / "kernels" / "csrc" / "xnor_cpu.cpp")
+    there = cpu_backend.cache_dir()
+    assert there != here and there.parent == here.parent

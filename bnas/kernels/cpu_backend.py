@@ -128,10 +128,13 @@ def _raise_if_required() -> None:
 
 def cache_dir() -> Path:
     """Where the compiled extension lives: ``paths.cache_dir("extensions")``, one folder per
-    torch / Python build."""
+    torch / Python build and, within it, one per bnas checkout (the folder of the kernel source)."""
     # One folder per torch/python build: the binary links against both.
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return paths.cache_dir("extensions") / tag.replace("+", "_")
+    # One per checkout: torch's build names the source by its absolute path, so two checkouts
+    # sharing a folder rebuilt the kernels (a minute) whenever the other had built them last.
+    checkout = hashlib.sha256(str(SOURCE.parent).encode()).hexdigest()[:12]
+    return paths.cache_dir("extensions") / tag.replace("+", "_") / f"src-{checkout}"
 
 
 def headers_key() -> str:
