@@ -422,18 +422,27 @@ def test_train_subset_is_a_seeded_subset_and_validation_is_untouched(tmp_path: P
     assert not torch.equal(search_data(proxy, seed=1).train_y, a.train_y)
 
 
-def test_orphaned_running_trial_is_failed_after_the_grace_period(tmp_path: Path) -> None:
+def test_orphaned_running_trial_is_failed_after_the_grace_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A trial whose worker vanished before naming itself (the database went away right after
     # the trial was created) would hold a slot of the study forever; it is failed instead.
+    monkeypatch.delenv("BNAS_ORPHAN_GRACE_S", raising=False)
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
     orphan = study.ask()
     alive = study.ask()
     alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    assert fail_dead_local_workers(study) == 0  # both just started: within the grace period
-    assert fail_dead_local_workers(study, orphan_grace_s=0.0) == 1
+    assert fail_dead_local_workers(study) == 0  # both just started: within the 120 s grace
+    monkeypatch.setenv("BNAS_ORPHAN_GRACE_S", "soon")
+    with pytest.raises(SearchError, match=r"^BNAS_ORPHAN_GRACE_S must be a number of seconds >= 0, got 'soon'$"):
+        fail_dead_local_workers(study)
+    monkeypatch.setenv("BNAS_ORPHAN_GRACE_S", "0")  # one host: no clock skew to allow for
+    assert fail_dead_local_workers(study) == 1
     states = {t.number: t for t in study.trials}
+    assert states[orphan.number].state.name == "FAIL"
     assert (
-        states[orphan.number].state.name == "FAIL" and "never registered" in states[orphan.number].user_attrs["error"]
+        states[orphan.number].user_attrs["error"]
+        == "interrupted: its worker never registered (0 s after the trial started)"
     )
     assert states[alive.number].state.name == "RUNNING"
     assert not study.get_trials(states=(optuna.trial.TrialState.WAITING,))  # nothing sampled, nothing to retry

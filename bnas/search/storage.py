@@ -27,7 +27,16 @@ import optuna
 
 from ..errors import BnasError
 
-__all__ = ["SearchError", "db_patience_s", "first_line", "is_disk_full", "mask_url", "open_storage", "retry_db"]
+__all__ = [
+    "SearchError",
+    "db_patience_s",
+    "env_seconds",
+    "first_line",
+    "is_disk_full",
+    "mask_url",
+    "open_storage",
+    "retry_db",
+]
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -124,18 +133,24 @@ def open_storage(url: str, heartbeat: int | None = None, retries: int = 1) -> op
         ) from None
 
 
-def db_patience_s() -> float:
-    """``$BNAS_DB_PATIENCE_S`` when set, else ``DB_PATIENCE_S``."""
-    text = os.environ.get(DB_PATIENCE_ENV)
+def env_seconds(variable: str, default: float) -> float:
+    """The number of seconds in the environment variable ``variable`` when it is set, else
+    ``default``; SearchError naming the variable when it is not a number >= 0."""
+    text = os.environ.get(variable)
     if text is None or not text.strip():
-        return DB_PATIENCE_S
+        return default
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
-        raise SearchError(f"{DB_PATIENCE_ENV} must be a number of seconds >= 0, got {text!r}")
+        raise SearchError(f"{variable} must be a number of seconds >= 0, got {text!r}")
     return value
+
+
+def db_patience_s() -> float:
+    """``$BNAS_DB_PATIENCE_S`` when set, else ``DB_PATIENCE_S``."""
+    return env_seconds(DB_PATIENCE_ENV, DB_PATIENCE_S)
 
 
 def _database_error(exc: BaseException) -> BaseException | None:

@@ -20,15 +20,17 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .stats import FINISHED
-from .storage import SearchError
+from .storage import SearchError, env_seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11 on
 
 __all__ = [
+    "ORPHAN_GRACE_ENV",
     "ORPHAN_GRACE_S",
     "RunLock",
     "Surplus",
+    "default_orphan_grace_s",
     "fail_dead_local_workers",
     "fail_stale_local",
     "guard_total",
@@ -39,8 +41,11 @@ __all__ = [
 # A worker names itself on its trial the moment the trial exists. A RUNNING trial still
 # without a name this long after it started lost its worker in between (for example the
 # database went away right after the trial was created): nobody will ever finish it, and
-# without a heartbeat row Optuna's stale-trial check never sees it either.
+# without a heartbeat row Optuna's stale-trial check never sees it either. The start time is
+# the creating host's clock, so the grace must exceed the clock skew between hosts; on one
+# host the environment variable can shorten it.
 ORPHAN_GRACE_S = 120.0
+ORPHAN_GRACE_ENV = "BNAS_ORPHAN_GRACE_S"
 
 
 def worker_id() -> str:
@@ -62,17 +67,24 @@ def _orphaned(t: FrozenTrial, grace_s: float) -> bool:
     return "worker" not in t.user_attrs and started is not None and (datetime.now() - started).total_seconds() > grace_s
 
 
-def fail_dead_local_workers(study: optuna.Study, orphan_grace_s: float = ORPHAN_GRACE_S) -> int:
+def default_orphan_grace_s() -> float:
+    """``$BNAS_ORPHAN_GRACE_S`` when set, else ``ORPHAN_GRACE_S``."""
+    return env_seconds(ORPHAN_GRACE_ENV, ORPHAN_GRACE_S)
+
+
+def fail_dead_local_workers(study: optuna.Study, orphan_grace_s: float | None = None) -> int:
     """RUNNING trials of a worker process on this host that no longer exists (storages
     without heartbeats, e.g. the journal file, need this), and orphaned trials (see
-    ``ORPHAN_GRACE_S``) are failed and queued again once."""
+    ``ORPHAN_GRACE_S``; ``orphan_grace_s`` defaults to :func:`default_orphan_grace_s`) are failed and
+    queued again once."""
+    grace_s = default_orphan_grace_s() if orphan_grace_s is None else orphan_grace_s
     host = socket.gethostname()
     failed = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         name, _, pid = worker.rpartition(":")
-        if _orphaned(t, orphan_grace_s):
-            why = f"interrupted: its worker never registered ({orphan_grace_s:.0f} s after the trial started)"
+        if _orphaned(t, grace_s):
+            why = f"interrupted: its worker never registered ({grace_s:.0f} s after the trial started)"
         elif name == host and pid.isdigit() and not _pid_alive(int(pid)):
             why = f"interrupted: worker {worker} was killed during this trial"
         else:
