@@ -2,10 +2,10 @@
 so a syntax, template or inline-PTX error never lands, and the gencode flags ``load_extension``
 passes put a cubin per architecture in one object.  Skipped only when nvcc is absent.
 
-Each architecture is compiled once, warnings as errors: sm_90a by plain nvcc (no torch
-headers or defines), sm_80 with sm_90 in the extension as ``load_extension`` builds it on a
-machine with both GPUs (torch's flags and defines); benchmarks/cuda_sass.py's test compiles
-sm_90a again with torch's defines."""
+Each architecture is compiled once in this file, warnings as errors: sm_90a by plain nvcc (no
+torch headers or defines), sm_80 with sm_90 in the extension as ``load_extension`` builds it on
+a machine with both GPUs (torch's flags and defines). tests/test_cuda_sass.py compiles
+xnor_conv.cu for sm_90a a second time, with torch's defines, to read its SASS."""
 
 from __future__ import annotations
 
