@@ -37,7 +37,8 @@ CUOBJDUMP = _cuobjdump()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 # The flags load_extension passes on a machine with an sm_80 and an sm_90 GPU (and an sm_75 one,
 # which it leaves out): one object holding a cubin for each.
-MIXED_MACHINE = cb.gencode_flags(cb.build_architectures([(8, 0), (9, 0), (7, 5)]))
+MIXED_ARCHS = cb.build_architectures([(8, 0), (9, 0), (7, 5)])
+MIXED_MACHINE = cb.gencode_flags(MIXED_ARCHS)
 
 
 def nvcc_compile(arch_flags: list[str], source: str, out_dir: Path) -> subprocess.CompletedProcess:
@@ -91,11 +92,10 @@ def test_torch_extension_builds_and_loads(tmp_path, monkeypatch):
     assert MIXED_MACHINE == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("MAX_JOBS", "2")
-    archs = cb.build_architectures([(8, 0), (9, 0), (7, 5)])
-    ext = cb.build_extension(archs, extra_cuda_cflags=["-Werror", "all-warnings"])
+    ext = cb.build_extension(MIXED_ARCHS, extra_cuda_cflags=["-Werror", "all-warnings"])
     for name in ("conv", "pack", "mma_peak", "mma_single"):
         assert callable(getattr(ext, name))
-    build = tmp_path / cb.extension_name(archs)
+    build = tmp_path / cb.extension_name(MIXED_ARCHS)
     cuda_flags = next(
         line for line in (build / "build.ninja").read_text().splitlines() if line.startswith("cuda_cflags")
     )

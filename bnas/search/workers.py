@@ -30,10 +30,10 @@ __all__ = [
     "ORPHAN_GRACE_S",
     "RunLock",
     "Surplus",
-    "default_orphan_grace_s",
     "fail_dead_local_workers",
     "fail_stale_local",
     "guard_total",
+    "orphan_grace_s",
     "reclaim_dead_trials",
     "worker_id",
 ]
@@ -67,17 +67,16 @@ def _orphaned(t: FrozenTrial, grace_s: float) -> bool:
     return "worker" not in t.user_attrs and started is not None and (datetime.now() - started).total_seconds() > grace_s
 
 
-def default_orphan_grace_s() -> float:
+def orphan_grace_s() -> float:
     """``$BNAS_ORPHAN_GRACE_S`` when set, else ``ORPHAN_GRACE_S``."""
     return env_seconds(ORPHAN_GRACE_ENV, ORPHAN_GRACE_S)
 
 
-def fail_dead_local_workers(study: optuna.Study, orphan_grace_s: float | None = None) -> int:
+def fail_dead_local_workers(study: optuna.Study) -> int:
     """RUNNING trials of a worker process on this host that no longer exists (storages
     without heartbeats, e.g. the journal file, need this), and orphaned trials (see
-    ``ORPHAN_GRACE_S``; ``orphan_grace_s`` defaults to :func:`default_orphan_grace_s`) are failed and
-    queued again once."""
-    grace_s = default_orphan_grace_s() if orphan_grace_s is None else orphan_grace_s
+    ``ORPHAN_GRACE_S`` and :func:`orphan_grace_s`) are failed and queued again once."""
+    grace_s = orphan_grace_s()
     host = socket.gethostname()
     failed = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
