@@ -1,9 +1,11 @@
 """Search throughput with 1 and 2 worker processes on one study (short trials), same run.
 
 Each configuration runs the same small digits space for a fixed number of trials with a
-journal-file storage; prints one JSON line per configuration and the ratio.
+journal-file storage, in interleaved rounds (1, 2, then 2, 1, ...) so that load from other
+processes on a shared machine falls on both alike. Prints one JSON line per search, then the
+median and p90 wall time of each configuration and the throughput ratio of the medians.
 
-    python benchmarks/workers.py [--trials 8]
+    python benchmarks/workers.py [--trials 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine  # noqa: E402
+from common import emit, load_average, machine, median_p90  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,7 @@ def space_text() -> str:
 
 
 def run(workers: int, trials: int, tmp: Path) -> float:
+    tmp.mkdir(parents=True, exist_ok=True)
     space = tmp / "space.yaml"
     space.write_text(space_text())
     out = tmp / f"run-{workers}"
@@ -59,36 +62,56 @@ def run(workers: int, trials: int, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
-    args = parser.parse_args()
+    parser.add_argument("--rounds", type=int, default=3, help="searches per configuration, interleaved")
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.rounds < 1:
+        parser.error("--trials and --rounds must be at least 1")
+    walls: dict[int, list[float]] = {1: [], 2: []}
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
-        times = {w: run(w, args.trials, Path(tmp)) for w in (1, 2)}
-    rate = {w: args.trials / (t / 60) for w, t in times.items()}
-    for w in (1, 2):
-        emit(
-            {
-                "benchmark": "workers",
-                "workers": w,
-                "trials": args.trials,
-                "wall_s": round(times[w], 1),
-                "trials_per_min": round(rate[w], 2),
-            }
-        )
+        for round_index in range(args.rounds):
+            # Alternate which configuration goes first, so neither always follows the other.
+            order = (1, 2) if round_index % 2 == 0 else (2, 1)
+            for workers in order:
+                wall_s = run(workers, args.trials, Path(tmp) / f"round-{round_index}")
+                walls[workers].append(wall_s)
+                emit(
+                    {
+                        "benchmark": "workers",
+                        "round": round_index,
+                        "workers": workers,
+                        "trials": args.trials,
+                        "wall_s": round(wall_s, 1),
+                        "trials_per_min": round(args.trials / (wall_s / 60), 2),
+                        "load_average": load_average(),
+                    }
+                )
+    # p90 is the slow tail of the wall times; the rates come from the median walls.
+    (base_median, base_p90), (ours_median, ours_p90) = median_p90(walls[1]), median_p90(walls[2])
     emit(
         {
             "benchmark": "workers",
             "summary": True,
             "baseline": "1 worker",
             "ours": "2 workers",
-            "baseline_trials_per_min": round(rate[1], 2),
-            "ours_trials_per_min": round(rate[2], 2),
-            "ratio": round(rate[2] / rate[1], 3),
+            "rounds": args.rounds,
+            "baseline_wall_s_median": round(base_median, 1),
+            "baseline_wall_s_p90": round(base_p90, 1),
+            "ours_wall_s_median": round(ours_median, 1),
+            "ours_wall_s_p90": round(ours_p90, 1),
+            "baseline_trials_per_min": round(args.trials / (base_median / 60), 2),
+            "ours_trials_per_min": round(args.trials / (ours_median / 60), 2),
+            "ratio": round(base_median / ours_median, 3),
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
             **machine(),
         }
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
