@@ -62,6 +62,10 @@ def run(workers: int, trials: int, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
+def trials_per_min(trials: int, wall_s: float) -> float:
+    return round(trials / (wall_s / 60), 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                         "workers": workers,
                         "trials": args.trials,
                         "wall_s": round(wall_s, 1),
-                        "trials_per_min": round(args.trials / (wall_s / 60), 2),
+                        "trials_per_min": trials_per_min(args.trials, wall_s),
                         "load_average": load_average(),
                     }
                 )
@@ -102,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             "baseline_wall_s_p90": round(base_p90, 1),
             "ours_wall_s_median": round(ours_median, 1),
             "ours_wall_s_p90": round(ours_p90, 1),
-            "baseline_trials_per_min": round(args.trials / (base_median / 60), 2),
-            "ours_trials_per_min": round(args.trials / (ours_median / 60), 2),
+            "baseline_trials_per_min": trials_per_min(args.trials, base_median),
+            "ours_trials_per_min": trials_per_min(args.trials, ours_median),
             "ratio": round(base_median / ours_median, 3),
             "load_average_before": load_before,
             "load_average_after": load_average(),
