@@ -57,6 +57,22 @@ def test_feasible_paths_are_the_uniform_draws_that_meet_the_bounds(tmp_path: Pat
         assert sampler.metrics(choices)["ops"] == _trial_metrics(supernet.genotype(choices), False)["ops"]
 
 
+def test_a_floor_keeps_the_paths_at_or_above_it(tmp_path: Path) -> None:
+    space, median = bounded_space(tmp_path)
+    floored = replace(space, constraints={"min_ops": median})
+    sampler, rng = PathSampler(Supernet(floored), "feasible"), random.Random(3)
+    kept = [sampler(rng) for _ in range(8)]
+    assert all(sampler.metrics(choices)["ops"] >= median for choices in kept)
+    assert sampler.draws > sampler.kept == 8  # paths under the floor were drawn and dropped
+
+
+def test_violations_name_each_broken_bound_in_its_direction() -> None:
+    band = {"min_ops": 100.0, "max_ops": 200.0}
+    assert violations({"ops": 50.0}, band) == ["50 ops < min_ops 100"]
+    assert violations({"ops": 250.0}, band) == ["250 ops > max_ops 200"]
+    assert violations({"ops": 100.0}, band) == [] and violations({"ops": 200.0}, band) == []  # bounds included
+
+
 def test_all_paths_and_unbounded_spaces_draw_uniformly(tmp_path: Path) -> None:
     space, _ = bounded_space(tmp_path)
     for mode, s in (("all", space), ("feasible", replace(space, constraints={}))):

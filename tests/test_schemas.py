@@ -285,7 +285,7 @@ SPACE_MISTAKES = [
         "name: tiny",
         "name: tiny\nconstraints: {max_flops: 3}",
         "constraints.max_flops",
-        "unknown constraint 'max_flops'; expected some of max_ops, max_size_bytes, max_params, max_latency_ms",
+        "unknown constraint 'max_flops'; expected some of max_ops, min_ops, max_size_bytes, max_params, max_latency_ms",
     ),
     (
         "name: tiny",
@@ -310,6 +310,12 @@ SPACE_MISTAKES = [
         "expected a positive number, got None",
     ),
     ("name: tiny", "name: tiny\nconstraints: []", "constraints", "expected a mapping like {max_ops: 1.0e+6}"),
+    (
+        "name: tiny",
+        "name: tiny\nconstraints: {max_ops: 1000, min_ops: 2000}",
+        "constraints.min_ops",
+        "min_ops 2000 is above max_ops 1000: no genotype can meet both; lower min_ops or raise max_ops",
+    ),
     ("input: [1, 8, 8]", "input: [[1], [8]]", "input", "expected [C, H, W], got [[1], [8]]"),
     ("inputs: 2", "inputs: 2.0", "cells.inputs", "expected 1 or 2, got 2.0"),
     (

@@ -154,6 +154,18 @@ def test_unsatisfiable_constraint_stops_with_one_line(tmp_path: Path, capsys: py
     assert len((out / "trials.csv").read_text().splitlines()) == 7
 
 
+def test_a_floor_above_every_genotype_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = SPACE.replace("name: rel", "name: rel\nconstraints: {min_ops: 1.0e+12}")
+    out = tmp_path / "run"
+    assert main(["search", str(_space(tmp_path, text)), "--trials", "6", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: none of the 6 sampled genotypes meets the constraints") and "\n" not in err
+    assert "min_ops 1e+12 (largest sampled:" in err and "Lower min_ops or offer larger choices" in err
+    assert "Loosen" not in err  # no ceiling was broken, so no advice to loosen one
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert len(rows) == 7 and all("< min_ops 1e+12" in r for r in rows[1:])
+
+
 def test_many_over_budget_draws_stop_before_the_trial_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import bnas.search.constraints as constraints
 

@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=PATHS,
         default="all",
         help="all (default): every batch trains a uniformly drawn path; feasible: only paths meeting the "
-        "space's max_ops / max_size_bytes / max_params constraints (redrawn until one does), the paths a "
+        "space's max_ops / min_ops / max_size_bytes / max_params constraints (redrawn until one does), the paths a "
         "search can pick",
     )
     p.add_argument(

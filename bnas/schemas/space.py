@@ -52,7 +52,7 @@ SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 PRUNERS: tuple[str, ...] = get_args(PrunerName)
 # Built-in datasets; ``imagefolder:PATH`` names a folder of class subfolders.
 DATASETS: tuple[str, ...] = DATASET_NAMES  # bnas.data owns the list
-CONSTRAINTS: tuple[str, ...] = ("max_ops", "max_size_bytes", "max_params", "max_latency_ms")
+CONSTRAINTS: tuple[str, ...] = ("max_ops", "min_ops", "max_size_bytes", "max_params", "max_latency_ms")
 
 SpaceOpName = Annotated[StrictStr, expect("an op name")]
 SpaceLayers = Annotated[list[OpEntry], says("expected a list of layers")]
@@ -194,6 +194,11 @@ class Constraints(Schema):
     max_ops: Bound = Field(  # type: ignore[assignment]
         None, json_schema_extra=no_default_in_schema, description="Operations per image (binary ops counted at 1/64)."
     )
+    min_ops: Bound = Field(  # type: ignore[assignment]
+        None,
+        json_schema_extra=no_default_in_schema,
+        description="A floor on the operations per image: smaller genotypes are not trained.",
+    )
     max_size_bytes: Bound = Field(  # type: ignore[assignment]
         None, json_schema_extra=no_default_in_schema, description="Model size in bytes (1 bit per binary weight)."
     )
@@ -208,6 +213,16 @@ class Constraints(Schema):
     def unknown_keys_error(cls, unknown: list[Any]) -> Any:
         key = unknown[0]
         return fail(f"unknown constraint {short_repr(key)}; expected some of {', '.join(CONSTRAINTS)}", str(key))
+
+    @model_validator(mode="after")
+    def _floor_below_budget(self) -> Constraints:
+        if self.min_ops is not None and self.max_ops is not None and self.min_ops > self.max_ops:
+            raise fail(
+                f"min_ops {self.min_ops:.6g} is above max_ops {self.max_ops:.6g}: no genotype can meet both; "
+                "lower min_ops or raise max_ops",
+                "min_ops",
+            )
+        return self
 
 
 def _objectives_start_with_val_acc(value: Any) -> Any:
@@ -311,7 +326,8 @@ class SpaceSchema(Schema):
         BeforeValidator(_objectives_start_with_val_acc),
     ] = Field(["val_acc"], description="[val_acc], or val_acc and one or more of ops, size, latency.")
     constraints: Constraints | None = Field(
-        None, description="Bounds checked before any training: max_ops, max_size_bytes, max_params, max_latency_ms."
+        None,
+        description="Bounds checked before any training: max_ops, min_ops, max_size_bytes, max_params, max_latency_ms.",
     )
     pruner: Annotated[PrunerName, expect("median, hyperband or none")] = Field(
         "median", description="Stops poor trials early (single-objective studies): median | hyperband | none."

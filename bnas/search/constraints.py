@@ -3,26 +3,30 @@ before any training, and when a space is judged to have no genotype that meets t
 
 from __future__ import annotations
 
-import math
-
 import optuna
 
 from .config import SearchConfig
-from .space import CONSTRAINTS
+from .space import CONSTRAINTS, FLOORS
 
-__all__ = ["UNSATISFIABLE_AFTER", "unsatisfiable", "violations"]
+__all__ = ["UNSATISFIABLE_AFTER", "breaks", "unsatisfiable", "violations"]
 
 # Constraint checks cost no training, so a space whose sampled genotypes all break the
 # constraints is given this many draws before the search says none meets them.
 UNSATISFIABLE_AFTER = 25
 
 
+def breaks(key: str, value: float, bound: float) -> bool:
+    """Whether ``value`` of the metric that constraint ``key`` bounds is past ``bound``."""
+    return value < bound if key in FLOORS else value > bound
+
+
 def violations(metrics: dict[str, float], constraints: dict[str, float]) -> list[str]:
-    """One phrase per broken bound, such as ``"1.2e+05 ops > max_ops 1e+05"``."""
+    """One phrase per broken bound, such as ``"1.2e+05 ops > max_ops 1e+05"`` or
+    ``"3e+04 ops < min_ops 5e+04"``."""
     return [
-        f"{metrics[m]:.4g} {m} > {key} {constraints[key]:.4g}"
+        f"{metrics[m]:.4g} {m} {'<' if key in FLOORS else '>'} {key} {constraints[key]:.4g}"
         for key, m in CONSTRAINTS.items()
-        if key in constraints and metrics[m] > constraints[key]
+        if key in constraints and breaks(key, metrics[m], constraints[key])
     ]
 
 
@@ -36,20 +40,24 @@ def unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
     if not over or met or len(over) < min(UNSATISFIABLE_AFTER, cfg.trials):
         return None
     # Only the draws that broke that bound: a genotype rejected for its constant output alone
-    # may be well within it.
-    broke = {
-        m: [t.user_attrs[m] for t in over if t.user_attrs.get(m, -math.inf) > cfg.space.constraints[key]]
-        for key, m in CONSTRAINTS.items()
-        if key in cfg.space.constraints
-    }
-    smallest = {m: min(values) for m, values in broke.items() if values}
+    # may be well within it. The sampled value nearest the bound says how far off it is.
+    nearest = {}
+    for key, m in CONSTRAINTS.items():
+        if key in cfg.space.constraints:
+            bound = cfg.space.constraints[key]
+            values = [t.user_attrs[m] for t in over if m in t.user_attrs and breaks(key, t.user_attrs[m], bound)]
+            if values:
+                nearest[key] = max(values) if key in FLOORS else min(values)
     bounds = ", ".join(
-        f"{key} {cfg.space.constraints[key]:.4g} (smallest sampled: {smallest[m]:.4g})"
-        for key, m in CONSTRAINTS.items()
-        if m in smallest
+        f"{key} {cfg.space.constraints[key]:.4g} ({'largest' if key in FLOORS else 'smallest'} sampled: {value:.4g})"
+        for key, value in nearest.items()
     )
     constant = sum("constant output" in t.user_attrs["constraint"] for t in over)
-    fixes = ["loosen `constraints:` or offer smaller choices (channels, cells, ops)"] if smallest else []
+    fixes = []
+    if any(key not in FLOORS for key in nearest):
+        fixes.append("loosen `constraints:` or offer smaller choices (channels, cells, ops)")
+    if any(key in FLOORS for key in nearest):
+        fixes.append("lower min_ops or offer larger choices (channels, cells, ops)")
     if constant:
         bounds = "; ".join(filter(None, [bounds, f"{constant} with a constant output (cut off by zero ops)"]))
         fixes.append("offer ops other than zero (or fewer zero choices) on the cell edges")

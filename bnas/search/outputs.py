@@ -332,9 +332,11 @@ def _plots(study: optuna.Study, out: Path) -> None:
             [f[0] for f in front], [f[1] for f in front], "o-", color="tab:red", label="Pareto front (accuracy vs OPs)"
         )
         ax.set_xscale("log")
-    max_ops = (study.user_attrs.get("constraints") or {}).get("max_ops")
-    if max_ops:
-        ax.axvline(max_ops, color="tab:gray", linestyle="--", label=f"OPs budget {max_ops:,.0f}")
+    bounds = study.user_attrs.get("constraints") or {}
+    if bounds.get("max_ops"):
+        ax.axvline(bounds["max_ops"], color="tab:gray", linestyle="--", label=f"OPs budget {bounds['max_ops']:,.0f}")
+    if bounds.get("min_ops"):
+        ax.axvline(bounds["min_ops"], color="tab:gray", linestyle=":", label=f"OPs floor {bounds['min_ops']:,.0f}")
     ax.set_xlabel("OPs (BOPs/64 + FLOPs)")
     ax.set_ylabel("validation accuracy")
     if ax.get_legend_handles_labels()[0]:  # nothing trained and no budget: no legend to draw

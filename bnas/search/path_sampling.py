@@ -3,7 +3,7 @@
 - ``all``: every choice of the space drawn uniformly and independently for every batch
   (single-path uniform sampling, as SPOS trains).
 - ``feasible``: the same draws, redrawn until the path meets the space's cost constraints
-  (``max_ops``, ``max_size_bytes``, ``max_params``). A search only ever scores paths inside
+  (``max_ops``, ``min_ops``, ``max_size_bytes``, ``max_params``). A search only ever scores paths inside
   those bounds, so the shared weights are trained for them alone; over-budget paths also
   take longer per step. The path's cost is counted on the supernet's own modules (its
   ``summarize``: one batch-1 forward, some 20 ms on ``fashion_mnist_cells``), with the same
@@ -36,7 +36,7 @@ __all__ = ["COST_BOUNDS", "PATHS", "SAMPLINGS", "PathSampler", "check_sampling"]
 PATHS = ("all", "feasible")
 SAMPLINGS = ("uniform", "fair")
 # The constraints a path's cost count decides (``max_latency_ms`` needs a timing).
-COST_BOUNDS = ("max_ops", "max_size_bytes", "max_params")
+COST_BOUNDS = ("max_ops", "min_ops", "max_size_bytes", "max_params")
 
 
 def check_sampling(paths: str, sampling: str, distill: bool = False) -> None:

@@ -33,7 +33,8 @@ budget:                     # the training recipe of every trial (bnas.train.Rec
 train_subset: 10000         # optional: trials train on this many training images (a seeded
                             # subset; a proxy task), validation stays the full split
 objectives: [val_acc]       # or [val_acc, ops] / [val_acc, size] / [val_acc, latency]
-constraints: {max_ops: 2.0e+6, max_size_bytes: 100000}   # checked before any training
+constraints: {max_ops: 2.0e+6, max_size_bytes: 100000}   # checked before any training;
+                            # min_ops sets a floor (a band of sizes with max_ops)
 pruner: median              # median | hyperband | none (single-objective studies)
 sampler: tpe                # tpe | random | nsga2 | gp
 ```
@@ -63,6 +64,7 @@ from ..yaml_io import check_limit, read_yaml_mapping
 
 __all__ = [
     "CONSTRAINTS",
+    "FLOORS",
     "OBJECTIVES",
     "PRUNERS",
     "SAMPLERS",
@@ -78,8 +80,16 @@ __all__ = [
 # objective name -> Optuna direction
 OBJECTIVES: dict[str, str] = {name: "maximize" if name == "val_acc" else "minimize" for name in schema.OBJECTIVES}
 # constraint -> the trial metric it bounds (all measured before training)
-_BOUNDED = {"max_ops": "ops", "max_size_bytes": "size", "max_params": "params", "max_latency_ms": "latency_ms"}
+_BOUNDED = {
+    "max_ops": "ops",
+    "min_ops": "ops",
+    "max_size_bytes": "size",
+    "max_params": "params",
+    "max_latency_ms": "latency_ms",
+}
 CONSTRAINTS: dict[str, str] = {name: _BOUNDED[name] for name in schema.CONSTRAINTS}
+# The constraints that bound their metric from below; every other one is a ceiling.
+FLOORS: frozenset[str] = frozenset({"min_ops"})
 SAMPLERS = schema.SAMPLERS
 PRUNERS = schema.PRUNERS
 
