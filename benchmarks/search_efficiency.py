@@ -45,6 +45,11 @@ supernet (``bnas eval --init-from``: BatchNorm re-estimated, then the same recip
 instead of a random initialisation. It costs what a retraining from scratch costs; the route
 line says ``retrain_from``.
 
+``--oneshot-min-ops N`` gives the one-shot route's space a floor on its networks' OPs
+(``constraints: {min_ops: N}``) beside the space's own ``max_ops``: its supernet's feasible
+paths (``--paths feasible``), its search and so its rerank all stay within that band of sizes.
+The per-trial route keeps the space as it is. The route line says ``min_ops``.
+
 ``--route proxy`` runs a third route for the comparison: the per-trial route on a proxy task.
 The same search (``--trials`` trials, the space's sampler, seed and constraints), but every
 trial trains ``--proxy-epochs`` epochs on a seeded ``--proxy-subset`` of the training images
@@ -225,6 +230,18 @@ def per_trial_route(space: Any, seed: int, data: Any, folder: Path, args: argpar
     return _closed_row(row, cpu0, cfg, data, args)
 
 
+def floored_space(space: SearchSpace, min_ops: float | None) -> SearchSpace:
+    """``space`` with ``constraints.min_ops`` set to ``min_ops`` (``--oneshot-min-ops``), if given."""
+    if not min_ops:
+        return space
+    max_ops = space.constraints.get("max_ops")
+    if max_ops is not None and min_ops > max_ops:
+        raise SystemExit(
+            f"--oneshot-min-ops {min_ops:g} is above the space's max_ops {max_ops:g}; no network meets both"
+        )
+    return dataclasses.replace(space, constraints={**space.constraints, "min_ops": float(min_ops)})
+
+
 def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One supernet, trials scored with its weights, the best K retrained from scratch."""
     cpu0 = time.process_time()
@@ -265,6 +282,7 @@ def oneshot_route(space: Any, seed: int, data: Any, folder: Path, args: argparse
         "widths": args.widths,
         "kernels": args.kernels,
         "paths": args.paths,
+        "min_ops": args.oneshot_min_ops,
         "finetune_steps": args.finetune_steps,
         "supernet_score": args.supernet_score,
         "sampler": args.oneshot_sampler or space.sampler,
@@ -404,6 +422,7 @@ def _mean_comparison(base: dict[str, Any], ours: dict[str, Any]) -> dict[str, An
 
 def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
     space = load_space(args.space or str(REPO / "search_spaces" / "fashion_mnist_cells.yaml"))
+    oneshot_space = floored_space(space, args.oneshot_min_ops)
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
@@ -418,7 +437,7 @@ def oneshot_vs_per_trial(args: argparse.Namespace) -> None:
                 per_trial = {**head, **per_trial_route(space, seed, data, folder, args)}
                 emit(per_trial)
             if args.route in ("both", "oneshot"):
-                oneshot = {**head, **oneshot_route(space, seed, data, folder, args)}
+                oneshot = {**head, **oneshot_route(oneshot_space, seed, data, folder, args)}
                 emit(oneshot)
             if args.route == "proxy":
                 emit({**head, **proxy_route(space, seed, data, folder, args)})
@@ -452,6 +471,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=KERNELS,
         default="separate",
         help="--oneshot: the supernet's kernels (bnas supernet --kernels)",
+    )
+    parser.add_argument(
+        "--oneshot-min-ops",
+        type=float,
+        default=None,
+        metavar="N",
+        help="--oneshot: a floor on the one-shot route's OPs (constraints: {min_ops: N}) for its supernet's "
+        "feasible paths, its search and its rerank; the per-trial route keeps the space as it is",
     )
     parser.add_argument(
         "--finetune-steps",
@@ -537,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rerank-top applies to the one-shot route (--route oneshot or both)")
     if args.retrain_from == "supernet" and not (args.rerank_top and args.route in ("both", "oneshot")):
         parser.error("--retrain-from supernet applies to the one-shot route with --rerank-top")
+    if args.oneshot_min_ops is not None and (args.oneshot_min_ops <= 0 or args.route not in ("both", "oneshot")):
+        parser.error("--oneshot-min-ops must be positive and applies to the one-shot route (--route oneshot or both)")
     if args.retrain_top is not None and args.retrain_top < 1:
         parser.error("--retrain-top must be at least 1")
     if args.proxy_subset < 1 or args.proxy_epochs < 1:

@@ -280,6 +280,10 @@ def test_proxy_route_searches_on_the_subset_and_retrains_the_best_with_the_full_
             ["--route", "oneshot", "--retrain-from", "supernet"],
             "--retrain-from supernet applies to the one-shot route with --rerank-top",
         ),
+        (["--route", "per_trial", "--oneshot-min-ops", "1000"], "applies to the one-shot route"),
+        (["--route", "oneshot", "--oneshot-min-ops", "0"], "--oneshot-min-ops must be positive"),
+        # fashion_mnist_cells' max_ops is 369120: refused before its data is read
+        (["--route", "oneshot", "--oneshot-min-ops", "4e5"], "is above the space's max_ops 369120"),
     ],
 )
 def test_bad_route_settings_are_refused_before_any_work(
@@ -355,3 +359,36 @@ def test_oneshot_route_trains_an_entangled_supernet(tmp_path: Path, capsys: pyte
     theirs = tmp_path / "theirs.jsonl"
     theirs.write_text(route("per_trial", 0, 0.5, 1000.0, space=row["space"]) + "\n", encoding="utf-8")
     assert summarize(capsys, theirs, ours)[-1]["ours_kernels"] == "entangled"
+
+
+def test_oneshot_route_with_a_floor_searches_and_trains_within_the_band(tmp_path: Path) -> None:
+    """--oneshot-min-ops: the route's supernet trains only paths at or above the floor, its
+    search rejects smaller genotypes before scoring them, and it retrains one above it."""
+    import random
+
+    import optuna
+
+    from bnas.search.path_sampling import PathSampler
+    from bnas.search.space import load_space
+    from bnas.search.supernet import Supernet
+
+    space_file = tiny_space(tmp_path, "tiny_floor", train_subset=256, epochs=1)
+    paths, rng = PathSampler(Supernet(load_space(space_file))), random.Random(0)
+    ops = sorted(paths.metrics(paths.supernet.sample_choices(rng))["ops"] for _ in range(30))
+    floor = ops[len(ops) // 2]  # about half the space is under it
+    assert ops[0] < floor
+    keep = tmp_path / "keep"
+    flags = ["--oneshot", "--route", "oneshot", "--space", str(space_file), "--supernet-epochs", "1"]
+    flags += ["--oneshot-trials", "12", "--retrain-top", "1", "--paths", "feasible"]
+    flags += ["--oneshot-min-ops", str(floor), "--keep", str(keep)]
+    row = route_line(flags)
+    assert row["min_ops"] == floor and row["paths"] == "feasible"
+    folder = keep / "seed0" / "oneshot"
+    study = optuna.load_study(study_name="tiny_floor", storage=f"sqlite:///{folder / 'study.db'}")
+    assert study.user_attrs["constraints"]["min_ops"] == floor
+    under = [t for t in study.trials if t.user_attrs["ops"] < floor]
+    within = [t for t in study.trials if t.user_attrs["ops"] >= floor]
+    assert under and within  # the search drew both, or the test would not see the floor at work
+    assert all("< min_ops" in t.user_attrs.get("constraint", "") for t in under)
+    assert all("constraint" not in t.user_attrs for t in within)
+    assert study.trials[row["trial"]].user_attrs["ops"] >= floor
