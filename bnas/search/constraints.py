@@ -41,7 +41,7 @@ def unsatisfiable(study: optuna.Study, cfg: SearchConfig) -> str | None:
         return None
     # Only the draws that broke that bound: a genotype rejected for its constant output alone
     # may be well within it. The sampled value nearest the bound says how far off it is.
-    nearest = {}
+    nearest: dict[str, float] = {}
     for key, m in CONSTRAINTS.items():
         if key in cfg.space.constraints:
             bound = cfg.space.constraints[key]
