@@ -394,6 +394,7 @@ def _route_settings(ours: dict[str, Any]) -> dict[str, Any]:
         "ours_supernet_epochs": ours["supernet_epochs"],
         "ours_widths": ours.get("widths"),
         "ours_kernels": ours.get("kernels", "separate"),
+        "ours_min_ops": ours.get("min_ops"),
         "ours_paths": ours.get("paths", "all"),
         "ours_finetune_steps": ours.get("finetune_steps", 0),
         "ours_supernet_score": ours.get("supernet_score", "accuracy"),

@@ -361,7 +361,9 @@ def test_oneshot_route_trains_an_entangled_supernet(tmp_path: Path, capsys: pyte
     assert summarize(capsys, theirs, ours)[-1]["ours_kernels"] == "entangled"
 
 
-def test_oneshot_route_with_a_floor_searches_and_trains_within_the_band(tmp_path: Path) -> None:
+def test_oneshot_route_with_a_floor_searches_and_trains_within_the_band(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--oneshot-min-ops: the route's supernet trains only paths at or above the floor, its
     search rejects smaller genotypes before scoring them, and it retrains one above it."""
     import random
@@ -392,3 +394,8 @@ def test_oneshot_route_with_a_floor_searches_and_trains_within_the_band(tmp_path
     assert all("< min_ops" in t.user_attrs.get("constraint", "") for t in under)
     assert all("constraint" not in t.user_attrs for t in within)
     assert study.trials[row["trial"]].user_attrs["ops"] >= floor
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text(route("per_trial", 0, 0.5, 1000.0, space=row["space"]) + "\n", encoding="utf-8")
+    assert summarize(capsys, theirs, ours)[-1]["ours_min_ops"] == floor
