@@ -364,8 +364,9 @@ def test_oneshot_route_trains_an_entangled_supernet(tmp_path: Path, capsys: pyte
 def test_oneshot_route_with_a_floor_searches_and_trains_within_the_band(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--oneshot-min-ops: the route's supernet trains only paths at or above the floor, its
-    search rejects smaller genotypes before scoring them, and it retrains one above it."""
+    """--oneshot-min-ops: the route's search rejects genotypes under the floor before scoring
+    them, and it retrains one above it (its supernet's feasible paths keep to the floor too:
+    tests/test_path_sampling.py)."""
     import random
 
     import optuna
