@@ -509,8 +509,10 @@ def test_cpu_peak_script_measures_both_loops_and_the_stem_floor(capsys: pytest.C
     script, (record,) = run_benchmark("cpu_peak", ["--repeats", "3", "--iterations", "200000"], capsys)
     fma, vnni = record["float32_fma"], record["int8_vnni"]
     assert 0 < fma["gmacs_at_p90_time"] <= fma["gmacs"] and 0 < vnni["gmacs_at_p90_time"] <= vnni["gmacs"]
-    # VNNI does 64 multiply-adds per instruction to the FMA's 16, at no more than the same rate
-    assert vnni["gmacs"] <= 4.5 * fma["gmacs"]
+    # VNNI does 64 multiply-adds per instruction to the FMA's 16; their rates' ratio is timed,
+    # so the record reports it rather than the test bounding it
+    assert (fma["macs_per_instruction"], vnni["macs_per_instruction"]) == (16, 64)
+    assert record["int8_over_float32"] == pytest.approx(vnni["gmacs"] / fma["gmacs"], abs=0.006)
     assert record["stem_macs"] == 3 * 7 * 7 * 64 * 112 * 112
     for name, loop in (("float32", fma), ("int8", vnni)):
         floor = record[f"stem_floor_ms_{name}"]
