@@ -217,7 +217,9 @@ def test_peak_adds_the_float_share_floor(capsys: pytest.CaptureFixture[str]) -> 
     assert rec["threads"] == 1 and rec["float_share_floor"]["cores"] == 1
     floors = rec["float_share_floor"]
     peaks = floors["peaks_gmacs"]
-    assert 0 < peaks["float32_fma"] < peaks["int8_vnni"] <= 4.5 * peaks["float32_fma"]
+    # the two rates are timed, so only the arithmetic on them is checked (cpu_peak.py reports
+    # their ratio)
+    assert peaks["float32_fma"] > 0 and peaks["int8_vnni"] > 0
     packed = floors["packed"]
     assert packed["binary_ms"] == rec["profile"]["binary_ms"] and packed["target_reachable"] is None
     float_ms = CIFAR_MACS["float"] / (peaks["float32_fma"] * 1e9) * 1e3
