@@ -144,25 +144,29 @@ def test_ten_failures_in_a_row_write_trials_csv_before_stopping(
     assert len(rows) == 11 and all(",FAIL," in r and "deliberate crash in training" in r for r in rows[1:])
 
 
-def test_unsatisfiable_constraint_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = SPACE.replace("name: rel", "name: rel\nconstraints: {max_ops: 10}")
+def _unsatisfiable_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], constraints: str
+) -> tuple[str, list[str]]:
+    """A 6-trial search whose ``constraints`` no genotype meets: its one-line error (checked to
+    be one line, naming the 6 draws) and the rows of its ``trials.csv``."""
+    text = SPACE.replace("name: rel", f"name: rel\nconstraints: {constraints}")
     out = tmp_path / "run"
     assert main(["search", str(_space(tmp_path, text)), "--trials", "6", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: none of the 6 sampled genotypes meets the constraints") and "\n" not in err
+    return err, (out / "trials.csv").read_text().splitlines()
+
+
+def test_unsatisfiable_constraint_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err, rows = _unsatisfiable_search(tmp_path, capsys, "{max_ops: 10}")
     assert "max_ops 10 (smallest sampled:" in err and "Loosen `constraints:`" in err
-    assert len((out / "trials.csv").read_text().splitlines()) == 7
+    assert len(rows) == 7
 
 
 def test_a_floor_above_every_genotype_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = SPACE.replace("name: rel", "name: rel\nconstraints: {min_ops: 1.0e+12}")
-    out = tmp_path / "run"
-    assert main(["search", str(_space(tmp_path, text)), "--trials", "6", "--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: none of the 6 sampled genotypes meets the constraints") and "\n" not in err
+    err, rows = _unsatisfiable_search(tmp_path, capsys, "{min_ops: 1.0e+12}")
     assert "min_ops 1e+12 (largest sampled:" in err and "Lower min_ops or offer larger choices" in err
     assert "Loosen" not in err  # no ceiling was broken, so no advice to loosen one
-    rows = (out / "trials.csv").read_text().splitlines()
     assert len(rows) == 7 and all("< min_ops 1e+12" in r for r in rows[1:])
 
 
